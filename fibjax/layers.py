@@ -1,0 +1,150 @@
+"""Flax NNX layers: RoPE, the attention layer with its pattern, the MLP and the pre-norm block.
+
+Parameters carry sharding annotations over the mesh axis ``"fsdp"`` (their largest input
+dimension); the trainer resolves them against its mesh. Activations are ``x_BxNxD``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fibjax.attention import attention, dense_attention
+
+PatternKind = Literal["dense", "static", "learned"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPattern:
+  """Which keys one layer's queries see (all heads share it).
+
+  ``dense``: every earlier key. ``static``: the window ``0..W-1`` plus the integer ``offsets``.
+  ``learned``: the window plus distances ``alpha * s_k`` for the base ``terms`` ``s_k``, with
+  ``alpha`` a trainable positive scalar initialised at ``alpha_0``. ``reach``: no term at or
+  beyond it is read (also bounds what a decode cache must keep).
+  """
+
+  kind: PatternKind
+  window: int = 1
+  reach: int = 1
+  offsets: tuple[int, ...] = ()
+  terms: tuple[int, ...] = ()
+  alpha_0: float = 1.0
+
+
+def rope(x_BxNxHxD: jax.Array, positions_BxN: jax.Array, base: float) -> jax.Array:
+  """Rotary embedding (rotate-half form) at integer positions; returns ``x``'s dtype."""
+  d = x_BxNxHxD.shape[-1]
+  inv_freq = base ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2 / d)
+  angle_BxNxF = positions_BxN.astype(jnp.float32)[..., None] * inv_freq
+  sin, cos = jnp.sin(angle_BxNxF)[:, :, None], jnp.cos(angle_BxNxF)[:, :, None]
+  x1, x2 = jnp.split(x_BxNxHxD.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxNxHxD.dtype)
+
+
+def _dense(d_in: int, d_out: int, dtype, param_dtype, rngs: nnx.Rngs, shard: tuple) -> nnx.Linear:
+  init = nnx.with_partitioning(nnx.initializers.normal(d_in**-0.5), shard, eager_sharding=False)
+  return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Causal self-attention: fused QKV projection, RoPE, the layer's pattern, out projection."""
+
+  def __init__(
+      self,
+      d_model: int,
+      num_heads: int,
+      head_dim: int,
+      pattern: LayerPattern,
+      *,
+      rope_base: float = 10_000.0,
+      implementation: str = "auto",
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    self.num_heads, self.head_dim = num_heads, head_dim
+    self.pattern, self.rope_base, self.implementation = pattern, rope_base, implementation
+    self.qkv = _dense(d_model, 3 * num_heads * head_dim, dtype, param_dtype, rngs, ("fsdp", None))
+    self.out = _dense(num_heads * head_dim, d_model, dtype, param_dtype, rngs, ("fsdp", None))
+    if pattern.kind == "learned":
+      self.log_alpha = nnx.Param(jnp.asarray(np.log(pattern.alpha_0), jnp.float32))
+
+  def alpha(self) -> jax.Array:
+    """This layer's alpha (learned: ``exp(log_alpha)``, positive by construction)."""
+    if self.pattern.kind != "learned":
+      raise ValueError(f"alpha() is defined for learned patterns only; this layer is {self.pattern.kind!r}")
+    return jnp.exp(self.log_alpha[...])
+
+  def offsets(self) -> jax.Array:
+    """``[K]`` offsets for ``fibjax.attention``: int32 (static) or float32 distances (learned)."""
+    if self.pattern.kind == "learned":
+      return self.alpha() * jnp.asarray(self.pattern.terms, jnp.float32)
+    return jnp.asarray(self.pattern.offsets, jnp.int32)
+
+  def project_qkv(self, x_BxNxD: jax.Array, positions_BxN: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    b, n, _ = x_BxNxD.shape
+    qkv = self.qkv(x_BxNxD).reshape(b, n, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    return rope(q, positions_BxN, self.rope_base), rope(k, positions_BxN, self.rope_base), v
+
+  def __call__(self, x_BxNxD: jax.Array, positions_BxN: jax.Array | None = None) -> jax.Array:
+    b, n, _ = x_BxNxD.shape
+    if positions_BxN is None:
+      positions_BxN = jnp.broadcast_to(jnp.arange(n), (b, n))
+    q, k, v = self.project_qkv(x_BxNxD, positions_BxN)
+    if self.pattern.kind == "dense":
+      o = dense_attention(q, k, v, implementation="auto" if self.implementation == "auto" else "reference")
+    else:
+      o = attention(
+          q, k, v, window=self.pattern.window, offsets=self.offsets(), reach=self.pattern.reach,
+          implementation=self.implementation,
+      )
+    return self.out(o.reshape(b, n, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+  def __init__(self, d_model: int, mlp_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.gate_up = _dense(d_model, 2 * mlp_dim, dtype, param_dtype, rngs, ("fsdp", None))
+    self.down = _dense(mlp_dim, d_model, dtype, param_dtype, rngs, ("fsdp", None))
+
+  def __call__(self, x_BxNxD: jax.Array) -> jax.Array:
+    gate, up = jnp.split(self.gate_up(x_BxNxD), 2, axis=-1)
+    return self.down(jax.nn.silu(gate) * up)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+  def __init__(
+      self,
+      d_model: int,
+      num_heads: int,
+      head_dim: int,
+      mlp_dim: int,
+      pattern: LayerPattern,
+      *,
+      rope_base: float = 10_000.0,
+      implementation: str = "auto",
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    norm = lambda: nnx.RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
+    self.attn_norm, self.mlp_norm = norm(), norm()
+    self.attn = Attention(
+        d_model, num_heads, head_dim, pattern, rope_base=rope_base, implementation=implementation,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+    )
+    self.mlp = MLP(d_model, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x_BxNxD: jax.Array, positions_BxN: jax.Array | None = None) -> jax.Array:
+    x_BxNxD = x_BxNxD + self.attn(self.attn_norm(x_BxNxD), positions_BxN)
+    return x_BxNxD + self.mlp(self.mlp_norm(x_BxNxD))

@@ -1,0 +1,146 @@
+"""The decoder-only LM and the one config dataclass that expresses every variant."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fibjax.layers import Block, LayerPattern
+from fibjax.offsets import BASES, check_alpha, check_window_reach, layer_offsets, learned_terms, offset_set
+from fibjax.schedules import SCHEDULES, layer_alphas
+
+VARIANTS: tuple[str, ...] = ("dense",) + tuple(f"{b}-{s}" for b in BASES for s in SCHEDULES)
+SWEEP_VARIANTS: tuple[str, ...] = (
+    "dense", "fib-fixed", "fib-learned", "fib-linear", "fib-coprime", "pow2-fixed", "pow2-linear",
+)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything that fixes the model. Defaults are the paper recipe (SPEC section 1).
+
+  variant: ``dense`` or ``{fib,pow2}-{fixed,learned,linear,coprime}``.
+  seq_len: training length T. reach: R (``None``: T); fixed at build time, never the eval length.
+  window: dense local window W. alpha_0: ``fixed``/``learned`` (initial) alpha.
+  alpha_min, alpha_max: the ``linear``/``coprime`` range.
+  vocab_size: 256 (byte-level tokens, the default tokenizer).
+  mlp_dim: SwiGLU hidden width; 1664 (3.25 x 512) puts the paper recipe at ~57.8M parameters.
+  dtype: compute dtype; param_dtype: master weights. attention_impl: see ``fibjax.attention``.
+  remat: recompute each block in the backward pass (saves activation memory).
+  """
+
+  variant: str = "fib-linear"
+  vocab_size: int = 256
+  d_model: int = 512
+  num_layers: int = 16
+  num_heads: int = 8
+  head_dim: int = 64
+  mlp_dim: int = 1664
+  seq_len: int = 1024
+  window: int = 64
+  reach: int | None = None
+  alpha_0: float = 1.0
+  alpha_min: float = 0.5
+  alpha_max: float = 2.0
+  rope_base: float = 10_000.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_impl: str = "auto"
+  remat: bool = False
+
+  @property
+  def resolved_reach(self) -> int:
+    return self.seq_len if self.reach is None else self.reach
+
+  @property
+  def base(self) -> str:
+    return self.variant.split("-")[0]
+
+  @property
+  def schedule(self) -> str:
+    return self.variant.split("-")[1]
+
+  def validate(self) -> "ModelConfig":
+    """Raises ``ValueError`` naming the bad field and its allowed values; returns self."""
+    if self.variant not in VARIANTS:
+      raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "mlp_dim", "seq_len"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
+    if self.variant != "dense":
+      check_window_reach(self.window, self.resolved_reach)
+      if self.resolved_reach > self.seq_len:
+        raise ValueError(f"reach must be <= seq_len (R <= T), got reach={self.reach}, seq_len={self.seq_len}")
+      for name in ("alpha_0", "alpha_min", "alpha_max"):
+        check_alpha(getattr(self, name), name)
+      if self.alpha_max < self.alpha_min:
+        raise ValueError(f"alpha_max must be >= alpha_min, got {self.alpha_min} > {self.alpha_max}")
+    return self
+
+
+def layer_patterns(cfg: ModelConfig) -> tuple[LayerPattern, ...]:
+  """One ``LayerPattern`` per layer for ``cfg.variant`` (SPEC sections 1 and 2)."""
+  cfg.validate()
+  if cfg.variant == "dense":
+    return (LayerPattern("dense"),) * cfg.num_layers
+  w, r, base = cfg.window, cfg.resolved_reach, cfg.base
+  if cfg.schedule == "learned":
+    if base == "pow2":  # reach-matched: no term starts beyond the Fibonacci set's largest offset
+      fib = offset_set("fib", cfg.alpha_0, w, r)
+      terms = learned_terms("pow2", cfg.alpha_0, w, fib[-1] + 1) if fib else ()
+    else:
+      terms = learned_terms("fib", cfg.alpha_0, w, r)
+    return (LayerPattern("learned", w, r, terms=terms, alpha_0=cfg.alpha_0),) * cfg.num_layers
+  alphas = layer_alphas(
+      cfg.schedule, cfg.num_layers, base=base, window=w, reach=r,
+      alpha_0=cfg.alpha_0, alpha_min=cfg.alpha_min, alpha_max=cfg.alpha_max,
+  )
+  return tuple(LayerPattern("static", w, r, offsets=layer_offsets(base, a, w, r), alpha_0=a) for a in alphas)
+
+
+class LM(nnx.Module):
+  """Decoder-only LM: tied byte embedding, pre-norm blocks, final RMSNorm, float32 logits."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg.validate()
+    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    embed_init = nnx.with_partitioning(nnx.initializers.normal(1.0), (None, "fsdp"), eager_sharding=False)
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                           embedding_init=embed_init, rngs=rngs)
+    self.blocks = nnx.List([
+        Block(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, p, rope_base=cfg.rope_base,
+              implementation=cfg.attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for p in layer_patterns(cfg)
+    ])
+    self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, tokens_BxN: jax.Array, positions_BxN: jax.Array | None = None) -> jax.Array:
+    """``tokens_BxN`` int32 -> logits ``[B, N, vocab]`` float32; position i sees tokens <= i."""
+    x_BxNxD = self.embed(tokens_BxN)
+    for block in self.blocks:
+      if self.cfg.remat:
+        x_BxNxD = nnx.remat(lambda blk, x, p: blk(x, p))(block, x_BxNxD, positions_BxN)
+      else:
+        x_BxNxD = block(x_BxNxD, positions_BxN)
+    return self.embed.attend(self.final_norm(x_BxNxD)).astype(jnp.float32)
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of scalar parameters (tied embedding counted once)."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def abstract_param_count(cfg: ModelConfig) -> int:
+  """Parameter count without allocating (shape evaluation only)."""
+  model = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0)))
+  return count_params(model)

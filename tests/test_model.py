@@ -1,0 +1,80 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import fibjax
+
+TINY = dict(d_model=32, num_layers=3, num_heads=2, head_dim=16, mlp_dim=64, seq_len=64, window=8)
+
+
+@pytest.mark.parametrize("variant", fibjax.VARIANTS)
+def test_every_variant_runs_forward_and_backward(variant):
+  model = fibjax.LM(fibjax.ModelConfig(variant=variant, **TINY), rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 64)), jnp.int32)
+
+  def loss_fn(model):
+    logits = model(tokens[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  assert np.isfinite(float(loss))
+  leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
+  assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
+  if variant.endswith("learned"):
+    alpha_grads = [g for path, g in nnx.to_flat_state(nnx.state(grads, nnx.Param)) if "log_alpha" in path]
+    assert len(alpha_grads) == TINY["num_layers"] and any(abs(float(g[...])) > 0 for g in alpha_grads)
+
+
+@pytest.mark.parametrize("variant", ["dense", "fib-linear", "fib-learned", "pow2-coprime"])
+def test_causality(variant):
+  model = fibjax.LM(fibjax.ModelConfig(variant=variant, **TINY), rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(1)
+  a = rng.integers(0, 256, (1, 100))  # longer than T: the model runs at any length
+  b = a.copy()
+  cut = 41
+  b[:, cut + 1 :] = rng.integers(0, 256, (1, 100 - cut - 1))
+  la, lb = model(jnp.asarray(a, jnp.int32)), model(jnp.asarray(b, jnp.int32))
+  np.testing.assert_allclose(np.asarray(la[:, : cut + 1]), np.asarray(lb[:, : cut + 1]), atol=1e-5)
+  assert not np.allclose(np.asarray(la[:, cut + 1 :]), np.asarray(lb[:, cut + 1 :]))
+
+
+def test_paper_recipe_parameter_count():
+  n = fibjax.abstract_param_count(fibjax.ModelConfig())
+  print(f"paper recipe (fib-linear, vocab 256): {n:,} parameters")
+  assert 55e6 <= n <= 65e6
+  # every variant is one recipe: learned alpha adds one scalar per layer, nothing else differs
+  assert fibjax.abstract_param_count(fibjax.ModelConfig(variant="dense")) == n
+  assert fibjax.abstract_param_count(fibjax.ModelConfig(variant="fib-learned")) == n + 16
+
+
+def test_patterns_follow_the_schedules():
+  cfg = fibjax.ModelConfig(variant="fib-linear", num_layers=4, seq_len=1024, window=64)
+  pats = fibjax.layer_patterns(cfg)
+  assert [p.alpha_0 for p in pats] == [0.5, 1.0, 1.5, 2.0]
+  assert pats[1].offsets == fibjax.offset_set("fib", 1.0, 64, 1024)
+  pow2 = fibjax.layer_patterns(fibjax.ModelConfig(variant="pow2-fixed", seq_len=1024))
+  assert pow2[0].offsets == fibjax.reach_matched_pow2(1.0, 64, 1024)
+  learned = fibjax.layer_patterns(fibjax.ModelConfig(variant="fib-learned", seq_len=1024))
+  assert learned[0].kind == "learned" and learned[0].terms == (89, 144, 233, 377, 610, 987)
+  assert all(p.reach == 1024 for p in pats)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(variant="fib-stagger"), "variant"),
+        (dict(window=0), "window"),
+        (dict(reach=64), "reach"),  # R must exceed W = 64
+        (dict(reach=4096, seq_len=1024), "reach"),  # R <= T
+        (dict(alpha_0=-1.0), "alpha_0"),
+        (dict(alpha_min=3.0), "alpha_max"),
+        (dict(head_dim=63), "head_dim"),
+        (dict(dtype="fp8"), "dtype"),
+        (dict(num_layers=0), "num_layers"),
+    ],
+)
+def test_bad_config_raises(kwargs, field):
+  with pytest.raises(ValueError, match=field):
+    fibjax.ModelConfig(**kwargs).validate()
