@@ -1,0 +1,20 @@
+"""Named recipes: ``tiny`` (CPU, minutes), ``small`` (the reduced sweep recipe), ``paper`` (SPEC 1)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from configs import paper, small, tiny
+from train.config import TrainConfig
+
+CONFIGS = {"tiny": tiny.get_config, "small": small.get_config, "paper": paper.get_config}
+
+
+def get_config(name: str, variant: str | None = None) -> TrainConfig:
+  """The named recipe, with ``variant`` (any of ``fibjax.VARIANTS``) swapped in if given."""
+  if name not in CONFIGS:
+    raise ValueError(f"unknown config {name!r}; choose one of {sorted(CONFIGS)}")
+  cfg = CONFIGS[name]()
+  if variant is not None:
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, variant=variant))
+  return cfg

@@ -109,12 +109,16 @@ def layer_patterns(cfg: ModelConfig) -> tuple[LayerPattern, ...]:
 
 
 class LM(nnx.Module):
-  """Decoder-only LM: tied byte embedding, pre-norm blocks, final RMSNorm, float32 logits."""
+  """Decoder-only LM: tied byte embedding, pre-norm blocks, final RMSNorm, float32 logits.
+
+  The embedding is initialised with std ``d_model ** -0.5`` (so the tied output layer starts
+  near uniform) and scaled by ``sqrt(d_model)`` on input (so the residual stream starts at unit
+  scale)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg.validate()
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
-    embed_init = nnx.with_partitioning(nnx.initializers.normal(1.0), (None, "fsdp"), eager_sharding=False)
+    embed_init = nnx.with_partitioning(nnx.initializers.normal(cfg.d_model**-0.5), (None, "fsdp"), eager_sharding=False)
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
                            embedding_init=embed_init, rngs=rngs)
     self.blocks = nnx.List([
@@ -126,7 +130,7 @@ class LM(nnx.Module):
 
   def __call__(self, tokens_BxN: jax.Array, positions_BxN: jax.Array | None = None) -> jax.Array:
     """``tokens_BxN`` int32 -> logits ``[B, N, vocab]`` float32; position i sees tokens <= i."""
-    x_BxNxD = self.embed(tokens_BxN)
+    x_BxNxD = self.embed(tokens_BxN) * jnp.asarray(self.cfg.d_model**0.5, self.embed.dtype or jnp.float32)
     for block in self.blocks:
       if self.cfg.remat:
         x_BxNxD = nnx.remat(lambda blk, x, p: blk(x, p))(block, x_BxNxD, positions_BxN)

@@ -1,0 +1,186 @@
+"""Training system tests on 8 simulated CPU devices (tests/conftest.py sets XLA_FLAGS)."""
+
+import dataclasses
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import configs
+from train import checkpoint, data
+from train.config import TrainConfig, apply_overrides
+from train.step import make_optimizer
+from train.trainer import compile_train_step, global_batch, init_state, make_mesh
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAST = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.head_dim=16", "model.mlp_dim=64",
+        "model.seq_len=64", "model.window=8", "batch_size=16", "final_eval_tokens=512", "eval_batches=1",
+        "progress=false"]
+
+
+def _cfg(*overrides) -> TrainConfig:
+  return apply_overrides(configs.get_config("tiny"), FAST + list(overrides)).validate()
+
+
+def _run(workdir, *overrides, timeout=300):
+  cmd = [sys.executable, "-m", "train", "--workdir", str(workdir), "--set", *FAST, *overrides]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _losses(workdir) -> dict[int, float]:
+  out = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    rec = json.loads(line)
+    if "loss" in rec:
+      out[rec["step"]] = rec["loss"]  # the last record of a step wins (a resumed run redoes steps)
+  return out
+
+
+def test_eight_devices_present():
+  assert jax.device_count() == 8
+
+
+def test_sharded_step_equals_single_device_step():
+  cfg = _cfg("mesh_fsdp=2")
+  tx = make_optimizer(cfg)
+  tokens = data.tokenize(data.load_documents()[:3], data.ByteTokenizer())
+  batches = [np.stack([tokens[i * 65 + j * 1000 : i * 65 + j * 1000 + 65] for j in range(16)]) for i in range(3)]
+  results = []
+  for mesh in (make_mesh(-1, 2), make_mesh(devices=jax.devices()[:1])):
+    with jax.set_mesh(mesh):
+      graphdef, state = init_state(cfg, mesh, tx)
+      step = compile_train_step(graphdef, tx, state, mesh)
+      losses = []
+      for b in batches:
+        state, m = step(state, global_batch(b, 1, mesh))
+        losses.append(float(m["loss"]))
+      results.append((losses, jax.tree.map(np.asarray, state["params"])))
+  (l8, p8), (l1, p1) = results
+  np.testing.assert_allclose(l8, l1, rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), p8, p1)
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+  cfg = _cfg()
+  tx = make_optimizer(cfg)
+  mesh_a = make_mesh(4, 2)
+  with jax.set_mesh(mesh_a):
+    _, state_a = init_state(cfg, mesh_a, tx)
+  mngr = checkpoint.manager(tmp_path, cfg)
+  checkpoint.save(mngr, 5, state_a, {"next_index": 7}, force=True)
+  mngr.wait_until_finished()
+  mesh_b = make_mesh(devices=jax.devices()[:2])
+  with jax.set_mesh(mesh_b):
+    _, fresh = init_state(dataclasses.replace(cfg, seed=99), mesh_b, tx)
+    restored, data_state = checkpoint.restore(mngr, 5, fresh)
+  mngr.close()
+  assert data_state == {"next_index": 7}
+  kernel = restored["params"]["blocks"][0]["mlp"]["down"]["kernel"]
+  assert kernel[...].sharding.mesh.devices.size == 2
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, state_a)
+
+
+def test_pipeline_is_deterministic_and_heldout_is_disjoint():
+  docs = data.load_documents()
+  train_docs, heldout_docs = data.split_documents(docs)
+  assert {d["id"] for d in train_docs}.isdisjoint({d["id"] for d in heldout_docs})
+  assert len(heldout_docs) > 10 and len(train_docs) > 100
+  tokens = data.tokenize(train_docs[:5], data.ByteTokenizer())
+  take = lambda seed: [next(it) for it in [iter(data.train_dataset(tokens, 64, 8, seed))] for _ in range(5)]  # noqa
+  a, b, c = take(0), take(0), take(1)
+  assert all((x == y).all() for x, y in zip(a, b))
+  assert not all((x == y).all() for x, y in zip(a, c))
+  # iterator state round trip
+  it = iter(data.train_dataset(tokens, 64, 8, 0))
+  next(it)
+  state = it.get_state()
+  want = next(it)
+  it2 = iter(data.train_dataset(tokens, 64, 8, 0))
+  it2.set_state(state)
+  assert (next(it2) == want).all()
+
+
+def test_user_text_and_jsonl_readers(tmp_path):
+  (tmp_path / "a.txt").write_text("hello world " * 50)
+  (tmp_path / "b.jsonl").write_text(json.dumps({"text": "first doc"}) + "\n" + json.dumps({"text": "second"}) + "\n")
+  docs = data.load_documents(str(tmp_path))
+  assert [d["text"] for d in docs][1:] == ["first doc", "second"]
+  (tmp_path / "bad.jsonl").write_text("{not json}\n")
+  with pytest.raises(ValueError, match="bad.jsonl:1"):
+    data.load_documents(str(tmp_path / "bad.jsonl"))
+
+
+def test_bpe_tokenizer_round_trip():
+  docs = data.load_documents()[:4]
+  tok = data.BPETokenizer.train(docs, 512)
+  assert tok.vocab_size == 512
+  text = "Fellow-Citizens of the Senate"
+  assert tok.decode(tok.encode(text)) == text
+  assert len(tok.encode(text)) < len(text.encode())
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+  common = ["steps=12", "checkpoint_every=4", "log_every=1", "eval_every=100"]
+  full = _run(tmp_path / "full", *common)
+  assert full.returncode == 0, full.stderr[-3000:]
+  cmd = [sys.executable, "-m", "train", "--workdir", str(tmp_path / "cut"), "--set", *FAST, *common]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = tmp_path / "cut" / "checkpoints" / "8"
+  deadline = time.time() + 240
+  while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert ckpt.exists(), "the run ended before its step-8 checkpoint: test cannot kill it mid-way"
+  assert not (tmp_path / "cut" / "eval.json").exists()  # it really was cut short
+  resumed = _run(tmp_path / "cut")  # no config flags: resumes with the saved config
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  full_losses, cut_losses = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+  assert sorted(cut_losses) == list(range(1, 13))
+  assert cut_losses == full_losses  # bit-exact
+  events = [json.loads(x).get("event") for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+  assert "resume" in events
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  res = _run(tmp_path / "nan", "steps=20", "lr=1e30", "warmup_steps=1", "checkpoint_every=1", "log_every=1",
+             "grad_clip=1e30")
+  assert res.returncode == 1
+  assert "loss became" in res.stderr and "last good checkpoint" in res.stderr
+  saved = sorted(int(p.name) for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit())
+  losses = _losses(tmp_path / "nan")
+  assert saved and all(np.isfinite(losses[s]) for s in saved if s in losses)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--variant", "fib-sparse"], "variant"),
+        (["--data", "/no/such/corpus.txt"], "data_path"),
+        (["--set", "model.windoww=3"], "unknown model field"),
+        (["--set", "steps=abc"], "steps"),
+        (["--config", "huge"], "unknown config"),
+    ],
+)
+def test_bad_configs_fail_clearly(tmp_path, args, message):
+  res = subprocess.run([sys.executable, "-m", "train", "--workdir", str(tmp_path / "w"), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+  assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_incompatible_workdir_is_refused_and_untouched(tmp_path):
+  first = _run(tmp_path / "w", "steps=2", "checkpoint_every=1")
+  assert first.returncode == 0, first.stderr[-3000:]
+  before = {p: p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("*")}
+  res = subprocess.run([sys.executable, "-m", "train", "--config", "tiny", "--workdir", str(tmp_path / "w"),
+                        "--set", *FAST, "model.d_model=64"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert res.returncode == 2 and "incompatible" in res.stderr and "model.d_model" in res.stderr
+  after = {p: p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("*")}
+  assert before == after

@@ -1,0 +1,123 @@
+"""The run configuration: a ``TrainConfig`` holding a ``ModelConfig``, overrides, JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import types
+import typing
+from typing import Any
+
+from fibjax.model import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a run needs besides the workdir. ``batch_size`` is global sequences per step."""
+
+  model: ModelConfig = ModelConfig()
+  data_path: str | None = None  # None: the embedded corpus; else a .txt/.jsonl file or a folder of them
+  tokenizer: str = "byte"  # "byte" (vocab 256) or "bpe" (trained locally with `tokenizers`)
+  bpe_vocab_size: int = 4096
+  batch_size: int = 16
+  grad_accum: int = 1
+  steps: int = 300
+  lr: float = 3e-3
+  warmup_steps: int = 30
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 4
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  mesh_data: int = -1  # -1: all devices not used by fsdp
+  mesh_fsdp: int = 1
+  final_eval_multiples: tuple[int, ...] = (1, 2, 4)
+  final_eval_tokens: int = 32768
+  position_buckets: int = 8
+  progress: bool = True
+
+  def validate(self) -> "TrainConfig":
+    self.model.validate()
+    if self.tokenizer not in ("byte", "bpe"):
+      raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {self.tokenizer!r}")
+    if self.tokenizer == "byte" and self.model.vocab_size != 256:
+      raise ValueError(f"model.vocab_size must be 256 with the byte tokenizer, got {self.model.vocab_size}")
+    if self.tokenizer == "bpe" and self.model.vocab_size != self.bpe_vocab_size:
+      raise ValueError(f"model.vocab_size ({self.model.vocab_size}) must equal bpe_vocab_size ({self.bpe_vocab_size})")
+    for name in ("batch_size", "grad_accum", "steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.batch_size % self.grad_accum:
+      raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+    if self.data_path is not None and not pathlib.Path(self.data_path).exists():
+      raise ValueError(f"data_path {self.data_path!r} does not exist: give a .txt/.jsonl file or folder, or drop it "
+                       "to train on the embedded corpus")
+    return self
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    d = dict(d)
+    model = ModelConfig(**d.pop("model"))
+    d["final_eval_multiples"] = tuple(d.get("final_eval_multiples", (1, 2, 4)))
+    return cls(model=model, **d)
+
+  def save(self, path: pathlib.Path) -> None:
+    path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+  @classmethod
+  def load(cls, path: pathlib.Path) -> "TrainConfig":
+    return cls.from_dict(json.loads(path.read_text()))
+
+
+def _coerce(value: str, annotation: Any, field: str) -> Any:
+  hint = typing.get_type_hints(TrainConfig).get(field) if "." not in field else None
+  kind = annotation if hint is None else hint
+  origin = typing.get_origin(kind)
+  args = typing.get_args(kind)
+  if origin in (typing.Union, types.UnionType):
+    if value.lower() in ("none", "null"):
+      return None
+    kind = next(a for a in args if a is not type(None))
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+  if origin is tuple:
+    return tuple(int(x) for x in value.split(",") if x)
+  if kind is bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"{field} takes true/false, got {value!r}")
+    return value.lower() in ("true", "1")
+  try:
+    return kind(value)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{field}={value!r}: expected {getattr(kind, '__name__', kind)}") from e
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+  """Applies ``key=value`` strings (``model.window=32``, ``steps=100``) to a config."""
+  model_hints = typing.get_type_hints(ModelConfig)
+  train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+  model_changes, train_changes = {}, {}
+  for item in overrides:
+    if "=" not in item:
+      raise ValueError(f"override {item!r} must look like key=value (e.g. steps=100 or model.window=32)")
+    key, value = item.split("=", 1)
+    if key.startswith("model."):
+      name = key[len("model."):]
+      if name not in model_hints:
+        raise ValueError(f"unknown model field {name!r}; known: {sorted(model_hints)}")
+      model_changes[name] = _coerce(value, model_hints[name], key)
+    elif key in train_fields:
+      train_changes[key] = _coerce(value, None, key)
+    else:
+      raise ValueError(f"unknown config field {key!r}; known: {sorted(train_fields)} and model.<field>")
+  model = dataclasses.replace(cfg.model, **model_changes)
+  return dataclasses.replace(cfg, model=model, **train_changes)

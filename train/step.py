@@ -1,0 +1,67 @@
+"""Pure step functions: loss, the optimizer, the jit-sharded train step and the eval step."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from train.config import TrainConfig
+
+
+def token_nll(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT1: jax.Array) -> jax.Array:
+  """Per-target negative log-likelihood ``[B, T]`` (float32) of ``tokens[:, 1:]``."""
+  model = nnx.merge(graphdef, params)
+  logits_BxTxV = model(tokens_BxT1[:, :-1])
+  logp = jax.nn.log_softmax(logits_BxTxV, axis=-1)
+  return -jnp.take_along_axis(logp, tokens_BxT1[:, 1:, None], axis=-1)[..., 0]
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """AdamW, linear warm-up then cosine decay to ``min_lr_ratio * lr``, global-norm clipping.
+  Weight decay applies to matrices only (not norms, not alpha)."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1), cfg.lr * cfg.min_lr_ratio
+  )
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
+  )
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
+  """``step(state, batch_AxBxT1) -> (state, metrics)``: A micro-batches accumulated by scan,
+  one optimizer update. ``state = {"params", "opt_state", "step"}``."""
+
+  def loss_fn(params, tokens):
+    return jnp.mean(token_nll(graphdef, params, tokens))
+
+  def step(state: dict[str, Any], batch_AxBxT1: jax.Array):
+    params = state["params"]
+
+    def micro(carry, tokens):
+      loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(micro, zeros, batch_AxBxT1)
+    accum = batch_AxBxT1.shape[0]
+    loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+  return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+  """``eval(params, tokens_BxL1) -> nll summed over the batch, per position [L]``."""
+
+  def evaluate(params, tokens_BxL1):
+    return jnp.sum(token_nll(graphdef, params, tokens_BxL1), axis=0)
+
+  return evaluate
