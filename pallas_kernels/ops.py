@@ -1,0 +1,94 @@
+"""``gathered_offset_attention``: the Pallas kernels behind one differentiable call.
+
+``jax.custom_vjp`` ties the forward kernel (which saves the log-sum-exp) to the backward
+kernels; the lowering (GPU/Triton or TPU/Mosaic) is picked from the backend, or named.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from fibjax.reference import normalize_offsets
+from pallas_kernels import bodies
+
+DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
+
+
+def _lowering(backend: str):
+  if backend == "gpu":
+    from pallas_kernels import triton_gpu  # noqa: PLC0415
+
+    return triton_gpu
+  if backend == "tpu":
+    from pallas_kernels import mosaic_tpu  # noqa: PLC0415
+
+    return mosaic_tpu
+  raise ValueError(f"backend must be 'gpu' or 'tpu', got {backend!r}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, offsets, st: bodies.Static, backend: str, options: tuple):
+  return _lowering(backend).forward(q, k, v, offsets, st=st, **dict(options))[0]
+
+
+def _fwd(q, k, v, offsets, st, backend, options):
+  out, lse = _lowering(backend).forward(q, k, v, offsets, st=st, **dict(options))
+  return out, (q, k, v, offsets, out, lse)
+
+
+def _bwd(st, backend, options, res, do):
+  q, k, v, offsets, out, lse = res
+  delta = jnp.einsum("bnhd,bnhd->bhn", out.astype(jnp.float32), do.astype(jnp.float32))
+  dq, dk, dv, dd = _lowering(backend).backward(q, k, v, offsets, do, lse, delta, st=st, **dict(options))
+  d_offsets = jnp.sum(dd, axis=(0, 1, 2)).astype(offsets.dtype) if st.learned else None
+  return dq, dk, dv, d_offsets
+
+
+_attention.defvjp(_fwd, _bwd)
+
+
+def gathered_offset_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    window: int,
+    offsets: jax.Array,
+    reach: int | None = None,
+    scale: float | None = None,
+    interpret: bool = False,
+    backend: str | None = None,
+    block: int | None = None,
+    **options,
+) -> jax.Array:
+  """Pallas gathered-offset attention, ``[B, N, H, D] -> [B, N, H, D]`` (same pattern and
+  masking as ``fibjax.reference.sparse_attention_reference``).
+
+  Args:
+    offsets: ``[K]`` int32 (static) or float32 (fractional, differentiable) runtime array.
+    backend: ``"gpu"`` or ``"tpu"`` lowering; default the default backend (``"gpu"`` on CPU,
+      which needs ``interpret=True``).
+    block: rows per tile (default 64 on GPU, 128 on TPU).
+    options: lowering knobs (GPU: ``num_warps``, ``num_stages``).
+  """
+  backend = backend or ("tpu" if jax.default_backend() == "tpu" else "gpu")
+  if not interpret and jax.default_backend() != backend:
+    raise ValueError(f"the {backend} Pallas kernel needs a {backend.upper()} (default backend is "
+                     f"{jax.default_backend()}); pass interpret=True to run it on CPU, or implementation='reference'")
+  n, d = q.shape[1], q.shape[3]
+  block = block or DEFAULT_BLOCK[backend]
+  if not interpret and (d & (d - 1) or d < 16 or block & (block - 1) or block < 16):
+    raise ValueError(f"compiled kernels need head_dim and block powers of 2 >= 16, got head_dim={d}, block={block}")
+  offsets, valid = normalize_offsets(offsets, window, reach)
+  offsets = jnp.where(valid & (offsets < n), offsets, jnp.zeros_like(offsets))  # never-valid terms -> 0
+  st = bodies.Static(
+      n=n, window=window, num_offsets=int(offsets.shape[0]), learned=bool(jnp.issubdtype(offsets.dtype, jnp.floating)),
+      scale=float(d**-0.5 if scale is None else scale), block=block,
+      precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+  )
+  if st.learned:
+    offsets = offsets.astype(jnp.float32)
+  return _attention(q, k, v, offsets, st, backend, tuple(sorted(dict(options, interpret=interpret).items())))

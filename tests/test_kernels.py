@@ -1,0 +1,149 @@
+"""Pallas kernels against the jnp reference: GPU kernel in interpret mode, TPU kernel under the
+TPU interpreter (race detection and out-of-bounds reads raising), and at large N on a real GPU.
+
+Fresh random inputs every run (the seed is in each failure message). Interpreter outputs start
+as NaN (Pallas poisons uninitialised buffers), and every check requires finite values, so an
+element a kernel fails to write fails the test; ``test_unwritten_rows_are_caught`` proves it.
+"""
+
+import secrets
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fibjax
+from pallas_kernels import gathered_offset_attention, triton_gpu
+
+CASES = {  # b, n, h, d, window, offsets, reach, dtype, block
+    "ragged_repeats_inside_window": (2, 37, 2, 8, 4, (5, 7, 9, 9, 2, 30), 40, jnp.float32, 16),
+    "n_below_window": (1, 5, 2, 8, 8, (9, 13), None, jnp.float32, 16),
+    "n_is_4R": (1, 64, 2, 8, 4, fibjax.offset_set("fib", 1.0, 4, 16), 16, jnp.float32, 16),
+    "empty_offsets": (2, 24, 1, 8, 3, (), None, jnp.float32, 8),
+    "bfloat16": (1, 48, 2, 16, 8, (8, 13, 21, 34), None, jnp.bfloat16, 16),
+    "learned_fractional": (1, 50, 2, 8, 4, "learned", 45, jnp.float32, 16),
+    "learned_bfloat16": (1, 40, 1, 16, 4, "learned", 30, jnp.bfloat16, 8),
+}
+TPU_CASES = ["ragged_repeats_inside_window", "n_is_4R", "learned_fractional", "bfloat16"]
+
+
+def _inputs(case, seed):
+  b, n, h, d, window, offsets, reach, dtype, block = CASES[case]
+  rng = np.random.default_rng(seed)
+  q, k, v, w = (jnp.asarray(rng.standard_normal((b, n, h, d)), dtype) for _ in range(4))
+  if offsets == "learned":
+    terms = jnp.asarray(fibjax.learned_terms("fib", 1.0, window, reach), jnp.float32)
+    offsets = terms * jnp.float32(rng.uniform(1.05, 1.45))  # fractional; the largest may leave [W, R)
+  else:
+    offsets = jnp.asarray(offsets, jnp.int32)
+  return (q, k, v, w), dict(window=window, offsets=offsets, reach=reach), block
+
+
+def _compare(case, backend, seed, **interp):
+  (q, k, v, w), pattern, block = _inputs(case, seed)
+  learned = jnp.issubdtype(pattern["offsets"].dtype, jnp.floating)
+  msg = f"case={case} backend={backend} seed={seed}"
+  tol = dict(atol=3e-2, rtol=3e-2) if q.dtype == jnp.bfloat16 else dict(atol=2e-5, rtol=2e-4)
+
+  def run(impl):
+    def loss(q, k, v, alpha):
+      offs = pattern["offsets"] * alpha if learned else pattern["offsets"]
+      kw = dict(pattern, offsets=offs)
+      if impl == "pallas":
+        out = gathered_offset_attention(q, k, v, backend=backend, block=block, **kw, **interp)
+      else:  # reference in float32 from the same inputs
+        out = fibjax.attention(*(x.astype(jnp.float32) for x in (q, k, v)), implementation="reference", **kw)
+      return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32)), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, jnp.float32(1.0))
+    return out, grads
+
+  out, grads = run("pallas")
+  want, want_grads = run("reference")
+  assert out.dtype == q.dtype and out.shape == q.shape, msg
+  for name, got, ref in zip(("out", "dq", "dk", "dv", "dalpha"), (out,) + grads, (want,) + want_grads):
+    got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(got).all(), f"{name} has non-finite (unwritten?) elements: {msg}"
+    if name == "dalpha":
+      if learned:
+        np.testing.assert_allclose(got, ref, rtol=5e-2 if q.dtype == jnp.bfloat16 else 1e-4, err_msg=msg)
+      continue
+    np.testing.assert_allclose(got, ref, err_msg=f"{name}: {msg}", **tol)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gpu_kernel_interpret_matches_reference(case):
+  _compare(case, "gpu", secrets.randbits(32), interpret=True)
+
+
+@pytest.mark.parametrize("case", TPU_CASES)
+def test_tpu_kernel_interpreter_matches_reference(case):
+  _compare(case, "tpu", secrets.randbits(32), interpret=True)
+
+
+def test_unwritten_rows_are_caught(monkeypatch):
+  """A kernel that skips its last row must fail the finite check (the poison works)."""
+  original = triton_gpu.RowIO.write
+
+  def lazy_write(self, ref, start, size, value):
+    object.__setattr__(self, "n", self.n - 1)
+    try:
+      original(self, ref, start, size, value)
+    finally:
+      object.__setattr__(self, "n", self.n + 1)
+
+  monkeypatch.setattr(triton_gpu.RowIO, "write", lazy_write)
+  q = jnp.ones((1, 29, 1, 8), jnp.float32)
+  out = gathered_offset_attention(q, q, q, window=3, offsets=jnp.asarray([5], jnp.int32), block=8, interpret=True)
+  assert np.isnan(np.asarray(out)[0, -1]).all() and np.isfinite(np.asarray(out)[0, :-1]).all()
+
+
+def test_one_compilation_serves_every_layer():
+  """Offsets are a runtime array: new values with the same count reuse the compiled kernel."""
+  q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 32, 1, 8)), jnp.float32)
+  f = jax.jit(lambda q, o: gathered_offset_attention(q, q, q, window=4, offsets=o, block=8, interpret=True))
+  f(q, jnp.asarray([5, 8, 13], jnp.int32))
+  before = f._cache_size()
+  out = f(q, jnp.asarray([6, 10, 17], jnp.int32))
+  assert f._cache_size() == before
+  want = fibjax.attention(q, q, q, window=4, offsets=(6, 10, 17), implementation="reference")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-6)
+
+
+def test_dispatch():
+  q = jnp.zeros((1, 8, 1, 8))
+  if jax.default_backend() == "cpu":
+    with pytest.raises(ValueError, match="interpret=True"):
+      fibjax.attention(q, q, q, window=2, offsets=(3,), implementation="pallas")
+    out = fibjax.attention(q, q, q, window=2, offsets=(3,), implementation="auto")  # the reference on CPU
+    assert np.isfinite(np.asarray(out)).all()
+  with pytest.raises(ValueError, match="implementation='pallas' only"):
+    fibjax.attention(q, q, q, window=2, implementation="reference", block=8)  # kernel-only option
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("n, learned", [(4096, False), (4096, True), (16384, False), (20000, True)])
+def test_compiled_gpu_kernel_large_n(n, learned):
+  seed = secrets.randbits(32)
+  rng = np.random.default_rng(seed)
+  q, k, v, w = (jnp.asarray(rng.standard_normal((1, n, 8, 64)), jnp.bfloat16) for _ in range(4))
+  offsets = jnp.asarray(fibjax.offset_set("fib", 1.0, 64, 4096), jnp.int32)
+  if learned:
+    offsets = jnp.asarray(fibjax.learned_terms("fib", 1.0, 64, 4096), jnp.float32) * 1.137
+
+  def loss(impl, q, k, v):
+    cast = (lambda x: x) if impl == "pallas" else (lambda x: x.astype(jnp.float32))
+    out = fibjax.attention(cast(q), cast(k), cast(v), window=64, offsets=offsets, reach=4096, implementation=impl)
+    return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32)), out
+
+  results = {impl: jax.jit(jax.value_and_grad(lambda *a, impl=impl: loss(impl, *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+             for impl in ("pallas", "reference")}
+  (_, out), grads = results["pallas"]
+  (_, ref), ref_grads = results["reference"]
+  for name, a, b in zip(("out", "dq", "dk", "dv"), (out,) + grads, (ref,) + ref_grads):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.isfinite(a).all(), f"{name} seed={seed}"
+    rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert rel < 1.5e-2, f"{name}: relative error {rel:.2e} (seed={seed})"
