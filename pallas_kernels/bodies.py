@@ -12,7 +12,7 @@ row-wise dot products; one online softmax runs over both; the backward pass reco
 probabilities from the saved log-sum-exp and needs no atomics: dQ is query-tile-major and
 dK/dV key-tile-major (the queries reading key tile ``[j0, j0 + block)`` through offset ``o``
 are the contiguous tile ``[j0 + o, j0 + o + block)``). Learned (fractional) distances read two
-shifted tiles per term and blend them.
+shifted tiles per term and blend their scores and values row by row.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.tile_math import (
-    MASK_VALUE, dot_nn, dot_nt, dot_tn, lerp, online_update, rowdot, split_distance, term_valid, window_mask,
+    MASK_VALUE, dot_nn, dot_nt, dot_tn, online_update, rowdot, split_distance, term_valid, window_mask,
 )
 
 
@@ -44,18 +44,22 @@ class Static:
     return 1 + -(-(self.window - 1) // self.block)
 
 
-def _offset_rows(io, k_ref, v_ref, offs_ref, kk: int, i0, st: Static):
-  """Key/value rows for term ``kk`` of query tile ``i0`` (blended for fractional distances).
+def _term_parts(io, k_ref, v_ref, offs_ref, kk: int, i0, st: Static):
+  """Term ``kk`` of query tile ``i0`` as weighted parts ``[(weight, d_weight/d_distance, k, v)]``.
 
-  Returns ``(k_rows, v_rows, dk_dd, dv_dd)``: the last two are d(rows)/d(distance) (learned)."""
-  f32 = jnp.float32
+  A static offset is one part of weight 1. A fractional distance ``d = lo + t`` is two shifted
+  tiles, rows ``i - lo`` (weight ``1 - t``) and ``i - lo - 1`` (weight ``t``): scores and values
+  blend per row, so no blended tile is ever materialised (fewer live registers)."""
   if not st.learned:
     o = offs_ref[kk]
-    return io.read(k_ref, i0 - o, st.block), io.read(v_ref, i0 - o, st.block), None, None
+    return [(1.0, 0.0, io.read(k_ref, i0 - o, st.block), io.read(v_ref, i0 - o, st.block))]
   lo, t = split_distance(offs_ref[kk])
-  k_lo, k_hi = io.read(k_ref, i0 - lo, st.block).astype(f32), io.read(k_ref, i0 - lo - 1, st.block).astype(f32)
-  v_lo, v_hi = io.read(v_ref, i0 - lo, st.block).astype(f32), io.read(v_ref, i0 - lo - 1, st.block).astype(f32)
-  return lerp(k_lo, k_hi, t), lerp(v_lo, v_hi, t), k_hi - k_lo, v_hi - v_lo
+  return [(1.0 - t, -1.0, io.read(k_ref, i0 - lo, st.block), io.read(v_ref, i0 - lo, st.block)),
+          (t, 1.0, io.read(k_ref, i0 - lo - 1, st.block), io.read(v_ref, i0 - lo - 1, st.block))]
+
+
+def _scale_rows(weight_rows, x):
+  return weight_rows[:, None] * x.astype(jnp.float32)
 
 
 def forward(io, offs_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static):
@@ -73,10 +77,12 @@ def forward(io, offs_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static):
                   MASK_VALUE)
     m, l, acc = online_update(m, l, acc, s, lambda p, v_t=v_t: dot_nn(p.astype(v_t.dtype), v_t, st.precision))
   for kk in range(st.num_offsets):
-    k_r, v_r, _, _ = _offset_rows(io, k_ref, v_ref, offs_ref, kk, i0, st)
+    parts = _term_parts(io, k_ref, v_ref, offs_ref, kk, i0, st)
     valid = term_valid(rows, offs_ref[kk], st.window, st.learned)
-    s = jnp.where(valid, rowdot(q, k_r) * st.scale, MASK_VALUE)[:, None]
-    m, l, acc = online_update(m, l, acc, s, lambda p, v_r=v_r: p * v_r.astype(jnp.float32))
+    s = sum(w * rowdot(q, k_r) for w, _, k_r, _ in parts)
+    s = jnp.where(valid, s * st.scale, MASK_VALUE)[:, None]
+    m, l, acc = online_update(
+        m, l, acc, s, lambda p, parts=parts: sum(_scale_rows(p[:, 0] * w, v_r) for w, _, _, v_r in parts))
   io.write(o_ref, i0, b, (acc / l[:, None]).astype(o_ref.dtype))
   io.write_vec(lse_ref, i0, b, m + jnp.log(l))
 
@@ -98,13 +104,15 @@ def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, d
     dq += dot_nn(ds.astype(k_t.dtype), k_t, st.precision) * st.scale
   dd = jnp.zeros((io.terms_width,), jnp.float32)
   for kk in range(st.num_offsets):
-    k_r, v_r, dk_dd, dv_dd = _offset_rows(io, k_ref, v_ref, offs_ref, kk, i0, st)
+    parts = _term_parts(io, k_ref, v_ref, offs_ref, kk, i0, st)
     valid = term_valid(rows, offs_ref[kk], st.window, st.learned)
-    p = jnp.where(valid, jnp.exp(rowdot(q, k_r) * st.scale - lse), 0.0)
-    ds = p * (rowdot(do, v_r) - delta)
-    dq += ds[:, None] * k_r.astype(jnp.float32) * st.scale
-    if st.learned:
-      dd_k = jnp.sum(ds * st.scale * rowdot(q, dk_dd) + p * rowdot(do, dv_dd))
+    qk = [rowdot(q, k_r) for _, _, k_r, _ in parts]
+    dov = [rowdot(do, v_r) for _, _, _, v_r in parts]
+    p = jnp.where(valid, jnp.exp(sum(w * x for (w, _, _, _), x in zip(parts, qk)) * st.scale - lse), 0.0)
+    ds = p * (sum(w * x for (w, _, _, _), x in zip(parts, dov)) - delta)
+    dq += sum(_scale_rows(ds * (w * st.scale), k_r) for w, _, k_r, _ in parts)
+    if st.learned:  # dL/dd = sum over rows of dL/ds * ds/dd + dL/dv_blend . dv_blend/dd
+      dd_k = jnp.sum(sum(dw * (ds * st.scale * a + p * b) for (_, dw, _, _), a, b in zip(parts, qk, dov)))
       dd = jnp.where(jnp.arange(io.terms_width) == kk, dd_k, dd)
   io.write(dq_ref, i0, b, dq.astype(dq_ref.dtype))
   if st.learned:
@@ -134,26 +142,27 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     ds = p * (dot_nt(do, v_t, st.precision) - delta[:, None])
     dk += dot_tn(ds.astype(q.dtype), q, st.precision) * st.scale
 
-  def accumulate(dk, dv, shift, k_int, v_int, weight, offset):
-    """Queries ``i = j + shift`` whose term reads key ``j`` with ``weight``."""
+  def accumulate(dk, dv, shift, parts, weight, offset):
+    """Queries ``i = j + shift`` whose term (``parts``, as in ``_term_parts``) gives key ``j``
+    the weight ``weight``."""
     rows = cols + shift
     q, do, lse, delta = query_rows(j0 + shift)
     valid = term_valid(rows, offset, st.window, st.learned) & (rows < st.n)
-    p = jnp.where(valid, jnp.exp(rowdot(q, k_int) * st.scale - lse), 0.0)
-    ds = p * (rowdot(do, v_int) - delta)
-    return (dk + (weight * ds * st.scale)[:, None] * q.astype(f32), dv + (weight * p)[:, None] * do.astype(f32))
+    p = jnp.where(valid, jnp.exp(sum(w * rowdot(q, k_r) for w, k_r, _ in parts) * st.scale - lse), 0.0)
+    ds = p * (sum(w * rowdot(do, v_r) for w, _, v_r in parts) - delta)
+    return dk + _scale_rows(weight * ds * st.scale, q), dv + _scale_rows(weight * p, do)
 
   for kk in range(st.num_offsets):
     if not st.learned:
-      dk, dv = accumulate(dk, dv, offs_ref[kk], k_t, v_t, 1.0, offs_ref[kk])
+      o = offs_ref[kk]
+      dk, dv = accumulate(dk, dv, o, [(1.0, k_t, v_t)], 1.0, o)
       continue
     d = offs_ref[kk]
     lo, t = split_distance(d)
-    k_f, v_f = k_t.astype(f32), v_t.astype(f32)
-    k_prev, v_prev = io.read(k_ref, j0 - 1, b).astype(f32), io.read(v_ref, j0 - 1, b).astype(f32)
-    k_next, v_next = io.read(k_ref, j0 + 1, b).astype(f32), io.read(v_ref, j0 + 1, b).astype(f32)
-    # query j + lo blends k[j] (weight 1 - t) with k[j - 1]; query j + lo + 1 blends k[j + 1] with k[j] (weight t)
-    dk, dv = accumulate(dk, dv, lo, lerp(k_f, k_prev, t), lerp(v_f, v_prev, t), 1.0 - t, d)
-    dk, dv = accumulate(dk, dv, lo + 1, lerp(k_next, k_f, t), lerp(v_next, v_f, t), t, d)
+    k_prev, v_prev = io.read(k_ref, j0 - 1, b), io.read(v_ref, j0 - 1, b)
+    k_next, v_next = io.read(k_ref, j0 + 1, b), io.read(v_ref, j0 + 1, b)
+    # query j + lo reads k[j] (weight 1 - t) and k[j - 1]; query j + lo + 1 reads k[j + 1] and k[j] (weight t)
+    dk, dv = accumulate(dk, dv, lo, [(1.0 - t, k_t, v_t), (t, k_prev, v_prev)], 1.0 - t, d)
+    dk, dv = accumulate(dk, dv, lo + 1, [(1.0 - t, k_next, v_next), (t, k_t, v_t)], t, d)
   io.write(dk_ref, j0, b, dk.astype(dk_ref.dtype))
   io.write(dv_ref, j0, b, dv.astype(dv_ref.dtype))

@@ -47,10 +47,6 @@ def split_distance(d):
   return lo.astype(jnp.int32), (d - lo).astype(jnp.float32)
 
 
-def lerp(a, b, t):
-  return a + t * (b - a)
-
-
 def rowdot(a, b):
   """Row-wise dot products ``[B, D] x [B, D] -> [B]`` in float32."""
   return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=1)

@@ -1,0 +1,90 @@
+"""Training throughput: tokens/s and MFU of the ``paper`` recipe, dense vs fib-linear, at T = 1024
+and T = 8192, with the real jit-sharded train step of ``train/`` on random tokens.
+
+    python benchmarks/train_throughput.py [--tokens-per-step 32768] [--out DIR]
+
+MFU counts ``6 * params + attention`` FLOPs per token (``train/metrics.py``) against the
+device's dense bf16 peak. Writes ``train_throughput_<device>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import configs  # noqa: E402
+from fibjax.model import count_params  # noqa: E402
+from train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
+from train.step import make_optimizer  # noqa: E402
+from train.trainer import compile_train_step, init_state, make_mesh  # noqa: E402
+
+
+def measure(variant: str, seq_len: int, tokens_per_step: int, steps: int) -> dict:
+  cfg = configs.get_config("paper", variant)
+  cfg = dataclasses.replace(cfg, batch_size=max(1, tokens_per_step // seq_len),
+                            model=dataclasses.replace(cfg.model, seq_len=seq_len))
+  mesh = make_mesh()
+  tx = make_optimizer(cfg)
+  with jax.set_mesh(mesh):
+    graphdef, state = init_state(cfg, mesh, tx)
+    params = count_params(nnx.merge(graphdef, state["params"]))
+    step = compile_train_step(graphdef, tx, state, mesh)
+    batches = [jax.random.randint(jax.random.key(i), (1, cfg.batch_size, seq_len + 1), 0, 256, jnp.int32) for i in range(4)]
+    for i in range(3):
+      state, m = step(state, batches[i % 4])
+    jax.block_until_ready(m)
+    times = []
+    for i in range(steps):
+      start = time.perf_counter()
+      state, m = step(state, batches[i % 4])
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - start)
+  sec = statistics.median(times)
+  tps = cfg.batch_size * seq_len / sec
+  peak = peak_flops_per_device()
+  mfu = tps * flops_per_token(cfg.model, params) / (peak * jax.device_count()) if peak else None
+  return {"variant": variant, "seq_len": seq_len, "batch": cfg.batch_size, "step_ms": 1e3 * sec, "tokens_per_s": tps,
+          "mfu": mfu, "params": params, "loss": float(m["loss"]), "remat": cfg.model.remat}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--tokens-per-step", type=int, default=32768)
+  parser.add_argument("--steps", type=int, default=15)
+  parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 8192])
+  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+  args = parser.parse_args()
+  rows = []
+  for t in args.seq_lens:
+    for variant in ("dense", "fib-linear"):
+      rows.append(measure(variant, t, args.tokens_per_step, args.steps))
+      print(json.dumps(rows[-1]), flush=True)
+  device = jax.devices()[0].device_kind
+  args.out.mkdir(parents=True, exist_ok=True)
+  tag = device.replace(" ", "_")
+  (args.out / f"train_throughput_{tag}.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
+  lines = [f"# Training throughput, paper recipe, {device} ({time.strftime('%Y-%m-%d')}, jax {jax.__version__})", "",
+           f"bf16 compute, fp32 master weights, {args.tokens_per_step} tokens per step, median of {args.steps} steps. "
+           "Reproduce: `python benchmarks/train_throughput.py`.", "",
+           "| T | variant | batch | step ms | tokens/s | MFU | speed vs dense |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    dense = next(x for x in rows if x["seq_len"] == r["seq_len"] and x["variant"] == "dense")
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+    lines.append(f"| {r['seq_len']} | {r['variant']} | {r['batch']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                 f"{mfu} | {r['tokens_per_s'] / dense['tokens_per_s']:.2f}x |")
+  (args.out / f"train_throughput_{tag}.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
