@@ -6,6 +6,7 @@ kernels; the lowering (GPU/Triton or TPU/Mosaic) is picked from the backend, or 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -14,7 +15,11 @@ import jax.numpy as jnp
 from fibjax.reference import normalize_offsets
 from pallas_kernels import bodies
 
+# Tuned on an H100 (benchmarks/tune_attention.py, results in benchmarks/results/): 64-row tiles
+# and 4 warps are fastest for the forward and the static backward; the learned backward (two
+# query sets and four neighbour tiles per term) spills at 64 rows and runs 3x faster at 32.
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
+DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
 
 
 def _lowering(backend: str):
@@ -29,20 +34,20 @@ def _lowering(backend: str):
   raise ValueError(f"backend must be 'gpu' or 'tpu', got {backend!r}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention(q, k, v, offsets, st: bodies.Static, backend: str, options: tuple):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _attention(q, k, v, offsets, st: bodies.Static, st_bwd: bodies.Static, backend: str, options: tuple):
   return _lowering(backend).forward(q, k, v, offsets, st=st, **dict(options))[0]
 
 
-def _fwd(q, k, v, offsets, st, backend, options):
+def _fwd(q, k, v, offsets, st, st_bwd, backend, options):
   out, lse = _lowering(backend).forward(q, k, v, offsets, st=st, **dict(options))
   return out, (q, k, v, offsets, out, lse)
 
 
-def _bwd(st, backend, options, res, do):
+def _bwd(st, st_bwd, backend, options, res, do):
   q, k, v, offsets, out, lse = res
   delta = jnp.einsum("bnhd,bnhd->bhn", out.astype(jnp.float32), do.astype(jnp.float32))
-  dq, dk, dv, dd = _lowering(backend).backward(q, k, v, offsets, do, lse, delta, st=st, **dict(options))
+  dq, dk, dv, dd = _lowering(backend).backward(q, k, v, offsets, do, lse, delta, st=st_bwd, **dict(options))
   d_offsets = jnp.sum(dd, axis=(0, 1, 2)).astype(offsets.dtype) if st.learned else None
   return dq, dk, dv, d_offsets
 
@@ -62,6 +67,7 @@ def gathered_offset_attention(
     interpret: bool = False,
     backend: str | None = None,
     block: int | None = None,
+    block_bwd: int | None = None,
     **options,
 ) -> jax.Array:
   """Pallas gathered-offset attention, ``[B, N, H, D] -> [B, N, H, D]`` (same pattern and
@@ -71,7 +77,8 @@ def gathered_offset_attention(
     offsets: ``[K]`` int32 (static) or float32 (fractional, differentiable) runtime array.
     backend: ``"gpu"`` or ``"tpu"`` lowering; default the default backend (``"gpu"`` on CPU,
       which needs ``interpret=True``).
-    block: rows per tile (default 64 on GPU, 128 on TPU).
+    block: rows per forward tile (default 64 on GPU, 128 on TPU).
+    block_bwd: rows per backward tile (GPU default 64, 32 for learned offsets).
     options: lowering knobs (GPU: ``num_warps``, ``num_stages``).
   """
   backend = backend or ("tpu" if jax.default_backend() == "tpu" else "gpu")
@@ -79,16 +86,20 @@ def gathered_offset_attention(
     raise ValueError(f"the {backend} Pallas kernel needs a {backend.upper()} (default backend is "
                      f"{jax.default_backend()}); pass interpret=True to run it on CPU, or implementation='reference'")
   n, d = q.shape[1], q.shape[3]
+  learned = bool(jnp.issubdtype(offsets.dtype, jnp.floating))
   block = block or DEFAULT_BLOCK[backend]
-  if not interpret and (d & (d - 1) or d < 16 or block & (block - 1) or block < 16):
-    raise ValueError(f"compiled kernels need head_dim and block powers of 2 >= 16, got head_dim={d}, block={block}")
+  block_bwd = block_bwd or DEFAULT_BLOCK_BWD[backend, learned]
+  if not interpret and any(x & (x - 1) or x < 16 for x in (d, block, block_bwd)):
+    raise ValueError(f"compiled kernels need head_dim and blocks powers of 2 >= 16, got head_dim={d}, "
+                     f"block={block}, block_bwd={block_bwd}")
   offsets, valid = normalize_offsets(offsets, window, reach)
   offsets = jnp.where(valid & (offsets < n), offsets, jnp.zeros_like(offsets))  # never-valid terms -> 0
   st = bodies.Static(
-      n=n, window=window, num_offsets=int(offsets.shape[0]), learned=bool(jnp.issubdtype(offsets.dtype, jnp.floating)),
+      n=n, window=window, num_offsets=int(offsets.shape[0]), learned=learned,
       scale=float(d**-0.5 if scale is None else scale), block=block,
       precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
   )
   if st.learned:
     offsets = offsets.astype(jnp.float32)
-  return _attention(q, k, v, offsets, st, backend, tuple(sorted(dict(options, interpret=interpret).items())))
+  st_bwd = dataclasses.replace(st, block=block_bwd)
+  return _attention(q, k, v, offsets, st, st_bwd, backend, tuple(sorted(dict(options, interpret=interpret).items())))

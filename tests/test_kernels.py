@@ -51,7 +51,7 @@ def _compare(case, backend, seed, **interp):
       offs = pattern["offsets"] * alpha if learned else pattern["offsets"]
       kw = dict(pattern, offsets=offs)
       if impl == "pallas":
-        out = gathered_offset_attention(q, k, v, backend=backend, block=block, **kw, **interp)
+        out = gathered_offset_attention(q, k, v, backend=backend, block=block, block_bwd=max(8, block // 2), **kw, **interp)
       else:  # reference in float32 from the same inputs
         out = fibjax.attention(*(x.astype(jnp.float32) for x in (q, k, v)), implementation="reference", **kw)
       return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32)), out
