@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fibjax import decode as dec
 from fibjax.attention import attention, dense_attention
 
 PatternKind = Literal["dense", "static", "learned"]
@@ -93,19 +94,45 @@ class Attention(nnx.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     return rope(q, positions_BxN, self.rope_base), rope(k, positions_BxN, self.rope_base), v
 
+  def _attend(self, q, k, v) -> jax.Array:
+    if self.pattern.kind == "dense":
+      return dense_attention(q, k, v, implementation="auto" if self.implementation == "auto" else "reference")
+    return attention(q, k, v, window=self.pattern.window, offsets=self.offsets(), reach=self.pattern.reach,
+                     implementation=self.implementation)
+
+  def _project_out(self, o_BxNxHxD: jax.Array) -> jax.Array:
+    b, n = o_BxNxHxD.shape[:2]
+    return self.out(o_BxNxHxD.reshape(b, n, self.num_heads * self.head_dim).astype(self.out.dtype or jnp.float32))
+
   def __call__(self, x_BxNxD: jax.Array, positions_BxN: jax.Array | None = None) -> jax.Array:
     b, n, _ = x_BxNxD.shape
     if positions_BxN is None:
       positions_BxN = jnp.broadcast_to(jnp.arange(n), (b, n))
-    q, k, v = self.project_qkv(x_BxNxD, positions_BxN)
+    return self._project_out(self._attend(*self.project_qkv(x_BxNxD, positions_BxN)))
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict[str, jax.Array]:
+    """Empty KV cache: ``R + 1`` ring slots for sparse patterns, ``max_len`` for dense."""
+    length = dec.cache_length(self.pattern.kind, self.pattern.reach, max_len)
+    return dec.init_layer_cache(batch, length, self.num_heads, self.head_dim, dtype)
+
+  def prefill(self, x_BxPxD: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """Full attention over a prompt at positions ``0..P-1``, storing its keys and values."""
+    b, n, _ = x_BxPxD.shape
+    q, k, v = self.project_qkv(x_BxPxD, jnp.broadcast_to(jnp.arange(n), (b, n)))
+    return self._project_out(self._attend(q, k, v)), dec.write_prefill(cache, k, v)
+
+  def decode(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """One new token at position ``pos`` (a traced int32 scalar: no recompilation per step)."""
+    b = x_Bx1xD.shape[0]
+    q, k, v = self.project_qkv(x_Bx1xD, jnp.full((b, 1), pos, jnp.int32))
+    cache = dec.write_token(cache, k[:, 0], v[:, 0], pos)
+    scale = self.head_dim**-0.5
     if self.pattern.kind == "dense":
-      o = dense_attention(q, k, v, implementation="auto" if self.implementation == "auto" else "reference")
+      o = dec.attend_dense(q[:, 0], cache, pos, scale=scale)
     else:
-      o = attention(
-          q, k, v, window=self.pattern.window, offsets=self.offsets(), reach=self.pattern.reach,
-          implementation=self.implementation,
-      )
-    return self.out(o.reshape(b, n, self.num_heads * self.head_dim))
+      o = dec.attend_sparse(q[:, 0], cache, pos, window=self.pattern.window, offsets=self.offsets(),
+                            reach=self.pattern.reach, scale=scale)
+    return self._project_out(o[:, None].astype(q.dtype)), cache
 
 
 class MLP(nnx.Module):
@@ -145,6 +172,16 @@ class Block(nnx.Module):
     )
     self.mlp = MLP(d_model, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
+  def _residual(self, x_BxNxD: jax.Array, attend) -> tuple[jax.Array, dict | None]:
+    a, cache = attend(self.attn_norm(x_BxNxD))
+    x_BxNxD = x_BxNxD + a
+    return x_BxNxD + self.mlp(self.mlp_norm(x_BxNxD)), cache
+
   def __call__(self, x_BxNxD: jax.Array, positions_BxN: jax.Array | None = None) -> jax.Array:
-    x_BxNxD = x_BxNxD + self.attn(self.attn_norm(x_BxNxD), positions_BxN)
-    return x_BxNxD + self.mlp(self.mlp_norm(x_BxNxD))
+    return self._residual(x_BxNxD, lambda h: (self.attn(h, positions_BxN), None))[0]
+
+  def prefill(self, x_BxPxD: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    return self._residual(x_BxPxD, lambda h: self.attn.prefill(h, cache))
+
+  def decode(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    return self._residual(x_Bx1xD, lambda h: self.attn.decode(h, pos, cache))

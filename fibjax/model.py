@@ -128,15 +128,43 @@ class LM(nnx.Module):
     ])
     self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
+  def _embed(self, tokens_BxN: jax.Array) -> jax.Array:
+    return self.embed(tokens_BxN) * jnp.asarray(self.cfg.d_model**0.5, self.embed.dtype or jnp.float32)
+
+  def _logits(self, x_BxNxD: jax.Array) -> jax.Array:
+    return self.embed.attend(self.final_norm(x_BxNxD)).astype(jnp.float32)
+
   def __call__(self, tokens_BxN: jax.Array, positions_BxN: jax.Array | None = None) -> jax.Array:
     """``tokens_BxN`` int32 -> logits ``[B, N, vocab]`` float32; position i sees tokens <= i."""
-    x_BxNxD = self.embed(tokens_BxN) * jnp.asarray(self.cfg.d_model**0.5, self.embed.dtype or jnp.float32)
+    x_BxNxD = self._embed(tokens_BxN)
     for block in self.blocks:
       if self.cfg.remat:
         x_BxNxD = nnx.remat(lambda blk, x, p: blk(x, p))(block, x_BxNxD, positions_BxN)
       else:
         x_BxNxD = block(x_BxNxD, positions_BxN)
-    return self.embed.attend(self.final_norm(x_BxNxD)).astype(jnp.float32)
+    return self._logits(x_BxNxD)
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict]:
+    """Per-layer KV caches (``fibjax.decode``); sparse layers hold ``R + 1`` positions whatever
+    ``max_len`` is, dense layers ``max_len``. ``dtype`` defaults to the compute dtype."""
+    dtype = dtype or DTYPES[self.cfg.dtype]
+    return [block.attn.init_cache(batch, max_len, dtype) for block in self.blocks]
+
+  def prefill(self, tokens_BxP: jax.Array, cache: list[dict]) -> tuple[jax.Array, list[dict]]:
+    """Logits ``[B, P, V]`` of a prompt at positions ``0..P-1``, and the filled caches."""
+    x_BxPxD, new_cache = self._embed(tokens_BxP), []
+    for block, layer_cache in zip(self.blocks, cache):
+      x_BxPxD, layer_cache = block.prefill(x_BxPxD, layer_cache)
+      new_cache.append(layer_cache)
+    return self._logits(x_BxPxD), new_cache
+
+  def decode(self, token_B: jax.Array, pos: jax.Array, cache: list[dict]) -> tuple[jax.Array, list[dict]]:
+    """Logits ``[B, V]`` for one token per row at position ``pos``, and the updated caches."""
+    x_Bx1xD, new_cache = self._embed(token_B[:, None]), []
+    for block, layer_cache in zip(self.blocks, cache):
+      x_Bx1xD, layer_cache = block.decode(x_Bx1xD, pos, layer_cache)
+      new_cache.append(layer_cache)
+    return self._logits(x_Bx1xD)[:, 0], new_cache
 
 
 def count_params(model: nnx.Module) -> int:

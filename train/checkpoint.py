@@ -48,10 +48,7 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig) -> bool:
       raise ValueError(f"{workdir} holds checkpoints but no config.json; cannot tell what model they are. "
                        "Use a new --workdir.")
     return False
-  try:
-    saved = TrainConfig.load(saved_path)
-  except (ValueError, TypeError, KeyError) as e:
-    raise ValueError(f"{saved_path} is not a fibjax config ({e}); use a new --workdir") from e
+  saved = TrainConfig.load(saved_path)
   diffs = [f"model.{k}" for k, v in saved.model.__dict__.items() if getattr(cfg.model, k) != v]
   diffs += [k for k in ("tokenizer", "bpe_vocab_size", "data_path") if getattr(saved, k) != getattr(cfg, k)]
   if diffs and has_ckpt:

@@ -76,7 +76,11 @@ class TrainConfig:
 
   @classmethod
   def load(cls, path: pathlib.Path) -> "TrainConfig":
-    return cls.from_dict(json.loads(path.read_text()))
+    """Reads a saved config; raises ``ValueError`` if the file is not one."""
+    try:
+      return cls.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+      raise ValueError(f"{path} is not a fibjax config ({type(e).__name__}: {e}); use a new --workdir") from e
 
 
 def _coerce(value: str, annotation: Any, field: str) -> Any:

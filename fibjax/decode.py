@@ -1,0 +1,82 @@
+"""Incremental decoding: per-layer KV caches and one-query attention over them.
+
+A sparse layer (static or learned offsets) only ever reads keys within its reach R, at W window
+distances plus K offsets, so its cache is a ring buffer of ``R + 1`` positions (position ``p``
+in slot ``p % (R + 1)``; the extra slot serves a fractional distance just below R, which
+blends positions ``i - R + 1`` and ``i - R``): memory bounded by R, per-token work ``W + K``
+(``W + 2K`` learned) at any length. A dense layer keeps every position, in a cache allocated
+for ``max_len`` and masked beyond the current position.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fibjax.reference import MASK_VALUE, normalize_offsets
+
+
+def cache_length(kind: str, reach: int, max_len: int) -> int:
+  """Positions a layer's cache holds: ``R + 1`` for sparse layers, ``max_len`` for dense."""
+  return max_len if kind == "dense" else reach + 1
+
+
+def init_layer_cache(batch: int, length: int, heads: int, head_dim: int, dtype) -> dict[str, jax.Array]:
+  """``{"k", "v"}``: ``[B, length, H, D]`` each (keys already rotated by RoPE)."""
+  return {"k": jnp.zeros((batch, length, heads, head_dim), dtype), "v": jnp.zeros((batch, length, heads, head_dim), dtype)}
+
+
+def write_prefill(cache: dict, k_BxPxHxD: jax.Array, v_BxPxHxD: jax.Array) -> dict:
+  """Stores prompt positions ``0..P-1``: each in slot ``p % length``; only the last ``length``
+  positions survive (all of them for a dense cache, which must hold ``P <= max_len``)."""
+  length, p = cache["k"].shape[1], k_BxPxHxD.shape[1]
+  keep = min(p, length)
+  slots = jnp.arange(p - keep, p) % length
+  return {name: cache[name].at[:, slots].set(x[:, p - keep :].astype(cache[name].dtype))
+          for name, x in (("k", k_BxPxHxD), ("v", v_BxPxHxD))}
+
+
+def write_token(cache: dict, k_BxHxD: jax.Array, v_BxHxD: jax.Array, pos: jax.Array) -> dict:
+  slot = pos % cache["k"].shape[1]
+  return {"k": cache["k"].at[:, slot].set(k_BxHxD.astype(cache["k"].dtype)),
+          "v": cache["v"].at[:, slot].set(v_BxHxD.astype(cache["v"].dtype))}
+
+
+def _softmax_attend(q_BxHxD, keys_BxJxHxD, values_BxJxHxD, valid_J, scale):
+  f32 = jnp.float32
+  s = jnp.einsum("bhd,bjhd->bhj", q_BxHxD.astype(f32), keys_BxJxHxD.astype(f32)) * scale
+  p = jax.nn.softmax(jnp.where(valid_J[None, None, :], s, MASK_VALUE), axis=-1)
+  return jnp.einsum("bhj,bjhd->bhd", p, values_BxJxHxD.astype(f32))
+
+
+def attend_sparse(q_BxHxD, cache: dict, pos: jax.Array, *, window: int, offsets: jax.Array, reach: int, scale: float):
+  """The new query at position ``pos`` over its window and offsets, read from the ring buffer.
+
+  Same pattern and masking as ``fibjax.reference.sparse_attention_reference`` for one row.
+  Returns ``[B, H, D]`` float32.
+  """
+  length = cache["k"].shape[1]
+  offs, valid = normalize_offsets(offsets, window, reach)
+  dist_w = jnp.arange(window)
+  if jnp.issubdtype(offs.dtype, jnp.integer):
+    dist = jnp.concatenate([dist_w, offs])
+    ok = jnp.concatenate([dist_w <= pos, valid & (offs <= pos)])
+    slots = (pos - dist) % length
+    return _softmax_attend(q_BxHxD, cache["k"][:, slots], cache["v"][:, slots], ok, scale)
+  lo = jnp.floor(offs).astype(jnp.int32)
+  t = (offs - lo).astype(jnp.float32)[None, :, None, None]
+  ok = jnp.concatenate([dist_w <= pos, valid & (offs <= pos.astype(offs.dtype))])
+
+  def rows(name):
+    win = cache[name][:, (pos - dist_w) % length].astype(jnp.float32)
+    near, far = cache[name][:, (pos - lo) % length], cache[name][:, (pos - lo - 1) % length]
+    blend = near.astype(jnp.float32) + t * (far.astype(jnp.float32) - near.astype(jnp.float32))
+    return jnp.concatenate([win, blend], axis=1)
+
+  return _softmax_attend(q_BxHxD, rows("k"), rows("v"), ok, scale)
+
+
+def attend_dense(q_BxHxD, cache: dict, pos: jax.Array, *, scale: float):
+  """The new query over every cached position ``<= pos`` (``[B, H, D]`` float32)."""
+  valid = jnp.arange(cache["k"].shape[1]) <= pos
+  return _softmax_attend(q_BxHxD, cache["k"], cache["v"], valid, scale)
