@@ -1,0 +1,96 @@
+"""Decode benchmark: per-token latency and KV-cache memory against context length, fib-linear
+against dense, paper recipe (bf16 weights and compute), batch 1 and 32.
+
+    python benchmarks/decode.py [--contexts 1024 4096 16384 65536] [--batches 1 32] [--out DIR]
+
+For each context L the cache holds L earlier positions of random keys/values (dense: a cache of
+L + 1 positions, as a growing cache would be then; sparse: its fixed R + 1 ring) and the jitted
+decode step (``fibjax.generate.compiled_steps``, greedy) runs at position L: median ms per token
+over many synchronised steps after warm-up. Writes ``decode_<device>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import fibjax  # noqa: E402
+from fibjax.generate import compiled_steps  # noqa: E402
+
+
+def measure(variant: str, context: int, batch: int, steps: int = 50) -> dict:
+  cfg = fibjax.ModelConfig(variant=variant, dtype="bfloat16", param_dtype="bfloat16")
+  model = fibjax.LM(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  _, step = compiled_steps(graphdef, 0.0, 0)
+  cache = model.init_cache(batch, context + 1)
+  keys = jax.random.split(jax.random.key(1), 2 * len(cache))
+  cache = [{name: jax.random.normal(keys[2 * i + j], c[name].shape, c[name].dtype) for j, name in enumerate(("k", "v"))}
+           for i, c in enumerate(cache)]
+  cache_bytes = sum(x.nbytes for c in cache for x in c.values())
+  token, pos, key = jnp.ones((batch,), jnp.int32), jnp.int32(context), jax.random.key(0)
+  for _ in range(3):
+    token, cache = step(state, token, pos, cache, key)
+  jax.block_until_ready(token)
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    for _ in range(steps // 5):
+      token, cache = step(state, token, pos, cache, key)
+    jax.block_until_ready(token)
+    times.append((time.perf_counter() - start) / (steps // 5))
+  return {"variant": variant, "context": context, "batch": batch, "ms_per_token": 1e3 * statistics.median(times),
+          "cache_bytes": cache_bytes}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+  args = parser.parse_args()
+  rows = []
+  for batch in args.batches:
+    for context in args.contexts:
+      for variant in ("fib-linear", "dense"):
+        try:
+          rows.append(measure(variant, context, batch))
+        except Exception as e:  # noqa: BLE001  (OOM of a dense cache is a result, reported)
+          rows.append({"variant": variant, "context": context, "batch": batch, "error": str(e).splitlines()[0][:160]})
+        print(json.dumps(rows[-1]), flush=True)
+  device = jax.devices()[0].device_kind
+  tag = device.replace(" ", "_")
+  args.out.mkdir(parents=True, exist_ok=True)
+  (args.out / f"decode_{tag}.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
+  lines = [f"# Decode benchmark, paper recipe (bf16), {device} ({time.strftime('%Y-%m-%d')}, jax {jax.__version__})", "",
+           "Per-token latency of the jitted decode step and KV-cache memory at each context length. "
+           "Reproduce: `python benchmarks/decode.py`.", "",
+           "| batch | context | fib-linear ms/token | dense ms/token | dense / fib | fib cache MB | dense cache MB |",
+           "|---|---|---|---|---|---|---|"]
+  for batch in args.batches:
+    for context in args.contexts:
+      fib, dense = (next(r for r in rows if r["variant"] == v and r["context"] == context and r["batch"] == batch)
+                    for v in ("fib-linear", "dense"))
+      f, d = fib.get("ms_per_token"), dense.get("ms_per_token")
+      lines.append(f"| {batch} | {context} | {f and f'{f:.3f}'} | {d and f'{d:.3f}' or dense.get('error', 'n/a')[:60]} | "
+                   f"{f'{d / f:.1f}x' if f and d else 'n/a'} | {fib.get('cache_bytes', 0) / 2**20:.0f} | "
+                   f"{dense.get('cache_bytes', 0) / 2**20:.0f} |")
+    fibs = [r["ms_per_token"] for r in rows if r["variant"] == "fib-linear" and r["batch"] == batch and "ms_per_token" in r]
+    if fibs:
+      lines.append(f"| {batch} | spread | max/min fib latency {max(fibs) / min(fibs):.2f}x | | | | |")
+  (args.out / f"decode_{tag}.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
