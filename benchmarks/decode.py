@@ -28,9 +28,14 @@ import fibjax  # noqa: E402
 from fibjax.generate import compiled_steps  # noqa: E402
 
 
-def measure(variant: str, context: int, batch: int, steps: int = 50) -> dict:
+def measure(variant: str, context: int, batch: int, memory_budget: float, steps: int = 50) -> dict:
   cfg = fibjax.ModelConfig(variant=variant, dtype="bfloat16", param_dtype="bfloat16")
   model = fibjax.LM(cfg, rngs=nnx.Rngs(0))
+  need = sum(x.size * x.dtype.itemsize for c in jax.eval_shape(lambda: model.init_cache(batch, context + 1))
+             for x in c.values())
+  if need > memory_budget:
+    return {"variant": variant, "context": context, "batch": batch, "cache_bytes": need,
+            "error": f"cache {need / 2**30:.1f} GiB > budget {memory_budget / 2**30:.0f} GiB: does not fit"}
   graphdef, state = nnx.split(model)
   _, step = compiled_steps(graphdef, 0.0, 0)
   cache = model.init_cache(batch, context + 1)
@@ -57,20 +62,22 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+  parser.add_argument("--memory-budget-gib", type=float, default=40.0, help="skip caches larger than this")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
+  device = jax.devices()[0].device_kind
+  tag = device.replace(" ", "_")
+  args.out.mkdir(parents=True, exist_ok=True)
   rows = []
   for batch in args.batches:
     for context in args.contexts:
       for variant in ("fib-linear", "dense"):
         try:
-          rows.append(measure(variant, context, batch))
+          rows.append(measure(variant, context, batch, args.memory_budget_gib * 2**30))
         except Exception as e:  # noqa: BLE001  (OOM of a dense cache is a result, reported)
           rows.append({"variant": variant, "context": context, "batch": batch, "error": str(e).splitlines()[0][:160]})
         print(json.dumps(rows[-1]), flush=True)
-  device = jax.devices()[0].device_kind
-  tag = device.replace(" ", "_")
-  args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"decode_{tag}.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
   (args.out / f"decode_{tag}.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
   lines = [f"# Decode benchmark, paper recipe (bf16), {device} ({time.strftime('%Y-%m-%d')}, jax {jax.__version__})", "",
            "Per-token latency of the jitted decode step and KV-cache memory at each context length. "
