@@ -89,7 +89,7 @@ def main() -> None:
       fib, dense = (next(r for r in rows if r["variant"] == v and r["context"] == context and r["batch"] == batch)
                     for v in ("fib-linear", "dense"))
       f, d = fib.get("ms_per_token"), dense.get("ms_per_token")
-      lines.append(f"| {batch} | {context} | {f and f'{f:.3f}'} | {d and f'{d:.3f}' or dense.get('error', 'n/a')[:60]} | "
+      lines.append(f"| {batch} | {context} | {f and f'{f:.3f}' or fib.get('error', 'n/a')[:60]} | {d and f'{d:.3f}' or dense.get('error', 'n/a')[:60]} | "
                    f"{f'{d / f:.1f}x' if f and d else 'n/a'} | {fib.get('cache_bytes', 0) / 2**20:.0f} | "
                    f"{dense.get('cache_bytes', 0) / 2**20:.0f} |")
     fibs = [r["ms_per_token"] for r in rows if r["variant"] == "fib-linear" and r["batch"] == batch and "ms_per_token" in r]
