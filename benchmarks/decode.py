@@ -4,9 +4,9 @@ against dense, paper recipe (bf16 weights and compute), batch 1 and 32.
     python benchmarks/decode.py [--contexts 1024 4096 16384 65536] [--batches 1 32] [--out DIR]
 
 For each context L the cache holds L earlier positions of random keys/values (dense: a cache of
-L + 1 positions, as a growing cache would be then; sparse: its fixed R + 1 ring) and the jitted
-decode step (``fibjax.generate.compiled_steps``, greedy) runs at position L: median ms per token
-over many synchronised steps after warm-up. Writes ``decode_<device>.json`` and ``.md``.
+L + 32 positions, as a growing cache would be then; sparse: its fixed R + 1 ring) and the jitted
+decode loop (``fibjax.generate.compiled_steps``, greedy, 32 tokens per compiled scan) runs from
+position L: median ms per token over synchronised calls after warm-up. Writes ``decode_<device>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import fibjax  # noqa: E402
 from fibjax.generate import compiled_steps  # noqa: E402
 
 
-def measure(variant: str, context: int, batch: int, memory_budget: float, steps: int = 50) -> dict:
+def measure(variant: str, context: int, batch: int, memory_budget: float, chunk: int = 32, reps: int = 7) -> dict:
   cfg = fibjax.ModelConfig(variant=variant, dtype="bfloat16", param_dtype="bfloat16")
   model = fibjax.LM(cfg, rngs=nnx.Rngs(0))
   need = sum(x.size * x.dtype.itemsize for c in jax.eval_shape(lambda: model.init_cache(batch, context + 1))
@@ -37,23 +37,22 @@ def measure(variant: str, context: int, batch: int, memory_budget: float, steps:
     return {"variant": variant, "context": context, "batch": batch, "cache_bytes": need,
             "error": f"cache {need / 2**30:.1f} GiB > budget {memory_budget / 2**30:.0f} GiB: does not fit"}
   graphdef, state = nnx.split(model)
-  _, step = compiled_steps(graphdef, 0.0, 0)
-  cache = model.init_cache(batch, context + 1)
+  _, steps_fn = compiled_steps(graphdef, 0.0, 0)
+  cache = model.init_cache(batch, context + chunk)
   keys = jax.random.split(jax.random.key(1), 2 * len(cache))
   cache = [{name: jax.random.normal(keys[2 * i + j], c[name].shape, c[name].dtype) for j, name in enumerate(("k", "v"))}
            for i, c in enumerate(cache)]
   cache_bytes = sum(x.nbytes for c in cache for x in c.values())
   token, pos, key = jnp.ones((batch,), jnp.int32), jnp.int32(context), jax.random.key(0)
-  for _ in range(3):
-    token, cache = step(state, token, pos, cache, key)
-  jax.block_until_ready(token)
+  for _ in range(2):
+    tokens, cache = steps_fn(state, token, pos, cache, key, chunk)
+  jax.block_until_ready(tokens)
   times = []
-  for _ in range(5):
+  for _ in range(reps):
     start = time.perf_counter()
-    for _ in range(steps // 5):
-      token, cache = step(state, token, pos, cache, key)
-    jax.block_until_ready(token)
-    times.append((time.perf_counter() - start) / (steps // 5))
+    tokens, cache = steps_fn(state, token, pos, cache, key, chunk)
+    jax.block_until_ready(tokens)
+    times.append((time.perf_counter() - start) / chunk)
   return {"variant": variant, "context": context, "batch": batch, "ms_per_token": 1e3 * statistics.median(times),
           "cache_bytes": cache_bytes}
 

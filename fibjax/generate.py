@@ -1,8 +1,8 @@
 """Text generation with the KV caches of ``fibjax.decode``: greedy, temperature and top-k.
 
-The prefill and the decode step are each jit-compiled once per (model structure, batch,
-prompt length, cache length, sampling settings) and reused across steps and calls: the position
-is a traced scalar, so the step never recompiles.
+The prefill and the chunked decode loop are each jit-compiled once per (model structure, batch,
+prompt length, cache length, chunk, sampling settings) and reused across chunks and calls: the
+position is a traced scalar, so decoding never recompiles.
 """
 
 from __future__ import annotations
@@ -28,47 +28,65 @@ def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int
 
 @functools.lru_cache(maxsize=32)
 def compiled_steps(graphdef: nnx.GraphDef, temperature: float, top_k: int):
-  """``(prefill, step)`` jitted for one model structure and sampling setting.
+  """``(prefill, steps)`` jitted for one model structure and sampling setting.
 
-  ``prefill(state, prompt_BxP, cache, key) -> (token_B, cache)``;
-  ``step(state, token_B, pos, cache, key) -> (next_token_B, cache)`` (cache donated).
+  ``prefill(state, prompt_BxP, cache, key) -> (token_B, cache)`` samples the first new token.
+  ``steps(state, token_B, pos, cache, key, n) -> (tokens_nxB, cache)`` feeds ``token_B`` at
+  position ``pos`` and decodes ``n`` tokens in one ``lax.scan`` (one dispatch per ``n`` tokens;
+  ``pos`` is traced, the cache donated). The token sampled from the logits at position ``q``
+  uses ``fold_in(key, q)``, so results do not depend on how the steps are chunked.
   """
 
   @jax.jit
   def prefill(state, prompt_BxP, cache, key):
     logits, cache = nnx.merge(graphdef, state).prefill(prompt_BxP, cache)
-    return sample(logits[:, -1], key, temperature, top_k), cache
+    q = prompt_BxP.shape[1] - 1
+    return sample(logits[:, -1], jax.random.fold_in(key, q), temperature, top_k), cache
 
-  @functools.partial(jax.jit, donate_argnums=(3,))
-  def step(state, token_B, pos, cache, key):
-    logits, cache = nnx.merge(graphdef, state).decode(token_B, pos, cache)
-    return sample(logits, key, temperature, top_k), cache
+  @functools.partial(jax.jit, static_argnums=(5,), donate_argnums=(3,))
+  def steps(state, token_B, pos, cache, key, n):
+    model = nnx.merge(graphdef, state)
 
-  return prefill, step
+    def body(carry, q):
+      token, cache = carry
+      logits, cache = model.decode(token, q, cache)
+      token = sample(logits, jax.random.fold_in(key, q), temperature, top_k)
+      return (token, cache), token
+
+    (_, cache), tokens = jax.lax.scan(body, (token_B, cache), pos + jnp.arange(n, dtype=jnp.int32))
+    return tokens, cache
+
+  return prefill, steps
 
 
 def stream(model, prompt_BxP: jax.Array, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
-           seed: int = 0) -> Iterator[jax.Array]:
-  """Yields ``[B]`` int32 tokens one step at a time after ``prompt_BxP`` (int32, ``P >= 1``).
+           seed: int = 0, chunk: int = 8) -> Iterator[jax.Array]:
+  """Yields ``[B]`` int32 tokens one at a time after ``prompt_BxP`` (int32, ``P >= 1``), decoded
+  ``chunk`` per compiled call (the last chunk is computed whole and cut, so one compilation
+  serves every call with the same shapes).
 
   Sparse layers keep ``R + 1`` cached positions however long the generation runs; dense layers
-  cache ``P + max_new_tokens`` positions.
+  cache the prompt plus the generated positions.
   """
   prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
   if prompt_BxP.ndim != 2 or prompt_BxP.shape[1] < 1:
     raise ValueError(f"prompt must be [batch, length >= 1] tokens, got shape {prompt_BxP.shape}")
-  if temperature < 0 or top_k < 0:
-    raise ValueError(f"temperature and top_k must be >= 0, got {temperature}, {top_k}")
+  if temperature < 0 or top_k < 0 or chunk < 1:
+    raise ValueError(f"temperature and top_k must be >= 0 and chunk >= 1, got {temperature}, {top_k}, {chunk}")
   graphdef, state = nnx.split(model)
-  prefill, step = compiled_steps(graphdef, float(temperature), int(top_k))
+  prefill, steps = compiled_steps(graphdef, float(temperature), int(top_k))
   b, p = prompt_BxP.shape
-  cache = model.init_cache(b, p + max_new_tokens)
-  keys = jax.random.split(jax.random.key(seed), max_new_tokens + 1)
-  token, cache = prefill(state, prompt_BxP, cache, keys[0])
-  for i in range(max_new_tokens):
-    yield token
-    if i + 1 < max_new_tokens:
-      token, cache = step(state, token, jnp.int32(p + i), cache, keys[i + 1])
+  rest = -(-(max_new_tokens - 1) // chunk) * chunk
+  cache = model.init_cache(b, p + rest)
+  key = jax.random.key(seed)
+  token, cache = prefill(state, prompt_BxP, cache, key)
+  yield token
+  done, pos = 1, p
+  while done < max_new_tokens:
+    tokens, cache = steps(state, token, jnp.int32(pos), cache, key, chunk)
+    for i in range(min(chunk, max_new_tokens - done)):
+      yield tokens[i]
+    token, pos, done = tokens[-1], pos + chunk, done + chunk
 
 
 def generate(model, prompt_BxP: jax.Array, max_new_tokens: int, **kwargs) -> jax.Array:

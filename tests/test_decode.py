@@ -55,8 +55,16 @@ def test_generate_greedy_matches_argmax_and_never_recompiles():
   for i in range(7, 7 + new):
     seq = seq.at[:, i].set(jnp.argmax(forward(model, seq)[:, i - 1], -1).astype(jnp.int32))
   np.testing.assert_array_equal(np.asarray(out), np.asarray(seq))
-  _, step = compiled_steps(nnx.graphdef(model), 0.0, 0)
-  assert step._cache_size() == 1
+  _, steps = compiled_steps(nnx.graphdef(model), 0.0, 0)
+  assert steps._cache_size() == 1
+
+
+def test_chunking_does_not_change_samples():
+  model = _model("fib-learned")
+  prompt = jnp.ones((2, 5), jnp.int32)
+  runs = [fibjax.generate(model, prompt, 19, temperature=0.9, top_k=20, seed=3, chunk=c) for c in (1, 4, 19)]
+  for other in runs[1:]:
+    np.testing.assert_array_equal(np.asarray(runs[0]), np.asarray(other))
 
 
 def test_sampling_respects_top_k_and_seed():
