@@ -28,8 +28,7 @@ import fibjax  # noqa: E402
 from fibjax.generate import compiled_steps  # noqa: E402
 
 
-def measure(variant: str, context: int, batch: int, memory_budget: float, chunk: int = 32, reps: int = 7,
-            unroll: int = 1) -> dict:
+def measure(variant: str, context: int, batch: int, memory_budget: float, chunk: int = 32, reps: int = 7) -> dict:
   cfg = fibjax.ModelConfig(variant=variant, dtype="bfloat16", param_dtype="bfloat16")
   model = fibjax.LM(cfg, rngs=nnx.Rngs(0))
   need = sum(x.size * x.dtype.itemsize for c in jax.eval_shape(lambda: model.init_cache(batch, context + 1))
@@ -38,7 +37,7 @@ def measure(variant: str, context: int, batch: int, memory_budget: float, chunk:
     return {"variant": variant, "context": context, "batch": batch, "cache_bytes": need,
             "error": f"cache {need / 2**30:.1f} GiB > budget {memory_budget / 2**30:.0f} GiB: does not fit"}
   graphdef, state = nnx.split(model)
-  _, steps_fn = compiled_steps(graphdef, 0.0, 0, unroll)
+  _, steps_fn = compiled_steps(graphdef, 0.0, 0)
   cache = model.init_cache(batch, context + chunk)
   keys = jax.random.split(jax.random.key(1), 2 * len(cache))
   cache = [{name: jax.random.normal(keys[2 * i + j], c[name].shape, c[name].dtype) for j, name in enumerate(("k", "v"))}
@@ -62,7 +61,6 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-  parser.add_argument("--unroll", type=int, default=1, help="decode steps per scan iteration")
   parser.add_argument("--memory-budget-gib", type=float, default=40.0, help="skip caches larger than this")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
@@ -74,7 +72,7 @@ def main() -> None:
     for context in args.contexts:
       for variant in ("fib-linear", "dense"):
         try:
-          rows.append(measure(variant, context, batch, args.memory_budget_gib * 2**30, unroll=args.unroll))
+          rows.append(measure(variant, context, batch, args.memory_budget_gib * 2**30))
         except Exception as e:  # noqa: BLE001  (OOM of a dense cache is a result, reported)
           rows.append({"variant": variant, "context": context, "batch": batch, "error": str(e).splitlines()[0][:160]})
         print(json.dumps(rows[-1]), flush=True)

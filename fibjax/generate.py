@@ -27,13 +27,13 @@ def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int
 
 
 @functools.lru_cache(maxsize=32)
-def compiled_steps(graphdef: nnx.GraphDef, temperature: float, top_k: int, unroll: int = 1):
+def compiled_steps(graphdef: nnx.GraphDef, temperature: float, top_k: int):
   """``(prefill, steps)`` jitted for one model structure and sampling setting.
 
   ``prefill(state, prompt_BxP, cache, key) -> (token_B, cache)`` samples the first new token.
   ``steps(state, token_B, pos, cache, key, n) -> (tokens_nxB, cache)`` feeds ``token_B`` at
   position ``pos`` and decodes ``n`` tokens in one ``lax.scan`` (one dispatch per ``n`` tokens;
-  ``pos`` is traced, the cache donated; ``unroll`` steps per loop iteration). The token sampled from the logits at position ``q``
+  ``pos`` is traced, the cache donated). The token sampled from the logits at position ``q``
   uses ``fold_in(key, q)``, so results do not depend on how the steps are chunked.
   """
 
@@ -53,7 +53,7 @@ def compiled_steps(graphdef: nnx.GraphDef, temperature: float, top_k: int, unrol
       token = sample(logits, jax.random.fold_in(key, q), temperature, top_k)
       return (token, cache), token
 
-    (_, cache), tokens = jax.lax.scan(body, (token_B, cache), pos + jnp.arange(n, dtype=jnp.int32), unroll=unroll)
+    (_, cache), tokens = jax.lax.scan(body, (token_B, cache), pos + jnp.arange(n, dtype=jnp.int32))
     return tokens, cache
 
   return prefill, steps
