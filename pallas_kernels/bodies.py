@@ -21,10 +21,25 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from pallas_kernels.tile_math import (
     MASK_VALUE, dot_nn, dot_nt, dot_tn, online_update, rowdot, split_distance, term_valid, window_mask,
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class RowIOBase:
+  """What every lowering's row mover knows: ``n`` rows, tiles of ``block`` rows, ``pad`` rows of
+  front padding before row 0, and the (padded) width of the per-term output."""
+
+  n: int
+  block: int
+  pad: int
+  terms_width: int
+
+  def tile_start(self):
+    return pl.program_id(0) * self.block
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,15 +23,7 @@ from pallas_kernels import bodies
 
 
 @dataclasses.dataclass(frozen=True)
-class RowIO:
-  n: int
-  block: int
-  pad: int
-  terms_width: int
-
-  def tile_start(self):
-    return pl.program_id(0) * self.block
-
+class RowIO(bodies.RowIOBase):
   def _zero_outside(self, x, start, size):
     rows = start + jnp.arange(size)
     keep = (rows >= 0) & (rows < self.n)

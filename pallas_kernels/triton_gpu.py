@@ -25,15 +25,7 @@ from pallas_kernels import bodies
 
 
 @dataclasses.dataclass(frozen=True)
-class RowIO:
-  n: int
-  block: int
-  pad: int
-  terms_width: int
-
-  def tile_start(self):
-    return pl.program_id(0) * self.block
-
+class RowIO(bodies.RowIOBase):
   def _mask(self, start, size):
     rows = start + jnp.arange(size)
     return (rows >= 0) & (rows < self.n)
