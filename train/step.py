@@ -47,10 +47,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) ->
       loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(micro, zeros, batch_AxBxT1)
     accum = batch_AxBxT1.shape[0]
-    loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+    if accum == 1:  # no accumulation: no scan, no zero-filled gradient tree
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch_AxBxT1[0])
+    else:
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      (loss, grads), _ = jax.lax.scan(micro, zeros, batch_AxBxT1)
+      loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
