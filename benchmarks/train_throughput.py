@@ -3,7 +3,7 @@ and T = 8192, with the real jit-sharded train step of ``train/`` on random token
 
     python benchmarks/train_throughput.py [--tokens-per-step 32768] [--out DIR]
 
-MFU counts ``6 * params + attention`` FLOPs per token (``train/metrics.py``) against the
+Uses the trainer's default XLA flags (``train/xla_flags.py``). MFU counts ``6 * params + attention`` FLOPs per token (``train/metrics.py``) against the
 device's dense bf16 peak. Writes ``train_throughput_<device>.json`` and ``.md``.
 """
 
@@ -58,6 +58,9 @@ def measure(variant: str, seq_len: int, tokens_per_step: int, steps: int) -> dic
 
 
 def main() -> None:
+  from train import xla_flags  # noqa: PLC0415  (the trainer's defaults, before the backend starts)
+
+  xla_flags.apply_defaults()
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--tokens-per-step", type=int, default=32768)
   parser.add_argument("--steps", type=int, default=15)

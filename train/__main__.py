@@ -50,6 +50,9 @@ def parse(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+  from train import xla_flags  # noqa: PLC0415
+
+  xla_flags.apply_defaults()
   _maybe_init_distributed()
   from train.trainer import NonFiniteLoss, train  # noqa: PLC0415
 
