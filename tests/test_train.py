@@ -184,3 +184,19 @@ def test_incompatible_workdir_is_refused_and_untouched(tmp_path):
   assert res.returncode == 2 and "incompatible" in res.stderr and "model.d_model" in res.stderr
   after = {p: p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("*")}
   assert before == after
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  tokens = data.tokenize(data.load_documents()[:3], data.ByteTokenizer())
+  batch = np.stack([tokens[j * 1000 : j * 1000 + 65] for j in range(16)])
+  out = []
+  for accum in (1, 2):
+    cfg = _cfg(f"grad_accum={accum}")
+    tx = make_optimizer(cfg)
+    mesh = make_mesh(devices=jax.devices()[:2])
+    with jax.set_mesh(mesh):
+      graphdef, state = init_state(cfg, mesh, tx)
+      state, m = compile_train_step(graphdef, tx, state, mesh)(state, global_batch(batch, accum, mesh))
+      out.append((float(m["loss"]), jax.tree.map(np.asarray, state["params"])))
+  np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), out[0][1], out[1][1])
