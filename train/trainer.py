@@ -172,7 +172,7 @@ def train(cfg: TrainConfig, workdir: pathlib.Path) -> dict:
       if not math.isfinite(loss):
         raise NonFiniteLoss(f"loss became {loss} at step {step_done}; stopped. The last good checkpoint "
                             f"(step {mngr.latest_step()}) in {workdir / 'checkpoints'} is kept. Lower lr "
-                            "(now {cfg.lr}) or raise warmup_steps, then resume from it.".replace("{cfg.lr}", str(cfg.lr)))
+                            f"(now {cfg.lr}) or raise warmup_steps, then resume from it.")
       return loss
 
     try:
