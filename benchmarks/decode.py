@@ -12,8 +12,8 @@ position L: median ms per token over synchronised calls after warm-up. Writes ``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import re
 import pathlib
 import statistics
 import sys
@@ -26,6 +26,27 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import fibjax  # noqa: E402
 from fibjax.generate import compiled_steps  # noqa: E402
+
+
+LAUNCHING = ("fusion", "custom-call", "gather", "scatter", "dynamic-update-slice", "copy", "dot", "reduce", "sort")
+
+
+def kernels_per_token(variant: str, batch: int = 1, context: int = 1024, chunk: int = 8) -> dict:
+  """Kernel-launching instructions in the compiled decode loop body (one decoded token), by opcode."""
+  model = fibjax.LM(fibjax.ModelConfig(variant=variant, dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  _, steps_fn = compiled_steps(graphdef, 0.0, 0)
+  cache = model.init_cache(batch, context + chunk)
+  text = steps_fn.lower(state, jnp.ones((batch,), jnp.int32), jnp.int32(context), cache, jax.random.key(0),
+                        chunk).compile().as_text()
+  body = re.search(r"while\(.*?body=%?([\w.\-]+)", text).group(1)
+  block = re.search(r"\n%?" + re.escape(body) + r" .*?\{\n(.*?)\n\}", text, re.S).group(1)
+  counts: dict[str, int] = {}
+  for line in block.splitlines():
+    m = re.search(r"= \S+ ([\w\-]+)\(", line)
+    if m and m.group(1) in LAUNCHING:
+      counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+  return {"variant": variant, "kernels_per_token": sum(counts.values()), "by_opcode": counts}
 
 
 def measure(variant: str, context: int, batch: int, memory_budget: float, chunk: int = 32, reps: int = 7) -> dict:
@@ -61,9 +82,14 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+  parser.add_argument("--hlo-stats", action="store_true", help="only count kernels per decoded token")
   parser.add_argument("--memory-budget-gib", type=float, default=40.0, help="skip caches larger than this")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
+  if args.hlo_stats:
+    for variant in ("fib-linear", "dense"):
+      print(json.dumps(kernels_per_token(variant)), flush=True)
+    return
   device = jax.devices()[0].device_kind
   tag = device.replace(" ", "_")
   args.out.mkdir(parents=True, exist_ok=True)

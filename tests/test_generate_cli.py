@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.test_train import FAST, ROOT, _run
+from tests.test_train import ROOT, _run
 
 
 def _generate(*args):
