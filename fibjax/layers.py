@@ -88,8 +88,12 @@ class Attention(nnx.Module):
       return self.alpha() * jnp.asarray(self.pattern.terms, jnp.float32)
     return jnp.asarray(self.pattern.offsets, jnp.int32)
 
-  def project_qkv(self, x_BxNxD: jax.Array, positions_BxN: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def project_qkv(self, x_BxNxD: jax.Array, positions_BxN: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``q, k, v: [B, N, H, D]``, q and k rotated at ``positions_BxN`` (default ``0..N-1``)."""
     b, n, _ = x_BxNxD.shape
+    if positions_BxN is None:
+      positions_BxN = jnp.broadcast_to(jnp.arange(n), (b, n))
     qkv = self.qkv(x_BxNxD).reshape(b, n, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     return rope(q, positions_BxN, self.rope_base), rope(k, positions_BxN, self.rope_base), v
@@ -105,9 +109,6 @@ class Attention(nnx.Module):
     return self.out(o_BxNxHxD.reshape(b, n, self.num_heads * self.head_dim).astype(self.out.dtype or jnp.float32))
 
   def __call__(self, x_BxNxD: jax.Array, positions_BxN: jax.Array | None = None) -> jax.Array:
-    b, n, _ = x_BxNxD.shape
-    if positions_BxN is None:
-      positions_BxN = jnp.broadcast_to(jnp.arange(n), (b, n))
     return self._project_out(self._attend(*self.project_qkv(x_BxNxD, positions_BxN)))
 
   def init_cache(self, batch: int, max_len: int, dtype) -> dict[str, jax.Array]:
@@ -117,8 +118,7 @@ class Attention(nnx.Module):
 
   def prefill(self, x_BxPxD: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """Full attention over a prompt at positions ``0..P-1``, storing its keys and values."""
-    b, n, _ = x_BxPxD.shape
-    q, k, v = self.project_qkv(x_BxPxD, jnp.broadcast_to(jnp.arange(n), (b, n)))
+    q, k, v = self.project_qkv(x_BxPxD)
     return self._project_out(self._attend(q, k, v)), dec.write_prefill(cache, k, v)
 
   def decode(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:

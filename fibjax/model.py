@@ -150,21 +150,23 @@ class LM(nnx.Module):
     dtype = dtype or DTYPES[self.cfg.dtype]
     return [block.attn.init_cache(batch, max_len, dtype) for block in self.blocks]
 
+  def _through_blocks(self, x_BxNxD: jax.Array, cache: list[dict], step) -> tuple[jax.Array, list[dict]]:
+    """Runs ``step(block, x, layer_cache) -> (x, layer_cache)`` through every block, then the head."""
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x_BxNxD, layer_cache = step(block, x_BxNxD, layer_cache)
+      new_cache.append(layer_cache)
+    return self._logits(x_BxNxD), new_cache
+
   def prefill(self, tokens_BxP: jax.Array, cache: list[dict]) -> tuple[jax.Array, list[dict]]:
     """Logits ``[B, P, V]`` of a prompt at positions ``0..P-1``, and the filled caches."""
-    x_BxPxD, new_cache = self._embed(tokens_BxP), []
-    for block, layer_cache in zip(self.blocks, cache):
-      x_BxPxD, layer_cache = block.prefill(x_BxPxD, layer_cache)
-      new_cache.append(layer_cache)
-    return self._logits(x_BxPxD), new_cache
+    return self._through_blocks(self._embed(tokens_BxP), cache, lambda blk, x, c: blk.prefill(x, c))
 
   def decode(self, token_B: jax.Array, pos: jax.Array, cache: list[dict]) -> tuple[jax.Array, list[dict]]:
     """Logits ``[B, V]`` for one token per row at position ``pos``, and the updated caches."""
-    x_Bx1xD, new_cache = self._embed(token_B[:, None]), []
-    for block, layer_cache in zip(self.blocks, cache):
-      x_Bx1xD, layer_cache = block.decode(x_Bx1xD, pos, layer_cache)
-      new_cache.append(layer_cache)
-    return self._logits(x_Bx1xD)[:, 0], new_cache
+    logits, cache = self._through_blocks(self._embed(token_B[:, None]), cache,
+                                         lambda blk, x, c: blk.decode(x, pos, c))
+    return logits[:, 0], cache
 
 
 def count_params(model: nnx.Module) -> int:

@@ -28,6 +28,15 @@ from pallas_kernels.tile_math import (
 )
 
 
+def pad_rows(x: jax.Array, front: int, back: int, axis: int) -> jax.Array:
+  """Zero rows before and after ``axis`` (lowerings pad so every shifted row range exists)."""
+  if front == back == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (front, back)
+  return jnp.pad(x, widths)
+
+
 @dataclasses.dataclass(frozen=True)
 class RowIOBase:
   """What every lowering's row mover knows: ``n`` rows, tiles of ``block`` rows, ``pad`` rows of

@@ -76,12 +76,6 @@ def _pads(st: bodies.Static) -> tuple[int, int]:
   return st.n + margin, st.n + margin
 
 
-def _pad_rows(x, front: int, back: int, axis: int):
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (front, back)
-  return jnp.pad(x, widths)
-
-
 def _call(body, st: bodies.Static, offsets, inputs, out_shape, interpret: bool, name: str):
   """One pallas_call: offsets scalar-prefetched, everything else in HBM."""
   offs = jax.lax.bitcast_convert_type(offsets, jnp.int32) if st.learned else offsets.astype(jnp.int32)
@@ -102,7 +96,7 @@ def _call(body, st: bodies.Static, offsets, inputs, out_shape, interpret: bool, 
   return pl.pallas_call(
       kernel, grid_spec=grid_spec, out_shape=out_shape, interpret=params, name=name,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
-  )(offs, *inputs), width
+  )(offs, *inputs)
 
 
 @functools.partial(jax.jit, static_argnames=("st", "interpret"))
@@ -110,9 +104,9 @@ def forward(q, k, v, offsets, *, st: bodies.Static, interpret: bool):
   bsz, n, h, d = q.shape
   front, back = _pads(st)
   rows = n + front + back
-  padded = [_pad_rows(x, front, back, 1) for x in (q, k, v)]
+  padded = [bodies.pad_rows(x, front, back, 1) for x in (q, k, v)]
   out_shape = [jax.ShapeDtypeStruct((bsz, rows, h, d), q.dtype), jax.ShapeDtypeStruct((bsz, h, rows), jnp.float32)]
-  (out, lse), _ = _call(bodies.forward, st, offsets, padded, out_shape, interpret, "fib_attention_fwd")
+  out, lse = _call(bodies.forward, st, offsets, padded, out_shape, interpret, "fib_attention_fwd")
   return out[:, :n], lse[:, :, :n]
 
 
@@ -121,10 +115,10 @@ def backward(q, k, v, offsets, do, lse, delta, *, st: bodies.Static, interpret: 
   bsz, n, h, d = q.shape
   front, back = _pads(st)
   rows, tiles = n + front + back, pl.cdiv(n, st.block)
-  inputs = [_pad_rows(x, front, back, 1) for x in (q, k, v, do)] + [_pad_rows(x, front, back, 2) for x in (lse, delta)]
+  inputs = [bodies.pad_rows(x, front, back, 1) for x in (q, k, v, do)] + [bodies.pad_rows(x, front, back, 2) for x in (lse, delta)]
   width = max(offsets.shape[0], 1)
   mat = jax.ShapeDtypeStruct((bsz, rows, h, d), q.dtype)
-  (dq, dd), _ = _call(bodies.backward_dq, st, offsets, inputs,
+  dq, dd = _call(bodies.backward_dq, st, offsets, inputs,
                       [mat, jax.ShapeDtypeStruct((bsz, h, tiles, width), jnp.float32)], interpret, "fib_attention_dq")
-  (dk, dv), _ = _call(bodies.backward_dkdv, st, offsets, inputs, [mat, mat], interpret, "fib_attention_dkdv")
+  dk, dv = _call(bodies.backward_dkdv, st, offsets, inputs, [mat, mat], interpret, "fib_attention_dkdv")
   return dq[:, :n], dk[:, :n], dv[:, :n], dd[..., : offsets.shape[0]]

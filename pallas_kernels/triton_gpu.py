@@ -60,14 +60,6 @@ def _vec_spec(rows: int):
   return pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, 0))
 
 
-def _front_pad(x, pad: int, axis: int):
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (pad, 0)
-  return jnp.pad(x, widths)
-
-
 def _offs(offsets):
   width = pl.next_power_of_2(max(offsets.shape[0], 1))
   return jnp.pad(offsets, (0, width - offsets.shape[0])), width
@@ -85,7 +77,7 @@ def forward(q, k, v, offsets, *, st: bodies.Static, interpret: bool, num_warps: 
   offs, width = _offs(offsets)
   io = RowIO(n, st.block, pad, width)
   rows = n + pad
-  q, k, v = (_front_pad(x, pad, 1) for x in (q, k, v))
+  q, k, v = (bodies.pad_rows(x, pad, 0, 1) for x in (q, k, v))
   return pl.pallas_call(
       functools.partial(bodies.forward, io, st=st),
       grid=(pl.cdiv(n, st.block), bsz, h),
@@ -107,8 +99,8 @@ def backward(q, k, v, offsets, do, lse, delta, *, st: bodies.Static, interpret: 
   offs, width = _offs(offsets)
   io = RowIO(n, st.block, pad, width)
   rows, tiles = n + pad, pl.cdiv(n, st.block)
-  q, k, v, do = (_front_pad(x, pad, 1) for x in (q, k, v, do))
-  lse, delta = _front_pad(lse, pad, 2), _front_pad(delta, pad, 2)
+  q, k, v, do = (bodies.pad_rows(x, pad, 0, 1) for x in (q, k, v, do))
+  lse, delta = bodies.pad_rows(lse, pad, 0, 2), bodies.pad_rows(delta, pad, 0, 2)
   in_specs = [pl.BlockSpec((width,), lambda i, b, h: (0,))] + [_rows_spec(rows, d)] * 4 + [_vec_spec(rows)] * 2
   dq, dd = pl.pallas_call(
       functools.partial(bodies.backward_dq, io, st=st),
