@@ -1,12 +1,15 @@
 """Decode benchmark: per-token latency and KV-cache memory against context length, fib-linear
 against dense, paper recipe (bf16 weights and compute), batch 1 and 32.
 
-    python benchmarks/decode.py [--contexts 1024 4096 16384 65536] [--batches 1 32] [--out DIR]
+    python benchmarks/decode.py [--contexts 1024 4096 16384 65536] [--batches 1 32] [--impls pallas xla]
 
 For each context L the cache holds L earlier positions of random keys/values (dense: a cache of
 L + 32 positions, as a growing cache would be then; sparse: its fixed R + 1 ring) and the jitted
 decode loop (``fibjax.generate.compiled_steps``, greedy, 32 tokens per compiled scan) runs from
-position L: median ms per token over synchronised calls after warm-up. Writes ``decode_<device>.json`` and ``.md``.
+position L: median ms per token over synchronised calls after warm-up. ``--impls`` picks the decode
+path (``ModelConfig.decode_impl``): ``pallas`` (fused kernels; dense keeps XLA attention over its
+cache and uses the same fused projections) and/or ``xla`` (separate XLA ops), both variants alike.
+Writes ``decode_<device>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -31,9 +34,14 @@ from fibjax.generate import compiled_steps  # noqa: E402
 LAUNCHING = ("fusion", "custom-call", "gather", "scatter", "dynamic-update-slice", "copy", "dot", "reduce", "sort")
 
 
-def kernels_per_token(variant: str, batch: int = 1, context: int = 1024, chunk: int = 8) -> dict:
+def _model(variant: str, impl: str) -> fibjax.LM:
+  cfg = fibjax.ModelConfig(variant=variant, dtype="bfloat16", param_dtype="bfloat16", decode_impl=impl)
+  return fibjax.LM(cfg, rngs=nnx.Rngs(0))
+
+
+def kernels_per_token(variant: str, impl: str, batch: int = 1, context: int = 1024, chunk: int = 8) -> dict:
   """Kernel-launching instructions in the compiled decode loop body (one decoded token), by opcode."""
-  model = fibjax.LM(fibjax.ModelConfig(variant=variant, dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  model = _model(variant, impl)
   graphdef, state = nnx.split(model)
   _, steps_fn = compiled_steps(graphdef, 0.0, 0)
   cache = model.init_cache(batch, context + chunk)
@@ -46,16 +54,17 @@ def kernels_per_token(variant: str, batch: int = 1, context: int = 1024, chunk: 
     m = re.search(r"= \S+ ([\w\-]+)\(", line)
     if m and m.group(1) in LAUNCHING:
       counts[m.group(1)] = counts.get(m.group(1), 0) + 1
-  return {"variant": variant, "kernels_per_token": sum(counts.values()), "by_opcode": counts}
+  return {"variant": variant, "impl": impl, "kernels_per_token": sum(counts.values()), "by_opcode": counts}
 
 
-def measure(variant: str, context: int, batch: int, memory_budget: float, chunk: int = 32, reps: int = 7) -> dict:
-  cfg = fibjax.ModelConfig(variant=variant, dtype="bfloat16", param_dtype="bfloat16")
-  model = fibjax.LM(cfg, rngs=nnx.Rngs(0))
+def measure(variant: str, impl: str, context: int, batch: int, memory_budget: float, chunk: int = 32,
+            reps: int = 7) -> dict:
+  model = _model(variant, impl)
+  base = {"variant": variant, "impl": impl, "context": context, "batch": batch}
   need = sum(x.size * x.dtype.itemsize for c in jax.eval_shape(lambda: model.init_cache(batch, context + 1))
              for x in c.values())
   if need > memory_budget:
-    return {"variant": variant, "context": context, "batch": batch, "cache_bytes": need,
+    return {**base, "cache_bytes": need,
             "error": f"cache {need / 2**30:.1f} GiB > budget {memory_budget / 2**30:.0f} GiB: does not fit"}
   graphdef, state = nnx.split(model)
   _, steps_fn = compiled_steps(graphdef, 0.0, 0)
@@ -74,53 +83,62 @@ def measure(variant: str, context: int, batch: int, memory_budget: float, chunk:
     tokens, cache = steps_fn(state, token, pos, cache, key, chunk)
     jax.block_until_ready(tokens)
     times.append((time.perf_counter() - start) / chunk)
-  return {"variant": variant, "context": context, "batch": batch, "ms_per_token": 1e3 * statistics.median(times),
-          "cache_bytes": cache_bytes}
+  return {**base, "ms_per_token": 1e3 * statistics.median(times), "cache_bytes": cache_bytes}
+
+
+def _table(rows: list[dict], impl: str, batches, contexts) -> list[str]:
+  lines = ["| batch | context | fib-linear ms/token | dense ms/token | dense / fib | fib cache MB | dense cache MB |",
+           "|---|---|---|---|---|---|---|"]
+  for batch in batches:
+    for context in contexts:
+      fib, dense = (next(r for r in rows if r["variant"] == v and r["impl"] == impl and r["context"] == context
+                         and r["batch"] == batch) for v in ("fib-linear", "dense"))
+      f, d = fib.get("ms_per_token"), dense.get("ms_per_token")
+      show = lambda r, x: f"{x:.3f}" if x else r.get("error", "n/a")[:60]  # noqa: E731
+      lines.append(f"| {batch} | {context} | {show(fib, f)} | {show(dense, d)} | {f'{d / f:.1f}x' if f and d else 'n/a'} | "
+                   f"{fib.get('cache_bytes', 0) / 2**20:.0f} | {dense.get('cache_bytes', 0) / 2**20:.0f} |")
+    fibs = [r["ms_per_token"] for r in rows if r["variant"] == "fib-linear" and r["impl"] == impl
+            and r["batch"] == batch and "ms_per_token" in r]
+    if fibs:
+      lines.append(f"| {batch} | spread | max/min fib latency {max(fibs) / min(fibs):.2f}x | | | | |")
+  return lines
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+  parser.add_argument("--impls", nargs="+", default=["pallas", "xla"], choices=["pallas", "xla"])
   parser.add_argument("--hlo-stats", action="store_true", help="only count kernels per decoded token")
   parser.add_argument("--memory-budget-gib", type=float, default=40.0, help="skip caches larger than this")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
   if args.hlo_stats:
-    for variant in ("fib-linear", "dense"):
-      print(json.dumps(kernels_per_token(variant)), flush=True)
+    for impl in args.impls:
+      for variant in ("fib-linear", "dense"):
+        print(json.dumps(kernels_per_token(variant, impl)), flush=True)
     return
   device = jax.devices()[0].device_kind
-  tag = device.replace(" ", "_")
+  path = args.out / f"decode_{device.replace(' ', '_')}"
   args.out.mkdir(parents=True, exist_ok=True)
   rows = []
-  for batch in args.batches:
-    for context in args.contexts:
-      for variant in ("fib-linear", "dense"):
-        try:
-          rows.append(measure(variant, context, batch, args.memory_budget_gib * 2**30))
-        except Exception as e:  # noqa: BLE001  (OOM of a dense cache is a result, reported)
-          rows.append({"variant": variant, "context": context, "batch": batch, "error": str(e).splitlines()[0][:160]})
-        print(json.dumps(rows[-1]), flush=True)
-        (args.out / f"decode_{tag}.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
-  (args.out / f"decode_{tag}.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
+  for impl in args.impls:
+    for batch in args.batches:
+      for context in args.contexts:
+        for variant in ("fib-linear", "dense"):
+          try:
+            rows.append(measure(variant, impl, context, batch, args.memory_budget_gib * 2**30))
+          except Exception as e:  # noqa: BLE001  (OOM of a dense cache is a result, reported)
+            rows.append({"variant": variant, "impl": impl, "context": context, "batch": batch,
+                         "error": str(e).splitlines()[0][:160]})
+          print(json.dumps(rows[-1]), flush=True)
+          path.with_suffix(".json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
   lines = [f"# Decode benchmark, paper recipe (bf16), {device} ({time.strftime('%Y-%m-%d')}, jax {jax.__version__})", "",
-           "Per-token latency of the jitted decode step and KV-cache memory at each context length. "
-           "Reproduce: `python benchmarks/decode.py`.", "",
-           "| batch | context | fib-linear ms/token | dense ms/token | dense / fib | fib cache MB | dense cache MB |",
-           "|---|---|---|---|---|---|---|"]
-  for batch in args.batches:
-    for context in args.contexts:
-      fib, dense = (next(r for r in rows if r["variant"] == v and r["context"] == context and r["batch"] == batch)
-                    for v in ("fib-linear", "dense"))
-      f, d = fib.get("ms_per_token"), dense.get("ms_per_token")
-      lines.append(f"| {batch} | {context} | {f and f'{f:.3f}' or fib.get('error', 'n/a')[:60]} | {d and f'{d:.3f}' or dense.get('error', 'n/a')[:60]} | "
-                   f"{f'{d / f:.1f}x' if f and d else 'n/a'} | {fib.get('cache_bytes', 0) / 2**20:.0f} | "
-                   f"{dense.get('cache_bytes', 0) / 2**20:.0f} |")
-    fibs = [r["ms_per_token"] for r in rows if r["variant"] == "fib-linear" and r["batch"] == batch and "ms_per_token" in r]
-    if fibs:
-      lines.append(f"| {batch} | spread | max/min fib latency {max(fibs) / min(fibs):.2f}x | | | | |")
-  (args.out / f"decode_{tag}.md").write_text("\n".join(lines) + "\n")
+           "Per-token latency of the jitted decode step and KV-cache memory at each context length, both "
+           "variants on the same decode path. Reproduce: `python benchmarks/decode.py`."]
+  for impl in args.impls:
+    lines += ["", f"## decode_impl = {impl}", ""] + _table(rows, impl, args.batches, args.contexts)
+  path.with_suffix(".md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 
 

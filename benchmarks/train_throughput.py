@@ -29,7 +29,7 @@ from train.step import make_optimizer  # noqa: E402
 from train.trainer import compile_train_step, init_state, make_mesh  # noqa: E402
 
 
-def measure(variant: str, seq_len: int, tokens_per_step: int, steps: int) -> dict:
+def _setup(variant: str, seq_len: int, tokens_per_step: int):
   cfg = configs.get_config("paper", variant)
   cfg = dataclasses.replace(cfg, batch_size=max(1, tokens_per_step // seq_len),
                             model=dataclasses.replace(cfg.model, seq_len=seq_len))
@@ -37,24 +37,77 @@ def measure(variant: str, seq_len: int, tokens_per_step: int, steps: int) -> dic
   tx = make_optimizer(cfg)
   with jax.set_mesh(mesh):
     graphdef, state = init_state(cfg, mesh, tx)
-    params = count_params(nnx.merge(graphdef, state["params"]))
     step = compile_train_step(graphdef, tx, state, mesh)
-    batches = [jax.random.randint(jax.random.key(i), (1, cfg.batch_size, seq_len + 1), 0, 256, jnp.int32) for i in range(4)]
-    for i in range(3):
-      state, m = step(state, batches[i % 4])
+  batches = [jax.random.randint(jax.random.key(i), (1, cfg.batch_size, seq_len + 1), 0, 256, jnp.int32) for i in range(4)]
+  return cfg, mesh, graphdef, state, step, batches
+
+
+def _run(step, state, batches, steps: int):
+  """``steps`` synchronised steps after 3 warm-up steps: (state, metrics, seconds per step)."""
+  for i in range(3):
+    state, m = step(state, batches[i % 4])
+  jax.block_until_ready(m)
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    state, m = step(state, batches[i % 4])
     jax.block_until_ready(m)
-    times = []
-    for i in range(steps):
-      start = time.perf_counter()
-      state, m = step(state, batches[i % 4])
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - start)
+    times.append(time.perf_counter() - start)
+  return state, m, times
+
+
+def measure(variant: str, seq_len: int, tokens_per_step: int, steps: int) -> dict:
+  cfg, mesh, graphdef, state, step, batches = _setup(variant, seq_len, tokens_per_step)
+  with jax.set_mesh(mesh):
+    params = count_params(nnx.merge(graphdef, state["params"]))
+    state, m, times = _run(step, state, batches, steps)
   sec = statistics.median(times)
   tps = cfg.batch_size * seq_len / sec
   peak = peak_flops_per_device()
   mfu = tps * flops_per_token(cfg.model, params) / (peak * jax.device_count()) if peak else None
   return {"variant": variant, "seq_len": seq_len, "batch": cfg.batch_size, "step_ms": 1e3 * sec, "tokens_per_s": tps,
           "mfu": mfu, "params": params, "loss": float(m["loss"]), "remat": cfg.model.remat}
+
+
+def _kind(name: str) -> str:
+  low = name.lower()
+  for kind, keys in (("pallas attention", ("fib_attention",)), ("cudnn attention", ("cudnn", "fmha", "flash")),
+                     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
+                     ("copy/memset", ("memcpy", "memset"))):
+    if any(k in low for k in keys):
+      return kind
+  return "xla fusion/other"
+
+
+def profile(variant: str, seq_len: int, tokens_per_step: int, steps: int, top: int = 30) -> dict:
+  """GPU kernel time per train step from a ``jax.profiler`` trace, by kernel and by kind."""
+  import tempfile  # noqa: PLC0415
+
+  from jax.profiler import ProfileData  # noqa: PLC0415
+
+  cfg, mesh, graphdef, state, step, batches = _setup(variant, seq_len, tokens_per_step)
+  with jax.set_mesh(mesh), tempfile.TemporaryDirectory() as logdir:
+    state, _, _ = _run(step, state, batches, 1)
+    with jax.profiler.trace(logdir):
+      state, _, times = _run(step, state, batches, steps)
+    (path,) = pathlib.Path(logdir).rglob("*.xplane.pb")
+    data = ProfileData.from_file(str(path))
+  by_name: dict[str, float] = {}
+  for plane in data.planes:
+    if not plane.name.startswith("/device:GPU:0"):
+      continue
+    for line in plane.lines:
+      if not line.name.startswith("Stream"):
+        continue
+      for ev in line.events:
+        by_name[ev.name] = by_name.get(ev.name, 0.0) + ev.duration_ns / 1e6 / (steps + 3)
+  by_kind: dict[str, float] = {}
+  for name, ms in by_name.items():
+    by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + ms
+  ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+  return {"variant": variant, "seq_len": seq_len, "step_ms_wall": 1e3 * statistics.median(times),
+          "kernel_ms_per_step": sum(by_name.values()), "by_kind_ms": by_kind,
+          "top_kernels_ms": [(name[:120], round(ms, 3)) for name, ms in ranked]}
 
 
 def main() -> None:
@@ -65,11 +118,19 @@ def main() -> None:
   parser.add_argument("--tokens-per-step", type=int, default=32768)
   parser.add_argument("--steps", type=int, default=15)
   parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 8192])
+  parser.add_argument("--variants", nargs="+", default=["dense", "fib-linear"])
+  parser.add_argument("--profile", action="store_true",
+                      help="print GPU kernel time per step by kernel and kind (jax.profiler trace), write nothing")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
+  if args.profile:
+    for t in args.seq_lens:
+      for variant in args.variants:
+        print(json.dumps(profile(variant, t, args.tokens_per_step, 5), indent=1), flush=True)
+    return
   rows = []
   for t in args.seq_lens:
-    for variant in ("dense", "fib-linear"):
+    for variant in args.variants:
       rows.append(measure(variant, t, args.tokens_per_step, args.steps))
       print(json.dumps(rows[-1]), flush=True)
   device = jax.devices()[0].device_kind

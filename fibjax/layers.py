@@ -16,6 +16,7 @@ from flax import nnx
 
 from fibjax import decode as dec
 from fibjax.attention import attention, dense_attention
+from fibjax.reference import normalize_offsets
 
 PatternKind = Literal["dense", "static", "learned"]
 
@@ -38,11 +39,15 @@ class LayerPattern:
   alpha_0: float = 1.0
 
 
+def rope_angles(positions: jax.Array, head_dim: int, base: float) -> jax.Array:
+  """``[..., head_dim / 2]`` float32 rotation angles of integer ``positions`` (shape ``[...]``)."""
+  inv_freq = base ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2 / head_dim)
+  return positions.astype(jnp.float32)[..., None] * inv_freq
+
+
 def rope(x_BxNxHxD: jax.Array, positions_BxN: jax.Array, base: float) -> jax.Array:
   """Rotary embedding (rotate-half form) at integer positions; returns ``x``'s dtype."""
-  d = x_BxNxHxD.shape[-1]
-  inv_freq = base ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2 / d)
-  angle_BxNxF = positions_BxN.astype(jnp.float32)[..., None] * inv_freq
+  angle_BxNxF = rope_angles(positions_BxN, x_BxNxHxD.shape[-1], base)
   sin, cos = jnp.sin(angle_BxNxF)[:, :, None], jnp.cos(angle_BxNxF)[:, :, None]
   x1, x2 = jnp.split(x_BxNxHxD.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxNxHxD.dtype)
@@ -160,6 +165,7 @@ class Block(nnx.Module):
       *,
       rope_base: float = 10_000.0,
       implementation: str = "auto",
+      decode_impl: str = "auto",
       dtype=jnp.float32,
       param_dtype=jnp.float32,
       rngs: nnx.Rngs,
@@ -171,6 +177,7 @@ class Block(nnx.Module):
         dtype=dtype, param_dtype=param_dtype, rngs=rngs,
     )
     self.mlp = MLP(d_model, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.decode_impl = check_decode_impl(decode_impl)
 
   def _residual(self, x_BxNxD: jax.Array, attend) -> tuple[jax.Array, dict | None]:
     a, cache = attend(self.attn_norm(x_BxNxD))
@@ -184,4 +191,53 @@ class Block(nnx.Module):
     return self._residual(x_BxPxD, lambda h: self.attn.prefill(h, cache))
 
   def decode(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-    return self._residual(x_Bx1xD, lambda h: self.attn.decode(h, pos, cache))
+    """One token per row at position ``pos``: the XLA path (norms, projections and
+    ``fibjax.decode`` attention as separate ops) or five fused Pallas kernels (``decode_impl``)."""
+    impl = self.decode_impl
+    if impl == "auto":
+      impl = "pallas" if jax.default_backend() == "gpu" and self._fusable() else "xla"
+    if impl == "xla":
+      return self._residual(x_Bx1xD, lambda h: self.attn.decode(h, pos, cache))
+    return self._decode_fused(x_Bx1xD, pos, cache, interpret=impl == "interpret")
+
+  def _fusable(self) -> bool:
+    """Shapes the compiled fused kernels take (dots of >= 16 columns, 16-wide contraction steps)."""
+    a, d_model = self.attn, self.attn_norm.num_features
+    widths = (d_model, a.num_heads * a.head_dim, self.mlp.down.in_features)
+    return a.head_dim % 32 == 0 and all(w % 16 == 0 for w in widths)
+
+  def _decode_fused(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict, *, interpret: bool
+                    ) -> tuple[jax.Array, dict]:
+    from pallas_kernels import decode_gpu as kern  # noqa: PLC0415  (GPU kernels: imported on use)
+
+    a, b = self.attn, x_Bx1xD.shape[0]
+    h, d = a.num_heads, a.head_dim
+    w = lambda lin: lin.kernel[...].astype(lin.dtype or lin.kernel[...].dtype)  # noqa: E731
+    angle_F = rope_angles(pos, d, a.rope_base)
+    x_BxD = x_Bx1xD[:, 0]
+    qkv = kern.project(x_BxD, w(a.qkv), norm_scale=self.attn_norm.scale[...], eps=self.attn_norm.epsilon,
+                       rope=(jnp.cos(angle_F), jnp.sin(angle_F), d, 2 * h * d), interpret=interpret)
+    qkv_Bx3xHxD = qkv.reshape(b, 3, h, d)
+    scale = d**-0.5
+    if a.pattern.kind == "dense":
+      cache = dec.write_token(cache, qkv_Bx3xHxD[:, 1], qkv_Bx3xHxD[:, 2], pos)
+      o_BxHxD = dec.attend_dense(qkv_Bx3xHxD[:, 0], cache, pos, scale=scale).astype(qkv.dtype)
+    else:
+      offsets, _ = normalize_offsets(a.offsets(), a.pattern.window, a.pattern.reach)
+      o_BxHxD, cache = kern.sparse_attention(qkv_Bx3xHxD, cache, offsets, pos, window=a.pattern.window, scale=scale,
+                                             interpret=interpret)
+    y_BxD = kern.project(o_BxHxD.reshape(b, h * d), w(a.out), residual=x_BxD, interpret=interpret)
+    g_BxM = kern.project(y_BxD, w(self.mlp.gate_up), norm_scale=self.mlp_norm.scale[...],
+                         eps=self.mlp_norm.epsilon, swiglu=True, interpret=interpret)
+    return kern.project(g_BxM, w(self.mlp.down), residual=y_BxD, interpret=interpret)[:, None], cache
+
+
+DECODE_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")
+
+
+def check_decode_impl(decode_impl: str) -> str:
+  """``auto``: fused Pallas kernels on GPU (when the shapes allow), XLA elsewhere; ``xla``;
+  ``pallas`` (GPU); ``interpret``: the Pallas kernels in interpret mode (CPU tests)."""
+  if decode_impl not in DECODE_IMPLS:
+    raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
+  return decode_impl

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fibjax.layers import Block, LayerPattern
+from fibjax.layers import Block, LayerPattern, check_decode_impl
 from fibjax.offsets import BASES, check_alpha, check_window_reach, layer_offsets, learned_terms, offset_set
 from fibjax.schedules import SCHEDULES, layer_alphas
 
@@ -30,6 +30,8 @@ class ModelConfig:
   vocab_size: 256 (byte-level tokens, the default tokenizer).
   mlp_dim: SwiGLU hidden width; 1664 (3.25 x 512) puts the paper recipe at ~57.8M parameters.
   dtype: compute dtype; param_dtype: master weights. attention_impl: see ``fibjax.attention``.
+  decode_impl: incremental decoding, see ``fibjax.layers.check_decode_impl`` (``auto``: fused
+  Pallas kernels on GPU, XLA ops elsewhere).
   remat: recompute each block in the backward pass (saves activation memory).
   """
 
@@ -50,6 +52,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: str = "auto"
+  decode_impl: str = "auto"
   remat: bool = False
 
   @property
@@ -77,6 +80,7 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
+    check_decode_impl(self.decode_impl)
     if self.variant != "dense":
       check_window_reach(self.window, self.resolved_reach)
       if self.resolved_reach > self.seq_len:
@@ -123,7 +127,7 @@ class LM(nnx.Module):
                            embedding_init=embed_init, rngs=rngs)
     self.blocks = nnx.List([
         Block(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, p, rope_base=cfg.rope_base,
-              implementation=cfg.attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+              implementation=cfg.attention_impl, decode_impl=cfg.decode_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         for p in layer_patterns(cfg)
     ])
     self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -1,0 +1,131 @@
+"""The fused Pallas decode kernels against their references: interpret mode on CPU, compiled on GPU."""
+
+import secrets
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import fibjax
+from fibjax import decode as dec
+from fibjax.layers import rope_angles
+from fibjax.reference import normalize_offsets
+from pallas_kernels import decode_gpu
+
+
+def _rng(seed):
+  return np.random.default_rng(seed), f"seed={seed}"
+
+
+def _rms(x, scale, eps=1e-6):
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20, 70])
+@pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu", "rope"])
+def test_project_matches_jnp(rows, epilogue):
+  rng, msg = _rng(secrets.randbits(32))
+  k_dim, n, head_dim = 48, 64, 16
+  x = jnp.asarray(rng.standard_normal((rows, k_dim)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k_dim, n)) / 7, jnp.float32)
+  scale = jnp.asarray(1 + rng.standard_normal(k_dim) / 4, jnp.float32)
+  res = jnp.asarray(rng.standard_normal((rows, n)), jnp.float32)
+  h = jnp.dot(_rms(x, scale), w, precision="highest")
+  if epilogue == "none":
+    got, want = decode_gpu.project(x, w, interpret=True), jnp.dot(x, w, precision="highest")
+  elif epilogue == "residual":
+    got, want = decode_gpu.project(x, w, residual=res, interpret=True), res + jnp.dot(x, w, precision="highest")
+  elif epilogue == "swiglu":
+    got = decode_gpu.project(x, w, norm_scale=scale, swiglu=True, block_cols=16, interpret=True)
+    want = jax.nn.silu(h[:, : n // 2]) * h[:, n // 2:]
+  else:  # 4 heads of 16: the first two (columns < 32, 'q' and 'k') rotate, the last two pass through
+    pos = jnp.int32(rng.integers(0, 5000))
+    angle = rope_angles(pos, head_dim, 10_000.0)
+    got = decode_gpu.project(x, w, norm_scale=scale, rope=(jnp.cos(angle), jnp.sin(angle), head_dim, 32),
+                             block_cols=8, interpret=True)
+    h4 = h.reshape(rows, 1, 4, head_dim)
+    rotated = fibjax.layers.rope(h4, jnp.full((rows, 1), pos), 10_000.0).reshape(rows, n)
+    want = jnp.concatenate([rotated[:, :32], h[:, 32:]], axis=1)
+  assert got.shape == want.shape and got.dtype == want.dtype, msg
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5, err_msg=msg)
+
+
+def _cache(rng, b, length, h, d, dtype):
+  return {name: jnp.asarray(rng.standard_normal((b, length, h, d)), dtype) for name in ("k", "v")}
+
+
+@pytest.mark.parametrize("learned", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sparse_attention_matches_attend_sparse(learned, dtype):
+  rng, msg = _rng(secrets.randbits(32))
+  b, h, d, window, reach = 3, 2, 16, 8, 40
+  length = reach + 1
+  offsets = jnp.asarray([8, 13, 21, 34, 8, 50, 3], jnp.int32)  # repeat, beyond R, inside the window
+  if learned:
+    offsets = offsets.astype(jnp.float32) * 1.13
+  offs, _ = normalize_offsets(offsets, window, reach)
+  for pos in (0, 5, 9, 25, 41, 200 + int(rng.integers(0, 100))):  # before the window fills ... far past R
+    cache = _cache(rng, b, length, h, d, dtype)
+    qkv = jnp.asarray(rng.standard_normal((b, 3, h, d)), dtype)
+    want_cache = dec.write_token(cache, qkv[:, 1], qkv[:, 2], jnp.int32(pos))
+    want = dec.attend_sparse(qkv[:, 0], want_cache, jnp.int32(pos), window=window, offsets=offsets, reach=reach,
+                             scale=d**-0.5)
+    got, got_cache = decode_gpu.sparse_attention(qkv, cache, offs, jnp.int32(pos), window=window, scale=d**-0.5,
+                                                 interpret=True)
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+    assert got.dtype == dtype and np.isfinite(np.asarray(got, np.float32)).all(), msg
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=tol, rtol=tol,
+                               err_msg=f"pos {pos} {msg}")
+    for name in ("k", "v"):  # exactly one slot written, every other slot untouched
+      np.testing.assert_array_equal(np.asarray(got_cache[name]), np.asarray(want_cache[name]))
+
+
+SMALL = dict(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64, seq_len=32, window=4)
+
+
+@pytest.mark.parametrize("variant", ["dense", "fib-linear", "fib-learned", "pow2-coprime"])
+def test_fused_decode_equals_xla_decode(variant):
+  """The five-kernel block (interpret mode) gives the XLA decode path's logits, far past R."""
+  models = {impl: fibjax.LM(fibjax.ModelConfig(variant=variant, decode_impl=impl, **SMALL), rngs=nnx.Rngs(5))
+            for impl in ("interpret", "xla")}
+  if variant.endswith("learned"):
+    for m in models.values():
+      for block, a in zip(m.blocks, (1.21, 0.87)):
+        block.attn.log_alpha[...] = jnp.log(jnp.float32(a))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, 256, (3, 80)), jnp.int32)
+  step = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
+  caches = {}
+  for impl, m in models.items():
+    caches[impl] = m.prefill(tokens[:, :40], m.init_cache(3, 80))[1]
+  for pos in range(40, 80):
+    got, caches["interpret"] = step(models["interpret"], tokens[:, pos], jnp.int32(pos), caches["interpret"])
+    want, caches["xla"] = step(models["xla"], tokens[:, pos], jnp.int32(pos), caches["xla"])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=3e-5, err_msg=f"position {pos}")
+
+
+def test_bad_decode_impl():
+  with pytest.raises(ValueError, match="decode_impl must be one of"):
+    fibjax.ModelConfig(decode_impl="cuda").validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("variant, batch", [("fib-linear", 1), ("fib-learned", 32), ("dense", 1)])
+def test_compiled_fused_decode_paper_recipe(variant, batch):
+  """Compiled kernels, paper recipe in bf16: the fused path tracks the XLA path token by token."""
+  seed = secrets.randbits(32)
+  cfg = dict(variant=variant, dtype="bfloat16", param_dtype="bfloat16", seq_len=512)
+  models = {impl: fibjax.LM(fibjax.ModelConfig(decode_impl=impl, **cfg), rngs=nnx.Rngs(seed % 1000))
+            for impl in ("pallas", "xla")}
+  tokens = jnp.asarray(np.random.default_rng(seed).integers(1, 256, (batch, 700)), jnp.int32)
+  step = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
+  caches = {impl: m.prefill(tokens[:, :600], m.init_cache(batch, 700))[1] for impl, m in models.items()}
+  for pos in range(600, 620):
+    got, caches["pallas"] = step(models["pallas"], tokens[:, pos], jnp.int32(pos), caches["pallas"])
+    want, caches["xla"] = step(models["xla"], tokens[:, pos], jnp.int32(pos), caches["xla"])
+    got, want = np.asarray(got), np.asarray(want)
+    assert np.isfinite(got).all(), f"seed={seed}"
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert rel < 2e-2, f"position {pos}: relative error {rel:.2e} (seed={seed})"
