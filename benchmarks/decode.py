@@ -28,6 +28,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import fibjax  # noqa: E402
+from benchmarks.timing import kernel_times, time_fn  # noqa: E402
 from fibjax.generate import compiled_steps  # noqa: E402
 
 
@@ -86,6 +87,26 @@ def measure(variant: str, impl: str, context: int, batch: int, memory_budget: fl
   return {**base, "ms_per_token": 1e3 * statistics.median(times), "cache_bytes": cache_bytes}
 
 
+def profile(variant: str, impl: str, context: int, batch: int, chunk: int = 32, top: int = 12) -> dict:
+  """Kernel time per decoded token (profiler trace), against the wall time per token."""
+  model = _model(variant, impl)
+  graphdef, state = nnx.split(model)
+  _, steps_fn = compiled_steps(graphdef, 0.0, 0)
+  box = {"cache": model.init_cache(batch, context + chunk)}
+  token, pos, key = jnp.ones((batch,), jnp.int32), jnp.int32(context), jax.random.key(0)
+
+  def run():
+    tokens, box["cache"] = steps_fn(state, token, pos, box["cache"], key, chunk)
+    return tokens
+
+  wall = time_fn(run, [()], reps=10, inner=1) / chunk
+  by_name = {k: v / chunk for k, v in kernel_times(run, 5).items()}
+  ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+  return {"variant": variant, "impl": impl, "context": context, "batch": batch, "wall_us_per_token": 1e3 * wall,
+          "kernel_us_per_token": 1e3 * sum(by_name.values()), "kernels": len(by_name),
+          "top_us": [(name[:90], round(1e3 * ms, 2)) for name, ms in ranked]}
+
+
 def _table(rows: list[dict], impl: str, batches, contexts) -> list[str]:
   lines = ["| batch | context | fib-linear ms/token | dense ms/token | dense / fib | fib cache MB | dense cache MB |",
            "|---|---|---|---|---|---|---|"]
@@ -110,6 +131,7 @@ def main() -> None:
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
   parser.add_argument("--impls", nargs="+", default=["pallas", "xla"], choices=["pallas", "xla"])
   parser.add_argument("--hlo-stats", action="store_true", help="only count kernels per decoded token")
+  parser.add_argument("--profile", action="store_true", help="only print GPU kernel time per token by kernel")
   parser.add_argument("--memory-budget-gib", type=float, default=40.0, help="skip caches larger than this")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
@@ -117,6 +139,11 @@ def main() -> None:
     for impl in args.impls:
       for variant in ("fib-linear", "dense"):
         print(json.dumps(kernels_per_token(variant, impl)), flush=True)
+    return
+  if args.profile:
+    for impl in args.impls:
+      for variant in ("fib-linear", "dense"):
+        print(json.dumps(profile(variant, impl, args.contexts[0], args.batches[0]), indent=1), flush=True)
     return
   device = jax.devices()[0].device_kind
   path = args.out / f"decode_{device.replace(' ', '_')}"

@@ -3,9 +3,11 @@ over several random input sets (so repeated runs do not just measure the L2 cach
 
 from __future__ import annotations
 
+import pathlib
 import statistics
+import tempfile
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -30,3 +32,25 @@ def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
   copy = jax.jit(lambda a: a * 1.0001)
   ms = time_fn(copy, [(x,)], reps=reps, inner=3)
   return 2 * nbytes / (ms * 1e-3)
+
+
+def kernel_times(run: Callable[[], Any], calls: int, device: str = "/device:GPU:0") -> dict[str, float]:
+  """GPU milliseconds per call of ``run()`` by kernel name, from a ``jax.profiler`` trace of
+  ``calls`` synchronised calls (CUPTI timestamps: kernel execution only, not launch gaps)."""
+  from jax.profiler import ProfileData  # noqa: PLC0415
+
+  jax.block_until_ready(run())
+  with tempfile.TemporaryDirectory() as logdir:
+    with jax.profiler.trace(logdir):
+      for _ in range(calls):
+        jax.block_until_ready(run())
+    (path,) = pathlib.Path(logdir).rglob("*.xplane.pb")
+    data = ProfileData.from_file(str(path))
+  by_name: dict[str, float] = {}
+  for plane in data.planes:
+    if plane.name.startswith(device):
+      for line in plane.lines:
+        if line.name.startswith("Stream"):
+          for ev in line.events:
+            by_name[ev.name] = by_name.get(ev.name, 0.0) + ev.duration_ns / 1e6 / calls
+  return by_name

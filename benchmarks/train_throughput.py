@@ -24,6 +24,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import configs  # noqa: E402
 from fibjax.model import count_params  # noqa: E402
+from benchmarks.timing import kernel_times  # noqa: E402
 from train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
 from train.step import make_optimizer  # noqa: E402
 from train.trainer import compile_train_step, init_state, make_mesh  # noqa: E402
@@ -81,32 +82,21 @@ def _kind(name: str) -> str:
 
 def profile(variant: str, seq_len: int, tokens_per_step: int, steps: int, top: int = 30) -> dict:
   """GPU kernel time per train step from a ``jax.profiler`` trace, by kernel and by kind."""
-  import tempfile  # noqa: PLC0415
-
-  from jax.profiler import ProfileData  # noqa: PLC0415
-
   cfg, mesh, graphdef, state, step, batches = _setup(variant, seq_len, tokens_per_step)
-  with jax.set_mesh(mesh), tempfile.TemporaryDirectory() as logdir:
-    state, _, _ = _run(step, state, batches, 1)
-    with jax.profiler.trace(logdir):
-      state, _, times = _run(step, state, batches, steps)
-    (path,) = pathlib.Path(logdir).rglob("*.xplane.pb")
-    data = ProfileData.from_file(str(path))
-  by_name: dict[str, float] = {}
-  for plane in data.planes:
-    if not plane.name.startswith("/device:GPU:0"):
-      continue
-    for line in plane.lines:
-      if not line.name.startswith("Stream"):
-        continue
-      for ev in line.events:
-        by_name[ev.name] = by_name.get(ev.name, 0.0) + ev.duration_ns / 1e6 / (steps + 3)
+  box = {"state": state, "i": 0}
+
+  def run():
+    box["state"], m = step(box["state"], batches[box["i"] % 4])
+    box["i"] += 1
+    return m
+
+  with jax.set_mesh(mesh):
+    by_name = kernel_times(run, steps)
   by_kind: dict[str, float] = {}
   for name, ms in by_name.items():
     by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + ms
   ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
-  return {"variant": variant, "seq_len": seq_len, "step_ms_wall": 1e3 * statistics.median(times),
-          "kernel_ms_per_step": sum(by_name.values()), "by_kind_ms": by_kind,
+  return {"variant": variant, "seq_len": seq_len, "kernel_ms_per_step": sum(by_name.values()), "by_kind_ms": by_kind,
           "top_kernels_ms": [(name[:120], round(ms, 3)) for name, ms in ranked]}
 
 

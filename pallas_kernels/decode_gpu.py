@@ -56,9 +56,9 @@ def _pow2_at_least(x: int, floor: int) -> int:
   return max(floor, pl.next_power_of_2(x))
 
 
-def _chunk(k_dim: int) -> int:
-  for c in (128, 64, 32, 16):
-    if k_dim % c == 0:
+def _chunk(k_dim: int, largest: int) -> int:
+  for c in (256, 128, 64, 32, 16):
+    if c <= largest and k_dim % c == 0:
       return c
   raise ValueError(f"fused decode projections need an input width divisible by 16, got {k_dim}")
 
@@ -79,43 +79,52 @@ def _store_rows(ref, r0, st: ProjStatic, c0, value):
 
 def _project_kernel(x_ref, w_ref, scale_ref, aux1_ref, aux2_ref, o_ref, *, st: ProjStatic):
   r0, j = pl.program_id(0) * st.block_rows, pl.program_id(1)
+  steps = st.k_dim // st.chunk
   inv = None
   if st.eps is not None:
-    ss = jnp.zeros((st.block_rows,), jnp.float32)
-    for k0 in range(0, st.k_dim, st.chunk):
-      x = _rows(x_ref, r0, st, k0, st.chunk)
-      ss += jnp.sum(x * x, axis=1)
+    def sum_squares(i, ss):
+      x = _rows(x_ref, r0, st, pl.multiple_of(i * st.chunk, st.chunk), st.chunk)
+      return ss + jnp.sum(x * x, axis=1)
+
+    ss = jax.lax.fori_loop(0, steps, sum_squares, jnp.zeros((st.block_rows,), jnp.float32))
     inv = jax.lax.rsqrt(ss / st.k_dim + st.eps)
 
-  def matmul(c0):
-    acc = jnp.zeros((st.block_rows, st.block_cols), jnp.float32)
-    for k0 in range(0, st.k_dim, st.chunk):
+  def matmul(*c0s):
+    """``x @ w[:, c0:c0 + block_cols]`` for each ``c0``, sharing each loaded chunk of ``x``
+    (a loop Triton pipelines: loads of later chunks overlap the dots of earlier ones)."""
+    def body(i, accs):
+      k0 = pl.multiple_of(i * st.chunk, st.chunk)
       x = _rows(x_ref, r0, st, k0, st.chunk)
       if inv is not None:
         x = x * inv[:, None] * scale_ref[pl.ds(k0, st.chunk)].astype(jnp.float32)[None, :]
-      acc += dot_nn(x.astype(w_ref.dtype), w_ref[pl.ds(k0, st.chunk), pl.ds(c0, st.block_cols)], st.precision)
-    return acc.astype(o_ref.dtype).astype(jnp.float32)  # a Linear layer's output, rounded
+      x = x.astype(w_ref.dtype)
+      return tuple(acc + dot_nn(x, w_ref[pl.ds(k0, st.chunk), pl.ds(c0, st.block_cols)], st.precision)
+                   for acc, c0 in zip(accs, c0s))
+
+    zeros = tuple(jnp.zeros((st.block_rows, st.block_cols), jnp.float32) for _ in c0s)
+    accs = jax.lax.fori_loop(0, steps, body, zeros)
+    return [acc.astype(o_ref.dtype).astype(jnp.float32) for acc in accs]  # a Linear layer's output, rounded
 
   if st.epilogue == "rope":  # program j: a block of the first half of a head and its partners
     half = st.head_dim // 2
     per_head = half // st.block_cols
     f0 = (j % per_head) * st.block_cols
     c0 = (j // per_head) * st.head_dim + f0
-    a, b = matmul(c0), matmul(c0 + half)
+    a, b = matmul(c0, c0 + half)
     cos, sin = aux1_ref[pl.ds(f0, st.block_cols)][None, :], aux2_ref[pl.ds(f0, st.block_cols)][None, :]
     rotate = c0 < st.rope_cols
     _store_rows(o_ref, r0, st, c0, jnp.where(rotate, a * cos - b * sin, a))
     _store_rows(o_ref, r0, st, c0 + half, jnp.where(rotate, b * cos + a * sin, b))
   elif st.epilogue == "swiglu":
     c0 = j * st.block_cols
-    g, u = matmul(c0), matmul(st.up_col + c0)
+    g, u = matmul(c0, st.up_col + c0)
     _store_rows(o_ref, r0, st, c0, g * jax.nn.sigmoid(g) * u)
   elif st.epilogue == "residual":
     c0 = j * st.block_cols
-    _store_rows(o_ref, r0, st, c0, _rows(aux1_ref, r0, st, c0, st.block_cols) + matmul(c0))
+    _store_rows(o_ref, r0, st, c0, _rows(aux1_ref, r0, st, c0, st.block_cols) + matmul(c0)[0])
   else:
     c0 = j * st.block_cols
-    _store_rows(o_ref, r0, st, c0, matmul(c0))
+    _store_rows(o_ref, r0, st, c0, matmul(c0)[0])
 
 
 def project(
@@ -129,7 +138,9 @@ def project(
     residual: jax.Array | None = None,
     out_dtype=None,
     block_cols: int = 32,
+    chunk: int = 128,
     num_warps: int = 4,
+    num_stages: int = 3,
     interpret: bool = False,
 ) -> jax.Array:
   """One fused projection of decode rows: optional RMSNorm prologue, then one epilogue.
@@ -153,7 +164,7 @@ def project(
   block_rows = min(_pow2_at_least(b, 16), MAX_BLOCK_ROWS)
   block_cols = min(block_cols, rope[2] // 2 if rope else n_out)
   epilogue = "rope" if rope else "swiglu" if swiglu else "residual" if residual is not None else "none"
-  st = ProjStatic(rows=b, block_rows=block_rows, block_cols=block_cols, chunk=_chunk(k_dim), k_dim=k_dim,
+  st = ProjStatic(rows=b, block_rows=block_rows, block_cols=block_cols, chunk=_chunk(k_dim, chunk), k_dim=k_dim,
                   eps=None if norm_scale is None else float(eps), epilogue=epilogue,
                   head_dim=rope[2] if rope else 0, rope_cols=rope[3] if rope else 0, up_col=n_out,
                   precision=jax.lax.Precision.HIGHEST if w_KxN.dtype == jnp.float32 else None)
@@ -173,9 +184,9 @@ def project(
       functools.partial(_project_kernel, st=st),
       grid=(pl.cdiv(b, block_rows), cols),
       out_shape=jax.ShapeDtypeStruct((rows, n_out), out_dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
-      name=f"decode_project_{epilogue}",
+      name=f"decode_project_{epilogue}_c{block_cols}_k{st.chunk}_w{num_warps}_s{num_stages}",
   )(x_BxK, w_KxN, scale, aux1, aux2)
   return out[:b] if interpret else out
 
@@ -271,6 +282,6 @@ def sparse_attention(
       input_output_aliases={5: 1, 6: 2},
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
-      name="decode_sparse_attention",
+      name=f"decode_sparse_attention_w{num_warps}",
   )(offs, jnp.reshape(pos, (1,)).astype(jnp.int32), qkv_Bx3xHxD, qkv_Bx3xHxD, qkv_Bx3xHxD, cache["k"], cache["v"])
   return o, {"k": ck, "v": cv}

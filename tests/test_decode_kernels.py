@@ -114,18 +114,24 @@ def test_bad_decode_impl():
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 @pytest.mark.parametrize("variant, batch", [("fib-linear", 1), ("fib-learned", 32), ("dense", 1)])
 def test_compiled_fused_decode_paper_recipe(variant, batch):
-  """Compiled kernels, paper recipe in bf16: the fused path tracks the XLA path token by token."""
+  """Compiled kernels, paper recipe in bf16: token by token, the fused path is as close to a
+  float32 decode of the same weights as XLA's bf16 path is (rounding order differs)."""
   seed = secrets.randbits(32)
-  cfg = dict(variant=variant, dtype="bfloat16", param_dtype="bfloat16", seq_len=512)
-  models = {impl: fibjax.LM(fibjax.ModelConfig(decode_impl=impl, **cfg), rngs=nnx.Rngs(seed % 1000))
-            for impl in ("pallas", "xla")}
+  base = fibjax.LM(fibjax.ModelConfig(variant=variant, seq_len=512), rngs=nnx.Rngs(seed % 1000))
+  graphdef32, state32 = nnx.split(base)
+  models = {"float32": base}
+  for impl in ("pallas", "xla"):
+    cfg = fibjax.ModelConfig(variant=variant, seq_len=512, dtype="bfloat16", param_dtype="bfloat16", decode_impl=impl)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda cfg=cfg: fibjax.LM(cfg, rngs=nnx.Rngs(0))))
+    models[impl] = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), state32))
   tokens = jnp.asarray(np.random.default_rng(seed).integers(1, 256, (batch, 700)), jnp.int32)
   step = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
   caches = {impl: m.prefill(tokens[:, :600], m.init_cache(batch, 700))[1] for impl, m in models.items()}
   for pos in range(600, 620):
-    got, caches["pallas"] = step(models["pallas"], tokens[:, pos], jnp.int32(pos), caches["pallas"])
-    want, caches["xla"] = step(models["xla"], tokens[:, pos], jnp.int32(pos), caches["xla"])
-    got, want = np.asarray(got), np.asarray(want)
+    logits = {}
+    for impl, m in models.items():
+      logits[impl], caches[impl] = step(m, tokens[:, pos], jnp.int32(pos), caches[impl])
+    got, want, truth = (np.asarray(logits[k], np.float64) for k in ("pallas", "xla", "float32"))
     assert np.isfinite(got).all(), f"seed={seed}"
-    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
-    assert rel < 2e-2, f"position {pos}: relative error {rel:.2e} (seed={seed})"
+    err = lambda x: np.linalg.norm(x - truth) / np.linalg.norm(truth)  # noqa: E731
+    assert err(got) <= 1.5 * err(want) + 5e-3, f"position {pos}: {err(got):.2e} vs XLA {err(want):.2e} (seed={seed})"

@@ -1,0 +1,135 @@
+"""Sweep of the fused decode kernels (``pallas_kernels/decode_gpu.py``) against XLA doing the same
+math, at the paper recipe's shapes (bf16, d_model 512, 8 heads of 64, mlp 1664, R = 4096).
+
+    python benchmarks/tune_decode.py [--batches 1 32] [--out DIR]
+
+Kernel time comes from a profiler trace (``benchmarks.timing.kernel_times``: execution only,
+launch gaps excluded); the XLA peer's time is the sum of all its kernels, with their count.
+The weight-read floor is the bytes of ``w`` at the copy bandwidth measured in the same run.
+Writes ``tune_decode_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import fibjax  # noqa: E402
+from benchmarks.timing import copy_bandwidth, kernel_times  # noqa: E402
+from fibjax import decode as dec  # noqa: E402
+from fibjax.layers import rope, rope_angles  # noqa: E402
+from fibjax.reference import normalize_offsets  # noqa: E402
+from pallas_kernels import decode_gpu  # noqa: E402
+
+D, H, HD, M, R = 512, 8, 64, 1664, 4096
+BF = jnp.bfloat16
+
+
+def _rms(x, scale):
+  x = x.astype(jnp.float32)
+  return (x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale).astype(BF)
+
+
+def shapes(b: int):
+  """name -> (kernel(x, w, aux, **config), XLA peer(x, w, aux), args)."""
+  key = iter(jax.random.split(jax.random.key(0), 16))
+  rnd = lambda *s: jax.random.normal(next(key), s, BF)  # noqa: E731
+  scale = jnp.ones((D,), jnp.float32)
+  pos = jnp.int32(5000)
+  angle = rope_angles(pos, HD, 10_000.0)
+
+  def xla_qkv(x, w, _):
+    qkv = jnp.dot(_rms(x, scale), w).reshape(b, 1, 3, H, HD)
+    p = jnp.full((b, 1), pos)
+    return jnp.stack([rope(qkv[:, :, 0], p, 1e4), rope(qkv[:, :, 1], p, 1e4), qkv[:, :, 2]], 2)
+
+  def xla_swiglu(x, w, _):
+    g, u = jnp.split(jnp.dot(_rms(x, scale), w), 2, -1)
+    return jax.nn.silu(g) * u
+
+  return {
+      "qkv (norm, rope)": (
+          lambda x, w, _, **c: decode_gpu.project(x, w, norm_scale=scale, rope=(jnp.cos(angle), jnp.sin(angle), HD,
+                                                                                  2 * D), **c),
+          xla_qkv, (rnd(b, D), rnd(D, 3 * D), None)),
+      "out (residual)": (lambda x, w, r, **c: decode_gpu.project(x, w, residual=r, **c),
+                         lambda x, w, r: r + jnp.dot(x, w), (rnd(b, D), rnd(D, D), rnd(b, D))),
+      "gate_up (norm, swiglu)": (lambda x, w, _, **c: decode_gpu.project(x, w, norm_scale=scale, swiglu=True, **c),
+                                 xla_swiglu, (rnd(b, D), rnd(D, 2 * M), None)),
+      "down (residual)": (lambda x, w, r, **c: decode_gpu.project(x, w, residual=r, **c),
+                          lambda x, w, r: r + jnp.dot(x, w), (rnd(b, M), rnd(M, D), rnd(b, D))),
+  }
+
+
+def attention_rows(b: int) -> list[dict]:
+  key = iter(jax.random.split(jax.random.key(1), 4))
+  cache = {n: jax.random.normal(next(key), (b, R + 1, H, HD), BF) for n in ("k", "v")}
+  qkv = jax.random.normal(next(key), (b, 3, H, HD), BF)
+  offsets = jnp.asarray(fibjax.offset_set("fib", 1.0, 64, R), jnp.int32)
+  offs, _ = normalize_offsets(offsets, 64, R)
+  pos = jnp.int32(10_000)
+  rows = []
+  for warps in (1, 2, 4):
+    f = jax.jit(lambda q, c, w=warps: decode_gpu.sparse_attention(q, c, offs, pos, window=64, scale=0.125, num_warps=w))
+    t = kernel_times(lambda f=f: f(qkv, cache), 50)
+    rows.append({"shape": "sparse attention", "batch": b, "num_warps": warps, "kernel_ms": sum(t.values())})
+
+  def xla(q, c):
+    c = dec.write_token(c, q[:, 1], q[:, 2], pos)
+    return dec.attend_sparse(q[:, 0], c, pos, window=64, offsets=offsets, reach=R, scale=0.125), c
+
+  t = kernel_times(lambda: jax.jit(xla)(qkv, cache), 50)
+  rows.append({"shape": "sparse attention", "batch": b, "xla_ms": sum(t.values()), "xla_kernels": len(t)})
+  return rows
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+  args = parser.parse_args()
+  bandwidth = copy_bandwidth()
+  rows = []
+  for b in args.batches:
+    for name, (kern, xla, data) in shapes(b).items():
+      floor_ms = 1e3 * data[1].nbytes / bandwidth
+      t = kernel_times(lambda: jax.jit(xla)(*data), 50)
+      peer = {"shape": name, "batch": b, "xla_ms": sum(t.values()), "xla_kernels": len(t), "floor_ms": floor_ms}
+      print(json.dumps(peer), flush=True)
+      rows.append(peer)
+      configs = [dict(block_cols=c, chunk=k, num_warps=4, num_stages=3)
+                 for c, k in itertools.product((16, 32, 64), (64, 128, 256))]
+      configs += [dict(block_cols=32, chunk=128, num_warps=w, num_stages=s) for w, s in itertools.product((2, 8), (2, 4))]
+      for config in configs:
+        try:
+          f = jax.jit(lambda x, w, a, c=config: kern(x, w, a, **c))
+          ms = sum(kernel_times(lambda f=f: f(*data), 50).values())
+        except Exception as e:  # noqa: BLE001  (a configuration that does not compile is reported)
+          ms, config = None, dict(config, error=str(e).splitlines()[0][:120])
+        rows.append({"shape": name, "batch": b, **config, "kernel_ms": ms})
+        print(json.dumps(rows[-1]), flush=True)
+    for row in attention_rows(b):
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  device = jax.devices()[0].device_kind
+  args.out.mkdir(parents=True, exist_ok=True)
+  (args.out / f"tune_decode_{device.replace(' ', '_')}.json").write_text(
+      json.dumps({"device": device, "copy_bandwidth": bandwidth, "rows": rows}, indent=2) + "\n")
+  for b in args.batches:
+    for name in list(shapes(b)) + ["sparse attention"]:
+      mine = [r for r in rows if r["shape"] == name and r["batch"] == b and r.get("kernel_ms")]
+      peer = next(r for r in rows if r["shape"] == name and r["batch"] == b and "xla_ms" in r)
+      best = min(mine, key=lambda r: r["kernel_ms"]) if mine else None
+      print(f"B={b} {name}: xla {peer['xla_ms'] * 1e3:.1f} us in {peer['xla_kernels']} kernels; best pallas "
+            f"{best and best['kernel_ms'] * 1e3:.1f} us {best}; floor {peer.get('floor_ms', 0) * 1e3:.1f} us")
+
+
+if __name__ == "__main__":
+  main()
