@@ -76,16 +76,27 @@ def attention_rows(b: int) -> list[dict]:
   offs, _ = normalize_offsets(offsets, 64, R)
   pos = jnp.int32(10_000)
   rows = []
+
+  def timed(fn):  # the cache is donated and threaded through, as in the decode loop (no copies)
+    f = jax.jit(fn, donate_argnums=1)
+    box = {"cache": jax.tree.map(jnp.copy, cache)}
+
+    def run():
+      o, box["cache"] = f(qkv, box["cache"])
+      return o
+
+    return kernel_times(run, 50)
+
   for warps in (1, 2, 4):
-    f = jax.jit(lambda q, c, w=warps: decode_gpu.sparse_attention(q, c, offs, pos, window=64, scale=0.125, num_warps=w))
-    t = kernel_times(lambda f=f: f(qkv, cache), 50)
-    rows.append({"shape": "sparse attention", "batch": b, "num_warps": warps, "kernel_ms": sum(t.values())})
+    t = timed(lambda q, c, w=warps: decode_gpu.sparse_attention(q, c, offs, pos, window=64, scale=0.125, num_warps=w))
+    rows.append({"shape": "sparse attention", "batch": b, "num_warps": warps, "kernel_ms": sum(t.values()),
+                 "kernels": sorted(t)})
 
   def xla(q, c):
     c = dec.write_token(c, q[:, 1], q[:, 2], pos)
     return dec.attend_sparse(q[:, 0], c, pos, window=64, offsets=offsets, reach=R, scale=0.125), c
 
-  t = kernel_times(lambda: jax.jit(xla)(qkv, cache), 50)
+  t = timed(xla)
   rows.append({"shape": "sparse attention", "batch": b, "xla_ms": sum(t.values()), "xla_kernels": len(t)})
   return rows
 
@@ -93,12 +104,13 @@ def attention_rows(b: int) -> list[dict]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+  parser.add_argument("--parts", nargs="+", default=["projections", "attention"], choices=["projections", "attention"])
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
   bandwidth = copy_bandwidth()
   rows = []
   for b in args.batches:
-    for name, (kern, xla, data) in shapes(b).items():
+    for name, (kern, xla, data) in shapes(b).items() if "projections" in args.parts else ():
       floor_ms = 1e3 * data[1].nbytes / bandwidth
       t = kernel_times(lambda: jax.jit(xla)(*data), 50)
       peer = {"shape": name, "batch": b, "xla_ms": sum(t.values()), "xla_kernels": len(t), "floor_ms": floor_ms}
@@ -115,7 +127,7 @@ def main() -> None:
           ms, config = None, dict(config, error=str(e).splitlines()[0][:120])
         rows.append({"shape": name, "batch": b, **config, "kernel_ms": ms})
         print(json.dumps(rows[-1]), flush=True)
-    for row in attention_rows(b):
+    for row in attention_rows(b) if "attention" in args.parts else ():
       rows.append(row)
       print(json.dumps(row), flush=True)
   device = jax.devices()[0].device_kind
@@ -123,7 +135,8 @@ def main() -> None:
   (args.out / f"tune_decode_{device.replace(' ', '_')}.json").write_text(
       json.dumps({"device": device, "copy_bandwidth": bandwidth, "rows": rows}, indent=2) + "\n")
   for b in args.batches:
-    for name in list(shapes(b)) + ["sparse attention"]:
+    for name in (list(shapes(b)) if "projections" in args.parts else []) + (
+        ["sparse attention"] if "attention" in args.parts else []):
       mine = [r for r in rows if r["shape"] == name and r["batch"] == b and r.get("kernel_ms")]
       peer = next(r for r in rows if r["shape"] == name and r["batch"] == b and "xla_ms" in r)
       best = min(mine, key=lambda r: r["kernel_ms"]) if mine else None
