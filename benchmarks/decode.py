@@ -28,7 +28,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import fibjax  # noqa: E402
-from benchmarks.timing import kernel_times, time_fn  # noqa: E402
+from benchmarks.timing import describe_kernels, kernel_times, time_fn  # noqa: E402
 from fibjax.generate import compiled_steps  # noqa: E402
 
 
@@ -102,9 +102,11 @@ def profile(variant: str, impl: str, context: int, batch: int, chunk: int = 32, 
   wall = time_fn(run, [()], reps=10, inner=1) / chunk
   by_name = {k: v / chunk for k, v in kernel_times(run, 5).items()}
   ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+  text = steps_fn.lower(state, token, pos, box["cache"], key, chunk).compile().as_text()
   return {"variant": variant, "impl": impl, "context": context, "batch": batch, "wall_us_per_token": 1e3 * wall,
           "kernel_us_per_token": 1e3 * sum(by_name.values()), "kernels": len(by_name),
-          "top_us": [(name[:90], round(1e3 * ms, 2)) for name, ms in ranked]}
+          "top_us": [(name[:90], round(1e3 * ms, 2)) for name, ms in ranked],
+          "hlo": describe_kernels(text, [name for name, _ in ranked])}
 
 
 def _table(rows: list[dict], impl: str, batches, contexts) -> list[str]:

@@ -4,6 +4,7 @@ over several random input sets (so repeated runs do not just measure the L2 cach
 from __future__ import annotations
 
 import pathlib
+import re
 import statistics
 import tempfile
 import time
@@ -54,3 +55,14 @@ def kernel_times(run: Callable[[], Any], calls: int, device: str = "/device:GPU:
           for ev in line.events:
             by_name[ev.name] = by_name.get(ev.name, 0.0) + ev.duration_ns / 1e6 / calls
   return by_name
+
+
+def describe_kernels(compiled_text: str, names) -> dict[str, str]:
+  """For profiler kernel names that are XLA fusions, the fusion's HLO instruction (truncated):
+  what it computes, for reading a profile."""
+  out = {}
+  for name in names:
+    m = re.search(r"\n\s*%?" + re.escape(name) + r" = ([^\n]{0,300})", compiled_text)
+    if m:
+      out[name] = m.group(1)
+  return out

@@ -24,7 +24,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import configs  # noqa: E402
 from fibjax.model import count_params  # noqa: E402
-from benchmarks.timing import kernel_times  # noqa: E402
+from benchmarks.timing import describe_kernels, kernel_times  # noqa: E402
 from train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
 from train.step import make_optimizer  # noqa: E402
 from train.trainer import compile_train_step, init_state, make_mesh  # noqa: E402
@@ -96,8 +96,11 @@ def profile(variant: str, seq_len: int, tokens_per_step: int, steps: int, top: i
   for name, ms in by_name.items():
     by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + ms
   ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+  with jax.set_mesh(mesh):
+    text = step.lower(box["state"], batches[0]).compile().as_text()
   return {"variant": variant, "seq_len": seq_len, "kernel_ms_per_step": sum(by_name.values()), "by_kind_ms": by_kind,
-          "top_kernels_ms": [(name[:120], round(ms, 3)) for name, ms in ranked]}
+          "top_kernels_ms": [(name[:120], round(ms, 3)) for name, ms in ranked],
+          "hlo": describe_kernels(text, [name for name, _ in ranked])}
 
 
 def main() -> None:

@@ -116,9 +116,9 @@ def main() -> None:
       peer = {"shape": name, "batch": b, "xla_ms": sum(t.values()), "xla_kernels": len(t), "floor_ms": floor_ms}
       print(json.dumps(peer), flush=True)
       rows.append(peer)
-      configs = [dict(block_cols=c, chunk=k, num_warps=4, num_stages=3)
-                 for c, k in itertools.product((16, 32, 64), (64, 128, 256))]
-      configs += [dict(block_cols=32, chunk=128, num_warps=w, num_stages=s) for w, s in itertools.product((2, 8), (2, 4))]
+      configs = [dict(block_cols=c, chunk=None, num_warps=w, num_stages=1)
+                 for c, w in itertools.product((16, 32, 64), (2, 4, 8))]
+      configs += [dict(block_cols=c, chunk=256, num_warps=4, num_stages=3) for c in (16, 32)]
       for config in configs:
         try:
           f = jax.jit(lambda x, w, a, c=config: kern(x, w, a, **c))

@@ -42,7 +42,7 @@ class ProjStatic:
   rows: int  # true batch rows
   block_rows: int
   block_cols: int
-  chunk: int  # contraction step
+  chunk: int  # contraction step; >= k_dim: one step (the whole row, padded to a power of 2)
   k_dim: int
   eps: float | None  # RMSNorm epsilon; None: no norm prologue
   epilogue: str  # "none" | "rope" | "swiglu" | "residual"
@@ -56,16 +56,21 @@ def _pow2_at_least(x: int, floor: int) -> int:
   return max(floor, pl.next_power_of_2(x))
 
 
-def _chunk(k_dim: int, largest: int) -> int:
+def _chunk(k_dim: int, largest: int | None) -> int:
+  if largest is None:
+    return pl.next_power_of_2(k_dim)
   for c in (256, 128, 64, 32, 16):
     if c <= largest and k_dim % c == 0:
       return c
   raise ValueError(f"fused decode projections need an input width divisible by 16, got {k_dim}")
 
 
-def _rows(ref, r0, st: ProjStatic, c0, width):
-  """``[block_rows, width]`` float32 of rows ``r0..`` (rows >= ``st.rows`` read as 0)."""
+def _rows(ref, r0, st: ProjStatic, c0, width, cols: int | None = None):
+  """``[block_rows, width]`` float32 of rows ``r0..`` (rows >= ``st.rows`` and columns >= ``cols``
+  read as 0)."""
   ok = (r0 + jnp.arange(st.block_rows) < st.rows)[:, None]
+  if cols is not None:
+    ok = ok & (c0 + jnp.arange(width) < cols)[None, :]
   x = plgpu.load(ref.at[pl.ds(r0, st.block_rows), pl.ds(c0, width)],
                  mask=jnp.broadcast_to(ok, (st.block_rows, width)), other=0.0)
   return x.astype(jnp.float32)
@@ -77,8 +82,36 @@ def _store_rows(ref, r0, st: ProjStatic, c0, value):
               mask=jnp.broadcast_to(ok, value.shape))
 
 
-def _project_kernel(x_ref, w_ref, scale_ref, aux1_ref, aux2_ref, o_ref, *, st: ProjStatic):
-  r0, j = pl.program_id(0) * st.block_rows, pl.program_id(1)
+def _rounded(accs, o_ref):
+  return [acc.astype(o_ref.dtype).astype(jnp.float32) for acc in accs]  # a Linear layer's output, rounded
+
+
+def _normalise(x, inv, scale):
+  return x if inv is None else x * inv[:, None] * scale.astype(jnp.float32)[None, :]
+
+
+def _one_step_matmul(x_ref, w_ref, scale_ref, o_ref, r0, st: ProjStatic):
+  """Every load issued at once (decode is latency-bound): the whole ``[rows, K]`` input, its norm,
+  and per output block one ``[K, block_cols]`` weight tile (rows past K masked)."""
+  width = st.chunk
+  x = _rows(x_ref, r0, st, 0, width, cols=st.k_dim)
+  inv = None
+  if st.eps is not None:
+    inv = jax.lax.rsqrt(jnp.sum(x * x, axis=1) / st.k_dim + st.eps)
+    k_ok = jnp.arange(width) < st.k_dim
+    x = _normalise(x, inv, plgpu.load(scale_ref.at[pl.ds(0, width)], mask=k_ok, other=0.0))
+  x = x.astype(w_ref.dtype)
+  w_ok = jnp.broadcast_to((jnp.arange(width) < st.k_dim)[:, None], (width, st.block_cols))
+
+  def matmul(*c0s):
+    return _rounded([dot_nn(x, plgpu.load(w_ref.at[pl.ds(0, width), pl.ds(c0, st.block_cols)], mask=w_ok,
+                                          other=0.0), st.precision) for c0 in c0s], o_ref)
+
+  return matmul
+
+
+def _looped_matmul(x_ref, w_ref, scale_ref, o_ref, r0, st: ProjStatic):
+  """``chunk``-wide steps in a loop Triton pipelines (loads of later steps overlap earlier dots)."""
   steps = st.k_dim // st.chunk
   inv = None
   if st.eps is not None:
@@ -90,21 +123,24 @@ def _project_kernel(x_ref, w_ref, scale_ref, aux1_ref, aux2_ref, o_ref, *, st: P
     inv = jax.lax.rsqrt(ss / st.k_dim + st.eps)
 
   def matmul(*c0s):
-    """``x @ w[:, c0:c0 + block_cols]`` for each ``c0``, sharing each loaded chunk of ``x``
-    (a loop Triton pipelines: loads of later chunks overlap the dots of earlier ones)."""
     def body(i, accs):
       k0 = pl.multiple_of(i * st.chunk, st.chunk)
-      x = _rows(x_ref, r0, st, k0, st.chunk)
-      if inv is not None:
-        x = x * inv[:, None] * scale_ref[pl.ds(k0, st.chunk)].astype(jnp.float32)[None, :]
-      x = x.astype(w_ref.dtype)
+      x = _normalise(_rows(x_ref, r0, st, k0, st.chunk), inv, scale_ref[pl.ds(k0, st.chunk)]).astype(w_ref.dtype)
       return tuple(acc + dot_nn(x, w_ref[pl.ds(k0, st.chunk), pl.ds(c0, st.block_cols)], st.precision)
                    for acc, c0 in zip(accs, c0s))
 
     zeros = tuple(jnp.zeros((st.block_rows, st.block_cols), jnp.float32) for _ in c0s)
-    accs = jax.lax.fori_loop(0, steps, body, zeros)
-    return [acc.astype(o_ref.dtype).astype(jnp.float32) for acc in accs]  # a Linear layer's output, rounded
+    return _rounded(jax.lax.fori_loop(0, steps, body, zeros), o_ref)
 
+  return matmul
+
+
+def _project_kernel(x_ref, w_ref, scale_ref, aux1_ref, aux2_ref, o_ref, *, st: ProjStatic):
+  r0, j = pl.program_id(0) * st.block_rows, pl.program_id(1)
+  if st.chunk >= st.k_dim:
+    matmul = _one_step_matmul(x_ref, w_ref, scale_ref, o_ref, r0, st)
+  else:
+    matmul = _looped_matmul(x_ref, w_ref, scale_ref, o_ref, r0, st)
   if st.epilogue == "rope":  # program j: a block of the first half of a head and its partners
     half = st.head_dim // 2
     per_head = half // st.block_cols
@@ -138,7 +174,7 @@ def project(
     residual: jax.Array | None = None,
     out_dtype=None,
     block_cols: int = 32,
-    chunk: int = 128,
+    chunk: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
     interpret: bool = False,

@@ -23,9 +23,9 @@ def _rms(x, scale, eps=1e-6):
   return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
-@pytest.mark.parametrize("rows", [1, 3, 20, 70])
+@pytest.mark.parametrize("rows, chunk", [(1, None), (3, 16), (20, None), (70, 16)])  # one step / a loop
 @pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu", "rope"])
-def test_project_matches_jnp(rows, epilogue):
+def test_project_matches_jnp(rows, chunk, epilogue):
   rng, msg = _rng(secrets.randbits(32))
   k_dim, n, head_dim = 48, 64, 16
   x = jnp.asarray(rng.standard_normal((rows, k_dim)), jnp.float32)
@@ -34,17 +34,17 @@ def test_project_matches_jnp(rows, epilogue):
   res = jnp.asarray(rng.standard_normal((rows, n)), jnp.float32)
   h = jnp.dot(_rms(x, scale), w, precision="highest")
   if epilogue == "none":
-    got, want = decode_gpu.project(x, w, interpret=True), jnp.dot(x, w, precision="highest")
+    got, want = decode_gpu.project(x, w, chunk=chunk, interpret=True), jnp.dot(x, w, precision="highest")
   elif epilogue == "residual":
-    got, want = decode_gpu.project(x, w, residual=res, interpret=True), res + jnp.dot(x, w, precision="highest")
+    got, want = decode_gpu.project(x, w, residual=res, chunk=chunk, interpret=True), res + jnp.dot(x, w, precision="highest")
   elif epilogue == "swiglu":
-    got = decode_gpu.project(x, w, norm_scale=scale, swiglu=True, block_cols=16, interpret=True)
+    got = decode_gpu.project(x, w, norm_scale=scale, swiglu=True, block_cols=16, chunk=chunk, interpret=True)
     want = jax.nn.silu(h[:, : n // 2]) * h[:, n // 2:]
   else:  # 4 heads of 16: the first two (columns < 32, 'q' and 'k') rotate, the last two pass through
     pos = jnp.int32(rng.integers(0, 5000))
     angle = rope_angles(pos, head_dim, 10_000.0)
     got = decode_gpu.project(x, w, norm_scale=scale, rope=(jnp.cos(angle), jnp.sin(angle), head_dim, 32),
-                             block_cols=8, interpret=True)
+                             block_cols=8, chunk=chunk, interpret=True)
     h4 = h.reshape(rows, 1, 4, head_dim)
     rotated = fibjax.layers.rope(h4, jnp.full((rows, 1), pos), 10_000.0).reshape(rows, n)
     want = jnp.concatenate([rotated[:, :32], h[:, 32:]], axis=1)
