@@ -61,8 +61,9 @@ def describe_kernels(compiled_text: str, names) -> dict[str, str]:
   """For profiler kernel names that are XLA fusions, the fusion's HLO instruction (truncated):
   what it computes, for reading a profile."""
   out = {}
-  for name in names:
-    m = re.search(r"\n\s*%?" + re.escape(name) + r" = ([^\n]{0,300})", compiled_text)
+  for name in names:  # the profiler writes "fusion_12" for the HLO's "fusion.12"
+    hlo_name = re.sub(r"_(\d+)$", r".\1", name)
+    m = re.search(r"\n\s*(?:ROOT )?%?" + re.escape(hlo_name) + r" = ([^\n]{0,300})", compiled_text)
     if m:
       out[name] = m.group(1)
   return out

@@ -215,21 +215,24 @@ class Block(nnx.Module):
     w = lambda lin: lin.kernel[...].astype(lin.dtype or lin.kernel[...].dtype)  # noqa: E731
     angle_F = rope_angles(pos, d, a.rope_base)
     x_BxD = x_Bx1xD[:, 0]
+    # block sizes: benchmarks/tune_decode.py on an H100 (fastest at batch 1, near it at 32)
+    wide, narrow = dict(block_cols=32, chunk=256, interpret=interpret), dict(block_cols=16, chunk=256, interpret=interpret)
     qkv = kern.project(x_BxD, w(a.qkv), norm_scale=self.attn_norm.scale[...], eps=self.attn_norm.epsilon,
-                       rope=(jnp.cos(angle_F), jnp.sin(angle_F), d, 2 * h * d), interpret=interpret)
+                       rope=(jnp.cos(angle_F), jnp.sin(angle_F), d, 2 * h * d), **wide)
     qkv_Bx3xHxD = qkv.reshape(b, 3, h, d)
     scale = d**-0.5
     if a.pattern.kind == "dense":
       cache = dec.write_token(cache, qkv_Bx3xHxD[:, 1], qkv_Bx3xHxD[:, 2], pos)
       o_BxHxD = dec.attend_dense(qkv_Bx3xHxD[:, 0], cache, pos, scale=scale).astype(qkv.dtype)
     else:
-      offsets, _ = normalize_offsets(a.offsets(), a.pattern.window, a.pattern.reach)
+      raw = np.asarray(a.pattern.offsets, np.int32) if a.pattern.kind == "static" else a.offsets()
+      offsets, _ = normalize_offsets(raw, a.pattern.window, a.pattern.reach)
       o_BxHxD, cache = kern.sparse_attention(qkv_Bx3xHxD, cache, offsets, pos, window=a.pattern.window, scale=scale,
                                              interpret=interpret)
-    y_BxD = kern.project(o_BxHxD.reshape(b, h * d), w(a.out), residual=x_BxD, interpret=interpret)
+    y_BxD = kern.project(o_BxHxD.reshape(b, h * d), w(a.out), residual=x_BxD, **narrow)
     g_BxM = kern.project(y_BxD, w(self.mlp.gate_up), norm_scale=self.mlp_norm.scale[...],
-                         eps=self.mlp_norm.epsilon, swiglu=True, interpret=interpret)
-    return kern.project(g_BxM, w(self.mlp.down), residual=y_BxD, interpret=interpret)[:, None], cache
+                         eps=self.mlp_norm.epsilon, swiglu=True, **wide)
+    return kern.project(g_BxM, w(self.mlp.down), residual=y_BxD, **narrow)[:, None], cache
 
 
 DECODE_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")

@@ -16,29 +16,32 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MASK_VALUE = -1e30
 
 
-def normalize_offsets(offsets: jax.Array, window: int, reach: int | None) -> tuple[jax.Array, jax.Array]:
+def normalize_offsets(offsets, window: int, reach: int | None):
   """Validity of each offset term, and the offsets with invalid terms set to 0.
 
   Args:
-    offsets: ``[K]`` int (static offsets) or float (fractional distances).
+    offsets: ``[K]`` int (static offsets) or float (fractional distances); a NumPy array is
+      normalised with NumPy (a compile-time constant, no device op), anything else with jnp.
     window, reach: the layer's ``W`` and ``R`` (``reach=None``: no upper bound).
   Returns:
     ``(offsets, valid)``, both ``[K]``: a term is valid iff ``W <= o < R`` and (integer
     offsets) no earlier term has the same value. Invalid terms become 0, which every
     implementation also masks (``0 < W``), so shifted loads stay in bounds.
   """
+  xp = np if isinstance(offsets, np.ndarray) else jnp
   valid = offsets >= window
   if reach is not None:
     valid &= offsets < reach
-  if jnp.issubdtype(offsets.dtype, jnp.integer) and offsets.shape[0] > 1:
+  if xp.issubdtype(offsets.dtype, xp.integer) and offsets.shape[0] > 1:
     k = offsets.shape[0]
-    earlier = jnp.tril(jnp.ones((k, k), bool), -1)
-    valid &= ~jnp.any((offsets[:, None] == offsets[None, :]) & earlier, axis=1)
-  return jnp.where(valid, offsets, jnp.zeros_like(offsets)), valid
+    earlier = xp.tril(xp.ones((k, k), bool), -1)
+    valid &= ~xp.any((offsets[:, None] == offsets[None, :]) & earlier, axis=1)
+  return xp.where(valid, offsets, xp.zeros_like(offsets)), valid
 
 
 def _window_chunks(x_BxNxHxD: jax.Array, window: int) -> jax.Array:

@@ -27,6 +27,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -157,7 +158,8 @@ def _project_kernel(x_ref, w_ref, scale_ref, aux1_ref, aux2_ref, o_ref, *, st: P
     _store_rows(o_ref, r0, st, c0, g * jax.nn.sigmoid(g) * u)
   elif st.epilogue == "residual":
     c0 = j * st.block_cols
-    _store_rows(o_ref, r0, st, c0, _rows(aux1_ref, r0, st, c0, st.block_cols) + matmul(c0)[0])
+    res = _rows(aux1_ref, r0, st, c0, st.block_cols)  # issued before the weight loads
+    _store_rows(o_ref, r0, st, c0, res + matmul(c0)[0])
   else:
     c0 = j * st.block_cols
     _store_rows(o_ref, r0, st, c0, matmul(c0)[0])
@@ -174,7 +176,7 @@ def project(
     residual: jax.Array | None = None,
     out_dtype=None,
     block_cols: int = 32,
-    chunk: int | None = None,
+    chunk: int | None = 256,
     num_warps: int = 4,
     num_stages: int = 3,
     interpret: bool = False,
@@ -189,6 +191,10 @@ def project(
       of every head in columns ``[0, rope_cols)`` by the angles whose cos/sin are ``[head_dim/2]``.
     swiglu: ``w`` is ``[gate | up]``; returns ``silu(gate) * up``, ``[B, N / 2]``.
     residual: ``[B, N]``; returns ``residual + x @ w`` in ``residual.dtype``.
+    block_cols: output columns per program. chunk: contraction step of the pipelined loop
+      (the largest power of 2 <= chunk dividing K); ``None``: one step over the whole row
+      (fine for K = 512, very slow for K = 1664 padded to 2048: benchmarks/tune_decode.py).
+    num_warps, num_stages: Triton launch options.
   Returns ``[B, N]`` (``[B, N/2]`` for swiglu) in ``out_dtype`` (default ``w``'s dtype).
   """
   b, k_dim = x_BxK.shape
@@ -281,7 +287,7 @@ def sparse_attention(
     *,
     window: int,
     scale: float,
-    num_warps: int = 2,
+    num_warps: int = 4,
     interpret: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The query at position ``pos`` over its window and offsets, from the ring-buffer cache.
@@ -293,17 +299,18 @@ def sparse_attention(
     qkv_Bx3xHxD: new ``q`` (rotated), ``k`` (rotated), ``v`` of one position per row.
     cache: ``{"k", "v"}`` ``[B, length, H, D]`` ring buffers (``length = R + 1``).
     offsets: ``[K]`` normalised offsets (``fibjax.reference.normalize_offsets``: invalid terms
-      0): int32 static or float32 fractional distances.
+      0): int32 static or float32 fractional distances; a NumPy array is embedded as a constant.
     pos: int32 scalar position of the new token.
   Returns ``([B, H, D]`` in the qkv dtype, the updated cache``)``.
   """
   b, three, h, d = qkv_Bx3xHxD.shape
   length = cache["k"].shape[1]
-  learned = bool(jnp.issubdtype(offsets.dtype, jnp.floating))
+  learned = bool(np.issubdtype(offsets.dtype, np.floating))
   st = AttendStatic(window=window, num_offsets=int(offsets.shape[0]), length=length, learned=learned,
                     scale=float(scale))
   width = _pow2_at_least(offsets.shape[0], 1)
-  offs = jnp.pad(offsets.astype(jnp.float32 if learned else jnp.int32), (0, width - offsets.shape[0]))
+  xp = np if isinstance(offsets, np.ndarray) else jnp  # NumPy offsets stay a constant: no pad kernel per token
+  offs = xp.pad(offsets.astype(np.float32 if learned else np.int32), (0, width - offsets.shape[0]))
   vec = lambda part: pl.BlockSpec((None, None, None, d), lambda i, j: (i, part, j, 0))  # noqa: E731
   cache_spec = pl.BlockSpec((None, length, None, d), lambda i, j: (i, 0, j, 0))
   o, ck, cv = pl.pallas_call(
