@@ -82,6 +82,12 @@ def _term_parts(io, k_ref, v_ref, offs_ref, kk: int, i0, st: Static):
           (t, 1.0, io.read(k_ref, i0 - lo - 1, st.block), io.read(v_ref, i0 - lo - 1, st.block))]
 
 
+def _skip_unless(live, term, state):
+  """``term(state)`` where the offset term reaches some row of the tile, else ``state`` untouched:
+  at short sequences most (tile, offset) pairs read nothing (an offset o >= N - tile start)."""
+  return jax.lax.cond(live, term, lambda s: s, state)
+
+
 def _scale_rows(weight_rows, x):
   return weight_rows[:, None] * x.astype(jnp.float32)
 
@@ -101,12 +107,16 @@ def forward(io, offs_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static):
                   MASK_VALUE)
     m, l, acc = online_update(m, l, acc, s, lambda p, v_t=v_t: dot_nn(p.astype(v_t.dtype), v_t, st.precision))
   for kk in range(st.num_offsets):
-    parts = _term_parts(io, k_ref, v_ref, offs_ref, kk, i0, st)
-    valid = term_valid(rows, offs_ref[kk], st.window, st.learned)
-    s = sum(w * rowdot(q, k_r) for w, _, k_r, _ in parts)
-    s = jnp.where(valid, s * st.scale, MASK_VALUE)[:, None]
-    m, l, acc = online_update(
-        m, l, acc, s, lambda p, parts=parts: sum(_scale_rows(p[:, 0] * w, v_r) for w, _, _, v_r in parts))
+    def term(state, kk=kk):
+      parts = _term_parts(io, k_ref, v_ref, offs_ref, kk, i0, st)
+      valid = term_valid(rows, offs_ref[kk], st.window, st.learned)
+      s = sum(w * rowdot(q, k_r) for w, _, k_r, _ in parts)
+      s = jnp.where(valid, s * st.scale, MASK_VALUE)[:, None]
+      return online_update(
+          *state, s, lambda p, parts=parts: sum(_scale_rows(p[:, 0] * w, v_r) for w, _, _, v_r in parts))
+
+    live = term_valid(i0 + b - 1, offs_ref[kk], st.window, st.learned)  # the tile's last row sees it
+    m, l, acc = _skip_unless(live, term, (m, l, acc))
   io.write(o_ref, i0, b, (acc / l[:, None]).astype(o_ref.dtype))
   io.write_vec(lse_ref, i0, b, m + jnp.log(l))
 
@@ -128,16 +138,21 @@ def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, d
     dq += dot_nn(ds.astype(k_t.dtype), k_t, st.precision) * st.scale
   dd = jnp.zeros((io.terms_width,), jnp.float32)
   for kk in range(st.num_offsets):
-    parts = _term_parts(io, k_ref, v_ref, offs_ref, kk, i0, st)
-    valid = term_valid(rows, offs_ref[kk], st.window, st.learned)
-    qk = [rowdot(q, k_r) for _, _, k_r, _ in parts]
-    dov = [rowdot(do, v_r) for _, _, _, v_r in parts]
-    p = jnp.where(valid, jnp.exp(sum(w * x for (w, _, _, _), x in zip(parts, qk)) * st.scale - lse), 0.0)
-    ds = p * (sum(w * x for (w, _, _, _), x in zip(parts, dov)) - delta)
-    dq += sum(_scale_rows(ds * (w * st.scale), k_r) for w, _, k_r, _ in parts)
-    if st.learned:  # dL/dd = sum over rows of dL/ds * ds/dd + dL/dv_blend . dv_blend/dd
-      dd_k = jnp.sum(sum(dw * (ds * st.scale * a + p * b) for (_, dw, _, _), a, b in zip(parts, qk, dov)))
-      dd = jnp.where(jnp.arange(io.terms_width) == kk, dd_k, dd)
+    def term(state, kk=kk):
+      dq, dd = state
+      parts = _term_parts(io, k_ref, v_ref, offs_ref, kk, i0, st)
+      valid = term_valid(rows, offs_ref[kk], st.window, st.learned)
+      qk = [rowdot(q, k_r) for _, _, k_r, _ in parts]
+      dov = [rowdot(do, v_r) for _, _, _, v_r in parts]
+      p = jnp.where(valid, jnp.exp(sum(w * x for (w, _, _, _), x in zip(parts, qk)) * st.scale - lse), 0.0)
+      ds = p * (sum(w * x for (w, _, _, _), x in zip(parts, dov)) - delta)
+      dq += sum(_scale_rows(ds * (w * st.scale), k_r) for w, _, k_r, _ in parts)
+      if st.learned:  # dL/dd = sum over rows of dL/ds * ds/dd + dL/dv_blend . dv_blend/dd
+        dd_k = jnp.sum(sum(dw * (ds * st.scale * a + p * b) for (_, dw, _, _), a, b in zip(parts, qk, dov)))
+        dd = jnp.where(jnp.arange(io.terms_width) == kk, dd_k, dd)
+      return dq, dd
+
+    dq, dd = _skip_unless(term_valid(i0 + b - 1, offs_ref[kk], st.window, st.learned), term, (dq, dd))
   io.write(dq_ref, i0, b, dq.astype(dq_ref.dtype))
   if st.learned:
     io.write_terms(dd_ref, dd)
@@ -177,16 +192,22 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     return dk + _scale_rows(weight * ds * st.scale, q), dv + _scale_rows(weight * p, do)
 
   for kk in range(st.num_offsets):
-    if not st.learned:
-      o = offs_ref[kk]
-      dk, dv = accumulate(dk, dv, o, [(1.0, k_t, v_t)], 1.0, o)
-      continue
+    def term(state, kk=kk):
+      dk, dv = state
+      if not st.learned:
+        o = offs_ref[kk]
+        return accumulate(dk, dv, o, [(1.0, k_t, v_t)], 1.0, o)
+      d = offs_ref[kk]
+      lo, t = split_distance(d)
+      k_prev, v_prev = io.read(k_ref, j0 - 1, b), io.read(v_ref, j0 - 1, b)
+      k_next, v_next = io.read(k_ref, j0 + 1, b), io.read(v_ref, j0 + 1, b)
+      # query j + lo reads k[j] (weight 1 - t) and k[j - 1]; query j + lo + 1 reads k[j + 1] and k[j] (weight t)
+      dk, dv = accumulate(dk, dv, lo, [(1.0 - t, k_t, v_t), (t, k_prev, v_prev)], 1.0 - t, d)
+      return accumulate(dk, dv, lo + 1, [(1.0 - t, k_next, v_next), (t, k_t, v_t)], t, d)
+
     d = offs_ref[kk]
-    lo, t = split_distance(d)
-    k_prev, v_prev = io.read(k_ref, j0 - 1, b), io.read(v_ref, j0 - 1, b)
-    k_next, v_next = io.read(k_ref, j0 + 1, b), io.read(v_ref, j0 + 1, b)
-    # query j + lo reads k[j] (weight 1 - t) and k[j - 1]; query j + lo + 1 reads k[j + 1] and k[j] (weight t)
-    dk, dv = accumulate(dk, dv, lo, [(1.0 - t, k_t, v_t), (t, k_prev, v_prev)], 1.0 - t, d)
-    dk, dv = accumulate(dk, dv, lo + 1, [(1.0 - t, k_next, v_next), (t, k_t, v_t)], t, d)
+    first = d.astype(jnp.int32) if not st.learned else split_distance(d)[0]
+    live = term_valid(jnp.asarray(st.n - 1), d, st.window, st.learned) & (j0 + first < st.n)  # a query reads the tile
+    dk, dv = _skip_unless(live, term, (dk, dv))
   io.write(dk_ref, j0, b, dk.astype(dk_ref.dtype))
   io.write(dv_ref, j0, b, dv.astype(dv_ref.dtype))
