@@ -40,14 +40,19 @@ def _model(variant: str, impl: str) -> fibjax.LM:
   return fibjax.LM(cfg, rngs=nnx.Rngs(0))
 
 
-def kernels_per_token(variant: str, impl: str, batch: int = 1, context: int = 1024, chunk: int = 8) -> dict:
-  """Kernel-launching instructions in the compiled decode loop body (one decoded token), by opcode."""
-  model = _model(variant, impl)
+def _decode_loop(model: fibjax.LM, batch: int, context: int, chunk: int):
+  """``(state, steps_fn, cache, args)``: the compiled greedy decode loop of ``model``, an empty
+  cache for ``context + chunk`` positions, and ``args = (token, pos, key)`` decoding from ``context``."""
   graphdef, state = nnx.split(model)
   _, steps_fn = compiled_steps(graphdef, 0.0, 0)
-  cache = model.init_cache(batch, context + chunk)
-  text = steps_fn.lower(state, jnp.ones((batch,), jnp.int32), jnp.int32(context), cache, jax.random.key(0),
-                        chunk).compile().as_text()
+  args = (jnp.ones((batch,), jnp.int32), jnp.int32(context), jax.random.key(0))
+  return state, steps_fn, model.init_cache(batch, context + chunk), args
+
+
+def kernels_per_token(variant: str, impl: str, batch: int = 1, context: int = 1024, chunk: int = 8) -> dict:
+  """Kernel-launching instructions in the compiled decode loop body (one decoded token), by opcode."""
+  state, steps_fn, cache, (token, pos, key) = _decode_loop(_model(variant, impl), batch, context, chunk)
+  text = steps_fn.lower(state, token, pos, cache, key, chunk).compile().as_text()
   body = re.search(r"while\(.*?body=%?([\w.\-]+)", text).group(1)
   block = re.search(r"\n%?" + re.escape(body) + r" .*?\{\n(.*?)\n\}", text, re.S).group(1)
   counts: dict[str, int] = {}
@@ -67,14 +72,11 @@ def measure(variant: str, impl: str, context: int, batch: int, memory_budget: fl
   if need > memory_budget:
     return {**base, "cache_bytes": need,
             "error": f"cache {need / 2**30:.1f} GiB > budget {memory_budget / 2**30:.0f} GiB: does not fit"}
-  graphdef, state = nnx.split(model)
-  _, steps_fn = compiled_steps(graphdef, 0.0, 0)
-  cache = model.init_cache(batch, context + chunk)
+  state, steps_fn, cache, (token, pos, key) = _decode_loop(model, batch, context, chunk)
   keys = jax.random.split(jax.random.key(1), 2 * len(cache))
   cache = [{name: jax.random.normal(keys[2 * i + j], c[name].shape, c[name].dtype) for j, name in enumerate(("k", "v"))}
            for i, c in enumerate(cache)]
   cache_bytes = sum(x.nbytes for c in cache for x in c.values())
-  token, pos, key = jnp.ones((batch,), jnp.int32), jnp.int32(context), jax.random.key(0)
   for _ in range(2):
     tokens, cache = steps_fn(state, token, pos, cache, key, chunk)
   jax.block_until_ready(tokens)
@@ -89,11 +91,8 @@ def measure(variant: str, impl: str, context: int, batch: int, memory_budget: fl
 
 def profile(variant: str, impl: str, context: int, batch: int, chunk: int = 32, top: int = 12) -> dict:
   """Kernel time per decoded token (profiler trace), against the wall time per token."""
-  model = _model(variant, impl)
-  graphdef, state = nnx.split(model)
-  _, steps_fn = compiled_steps(graphdef, 0.0, 0)
-  box = {"cache": model.init_cache(batch, context + chunk)}
-  token, pos, key = jnp.ones((batch,), jnp.int32), jnp.int32(context), jax.random.key(0)
+  state, steps_fn, cache, (token, pos, key) = _decode_loop(_model(variant, impl), batch, context, chunk)
+  box = {"cache": cache}
 
   def run():
     tokens, box["cache"] = steps_fn(state, token, pos, box["cache"], key, chunk)

@@ -1,7 +1,8 @@
 """Fused single-token decode kernels (Pallas -> Triton, GPU).
 
-Decoding one token is launch-bound, not bandwidth-bound: XLA runs ~16 small kernels per block
-(``benchmarks/decode.py --hlo-stats``). Here one pre-norm block is five kernels:
+Decoding one token at small batch is latency-bound, not bandwidth-bound: XLA runs ~16 small
+kernels per block (``benchmarks/decode.py --hlo-stats``), each several times its weight-read
+time (``benchmarks/decode.py --profile``). Here one pre-norm block is five kernels:
 
 1. ``project(x, W_qkv, norm_scale=, rope=(cos, sin))``: ``rope(rmsnorm(x) @ W_qkv)``.
 2. ``sparse_attention(qkv, cache, offsets, pos)``: the new query over its window and offsets,
