@@ -1,11 +1,11 @@
-"""Sweep of the fused decode kernels (``pallas_kernels/decode_gpu.py``) against XLA doing the same
-math, at the paper recipe's shapes (bf16, d_model 512, 8 heads of 64, mlp 1664, R = 4096).
+"""Sweep of the three fused decode kernels (``pallas_kernels/decode_gpu.py``) against XLA doing the
+same math, at the paper recipe's shapes (bf16, d_model 512, 8 heads of 64, mlp 1664, R = 4096).
 
     python benchmarks/tune_decode.py [--batches 1 32] [--out DIR]
 
 Kernel time comes from a profiler trace (``benchmarks.timing.kernel_times``: execution only,
 launch gaps excluded); the XLA peer's time is the sum of all its kernels, with their count.
-The weight-read floor is the bytes of ``w`` at the copy bandwidth measured in the same run.
+The weight-read floor is the bytes of the weights at the copy bandwidth measured in the same run.
 Writes ``tune_decode_<device>.json``.
 """
 
@@ -37,8 +37,12 @@ def _rms(x, scale):
   return (x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale).astype(BF)
 
 
+def _residuals(b: int):
+  return tuple(jax.random.normal(jax.random.key(9 + i), (b, D), jnp.float32) for i in range(2))
+
+
 def shapes(b: int):
-  """name -> (kernel(x, w, aux, **config), XLA peer(x, w, aux), args)."""
+  """name -> (kernel(x, w, aux, **config), XLA peer(x, w, aux), args): the projection kernels."""
   key = iter(jax.random.split(jax.random.key(0), 16))
   rnd = lambda *s: jax.random.normal(next(key), s, BF)  # noqa: E731
   scale = jnp.ones((D,), jnp.float32)
@@ -48,56 +52,60 @@ def shapes(b: int):
   def xla_qkv(x, w, _):
     qkv = jnp.dot(_rms(x, scale), w).reshape(b, 1, 3, H, HD)
     p = jnp.full((b, 1), pos)
-    return jnp.stack([rope(qkv[:, :, 0], p, 1e4), rope(qkv[:, :, 1], p, 1e4), qkv[:, :, 2]], 2)
+    return jnp.stack([rope(qkv[:, :, 0], p, 1e4), rope(qkv[:, :, 1], p, 1e4), qkv[:, :, 2]], 2), x
 
-  def xla_swiglu(x, w, _):
+  def xla_mlp(x, w, down):
     g, u = jnp.split(jnp.dot(_rms(x, scale), w), 2, -1)
-    return jax.nn.silu(g) * u
+    return x + jnp.dot(jax.nn.silu(g) * u, down)
 
   return {
-      "qkv (norm, rope)": (
+      "qkv (norm, rope, copy)": (
           lambda x, w, _, **c: decode_gpu.project(x, w, norm_scale=scale, rope=(jnp.cos(angle), jnp.sin(angle), HD,
-                                                                                  2 * D), **c),
-          xla_qkv, (rnd(b, D), rnd(D, 3 * D), None)),
-      "out (residual)": (lambda x, w, r, **c: decode_gpu.project(x, w, residual=r, **c),
-                         lambda x, w, r: r + jnp.dot(x, w), (rnd(b, D), rnd(D, D), rnd(b, D))),
-      "gate_up (norm, swiglu)": (lambda x, w, _, **c: decode_gpu.project(x, w, norm_scale=scale, swiglu=True, **c),
-                                 xla_swiglu, (rnd(b, D), rnd(D, 2 * M), None)),
-      "down (residual)": (lambda x, w, r, **c: decode_gpu.project(x, w, residual=r, **c),
-                          lambda x, w, r: r + jnp.dot(x, w), (rnd(b, M), rnd(M, D), rnd(b, D))),
+                                                                                  2 * D), copy_input=True, **c),
+          xla_qkv, (rnd(b, D).astype(jnp.float32), rnd(D, 3 * D), None)),
+      "mlp (norm, swiglu, down)": (
+          lambda x, w, down, **c: decode_gpu.project(x, w, norm_scale=scale, swiglu=True, down=down, into=x, **c),
+          xla_mlp, (rnd(b, D).astype(jnp.float32), rnd(D, 2 * M), rnd(M, D))),
   }
 
 
 def attention_rows(b: int) -> list[dict]:
+  """The sparse attention kernel with the out projection fused in, against XLA doing the same
+  (cache write, gather attention, out projection, residual add)."""
   key = iter(jax.random.split(jax.random.key(1), 4))
   cache = {n: jax.random.normal(next(key), (b, R + 1, H, HD), BF) for n in ("k", "v")}
   qkv = jax.random.normal(next(key), (b, 3, H, HD), BF)
+  wo = jax.random.normal(next(key), (H * HD, D), BF)
   offsets = jnp.asarray(fibjax.offset_set("fib", 1.0, 64, R), jnp.int32)
   offs, _ = normalize_offsets(offsets, 64, R)
   pos = jnp.int32(10_000)
   rows = []
 
-  def timed(fn):  # the cache is donated and threaded through, as in the decode loop (no copies)
-    f = jax.jit(fn, donate_argnums=1)
-    box = {"cache": jax.tree.map(jnp.copy, cache)}
+  def timed(fn):  # cache and residuals donated and threaded through, as in the decode loop (no copies)
+    f = jax.jit(fn, donate_argnums=(1, 2))
+    box = {"cache": jax.tree.map(jnp.copy, cache), "res": _residuals(b)}
 
     def run():
-      o, box["cache"] = f(qkv, box["cache"])
-      return o
+      box["res"], box["cache"] = f(qkv, box["cache"], box["res"])
+      return box["res"]
 
     return kernel_times(run, 50)
 
-  for warps in (1, 2, 4):
-    t = timed(lambda q, c, w=warps: decode_gpu.sparse_attention(q, c, offs, pos, window=64, scale=0.125, num_warps=w))
-    rows.append({"shape": "sparse attention", "batch": b, "num_warps": warps, "kernel_ms": sum(t.values()),
-                 "kernels": sorted(t)})
+  for splits, warps in itertools.product((1, 2, 4, 8), (2, 4, 8)):
+    t = timed(lambda q, c, r, w=warps, s=splits: decode_gpu.sparse_attention(
+        q, c, offs, pos, window=64, scale=0.125, out_weight=wo, residuals=r, out_splits=s, num_warps=w))
+    rows.append({"shape": "attention + out", "batch": b, "out_splits": splits, "num_warps": warps,
+                 "kernel_ms": sum(t.values()), "kernels": sorted(t)})
+    print(json.dumps(rows[-1]), flush=True)
 
-  def xla(q, c):
+  def xla(q, c, r):
     c = dec.write_token(c, q[:, 1], q[:, 2], pos)
-    return dec.attend_sparse(q[:, 0], c, pos, window=64, offsets=offsets, reach=R, scale=0.125), c
+    o = dec.attend_sparse(q[:, 0], c, pos, window=64, offsets=offsets, reach=R, scale=0.125).astype(BF)
+    out = jnp.dot(o.reshape(b, H * HD), wo).astype(jnp.float32)
+    return (r[0] + out, r[1] + out), c
 
   t = timed(xla)
-  rows.append({"shape": "sparse attention", "batch": b, "xla_ms": sum(t.values()), "xla_kernels": len(t)})
+  rows.append({"shape": "attention + out", "batch": b, "xla_ms": sum(t.values()), "xla_kernels": len(t)})
   return rows
 
 
@@ -111,18 +119,20 @@ def main() -> None:
   rows = []
   for b in args.batches:
     for name, (kern, xla, data) in shapes(b).items() if "projections" in args.parts else ():
-      floor_ms = 1e3 * data[1].nbytes / bandwidth
+      floor_ms = 1e3 * (data[1].nbytes + (data[2].nbytes if data[2] is not None else 0)) / bandwidth
       t = kernel_times(lambda: jax.jit(xla)(*data), 50)
       peer = {"shape": name, "batch": b, "xla_ms": sum(t.values()), "xla_kernels": len(t), "floor_ms": floor_ms}
       print(json.dumps(peer), flush=True)
       rows.append(peer)
       configs = [dict(block_cols=c, chunk=None, num_warps=w, num_stages=1)
                  for c, w in itertools.product((16, 32, 64), (2, 4, 8))]
-      configs += [dict(block_cols=c, chunk=256, num_warps=4, num_stages=3) for c in (16, 32)]
+      configs += [dict(block_cols=c, chunk=k, num_warps=w, num_stages=3)
+                  for c, k, w in itertools.product((16, 32), (128, 256), (4, 8))]
       for config in configs:
         try:
           f = jax.jit(lambda x, w, a, c=config: kern(x, w, a, **c))
-          ms = sum(kernel_times(lambda f=f: f(*data), 50).values())
+          t = kernel_times(lambda f=f: f(*data), 50)  # the mlp's ``into`` (x) is copied first: not counted
+          ms = sum(v for name, v in t.items() if name.startswith("decode_"))
         except Exception as e:  # noqa: BLE001  (a configuration that does not compile is reported)
           ms, config = None, dict(config, error=str(e).splitlines()[0][:120])
         rows.append({"shape": name, "batch": b, **config, "kernel_ms": ms})
@@ -136,7 +146,7 @@ def main() -> None:
       json.dumps({"device": device, "copy_bandwidth": bandwidth, "rows": rows}, indent=2) + "\n")
   for b in args.batches:
     for name in (list(shapes(b)) if "projections" in args.parts else []) + (
-        ["sparse attention"] if "attention" in args.parts else []):
+        ["attention + out"] if "attention" in args.parts else []):
       mine = [r for r in rows if r["shape"] == name and r["batch"] == b and r.get("kernel_ms")]
       peer = next(r for r in rows if r["shape"] == name and r["batch"] == b and "xla_ms" in r)
       best = min(mine, key=lambda r: r["kernel_ms"]) if mine else None

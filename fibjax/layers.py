@@ -192,7 +192,8 @@ class Block(nnx.Module):
 
   def decode(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """One token per row at position ``pos``: the XLA path (norms, projections and
-    ``fibjax.decode`` attention as separate ops) or five fused Pallas kernels (``decode_impl``)."""
+    ``fibjax.decode`` attention as separate ops) or three fused Pallas kernels (``decode_impl``;
+    these return the residual stream in float32)."""
     impl = self.decode_impl
     if impl == "auto":
       impl = "pallas" if jax.default_backend() == "gpu" and self._fusable() else "xla"
@@ -208,31 +209,40 @@ class Block(nnx.Module):
 
   def _decode_fused(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict, *, interpret: bool
                     ) -> tuple[jax.Array, dict]:
+    """Three kernels (``pallas_kernels.decode_gpu``; four for more than 16 rows); returns the
+    residual stream in float32."""
     from pallas_kernels import decode_gpu as kern  # noqa: PLC0415  (GPU kernels: imported on use)
 
     a, b = self.attn, x_Bx1xD.shape[0]
     h, d = a.num_heads, a.head_dim
     w = lambda lin: lin.kernel[...].astype(lin.dtype or lin.kernel[...].dtype)  # noqa: E731
     angle_F = rope_angles(pos, d, a.rope_base)
-    x_BxD = x_Bx1xD[:, 0]
-    # block sizes: benchmarks/tune_decode.py on an H100 (fastest at batch 1, near it at 32)
-    wide, narrow = dict(block_cols=32, chunk=256, interpret=interpret), dict(block_cols=16, chunk=256, interpret=interpret)
-    qkv = kern.project(x_BxD, w(a.qkv), norm_scale=self.attn_norm.scale[...], eps=self.attn_norm.epsilon,
-                       rope=(jnp.cos(angle_F), jnp.sin(angle_F), d, 2 * h * d), **wide)
+    x_BxD = x_Bx1xD[:, 0].astype(jnp.float32)  # float32: the kernels add into it atomically
+    # block sizes: benchmarks/tune_decode.py on an H100 (batch 1 and 32)
+    qkv, y_BxD = kern.project(x_BxD, w(a.qkv), norm_scale=self.attn_norm.scale[...], eps=self.attn_norm.epsilon,
+                              rope=(jnp.cos(angle_F), jnp.sin(angle_F), d, 2 * h * d), copy_input=True,
+                              block_cols=32, chunk=None, num_stages=1, interpret=interpret)
     qkv_Bx3xHxD = qkv.reshape(b, 3, h, d)
     scale = d**-0.5
+    out = dict(out_splits=max(1, min(4, y_BxD.shape[1] // 128)), interpret=interpret)
     if a.pattern.kind == "dense":
       cache = dec.write_token(cache, qkv_Bx3xHxD[:, 1], qkv_Bx3xHxD[:, 2], pos)
       o_BxHxD = dec.attend_dense(qkv_Bx3xHxD[:, 0], cache, pos, scale=scale).astype(qkv.dtype)
+      x_BxD, y_BxD = kern.head_projection(o_BxHxD, w(a.out), (x_BxD, y_BxD), **out)
     else:
       raw = np.asarray(a.pattern.offsets, np.int32) if a.pattern.kind == "static" else a.offsets()
       offsets, _ = normalize_offsets(raw, a.pattern.window, a.pattern.reach)
-      o_BxHxD, cache = kern.sparse_attention(qkv_Bx3xHxD, cache, offsets, pos, window=a.pattern.window, scale=scale,
-                                             interpret=interpret)
-    y_BxD = kern.project(o_BxHxD.reshape(b, h * d), w(a.out), residual=x_BxD, **narrow)
-    g_BxM = kern.project(y_BxD, w(self.mlp.gate_up), norm_scale=self.mlp_norm.scale[...],
-                         eps=self.mlp_norm.epsilon, swiglu=True, **wide)
-    return kern.project(g_BxM, w(self.mlp.down), residual=y_BxD, **narrow)[:, None], cache
+      (x_BxD, y_BxD), cache = kern.sparse_attention(
+          qkv_Bx3xHxD, cache, offsets, pos, window=a.pattern.window, scale=scale, out_weight=w(a.out),
+          residuals=(x_BxD, y_BxD), **out)
+    mlp = dict(norm_scale=self.mlp_norm.scale[...], eps=self.mlp_norm.epsilon, swiglu=True, interpret=interpret)
+    if b <= 16:  # one kernel, the down projection split over hidden units (atomic adds)
+      y_BxD = kern.project(x_BxD, w(self.mlp.gate_up), down=w(self.mlp.down), into=y_BxD, block_cols=16, chunk=None,
+                           num_warps=2, num_stages=1, **mlp)
+    else:  # more rows: the atomic adds grow with rows x hidden blocks; two kernels, no atomics
+      g_BxM = kern.project(x_BxD, w(self.mlp.gate_up), block_cols=32, chunk=256, **mlp)
+      y_BxD = kern.project(g_BxM, w(self.mlp.down), into=y_BxD, block_cols=16, chunk=256, interpret=interpret)
+    return y_BxD[:, None], cache
 
 
 DECODE_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")

@@ -24,19 +24,26 @@ def _rms(x, scale, eps=1e-6):
 
 
 @pytest.mark.parametrize("rows, chunk", [(1, None), (3, 16), (20, None), (70, 16)])  # one step / a loop
-@pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu", "rope"])
+@pytest.mark.parametrize("epilogue", ["none", "residual", "mlp", "swiglu", "rope"])
 def test_project_matches_jnp(rows, chunk, epilogue):
   rng, msg = _rng(secrets.randbits(32))
   k_dim, n, head_dim = 48, 64, 16
   x = jnp.asarray(rng.standard_normal((rows, k_dim)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((k_dim, n)) / 7, jnp.float32)
   scale = jnp.asarray(1 + rng.standard_normal(k_dim) / 4, jnp.float32)
-  res = jnp.asarray(rng.standard_normal((rows, n)), jnp.float32)
   h = jnp.dot(_rms(x, scale), w, precision="highest")
   if epilogue == "none":
     got, want = decode_gpu.project(x, w, chunk=chunk, interpret=True), jnp.dot(x, w, precision="highest")
   elif epilogue == "residual":
-    got, want = decode_gpu.project(x, w, residual=res, chunk=chunk, interpret=True), res + jnp.dot(x, w, precision="highest")
+    into = jnp.asarray(rng.standard_normal((rows, n)), jnp.float32)
+    got, want = decode_gpu.project(x, w, into=into, chunk=chunk, interpret=True), into + jnp.dot(x, w, precision="highest")
+  elif epilogue == "mlp":  # 2 programs add their hidden units' share into ``into`` (copy_input: x itself)
+    down = jnp.asarray(rng.standard_normal((n // 2, 80)) / 5, jnp.float32)
+    into = jnp.asarray(rng.standard_normal((rows, 80)), jnp.float32)
+    got, copy = decode_gpu.project(x, w, norm_scale=scale, swiglu=True, down=down, into=into, copy_input=True,
+                                   block_cols=16, chunk=chunk, interpret=True)
+    np.testing.assert_array_equal(np.asarray(copy), np.asarray(x), err_msg=msg)
+    want = into + jnp.dot(jax.nn.silu(h[:, : n // 2]) * h[:, n // 2:], down, precision="highest")
   elif epilogue == "swiglu":
     got = decode_gpu.project(x, w, norm_scale=scale, swiglu=True, block_cols=16, chunk=chunk, interpret=True)
     want = jax.nn.silu(h[:, : n // 2]) * h[:, n // 2:]
@@ -80,25 +87,52 @@ def test_sparse_attention_matches_attend_sparse(learned, dtype):
                                err_msg=f"pos {pos} {msg}")
     for name in ("k", "v"):  # exactly one slot written, every other slot untouched
       np.testing.assert_array_equal(np.asarray(got_cache[name]), np.asarray(want_cache[name]))
+    # the out projection fused in: each head's share added into both residuals
+    wo = jnp.asarray(rng.standard_normal((h * d, 64)) / 6, dtype)
+    res = [jnp.asarray(rng.standard_normal((b, 64)), jnp.float32) for _ in range(2)]
+    added = jnp.dot(want.astype(dtype).astype(jnp.float32).reshape(b, h * d), wo.astype(jnp.float32),
+                    precision="highest")
+    (got_a, got_b), proj_cache = decode_gpu.sparse_attention(qkv, cache, offs, jnp.int32(pos), window=window,
+                                                             scale=d**-0.5, out_weight=wo, residuals=res, out_splits=2,
+                                                             interpret=True)
+    via_heads = decode_gpu.head_projection(want.astype(dtype), wo, res, out_splits=4, interpret=True)
+    for r, got_r, head_r in zip(res, (got_a, got_b), via_heads):
+      np.testing.assert_allclose(np.asarray(got_r), np.asarray(r + added), atol=5 * tol, rtol=tol, err_msg=msg)
+      np.testing.assert_allclose(np.asarray(head_r), np.asarray(r + added), atol=1e-4, rtol=1e-5, err_msg=msg)
+    np.testing.assert_array_equal(np.asarray(proj_cache["k"]), np.asarray(want_cache["k"]))
+
+
+def test_fused_shapes_refused():
+  x, w = jnp.zeros((2, 32)), jnp.zeros((32, 64))
+  with pytest.raises(ValueError, match="down= goes with into= and swiglu=True"):
+    decode_gpu.project(x, w, down=jnp.zeros((32, 16)), interpret=True)
+  with pytest.raises(ValueError, match="out_splits=2 must cut"):
+    decode_gpu.head_projection(jnp.zeros((2, 2, 16)), jnp.zeros((32, 96)), (jnp.zeros((2, 96)),) * 2, out_splits=2)
+  with pytest.raises(ValueError, match="into must be float32"):
+    decode_gpu.project(x, w, swiglu=True, down=jnp.zeros((32, 16)), into=jnp.zeros((2, 16), jnp.bfloat16),
+                       interpret=True)
+  with pytest.raises(ValueError, match="residuals two float32"):
+    decode_gpu.head_projection(jnp.zeros((2, 2, 16)), jnp.zeros((32, 16)), (jnp.zeros((2, 16)),), interpret=True)
 
 
 SMALL = dict(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64, seq_len=32, window=4)
 
 
-@pytest.mark.parametrize("variant", ["dense", "fib-linear", "fib-learned", "pow2-coprime"])
-def test_fused_decode_equals_xla_decode(variant):
-  """The five-kernel block (interpret mode) gives the XLA decode path's logits, far past R."""
+@pytest.mark.parametrize("variant, batch", [("dense", 3), ("fib-linear", 3), ("fib-learned", 3), ("pow2-coprime", 3),
+                                            ("fib-linear", 17)])  # 17 rows: the two-kernel MLP
+def test_fused_decode_equals_xla_decode(variant, batch):
+  """The three-kernel block (interpret mode) gives the XLA decode path's logits, far past R."""
   models = {impl: fibjax.LM(fibjax.ModelConfig(variant=variant, decode_impl=impl, **SMALL), rngs=nnx.Rngs(5))
             for impl in ("interpret", "xla")}
   if variant.endswith("learned"):
     for m in models.values():
       for block, a in zip(m.blocks, (1.21, 0.87)):
         block.attn.log_alpha[...] = jnp.log(jnp.float32(a))
-  tokens = jnp.asarray(np.random.default_rng(0).integers(1, 256, (3, 80)), jnp.int32)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, 256, (batch, 80)), jnp.int32)
   step = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
   caches = {}
   for impl, m in models.items():
-    caches[impl] = m.prefill(tokens[:, :40], m.init_cache(3, 80))[1]
+    caches[impl] = m.prefill(tokens[:, :40], m.init_cache(batch, 80))[1]
   for pos in range(40, 80):
     got, caches["interpret"] = step(models["interpret"], tokens[:, pos], jnp.int32(pos), caches["interpret"])
     want, caches["xla"] = step(models["xla"], tokens[:, pos], jnp.int32(pos), caches["xla"])
