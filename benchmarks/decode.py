@@ -166,6 +166,17 @@ def main() -> None:
            "variants on the same decode path. Reproduce: `python benchmarks/decode.py`."]
   for impl in args.impls:
     lines += ["", f"## decode_impl = {impl}", ""] + _table(rows, impl, args.batches, args.contexts)
+  lines += ["", "## Each variant on its faster path (the fair ratio)", "",
+            "| batch | context | fib-linear ms/token (path) | dense ms/token (path) | dense / fib |", "|---|---|---|---|---|"]
+  for batch in args.batches:
+    for context in args.contexts:
+      best = {v: min((r for r in rows if r["variant"] == v and r["context"] == context and r["batch"] == batch
+                      and "ms_per_token" in r), key=lambda r: r["ms_per_token"], default=None)
+              for v in ("fib-linear", "dense")}
+      if best["fib-linear"] and best["dense"]:
+        f, d = best["fib-linear"], best["dense"]
+        lines.append(f"| {batch} | {context} | {f['ms_per_token']:.3f} ({f['impl']}) | {d['ms_per_token']:.3f} "
+                     f"({d['impl']}) | {d['ms_per_token'] / f['ms_per_token']:.1f}x |")
   path.with_suffix(".md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 

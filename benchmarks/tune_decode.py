@@ -30,6 +30,23 @@ from pallas_kernels import decode_gpu  # noqa: E402
 
 D, H, HD, M, R = 512, 8, 64, 1664, 4096
 BF = jnp.bfloat16
+LAYERS = 16  # caches cycled through, as in the decode loop's 16 layers
+HBM_BYTES = 128 << 20  # weight copies cycled through: > 2x the L2, so weights come from HBM, as in the decode loop
+
+
+def _copies(nbytes: int) -> int:
+  return max(LAYERS, -(-HBM_BYTES // nbytes))
+
+
+def _cycling(f, arg_sets):
+  """``run()`` calling ``f`` on the next of ``arg_sets`` each time."""
+  box = {"i": 0}
+
+  def run():
+    box["i"] += 1
+    return f(*arg_sets[box["i"] % len(arg_sets)])
+
+  return run
 
 
 def _rms(x, scale):
@@ -42,9 +59,9 @@ def _residuals(b: int):
 
 
 def shapes(b: int):
-  """name -> (kernel(x, w, aux, **config), XLA peer(x, w, aux), args): the projection kernels."""
-  key = iter(jax.random.split(jax.random.key(0), 16))
-  rnd = lambda *s: jax.random.normal(next(key), s, BF)  # noqa: E731
+  """name -> (kernel(x, w, aux, **config), XLA peer(x, w, aux), [args per layer]): the projection kernels."""
+  rnd = lambda *s: jax.random.normal(jax.random.key(len(s) * 1000 + s[-1]), s, BF)  # noqa: E731
+  copies = lambda *s: [jax.random.normal(jax.random.key(i), s, BF) for i in range(_copies(2 * s[0] * s[1]))]  # noqa: E731
   scale = jnp.ones((D,), jnp.float32)
   pos = jnp.int32(5000)
   angle = rope_angles(pos, HD, 10_000.0)
@@ -62,43 +79,44 @@ def shapes(b: int):
       "qkv (norm, rope, copy)": (
           lambda x, w, _, **c: decode_gpu.project(x, w, norm_scale=scale, rope=(jnp.cos(angle), jnp.sin(angle), HD,
                                                                                   2 * D), copy_input=True, **c),
-          xla_qkv, (rnd(b, D).astype(jnp.float32), rnd(D, 3 * D), None)),
+          xla_qkv, [(rnd(b, D).astype(jnp.float32), w, None) for w in copies(D, 3 * D)]),
       "mlp (norm, swiglu, down)": (
           lambda x, w, down, **c: decode_gpu.project(x, w, norm_scale=scale, swiglu=True, down=down, into=x, **c),
-          xla_mlp, (rnd(b, D).astype(jnp.float32), rnd(D, 2 * M), rnd(M, D))),
+          xla_mlp, [(rnd(b, D).astype(jnp.float32), w, down) for w, down in zip(copies(D, 2 * M), copies(M, D))]),
   }
 
 
 def attention_rows(b: int) -> list[dict]:
   """The sparse attention kernel with the out projection fused in, against XLA doing the same
   (cache write, gather attention, out projection, residual add)."""
-  key = iter(jax.random.split(jax.random.key(1), 4))
-  cache = {n: jax.random.normal(next(key), (b, R + 1, H, HD), BF) for n in ("k", "v")}
+  key = iter(jax.random.split(jax.random.key(1), 2 * LAYERS + 1))
+  caches = [{n: jax.random.normal(next(key), (b, R + 1, H, HD), BF) for n in ("k", "v")} for _ in range(LAYERS)]
   qkv = jax.random.normal(next(key), (b, 3, H, HD), BF)
-  wo = jax.random.normal(next(key), (H * HD, D), BF)
+  wos = [jax.random.normal(jax.random.key(i), (H * HD, D), BF) for i in range(_copies(2 * H * HD * D))]
   offsets = jnp.asarray(fibjax.offset_set("fib", 1.0, 64, R), jnp.int32)
   offs, _ = normalize_offsets(offsets, 64, R)
   pos = jnp.int32(10_000)
   rows = []
 
-  def timed(fn):  # cache and residuals donated and threaded through, as in the decode loop (no copies)
+  def timed(fn):  # per-layer caches and residuals donated and threaded through, as in the decode loop
     f = jax.jit(fn, donate_argnums=(1, 2))
-    box = {"cache": jax.tree.map(jnp.copy, cache), "res": _residuals(b)}
+    box = {"i": 0, "res": _residuals(b)}
 
     def run():
-      box["res"], box["cache"] = f(qkv, box["cache"], box["res"])
+      i = box["i"] = box["i"] + 1
+      box["res"], caches[i % LAYERS] = f(qkv, caches[i % LAYERS], box["res"], wos[i % len(wos)])
       return box["res"]
 
-    return kernel_times(run, 50)
+    return kernel_times(run, len(wos))
 
   for splits, warps in itertools.product((1, 2, 4, 8), (2, 4, 8)):
-    t = timed(lambda q, c, r, w=warps, s=splits: decode_gpu.sparse_attention(
+    t = timed(lambda q, c, r, wo, w=warps, s=splits: decode_gpu.sparse_attention(
         q, c, offs, pos, window=64, scale=0.125, out_weight=wo, residuals=r, out_splits=s, num_warps=w))
     rows.append({"shape": "attention + out", "batch": b, "out_splits": splits, "num_warps": warps,
                  "kernel_ms": sum(t.values()), "kernels": sorted(t)})
     print(json.dumps(rows[-1]), flush=True)
 
-  def xla(q, c, r):
+  def xla(q, c, r, wo):
     c = dec.write_token(c, q[:, 1], q[:, 2], pos)
     o = dec.attend_sparse(q[:, 0], c, pos, window=64, offsets=offsets, reach=R, scale=0.125).astype(BF)
     out = jnp.dot(o.reshape(b, H * HD), wo).astype(jnp.float32)
@@ -119,19 +137,19 @@ def main() -> None:
   rows = []
   for b in args.batches:
     for name, (kern, xla, data) in shapes(b).items() if "projections" in args.parts else ():
-      floor_ms = 1e3 * (data[1].nbytes + (data[2].nbytes if data[2] is not None else 0)) / bandwidth
-      t = kernel_times(lambda: jax.jit(xla)(*data), 50)
+      floor_ms = 1e3 * (data[0][1].nbytes + (data[0][2].nbytes if data[0][2] is not None else 0)) / bandwidth
+      t = kernel_times(_cycling(jax.jit(xla), data), len(data))
       peer = {"shape": name, "batch": b, "xla_ms": sum(t.values()), "xla_kernels": len(t), "floor_ms": floor_ms}
       print(json.dumps(peer), flush=True)
       rows.append(peer)
       configs = [dict(block_cols=c, chunk=None, num_warps=w, num_stages=1)
                  for c, w in itertools.product((16, 32, 64), (2, 4, 8))]
-      configs += [dict(block_cols=c, chunk=k, num_warps=w, num_stages=3)
-                  for c, k, w in itertools.product((16, 32), (128, 256), (4, 8))]
+      configs += [dict(block_cols=c, chunk=k, num_warps=w, num_stages=st)
+                  for c, k, w, st in itertools.product((16, 32), (128, 256), (4, 8), (2, 3, 4))]
       for config in configs:
         try:
           f = jax.jit(lambda x, w, a, c=config: kern(x, w, a, **c))
-          t = kernel_times(lambda f=f: f(*data), 50)  # the mlp's ``into`` (x) is copied first: not counted
+          t = kernel_times(_cycling(f, data), len(data))  # the mlp's ``into`` (x) is copied first: not counted
           ms = sum(v for name, v in t.items() if name.startswith("decode_"))
         except Exception as e:  # noqa: BLE001  (a configuration that does not compile is reported)
           ms, config = None, dict(config, error=str(e).splitlines()[0][:120])
@@ -145,8 +163,7 @@ def main() -> None:
   (args.out / f"tune_decode_{device.replace(' ', '_')}.json").write_text(
       json.dumps({"device": device, "copy_bandwidth": bandwidth, "rows": rows}, indent=2) + "\n")
   for b in args.batches:
-    for name in (list(shapes(b)) if "projections" in args.parts else []) + (
-        ["attention + out"] if "attention" in args.parts else []):
+    for name in dict.fromkeys(r["shape"] for r in rows if r["batch"] == b):
       mine = [r for r in rows if r["shape"] == name and r["batch"] == b and r.get("kernel_ms")]
       peer = next(r for r in rows if r["shape"] == name and r["batch"] == b and "xla_ms" in r)
       best = min(mine, key=lambda r: r["kernel_ms"]) if mine else None

@@ -202,8 +202,12 @@ class Block(nnx.Module):
     return self._decode_fused(x_Bx1xD, pos, cache, interpret=impl == "interpret")
 
   def _fusable(self) -> bool:
-    """Shapes the compiled fused kernels take (dots of >= 16 columns, 16-wide contraction steps)."""
+    """Sparse patterns whose shapes the compiled fused kernels take (dots of >= 16 columns,
+    16-wide contraction steps). Dense stays on XLA: its fused path (XLA attention between the
+    kernels) measured slower at long contexts (2.03 vs 1.55 ms/token at 64K, H100)."""
     a, d_model = self.attn, self.attn_norm.num_features
+    if a.pattern.kind == "dense":
+      return False
     widths = (d_model, a.num_heads * a.head_dim, self.mlp.down.in_features)
     return a.head_dim % 32 == 0 and all(w % 16 == 0 for w in widths)
 
@@ -218,13 +222,15 @@ class Block(nnx.Module):
     w = lambda lin: lin.kernel[...].astype(lin.dtype or lin.kernel[...].dtype)  # noqa: E731
     angle_F = rope_angles(pos, d, a.rope_base)
     x_BxD = x_Bx1xD[:, 0].astype(jnp.float32)  # float32: the kernels add into it atomically
-    # block sizes: benchmarks/tune_decode.py on an H100 (batch 1 and 32)
+    # block sizes: benchmarks/tune_decode.py on an H100 (batch 1 and 32; weights read from HBM, as here)
     qkv, y_BxD = kern.project(x_BxD, w(a.qkv), norm_scale=self.attn_norm.scale[...], eps=self.attn_norm.epsilon,
                               rope=(jnp.cos(angle_F), jnp.sin(angle_F), d, 2 * h * d), copy_input=True,
-                              block_cols=32, chunk=None, num_stages=1, interpret=interpret)
+                              interpret=interpret)
     qkv_Bx3xHxD = qkv.reshape(b, 3, h, d)
     scale = d**-0.5
-    out = dict(out_splits=max(1, min(4, y_BxD.shape[1] // 128)), interpret=interpret)
+    few = b <= 16
+    out = dict(out_splits=max(1, min(4, y_BxD.shape[1] // 128)) if few else 1, num_warps=2 if few else 4,
+               interpret=interpret)
     if a.pattern.kind == "dense":
       cache = dec.write_token(cache, qkv_Bx3xHxD[:, 1], qkv_Bx3xHxD[:, 2], pos)
       o_BxHxD = dec.attend_dense(qkv_Bx3xHxD[:, 0], cache, pos, scale=scale).astype(qkv.dtype)
@@ -236,12 +242,11 @@ class Block(nnx.Module):
           qkv_Bx3xHxD, cache, offsets, pos, window=a.pattern.window, scale=scale, out_weight=w(a.out),
           residuals=(x_BxD, y_BxD), **out)
     mlp = dict(norm_scale=self.mlp_norm.scale[...], eps=self.mlp_norm.epsilon, swiglu=True, interpret=interpret)
-    if b <= 16:  # one kernel, the down projection split over hidden units (atomic adds)
-      y_BxD = kern.project(x_BxD, w(self.mlp.gate_up), down=w(self.mlp.down), into=y_BxD, block_cols=16, chunk=None,
-                           num_warps=2, num_stages=1, **mlp)
+    if few:  # one kernel, the down projection split over hidden units (atomic adds)
+      y_BxD = kern.project(x_BxD, w(self.mlp.gate_up), down=w(self.mlp.down), into=y_BxD, **mlp)
     else:  # more rows: the atomic adds grow with rows x hidden blocks; two kernels, no atomics
-      g_BxM = kern.project(x_BxD, w(self.mlp.gate_up), block_cols=32, chunk=256, **mlp)
-      y_BxD = kern.project(g_BxM, w(self.mlp.down), into=y_BxD, block_cols=16, chunk=256, interpret=interpret)
+      g_BxM = kern.project(x_BxD, w(self.mlp.gate_up), **mlp)
+      y_BxD = kern.project(g_BxM, w(self.mlp.down), into=y_BxD, block_cols=16, interpret=interpret)
     return y_BxD[:, None], cache
 
 
@@ -249,7 +254,8 @@ DECODE_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")
 
 
 def check_decode_impl(decode_impl: str) -> str:
-  """``auto``: fused Pallas kernels on GPU (when the shapes allow), XLA elsewhere; ``xla``;
+  """``auto``: fused Pallas kernels on GPU for sparse patterns (when the shapes allow), XLA
+  elsewhere; ``xla``;
   ``pallas`` (GPU); ``interpret``: the Pallas kernels in interpret mode (CPU tests)."""
   if decode_impl not in DECODE_IMPLS:
     raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")

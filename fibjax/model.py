@@ -31,7 +31,7 @@ class ModelConfig:
   mlp_dim: SwiGLU hidden width; 1664 (3.25 x 512) puts the paper recipe at ~57.8M parameters.
   dtype: compute dtype; param_dtype: master weights. attention_impl: see ``fibjax.attention``.
   decode_impl: incremental decoding, see ``fibjax.layers.check_decode_impl`` (``auto``: fused
-  Pallas kernels on GPU, XLA ops elsewhere).
+  Pallas kernels on GPU for sparse layers, XLA ops elsewhere).
   remat: recompute each block in the backward pass (saves activation memory).
   """
 
