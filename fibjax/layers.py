@@ -213,8 +213,8 @@ class Block(nnx.Module):
 
   def _decode_fused(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict, *, interpret: bool
                     ) -> tuple[jax.Array, dict]:
-    """Three kernels (``pallas_kernels.decode_gpu``; four for more than 16 rows); returns the
-    residual stream in float32."""
+    """Three kernels (``pallas_kernels.decode_gpu``; five without atomic adds for more than 16
+    rows); returns the residual stream in float32."""
     from pallas_kernels import decode_gpu as kern  # noqa: PLC0415  (GPU kernels: imported on use)
 
     a, b = self.attn, x_Bx1xD.shape[0]
@@ -223,30 +223,32 @@ class Block(nnx.Module):
     angle_F = rope_angles(pos, d, a.rope_base)
     x_BxD = x_Bx1xD[:, 0].astype(jnp.float32)  # float32: the kernels add into it atomically
     # block sizes: benchmarks/tune_decode.py on an H100 (batch 1 and 32; weights read from HBM, as here)
-    qkv, y_BxD = kern.project(x_BxD, w(a.qkv), norm_scale=self.attn_norm.scale[...], eps=self.attn_norm.epsilon,
-                              rope=(jnp.cos(angle_F), jnp.sin(angle_F), d, 2 * h * d), copy_input=True,
-                              interpret=interpret)
+    few = b <= 16  # atomic adds grow with the rows: more rows take the five-kernel path without them
+    qkv = kern.project(x_BxD, w(a.qkv), norm_scale=self.attn_norm.scale[...], eps=self.attn_norm.epsilon,
+                       rope=(jnp.cos(angle_F), jnp.sin(angle_F), d, 2 * h * d), copy_input=few, interpret=interpret)
+    qkv, *copy = qkv if few else (qkv,)
     qkv_Bx3xHxD = qkv.reshape(b, 3, h, d)
     scale = d**-0.5
-    few = b <= 16
-    out = dict(out_splits=max(1, min(4, y_BxD.shape[1] // 128)) if few else 1, num_warps=2 if few else 4,
-               interpret=interpret)
+    out = dict(out_weight=w(a.out), residuals=(x_BxD, *copy), out_splits=max(1, min(4, x_BxD.shape[1] // 128)),
+               num_warps=2) if few else {}
     if a.pattern.kind == "dense":
       cache = dec.write_token(cache, qkv_Bx3xHxD[:, 1], qkv_Bx3xHxD[:, 2], pos)
-      o_BxHxD = dec.attend_dense(qkv_Bx3xHxD[:, 0], cache, pos, scale=scale).astype(qkv.dtype)
-      x_BxD, y_BxD = kern.head_projection(o_BxHxD, w(a.out), (x_BxD, y_BxD), **out)
+      o = dec.attend_dense(qkv_Bx3xHxD[:, 0], cache, pos, scale=scale).astype(qkv.dtype)
+      if few:
+        o = kern.head_projection(o, interpret=interpret, **out)
     else:
       raw = np.asarray(a.pattern.offsets, np.int32) if a.pattern.kind == "static" else a.offsets()
       offsets, _ = normalize_offsets(raw, a.pattern.window, a.pattern.reach)
-      (x_BxD, y_BxD), cache = kern.sparse_attention(
-          qkv_Bx3xHxD, cache, offsets, pos, window=a.pattern.window, scale=scale, out_weight=w(a.out),
-          residuals=(x_BxD, y_BxD), **out)
+      o, cache = kern.sparse_attention(qkv_Bx3xHxD, cache, offsets, pos, window=a.pattern.window, scale=scale,
+                                       interpret=interpret, **out)
     mlp = dict(norm_scale=self.mlp_norm.scale[...], eps=self.mlp_norm.epsilon, swiglu=True, interpret=interpret)
-    if few:  # one kernel, the down projection split over hidden units (atomic adds)
+    if few:  # o: (x, y) with the attention added; the MLP adds into y, split over hidden units
+      x_BxD, y_BxD = o
       y_BxD = kern.project(x_BxD, w(self.mlp.gate_up), down=w(self.mlp.down), into=y_BxD, **mlp)
-    else:  # more rows: the atomic adds grow with rows x hidden blocks; two kernels, no atomics
+    else:  # out projection, gate_up, down: each program owns its output columns, residual added in place
+      x_BxD = kern.project(o.reshape(b, h * d), w(a.out), into=x_BxD, block_cols=16, interpret=interpret)
       g_BxM = kern.project(x_BxD, w(self.mlp.gate_up), **mlp)
-      y_BxD = kern.project(g_BxM, w(self.mlp.down), into=y_BxD, block_cols=16, interpret=interpret)
+      y_BxD = kern.project(g_BxM, w(self.mlp.down), into=x_BxD, block_cols=16, interpret=interpret)
     return y_BxD[:, None], cache
 
 
