@@ -224,8 +224,11 @@ class Block(nnx.Module):
     x_BxD = x_Bx1xD[:, 0].astype(jnp.float32)  # float32: the kernels add into it atomically
     # block sizes: benchmarks/tune_decode.py on an H100 (batch 1 and 32; weights read from HBM, as here)
     few = b <= 16  # atomic adds grow with the rows: more rows take the five-kernel path without them
+    # float32 weights: shorter contraction steps, or 3 pipeline stages of tiles overflow shared memory
+    chunk = 256 if w(a.qkv).dtype.itemsize <= 2 else 64
     qkv = kern.project(x_BxD, w(a.qkv), norm_scale=self.attn_norm.scale[...], eps=self.attn_norm.epsilon,
-                       rope=(jnp.cos(angle_F), jnp.sin(angle_F), d, 2 * h * d), copy_input=few, interpret=interpret)
+                       rope=(jnp.cos(angle_F), jnp.sin(angle_F), d, 2 * h * d), copy_input=few, chunk=chunk,
+                       interpret=interpret)
     qkv, *copy = qkv if few else (qkv,)
     qkv_Bx3xHxD = qkv.reshape(b, 3, h, d)
     scale = d**-0.5
@@ -241,14 +244,15 @@ class Block(nnx.Module):
       offsets, _ = normalize_offsets(raw, a.pattern.window, a.pattern.reach)
       o, cache = kern.sparse_attention(qkv_Bx3xHxD, cache, offsets, pos, window=a.pattern.window, scale=scale,
                                        interpret=interpret, **out)
-    mlp = dict(norm_scale=self.mlp_norm.scale[...], eps=self.mlp_norm.epsilon, swiglu=True, interpret=interpret)
+    mlp = dict(norm_scale=self.mlp_norm.scale[...], eps=self.mlp_norm.epsilon, swiglu=True, chunk=chunk,
+               interpret=interpret)
     if few:  # o: (x, y) with the attention added; the MLP adds into y, split over hidden units
       x_BxD, y_BxD = o
       y_BxD = kern.project(x_BxD, w(self.mlp.gate_up), down=w(self.mlp.down), into=y_BxD, **mlp)
     else:  # out projection, gate_up, down: each program owns its output columns, residual added in place
-      x_BxD = kern.project(o.reshape(b, h * d), w(a.out), into=x_BxD, block_cols=16, interpret=interpret)
+      x_BxD = kern.project(o.reshape(b, h * d), w(a.out), into=x_BxD, block_cols=16, chunk=chunk, interpret=interpret)
       g_BxM = kern.project(x_BxD, w(self.mlp.gate_up), **mlp)
-      y_BxD = kern.project(g_BxM, w(self.mlp.down), into=x_BxD, block_cols=16, interpret=interpret)
+      y_BxD = kern.project(g_BxM, w(self.mlp.down), into=x_BxD, block_cols=16, chunk=chunk, interpret=interpret)
     return y_BxD[:, None], cache
 
 
