@@ -225,8 +225,9 @@ class Block(nnx.Module):
     # block sizes: benchmarks/tune_decode.py on an H100 (batch 1 and 32; weights read from HBM, as here)
     few = b <= 16  # atomic adds grow with the rows: more rows take the five-kernel path without them
     # float32 weights: shorter contraction steps, or 3 pipeline stages of tiles overflow shared memory
-    chunk = 256 if w(a.qkv).dtype.itemsize <= 2 else 64
-    qkv = kern.project(x_BxD, w(a.qkv), norm_scale=self.attn_norm.scale[...], eps=self.attn_norm.epsilon,
+    w_qkv = w(a.qkv)
+    chunk = 256 if w_qkv.dtype.itemsize <= 2 else 64
+    qkv = kern.project(x_BxD, w_qkv, norm_scale=self.attn_norm.scale[...], eps=self.attn_norm.epsilon,
                        rope=(jnp.cos(angle_F), jnp.sin(angle_F), d, 2 * h * d), copy_input=few, chunk=chunk,
                        interpret=interpret)
     qkv, *copy = qkv if few else (qkv,)

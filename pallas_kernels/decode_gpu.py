@@ -259,7 +259,7 @@ def project(
   n = w_KxN.shape[1]
   if w_KxN.shape[0] != k_dim:
     raise ValueError(f"x is [B, {k_dim}] but w is {w_KxN.shape}")
-  if (down is not None) and (into is None or not swiglu) or (into is not None and swiglu and down is None):
+  if (down is not None) != (into is not None and swiglu):
     raise ValueError("down= goes with into= and swiglu=True (swiglu with into= needs down=)")
   n_out = n // 2 if swiglu else n
   e = down.shape[1] if down is not None else n_out
