@@ -57,13 +57,23 @@ def kernel_times(run: Callable[[], Any], calls: int, device: str = "/device:GPU:
   return by_name
 
 
-def describe_kernels(compiled_text: str, names) -> dict[str, str]:
+def describe_kernels(compiled_text: str, names, body_chars: int = 0) -> dict[str, str]:
   """For profiler kernel names that are XLA fusions, the fusion's HLO instruction (truncated):
-  what it computes, for reading a profile."""
+  what it computes, for reading a profile; with ``body_chars``, also that much of the fused
+  computation it calls."""
   out = {}
   for name in names:  # the profiler writes "fusion_12" for the HLO's "fusion.12"
     hlo_name = re.sub(r"_(\d+)$", r".\1", name)
     m = re.search(r"\n\s*(?:ROOT )?%?" + re.escape(hlo_name) + r" = ([^\n]{0,300})", compiled_text)
     if m:
       out[name] = m.group(1)
+      called = re.search(r"calls=%?([\w.\-]+)", m.group(1))
+      body = called and re.search(r"\n%?" + re.escape(called.group(1)) + r" [^\n]*\{\n(.*?)\n\}", compiled_text, re.S)
+      if body_chars and body:
+        out[name] += " || " + " ; ".join(line.strip()[:160] for line in body.group(1).splitlines())[:body_chars]
   return out
+
+
+def copies(compiled_text: str, limit: int = 20) -> list[str]:
+  """The compiled HLO's copy instructions (each a kernel or memcpy per call), truncated."""
+  return [line.strip()[:220] for line in compiled_text.splitlines() if re.search(r"= \S+ copy(-start)?\(", line)][:limit]

@@ -1,9 +1,13 @@
-"""Block-size / warp sweep of the GPU kernel (static and learned, fwd and fwd+bwd).
+"""Launch-parameter sweep of the GPU attention kernel with static offsets: forward tiles, then
+backward tiles (with the default forward), at one training shape.
 
-    python benchmarks/tune_attention.py [--n 16384 65536] [--out DIR]
+    python benchmarks/tune_attention.py [--n 1024] [--batch 32] [--heads 8] [--reach N]
 
-Prints a table (median ms, same timing method as benchmarks/attention.py) and writes
-``tune_<device>.json``; the fastest static fwd+bwd configuration is the kernel's default.
+Forward configurations (rows per tile, warps, pipeline stages) are timed alone, backward ones
+as forward + backward (median ms, random bf16 data rotated over input sets, synchronised, after
+warm-up: ``benchmarks.timing.time_fn``). Prints the rows and writes
+``tune_attention_<device>_n<N>_b<B>.json``; the kernel defaults (``pallas_kernels.ops``) come
+from these sweeps.
 """
 
 from __future__ import annotations
@@ -15,42 +19,68 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks.attention import fwd_bwd, make_inputs, variants  # noqa: E402
+import fibjax  # noqa: E402
+from benchmarks.attention import D, W, fwd_bwd  # noqa: E402
 from benchmarks.timing import time_fn  # noqa: E402
+
+
+def _timed(fn, sets) -> float | str:
+  try:
+    return time_fn(fn, sets, reps=20)
+  except Exception as e:  # noqa: BLE001  (a configuration that does not compile is reported)
+    return str(e).splitlines()[0][:160]
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--n", type=int, nargs="+", default=[16384, 65536])
+  parser.add_argument("--n", type=int, default=1024)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--heads", type=int, default=8)
+  parser.add_argument("--reach", type=int, help="R (default N)")
+  parser.add_argument("--alpha", type=float, default=1.0)
   parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
-  parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+  parser.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8])
+  parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
+  n, reach = args.n, args.reach or args.n
+  offsets = jnp.asarray(fibjax.offset_set("fib", args.alpha, W, reach), jnp.int32)
+  keys = jax.random.split(jax.random.key(0), 4)
+  sets = [tuple(jax.random.normal(kk, (3, args.batch, n, args.heads, D), jnp.bfloat16)) for kk in keys]
+
+  def attn(**opts):
+    return lambda q, k, v: fibjax.attention(q, k, v, window=W, offsets=offsets, reach=reach,
+                                            implementation="pallas", **opts)
+
   rows = []
-  for n in args.n:
-    sets = make_inputs(n, 4)
-    for block, warps in itertools.product(args.blocks, args.warps):
-      fs, _ = variants(n, block, warps)
-      row = {"n": n, "block": block, "num_warps": warps}
-      for name in ("fib static", "fib learned"):
-        for kind, fn in (("fwd", jax.jit(fs[name])), ("fwd_bwd", fwd_bwd(fs[name]))):
-          try:
-            row[f"{name} {kind}"] = time_fn(fn, sets, reps=20)
-          except Exception as e:  # noqa: BLE001  (a config that does not compile is reported)
-            row[f"{name} {kind}"] = None
-            row.setdefault("errors", []).append(str(e).splitlines()[0][:160])
-      rows.append(row)
-      print(json.dumps(row), flush=True)
+  for part, (block, warps, stages) in itertools.chain(
+      (("fwd", c) for c in itertools.product(args.blocks, args.warps, args.stages)),
+      (("bwd", c) for c in itertools.product(args.blocks, args.warps, args.stages))):
+    if part == "fwd":
+      row = {"part": part, "block": block, "num_warps": warps, "num_stages": stages,
+             "fwd_ms": _timed(jax.jit(attn(block=block, num_warps=warps, num_stages=stages)), sets)}
+    else:
+      f = attn(block_bwd=block, options_bwd=dict(num_warps=warps, num_stages=stages))
+      row = {"part": part, "block_bwd": block, "num_warps": warps, "num_stages": stages,
+             "fwd_bwd_ms": _timed(fwd_bwd(f), sets)}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  rows.append({"part": "default", "fwd_ms": _timed(jax.jit(attn()), sets), "fwd_bwd_ms": _timed(fwd_bwd(attn()), sets)})
+  print(json.dumps(rows[-1]), flush=True)
   args.out.mkdir(parents=True, exist_ok=True)
   tag = jax.devices()[0].device_kind.replace(" ", "_")
-  (args.out / f"tune_{tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
-  keys = ["fib static fwd", "fib static fwd_bwd", "fib learned fwd", "fib learned fwd_bwd"]
-  print("| n | block | warps | " + " | ".join(keys) + " |")
-  for r in rows:
-    print(f"| {r['n']} | {r['block']} | {r['num_warps']} | " + " | ".join(
-        f"{r[k]:.3f}" if r.get(k) else "fail" for k in keys) + " |")
+  config = dict(n=n, batch=args.batch, heads=args.heads, head_dim=D, window=W, reach=reach, alpha=args.alpha,
+                num_offsets=int(offsets.shape[0]))
+  path = args.out / f"tune_attention_{tag}_n{n}_b{args.batch}.json"
+  path.write_text(json.dumps({"device": tag, "jax": jax.__version__, "config": config, "rows": rows}, indent=2) + "\n")
+  for part, key in (("fwd", "fwd_ms"), ("bwd", "fwd_bwd_ms")):
+    ok = [r for r in rows if r["part"] == part and isinstance(r[key], float)]
+    if ok:
+      best = min(ok, key=lambda r: r[key])
+      print(f"best {part}: {best} (default: {rows[-1][key]})")
 
 
 if __name__ == "__main__":

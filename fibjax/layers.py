@@ -7,6 +7,7 @@ dimension); the trainer resolves them against its mesh. Activations are ``x_BxNx
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
@@ -45,12 +46,48 @@ def rope_angles(positions: jax.Array, head_dim: int, base: float) -> jax.Array:
   return positions.astype(jnp.float32)[..., None] * inv_freq
 
 
+def _rotate(x_BxNxHxD: jax.Array, cos_BxNx1xF: jax.Array, sin_BxNx1xF: jax.Array) -> jax.Array:
+  x1, x2 = jnp.split(x_BxNxHxD.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos_BxNx1xF - x2 * sin_BxNx1xF, x2 * cos_BxNx1xF + x1 * sin_BxNx1xF],
+                         axis=-1).astype(x_BxNxHxD.dtype)
+
+
+def _sin_cos(positions_BxN: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+  angle_BxNx1xF = rope_angles(positions_BxN, head_dim, base)[:, :, None]
+  return jnp.sin(angle_BxNx1xF), jnp.cos(angle_BxNx1xF)
+
+
 def rope(x_BxNxHxD: jax.Array, positions_BxN: jax.Array, base: float) -> jax.Array:
   """Rotary embedding (rotate-half form) at integer positions; returns ``x``'s dtype."""
-  angle_BxNxF = rope_angles(positions_BxN, x_BxNxHxD.shape[-1], base)
-  sin, cos = jnp.sin(angle_BxNxF)[:, :, None], jnp.cos(angle_BxNxF)[:, :, None]
-  x1, x2 = jnp.split(x_BxNxHxD.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxNxHxD.dtype)
+  sin, cos = _sin_cos(positions_BxN, x_BxNxHxD.shape[-1], base)
+  return _rotate(x_BxNxHxD, cos, sin)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def split_rope(qkv_BxNx3xHxD: jax.Array, positions_BxN: jax.Array, base: float
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``q, k, v`` ``[B, N, H, D]`` of a fused projection, q and k rotated (``rope``).
+
+  Same values as slicing then ``rope``; its backward is one pass that rotates ``dq`` and ``dk``
+  back and stacks them with ``dv`` into the fused gradient (autodiff of the slices and the
+  rotation's concatenation gave XLA several full-size passes per layer)."""
+  sin, cos = _sin_cos(positions_BxN, qkv_BxNx3xHxD.shape[-1], base)
+  q, k, v = (qkv_BxNx3xHxD[:, :, i] for i in range(3))
+  return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+
+def _split_rope_fwd(qkv_BxNx3xHxD, positions_BxN, base):
+  return split_rope(qkv_BxNx3xHxD, positions_BxN, base), positions_BxN
+
+
+def _split_rope_bwd(base, positions_BxN, grads):
+  dq, dk, dv = grads
+  sin, cos = _sin_cos(positions_BxN, dq.shape[-1], base)
+  dqkv = jnp.stack([_rotate(dq, cos, -sin), _rotate(dk, cos, -sin), dv], axis=2)  # the rotation's transpose
+  return dqkv, None
+
+
+split_rope.defvjp(_split_rope_fwd, _split_rope_bwd)
 
 
 def _dense(d_in: int, d_out: int, dtype, param_dtype, rngs: nnx.Rngs, shard: tuple) -> nnx.Linear:
@@ -100,8 +137,7 @@ class Attention(nnx.Module):
     if positions_BxN is None:
       positions_BxN = jnp.broadcast_to(jnp.arange(n), (b, n))
     qkv = self.qkv(x_BxNxD).reshape(b, n, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    return rope(q, positions_BxN, self.rope_base), rope(k, positions_BxN, self.rope_base), v
+    return split_rope(qkv, positions_BxN, self.rope_base)
 
   def _attend(self, q, k, v) -> jax.Array:
     if self.pattern.kind == "dense":
@@ -251,9 +287,10 @@ class Block(nnx.Module):
       x_BxD, y_BxD = o
       y_BxD = kern.project(x_BxD, w(self.mlp.gate_up), down=w(self.mlp.down), into=y_BxD, **mlp)
     else:  # out projection, gate_up, down: each program owns its output columns, residual added in place
-      x_BxD = kern.project(o.reshape(b, h * d), w(a.out), into=x_BxD, block_cols=16, chunk=chunk, interpret=interpret)
+      residual = dict(block_cols=16, chunk=chunk, interpret=interpret)
+      x_BxD = kern.project(o.reshape(b, h * d), w(a.out), into=x_BxD, **residual)
       g_BxM = kern.project(x_BxD, w(self.mlp.gate_up), **mlp)
-      y_BxD = kern.project(g_BxM, w(self.mlp.down), into=x_BxD, block_cols=16, chunk=chunk, interpret=interpret)
+      y_BxD = kern.project(g_BxM, w(self.mlp.down), into=x_BxD, **residual)
     return y_BxD[:, None], cache
 
 

@@ -121,13 +121,17 @@ def forward(io, offs_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static):
   io.write_vec(lse_ref, i0, b, m + jnp.log(l))
 
 
-def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dd_ref, *, st: Static):
-  """dQ for one query tile, and (learned) this tile's share of dL/d(distance) per term."""
+def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, dq_ref, dd_ref, delta_ref, *, st: Static):
+  """dQ for one query tile, and (learned) this tile's share of dL/d(distance) per term. Also
+  writes ``delta = rowsum(o * do)`` (float32), which ``backward_dkdv`` reads: computed here from
+  tiles this kernel loads anyway, instead of in a separate pass over ``o`` and ``do``."""
   b = st.block
   i0 = io.tile_start()
   rows = i0 + jnp.arange(b)
   q, do = io.read(q_ref, i0, b), io.read(do_ref, i0, b)
-  lse, delta = io.read_vec(lse_ref, i0, b), io.read_vec(delta_ref, i0, b)
+  lse = io.read_vec(lse_ref, i0, b)
+  delta = jnp.sum(io.read(o_ref, i0, b).astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+  io.write_vec(delta_ref, i0, b, delta)
   dq = jnp.zeros((b, q.shape[1]), jnp.float32)
   for t in range(st.window_tiles):
     j0 = i0 - t * b

@@ -111,14 +111,18 @@ def forward(q, k, v, offsets, *, st: bodies.Static, interpret: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("st", "interpret"))
-def backward(q, k, v, offsets, do, lse, delta, *, st: bodies.Static, interpret: bool):
+def backward(q, k, v, offsets, do, lse, out, *, st: bodies.Static, interpret: bool):
+  """``(dq, dk, dv, dd)``; the dQ kernel also writes ``delta = rowsum(out * do)`` for dK/dV."""
   bsz, n, h, d = q.shape
   front, back = _pads(st)
   rows, tiles = n + front + back, pl.cdiv(n, st.block)
-  inputs = [bodies.pad_rows(x, front, back, 1) for x in (q, k, v, do)] + [bodies.pad_rows(x, front, back, 2) for x in (lse, delta)]
+  mats = [bodies.pad_rows(x, front, back, 1) for x in (q, k, v, do)]
+  lse = bodies.pad_rows(lse, front, back, 2)
   width = max(offsets.shape[0], 1)
   mat = jax.ShapeDtypeStruct((bsz, rows, h, d), q.dtype)
-  dq, dd = _call(bodies.backward_dq, st, offsets, inputs,
-                      [mat, jax.ShapeDtypeStruct((bsz, h, tiles, width), jnp.float32)], interpret, "fib_attention_dq")
-  dk, dv = _call(bodies.backward_dkdv, st, offsets, inputs, [mat, mat], interpret, "fib_attention_dkdv")
+  dq, dd, delta = _call(bodies.backward_dq, st, offsets, mats + [lse, bodies.pad_rows(out, front, back, 1)],
+                        [mat, jax.ShapeDtypeStruct((bsz, h, tiles, width), jnp.float32),
+                         jax.ShapeDtypeStruct((bsz, h, rows), jnp.float32)], interpret, "fib_attention_dq")
+  delta = bodies.pad_rows(delta[:, :, :n], front, back, 2)
+  dk, dv = _call(bodies.backward_dkdv, st, offsets, mats + [lse, delta], [mat, mat], interpret, "fib_attention_dkdv")
   return dq[:, :n], dk[:, :n], dv[:, :n], dd[..., : offsets.shape[0]]

@@ -34,20 +34,20 @@ def _lowering(backend: str):
   raise ValueError(f"backend must be 'gpu' or 'tpu', got {backend!r}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _attention(q, k, v, offsets, st: bodies.Static, st_bwd: bodies.Static, backend: str, options: tuple):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _attention(q, k, v, offsets, st: bodies.Static, st_bwd: bodies.Static, backend: str, options: tuple,
+               options_bwd: tuple):
   return _lowering(backend).forward(q, k, v, offsets, st=st, **dict(options))[0]
 
 
-def _fwd(q, k, v, offsets, st, st_bwd, backend, options):
+def _fwd(q, k, v, offsets, st, st_bwd, backend, options, options_bwd):
   out, lse = _lowering(backend).forward(q, k, v, offsets, st=st, **dict(options))
   return out, (q, k, v, offsets, out, lse)
 
 
-def _bwd(st, st_bwd, backend, options, res, do):
+def _bwd(st, st_bwd, backend, options, options_bwd, res, do):
   q, k, v, offsets, out, lse = res
-  delta = jnp.einsum("bnhd,bnhd->bhn", out.astype(jnp.float32), do.astype(jnp.float32))
-  dq, dk, dv, dd = _lowering(backend).backward(q, k, v, offsets, do, lse, delta, st=st_bwd, **dict(options))
+  dq, dk, dv, dd = _lowering(backend).backward(q, k, v, offsets, do, lse, out, st=st_bwd, **dict(options_bwd))
   d_offsets = jnp.sum(dd, axis=(0, 1, 2)).astype(offsets.dtype) if st.learned else None
   return dq, dk, dv, d_offsets
 
@@ -68,6 +68,7 @@ def gathered_offset_attention(
     backend: str | None = None,
     block: int | None = None,
     block_bwd: int | None = None,
+    options_bwd: dict | None = None,
     **options,
 ) -> jax.Array:
   """Pallas gathered-offset attention, ``[B, N, H, D] -> [B, N, H, D]`` (same pattern and
@@ -79,7 +80,8 @@ def gathered_offset_attention(
       which needs ``interpret=True``).
     block: rows per forward tile (default 64 on GPU, 128 on TPU).
     block_bwd: rows per backward tile (GPU default 64, 32 for learned offsets).
-    options: lowering knobs (GPU: ``num_warps``, ``num_stages``).
+    options: lowering knobs (GPU: ``num_warps``, ``num_stages``); ``options_bwd``: the same
+      for the backward kernels (default: ``options``).
   """
   backend = backend or ("tpu" if jax.default_backend() == "tpu" else "gpu")
   if not interpret and jax.default_backend() != backend:
@@ -102,4 +104,6 @@ def gathered_offset_attention(
   if st.learned:
     offsets = offsets.astype(jnp.float32)
   st_bwd = dataclasses.replace(st, block=block_bwd)
-  return _attention(q, k, v, offsets, st, st_bwd, backend, tuple(sorted(dict(options, interpret=interpret).items())))
+  static = lambda opts: tuple(sorted(dict(opts, interpret=interpret).items()))  # noqa: E731
+  return _attention(q, k, v, offsets, st, st_bwd, backend, static(options),
+                    static(options if options_bwd is None else options_bwd))

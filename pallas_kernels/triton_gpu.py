@@ -91,35 +91,38 @@ def forward(q, k, v, offsets, *, st: bodies.Static, interpret: bool, num_warps: 
 
 
 @functools.partial(jax.jit, static_argnames=("st", "interpret", "num_warps", "num_stages"))
-def backward(q, k, v, offsets, do, lse, delta, *, st: bodies.Static, interpret: bool, num_warps: int = 4,
+def backward(q, k, v, offsets, do, lse, out, *, st: bodies.Static, interpret: bool, num_warps: int = 4,
              num_stages: int = 2):
-  """``(dq, dk, dv, dd)``; ``dd [B, H, tiles, K']`` holds per-tile partial d(loss)/d(distance)."""
+  """``(dq, dk, dv, dd)``; ``dd [B, H, tiles, K']`` holds per-tile partial d(loss)/d(distance).
+  The dQ kernel also writes ``delta = rowsum(out * do)`` for the dK/dV kernel."""
   bsz, n, h, d = q.shape
   pad = _pad_for(st, interpret)
   offs, width = _offs(offsets)
   io = RowIO(n, st.block, pad, width)
   rows, tiles = n + pad, pl.cdiv(n, st.block)
-  q, k, v, do = (bodies.pad_rows(x, pad, 0, 1) for x in (q, k, v, do))
-  lse, delta = bodies.pad_rows(lse, pad, 0, 2), bodies.pad_rows(delta, pad, 0, 2)
-  in_specs = [pl.BlockSpec((width,), lambda i, b, h: (0,))] + [_rows_spec(rows, d)] * 4 + [_vec_spec(rows)] * 2
-  dq, dd = pl.pallas_call(
+  q, k, v, do, out = (bodies.pad_rows(x, pad, 0, 1) for x in (q, k, v, do, out))
+  lse = bodies.pad_rows(lse, pad, 0, 2)
+  offs_spec = pl.BlockSpec((width,), lambda i, b, h: (0,))
+  dq, dd, delta = pl.pallas_call(
       functools.partial(bodies.backward_dq, io, st=st),
       grid=(tiles, bsz, h),
-      in_specs=in_specs,
-      out_specs=[_rows_spec(n, d), pl.BlockSpec((None, None, None, width), lambda i, b, h: (b, h, i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((bsz, n, h, d), q.dtype), jax.ShapeDtypeStruct((bsz, h, tiles, width), jnp.float32)],
+      in_specs=[offs_spec] + [_rows_spec(rows, d)] * 4 + [_vec_spec(rows), _rows_spec(rows, d)],
+      out_specs=[_rows_spec(n, d), pl.BlockSpec((None, None, None, width), lambda i, b, h: (b, h, i, 0)),
+                 _vec_spec(n)],
+      out_shape=[jax.ShapeDtypeStruct((bsz, n, h, d), q.dtype), jax.ShapeDtypeStruct((bsz, h, tiles, width), jnp.float32),
+                 jax.ShapeDtypeStruct((bsz, h, n), jnp.float32)],
       compiler_params=_params(num_warps, num_stages),
       interpret=interpret,
       name="fib_attention_dq",
-  )(offs, q, k, v, do, lse, delta)
+  )(offs, q, k, v, do, lse, out)
   dk, dv = pl.pallas_call(
       functools.partial(bodies.backward_dkdv, io, st=st),
       grid=(tiles, bsz, h),
-      in_specs=in_specs,
+      in_specs=[offs_spec] + [_rows_spec(rows, d)] * 4 + [_vec_spec(rows)] * 2,
       out_specs=[_rows_spec(n, d)] * 2,
       out_shape=[jax.ShapeDtypeStruct((bsz, n, h, d), k.dtype), jax.ShapeDtypeStruct((bsz, n, h, d), v.dtype)],
       compiler_params=_params(num_warps, num_stages),
       interpret=interpret,
       name="fib_attention_dkdv",
-  )(offs, q, k, v, do, lse, delta)
+  )(offs, q, k, v, do, lse, bodies.pad_rows(delta, pad, 0, 2))
   return dq, dk, dv, dd[..., : offsets.shape[0]]

@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +80,46 @@ def test_patterns_follow_the_schedules():
 def test_bad_config_raises(kwargs, field):
   with pytest.raises(ValueError, match=field):
     fibjax.ModelConfig(**kwargs).validate()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_split_rope_matches_slices_and_rope_with_its_gradient(dtype):
+  """The fused split + RoPE (custom backward) gives the values and the gradient of slicing the
+  fused projection and rotating q and k one by one (autodiff), at arbitrary positions."""
+  from fibjax.layers import rope, split_rope
+
+  keys = jax.random.split(jax.random.key(3), 3)
+  qkv = jax.random.normal(keys[0], (2, 7, 3, 2, 16), jnp.float32).astype(dtype)
+  pos = jax.random.randint(keys[1], (2, 7), 0, 5000)
+  cot = jax.random.normal(keys[2], (3, 2, 7, 2, 16), jnp.float32)
+
+  def loss(split, x):
+    q, k, v = split(x)
+    return sum(jnp.sum(t.astype(jnp.float32) * c * (i + 1)) for i, (t, c) in enumerate(zip((q, k, v), cot)))
+
+  plain = lambda x: (rope(x[:, :, 0], pos, 500.0), rope(x[:, :, 1], pos, 500.0), x[:, :, 2])  # noqa: E731
+  fused = lambda x: split_rope(x, pos, 500.0)  # noqa: E731
+  for a, b in zip(fused(qkv), plain(qkv)):
+    assert a.dtype == dtype and bool(jnp.all(a == b))
+  g_fused, g_plain = (jax.grad(functools.partial(loss, f))(qkv) for f in (fused, plain))
+  assert g_fused.dtype == dtype and bool(jnp.all(jnp.isfinite(g_fused.astype(jnp.float32))))
+  tol = 0 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(g_fused, np.float32), np.asarray(g_plain, np.float32), rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_hot_embedding_equals_the_gather_and_its_gradient(dtype):
+  """Sequences embed by one-hot matmul (small vocabulary): the same rows as the gather used for
+  single-token decoding, and the same gradient for the table (bf16: up to its rounding, as for
+  every bf16 layer's weights)."""
+  model = fibjax.LM(fibjax.ModelConfig(variant="dense", dtype=dtype, **TINY), rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (3, 40)), jnp.int32)
+  cot = jax.random.normal(jax.random.key(2), (3, 40, TINY["d_model"]))
+  via_one_hot = lambda m: m._embed(tokens)  # noqa: E731
+  via_gather = lambda m: jnp.concatenate([m._embed(tokens[:, i:i + 1]) for i in range(tokens.shape[1])], axis=1)  # noqa: E731
+  assert bool(jnp.all(via_one_hot(model) == via_gather(model)))
+  grads = [nnx.grad(lambda m, f=f: jnp.sum(f(m).astype(jnp.float32) * cot))(model).embed.embedding[...]
+           for f in (via_one_hot, via_gather)]
+  assert float(jnp.max(jnp.abs(grads[0]))) > 0
+  tol = 1e-5 if dtype == "float32" else 8e-3
+  np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), rtol=tol, atol=tol)
