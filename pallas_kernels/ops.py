@@ -16,7 +16,8 @@ from fibjax.reference import normalize_offsets
 from pallas_kernels import bodies
 
 # Tuned on an H100 (benchmarks/tune_attention.py, results in benchmarks/results/): 64-row tiles
-# and 4 warps are fastest for the forward and the static backward; the learned backward (two
+# and 4 warps (2 stages) are fastest for the forward and the static backward, at long sequences
+# and at the training shape (N = 1024, batch 32; tune_attention_*_n1024_b32.json); the learned backward (two
 # query sets and four neighbour tiles per term) spills at 64 rows and runs 3x faster at 32.
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
