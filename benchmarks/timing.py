@@ -67,9 +67,9 @@ def describe_kernels(compiled_text: str, names, body_chars: int = 0) -> dict[str
     m = re.search(r"\n\s*(?:ROOT )?%?" + re.escape(hlo_name) + r" = ([^\n]{0,300})", compiled_text)
     if m:
       out[name] = m.group(1)
-      called = re.search(r"calls=%?([\w.\-]+)", m.group(1))
+      called = body_chars and re.search(r"calls=%?([\w.\-]+)", m.group(1))
       body = called and re.search(r"\n%?" + re.escape(called.group(1)) + r" [^\n]*\{\n(.*?)\n\}", compiled_text, re.S)
-      if body_chars and body:
+      if body:
         out[name] += " || " + " ; ".join(line.strip()[:160] for line in body.group(1).splitlines())[:body_chars]
   return out
 
