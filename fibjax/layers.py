@@ -202,6 +202,7 @@ class Block(nnx.Module):
       rope_base: float = 10_000.0,
       implementation: str = "auto",
       decode_impl: str = "auto",
+      norm_impl: str = "auto",
       dtype=jnp.float32,
       param_dtype=jnp.float32,
       rngs: nnx.Rngs,
@@ -214,11 +215,28 @@ class Block(nnx.Module):
     )
     self.mlp = MLP(d_model, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.decode_impl = check_decode_impl(decode_impl)
+    self.norm_impl = check_norm_impl(norm_impl)
+
+  def _norm(self, norm: nnx.RMSNorm, x_BxNxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x, norm(x))``. Sequences on GPU (``norm_impl``) take the one-pass Pallas norm, whose
+    backward also adds the gradient of the returned ``x`` (the residual stream's)."""
+    b, n, d = x_BxNxD.shape
+    impl = self.norm_impl
+    if impl == "auto":
+      impl = "pallas" if jax.default_backend() == "gpu" and n > 1 else "xla"
+    if impl == "xla":
+      return x_BxNxD, norm(x_BxNxD)
+    from pallas_kernels.norm_gpu import norm_residual  # noqa: PLC0415  (GPU kernels: imported on use)
+
+    x_RxD, y_RxD = norm_residual(x_BxNxD.reshape(b * n, d), norm.scale[...], norm.epsilon,
+                                 jnp.dtype(norm.dtype or x_BxNxD.dtype), impl == "interpret")
+    return x_RxD.reshape(b, n, d), y_RxD.reshape(b, n, d)
 
   def _residual(self, x_BxNxD: jax.Array, attend) -> tuple[jax.Array, dict | None]:
-    a, cache = attend(self.attn_norm(x_BxNxD))
-    x_BxNxD = x_BxNxD + a
-    return x_BxNxD + self.mlp(self.mlp_norm(x_BxNxD)), cache
+    x_BxNxD, h = self._norm(self.attn_norm, x_BxNxD)
+    a, cache = attend(h)
+    x_BxNxD, h = self._norm(self.mlp_norm, x_BxNxD + a)
+    return x_BxNxD + self.mlp(h), cache
 
   def __call__(self, x_BxNxD: jax.Array, positions_BxN: jax.Array | None = None) -> jax.Array:
     return self._residual(x_BxNxD, lambda h: (self.attn(h, positions_BxN), None))[0]
@@ -292,6 +310,18 @@ class Block(nnx.Module):
       g_BxM = kern.project(x_BxD, w(self.mlp.gate_up), **mlp)
       y_BxD = kern.project(g_BxM, w(self.mlp.down), into=x_BxD, **residual)
     return y_BxD[:, None], cache
+
+
+NORM_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")
+
+
+def check_norm_impl(norm_impl: str) -> str:
+  """The blocks' RMSNorm over sequences: ``auto`` (the one-pass Pallas kernels of
+  ``pallas_kernels.norm_gpu`` on GPU, XLA elsewhere and for single-token decoding), ``xla``,
+  ``pallas`` (GPU), ``interpret`` (the Pallas kernels in interpret mode: CPU tests)."""
+  if norm_impl not in NORM_IMPLS:
+    raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {norm_impl!r}")
+  return norm_impl
 
 
 DECODE_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")

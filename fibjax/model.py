@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fibjax.layers import Block, LayerPattern, check_decode_impl
+from fibjax.layers import Block, LayerPattern, check_decode_impl, check_norm_impl
 from fibjax.offsets import BASES, check_alpha, check_window_reach, layer_offsets, learned_terms, offset_set
 from fibjax.schedules import SCHEDULES, layer_alphas
 
@@ -33,6 +33,8 @@ class ModelConfig:
   dtype: compute dtype; param_dtype: master weights. attention_impl: see ``fibjax.attention``.
   decode_impl: incremental decoding, see ``fibjax.layers.check_decode_impl`` (``auto``: fused
   Pallas kernels on GPU for sparse layers, XLA ops elsewhere).
+  norm_impl: the blocks' RMSNorm, see ``fibjax.layers.check_norm_impl`` (``auto``: one-pass Pallas
+  kernels on GPU for sequences, XLA otherwise).
   remat: recompute each block in the backward pass (saves activation memory).
   """
 
@@ -54,6 +56,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   attention_impl: str = "auto"
   decode_impl: str = "auto"
+  norm_impl: str = "auto"
   remat: bool = False
 
   @property
@@ -82,6 +85,7 @@ class ModelConfig:
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
     check_decode_impl(self.decode_impl)
+    check_norm_impl(self.norm_impl)
     if self.variant != "dense":
       check_window_reach(self.window, self.resolved_reach)
       if self.resolved_reach > self.seq_len:
@@ -128,7 +132,8 @@ class LM(nnx.Module):
                            embedding_init=embed_init, rngs=rngs)
     self.blocks = nnx.List([
         Block(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, p, rope_base=cfg.rope_base,
-              implementation=cfg.attention_impl, decode_impl=cfg.decode_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+              implementation=cfg.attention_impl, decode_impl=cfg.decode_impl, norm_impl=cfg.norm_impl, dtype=dtype,
+              param_dtype=param_dtype, rngs=rngs)
         for p in layer_patterns(cfg)
     ])
     self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
