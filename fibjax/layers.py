@@ -214,16 +214,14 @@ class Block(nnx.Module):
         dtype=dtype, param_dtype=param_dtype, rngs=rngs,
     )
     self.mlp = MLP(d_model, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.decode_impl = check_decode_impl(decode_impl)
-    self.norm_impl = check_norm_impl(norm_impl)
+    self.decode_impl = check_kernel_impl("decode_impl", decode_impl)
+    self.norm_impl = check_kernel_impl("norm_impl", norm_impl)
 
   def _norm(self, norm: nnx.RMSNorm, x_BxNxD: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(x, norm(x))``. Sequences on GPU (``norm_impl``) take the one-pass Pallas norm, whose
     backward also adds the gradient of the returned ``x`` (the residual stream's)."""
     b, n, d = x_BxNxD.shape
-    impl = self.norm_impl
-    if impl == "auto":
-      impl = "pallas" if jax.default_backend() == "gpu" and n > 1 else "xla"
+    impl = _resolve(self.norm_impl, n > 1)
     if impl == "xla":
       return x_BxNxD, norm(x_BxNxD)
     from pallas_kernels.norm_gpu import norm_residual  # noqa: PLC0415  (GPU kernels: imported on use)
@@ -248,9 +246,7 @@ class Block(nnx.Module):
     """One token per row at position ``pos``: the XLA path (norms, projections and
     ``fibjax.decode`` attention as separate ops) or three fused Pallas kernels (``decode_impl``;
     these return the residual stream in float32)."""
-    impl = self.decode_impl
-    if impl == "auto":
-      impl = "pallas" if jax.default_backend() == "gpu" and self._fusable() else "xla"
+    impl = _resolve(self.decode_impl, self._fusable())
     if impl == "xla":
       return self._residual(x_Bx1xD, lambda h: self.attn.decode(h, pos, cache))
     return self._decode_fused(x_Bx1xD, pos, cache, interpret=impl == "interpret")
@@ -312,25 +308,20 @@ class Block(nnx.Module):
     return y_BxD[:, None], cache
 
 
-NORM_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")
+KERNEL_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")
 
 
-def check_norm_impl(norm_impl: str) -> str:
-  """The blocks' RMSNorm over sequences: ``auto`` (the one-pass Pallas kernels of
-  ``pallas_kernels.norm_gpu`` on GPU, XLA elsewhere and for single-token decoding), ``xla``,
-  ``pallas`` (GPU), ``interpret`` (the Pallas kernels in interpret mode: CPU tests)."""
-  if norm_impl not in NORM_IMPLS:
-    raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {norm_impl!r}")
-  return norm_impl
+def check_kernel_impl(name: str, impl: str) -> str:
+  """A block's ``decode_impl`` or ``norm_impl``: ``auto`` (Pallas kernels on GPU where they apply,
+  XLA elsewhere; see ``Block.decode`` and ``Block._norm``), ``xla``, ``pallas`` (GPU), or
+  ``interpret`` (the Pallas kernels in interpret mode: CPU tests)."""
+  if impl not in KERNEL_IMPLS:
+    raise ValueError(f"{name} must be one of {KERNEL_IMPLS}, got {impl!r}")
+  return impl
 
 
-DECODE_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")
-
-
-def check_decode_impl(decode_impl: str) -> str:
-  """``auto``: fused Pallas kernels on GPU for sparse patterns (when the shapes allow), XLA
-  elsewhere; ``xla``;
-  ``pallas`` (GPU); ``interpret``: the Pallas kernels in interpret mode (CPU tests)."""
-  if decode_impl not in DECODE_IMPLS:
-    raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
-  return decode_impl
+def _resolve(impl: str, kernels_apply: bool) -> str:
+  """``auto`` -> ``pallas`` on a GPU where the kernels apply, else ``xla``; others unchanged."""
+  if impl != "auto":
+    return impl
+  return "pallas" if jax.default_backend() == "gpu" and kernels_apply else "xla"

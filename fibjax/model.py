@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fibjax.layers import Block, LayerPattern, check_decode_impl, check_norm_impl
+from fibjax.layers import Block, LayerPattern, check_kernel_impl
 from fibjax.offsets import BASES, check_alpha, check_window_reach, layer_offsets, learned_terms, offset_set
 from fibjax.schedules import SCHEDULES, layer_alphas
 
@@ -31,9 +31,9 @@ class ModelConfig:
   vocab_size: 256 (byte-level tokens, the default tokenizer).
   mlp_dim: SwiGLU hidden width; 1664 (3.25 x 512) puts the paper recipe at ~57.8M parameters.
   dtype: compute dtype; param_dtype: master weights. attention_impl: see ``fibjax.attention``.
-  decode_impl: incremental decoding, see ``fibjax.layers.check_decode_impl`` (``auto``: fused
+  decode_impl: incremental decoding, see ``fibjax.layers.check_kernel_impl`` (``auto``: fused
   Pallas kernels on GPU for sparse layers, XLA ops elsewhere).
-  norm_impl: the blocks' RMSNorm, see ``fibjax.layers.check_norm_impl`` (``auto``: one-pass Pallas
+  norm_impl: the blocks' RMSNorm, see ``fibjax.layers.check_kernel_impl`` (``auto``: one-pass Pallas
   kernels on GPU for sequences, XLA otherwise).
   remat: recompute each block in the backward pass (saves activation memory).
   """
@@ -84,8 +84,8 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
-    check_decode_impl(self.decode_impl)
-    check_norm_impl(self.norm_impl)
+    check_kernel_impl("decode_impl", self.decode_impl)
+    check_kernel_impl("norm_impl", self.norm_impl)
     if self.variant != "dense":
       check_window_reach(self.window, self.resolved_reach)
       if self.resolved_reach > self.seq_len:

@@ -40,6 +40,10 @@ def _tile(ref, r0, block: int, rows: int, d: int, width: int):
   return plgpu.load(ref.at[pl.ds(r0, block), pl.ds(0, width)], mask=ok, other=0.0).astype(jnp.float32), ok
 
 
+def _scale(s_ref, d: int, width: int):
+  return plgpu.load(s_ref.at[pl.ds(0, width)], mask=jnp.arange(width) < d, other=0.0).astype(jnp.float32)
+
+
 def _inv_rms(x, d: int, eps: float):
   return jax.lax.rsqrt(jnp.sum(x * x, axis=1) / d + eps)
 
@@ -47,7 +51,7 @@ def _inv_rms(x, d: int, eps: float):
 def _fwd_kernel(x_ref, s_ref, y_ref, *, block: int, rows: int, d: int, width: int, eps: float):
   r0 = pl.program_id(0) * block
   x, ok = _tile(x_ref, r0, block, rows, d, width)
-  scale = plgpu.load(s_ref.at[pl.ds(0, width)], mask=jnp.arange(width) < d, other=0.0).astype(jnp.float32)
+  scale = _scale(s_ref, d, width)
   y = x * (_inv_rms(x, d, eps)[:, None] * scale[None, :])
   plgpu.store(y_ref.at[pl.ds(r0, block), pl.ds(0, width)], y.astype(y_ref.dtype), mask=ok)
 
@@ -60,7 +64,7 @@ def _bwd_kernel(x_ref, s_ref, dy_ref, dres_ref, dx_ref, ds_ref, *, block: int, r
   x, ok = _tile(x_ref, r0, block, rows, d, width)
   dy, _ = _tile(dy_ref, r0, block, rows, d, width)
   dres, _ = _tile(dres_ref, r0, block, rows, d, width)
-  scale = plgpu.load(s_ref.at[pl.ds(0, width)], mask=jnp.arange(width) < d, other=0.0).astype(jnp.float32)
+  scale = _scale(s_ref, d, width)
   r = _inv_rms(x, d, eps)[:, None]
   g = dy * scale[None, :]
   c = jnp.sum(g * x, axis=1)[:, None] / d
