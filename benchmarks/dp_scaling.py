@@ -1,9 +1,14 @@
 """Data-parallel check: the same run on 1 GPU and on all GPUs at the same global batch.
 
-    python benchmarks/dp_scaling.py [--config small] [--steps 200] [--out DIR]
+    python benchmarks/dp_scaling.py [--config small] [--steps 200] [--set KEY=VALUE ...] [--out DIR]
+    python benchmarks/dp_scaling.py --collectives [--config small] [--set ...]
 
 Runs ``python -m train`` twice (``CUDA_VISIBLE_DEVICES`` = first GPU, then all), compares the
-loss curves step by step and the throughput. Writes ``dp_scaling_<n>gpu.json`` and ``.md``.
+loss curves step by step and the throughput. Writes ``dp_scaling_<n>gpu_<config>[_<overrides>].json``
+and ``.md``.
+``--collectives`` only compiles the train step on every visible device and prints its collective
+operations by kind and their bytes (an ``all-gather`` of activations means a kernel ran on the
+whole batch on every device).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,9 +29,55 @@ def run(devices: str, workdir: pathlib.Path, args) -> list[dict]:
   env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices)
   cmd = [sys.executable, "-m", "train", "--config", args.config, "--workdir", str(workdir), "--set",
          f"steps={args.steps}", "log_every=10", f"eval_every={args.steps}", f"checkpoint_every={args.steps}",
-         "progress=false", "final_eval_multiples=1", "final_eval_tokens=65536"]
+         "progress=false", "final_eval_multiples=1", "final_eval_tokens=65536", *args.set]
   subprocess.run(cmd, cwd=ROOT, env=env, check=True)
   return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s8": 1, "u8": 1, "pred": 1}
+
+
+def collectives(args) -> dict:
+  """Collective operations (count, result bytes) in the compiled train step on every device."""
+  sys.path.insert(0, str(ROOT))
+  import jax  # noqa: PLC0415  (the runs above must not start a backend in this process)
+  import numpy as np  # noqa: PLC0415
+
+  import configs  # noqa: PLC0415
+  from train.config import apply_overrides  # noqa: PLC0415
+  from train.step import make_optimizer  # noqa: PLC0415
+  from train.trainer import compile_train_step, global_batch, init_state, make_mesh  # noqa: PLC0415
+
+  cfg = apply_overrides(configs.get_config(args.config), list(args.set)).validate()
+  mesh, tx = make_mesh(), make_optimizer(cfg)
+  with jax.set_mesh(mesh):
+    graphdef, state = init_state(cfg, mesh, tx)
+    step = compile_train_step(graphdef, tx, state, mesh)
+    rows = np.zeros((cfg.batch_size, cfg.model.seq_len + 1), np.int32)
+    text = step.lower(state, global_batch(rows, cfg.grad_accum, mesh)).compile().as_text()
+  found: dict[str, dict] = {}
+  pattern = re.compile(r"^\s*(?:ROOT )?%\S+ = (.*?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", re.M)
+  for m in pattern.finditer(text):
+    shapes = re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))
+    nbytes = sum(DTYPE_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1])) for t, dims in shapes)
+    entry = found.setdefault(m.group(2), {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    entry["bytes"] += nbytes
+  return {"config": args.config, "overrides": list(args.set), "devices": jax.device_count(), "collectives": found}
+
+
+def gpu_names() -> str:
+  try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    return ", ".join(out.stdout.split("\n")[:-1]) or "unknown"
+  except OSError:
+    return "unknown"
+
+
+def reproduce(args) -> str:
+  cmd = f"python benchmarks/dp_scaling.py --config {args.config} --steps {args.steps}"
+  return cmd + (f" --set {' '.join(args.set)}" if args.set else "")
 
 
 def main() -> None:
@@ -33,8 +85,13 @@ def main() -> None:
   parser.add_argument("--config", default="small")
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--gpus", default="0,1")
+  parser.add_argument("--set", nargs="*", default=[], help="config overrides for both runs, e.g. model.variant=dense")
+  parser.add_argument("--collectives", action="store_true", help="only print the train step's collectives")
   parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
   args = parser.parse_args()
+  if args.collectives:
+    print(json.dumps(collectives(args), indent=1))
+    return
   with tempfile.TemporaryDirectory() as tmp:
     one = run(args.gpus.split(",")[0], pathlib.Path(tmp) / "one", args)
     many = run(args.gpus, pathlib.Path(tmp) / "many", args)
@@ -44,17 +101,19 @@ def main() -> None:
   rel = max(abs(l1[s] - ln[s]) / l1[s] for s in l1)
   n = len(args.gpus.split(","))
   t1, tn = sum(tps(one)) / len(tps(one)), sum(tps(many)) / len(tps(many))
-  result = {"config": args.config, "steps": args.steps, "gpus": n, "max_rel_loss_diff": rel, "tokens_per_s_1gpu": t1,
+  result = {"config": args.config, "overrides": args.set, "steps": args.steps, "gpus": n, "max_rel_loss_diff": rel, "tokens_per_s_1gpu": t1,
             f"tokens_per_s_{n}gpu": tn, "speedup": tn / t1, "efficiency": tn / t1 / n, "loss_1gpu": l1,
             f"loss_{n}gpu": ln}
   args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / f"dp_scaling_{n}gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-  md = [f"# Data-parallel scaling, `{args.config}` config, {args.steps} steps, same global batch", "",
+  name = "_".join([f"dp_scaling_{n}gpu_{args.config}", *(re.sub(r"\W+", "-", s) for s in args.set)])
+  (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+  md = [f"# Data-parallel scaling, `{args.config}` config{' with ' + ' '.join(args.set) if args.set else ''}, "
+        f"{args.steps} steps, same global batch", "",
         f"Loss curves 1 GPU vs {n} GPUs: max relative difference {rel:.2e} over {len(l1)} logged steps.",
         f"Throughput: {t1:,.0f} tokens/s on 1 GPU, {tn:,.0f} on {n} ({tn / t1:.2f}x, {100 * tn / t1 / n:.0f}% efficiency).",
-        "Reproduce: `python benchmarks/dp_scaling.py`.", "", "| step | loss 1 GPU | loss %d GPUs |" % n, "|---|---|---|"]
+        f"GPUs: {gpu_names()}. Reproduce: `{reproduce(args)}`.", "", "| step | loss 1 GPU | loss %d GPUs |" % n, "|---|---|---|"]
   md += [f"| {s} | {l1[s]:.4f} | {ln[s]:.4f} |" for s in sorted(l1)]
-  (args.out / f"dp_scaling_{n}gpu.md").write_text("\n".join(md) + "\n")
+  (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
   print("\n".join(md[:5]))
 
 

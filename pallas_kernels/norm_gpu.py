@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.batch_shards import per_batch_shard
+
 # (rows per program, warps): forward [32, 512] tiles; the backward holds three float32 tiles (x, dy,
 # the residual gradient), so fewer rows per thread, or registers spill (benchmarks/norm.py, NOTES t13)
 FWD_LAUNCH = (32, 4)
@@ -74,8 +76,10 @@ def _bwd_kernel(x_ref, s_ref, dy_ref, dres_ref, dx_ref, ds_ref, *, block: int, r
               mask=(jnp.arange(width) < d)[None, :])
 
 
-def _call(kernel, args, outs, launch: tuple[int, int], rows: int, d: int, eps: float, interpret: bool, name: str):
-  """``outs``: ``(dtype, per_block)`` per output: ``[rows, d]``, or ``[blocks, d]`` (one row per program)."""
+def _call(kernel, args, outs, launch: tuple[int, int], eps: float, interpret: bool, name: str):
+  """``args[0]`` is ``[rows, d]``; ``outs``: ``(dtype, per_block)`` per output: ``[rows, d]``, or
+  ``[blocks, d]`` (one row per program)."""
+  rows, d = args[0].shape
   block, num_warps = launch
   width = pl.next_power_of_2(d)
   blocks = pl.cdiv(rows, block)
@@ -105,8 +109,9 @@ def norm_residual(x_RxD: jax.Array, scale_D: jax.Array, eps: float, dtype, inter
 
 
 def _forward(x, scale, eps, dtype, interpret):
-  rows, d = x.shape
-  (y,) = _call(_fwd_kernel, [x, scale], [(dtype, False)], FWD_LAUNCH, rows, d, eps, interpret, "rmsnorm_fwd")
+  kernel = lambda x, scale: _call(_fwd_kernel, [x, scale], [(dtype, False)], FWD_LAUNCH, eps, interpret,  # noqa: E731
+                                  "rmsnorm_fwd")
+  (y,) = per_batch_shard(kernel, (x,), (scale,))
   return y
 
 
@@ -117,9 +122,10 @@ def _norm_fwd(x, scale, eps, dtype, interpret):
 def _norm_bwd(eps, dtype, interpret, saved, grads):
   x, scale = saved
   dres, dy = grads
-  rows, d = x.shape
-  dx, ds = _call(_bwd_kernel, [x, scale, dy, dres], [(x.dtype, False), (jnp.float32, True)], BWD_LAUNCH, rows, d,
-                 eps, interpret, "rmsnorm_bwd")
+  kernel = lambda x, dy, dres, scale: _call(  # noqa: E731
+      _bwd_kernel, [x, scale, dy, dres], [(x.dtype, False), (jnp.float32, True)], BWD_LAUNCH, eps, interpret,
+      "rmsnorm_bwd")
+  dx, ds = per_batch_shard(kernel, (x, dy, dres), (scale,))
   return dx, jnp.sum(ds, axis=0).astype(scale.dtype)
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from fibjax.reference import normalize_offsets
 from pallas_kernels import bodies
+from pallas_kernels.batch_shards import per_batch_shard
 
 # Tuned on an H100 (benchmarks/tune_attention.py, results in benchmarks/results/): 64-row tiles
 # and 4 warps (2 stages) are fastest for the forward and the static backward, at long sequences
@@ -35,20 +36,28 @@ def _lowering(backend: str):
   raise ValueError(f"backend must be 'gpu' or 'tpu', got {backend!r}")
 
 
+def _forward(q, k, v, offsets, st: bodies.Static, backend: str, options: tuple):
+  """``(out, lse)``, each device on its own batch rows under a mesh."""
+  kernel = functools.partial(_lowering(backend).forward, st=st, **dict(options))
+  return per_batch_shard(kernel, (q, k, v), (offsets,))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _attention(q, k, v, offsets, st: bodies.Static, st_bwd: bodies.Static, backend: str, options: tuple,
                options_bwd: tuple):
-  return _lowering(backend).forward(q, k, v, offsets, st=st, **dict(options))[0]
+  return _forward(q, k, v, offsets, st, backend, options)[0]
 
 
 def _fwd(q, k, v, offsets, st, st_bwd, backend, options, options_bwd):
-  out, lse = _lowering(backend).forward(q, k, v, offsets, st=st, **dict(options))
+  out, lse = _forward(q, k, v, offsets, st, backend, options)
   return out, (q, k, v, offsets, out, lse)
 
 
 def _bwd(st, st_bwd, backend, options, options_bwd, res, do):
   q, k, v, offsets, out, lse = res
-  dq, dk, dv, dd = _lowering(backend).backward(q, k, v, offsets, do, lse, out, st=st_bwd, **dict(options_bwd))
+  kernel = lambda q, k, v, do, lse, out, offsets: _lowering(backend).backward(  # noqa: E731
+      q, k, v, offsets, do, lse, out, st=st_bwd, **dict(options_bwd))
+  dq, dk, dv, dd = per_batch_shard(kernel, (q, k, v, do, lse, out), (offsets,))
   d_offsets = jnp.sum(dd, axis=(0, 1, 2)).astype(offsets.dtype) if st.learned else None
   return dq, dk, dv, d_offsets
 
