@@ -6,6 +6,8 @@
 Runs ``python -m train`` twice (``CUDA_VISIBLE_DEVICES`` = first GPU, then all), compares the
 loss curves step by step and the throughput. Writes ``dp_scaling_<n>gpu_<config>[_<overrides>].json``
 and ``.md``.
+``--control`` adds a 1-GPU run with ``grad_accum=2`` (same batch, gradients summed in another order)
+to show how far reduction order alone moves the curve; ``--gpus 0 --control`` runs only that pair.
 ``--collectives`` only compiles the train step on every visible device and prints its collective
 operations by kind and their bytes (an ``all-gather`` of activations means a kernel ran on the
 whole batch on every device).
@@ -25,11 +27,11 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run(devices: str, workdir: pathlib.Path, args) -> list[dict]:
+def run(devices: str, workdir: pathlib.Path, args, *extra: str) -> list[dict]:
   env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices)
   cmd = [sys.executable, "-m", "train", "--config", args.config, "--workdir", str(workdir), "--set",
          f"steps={args.steps}", "log_every=10", f"eval_every={args.steps}", f"checkpoint_every={args.steps}",
-         "progress=false", "final_eval_multiples=1", "final_eval_tokens=65536", *args.set]
+         "progress=false", "final_eval_multiples=1", "final_eval_tokens=65536", *args.set, *extra]
   subprocess.run(cmd, cwd=ROOT, env=env, check=True)
   return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
@@ -77,7 +79,8 @@ def gpu_names() -> str:
 
 def reproduce(args) -> str:
   cmd = f"python benchmarks/dp_scaling.py --config {args.config} --steps {args.steps}"
-  return cmd + (f" --set {' '.join(args.set)}" if args.set else "")
+  cmd += f" --gpus {args.gpus}" if args.gpus != "0,1" else ""
+  return cmd + (f" --set {' '.join(args.set)}" if args.set else "") + (" --control" if args.control else "")
 
 
 def main() -> None:
@@ -87,34 +90,44 @@ def main() -> None:
   parser.add_argument("--gpus", default="0,1")
   parser.add_argument("--set", nargs="*", default=[], help="config overrides for both runs, e.g. model.variant=dense")
   parser.add_argument("--collectives", action="store_true", help="only print the train step's collectives")
+  parser.add_argument("--control", action="store_true",
+                      help="also run 1 GPU with grad_accum=2: the drift that summing gradients in another order causes")
   parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
   args = parser.parse_args()
   if args.collectives:
     print(json.dumps(collectives(args), indent=1))
     return
+  gpus = args.gpus.split(",")
+  n = len(gpus)
   with tempfile.TemporaryDirectory() as tmp:
-    one = run(args.gpus.split(",")[0], pathlib.Path(tmp) / "one", args)
-    many = run(args.gpus, pathlib.Path(tmp) / "many", args)
-  loss = lambda recs: {r["step"]: r["loss"] for r in recs if "loss" in r}  # noqa: E731
-  tps = lambda recs: [r["tokens_per_s"] for r in recs if "tokens_per_s" in r][1:]  # noqa: E731  (skip compile)
-  l1, ln = loss(one), loss(many)
-  rel = max(abs(l1[s] - ln[s]) / l1[s] for s in l1)
-  n = len(args.gpus.split(","))
-  t1, tn = sum(tps(one)) / len(tps(one)), sum(tps(many)) / len(tps(many))
-  result = {"config": args.config, "overrides": args.set, "steps": args.steps, "gpus": n, "max_rel_loss_diff": rel, "tokens_per_s_1gpu": t1,
-            f"tokens_per_s_{n}gpu": tn, "speedup": tn / t1, "efficiency": tn / t1 / n, "loss_1gpu": l1,
-            f"loss_{n}gpu": ln}
-  args.out.mkdir(parents=True, exist_ok=True)
-  name = "_".join([f"dp_scaling_{n}gpu_{args.config}", *(re.sub(r"\W+", "-", s) for s in args.set)])
-  (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    runs = {"1 GPU": run(gpus[0], pathlib.Path(tmp) / "one", args)}
+    if n > 1:
+      runs[f"{n} GPUs"] = run(args.gpus, pathlib.Path(tmp) / "many", args)
+    if args.control:  # same batch, gradients summed in another order: how far does that alone drift?
+      runs["1 GPU, 2 micro-batches"] = run(gpus[0], pathlib.Path(tmp) / "accum", args, "grad_accum=2")
+  loss = {name: {r["step"]: r["loss"] for r in recs if "loss" in r} for name, recs in runs.items()}
+  tps = {name: [r["tokens_per_s"] for r in recs if "tokens_per_s" in r][1:] for name, recs in runs.items()}  # skip compile
+  tps = {name: sum(t) / len(t) for name, t in tps.items()}
+  l1 = loss["1 GPU"]
+  rel = {name: max(abs(l1[s] - curve[s]) / l1[s] for s in l1) for name, curve in loss.items() if name != "1 GPU"}
+  result = {"config": args.config, "overrides": args.set, "steps": args.steps, "gpus": n, "max_rel_loss_diff": rel,
+            "tokens_per_s": tps, "loss": loss}
   md = [f"# Data-parallel scaling, `{args.config}` config{' with ' + ' '.join(args.set) if args.set else ''}, "
-        f"{args.steps} steps, same global batch", "",
-        f"Loss curves 1 GPU vs {n} GPUs: max relative difference {rel:.2e} over {len(l1)} logged steps.",
-        f"Throughput: {t1:,.0f} tokens/s on 1 GPU, {tn:,.0f} on {n} ({tn / t1:.2f}x, {100 * tn / t1 / n:.0f}% efficiency).",
-        f"GPUs: {gpu_names()}. Reproduce: `{reproduce(args)}`.", "", "| step | loss 1 GPU | loss %d GPUs |" % n, "|---|---|---|"]
-  md += [f"| {s} | {l1[s]:.4f} | {ln[s]:.4f} |" for s in sorted(l1)]
+        f"{args.steps} steps, same global batch", ""]
+  md += [f"Loss curves 1 GPU vs {name}: max relative difference {r:.2e} over {len(l1)} logged steps." for name, r in rel.items()]
+  if n > 1:
+    t1, tn = tps["1 GPU"], tps[f"{n} GPUs"]
+    result.update(speedup=tn / t1, efficiency=tn / t1 / n)
+    md.append(f"Throughput: {t1:,.0f} tokens/s on 1 GPU, {tn:,.0f} on {n} ({tn / t1:.2f}x, {100 * tn / t1 / n:.0f}% efficiency).")
+  md += [f"GPUs: {gpu_names()}. Reproduce: `{reproduce(args)}`.", "",
+         "| step | " + " | ".join(f"loss {name}" for name in loss) + " |", "|---" * (len(loss) + 1) + "|"]
+  md += [f"| {s} | " + " | ".join(f"{curve[s]:.4f}" for curve in loss.values()) + " |" for s in sorted(l1)]
+  args.out.mkdir(parents=True, exist_ok=True)
+  name = "_".join([f"dp_scaling_{n}gpu_{args.config}", *(re.sub(r"\W+", "-", s) for s in args.set)]
+                  + (["control"] if args.control else []))
+  (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
   (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
-  print("\n".join(md[:5]))
+  print("\n".join(md[:6]))
 
 
 if __name__ == "__main__":
