@@ -50,7 +50,8 @@ def _sharded_and_single(loss, args, argnums):
   return out
 
 
-def test_attention_per_shard_matches_single_device():
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])  # the Triton and the Mosaic kernels, interpreted
+def test_attention_per_shard_matches_single_device(backend):
   seed = secrets.randbits(32)
   rng = np.random.default_rng(seed)
   q, k, v, w = (jnp.asarray(rng.standard_normal((8, 40, 2, 8)), jnp.float32) for _ in range(4))
@@ -58,7 +59,7 @@ def test_attention_per_shard_matches_single_device():
 
   def loss(q, k, v, w, alpha):  # learned offsets: their gradient sums every shard's partials
     out = gathered_offset_attention(q, k, v, window=4, offsets=terms * alpha, reach=36, interpret=True, block=16,
-                                    block_bwd=8)
+                                    block_bwd=8 if backend == "gpu" else 16, backend=backend)
     return jnp.sum(out * w)
 
   (single, g1), (split, g8) = _sharded_and_single(loss, (q, k, v, w, jnp.float32(1.3)), (0, 1, 2, 4))
