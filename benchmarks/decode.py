@@ -28,7 +28,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import fibjax  # noqa: E402
-from benchmarks.timing import describe_kernels, kernel_times, time_fn  # noqa: E402
+from benchmarks.timing import describe_kernels, hlo_instructions, kernel_times, time_fn  # noqa: E402
 from fibjax.generate import compiled_steps  # noqa: E402
 
 
@@ -56,10 +56,9 @@ def kernels_per_token(variant: str, impl: str, batch: int = 1, context: int = 10
   body = re.search(r"while\(.*?body=%?([\w.\-]+)", text).group(1)
   block = re.search(r"\n%?" + re.escape(body) + r" .*?\{\n(.*?)\n\}", text, re.S).group(1)
   counts: dict[str, int] = {}
-  for line in block.splitlines():
-    m = re.search(r"= \S+ ([\w\-]+)\(", line)
-    if m and m.group(1) in LAUNCHING:
-      counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+  for _, op, _ in hlo_instructions(block):
+    if op in LAUNCHING:
+      counts[op] = counts.get(op, 0) + 1
   return {"variant": variant, "impl": impl, "kernels_per_token": sum(counts.values()), "by_opcode": counts}
 
 

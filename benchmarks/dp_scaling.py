@@ -47,6 +47,7 @@ def collectives(args) -> dict:
   import numpy as np  # noqa: PLC0415
 
   import configs  # noqa: PLC0415
+  from benchmarks.timing import hlo_instructions  # noqa: PLC0415
   from train.config import apply_overrides  # noqa: PLC0415
   from train.step import make_optimizer  # noqa: PLC0415
   from train.trainer import compile_train_step, global_batch, init_state, make_mesh  # noqa: PLC0415
@@ -59,11 +60,13 @@ def collectives(args) -> dict:
     rows = np.zeros((cfg.batch_size, cfg.model.seq_len + 1), np.int32)
     text = step.lower(state, global_batch(rows, cfg.grad_accum, mesh)).compile().as_text()
   found: dict[str, dict] = {}
-  pattern = re.compile(r"^\s*(?:ROOT )?%\S+ = (.*?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", re.M)
-  for m in pattern.finditer(text):
-    shapes = re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))
+  for shape, op, _ in hlo_instructions(text):
+    op = op.removesuffix("-start")
+    if op not in COLLECTIVES:
+      continue
+    shapes = re.findall(r"(\w+)\[([\d,]*)\]", shape)
     nbytes = sum(DTYPE_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1])) for t, dims in shapes)
-    entry = found.setdefault(m.group(2), {"count": 0, "bytes": 0})
+    entry = found.setdefault(op, {"count": 0, "bytes": 0})
     entry["count"] += 1
     entry["bytes"] += nbytes
   return {"config": args.config, "overrides": list(args.set), "devices": jax.device_count(), "collectives": found}

@@ -74,6 +74,15 @@ def describe_kernels(compiled_text: str, names, body_chars: int = 0) -> dict[str
   return out
 
 
+# "%name = SHAPE opcode(": SHAPE may be a tuple "(f32[2]{0}, bf16[4,8]{1,0})" (a multi-output custom call)
+_INSTRUCTION = re.compile(r"^\s*((?:ROOT )?%?[\w.\-]+ = (.*?) ([\w\-]+)\(.*)$", re.M)
+
+
+def hlo_instructions(hlo_text: str) -> list[tuple[str, str, str]]:
+  """``(result shape, opcode, line)`` of every instruction in HLO text, in order."""
+  return [(m.group(2), m.group(3), m.group(1)) for m in _INSTRUCTION.finditer(hlo_text)]
+
+
 def copies(compiled_text: str, limit: int = 20) -> list[str]:
   """The compiled HLO's copy instructions (each a kernel or memcpy per call), truncated."""
-  return [line.strip()[:220] for line in compiled_text.splitlines() if re.search(r"= \S+ copy(-start)?\(", line)][:limit]
+  return [line[:220] for _, op, line in hlo_instructions(compiled_text) if op in ("copy", "copy-start")][:limit]
