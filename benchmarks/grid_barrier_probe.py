@@ -26,27 +26,25 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.timing import time_fn  # noqa: E402
 
 WIDTH = 512
+# int32 atomic adds did not land on an H100 (jax 0.11.2; `arrive 32 1 4 i32` shows it): float counts are exact to 2^24
+COUNT_DTYPE = jnp.float32
 
 
-SPIN = True
-COUNT_DTYPE = jnp.float32  # int32 atomic adds did not land on an H100 (jax 0.11.2): float counts are exact to 2^24
-AS_ARG = False
-
-
-def grid_barrier(count_ref, programs: int, generation, lanes: int):
+def grid_barrier(count_ref, programs: int, generation, lanes: int, spin: bool = True):
   """Every lane of every program adds 1 to its lane's counter (release), then spins until every
   lane counter has ``programs * generation`` arrivals (acquire; the min is a CTA-wide reduction)."""
-  plgpu.atomic_add(count_ref, pl.ds(0, lanes), jnp.ones((lanes,), COUNT_DTYPE))
-  target = (programs * generation).astype(COUNT_DTYPE)
+  dtype = count_ref.dtype
+  plgpu.atomic_add(count_ref, pl.ds(0, lanes), jnp.ones((lanes,), dtype))
+  target = (programs * generation).astype(dtype)
 
   def body(_):
-    return jnp.min(plgpu.atomic_add(count_ref, pl.ds(0, lanes), jnp.zeros((lanes,), COUNT_DTYPE)))
+    return jnp.min(plgpu.atomic_add(count_ref, pl.ds(0, lanes), jnp.zeros((lanes,), dtype)))
 
-  if SPIN:
-    jax.lax.while_loop(lambda seen: seen < target, body, jnp.full((), -1, COUNT_DTYPE))
+  if spin:  # ``spin=False``: arrivals only (to read the counters back)
+    jax.lax.while_loop(lambda seen: seen < target, body, jnp.full((), -1, dtype))
 
 
-def kernel(count_in, count_ref, buf_ref, out_ref, *, programs: int, rounds: int, lanes: int):
+def kernel(count_in, count_ref, buf_ref, out_ref, *, programs: int, rounds: int, lanes: int, spin: bool):
   del count_in  # aliased to count_ref
   p = pl.program_id(0)
   nb = jax.lax.rem(p + 1, jnp.int32(programs))
@@ -55,29 +53,26 @@ def kernel(count_in, count_ref, buf_ref, out_ref, *, programs: int, rounds: int,
   def round_body(r, acc):
     slot = jax.lax.rem(r, jnp.int32(2))
     plgpu.store(buf_ref.at[slot, p, pl.ds(0, WIDTH)], (p * 1000 + r).astype(jnp.float32) + cols)
-    grid_barrier(count_ref, programs, r + 1, lanes)
+    grid_barrier(count_ref, programs, r + 1, lanes, spin)
     return acc + jnp.sum(plgpu.load(buf_ref.at[slot, nb, pl.ds(0, WIDTH)]))
 
   acc = jax.lax.fori_loop(0, rounds, round_body, jnp.float32(0))
   plgpu.store(out_ref.at[pl.ds(p, 1)], jnp.full((1,), acc))
 
 
-def run(programs: int, rounds: int, num_warps: int):
+def run(programs: int, rounds: int, num_warps: int, spin: bool = True, count_dtype=COUNT_DTYPE):
+  """The barrier kernel, jitted: ``() -> (counters, rows, per-program sums)``."""
   lanes = 32 * num_warps
   call = pl.pallas_call(
-      functools.partial(kernel, programs=programs, rounds=rounds, lanes=lanes),
+      functools.partial(kernel, programs=programs, rounds=rounds, lanes=lanes, spin=spin),
       grid=(programs,),
-      out_shape=[jax.ShapeDtypeStruct((lanes,), COUNT_DTYPE), jax.ShapeDtypeStruct((2, programs, WIDTH), jnp.float32),
+      out_shape=[jax.ShapeDtypeStruct((lanes,), count_dtype), jax.ShapeDtypeStruct((2, programs, WIDTH), jnp.float32),
                  jax.ShapeDtypeStruct((programs,), jnp.float32)],
       input_output_aliases={0: 0},
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       name="grid_barrier_probe",
   )
-  if AS_ARG:
-    zeros = jnp.zeros((lanes,), COUNT_DTYPE)
-    fn = jax.jit(call)
-    return lambda: fn(zeros + 0)
-  return jax.jit(lambda: call(jnp.zeros((lanes,), COUNT_DTYPE)))
+  return jax.jit(lambda: call(jnp.zeros((lanes,), count_dtype)))
 
 
 def step_kernel(buf_in, buf_out, *, programs: int, r: int):
@@ -108,12 +103,9 @@ def run_kernels(programs: int, rounds: int, num_warps: int):
 
 
 def main():
-  global SPIN, COUNT_DTYPE, AS_ARG
-  if len(sys.argv) > 1:  # one configuration: spin|arrive programs rounds warps [f32] [arg]; prints the counters
-    SPIN = sys.argv[1] == "spin"
-    COUNT_DTYPE = jnp.int32 if "i32" in sys.argv else jnp.float32
-    AS_ARG = "arg" in sys.argv
-    count, _, out = run(*map(int, sys.argv[2:5]))()
+  if len(sys.argv) > 1:  # one configuration: spin|arrive programs rounds warps [i32]; prints the counters
+    count_dtype = jnp.int32 if "i32" in sys.argv else COUNT_DTYPE
+    count, _, out = run(*map(int, sys.argv[2:5]), spin=sys.argv[1] == "spin", count_dtype=count_dtype)()
     print(sys.argv[1:], "counters", np.asarray(count)[:8], "... sum", int(np.sum(count)), "out", np.asarray(out)[:4],
           flush=True)
     return
@@ -128,9 +120,9 @@ def main():
         want = sum(WIDTH * (nb * 1000 + r) + WIDTH * (WIDTH - 1) / 2 for r in range(rounds))
         ok = np.allclose(got, want, rtol=1e-6)
         times[rounds] = time_fn(lambda: fn()[2], [()], reps=30, inner=10)
-        last = np.asarray(run_kernels(programs, rounds, num_warps)()[:, 0])
-        ok_k = np.array_equal(last, np.arange(programs) * 1000.0 + rounds - 1)
-        times["k", rounds] = time_fn(run_kernels(programs, rounds, num_warps), [()], reps=30, inner=10)
+        chain = run_kernels(programs, rounds, num_warps)
+        ok_k = np.array_equal(np.asarray(chain()[:, 0]), np.arange(programs) * 1000.0 + rounds - 1)
+        times["k", rounds] = time_fn(chain, [()], reps=30, inner=10)
         print(f"warps={num_warps} programs={programs} rounds={rounds}: correct barrier={ok} kernels={ok_k}", flush=True)
       print(f"  per round: barrier {1e3 * (times[101] - times[1]) / 100:.2f} us, "
             f"kernel boundary {1e3 * (times['k', 101] - times['k', 1]) / 100:.2f} us", flush=True)
