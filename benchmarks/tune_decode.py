@@ -1,4 +1,4 @@
-"""Sweep of the fused decode kernels (``pallas_kernels/decode_gpu.py``) against XLA doing the
+"""Sweep of the three fused decode kernels (``pallas_kernels/decode_gpu.py``) against XLA doing the
 same math, at the paper recipe's shapes (bf16, d_model 512, 8 heads of 64, mlp 1664, R = 4096).
 
     python benchmarks/tune_decode.py [--batches 1 32] [--out DIR]
@@ -69,16 +69,16 @@ def shapes(b: int):
   def xla_qkv(x, w, _):
     qkv = jnp.dot(_rms(x, scale), w).reshape(b, 1, 3, H, HD)
     p = jnp.full((b, 1), pos)
-    return jnp.stack([rope(qkv[:, :, 0], p, 1e4), rope(qkv[:, :, 1], p, 1e4), qkv[:, :, 2]], 2)
+    return jnp.stack([rope(qkv[:, :, 0], p, 1e4), rope(qkv[:, :, 1], p, 1e4), qkv[:, :, 2]], 2), x
 
   def xla_mlp(x, w, down):
     g, u = jnp.split(jnp.dot(_rms(x, scale), w), 2, -1)
     return x + jnp.dot(jax.nn.silu(g) * u, down)
 
   return {
-      "qkv (norm, rope)": (
+      "qkv (norm, rope, copy)": (
           lambda x, w, _, **c: decode_gpu.project(x, w, norm_scale=scale, rope=(jnp.cos(angle), jnp.sin(angle), HD,
-                                                                                  2 * D), **c),
+                                                                                  2 * D), copy_input=True, **c),
           xla_qkv, [(rnd(b, D).astype(jnp.float32), w, None) for w in copies(D, 3 * D)]),
       "mlp (norm, swiglu, down)": (
           lambda x, w, down, **c: decode_gpu.project(x, w, norm_scale=scale, swiglu=True, down=down, into=x, **c),
@@ -87,55 +87,43 @@ def shapes(b: int):
 
 
 def attention_rows(b: int) -> list[dict]:
-  """``attention_block`` (norm, qkv, RoPE, cache write, sparse attention, out projection in one
-  kernel) over launch configurations, against XLA doing the same math."""
+  """The sparse attention kernel with the out projection fused in, against XLA doing the same
+  (cache write, gather attention, out projection, residual add)."""
   key = iter(jax.random.split(jax.random.key(1), 2 * LAYERS + 1))
   caches = [{n: jax.random.normal(next(key), (b, R + 1, H, HD), BF) for n in ("k", "v")} for _ in range(LAYERS)]
-  weights = [(jax.random.normal(jax.random.key(i), (D, 3 * H * HD), BF),
-              jax.random.normal(jax.random.key(-i - 1), (H * HD, D), BF)) for i in range(_copies(8 * H * HD * D))]
+  qkv = jax.random.normal(next(key), (b, 3, H, HD), BF)
+  wos = [jax.random.normal(jax.random.key(i), (H * HD, D), BF) for i in range(_copies(2 * H * HD * D))]
   offsets = jnp.asarray(fibjax.offset_set("fib", 1.0, 64, R), jnp.int32)
   offs, _ = normalize_offsets(offsets, 64, R)
   pos = jnp.int32(10_000)
-  angle = rope_angles(pos, HD, 10_000.0)
-  scale = jnp.ones((D,), jnp.float32)
-  parts = _residuals(b)
   rows = []
 
-  def timed(fn):  # per-layer caches donated and threaded through, as in the decode loop
-    f = jax.jit(fn, donate_argnums=(0,))
-    box = {"i": 0}
+  def timed(fn):  # per-layer caches and residuals donated and threaded through, as in the decode loop
+    f = jax.jit(fn, donate_argnums=(1, 2))
+    box = {"i": 0, "res": _residuals(b)}
 
     def run():
       i = box["i"] = box["i"] + 1
-      out, caches[i % LAYERS] = f(caches[i % LAYERS], *weights[i % len(weights)])
-      return out
+      box["res"], caches[i % LAYERS] = f(qkv, caches[i % LAYERS], box["res"], wos[i % len(wos)])
+      return box["res"]
 
-    return kernel_times(run, len(weights))
+    return kernel_times(run, len(wos))
 
-  for splits, warps, chunk, stages in itertools.product((1, 2, 4), (2, 4), (64, 128), (2, 3)):
-    try:
-      t = timed(lambda c, wq, wo, s=splits, w=warps, k=chunk, st=stages: decode_gpu.attention_block(
-          parts, jnp.zeros((b, D), jnp.float32), wq, scale, (jnp.cos(angle), jnp.sin(angle)), c, offs, pos, window=64,
-          scale=0.125, out_weight=wo, out_splits=s, chunk=k, num_warps=w, num_stages=st)[::2])
-      ms = sum(v for name, v in t.items() if name.startswith("decode_"))
-      config = {"out_splits": splits, "num_warps": warps, "chunk": chunk, "num_stages": stages}
-    except Exception as e:  # noqa: BLE001  (a configuration that does not compile is reported)
-      ms, config = None, {"out_splits": splits, "num_warps": warps, "chunk": chunk, "num_stages": stages,
-                          "error": str(e).splitlines()[0][:120]}
-    rows.append({"shape": "attention block (norm, qkv, rope, attention, out)", "batch": b, **config, "kernel_ms": ms})
+  for splits, warps in itertools.product((1, 2, 4, 8), (2, 4, 8)):
+    t = timed(lambda q, c, r, wo, w=warps, s=splits: decode_gpu.sparse_attention(
+        q, c, offs, pos, window=64, scale=0.125, out_weight=wo, residuals=r, out_splits=s, num_warps=w))
+    rows.append({"shape": "attention + out", "batch": b, "out_splits": splits, "num_warps": warps,
+                 "kernel_ms": sum(t.values()), "kernels": sorted(t)})
     print(json.dumps(rows[-1]), flush=True)
 
-  def xla(c, wq, wo):
-    qkv = jnp.dot(_rms(parts[0] + parts[1], scale), wq).reshape(b, 1, 3, H, HD)
-    p = jnp.full((b, 1), pos)
-    q, k = rope(qkv[:, :, 0], p, 1e4)[:, 0], rope(qkv[:, :, 1], p, 1e4)[:, 0]
-    c = dec.write_token(c, k, qkv[:, 0, 2], pos)
-    o = dec.attend_sparse(q, c, pos, window=64, offsets=offsets, reach=R, scale=0.125).astype(BF)
-    return jnp.dot(o.reshape(b, H * HD), wo).astype(jnp.float32), c
+  def xla(q, c, r, wo):
+    c = dec.write_token(c, q[:, 1], q[:, 2], pos)
+    o = dec.attend_sparse(q[:, 0], c, pos, window=64, offsets=offsets, reach=R, scale=0.125).astype(BF)
+    out = jnp.dot(o.reshape(b, H * HD), wo).astype(jnp.float32)
+    return (r[0] + out, r[1] + out), c
 
   t = timed(xla)
-  rows.append({"shape": "attention block (norm, qkv, rope, attention, out)", "batch": b, "xla_ms": sum(t.values()),
-               "xla_kernels": len(t)})
+  rows.append({"shape": "attention + out", "batch": b, "xla_ms": sum(t.values()), "xla_kernels": len(t)})
   return rows
 
 
@@ -167,7 +155,7 @@ def main() -> None:
           ms, config = None, dict(config, error=str(e).splitlines()[0][:120])
         rows.append({"shape": name, "batch": b, **config, "kernel_ms": ms})
         print(json.dumps(rows[-1]), flush=True)
-    for row in attention_rows(b) if "attention" in args.parts and b <= 16 else ():  # more rows: five kernels
+    for row in attention_rows(b) if "attention" in args.parts else ():
       rows.append(row)
       print(json.dumps(row), flush=True)
   device = jax.devices()[0].device_kind

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -242,96 +242,72 @@ class Block(nnx.Module):
   def prefill(self, x_BxPxD: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     return self._residual(x_BxPxD, lambda h: self.attn.prefill(h, cache))
 
-  def decode(self, x_Bx1xD: jax.Array | DecodeStream, pos: jax.Array, cache: dict
-             ) -> tuple[jax.Array | DecodeStream, dict]:
+  def decode(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """One token per row at position ``pos``: the XLA path (norms, projections and
-    ``fibjax.decode`` attention as separate ops) or fused Pallas kernels (``decode_impl``; these
-    return the residual stream in float32, as a ``DecodeStream`` for sparse layers of <= 16 rows).
-    ``x_Bx1xD`` may be a ``DecodeStream`` (from a previous fused block)."""
-    impl = _resolve(self.decode_impl, self._fusable())
+    ``fibjax.decode`` attention as separate ops) or three fused Pallas kernels (``decode_impl``;
+    these return the residual stream in float32)."""
+    impl = _resolve(self.decode_impl, self._fusable(x_Bx1xD.shape[0]))
     if impl == "xla":
-      return self._residual(stream_array(x_Bx1xD), lambda h: self.attn.decode(h, pos, cache))
+      return self._residual(x_Bx1xD, lambda h: self.attn.decode(h, pos, cache))
     return self._decode_fused(x_Bx1xD, pos, cache, interpret=impl == "interpret")
 
-  def _fusable(self) -> bool:
-    """Sparse patterns whose shapes the compiled fused kernels take (dots of >= 16 columns,
-    16-wide contraction steps). Dense stays on XLA: its fused path (XLA attention between the
-    kernels) measured slower at long contexts (2.03 vs 1.55 ms/token at 64K, H100)."""
+  def _fusable(self, rows: int) -> bool:
+    """Shapes the compiled fused kernels take (dots of >= 16 columns, 16-wide contraction steps).
+    Dense layers only up to 16 rows: their fused path (five kernels around XLA's attention) beat
+    XLA at batch 1 from 1K to 64K (0.545 vs 0.593, 1.450 vs 1.531 ms/token) and lost at batch 32
+    (1.095 vs 1.033 at 1K; H100, ``benchmarks/decode.py``)."""
     a, d_model = self.attn, self.attn_norm.num_features
-    if a.pattern.kind == "dense":
+    if a.pattern.kind == "dense" and rows > 16:
       return False
     widths = (d_model, a.num_heads * a.head_dim, self.mlp.down.in_features)
     return a.head_dim % 32 == 0 and all(w % 16 == 0 for w in widths)
 
-  def _decode_fused(self, x: jax.Array | DecodeStream, pos: jax.Array, cache: dict, *, interpret: bool
-                    ) -> tuple[jax.Array | DecodeStream, dict]:
-    """Sparse layers of <= 16 rows: two kernels, ``attention_block`` and the MLP (norm, gate/up,
-    SwiGLU, down projection split over the hidden units), both adding atomically into fresh
-    float32 parts of the residual stream. More rows (atomic adds grow with them) and dense layers:
-    five kernels that add the residual in place per column block (``pallas_kernels.decode_gpu``)."""
+  def _decode_fused(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict, *, interpret: bool
+                    ) -> tuple[jax.Array, dict]:
+    """Three kernels (``pallas_kernels.decode_gpu``; five without atomic adds for more than 16
+    rows and for dense layers); returns the residual stream in float32."""
     from pallas_kernels import decode_gpu as kern  # noqa: PLC0415  (GPU kernels: imported on use)
 
-    a, b = self.attn, (x.base if isinstance(x, DecodeStream) else x).shape[0]
+    a, b = self.attn, x_Bx1xD.shape[0]
     h, d = a.num_heads, a.head_dim
     w = lambda lin: lin.kernel[...].astype(lin.dtype or lin.kernel[...].dtype)  # noqa: E731
     angle_F = rope_angles(pos, d, a.rope_base)
+    x_BxD = x_Bx1xD[:, 0].astype(jnp.float32)  # float32: the kernels add into it atomically
     # block sizes: benchmarks/tune_decode.py on an H100 (batch 1 and 32; weights read from HBM, as here)
+    # atomic adds grow with the rows: more rows take the five-kernel path without them; so does dense
+    # (XLA attention between the kernels): 1.45-1.48 ms/token at 64K, batch 1, against 1.97 with the
+    # attention's out projection added atomically after it (XLA transposed the cache around it; H100)
+    few = b <= 16 and a.pattern.kind != "dense"
     # float32 weights: shorter contraction steps, or 3 pipeline stages of tiles overflow shared memory
     w_qkv = w(a.qkv)
     chunk = 256 if w_qkv.dtype.itemsize <= 2 else 64
-    mlp = dict(norm_scale=self.mlp_norm.scale[...], eps=self.mlp_norm.epsilon, swiglu=True, chunk=chunk,
-               interpret=interpret)
-    scale = d**-0.5
-    if a.pattern.kind != "dense":
-      raw = np.asarray(a.pattern.offsets, np.int32) if a.pattern.kind == "static" else a.offsets()
-      offsets, _ = normalize_offsets(raw, a.pattern.window, a.pattern.reach)
-    if b <= 16 and a.pattern.kind != "dense":
-      stream = x if isinstance(x, DecodeStream) else DecodeStream.start(x)
-      parts = (stream.base,) if stream.delta is None else (stream.base, stream.delta)
-      delta_a, (zeros_m, zeros_next), cache = kern.attention_block(
-          parts, stream.zeros, w_qkv, self.attn_norm.scale[...], (jnp.cos(angle_F), jnp.sin(angle_F)), cache,
-          offsets, pos, window=a.pattern.window, scale=scale, out_weight=w(a.out), eps=self.attn_norm.epsilon,
-          out_splits=max(1, min(4, stream.base.shape[1] // 128)), chunk=min(chunk, 128), interpret=interpret)
-      delta_m, base = kern.project((*parts, delta_a), w(self.mlp.gate_up), down=w(self.mlp.down), into=zeros_m,
-                                   copy_input=True, **mlp)
-      return DecodeStream(base, delta_m, zeros_next), cache
-    x_BxD = stream_array(x)[:, 0].astype(jnp.float32)
     qkv = kern.project(x_BxD, w_qkv, norm_scale=self.attn_norm.scale[...], eps=self.attn_norm.epsilon,
-                       rope=(jnp.cos(angle_F), jnp.sin(angle_F), d, 2 * h * d), chunk=chunk, interpret=interpret)
+                       rope=(jnp.cos(angle_F), jnp.sin(angle_F), d, 2 * h * d), copy_input=few, chunk=chunk,
+                       interpret=interpret)
+    qkv, *copy = qkv if few else (qkv,)
     qkv_Bx3xHxD = qkv.reshape(b, 3, h, d)
+    scale = d**-0.5
+    out = dict(out_weight=w(a.out), residuals=(x_BxD, *copy), out_splits=max(1, min(4, x_BxD.shape[1] // 128)),
+               num_warps=2) if few else {}
     if a.pattern.kind == "dense":
       cache = dec.write_token(cache, qkv_Bx3xHxD[:, 1], qkv_Bx3xHxD[:, 2], pos)
       o = dec.attend_dense(qkv_Bx3xHxD[:, 0], cache, pos, scale=scale).astype(qkv.dtype)
     else:
+      raw = np.asarray(a.pattern.offsets, np.int32) if a.pattern.kind == "static" else a.offsets()
+      offsets, _ = normalize_offsets(raw, a.pattern.window, a.pattern.reach)
       o, cache = kern.sparse_attention(qkv_Bx3xHxD, cache, offsets, pos, window=a.pattern.window, scale=scale,
-                                       interpret=interpret)
-    # out projection, gate_up, down: each program owns its output columns, residual added in place
-    residual = dict(block_cols=16, chunk=chunk, interpret=interpret)
-    x_BxD = kern.project(o.reshape(b, h * d), w(a.out), into=x_BxD, **residual)
-    g_BxM = kern.project(x_BxD, w(self.mlp.gate_up), **mlp)
-    return kern.project(g_BxM, w(self.mlp.down), into=x_BxD, **residual)[:, None], cache
-
-
-class DecodeStream(NamedTuple):
-  """The fused decode path's float32 residual stream between blocks: ``base + delta`` (``[B, D]``
-  each; ``delta`` may be None), and ``zeros``, a ``[B, D]`` zero buffer the next block's attention
-  adds into (``pallas_kernels.decode_gpu.attention_block``)."""
-
-  base: jax.Array
-  delta: jax.Array | None
-  zeros: jax.Array
-
-  @classmethod
-  def start(cls, x_Bx1xD: jax.Array) -> DecodeStream:
-    x_BxD = x_Bx1xD[:, 0].astype(jnp.float32)
-    return cls(x_BxD, None, jnp.zeros_like(x_BxD))
-
-
-def stream_array(x: jax.Array | DecodeStream) -> jax.Array:
-  """The residual stream as one ``[B, 1, D]`` array (a ``DecodeStream`` summed, in float32)."""
-  if not isinstance(x, DecodeStream):
-    return x
-  return (x.base if x.delta is None else x.base + x.delta)[:, None]
+                                       interpret=interpret, **out)
+    mlp = dict(norm_scale=self.mlp_norm.scale[...], eps=self.mlp_norm.epsilon, swiglu=True, chunk=chunk,
+               interpret=interpret)
+    if few:  # o: (x, y) with the attention added; the MLP adds into y, split over hidden units
+      x_BxD, y_BxD = o
+      y_BxD = kern.project(x_BxD, w(self.mlp.gate_up), down=w(self.mlp.down), into=y_BxD, **mlp)
+    else:  # out projection, gate_up, down: each program owns its output columns, residual added in place
+      residual = dict(block_cols=16, chunk=chunk, interpret=interpret)
+      x_BxD = kern.project(o.reshape(b, h * d), w(a.out), into=x_BxD, **residual)
+      g_BxM = kern.project(x_BxD, w(self.mlp.gate_up), **mlp)
+      y_BxD = kern.project(g_BxM, w(self.mlp.down), into=x_BxD, **residual)
+    return y_BxD[:, None], cache
 
 
 KERNEL_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fibjax.layers import Block, LayerPattern, check_kernel_impl, stream_array
+from fibjax.layers import Block, LayerPattern, check_kernel_impl
 from fibjax.offsets import BASES, check_alpha, check_window_reach, layer_offsets, learned_terms, offset_set
 from fibjax.schedules import SCHEDULES, layer_alphas
 
@@ -177,7 +177,7 @@ class LM(nnx.Module):
     for block, layer_cache in zip(self.blocks, cache):
       x_BxNxD, layer_cache = step(block, x_BxNxD, layer_cache)
       new_cache.append(layer_cache)
-    return self._logits(stream_array(x_BxNxD)), new_cache
+    return self._logits(x_BxNxD), new_cache
 
   def prefill(self, tokens_BxP: jax.Array, cache: list[dict]) -> tuple[jax.Array, list[dict]]:
     """Logits ``[B, P, V]`` of a prompt at positions ``0..P-1``, and the filled caches."""

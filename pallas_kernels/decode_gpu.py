@@ -11,14 +11,13 @@ residual stream stays float32 so that partial results can be added into it atomi
    (row, head) program, the new query over its window and offsets read from the ring buffer
    (which the same kernel writes the new key and value into), then that head's share of the
    output projection, ``o_h @ W_out[h]``, added atomically into ``x`` and ``y``.
-   (``head_projection`` is the same epilogue alone, after XLA's dense attention.)
 3. ``project(x, W_gate_up, norm_scale=, swiglu=True, down=W_down, into=y)``: per block of
    hidden units, ``silu(g) * u`` of ``rmsnorm(x) @ W_gate_up``, times its rows of ``W_down``,
    added atomically into ``y``: the down projection split over the hidden units (its
    contraction), so ~100 programs share it instead of 32.
 
-Atomic adds grow with the rows (rows x hidden blocks x width): above 16 rows a block is five
-kernels without them (``fibjax.layers.Block._decode_fused``): qkv, attention returning ``o``,
+Atomic adds grow with the rows (rows x hidden blocks x width): above 16 rows (and for dense
+attention, which runs in XLA between the kernels) a block is five kernels without them (``fibjax.layers.Block._decode_fused``): qkv, attention returning ``o``,
 ``project(o, W_out, into=x)``, ``project(x, W_gate_up, swiglu=True)``, ``project(a, W_down, into=x)``.
 
 Rows (the batch) are padded to a tile of at least 16 inside the kernel by masked loads
@@ -66,7 +65,6 @@ class ProjStatic:
   up_col: int = 0  # swiglu, mlp: column of the first ``up`` output
   down_cols: int = 0  # mlp: output columns per dot and atomic add of the down projection
   copy_input: bool = False  # program (i, 0) also writes its input rows to a float32 copy
-  inputs: int = 1  # the input rows are the sum of this many arrays (float32 parts of the residual stream)
   interpret: bool = False
   precision: jax.lax.Precision | None = None
 
@@ -102,11 +100,6 @@ def _rows(ref, r0, st: ProjStatic, c0, width, cols: int | None = None):
   return x.astype(jnp.float32)
 
 
-def _x_rows(x_refs, r0, st: ProjStatic, c0, width, cols: int | None = None):
-  """The input rows: the sum of the ``x_refs`` (one array, or the parts of the residual stream)."""
-  return sum(_rows(ref, r0, st, c0, width, cols) for ref in x_refs)
-
-
 def _store_rows(ref, r0, st: ProjStatic, c0, value, cols: int | None = None):
   ok = _row_mask(r0, st, value.shape)
   if cols is not None:
@@ -131,11 +124,11 @@ def _normalise(x, inv, scale):
   return x if inv is None else x * inv[:, None] * scale.astype(jnp.float32)[None, :]
 
 
-def _one_step_matmul(x_refs, w_ref, scale_ref, r0, st: ProjStatic):
+def _one_step_matmul(x_ref, w_ref, scale_ref, r0, st: ProjStatic):
   """Every load issued at once (decode is latency-bound): the whole ``[rows, K]`` input, its norm,
   and per output block one ``[K, block_cols]`` weight tile (rows past K masked)."""
   width = st.chunk
-  x = _x_rows(x_refs, r0, st, 0, width, cols=st.k_dim)
+  x = _rows(x_ref, r0, st, 0, width, cols=st.k_dim)
   inv = None
   if st.eps is not None:
     inv = jax.lax.rsqrt(jnp.sum(x * x, axis=1) / st.k_dim + st.eps)
@@ -151,13 +144,13 @@ def _one_step_matmul(x_refs, w_ref, scale_ref, r0, st: ProjStatic):
   return matmul
 
 
-def _looped_matmul(x_refs, w_ref, scale_ref, r0, st: ProjStatic):
+def _looped_matmul(x_ref, w_ref, scale_ref, r0, st: ProjStatic):
   """``chunk``-wide steps in a loop Triton pipelines (loads of later steps overlap earlier dots)."""
   steps = st.k_dim // st.chunk
   inv = None
   if st.eps is not None:
     def sum_squares(i, ss):
-      x = _x_rows(x_refs, r0, st, pl.multiple_of(i * st.chunk, st.chunk), st.chunk)
+      x = _rows(x_ref, r0, st, pl.multiple_of(i * st.chunk, st.chunk), st.chunk)
       return ss + jnp.sum(x * x, axis=1)
 
     ss = jax.lax.fori_loop(0, steps, sum_squares, jnp.zeros((st.block_rows,), jnp.float32))
@@ -166,7 +159,7 @@ def _looped_matmul(x_refs, w_ref, scale_ref, r0, st: ProjStatic):
   def matmul(*c0s):
     def body(i, accs):
       k0 = pl.multiple_of(i * st.chunk, st.chunk)
-      x = _normalise(_x_rows(x_refs, r0, st, k0, st.chunk), inv, scale_ref[pl.ds(k0, st.chunk)]).astype(w_ref.dtype)
+      x = _normalise(_rows(x_ref, r0, st, k0, st.chunk), inv, scale_ref[pl.ds(k0, st.chunk)]).astype(w_ref.dtype)
       return tuple(acc + dot_nn(x, w_ref[pl.ds(k0, st.chunk), pl.ds(c0, st.block_cols)], st.precision)
                    for acc, c0 in zip(accs, c0s))
 
@@ -176,27 +169,13 @@ def _looped_matmul(x_refs, w_ref, scale_ref, r0, st: ProjStatic):
   return matmul
 
 
-def _copy_rows(x_refs, copy_ref, r0, st: ProjStatic):
+def _copy_rows(x_ref, copy_ref, r0, st: ProjStatic):
   width = min(st.chunk, 256)
   for c0 in range(0, st.k_dim, width):
-    _store_rows(copy_ref, r0, st, c0, _x_rows(x_refs, r0, st, c0, width, cols=st.k_dim), cols=st.k_dim)
+    _store_rows(copy_ref, r0, st, c0, _rows(x_ref, r0, st, c0, width, cols=st.k_dim), cols=st.k_dim)
 
 
-def _matmul(x_refs, w_ref, scale_ref, r0, st: ProjStatic):
-  """``matmul(*c0s)``: the (normalised) input rows times ``[K, block_cols]`` weight blocks at
-  columns ``c0s``, each rounded to the weights' dtype (float32 values)."""
-  step = _one_step_matmul if st.chunk >= st.k_dim else _looped_matmul
-  return step(x_refs, w_ref, scale_ref, r0, st)
-
-
-def _rotate(a, b, cos, sin):
-  """RoPE on the column pairs of two ``[rows, F]`` halves by angles with ``[F]`` cos and sin."""
-  return a * cos[None, :] - b * sin[None, :], b * cos[None, :] + a * sin[None, :]
-
-
-def _project_kernel(*refs, st: ProjStatic):
-  x_refs, (w_ref, scale_ref, aux1_ref, aux2_ref), out_refs = (refs[: st.inputs], refs[st.inputs : st.inputs + 4],
-                                                              refs[st.inputs + 4 :])
+def _project_kernel(x_ref, w_ref, scale_ref, aux1_ref, aux2_ref, *out_refs, st: ProjStatic):
   o_ref = out_refs[0]  # mlp, residual: aliased to ``into`` (aux2_ref)
   r0, j = pl.program_id(0) * st.block_rows, pl.program_id(1)
   c0 = j * st.block_cols
@@ -206,18 +185,21 @@ def _project_kernel(*refs, st: ProjStatic):
   elif st.epilogue == "residual":
     res = _rows(aux2_ref, r0, st, c0, st.block_cols)
   if st.copy_input:
-    pl.when(j == 0)(lambda: _copy_rows(x_refs, out_refs[1], r0, st))
-  matmul = _matmul(x_refs, w_ref, scale_ref, r0, st)
+    pl.when(j == 0)(lambda: _copy_rows(x_ref, out_refs[1], r0, st))
+  if st.chunk >= st.k_dim:
+    matmul = _one_step_matmul(x_ref, w_ref, scale_ref, r0, st)
+  else:
+    matmul = _looped_matmul(x_ref, w_ref, scale_ref, r0, st)
   if st.epilogue == "rope":  # program j: a block of the first half of a head and its partners
     half = st.head_dim // 2
     per_head = half // st.block_cols
     f0 = (j % per_head) * st.block_cols
     c0 = (j // per_head) * st.head_dim + f0
     a, b = matmul(c0, c0 + half)
-    ra, rb = _rotate(a, b, aux1_ref[pl.ds(f0, st.block_cols)], aux2_ref[pl.ds(f0, st.block_cols)])
+    cos, sin = aux1_ref[pl.ds(f0, st.block_cols)][None, :], aux2_ref[pl.ds(f0, st.block_cols)][None, :]
     rotate = c0 < st.rope_cols
-    _store_rows(o_ref, r0, st, c0, jnp.where(rotate, ra, a))
-    _store_rows(o_ref, r0, st, c0 + half, jnp.where(rotate, rb, b))
+    _store_rows(o_ref, r0, st, c0, jnp.where(rotate, a * cos - b * sin, a))
+    _store_rows(o_ref, r0, st, c0 + half, jnp.where(rotate, b * cos + a * sin, b))
   elif st.epilogue in ("none", "residual"):
     out = matmul(c0)[0]
     _store_rows(o_ref, r0, st, c0, out + res if st.epilogue == "residual" else out)
@@ -235,7 +217,7 @@ def _project_kernel(*refs, st: ProjStatic):
 
 
 def project(
-    x_BxK: jax.Array | tuple[jax.Array, ...],
+    x_BxK: jax.Array,
     w_KxN: jax.Array,
     *,
     norm_scale: jax.Array | None = None,
@@ -254,8 +236,7 @@ def project(
   """One fused projection of decode rows: optional RMSNorm prologue, then one epilogue.
 
   Args:
-    x_BxK: ``[B, K]`` rows (any float dtype; normalised in float32), or a tuple of float32
-      ``[B, K]`` arrays whose sum is the input (the parts of ``attention_block``'s residual stream).
+    x_BxK: ``[B, K]`` rows (any float dtype; normalised in float32).
     w_KxN: ``[K, N]`` weights in the compute dtype (the dot's input dtype).
     norm_scale: ``[K]``: apply ``x * rsqrt(mean(x^2) + eps) * norm_scale`` first.
     rope: ``(cos_F, sin_F, head_dim, rope_cols)``: rotate column pairs ``(c, c + head_dim/2)``
@@ -265,7 +246,7 @@ def project(
       ``into + (silu(gate) * up) @ down`` (``into``'s buffer is updated in place, atomically:
       one program per block of hidden units). ``into`` alone, float32 ``[B, N]``: returns
       ``into + x @ w`` (in place; one program per output block, no atomics).
-    copy_input: also return a float32 copy of ``x`` (of the sum of its parts; a fresh buffer).
+    copy_input: also return a float32 copy of ``x`` (a fresh buffer).
     block_cols: output (hidden, for ``down``) columns per program. chunk: contraction step of
       the pipelined loop (the largest power of 2 <= chunk dividing K); ``None``: one step over
       the whole row (fine for K = 512, very slow for K = 1664 padded to 2048: tune_decode.py).
@@ -273,10 +254,7 @@ def project(
   Returns ``[B, N]`` (``[B, N/2]`` for swiglu) in ``w``'s dtype (float32 with ``into``), and
   with ``copy_input`` the copy of ``x``.
   """
-  xs = tuple(x_BxK) if isinstance(x_BxK, (tuple, list)) else (x_BxK,)
-  b, k_dim = xs[0].shape
-  if len(xs) > 1 and any(x.shape != (b, k_dim) or x.dtype != jnp.float32 for x in xs):
-    raise ValueError(f"the parts of x must all be float32 [{b}, {k_dim}]; got {[(x.shape, x.dtype) for x in xs]}")
+  b, k_dim = x_BxK.shape
   n = w_KxN.shape[1]
   if w_KxN.shape[0] != k_dim:
     raise ValueError(f"x is [B, {k_dim}] but w is {w_KxN.shape}")
@@ -296,7 +274,7 @@ def project(
   st = ProjStatic(rows=b, block_rows=block_rows, block_cols=block_cols, chunk=_chunk(k_dim, chunk), k_dim=k_dim,
                   eps=None if norm_scale is None else float(eps), epilogue=epilogue,
                   head_dim=rope[2] if rope else 0, rope_cols=rope[3] if rope else 0, up_col=n_out,
-                  down_cols=0 if down is None else _pow2_divisor(e, 512), copy_input=copy_input, inputs=len(xs),
+                  down_cols=0 if down is None else _pow2_divisor(e, 512), copy_input=copy_input,
                   interpret=interpret, precision=jax.lax.Precision.HIGHEST if w_KxN.dtype == jnp.float32 else None)
   if n_out % block_cols or (rope and (rope[2] // 2) % block_cols) or (down is not None and st.down_cols < 16):
     raise ValueError(f"output width {n_out} (head_dim {rope and rope[2]}, down {down is not None and down.shape}) "
@@ -308,7 +286,7 @@ def project(
   rows = b
   if interpret:  # the interpreter cannot mask a row range past the end: give it whole tiles
     rows = pl.cdiv(b, block_rows) * block_rows
-    xs = tuple(jnp.pad(x, ((0, rows - b), (0, 0))) for x in xs)
+    x_BxK = jnp.pad(x_BxK, ((0, rows - b), (0, 0)))
     if into is not None:
       aux2 = jnp.pad(aux2, ((0, rows - b), (0, 0)))
   if into is not None:
@@ -321,128 +299,32 @@ def project(
       functools.partial(_project_kernel, st=st),
       grid=(pl.cdiv(b, block_rows), cols),
       out_shape=out_shape,
-      input_output_aliases={len(xs) + 3: 0} if into is not None else {},
+      input_output_aliases={4: 0} if into is not None else {},
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=f"decode_project_{epilogue}_c{block_cols}_k{st.chunk}_w{num_warps}_s{num_stages}",
-  )(*xs, w_KxN, scale, aux1, aux2)
+  )(x_BxK, w_KxN, scale, aux1, aux2)
   outs = [o[:b] for o in outs] if interpret else outs
   return tuple(outs) if copy_input else outs[0]
 
 
 @dataclasses.dataclass(frozen=True)
 class AttendStatic:
-  """Compile-time facts of one attention kernel (one program per row, head and column split)."""
-
   window: int
   num_offsets: int
   length: int  # ring slots (R + 1)
   learned: bool
   scale: float
-  heads: int
-  head_dim: int
-  block: ProjStatic | None = None  # attention_block: the norm + qkv projection in front, out projection behind
+  project: bool  # add o @ W_out[head] into the residuals instead of storing o
 
 
-def _first_row(t):
-  """Row 0 of a ``[rows, F]`` tile (the program's own row: the rest are padding), as ``[F]``."""
-  return jnp.sum(jnp.where((jnp.arange(t.shape[0]) == 0)[:, None], t, 0.0), axis=0)
-
-
-def _halves(st: AttendStatic):
-  half = st.head_dim // 2
-  return half, (0, half)
-
-
-def _block_qkv(x_refs, w_ref, scale_ref, cos_ref, sin_ref, st: AttendStatic):
-  """``rmsnorm(x) @ W_qkv`` of this program's row, for its head's q, k and v columns, q and k
-  rotated; each as two ``[D / 2]`` halves (RoPE pairs columns ``c`` and ``c + D / 2``), rounded to
-  the compute dtype as the qkv kernel's output is."""
-  half, starts = _halves(st)
-  c0, hd = pl.program_id(1) * st.head_dim, st.heads * st.head_dim
-  matmul = _matmul(x_refs, w_ref, scale_ref, pl.program_id(0), st.block)
-  qa, qb, ka, kb, va, vb = matmul(*(part * hd + c0 + h for part in range(3) for h in starts))
-  cos, sin = cos_ref[...], sin_ref[...]
-  rounded = lambda ts: [_first_row(t.astype(w_ref.dtype).astype(jnp.float32)) for t in ts]  # noqa: E731
-  return rounded(_rotate(qa, qb, cos, sin)), rounded(_rotate(ka, kb, cos, sin)), [_first_row(va), _first_row(vb)]
-
-
-def _gather(pos, offs_ref, ck_ref, cv_ref, st: AttendStatic):
-  """The cached keys and values the new query reads: its window (distances ``1..W-1``; row 0
-  is left for the new token) and its offsets, from the ring buffer, as ``[rows, D / 2]`` halves
-  (float32), with their masks. Depends on ``pos`` only: issued before anything else."""
-  half, starts = _halves(st)
-
-  def rows(ref, dist, ok):  # the ring slots at distances ``dist`` (< length) from ``pos``
-    slots = (pos - dist + st.length) % st.length
-    mask = jnp.broadcast_to(ok[:, None], (ok.shape[0], half))  # two index arrays: the interpreter can gather too
-    return [plgpu.load(ref.at[slots[:, None], c0 + jnp.arange(half)[None, :]], mask=mask, other=0.0
-                       ).astype(jnp.float32) for c0 in starts]
-
-  j = jnp.arange(pl.next_power_of_2(st.window))
-  in_win = (j < st.window) & (j <= pos)
-  window = rows(ck_ref, j, in_win & (j > 0)), rows(cv_ref, j, in_win & (j > 0))
-  offs = offs_ref[...]
-  if st.learned:  # a fractional distance lo + t blends rows lo and lo + 1
-    ok = (offs >= st.window) & (offs <= pos.astype(jnp.float32))
-    lo, t = split_distance(offs)
-    t = t[:, None]
-    blend = lambda ref: [a * (1.0 - t) + b * t for a, b in zip(rows(ref, lo, ok), rows(ref, lo + 1, ok))]  # noqa: E731
-    far = blend(ck_ref), blend(cv_ref)
-  else:
-    ok = (offs >= st.window) & (offs <= pos)
-    far = rows(ck_ref, offs, ok), rows(cv_ref, offs, ok)
-  return window, in_win, far, ok
-
-
-def _attend(q, k_new, v_new, gathered):
-  """Softmax of the new query over its window (distance 0: ``k_new``, ``v_new``, from registers)
-  and offsets (``_gather``); ``q`` and the result as ``[D / 2]`` halves (float32), unscaled ``q``
-  already multiplied by the softmax scale."""
-  ((kw, vw), in_win, (ko, vo), ok) = gathered
-  first = (jnp.arange(in_win.shape[0]) == 0)[:, None]
-  kw = [jnp.where(first, new[None, :], g) for new, g in zip(k_new, kw)]
-  vw = [jnp.where(first, new[None, :], g) for new, g in zip(v_new, vw)]
-  scores = lambda ks: sum(jnp.sum(k * qh[None, :], axis=1) for k, qh in zip(ks, q))  # noqa: E731
-  sw, so = jnp.where(in_win, scores(kw), MASK_VALUE), jnp.where(ok, scores(ko), MASK_VALUE)
-  m = jnp.maximum(jnp.max(sw), jnp.max(so))
-  pw, po = jnp.exp(sw - m), jnp.exp(so - m)
-  denom = jnp.sum(pw) + jnp.sum(po)
-  return [(jnp.sum(pw[:, None] * a, axis=0) + jnp.sum(po[:, None] * b, axis=0)) / denom for a, b in zip(vw, vo)]
-
-
-def _attend_kernel(offs_ref, pos_ref, *refs, st: AttendStatic):
-  half, starts = _halves(st)
-  pos = pos_ref[0]
-  if st.block is None:
-    q_ref, kn_ref, vn_ref, ck_ref, cv_ref, o_ref, ck_out, cv_out = refs
-    gathered = _gather(pos, offs_ref, ck_ref, cv_ref, st)
-    q, k_new, v_new = ([r[pl.ds(c0, half)].astype(jnp.float32) for c0 in starts] for r in (q_ref, kn_ref, vn_ref))
-  else:  # the stream parts, W_qkv, norm scale, cos, sin, caches, W_out[head] slice, zeros (aliased to delta)
-    x_refs, refs = refs[: st.block.inputs], refs[st.block.inputs :]
-    w_ref, scale_ref, cos_ref, sin_ref, ck_ref, cv_ref, wo_ref, _, delta_ref, za_ref, zb_ref, ck_out, cv_out = refs
-    gathered = _gather(pos, offs_ref, ck_ref, cv_ref, st)  # in flight while the projection runs
-    wo = [wo_ref[pl.ds(c0, half), :] for c0 in starts]
-    q, k_new, v_new = _block_qkv(x_refs, w_ref, scale_ref, cos_ref, sin_ref, st)
-  q = [x * st.scale for x in q]
-  slot = pos % st.length
-  for ref, new in ((ck_out, k_new), (cv_out, v_new)):
-    for c0, x in zip(starts, new):
-      plgpu.store(ref.at[pl.ds(slot, 1), pl.ds(c0, half)], x[None, :].astype(ref.dtype))
-  out = _attend(q, k_new, v_new, gathered)
-  if st.block is None:
-    for c0, x in zip(starts, out):
-      o_ref[pl.ds(c0, half)] = x.astype(o_ref.dtype)
-    return
-  # this head's share of the out projection (o rounded as the XLA path feeds it), added atomically
-  part = sum(jnp.sum(x.astype(w.dtype).astype(jnp.float32)[:, None] * w.astype(jnp.float32), axis=0)
-             for x, w in zip(out, wo))
-  plgpu.atomic_add(delta_ref, pl.ds(0, part.shape[0]), part)
-
-  @pl.when(pl.program_id(1) == 0)
-  def _():  # fresh zeros for the MLP's and the next block's atomic adds
-    za_ref[...] = jnp.zeros(part.shape, jnp.float32)
-    zb_ref[...] = jnp.zeros(part.shape, jnp.float32)
+def _add_head_projection(o_D, wo_DxC, res_refs):
+  """``res += o_D @ wo_DxC`` for each 1-D float32 ``[C]`` ref in ``res_refs`` (atomic: other heads
+  add too). ``o_D`` is rounded to ``wo``'s dtype first, as the XLA path feeds its out projection."""
+  o = o_D.astype(wo_DxC.dtype).astype(jnp.float32)
+  part = jnp.sum(o[:, None] * wo_DxC.astype(jnp.float32), axis=0)
+  for ref in res_refs:
+    plgpu.atomic_add(ref, pl.ds(0, part.shape[0]), part)
 
 
 def _out_splits(e: int, splits: int) -> int:
@@ -451,25 +333,57 @@ def _out_splits(e: int, splits: int) -> int:
   return splits
 
 
-def _pattern_args(cache, offsets, pos, window: int, scale: float, block: ProjStatic | None):
-  """``(static, [offsets, pos], their specs, the cache spec)`` of the attention kernels (grid
-  ``(row, head, split)``); NumPy offsets stay a constant (no pad kernel per token)."""
-  _, length, h, d = cache["k"].shape
-  if d % 2:
-    raise ValueError(f"the fused decode attention needs an even head_dim, got {d}")
-  learned = bool(np.issubdtype(offsets.dtype, np.floating))
-  st = AttendStatic(window=window, num_offsets=int(offsets.shape[0]), length=length, learned=learned,
-                    scale=float(scale), heads=h, head_dim=d, block=block)
-  width = _pow2_at_least(offsets.shape[0], 1)
-  xp = np if isinstance(offsets, np.ndarray) else jnp
-  offs = xp.pad(offsets.astype(np.float32 if learned else np.int32), (0, width - offsets.shape[0]))
-  specs = [pl.BlockSpec((width,), lambda i, j, k: (0,)), pl.BlockSpec((1,), lambda i, j, k: (0,))]
-  cache_spec = pl.BlockSpec((None, length, None, d), lambda i, j, k: (i, 0, j, 0))
-  return st, [offs, jnp.reshape(pos, (1,)).astype(jnp.int32)], specs, cache_spec
+def _attend_kernel(offs_ref, pos_ref, q_ref, kn_ref, vn_ref, ck_ref, cv_ref, *refs, st: AttendStatic):
+  if st.project:  # this program's slice of W_out[head], loaded first: its latency overlaps the gathers
+    wo_ref, _, _, ra_ref, rb_ref, ck_out, cv_out = refs  # the residual inputs are aliased to ra/rb
+    wo = wo_ref[...]
+  else:
+    o_ref, ck_out, cv_out = refs
+  pos = pos_ref[0]
+  slot = pos % st.length
+  q, k_new, v_new = (r[...].astype(jnp.float32) for r in (q_ref, kn_ref, vn_ref))
+  plgpu.store(ck_out.at[pl.ds(slot, 1), :], kn_ref[...][None, :].astype(ck_out.dtype))
+  plgpu.store(cv_out.at[pl.ds(slot, 1), :], vn_ref[...][None, :].astype(cv_out.dtype))
+
+  def rows(ref, dist, ok):  # ring slot of distance ``dist`` (< length) from ``pos``
+    slots = (pos - dist + st.length) % st.length
+    shape = (ok.shape[0], q.shape[0])  # gathered by two index arrays (what the interpreter can also do)
+    return plgpu.load(ref.at[slots[:, None], jnp.arange(q.shape[0])[None, :]],
+                      mask=jnp.broadcast_to(ok[:, None], shape), other=0.0).astype(jnp.float32)
+
+  j = jnp.arange(pl.next_power_of_2(st.window))
+  in_win = (j < st.window) & (j <= pos)
+  old = in_win & (j > 0)  # distance 0 is the new token, taken from registers
+  kw = jnp.where((j == 0)[:, None], k_new[None, :], rows(ck_ref, j, old))
+  vw = jnp.where((j == 0)[:, None], v_new[None, :], rows(cv_ref, j, old))
+  offs = offs_ref[...]
+  if st.learned:  # a fractional distance lo + t blends rows lo and lo + 1
+    ok = (offs >= st.window) & (offs <= pos.astype(jnp.float32))
+    lo, t = split_distance(offs)
+    t = t[:, None]
+    ko = rows(ck_ref, lo, ok) * (1.0 - t) + rows(ck_ref, lo + 1, ok) * t
+    vo = rows(cv_ref, lo, ok) * (1.0 - t) + rows(cv_ref, lo + 1, ok) * t
+  else:
+    ok = (offs >= st.window) & (offs <= pos)
+    ko, vo = rows(ck_ref, offs, ok), rows(cv_ref, offs, ok)
+  sw = jnp.where(in_win, jnp.sum(kw * q[None, :], axis=1) * st.scale, MASK_VALUE)
+  so = jnp.where(ok, jnp.sum(ko * q[None, :], axis=1) * st.scale, MASK_VALUE)
+  m = jnp.maximum(jnp.max(sw), jnp.max(so))
+  pw, po = jnp.exp(sw - m), jnp.exp(so - m)
+  out = jnp.sum(pw[:, None] * vw, axis=0) + jnp.sum(po[:, None] * vo, axis=0)
+  out = (out / (jnp.sum(pw) + jnp.sum(po))).astype(q_ref.dtype)
+  if st.project:
+    _add_head_projection(out, wo, (ra_ref, rb_ref))
+  else:
+    o_ref[...] = out
 
 
-def _cache_shapes(cache):
-  return [jax.ShapeDtypeStruct(cache[n].shape, cache[n].dtype) for n in ("k", "v")]
+def _check_residuals(out_weight, residuals, b, h, d):
+  n = out_weight.shape[1]
+  if out_weight.shape[0] != h * d or n % 16 or len(residuals) != 2 or any(
+      r.shape != (b, n) or r.dtype != jnp.float32 for r in residuals):
+    raise ValueError(f"out_weight must be [{h * d}, E] (E % 16 == 0) and residuals two float32 [{b}, E]; got "
+                     f"{out_weight.shape} and {[(r.shape, r.dtype) for r in residuals]}")
 
 
 def sparse_attention(
@@ -480,9 +394,12 @@ def sparse_attention(
     *,
     window: int,
     scale: float,
+    out_weight: jax.Array | None = None,
+    residuals: tuple[jax.Array, jax.Array] = (),
+    out_splits: int = 4,
     num_warps: int = 4,
     interpret: bool = False,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array | tuple[jax.Array, jax.Array], dict[str, jax.Array]]:
   """The query at position ``pos`` over its window and offsets, from the ring-buffer cache.
 
   Same pattern and masking as ``fibjax.decode.attend_sparse`` (which is its reference), but it
@@ -494,92 +411,55 @@ def sparse_attention(
     offsets: ``[K]`` normalised offsets (``fibjax.reference.normalize_offsets``: invalid terms
       0): int32 static or float32 fractional distances; a NumPy array is embedded as a constant.
     pos: int32 scalar position of the new token.
-  Returns ``([B, H, D]`` in the qkv dtype, the updated cache``)``.
+    out_weight, residuals: ``[H * D, E]`` and two float32 ``[B, E]``: instead of returning the
+      attention output ``o``, add ``o @ out_weight`` into both residuals (in place, atomically).
+    out_splits: programs per (row, head), each adding ``E / out_splits`` columns (and each
+      computing the head's attention: more, shorter programs).
+  Returns ``([B, H, D]`` in the qkv dtype, or the two updated residuals; the updated cache``)``.
   """
-  b, _, h, d = qkv_Bx3xHxD.shape
-  st, args, in_specs, cache_spec = _pattern_args(cache, offsets, pos, window, scale, None)
+  b, three, h, d = qkv_Bx3xHxD.shape
+  length = cache["k"].shape[1]
+  learned = bool(np.issubdtype(offsets.dtype, np.floating))
+  project_out = out_weight is not None
+  if project_out:
+    _check_residuals(out_weight, residuals, b, h, d)
+  st = AttendStatic(window=window, num_offsets=int(offsets.shape[0]), length=length, learned=learned,
+                    scale=float(scale), project=project_out)
+  width = _pow2_at_least(offsets.shape[0], 1)
+  xp = np if isinstance(offsets, np.ndarray) else jnp  # NumPy offsets stay a constant: no pad kernel per token
+  offs = xp.pad(offsets.astype(np.float32 if learned else np.int32), (0, width - offsets.shape[0]))
+  splits = _out_splits(out_weight.shape[1], out_splits) if project_out else 1
   vec = lambda part: pl.BlockSpec((None, None, None, d), lambda i, j, k: (i, part, j, 0))  # noqa: E731
-  o, ck, cv = pl.pallas_call(
-      functools.partial(_attend_kernel, st=st),
-      grid=(b, h, 1),
-      in_specs=in_specs + [vec(0), vec(1), vec(2), cache_spec, cache_spec],
-      out_specs=[pl.BlockSpec((None, None, d), lambda i, j, k: (i, j, 0)), cache_spec, cache_spec],
-      out_shape=[jax.ShapeDtypeStruct((b, h, d), qkv_Bx3xHxD.dtype)] + _cache_shapes(cache),
-      input_output_aliases={5: 1, 6: 2},
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-      interpret=interpret,
-      name=f"decode_sparse_attention_w{num_warps}",
-  )(*args, qkv_Bx3xHxD, qkv_Bx3xHxD, qkv_Bx3xHxD, cache["k"], cache["v"])
-  return o, {"k": ck, "v": cv}
-
-
-def attention_block(
-    stream: tuple[jax.Array, ...],
-    zeros_BxE: jax.Array,
-    qkv_weight: jax.Array,
-    norm_scale: jax.Array,
-    rope: tuple[jax.Array, jax.Array],
-    cache: dict[str, jax.Array],
-    offsets: jax.Array,
-    pos: jax.Array,
-    *,
-    window: int,
-    scale: float,
-    out_weight: jax.Array,
-    eps: float = 1e-6,
-    out_splits: int = 4,
-    chunk: int | None = 128,
-    num_warps: int = 4,
-    num_stages: int = 2,
-    interpret: bool = False,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array], dict[str, jax.Array]]:
-  """A pre-norm block's attention half in one kernel: per (row, head, column split) program,
-  ``rope(rmsnorm(x) @ W_qkv)`` for its head, the new key and value into the ring buffer, the
-  query over its window and offsets (``sparse_attention``), and ``o_h @ W_out[h]`` over the
-  split's columns, added atomically into ``zeros_BxE``.
-
-  The residual ``x`` is read-only here: it is the sum of the float32 ``[B, E]`` ``stream`` parts,
-  and the attention's contribution comes back as a separate part (the kernel cannot add into
-  rows other programs are still normalising). Each split program recomputes its head's
-  projection (``out_splits`` trades that against longer out projections).
-
-  Args:
-    stream: float32 ``[B, E]`` arrays whose sum is the residual stream.
-    zeros_BxE: float32 ``[B, E]`` zeros (updated in place).
-    qkv_weight, out_weight: ``[E, 3 H D]`` (q, k, v heads) and ``[H D, E]`` in the compute dtype.
-    norm_scale: ``[E]`` RMSNorm scale (``eps``). rope: ``(cos, sin)`` ``[D / 2]`` of the position's angles.
-    cache, offsets, pos, window, scale: as ``sparse_attention``.
-    chunk, num_stages: the projection's contraction step (``project``) and pipeline depth.
-  Returns ``(zeros_BxE + o @ out_weight``, two fresh float32 ``[B, E]`` zero buffers (the MLP's and
-  the next block's to add into), the updated cache``)``.
-  """
-  b, e = stream[0].shape
-  _, length, h, d = cache["k"].shape
-  if (any(x.shape != (b, e) or x.dtype != jnp.float32 for x in (*stream, zeros_BxE)) or e % 16
-      or qkv_weight.shape != (e, 3 * h * d) or out_weight.shape != (h * d, e) or norm_scale.shape != (e,)):
-    raise ValueError(f"attention_block takes float32 [B, E] stream parts and zeros (E % 16 == 0), W_qkv [E, "
-                     f"3 * {h} * {d}], W_out [{h} * {d}, E], norm scale [E]; got {[(x.shape, x.dtype) for x in stream]}"
-                     f", {zeros_BxE.shape} {zeros_BxE.dtype}, {qkv_weight.shape}, {out_weight.shape}, {norm_scale.shape}")
-  splits = _out_splits(e, out_splits)
-  block = ProjStatic(rows=b, block_rows=16, block_cols=d // 2, chunk=_chunk(e, chunk), k_dim=e, eps=float(eps),
-                     epilogue="rope", inputs=len(stream), interpret=interpret,
-                     precision=jax.lax.Precision.HIGHEST if qkv_weight.dtype == jnp.float32 else None)
-  st, args, in_specs, cache_spec = _pattern_args(cache, offsets, pos, window, scale, block)
-  if interpret:  # the interpreter cannot mask a row range past the end: rows r .. r + 15 must exist
-    stream = tuple(jnp.pad(x, ((0, block.block_rows - 1), (0, 0))) for x in stream)
-  whole = pl.BlockSpec()
-  res_spec = pl.BlockSpec((None, e // splits), lambda i, j, k: (i, k))
-  n = len(stream)
-  delta, za, zb, ck, cv = pl.pallas_call(
+  cache_spec = pl.BlockSpec((None, length, None, d), lambda i, j, k: (i, 0, j, 0))
+  in_specs = [pl.BlockSpec((width,), lambda i, j, k: (0,)), pl.BlockSpec((1,), lambda i, j, k: (0,)),
+              vec(0), vec(1), vec(2), cache_spec, cache_spec]
+  args = [offs, jnp.reshape(pos, (1,)).astype(jnp.int32), qkv_Bx3xHxD, qkv_Bx3xHxD, qkv_Bx3xHxD, cache["k"], cache["v"]]
+  cache_shapes = [jax.ShapeDtypeStruct(cache[n].shape, cache[n].dtype) for n in ("k", "v")]
+  if project_out:
+    res_spec, wo_spec = _out_specs(out_weight.shape[1] // splits, d)
+    in_specs += [wo_spec, res_spec, res_spec]
+    args += [out_weight, *residuals]
+    out_specs = [res_spec, res_spec, cache_spec, cache_spec]
+    out_shape = [jax.ShapeDtypeStruct(r.shape, r.dtype) for r in residuals] + cache_shapes
+    aliases = {5: 2, 6: 3, 8: 0, 9: 1}
+  else:
+    out_specs = [pl.BlockSpec((None, None, d), lambda i, j, k: (i, j, 0)), cache_spec, cache_spec]
+    out_shape = [jax.ShapeDtypeStruct((b, h, d), qkv_Bx3xHxD.dtype)] + cache_shapes
+    aliases = {5: 1, 6: 2}
+  *outs, ck, cv = pl.pallas_call(
       functools.partial(_attend_kernel, st=st),
       grid=(b, h, splits),
-      in_specs=in_specs + [whole] * (n + 4) + [cache_spec, cache_spec,
-                                               pl.BlockSpec((d, e // splits), lambda i, j, k: (j, k)), res_spec],
-      out_specs=[res_spec] * 3 + [cache_spec, cache_spec],
-      out_shape=[jax.ShapeDtypeStruct((b, e), jnp.float32)] * 3 + _cache_shapes(cache),
-      input_output_aliases={n + 9: 0, n + 6: 3, n + 7: 4},
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
-      name=f"decode_attention_block_out{splits}_k{block.chunk}_w{num_warps}_s{num_stages}",
-  )(*args, *stream, qkv_weight, norm_scale, *rope, cache["k"], cache["v"], out_weight, zeros_BxE)
-  return delta, (za, zb), {"k": ck, "v": cv}
+      name=f"decode_sparse_attention{f'_out{splits}' if project_out else ''}_w{num_warps}",
+  )(*args)
+  return (tuple(outs) if project_out else outs[0]), {"k": ck, "v": cv}
+
+
+def _out_specs(cols: int, d: int):
+  """BlockSpecs over grid ``(row, head, split)``: a residual row's slice, W_out[head]'s slice."""
+  return (pl.BlockSpec((None, cols), lambda i, j, k: (i, k)), pl.BlockSpec((d, cols), lambda i, j, k: (j, k)))

@@ -37,13 +37,12 @@ def test_project_matches_jnp(rows, chunk, epilogue):
   elif epilogue == "residual":
     into = jnp.asarray(rng.standard_normal((rows, n)), jnp.float32)
     got, want = decode_gpu.project(x, w, into=into, chunk=chunk, interpret=True), into + jnp.dot(x, w, precision="highest")
-  elif epilogue == "mlp":  # 2 programs add their hidden units' share into ``into``; x given as two parts
+  elif epilogue == "mlp":  # 2 programs add their hidden units' share into ``into`` (copy_input: x itself)
     down = jnp.asarray(rng.standard_normal((n // 2, 80)) / 5, jnp.float32)
     into = jnp.asarray(rng.standard_normal((rows, 80)), jnp.float32)
-    part = jnp.asarray(rng.standard_normal((rows, k_dim)), jnp.float32)
-    got, copy = decode_gpu.project((x - part, part), w, norm_scale=scale, swiglu=True, down=down, into=into,
-                                   copy_input=True, block_cols=16, chunk=chunk, interpret=True)
-    np.testing.assert_allclose(np.asarray(copy), np.asarray(x), atol=1e-6, err_msg=msg)  # the parts' sum
+    got, copy = decode_gpu.project(x, w, norm_scale=scale, swiglu=True, down=down, into=into, copy_input=True,
+                                   block_cols=16, chunk=chunk, interpret=True)
+    np.testing.assert_array_equal(np.asarray(copy), np.asarray(x), err_msg=msg)
     want = into + jnp.dot(jax.nn.silu(h[:, : n // 2]) * h[:, n // 2:], down, precision="highest")
   elif epilogue == "swiglu":
     got = decode_gpu.project(x, w, norm_scale=scale, swiglu=True, block_cols=16, chunk=chunk, interpret=True)
@@ -88,47 +87,17 @@ def test_sparse_attention_matches_attend_sparse(learned, dtype):
                                err_msg=f"pos {pos} {msg}")
     for name in ("k", "v"):  # exactly one slot written, every other slot untouched
       np.testing.assert_array_equal(np.asarray(got_cache[name]), np.asarray(want_cache[name]))
-
-
-@pytest.mark.parametrize("learned", [False, True])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_attention_block_matches_reference(learned, dtype):
-  """Norm, qkv projection, RoPE, cache write, sparse attention and out projection in one kernel,
-  against those steps in jnp; the residual (two parts) is read only, the result is added into zeros."""
-  rng, msg = _rng(secrets.randbits(32))
-  b, h, d, e, window, reach = 3, 2, 16, 64, 8, 40
-  offsets = jnp.asarray([8, 13, 21, 34, 8, 50, 3], jnp.int32)
-  if learned:
-    offsets = offsets.astype(jnp.float32) * 1.13
-  offs, _ = normalize_offsets(offsets, window, reach)
-  f32 = lambda x: x.astype(dtype).astype(jnp.float32)  # noqa: E731  (a value rounded to the compute dtype)
-  for pos in (0, 9, 41, 200 + int(rng.integers(0, 100))):
-    parts = tuple(jnp.asarray(rng.standard_normal((b, e)), jnp.float32) for _ in range(2))
-    w_qkv = jnp.asarray(rng.standard_normal((e, 3 * h * d)) / 8, dtype)
-    w_out = jnp.asarray(rng.standard_normal((h * d, e)) / 6, dtype)
-    scale = jnp.asarray(1 + rng.standard_normal(e) / 4, jnp.float32)
-    cache = _cache(rng, b, reach + 1, h, d, dtype)
-    angle = rope_angles(jnp.int32(pos), d, 10_000.0)
-    qkv = f32(jnp.dot(f32(_rms(parts[0] + parts[1], scale)), w_qkv.astype(jnp.float32), precision="highest"))
-    qkv = qkv.reshape(b, 1, 3, h, d)
-    at = jnp.full((b, 1), pos)
-    q, k = (f32(fibjax.layers.rope(qkv[:, :, i], at, 10_000.0))[:, 0] for i in (0, 1))
-    want_cache = dec.write_token(cache, k, qkv[:, 0, 2], jnp.int32(pos))
-    o = dec.attend_sparse(q, want_cache, jnp.int32(pos), window=window, offsets=offsets, reach=reach, scale=d**-0.5)
-    want = jnp.dot(f32(o).reshape(b, h * d), w_out.astype(jnp.float32), precision="highest")
-    delta, zeros, got_cache = decode_gpu.attention_block(
-        parts, jnp.zeros((b, e), jnp.float32), w_qkv, scale, (jnp.cos(angle), jnp.sin(angle)), cache, offs,
-        jnp.int32(pos), window=window, scale=d**-0.5, out_weight=w_out, out_splits=2, chunk=16, interpret=True)
-    tol = 1e-4 if dtype == jnp.float32 else 5e-2
-    assert np.isfinite(np.asarray(delta)).all(), msg
-    np.testing.assert_allclose(np.asarray(delta), np.asarray(want), atol=tol, rtol=tol, err_msg=f"pos {pos} {msg}")
-    for z in zeros:
-      np.testing.assert_array_equal(np.asarray(z), np.zeros((b, e), np.float32))
-    for name in ("k", "v"):  # the new position's slot written, every other slot untouched
-      np.testing.assert_allclose(np.asarray(got_cache[name], np.float32), np.asarray(want_cache[name], np.float32),
-                                 atol=tol, rtol=tol, err_msg=f"{name} pos {pos} {msg}")
-      untouched = np.arange(reach + 1) != pos % (reach + 1)
-      np.testing.assert_array_equal(np.asarray(got_cache[name])[:, untouched], np.asarray(cache[name])[:, untouched])
+    # the out projection fused in: each head's share added into both residuals
+    wo = jnp.asarray(rng.standard_normal((h * d, 64)) / 6, dtype)
+    res = [jnp.asarray(rng.standard_normal((b, 64)), jnp.float32) for _ in range(2)]
+    added = jnp.dot(want.astype(dtype).astype(jnp.float32).reshape(b, h * d), wo.astype(jnp.float32),
+                    precision="highest")
+    (got_a, got_b), proj_cache = decode_gpu.sparse_attention(qkv, cache, offs, jnp.int32(pos), window=window,
+                                                             scale=d**-0.5, out_weight=wo, residuals=res, out_splits=2,
+                                                             interpret=True)
+    for r, got_r in zip(res, (got_a, got_b)):
+      np.testing.assert_allclose(np.asarray(got_r), np.asarray(r + added), atol=5 * tol, rtol=tol, err_msg=msg)
+    np.testing.assert_array_equal(np.asarray(proj_cache["k"]), np.asarray(want_cache["k"]))
 
 
 def test_fused_shapes_refused():
@@ -136,28 +105,26 @@ def test_fused_shapes_refused():
   with pytest.raises(ValueError, match="down= goes with into= and swiglu=True"):
     decode_gpu.project(x, w, down=jnp.zeros((32, 16)), interpret=True)
   cache = {n: jnp.zeros((2, 9, 2, 16)) for n in ("k", "v")}
-  block = lambda e, **kw: decode_gpu.attention_block(  # noqa: E731
-      (jnp.zeros((2, e)),), jnp.zeros((2, e)), jnp.zeros((e, 96)), jnp.ones((e,)), (jnp.ones(8), jnp.zeros(8)), cache,
-      np.asarray([5], np.int32), jnp.int32(3), window=4, scale=0.25, out_weight=jnp.zeros((32, e)), interpret=True, **kw)
+  attend = lambda e, res, **kw: decode_gpu.sparse_attention(  # noqa: E731
+      jnp.zeros((2, 3, 2, 16)), cache, np.asarray([5], np.int32), jnp.int32(3), window=4, scale=0.25,
+      out_weight=jnp.zeros((32, e)), residuals=res, interpret=True, **kw)
   with pytest.raises(ValueError, match="out_splits=2 must cut"):
-    block(96, out_splits=2)
-  with pytest.raises(ValueError, match="float32 \\[B, E\\] stream parts"):
-    block(40)
-  with pytest.raises(ValueError, match="parts of x must all be float32"):
-    decode_gpu.project((x, x.astype(jnp.bfloat16)), w, interpret=True)
+    attend(96, (jnp.zeros((2, 96)),) * 2, out_splits=2)
   with pytest.raises(ValueError, match="into must be float32"):
     decode_gpu.project(x, w, swiglu=True, down=jnp.zeros((32, 16)), into=jnp.zeros((2, 16), jnp.bfloat16),
                        interpret=True)
+  with pytest.raises(ValueError, match="residuals two float32"):
+    attend(16, (jnp.zeros((2, 16)),))
 
 
 SMALL = dict(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64, seq_len=32, window=4)
 
 
 @pytest.mark.parametrize("variant, batch", [("dense", 3), ("fib-linear", 3), ("fib-learned", 3), ("pow2-coprime", 3),
-                                            ("fib-linear", 17)])  # 17 rows: five kernels
+                                            ("fib-linear", 17)])  # 17 rows: the two-kernel MLP
 def test_fused_decode_equals_xla_decode(variant, batch):
-  """The fused block (interpret mode: two kernels, five for dense or more than 16 rows) gives
-  the XLA decode path's logits, far past R."""
+  """The fused block (interpret mode: three kernels; five for dense and for more than 16 rows)
+  gives the XLA decode path's logits, far past R."""
   models = {impl: fibjax.LM(fibjax.ModelConfig(variant=variant, decode_impl=impl, **SMALL), rngs=nnx.Rngs(5))
             for impl in ("interpret", "xla")}
   if variant.endswith("learned"):
