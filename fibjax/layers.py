@@ -244,8 +244,8 @@ class Block(nnx.Module):
 
   def decode(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """One token per row at position ``pos``: the XLA path (norms, projections and
-    ``fibjax.decode`` attention as separate ops) or three fused Pallas kernels (``decode_impl``;
-    these return the residual stream in float32)."""
+    ``fibjax.decode`` attention as separate ops) or fused Pallas kernels (``decode_impl``, see
+    ``_decode_fused``; these return the residual stream in float32)."""
     impl = _resolve(self.decode_impl, self._fusable(x_Bx1xD.shape[0]))
     if impl == "xla":
       return self._residual(x_Bx1xD, lambda h: self.attn.decode(h, pos, cache))
@@ -257,7 +257,7 @@ class Block(nnx.Module):
     XLA at batch 1 from 1K to 64K (0.545 vs 0.593, 1.450 vs 1.531 ms/token) and lost at batch 32
     (1.095 vs 1.033 at 1K; H100, ``benchmarks/decode.py``)."""
     a, d_model = self.attn, self.attn_norm.num_features
-    if a.pattern.kind == "dense" and rows > 16:
+    if a.pattern.kind == "dense" and rows > ATOMIC_ROWS:
       return False
     widths = (d_model, a.num_heads * a.head_dim, self.mlp.down.in_features)
     return a.head_dim % 32 == 0 and all(w % 16 == 0 for w in widths)
@@ -277,7 +277,7 @@ class Block(nnx.Module):
     # atomic adds grow with the rows: more rows take the five-kernel path without them; so does dense
     # (XLA attention between the kernels): 1.45-1.48 ms/token at 64K, batch 1, against 1.97 with the
     # attention's out projection added atomically after it (XLA transposed the cache around it; H100)
-    few = b <= 16 and a.pattern.kind != "dense"
+    few = b <= ATOMIC_ROWS and a.pattern.kind != "dense"
     # float32 weights: shorter contraction steps, or 3 pipeline stages of tiles overflow shared memory
     w_qkv = w(a.qkv)
     chunk = 256 if w_qkv.dtype.itemsize <= 2 else 64
@@ -311,6 +311,7 @@ class Block(nnx.Module):
 
 
 KERNEL_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")
+ATOMIC_ROWS = 16  # fused decode: up to this many rows, sparse blocks add into the residual atomically
 
 
 def check_kernel_impl(name: str, impl: str) -> str:

@@ -17,8 +17,9 @@ residual stream stays float32 so that partial results can be added into it atomi
    contraction), so ~100 programs share it instead of 32.
 
 Atomic adds grow with the rows (rows x hidden blocks x width): above 16 rows (and for dense
-attention, which runs in XLA between the kernels) a block is five kernels without them (``fibjax.layers.Block._decode_fused``): qkv, attention returning ``o``,
-``project(o, W_out, into=x)``, ``project(x, W_gate_up, swiglu=True)``, ``project(a, W_down, into=x)``.
+attention, which runs in XLA between the kernels) a block is five kernels without them
+(``fibjax.layers.Block._decode_fused``): qkv, attention returning ``o``, ``project(o, W_out, into=x)``,
+``project(x, W_gate_up, swiglu=True)``, ``project(a, W_down, into=x)``.
 
 Rows (the batch) are padded to a tile of at least 16 inside the kernel by masked loads
 (``pl.dot`` needs 16 rows); weights are read once per column block. Rounding follows the XLA

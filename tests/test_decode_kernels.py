@@ -121,7 +121,7 @@ SMALL = dict(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64, seq
 
 
 @pytest.mark.parametrize("variant, batch", [("dense", 3), ("fib-linear", 3), ("fib-learned", 3), ("pow2-coprime", 3),
-                                            ("fib-linear", 17)])  # 17 rows: the two-kernel MLP
+                                            ("fib-linear", 17)])  # 17 rows: five kernels
 def test_fused_decode_equals_xla_decode(variant, batch):
   """The fused block (interpret mode: three kernels; five for dense and for more than 16 rows)
   gives the XLA decode path's logits, far past R."""
