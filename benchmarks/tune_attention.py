@@ -3,7 +3,7 @@ backward tiles (with the default forward), at one training shape.
 
     python benchmarks/tune_attention.py [--n 1024] [--batch 32] [--heads 8] [--reach N]
 
-Forward configurations (rows per tile, warps, pipeline stages) are timed alone, backward ones
+Forward configurations (offset terms on tensor cores or not, rows per tile, warps, pipeline stages) are timed alone, backward ones
 as forward + backward (median ms, random bf16 data rotated over input sets, synchronised, after
 warm-up: ``benchmarks.timing.time_fn``). Prints the rows and writes
 ``tune_attention_<device>_n<N>_b<B>.json``; the kernel defaults (``pallas_kernels.ops``) come
@@ -44,6 +44,8 @@ def main() -> None:
   parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
   parser.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8])
   parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+  parser.add_argument("--term-mma", type=int, nargs="+", default=[0, 1], choices=[0, 1],
+                      help="offset terms as row-wise products (0) and/or tensor-core diagonals (1)")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
   n, reach = args.n, args.reach or args.n
@@ -56,15 +58,14 @@ def main() -> None:
                                             implementation="pallas", **opts)
 
   rows = []
-  for part, (block, warps, stages) in itertools.chain(
-      (("fwd", c) for c in itertools.product(args.blocks, args.warps, args.stages)),
-      (("bwd", c) for c in itertools.product(args.blocks, args.warps, args.stages))):
+  grid = list(itertools.product(args.term_mma, args.blocks, args.warps, args.stages))
+  for part, (mma, block, warps, stages) in itertools.chain((("fwd", c) for c in grid), (("bwd", c) for c in grid)):
     if part == "fwd":
-      row = {"part": part, "block": block, "num_warps": warps, "num_stages": stages,
-             "fwd_ms": _timed(jax.jit(attn(block=block, num_warps=warps, num_stages=stages)), sets)}
+      row = {"part": part, "term_mma": mma, "block": block, "num_warps": warps, "num_stages": stages,
+             "fwd_ms": _timed(jax.jit(attn(block=block, num_warps=warps, num_stages=stages, term_mma=bool(mma))), sets)}
     else:
-      f = attn(block_bwd=block, options_bwd=dict(num_warps=warps, num_stages=stages))
-      row = {"part": part, "block_bwd": block, "num_warps": warps, "num_stages": stages,
+      f = attn(block_bwd=block, options_bwd=dict(num_warps=warps, num_stages=stages), term_mma=bool(mma))
+      row = {"part": part, "term_mma": mma, "block_bwd": block, "num_warps": warps, "num_stages": stages,
              "fwd_bwd_ms": _timed(fwd_bwd(f), sets)}
     rows.append(row)
     print(json.dumps(row), flush=True)

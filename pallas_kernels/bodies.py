@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.tile_math import (
-    MASK_VALUE, dot_nn, dot_nt, dot_tn, online_update, rowdot, split_distance, term_valid, window_mask,
+    MASK_VALUE, dot_nn, dot_nt, dot_tn, online_update, rowdot, rowdot_mma, scale_rows, split_distance, term_valid,
+    window_mask,
 )
 
 
@@ -62,6 +63,7 @@ class Static:
   scale: float
   block: int
   precision: jax.lax.Precision | None = None
+  term_mma: bool = False  # offset terms' row-wise products as diagonals of tile matmuls (tile_math)
 
   @property
   def window_tiles(self) -> int:
@@ -88,8 +90,12 @@ def _skip_unless(live, term, state):
   return jax.lax.cond(live, term, lambda s: s, state)
 
 
-def _scale_rows(weight_rows, x):
-  return weight_rows[:, None] * x.astype(jnp.float32)
+def _scale_rows(weight_rows, x, st: Static):
+  return scale_rows(weight_rows, x, st.precision, st.term_mma)
+
+
+def _rowdot(a, b, st: Static):
+  return rowdot_mma(a, b, st.precision) if st.term_mma else rowdot(a, b)
 
 
 def forward(io, offs_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static):
@@ -110,10 +116,10 @@ def forward(io, offs_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static):
     def term(state, kk=kk):
       parts = _term_parts(io, k_ref, v_ref, offs_ref, kk, i0, st)
       valid = term_valid(rows, offs_ref[kk], st.window, st.learned)
-      s = sum(w * rowdot(q, k_r) for w, _, k_r, _ in parts)
+      s = sum(w * _rowdot(q, k_r, st) for w, _, k_r, _ in parts)
       s = jnp.where(valid, s * st.scale, MASK_VALUE)[:, None]
       return online_update(
-          *state, s, lambda p, parts=parts: sum(_scale_rows(p[:, 0] * w, v_r) for w, _, _, v_r in parts))
+          *state, s, lambda p, parts=parts: sum(_scale_rows(p[:, 0] * w, v_r, st) for w, _, _, v_r in parts))
 
     live = term_valid(i0 + b - 1, offs_ref[kk], st.window, st.learned)  # the tile's last row sees it
     m, l, acc = _skip_unless(live, term, (m, l, acc))
@@ -146,11 +152,11 @@ def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, dq_re
       dq, dd = state
       parts = _term_parts(io, k_ref, v_ref, offs_ref, kk, i0, st)
       valid = term_valid(rows, offs_ref[kk], st.window, st.learned)
-      qk = [rowdot(q, k_r) for _, _, k_r, _ in parts]
-      dov = [rowdot(do, v_r) for _, _, _, v_r in parts]
+      qk = [_rowdot(q, k_r, st) for _, _, k_r, _ in parts]
+      dov = [_rowdot(do, v_r, st) for _, _, _, v_r in parts]
       p = jnp.where(valid, jnp.exp(sum(w * x for (w, _, _, _), x in zip(parts, qk)) * st.scale - lse), 0.0)
       ds = p * (sum(w * x for (w, _, _, _), x in zip(parts, dov)) - delta)
-      dq += sum(_scale_rows(ds * (w * st.scale), k_r) for w, _, k_r, _ in parts)
+      dq += sum(_scale_rows(ds * (w * st.scale), k_r, st) for w, _, k_r, _ in parts)
       if st.learned:  # dL/dd = sum over rows of dL/ds * ds/dd + dL/dv_blend . dv_blend/dd
         dd_k = jnp.sum(sum(dw * (ds * st.scale * a + p * b) for (_, dw, _, _), a, b in zip(parts, qk, dov)))
         dd = jnp.where(jnp.arange(io.terms_width) == kk, dd_k, dd)
@@ -191,9 +197,9 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     rows = cols + shift
     q, do, lse, delta = query_rows(j0 + shift)
     valid = term_valid(rows, offset, st.window, st.learned) & (rows < st.n)
-    p = jnp.where(valid, jnp.exp(sum(w * rowdot(q, k_r) for w, k_r, _ in parts) * st.scale - lse), 0.0)
-    ds = p * (sum(w * rowdot(do, v_r) for w, _, v_r in parts) - delta)
-    return dk + _scale_rows(weight * ds * st.scale, q), dv + _scale_rows(weight * p, do)
+    p = jnp.where(valid, jnp.exp(sum(w * _rowdot(q, k_r, st) for w, k_r, _ in parts) * st.scale - lse), 0.0)
+    ds = p * (sum(w * _rowdot(do, v_r, st) for w, _, v_r in parts) - delta)
+    return dk + _scale_rows(weight * ds * st.scale, q, st), dv + _scale_rows(weight * p, do, st)
 
   for kk in range(st.num_offsets):
     def term(state, kk=kk):

@@ -22,6 +22,7 @@ from pallas_kernels.batch_shards import per_batch_shard
 # query sets and four neighbour tiles per term) spills at 64 rows and runs 3x faster at 32.
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
+DEFAULT_TERM_MMA = {"gpu": True, "tpu": False}
 
 
 def _lowering(backend: str):
@@ -79,6 +80,7 @@ def gathered_offset_attention(
     block: int | None = None,
     block_bwd: int | None = None,
     options_bwd: dict | None = None,
+    term_mma: bool | None = None,
     **options,
 ) -> jax.Array:
   """Pallas gathered-offset attention, ``[B, N, H, D] -> [B, N, H, D]`` (same pattern and
@@ -90,6 +92,10 @@ def gathered_offset_attention(
       which needs ``interpret=True``).
     block: rows per forward tile (default 64 on GPU, 128 on TPU).
     block_bwd: rows per backward tile (GPU default 64, 32 for learned offsets).
+    term_mma: compute the offset terms' row-wise products on tensor cores, as diagonals of tile
+      matmuls (``pallas_kernels.tile_math.rowdot_mma``); probabilities and score gradients are
+      then rounded to the input dtype before meeting values and keys, as in the window tiles
+      (default ``DEFAULT_TERM_MMA[backend]``).
     options: lowering knobs (GPU: ``num_warps``, ``num_stages``); ``options_bwd``: the same
       for the backward kernels (default: ``options``).
   """
@@ -109,7 +115,7 @@ def gathered_offset_attention(
   st = bodies.Static(
       n=n, window=window, num_offsets=int(offsets.shape[0]), learned=learned,
       scale=float(d**-0.5 if scale is None else scale), block=block,
-      precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+      precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, term_mma=DEFAULT_TERM_MMA[backend] if term_mma is None else term_mma,
   )
   if st.learned:
     offsets = offsets.astype(jnp.float32)

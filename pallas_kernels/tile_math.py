@@ -52,6 +52,24 @@ def rowdot(a, b):
   return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=1)
 
 
+def _eye(n: int):
+  return jnp.arange(n)[:, None] == jnp.arange(n)[None, :]
+
+
+def rowdot_mma(a, b, precision):
+  """``rowdot`` as the diagonal of ``a @ b.T``: B x more multiply-adds, but on tensor cores and in
+  the accumulator layout a window tile's scores use (no register-layout conversions on a GPU)."""
+  return jnp.sum(jnp.where(_eye(a.shape[0]), dot_nt(a, b, precision), 0.0), axis=1)
+
+
+def scale_rows(w, x, precision, mma: bool):
+  """``w[:, None] * x`` in float32 (``w`` ``[B]``, ``x`` ``[B, D]``); with ``mma``, as ``diag(w) @ x``
+  with ``w`` rounded to ``x``'s dtype first (as a window tile rounds its probabilities)."""
+  if not mma:
+    return w[:, None] * x.astype(jnp.float32)
+  return dot_nn(jnp.where(_eye(x.shape[0]), w[:, None], 0.0).astype(x.dtype), x, precision)
+
+
 def dot_nt(a, b, precision):
   """``a @ b.T`` with float32 accumulation."""
   return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)

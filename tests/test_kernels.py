@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fibjax
-from pallas_kernels import gathered_offset_attention, triton_gpu
+from pallas_kernels import gathered_offset_attention, tile_math, triton_gpu
 
 CASES = {  # b, n, h, d, window, offsets, reach, dtype, block
     "ragged_repeats_inside_window": (2, 37, 2, 8, 4, (5, 7, 9, 9, 2, 30), 40, jnp.float32, 16),
@@ -75,6 +75,26 @@ def _compare(case, backend, seed, **interp):
 @pytest.mark.parametrize("case", list(CASES))
 def test_gpu_kernel_interpret_matches_reference(case):
   _compare(case, "gpu", secrets.randbits(32), interpret=True)
+
+
+@pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "bfloat16", "learned_fractional"])
+def test_gpu_kernel_rowwise_terms_match_reference(case):
+  """The GPU default computes offset terms on tensor cores (``term_mma``); the row-wise form
+  (the TPU default) must hold as well."""
+  _compare(case, "gpu", secrets.randbits(32), interpret=True, term_mma=False)
+
+
+def test_tensor_core_row_products_equal_row_products():
+  rng = np.random.default_rng(secrets.randbits(32))
+  a, b = (jnp.asarray(rng.standard_normal((16, 8)), jnp.float32) for _ in range(2))
+  w = jnp.asarray(rng.standard_normal(16), jnp.float32)
+  hi = jax.lax.Precision.HIGHEST
+  np.testing.assert_allclose(tile_math.rowdot_mma(a, b, hi), tile_math.rowdot(a, b), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(tile_math.scale_rows(w, b, hi, mma=True), tile_math.scale_rows(w, b, hi, mma=False),
+                             rtol=1e-5, atol=1e-5)
+  bf = b.astype(jnp.bfloat16)  # mma rounds the weights to the tile's dtype, as a window tile rounds p
+  np.testing.assert_array_equal(tile_math.scale_rows(w, bf, None, mma=True),
+                                w.astype(jnp.bfloat16).astype(jnp.float32)[:, None] * bf.astype(jnp.float32))
 
 
 @pytest.mark.parametrize("case", TPU_CASES)
