@@ -26,7 +26,8 @@ Rows (the batch) are padded to a tile of at least 16 inside the kernel by masked
 path up to the residual stream: the normalised input and every projection's output before the
 next projection are rounded to the compute dtype, accumulation is float32; the outputs of the
 out and down projections are added to the float32 residual unrounded (XLA rounds them, and
-the residual, to the compute dtype). Atomic float adds make the last bits order-dependent.
+the residual, to the compute dtype). Atomic float adds make the last bits order-dependent;
+they are lowered with relaxed memory ordering (``relaxed_atomics``): all a reduction needs.
 Pure-jnp references: the XLA decode path in ``fibjax.layers`` / ``fibjax.decode``, which the
 tests compare against in interpret mode.
 
@@ -45,9 +46,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import relaxed_atomics
 from pallas_kernels.tile_math import MASK_VALUE, dot_nn, split_distance
 
 MAX_BLOCK_ROWS = 64
+relaxed_atomics.install()  # the kernels' atomic adds are reductions: relaxed ordering (relaxed_atomics.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,7 +306,7 @@ def project(
       input_output_aliases={4: 0} if into is not None else {},
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
-      name=f"decode_project_{epilogue}_c{block_cols}_k{st.chunk}_w{num_warps}_s{num_stages}",
+      name=relaxed_atomics.mark(f"decode_project_{epilogue}_c{block_cols}_k{st.chunk}_w{num_warps}_s{num_stages}"),
   )(x_BxK, w_KxN, scale, aux1, aux2)
   outs = [o[:b] for o in outs] if interpret else outs
   return tuple(outs) if copy_input else outs[0]
@@ -456,7 +459,7 @@ def sparse_attention(
       input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
-      name=f"decode_sparse_attention{f'_out{splits}' if project_out else ''}_w{num_warps}",
+      name=relaxed_atomics.mark(f"decode_sparse_attention{f'_out{splits}' if project_out else ''}_w{num_warps}"),
   )(*args)
   return (tuple(outs) if project_out else outs[0]), {"k": ck, "v": cv}
 
