@@ -3,11 +3,11 @@ backward tiles (with the default forward), at one training shape.
 
     python benchmarks/tune_attention.py [--n 1024] [--batch 32] [--heads 8] [--reach N]
 
-Forward configurations (offset terms on tensor cores or not, rows per tile, warps, pipeline stages) are timed alone, backward ones
-as forward + backward (median ms, random bf16 data rotated over input sets, synchronised, after
-warm-up: ``benchmarks.timing.time_fn``). Prints the rows and writes
-``tune_attention_<device>_n<N>_b<B>.json``; the kernel defaults (``pallas_kernels.ops``) come
-from these sweeps.
+Forward configurations (offset terms on tensor cores or not, rows per tile, warps, pipeline
+stages) are timed alone, backward ones as forward + backward (median ms, random bf16 data
+rotated over input sets, synchronised, after warm-up: ``benchmarks.timing.time_fn``). Prints
+the rows and writes ``tune_attention_<device>_n<N>_b<B>.json``; the kernel defaults
+(``pallas_kernels.ops``) come from these sweeps.
 """
 
 from __future__ import annotations

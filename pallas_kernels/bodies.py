@@ -13,6 +13,12 @@ probabilities from the saved log-sum-exp and needs no atomics: dQ is query-tile-
 dK/dV key-tile-major (the queries reading key tile ``[j0, j0 + block)`` through offset ``o``
 are the contiguous tile ``[j0 + o, j0 + o + block)``). Learned (fractional) distances read two
 shifted tiles per term and blend their scores and values row by row.
+
+One departure from SPEC section 3, measured: with ``Static.term_mma`` (the GPU default) the
+row-wise products are computed as the diagonal of a ``block x block`` tensor-core tile (same
+loads, same values; ``block`` times the FLOPs), because on an H100 that was 10% faster forward
++ backward than the row-wise form (``benchmarks/results/NOTES.md``, t14). The row-wise form
+stays for the TPU lowering and ``term_mma=False``.
 """
 
 from __future__ import annotations
