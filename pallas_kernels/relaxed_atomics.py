@@ -23,7 +23,6 @@ from __future__ import annotations
 import warnings
 
 PREFIX = "relaxed_atomics_"
-_state = {"installed": False}
 
 
 def mark(name: str) -> str:
@@ -31,8 +30,20 @@ def mark(name: str) -> str:
   return PREFIX + name
 
 
+def _lowering():
+  """``(rule table, atomic primitive)`` of Pallas' Triton lowering (private JAX names)."""
+  from jax._src.pallas.triton import lowering, primitives  # noqa: PLC0415
+
+  return lowering.triton_lowering_rules, primitives
+
+
 def installed() -> bool:
-  return _state["installed"]
+  """Whether the lowering rule of Pallas' ``atomic_rmw`` is this module's wrapper."""
+  try:
+    rules, primitives = _lowering()
+    return getattr(rules[primitives.atomic_rmw_p], "relaxed_atomics_wrapper", False)
+  except (ImportError, AttributeError, KeyError):
+    return False
 
 
 def _wrap(original, relaxed_attr, atomic_add, rmw_name: str):
@@ -50,14 +61,13 @@ def _wrap(original, relaxed_attr, atomic_add, rmw_name: str):
 
 def install() -> bool:
   """Installs the wrapper once (idempotent); returns ``installed()``."""
-  if _state["installed"]:
+  if installed():
     return True
   try:
     from jax._src.lib.mlir import ir  # noqa: PLC0415
     from jax._src.lib.triton import dialect as tt  # noqa: PLC0415
-    from jax._src.pallas.triton import lowering, primitives  # noqa: PLC0415
 
-    rules = lowering.triton_lowering_rules
+    rules, primitives = _lowering()
     original = rules[primitives.atomic_rmw_p]
     atomic_add = primitives.AtomicOpType.ADD
     build = ir.AttrBuilder.get("TT_MemSemanticAttr")
@@ -67,7 +77,5 @@ def install() -> bool:
     warnings.warn(f"fibjax: Pallas' Triton lowering has changed ({e!r}); fused decode kernels keep "
                   "acquire-release atomics (same results, slower)", stacklevel=2)
     return False
-  if not getattr(original, "relaxed_atomics_wrapper", False):
-    rules[primitives.atomic_rmw_p] = _wrap(original, relaxed_attr, atomic_add, rmw_name)
-  _state["installed"] = True
+  rules[primitives.atomic_rmw_p] = _wrap(original, relaxed_attr, atomic_add, rmw_name)
   return True
