@@ -48,7 +48,7 @@ def collectives(args) -> dict:
 
   import configs  # noqa: PLC0415
   from benchmarks.timing import hlo_instructions  # noqa: PLC0415
-  from train.config import apply_overrides  # noqa: PLC0415
+  from configs.base import apply_overrides  # noqa: PLC0415
   from train.step import make_optimizer  # noqa: PLC0415
   from train.trainer import compile_train_step, global_batch, init_state, make_mesh  # noqa: PLC0415
 

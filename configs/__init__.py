@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from configs import paper, small, tiny
-from train.config import TrainConfig
+from configs.base import TrainConfig
 
 CONFIGS = {"tiny": tiny.get_config, "small": small.get_config, "paper": paper.get_config}
 

@@ -4,7 +4,7 @@
 """
 
 from fibjax.model import ModelConfig
-from train.config import TrainConfig
+from configs.base import TrainConfig
 
 
 def get_config() -> TrainConfig:

@@ -4,7 +4,7 @@ Hidden 256, 8 layers, 4 heads of 64, T = 512, W = 32, bf16 compute with fp32 mas
 """
 
 from fibjax.model import ModelConfig
-from train.config import TrainConfig
+from configs.base import TrainConfig
 
 
 def get_config() -> TrainConfig:

@@ -1,7 +1,7 @@
 """``tiny``: trains on a 2-core CPU in a few minutes; the README's main job."""
 
 from fibjax.model import ModelConfig
-from train.config import TrainConfig
+from configs.base import TrainConfig
 
 
 def get_config() -> TrainConfig:

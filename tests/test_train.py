@@ -14,7 +14,7 @@ import pytest
 
 import configs
 from train import checkpoint, data
-from train.config import TrainConfig, apply_overrides
+from configs.base import TrainConfig, apply_overrides
 from train.step import make_optimizer
 from train.trainer import compile_train_step, global_batch, init_state, make_mesh
 

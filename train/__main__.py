@@ -25,7 +25,7 @@ def _maybe_init_distributed() -> None:
 
 def parse(argv: list[str]):
   import configs  # noqa: PLC0415
-  from train.config import TrainConfig, apply_overrides  # noqa: PLC0415
+  from configs.base import TrainConfig, apply_overrides  # noqa: PLC0415
 
   parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

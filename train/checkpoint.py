@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from train.config import TrainConfig
+from configs.base import TrainConfig
 
 
 def manager(workdir: pathlib.Path, cfg: TrainConfig) -> ocp.CheckpointManager:

@@ -166,6 +166,21 @@ def train_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) 
   return ds.to_iter_dataset()
 
 
+def data_budget(tokens_per_step: int, steps: int, seq_len: int, train_tokens: int) -> dict[str, float]:
+  """What a run trains on: ``training_tokens`` (steps x batch x T), the distinct training targets
+  the corpus offers in windows of T (``corpus_train_tokens``) and ``repeats``, their ratio (epochs)."""
+  distinct = ((train_tokens - 1) // seq_len) * seq_len
+  total = tokens_per_step * steps
+  return {"training_tokens": total, "corpus_train_tokens": distinct, "repeats": total / max(distinct, 1)}
+
+
+def save_heldout(tokens: np.ndarray, path: pathlib.Path) -> None:
+  """Writes the held-out token stream (``.npy``, uint16 when the vocabulary fits) into a run, so that
+  evaluation never needs the training corpus."""
+  dtype = np.uint16 if tokens.size == 0 or int(tokens.max()) < 2**16 else np.int32
+  np.save(path, tokens.astype(dtype))
+
+
 def eval_windows(tokens: np.ndarray, length: int, max_tokens: int) -> np.ndarray:
   """Consecutive held-out windows ``[n, length + 1]`` covering at most ``max_tokens`` targets."""
   src = Windows(tokens, length)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from train.config import TrainConfig
+from configs.base import TrainConfig
 from train.data import eval_windows
 from train.step import make_eval_step
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
       raise ValueError(f"workdir {args.workdir} does not exist: train one first with python -m train --workdir ...")
     if args.max_new_tokens < 1:
       raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    from train.trainer import load_run  # noqa: PLC0415  (heavy: after the argument checks)
+    from train.restore import load_run  # noqa: PLC0415  (heavy: after the argument checks)
 
     run = load_run(args.workdir)
   except ValueError as e:

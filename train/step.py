@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from train.config import TrainConfig
+from configs.base import TrainConfig
 
 
 def token_nll(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT1: jax.Array) -> jax.Array:

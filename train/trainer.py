@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fibjax.model import LM, count_params
 from train import checkpoint, data
-from train.config import TrainConfig
+from train.mesh import make_mesh
+from train.restore import BUDGET_FILE, HELDOUT_FILE
+from configs.base import TrainConfig
 from train.evaluate import evaluate, heldout_loss
 from train.metrics import Writer, flops_per_token, peak_flops_per_device, progress_bar
 from train.step import make_eval_step, make_optimizer, make_train_step
@@ -27,18 +29,6 @@ BATCH_SPEC = P(None, ("data", "fsdp"), None)  # [accum, batch, T+1]: batch split
 
 class NonFiniteLoss(RuntimeError):
   pass
-
-
-def make_mesh(data_size: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-  """``("data", "fsdp")`` mesh; ``data_size = -1`` takes every device that fsdp leaves."""
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  if fsdp < 1 or n % fsdp:
-    raise ValueError(f"mesh_fsdp={fsdp} must divide the device count {n}")
-  data_size = n // fsdp if data_size <= 0 else data_size
-  if data_size * fsdp != n:
-    raise ValueError(f"mesh_data x mesh_fsdp = {data_size} x {fsdp} must equal the device count {n}")
-  return jax.make_mesh((data_size, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
 def init_state(cfg: TrainConfig, mesh: Mesh, tx) -> tuple[nnx.GraphDef, dict[str, Any]]:
@@ -92,38 +82,6 @@ def load_tokens(cfg: TrainConfig, workdir: pathlib.Path, resuming: bool) -> tupl
   return data.tokenize(train_docs, tok), data.tokenize(heldout_docs, tok), tok
 
 
-@dataclasses.dataclass
-class Run:
-  """A restored run: what evaluation and generation need."""
-
-  cfg: TrainConfig
-  mesh: Mesh
-  graphdef: nnx.GraphDef
-  params: Any
-  step: int
-  heldout: np.ndarray
-  tokenizer: Any
-
-
-def load_run(workdir: pathlib.Path, mesh: Mesh | None = None) -> Run:
-  """Restores the latest checkpoint of ``workdir`` (onto any mesh) for evaluation or generation."""
-  workdir = pathlib.Path(workdir)
-  if not (workdir / "config.json").exists():
-    raise ValueError(f"{workdir} has no config.json: not a fibjax run directory (train one with python -m train)")
-  cfg = TrainConfig.load(workdir / "config.json")
-  mesh = mesh or make_mesh(cfg.mesh_data if cfg.mesh_data * cfg.mesh_fsdp == jax.device_count() else -1, cfg.mesh_fsdp)
-  tx = make_optimizer(cfg)
-  graphdef, state = init_state(cfg, mesh, tx)
-  mngr = checkpoint.manager(workdir, cfg)
-  step = mngr.latest_step()
-  if step is None:
-    raise ValueError(f"{workdir} holds no checkpoint yet")
-  state, _ = checkpoint.restore(mngr, step, state)
-  mngr.close()
-  _, heldout, tok = load_tokens(cfg, workdir, resuming=True)
-  return Run(cfg, mesh, graphdef, state["params"], int(step), heldout, tok)
-
-
 def train(cfg: TrainConfig, workdir: pathlib.Path) -> dict:
   """Trains (or resumes) ``cfg`` in ``workdir``; returns the closing summary.
 
@@ -142,6 +100,12 @@ def train(cfg: TrainConfig, workdir: pathlib.Path) -> dict:
   if jax.process_index() == 0:
     cfg.save(workdir / "config.json")
   train_tokens, heldout_tokens, _ = load_tokens(cfg, workdir, resuming)
+  budget = data.data_budget(cfg.batch_size * cfg.model.seq_len, cfg.steps, cfg.model.seq_len, len(train_tokens))
+  if jax.process_index() == 0:
+    data.save_heldout(heldout_tokens, workdir / HELDOUT_FILE)
+    (workdir / BUDGET_FILE).write_text(json.dumps(budget, indent=2) + "\n")
+    print(f"data: {budget['training_tokens']:,} training tokens = {budget['repeats']:.2f} x the "
+          f"{budget['corpus_train_tokens']:,} distinct training tokens of the corpus", flush=True)
 
   tx = make_optimizer(cfg)
   with jax.set_mesh(mesh):
