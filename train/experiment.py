@@ -29,22 +29,38 @@ def run_cell(workdir: pathlib.Path, config: str, variant: str, seed: int, overri
   from train.restore import load_run  # noqa: PLC0415
   from train.trainer import train  # noqa: PLC0415
 
+  workdir = workdir.absolute()
   cfg = apply_overrides(configs.get_config(config, variant), [*overrides, f"seed={seed}"]).validate()
-  start = time.time()
   if not (workdir / "eval.json").exists():
     train(cfg, workdir)
-  trained = time.time()
   run = load_run(workdir)
   files = {"eval": evaluate.run_evaluation(workdir, EVAL_MULTIPLES, run=run)[0],
            "passkey": passkey.run_passkey(workdir, EVAL_MULTIPLES, run=run)[0]}
   if cfg.model.variant != "dense":
     names = budgets or tuple(budget.BUDGETS)
     files["budget"] = budget.run_budget(workdir, EVAL_MULTIPLES, run=run, budgets=names)[0]
-  record = {"variant": cfg.model.variant, "seed": seed, "config": config, "overrides": overrides,
-            "step": run.step, "train_s": trained - start, "probe_s": time.time() - trained,
-            "files": {k: str(v.relative_to(workdir)) for k, v in files.items()}}
+  record = cell_record(workdir, cfg.model.variant, seed, config, overrides, run.step, files, time.time())
   (workdir / CELL_FILE).write_text(json.dumps(record, indent=2) + "\n")
   return record
+
+
+def cell_record(workdir: pathlib.Path, variant: str, seed: int, config: str, overrides: list[str], step: int,
+                files: dict[str, pathlib.Path], end: float) -> dict:
+  """What ``cell.json`` holds: the cell, its stage files (relative to ``workdir``) and its cost:
+  ``train_s`` from the first to the last record of ``metrics.jsonl`` (the training loop, resumed
+  stretches summed), ``probe_s`` from the end of training (``eval.json`` written) to ``end``."""
+  train_s, last, prev = 0.0, None, None
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    rec = json.loads(line)
+    if rec.get("event") in ("start", "resume") and prev is not None:
+      train_s += prev - last
+      last = None
+    last = rec["time"] if last is None else last
+    prev = rec["time"]
+  train_s += (prev - last) if prev is not None else 0.0
+  return {"variant": variant, "seed": seed, "config": config, "overrides": overrides, "step": step,
+          "train_s": train_s, "probe_s": end - (workdir / "eval.json").stat().st_mtime,
+          "files": {k: str(pathlib.Path(v).absolute().relative_to(workdir)) for k, v in files.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
