@@ -6,7 +6,8 @@ For one run of each variant under ``ROOT`` (the lowest seed): the forward pass a
 (batch 1) and decoding per token after a prompt of T tokens (the bounded-cache decoder of
 ``fibjax.generate``, ``decode_impl`` as the run's config says). Each time is the median of
 ``--repeats`` synchronised runs after a warm-up. Run it when nothing else uses the device; the
-sweep runs it after every training run has finished. Writes ``ROOT/latency.json`` (an existing
+sweep runs it after every training run has finished. ``--init`` times freshly initialised
+parameters instead of the checkpoints (the time does not depend on their values). Writes ``ROOT/latency.json`` (an existing
 file is kept and the new one written beside it with the next free number).
 """
 
@@ -27,7 +28,9 @@ from flax import nnx
 
 from fibjax.generate import compiled_steps
 from train.mesh import make_mesh
-from train.restore import Run, load_run
+from configs.base import TrainConfig
+from fibjax.model import LM
+from train.restore import Run, load_run, tokenizer_of
 
 
 def median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -90,22 +93,34 @@ def free_name(path: pathlib.Path) -> pathlib.Path:
   return out
 
 
-def run_latency(root: pathlib.Path, repeats: int = 20, decode_tokens: int = 64) -> tuple[pathlib.Path, dict]:
+def initialised_run(workdir: pathlib.Path, mesh) -> Run:
+  """The run's model with freshly initialised parameters (its checkpoint is not read)."""
+  cfg = TrainConfig.load(workdir / "config.json")
+  with jax.set_mesh(mesh):
+    graphdef, params = nnx.split(LM(cfg.model, rngs=nnx.Rngs(cfg.seed)), nnx.Param)
+  return Run(workdir, cfg, mesh, graphdef, params, 0, tokenizer_of(workdir, cfg))
+
+
+def run_latency(root: pathlib.Path, repeats: int = 20, decode_tokens: int = 64,
+                initialised: bool = False) -> tuple[pathlib.Path, dict]:
+  """Measures every variant of ``root`` (see the module doc); the file is rewritten after each
+  variant, so an interrupted measurement keeps the variants it finished."""
   runs = first_run_per_variant(root)
   if not runs:
     raise ValueError(f"{root} holds no finished run (a folder with config.json and eval.json)")
   record: dict[str, Any] = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                             "jax": jax.__version__, "repeats": repeats, "decode_tokens": decode_tokens,
-                            "variants": {}}
+                            "weights": "initialised" if initialised else "trained", "variants": {}}
+  path = free_name(root / "latency.json")
+  mesh = make_mesh(devices=jax.devices()[:1])
   for variant, workdir in runs.items():
-    run = load_run(workdir, mesh=make_mesh(devices=jax.devices()[:1]))
+    run = initialised_run(workdir, mesh) if initialised else load_run(workdir, mesh=mesh)
     with jax.set_mesh(run.mesh):
       record["variants"][variant] = {"run": workdir.name, "seq_len": run.cfg.model.seq_len,
                                      **measure(run, repeats, decode_tokens)}
     print(f"{variant:>12}: " + "  ".join(f"{k} {v:.3f}" for k, v in record["variants"][variant].items()
                                          if k.endswith("ms") or k.endswith("token")), flush=True)
-  path = free_name(root / "latency.json")
-  path.write_text(json.dumps(record, indent=2) + "\n")
+    path.write_text(json.dumps(record, indent=2) + "\n")
   return path, record
 
 
@@ -115,13 +130,15 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("root", type=pathlib.Path)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--decode-tokens", type=int, default=64)
+  parser.add_argument("--init", action="store_true",
+                      help="time freshly initialised parameters (no checkpoint needed: latency does not depend on them)")
   args = parser.parse_args(argv)
   try:
     if args.repeats < 1 or args.decode_tokens < 1:
       raise ValueError("--repeats and --decode-tokens must be >= 1")
     if not args.root.is_dir():
       raise ValueError(f"{args.root} is not a folder: give a sweep root (python -m train.sweep --root ...)")
-    path, _ = run_latency(args.root, args.repeats, args.decode_tokens)
+    path, _ = run_latency(args.root, args.repeats, args.decode_tokens, args.init)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -435,7 +435,8 @@ def latency_section(latency: dict | None) -> list[str]:
   rows = [[v, f"{x['forward_1x_ms']:.3f}", f"{x['forward_4x_ms']:.3f}", f"{x['decode_ms_per_token']:.4f}"]
           for v, x in latency["variants"].items()]
   return (["## Latency", "", f"Batch 1, median of {latency['repeats']} after warm-up, {latency['device']} "
-           f"(jax {latency['jax']}), measured alone by `python -m train.latency`.", ""]
+           f"(jax {latency['jax']}), {latency.get('weights', 'trained')} weights, measured alone by "
+           "`python -m train.latency`.", ""]
           + table(["variant", "forward T (ms)", "forward 4T (ms)", "decode (ms/token)"], rows)
           + ["", "![latency](plots/latency.png)", ""])
 
