@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import pathlib
 import re
 import subprocess
@@ -22,14 +23,16 @@ SWEEP = ["--config", "tiny", "--variants", "dense", "fib-linear", "--seeds", "0"
          "window-only", "--set", *TINY]
 
 
-def _module(*args, timeout=600):
-  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def _module(*args, timeout=600, cwd=ROOT):
+  return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture(scope="module")
 def sweep_root(tmp_path_factory):
-  root = tmp_path_factory.mktemp("sweep") / "root"
-  res = _module("train.sweep", "--root", str(root), *SWEEP)
+  here = tmp_path_factory.mktemp("sweep")
+  root = here / "root"
+  res = _module("train.sweep", "--root", "root", *SWEEP, cwd=here)  # a relative root, as users type it
   assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
   assert "[sweep] done 4 / running 0 / left 0" in res.stdout
   rep = _module("train.report", str(root))

@@ -97,12 +97,26 @@ def command(cell: Cell, recipe: dict, budgets: list[str] | None) -> list[str]:
   return cmd + (["--budgets", *budgets] if budgets else [])
 
 
-def status_line(done: int, running: int, left: int, failed: int, elapsed: float, slots: int,
-                finished_now: int) -> str:
+def progress(cell: Cell) -> float:
+  """How far a cell is, 0..1: finished cells 1, else the share of its training steps logged."""
+  if cell.done:
+    return 1.0
+  metrics, config = cell.workdir / "metrics.jsonl", cell.workdir / "config.json"
+  if not metrics.exists() or not config.exists():
+    return 0.0
+  steps = json.loads(config.read_text())["steps"]
+  lines = metrics.read_text().splitlines()
+  last = json.loads(lines[-1]).get("step", 0) if lines else 0
+  return min(1.0, last / max(steps, 1)) * 0.9  # the probes after training take the rest
+
+
+def status_line(cells: list[Cell], running: int, left: int, failed: int, elapsed: float, start_share: float) -> str:
+  """``done / running / left`` and an ETA from the share of work done since this invocation began."""
+  share = sum(progress(c) for c in cells) / len(cells)
   eta = "?"
-  if finished_now:
-    per_cell = elapsed * min(slots, finished_now + running) / finished_now
-    eta = f"{per_cell * (left + running) / slots:.0f} s"
+  if share > start_share and share < 1:
+    eta = f"{elapsed * (1 - share) / (share - start_share):.0f} s"
+  done = sum(c.done for c in cells)
   return (f"[sweep] done {done} / running {running} / left {left}"
           f"{f' / failed {failed}' if failed else ''}  elapsed {elapsed:.0f} s  ETA {eta}")
 
@@ -119,6 +133,7 @@ def run_sweep(root: pathlib.Path, config: str, variants: list[str], seeds: list[
   slots = [(g, i) for g in gpus for i in range(per_gpu)] or [(None, 0)]
   (root / "logs").mkdir(exist_ok=True)
   start, running, failed, finished_now = time.time(), {}, [], 0
+  start_share = sum(progress(c) for c in cells) / len(cells)
   print(f"[sweep] {len(cells)} cells, {len(cells) - len(todo)} already done; "
         f"{len(slots)} slots ({len(gpus)} GPUs x {per_gpu})" if gpus else
         f"[sweep] {len(cells)} cells, {len(cells) - len(todo)} already done; no GPU: one at a time", flush=True)
@@ -147,9 +162,7 @@ def run_sweep(root: pathlib.Path, config: str, variants: list[str], seeds: list[
         print(f"[sweep] {proc.cell.name} failed (exit {proc.returncode}); log: {root / 'logs' / proc.cell.name}.log",
               flush=True)
     if time.time() - last_status > 30 or not (todo or running):
-      done = sum(c.done for c in cells)
-      print(status_line(done, len(running), len(todo), len(failed), time.time() - start, len(slots), finished_now),
-            flush=True)
+      print(status_line(cells, len(running), len(todo), len(failed), time.time() - start, start_share), flush=True)
       last_status = time.time()
   wall = time.time() - start
   with (root / COST_FILE).open("a") as f:
