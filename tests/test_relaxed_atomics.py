@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tomllib
 import warnings
 
 import jax
@@ -130,3 +131,15 @@ def test_tested_jax_installs_when_the_kernels_are_built(monkeypatch, version):
   assert not relaxed_atomics.installed()
   orderings = _mlp_kernel_orderings()
   assert relaxed_atomics.installed() and orderings and set(orderings) == {"relaxed"}
+
+
+def test_pyproject_allows_exactly_the_tested_jax_versions():
+  from packaging.requirements import Requirement  # noqa: PLC0415
+
+  pyproject = tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+  spec = next(r.specifier for r in map(Requirement, pyproject["project"]["dependencies"]) if r.name == "jax")
+  tested = {f"{major}.{minor}.{patch}" for major, minor in relaxed_atomics.TESTED_JAX for patch in (0, 9)}
+  assert all(v in spec for v in tested), spec
+  (lo_major, lo_minor), (hi_major, hi_minor) = relaxed_atomics.TESTED_JAX[0], relaxed_atomics.TESTED_JAX[-1]
+  untested = {f"{lo_major}.{lo_minor - 1}.99", f"{hi_major}.{hi_minor + 1}.0"}
+  assert not any(v in spec for v in untested), spec
