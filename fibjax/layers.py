@@ -81,7 +81,7 @@ def split_rope(qkv_BxNx3xHxD: jax.Array, positions_BxN: jax.Array, base: float
 
   Same values as slicing then ``rope``; its backward is one pass that rotates ``dq`` and ``dk``
   back and stacks them with ``dv`` into the fused gradient (autodiff of the slices and the
-  rotation's concatenation gave XLA several full-size passes per layer)."""
+  rotation's concatenation costs XLA several full-size passes per layer)."""
   sin, cos = _sin_cos(positions_BxN, qkv_BxNx3xHxD.shape[-1], base)
   q, k, v = (qkv_BxNx3xHxD[:, :, i] for i in range(3))
   return _rotate(q, cos, sin), _rotate(k, cos, sin), v

@@ -150,7 +150,7 @@ class LM(nnx.Module):
   def _embed(self, tokens_BxN: jax.Array) -> jax.Array:
     """Embedding rows times ``sqrt(d_model)``. Sequences over a small vocabulary take the rows
     with a one-hot matmul (same values): its gradient is a GEMM, where the gather's is a
-    scatter-add of every token into a few hundred rows (1 ms per step at 32K tokens, H100). In a
+    scatter-add of every token into a few hundred rows (slow: NOTES.md, training t7). In a
     bf16 model the table's gradient then arrives rounded to bf16, as every bf16 layer's does."""
     dtype = self.embed.dtype or jnp.float32
     if self.cfg.vocab_size <= ONE_HOT_MAX_VOCAB and tokens_BxN.shape[1] > 1:
