@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,9 @@ from flax import nnx
 from fibjax import decode as dec
 from fibjax.attention import attention, dense_attention
 from fibjax.reference import normalize_offsets
+
+if TYPE_CHECKING:
+  from pallas_kernels.decode_block import DenseAttend, SparsePattern
 
 PatternKind = Literal["dense", "static", "learned"]
 
@@ -192,7 +195,7 @@ class Attention(nnx.Module):
                             reach=self.pattern.reach, scale=self.head_dim**-0.5)
     return self._project_out(o[:, None].astype(q.dtype)), cache
 
-  def fused_decode_attention(self, pos: jax.Array):
+  def fused_decode_attention(self, pos: jax.Array) -> SparsePattern | DenseAttend:
     """This layer's attention for ``pallas_kernels.decode_block.block_step`` at position ``pos``:
     the sparse pattern for the ring-buffer kernel, or for a dense layer the XLA attention over its
     cache, ``(qkv_Bx3xHxD, cache) -> (o_BxHxD, cache)``."""
