@@ -313,7 +313,7 @@ def project(
   rows = pl.cdiv(b, block_rows) * block_rows if interpret else b  # interpret: whole tiles, no masked tail
   pad = lambda a: jnp.pad(a, ((0, rows - b), (0, 0))) if rows > b else a  # noqa: E731
   optional = {"norm_scale": norm_scale, "down": down, "into": None if into is None else pad(into),
-              "rope_cos": rope and rope.cos_F, "rope_sin": rope and rope.sin_F}
+              "rope_cos": None if rope is None else rope.cos_F, "rope_sin": None if rope is None else rope.sin_F}
   ins = {"x": pad(x_BxK), "w": w_KxN, **{name: a for name, a in optional.items() if a is not None}}
   outs = {"out": jax.ShapeDtypeStruct((rows, e), jnp.float32) if into is not None else
           jax.ShapeDtypeStruct((rows, n_out), w_KxN.dtype)}

@@ -14,6 +14,7 @@ from fibjax.layers import rope_angles
 from fibjax.reference import normalize_offsets
 from pallas_kernels.decode_attention import sparse_attention
 from pallas_kernels.decode_projections import Rope, project
+from pallas_kernels.named_operands import alias_indices
 
 
 def _rng(seed):
@@ -116,6 +117,14 @@ def test_fused_shapes_refused():
                        interpret=True)
   with pytest.raises(ValueError, match="residuals two float32"):
     attend(16, (jnp.zeros((2, 16)),))
+
+
+def test_aliases_are_named():
+  ins = {"x": jnp.zeros(2), "into": jnp.zeros(3), "w": jnp.zeros(4)}  # flattened in name order: into, w, x
+  outs = {"x_copy": jax.ShapeDtypeStruct((2,), jnp.float32), "out": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  assert alias_indices(ins, outs, {"into": "out", "x": "x_copy"}) == {0: 0, 2: 1}
+  with pytest.raises(ValueError, match="name no input or output"):
+    alias_indices(ins, outs, {"into": "o"})
 
 
 SMALL = dict(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64, seq_len=32, window=4)
