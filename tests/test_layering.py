@@ -18,12 +18,6 @@ ABOVE_ALL: tuple[str, ...] = ("benchmarks", "tests")
 # Known violations that are being fixed on other branches: (importer, imported) edges, ignored here.
 KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset({
     ("pallas_kernels.ops", "fibjax.reference"),
-    ("configs", "train.config"),
-    ("configs.paper", "train.config"),
-    ("configs.small", "train.config"),
-    ("configs.tiny", "train.config"),
-    ("train.trainer", "train.evaluate"),
-    ("train.evaluate", "train.trainer"),
 })
 
 
