@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import pathlib
 import sys
@@ -24,7 +23,7 @@ import jax
 from flax import nnx
 
 from fibjax.layers import LayerPattern
-from train.evaluate import score_lengths, write_new
+from train.evaluate import read_or_write, score_lengths
 from train.restore import Run, load_run
 
 
@@ -97,11 +96,7 @@ def run_budget(workdir: pathlib.Path, multiples=(1, 2, 4), max_targets: int | No
   max_targets = max_targets or run.cfg.final_eval_tokens
   which = "" if tuple(budgets) == tuple(BUDGETS) else "_" + "-".join(budgets)
   path = run.workdir / "budget" / f"step{run.step}_x{'-'.join(map(str, multiples))}_t{max_targets}{which}.json"
-  if path.exists():
-    return path, json.loads(path.read_text())
-  record = budget_sweep(run, tuple(multiples), max_targets, tuple(budgets))
-  write_new(path, record)
-  return path, record
+  return read_or_write(path, lambda: budget_sweep(run, tuple(multiples), max_targets, tuple(budgets)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import json
 import math
 import pathlib
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -121,6 +121,16 @@ def write_new(path: pathlib.Path, record: dict) -> None:
   tmp.rename(path)
 
 
+def read_or_write(path: pathlib.Path, compute: Callable[[], dict]) -> tuple[pathlib.Path, dict]:
+  """``(path, record)``: the record already written under ``path`` (same name: same evaluation),
+  else ``compute()`` written there."""
+  if path.exists():
+    return path, json.loads(path.read_text())
+  record = compute()
+  write_new(path, record)
+  return path, record
+
+
 def run_evaluation(workdir: pathlib.Path, multiples: tuple[int, ...] = (1, 2, 4), data_path: str | None = None,
                    max_targets: int | None = None, run=None) -> tuple[pathlib.Path, dict]:
   """Evaluates ``workdir``'s latest checkpoint; returns ``(path, record)``. An evaluation already
@@ -130,15 +140,15 @@ def run_evaluation(workdir: pathlib.Path, multiples: tuple[int, ...] = (1, 2, 4)
   max_targets = max_targets or run.cfg.final_eval_tokens
   tag = data_tag(None if data_path is None else str(pathlib.Path(data_path).absolute()), tokens)
   path = run.workdir / EVALS_DIR / f"{evaluation_name(run.step, tag, multiples, max_targets)}.json"
-  if path.exists():
-    return path, json.loads(path.read_text())
-  with jax.set_mesh(run.mesh):
-    record = score_lengths(run.graphdef, run.params, tokens, run.cfg.model.seq_len, multiples, max_targets,
-                           run.cfg.batch_size // run.cfg.grad_accum, run.mesh, run.cfg.position_buckets)
-  record.update(step=run.step, data=data_path and str(pathlib.Path(data_path).absolute()), data_tag=tag,
-                variant=run.cfg.model.variant, seed=run.cfg.seed)
-  write_new(path, record)
-  return path, record
+
+  def compute() -> dict:
+    with jax.set_mesh(run.mesh):
+      record = score_lengths(run.graphdef, run.params, tokens, run.cfg.model.seq_len, multiples, max_targets,
+                             run.cfg.batch_size // run.cfg.grad_accum, run.mesh, run.cfg.position_buckets)
+    return {**record, "step": run.step, "data": data_path and str(pathlib.Path(data_path).absolute()),
+            "data_tag": tag, "variant": run.cfg.model.variant, "seed": run.cfg.seed}
+
+  return read_or_write(path, compute)
 
 
 def main(argv: list[str] | None = None) -> int:

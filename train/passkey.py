@@ -14,7 +14,6 @@ Writes ``RUN/passkey/<what was run>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 from typing import Any
@@ -26,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from train import data, reach
-from train.evaluate import write_new
+from train.evaluate import read_or_write
 from train.restore import Run, load_run
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -105,11 +104,7 @@ def run_passkey(workdir: pathlib.Path, multiples=(1, 2, 4), depths=DEPTHS, trial
   name = (f"step{run.step}_x{'-'.join(map(str, multiples))}_d{'-'.join(f'{d:g}' for d in depths)}"
           f"_n{trials}_s{seed}.json")
   path = run.workdir / "passkey" / name
-  if path.exists():
-    return path, json.loads(path.read_text())
-  record = passkey(run, tuple(multiples), tuple(depths), trials, seed)
-  write_new(path, record)
-  return path, record
+  return read_or_write(path, lambda: passkey(run, tuple(multiples), tuple(depths), trials, seed))
 
 
 def main(argv: list[str] | None = None) -> int:
