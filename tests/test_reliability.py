@@ -85,7 +85,7 @@ def test_damaged_latest_checkpoint_falls_back_to_newest_intact(base_run, tmp_pat
   warning = [line for line in res.stderr.splitlines() if line.startswith("warning: checkpoint step 8")]
   assert len(warning) == 1 and what in warning[0] and "damaged" in warning[0], res.stderr[-3000:]
   assert "resuming from step 4, the newest intact checkpoint" in res.stderr
-  assert _steps(workdir) == [4, 10] and (workdir / checkpoint.DAMAGED_DIR / "8").is_dir()
+  assert _steps(workdir) == [4, 8, 10] and (workdir / checkpoint.DAMAGED_DIR / "8").is_dir()
   assert sorted(_losses(workdir)) == list(range(1, 11))  # steps 5-8 ran twice, recorded once
 
 
