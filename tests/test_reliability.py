@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.test_train import FAST, ROOT, _cfg, _losses, _run
-from train import checkpoint, data
+from train import checkpoint, data, prepare
 from train.restore import abstract_params, restore_params
 
 BASE = ["steps=8", "checkpoint_every=4", "log_every=1", "eval_every=100"]
@@ -190,3 +190,33 @@ def test_failed_starts_leave_the_workdir_as_it_was(base_run, tmp_path):
     assert field in _error_line(_run(workdir, *overrides))
   assert "is a file" in _error_line(_run(workdir / "config.json"))
   assert before == {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+
+
+def test_prepared_corpus_matches_in_memory_tokens_and_trains(tmp_path):
+  """``train.prepare`` streams a corpus into token files equal to the in-memory pipeline's (a
+  .jsonl of documents; one .txt split inside itself); training memory-maps them."""
+  docs = [{"id": d["id"], "text": d["text"][:40_000]} for d in data.load_documents()[:8]]
+  (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+  (tmp_path / "one.txt").write_text(docs[0]["text"][:50_000])
+  for name in ("docs.jsonl", "one.txt"):
+    prepare.prepare(tmp_path / name, tmp_path / f"prep-{name}")
+    train_tokens, heldout_tokens, manifest = data.open_prepared(tmp_path / f"prep-{name}")
+    assert isinstance(train_tokens, np.memmap) and manifest["dtype"] == "uint8"
+    want = [data.tokenize(d, data.ByteTokenizer()) for d in data.split_documents(data.load_documents(tmp_path / name))]
+    np.testing.assert_array_equal(train_tokens, want[0])
+    np.testing.assert_array_equal(heldout_tokens, want[1])
+  cli = [sys.executable, "-m", "train.prepare", "--data", str(tmp_path / "docs.jsonl"), "--out"]
+  again = subprocess.run([*cli, str(tmp_path / "prep-docs.jsonl")], cwd=ROOT, capture_output=True, text=True)
+  assert "already exists" in _error_line(again)
+  prepared = tmp_path / "prep-docs.jsonl"
+  res = _run(tmp_path / "run", "steps=2", extra=["--data", str(prepared)])
+  assert res.returncode == 0, res.stderr[-3000:]
+  np.testing.assert_array_equal(np.load(tmp_path / "run" / "heldout_tokens.npy"), data.open_prepared(prepared)[1])
+  source = json.loads((tmp_path / "run" / checkpoint.DATA_SOURCE_FILE).read_text())
+  assert source["sha256"] == data.read_manifest(prepared)["tokens_sha256"]
+  bpe = subprocess.run([*cli, str(tmp_path / "bpe"), "--tokenizer", "bpe", "--bpe-vocab-size", "300"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert bpe.returncode == 0, bpe.stderr[-3000:]
+  assert data.read_manifest(tmp_path / "bpe")["dtype"] == "uint16" and (tmp_path / "bpe" / "tokenizer.json").exists()
+  line = _error_line(_run(tmp_path / "run-bpe", "steps=2", extra=["--data", str(tmp_path / "bpe")]))
+  assert "tokenizer=bpe bpe_vocab_size=300 model.vocab_size=300" in line

@@ -220,3 +220,12 @@ def test_gradient_accumulation_equals_one_big_batch():
       out.append((float(m["loss"]), jax.tree.map(np.asarray, state["params"])))
   np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), out[0][1], out[1][1])
+
+
+def test_ci_runs_the_readme_commands():
+  """.ci/run runs the README's install and test commands verbatim, and nothing else."""
+  ci = (ROOT / ".ci" / "run").read_text().splitlines()
+  commands = [line for line in ci if line and not line.startswith(("#", "set ", "cd "))]
+  readme_code = {line.strip() for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("    ")}
+  assert commands == ['pip install -e ".[test]"', "python -m pytest -n 2 -q tests"]
+  assert set(commands) <= readme_code
