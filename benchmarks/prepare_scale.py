@@ -1,6 +1,8 @@
 """A corpus of any size: ``python -m train.prepare`` on >= 1 GB of text (the embedded corpus
 repeated, each copy's document ids made distinct) and a training start from the prepared folder.
-Each command runs as its own process, timed, with its peak resident memory (``ru_maxrss``).
+Each command runs as its own process, timed, with its peak memory: anonymous (``RssAnon`` of
+``/proc/PID/status``, sampled every 20 ms: what the process allocates) and resident (``ru_maxrss``,
+which also counts the pages of memory-mapped files it has touched: page cache, reclaimable).
 
     python -m benchmarks.prepare_scale [--gb 1.0] [--dir /tmp/fibjax-prepare-scale] [--keep]
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import shutil
@@ -27,8 +30,17 @@ TRAIN_SET = ["steps=1", "log_every=1", "progress=false", "final_eval_multiples=1
 MEASURE = """
 import json, resource, subprocess, sys, time
 start = time.time()
-rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)
-print(json.dumps({"rc": rc, "start": start, "wall_s": time.time() - start,
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+peak_anon = 0
+while proc.poll() is None:
+  try:
+    status = open(f"/proc/{proc.pid}/status").read()
+    peak_anon = max(peak_anon, int(status.split("RssAnon:")[1].split()[0]))
+  except (OSError, IndexError):
+    pass
+  time.sleep(0.02)
+print(json.dumps({"rc": proc.returncode, "start": start, "wall_s": time.time() - start,
+                  "peak_anon_mb": peak_anon / 1024,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
@@ -89,7 +101,8 @@ def main() -> None:
     if not args.keep:
       shutil.rmtree(args.dir, ignore_errors=True)
   result = {
-      "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, CPU",
+      "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+      "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
       "command": "python -m benchmarks.prepare_scale", "corpus": corpus,
       "prepared_tokens": {"train": manifest["train"]["tokens"], "heldout": manifest["heldout"]["tokens"],
                           "dtype": manifest["dtype"]},

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return INTERRUPTED if isinstance(e, Interrupted) else 2
   except KeyboardInterrupt:
-    print("error: interrupted before training started; nothing was trained", file=sys.stderr)
+    print("error: interrupted (Ctrl-C); the checkpoints saved before it are kept", file=sys.stderr)
     return INTERRUPTED
   if jax.process_index() == 0:
     r = summary["result"]

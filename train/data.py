@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import mmap
 import pathlib
 from typing import Iterator, Protocol
 
@@ -151,8 +152,20 @@ def open_prepared(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, dict]:
     if size != entry["tokens"] * np.dtype(manifest["dtype"]).itemsize:
       raise ValueError(f"{file} holds {size} bytes, not the manifest's {entry['tokens']} {manifest['dtype']} tokens; "
                        "prepare the corpus again with python -m train.prepare")
-    streams.append(np.memmap(file, dtype=manifest["dtype"], mode="r", shape=(entry["tokens"],)))
+    streams.append(map_tokens(file, np.dtype(manifest["dtype"])))
   return streams[0], streams[1], manifest
+
+
+def map_tokens(file: pathlib.Path, dtype: np.dtype) -> np.ndarray:
+  """A read-only array over the memory-mapped token file; nothing is read until used. Windows are
+  read in random order, so the kernel is told not to read ahead around each one."""
+  if file.stat().st_size == 0:
+    return np.zeros(0, dtype)
+  with file.open("rb") as f:
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+  if hasattr(mmap, "MADV_RANDOM"):
+    mapped.madvise(mmap.MADV_RANDOM)
+  return np.frombuffer(mapped, dtype)
 
 
 class Tokenizer(Protocol):

@@ -123,11 +123,14 @@ def check_prepared(cfg: TrainConfig, path: pathlib.Path, manifest: dict) -> None
 
 
 def check_windows(cfg: TrainConfig, run_data: RunData) -> None:
-  """Raises ``ValueError`` unless the training and held-out streams each fill a window of T + 1."""
-  for name, tokens in (("training", run_data.train), ("held-out", run_data.heldout)):
-    if len(tokens) < cfg.model.seq_len + 1:
-      raise ValueError(f"the {name} split holds {len(tokens)} tokens, fewer than one window of model.seq_len + 1 = "
-                       f"{cfg.model.seq_len + 1}: give more text with --data or lower model.seq_len")
+  """Raises ``ValueError`` unless the training split fills a window of T + 1 tokens and the
+  held-out split one of the final evaluation's longest length."""
+  longest = max(cfg.final_eval_multiples) * cfg.model.seq_len
+  for name, tokens, length, what in (("training", run_data.train, cfg.model.seq_len, "model.seq_len"),
+                                     ("held-out", run_data.heldout, longest, "final_eval_multiples x model.seq_len")):
+    if len(tokens) < length + 1:
+      raise ValueError(f"the {name} split holds {len(tokens)} tokens, fewer than one window of {what} + 1 = "
+                       f"{length + 1}: give more text with --data or lower model.seq_len")
 
 
 def write_run_files(cfg: TrainConfig, workdir: pathlib.Path, run_data: RunData, budget: dict, resuming: bool) -> None:
@@ -169,12 +172,12 @@ def nonfinite(step: int, metrics: dict[str, float], last_saved: int | None, fold
                        f"(now {cfg.lr}) or more warmup_steps (now {cfg.warmup_steps}), e.g. --set lr={cfg.lr / 10:g}")
 
 
-def prepare(cfg: TrainConfig, workdir: pathlib.Path, devices: int) -> tuple[TrainConfig, RunData, dict, bool]:
-  """Every check a start makes, then the run's files written: ``(cfg, data, budget, resuming)``.
+def check_start(cfg: TrainConfig, workdir: pathlib.Path, devices: int) -> tuple[TrainConfig, RunData, dict, bool]:
+  """Every check a start makes before it writes anything: ``(cfg, data, budget, resuming)`` with
+  the data path made absolute.
 
   Raises:
-    ValueError: a bad config, an incompatible or unwritable workdir, or unusable data; the workdir
-      is left as it was.
+    ValueError: a bad config, an incompatible workdir, or unusable data.
   """
   cfg.validate()
   if cfg.data_path is not None:
@@ -187,11 +190,16 @@ def prepare(cfg: TrainConfig, workdir: pathlib.Path, devices: int) -> tuple[Trai
   run_data = load_data(cfg, workdir, data_hash)
   check_windows(cfg, run_data)
   budget = data.data_budget(cfg.batch_size * cfg.model.seq_len, cfg.steps, cfg.model.seq_len, len(run_data.train))
-  write_run_files(cfg, workdir, run_data, budget, resuming)
-  if jax.process_index() == 0:
-    print(f"data: {budget['training_tokens']:,} training tokens = {budget['repeats']:.2f} x the "
-          f"{budget['corpus_train_tokens']:,} distinct training tokens of the corpus", flush=True)
   return cfg, run_data, budget, resuming
+
+
+def restore_run(cfg: TrainConfig, workdir: pathlib.Path, target: Any) -> tuple[int, Any, dict] | None:
+  """The newest intact checkpoint of the run in ``workdir`` (see ``checkpoint.restore_newest_intact``)."""
+  mngr = checkpoint.manager(workdir, cfg)
+  try:
+    return checkpoint.restore_newest_intact(mngr, target)
+  finally:
+    mngr.close()
 
 
 def train(cfg: TrainConfig, workdir: pathlib.Path) -> dict:
@@ -205,22 +213,26 @@ def train(cfg: TrainConfig, workdir: pathlib.Path) -> dict:
   """
   workdir = pathlib.Path(os.path.abspath(workdir))
   mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
-  cfg, run_data, _, resuming = prepare(cfg, workdir, mesh.devices.size)
+  cfg, run_data, budget, resuming = check_start(cfg, workdir, mesh.devices.size)
   micro = cfg.batch_size // cfg.grad_accum
   tx = make_optimizer(cfg)
   folder = workdir / "checkpoints"
   with jax.set_mesh(mesh):
     graphdef, state = init_state(cfg, mesh, tx)
     num_params = count_params(nnx.merge(graphdef, state["params"]))
-    mngr = checkpoint.manager(workdir, cfg)
+    found = restore_run(cfg, workdir, state) if resuming else None
+    write_run_files(cfg, workdir, run_data, budget, resuming)
+    if jax.process_index() == 0:
+      print(f"data: {budget['training_tokens']:,} training tokens = {budget['repeats']:.2f} x the "
+            f"{budget['corpus_train_tokens']:,} distinct training tokens of the corpus", flush=True)
     iterator = iter(data.train_dataset(run_data.train, cfg.model.seq_len, cfg.batch_size, cfg.seed))
     start, last_saved, saving = 0, None, None
+    if found is not None:
+      start, state, data_state = found
+      iterator.set_state(data_state)
+      last_saved = start
+    mngr = checkpoint.manager(workdir, cfg)
     try:
-      found = checkpoint.restore_newest_intact(mngr, state) if resuming else None
-      if found is not None:
-        start, state, data_state = found
-        iterator.set_state(data_state)
-        last_saved = start
       step_fn = compile_train_step(graphdef, tx, state, mesh)
       eval_fn = jax.jit(make_eval_step(graphdef))
       heldout_windows = data.eval_windows(run_data.heldout, cfg.model.seq_len,
