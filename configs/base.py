@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import types
 import typing
@@ -44,6 +45,8 @@ class TrainConfig:
   progress: bool = True
 
   def validate(self) -> "TrainConfig":
+    """Raises ``ValueError`` naming the bad field, its value and what it accepts; returns self."""
+    self._validate_numbers()
     self.model.validate()
     if self.tokenizer not in ("byte", "bpe"):
       raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {self.tokenizer!r}")
@@ -51,15 +54,31 @@ class TrainConfig:
       raise ValueError(f"model.vocab_size must be 256 with the byte tokenizer, got {self.model.vocab_size}")
     if self.tokenizer == "bpe" and self.model.vocab_size != self.bpe_vocab_size:
       raise ValueError(f"model.vocab_size ({self.model.vocab_size}) must equal bpe_vocab_size ({self.bpe_vocab_size})")
-    for name in ("batch_size", "grad_accum", "steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.batch_size % self.grad_accum:
       raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
     if self.data_path is not None and not pathlib.Path(self.data_path).exists():
       raise ValueError(f"data_path {self.data_path!r} does not exist: give a .txt/.jsonl file or folder, or drop it "
                        "to train on the embedded corpus")
     return self
+
+  def _validate_numbers(self) -> None:
+    """The training fields' ranges, and the model's sequence length against what evaluation needs."""
+    for name in INT_FIELDS:
+      _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an int >= 1")
+    _check(self, "warmup_steps", self.warmup_steps >= 0, "an int >= 0")
+    _check(self, "lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0 (e.g. 3e-3)")
+    _check(self, "grad_clip", self.grad_clip > 0, "> 0 (math.inf: no clipping)")
+    _check(self, "min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+    _check(self, "weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0")
+    for name in ("b1", "b2"):
+      _check(self, name, 0 <= getattr(self, name) < 1, "in [0, 1)")
+    _check(self, "final_eval_multiples", bool(self.final_eval_multiples) and min(self.final_eval_multiples) >= 1,
+           "one or more ints >= 1, e.g. 1,2,4")
+    if self.model.seq_len < max(2, self.position_buckets):
+      raise ValueError(f"model.seq_len must be >= 2 and >= position_buckets ({self.position_buckets}): loss by "
+                       f"position needs a position per bucket, got model.seq_len={self.model.seq_len}")
+    if self.tokenizer == "bpe" and self.bpe_vocab_size <= 256:
+      raise ValueError(f"bpe_vocab_size must be > 256 (the byte alphabet plus merges), got {self.bpe_vocab_size}")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -81,6 +100,15 @@ class TrainConfig:
       return cls.from_dict(json.loads(path.read_text()))
     except (ValueError, TypeError, KeyError, AttributeError) as e:
       raise ValueError(f"{path} is not a fibjax config ({type(e).__name__}: {e}); use a new --workdir") from e
+
+
+INT_FIELDS = ("batch_size", "grad_accum", "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+              "keep_checkpoints", "final_eval_tokens", "position_buckets")
+
+
+def _check(cfg: TrainConfig, name: str, ok: bool, accepted: str) -> None:
+  if not ok:
+    raise ValueError(f"{name} must be {accepted}, got {getattr(cfg, name)!r}")
 
 
 def _coerce(value: str, annotation: Any, field: str) -> Any:

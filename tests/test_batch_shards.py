@@ -98,7 +98,10 @@ def test_attention_per_shard_matches_single_device(backend):
 
 @pytest.mark.parametrize("rows", [64, 200])  # 200 rows: 25 per device, a partial tile on each
 def test_norm_per_shard_matches_single_device(rows):
-  seed = secrets.randbits(32)
+  """The loss and the scale gradient are sums over rows that cancel: each is compared within float32
+  rounding of the sum of its terms' magnitudes (relative to the sum itself, a few ulps of those can
+  be a relative error of 1e-4). Fixed seed: 3671406047 made the old test, rtol=1e-5 on the loss, fail."""
+  seed = 3671406047
   keys = jax.random.split(jax.random.key(seed), 4)
   x, cot_res, cot_y = (jax.random.normal(k, (rows, 48), jnp.float32) for k in keys[:3])
   scale = 1 + jax.random.normal(keys[3], (48,), jnp.float32) / 4
@@ -108,6 +111,10 @@ def test_norm_per_shard_matches_single_device(rows):
     return jnp.sum(passed * cot_res) + jnp.sum(y * cot_y)
 
   (single, g1), (split, g8) = _sharded_and_single(loss, (x, cot_res, cot_y, scale), (0, 3))
-  np.testing.assert_allclose(split, single, rtol=1e-5, err_msg=f"seed={seed}")
-  for a, b in zip(g8, g1):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"seed={seed}")
+  x_hat = np.asarray(x) / np.sqrt(np.mean(np.asarray(x) ** 2, axis=-1, keepdims=True) + 1e-6)
+  loss_terms = np.abs(np.asarray(x * cot_res)).sum() + np.abs(x_hat * np.asarray(scale) * np.asarray(cot_y)).sum()
+  scale_terms = np.abs(x_hat * np.asarray(cot_y)).sum(axis=0)  # d loss / d scale_j sums over the rows
+  ulps = 16 * np.finfo(np.float32).eps
+  np.testing.assert_allclose(split, single, rtol=0, atol=ulps * loss_terms, err_msg=f"seed={seed}")
+  np.testing.assert_allclose(g8[0], g1[0], rtol=1e-5, atol=1e-5, err_msg=f"dx seed={seed}")
+  assert np.all(np.abs(np.asarray(g8[1]) - np.asarray(g1[1])) <= ulps * scale_terms), f"dscale seed={seed}"

@@ -16,6 +16,7 @@ import configs
 from train import checkpoint, data
 from configs.base import TrainConfig, apply_overrides
 from train.step import make_optimizer
+from train.restore import abstract_params, restore_params
 from train.trainer import compile_train_step, global_batch, init_state, make_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,18 +29,22 @@ def _cfg(*overrides) -> TrainConfig:
   return apply_overrides(configs.get_config("tiny"), FAST + list(overrides)).validate()
 
 
-def _run(workdir, *overrides, timeout=300):
-  cmd = [sys.executable, "-m", "train", "--workdir", str(workdir), "--set", *FAST, *overrides]
+def _run(workdir, *overrides, extra=(), timeout=300):
+  cmd = [sys.executable, "-m", "train", "--workdir", str(workdir), *extra, "--set", *FAST, *overrides]
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def _records(workdir) -> list[dict]:
+  """metrics.jsonl as strict JSON (NaN or Infinity in it fails the test)."""
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in lines]
+
+
 def _losses(workdir) -> dict[int, float]:
-  out = {}
-  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    rec = json.loads(line)
-    if "loss" in rec:
-      out[rec["step"]] = rec["loss"]  # the last record of a step wins (a resumed run redoes steps)
-  return out
+  """The loss of each step; a step recorded twice fails the test."""
+  steps = [r["step"] for r in _records(workdir) if "loss" in r and "event" not in r]
+  assert len(steps) == len(set(steps)), f"a step is recorded more than once: {steps}"
+  return {r["step"]: r["loss"] for r in _records(workdir) if "loss" in r and "event" not in r}
 
 
 def test_eight_devices_present():
@@ -143,20 +148,34 @@ def test_killed_run_resumes_exactly(tmp_path):
   resumed = _run(tmp_path / "cut")  # no config flags: resumes with the saved config
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   full_losses, cut_losses = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
-  assert sorted(cut_losses) == list(range(1, 13))
+  assert sorted(cut_losses) == list(range(1, 13))  # each step once, though steps 9.. ran twice
   assert cut_losses == full_losses  # bit-exact
   events = [json.loads(x).get("event") for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
   assert "resume" in events
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  res = _run(tmp_path / "nan", "steps=20", "lr=1e30", "warmup_steps=1", "checkpoint_every=1", "log_every=1",
-             "grad_clip=1e30")
-  assert res.returncode == 1
-  assert "loss became" in res.stderr and "last good checkpoint" in res.stderr
+def test_nonfinite_step_stops_before_its_checkpoint(tmp_path):
+  """lr=1e30 on a run with checkpoints: the first non-finite step stops the run before it is
+  saved, the message names the last finite checkpoint, and no NaN is saved or logged."""
+  first = _run(tmp_path / "nan", "steps=4", "checkpoint_every=2", "log_every=1")
+  assert first.returncode == 0, first.stderr[-3000:]
+  res = _run(tmp_path / "nan", "steps=20", "lr=1e30", "checkpoint_every=1", "log_every=1")
+  assert res.returncode == 2, res.stderr[-3000:]
+  error = res.stderr.strip().splitlines()[-1]
+  assert "is not finite" in error and f"last finite checkpoint, step 4 in {tmp_path / 'nan' / 'checkpoints'}" in error
   saved = sorted(int(p.name) for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit())
-  losses = _losses(tmp_path / "nan")
-  assert saved and all(np.isfinite(losses[s]) for s in saved if s in losses)
+  assert saved[-1] == 4
+  _losses(tmp_path / "nan")  # strict JSON, each step once
+  fresh = _run(tmp_path / "fresh", "steps=20", "lr=1e30", "warmup_steps=1", "checkpoint_every=1", "grad_clip=1e30")
+  assert fresh.returncode == 2 and "is not finite" in fresh.stderr and "step None" not in fresh.stderr
+  for step in sorted(int(p.name) for p in (tmp_path / "fresh" / "checkpoints").iterdir() if p.name.isdigit()):
+    params = restore_params(tmp_path / "fresh" / "checkpoints", step, _abstract_params())
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), f"step {step} holds NaN"
+
+
+def _abstract_params():
+  cfg = _cfg()
+  return abstract_params(cfg, make_mesh(devices=jax.devices()[:1]))[1]
 
 
 @pytest.mark.parametrize(
@@ -201,3 +220,12 @@ def test_gradient_accumulation_equals_one_big_batch():
       out.append((float(m["loss"]), jax.tree.map(np.asarray, state["params"])))
   np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), out[0][1], out[1][1])
+
+
+def test_ci_runs_the_readme_commands():
+  """.ci/run runs the README's install and test commands verbatim, and nothing else."""
+  ci = (ROOT / ".ci" / "run").read_text().splitlines()
+  commands = [line for line in ci if line and not line.startswith(("#", "set ", "cd "))]
+  readme_code = {line.strip() for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("    ")}
+  assert commands == ['pip install -e ".[test]"', "python -m pytest -n 2 -q tests"]
+  assert set(commands) <= readme_code

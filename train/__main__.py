@@ -15,6 +15,8 @@ import sys
 
 import jax
 
+INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)
+
 
 def _maybe_init_distributed() -> None:
   """Multi-host: ``jax.distributed.initialize()`` when the environment describes such a job."""
@@ -36,17 +38,38 @@ def parse(argv: list[str]):
   parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. steps=100 model.window=32")
   args = parser.parse_args(argv)
   saved = args.workdir / "config.json" if args.workdir else None
-  if saved is not None and saved.exists() and args.config is None:
-    cfg = TrainConfig.load(saved)  # resume with the run's own config
-  else:
-    cfg = configs.get_config(args.config or "tiny", args.variant)
+  resume = saved is not None and saved.exists() and args.config is None
+  cfg = TrainConfig.load(saved) if resume else configs.get_config(args.config or "tiny", args.variant)
   if args.variant is not None:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, variant=args.variant))
   if args.data is not None:
-    cfg = dataclasses.replace(cfg, data_path=args.data)
+    cfg = dataclasses.replace(cfg, data_path=str(pathlib.Path(args.data).resolve()))
+  elif resume and cfg.data_path is not None and not pathlib.Path(cfg.data_path).exists():
+    raise ValueError(f"this run's training data {cfg.data_path} is gone (moved or deleted): give it again with "
+                     "--data PATH (a copy with the same content is accepted)")
   cfg = apply_overrides(cfg, args.set).validate()
   workdir = args.workdir or pathlib.Path("runs") / f"{args.config or 'tiny'}-{cfg.model.variant}"
   return cfg, workdir
+
+
+def quiet_libraries() -> None:
+  """The trainer reports a failed save or restore itself, in one line. Orbax would also log its
+  traceback through absl, asyncio the failed save's sibling writes, and TensorStore's callbacks
+  for those writes, finishing after Orbax closed their event loop, raise "Event loop is closed" as
+  unraisable errors: those three are silenced; any other unraisable error is still printed."""
+  import logging  # noqa: PLC0415
+
+  from absl import logging as absl_logging  # noqa: PLC0415
+
+  absl_logging.set_verbosity(absl_logging.FATAL)
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  default_hook = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+      default_hook(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,14 +77,19 @@ def main(argv: list[str] | None = None) -> int:
 
   xla_flags.apply_defaults()
   _maybe_init_distributed()
-  from train.trainer import NonFiniteLoss, train  # noqa: PLC0415
+  quiet_libraries()
+  from train.checkpoint import CheckpointError  # noqa: PLC0415
+  from train.trainer import Interrupted, TrainingStopped, train  # noqa: PLC0415
 
   try:
     cfg, workdir = parse(sys.argv[1:] if argv is None else argv)
     summary = train(cfg, workdir)
-  except (ValueError, NonFiniteLoss) as e:
+  except (ValueError, OSError, CheckpointError, TrainingStopped) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2 if isinstance(e, ValueError) else 1
+    return INTERRUPTED if isinstance(e, Interrupted) else 2
+  except KeyboardInterrupt:
+    print("error: interrupted (Ctrl-C); the checkpoints saved before it are kept", file=sys.stderr)
+    return INTERRUPTED
   if jax.process_index() == 0:
     r = summary["result"]
     print(f"\ntrained {cfg.model.variant} ({r['params']:,} params) for {r['step']} steps in {summary['workdir']}")

@@ -5,20 +5,23 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import mmap
 import pathlib
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import grain
 import jax
 import numpy as np
 
+TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 CORPUS = pathlib.Path(__file__).parent / "corpus" / "corpus.jsonl.gz"
 SEPARATOR = 0  # token that starts every document (byte 0 never occurs in the text)
+HELDOUT_TAIL = 8  # a document split inside itself holds out its last 1/HELDOUT_TAIL
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
+def iter_jsonl(path: pathlib.Path) -> Iterator[dict]:
+  """Documents ``{"id", "text"}`` of a ``.jsonl``/``.jsonl.gz`` file, one line at a time."""
   opener = gzip.open if path.suffix == ".gz" else open
-  docs = []
   with opener(path, "rt", encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
@@ -29,35 +32,69 @@ def _read_jsonl(path: pathlib.Path) -> list[dict]:
         raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be an object with a 'text' field") from e
       if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise ValueError(f"{path}:{n}: each line must be a JSON object with a string 'text' field")
-      docs.append({"id": str(record.get("id", f"{path.name}:{n}")), "text": record["text"]})
-  return docs
+      yield {"id": str(record.get("id", f"{path.name}:{n}")), "text": record["text"]}
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+  return list(iter_jsonl(path))
+
+
+def data_files(path: pathlib.Path) -> list[pathlib.Path]:
+  """The ``.txt``/``.jsonl``/``.jsonl.gz`` files of a data path (a file, or a folder searched
+  recursively), sorted; raises ``ValueError`` for a missing path or a file of another kind."""
+  if not path.exists():
+    raise ValueError(f"data path {str(path)!r} does not exist")
+  if path.is_dir():
+    return sorted(x for x in path.rglob("*") if x.is_file() and x.name.endswith(TEXT_SUFFIXES))
+  if not path.name.endswith(TEXT_SUFFIXES):
+    raise ValueError(f"data file {path} must end in .txt, .jsonl or .jsonl.gz")
+  return [path]
+
+
+def read_text(path: pathlib.Path) -> str:
+  """A ``.txt`` file's text: UTF-8, else Latin-1."""
+  raw = path.read_bytes()
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError:
+    return raw.decode("latin-1")
 
 
 def load_documents(path: str | None = None) -> list[dict]:
   """Documents ``{"id", "text"}``: the embedded corpus (``None``), a ``.txt`` file (one document),
-  a ``.jsonl``/``.jsonl.gz`` file (one object with ``"text"`` per line), or a folder of those."""
+  a ``.jsonl``/``.jsonl.gz`` file (one object with ``"text"`` per line), or a folder of those.
+  Documents without text are dropped; raises ``ValueError`` when none is left."""
   if path is None:
     return _read_jsonl(CORPUS)
   p = pathlib.Path(path)
-  if not p.exists():
-    raise ValueError(f"data path {path!r} does not exist")
-  files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
   docs: list[dict] = []
-  for f in files:
-    if f.name.endswith((".jsonl", ".jsonl.gz")):
+  for f in data_files(p):
+    if f.suffix == ".txt":
+      docs.append({"id": str(f.relative_to(p) if p.is_dir() else f.name), "text": read_text(f)})
+    else:
       docs += _read_jsonl(f)
-    elif f.suffix == ".txt":
-      raw = f.read_bytes()
-      try:
-        text = raw.decode("utf-8")
-      except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-      docs.append({"id": str(f.relative_to(p) if p.is_dir() else f.name), "text": text})
-    elif not p.is_dir():
-      raise ValueError(f"data file {f} must end in .txt, .jsonl or .jsonl.gz")
+  docs = [d for d in docs if d["text"]]
   if not docs:
-    raise ValueError(f"no documents (.txt/.jsonl) found under {path!r}")
+    where = f"{path!r} is empty" if p.is_file() else f"no .txt/.jsonl file under {path!r} holds any text"
+    raise ValueError(f"no training text: {where}; give a file or folder with text")
   return docs
+
+
+def fingerprint(path: str | None) -> str | None:
+  """sha256 of a data path's content (file names relative to it, then bytes), so that a corpus can
+  be moved and given again; a prepared folder's is its manifest's token hash; ``None``: embedded."""
+  if path is None:
+    return None
+  p = pathlib.Path(path)
+  if is_prepared(p):
+    return read_manifest(p)["tokens_sha256"]
+  h = hashlib.sha256()
+  for f in data_files(p):
+    h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode() + b"\0")
+    with f.open("rb") as src:
+      while chunk := src.read(1 << 20):
+        h.update(chunk)
+  return h.hexdigest()
 
 
 def is_heldout(doc_id: str) -> bool:
@@ -66,14 +103,69 @@ def is_heldout(doc_id: str) -> bool:
 
 
 def split_documents(docs: list[dict]) -> tuple[list[dict], list[dict]]:
-  """``(train, heldout)`` by ``is_heldout``; a corpus too small for the rule holds out its last doc."""
+  """``(train, heldout)`` by ``is_heldout``. When that rule leaves either side empty (a corpus of a
+  few documents, e.g. one ``.txt`` file), every document but the last trains and the last one is
+  split: its first seven eighths train, its last eighth (``split_point``) is held out."""
   train = [d for d in docs if not is_heldout(d["id"])]
   heldout = [d for d in docs if is_heldout(d["id"])]
-  if not heldout or not train:
-    if len(docs) < 2:
-      raise ValueError("need at least 2 documents to split off held-out data")
-    train, heldout = docs[:-1], docs[-1:]
-  return train, heldout
+  if train and heldout:
+    return train, heldout
+  *head, last = docs
+  cut = split_point(len(last["text"]))
+  return head + [{"id": last["id"], "text": last["text"][:cut]}], [{"id": f"{last['id']}#tail", "text": last["text"][cut:]}]
+
+
+def split_point(length: int) -> int:
+  """Where a document split inside itself ends its training part: its last eighth is held out."""
+  return length - length // HELDOUT_TAIL
+
+
+MANIFEST = "manifest.json"  # marks a folder written by ``python -m train.prepare``
+PREPARED_FORMAT = "fibjax-tokens/1"
+
+
+def is_prepared(path: pathlib.Path) -> bool:
+  """Whether ``path`` is a prepared token folder (``python -m train.prepare``)."""
+  return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def read_manifest(path: pathlib.Path) -> dict:
+  """A prepared folder's manifest; raises ``ValueError`` if it is not one this version reads."""
+  try:
+    manifest = json.loads((path / MANIFEST).read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path / MANIFEST} cannot be read ({e}); prepare the corpus again with python -m train.prepare") from e
+  if not isinstance(manifest, dict) or manifest.get("format") != PREPARED_FORMAT:
+    raise ValueError(f"{path / MANIFEST} is not a {PREPARED_FORMAT} manifest; prepare the corpus again with "
+                     "python -m train.prepare")
+  return manifest
+
+
+def open_prepared(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, dict]:
+  """``(train, heldout, manifest)`` of a prepared folder: the token files memory-mapped, not read."""
+  manifest = read_manifest(path)
+  streams = []
+  for split in ("train", "heldout"):
+    entry = manifest[split]
+    file = path / entry["file"]
+    size = file.stat().st_size if file.exists() else -1
+    if size != entry["tokens"] * np.dtype(manifest["dtype"]).itemsize:
+      raise ValueError(f"{file} holds {size} bytes, not the manifest's {entry['tokens']} {manifest['dtype']} tokens; "
+                       "prepare the corpus again with python -m train.prepare")
+    streams.append(map_tokens(file, np.dtype(manifest["dtype"])))
+  return streams[0], streams[1], manifest
+
+
+def map_tokens(file: pathlib.Path, dtype: np.dtype) -> np.ndarray:
+  """A read-only array over the memory-mapped token file; nothing is read until used. Windows are
+  read in random order, so the kernel is told not to read ahead around each one."""
+  if file.stat().st_size == 0:
+    return np.zeros(0, dtype)
+  with file.open("rb") as f:
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+  if hasattr(mmap, "MADV_RANDOM"):
+    mapped.madvise(mmap.MADV_RANDOM)
+  return np.frombuffer(mapped, dtype)
 
 
 class Tokenizer(Protocol):
@@ -152,7 +244,7 @@ class Windows:
 
   def __getitem__(self, i: int) -> np.ndarray:
     start = int(i) * self.length
-    return self.tokens[start : start + self.length + 1]
+    return np.asarray(self.tokens[start : start + self.length + 1], np.int32)
 
 
 def train_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> grain.IterDataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import time
 
@@ -34,30 +35,48 @@ def flops_per_token(cfg: ModelConfig, num_params: int) -> float:
 
 
 class Writer:
-  """Appends metrics to ``workdir/metrics.jsonl`` and TensorBoard events under ``workdir/tb``
-  (process 0 only)."""
+  """Appends metrics to ``workdir/metrics.jsonl`` (strict JSON: a non-finite value is written as
+  ``null``) and TensorBoard events under ``workdir/tb`` (process 0 only). A run resumed from step
+  ``resume_step`` first drops the records and events after it, so each step is recorded once."""
 
-  def __init__(self, workdir: pathlib.Path):
+  def __init__(self, workdir: pathlib.Path, resume_step: int = 0):
     self.active = jax.process_index() == 0
     self.path = workdir / "metrics.jsonl"
     self.tb = None
     if self.active:
       from tensorboardX import SummaryWriter  # noqa: PLC0415
 
-      self.tb = SummaryWriter(str(workdir / "tb"))
+      truncate(self.path, resume_step)
+      self.tb = SummaryWriter(str(workdir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, **values) -> None:
     if not self.active:
       return
+    record = {"step": step, "time": time.time(), **{k: finite_or_none(v) for k, v in values.items()}}
     with self.path.open("a") as f:
-      f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-    for k, v in values.items():
-      if isinstance(v, (int, float)):
+      f.write(json.dumps(record, allow_nan=False) + "\n")
+    for k, v in record.items():
+      if k not in ("step", "time") and isinstance(v, (int, float)):
         self.tb.add_scalar(k, v, step)
 
   def close(self) -> None:
     if self.tb is not None:
       self.tb.close()
+
+
+def finite_or_none(value):
+  return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def truncate(path: pathlib.Path, last_step: int) -> None:
+  """Keeps the records of steps ``<= last_step`` of a metrics file (none when ``last_step`` is 0)."""
+  if not path.exists():
+    return
+  keep = [line for line in path.read_text().splitlines(keepends=True)
+          if last_step and line.strip() and json.loads(line).get("step", 0) <= last_step]
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(keep))
+  tmp.replace(path)
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm.tqdm:

@@ -55,8 +55,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) ->
       (loss, grads), _ = jax.lax.scan(micro, zeros, batch_AxBxT1)
       loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    new_params = optax.apply_updates(params, updates)
+    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+    # the parameter norm is finite iff every new parameter is (barring overflow of the sum): the
+    # trainer checks all three before it checkpoints the new state
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(new_params)}
 
   return step
 

@@ -1,11 +1,19 @@
-"""The training loop: mesh, sharded state, jit step, evaluation, checkpoints, resume."""
+"""The training loop: mesh, sharded state, jit step, evaluation, checkpoints, resume.
+
+A start checks everything it can (config, workdir, data, windows) before it writes anything, so a
+failed start leaves the workdir as it was. Every step's loss, gradient norm and parameter norm are
+checked finite before the state is checkpointed; saves fail at once; resume falls back from a
+damaged checkpoint to the newest intact one.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 import pathlib
+import shutil
 import time
 from typing import Any
 
@@ -25,10 +33,29 @@ from train.metrics import Writer, flops_per_token, peak_flops_per_device, progre
 from train.step import make_eval_step, make_optimizer, make_train_step
 
 BATCH_SPEC = P(None, ("data", "fsdp"), None)  # [accum, batch, T+1]: batch split over every device
+HELDOUT_KEEP = 1 << 24  # held-out tokens a run keeps for evaluation (a prepared corpus may hold far more)
 
 
-class NonFiniteLoss(RuntimeError):
+class TrainingStopped(RuntimeError):
+  """The run stopped before its last step; the message says why and which checkpoint is kept."""
+
+
+class NonFiniteLoss(TrainingStopped):
   pass
+
+
+class Interrupted(TrainingStopped):
+  pass
+
+
+@dataclasses.dataclass
+class RunData:
+  """What a run trains and evaluates on, read and checked before anything is written."""
+
+  train: np.ndarray
+  heldout: np.ndarray
+  tokenizer: data.Tokenizer
+  sha256: str | None  # content hash of the data path (None: the embedded corpus)
 
 
 def init_state(cfg: TrainConfig, mesh: Mesh, tx) -> tuple[nnx.GraphDef, dict[str, Any]]:
@@ -66,117 +93,212 @@ def global_batch(local_rows: np.ndarray, accum: int, mesh: Mesh) -> jax.Array:
   return jax.make_array_from_process_local_data(NamedSharding(mesh, BATCH_SPEC), rows)
 
 
-def load_tokens(cfg: TrainConfig, workdir: pathlib.Path, resuming: bool) -> tuple[np.ndarray, np.ndarray, Any]:
-  """Train and held-out token streams and the tokenizer (a BPE is trained once, kept in workdir)."""
+def load_data(cfg: TrainConfig, workdir: pathlib.Path, data_hash: str | None) -> RunData:
+  """Train and held-out token streams and the tokenizer: from a prepared folder (memory-mapped),
+  else read and tokenized (a BPE is trained on the training documents unless the run has one)."""
+  path = None if cfg.data_path is None else pathlib.Path(cfg.data_path)
+  if path is not None and data.is_prepared(path):
+    train_tokens, heldout_tokens, manifest = data.open_prepared(path)
+    check_prepared(cfg, path, manifest)
+    tok = data.BPETokenizer.load(path / "tokenizer.json") if cfg.tokenizer == "bpe" else data.ByteTokenizer()
+    return RunData(train_tokens, heldout_tokens, tok, data_hash)
   train_docs, heldout_docs = data.split_documents(data.load_documents(cfg.data_path))
   if cfg.tokenizer == "byte":
     tok = data.ByteTokenizer()
+  elif (workdir / "tokenizer.json").exists():
+    tok = data.BPETokenizer.load(workdir / "tokenizer.json")
   else:
-    path = workdir / "tokenizer.json"
-    if resuming or path.exists():
-      tok = data.BPETokenizer.load(path)
-    else:
-      tok = data.BPETokenizer.train(train_docs, cfg.bpe_vocab_size)
-      if jax.process_index() == 0:
-        tok.save(path)
-  return data.tokenize(train_docs, tok), data.tokenize(heldout_docs, tok), tok
+    tok = data.BPETokenizer.train(train_docs, cfg.bpe_vocab_size)
+  return RunData(data.tokenize(train_docs, tok), data.tokenize(heldout_docs, tok), tok, data_hash)
+
+
+def check_prepared(cfg: TrainConfig, path: pathlib.Path, manifest: dict) -> None:
+  """A prepared folder's tokenizer must be the run's."""
+  if (manifest["tokenizer"], manifest["vocab_size"]) != (cfg.tokenizer, cfg.model.vocab_size):
+    v = manifest["vocab_size"]
+    fix = "tokenizer=byte model.vocab_size=256" if manifest["tokenizer"] == "byte" else \
+        f"tokenizer=bpe bpe_vocab_size={v} model.vocab_size={v}"
+    raise ValueError(f"{path} was prepared with the {manifest['tokenizer']} tokenizer (vocabulary {v}) but the run "
+                     f"uses {cfg.tokenizer} (model.vocab_size {cfg.model.vocab_size}): add --set {fix}")
+
+
+def check_windows(cfg: TrainConfig, run_data: RunData) -> None:
+  """Raises ``ValueError`` unless the training split fills a window of T + 1 tokens and the
+  held-out split one of the final evaluation's longest length."""
+  longest = max(cfg.final_eval_multiples) * cfg.model.seq_len
+  for name, tokens, length, what in (("training", run_data.train, cfg.model.seq_len, "model.seq_len"),
+                                     ("held-out", run_data.heldout, longest, "final_eval_multiples x model.seq_len")):
+    if len(tokens) < length + 1:
+      raise ValueError(f"the {name} split holds {len(tokens)} tokens, fewer than one window of {what} + 1 = "
+                       f"{length + 1}: give more text with --data or lower model.seq_len")
+
+
+def write_run_files(cfg: TrainConfig, workdir: pathlib.Path, run_data: RunData, budget: dict, resuming: bool) -> None:
+  """config.json, the tokenizer, held-out tokens, data source and budget (process 0). A workdir this
+  call created is removed again if a write fails, so a failed start leaves nothing behind."""
+  if jax.process_index() != 0:
+    return
+  created = not workdir.exists()
+  try:
+    checkpoint.ensure_writable(workdir / "checkpoints")
+    write_atomic(workdir / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    if isinstance(run_data.tokenizer, data.BPETokenizer) and not (workdir / "tokenizer.json").exists():
+      run_data.tokenizer.save(workdir / "tokenizer.json")
+    if not (resuming and (workdir / HELDOUT_FILE).exists()):
+      data.save_heldout(np.asarray(run_data.heldout[:HELDOUT_KEEP]), workdir / HELDOUT_FILE)
+    source = {"path": cfg.data_path, "sha256": run_data.sha256}
+    write_atomic(workdir / checkpoint.DATA_SOURCE_FILE, json.dumps(source, indent=2) + "\n")
+    write_atomic(workdir / BUDGET_FILE, json.dumps(budget, indent=2) + "\n")
+  except (OSError, checkpoint.CheckpointError) as e:
+    if created:
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise ValueError(f"cannot write the run's files into {workdir} ({checkpoint.short(e)}); give a writable "
+                     "--workdir") from e
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def nonfinite(step: int, metrics: dict[str, float], last_saved: int | None, folder: pathlib.Path,
+              cfg: TrainConfig) -> NonFiniteLoss:
+  values = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+  kept = (f"the last finite checkpoint, step {last_saved} in {folder}, is kept: resume from it"
+          if last_saved is not None else "no checkpoint was saved before it: start again")
+  return NonFiniteLoss(f"step {step} is not finite ({values}); stopped before saving it, {kept} with a lower lr "
+                       f"(now {cfg.lr}) or more warmup_steps (now {cfg.warmup_steps}), e.g. --set lr={cfg.lr / 10:g}")
+
+
+def check_start(cfg: TrainConfig, workdir: pathlib.Path, devices: int) -> tuple[TrainConfig, RunData, dict, bool]:
+  """Every check a start makes before it writes anything: ``(cfg, data, budget, resuming)`` with
+  the data path made absolute.
+
+  Raises:
+    ValueError: a bad config, an incompatible workdir, or unusable data.
+  """
+  cfg.validate()
+  if cfg.data_path is not None:
+    cfg = dataclasses.replace(cfg, data_path=str(pathlib.Path(cfg.data_path).resolve()))
+  data_hash = data.fingerprint(cfg.data_path)
+  resuming = checkpoint.check_workdir(workdir, cfg, data_hash)
+  micro = cfg.batch_size // cfg.grad_accum
+  if micro % devices:
+    raise ValueError(f"batch_size / grad_accum = {micro} must be divisible by the {devices} devices")
+  run_data = load_data(cfg, workdir, data_hash)
+  check_windows(cfg, run_data)
+  budget = data.data_budget(cfg.batch_size * cfg.model.seq_len, cfg.steps, cfg.model.seq_len, len(run_data.train))
+  return cfg, run_data, budget, resuming
+
+
+def restore_run(cfg: TrainConfig, workdir: pathlib.Path, target: Any) -> tuple[int, Any, dict] | None:
+  """The newest intact checkpoint of the run in ``workdir`` (see ``checkpoint.restore_newest_intact``)."""
+  mngr = checkpoint.manager(workdir, cfg)
+  try:
+    return checkpoint.restore_newest_intact(mngr, target)
+  finally:
+    mngr.close()
 
 
 def train(cfg: TrainConfig, workdir: pathlib.Path) -> dict:
   """Trains (or resumes) ``cfg`` in ``workdir``; returns the closing summary.
 
   Raises:
-    ValueError: a bad config or an incompatible workdir (before anything is written).
-    NonFiniteLoss: the loss became NaN/Inf; the last good checkpoint is kept.
+    ValueError: a bad config, data or workdir (before anything is written).
+    checkpoint.CheckpointError: a save failed, or no checkpoint of the run is intact.
+    TrainingStopped: the step became non-finite (``NonFiniteLoss``) or the user pressed Ctrl-C
+      (``Interrupted``); the last finite checkpoint is kept.
   """
-  cfg.validate()
-  workdir = pathlib.Path(workdir)
-  resuming = workdir.exists() and checkpoint.check_workdir(workdir, cfg)
+  workdir = pathlib.Path(os.path.abspath(workdir))
   mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+  cfg, run_data, budget, resuming = check_start(cfg, workdir, mesh.devices.size)
   micro = cfg.batch_size // cfg.grad_accum
-  if micro % mesh.devices.size:
-    raise ValueError(f"batch_size / grad_accum = {micro} must be divisible by the {mesh.devices.size} devices")
-  workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    cfg.save(workdir / "config.json")
-  train_tokens, heldout_tokens, _ = load_tokens(cfg, workdir, resuming)
-  budget = data.data_budget(cfg.batch_size * cfg.model.seq_len, cfg.steps, cfg.model.seq_len, len(train_tokens))
-  if jax.process_index() == 0:
-    data.save_heldout(heldout_tokens, workdir / HELDOUT_FILE)
-    (workdir / BUDGET_FILE).write_text(json.dumps(budget, indent=2) + "\n")
-    print(f"data: {budget['training_tokens']:,} training tokens = {budget['repeats']:.2f} x the "
-          f"{budget['corpus_train_tokens']:,} distinct training tokens of the corpus", flush=True)
-
   tx = make_optimizer(cfg)
+  folder = workdir / "checkpoints"
   with jax.set_mesh(mesh):
     graphdef, state = init_state(cfg, mesh, tx)
     num_params = count_params(nnx.merge(graphdef, state["params"]))
-    mngr = checkpoint.manager(workdir, cfg)
-    iterator = iter(data.train_dataset(train_tokens, cfg.model.seq_len, cfg.batch_size, cfg.seed))
-    start = 0
-    if resuming and mngr.latest_step() is not None:
-      start = int(mngr.latest_step())
-      state, data_state = checkpoint.restore(mngr, start, state)
+    found = restore_run(cfg, workdir, state) if resuming else None
+    write_run_files(cfg, workdir, run_data, budget, resuming)
+    if jax.process_index() == 0:
+      print(f"data: {budget['training_tokens']:,} training tokens = {budget['repeats']:.2f} x the "
+            f"{budget['corpus_train_tokens']:,} distinct training tokens of the corpus", flush=True)
+    iterator = iter(data.train_dataset(run_data.train, cfg.model.seq_len, cfg.batch_size, cfg.seed))
+    start, last_saved, saving = 0, None, None
+    if found is not None:
+      start, state, data_state = found
       iterator.set_state(data_state)
-    step_fn = compile_train_step(graphdef, tx, state, mesh)
-    eval_fn = jax.jit(make_eval_step(graphdef))
-    heldout_windows = data.eval_windows(heldout_tokens, cfg.model.seq_len, cfg.eval_batches * micro * cfg.model.seq_len)
-
-    writer = Writer(workdir)
-    writer.write(start, event="resume" if start else "start", params=num_params, devices=jax.device_count(),
-                 mesh=dict(mesh.shape))
-    tokens_per_step = cfg.batch_size * cfg.model.seq_len
-    flops_step = flops_per_token(cfg.model, num_params) * tokens_per_step
-    peak = peak_flops_per_device()
-    bar = progress_bar(cfg.steps, start, cfg.progress)
-    last_good, pending, t_last, steps_since = start, None, time.perf_counter(), 0
-
-    def check(step_done: int, metrics) -> float:
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        raise NonFiniteLoss(f"loss became {loss} at step {step_done}; stopped. The last good checkpoint "
-                            f"(step {mngr.latest_step()}) in {workdir / 'checkpoints'} is kept. Lower lr "
-                            f"(now {cfg.lr}) or raise warmup_steps, then resume from it.")
-      return loss
-
+      last_saved = start
+    mngr = checkpoint.manager(workdir, cfg)
     try:
-      for step in range(start, cfg.steps):
-        batch = global_batch(next(iterator), cfg.grad_accum, mesh)
-        state, metrics = step_fn(state, batch)
-        if pending is not None:  # read the previous step's loss while this one runs
-          check(*pending)
-        pending, steps_since, done = (step + 1, metrics), steps_since + 1, step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-          loss = check(*pending)
-          now = time.perf_counter()
-          tps = steps_since * tokens_per_step / (now - t_last)
-          mfu = (tps / tokens_per_step) * flops_step / (peak * jax.device_count()) if peak else None
-          values = {"loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tps}
-          if mfu is not None:
-            values["mfu"] = mfu
-          writer.write(done, **values)
-          bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%")
-          t_last, steps_since = time.perf_counter(), 0
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-          nll = heldout_loss(eval_fn, state["params"], heldout_windows, micro, mesh)
-          writer.write(done, heldout_loss=float(nll.mean()), heldout_ppl=float(math.exp(nll.mean())))
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-          check(*pending)
-          checkpoint.save(mngr, done, state, iterator.get_state(), force=done == cfg.steps)
-          last_good = done
-        bar.update(1)
-      if pending is not None:
-        check(*pending)
-    finally:
-      bar.close()
-      mngr.wait_until_finished()
-      mngr.close()
-      writer.close()
+      step_fn = compile_train_step(graphdef, tx, state, mesh)
+      eval_fn = jax.jit(make_eval_step(graphdef))
+      heldout_windows = data.eval_windows(run_data.heldout, cfg.model.seq_len,
+                                          cfg.eval_batches * micro * cfg.model.seq_len)
+      writer = Writer(workdir, resume_step=start)
+      writer.write(start, event="resume" if start else "start", params=num_params, devices=jax.device_count(),
+                   mesh=dict(mesh.shape))
+      tokens_per_step = cfg.batch_size * cfg.model.seq_len
+      flops_step = flops_per_token(cfg.model, num_params) * tokens_per_step
+      peak = peak_flops_per_device()
+      bar = progress_bar(cfg.steps, start, cfg.progress)
+      pending, t_last, steps_since, step = None, time.perf_counter(), 0, start
 
-    result = evaluate(graphdef, state["params"], cfg, heldout_tokens, mesh)
+      def check(step_done: int, metrics) -> dict[str, float]:
+        values = {k: float(v) for k, v in metrics.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+          writer.write(step_done, event="nonfinite", **values)
+          raise nonfinite(step_done, values, last_saved, folder, cfg)
+        return values
+
+      try:
+        for step in range(start, cfg.steps):
+          batch = global_batch(next(iterator), cfg.grad_accum, mesh)
+          state, metrics = step_fn(state, batch)
+          if pending is not None:  # read the previous step's metrics while this one runs
+            check(*pending)
+          checkpoint.check_saves(mngr, saving)
+          pending, steps_since, done = (step + 1, metrics), steps_since + 1, step + 1
+          if done % cfg.log_every == 0 or done == cfg.steps:
+            values = check(*pending)
+            now = time.perf_counter()
+            tps = steps_since * tokens_per_step / (now - t_last)
+            mfu = (tps / tokens_per_step) * flops_step / (peak * jax.device_count()) if peak else None
+            values = {"loss": values["loss"], "grad_norm": values["grad_norm"], "tokens_per_s": tps}
+            if mfu is not None:
+              values["mfu"] = mfu
+            writer.write(done, **values)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tps:,.0f}",
+                            mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%")
+            t_last, steps_since = time.perf_counter(), 0
+          if done % cfg.eval_every == 0 or done == cfg.steps:
+            check(*pending)
+            nll = heldout_loss(eval_fn, state["params"], heldout_windows, micro, mesh)
+            writer.write(done, heldout_loss=float(nll.mean()), heldout_ppl=float(math.exp(min(nll.mean(), 700))))
+          if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            check(*pending)
+            checkpoint.check_saves(mngr, saving, wait=True)  # the previous save's failure, named as its own
+            checkpoint.save(mngr, done, state, iterator.get_state(), force=done == cfg.steps)
+            last_saved, saving = done, done
+          bar.update(1)
+        if pending is not None:
+          check(*pending)
+      except KeyboardInterrupt:
+        kept = f"checkpoint step {last_saved} in {folder} is kept" if last_saved is not None else "no checkpoint saved"
+        raise Interrupted(f"interrupted at step {step}; {kept}. Resume with: python -m train --workdir {workdir}") \
+            from None
+      finally:
+        bar.close()
+        writer.close()
+    finally:
+      checkpoint.finish(mngr, saving)
+
+    result = evaluate(graphdef, state["params"], cfg, np.asarray(run_data.heldout[:HELDOUT_KEEP]), mesh)
   result.update(step=cfg.steps, params=num_params)
   if jax.process_index() == 0:
     (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-  return {"workdir": str(workdir), "checkpoint": str(workdir / "checkpoints" / str(last_good)),
+  return {"workdir": str(workdir), "checkpoint": str(folder / str(last_saved)),
           "metrics": str(workdir / "metrics.jsonl"), "tensorboard": str(workdir / "tb"),
           "eval": str(workdir / "eval.json"), "result": result}
