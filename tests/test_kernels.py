@@ -53,7 +53,7 @@ def _compare(case, backend, seed, **interp):
       if impl == "pallas":
         out = gathered_offset_attention(q, k, v, backend=backend, block=block, block_bwd=max(8, block // 2), **kw, **interp)
       else:  # reference in float32 from the same inputs
-        out = fibjax.attention(*(x.astype(jnp.float32) for x in (q, k, v)), implementation="reference", **kw)
+        out = fibjax.attention(*(x.astype(jnp.float32) for x in (q, k, v)), implementation="xla", **kw)
       return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32)), out
 
     (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, jnp.float32(1.0))
@@ -127,7 +127,7 @@ def test_one_compilation_serves_every_layer():
   before = f._cache_size()
   out = f(q, jnp.asarray([6, 10, 17], jnp.int32))
   assert f._cache_size() == before
-  want = fibjax.attention(q, q, q, window=4, offsets=(6, 10, 17), implementation="reference")
+  want = fibjax.attention(q, q, q, window=4, offsets=(6, 10, 17), implementation="xla")
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-6)
 
 
@@ -139,7 +139,7 @@ def test_dispatch():
     out = fibjax.attention(q, q, q, window=2, offsets=(3,), implementation="auto")  # the reference on CPU
     assert np.isfinite(np.asarray(out)).all()
   with pytest.raises(ValueError, match="implementation='pallas' only"):
-    fibjax.attention(q, q, q, window=2, implementation="reference", block=8)  # kernel-only option
+    fibjax.attention(q, q, q, window=2, implementation="xla", block=8)  # kernel-only option
 
 
 @pytest.mark.gpu
