@@ -69,7 +69,8 @@ class RowIOBase:
   members: int = 1
 
   def tile_index(self):
-    return pl.program_id(0) // self.members
+    i = pl.program_id(0)
+    return i if self.members == 1 else i // self.members
 
   def tile_start(self):
     return self.tile_index() * self.block

@@ -116,7 +116,7 @@ def _call(body, st: bodies.Static, offsets, inputs, sides: str, out_shape, membe
 
   def kernel(offs_ref, *refs):
     i, h = pl.program_id(0), pl.program_id(2)
-    heads = {"q": h * st.group + i % members, "k": h, "s": None}
+    heads = {"q": h * st.group + (i % members if members > 1 else 0), "k": h, "s": None}
     run(_Distances(offs_ref) if st.learned else offs_ref, *(Slab(r, heads[side]) for r, side in zip(refs, sides)))
 
   any_spec = pl.BlockSpec(memory_space=pl.ANY)

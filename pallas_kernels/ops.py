@@ -106,8 +106,8 @@ def gathered_offset_attention(
   Args:
     q, k, v: ``H_q`` a multiple of ``H_kv``; query head ``h`` reads key/value head
       ``h // (H_q // H_kv)``; no key/value row is repeated in memory.
-    segment_ids: optional ``[B, N]`` int32: keys of another segment are masked.
     offsets: ``[K]`` int32 (static) or float32 (fractional, differentiable) runtime array.
+    segment_ids: optional ``[B, N]`` int32: keys of another segment are masked.
     backend: ``"gpu"`` or ``"tpu"`` lowering; default the default backend (``"gpu"`` on CPU,
       which needs ``interpret=True``).
     block: rows per forward tile (default 64 on GPU, 128 on TPU).

@@ -71,7 +71,10 @@ class _Specs:
     self.members = 1 if whole_group else group
 
   def _q_head(self, i, h):
-    return h * self.group + i % self.members
+    return h * self.group if self.members == 1 else h * self.group + i % self.members
+
+  def _tile(self, i):
+    return i if self.members == 1 else i // self.members
 
   def q_rows(self, rows: int, d: int):
     if self.whole_group and self.group > 1:
@@ -84,7 +87,7 @@ class _Specs:
     return pl.BlockSpec((None, None, rows), lambda i, b, h: (b, self._q_head(i, h), 0))
 
   def q_terms(self, width: int):
-    return pl.BlockSpec((None, None, None, width), lambda i, b, h: (b, self._q_head(i, h), i // self.members, 0))
+    return pl.BlockSpec((None, None, None, width), lambda i, b, h: (b, self._q_head(i, h), self._tile(i), 0))
 
   @staticmethod
   def kv_rows(rows: int, d: int):

@@ -5,6 +5,8 @@ interpreter), forward and backward, on cases chosen so each lowering, group size
 head_dim is covered at least once. Seeds are fixed and printed in failure messages.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 import fibjax
 from fibjax.attention import valid_implementations
 from pallas_kernels import gathered_offset_attention
+from tests.compiled import assert_pallas_matches_xla
 from tests.oracle import interpolated_terms, masked_attention, pattern_mask
 
 N, WINDOW, OFFSETS, REACH = 40, 4, (5, 8, 13, 21), 30
@@ -198,3 +201,22 @@ def test_one_implementation_vocabulary():
     fibjax.dense_attention(q, q, q, implementation="pallas")
   with pytest.raises(ValueError, match="kind"):
     valid_implementations("banded")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("h_kv, head_dim, learned", [(2, 64, False), (2, 128, True), (8, 128, False), (1, 32, False)])
+def test_compiled_gpu_kernel_gqa_segments(h_kv, head_dim, learned):
+  """Compiled (Triton) kernels with groups, packed documents and each head_dim, against the XLA
+  path in float32, at a length where every offset is live."""
+  n, window, reach, seed = 8192, 64, 4096, 1000 + 10 * h_kv + head_dim
+  q, k, v = _qkv(seed, 1, n, 8, h_kv, head_dim, jnp.bfloat16)
+  w = jnp.asarray(np.random.default_rng(seed).standard_normal(q.shape), jnp.bfloat16)
+  lengths = np.append(np.random.default_rng(seed).integers(1, 3000, 8), n)  # packed documents of random lengths
+  seg = jnp.asarray(np.repeat(np.arange(lengths.size), lengths)[None, :n], jnp.int32)
+  offsets = jnp.asarray(fibjax.offset_set("fib", 1.0, window, reach), jnp.int32)
+  if learned:
+    offsets = jnp.asarray(fibjax.learned_terms("fib", 1.0, window, reach), jnp.float32) * 1.137
+
+  attend = functools.partial(fibjax.attention, window=window, offsets=offsets, reach=reach, segment_ids=seg)
+  assert_pallas_matches_xla(attend, q, k, v, w, seed)
