@@ -19,6 +19,8 @@ is empty and nothing is NaN.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -93,6 +95,7 @@ def _window_mask(n: int, window: int, seg_BxN: jax.Array | None) -> jax.Array:
   return mask & same
 
 
+@functools.partial(jax.jit, static_argnames=("window", "reach", "scale"))
 def sparse_attention_reference(
     q: jax.Array,
     k: jax.Array,
@@ -155,6 +158,7 @@ def dense_mask(n: int, segment_ids: jax.Array | None = None) -> jax.Array:
   return mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
 
 
+@functools.partial(jax.jit, static_argnames=("scale",))
 def dense_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
                               segment_ids: jax.Array | None = None) -> jax.Array:
   """Full causal attention, ``q [B, N, H_q, D]``, ``k, v [B, N, H_kv, D]`` -> ``[B, N, H_q, D]``
