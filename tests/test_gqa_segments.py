@@ -220,3 +220,20 @@ def test_compiled_gpu_kernel_gqa_segments(h_kv, head_dim, learned):
 
   attend = functools.partial(fibjax.attention, window=window, offsets=offsets, reach=reach, segment_ids=seg)
   assert_pallas_matches_xla(attend, q, k, v, w, seed)
+
+
+@pytest.mark.parametrize("h_kv, learned, segments", [(4, False, False), (2, True, True), (1, False, True)])
+def test_gpu_kernels_lower_to_triton_on_any_machine(monkeypatch, h_kv, learned, segments):
+  """Forward and backward lower through Pallas' Triton rules for a CUDA target on any machine (no GPU
+  needed): an op, index or block the Triton lowering does not support fails here, not on a GPU."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  q, kv = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16), jax.ShapeDtypeStruct((1, 256, h_kv, 64), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((1, 256), jnp.int32) if segments else None
+  offsets = jnp.asarray([64.5, 89.0, 144.2], jnp.float32) if learned else jnp.asarray([64, 89, 144], jnp.int32)
+
+  def loss(q, k, v, seg):
+    out = gathered_offset_attention(q, k, v, window=64, offsets=offsets, reach=200, segment_ids=seg, backend="gpu")
+    return jnp.sum(out.astype(jnp.float32))
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("triton") >= 3  # the forward, dQ and dK/dV kernels

@@ -6,7 +6,9 @@ as NaN (Pallas poisons uninitialised buffers), and every check requires finite v
 element a kernel fails to write fails the test; ``test_unwritten_rows_are_caught`` proves it.
 """
 
+import ast
 import functools
+import pathlib
 import zlib
 
 import jax
@@ -161,3 +163,13 @@ def test_compiled_gpu_kernel_large_n(n, learned):
 
   attend = functools.partial(fibjax.attention, window=64, offsets=offsets, reach=4096)
   assert_pallas_matches_xla(attend, q, k, v, w, seed)
+
+
+def test_kernels_import_nothing_above_them():
+  """``pallas_kernels`` is the bottom layer: none of its modules imports fibjax, train or configs."""
+  above = ("fibjax", "train", "configs", "benchmarks", "tests")
+  for path in sorted(pathlib.Path(tile_math.__file__).parent.glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+          [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      assert not [n for n in names if n.split(".")[0] in above], f"{path.name} imports {names}"
