@@ -2,7 +2,7 @@
 
     python -m benchmarks.flex_peer --n 4096 16384 65536 --shapes 8,8,64 8,2,64 --window 64 --offsets 64,89,144
 
-Prints the cumulative results as one JSON line after every shape (the last line has them all).
+Prints the cumulative results as one JSON line after every measurement (the last line has them all).
 Run in a process of its own (``benchmarks.attention`` starts it before JAX touches the GPU), with
 a compiled block mask (``create_block_mask(..., _compile=True)``) built from the same pattern:
 query ``i`` sees key ``j`` iff ``0 <= i - j < window`` or ``i - j`` is one of ``offsets``. Shapes
@@ -67,12 +67,14 @@ def main() -> None:
   _allow_recompiles()
   flex = torch.compile(flex_attention, dynamic=False)
   res = {"torch": torch.__version__, "offsets": offsets, "window": args.window, "sizes": {}}
-  for n in args.n:
-    mask = create_block_mask(_mask_mod(args.window, offsets), None, None, n, n, device="cuda", _compile=True)
-    for shape in args.shapes:
-      heads, kv_heads, head_dim = map(int, shape.split(","))
+  masks = {}
+  for shape in args.shapes:  # the first shape at every length before the next shape
+    heads, kv_heads, head_dim = map(int, shape.split(","))
+    for n in args.n:
+      if n not in masks:
+        masks[n] = create_block_mask(_mask_mod(args.window, offsets), None, None, n, n, device="cuda", _compile=True)
       try:
-        res["sizes"].setdefault(shape, {})[str(n)] = time_shape(flex, mask, n, heads, kv_heads, head_dim)
+        res["sizes"].setdefault(shape, {})[str(n)] = time_shape(flex, masks[n], n, heads, kv_heads, head_dim)
       except Exception as e:  # noqa: BLE001  (reported in the results, not hidden)
         res["sizes"].setdefault(shape, {})[str(n)] = {"error": str(e).splitlines()[0][:200]}
       torch.cuda.empty_cache()
