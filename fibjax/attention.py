@@ -40,11 +40,14 @@ def _as_offsets(offsets: Sequence[int] | Sequence[float] | jax.Array | np.ndarra
     raise ValueError(f"offsets must be 1-D [K], got shape {arr.shape}")
   if arr.size == 0:
     return jnp.zeros((0,), jnp.int32)
+  if not (jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)):
+    raise ValueError(f"offsets must be integers (static) or floats (fractional distances), got dtype {arr.dtype}")
+  if isinstance(arr, np.ndarray) and np.any(arr < 0):
+    raise ValueError(f"offsets must be distances >= 0 (to keys before the query), got {arr.tolist()}")
   if jnp.issubdtype(arr.dtype, jnp.integer):
     return jnp.asarray(arr, jnp.int32)
-  if jnp.issubdtype(arr.dtype, jnp.floating):
-    return jnp.asarray(arr, jnp.promote_types(jnp.float32, arr.dtype))
-  raise ValueError(f"offsets must be integers (static) or floats (fractional distances), got dtype {arr.dtype}")
+  # float64 only where x64 is on (Python floats arrive as float64)
+  return jnp.asarray(arr, jax.dtypes.canonicalize_dtype(jnp.promote_types(jnp.float32, arr.dtype)))
 
 
 def resolve_implementation(implementation: str, interpret: bool) -> str:

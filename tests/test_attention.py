@@ -124,6 +124,7 @@ def test_gradients_q_k_v_alpha_match_finite_differences():
         (dict(window=4, offsets=np.array(["a"])), "offsets"),
         (dict(window=4, offsets=[1.5, 9.0]), "reach"),
         (dict(window=4, offsets=(5,), reach=3), "reach"),
+        (dict(window=4, offsets=(5, -3)), "offsets"),
         (dict(window=4, implementation="cuda"), "implementation"),
     ],
 )
