@@ -61,6 +61,15 @@ def test_reference_gqa_segments_against_oracle(h_kv, learned):
   np.testing.assert_allclose(np.asarray(out), _oracle(q, k, v, offsets, seg), atol=1e-5, rtol=1e-5)
 
 
+def test_learned_equals_static_at_integer_distances_with_segments():
+  """At t = 0 a fractional term reads one row, so segment masking matches the static offset's."""
+  q, k, v = _qkv(23, 2, N, 4, 2, 8)
+  kw = dict(window=WINDOW, reach=REACH, segment_ids=jnp.asarray(_segments(N)), implementation="xla")
+  static = fibjax.attention(q, k, v, offsets=OFFSETS, **kw)
+  learned = fibjax.attention(q, k, v, offsets=np.array(OFFSETS, np.float32), **kw)
+  np.testing.assert_allclose(np.asarray(learned), np.asarray(static), atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_reference_head_dims_and_dtypes(head_dim, dtype):
