@@ -1,14 +1,18 @@
 """Attention benchmark: the fibjax Pallas kernel against its peers, one run, one GPU.
 
-    python benchmarks/attention.py [--n 4096 16384 65536] [--out benchmarks/results]
+    python -m benchmarks.attention [--n 4096 16384 65536] [--shapes mha_d64 gqa_d64 mha_d128 gqa_d128]
 
-Times forward and forward+backward (after warm-up, synchronised, median of many, random bf16
-data rotated over input sets) of: the kernel with static offsets and with learned (fractional)
-alpha; cuDNN dense causal attention; cuDNN local window only; the XLA reference; and, if torch
-is importable, FlexAttention with the same mask (in a subprocess). Measures copy bandwidth in
-the same run and reports each kernel's time against the memory floor of SPEC section 4 (bytes of
-Q and O once plus K and V once per offset and once for the window, over copy bandwidth), and
-every ratio. Writes ``attention_<device>.md`` and ``.json`` under ``--out``.
+Shapes (bf16, batch 1, 8 query heads): ``mha_d64`` (SPEC section 4), ``gqa_d64`` (2 key/value
+heads), ``mha_d128`` and ``gqa_d128`` (head_dim 128). At each shape and length it times forward
+and forward+backward (after warm-up, synchronised, median of many, random data rotated over
+input sets) of: the kernel with static offsets and with learned (fractional) alpha; cuDNN dense
+causal attention; cuDNN local window only; the XLA path (``mha_d64`` up to 16384 only); and
+FlexAttention with the same mask (``benchmarks.flex_peer``: compiled block mask, run in a process
+of its own before JAX takes the GPU). Measures copy bandwidth in the same run and reports each
+kernel's time against the memory floor of SPEC section 4 (bytes of Q and O once plus K and V
+once per offset and once for the window, over copy bandwidth), and the ratios of SPEC section 4
+and issue 17 (vs FlexAttention, vs cuDNN window-only and dense, learned vs static, GQA vs MHA).
+Writes ``attention_<device>.md`` and ``.json`` under ``--out`` after every measured shape.
 """
 
 from __future__ import annotations
@@ -23,16 +27,34 @@ import time
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import fibjax  # noqa: E402
-from benchmarks.timing import copy_bandwidth, time_fn  # noqa: E402
+import fibjax
+from benchmarks.timing import copy_bandwidth, time_fn
 
 B, H, D, W, R, ALPHA = 1, 8, 64, 64, 4096, 1.0
+SHAPES = {  # name: (query heads, key/value heads, head_dim)
+    "mha_d64": (H, H, D),
+    "gqa_d64": (H, 2, D),
+    "mha_d128": (H, H, 128),
+    "gqa_d128": (H, 2, 128),
+}
+XLA_MAX_N = 16384  # the XLA path is timed at mha_d64 up to this length (it is the slow reference)
+FLEX = "FlexAttention (torch)"
+FLEX_TIMEOUT_S = 240  # the run's time budget; FlexAttention compiles once per shape and length
 
 
-def make_inputs(n: int, sets: int, seed: int = 0):
-  keys = jax.random.split(jax.random.key(seed), sets)
-  return [tuple(jax.random.normal(kk, (3, B, n, H, D), jnp.bfloat16)) for kk in keys]
+def static_offsets() -> list[int]:
+  return [int(o) for o in fibjax.offset_set("fib", ALPHA, W, R)]
+
+
+def make_inputs(n: int, sets: int, kv_heads: int = H, head_dim: int = D, seed: int = 0):
+  """``sets`` random ``(q [B, n, H, d], k, v [B, n, kv_heads, d])`` bf16 triples."""
+  out = []
+  for key in jax.random.split(jax.random.key(seed), sets):
+    kq, kk, kv = jax.random.split(key, 3)
+    out.append((jax.random.normal(kq, (B, n, H, head_dim), jnp.bfloat16),
+                jax.random.normal(kk, (B, n, kv_heads, head_dim), jnp.bfloat16),
+                jax.random.normal(kv, (B, n, kv_heads, head_dim), jnp.bfloat16)))
+  return out
 
 
 def fwd_bwd(f):
@@ -44,85 +66,115 @@ def fwd_bwd(f):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def variants(n: int, block: int, num_warps: int):
-  static = jnp.asarray(fibjax.offset_set("fib", ALPHA, W, R), jnp.int32)
+def variants(block: int, num_warps: int, with_xla: bool):
+  static = jnp.asarray(static_offsets(), jnp.int32)
   terms = jnp.asarray(fibjax.learned_terms("fib", ALPHA, W, R), jnp.float32)
   # alpha slightly off an integer grid so every term really blends two rows
   learned = terms * jnp.float32(ALPHA + 1e-3)
   opts = dict(block=block, num_warps=num_warps)
-  return {
+  fs = {
       "fib static": lambda q, k, v: fibjax.attention(q, k, v, window=W, offsets=static, reach=R, implementation="pallas", **opts),
       "fib learned": lambda q, k, v: fibjax.attention(q, k, v, window=W, offsets=learned, reach=R, implementation="pallas", **opts),
       "cuDNN dense causal": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
       "cuDNN window only": lambda q, k, v: jax.nn.dot_product_attention(
           q, k, v, is_causal=True, local_window_size=(W - 1, 0), implementation="cudnn"),
-      "XLA reference": lambda q, k, v: fibjax.attention(q, k, v, window=W, offsets=static, reach=R, implementation="reference"),
-  }, int(static.shape[0])
+  }
+  if with_xla:
+    fs["XLA"] = lambda q, k, v: fibjax.attention(q, k, v, window=W, offsets=static, reach=R, implementation="xla")
+  return fs, int(static.shape[0])
 
 
-def check(n: int, block: int, num_warps: int) -> dict:
-  """Kernel vs the reference computed in float32 from the same bf16 inputs (fresh random data)."""
-  q, k, v = make_inputs(n, 1, seed=1234 + n)[0]
-  fs, _ = variants(n, block, num_warps)
+def check(n: int, kv_heads: int, head_dim: int, block: int, num_warps: int) -> dict:
+  """Kernel vs the XLA path computed in float32 from the same bf16 inputs (fresh random data)."""
+  q, k, v = make_inputs(n, 1, kv_heads, head_dim, seed=1234 + n)[0]
+  fs, _ = variants(block, num_warps, with_xla=False)
   ref = jax.jit(lambda q, k, v: fibjax.attention(*(x.astype(jnp.float32) for x in (q, k, v)), window=W,
-                                                 offsets=fibjax.offset_set("fib", ALPHA, W, R), reach=R,
-                                                 implementation="reference"))(q, k, v)
+                                                 offsets=static_offsets(), reach=R, implementation="xla"))(q, k, v)
   out = jax.jit(fs["fib static"])(q, k, v).astype(jnp.float32)
   rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-  return {"rel_err_vs_f32_reference": rel, "finite": bool(jnp.isfinite(out).all())}
+  return {"rel_err_vs_f32_xla": rel, "finite": bool(jnp.isfinite(out).all())}
 
 
-def floor_ms(n: int, num_offsets: int, bandwidth: float) -> dict:
-  tensor = B * n * H * D * 2  # bf16 bytes of one of q, k, v, o
-  fwd = 2 * tensor + 2 * tensor * (num_offsets + 1)
-  # backward: dQ pass reads q, do, K/V per term, writes dq; dK/dV pass reads k, v, q/do per term, writes dk, dv
-  bwd = 3 * tensor + 2 * tensor * (num_offsets + 1) + 4 * tensor + 2 * tensor * (num_offsets + 1)
+def floor_ms(n: int, num_offsets: int, bandwidth: float, kv_heads: int, head_dim: int) -> dict:
+  """Memory floor: query-side tensors (q, o, do, dq) once, key/value rows once per offset and
+  once for the window (the forward reads K and V; the dK/dV pass reads q and do per term)."""
+  tq, tkv = B * n * H * head_dim * 2, B * n * kv_heads * head_dim * 2  # bf16 bytes
+  reads = num_offsets + 1
+  fwd = 2 * tq + 2 * tkv * reads
+  bwd = 3 * tq + 2 * tkv * reads + 4 * tkv + 2 * tq * reads  # dQ pass, then dK/dV pass
   return {"fwd": 1e3 * fwd / bandwidth, "fwd_bwd": 1e3 * (fwd + bwd) / bandwidth, "fwd_bytes": fwd}
 
 
-def flex_peer(ns: list[int]) -> dict:
-  script = pathlib.Path(__file__).with_name("flex_peer.py")
+def flex_peer(ns: list[int], shapes: list[str]) -> dict:
+  """FlexAttention in a subprocess of its own, with this benchmark's window and offsets."""
+  dims = [",".join(map(str, SHAPES[s])) for s in shapes]
+  cmd = [sys.executable, "-m", "benchmarks.flex_peer", "--n", *map(str, ns), "--shapes", *dims, "--window", str(W),
+         "--offsets", ",".join(map(str, static_offsets()))]
   try:
-    res = subprocess.run([sys.executable, str(script), *map(str, ns)], capture_output=True, text=True, timeout=900)
-    return json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else {"error": res.stderr[-500:]}
-  except Exception as e:  # noqa: BLE001  (peer is optional: report why it is missing)
-    return {"error": repr(e)}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=FLEX_TIMEOUT_S,
+                         cwd=pathlib.Path(__file__).parents[1])
+    stdout, error = res.stdout, res.stderr[-500:] if res.returncode else None
+  except subprocess.TimeoutExpired as e:  # keep the shapes measured before the limit
+    stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    error = f"stopped after {FLEX_TIMEOUT_S} s"
+  lines = [line for line in stdout.splitlines() if line.startswith("{")]
+  if not lines:
+    return {"error": error or "no output"}
+  out = json.loads(lines[-1])
+  by_dims = out.pop("sizes")
+  out["sizes"] = {s: by_dims.get(d, {}) for s, d in zip(shapes, dims)}
+  if error:
+    out["partial"] = error
+  return out
+
+
+def measure(n: int, shape: str, args, bandwidth: float) -> dict:
+  _, kv_heads, head_dim = SHAPES[shape]
+  fs, num_offsets = variants(args.block, args.num_warps, with_xla=shape == "mha_d64" and n <= XLA_MAX_N)
+  sets = make_inputs(n, max(2, min(8, (256 << 20) // (B * n * (H + 2 * kv_heads) * head_dim * 2))), kv_heads, head_dim)
+  row = {"num_offsets": num_offsets, "floor_ms": floor_ms(n, num_offsets, bandwidth, kv_heads, head_dim),
+         "fwd_ms": {}, "fwd_bwd_ms": {}}
+  try:
+    row["check"] = check(n, kv_heads, head_dim, args.block, args.num_warps)
+  except Exception as e:  # noqa: BLE001  (a kernel that fails to build is reported with the timings)
+    row["check"] = {"error": str(e).splitlines()[0][:200]}
+  for name, f in fs.items():
+    for kind, fn in (("fwd_ms", jax.jit(f)), ("fwd_bwd_ms", fwd_bwd(f))):
+      try:
+        row[kind][name] = time_fn(fn, sets, reps=args.reps)
+      except Exception as e:  # noqa: BLE001  (OOM or unsupported: reported, not hidden)
+        row[kind][name] = None
+        row.setdefault("errors", {})[f"{name} {kind}"] = str(e).splitlines()[0][:200]
+    print(shape, n, name, {k: row[k].get(name) for k in ("fwd_ms", "fwd_bwd_ms")}, flush=True)
+  return row
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536])
+  parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
   parser.add_argument("--block", type=int, default=64)
   parser.add_argument("--num-warps", type=int, default=4)
-  parser.add_argument("--reps", type=int, default=30)
+  parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--no-flex", action="store_true")
   parser.add_argument("--rewrite", type=pathlib.Path, help="only re-render the markdown of this results JSON")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
   if args.rewrite:
     return write(json.loads(args.rewrite.read_text()), args.out)
+  flex = {} if args.no_flex else flex_peer(args.n, args.shapes)  # before JAX takes the GPU
   device = jax.devices()[0].device_kind
   bw = copy_bandwidth()
   print(f"{device}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
   results = {"device": device, "jax": jax.__version__, "copy_bandwidth_Bps": bw, "date": time.strftime("%Y-%m-%d"),
-             "config": dict(B=B, H=H, D=D, W=W, R=R, alpha=ALPHA, dtype="bfloat16", block=args.block,
-                            num_warps=args.num_warps), "sizes": {}}
-  for n in args.n:
-    fs, num_offsets = variants(n, args.block, args.num_warps)
-    sets = make_inputs(n, max(2, min(8, (256 << 20) // (3 * B * n * H * D * 2))))
-    row = {"num_offsets": num_offsets, "check": check(n, args.block, args.num_warps),
-           "floor_ms": floor_ms(n, num_offsets, bw), "fwd_ms": {}, "fwd_bwd_ms": {}}
-    for name, f in fs.items():
-      for kind, fn in (("fwd_ms", jax.jit(f)), ("fwd_bwd_ms", fwd_bwd(f))):
-        try:
-          row[kind][name] = time_fn(fn, sets, reps=args.reps)
-        except Exception as e:  # noqa: BLE001  (OOM or unsupported: reported, not hidden)
-          row[kind][name] = None
-          row.setdefault("errors", {})[f"{name} {kind}"] = str(e).splitlines()[0][:200]
-      print(n, name, {k: row[k].get(name) for k in ("fwd_ms", "fwd_bwd_ms")}, flush=True)
-    results["sizes"][str(n)] = row
-  if not args.no_flex:
-    results["flex"] = flex_peer(args.n)
+             "command": "python -m benchmarks.attention " + " ".join(sys.argv[1:]),
+             "config": dict(B=B, H=H, W=W, R=R, alpha=ALPHA, dtype="bfloat16", block=args.block,
+                            num_warps=args.num_warps, shapes={s: SHAPES[s] for s in args.shapes}),
+             "flex": flex, "runs": {}}
+  for shape in args.shapes:
+    for n in args.n:
+      results["runs"].setdefault(shape, {})[str(n)] = measure(n, shape, args, bw)
+      write(results, args.out, echo=False)
   write(results, args.out)
 
 
@@ -130,39 +182,79 @@ def _ratio(a, b):
   return f"{a / b:.2f}x" if a and b else "n/a"
 
 
-def write(results: dict, out: pathlib.Path) -> None:
+def _with_flex(results: dict, shape: str, n: str) -> tuple[dict, dict]:
+  row = results["runs"][shape][n]
+  flex = results.get("flex", {}).get("sizes", {}).get(shape, {}).get(n, {})
+  f, fb = dict(row["fwd_ms"]), dict(row["fwd_bwd_ms"])
+  if "fwd_ms" in flex:
+    f[FLEX], fb[FLEX] = flex["fwd_ms"], flex["fwd_bwd_ms"]
+  return f, fb
+
+
+def _size_table(results: dict, shape: str, n: str) -> list[str]:
+  row = results["runs"][shape][n]
+  f, fb = _with_flex(results, shape, n)
+  floor = row["floor_ms"]
+  err = row["check"].get("rel_err_vs_f32_xla")
+  lines = [f"### {shape}, N = {n} (K = {row['num_offsets']} offsets; kernel rel. error vs f32 XLA "
+           f"{f'{err:.2e}' if err is not None else row['check'].get('error')})", "",
+           "| implementation | fwd ms | fwd+bwd ms | fwd vs kernel | fwd+bwd vs kernel |", "|---|---|---|---|---|"]
+  for name in f:
+    a, b = f[name], fb.get(name)
+    lines.append(f"| {name} | {a and f'{a:.3f}'} | {b and f'{b:.3f}'} | {_ratio(a, f['fib static'])} | "
+                 f"{_ratio(b, fb['fib static'])} |")
+  lines += ["", f"Memory floor: fwd {floor['fwd']:.3f} ms (kernel at {_ratio(f['fib static'], floor['fwd'])}), "
+            f"fwd+bwd {floor['fwd_bwd']:.3f} ms (kernel at {_ratio(fb['fib static'], floor['fwd_bwd'])}).", ""]
+  flex = results.get("flex", {}).get("sizes", {}).get(shape, {}).get(n, {})
+  lines += [f"- {k}: {e}" for k, e in row.get("errors", {}).items()]
+  if "error" in flex:
+    lines.append(f"- FlexAttention: {flex['error']}")
+  return lines
+
+
+def _targets(results: dict) -> list[str]:
+  """The bars of SPEC section 4 and issue 17, one row per shape and length."""
+  lines = ["## Targets (ratios; fwd / fwd+bwd)", "",
+           "Flex/kernel: >= 5x at N >= 16384. Dense/kernel: >= 10x at 65536. Kernel/window-only fwd: <= 1.5x "
+           "at 65536. Learned/static: <= 1.5x. GQA/MHA (same head_dim): <= 1.0x.", "",
+           "| shape | N | flex / kernel | dense / kernel | kernel / window-only | learned / static | GQA / MHA |",
+           "|---|---|---|---|---|---|---|"]
+  for shape, sizes in results["runs"].items():
+    for n in sizes:
+      f, fb = _with_flex(results, shape, n)
+      k, kb = f["fib static"], fb["fib static"]
+      mha = shape.replace("gqa", "mha")
+      gqa = "n/a"
+      if shape.startswith("gqa") and n in results["runs"].get(mha, {}):
+        base = results["runs"][mha][n]
+        gqa = f"{_ratio(k, base['fwd_ms']['fib static'])} / {_ratio(kb, base['fwd_bwd_ms']['fib static'])}"
+      lines.append(f"| {shape} | {n} | {_ratio(f.get(FLEX), k)} / {_ratio(fb.get(FLEX), kb)} | "
+                   f"{_ratio(f.get('cuDNN dense causal'), k)} / {_ratio(fb.get('cuDNN dense causal'), kb)} | "
+                   f"{_ratio(k, f.get('cuDNN window only'))} / {_ratio(kb, fb.get('cuDNN window only'))} | "
+                   f"{_ratio(f.get('fib learned'), k)} / {_ratio(fb.get('fib learned'), kb)} | {gqa} |")
+  return lines + [""]
+
+
+def write(results: dict, out: pathlib.Path, echo: bool = True) -> None:
   out.mkdir(parents=True, exist_ok=True)
   tag = results["device"].replace(" ", "_")
   (out / f"attention_{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
   lines = [f"# Attention benchmark on {results['device']} ({results['date']}, jax {results['jax']})", "",
            f"Config: {results['config']}. Copy bandwidth {results['copy_bandwidth_Bps'] / 1e12:.2f} TB/s "
-           "(read + write). Times: median ms. Reproduce: `python benchmarks/attention.py`.", ""]
+           f"(read + write). Times: median ms. Command: `{results['command']}`.", ""]
   flex = results.get("flex", {})
-  for n, row in results["sizes"].items():
-    f, fb, floor = row["fwd_ms"], row["fwd_bwd_ms"], row["floor_ms"]
-    lines += [f"## N = {n} (K = {row['num_offsets']} offsets; kernel rel. error vs f32 reference "
-              f"{row['check']['rel_err_vs_f32_reference']:.2e})", "",
-              "| implementation | fwd ms | fwd+bwd ms | fwd vs kernel | fwd+bwd vs kernel |", "|---|---|---|---|---|"]
-    peers = dict(f)
-    if "fwd_ms" in flex.get("sizes", {}).get(str(n), {}):
-      peers["FlexAttention (torch)"] = flex["sizes"][str(n)].get("fwd_ms")
-      fb = dict(fb, **{"FlexAttention (torch)": flex["sizes"][str(n)].get("fwd_bwd_ms")})
-    for name in peers:
-      a, b = peers[name], fb.get(name)
-      lines.append(f"| {name} | {a and f'{a:.3f}'} | {b and f'{b:.3f}'} | {_ratio(a, f['fib static'])} | "
-                   f"{_ratio(b, fb['fib static'])} |")
-    lines += ["", f"Memory floor (fwd): {floor['fwd']:.3f} ms -> kernel at {_ratio(f['fib static'], floor['fwd'])} "
-              f"of the floor; fwd+bwd floor {floor['fwd_bwd']:.3f} ms -> "
-              f"{_ratio(fb['fib static'], floor['fwd_bwd'])}. Learned/static: fwd "
-              f"{_ratio(f['fib learned'], f['fib static'])}, fwd+bwd {_ratio(fb['fib learned'], fb['fib static'])}.", ""]
-    for k, e in row.get("errors", {}).items():
-      lines.append(f"- {k}: {e}")
-    if "error" in flex.get("sizes", {}).get(str(n), {}):
-      lines.append(f"- FlexAttention: {flex['sizes'][str(n)]['error']}")
   if "error" in flex:
     lines.append(f"FlexAttention peer not measured: {flex['error'][:300]}")
+  elif flex:
+    lines.append(f"FlexAttention: torch {flex.get('torch')}, compiled block mask, own process"
+                 + (f" ({flex['partial']})." if "partial" in flex else "."))
+  lines += [""] + _targets(results)
+  for shape, sizes in results["runs"].items():
+    for n in sizes:
+      lines += _size_table(results, shape, n)
   (out / f"attention_{tag}.md").write_text("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  if echo:
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

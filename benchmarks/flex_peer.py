@@ -1,56 +1,84 @@
-"""FlexAttention (torch) with the fibjax mask, timed on the same GPU; prints one JSON line.
+"""FlexAttention (torch) with the fibjax benchmark's own mask, timed on one GPU; prints one JSON line.
 
-    python benchmarks/flex_peer.py 4096 16384 65536
+    python -m benchmarks.flex_peer --n 4096 16384 65536 --shapes 8,8,64 8,2,64 --window 64 --offsets 64,89,144
+
+Prints the cumulative results as one JSON line after every measurement (the last line has them all).
+Run in a process of its own (``benchmarks.attention`` starts it before JAX touches the GPU), with
+a compiled block mask (``create_block_mask(..., _compile=True)``) built from the same pattern:
+query ``i`` sees key ``j`` iff ``0 <= i - j < window`` or ``i - j`` is one of ``offsets``. Shapes
+are ``heads,kv_heads,head_dim`` (grouped-query through ``enable_gqa``); bf16, batch 1.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
-import sys
 
 import torch
+import torch._dynamo
 import triton.testing
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-B, H, D, W, R = 1, 8, 64, 64, 4096
 
-
-def fib_offsets():
-  out, a, b = [], 1, 2
-  while a < R:
-    if W <= a < R:
-      out.append(a)
-    a, b = b, a + b
-  return out
-
-
-def main():
-  offsets = fib_offsets()
-  flex = torch.compile(flex_attention)
-
+def _mask_mod(window: int, offsets: list[int]):
   def mask_mod(b, h, q, kv):
     d = q - kv
-    hit = (d >= 0) & (d < W)
+    hit = (d >= 0) & (d < window)
     for o in offsets:
       hit = hit | (d == o)
     return hit
 
-  res = {"offsets": offsets, "sizes": {}}
-  for n in map(int, sys.argv[1:]):
-    try:
-      mask = create_block_mask(mask_mod, B, H, n, n, device="cuda")
-      q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-      fwd = triton.testing.do_bench(lambda: flex(q, k, v, block_mask=mask), warmup=50, rep=300, return_mode="median")
-      g = torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16)
+  return mask_mod
 
-      def fb():
-        out = flex(q, k, v, block_mask=mask)
-        torch.autograd.grad(out, (q, k, v), g)
 
-      fwd_bwd = triton.testing.do_bench(fb, warmup=50, rep=300, return_mode="median")
-      res["sizes"][str(n)] = {"fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd}
-    except Exception as e:  # noqa: BLE001
-      res["sizes"][str(n)] = {"error": str(e).splitlines()[0][:200]}
-    torch.cuda.empty_cache()
-  print(json.dumps(res))
+def _allow_recompiles(limit: int = 64) -> None:
+  """One compiled kernel per (shape, length): keep dynamo from falling back to eager mode."""
+  for name in ("cache_size_limit", "recompile_limit"):
+    if hasattr(torch._dynamo.config, name):  # noqa: SLF001  (the documented knob; its name changed across torch versions)
+      setattr(torch._dynamo.config, name, limit)  # noqa: SLF001
+
+
+def time_shape(flex, mask, n: int, heads: int, kv_heads: int, head_dim: int) -> dict:
+  """Median ms of forward and forward+backward at one shape."""
+  def rand(h):
+    return torch.randn(1, h, n, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+  q, k, v = rand(heads), rand(kv_heads), rand(kv_heads)
+  gqa = kv_heads != heads
+  fwd = triton.testing.do_bench(lambda: flex(q, k, v, block_mask=mask, enable_gqa=gqa), warmup=50, rep=300,
+                                return_mode="median")
+  g = torch.randn_like(q)
+
+  def fwd_bwd():
+    out = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    torch.autograd.grad(out, (q, k, v), g)
+
+  return {"fwd_ms": fwd, "fwd_bwd_ms": triton.testing.do_bench(fwd_bwd, warmup=50, rep=300, return_mode="median")}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--n", type=int, nargs="+", required=True)
+  parser.add_argument("--shapes", nargs="+", default=["8,8,64"], help="heads,kv_heads,head_dim")
+  parser.add_argument("--window", type=int, required=True)
+  parser.add_argument("--offsets", required=True, help="comma-separated static offsets")
+  args = parser.parse_args()
+  offsets = [int(o) for o in args.offsets.split(",") if o]
+  _allow_recompiles()
+  flex = torch.compile(flex_attention, dynamic=False)
+  res = {"torch": torch.__version__, "offsets": offsets, "window": args.window, "sizes": {}}
+  masks = {}
+  for shape in args.shapes:  # the first shape at every length before the next shape
+    heads, kv_heads, head_dim = map(int, shape.split(","))
+    for n in args.n:
+      if n not in masks:
+        masks[n] = create_block_mask(_mask_mod(args.window, offsets), None, None, n, n, device="cuda", _compile=True)
+      try:
+        res["sizes"].setdefault(shape, {})[str(n)] = time_shape(flex, masks[n], n, heads, kv_heads, head_dim)
+      except Exception as e:  # noqa: BLE001  (reported in the results, not hidden)
+        res["sizes"].setdefault(shape, {})[str(n)] = {"error": str(e).splitlines()[0][:200]}
+      torch.cuda.empty_cache()
+      print(json.dumps(res), flush=True)  # cumulative: a caller that stops us early keeps what was measured
 
 
 if __name__ == "__main__":

@@ -8,10 +8,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fibjax.reference import dense_attention_reference, sparse_attention_reference
+from fibjax.reference import dense_attention_reference, dense_mask, sparse_attention_reference
+from pallas_kernels.pattern import check_qkv, check_segment_ids
 
-Implementation = Literal["auto", "reference", "pallas"]
-IMPLEMENTATIONS: tuple[str, ...] = ("auto", "reference", "pallas")
+Implementation = Literal["auto", "xla", "pallas", "cudnn"]
+# One vocabulary for every op: "xla" is the pure jnp computation XLA compiles (the float
+# reference), "pallas" the gathered-offset kernels (sparse only), "cudnn" cuDNN's fused
+# attention through ``jax.nn.dot_product_attention`` (dense only). Interpret mode is a flag.
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas", "cudnn")
+_VALID = {"sparse": ("auto", "xla", "pallas"), "dense": ("auto", "xla", "cudnn")}
+
+
+def valid_implementations(kind: Literal["sparse", "dense"]) -> tuple[str, ...]:
+  """The implementations of the sparse (gathered-offset) or the dense attention op."""
+  if kind not in _VALID:
+    raise ValueError(f"kind must be one of {tuple(_VALID)}, got {kind!r}")
+  return _VALID[kind]
+
+
+def _check_implementation(kind: str, implementation: str) -> None:
+  if implementation not in _VALID[kind]:
+    raise ValueError(f"implementation={implementation!r} does not exist for {kind} attention; "
+                     f"valid: {_VALID[kind]}")
 
 
 def _as_offsets(offsets: Sequence[int] | Sequence[float] | jax.Array | np.ndarray | None) -> jax.Array:
@@ -22,26 +40,21 @@ def _as_offsets(offsets: Sequence[int] | Sequence[float] | jax.Array | np.ndarra
     raise ValueError(f"offsets must be 1-D [K], got shape {arr.shape}")
   if arr.size == 0:
     return jnp.zeros((0,), jnp.int32)
+  if not (jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)):
+    raise ValueError(f"offsets must be integers (static) or floats (fractional distances), got dtype {arr.dtype}")
+  if isinstance(arr, np.ndarray) and np.any(arr < 0):
+    raise ValueError(f"offsets must be distances >= 0 (to keys before the query), got {arr.tolist()}")
   if jnp.issubdtype(arr.dtype, jnp.integer):
     return jnp.asarray(arr, jnp.int32)
-  if jnp.issubdtype(arr.dtype, jnp.floating):
-    return jnp.asarray(arr, jnp.promote_types(jnp.float32, arr.dtype))
-  raise ValueError(f"offsets must be integers (static) or floats (fractional distances), got dtype {arr.dtype}")
-
-
-def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
-  if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-    raise ValueError(f"q, k, v must share the shape [batch, seq, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}")
-  if not all(jnp.issubdtype(x.dtype, jnp.floating) for x in (q, k, v)):
-    raise ValueError(f"q, k, v must be floating point, got {q.dtype}, {k.dtype}, {v.dtype}")
+  # float64 only where x64 is on (Python floats arrive as float64)
+  return jnp.asarray(arr, jax.dtypes.canonicalize_dtype(jnp.promote_types(jnp.float32, arr.dtype)))
 
 
 def resolve_implementation(implementation: str, interpret: bool) -> str:
-  """``auto`` -> ``pallas`` on GPU/TPU (or when ``interpret``), ``reference`` on CPU."""
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  """Sparse op: ``auto`` -> ``pallas`` on GPU/TPU (or when ``interpret``), ``xla`` on CPU."""
+  _check_implementation("sparse", implementation)
   if implementation == "auto":
-    return "pallas" if interpret or jax.default_backend() in ("gpu", "tpu") else "reference"
+    return "pallas" if interpret or jax.default_backend() in ("gpu", "tpu") else "xla"
   return implementation
 
 
@@ -54,6 +67,7 @@ def attention(
     offsets: Sequence[int] | Sequence[float] | jax.Array | None = None,
     reach: int | None = None,
     scale: float | None = None,
+    segment_ids: jax.Array | None = None,
     implementation: Implementation = "auto",
     interpret: bool = False,
     **kernel_options,
@@ -62,10 +76,15 @@ def attention(
 
   Query ``i`` attends to keys ``i - j`` for ``j`` in ``0..W-1`` (the dense local window) and
   ``j`` in ``offsets`` (each counted once; terms outside ``[W, R)`` masked), one softmax over
-  both, accumulated in float32. Keys before position 0 do not exist.
+  both, accumulated in float32. Keys before position 0 do not exist; with ``segment_ids``,
+  neither do keys of another segment (packed documents: each document attends within itself,
+  at the same relative distances; a query always sees itself).
 
   Args:
-    q, k, v: ``[batch, seq, heads, head_dim]``, float32 or bfloat16 (or float16/float64).
+    q: ``[batch, seq, heads, head_dim]``; k, v: ``[batch, seq, kv_heads, head_dim]`` with
+      ``heads`` a multiple of ``kv_heads`` (grouped-query attention: query head ``h`` reads
+      key/value head ``h // (heads // kv_heads)``; ``kv_heads = 1`` is multi-query). float32,
+      bfloat16 or float16 (float64 on the ``xla`` path).
     window: ``W >= 1``.
     offsets: ``[K]`` integers: static offsets, e.g. ``fibjax.offset_set(...)``; or floats:
       fractional distances ``alpha * s_k`` of a learned-alpha layer, read by linear
@@ -73,14 +92,19 @@ def attention(
       ``None`` or empty: window only. A runtime array: layers share one compiled kernel.
     reach: ``R``; terms at distance ``>= R`` are masked. Required for fractional offsets.
     scale: score scale, default ``head_dim ** -0.5``.
-    implementation: ``"auto"`` (Pallas on GPU/TPU, reference on CPU), ``"pallas"`` or
-      ``"reference"`` (pure jnp).
+    segment_ids: optional ``[batch, seq]`` int32 document ids; a query attends only to keys
+      with its own id (a fractional term only when both rows it blends are in the segment).
+    implementation: one of ``valid_implementations("sparse")``: ``"auto"`` (Pallas on
+      GPU/TPU or with ``interpret``, XLA on CPU), ``"pallas"`` or ``"xla"`` (pure jnp).
     interpret: run the Pallas kernel in interpret mode (CPU tests).
     **kernel_options: block sizes etc. for the Pallas kernel.
   Returns:
     ``[batch, seq, heads, head_dim]`` in ``q.dtype``.
+  Raises:
+    ValueError naming the argument for bad shapes, dtypes or values.
   """
   check_qkv(q, k, v)
+  check_segment_ids(segment_ids, q)
   if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
     raise ValueError(f"window must be an int >= 1, got {window!r}")
   offs = _as_offsets(offsets)
@@ -88,31 +112,44 @@ def attention(
     raise ValueError("reach is required with fractional (learned) offsets: terms leaving [window, reach) are masked")
   if reach is not None and (isinstance(reach, bool) or not isinstance(reach, (int, np.integer)) or reach <= window):
     raise ValueError(f"reach must be an int > window, got reach={reach!r}, window={window}")
-  impl = resolve_implementation(implementation, interpret)
-  if impl == "reference":
+  pattern = dict(window=int(window), offsets=offs, reach=reach, scale=scale, segment_ids=segment_ids)
+  if resolve_implementation(implementation, interpret) == "xla":
     if kernel_options:
       raise ValueError(f"kernel options {sorted(kernel_options)} apply to implementation='pallas' only")
-    return sparse_attention_reference(q, k, v, window=int(window), offsets=offs, reach=reach, scale=scale)
+    return sparse_attention_reference(q, k, v, **pattern)
   from pallas_kernels import gathered_offset_attention  # pylint: disable=import-outside-toplevel
 
-  return gathered_offset_attention(
-      q, k, v, window=int(window), offsets=offs, reach=reach, scale=scale, interpret=interpret, **kernel_options
-  )
+  return gathered_offset_attention(q, k, v, interpret=interpret, **pattern, **kernel_options)
 
 
 def dense_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None, implementation: str = "auto"
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float | None = None,
+    segment_ids: jax.Array | None = None,
+    implementation: Implementation = "auto",
+    interpret: bool = False,
 ) -> jax.Array:
-  """Full causal attention, ``[B, N, H, D] -> [B, N, H, D]`` in ``q.dtype``.
+  """Full causal attention, ``q [B, N, H_q, D]``, ``k, v [B, N, H_kv, D]`` -> ``[B, N, H_q, D]``
+  in ``q.dtype`` (grouped-query as in ``attention``); with ``segment_ids [B, N]`` int32, only
+  within a segment.
 
-  ``implementation``: ``"reference"`` (jnp, float32 softmax), ``"xla"`` / ``"cudnn"`` (passed to
-  ``jax.nn.dot_product_attention``), or ``"auto"`` (cuDNN on GPU, reference elsewhere).
+  ``implementation``: one of ``valid_implementations("dense")``: ``"xla"`` (jnp, float32
+  softmax), ``"cudnn"`` (``jax.nn.dot_product_attention``'s cuDNN kernel), or ``"auto"`` (cuDNN on
+  a GPU for bfloat16/float16 without ``interpret``, XLA elsewhere). ``interpret`` (a flag kept
+  for one call signature across ops) selects XLA under ``auto``; there is no dense Pallas kernel.
   """
   check_qkv(q, k, v)
+  check_segment_ids(segment_ids, q)
+  _check_implementation("dense", implementation)
   if implementation == "auto":
-    implementation = "cudnn" if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) else "reference"
-  if implementation == "reference":
-    return dense_attention_reference(q, k, v, scale=scale)
-  if implementation in ("xla", "cudnn"):
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
-  raise ValueError(f"implementation must be one of ('auto', 'reference', 'xla', 'cudnn'), got {implementation!r}")
+    use_cudnn = not interpret and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    implementation = "cudnn" if use_cudnn else "xla"
+  if implementation == "xla":
+    return dense_attention_reference(q, k, v, scale=scale, segment_ids=segment_ids)
+  if interpret:
+    raise ValueError("implementation='cudnn' has no interpret mode; use implementation='xla'")
+  mask = None if segment_ids is None else dense_mask(q.shape[1], segment_ids)
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, is_causal=True, implementation="cudnn")

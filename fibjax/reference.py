@@ -1,75 +1,101 @@
 """Pure-jnp reference of gathered-offset attention, and of dense causal attention.
 
-Layout everywhere: ``q, k, v: [B, N, H, D]`` (batch, sequence, heads, head dim). Scores and
-softmax run in float32 whatever the input dtype; the output has the dtype of ``q``.
+Layout everywhere: ``q: [B, N, H_q, D]``, ``k, v: [B, N, H_kv, D]`` (batch, sequence, heads,
+head dim; ``H_q`` a multiple of ``H_kv``: query head ``h`` reads key/value head
+``h // (H_q // H_kv)``). Scores and softmax run in float32 whatever the input dtype; the output
+has the dtype of ``q``.
 
 Pattern (SPEC section 1): query ``i`` sees key ``j <= i`` iff ``i - j < W`` (the window) or
 ``i - j`` is one of the layer's offsets. Integer offsets outside ``[W, R)`` (``R`` the reach,
 when given) and repeats are masked, so each key counts once. Fractional distances ``d``
 (learned alpha) read ``(1 - t) * k[i - floor(d)] + t * k[i - floor(d) - 1]``, ``t = d -
 floor(d)`` (the same for v); such a term is masked when ``d`` leaves ``[W, R)`` or when
-``i < d`` (it would reach before the sequence start). Masked scores are a large negative
-number, never -inf, and every query sees itself, so no row is empty and nothing is NaN.
+``i < d`` (it would reach before the sequence start). With ``segment_ids [B, N]`` a query sees
+only keys of its own segment; a fractional term is masked unless every row it reads with a
+nonzero weight is in the query's segment (the segment start plays the role of position 0).
+Masked scores are a large negative number, never -inf, and every query sees itself, so no row
+is empty and nothing is NaN.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-MASK_VALUE = -1e30
+from pallas_kernels.pattern import MASK_VALUE, check_qkv, normalize_offsets
 
-
-def normalize_offsets(offsets, window: int, reach: int | None):
-  """Validity of each offset term, and the offsets with invalid terms set to 0.
-
-  Args:
-    offsets: ``[K]`` int (static offsets) or float (fractional distances); a NumPy array is
-      normalised with NumPy (a compile-time constant, no device op), anything else with jnp.
-    window, reach: the layer's ``W`` and ``R`` (``reach=None``: no upper bound).
-  Returns:
-    ``(offsets, valid)``, both ``[K]``: a term is valid iff ``W <= o < R`` and (integer
-    offsets) no earlier term has the same value. Invalid terms become 0, which every
-    implementation also masks (``0 < W``), so shifted loads stay in bounds.
-  """
-  xp = np if isinstance(offsets, np.ndarray) else jnp
-  valid = offsets >= window
-  if reach is not None:
-    valid &= offsets < reach
-  if xp.issubdtype(offsets.dtype, xp.integer) and offsets.shape[0] > 1:
-    k = offsets.shape[0]
-    earlier = xp.tril(xp.ones((k, k), bool), -1)
-    valid &= ~xp.any((offsets[:, None] == offsets[None, :]) & earlier, axis=1)
-  return xp.where(valid, offsets, xp.zeros_like(offsets)), valid
+__all__ = ["MASK_VALUE", "dense_attention_reference", "normalize_offsets", "sparse_attention_reference"]
 
 
-def _window_chunks(x_BxNxHxD: jax.Array, window: int) -> jax.Array:
-  """``[B, C, 2W, H, D]``: for query chunk ``c`` (positions ``cW..cW+W-1``) keys ``cW-W..cW+W-1``."""
-  b, n, h, d = x_BxNxHxD.shape
+def _window_chunks(x_BxNx_: jax.Array, window: int) -> jax.Array:
+  """``[B, C, 2W, ...]``: for query chunk ``c`` (positions ``cW..cW+W-1``) rows ``cW-W..cW+W-1``."""
+  b, n = x_BxNx_.shape[:2]
   c = -(-n // window)
-  x = jnp.pad(x_BxNxHxD, ((0, 0), (window, c * window - n), (0, 0), (0, 0)))
-  x = x.reshape(b, c + 1, window, h, d)
+  x = jnp.pad(x_BxNx_, ((0, 0), (window, c * window - n)) + ((0, 0),) * (x_BxNx_.ndim - 2))
+  x = x.reshape(b, c + 1, window, *x_BxNx_.shape[2:])
   return jnp.concatenate([x[:, :-1], x[:, 1:]], axis=2)
 
 
-def _gather_rows(x_BxNxHxD: jax.Array, idx_NxK: jax.Array) -> jax.Array:
-  return jnp.take(x_BxNxHxD, jnp.clip(idx_NxK, 0, x_BxNxHxD.shape[1] - 1), axis=1)  # [B,N,K,H,D]
+def _query_chunks(x_BxNx_: jax.Array, window: int) -> jax.Array:
+  """``[B, C, W, ...]``: the rows split into chunks of ``W`` (the tail padded)."""
+  b, n = x_BxNx_.shape[:2]
+  c = -(-n // window)
+  x = jnp.pad(x_BxNx_, ((0, 0), (0, c * window - n)) + ((0, 0),) * (x_BxNx_.ndim - 2))
+  return x.reshape(b, c, window, *x_BxNx_.shape[2:])
 
 
-def _offset_rows(x: jax.Array, offsets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Rows ``x[i - o_k]`` (``[B, N, K, H, D]``) and the per-(i, k) existence mask ``i >= o_k``."""
-  pos = jnp.arange(x.shape[1])[:, None]
-  if jnp.issubdtype(offsets.dtype, jnp.integer):
-    return _gather_rows(x, pos - offsets[None, :]), pos >= offsets[None, :]
+def _gather_rows(x_BxNx_: jax.Array, idx_NxK: jax.Array) -> jax.Array:
+  """``x[:, idx]``, ``[B, N, K, ...]`` (indices clipped into ``[0, N)``; callers mask the rest)."""
+  return jnp.take(x_BxNx_, jnp.clip(idx_NxK, 0, x_BxNx_.shape[1] - 1), axis=1)
+
+
+def _split(offsets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Fractional distances -> (floor as int32, fraction); gradients flow through the fraction only."""
   lo = jnp.floor(jax.lax.stop_gradient(offsets)).astype(jnp.int32)
-  acc = jnp.promote_types(jnp.float32, x.dtype)
-  t = (offsets - lo).astype(acc)[None, None, :, None, None]
-  x_lo = _gather_rows(x, pos - lo[None, :]).astype(acc)
-  x_hi = _gather_rows(x, pos - lo[None, :] - 1).astype(acc)
+  return lo, offsets - lo
+
+
+def _offset_rows(x_BxNxHxD: jax.Array, offsets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Rows ``x[i - o_k]`` (``[B, N, K, H, D]``) and the per-(i, k) existence mask ``i >= o_k``."""
+  pos = jnp.arange(x_BxNxHxD.shape[1])[:, None]
+  if jnp.issubdtype(offsets.dtype, jnp.integer):
+    return _gather_rows(x_BxNxHxD, pos - offsets[None, :]), pos >= offsets[None, :]
+  lo, t = _split(offsets)
+  acc = jnp.promote_types(jnp.float32, x_BxNxHxD.dtype)
+  t = t.astype(acc)[None, None, :, None, None]
+  x_lo = _gather_rows(x_BxNxHxD, pos - lo[None, :]).astype(acc)
+  x_hi = _gather_rows(x_BxNxHxD, pos - lo[None, :] - 1).astype(acc)
   return x_lo + t * (x_hi - x_lo), pos >= offsets[None, :]
 
 
+def _offset_same_segment(seg_BxN: jax.Array, offsets: jax.Array) -> jax.Array:
+  """``[B, N, K]``: every row term ``k`` of query ``i`` reads with a nonzero weight is in ``i``'s
+  segment (``i - o`` for an integer offset; ``i - lo`` and, unless ``t = 0``, ``i - lo - 1``)."""
+  pos = jnp.arange(seg_BxN.shape[1])[:, None]
+  own = seg_BxN[:, :, None]
+  if jnp.issubdtype(offsets.dtype, jnp.integer):
+    return _gather_rows(seg_BxN, pos - offsets[None, :]) == own
+  lo, t = _split(jax.lax.stop_gradient(offsets))
+  near = _gather_rows(seg_BxN, pos - lo[None, :]) == own
+  far = _gather_rows(seg_BxN, pos - lo[None, :] - 1) == own
+  return near & (far | (t == 0)[None, None, :])
+
+
+def _window_mask(n: int, window: int, seg_BxN: jax.Array | None) -> jax.Array:
+  """``[B or 1, C, W, 2W]``: query ``cW + r`` sees key ``cW - W + c'`` (window, existence, segment)."""
+  c = -(-n // window)
+  dist = window + jnp.arange(window)[:, None] - jnp.arange(2 * window)[None, :]
+  key_pos = jnp.arange(c)[:, None] * window - window + jnp.arange(2 * window)[None, :]
+  mask = ((dist[None] >= 0) & (dist[None] < window) & (key_pos[:, None, :] >= 0))[None]
+  if seg_BxN is None:
+    return mask
+  same = _query_chunks(seg_BxN, window)[..., :, None] == _window_chunks(seg_BxN, window)[..., None, :]
+  return mask & same
+
+
+@functools.partial(jax.jit, static_argnames=("window", "reach", "scale"))
 def sparse_attention_reference(
     q: jax.Array,
     k: jax.Array,
@@ -79,52 +105,70 @@ def sparse_attention_reference(
     offsets: jax.Array,
     reach: int | None = None,
     scale: float | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
   """Gathered-offset attention in plain jnp (the ground truth for the kernels).
 
   Args:
-    q, k, v: ``[B, N, H, D]``, any float dtype.
+    q: ``[B, N, H_q, D]``; k, v: ``[B, N, H_kv, D]`` with ``H_q`` a multiple of ``H_kv``; any
+      float dtype.
     window: ``W >= 1``.
     offsets: ``[K]`` int32 static offsets or float fractional distances (K may be 0).
     reach: ``R``; offsets at or beyond it are masked (required meaning for fractional ones).
     scale: score scale, default ``D ** -0.5``.
+    segment_ids: optional ``[B, N]`` int32; a query sees only keys with its own id.
   Returns:
-    ``[B, N, H, D]`` in ``q.dtype``.
+    ``[B, N, H_q, D]`` in ``q.dtype``.
   """
-  b, n, h, d = q.shape
+  group = check_qkv(q, k, v)
+  b, n, h_q, d = q.shape
+  h = h_q // group
   scale = d**-0.5 if scale is None else scale
   offsets, valid = normalize_offsets(jnp.asarray(offsets), window, reach)
   c = -(-n // window)
   f32 = jnp.promote_types(jnp.float32, q.dtype)  # float32 accumulation (float64 inputs stay float64)
+  q_BxNxHxGxD = q.reshape(b, n, h, group, d)
 
-  q_chunks = jnp.pad(q, ((0, 0), (0, c * window - n), (0, 0), (0, 0))).reshape(b, c, window, h, d)
-  s_win = jnp.einsum("bcqhd,bckhd->bchqk", q_chunks, _window_chunks(k, window), preferred_element_type=f32)
-  dist = window + jnp.arange(window)[:, None] - jnp.arange(2 * window)[None, :]
-  key_pos = jnp.arange(c)[:, None] * window - window + jnp.arange(2 * window)[None, :]
-  win_mask = (dist[None] >= 0) & (dist[None] < window) & (key_pos[:, None, :] >= 0)  # [C, W, 2W]
-  s_win = jnp.where(win_mask[None, :, None], s_win * scale, MASK_VALUE)
-  s_win = s_win.transpose(0, 1, 3, 2, 4).reshape(b, c * window, h, 2 * window)[:, :n]
+  s_win = jnp.einsum("bcqhgd,bckhd->bchgqk", _query_chunks(q_BxNxHxGxD, window), _window_chunks(k, window),
+                     preferred_element_type=f32)
+  win_mask = _window_mask(n, window, segment_ids)[:, :, None, None]  # [B, C, 1, 1, W, 2W]
+  s_win = jnp.where(win_mask, s_win * scale, MASK_VALUE)
+  s_win = s_win.transpose(0, 1, 4, 2, 3, 5).reshape(b, c * window, h, group, 2 * window)[:, :n]
 
   k_off, exists = _offset_rows(k, offsets)
   v_off, _ = _offset_rows(v, offsets)
-  s_off = jnp.einsum("bnhd,bnkhd->bnhk", q.astype(f32), k_off.astype(f32))
-  off_mask = (exists & valid[None, :])[None, :, None, :]
-  s_off = jnp.where(off_mask, s_off * scale, MASK_VALUE)
+  s_off = jnp.einsum("bnhgd,bnkhd->bnhgk", q_BxNxHxGxD.astype(f32), k_off.astype(f32))
+  off_mask = (exists & valid[None, :])[None]  # [1 or B, N, K]
+  if segment_ids is not None:
+    off_mask = off_mask & _offset_same_segment(segment_ids, offsets)
+  s_off = jnp.where(off_mask[:, :, None, None, :], s_off * scale, MASK_VALUE)
 
   p = jax.nn.softmax(jnp.concatenate([s_win, s_off], axis=-1), axis=-1)
-  p_win, p_off = p[..., : 2 * window], p[..., 2 * window :]
-  p_win = jnp.pad(p_win, ((0, 0), (0, c * window - n), (0, 0), (0, 0))).reshape(b, c, window, h, 2 * window)
-  o_win = jnp.einsum("bcqhk,bckhd->bcqhd", p_win, _window_chunks(v, window).astype(f32)).reshape(b, c * window, h, d)
-  o_off = jnp.einsum("bnhk,bnkhd->bnhd", p_off, v_off.astype(f32))
-  return (o_win[:, :n] + o_off).astype(q.dtype)
+  p_win, p_off = _query_chunks(p[..., : 2 * window], window), p[..., 2 * window :]
+  o_win = jnp.einsum("bcqhgk,bckhd->bcqhgd", p_win, _window_chunks(v, window).astype(f32))
+  o_off = jnp.einsum("bnhgk,bnkhd->bnhgd", p_off, v_off.astype(f32))
+  return (o_win.reshape(b, c * window, h, group, d)[:, :n] + o_off).reshape(b, n, h_q, d).astype(q.dtype)
 
 
-def dense_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None) -> jax.Array:
-  """Full causal attention, ``[B, N, H, D] -> [B, N, H, D]``, softmax in float32."""
-  n, d = q.shape[1], q.shape[3]
+def dense_mask(n: int, segment_ids: jax.Array | None = None) -> jax.Array:
+  """``[B or 1, 1, N, N]`` bool: causal, and (with ``segment_ids [B, N]``) within one segment."""
+  mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
+  if segment_ids is None:
+    return mask
+  return mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def dense_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
+                              segment_ids: jax.Array | None = None) -> jax.Array:
+  """Full causal attention, ``q [B, N, H_q, D]``, ``k, v [B, N, H_kv, D]`` -> ``[B, N, H_q, D]``
+  in ``q.dtype``, softmax in float32; with ``segment_ids [B, N]`` only within a segment."""
+  group = check_qkv(q, k, v)
+  b, n, h_q, d = q.shape
   scale = d**-0.5 if scale is None else scale
   acc = jnp.promote_types(jnp.float32, q.dtype)
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc) * scale
-  s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, MASK_VALUE)
+  q_BxNxHxGxD = q.reshape(b, n, h_q // group, group, d)
+  s = jnp.einsum("bqhgd,bkhd->bhgqk", q_BxNxHxGxD, k, preferred_element_type=acc) * scale
+  s = jnp.where(dense_mask(n, segment_ids)[:, :, None], s, MASK_VALUE)
   p = jax.nn.softmax(s, axis=-1)
-  return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(acc)).astype(q.dtype)
+  return jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(acc)).reshape(b, n, h_q, d).astype(q.dtype)

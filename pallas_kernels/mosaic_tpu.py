@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,19 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import bodies
+
+
+@dataclasses.dataclass(frozen=True)
+class Slab:
+  """One program's view of an HBM array: batch row ``program_id(1)`` and head ``head`` (``None``
+  for the head-less segment ids ``[B, rows]``)."""
+
+  ref: Any
+  head: Any = None
+
+  @property
+  def dtype(self):
+    return self.ref.dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,22 +57,34 @@ class RowIO(bodies.RowIOBase):
 
     pl.run_scoped(body, pltpu.VMEM(value.shape, value.dtype))
 
-  def read(self, ref, start, size):
-    src = ref.at[pl.program_id(1), pl.ds(start + self.pad, size), pl.program_id(2), :]
-    return self._zero_outside(self._copy_in(src, (size, ref.shape[-1]), ref.dtype), start, size)
+  @staticmethod
+  def _head(slab: Slab, member):
+    return slab.head if member is None else slab.head + member
 
-  def read_vec(self, ref, start, size):
-    src = ref.at[pl.program_id(1), pl.program_id(2), pl.ds(start + self.pad, size)]
-    return self._zero_outside(self._copy_in(src, (size,), ref.dtype), start, size)
+  def _rows(self, slab: Slab, start, size, member=None):
+    return slab.ref.at[pl.program_id(1), pl.ds(start, size), self._head(slab, member), :]
 
-  def write(self, ref, start, size, value):
-    self._copy_out(value, ref.at[pl.program_id(1), pl.ds(start, size), pl.program_id(2), :])
+  def _vec(self, slab: Slab, start, size, member=None):
+    if slab.head is None:
+      return slab.ref.at[pl.program_id(1), pl.ds(start, size)]
+    return slab.ref.at[pl.program_id(1), self._head(slab, member), pl.ds(start, size)]
 
-  def write_vec(self, ref, start, size, value):
-    self._copy_out(value, ref.at[pl.program_id(1), pl.program_id(2), pl.ds(start, size)])
+  def read(self, slab, start, size, member=None):
+    src = self._rows(slab, start + self.pad, size, member)
+    return self._zero_outside(self._copy_in(src, (size, slab.ref.shape[-1]), slab.ref.dtype), start, size)
 
-  def write_terms(self, ref, value):
-    self._copy_out(value, ref.at[pl.program_id(1), pl.program_id(2), pl.program_id(0), :])
+  def read_vec(self, slab, start, size, member=None):
+    src = self._vec(slab, start + self.pad, size, member)
+    return self._zero_outside(self._copy_in(src, (size,), slab.ref.dtype), start, size)
+
+  def write(self, slab, start, size, value):
+    self._copy_out(value, self._rows(slab, start, size))
+
+  def write_vec(self, slab, start, size, value):
+    self._copy_out(value, self._vec(slab, start, size))
+
+  def write_terms(self, slab, value):
+    self._copy_out(value, slab.ref.at[pl.program_id(1), slab.head, self.tile_index(), :])
 
 
 class _Distances:
@@ -76,21 +102,27 @@ def _pads(st: bodies.Static) -> tuple[int, int]:
   return st.n + margin, st.n + margin
 
 
-def _call(body, st: bodies.Static, offsets, inputs, out_shape, interpret: bool, name: str):
-  """One pallas_call: offsets scalar-prefetched, everything else in HBM."""
+def _call(body, st: bodies.Static, offsets, inputs, sides: str, out_shape, members: int, interpret: bool, name: str):
+  """One pallas_call over the grid ``(tiles * members, batch, kv heads)``: offsets scalar-prefetched,
+  everything else in HBM. ``sides`` names each input then output: ``q`` (indexed by query head:
+  ``h * group + i % members``, the group's first head when ``members = 1``), ``k`` (by key/value
+  head ``h``) or ``s`` (segment ids, no head)."""
   offs = jax.lax.bitcast_convert_type(offsets, jnp.int32) if st.learned else offsets.astype(jnp.int32)
   width = max(offs.shape[0], 1)
   offs = jnp.pad(offs, (0, width - offs.shape[0]))
   front, _ = _pads(st)
-  io = RowIO(st.n, st.block, front, width)
+  io = RowIO(st.n, st.block, front, width, members=members)
+  run = bodies.call(body, io, st, len(inputs) - st.segments)
 
   def kernel(offs_ref, *refs):
-    body(io, _Distances(offs_ref) if st.learned else offs_ref, *refs, st=st)
+    i, h = pl.program_id(0), pl.program_id(2)
+    heads = {"q": h * st.group + (i % members if members > 1 else 0), "k": h, "s": None}
+    run(_Distances(offs_ref) if st.learned else offs_ref, *(Slab(r, heads[side]) for r, side in zip(refs, sides)))
 
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  grid = (pl.cdiv(st.n, st.block) * members, inputs[0].shape[0], inputs[1].shape[2])
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(pl.cdiv(st.n, st.block), inputs[0].shape[0], inputs[0].shape[2]),
-      in_specs=[any_spec] * len(inputs), out_specs=[any_spec] * len(out_shape),
+      num_scalar_prefetch=1, grid=grid, in_specs=[any_spec] * len(inputs), out_specs=[any_spec] * len(out_shape),
   )
   params = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise") if interpret else False
   return pl.pallas_call(
@@ -99,30 +131,43 @@ def _call(body, st: bodies.Static, offsets, inputs, out_shape, interpret: bool, 
   )(offs, *inputs)
 
 
+def _with_segments(inputs: list, sides: str, seg, front: int, back: int) -> tuple[list, str]:
+  if seg is None:
+    return inputs, sides
+  return inputs + [bodies.pad_rows(seg, front, back, 1)], sides + "s"
+
+
 @functools.partial(jax.jit, static_argnames=("st", "interpret"))
-def forward(q, k, v, offsets, *, st: bodies.Static, interpret: bool):
+def forward(q, k, v, seg, offsets, *, st: bodies.Static, interpret: bool):
+  """``(out [B, N, H_q, D], lse [B, H_q, N] float32)`` (shapes as in ``triton_gpu.forward``)."""
   bsz, n, h, d = q.shape
   front, back = _pads(st)
   rows = n + front + back
-  padded = [bodies.pad_rows(x, front, back, 1) for x in (q, k, v)]
+  inputs, sides = _with_segments([bodies.pad_rows(x, front, back, 1) for x in (q, k, v)], "qkk", seg, front, back)
   out_shape = [jax.ShapeDtypeStruct((bsz, rows, h, d), q.dtype), jax.ShapeDtypeStruct((bsz, h, rows), jnp.float32)]
-  out, lse = _call(bodies.forward, st, offsets, padded, out_shape, interpret, "fib_attention_fwd")
+  out, lse = _call(bodies.forward, st, offsets, inputs, sides + "qq", out_shape, st.group, interpret,
+                   "fib_attention_fwd")
   return out[:, :n], lse[:, :, :n]
 
 
 @functools.partial(jax.jit, static_argnames=("st", "interpret"))
-def backward(q, k, v, offsets, do, lse, out, *, st: bodies.Static, interpret: bool):
-  """``(dq, dk, dv, dd)``; the dQ kernel also writes ``delta = rowsum(out * do)`` for dK/dV."""
+def backward(q, k, v, seg, offsets, do, lse, out, *, st: bodies.Static, interpret: bool):
+  """``(dq, dk, dv, dd)``; the dQ kernel also writes ``delta = rowsum(out * do)`` for dK/dV, whose
+  programs each own one key tile of one key/value head and sum over the group's query heads."""
   bsz, n, h, d = q.shape
+  h_kv = k.shape[2]
   front, back = _pads(st)
   rows, tiles = n + front + back, pl.cdiv(n, st.block)
   mats = [bodies.pad_rows(x, front, back, 1) for x in (q, k, v, do)]
   lse = bodies.pad_rows(lse, front, back, 2)
   width = max(offsets.shape[0], 1)
-  mat = jax.ShapeDtypeStruct((bsz, rows, h, d), q.dtype)
-  dq, dd, delta = _call(bodies.backward_dq, st, offsets, mats + [lse, bodies.pad_rows(out, front, back, 1)],
-                        [mat, jax.ShapeDtypeStruct((bsz, h, tiles, width), jnp.float32),
-                         jax.ShapeDtypeStruct((bsz, h, rows), jnp.float32)], interpret, "fib_attention_dq")
+  inputs, sides = _with_segments(mats + [lse, bodies.pad_rows(out, front, back, 1)], "qkkqqq", seg, front, back)
+  dq, dd, delta = _call(bodies.backward_dq, st, offsets, inputs, sides + "qqq",
+                        [jax.ShapeDtypeStruct((bsz, rows, h, d), q.dtype),
+                         jax.ShapeDtypeStruct((bsz, h, tiles, width), jnp.float32),
+                         jax.ShapeDtypeStruct((bsz, h, rows), jnp.float32)], st.group, interpret, "fib_attention_dq")
   delta = bodies.pad_rows(delta[:, :, :n], front, back, 2)
-  dk, dv = _call(bodies.backward_dkdv, st, offsets, mats + [lse, delta], [mat, mat], interpret, "fib_attention_dkdv")
+  inputs, sides = _with_segments(mats + [lse, delta], "qkkqqq", seg, front, back)
+  kv = jax.ShapeDtypeStruct((bsz, rows, h_kv, d), k.dtype)
+  dk, dv = _call(bodies.backward_dkdv, st, offsets, inputs, sides + "kk", [kv, kv], 1, interpret, "fib_attention_dkdv")
   return dq[:, :n], dk[:, :n], dv[:, :n], dd[..., : offsets.shape[0]]

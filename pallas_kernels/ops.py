@@ -12,9 +12,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fibjax.reference import normalize_offsets
 from pallas_kernels import bodies
 from pallas_kernels.batch_shards import per_batch_shard
+from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offsets
 
 # Tuned on an H100 (benchmarks/tune_attention.py, results in benchmarks/results/): 64-row tiles
 # and 4 warps (2 stages) are fastest for the forward and the static backward, at long sequences
@@ -39,30 +39,44 @@ def _lowering(backend: str):
   raise ValueError(f"backend must be 'gpu' or 'tpu', got {backend!r}")
 
 
-def _forward(q, k, v, offsets, st: bodies.Static, backend: str, options: tuple):
+def _batched(*arrays):
+  """The batch-major arrays a kernel takes, leaving out absent (``None``) segment ids."""
+  return tuple(x for x in arrays if x is not None)
+
+
+def _forward(q, k, v, seg, offsets, st: bodies.Static, backend: str, options: tuple):
   """``(out, lse)``, each device on its own batch rows under a mesh."""
-  kernel = functools.partial(_lowering(backend).forward, st=st, **dict(options))
-  return per_batch_shard(kernel, (q, k, v), (offsets,))
+  lowering = _lowering(backend)
+
+  def kernel(q, k, v, *rest):
+    seg, offsets = rest if st.segments else (None, *rest)
+    return lowering.forward(q, k, v, seg, offsets, st=st, **dict(options))
+
+  return per_batch_shard(kernel, _batched(q, k, v, seg), (offsets,))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _attention(q, k, v, offsets, st: bodies.Static, st_bwd: bodies.Static, backend: str, options: tuple,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _attention(q, k, v, seg, offsets, st: bodies.Static, st_bwd: bodies.Static, backend: str, options: tuple,
                options_bwd: tuple):
-  return _forward(q, k, v, offsets, st, backend, options)[0]
+  return _forward(q, k, v, seg, offsets, st, backend, options)[0]
 
 
-def _fwd(q, k, v, offsets, st, st_bwd, backend, options, options_bwd):
-  out, lse = _forward(q, k, v, offsets, st, backend, options)
-  return out, (q, k, v, offsets, out, lse)
+def _fwd(q, k, v, seg, offsets, st, st_bwd, backend, options, options_bwd):
+  out, lse = _forward(q, k, v, seg, offsets, st, backend, options)
+  return out, (q, k, v, seg, offsets, out, lse)
 
 
 def _bwd(st, st_bwd, backend, options, options_bwd, res, do):
-  q, k, v, offsets, out, lse = res
-  kernel = lambda q, k, v, do, lse, out, offsets: _lowering(backend).backward(  # noqa: E731
-      q, k, v, offsets, do, lse, out, st=st_bwd, **dict(options_bwd))
-  dq, dk, dv, dd = per_batch_shard(kernel, (q, k, v, do, lse, out), (offsets,))
+  q, k, v, seg, offsets, out, lse = res
+  lowering = _lowering(backend)
+
+  def kernel(q, k, v, do, lse, out, *rest):
+    seg, offsets = rest if st.segments else (None, *rest)
+    return lowering.backward(q, k, v, seg, offsets, do, lse, out, st=st_bwd, **dict(options_bwd))
+
+  dq, dk, dv, dd = per_batch_shard(kernel, (q, k, v, do, lse, out) + _batched(seg), (offsets,))
   d_offsets = jnp.sum(dd, axis=(0, 1, 2)).astype(offsets.dtype) if st.learned else None
-  return dq, dk, dv, d_offsets
+  return dq, dk, dv, None, d_offsets
 
 
 _attention.defvjp(_fwd, _bwd)
@@ -83,13 +97,17 @@ def gathered_offset_attention(
     block_bwd: int | None = None,
     options_bwd: dict | None = None,
     term_mma: bool | None = None,
+    segment_ids: jax.Array | None = None,
     **options,
 ) -> jax.Array:
-  """Pallas gathered-offset attention, ``[B, N, H, D] -> [B, N, H, D]`` (same pattern and
-  masking as ``fibjax.reference.sparse_attention_reference``).
+  """Pallas gathered-offset attention, ``q [B, N, H_q, D]``, ``k, v [B, N, H_kv, D]`` ->
+  ``[B, N, H_q, D]`` (same pattern and masking as ``fibjax.reference.sparse_attention_reference``).
 
   Args:
+    q, k, v: ``H_q`` a multiple of ``H_kv``; query head ``h`` reads key/value head
+      ``h // (H_q // H_kv)``; no key/value row is repeated in memory.
     offsets: ``[K]`` int32 (static) or float32 (fractional, differentiable) runtime array.
+    segment_ids: optional ``[B, N]`` int32: keys of another segment are masked.
     backend: ``"gpu"`` or ``"tpu"`` lowering; default the default backend (``"gpu"`` on CPU,
       which needs ``interpret=True``).
     block: rows per forward tile (default 64 on GPU, 128 on TPU).
@@ -104,7 +122,9 @@ def gathered_offset_attention(
   backend = backend or ("tpu" if jax.default_backend() == "tpu" else "gpu")
   if not interpret and jax.default_backend() != backend:
     raise ValueError(f"the {backend} Pallas kernel needs a {backend.upper()} (default backend is "
-                     f"{jax.default_backend()}); pass interpret=True to run it on CPU, or implementation='reference'")
+                     f"{jax.default_backend()}); pass interpret=True to run it on CPU, or implementation='xla'")
+  group = check_qkv(q, k, v)
+  check_segment_ids(segment_ids, q)
   n, d = q.shape[1], q.shape[3]
   learned = bool(jnp.issubdtype(offsets.dtype, jnp.floating))
   block = block or DEFAULT_BLOCK[backend]
@@ -118,10 +138,11 @@ def gathered_offset_attention(
       n=n, window=window, num_offsets=int(offsets.shape[0]), learned=learned,
       scale=float(d**-0.5 if scale is None else scale), block=block,
       precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, term_mma=DEFAULT_TERM_MMA[backend] if term_mma is None else term_mma,
+      group=group, segments=segment_ids is not None,
   )
   if st.learned:
     offsets = offsets.astype(jnp.float32)
   st_bwd = dataclasses.replace(st, block=block_bwd)
   static = lambda opts: tuple(sorted(dict(opts, interpret=interpret).items()))  # noqa: E731
-  return _attention(q, k, v, offsets, st, st_bwd, backend, static(options),
+  return _attention(q, k, v, segment_ids, offsets, st, st_bwd, backend, static(options),
                     static(options if options_bwd is None else options_bwd))

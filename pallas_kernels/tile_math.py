@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-MASK_VALUE = -1e30
+from pallas_kernels.pattern import MASK_VALUE  # noqa: F401  (tile code's mask value, used by the decode kernels)
 
 
 def online_update(m, l, acc, s, v_contrib):

@@ -26,16 +26,24 @@ from pallas_kernels import bodies
 
 @dataclasses.dataclass(frozen=True)
 class RowIO(bodies.RowIOBase):
+  """Rows of a program's slab: ``[rows, D]`` (``[rows, G, D]`` for a group's query heads, picked
+  by ``member``) and ``[rows]`` (``[G, rows]``) vectors."""
+
   def _mask(self, start, size):
     rows = start + jnp.arange(size)
     return (rows >= 0) & (rows < self.n)
 
-  def read(self, ref, start, size):
+  def read(self, ref, start, size, member=None):
+    rows = pl.ds(start + self.pad, size)
     mask = jnp.broadcast_to(self._mask(start, size)[:, None], (size, ref.shape[-1]))
-    return plgpu.load(ref.at[pl.ds(start + self.pad, size), :], mask=mask, other=0.0)
+    view = ref.at[rows, :] if member is None else ref.at[rows, jnp.int32(member), :]
+    return plgpu.load(view, mask=mask, other=0.0)
 
-  def read_vec(self, ref, start, size):
-    return plgpu.load(ref.at[pl.ds(start + self.pad, size)], mask=self._mask(start, size), other=0.0)
+  def read_vec(self, ref, start, size, member=None):
+    rows = pl.ds(start + self.pad, size)
+    view = ref.at[rows] if member is None else ref.at[jnp.int32(member), rows]
+    zero = 0.0 if jnp.issubdtype(ref.dtype, jnp.floating) else 0  # int32 segment ids
+    return plgpu.load(view, mask=self._mask(start, size), other=zero)
 
   def write(self, ref, start, size, value):
     mask = jnp.broadcast_to(self._mask(start, size)[:, None], value.shape)
@@ -52,12 +60,46 @@ def _params(num_warps: int, num_stages: int):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _rows_spec(rows: int, d: int):
-  return pl.BlockSpec((None, rows, None, d), lambda i, b, h: (b, 0, h, 0))
+class _Specs:
+  """BlockSpecs of one grid ``(tiles * members, batch, kv heads)``. With ``whole_group`` (the dK/dV
+  grid, ``members = 1``) program ``(i, b, h)`` works on tile ``i`` and its query-side blocks hold
+  all ``group`` query heads of key/value head ``h`` (one squeezed head for ``group = 1``); otherwise (``members = group``) on tile
+  ``i // group`` and query head ``h * group + i % group``."""
 
+  def __init__(self, group: int, whole_group: bool):
+    self.group, self.whole_group = group, whole_group
+    self.members = 1 if whole_group else group
 
-def _vec_spec(rows: int):
-  return pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, 0))
+  def _q_head(self, i, h):
+    return h * self.group if self.members == 1 else h * self.group + i % self.members
+
+  def _tile(self, i):
+    return i if self.members == 1 else i // self.members
+
+  def q_rows(self, rows: int, d: int):
+    if self.whole_group and self.group > 1:
+      return pl.BlockSpec((None, rows, self.group, d), lambda i, b, h: (b, 0, h, 0))
+    return pl.BlockSpec((None, rows, None, d), lambda i, b, h: (b, 0, self._q_head(i, h), 0))
+
+  def q_vec(self, rows: int):
+    if self.whole_group and self.group > 1:
+      return pl.BlockSpec((None, self.group, rows), lambda i, b, h: (b, h, 0))
+    return pl.BlockSpec((None, None, rows), lambda i, b, h: (b, self._q_head(i, h), 0))
+
+  def q_terms(self, width: int):
+    return pl.BlockSpec((None, None, None, width), lambda i, b, h: (b, self._q_head(i, h), self._tile(i), 0))
+
+  @staticmethod
+  def kv_rows(rows: int, d: int):
+    return pl.BlockSpec((None, rows, None, d), lambda i, b, h: (b, 0, h, 0))
+
+  @staticmethod
+  def segments(rows: int):
+    return pl.BlockSpec((None, rows), lambda i, b, h: (b, 0))
+
+  @staticmethod
+  def offsets(width: int):
+    return pl.BlockSpec((width,), lambda i, b, h: (0,))
 
 
 def _offs(offsets):
@@ -69,60 +111,74 @@ def _pad_for(st: bodies.Static, interpret: bool) -> int:
   return st.n + (st.window_tiles + 2) * st.block if interpret else 0
 
 
+def _segment_inputs(seg, specs: _Specs, rows: int, pad: int):
+  """The optional segment ids input: ``([seg], [spec])`` or ``([], [])``."""
+  if seg is None:
+    return [], []
+  return [bodies.pad_rows(seg, pad, 0, 1)], [specs.segments(rows)]
+
+
 @functools.partial(jax.jit, static_argnames=("st", "interpret", "num_warps", "num_stages"))
-def forward(q, k, v, offsets, *, st: bodies.Static, interpret: bool, num_warps: int = 4, num_stages: int = 2):
-  """``(out [B, N, H, D], lse [B, H, N] float32)``."""
+def forward(q, k, v, seg, offsets, *, st: bodies.Static, interpret: bool, num_warps: int = 4, num_stages: int = 2):
+  """``(out [B, N, H_q, D], lse [B, H_q, N] float32)`` from ``q [B, N, H_q, D]``, ``k, v [B, N,
+  H_kv, D]`` and segment ids ``seg [B, N]`` int32 (or ``None``)."""
   bsz, n, h, d = q.shape
   pad = _pad_for(st, interpret)
   offs, width = _offs(offsets)
-  io = RowIO(n, st.block, pad, width)
+  specs = _Specs(st.group, whole_group=False)
+  io = RowIO(n, st.block, pad, width, members=specs.members)
   rows = n + pad
   q, k, v = (bodies.pad_rows(x, pad, 0, 1) for x in (q, k, v))
+  seg_in, seg_spec = _segment_inputs(seg, specs, rows, pad)
   return pl.pallas_call(
-      functools.partial(bodies.forward, io, st=st),
-      grid=(pl.cdiv(n, st.block), bsz, h),
-      in_specs=[pl.BlockSpec((width,), lambda i, b, h: (0,))] + [_rows_spec(rows, d)] * 3,
-      out_specs=[_rows_spec(n, d), _vec_spec(n)],
+      bodies.call(bodies.forward, io, st, 3),
+      grid=(pl.cdiv(n, st.block) * st.group, bsz, h // st.group),
+      in_specs=[specs.offsets(width), specs.q_rows(rows, d)] + [specs.kv_rows(rows, d)] * 2 + seg_spec,
+      out_specs=[specs.q_rows(n, d), specs.q_vec(n)],
       out_shape=[jax.ShapeDtypeStruct((bsz, n, h, d), q.dtype), jax.ShapeDtypeStruct((bsz, h, n), jnp.float32)],
       compiler_params=_params(num_warps, num_stages),
       interpret=interpret,
       name="fib_attention_fwd",
-  )(offs, q, k, v)
+  )(offs, q, k, v, *seg_in)
 
 
 @functools.partial(jax.jit, static_argnames=("st", "interpret", "num_warps", "num_stages"))
-def backward(q, k, v, offsets, do, lse, out, *, st: bodies.Static, interpret: bool, num_warps: int = 4,
+def backward(q, k, v, seg, offsets, do, lse, out, *, st: bodies.Static, interpret: bool, num_warps: int = 4,
              num_stages: int = 2):
-  """``(dq, dk, dv, dd)``; ``dd [B, H, tiles, K']`` holds per-tile partial d(loss)/d(distance).
-  The dQ kernel also writes ``delta = rowsum(out * do)`` for the dK/dV kernel."""
+  """``(dq, dk, dv, dd)``; ``dd [B, H_q, tiles, K']`` holds per-tile partial d(loss)/d(distance).
+  The dQ kernel also writes ``delta = rowsum(out * do)`` for the dK/dV kernel, whose programs
+  each own one key tile of one key/value head and sum over the group's query heads."""
   bsz, n, h, d = q.shape
+  h_kv = k.shape[2]
   pad = _pad_for(st, interpret)
   offs, width = _offs(offsets)
-  io = RowIO(n, st.block, pad, width)
   rows, tiles = n + pad, pl.cdiv(n, st.block)
   q, k, v, do, out = (bodies.pad_rows(x, pad, 0, 1) for x in (q, k, v, do, out))
   lse = bodies.pad_rows(lse, pad, 0, 2)
-  offs_spec = pl.BlockSpec((width,), lambda i, b, h: (0,))
+  specs = _Specs(st.group, whole_group=False)
+  seg_in, seg_spec = _segment_inputs(seg, specs, rows, pad)
   dq, dd, delta = pl.pallas_call(
-      functools.partial(bodies.backward_dq, io, st=st),
-      grid=(tiles, bsz, h),
-      in_specs=[offs_spec] + [_rows_spec(rows, d)] * 4 + [_vec_spec(rows), _rows_spec(rows, d)],
-      out_specs=[_rows_spec(n, d), pl.BlockSpec((None, None, None, width), lambda i, b, h: (b, h, i, 0)),
-                 _vec_spec(n)],
+      bodies.call(bodies.backward_dq, RowIO(n, st.block, pad, width, members=specs.members), st, 6),
+      grid=(tiles * st.group, bsz, h_kv),
+      in_specs=[specs.offsets(width), specs.q_rows(rows, d)] + [specs.kv_rows(rows, d)] * 2
+      + [specs.q_rows(rows, d), specs.q_vec(rows), specs.q_rows(rows, d)] + seg_spec,
+      out_specs=[specs.q_rows(n, d), specs.q_terms(width), specs.q_vec(n)],
       out_shape=[jax.ShapeDtypeStruct((bsz, n, h, d), q.dtype), jax.ShapeDtypeStruct((bsz, h, tiles, width), jnp.float32),
                  jax.ShapeDtypeStruct((bsz, h, n), jnp.float32)],
       compiler_params=_params(num_warps, num_stages),
       interpret=interpret,
       name="fib_attention_dq",
-  )(offs, q, k, v, do, lse, out)
+  )(offs, q, k, v, do, lse, out, *seg_in)
+  group_specs = _Specs(st.group, whole_group=True)
   dk, dv = pl.pallas_call(
-      functools.partial(bodies.backward_dkdv, io, st=st),
-      grid=(tiles, bsz, h),
-      in_specs=[offs_spec] + [_rows_spec(rows, d)] * 4 + [_vec_spec(rows)] * 2,
-      out_specs=[_rows_spec(n, d)] * 2,
-      out_shape=[jax.ShapeDtypeStruct((bsz, n, h, d), k.dtype), jax.ShapeDtypeStruct((bsz, n, h, d), v.dtype)],
+      bodies.call(bodies.backward_dkdv, RowIO(n, st.block, pad, width, members=group_specs.members), st, 6),
+      grid=(tiles, bsz, h_kv),
+      in_specs=[group_specs.offsets(width), group_specs.q_rows(rows, d)] + [group_specs.kv_rows(rows, d)] * 2
+      + [group_specs.q_rows(rows, d)] + [group_specs.q_vec(rows)] * 2 + seg_spec,
+      out_specs=[group_specs.kv_rows(n, d)] * 2,
+      out_shape=[jax.ShapeDtypeStruct((bsz, n, h_kv, d), k.dtype), jax.ShapeDtypeStruct((bsz, n, h_kv, d), v.dtype)],
       compiler_params=_params(num_warps, num_stages),
       interpret=interpret,
       name="fib_attention_dkdv",
-  )(offs, q, k, v, do, lse, bodies.pad_rows(delta, pad, 0, 2))
+  )(offs, q, k, v, do, lse, bodies.pad_rows(delta, pad, 0, 2), *seg_in)
   return dq, dk, dv, dd[..., : offsets.shape[0]]

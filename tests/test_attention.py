@@ -27,7 +27,7 @@ def test_reference_equals_float64_oracle(case):
   b, n, h, d, window, offsets, reach = case
   rng = np.random.default_rng(n * 7 + window)
   q, k, v = _qkv(rng, b, n, h, d)
-  out = fibjax.attention(q, k, v, window=window, offsets=offsets, reach=reach, implementation="reference")
+  out = fibjax.attention(q, k, v, window=window, offsets=offsets, reach=reach, implementation="xla")
   want = masked_attention(q, k, v, pattern_mask(n, window, offsets, reach))
   assert np.isfinite(np.asarray(out)).all()
   np.testing.assert_allclose(np.asarray(out), want, atol=2e-6, rtol=1e-5)
@@ -42,7 +42,7 @@ def test_reference_random_shapes_against_oracle():
     alpha = float(rng.uniform(0.3, 3.0))
     offsets = fibjax.offset_set("fib", alpha, window, reach)
     q, k, v = _qkv(rng, b, n, h, 8)
-    out = fibjax.attention(q, k, v, window=window, offsets=offsets, reach=reach, implementation="reference")
+    out = fibjax.attention(q, k, v, window=window, offsets=offsets, reach=reach, implementation="xla")
     np.testing.assert_allclose(np.asarray(out), masked_attention(q, k, v, pattern_mask(n, window, offsets, reach)),
                                atol=2e-6, rtol=1e-5)
 
@@ -53,7 +53,7 @@ def test_fractional_distances_against_oracle():
   window, reach = 6, 40
   dists = (5.5, 6.0, 9.25, 17.8, 39.9, 41.0)  # first and last two leave [W, R) partly
   out = fibjax.attention(q, k, v, window=window, offsets=np.array(dists, np.float32), reach=reach,
-                         implementation="reference")
+                         implementation="xla")
   want = masked_attention(q, k, v, pattern_mask(60, window, ()), interpolated_terms(k, v, dists, window, reach))
   np.testing.assert_allclose(np.asarray(out), want, atol=1e-5, rtol=1e-5)
 
@@ -64,16 +64,16 @@ def test_learned_equals_static_at_integer_distances():
   window, reach, alpha = 4, 45, 2.0
   terms = fibjax.learned_terms("fib", alpha, window, reach)
   static = fibjax.attention(q, k, v, window=window, offsets=fibjax.offset_set("fib", alpha, window, reach),
-                            reach=reach, implementation="reference")
+                            reach=reach, implementation="xla")
   learned = fibjax.attention(q, k, v, window=window, offsets=alpha * np.array(terms, np.float32), reach=reach,
-                             implementation="reference")
+                             implementation="xla")
   np.testing.assert_allclose(np.asarray(learned), np.asarray(static), atol=1e-6)
 
 
 def test_bfloat16_inputs_accumulate_in_float32():
   rng = np.random.default_rng(2)
   q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in _qkv(rng, 1, 64, 2, 16))
-  out = fibjax.attention(q, k, v, window=8, offsets=(8, 13, 21), implementation="reference")
+  out = fibjax.attention(q, k, v, window=8, offsets=(8, 13, 21), implementation="xla")
   assert out.dtype == jnp.bfloat16
   want = masked_attention(*(np.asarray(x, np.float32) for x in (q, k, v)), pattern_mask(64, 8, (8, 13, 21)))
   np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2)
@@ -82,7 +82,7 @@ def test_bfloat16_inputs_accumulate_in_float32():
 def test_dense_reference_matches_oracle():
   rng = np.random.default_rng(3)
   q, k, v = _qkv(rng, 2, 19, 2, 8)
-  out = fibjax.dense_attention(q, k, v, implementation="reference")
+  out = fibjax.dense_attention(q, k, v, implementation="xla")
   np.testing.assert_allclose(np.asarray(out), masked_attention(q, k, v, np.tril(np.ones((19, 19), bool))), atol=2e-6)
 
 
@@ -106,12 +106,12 @@ def test_gradients_q_k_v_alpha_match_finite_differences():
     terms = jnp.asarray([5.0, 8.0, 13.0, 21.0])
 
     def loss(q, k, v, alpha):
-      out = fibjax.attention(q, k, v, window=4, offsets=alpha * terms, reach=35, implementation="reference")
+      out = fibjax.attention(q, k, v, window=4, offsets=alpha * terms, reach=35, implementation="xla")
       return jnp.sum(out * w)
 
     _fd_check(loss, (q, k, v, jnp.asarray(1.37)), rng)
     static = lambda q, k, v: jnp.sum(
-        fibjax.attention(q, k, v, window=4, offsets=(5, 8, 13, 21), implementation="reference") * w)
+        fibjax.attention(q, k, v, window=4, offsets=(5, 8, 13, 21), implementation="xla") * w)
     _fd_check(static, (q, k, v), rng)
     assert float(jax.grad(loss, argnums=3)(q, k, v, jnp.asarray(1.37))) != 0.0
 
@@ -124,6 +124,7 @@ def test_gradients_q_k_v_alpha_match_finite_differences():
         (dict(window=4, offsets=np.array(["a"])), "offsets"),
         (dict(window=4, offsets=[1.5, 9.0]), "reach"),
         (dict(window=4, offsets=(5,), reach=3), "reach"),
+        (dict(window=4, offsets=(5, -3)), "offsets"),
         (dict(window=4, implementation="cuda"), "implementation"),
     ],
 )
