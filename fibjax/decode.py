@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fibjax.reference import MASK_VALUE, normalize_offsets
+from pallas_kernels.pattern import MASK_VALUE, normalize_offsets
 
 
 def cache_length(kind: str, reach: int, max_len: int) -> int:

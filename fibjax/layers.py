@@ -21,8 +21,8 @@ import numpy as np
 from flax import nnx
 
 from fibjax import decode as dec
-from fibjax.attention import attention, dense_attention
-from fibjax.reference import normalize_offsets
+from fibjax.attention import attention, dense_attention, valid_implementations
+from pallas_kernels.pattern import normalize_offsets
 
 if TYPE_CHECKING:
   from pallas_kernels.decode_block import DenseAttend, SparsePattern
@@ -31,9 +31,6 @@ PatternKind = Literal["dense", "static", "learned"]
 
 BATCH_AXES: tuple[str, ...] = ("data", "fsdp")  # the mesh axes that split the batch (data parallel, FSDP)
 KERNEL_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas")  # decode_impl, norm_impl
-SPARSE_ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas")
-DENSE_ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn")
-_ATTENTION_CALL_NAMES = {"auto": "auto", "xla": "reference", "pallas": "pallas", "cudnn": "cudnn"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +157,10 @@ class Attention(nnx.Module):
     return split_rope(qkv, positions_BxN, self.rope_base)
 
   def _attend(self, q, k, v) -> jax.Array:
-    implementation = attention_call_name(self.implementation)
     if self.pattern.kind == "dense":
-      return dense_attention(q, k, v, implementation=implementation)
+      return dense_attention(q, k, v, implementation=self.implementation, interpret=self.interpret)
     return attention(q, k, v, window=self.pattern.window, offsets=self.offsets(), reach=self.pattern.reach,
-                     implementation=implementation, interpret=self.interpret)
+                     implementation=self.implementation, interpret=self.interpret)
 
   def _project_out(self, o_BxNxHxD: jax.Array) -> jax.Array:
     b, n = o_BxNxHxD.shape[:2]
@@ -319,12 +315,7 @@ class Block(nnx.Module):
 
 def attention_impls(kind: PatternKind) -> tuple[str, ...]:
   """The implementations of attention a layer of pattern ``kind`` has."""
-  return DENSE_ATTENTION_IMPLS if kind == "dense" else SPARSE_ATTENTION_IMPLS
-
-
-def attention_call_name(impl: str) -> str:
-  """The name ``fibjax.attention`` and ``fibjax.dense_attention`` take for ``impl``."""
-  return _ATTENTION_CALL_NAMES[impl]
+  return valid_implementations("dense" if kind == "dense" else "sparse")
 
 
 def check_impl(name: str, impl: str, valid: tuple[str, ...], where: str = "") -> str:
