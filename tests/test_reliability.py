@@ -204,6 +204,10 @@ def test_prepared_corpus_matches_in_memory_tokens_and_trains(tmp_path):
     want = [data.tokenize(d, data.ByteTokenizer()) for d in data.split_documents(data.load_documents(tmp_path / name))]
     np.testing.assert_array_equal(train_tokens, want[0])
     np.testing.assert_array_equal(heldout_tokens, want[1])
+  (tmp_path / "empty.txt").write_text("")
+  with pytest.raises(ValueError, match="is empty"):
+    prepare.prepare(tmp_path / "empty.txt", tmp_path / "prep-empty")
+  assert not (tmp_path / "prep-empty").exists() and not (tmp_path / "prep-empty.partial").exists()
   cli = [sys.executable, "-m", "train.prepare", "--data", str(tmp_path / "docs.jsonl"), "--out"]
   again = subprocess.run([*cli, str(tmp_path / "prep-docs.jsonl")], cwd=ROOT, capture_output=True, text=True)
   assert "already exists" in _error_line(again)
