@@ -1,7 +1,7 @@
 """Decode benchmark: per-token latency and KV-cache memory against context length, fib-linear
 against dense, paper recipe (bf16 weights and compute), batch 1 and 32.
 
-    python benchmarks/decode.py [--contexts 1024 4096 16384 65536] [--batches 1 32] [--impls pallas xla]
+    python -m benchmarks.decode [--contexts 1024 4096 16384 65536] [--batches 1 32] [--impls pallas xla]
 
 For each context L the cache holds L earlier positions of random keys/values (dense: a cache of
 L + 32 positions, as a growing cache would be then; sparse: its fixed R + 1 ring) and the jitted
@@ -19,17 +19,15 @@ import json
 import re
 import pathlib
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import fibjax  # noqa: E402
-from benchmarks.timing import describe_kernels, hlo_instructions, kernel_times, time_fn  # noqa: E402
-from fibjax.generate import compiled_steps  # noqa: E402
+import fibjax
+from benchmarks.timing import describe_kernels, hlo_instructions, kernel_times, time_fn
+from fibjax.generate import compiled_steps
 
 
 LAUNCHING = ("fusion", "custom-call", "gather", "scatter", "dynamic-update-slice", "copy", "dot", "reduce", "sort")
@@ -162,7 +160,7 @@ def main() -> None:
           path.with_suffix(".json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
   lines = [f"# Decode benchmark, paper recipe (bf16), {device} ({time.strftime('%Y-%m-%d')}, jax {jax.__version__})", "",
            "Per-token latency of the jitted decode step and KV-cache memory at each context length, both "
-           "variants on the same decode path. Reproduce: `python benchmarks/decode.py`."]
+           "variants on the same decode path. Reproduce: `python -m benchmarks.decode`."]
   for impl in args.impls:
     lines += ["", f"## decode_impl = {impl}", ""] + _table(rows, impl, args.batches, args.contexts)
   lines += ["", "## Each variant on its faster path (the fair ratio)", "",

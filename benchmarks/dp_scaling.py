@@ -1,7 +1,7 @@
 """Data-parallel check: the same run on 1 GPU and on all GPUs at the same global batch.
 
-    python benchmarks/dp_scaling.py [--config small] [--steps 200] [--set KEY=VALUE ...] [--out DIR]
-    python benchmarks/dp_scaling.py --collectives [--config small] [--set ...]
+    python -m benchmarks.dp_scaling [--config small] [--steps 200] [--set KEY=VALUE ...] [--out DIR]
+    python -m benchmarks.dp_scaling --collectives [--config small] [--set ...]
 
 Runs ``python -m train`` twice (``CUDA_VISIBLE_DEVICES`` = first GPU, then all), compares the
 loss curves step by step and the throughput. Writes ``dp_scaling_<n>gpu_<config>[_<overrides>].json``
@@ -42,7 +42,6 @@ DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s8"
 
 def collectives(args) -> dict:
   """Collective operations (count, result bytes) in the compiled train step on every device."""
-  sys.path.insert(0, str(ROOT))
   import jax  # noqa: PLC0415  (the runs above must not start a backend in this process)
   import numpy as np  # noqa: PLC0415
 
@@ -81,7 +80,7 @@ def gpu_names() -> str:
 
 
 def reproduce(args) -> str:
-  cmd = f"python benchmarks/dp_scaling.py --config {args.config} --steps {args.steps}"
+  cmd = f"python -m benchmarks.dp_scaling --config {args.config} --steps {args.steps}"
   cmd += f" --gpus {args.gpus}" if args.gpus != "0,1" else ""
   return cmd + (f" --set {' '.join(args.set)}" if args.set else "") + (" --control" if args.control else "")
 

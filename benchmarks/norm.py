@@ -4,7 +4,7 @@ forward and forward+backward, and the backward's launch options; GB/s against th
 measured in the same run. Each call normalises ``--layers`` independent inputs (as a model's
 blocks do), so that the time is the kernels', not the dispatch's.
 
-    python benchmarks/norm.py [--rows 32768] [--out DIR]
+    python -m benchmarks.norm [--rows 32768] [--out DIR]
 
 Writes ``norm_<device>.json``.
 """
@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks.timing import copy_bandwidth, time_fn  # noqa: E402
-from pallas_kernels import norm_gpu  # noqa: E402
+from benchmarks.timing import copy_bandwidth, time_fn
+from pallas_kernels import norm_gpu
 
 
 def main() -> None:
@@ -69,7 +67,7 @@ def main() -> None:
   result = {"device": device, "shape": shape, "layers": args.layers, "copy_GBps": copy / 1e9, "rows": rows,
             "note": "per layer: fwd reads x and writes y (67 MB at the default shape); the backward reads x, dy and "
                     "the residual gradient and writes dx (134 MB); XLA's backward includes the same residual add",
-            "command": "python benchmarks/norm.py"}
+            "command": "python -m benchmarks.norm"}
   (args.out / f"norm_{device.replace(' ', '_')}.json").write_text(json.dumps(result, indent=2) + "\n")
   print(json.dumps({"copy_GBps": copy / 1e9}))
 

@@ -1,7 +1,7 @@
 """Training throughput: tokens/s and MFU of the ``paper`` recipe, dense vs fib-linear, at T = 1024
 and T = 8192, with the real jit-sharded train step of ``train/`` on random tokens.
 
-    python benchmarks/train_throughput.py [--tokens-per-step 32768] [--out DIR]
+    python -m benchmarks.train_throughput [--tokens-per-step 32768] [--out DIR]
 
 Uses the trainer's default XLA flags (``train/xla_flags.py``). MFU counts ``6 * params + attention`` FLOPs per token (``train/metrics.py``) against the
 device's dense bf16 peak. Writes ``train_throughput_<device>.json`` and ``.md``.
@@ -14,20 +14,18 @@ import dataclasses
 import json
 import pathlib
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import configs  # noqa: E402
-from fibjax.model import count_params  # noqa: E402
-from benchmarks.timing import copies, describe_kernels, kernel_times  # noqa: E402
-from train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
-from train.step import make_optimizer  # noqa: E402
-from train.trainer import compile_train_step, init_state, make_mesh  # noqa: E402
+import configs
+from fibjax.model import count_params
+from benchmarks.timing import copies, describe_kernels, kernel_times
+from train.metrics import flops_per_token, peak_flops_per_device
+from train.step import make_optimizer
+from train.trainer import compile_train_step, init_state, make_mesh
 
 
 def _setup(variant: str, seq_len: int, tokens_per_step: int):
@@ -150,7 +148,7 @@ def main() -> None:
            f"bf16 compute, fp32 master weights, {args.tokens_per_step} tokens per step, median of {args.steps} steps. "
            "Step ms: steps run as the trainer runs them (the next step dispatched before the last loss is read); "
            "synced: each step waited for alone (adds the host's dispatch time). "
-           "Reproduce: `python benchmarks/train_throughput.py`.", "",
+           "Reproduce: `python -m benchmarks.train_throughput`.", "",
            "| T | variant | batch | step ms | synced step ms | tokens/s | MFU | speed vs dense |",
            "|---|---|---|---|---|---|---|---|"]
   for r in rows:

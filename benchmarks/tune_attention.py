@@ -1,7 +1,7 @@
 """Launch-parameter sweep of the GPU attention kernel with static offsets: forward tiles, then
 backward tiles (with the default forward), at one training shape.
 
-    python benchmarks/tune_attention.py [--n 1024] [--batch 32] [--heads 8] [--reach N]
+    python -m benchmarks.tune_attention [--n 1024] [--batch 32] [--heads 8] [--reach N]
 
 Forward configurations (offset terms on tensor cores or not, rows per tile, warps, pipeline
 stages) are timed alone, backward ones as forward + backward (median ms, random bf16 data
@@ -16,15 +16,13 @@ import argparse
 import itertools
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import fibjax  # noqa: E402
-from benchmarks.attention import D, W, fwd_bwd  # noqa: E402
-from benchmarks.timing import time_fn  # noqa: E402
+import fibjax
+from benchmarks.attention import D, W, fwd_bwd
+from benchmarks.timing import time_fn
 
 
 def _timed(fn, sets) -> float | str:

@@ -1,7 +1,7 @@
-"""Sweep of the three fused decode kernels (``pallas_kernels/decode_gpu.py``) against XLA doing the
+"""Sweep of the three fused decode kernels (``pallas_kernels/decode_block.py``) against XLA doing the
 same math, at the paper recipe's shapes (bf16, d_model 512, 8 heads of 64, mlp 1664, R = 4096).
 
-    python benchmarks/tune_decode.py [--batches 1 32] [--out DIR]
+    python -m benchmarks.tune_decode [--batches 1 32] [--out DIR]
 
 Kernel time comes from a profiler trace (``benchmarks.timing.kernel_times``: execution only,
 launch gaps excluded); the XLA peer's time is the sum of all its kernels, with their count.
@@ -15,18 +15,17 @@ import argparse
 import itertools
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import fibjax  # noqa: E402
-from benchmarks.timing import copy_bandwidth, kernel_times  # noqa: E402
-from fibjax import decode as dec  # noqa: E402
-from fibjax.layers import rope, rope_angles  # noqa: E402
-from fibjax.reference import normalize_offsets  # noqa: E402
-from pallas_kernels import decode_gpu  # noqa: E402
+import fibjax
+from benchmarks.timing import copy_bandwidth, kernel_times
+from fibjax import decode as dec
+from fibjax.layers import rope, rope_angles
+from fibjax.reference import normalize_offsets
+from pallas_kernels.decode_attention import sparse_attention
+from pallas_kernels.decode_projections import Rope, project
 
 D, H, HD, M, R = 512, 8, 64, 1664, 4096
 BF = jnp.bfloat16
@@ -77,11 +76,11 @@ def shapes(b: int):
 
   return {
       "qkv (norm, rope, copy)": (
-          lambda x, w, _, **c: decode_gpu.project(x, w, norm_scale=scale, rope=(jnp.cos(angle), jnp.sin(angle), HD,
-                                                                                  2 * D), copy_input=True, **c),
+          lambda x, w, _, **c: project(x, w, norm_scale=scale, rope=Rope(jnp.cos(angle), jnp.sin(angle), HD, 2 * D),
+                                       copy_input=True, **c),
           xla_qkv, [(rnd(b, D).astype(jnp.float32), w, None) for w in copies(D, 3 * D)]),
       "mlp (norm, swiglu, down)": (
-          lambda x, w, down, **c: decode_gpu.project(x, w, norm_scale=scale, swiglu=True, down=down, into=x, **c),
+          lambda x, w, down, **c: project(x, w, norm_scale=scale, swiglu=True, down=down, into=x, **c),
           xla_mlp, [(rnd(b, D).astype(jnp.float32), w, down) for w, down in zip(copies(D, 2 * M), copies(M, D))]),
   }
 
@@ -110,7 +109,7 @@ def attention_rows(b: int) -> list[dict]:
     return kernel_times(run, len(wos))
 
   for splits, warps in itertools.product((1, 2, 4, 8), (2, 4, 8)):
-    t = timed(lambda q, c, r, wo, w=warps, s=splits: decode_gpu.sparse_attention(
+    t = timed(lambda q, c, r, wo, w=warps, s=splits: sparse_attention(
         q, c, offs, pos, window=64, scale=0.125, out_weight=wo, residuals=r, out_splits=s, num_warps=w))
     rows.append({"shape": "attention + out", "batch": b, "out_splits": splits, "num_warps": warps,
                  "kernel_ms": sum(t.values()), "kernels": sorted(t)})

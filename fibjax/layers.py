@@ -1,14 +1,19 @@
 """Flax NNX layers: RoPE, the attention layer with its pattern, the MLP and the pre-norm block.
 
 Parameters carry sharding annotations over the mesh axis ``"fsdp"`` (their largest input
-dimension); the trainer resolves them against its mesh. Activations are ``x_BxNxD``.
+dimension); the trainer resolves them against its mesh, whose axes ``BATCH_AXES`` split the
+batch. Activations are ``x_BxNxD``.
+
+Each op picks its implementation by name: ``"auto"`` (the Pallas kernels where they apply and
+are faster, XLA elsewhere), ``"xla"``, ``"pallas"``, or for dense attention ``"cudnn"``;
+``interpret=True`` runs the Pallas kernels in interpret mode (CPU tests).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +24,16 @@ from fibjax import decode as dec
 from fibjax.attention import attention, dense_attention
 from fibjax.reference import normalize_offsets
 
+if TYPE_CHECKING:
+  from pallas_kernels.decode_block import DenseAttend, SparsePattern
+
 PatternKind = Literal["dense", "static", "learned"]
+
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp")  # the mesh axes that split the batch (data parallel, FSDP)
+KERNEL_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas")  # decode_impl, norm_impl
+SPARSE_ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas")
+DENSE_ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn")
+_ATTENTION_CALL_NAMES = {"auto": "auto", "xla": "reference", "pallas": "pallas", "cudnn": "cudnn"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +84,7 @@ def split_rope(qkv_BxNx3xHxD: jax.Array, positions_BxN: jax.Array, base: float
 
   Same values as slicing then ``rope``; its backward is one pass that rotates ``dq`` and ``dk``
   back and stacks them with ``dv`` into the fused gradient (autodiff of the slices and the
-  rotation's concatenation gave XLA several full-size passes per layer)."""
+  rotation's concatenation costs XLA several full-size passes per layer)."""
   sin, cos = _sin_cos(positions_BxN, qkv_BxNx3xHxD.shape[-1], base)
   q, k, v = (qkv_BxNx3xHxD[:, :, i] for i in range(3))
   return _rotate(q, cos, sin), _rotate(k, cos, sin), v
@@ -96,7 +110,10 @@ def _dense(d_in: int, d_out: int, dtype, param_dtype, rngs: nnx.Rngs, shard: tup
 
 
 class Attention(nnx.Module):
-  """Causal self-attention: fused QKV projection, RoPE, the layer's pattern, out projection."""
+  """Causal self-attention: fused QKV projection, RoPE, the layer's pattern, out projection.
+
+  ``implementation``: one of ``attention_impls(pattern.kind)``; ``interpret``: the Pallas kernel
+  in interpret mode."""
 
   def __init__(
       self,
@@ -107,12 +124,15 @@ class Attention(nnx.Module):
       *,
       rope_base: float = 10_000.0,
       implementation: str = "auto",
+      interpret: bool = False,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
       rngs: nnx.Rngs,
   ):
     self.num_heads, self.head_dim = num_heads, head_dim
-    self.pattern, self.rope_base, self.implementation = pattern, rope_base, implementation
+    self.pattern, self.rope_base, self.interpret = pattern, rope_base, interpret
+    self.implementation = check_impl("implementation", implementation, attention_impls(pattern.kind),
+                                     f" for a {pattern.kind} layer")
     self.qkv = _dense(d_model, 3 * num_heads * head_dim, dtype, param_dtype, rngs, ("fsdp", None))
     self.out = _dense(num_heads * head_dim, d_model, dtype, param_dtype, rngs, ("fsdp", None))
     if pattern.kind == "learned":
@@ -140,10 +160,11 @@ class Attention(nnx.Module):
     return split_rope(qkv, positions_BxN, self.rope_base)
 
   def _attend(self, q, k, v) -> jax.Array:
+    implementation = attention_call_name(self.implementation)
     if self.pattern.kind == "dense":
-      return dense_attention(q, k, v, implementation="auto" if self.implementation == "auto" else "reference")
+      return dense_attention(q, k, v, implementation=implementation)
     return attention(q, k, v, window=self.pattern.window, offsets=self.offsets(), reach=self.pattern.reach,
-                     implementation=self.implementation)
+                     implementation=implementation, interpret=self.interpret)
 
   def _project_out(self, o_BxNxHxD: jax.Array) -> jax.Array:
     b, n = o_BxNxHxD.shape[:2]
@@ -167,13 +188,29 @@ class Attention(nnx.Module):
     b = x_Bx1xD.shape[0]
     q, k, v = self.project_qkv(x_Bx1xD, jnp.full((b, 1), pos, jnp.int32))
     cache = dec.write_token(cache, k[:, 0], v[:, 0], pos)
-    scale = self.head_dim**-0.5
     if self.pattern.kind == "dense":
-      o = dec.attend_dense(q[:, 0], cache, pos, scale=scale)
+      o = dec.attend_dense(q[:, 0], cache, pos, scale=self.head_dim**-0.5)
     else:
       o = dec.attend_sparse(q[:, 0], cache, pos, window=self.pattern.window, offsets=self.offsets(),
-                            reach=self.pattern.reach, scale=scale)
+                            reach=self.pattern.reach, scale=self.head_dim**-0.5)
     return self._project_out(o[:, None].astype(q.dtype)), cache
+
+  def fused_decode_attention(self, pos: jax.Array) -> SparsePattern | DenseAttend:
+    """This layer's attention for ``pallas_kernels.decode_block.block_step`` at position ``pos``:
+    the sparse pattern for the ring-buffer kernel, or for a dense layer the XLA attention over its
+    cache, ``(qkv_Bx3xHxD, cache) -> (o_BxHxD, cache)``."""
+    from pallas_kernels.decode_block import SparsePattern  # noqa: PLC0415  (GPU kernels: imported on use)
+
+    scale = self.head_dim**-0.5
+    if self.pattern.kind == "dense":
+      def attend(qkv_Bx3xHxD: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        cache = dec.write_token(cache, qkv_Bx3xHxD[:, 1], qkv_Bx3xHxD[:, 2], pos)
+        return dec.attend_dense(qkv_Bx3xHxD[:, 0], cache, pos, scale=scale).astype(qkv_Bx3xHxD.dtype), cache
+
+      return attend
+    raw = np.asarray(self.pattern.offsets, np.int32) if self.pattern.kind == "static" else self.offsets()
+    offsets, _ = normalize_offsets(raw, self.pattern.window, self.pattern.reach)
+    return SparsePattern(offsets, self.pattern.window, scale)
 
 
 class MLP(nnx.Module):
@@ -188,8 +225,18 @@ class MLP(nnx.Module):
     return self.down(jax.nn.silu(gate) * up)
 
 
+def _compute_weight(linear: nnx.Linear) -> jax.Array:
+  """A linear layer's kernel in its compute dtype."""
+  kernel = linear.kernel[...]
+  return kernel.astype(linear.dtype or kernel.dtype)
+
+
 class Block(nnx.Module):
-  """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+  """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+  ``implementation``: the attention's (``attention_impls``); ``decode_impl``, ``norm_impl``: one of
+  ``KERNEL_IMPLS`` for incremental decoding and the RMSNorms; ``interpret``: every Pallas kernel in
+  interpret mode; ``batch_axes``: the mesh axes the Pallas norms split the batch over."""
 
   def __init__(
       self,
@@ -203,6 +250,8 @@ class Block(nnx.Module):
       implementation: str = "auto",
       decode_impl: str = "auto",
       norm_impl: str = "auto",
+      interpret: bool = False,
+      batch_axes: tuple[str, ...] = BATCH_AXES,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
       rngs: nnx.Rngs,
@@ -211,23 +260,23 @@ class Block(nnx.Module):
     self.attn_norm, self.mlp_norm = norm(), norm()
     self.attn = Attention(
         d_model, num_heads, head_dim, pattern, rope_base=rope_base, implementation=implementation,
-        dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        interpret=interpret, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
     )
     self.mlp = MLP(d_model, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.decode_impl = check_kernel_impl("decode_impl", decode_impl)
-    self.norm_impl = check_kernel_impl("norm_impl", norm_impl)
+    self.decode_impl = check_impl("decode_impl", decode_impl, KERNEL_IMPLS)
+    self.norm_impl = check_impl("norm_impl", norm_impl, KERNEL_IMPLS)
+    self.interpret, self.batch_axes = interpret, tuple(batch_axes)
 
   def _norm(self, norm: nnx.RMSNorm, x_BxNxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(x, norm(x))``. Sequences on GPU (``norm_impl``) take the one-pass Pallas norm, whose
-    backward also adds the gradient of the returned ``x`` (the residual stream's)."""
+    """``(x, norm(x))``. Sequences (``norm_impl``) take the one-pass Pallas norm, whose backward
+    also adds the gradient of the returned ``x`` (the residual stream's)."""
     b, n, d = x_BxNxD.shape
-    impl = _resolve(self.norm_impl, n > 1)
-    if impl == "xla":
+    if _resolve(self.norm_impl, n > 1, self.interpret) == "xla":
       return x_BxNxD, norm(x_BxNxD)
     from pallas_kernels.norm_gpu import norm_residual  # noqa: PLC0415  (GPU kernels: imported on use)
 
     x_RxD, y_RxD = norm_residual(x_BxNxD.reshape(b * n, d), norm.scale[...], norm.epsilon,
-                                 jnp.dtype(norm.dtype or x_BxNxD.dtype), impl == "interpret")
+                                 jnp.dtype(norm.dtype or x_BxNxD.dtype), self.interpret, self.batch_axes)
     return x_RxD.reshape(b, n, d), y_RxD.reshape(b, n, d)
 
   def _residual(self, x_BxNxD: jax.Array, attend) -> tuple[jax.Array, dict | None]:
@@ -244,87 +293,50 @@ class Block(nnx.Module):
 
   def decode(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """One token per row at position ``pos``: the XLA path (norms, projections and
-    ``fibjax.decode`` attention as separate ops) or fused Pallas kernels (``decode_impl``, see
-    ``_decode_fused``; these return the residual stream in float32)."""
-    impl = _resolve(self.decode_impl, self._fusable(x_Bx1xD.shape[0]))
-    if impl == "xla":
+    ``fibjax.decode`` attention as separate ops) or the fused Pallas block step (``decode_impl``;
+    ``pallas_kernels.decode_block``, which returns the residual stream in float32)."""
+    if _resolve(self.decode_impl, self._fusable(x_Bx1xD.shape[0]), self.interpret) == "xla":
       return self._residual(x_Bx1xD, lambda h: self.attn.decode(h, pos, cache))
-    return self._decode_fused(x_Bx1xD, pos, cache, interpret=impl == "interpret")
+    from pallas_kernels import decode_block  # noqa: PLC0415  (GPU kernels: imported on use)
 
-  def _fusable(self, rows: int) -> bool:
-    """Shapes the compiled fused kernels take (dots of >= 16 columns, 16-wide contraction steps).
-    Dense layers only up to 16 rows: their fused path (five kernels around XLA's attention) beat
-    XLA at batch 1 from 1K to 64K (0.545 vs 0.593, 1.450 vs 1.531 ms/token) and lost at batch 32
-    (1.095 vs 1.033 at 1K; H100, ``benchmarks/decode.py``)."""
-    a, d_model = self.attn, self.attn_norm.num_features
-    if a.pattern.kind == "dense" and rows > ATOMIC_ROWS:
-      return False
-    widths = (d_model, a.num_heads * a.head_dim, self.mlp.down.in_features)
-    return a.head_dim % 32 == 0 and all(w % 16 == 0 for w in widths)
-
-  def _decode_fused(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict, *, interpret: bool
-                    ) -> tuple[jax.Array, dict]:
-    """Three kernels (``pallas_kernels.decode_gpu``; five without atomic adds for more than 16
-    rows and for dense layers); returns the residual stream in float32."""
-    from pallas_kernels import decode_gpu as kern  # noqa: PLC0415  (GPU kernels: imported on use)
-
-    a, b = self.attn, x_Bx1xD.shape[0]
-    h, d = a.num_heads, a.head_dim
-    w = lambda lin: lin.kernel[...].astype(lin.dtype or lin.kernel[...].dtype)  # noqa: E731
-    angle_F = rope_angles(pos, d, a.rope_base)
-    x_BxD = x_Bx1xD[:, 0].astype(jnp.float32)  # float32: the kernels add into it atomically
-    # block sizes: benchmarks/tune_decode.py on an H100 (batch 1 and 32; weights read from HBM, as here)
-    # atomic adds grow with the rows: more rows take the five-kernel path without them; so does dense
-    # (XLA attention between the kernels): 1.45-1.48 ms/token at 64K, batch 1, against 1.97 with the
-    # attention's out projection added atomically after it (XLA transposed the cache around it; H100)
-    few = b <= ATOMIC_ROWS and a.pattern.kind != "dense"
-    # float32 weights: shorter contraction steps, or 3 pipeline stages of tiles overflow shared memory
-    w_qkv = w(a.qkv)
-    chunk = 256 if w_qkv.dtype.itemsize <= 2 else 64
-    qkv = kern.project(x_BxD, w_qkv, norm_scale=self.attn_norm.scale[...], eps=self.attn_norm.epsilon,
-                       rope=(jnp.cos(angle_F), jnp.sin(angle_F), d, 2 * h * d), copy_input=few, chunk=chunk,
-                       interpret=interpret)
-    qkv, *copy = qkv if few else (qkv,)
-    qkv_Bx3xHxD = qkv.reshape(b, 3, h, d)
-    scale = d**-0.5
-    out = dict(out_weight=w(a.out), residuals=(x_BxD, *copy), out_splits=max(1, min(4, x_BxD.shape[1] // 128)),
-               num_warps=2) if few else {}
-    if a.pattern.kind == "dense":
-      cache = dec.write_token(cache, qkv_Bx3xHxD[:, 1], qkv_Bx3xHxD[:, 2], pos)
-      o = dec.attend_dense(qkv_Bx3xHxD[:, 0], cache, pos, scale=scale).astype(qkv.dtype)
-    else:
-      raw = np.asarray(a.pattern.offsets, np.int32) if a.pattern.kind == "static" else a.offsets()
-      offsets, _ = normalize_offsets(raw, a.pattern.window, a.pattern.reach)
-      o, cache = kern.sparse_attention(qkv_Bx3xHxD, cache, offsets, pos, window=a.pattern.window, scale=scale,
-                                       interpret=interpret, **out)
-    mlp = dict(norm_scale=self.mlp_norm.scale[...], eps=self.mlp_norm.epsilon, swiglu=True, chunk=chunk,
-               interpret=interpret)
-    if few:  # o: (x, y) with the attention added; the MLP adds into y, split over hidden units
-      x_BxD, y_BxD = o
-      y_BxD = kern.project(x_BxD, w(self.mlp.gate_up), down=w(self.mlp.down), into=y_BxD, **mlp)
-    else:  # out projection, gate_up, down: each program owns its output columns, residual added in place
-      residual = dict(block_cols=16, chunk=chunk, interpret=interpret)
-      x_BxD = kern.project(o.reshape(b, h * d), w(a.out), into=x_BxD, **residual)
-      g_BxM = kern.project(x_BxD, w(self.mlp.gate_up), **mlp)
-      y_BxD = kern.project(g_BxM, w(self.mlp.down), into=x_BxD, **residual)
+    a = self.attn
+    weights = decode_block.BlockWeights(
+        attn_norm_D=self.attn_norm.scale[...], attn_eps=self.attn_norm.epsilon, qkv_DxQ=_compute_weight(a.qkv),
+        out_HDxD=_compute_weight(a.out), mlp_norm_D=self.mlp_norm.scale[...], mlp_eps=self.mlp_norm.epsilon,
+        gate_up_Dx2M=_compute_weight(self.mlp.gate_up), down_MxD=_compute_weight(self.mlp.down))
+    y_BxD, cache = decode_block.block_step(
+        x_Bx1xD[:, 0], cache, weights, a.fused_decode_attention(pos), pos=pos,
+        rope_angles_F=rope_angles(pos, a.head_dim, a.rope_base), num_heads=a.num_heads, interpret=self.interpret)
     return y_BxD[:, None], cache
 
+  def _fusable(self, rows: int) -> bool:
+    from pallas_kernels.decode_block import fusable  # noqa: PLC0415  (GPU kernels: imported on use)
 
-KERNEL_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")
-ATOMIC_ROWS = 16  # fused decode: up to this many rows, sparse blocks add into the residual atomically
+    a = self.attn
+    return fusable(rows=rows, d_model=self.attn_norm.num_features, num_heads=a.num_heads, head_dim=a.head_dim,
+                   mlp_dim=self.mlp.down.in_features, dense=a.pattern.kind == "dense")
 
 
-def check_kernel_impl(name: str, impl: str) -> str:
-  """A block's ``decode_impl`` or ``norm_impl``: ``auto`` (Pallas kernels on GPU where they apply,
-  XLA elsewhere; see ``Block.decode`` and ``Block._norm``), ``xla``, ``pallas`` (GPU), or
-  ``interpret`` (the Pallas kernels in interpret mode: CPU tests)."""
-  if impl not in KERNEL_IMPLS:
-    raise ValueError(f"{name} must be one of {KERNEL_IMPLS}, got {impl!r}")
+def attention_impls(kind: PatternKind) -> tuple[str, ...]:
+  """The implementations of attention a layer of pattern ``kind`` has."""
+  return DENSE_ATTENTION_IMPLS if kind == "dense" else SPARSE_ATTENTION_IMPLS
+
+
+def attention_call_name(impl: str) -> str:
+  """The name ``fibjax.attention`` and ``fibjax.dense_attention`` take for ``impl``."""
+  return _ATTENTION_CALL_NAMES[impl]
+
+
+def check_impl(name: str, impl: str, valid: tuple[str, ...], where: str = "") -> str:
+  """``impl`` if it is one of ``valid``, else ``ValueError`` naming the field and the valid values."""
+  if impl not in valid:
+    raise ValueError(f"{name} must be one of {valid}{where}, got {impl!r}")
   return impl
 
 
-def _resolve(impl: str, kernels_apply: bool) -> str:
-  """``auto`` -> ``pallas`` on a GPU where the kernels apply, else ``xla``; others unchanged."""
+def _resolve(impl: str, kernels_apply: bool, interpret: bool) -> str:
+  """``auto`` -> ``pallas`` where the kernels apply, on a GPU or in interpret mode, else ``xla``;
+  others unchanged."""
   if impl != "auto":
     return impl
-  return "pallas" if jax.default_backend() == "gpu" and kernels_apply else "xla"
+  return "pallas" if kernels_apply and (interpret or jax.default_backend() == "gpu") else "xla"

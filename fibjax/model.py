@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fibjax.layers import Block, LayerPattern, check_kernel_impl
+from fibjax.layers import BATCH_AXES, KERNEL_IMPLS, Block, LayerPattern, attention_impls, check_impl
 from fibjax.offsets import BASES, check_alpha, check_window_reach, layer_offsets, learned_terms, offset_set
 from fibjax.schedules import SCHEDULES, layer_alphas
 
@@ -30,11 +30,13 @@ class ModelConfig:
   alpha_min, alpha_max: the ``linear``/``coprime`` range.
   vocab_size: 256 (byte-level tokens, the default tokenizer).
   mlp_dim: SwiGLU hidden width; 1664 (3.25 x 512) puts the paper recipe at ~57.8M parameters.
-  dtype: compute dtype; param_dtype: master weights. attention_impl: see ``fibjax.attention``.
-  decode_impl: incremental decoding, see ``fibjax.layers.check_kernel_impl`` (``auto``: fused
-  Pallas kernels on GPU for sparse layers, XLA ops elsewhere).
-  norm_impl: the blocks' RMSNorm, see ``fibjax.layers.check_kernel_impl`` (``auto``: one-pass Pallas
-  kernels on GPU for sequences, XLA otherwise).
+  dtype: compute dtype; param_dtype: master weights.
+  attention_impl: ``auto`` (Pallas on GPU/TPU for sparse variants, cuDNN on GPU for dense in
+  16-bit dtypes, XLA elsewhere), ``xla``, and ``pallas`` (sparse variants) or ``cudnn`` (dense).
+  decode_impl: incremental decoding, ``auto`` (fused Pallas kernels on GPU where they are faster,
+  XLA ops elsewhere), ``xla`` or ``pallas``. norm_impl: the blocks' RMSNorm over sequences,
+  ``auto`` (one-pass Pallas kernels on GPU, XLA otherwise), ``xla`` or ``pallas``.
+  interpret: run every Pallas kernel in interpret mode (CPU tests); ``auto`` then picks them.
   remat: recompute each block in the backward pass (saves activation memory).
   """
 
@@ -57,6 +59,7 @@ class ModelConfig:
   attention_impl: str = "auto"
   decode_impl: str = "auto"
   norm_impl: str = "auto"
+  interpret: bool = False
   remat: bool = False
 
   @property
@@ -84,8 +87,13 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
-    check_kernel_impl("decode_impl", self.decode_impl)
-    check_kernel_impl("norm_impl", self.norm_impl)
+    pattern = "dense" if self.variant == "dense" else "static"
+    check_impl("attention_impl", self.attention_impl, attention_impls(pattern), f" for variant {self.variant!r}")
+    check_impl("decode_impl", self.decode_impl, KERNEL_IMPLS)
+    check_impl("norm_impl", self.norm_impl, KERNEL_IMPLS)
+    for name in ("interpret", "remat"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
     if self.variant != "dense":
       check_window_reach(self.window, self.resolved_reach)
       if self.resolved_reach > self.seq_len:
@@ -122,9 +130,10 @@ class LM(nnx.Module):
 
   The embedding is initialised with std ``d_model ** -0.5`` (so the tied output layer starts
   near uniform) and scaled by ``sqrt(d_model)`` on input (so the residual stream starts at unit
-  scale)."""
+  scale). ``batch_axes``: the mesh axes that split the batch, for the kernels that run per batch
+  shard."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, batch_axes: tuple[str, ...] = BATCH_AXES):
     self.cfg = cfg.validate()
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     embed_init = nnx.with_partitioning(nnx.initializers.normal(cfg.d_model**-0.5), (None, "fsdp"), eager_sharding=False)
@@ -132,8 +141,8 @@ class LM(nnx.Module):
                            embedding_init=embed_init, rngs=rngs)
     self.blocks = nnx.List([
         Block(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, p, rope_base=cfg.rope_base,
-              implementation=cfg.attention_impl, decode_impl=cfg.decode_impl, norm_impl=cfg.norm_impl, dtype=dtype,
-              param_dtype=param_dtype, rngs=rngs)
+              implementation=cfg.attention_impl, decode_impl=cfg.decode_impl, norm_impl=cfg.norm_impl,
+              interpret=cfg.interpret, batch_axes=batch_axes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         for p in layer_patterns(cfg)
     ])
     self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -141,7 +150,7 @@ class LM(nnx.Module):
   def _embed(self, tokens_BxN: jax.Array) -> jax.Array:
     """Embedding rows times ``sqrt(d_model)``. Sequences over a small vocabulary take the rows
     with a one-hot matmul (same values): its gradient is a GEMM, where the gather's is a
-    scatter-add of every token into a few hundred rows (1 ms per step at 32K tokens, H100). In a
+    scatter-add of every token into a few hundred rows (slow: NOTES.md, training t7). In a
     bf16 model the table's gradient then arrives rounded to bf16, as every bf16 layer's does."""
     dtype = self.embed.dtype or jnp.float32
     if self.cfg.vocab_size <= ONE_HOT_MAX_VOCAB and tokens_BxN.shape[1] > 1:

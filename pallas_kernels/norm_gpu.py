@@ -100,32 +100,33 @@ def _call(kernel, args, outs, launch: tuple[int, int], eps: float, interpret: bo
   return [r[:blocks if per_block else rows, :d] for r, (_, per_block) in zip(results, outs)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def norm_residual(x_RxD: jax.Array, scale_D: jax.Array, eps: float, dtype, interpret: bool = False
-                  ) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def norm_residual(x_RxD: jax.Array, scale_D: jax.Array, eps: float, dtype, interpret: bool = False,
+                  batch_axes: tuple[str, ...] | None = None) -> tuple[jax.Array, jax.Array]:
   """``(x, rmsnorm(x) in dtype)`` for ``[R, D]`` rows; pass the first output on as the residual
-  stream, so that its gradient joins the norm's in the one backward pass."""
-  return x_RxD, _forward(x_RxD, scale_D, eps, dtype, interpret)
+  stream, so that its gradient joins the norm's in the one backward pass. ``batch_axes``: the
+  mesh axes that split the rows (``per_batch_shard``)."""
+  return x_RxD, _forward(x_RxD, scale_D, eps, dtype, interpret, batch_axes)
 
 
-def _forward(x, scale, eps, dtype, interpret):
+def _forward(x, scale, eps, dtype, interpret, batch_axes):
   kernel = lambda x, scale: _call(_fwd_kernel, [x, scale], [(dtype, False)], FWD_LAUNCH, eps, interpret,  # noqa: E731
                                   "rmsnorm_fwd")
-  (y,) = per_batch_shard(kernel, (x,), (scale,))
+  (y,) = per_batch_shard(kernel, (x,), (scale,), batch_axes=batch_axes)
   return y
 
 
-def _norm_fwd(x, scale, eps, dtype, interpret):
-  return (x, _forward(x, scale, eps, dtype, interpret)), (x, scale)
+def _norm_fwd(x, scale, eps, dtype, interpret, batch_axes):
+  return (x, _forward(x, scale, eps, dtype, interpret, batch_axes)), (x, scale)
 
 
-def _norm_bwd(eps, dtype, interpret, saved, grads):
+def _norm_bwd(eps, dtype, interpret, batch_axes, saved, grads):
   x, scale = saved
   dres, dy = grads
   kernel = lambda x, dy, dres, scale: _call(  # noqa: E731
       _bwd_kernel, [x, scale, dy, dres], [(x.dtype, False), (jnp.float32, True)], BWD_LAUNCH, eps, interpret,
       "rmsnorm_bwd")
-  dx, ds = per_batch_shard(kernel, (x, dy, dres), (scale,))
+  dx, ds = per_batch_shard(kernel, (x, dy, dres), (scale,), batch_axes=batch_axes)
   return dx, jnp.sum(ds, axis=0).astype(scale.dtype)
 
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import fibjax
@@ -31,6 +32,32 @@ def test_kernel_sees_only_its_shard_under_a_mesh():
   assert seen == [(16, 2), (2, 2), (12, 2)]
   jax.tree.map(np.testing.assert_array_equal, split, whole)
   np.testing.assert_array_equal(odd[0], whole[0][:12])
+
+
+def test_the_caller_names_the_batch_axes():
+  seen = []
+
+  def kernel(x):
+    seen.append(x.shape)
+    return 2 * x
+
+  x = jnp.arange(32.0).reshape(16, 2)
+  with jax.set_mesh(make_mesh(-1, 2)):  # data 4 x fsdp 2
+    for axes in (("data",), ("fsdp",), ("data", "fsdp"), None, ("model",)):  # None: every mesh axis
+      out = jax.jit(lambda x, axes=axes: per_batch_shard(kernel, (x,), batch_axes=axes))(x)
+      np.testing.assert_array_equal(out, 2 * x)
+  assert seen == [(4, 2), (8, 2), (2, 2), (2, 2), (16, 2)]
+
+
+def test_model_threads_its_batch_axes_to_the_norm_kernels():
+  cfg = fibjax.ModelConfig(variant="fib-fixed", d_model=32, num_layers=1, num_heads=2, head_dim=16, mlp_dim=64,
+                           seq_len=32, window=4, norm_impl="pallas", attention_impl="xla", interpret=True)
+  tokens = jnp.zeros((8, 16), jnp.int32)
+  with jax.set_mesh(make_mesh(-1, 2)):
+    for axes, sharded in ((fibjax.layers.BATCH_AXES, True), (("model",), False)):
+      model = fibjax.LM(cfg, rngs=nnx.Rngs(0), batch_axes=axes)
+      text = str(jax.make_jaxpr(lambda t, m=model: m(t))(tokens))
+      assert ("shard_map" in text) == sharded, axes
 
 
 def _sharded_and_single(loss, args, argnums):

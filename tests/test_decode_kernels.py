@@ -12,7 +12,9 @@ import fibjax
 from fibjax import decode as dec
 from fibjax.layers import rope_angles
 from fibjax.reference import normalize_offsets
-from pallas_kernels import decode_gpu
+from pallas_kernels.decode_attention import sparse_attention
+from pallas_kernels.decode_projections import Rope, project
+from pallas_kernels.named_operands import alias_indices
 
 
 def _rng(seed):
@@ -33,24 +35,24 @@ def test_project_matches_jnp(rows, chunk, epilogue):
   scale = jnp.asarray(1 + rng.standard_normal(k_dim) / 4, jnp.float32)
   h = jnp.dot(_rms(x, scale), w, precision="highest")
   if epilogue == "none":
-    got, want = decode_gpu.project(x, w, chunk=chunk, interpret=True), jnp.dot(x, w, precision="highest")
+    got, want = project(x, w, chunk=chunk, interpret=True), jnp.dot(x, w, precision="highest")
   elif epilogue == "residual":
     into = jnp.asarray(rng.standard_normal((rows, n)), jnp.float32)
-    got, want = decode_gpu.project(x, w, into=into, chunk=chunk, interpret=True), into + jnp.dot(x, w, precision="highest")
+    got, want = project(x, w, into=into, chunk=chunk, interpret=True), into + jnp.dot(x, w, precision="highest")
   elif epilogue == "mlp":  # 2 programs add their hidden units' share into ``into`` (copy_input: x itself)
     down = jnp.asarray(rng.standard_normal((n // 2, 80)) / 5, jnp.float32)
     into = jnp.asarray(rng.standard_normal((rows, 80)), jnp.float32)
-    got, copy = decode_gpu.project(x, w, norm_scale=scale, swiglu=True, down=down, into=into, copy_input=True,
+    got, copy = project(x, w, norm_scale=scale, swiglu=True, down=down, into=into, copy_input=True,
                                    block_cols=16, chunk=chunk, interpret=True)
     np.testing.assert_array_equal(np.asarray(copy), np.asarray(x), err_msg=msg)
     want = into + jnp.dot(jax.nn.silu(h[:, : n // 2]) * h[:, n // 2:], down, precision="highest")
   elif epilogue == "swiglu":
-    got = decode_gpu.project(x, w, norm_scale=scale, swiglu=True, block_cols=16, chunk=chunk, interpret=True)
+    got = project(x, w, norm_scale=scale, swiglu=True, block_cols=16, chunk=chunk, interpret=True)
     want = jax.nn.silu(h[:, : n // 2]) * h[:, n // 2:]
   else:  # 4 heads of 16: the first two (columns < 32, 'q' and 'k') rotate, the last two pass through
     pos = jnp.int32(rng.integers(0, 5000))
     angle = rope_angles(pos, head_dim, 10_000.0)
-    got = decode_gpu.project(x, w, norm_scale=scale, rope=(jnp.cos(angle), jnp.sin(angle), head_dim, 32),
+    got = project(x, w, norm_scale=scale, rope=Rope(jnp.cos(angle), jnp.sin(angle), head_dim, 32),
                              block_cols=8, chunk=chunk, interpret=True)
     h4 = h.reshape(rows, 1, 4, head_dim)
     rotated = fibjax.layers.rope(h4, jnp.full((rows, 1), pos), 10_000.0).reshape(rows, n)
@@ -79,7 +81,7 @@ def test_sparse_attention_matches_attend_sparse(learned, dtype):
     want_cache = dec.write_token(cache, qkv[:, 1], qkv[:, 2], jnp.int32(pos))
     want = dec.attend_sparse(qkv[:, 0], want_cache, jnp.int32(pos), window=window, offsets=offsets, reach=reach,
                              scale=d**-0.5)
-    got, got_cache = decode_gpu.sparse_attention(qkv, cache, offs, jnp.int32(pos), window=window, scale=d**-0.5,
+    got, got_cache = sparse_attention(qkv, cache, offs, jnp.int32(pos), window=window, scale=d**-0.5,
                                                  interpret=True)
     tol = 2e-5 if dtype == jnp.float32 else 2e-2
     assert got.dtype == dtype and np.isfinite(np.asarray(got, np.float32)).all(), msg
@@ -92,7 +94,7 @@ def test_sparse_attention_matches_attend_sparse(learned, dtype):
     res = [jnp.asarray(rng.standard_normal((b, 64)), jnp.float32) for _ in range(2)]
     added = jnp.dot(want.astype(dtype).astype(jnp.float32).reshape(b, h * d), wo.astype(jnp.float32),
                     precision="highest")
-    (got_a, got_b), proj_cache = decode_gpu.sparse_attention(qkv, cache, offs, jnp.int32(pos), window=window,
+    (got_a, got_b), proj_cache = sparse_attention(qkv, cache, offs, jnp.int32(pos), window=window,
                                                              scale=d**-0.5, out_weight=wo, residuals=res, out_splits=2,
                                                              interpret=True)
     for r, got_r in zip(res, (got_a, got_b)):
@@ -103,18 +105,26 @@ def test_sparse_attention_matches_attend_sparse(learned, dtype):
 def test_fused_shapes_refused():
   x, w = jnp.zeros((2, 32)), jnp.zeros((32, 64))
   with pytest.raises(ValueError, match="down= goes with into= and swiglu=True"):
-    decode_gpu.project(x, w, down=jnp.zeros((32, 16)), interpret=True)
+    project(x, w, down=jnp.zeros((32, 16)), interpret=True)
   cache = {n: jnp.zeros((2, 9, 2, 16)) for n in ("k", "v")}
-  attend = lambda e, res, **kw: decode_gpu.sparse_attention(  # noqa: E731
+  attend = lambda e, res, **kw: sparse_attention(  # noqa: E731
       jnp.zeros((2, 3, 2, 16)), cache, np.asarray([5], np.int32), jnp.int32(3), window=4, scale=0.25,
       out_weight=jnp.zeros((32, e)), residuals=res, interpret=True, **kw)
   with pytest.raises(ValueError, match="out_splits=2 must cut"):
     attend(96, (jnp.zeros((2, 96)),) * 2, out_splits=2)
   with pytest.raises(ValueError, match="into must be float32"):
-    decode_gpu.project(x, w, swiglu=True, down=jnp.zeros((32, 16)), into=jnp.zeros((2, 16), jnp.bfloat16),
+    project(x, w, swiglu=True, down=jnp.zeros((32, 16)), into=jnp.zeros((2, 16), jnp.bfloat16),
                        interpret=True)
   with pytest.raises(ValueError, match="residuals two float32"):
     attend(16, (jnp.zeros((2, 16)),))
+
+
+def test_aliases_are_named():
+  ins = {"x": jnp.zeros(2), "into": jnp.zeros(3), "w": jnp.zeros(4)}  # flattened in name order: into, w, x
+  outs = {"x_copy": jax.ShapeDtypeStruct((2,), jnp.float32), "out": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  assert alias_indices(ins, outs, {"into": "out", "x": "x_copy"}) == {0: 0, 2: 1}
+  with pytest.raises(ValueError, match="name no input or output"):
+    alias_indices(ins, outs, {"into": "o"})
 
 
 SMALL = dict(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64, seq_len=32, window=4)
@@ -125,8 +135,9 @@ SMALL = dict(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64, seq
 def test_fused_decode_equals_xla_decode(variant, batch):
   """The fused block (interpret mode: three kernels; five for dense and for more than 16 rows)
   gives the XLA decode path's logits, far past R."""
-  models = {impl: fibjax.LM(fibjax.ModelConfig(variant=variant, decode_impl=impl, **SMALL), rngs=nnx.Rngs(5))
-            for impl in ("interpret", "xla")}
+  cfgs = {impl: fibjax.ModelConfig(variant=variant, decode_impl=impl, attention_impl="xla", norm_impl="xla",
+                                   interpret=True, **SMALL) for impl in ("pallas", "xla")}
+  models = {impl: fibjax.LM(cfg, rngs=nnx.Rngs(5)) for impl, cfg in cfgs.items()}
   if variant.endswith("learned"):
     for m in models.values():
       for block, a in zip(m.blocks, (1.21, 0.87)):
@@ -137,7 +148,7 @@ def test_fused_decode_equals_xla_decode(variant, batch):
   for impl, m in models.items():
     caches[impl] = m.prefill(tokens[:, :40], m.init_cache(batch, 80))[1]
   for pos in range(40, 80):
-    got, caches["interpret"] = step(models["interpret"], tokens[:, pos], jnp.int32(pos), caches["interpret"])
+    got, caches["pallas"] = step(models["pallas"], tokens[:, pos], jnp.int32(pos), caches["pallas"])
     want, caches["xla"] = step(models["xla"], tokens[:, pos], jnp.int32(pos), caches["xla"])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=3e-5, err_msg=f"position {pos}")
 

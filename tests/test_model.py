@@ -1,4 +1,5 @@
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -75,11 +76,45 @@ def test_patterns_follow_the_schedules():
         (dict(head_dim=63), "head_dim"),
         (dict(dtype="fp8"), "dtype"),
         (dict(num_layers=0), "num_layers"),
+        (dict(interpret="yes"), "interpret"),
     ],
 )
 def test_bad_config_raises(kwargs, field):
   with pytest.raises(ValueError, match=field):
     fibjax.ModelConfig(**kwargs).validate()
+
+
+@pytest.mark.parametrize("variant, impl, valid", [
+    ("dense", "pallas", "('auto', 'xla', 'cudnn')"),  # no Pallas kernel for dense attention
+    ("fib-linear", "cudnn", "('auto', 'xla', 'pallas')"),
+    ("fib-learned", "interpret", "('auto', 'xla', 'pallas')"),  # interpret mode is a flag
+    ("dense", "reference", "('auto', 'xla', 'cudnn')"),
+])
+def test_attention_impl_that_a_variant_lacks_raises_with_the_valid_ones(variant, impl, valid):
+  with pytest.raises(ValueError, match=r"attention_impl must be one of " + re.escape(valid)):
+    fibjax.ModelConfig(variant=variant, attention_impl=impl).validate()
+  with pytest.raises(ValueError, match=r"implementation must be one of " + re.escape(valid)):
+    kind = "dense" if variant == "dense" else "static"
+    fibjax.Attention(32, 2, 16, fibjax.LayerPattern(kind, 4, 32), implementation=impl, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("field", ["decode_impl", "norm_impl"])
+def test_kernel_impls_share_one_vocabulary(field):
+  for impl in ("auto", "xla", "pallas"):
+    fibjax.ModelConfig(**{field: impl}).validate()
+  with pytest.raises(ValueError, match=re.escape(f"{field} must be one of ('auto', 'xla', 'pallas')")):
+    fibjax.ModelConfig(**{field: "interpret"}).validate()
+
+
+@pytest.mark.parametrize("variant", ["dense", "fib-linear", "fib-learned"])
+def test_every_attention_impl_gives_the_same_model(variant):
+  """``xla``, ``auto`` and for sparse variants ``pallas`` (interpret mode) give one model."""
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 24)), jnp.int32)
+  impls = ["xla", "auto"] + (["pallas"] if variant != "dense" else [])
+  logits = [fibjax.LM(fibjax.ModelConfig(variant=variant, attention_impl=impl, norm_impl="xla", interpret=True,
+                                         **TINY), rngs=nnx.Rngs(0))(tokens) for impl in impls]
+  for other in logits[1:]:
+    np.testing.assert_allclose(np.asarray(other), np.asarray(logits[0]), atol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -56,8 +56,8 @@ def test_model_with_pallas_norms_matches_xla_norms():
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1))
 
   results = []
-  for impl in ("interpret", "xla"):
-    model = fibjax.LM(fibjax.ModelConfig(norm_impl=impl, **cfg), rngs=nnx.Rngs(1))
+  for impl in ("pallas", "xla"):
+    model = fibjax.LM(fibjax.ModelConfig(norm_impl=impl, attention_impl="xla", interpret=True, **cfg), rngs=nnx.Rngs(1))
     results.append(nnx.value_and_grad(loss)(model))
   (l_k, g_k), (l_x, g_x) = results
   np.testing.assert_allclose(float(l_k), float(l_x), rtol=1e-6)

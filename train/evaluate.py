@@ -1,22 +1,35 @@
-"""Held-out evaluation: perplexity at 1x/2x/4x the training length, loss by context position,
-inference latency. ``python -m train.evaluate --workdir RUN`` restores the latest checkpoint."""
+"""Held-out evaluation at multiples of the training length T, on identical target tokens.
+
+    python -m train.evaluate --workdir RUN                        # 1x, 2x, 4x T on the run's held-out split
+    python -m train.evaluate --workdir RUN --lengths 1 2 4 8 --data my_text.txt --tokens 262144
+
+Every length scores the same targets: the held-out stream is cut into chunks of ``lcm(lengths) x T``
+targets and each length tiles every chunk with consecutive windows, so a longer window differs
+only in how much context each target has (a paired comparison). Parameters alone are restored;
+neither the optimizer state nor the training corpus is needed. Each evaluation is written to
+``RUN/evals/<what was evaluated>.json`` and never overwrites another.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import pathlib
-import statistics
-import time
+import sys
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs.base import TrainConfig
-from train.data import eval_windows
+from train import data
+from train.restore import load_run
 from train.step import make_eval_step
+
+EVALS_DIR = "evals"
 
 
 def heldout_loss(eval_fn, params, windows: np.ndarray, rows: int, mesh) -> np.ndarray:
@@ -30,55 +43,139 @@ def heldout_loss(eval_fn, params, windows: np.ndarray, rows: int, mesh) -> np.nd
   return total / len(windows)
 
 
-def evaluate(graphdef, params, cfg: TrainConfig, heldout: np.ndarray, mesh) -> dict:
-  """Perplexity at each of ``cfg.final_eval_multiples`` x T, bucketed loss, forward latency."""
-  eval_fn = jax.jit(make_eval_step(graphdef))
-  t = cfg.model.seq_len
-  micro = cfg.batch_size // cfg.grad_accum
-  out: dict = {"train_length": t, "eval_tokens": cfg.final_eval_tokens}
-  for mult in cfg.final_eval_multiples:
-    length = mult * t
-    windows = eval_windows(heldout, length, cfg.final_eval_tokens)
-    nll = heldout_loss(eval_fn, params, windows, max(1, micro // mult), mesh)
-    buckets = np.array_split(nll, cfg.position_buckets)
-    out[f"{mult}x"] = {
-        "length": length, "windows": len(windows), "loss": float(nll.mean()), "ppl": float(math.exp(nll.mean())),
-        "bucket_loss": [float(b.mean()) for b in buckets],
-        "bucket_edges": [int(sum(len(x) for x in buckets[:i])) for i in range(len(buckets) + 1)],
-    }
-  one = jax.device_put(eval_windows(heldout, t, t)[:1], NamedSharding(mesh, P()))
-  jax.block_until_ready(eval_fn(params, one))
-  times = []
-  for _ in range(10):
-    start = time.perf_counter()
-    jax.block_until_ready(eval_fn(params, one))
-    times.append(time.perf_counter() - start)
-  out["latency_ms_batch1"] = 1e3 * statistics.median(times)
-  base = out[f"{cfg.final_eval_multiples[0]}x"]["ppl"]
-  for mult in cfg.final_eval_multiples:
-    out[f"{mult}x"]["ppl_rise_vs_1x"] = out[f"{mult}x"]["ppl"] / base - 1
+def nested_windows(tokens: np.ndarray, seq_len: int, multiples: tuple[int, ...], max_targets: int
+                   ) -> dict[int, np.ndarray]:
+  """For each multiple ``m``: windows ``[n * C / m, m * T + 1]`` (int32) tiling the same ``n``
+  chunks of ``C = lcm(multiples) * T`` consecutive targets, ``n = max_targets // C`` (at least 1).
+
+  Window ``j`` of a chunk starting at ``s`` holds tokens ``s + j*L .. s + (j+1)*L`` (``L + 1``
+  tokens: inputs and, shifted by one, targets), so every length scores targets ``s+1 .. s+C``."""
+  if not multiples or min(multiples) < 1:
+    raise ValueError(f"lengths must be positive multiples of T, got {multiples}")
+  chunk = math.lcm(*multiples) * seq_len
+  chunks = data.eval_windows(tokens, chunk, max_targets)  # [n, C + 1]
+  out = {}
+  for m in multiples:
+    length = m * seq_len
+    starts = np.arange(0, chunk, length)
+    idx = starts[:, None] + np.arange(length + 1)[None, :]  # [C / L, L + 1]
+    out[m] = chunks[:, idx].reshape(-1, length + 1)
   return out
 
 
-def main() -> None:
-  from train.trainer import load_run  # noqa: PLC0415
+def score_lengths(graphdef, params, tokens: np.ndarray, seq_len: int, multiples: tuple[int, ...],
+                  max_targets: int, rows: int, mesh, buckets: int) -> dict[str, Any]:
+  """Loss and perplexity at each multiple of T on identical targets, loss by context position
+  (``buckets`` equal spans of the window) and the rise against the shortest length."""
+  eval_fn = jax.jit(make_eval_step(graphdef))
+  windows = nested_windows(tokens, seq_len, multiples, max_targets)
+  out: dict[str, Any] = {"train_length": seq_len, "multiples": list(multiples),
+                         "targets": int(windows[multiples[0]].shape[0] * multiples[0] * seq_len)}
+  for m in multiples:
+    nll = heldout_loss(eval_fn, params, windows[m], max(1, rows // m), mesh)
+    parts = np.array_split(nll, buckets)
+    out[f"{m}x"] = {
+        "length": m * seq_len, "windows": int(len(windows[m])), "loss": float(nll.mean()),
+        "ppl": float(math.exp(nll.mean())), "bucket_loss": [float(b.mean()) for b in parts],
+        "bucket_edges": [int(sum(len(x) for x in parts[:i])) for i in range(len(parts) + 1)],
+    }
+  base = out[f"{multiples[0]}x"]["ppl"]
+  for m in multiples:
+    out[f"{m}x"]["ppl_rise_vs_1x"] = out[f"{m}x"]["ppl"] / base - 1
+  return out
 
-  parser = argparse.ArgumentParser(description=__doc__)
+
+def evaluate(graphdef, params, cfg: TrainConfig, heldout: np.ndarray, mesh) -> dict:
+  """The run's closing evaluation: ``cfg.final_eval_multiples`` x T on ``cfg.final_eval_tokens``."""
+  return score_lengths(graphdef, params, heldout, cfg.model.seq_len, tuple(cfg.final_eval_multiples),
+                       cfg.final_eval_tokens, cfg.batch_size // cfg.grad_accum, mesh, cfg.position_buckets)
+
+
+def data_tag(path: str | None, tokens: np.ndarray) -> str:
+  """``heldout`` for the run's own split, else ``<file stem>-<sha1 of its tokens, 8 hex digits>``."""
+  if path is None:
+    return "heldout"
+  stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in pathlib.Path(path).name.split(".")[0])
+  return f"{stem}-{hashlib.sha1(np.ascontiguousarray(tokens).tobytes()).hexdigest()[:8]}"
+
+
+def evaluation_name(step: int, tag: str, multiples: tuple[int, ...], max_targets: int) -> str:
+  return f"step{step}_{tag}_x{'-'.join(map(str, multiples))}_t{max_targets}"
+
+
+def tokens_of(path: str, tokenizer: data.Tokenizer) -> np.ndarray:
+  """Every document under ``path`` as one evaluation stream (the user's text is all held out)."""
+  if not pathlib.Path(path).exists():
+    raise ValueError(f"--data {path!r} does not exist: give a .txt/.jsonl file or a folder of them")
+  return data.tokenize(data.load_documents(path), tokenizer)
+
+
+def write_new(path: pathlib.Path, record: dict) -> None:
+  """Writes ``record`` as JSON to ``path`` through a temporary file; never replaces a file."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(record, indent=2) + "\n")
+  if path.exists():
+    tmp.unlink()
+    raise ValueError(f"{path} already exists; it is not overwritten")
+  tmp.rename(path)
+
+
+def read_or_write(path: pathlib.Path, compute: Callable[[], dict]) -> tuple[pathlib.Path, dict]:
+  """``(path, record)``: the record already written under ``path`` (same name: same evaluation),
+  else ``compute()`` written there."""
+  if path.exists():
+    return path, json.loads(path.read_text())
+  record = compute()
+  write_new(path, record)
+  return path, record
+
+
+def run_evaluation(workdir: pathlib.Path, multiples: tuple[int, ...] = (1, 2, 4), data_path: str | None = None,
+                   max_targets: int | None = None, run=None) -> tuple[pathlib.Path, dict]:
+  """Evaluates ``workdir``'s latest checkpoint; returns ``(path, record)``. An evaluation already
+  written under the same name (same step, text, lengths and token budget) is read, not redone."""
+  run = run or load_run(workdir)
+  tokens = run.heldout() if data_path is None else tokens_of(data_path, run.tokenizer)
+  max_targets = max_targets or run.cfg.final_eval_tokens
+  tag = data_tag(None if data_path is None else str(pathlib.Path(data_path).absolute()), tokens)
+  path = run.workdir / EVALS_DIR / f"{evaluation_name(run.step, tag, multiples, max_targets)}.json"
+
+  def compute() -> dict:
+    with jax.set_mesh(run.mesh):
+      record = score_lengths(run.graphdef, run.params, tokens, run.cfg.model.seq_len, multiples, max_targets,
+                             run.cfg.batch_size // run.cfg.grad_accum, run.mesh, run.cfg.position_buckets)
+    return {**record, "step": run.step, "data": data_path and str(pathlib.Path(data_path).absolute()),
+            "data_tag": tag, "variant": run.cfg.model.variant, "seed": run.cfg.seed}
+
+  return read_or_write(path, compute)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
-  parser.add_argument("--tokens", type=int, default=None, help="held-out tokens per length (default: config's)")
-  args = parser.parse_args()
-  run = load_run(args.workdir)
-  cfg = run.cfg if args.tokens is None else TrainConfig.from_dict({**run.cfg.to_dict(), "final_eval_tokens": args.tokens})
-  with jax.set_mesh(run.mesh):
-    result = evaluate(run.graphdef, run.params, cfg, run.heldout, run.mesh)
-  result["step"] = run.step
-  path = args.workdir / "eval.json"
-  path.write_text(json.dumps(result, indent=2) + "\n")
-  for mult in cfg.final_eval_multiples:
-    r = result[f"{mult}x"]
-    print(f"{mult}x T={r['length']}: loss {r['loss']:.4f} ppl {r['ppl']:.3f} ({100 * r['ppl_rise_vs_1x']:+.1f}%)")
-  print(f"latency {result['latency_ms_batch1']:.2f} ms (batch 1, length T); wrote {path}")
+  parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4], help="multiples of T (default 1 2 4)")
+  parser.add_argument("--data", default=None, help="held-out .txt/.jsonl file or folder (default: the run's own split)")
+  parser.add_argument("--tokens", type=int, default=None, help="target tokens per length (default: the config's)")
+  args = parser.parse_args(argv)
+  try:
+    if args.tokens is not None and args.tokens < 1:
+      raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    if min(args.lengths) < 1:
+      raise ValueError(f"--lengths are multiples of T and must be >= 1, got {args.lengths}")
+    if args.data is not None and not pathlib.Path(args.data).exists():
+      raise ValueError(f"--data {args.data!r} does not exist: give a .txt/.jsonl file or a folder of them")
+    path, record = run_evaluation(args.workdir, tuple(args.lengths), args.data, args.tokens)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for m in record["multiples"]:
+    r = record[f"{m}x"]
+    print(f"{m}x T={r['length']}: loss {r['loss']:.4f} ppl {r['ppl']:.3f} ({100 * r['ppl_rise_vs_1x']:+.1f}%)")
+  print(f"{record['targets']:,} identical targets per length; wrote {path}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

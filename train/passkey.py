@@ -1,0 +1,134 @@
+"""Passkey retrieval: a random 5-digit key planted at a chosen depth in filler text, asked for at the end.
+
+    python -m train.passkey --workdir RUN [--lengths 1 2 4] [--depths 0.1 0.3 0.5 0.7 0.9] [--trials 8]
+
+A sample of length ``L`` is ``<doc> filler[:cut] needle filler[cut:] question key``, cut at ``depth``
+of the filler, with needle ``" The pass key is 12345. Remember it. "`` and question
+``" What is the pass key? The pass key is "``. The key's tokens are read teacher-forced: a
+trial is correct when the greedy prediction of every key token is right. Beside each cell sits
+what the model's pattern allows in principle (``train.reach``): whether the distance from the
+question's last token back to the key's first token is reachable through the layers.
+Writes ``RUN/passkey/<what was run>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from train import data, reach
+from train.evaluate import read_or_write
+from train.restore import Run, load_run
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = (" The pass key is ", ". Remember it. ")  # the key goes between the two
+QUESTION = " What is the pass key? The pass key is "
+DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def sample(tokenizer: data.Tokenizer, length: int, depth: float, key: str) -> tuple[np.ndarray, int, int]:
+  """``(tokens [length + 1], key_start, answer_len)``: the sample's tokens, where the key's first
+  token sits in the needle, and how many trailing tokens are the key (teacher-forced)."""
+  head, answer, tail = (tokenizer.encode(x) for x in (NEEDLE[0], key, NEEDLE[1]))
+  needle = np.concatenate([head, answer, tail])
+  question = tokenizer.encode(QUESTION)
+  fill = length - len(needle) - len(question) - len(answer)
+  if fill < 1:
+    raise ValueError(f"length {length} is too short for a passkey sample (needs > {length - fill} tokens)")
+  unit = tokenizer.encode(FILLER)
+  filler = np.tile(unit, fill // len(unit) + 1)[:fill]
+  cut = int(round(depth * fill))
+  parts = [np.array([data.SEPARATOR], np.int32), filler[:cut], needle, filler[cut:], question, answer]
+  tokens = np.concatenate(parts).astype(np.int32)
+  return tokens, 1 + cut + len(head), len(answer)
+
+
+def greedy_tail(graphdef: nnx.GraphDef, n: int):
+  """``fn(params, tokens_BxL1) -> [B, n]`` greedy predictions of the last ``n`` targets."""
+
+  @jax.jit
+  def fn(params, tokens_BxL1):
+    logits = nnx.merge(graphdef, params)(tokens_BxL1[:, :-1])
+    return jnp.argmax(logits[:, -n:], axis=-1)
+
+  return fn
+
+
+def passkey(run: Run, multiples: tuple[int, ...] = (1, 2, 4), depths: tuple[float, ...] = DEPTHS,
+            trials: int = 8, seed: int = 0) -> dict[str, Any]:
+  """Accuracy per (length, depth) over ``trials`` keys drawn from ``seed``; see the module doc."""
+  rng = np.random.default_rng(seed)
+  keys = [f"{k:05d}" for k in rng.integers(0, 100_000, trials)]
+  hops = reach.hop_sets(nnx.merge(run.graphdef, run.params))
+  t = run.cfg.model.seq_len
+  ok_by_distance = reach.reachable(hops, max(multiples) * t)
+  cells = []
+  rows = max(1, run.cfg.batch_size // run.cfg.grad_accum)
+  with jax.set_mesh(run.mesh):
+    for m in multiples:
+      length = m * t
+      built = [sample(run.tokenizer, length, d, k) for d in depths for k in keys]
+      n = built[0][2]
+      fn = greedy_tail(run.graphdef, n)
+      tokens = np.stack([b[0] for b in built])
+      preds = []
+      for i in range(0, len(tokens), max(1, rows // m)):
+        batch = jax.device_put(tokens[i : i + max(1, rows // m)], NamedSharding(run.mesh, P()))
+        preds.append(np.asarray(fn(run.params, batch)))
+      hit = np.concatenate(preds) == tokens[:, -n:]
+      query = length - n  # input position whose prediction is the key's first token
+      for j, depth in enumerate(depths):
+        sl = slice(j * trials, (j + 1) * trials)
+        dist = [query - b[1] for b in built[sl]]
+        cells.append({"multiple": m, "length": length, "depth": depth, "trials": trials,
+                      "accuracy": float(hit[sl].all(axis=1).mean()), "token_accuracy": float(hit[sl].mean()),
+                      "distance_mean": float(np.mean(dist)),
+                      "reachable": float(np.mean([ok_by_distance[d] for d in dist]))})
+  coverage = {f"{m}x": float(ok_by_distance[1 : m * t].mean()) for m in multiples}
+  return {"step": run.step, "variant": run.cfg.model.variant, "seed": run.cfg.seed, "key_seed": seed,
+          "cells": cells, "reachable_fraction": coverage}
+
+
+def run_passkey(workdir: pathlib.Path, multiples=(1, 2, 4), depths=DEPTHS, trials: int = 8, seed: int = 0,
+                run: Run | None = None) -> tuple[pathlib.Path, dict]:
+  """Runs (or reads, if already written under the same name) the passkey probe of ``workdir``."""
+  run = run or load_run(workdir)
+  name = (f"step{run.step}_x{'-'.join(map(str, multiples))}_d{'-'.join(f'{d:g}' for d in depths)}"
+          f"_n{trials}_s{seed}.json")
+  path = run.workdir / "passkey" / name
+  return read_or_write(path, lambda: passkey(run, tuple(multiples), tuple(depths), trials, seed))
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m train.passkey", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True, type=pathlib.Path)
+  parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4], help="multiples of T")
+  parser.add_argument("--depths", type=float, nargs="+", default=list(DEPTHS), help="key depth, 0..1 of the filler")
+  parser.add_argument("--trials", type=int, default=8, help="keys per (length, depth)")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the keys")
+  args = parser.parse_args(argv)
+  try:
+    if args.trials < 1 or min(args.lengths) < 1 or not all(0 <= d <= 1 for d in args.depths):
+      raise ValueError("--trials and --lengths must be >= 1 and --depths within [0, 1]")
+    path, record = run_passkey(args.workdir, tuple(args.lengths), tuple(args.depths), args.trials, args.seed)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for c in record["cells"]:
+    print(f"length {c['length']:>6} depth {c['depth']:.2f}: accuracy {c['accuracy']:.2f} "
+          f"(tokens {c['token_accuracy']:.2f}; reachable {c['reachable']:.2f})")
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
