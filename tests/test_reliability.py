@@ -19,7 +19,8 @@ from tests.test_train import FAST, ROOT, _cfg, _losses, _run
 from train import checkpoint, data, prepare
 from train.restore import abstract_params, restore_params
 
-BASE = ["steps=8", "checkpoint_every=4", "log_every=1", "eval_every=100"]
+QUICK = "final_eval_multiples=1"  # one evaluation length at the end of each run: less to compile
+BASE = ["steps=8", "checkpoint_every=4", "log_every=1", "eval_every=100", QUICK]
 
 
 def _error_line(res: subprocess.CompletedProcess) -> str:
@@ -79,7 +80,7 @@ def test_damaged_latest_checkpoint_falls_back_to_newest_intact(base_run, tmp_pat
   workdir = _copy(base_run, tmp_path)
   corrupt, what = DAMAGE[damage]
   corrupt(workdir / "checkpoints" / "8")
-  res = _run(workdir, "steps=10")
+  res = _run(workdir, QUICK, "steps=10")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "Traceback" not in res.stderr
   warning = [line for line in res.stderr.splitlines() if line.startswith("warning: checkpoint step 8")]
@@ -93,7 +94,7 @@ def test_no_intact_checkpoint_is_one_line_and_moves_nothing(base_run, tmp_path):
   workdir = _copy(base_run, tmp_path)
   for step in (4, 8):
     (workdir / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
-  line = _error_line(_run(workdir, "steps=10"))
+  line = _error_line(_run(workdir, QUICK, "steps=10"))
   assert "no intact checkpoint" in line and "step 8: state/_METADATA missing" in line
   assert _steps(workdir) == [4, 8]
 
@@ -154,7 +155,7 @@ def test_single_text_file_trains_from_any_folder_and_corpus_can_move(tmp_path):
   (tmp_path / "corpus" / "book.txt").write_text(text)
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "train", "--workdir", str(workdir), "--data", "book.txt", "--set", *FAST, "steps=2",
-         "checkpoint_every=2"]
+         "checkpoint_every=2", QUICK]
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   first = subprocess.run(cmd, cwd=tmp_path / "corpus", capture_output=True, text=True, timeout=300, env=env)
   assert first.returncode == 0, first.stderr[-3000:]
@@ -163,15 +164,15 @@ def test_single_text_file_trains_from_any_folder_and_corpus_can_move(tmp_path):
   heldout = np.load(workdir / "heldout_tokens.npy")
   assert len(heldout) == 1 + len(text.encode()) // data.HELDOUT_TAIL  # separator + the last eighth (ASCII text)
   shutil.move(tmp_path / "corpus", tmp_path / "moved")
-  line = _error_line(_run(workdir, "steps=3"))
+  line = _error_line(_run(workdir, QUICK, "steps=3"))
   assert "is gone" in line and "--data" in line
   gen = subprocess.run([sys.executable, "-m", "train.generate", "--workdir", str(workdir), "--prompt", "The",
                         "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert gen.returncode == 0, gen.stderr[-3000:]
-  moved = _run(workdir, "steps=3", extra=["--data", str(tmp_path / "moved" / "book.txt")])
+  moved = _run(workdir, QUICK, "steps=3", extra=["--data", str(tmp_path / "moved" / "book.txt")])
   assert moved.returncode == 0, moved.stderr[-3000:]
   (tmp_path / "other.txt").write_text(text[::-1])
-  line = _error_line(_run(workdir, "steps=4", extra=["--data", str(tmp_path / "other.txt")]))
+  line = _error_line(_run(workdir, QUICK, "steps=4", extra=["--data", str(tmp_path / "other.txt")]))
   assert "incompatible" in line and "data" in line
 
 
@@ -179,14 +180,14 @@ def test_failed_starts_leave_the_workdir_as_it_was(base_run, tmp_path):
   (tmp_path / "empty.txt").write_text("")
   (tmp_path / "short.txt").write_text("too short for a window of 65 tokens")
   for name, message in (("empty.txt", "is empty"), ("short.txt", "fewer than one window")):
-    line = _error_line(_run(tmp_path / "new", extra=["--data", str(tmp_path / name)]))
+    line = _error_line(_run(tmp_path / "new", QUICK, extra=["--data", str(tmp_path / name)]))
     assert message in line
     assert not (tmp_path / "new").exists()
   workdir = _copy(base_run, tmp_path)
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
   for overrides, field in ((["lr=-1"], "lr"), (["model.seq_len=1"], "model.seq_len")):
-    assert field in _error_line(_run(workdir, *overrides))
-  assert "is a file" in _error_line(_run(workdir / "config.json"))
+    assert field in _error_line(_run(workdir, QUICK, *overrides))
+  assert "is a file" in _error_line(_run(workdir / "config.json", QUICK))
   assert before == {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
 
 
@@ -203,11 +204,15 @@ def test_prepared_corpus_matches_in_memory_tokens_and_trains(tmp_path):
     want = [data.tokenize(d, data.ByteTokenizer()) for d in data.split_documents(data.load_documents(tmp_path / name))]
     np.testing.assert_array_equal(train_tokens, want[0])
     np.testing.assert_array_equal(heldout_tokens, want[1])
+  (tmp_path / "empty.txt").write_text("")
+  with pytest.raises(ValueError, match="is empty"):
+    prepare.prepare(tmp_path / "empty.txt", tmp_path / "prep-empty")
+  assert not (tmp_path / "prep-empty").exists() and not (tmp_path / "prep-empty.partial").exists()
   cli = [sys.executable, "-m", "train.prepare", "--data", str(tmp_path / "docs.jsonl"), "--out"]
   again = subprocess.run([*cli, str(tmp_path / "prep-docs.jsonl")], cwd=ROOT, capture_output=True, text=True)
   assert "already exists" in _error_line(again)
   prepared = tmp_path / "prep-docs.jsonl"
-  res = _run(tmp_path / "run", "steps=2", extra=["--data", str(prepared)])
+  res = _run(tmp_path / "run", QUICK, "steps=2", extra=["--data", str(prepared)])
   assert res.returncode == 0, res.stderr[-3000:]
   np.testing.assert_array_equal(np.load(tmp_path / "run" / "heldout_tokens.npy"), data.open_prepared(prepared)[1])
   source = json.loads((tmp_path / "run" / checkpoint.DATA_SOURCE_FILE).read_text())
@@ -216,5 +221,5 @@ def test_prepared_corpus_matches_in_memory_tokens_and_trains(tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert bpe.returncode == 0, bpe.stderr[-3000:]
   assert data.read_manifest(tmp_path / "bpe")["dtype"] == "uint16" and (tmp_path / "bpe" / "tokenizer.json").exists()
-  line = _error_line(_run(tmp_path / "run-bpe", "steps=2", extra=["--data", str(tmp_path / "bpe")]))
+  line = _error_line(_run(tmp_path / "run-bpe", QUICK, "steps=2", extra=["--data", str(tmp_path / "bpe")]))
   assert "tokenizer=bpe bpe_vocab_size=300 model.vocab_size=300" in line

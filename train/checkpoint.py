@@ -36,8 +36,8 @@ def manager(workdir: pathlib.Path, cfg: TrainConfig) -> ocp.CheckpointManager:
 def short(error: BaseException, limit: int = 200) -> str:
   """One line for an error: the innermost error it was raised from (where the library names the
   file and the cause), its message cut to its end when long."""
-  while (error.__cause__ or error.__context__) is not None:
-    error = error.__cause__ or error.__context__
+  while error.__cause__ is not None:
+    error = error.__cause__
   text = " ".join(str(error).split()) or type(error).__name__
   text = text if len(text) <= limit else "..." + text[-limit:]
   return f"{type(error).__name__}: {text}"

@@ -75,9 +75,13 @@ def load_documents(path: str | None = None) -> list[dict]:
       docs += _read_jsonl(f)
   docs = [d for d in docs if d["text"]]
   if not docs:
-    where = f"{path!r} is empty" if p.is_file() else f"no .txt/.jsonl file under {path!r} holds any text"
-    raise ValueError(f"no training text: {where}; give a file or folder with text")
+    raise no_text(p)
   return docs
+
+
+def no_text(path: pathlib.Path) -> ValueError:
+  where = f"{str(path)!r} is empty" if path.is_file() else f"no .txt/.jsonl file under {str(path)!r} holds any text"
+  return ValueError(f"no training text: {where}; give a file or folder with text")
 
 
 def fingerprint(path: str | None) -> str | None:

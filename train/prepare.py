@@ -176,7 +176,7 @@ def write_tokens(source: pathlib.Path, folder: pathlib.Path, tokenizer: str, bpe
   for doc_id, blocks in documents(source):
     (heldout if data.is_heldout(doc_id) else train).add(tok.encode(block) for block in blocks)
   if not train.tokens and not heldout.tokens:
-    raise ValueError(f"no training text: no .txt/.jsonl file under {source} holds any text")
+    raise data.no_text(source)
   split_last_document(train, heldout)
   train.close(), heldout.close()
   hashes = [file_sha256(f.path) for f in (train, heldout)]
