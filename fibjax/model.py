@@ -148,9 +148,9 @@ class LM(nnx.Module):
                            embedding_init=embed_init, rngs=rngs)
     self.blocks = nnx.List([
         Block(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, p, num_kv_heads=cfg.num_kv_heads,
-              rope_base=cfg.rope_base,
-              implementation=cfg.attention_impl, decode_impl=cfg.decode_impl, norm_impl=cfg.norm_impl,
-              interpret=cfg.interpret, batch_axes=batch_axes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+              rope_base=cfg.rope_base, implementation=cfg.attention_impl, decode_impl=cfg.decode_impl,
+              norm_impl=cfg.norm_impl, interpret=cfg.interpret, batch_axes=batch_axes, dtype=dtype,
+              param_dtype=param_dtype, rngs=rngs)
         for p in layer_patterns(cfg)
     ])
     self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
