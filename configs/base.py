@@ -43,11 +43,17 @@ class TrainConfig:
   final_eval_tokens: int = 32768
   position_buckets: int = 8
   progress: bool = True
+  # pack_documents: each window's documents (each starts at a SEPARATOR token) attend only within
+  # themselves, and RoPE positions restart at 0 at each separator (a window's leading tokens,
+  # the tail of a document begun before it, count from 0 at the window's start); training,
+  # periodic and final evaluation alike. False: one causal sequence per window, positions 0..T-1.
+  pack_documents: bool = False
 
   def validate(self) -> "TrainConfig":
     """Raises ``ValueError`` naming the bad field, its value and what it accepts; returns self."""
     self._validate_numbers()
     self.model.validate()
+    _check(self, "pack_documents", isinstance(self.pack_documents, bool), "a bool (true/false)")
     if self.tokenizer not in ("byte", "bpe"):
       raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {self.tokenizer!r}")
     if self.tokenizer == "byte" and self.model.vocab_size != 256:

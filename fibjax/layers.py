@@ -109,8 +109,11 @@ def _dense(d_in: int, d_out: int, dtype, param_dtype, rngs: nnx.Rngs, shard: tup
 class Attention(nnx.Module):
   """Causal self-attention: fused QKV projection, RoPE, the layer's pattern, out projection.
 
-  ``implementation``: one of ``attention_impls(pattern.kind)``; ``interpret``: the Pallas kernel
-  in interpret mode."""
+  ``num_kv_heads``: key/value heads ``H_kv`` (default ``num_heads``; fewer is grouped-query
+  attention, query head ``h`` reading kv head ``h // (H / H_kv)``): the projection's columns are
+  ``H`` query heads, then ``H_kv`` key and ``H_kv`` value heads, and the decode cache holds
+  ``H_kv`` heads. ``implementation``: one of ``attention_impls(pattern.kind)``; ``interpret``: the
+  Pallas kernel in interpret mode."""
 
   def __init__(
       self,
@@ -119,6 +122,7 @@ class Attention(nnx.Module):
       head_dim: int,
       pattern: LayerPattern,
       *,
+      num_kv_heads: int | None = None,
       rope_base: float = 10_000.0,
       implementation: str = "auto",
       interpret: bool = False,
@@ -127,10 +131,12 @@ class Attention(nnx.Module):
       rngs: nnx.Rngs,
   ):
     self.num_heads, self.head_dim = num_heads, head_dim
+    self.num_kv_heads = check_kv_heads(num_heads, num_kv_heads)
     self.pattern, self.rope_base, self.interpret = pattern, rope_base, interpret
     self.implementation = check_impl("implementation", implementation, attention_impls(pattern.kind),
                                      f" for a {pattern.kind} layer")
-    self.qkv = _dense(d_model, 3 * num_heads * head_dim, dtype, param_dtype, rngs, ("fsdp", None))
+    qkv_heads = num_heads + 2 * self.num_kv_heads
+    self.qkv = _dense(d_model, qkv_heads * head_dim, dtype, param_dtype, rngs, ("fsdp", None))
     self.out = _dense(num_heads * head_dim, d_model, dtype, param_dtype, rngs, ("fsdp", None))
     if pattern.kind == "learned":
       self.log_alpha = nnx.Param(jnp.asarray(np.log(pattern.alpha_0), jnp.float32))
@@ -147,32 +153,48 @@ class Attention(nnx.Module):
       return self.alpha() * jnp.asarray(self.pattern.terms, jnp.float32)
     return jnp.asarray(self.pattern.offsets, jnp.int32)
 
+  @property
+  def grouped(self) -> bool:
+    """Whether keys and values have fewer heads than queries (grouped-query attention)."""
+    return self.num_kv_heads != self.num_heads
+
   def project_qkv(self, x_BxNxD: jax.Array, positions_BxN: jax.Array | None = None
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``q, k, v: [B, N, H, D]``, q and k rotated at ``positions_BxN`` (default ``0..N-1``)."""
+    """``q: [B, N, H, D]``, ``k, v: [B, N, H_kv, D]``, q and k rotated at ``positions_BxN``
+    (default ``0..N-1``)."""
     b, n, _ = x_BxNxD.shape
     if positions_BxN is None:
       positions_BxN = jnp.broadcast_to(jnp.arange(n), (b, n))
-    qkv = self.qkv(x_BxNxD).reshape(b, n, 3, self.num_heads, self.head_dim)
-    return split_rope(qkv, positions_BxN, self.rope_base)
+    qkv = self.qkv(x_BxNxD)
+    if not self.grouped:
+      return split_rope(qkv.reshape(b, n, 3, self.num_heads, self.head_dim), positions_BxN, self.rope_base)
+    h, kv = self.num_heads, self.num_kv_heads
+    q, k, v = jnp.split(qkv.reshape(b, n, h + 2 * kv, self.head_dim), (h, h + kv), axis=2)
+    return rope(q, positions_BxN, self.rope_base), rope(k, positions_BxN, self.rope_base), v
 
-  def _attend(self, q, k, v) -> jax.Array:
+  def _attend(self, q, k, v, segment_ids_BxN: jax.Array | None = None) -> jax.Array:
+    """``[B, N, H, D]``: each query over its pattern's earlier keys (only those of its own
+    segment when ``segment_ids_BxN`` is given)."""
+    impl = dict(segment_ids=segment_ids_BxN, implementation=self.implementation, interpret=self.interpret)
     if self.pattern.kind == "dense":
-      return dense_attention(q, k, v, implementation=self.implementation, interpret=self.interpret)
-    return attention(q, k, v, window=self.pattern.window, offsets=self.offsets(), reach=self.pattern.reach,
-                     implementation=self.implementation, interpret=self.interpret)
+      return dense_attention(q, k, v, **impl)
+    return attention(q, k, v, window=self.pattern.window, offsets=self.offsets(), reach=self.pattern.reach, **impl)
 
   def _project_out(self, o_BxNxHxD: jax.Array) -> jax.Array:
     b, n = o_BxNxHxD.shape[:2]
     return self.out(o_BxNxHxD.reshape(b, n, self.num_heads * self.head_dim).astype(self.out.dtype or jnp.float32))
 
-  def __call__(self, x_BxNxD: jax.Array, positions_BxN: jax.Array | None = None) -> jax.Array:
-    return self._project_out(self._attend(*self.project_qkv(x_BxNxD, positions_BxN)))
+  def __call__(self, x_BxNxD: jax.Array, positions_BxN: jax.Array | None = None,
+               segment_ids_BxN: jax.Array | None = None) -> jax.Array:
+    """``[B, N, d_model]``; ``positions_BxN``: RoPE positions (default ``0..N-1``);
+    ``segment_ids_BxN``: int32 document ids, attention never crosses them (default: one document)."""
+    return self._project_out(self._attend(*self.project_qkv(x_BxNxD, positions_BxN), segment_ids_BxN))
 
   def init_cache(self, batch: int, max_len: int, dtype) -> dict[str, jax.Array]:
-    """Empty KV cache: ``R + 1`` ring slots for sparse patterns, ``max_len`` for dense."""
+    """Empty KV cache of ``H_kv`` heads: ``R + 1`` ring slots for sparse patterns, ``max_len``
+    for dense."""
     length = dec.cache_length(self.pattern.kind, self.pattern.reach, max_len)
-    return dec.init_layer_cache(batch, length, self.num_heads, self.head_dim, dtype)
+    return dec.init_layer_cache(batch, length, self.num_kv_heads, self.head_dim, dtype)
 
   def prefill(self, x_BxPxD: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """Full attention over a prompt at positions ``0..P-1``, storing its keys and values."""
@@ -230,9 +252,11 @@ def _compute_weight(linear: nnx.Linear) -> jax.Array:
 class Block(nnx.Module):
   """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
-  ``implementation``: the attention's (``attention_impls``); ``decode_impl``, ``norm_impl``: one of
-  ``KERNEL_IMPLS`` for incremental decoding and the RMSNorms; ``interpret``: every Pallas kernel in
-  interpret mode; ``batch_axes``: the mesh axes the Pallas norms split the batch over."""
+  ``num_kv_heads``, ``implementation``: the attention's (``Attention``, ``attention_impls``);
+  ``decode_impl``, ``norm_impl``: one of ``KERNEL_IMPLS`` for incremental decoding and the
+  RMSNorms (the fused decode kernels have no grouped-query attention: ``check_decode_impl``);
+  ``interpret``: every Pallas kernel in interpret mode; ``batch_axes``: the mesh axes the Pallas
+  norms split the batch over."""
 
   def __init__(
       self,
@@ -242,6 +266,7 @@ class Block(nnx.Module):
       mlp_dim: int,
       pattern: LayerPattern,
       *,
+      num_kv_heads: int | None = None,
       rope_base: float = 10_000.0,
       implementation: str = "auto",
       decode_impl: str = "auto",
@@ -255,11 +280,11 @@ class Block(nnx.Module):
     norm = lambda: nnx.RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
     self.attn_norm, self.mlp_norm = norm(), norm()
     self.attn = Attention(
-        d_model, num_heads, head_dim, pattern, rope_base=rope_base, implementation=implementation,
-        interpret=interpret, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        d_model, num_heads, head_dim, pattern, num_kv_heads=num_kv_heads, rope_base=rope_base,
+        implementation=implementation, interpret=interpret, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
     )
     self.mlp = MLP(d_model, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.decode_impl = check_impl("decode_impl", decode_impl, KERNEL_IMPLS)
+    self.decode_impl = check_decode_impl(decode_impl, num_heads, num_kv_heads)
     self.norm_impl = check_impl("norm_impl", norm_impl, KERNEL_IMPLS)
     self.interpret, self.batch_axes = interpret, tuple(batch_axes)
 
@@ -281,8 +306,10 @@ class Block(nnx.Module):
     x_BxNxD, h = self._norm(self.mlp_norm, x_BxNxD + a)
     return x_BxNxD + self.mlp(h), cache
 
-  def __call__(self, x_BxNxD: jax.Array, positions_BxN: jax.Array | None = None) -> jax.Array:
-    return self._residual(x_BxNxD, lambda h: (self.attn(h, positions_BxN), None))[0]
+  def __call__(self, x_BxNxD: jax.Array, positions_BxN: jax.Array | None = None,
+               segment_ids_BxN: jax.Array | None = None) -> jax.Array:
+    """``[B, N, d_model]``; positions and segment ids as in ``Attention.__call__``."""
+    return self._residual(x_BxNxD, lambda h: (self.attn(h, positions_BxN, segment_ids_BxN), None))[0]
 
   def prefill(self, x_BxPxD: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     return self._residual(x_BxPxD, lambda h: self.attn.prefill(h, cache))
@@ -310,7 +337,7 @@ class Block(nnx.Module):
 
     a = self.attn
     return fusable(rows=rows, d_model=self.attn_norm.num_features, num_heads=a.num_heads, head_dim=a.head_dim,
-                   mlp_dim=self.mlp.down.in_features, dense=a.pattern.kind == "dense")
+                   mlp_dim=self.mlp.down.in_features, dense=a.pattern.kind == "dense", num_kv_heads=a.num_kv_heads)
 
 
 def attention_impls(kind: PatternKind) -> tuple[str, ...]:
@@ -323,6 +350,28 @@ def check_impl(name: str, impl: str, valid: tuple[str, ...], where: str = "") ->
   if impl not in valid:
     raise ValueError(f"{name} must be one of {valid}{where}, got {impl!r}")
   return impl
+
+
+def check_kv_heads(num_heads: int, num_kv_heads: int | None) -> int:
+  """``H_kv`` (``num_heads`` when ``None``) if it is an int >= 1 dividing ``num_heads``, else
+  ``ValueError`` naming ``num_kv_heads``."""
+  if num_kv_heads is None:
+    return num_heads
+  if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1 \
+      or num_heads % num_kv_heads:
+    raise ValueError(f"num_kv_heads must be an int >= 1 dividing num_heads ({num_heads}), got {num_kv_heads!r}")
+  return num_kv_heads
+
+
+def check_decode_impl(decode_impl: str, num_heads: int, num_kv_heads: int | None) -> str:
+  """``decode_impl`` if valid for these heads, else ``ValueError`` naming it: one of
+  ``KERNEL_IMPLS``, and not ``pallas`` for grouped-query attention (the fused decode kernels
+  read one kv head per query head; ``auto`` takes the XLA path there)."""
+  check_impl("decode_impl", decode_impl, KERNEL_IMPLS)
+  if decode_impl == "pallas" and check_kv_heads(num_heads, num_kv_heads) != num_heads:
+    raise ValueError(f"decode_impl='pallas' has no grouped-query attention (num_kv_heads={num_kv_heads} != "
+                     f"num_heads={num_heads}); use decode_impl='auto' or 'xla'")
+  return decode_impl
 
 
 def _resolve(impl: str, kernels_apply: bool, interpret: bool) -> str:

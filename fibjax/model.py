@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fibjax.layers import BATCH_AXES, KERNEL_IMPLS, Block, LayerPattern, attention_impls, check_impl
+from fibjax.layers import (BATCH_AXES, KERNEL_IMPLS, Block, LayerPattern, attention_impls, check_decode_impl,
+                           check_impl, check_kv_heads)
 from fibjax.offsets import BASES, check_alpha, check_window_reach, layer_offsets, learned_terms, offset_set
 from fibjax.schedules import SCHEDULES, layer_alphas
 
@@ -29,12 +30,16 @@ class ModelConfig:
   window: dense local window W. alpha_0: ``fixed``/``learned`` (initial) alpha.
   alpha_min, alpha_max: the ``linear``/``coprime`` range.
   vocab_size: 256 (byte-level tokens, the default tokenizer).
+  num_kv_heads: key/value heads (``None``: ``num_heads``); fewer is grouped-query attention
+  (must divide ``num_heads``): a smaller QKV projection and a decode cache ``num_heads /
+  num_kv_heads`` times smaller.
   mlp_dim: SwiGLU hidden width; 1664 (3.25 x 512) puts the paper recipe at ~57.8M parameters.
   dtype: compute dtype; param_dtype: master weights.
   attention_impl: ``auto`` (Pallas on GPU/TPU for sparse variants, cuDNN on GPU for dense in
   16-bit dtypes, XLA elsewhere), ``xla``, and ``pallas`` (sparse variants) or ``cudnn`` (dense).
   decode_impl: incremental decoding, ``auto`` (fused Pallas kernels on GPU where they are faster,
-  XLA ops elsewhere), ``xla`` or ``pallas``. norm_impl: the blocks' RMSNorm over sequences,
+  XLA ops elsewhere, always XLA for grouped-query attention), ``xla`` or ``pallas`` (not with
+  grouped-query attention). norm_impl: the blocks' RMSNorm over sequences,
   ``auto`` (one-pass Pallas kernels on GPU, XLA otherwise), ``xla`` or ``pallas``.
   interpret: run every Pallas kernel in interpret mode (CPU tests); ``auto`` then picks them.
   remat: recompute each block in the backward pass (saves activation memory).
@@ -45,6 +50,7 @@ class ModelConfig:
   d_model: int = 512
   num_layers: int = 16
   num_heads: int = 8
+  num_kv_heads: int | None = None
   head_dim: int = 64
   mlp_dim: int = 1664
   seq_len: int = 1024
@@ -89,7 +95,8 @@ class ModelConfig:
         raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
     pattern = "dense" if self.variant == "dense" else "static"
     check_impl("attention_impl", self.attention_impl, attention_impls(pattern), f" for variant {self.variant!r}")
-    check_impl("decode_impl", self.decode_impl, KERNEL_IMPLS)
+    check_kv_heads(self.num_heads, self.num_kv_heads)
+    check_decode_impl(self.decode_impl, self.num_heads, self.num_kv_heads)
     check_impl("norm_impl", self.norm_impl, KERNEL_IMPLS)
     for name in ("interpret", "remat"):
       if not isinstance(getattr(self, name), bool):
@@ -140,9 +147,10 @@ class LM(nnx.Module):
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
                            embedding_init=embed_init, rngs=rngs)
     self.blocks = nnx.List([
-        Block(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, p, rope_base=cfg.rope_base,
-              implementation=cfg.attention_impl, decode_impl=cfg.decode_impl, norm_impl=cfg.norm_impl,
-              interpret=cfg.interpret, batch_axes=batch_axes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        Block(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, p, num_kv_heads=cfg.num_kv_heads,
+              rope_base=cfg.rope_base, implementation=cfg.attention_impl, decode_impl=cfg.decode_impl,
+              norm_impl=cfg.norm_impl, interpret=cfg.interpret, batch_axes=batch_axes, dtype=dtype,
+              param_dtype=param_dtype, rngs=rngs)
         for p in layer_patterns(cfg)
     ])
     self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -164,19 +172,24 @@ class LM(nnx.Module):
   def _logits(self, x_BxNxD: jax.Array) -> jax.Array:
     return self.embed.attend(self.final_norm(x_BxNxD)).astype(jnp.float32)
 
-  def __call__(self, tokens_BxN: jax.Array, positions_BxN: jax.Array | None = None) -> jax.Array:
-    """``tokens_BxN`` int32 -> logits ``[B, N, vocab]`` float32; position i sees tokens <= i."""
+  def __call__(self, tokens_BxN: jax.Array, positions_BxN: jax.Array | None = None,
+               segment_ids_BxN: jax.Array | None = None) -> jax.Array:
+    """``tokens_BxN`` int32 -> logits ``[B, N, vocab]`` float32; position i sees tokens <= i.
+
+    ``positions_BxN``: int RoPE positions (default ``0..N-1``). ``segment_ids_BxN``: int32
+    document ids of packed documents: position i sees only tokens <= i with its own id."""
     x_BxNxD = self._embed(tokens_BxN)
     for block in self.blocks:
       if self.cfg.remat:
-        x_BxNxD = nnx.remat(lambda blk, x, p: blk(x, p))(block, x_BxNxD, positions_BxN)
+        x_BxNxD = nnx.remat(lambda blk, x, p, s: blk(x, p, s))(block, x_BxNxD, positions_BxN, segment_ids_BxN)
       else:
-        x_BxNxD = block(x_BxNxD, positions_BxN)
+        x_BxNxD = block(x_BxNxD, positions_BxN, segment_ids_BxN)
     return self._logits(x_BxNxD)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict]:
-    """Per-layer KV caches (``fibjax.decode``); sparse layers hold ``R + 1`` positions whatever
-    ``max_len`` is, dense layers ``max_len``. ``dtype`` defaults to the compute dtype."""
+    """Per-layer KV caches (``fibjax.decode``) of ``num_kv_heads`` heads; sparse layers hold
+    ``R + 1`` positions whatever ``max_len`` is, dense layers ``max_len``. ``dtype`` defaults to
+    the compute dtype."""
     dtype = dtype or DTYPES[self.cfg.dtype]
     return [block.attn.init_cache(batch, max_len, dtype) for block in self.blocks]
 

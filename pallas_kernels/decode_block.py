@@ -98,11 +98,13 @@ class SparsePattern:
 DenseAttend = Callable[[jax.Array, dict], tuple[jax.Array, dict]]
 
 
-def fusable(*, rows: int, d_model: int, num_heads: int, head_dim: int, mlp_dim: int, dense: bool) -> bool:
+def fusable(*, rows: int, d_model: int, num_heads: int, head_dim: int, mlp_dim: int, dense: bool,
+            num_kv_heads: int | None = None) -> bool:
   """Whether ``block_step`` is the faster path for these shapes: the compiled kernels take them
-  (dots of >= 16 columns, 16-wide contraction steps, heads of a multiple of 32) and, for dense
-  layers, the rows are few enough for the fused projections to beat XLA."""
-  if dense and rows > DENSE_MAX_ROWS:
+  (dots of >= 16 columns, 16-wide contraction steps, heads of a multiple of 32; one kv head per
+  query head, ``num_kv_heads`` ``None`` or ``num_heads``) and, for dense layers, the rows are few
+  enough for the fused projections to beat XLA."""
+  if (dense and rows > DENSE_MAX_ROWS) or num_kv_heads not in (None, num_heads):
     return False
   return head_dim % 32 == 0 and all(w % 16 == 0 for w in (d_model, num_heads * head_dim, mlp_dim))
 
@@ -128,11 +130,17 @@ def block_step(
     weights: the block's parameters. attention: ``SparsePattern`` (the ring-buffer kernel) or a
       dense layer's XLA attention.
     pos: int32 scalar position. rope_angles_F: ``[Dh / 2]`` float32 RoPE angles of ``pos``.
-    num_heads: H. interpret: run the kernels in Pallas interpret mode (CPU tests).
+    num_heads: H, of queries, keys and values alike. interpret: run the kernels in Pallas
+      interpret mode (CPU tests).
   Returns the float32 residual stream ``[B, D]`` after the block and the updated cache.
+  Raises ValueError for grouped-query weights or caches (fewer kv heads than ``num_heads``).
   """
   b = x_BxD.shape[0]
   head_dim = weights.out_HDxD.shape[0] // num_heads
+  if weights.qkv_DxQ.shape[1] != 3 * num_heads * head_dim or cache["k"].shape[2] != num_heads:
+    raise ValueError(f"block_step has no grouped-query attention: qkv_DxQ needs 3 * num_heads * head_dim = "
+                     f"{3 * num_heads * head_dim} columns and the cache {num_heads} heads, got "
+                     f"{weights.qkv_DxQ.shape[1]} and {cache['k'].shape[2]}")
   x_BxD = x_BxD.astype(jnp.float32)
   sparse = isinstance(attention, SparsePattern)
   atomic = sparse and b <= ATOMIC_ROWS

@@ -11,6 +11,7 @@ from fibjax.generate import compiled_steps
 
 T = 32
 SMALL = dict(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64, seq_len=T, window=4)
+HEADS = {"mha": {}, "gqa": dict(num_heads=4, num_kv_heads=2, head_dim=8)}  # gqa: 2 query heads per kv head
 
 
 def _model(variant, **kw):
@@ -21,9 +22,10 @@ def _model(variant, **kw):
   return model
 
 
-@pytest.mark.parametrize("variant", fibjax.VARIANTS)
-def test_decoding_token_by_token_equals_full_forward_to_4T(variant):
-  model = _model(variant)
+@pytest.mark.parametrize("variant, heads", [(v, "mha") for v in fibjax.VARIANTS]
+                         + [(v, "gqa") for v in ("dense", "fib-linear", "fib-learned")])
+def test_decoding_token_by_token_equals_full_forward_to_4T(variant, heads):
+  model = _model(variant, **HEADS[heads])
   n, prompt = 4 * T, T + 9  # prompt longer than R = T; decode on to 4T
   tokens = jnp.asarray(np.random.default_rng(0).integers(1, 256, (2, n)), jnp.int32)
   full = model(tokens)
@@ -36,7 +38,7 @@ def test_decoding_token_by_token_equals_full_forward_to_4T(variant):
     np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, pos]), atol=2e-5, err_msg=f"position {pos}")
   assert [c["k"].shape for c in cache] == sizes  # the cache never grows
   expected = n if variant == "dense" else T + 1
-  assert all(s[1] == expected for s in sizes)
+  assert all(s[1] == expected and s[2] == HEADS[heads].get("num_kv_heads", 2) for s in sizes)  # H_kv heads cached
 
 
 def test_sparse_cache_size_does_not_depend_on_length():
@@ -44,8 +46,9 @@ def test_sparse_cache_size_does_not_depend_on_length():
   assert model.init_cache(1, 64)[0]["k"].shape == model.init_cache(1, 100_000)[0]["k"].shape == (1, T + 1, 2, 16)
 
 
-def test_generate_greedy_matches_argmax_and_never_recompiles():
-  model = _model("fib-coprime")
+@pytest.mark.parametrize("heads", ["mha", "gqa"])
+def test_generate_greedy_matches_argmax_and_never_recompiles(heads):
+  model = _model("fib-coprime", **HEADS[heads])
   prompt = jnp.asarray(np.random.default_rng(1).integers(1, 256, (2, 7)), jnp.int32)
   new = 3 * T  # far past R
   out = fibjax.generate(model, prompt, new)
@@ -57,6 +60,20 @@ def test_generate_greedy_matches_argmax_and_never_recompiles():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(seq))
   _, steps = compiled_steps(nnx.graphdef(model), 0.0, 0)
   assert steps._cache_size() == 1
+
+
+def test_grouped_query_decoding_takes_the_xla_path():
+  """The fused decode kernels read one kv head per query head: ``decode_impl="auto"`` decodes a
+  GQA model through XLA even where it would fuse an MHA model of the same widths, and gives the
+  full forward's logits; ``"pallas"`` is refused, naming ``decode_impl``."""
+  widths = dict(num_heads=2, head_dim=32, interpret=True, attention_impl="xla", norm_impl="xla")
+  mha, gqa = (_model("fib-fixed", **widths, num_kv_heads=kv) for kv in (None, 1))
+  assert mha.blocks[0]._fusable(2) and not gqa.blocks[0]._fusable(2)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(1, 256, (2, 1)), jnp.int32)
+  logits, _ = gqa.decode(tokens[:, 0], jnp.int32(0), gqa.init_cache(2, 1))
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(gqa(tokens)[:, 0]), atol=2e-5)
+  with pytest.raises(ValueError, match="decode_impl='pallas' has no grouped-query"):
+    _model("fib-fixed", **widths, num_kv_heads=1, decode_impl="pallas")
 
 
 def test_chunking_does_not_change_samples():

@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import re
 
@@ -52,6 +53,46 @@ def test_paper_recipe_parameter_count():
   assert fibjax.abstract_param_count(fibjax.ModelConfig(variant="fib-learned")) == n + 16
 
 
+def test_grouped_query_attention_shrinks_the_qkv_projection():
+  """``H_kv`` kv heads: each layer's fused projection loses ``2 (H - H_kv) head_dim`` columns."""
+  cfg = fibjax.ModelConfig()
+  n = fibjax.abstract_param_count(cfg)
+  assert fibjax.abstract_param_count(dataclasses.replace(cfg, num_kv_heads=8)) == n
+  for kv in (1, 2, 4):
+    shrink = cfg.num_layers * cfg.d_model * 2 * (cfg.num_heads - kv) * cfg.head_dim
+    assert fibjax.abstract_param_count(dataclasses.replace(cfg, num_kv_heads=kv)) == n - shrink
+
+
+def _repeat_kv_columns(kernel_DxC: jax.Array, heads: int, kv_heads: int, head_dim: int) -> jax.Array:
+  """A GQA fused projection ``[D, (H + 2 H_kv) Dh]`` as the MHA one ``[D, 3 H Dh]`` whose key
+  and value heads are copies: kv head ``j`` serves query heads ``j G .. (j + 1) G - 1``."""
+  w = kernel_DxC.reshape(kernel_DxC.shape[0], heads + 2 * kv_heads, head_dim)
+  q, k, v = jnp.split(w, (heads, heads + kv_heads), axis=1)
+  group = heads // kv_heads
+  return jnp.concatenate([q, jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)], axis=1).reshape(
+      kernel_DxC.shape[0], 3 * heads * head_dim)
+
+
+@pytest.mark.parametrize("variant, impl", [("dense", "xla"), ("fib-linear", "xla"), ("fib-learned", "pallas")])
+def test_grouped_query_model_equals_mha_with_copied_kv_heads(variant, impl):
+  """Query head ``h`` reads kv head ``h // G``: a GQA model (4 query heads, 2 kv heads) gives the
+  logits of the MHA model with the same weights and each kv head copied to its group (``pallas``:
+  the kernel in interpret mode)."""
+  heads, kv_heads, head_dim = 4, 2, 8
+  cfg = fibjax.ModelConfig(variant=variant, **dict(TINY, num_heads=heads, head_dim=head_dim), num_kv_heads=kv_heads,
+                           attention_impl=impl, norm_impl="xla", interpret=True)
+  gqa = fibjax.LM(cfg, rngs=nnx.Rngs(0))
+  mha = fibjax.LM(dataclasses.replace(cfg, num_kv_heads=None), rngs=nnx.Rngs(1))
+  for path, param in nnx.to_flat_state(nnx.state(gqa, nnx.Param)):
+    value = param[...]
+    if path[-2:] == ("qkv", "kernel"):
+      value = _repeat_kv_columns(value, heads, kv_heads, head_dim)
+    target = functools.reduce(lambda node, key: node[key] if isinstance(key, int) else getattr(node, key), path, mha)
+    target[...] = value
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, 256, (2, 40)), jnp.int32)
+  np.testing.assert_allclose(np.asarray(gqa(tokens)), np.asarray(mha(tokens)), atol=2e-5)
+
+
 def test_patterns_follow_the_schedules():
   cfg = fibjax.ModelConfig(variant="fib-linear", num_layers=4, seq_len=1024, window=64)
   pats = fibjax.layer_patterns(cfg)
@@ -77,6 +118,9 @@ def test_patterns_follow_the_schedules():
         (dict(dtype="fp8"), "dtype"),
         (dict(num_layers=0), "num_layers"),
         (dict(interpret="yes"), "interpret"),
+        (dict(num_kv_heads=3), "num_kv_heads"),  # must divide num_heads = 8
+        (dict(num_kv_heads=0), "num_kv_heads"),
+        (dict(num_kv_heads=2, decode_impl="pallas"), "decode_impl"),  # the fused decode kernels have no GQA
     ],
 )
 def test_bad_config_raises(kwargs, field):

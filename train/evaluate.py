@@ -64,10 +64,11 @@ def nested_windows(tokens: np.ndarray, seq_len: int, multiples: tuple[int, ...],
 
 
 def score_lengths(graphdef, params, tokens: np.ndarray, seq_len: int, multiples: tuple[int, ...],
-                  max_targets: int, rows: int, mesh, buckets: int) -> dict[str, Any]:
+                  max_targets: int, rows: int, mesh, buckets: int, pack_documents: bool = False) -> dict[str, Any]:
   """Loss and perplexity at each multiple of T on identical targets, loss by context position
-  (``buckets`` equal spans of the window) and the rise against the shortest length."""
-  eval_fn = jax.jit(make_eval_step(graphdef))
+  (``buckets`` equal spans of the window) and the rise against the shortest length.
+  ``pack_documents``: documents attend only within themselves (``train.step.token_nll``)."""
+  eval_fn = jax.jit(make_eval_step(graphdef, pack_documents))
   windows = nested_windows(tokens, seq_len, multiples, max_targets)
   out: dict[str, Any] = {"train_length": seq_len, "multiples": list(multiples),
                          "targets": int(windows[multiples[0]].shape[0] * multiples[0] * seq_len)}
@@ -88,7 +89,8 @@ def score_lengths(graphdef, params, tokens: np.ndarray, seq_len: int, multiples:
 def evaluate(graphdef, params, cfg: TrainConfig, heldout: np.ndarray, mesh) -> dict:
   """The run's closing evaluation: ``cfg.final_eval_multiples`` x T on ``cfg.final_eval_tokens``."""
   return score_lengths(graphdef, params, heldout, cfg.model.seq_len, tuple(cfg.final_eval_multiples),
-                       cfg.final_eval_tokens, cfg.batch_size // cfg.grad_accum, mesh, cfg.position_buckets)
+                       cfg.final_eval_tokens, cfg.batch_size // cfg.grad_accum, mesh, cfg.position_buckets,
+                       cfg.pack_documents)
 
 
 def data_tag(path: str | None, tokens: np.ndarray) -> str:
@@ -144,7 +146,8 @@ def run_evaluation(workdir: pathlib.Path, multiples: tuple[int, ...] = (1, 2, 4)
   def compute() -> dict:
     with jax.set_mesh(run.mesh):
       record = score_lengths(run.graphdef, run.params, tokens, run.cfg.model.seq_len, multiples, max_targets,
-                             run.cfg.batch_size // run.cfg.grad_accum, run.mesh, run.cfg.position_buckets)
+                             run.cfg.batch_size // run.cfg.grad_accum, run.mesh, run.cfg.position_buckets,
+                             run.cfg.pack_documents)
     return {**record, "step": run.step, "data": data_path and str(pathlib.Path(data_path).absolute()),
             "data_tag": tag, "variant": run.cfg.model.variant, "seed": run.cfg.seed}
 

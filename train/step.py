@@ -10,12 +10,35 @@ import optax
 from flax import nnx
 
 from configs.base import TrainConfig
+from train.data import SEPARATOR
 
 
-def token_nll(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT1: jax.Array) -> jax.Array:
-  """Per-target negative log-likelihood ``[B, T]`` (float32) of ``tokens[:, 1:]``."""
+def document_layout(tokens_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(segment_ids_BxN, positions_BxN)`` int32 of packed documents, each starting at a
+  ``SEPARATOR`` token: the segment id counts the separators up to and including each token (the
+  tokens before the first, a document begun before the window, are segment 0) and the position
+  is the distance to its document's start (the window's start for segment 0)."""
+  n = tokens_BxN.shape[1]
+  starts_BxN = tokens_BxN == SEPARATOR
+  index_N = jnp.arange(n, dtype=jnp.int32)
+  start_BxN = jax.lax.cummax(jnp.where(starts_BxN, index_N, 0), axis=1)
+  return jnp.cumsum(starts_BxN, axis=1, dtype=jnp.int32), index_N - start_BxN
+
+
+def token_nll(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT1: jax.Array,
+              pack_documents: bool = False) -> jax.Array:
+  """Per-target negative log-likelihood ``[B, T]`` (float32) of ``tokens[:, 1:]``.
+
+  ``pack_documents``: the inputs' documents (``document_layout``) attend only within themselves,
+  at positions counted from each document's start; a document's last input still predicts the
+  next token (the next document's separator)."""
   model = nnx.merge(graphdef, params)
-  logits_BxTxV = model(tokens_BxT1[:, :-1])
+  inputs_BxT = tokens_BxT1[:, :-1]
+  if pack_documents:
+    segment_ids_BxT, positions_BxT = document_layout(inputs_BxT)
+    logits_BxTxV = model(inputs_BxT, positions_BxT, segment_ids_BxT)
+  else:
+    logits_BxTxV = model(inputs_BxT)
   logp = jax.nn.log_softmax(logits_BxTxV, axis=-1)
   return -jnp.take_along_axis(logp, tokens_BxT1[:, 1:, None], axis=-1)[..., 0]
 
@@ -33,12 +56,14 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   )
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, pack_documents: bool = False
+                    ) -> Callable:
   """``step(state, batch_AxBxT1) -> (state, metrics)``: A micro-batches accumulated by scan,
-  one optimizer update. ``state = {"params", "opt_state", "step"}``."""
+  one optimizer update. ``state = {"params", "opt_state", "step"}``; ``pack_documents`` as in
+  ``token_nll``."""
 
   def loss_fn(params, tokens):
-    return jnp.mean(token_nll(graphdef, params, tokens))
+    return jnp.mean(token_nll(graphdef, params, tokens, pack_documents))
 
   def step(state: dict[str, Any], batch_AxBxT1: jax.Array):
     params = state["params"]
@@ -64,10 +89,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) ->
   return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-  """``eval(params, tokens_BxL1) -> nll summed over the batch, per position [L]``."""
+def make_eval_step(graphdef: nnx.GraphDef, pack_documents: bool = False) -> Callable:
+  """``eval(params, tokens_BxL1) -> nll summed over the batch, per position [L]``;
+  ``pack_documents`` as in ``token_nll``."""
 
   def evaluate(params, tokens_BxL1):
-    return jnp.sum(token_nll(graphdef, params, tokens_BxL1), axis=0)
+    return jnp.sum(token_nll(graphdef, params, tokens_BxL1, pack_documents), axis=0)
 
   return evaluate

@@ -76,11 +76,12 @@ def shardings_of(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def compile_train_step(graphdef, tx, state, mesh):
-  """The jit train step with explicit in/out shardings and the state buffer donated."""
+def compile_train_step(graphdef, tx, state, mesh, pack_documents: bool = False):
+  """The jit train step with explicit in/out shardings and the state buffer donated
+  (``pack_documents``: ``train.step.token_nll``)."""
   state_sh = shardings_of(state)
   return jax.jit(
-      make_train_step(graphdef, tx),
+      make_train_step(graphdef, tx, pack_documents),
       in_shardings=(state_sh, NamedSharding(mesh, BATCH_SPEC)),
       out_shardings=(state_sh, NamedSharding(mesh, P())),
       donate_argnums=(0,),
@@ -233,8 +234,8 @@ def train(cfg: TrainConfig, workdir: pathlib.Path) -> dict:
       last_saved = start
     mngr = checkpoint.manager(workdir, cfg)
     try:
-      step_fn = compile_train_step(graphdef, tx, state, mesh)
-      eval_fn = jax.jit(make_eval_step(graphdef))
+      step_fn = compile_train_step(graphdef, tx, state, mesh, cfg.pack_documents)
+      eval_fn = jax.jit(make_eval_step(graphdef, cfg.pack_documents))
       heldout_windows = data.eval_windows(run_data.heldout, cfg.model.seq_len,
                                           cfg.eval_batches * micro * cfg.model.seq_len)
       writer = Writer(workdir, resume_step=start)
