@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs.base import TrainConfig
 from train import data
-from train.restore import load_run
+from train.restore import Run, load_run
 from train.step import make_eval_step
 
 EVALS_DIR = "evals"
@@ -93,6 +93,15 @@ def evaluate(graphdef, params, cfg: TrainConfig, heldout: np.ndarray, mesh) -> d
                        cfg.pack_documents)
 
 
+def score_run(run: Run, graphdef, params, tokens: np.ndarray, multiples: tuple[int, ...], max_targets: int
+              ) -> dict[str, Any]:
+  """``score_lengths`` for a restored run (its T, batch, buckets, packing), with ``graphdef`` and
+  ``params`` of that run's model or of a variant of it (``train.budget``)."""
+  cfg = run.cfg
+  return score_lengths(graphdef, params, tokens, cfg.model.seq_len, multiples, max_targets,
+                       cfg.batch_size // cfg.grad_accum, run.mesh, cfg.position_buckets, cfg.pack_documents)
+
+
 def data_tag(path: str | None, tokens: np.ndarray) -> str:
   """``heldout`` for the run's own split, else ``<file stem>-<sha1 of its tokens, 8 hex digits>``."""
   if path is None:
@@ -145,9 +154,7 @@ def run_evaluation(workdir: pathlib.Path, multiples: tuple[int, ...] = (1, 2, 4)
 
   def compute() -> dict:
     with jax.set_mesh(run.mesh):
-      record = score_lengths(run.graphdef, run.params, tokens, run.cfg.model.seq_len, multiples, max_targets,
-                             run.cfg.batch_size // run.cfg.grad_accum, run.mesh, run.cfg.position_buckets,
-                             run.cfg.pack_documents)
+      record = score_run(run, run.graphdef, run.params, tokens, multiples, max_targets)
     return {**record, "step": run.step, "data": data_path and str(pathlib.Path(data_path).absolute()),
             "data_tag": tag, "variant": run.cfg.model.variant, "seed": run.cfg.seed}
 

@@ -333,6 +333,11 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
   return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def kv_heads(model: dict) -> str:
+  kv = model.get("num_kv_heads")
+  return "" if kv in (None, model["num_heads"]) else f" ({kv} key/value heads)"
+
+
 def mean_std(xs: list[float], fmt: str = "{:.3f}") -> str:
   return f"{fmt.format(stats.mean(xs))} +- {fmt.format(stats.std(xs))}"
 
@@ -355,7 +360,7 @@ def build(root: pathlib.Path) -> tuple[str, list[dict]]:
   budgets = {(c["budget_data"]["training_tokens"], c["budget_data"]["repeats"]) for c in cells}
   lines += table(["field", "value"], [
       ["model", f"d_model {model['d_model']}, {model['num_layers']} layers, {model['num_heads']} heads x "
-                f"{model['head_dim']}, T = {model['seq_len']}, W = {model['window']}, {model['dtype']}"],
+                f"{model['head_dim']}{kv_heads(model)}, T = {model['seq_len']}, W = {model['window']}, {model['dtype']}"],
       ["parameters", ", ".join(sorted({f"{c['params']:,}" for c in cells}))],
       ["steps x batch", f"{c0['config']['steps']} x {c0['config']['batch_size']}"],
       ["training tokens per run", ", ".join(f"{t:,}" for t, _ in sorted(budgets))],
