@@ -70,6 +70,7 @@ def attention(
     segment_ids: jax.Array | None = None,
     implementation: Implementation = "auto",
     interpret: bool = False,
+    batch_axes: Sequence[str] | None = None,
     **kernel_options,
 ) -> jax.Array:
   """Causal Fibonacci-offset (gathered-offset) attention.
@@ -97,6 +98,8 @@ def attention(
     implementation: one of ``valid_implementations("sparse")``: ``"auto"`` (Pallas on
       GPU/TPU or with ``interpret``, XLA on CPU), ``"pallas"`` or ``"xla"`` (pure jnp).
     interpret: run the Pallas kernel in interpret mode (CPU tests).
+    batch_axes: under a mesh, the axes that split the batch: the Pallas kernels run once per
+      device on its own rows (default: every axis of the mesh). The XLA path partitions itself.
     **kernel_options: block sizes etc. for the Pallas kernel.
   Returns:
     ``[batch, seq, heads, head_dim]`` in ``q.dtype``.
@@ -119,7 +122,7 @@ def attention(
     return sparse_attention_reference(q, k, v, **pattern)
   from pallas_kernels import gathered_offset_attention  # pylint: disable=import-outside-toplevel
 
-  return gathered_offset_attention(q, k, v, interpret=interpret, **pattern, **kernel_options)
+  return gathered_offset_attention(q, k, v, interpret=interpret, batch_axes=batch_axes, **pattern, **kernel_options)
 
 
 def dense_attention(

@@ -113,7 +113,8 @@ class Attention(nnx.Module):
   attention, query head ``h`` reading kv head ``h // (H / H_kv)``): the projection's columns are
   ``H`` query heads, then ``H_kv`` key and ``H_kv`` value heads, and the decode cache holds
   ``H_kv`` heads. ``implementation``: one of ``attention_impls(pattern.kind)``; ``interpret``: the
-  Pallas kernel in interpret mode."""
+  Pallas kernel in interpret mode; ``batch_axes``: the mesh axes the Pallas kernel splits the
+  batch over."""
 
   def __init__(
       self,
@@ -126,11 +127,12 @@ class Attention(nnx.Module):
       rope_base: float = 10_000.0,
       implementation: str = "auto",
       interpret: bool = False,
+      batch_axes: tuple[str, ...] = BATCH_AXES,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
       rngs: nnx.Rngs,
   ):
-    self.num_heads, self.head_dim = num_heads, head_dim
+    self.num_heads, self.head_dim, self.batch_axes = num_heads, head_dim, tuple(batch_axes)
     self.num_kv_heads = check_kv_heads(num_heads, num_kv_heads)
     self.pattern, self.rope_base, self.interpret = pattern, rope_base, interpret
     self.implementation = check_impl("implementation", implementation, attention_impls(pattern.kind),
@@ -178,7 +180,8 @@ class Attention(nnx.Module):
     impl = dict(segment_ids=segment_ids_BxN, implementation=self.implementation, interpret=self.interpret)
     if self.pattern.kind == "dense":
       return dense_attention(q, k, v, **impl)
-    return attention(q, k, v, window=self.pattern.window, offsets=self.offsets(), reach=self.pattern.reach, **impl)
+    return attention(q, k, v, window=self.pattern.window, offsets=self.offsets(), reach=self.pattern.reach,
+                     batch_axes=self.batch_axes, **impl)
 
   def _project_out(self, o_BxNxHxD: jax.Array) -> jax.Array:
     b, n = o_BxNxHxD.shape[:2]
@@ -281,7 +284,8 @@ class Block(nnx.Module):
     self.attn_norm, self.mlp_norm = norm(), norm()
     self.attn = Attention(
         d_model, num_heads, head_dim, pattern, num_kv_heads=num_kv_heads, rope_base=rope_base,
-        implementation=implementation, interpret=interpret, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        implementation=implementation, interpret=interpret, batch_axes=batch_axes, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs,
     )
     self.mlp = MLP(d_model, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.decode_impl = check_decode_impl(decode_impl, num_heads, num_kv_heads)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,29 +45,29 @@ def _batched(*arrays):
   return tuple(x for x in arrays if x is not None)
 
 
-def _forward(q, k, v, seg, offsets, st: bodies.Static, backend: str, options: tuple):
-  """``(out, lse)``, each device on its own batch rows under a mesh."""
+def _forward(q, k, v, seg, offsets, st: bodies.Static, backend: str, options: tuple, batch_axes):
+  """``(out, lse)``, each device on its own batch rows under a mesh (split over ``batch_axes``)."""
   lowering = _lowering(backend)
 
   def kernel(q, k, v, *rest):
     seg, offsets = rest if st.segments else (None, *rest)
     return lowering.forward(q, k, v, seg, offsets, st=st, **dict(options))
 
-  return per_batch_shard(kernel, _batched(q, k, v, seg), (offsets,))
+  return per_batch_shard(kernel, _batched(q, k, v, seg), (offsets,), batch_axes=batch_axes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
 def _attention(q, k, v, seg, offsets, st: bodies.Static, st_bwd: bodies.Static, backend: str, options: tuple,
-               options_bwd: tuple):
-  return _forward(q, k, v, seg, offsets, st, backend, options)[0]
+               options_bwd: tuple, batch_axes: tuple[str, ...] | None):
+  return _forward(q, k, v, seg, offsets, st, backend, options, batch_axes)[0]
 
 
-def _fwd(q, k, v, seg, offsets, st, st_bwd, backend, options, options_bwd):
-  out, lse = _forward(q, k, v, seg, offsets, st, backend, options)
+def _fwd(q, k, v, seg, offsets, st, st_bwd, backend, options, options_bwd, batch_axes):
+  out, lse = _forward(q, k, v, seg, offsets, st, backend, options, batch_axes)
   return out, (q, k, v, seg, offsets, out, lse)
 
 
-def _bwd(st, st_bwd, backend, options, options_bwd, res, do):
+def _bwd(st, st_bwd, backend, options, options_bwd, batch_axes, res, do):
   q, k, v, seg, offsets, out, lse = res
   lowering = _lowering(backend)
 
@@ -74,7 +75,8 @@ def _bwd(st, st_bwd, backend, options, options_bwd, res, do):
     seg, offsets = rest if st.segments else (None, *rest)
     return lowering.backward(q, k, v, seg, offsets, do, lse, out, st=st_bwd, **dict(options_bwd))
 
-  dq, dk, dv, dd = per_batch_shard(kernel, (q, k, v, do, lse, out) + _batched(seg), (offsets,))
+  dq, dk, dv, dd = per_batch_shard(kernel, (q, k, v, do, lse, out) + _batched(seg), (offsets,),
+                                   batch_axes=batch_axes)
   d_offsets = jnp.sum(dd, axis=(0, 1, 2)).astype(offsets.dtype) if st.learned else None
   return dq, dk, dv, None, d_offsets
 
@@ -98,6 +100,7 @@ def gathered_offset_attention(
     options_bwd: dict | None = None,
     term_mma: bool | None = None,
     segment_ids: jax.Array | None = None,
+    batch_axes: Sequence[str] | None = None,
     **options,
 ) -> jax.Array:
   """Pallas gathered-offset attention, ``q [B, N, H_q, D]``, ``k, v [B, N, H_kv, D]`` ->
@@ -108,6 +111,8 @@ def gathered_offset_attention(
       ``h // (H_q // H_kv)``; no key/value row is repeated in memory.
     offsets: ``[K]`` int32 (static) or float32 (fractional, differentiable) runtime array.
     segment_ids: optional ``[B, N]`` int32: keys of another segment are masked.
+    batch_axes: under a mesh, the axes the batch is split over; each device runs the kernels on
+      its own rows (default: every axis of the current mesh).
     backend: ``"gpu"`` or ``"tpu"`` lowering; default the default backend (``"gpu"`` on CPU,
       which needs ``interpret=True``).
     block: rows per forward tile (default 64 on GPU, 128 on TPU).
@@ -145,4 +150,5 @@ def gathered_offset_attention(
   st_bwd = dataclasses.replace(st, block=block_bwd)
   static = lambda opts: tuple(sorted(dict(opts, interpret=interpret).items()))  # noqa: E731
   return _attention(q, k, v, segment_ids, offsets, st, st_bwd, backend, static(options),
-                    static(options if options_bwd is None else options_bwd))
+                    static(options if options_bwd is None else options_bwd),
+                    None if batch_axes is None else tuple(batch_axes))

@@ -1,6 +1,5 @@
 """The fused Pallas decode kernels against their references: interpret mode on CPU, compiled on GPU."""
 
-import secrets
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,7 @@ def _rms(x, scale, eps=1e-6):
 @pytest.mark.parametrize("rows, chunk", [(1, None), (3, 16), (20, None), (70, 16)])  # one step / a loop
 @pytest.mark.parametrize("epilogue", ["none", "residual", "mlp", "swiglu", "rope"])
 def test_project_matches_jnp(rows, chunk, epilogue):
-  rng, msg = _rng(secrets.randbits(32))
+  rng, msg = _rng(20261130)
   k_dim, n, head_dim = 48, 64, 16
   x = jnp.asarray(rng.standard_normal((rows, k_dim)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((k_dim, n)) / 7, jnp.float32)
@@ -68,7 +67,7 @@ def _cache(rng, b, length, h, d, dtype):
 @pytest.mark.parametrize("learned", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_sparse_attention_matches_attend_sparse(learned, dtype):
-  rng, msg = _rng(secrets.randbits(32))
+  rng, msg = _rng(20261130)
   b, h, d, window, reach = 3, 2, 16, 8, 40
   length = reach + 1
   offsets = jnp.asarray([8, 13, 21, 34, 8, 50, 3], jnp.int32)  # repeat, beyond R, inside the window
@@ -164,7 +163,7 @@ def test_bad_decode_impl():
 def test_compiled_fused_decode_paper_recipe(variant, batch):
   """Compiled kernels, paper recipe in bf16: token by token, the fused path is as close to a
   float32 decode of the same weights as XLA's bf16 path is (rounding order differs)."""
-  seed = secrets.randbits(32)
+  seed = 20261130
   base = fibjax.LM(fibjax.ModelConfig(variant=variant, seq_len=512), rngs=nnx.Rngs(seed % 1000))
   graphdef32, state32 = nnx.split(base)
   models = {"float32": base}

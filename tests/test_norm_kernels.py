@@ -1,7 +1,6 @@
 """The one-pass RMSNorm kernels (``pallas_kernels.norm_gpu``) against flax's RMSNorm math: interpret
 mode on CPU, compiled on GPU."""
 
-import secrets
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ def _loss(f, x, scale, cot_res, cot_y):
 def test_norm_residual_matches_rmsnorm_and_its_gradient(rows, d, dtype):
   """Values: flax.nnx.RMSNorm's (within one rounding of the output dtype). Gradients: of x (the
   norm's plus the passed-through x's cotangent, added in the same pass) and of the scale."""
-  seed = secrets.randbits(32)
+  seed = 20261130
   keys = jax.random.split(jax.random.key(seed), 4)
   x = (3 * jax.random.normal(keys[0], (rows, d), jnp.float32)).astype(dtype)
   norm = nnx.RMSNorm(d, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -77,7 +76,7 @@ def test_bad_norm_impl():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_compiled_norm_matches_reference(dtype):
   """Compiled kernels at the training shape (32K rows of 512): values and gradients."""
-  keys = jax.random.split(jax.random.key(secrets.randbits(32)), 4)
+  keys = jax.random.split(jax.random.key(20261130), 4)
   x = jax.random.normal(keys[0], (32 * 1024, 512), jnp.float32).astype(dtype)
   scale = 1 + jax.random.normal(keys[1], (512,), jnp.float32) / 4
   cot_res, cot_y = (jax.random.normal(k, x.shape, jnp.float32) for k in keys[2:])
