@@ -12,6 +12,7 @@ import dataclasses
 import os
 import pathlib
 import sys
+import traceback
 
 import jax
 
@@ -54,9 +55,10 @@ def parse(argv: list[str]):
 
 def quiet_libraries() -> None:
   """The trainer reports a failed save or restore itself, in one line. Orbax would also log its
-  traceback through absl, asyncio the failed save's sibling writes, and TensorStore's callbacks
-  for those writes, finishing after Orbax closed their event loop, raise "Event loop is closed" as
-  unraisable errors: those three are silenced; any other unraisable error is still printed."""
+  traceback through absl, asyncio would log the failed operation's sibling tasks, and those
+  siblings surface once more as unraisable errors: their coroutines, garbage-collected with an
+  error, and TensorStore's callbacks for them, finishing after Orbax closed their event loop
+  ("Event loop is closed"). Those are silenced; any other unraisable error is still printed."""
   import logging  # noqa: PLC0415
 
   from absl import logging as absl_logging  # noqa: PLC0415
@@ -66,10 +68,16 @@ def quiet_libraries() -> None:
   default_hook = sys.unraisablehook
 
   def hook(unraisable) -> None:
-    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+    if not (from_orbax(unraisable) or str(unraisable.exc_value) == "Event loop is closed"):
       default_hook(unraisable)
 
   sys.unraisablehook = hook
+
+
+def from_orbax(unraisable) -> bool:
+  """Whether an unraisable error was raised in Orbax's code."""
+  frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+  return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
 
 
 def main(argv: list[str] | None = None) -> int:
