@@ -74,15 +74,15 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--budgets", nargs="*", default=None, help="sparsity budgets (default: all of train.budget)")
   args = parser.parse_args(argv)
   from train import xla_flags  # noqa: PLC0415
-  from train.trainer import NonFiniteLoss  # noqa: PLC0415
+  from train.trainer import TrainingStopped  # noqa: PLC0415
 
   xla_flags.apply_defaults()
   try:
     record = run_cell(args.workdir, args.config, args.variant, args.seed, list(args.set),
                       tuple(args.budgets) if args.budgets else None)
-  except (ValueError, NonFiniteLoss) as e:
+  except (ValueError, TrainingStopped) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2 if isinstance(e, ValueError) else 1
+    return 2
   print(f"cell {args.workdir} done: trained in {record['train_s']:.0f} s, probes in {record['probe_s']:.0f} s")
   return 0
 

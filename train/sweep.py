@@ -138,36 +138,41 @@ def run_sweep(root: pathlib.Path, config: str, variants: list[str], seeds: list[
         f"{len(slots)} slots ({len(gpus)} GPUs x {per_gpu})" if gpus else
         f"[sweep] {len(cells)} cells, {len(cells) - len(todo)} already done; no GPU: one at a time", flush=True)
   last_status = 0.0
-  while todo or running:
-    free = [s for s in slots if s not in running.values()]
-    while todo and free:
-      cell, slot = todo.pop(0), free.pop(0)
-      env = dict(os.environ)
-      if slot[0] is not None:
-        env.update(CUDA_VISIBLE_DEVICES=slot[0], XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / per_gpu:.3f}")
-      log = (root / "logs" / f"{cell.name}.log").open("a")
-      log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command(cell, recipe, budgets))}\n")
-      log.flush()
-      proc = subprocess.Popen(command(cell, recipe, budgets), stdout=log, stderr=subprocess.STDOUT, env=env)
-      running[proc] = slot
-      proc.cell, proc.log = cell, log  # type: ignore[attr-defined]
-    time.sleep(poll_s)
-    for proc in [p for p in running if p.poll() is not None]:
-      del running[proc]
-      proc.log.close()
-      if proc.returncode == 0 and proc.cell.done:
-        finished_now += 1
-      else:
-        failed.append(proc.cell)
-        print(f"[sweep] {proc.cell.name} failed (exit {proc.returncode}); log: {root / 'logs' / proc.cell.name}.log",
-              flush=True)
-    if time.time() - last_status > 30 or not (todo or running):
-      print(status_line(cells, len(running), len(todo), len(failed), time.time() - start, start_share), flush=True)
-      last_status = time.time()
-  wall = time.time() - start
-  with (root / COST_FILE).open("a") as f:
-    f.write(json.dumps({"time": time.time(), "wall_s": wall, "cells_run": finished_now, "failed": len(failed),
-                        "gpus": len(gpus), "per_gpu": per_gpu}) + "\n")
+  try:
+    while todo or running:
+      free = [s for s in slots if s not in running.values()]
+      while todo and free:
+        cell, slot = todo.pop(0), free.pop(0)
+        env = dict(os.environ)
+        if slot[0] is not None:
+          env.update(CUDA_VISIBLE_DEVICES=slot[0], XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / per_gpu:.3f}")
+        log = (root / "logs" / f"{cell.name}.log").open("a")
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command(cell, recipe, budgets))}\n")
+        log.flush()
+        proc = subprocess.Popen(command(cell, recipe, budgets), stdout=log, stderr=subprocess.STDOUT, env=env)
+        running[proc] = slot
+        proc.cell, proc.log = cell, log  # type: ignore[attr-defined]
+      time.sleep(poll_s)
+      for proc in [p for p in running if p.poll() is not None]:
+        del running[proc]
+        proc.log.close()
+        if proc.returncode == 0 and proc.cell.done:
+          finished_now += 1
+        else:
+          failed.append(proc.cell)
+          print(f"[sweep] {proc.cell.name} failed (exit {proc.returncode}); log: {root / 'logs' / proc.cell.name}.log",
+                flush=True)
+      if time.time() - last_status > 30 or not (todo or running):
+        print(status_line(cells, len(running), len(todo), len(failed), time.time() - start, start_share), flush=True)
+        last_status = time.time()
+  except KeyboardInterrupt:  # the cells got the same SIGINT: each stops at a step, its checkpoint kept
+    for proc in running:
+      proc.wait(timeout=120)
+    raise
+  finally:
+    with (root / COST_FILE).open("a") as f:
+      f.write(json.dumps({"time": time.time(), "wall_s": time.time() - start, "cells_run": finished_now,
+                          "failed": len(failed), "gpus": len(gpus), "per_gpu": per_gpu}) + "\n")
   if latency and not failed and all(c.done for c in cells) and not list(root.glob("latency*.json")):
     print("[sweep] measuring latency with the device to itself", flush=True)
     subprocess.run([sys.executable, "-m", "train.latency", str(root)], check=False)
@@ -194,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f"\n[sweep] interrupted: finished cells and the others' checkpoints are kept under {args.root}; "
+          "run the same command again to resume", file=sys.stderr)
+    return 130
   if failed:
     print(f"[sweep] {failed} cell(s) failed; their logs are under {args.root / 'logs'}; run again to retry them",
           file=sys.stderr)
