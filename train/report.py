@@ -249,6 +249,7 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> list[str]:
                 capsize=3)
   ax.set(xlabel="evaluation length (x T)", ylabel="held-out perplexity", xticks=MULTIPLES, yscale="log",
          title="Perplexity against length (mean +- std over seeds)")
+  plain_log_ticks(ax)
   ax.legend(fontsize=7)
   names.append(save(fig, out / "ppl_by_length.png"))
 
@@ -289,6 +290,7 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> list[str]:
                      for n, b in budgets.items())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m}x T")
       ax.set(xlabel="keys per query", title=v, yscale="log")
+      plain_log_ticks(ax)
     axes[0][0].set_ylabel("perplexity")
     axes[0][0].legend(fontsize=7)
     names.append(save(fig, out / "budget.png"))
@@ -303,6 +305,14 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> list[str]:
       ax.tick_params(axis="x", rotation=60, labelsize=7)
     names.append(save(fig, out / "latency.png"))
   return names
+
+
+def plain_log_ticks(ax) -> None:
+  """Decimal tick labels on a log axis (matplotlib would print ``4 x 10^0``)."""
+  from matplotlib.ticker import FormatStrFormatter  # noqa: PLC0415
+
+  ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+  ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
 
 
 def save(fig, path: pathlib.Path) -> str:
