@@ -5,7 +5,7 @@
 Each budget rewrites every sparse layer's pattern (the weights stay): ``far-F`` keeps the nearest
 fraction ``F`` of the offsets (the farthest dropped), ``thin-2`` keeps every other offset,
 ``window-F`` narrows the window to ``F x W`` (offsets kept), ``window-only`` drops every offset.
-Each is scored with ``train.evaluate.score_run`` on the same targets as the full pattern, so
+Each is scored with ``train.evaluate.score`` on the same targets as the full pattern, so
 perplexity against keys per query is compared on identical tokens at each length.
 Writes ``RUN/budget/<what was run>.json``.
 """
@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 
 from fibjax.layers import LayerPattern
-from train.evaluate import read_or_write, score_run
+from train.evaluate import read_or_write, score
 from train.restore import Run, load_run
 
 
@@ -77,7 +77,7 @@ def budget_sweep(run: Run, multiples: tuple[int, ...], max_targets: int,
   with jax.set_mesh(run.mesh):
     for name in budgets:
       graphdef, params, keys = with_budget(run, name)
-      scores = score_run(run, graphdef, params, run.heldout(), multiples, max_targets)
+      scores = score(cfg, run.mesh, graphdef, params, run.heldout(), multiples, max_targets)
       out["budgets"][name] = {"keys_per_query": keys,
                               **{f"{m}x": {"ppl": scores[f"{m}x"]["ppl"], "loss": scores[f"{m}x"]["loss"]}
                                  for m in multiples}}

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs.base import TrainConfig
 from train import data
+from train.mesh import MESH_AXES
 from train.restore import Run, load_run
 from train.step import make_eval_step
 
@@ -38,7 +39,7 @@ def heldout_loss(eval_fn, params, windows: np.ndarray, rows: int, mesh) -> np.nd
   ndev = mesh.devices.size
   for i in range(0, len(windows), rows):
     batch = windows[i : i + rows]
-    spec = P(("data", "fsdp")) if len(batch) % ndev == 0 else P()
+    spec = P(MESH_AXES) if len(batch) % ndev == 0 else P()
     total += np.asarray(eval_fn(params, jax.device_put(batch, NamedSharding(mesh, spec))))
   return total / len(windows)
 
@@ -86,20 +87,12 @@ def score_lengths(graphdef, params, tokens: np.ndarray, seq_len: int, multiples:
   return out
 
 
-def evaluate(graphdef, params, cfg: TrainConfig, heldout: np.ndarray, mesh) -> dict:
-  """The run's closing evaluation: ``cfg.final_eval_multiples`` x T on ``cfg.final_eval_tokens``."""
-  return score_lengths(graphdef, params, heldout, cfg.model.seq_len, tuple(cfg.final_eval_multiples),
-                       cfg.final_eval_tokens, cfg.batch_size // cfg.grad_accum, mesh, cfg.position_buckets,
-                       cfg.pack_documents)
-
-
-def score_run(run: Run, graphdef, params, tokens: np.ndarray, multiples: tuple[int, ...], max_targets: int
-              ) -> dict[str, Any]:
-  """``score_lengths`` for a restored run (its T, batch, buckets, packing), with ``graphdef`` and
-  ``params`` of that run's model or of a variant of it (``train.budget``)."""
-  cfg = run.cfg
+def score(cfg: TrainConfig, mesh, graphdef, params, tokens: np.ndarray, multiples: tuple[int, ...],
+          max_targets: int) -> dict[str, Any]:
+  """``score_lengths`` with the run's T, batch rows, position buckets and packing from ``cfg``;
+  ``graphdef`` and ``params`` are the run's model or a variant of it (``train.budget``)."""
   return score_lengths(graphdef, params, tokens, cfg.model.seq_len, multiples, max_targets,
-                       cfg.batch_size // cfg.grad_accum, run.mesh, cfg.position_buckets, cfg.pack_documents)
+                       cfg.batch_size // cfg.grad_accum, mesh, cfg.position_buckets, cfg.pack_documents)
 
 
 def data_tag(path: str | None, tokens: np.ndarray) -> str:
@@ -134,31 +127,41 @@ def write_new(path: pathlib.Path, record: dict) -> None:
 
 def read_or_write(path: pathlib.Path, compute: Callable[[], dict]) -> tuple[pathlib.Path, dict]:
   """``(path, record)``: the record already written under ``path`` (same name: same evaluation),
-  else ``compute()`` written there."""
+  else ``compute()`` (run by every process) written there by process 0."""
   if path.exists():
     return path, json.loads(path.read_text())
   record = compute()
-  write_new(path, record)
+  if jax.process_index() == 0:
+    write_new(path, record)
   return path, record
 
 
-def run_evaluation(workdir: pathlib.Path, multiples: tuple[int, ...] = (1, 2, 4), data_path: str | None = None,
-                   max_targets: int | None = None, run=None) -> tuple[pathlib.Path, dict]:
-  """Evaluates ``workdir``'s latest checkpoint; returns ``(path, record)``. An evaluation already
-  written under the same name (same step, text, lengths and token budget) is read, not redone."""
-  run = run or load_run(workdir)
-  tokens = run.heldout() if data_path is None else tokens_of(data_path, run.tokenizer)
-  max_targets = max_targets or run.cfg.final_eval_tokens
-  tag = data_tag(None if data_path is None else str(pathlib.Path(data_path).absolute()), tokens)
-  path = run.workdir / EVALS_DIR / f"{evaluation_name(run.step, tag, multiples, max_targets)}.json"
+def evaluate_into(workdir: pathlib.Path, step: int, cfg: TrainConfig, mesh, graphdef, params, tokens: np.ndarray,
+                  multiples: tuple[int, ...], max_targets: int, data_path: str | None = None
+                  ) -> tuple[pathlib.Path, dict]:
+  """Scores ``tokens`` (the run's held-out split, or the text at ``data_path``) and writes the
+  record to ``workdir/evals/<step, text, lengths, tokens>.json``; an evaluation already written
+  under that name is read, not redone. Returns ``(path, record)``."""
+  data_path = data_path and str(pathlib.Path(data_path).absolute())
+  tag = data_tag(data_path, tokens)
+  path = workdir / EVALS_DIR / f"{evaluation_name(step, tag, multiples, max_targets)}.json"
 
   def compute() -> dict:
-    with jax.set_mesh(run.mesh):
-      record = score_run(run, run.graphdef, run.params, tokens, multiples, max_targets)
-    return {**record, "step": run.step, "data": data_path and str(pathlib.Path(data_path).absolute()),
-            "data_tag": tag, "variant": run.cfg.model.variant, "seed": run.cfg.seed}
+    with jax.set_mesh(mesh):
+      record = score(cfg, mesh, graphdef, params, tokens, multiples, max_targets)
+    return {**record, "step": step, "data": data_path, "data_tag": tag, "variant": cfg.model.variant,
+            "seed": cfg.seed}
 
   return read_or_write(path, compute)
+
+
+def run_evaluation(workdir: pathlib.Path, multiples: tuple[int, ...] = (1, 2, 4), data_path: str | None = None,
+                   max_targets: int | None = None, run: Run | None = None) -> tuple[pathlib.Path, dict]:
+  """Evaluates ``workdir``'s latest checkpoint (``evaluate_into``)."""
+  run = run or load_run(workdir)
+  tokens = run.heldout() if data_path is None else tokens_of(data_path, run.tokenizer)
+  return evaluate_into(run.workdir, run.step, run.cfg, run.mesh, run.graphdef, run.params, tokens, multiples,
+                       max_targets or run.cfg.final_eval_tokens, data_path)
 
 
 def main(argv: list[str] | None = None) -> int:

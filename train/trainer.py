@@ -28,7 +28,7 @@ from train import checkpoint, data
 from train.mesh import make_mesh
 from train.restore import BUDGET_FILE, HELDOUT_FILE
 from configs.base import TrainConfig
-from train.evaluate import evaluate, heldout_loss
+from train.evaluate import evaluate_into, heldout_loss
 from train.metrics import Writer, flops_per_token, peak_flops_per_device, progress_bar
 from train.step import make_eval_step, make_optimizer, make_train_step
 
@@ -296,8 +296,10 @@ def train(cfg: TrainConfig, workdir: pathlib.Path) -> dict:
     finally:
       checkpoint.finish(mngr, saving)
 
-    result = evaluate(graphdef, state["params"], cfg, np.asarray(run_data.heldout[:HELDOUT_KEEP]), mesh)
-  result.update(step=cfg.steps, params=num_params)
+    _, result = evaluate_into(workdir, cfg.steps, cfg, mesh, graphdef, state["params"],
+                              np.asarray(run_data.heldout[:HELDOUT_KEEP]), tuple(cfg.final_eval_multiples),
+                              cfg.final_eval_tokens)
+  result = {**result, "params": num_params}
   if jax.process_index() == 0:
     (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
   return {"workdir": str(workdir), "checkpoint": str(folder / str(last_saved)),
