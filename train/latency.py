@@ -58,12 +58,12 @@ def measure(run: Run, repeats: int, decode_tokens: int) -> dict[str, float]:
   prompt = jnp.asarray(rng.integers(1, run.cfg.model.vocab_size, (1, t)), jnp.int32)
   key = jax.random.key(0)
   token, cache = prefill(state, prompt, model.init_cache(1, t + decode_tokens * (repeats + 2)), key)
-  pos = [t]
+  pos = t
 
   def decode():
-    nonlocal token, cache
-    tokens, cache = steps(state, token, jnp.int32(pos[0]), cache, key, decode_tokens)
-    token, pos[0] = tokens[-1], pos[0] + decode_tokens
+    nonlocal token, cache, pos
+    tokens, cache = steps(state, token, jnp.int32(pos), cache, key, decode_tokens)
+    token, pos = tokens[-1], pos + decode_tokens
     return tokens
 
   out["decode_ms_per_token"] = median_ms(decode, repeats) / decode_tokens

@@ -232,14 +232,13 @@ def position_claim(runs: dict) -> dict:
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> list[str]:
+def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> None:
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   out.mkdir(exist_ok=True)
-  names = []
   variants = sorted(runs)
 
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -251,7 +250,7 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> list[str]:
          title="Perplexity against length (mean +- std over seeds)")
   plain_log_ticks(ax)
   ax.legend(fontsize=7)
-  names.append(save(fig, out / "ppl_by_length.png"))
+  save(fig, out / "ppl_by_length.png")
 
   fig, axes = plt.subplots(1, len(MULTIPLES), figsize=(4 * len(MULTIPLES), 3.5), sharey=True)
   for ax, m in zip(axes, MULTIPLES):
@@ -263,7 +262,7 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> list[str]:
       ax.plot(mids, ys, marker=".", label=v)
     ax.set(xlabel="context position", title=f"{m}x T", ylabel="loss (nats)" if m == MULTIPLES[0] else None)
   axes[0].legend(fontsize=6)
-  names.append(save(fig, out / "loss_by_position.png"))
+  save(fig, out / "loss_by_position.png")
 
   pk = [v for v in variants if all("passkey" in c for c in runs[v].values())]
   if pk:
@@ -277,7 +276,7 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> list[str]:
         for j in range(len(depths)):
           ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=6, color="w")
     axes[0][0].set_ylabel("context length")
-    names.append(save(fig, out / "passkey.png"))
+    save(fig, out / "passkey.png")
 
   bud = [v for v in variants if v != "dense" and all("budget" in c for c in runs[v].values())]
   if bud:
@@ -293,7 +292,7 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> list[str]:
       plain_log_ticks(ax)
     axes[0][0].set_ylabel("perplexity")
     axes[0][0].legend(fontsize=7)
-    names.append(save(fig, out / "budget.png"))
+    save(fig, out / "budget.png")
 
   if latency:
     lv = latency["variants"]
@@ -303,8 +302,7 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> list[str]:
       ax.bar(list(lv), [lv[v][k] for v in lv])
       ax.set(title=k, ylabel="ms")
       ax.tick_params(axis="x", rotation=60, labelsize=7)
-    names.append(save(fig, out / "latency.png"))
-  return names
+    save(fig, out / "latency.png")
 
 
 def plain_log_ticks(ax) -> None:
@@ -315,13 +313,12 @@ def plain_log_ticks(ax) -> None:
   ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
 
 
-def save(fig, path: pathlib.Path) -> str:
+def save(fig, path: pathlib.Path) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   plt.close(fig)
-  return path.name
 
 
 def passkey_grid(cells: list[dict]) -> tuple[list[list[float]], list[int], list[float]]:
