@@ -8,14 +8,17 @@ damaged checkpoint to the newest intact one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import pathlib
 import shutil
+import signal
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +49,29 @@ class NonFiniteLoss(TrainingStopped):
 
 class Interrupted(TrainingStopped):
   pass
+
+
+@contextlib.contextmanager
+def interrupt_at_step_boundary() -> Iterator[threading.Event]:
+  """Within the block, Ctrl-C sets the yielded event instead of raising wherever the main thread
+  happens to be: a KeyboardInterrupt raised inside JAX's or Orbax's own calls (a result being
+  read, a save thread being joined) can leave them waiting forever. The training loop stops at
+  the next step boundary; a second Ctrl-C raises at once. Off the main thread, nothing changes."""
+  stop = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield stop
+    return
+
+  def handler(signum, frame) -> None:
+    if stop.is_set():
+      signal.default_int_handler(signum, frame)
+    stop.set()
+
+  previous = signal.signal(signal.SIGINT, handler)
+  try:
+    yield stop
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 @dataclasses.dataclass
@@ -255,37 +281,40 @@ def train(cfg: TrainConfig, workdir: pathlib.Path) -> dict:
         return values
 
       try:
-        for step in range(start, cfg.steps):
-          batch = global_batch(next(iterator), cfg.grad_accum, mesh)
-          state, metrics = step_fn(state, batch)
-          if pending is not None:  # read the previous step's metrics while this one runs
+        with interrupt_at_step_boundary() as stop:
+          for step in range(start, cfg.steps):
+            if stop.is_set():
+              raise KeyboardInterrupt
+            batch = global_batch(next(iterator), cfg.grad_accum, mesh)
+            state, metrics = step_fn(state, batch)
+            if pending is not None:  # read the previous step's metrics while this one runs
+              check(*pending)
+            checkpoint.check_saves(mngr, saving)
+            pending, steps_since, done = (step + 1, metrics), steps_since + 1, step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+              values = check(*pending)
+              now = time.perf_counter()
+              tps = steps_since * tokens_per_step / (now - t_last)
+              mfu = (tps / tokens_per_step) * flops_step / (peak * jax.device_count()) if peak else None
+              values = {"loss": values["loss"], "grad_norm": values["grad_norm"], "tokens_per_s": tps}
+              if mfu is not None:
+                values["mfu"] = mfu
+              writer.write(done, **values)
+              bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tps:,.0f}",
+                              mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%")
+              t_last, steps_since = time.perf_counter(), 0
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+              check(*pending)
+              nll = heldout_loss(eval_fn, state["params"], heldout_windows, micro, mesh)
+              writer.write(done, heldout_loss=float(nll.mean()), heldout_ppl=float(math.exp(min(nll.mean(), 700))))
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+              check(*pending)
+              checkpoint.check_saves(mngr, saving, wait=True)  # the previous save's failure, named as its own
+              checkpoint.save(mngr, done, state, iterator.get_state(), force=done == cfg.steps)
+              last_saved, saving = done, done
+            bar.update(1)
+          if pending is not None:
             check(*pending)
-          checkpoint.check_saves(mngr, saving)
-          pending, steps_since, done = (step + 1, metrics), steps_since + 1, step + 1
-          if done % cfg.log_every == 0 or done == cfg.steps:
-            values = check(*pending)
-            now = time.perf_counter()
-            tps = steps_since * tokens_per_step / (now - t_last)
-            mfu = (tps / tokens_per_step) * flops_step / (peak * jax.device_count()) if peak else None
-            values = {"loss": values["loss"], "grad_norm": values["grad_norm"], "tokens_per_s": tps}
-            if mfu is not None:
-              values["mfu"] = mfu
-            writer.write(done, **values)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tps:,.0f}",
-                            mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%")
-            t_last, steps_since = time.perf_counter(), 0
-          if done % cfg.eval_every == 0 or done == cfg.steps:
-            check(*pending)
-            nll = heldout_loss(eval_fn, state["params"], heldout_windows, micro, mesh)
-            writer.write(done, heldout_loss=float(nll.mean()), heldout_ppl=float(math.exp(min(nll.mean(), 700))))
-          if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            check(*pending)
-            checkpoint.check_saves(mngr, saving, wait=True)  # the previous save's failure, named as its own
-            checkpoint.save(mngr, done, state, iterator.get_state(), force=done == cfg.steps)
-            last_saved, saving = done, done
-          bar.update(1)
-        if pending is not None:
-          check(*pending)
       except KeyboardInterrupt:
         kept = f"checkpoint step {last_saved} in {folder} is kept" if last_saved is not None else "no checkpoint saved"
         raise Interrupted(f"interrupted at step {step}; {kept}. Resume with: python -m train --workdir {workdir}") \
