@@ -33,6 +33,7 @@ stays for the TPU lowering and ``term_mma=False``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -90,6 +91,7 @@ class Static:
   term_mma: bool = False  # offset terms' row-wise products as diagonals of tile matmuls (tile_math)
   group: int = 1  # query heads per key/value head (grouped-query attention)
   segments: bool = False  # segment ids are an input: keys of another segment are masked
+  skip_dead_terms: bool = True  # branch around offset terms that reach no row of a tile (``_when``)
 
   @property
   def window_tiles(self) -> int:
@@ -97,11 +99,18 @@ class Static:
 
 
 class Part(NamedTuple):
-  """One shifted key/value tile of an offset term: its weight in the blend, d(weight)/d(distance),
-  the rows, and their segment ids (``None`` without segments)."""
+  """One shifted key/value row range of an offset term: its first row, its weight in the blend,
+  and d(weight)/d(distance)."""
 
+  start: Any
   weight: Any
   d_weight: float
+
+
+class Tile(NamedTuple):
+  """Loaded key/value rows (and their segment ids, ``None`` without segments) with a weight."""
+
+  weight: Any
   k: jax.Array
   v: jax.Array
   seg: jax.Array | None
@@ -130,35 +139,42 @@ def _same_segment(seg_rows, seg_cols):
   return seg_rows[:, None] == seg_cols[None, :]
 
 
-def _parts_in_segment(seg_rows, parts):
-  """``[B]``: every part a query row reads with a nonzero weight is in the row's segment."""
+def _in_segment(seg_rows, weighted_segs):
+  """``[B]``: every ``(weight, key segment ids)`` a query row reads with a nonzero weight is in the
+  row's segment (all true without segments)."""
   if seg_rows is None:
     return True
   ok = True
-  for part in parts:
-    ok = ok & ((seg_rows == part.seg) | (part.weight == 0))
+  for weight, seg in weighted_segs:
+    ok = ok & ((seg_rows == seg) | (weight == 0))
   return ok
 
 
-def _term_parts(io, k_ref, v_ref, seg_ref, offs_ref, kk: int, i0, st: Static) -> list[Part]:
-  """Term ``kk`` of query tile ``i0`` as weighted parts.
+def _term_parts(offs_ref, kk: int, i0, st: Static) -> list[Part]:
+  """Term ``kk`` of query tile ``i0`` as weighted row ranges.
 
-  A static offset is one part of weight 1. A fractional distance ``d = lo + t`` is two shifted
-  tiles, rows ``i - lo`` (weight ``1 - t``) and ``i - lo - 1`` (weight ``t``): scores and values
+  A static offset is one range of weight 1. A fractional distance ``d = lo + t`` is two shifted
+  ranges, rows ``i - lo`` (weight ``1 - t``) and ``i - lo - 1`` (weight ``t``): scores and values
   blend per row, so no blended tile is ever materialised (fewer live registers)."""
-  def part(weight, d_weight, start):
-    return Part(weight, d_weight, io.read(k_ref, start, st.block), io.read(v_ref, start, st.block),
-                _segment_rows(io, seg_ref, start, st.block))
-
   if not st.learned:
-    return [part(1.0, 0.0, i0 - offs_ref[kk])]
+    return [Part(i0 - offs_ref[kk], 1.0, 0.0)]
   lo, t = split_distance(offs_ref[kk])
-  return [part(1.0 - t, -1.0, i0 - lo), part(t, 1.0, i0 - lo - 1)]
+  return [Part(i0 - lo, 1.0 - t, -1.0), Part(i0 - lo - 1, t, 1.0)]
 
 
-def _skip_unless(live, term, state):
-  """``term(state)`` where the offset term reaches some row of the tile, else ``state`` untouched:
-  at short sequences most (tile, offset) pairs read nothing (an offset o >= N - tile start)."""
+def _term_rows_valid(io, seg_ref, seg_q, parts, rows, offset, st: Static):
+  """``[B]``: the term exists for each query row and every range it reads is in the row's segment."""
+  valid = term_valid(rows, offset, st.window, st.learned)
+  return valid & _in_segment(seg_q, [(p.weight, _segment_rows(io, seg_ref, p.start, st.block)) for p in parts])
+
+
+def _when(live, term, state, st: Static):
+  """``term(state)``; with ``st.skip_dead_terms``, only where the offset term reaches some row of the
+  tile (else ``state`` untouched): at short sequences most (tile, offset) pairs read nothing. Without
+  it every term runs unconditionally (dead rows are masked), so the compiler can overlap the terms'
+  loads with each other's arithmetic."""
+  if not st.skip_dead_terms:
+    return term(state)
   return jax.lax.cond(live, term, lambda s: s, state)
 
 
@@ -176,41 +192,61 @@ def _window_tile_mask(rows, seg_rows, io, seg_ref, j0, st: Static):
       seg_rows, _segment_rows(io, seg_ref, j0, st.block))
 
 
+def _live(io, offs_ref, kk: int, st: Static):
+  """The term reaches some row of this query tile (its last row sees it)."""
+  return term_valid(io.tile_start() + st.block - 1, offs_ref[kk], st.window, st.learned)
+
+
 def forward(io, offs_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, st: Static):
+  """One query tile: an online softmax over the window's banded tiles (tensor cores), then every
+  offset term's scores at once, one softmax step over them, and their values into an accumulator
+  of their own (row-wise products), added to the window's at the end."""
   b = st.block
+  f32 = jnp.float32
   i0 = io.tile_start()
   rows = i0 + jnp.arange(b)
   q = io.read(q_ref, i0, b)
   seg_q = _segment_rows(io, seg_ref, i0, b)
-  m = jnp.full((b,), MASK_VALUE, jnp.float32)
-  l = jnp.zeros((b,), jnp.float32)
-  acc = jnp.zeros((b, q.shape[1]), jnp.float32)
+  m = jnp.full((b,), MASK_VALUE, f32)
+  l = jnp.zeros((b,), f32)
+  acc = jnp.zeros((b, q.shape[1]), f32)
   for t in range(st.window_tiles):  # the diagonal tile first
     j0 = i0 - t * b
     k_t, v_t = io.read(k_ref, j0, b), io.read(v_ref, j0, b)
     s = jnp.where(_window_tile_mask(rows, seg_q, io, seg_ref, j0, st), dot_nt(q, k_t, st.precision) * st.scale,
                   MASK_VALUE)
     m, l, acc = online_update(m, l, acc, s, lambda p, v_t=v_t: dot_nn(p.astype(v_t.dtype), v_t, st.precision))
-  for kk in range(st.num_offsets):
-    def term(state, kk=kk):
-      parts = _term_parts(io, k_ref, v_ref, seg_ref, offs_ref, kk, i0, st)
-      valid = term_valid(rows, offs_ref[kk], st.window, st.learned) & _parts_in_segment(seg_q, parts)
-      s = sum(p.weight * _rowdot(q, p.k, st) for p in parts)
-      s = jnp.where(valid, s * st.scale, MASK_VALUE)[:, None]
-      return online_update(
-          *state, s, lambda pr, parts=parts: sum(_scale_rows(pr[:, 0] * p.weight, p.v, st) for p in parts))
+  parts = [_term_parts(offs_ref, kk, i0, st) for kk in range(st.num_offsets)]
 
-    live = term_valid(i0 + b - 1, offs_ref[kk], st.window, st.learned)  # the tile's last row sees it
-    m, l, acc = _skip_unless(live, term, (m, l, acc))
-  io.write(o_ref, i0, b, (acc / l[:, None]).astype(o_ref.dtype))
-  io.write_vec(lse_ref, i0, b, m + jnp.log(l))
+  def score(kk, masked):
+    valid = _term_rows_valid(io, seg_ref, seg_q, parts[kk], rows, offs_ref[kk], st)
+    s = sum(p.weight * _rowdot(q, io.read(k_ref, p.start, b), st) for p in parts[kk])
+    return jnp.where(valid, s * st.scale, masked)
+
+  masked = jnp.full((b,), MASK_VALUE, f32)
+  scores = [_when(_live(io, offs_ref, kk, st), functools.partial(score, kk), masked, st)
+            for kk in range(st.num_offsets)]
+  m_new = functools.reduce(jnp.maximum, scores, m)
+  corr = jnp.exp(m - m_new)
+  probs = [jnp.exp(s - m_new) for s in scores]
+  l = l * corr + sum(probs, jnp.zeros((b,), f32))
+
+  def value(kk, acc_t):
+    return acc_t + sum(_scale_rows(probs[kk] * p.weight, io.read(v_ref, p.start, b), st) for p in parts[kk])
+
+  acc_t = jnp.zeros_like(acc)
+  for kk in range(st.num_offsets):
+    acc_t = _when(_live(io, offs_ref, kk, st), functools.partial(value, kk), acc_t, st)
+  io.write(o_ref, i0, b, ((acc * corr[:, None] + acc_t) / l[:, None]).astype(o_ref.dtype))
+  io.write_vec(lse_ref, i0, b, m_new + jnp.log(l))
 
 
 def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_ref, dq_ref, dd_ref, delta_ref, *,
                 st: Static):
   """dQ for one query tile, and (learned) this tile's share of dL/d(distance) per term. Also
   writes ``delta = rowsum(o * do)`` (float32), which ``backward_dkdv`` reads: computed here from
-  tiles this kernel loads anyway, instead of in a separate pass over ``o`` and ``do``."""
+  tiles this kernel loads anyway, instead of in a separate pass over ``o`` and ``do``. The offset
+  terms add into an accumulator of their own, joined with the window's at the end."""
   b = st.block
   i0 = io.tile_start()
   rows = i0 + jnp.arange(b)
@@ -227,24 +263,27 @@ def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_r
     p = jnp.where(mask, jnp.exp(dot_nt(q, k_t, st.precision) * st.scale - lse[:, None]), 0.0)
     ds = p * (dot_nt(do, v_t, st.precision) - delta[:, None])
     dq += dot_nn(ds.astype(k_t.dtype), k_t, st.precision) * st.scale
-  dd = jnp.zeros((io.terms_width,), jnp.float32)
-  for kk in range(st.num_offsets):
-    def term(state, kk=kk):
-      dq, dd = state
-      parts = _term_parts(io, k_ref, v_ref, seg_ref, offs_ref, kk, i0, st)
-      valid = term_valid(rows, offs_ref[kk], st.window, st.learned) & _parts_in_segment(seg_q, parts)
-      qk = [_rowdot(q, p.k, st) for p in parts]
-      dov = [_rowdot(do, p.v, st) for p in parts]
-      p = jnp.where(valid, jnp.exp(sum(part.weight * x for part, x in zip(parts, qk)) * st.scale - lse), 0.0)
-      ds = p * (sum(part.weight * x for part, x in zip(parts, dov)) - delta)
-      dq += sum(_scale_rows(ds * (part.weight * st.scale), part.k, st) for part in parts)
-      if st.learned:  # dL/dd = sum over rows of dL/ds * ds/dd + dL/dv_blend . dv_blend/dd
-        dd_k = jnp.sum(sum(part.d_weight * (ds * st.scale * a + p * c) for part, a, c in zip(parts, qk, dov)))
-        dd = jnp.where(jnp.arange(io.terms_width) == kk, dd_k, dd)
-      return dq, dd
 
-    dq, dd = _skip_unless(term_valid(i0 + b - 1, offs_ref[kk], st.window, st.learned), term, (dq, dd))
-  io.write(dq_ref, i0, b, dq.astype(dq_ref.dtype))
+  def term(kk, state):
+    dq_t, dd = state
+    parts = _term_parts(offs_ref, kk, i0, st)
+    ks = [io.read(k_ref, part.start, b) for part in parts]
+    valid = _term_rows_valid(io, seg_ref, seg_q, parts, rows, offs_ref[kk], st)
+    qk = [_rowdot(q, k, st) for k in ks]
+    dov = [_rowdot(do, io.read(v_ref, part.start, b), st) for part in parts]
+    p = jnp.where(valid, jnp.exp(sum(part.weight * x for part, x in zip(parts, qk)) * st.scale - lse), 0.0)
+    ds = p * (sum(part.weight * x for part, x in zip(parts, dov)) - delta)
+    dq_t += sum(_scale_rows(ds * (part.weight * st.scale), k, st) for part, k in zip(parts, ks))
+    if st.learned:  # dL/dd = sum over rows of dL/ds * ds/dd + dL/dv_blend . dv_blend/dd
+      dd_k = jnp.sum(sum(part.d_weight * (ds * st.scale * a + p * c) for part, a, c in zip(parts, qk, dov)))
+      dd = jnp.where(jnp.arange(io.terms_width) == kk, dd_k, dd)
+    return dq_t, dd
+
+  state = (jnp.zeros_like(dq), jnp.zeros((io.terms_width,), jnp.float32))
+  for kk in range(st.num_offsets):
+    state = _when(_live(io, offs_ref, kk, st), functools.partial(term, kk), state, st)
+  dq_t, dd = state
+  io.write(dq_ref, i0, b, (dq + dq_t).astype(dq_ref.dtype))
   if st.learned:
     io.write_terms(dd_ref, dd)
 
@@ -252,7 +291,8 @@ def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_r
 def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dk_ref, dv_ref, *,
                   st: Static):
   """dK and dV for one key tile ``[j0, j0 + block)`` of one key/value head; every query (of every
-  query head in the group) that read it is visited and its contribution summed."""
+  query head in the group) that read it is visited and its contribution summed (offset terms into
+  accumulators of their own, joined with the window's at the end)."""
   b = st.block
   f32 = jnp.float32
   j0 = io.tile_start()
@@ -279,39 +319,40 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
       ds = p * (dot_nt(do, v_t, st.precision) - delta[:, None])
       dk += dot_tn(ds.astype(q.dtype), q, st.precision) * st.scale
 
-  def accumulate(dk, dv, shift, parts, weight, offset):
-    """Queries ``i = j + shift`` (of every query head of the group) whose term (``parts``, as in
-    ``_term_parts``) gives key ``j`` the weight ``weight``."""
+  def accumulate(dk, dv, shift, tiles: list[Tile], weight, offset):
+    """Queries ``i = j + shift`` (of every query head of the group) whose term reads ``tiles`` (as
+    ``_term_parts`` would for that query tile) and gives key ``j`` the weight ``weight``."""
     rows = cols + shift
     valid = term_valid(rows, offset, st.window, st.learned) & (rows < st.n)
-    valid = valid & _parts_in_segment(_segment_rows(io, seg_ref, j0 + shift, b), parts)
+    valid = valid & _in_segment(_segment_rows(io, seg_ref, j0 + shift, b), [(x.weight, x.seg) for x in tiles])
     for g in range(st.group):
       q, do, lse, delta = query_rows(j0 + shift, g)
-      p = jnp.where(valid, jnp.exp(sum(part.weight * _rowdot(q, part.k, st) for part in parts) * st.scale - lse), 0.0)
-      ds = p * (sum(part.weight * _rowdot(do, part.v, st) for part in parts) - delta)
+      p = jnp.where(valid, jnp.exp(sum(x.weight * _rowdot(q, x.k, st) for x in tiles) * st.scale - lse), 0.0)
+      ds = p * (sum(x.weight * _rowdot(do, x.v, st) for x in tiles) - delta)
       dk, dv = dk + _scale_rows(weight * ds * st.scale, q, st), dv + _scale_rows(weight * p, do, st)
     return dk, dv
 
   def neighbour(start):
-    return Part(0.0, 0.0, io.read(k_ref, start, b), io.read(v_ref, start, b), _segment_rows(io, seg_ref, start, b))
+    return Tile(0.0, io.read(k_ref, start, b), io.read(v_ref, start, b), _segment_rows(io, seg_ref, start, b))
 
-  own = Part(1.0, 0.0, k_t, v_t, seg_k)
+  own = Tile(1.0, k_t, v_t, seg_k)
+
+  def term(kk, state):
+    dk_t, dv_t = state
+    d = offs_ref[kk]
+    if not st.learned:
+      return accumulate(dk_t, dv_t, d, [own], 1.0, d)
+    lo, t = split_distance(d)
+    prev, nxt = neighbour(j0 - 1), neighbour(j0 + 1)
+    # query j + lo reads k[j] (weight 1 - t) and k[j - 1]; query j + lo + 1 reads k[j + 1] and k[j] (weight t)
+    dk_t, dv_t = accumulate(dk_t, dv_t, lo, [own._replace(weight=1.0 - t), prev._replace(weight=t)], 1.0 - t, d)
+    return accumulate(dk_t, dv_t, lo + 1, [nxt._replace(weight=1.0 - t), own._replace(weight=t)], t, d)
+
+  state = (jnp.zeros_like(dk), jnp.zeros_like(dv))
   for kk in range(st.num_offsets):
-    def term(state, kk=kk):
-      dk, dv = state
-      if not st.learned:
-        o = offs_ref[kk]
-        return accumulate(dk, dv, o, [own], 1.0, o)
-      d = offs_ref[kk]
-      lo, t = split_distance(d)
-      prev, nxt = neighbour(j0 - 1), neighbour(j0 + 1)
-      # query j + lo reads k[j] (weight 1 - t) and k[j - 1]; query j + lo + 1 reads k[j + 1] and k[j] (weight t)
-      dk, dv = accumulate(dk, dv, lo, [own._replace(weight=1.0 - t), prev._replace(weight=t)], 1.0 - t, d)
-      return accumulate(dk, dv, lo + 1, [nxt._replace(weight=1.0 - t), own._replace(weight=t)], t, d)
-
     d = offs_ref[kk]
     first = d.astype(jnp.int32) if not st.learned else split_distance(d)[0]
     live = term_valid(jnp.asarray(st.n - 1), d, st.window, st.learned) & (j0 + first < st.n)  # a query reads the tile
-    dk, dv = _skip_unless(live, term, (dk, dv))
-  io.write(dk_ref, j0, b, dk.astype(dk_ref.dtype))
-  io.write(dv_ref, j0, b, dv.astype(dv_ref.dtype))
+    state = _when(live, functools.partial(term, kk), state, st)
+  io.write(dk_ref, j0, b, (dk + state[0]).astype(dk_ref.dtype))
+  io.write(dv_ref, j0, b, (dv + state[1]).astype(dv_ref.dtype))

@@ -26,6 +26,7 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
 DEFAULT_TERM_MMA = {"gpu": True, "tpu": False}
+DEAD_TERMS_BRANCH_BELOW = 4
 
 
 def _lowering(backend: str):
@@ -99,6 +100,7 @@ def gathered_offset_attention(
     block_bwd: int | None = None,
     options_bwd: dict | None = None,
     term_mma: bool | None = None,
+    skip_dead_terms: bool | None = None,
     segment_ids: jax.Array | None = None,
     batch_axes: Sequence[str] | None = None,
     **options,
@@ -121,6 +123,9 @@ def gathered_offset_attention(
       matmuls (``pallas_kernels.tile_math.rowdot_mma``); probabilities and score gradients are
       then rounded to the input dtype before meeting values and keys, as in the window tiles
       (default ``DEFAULT_TERM_MMA[backend]``).
+    skip_dead_terms: branch around each offset term that reaches no row of a tile (saves work
+      when offsets are long against ``N``); without it every term runs, masked, with no branch
+      between terms (default: branch when ``N < DEAD_TERMS_BRANCH_BELOW * reach``).
     options: lowering knobs (GPU: ``num_warps``, ``num_stages``); ``options_bwd``: the same
       for the backward kernels (default: ``options``).
   """
@@ -144,6 +149,7 @@ def gathered_offset_attention(
       scale=float(d**-0.5 if scale is None else scale), block=block,
       precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, term_mma=DEFAULT_TERM_MMA[backend] if term_mma is None else term_mma,
       group=group, segments=segment_ids is not None,
+      skip_dead_terms=(n < DEAD_TERMS_BRANCH_BELOW * (reach or n)) if skip_dead_terms is None else skip_dead_terms,
   )
   if st.learned:
     offsets = offsets.astype(jnp.float32)

@@ -92,6 +92,13 @@ def test_gpu_kernel_rowwise_terms_match_reference(case):
   _compare(case, "gpu", _seed(case, "rowwise"), interpret=True, term_mma=False)
 
 
+@pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "n_is_4R", "learned_fractional"])
+def test_gpu_kernel_unbranched_terms_match_reference(case):
+  """Offset terms run unconditionally (masked) instead of behind a branch per tile (the default at
+  long sequences against the reach)."""
+  _compare(case, "gpu", _seed(case, "unbranched"), interpret=True, skip_dead_terms=False)
+
+
 def test_tensor_core_row_products_equal_row_products():
   rng = np.random.default_rng(_seed("rowdot"))
   a, b = (jnp.asarray(rng.standard_normal((16, 8)), jnp.float32) for _ in range(2))

@@ -1,0 +1,151 @@
+"""Same-run A/B between this checkout and a base revision, on one GPU, base and head alternating.
+
+    python -m benchmarks.ab BASE_TREE [--rounds 2] [--out DIR] -- -m benchmarks.decode --contexts 65536 --batches 1
+    python -m benchmarks.ab BASE_TREE --kernel [--n 16384 65536]
+
+``BASE_TREE`` is a checkout of the base revision (``git worktree add DIR REV``, or ``git archive
+REV | tar -x -C DIR``). With a command after ``--``, it runs ``python COMMAND --out DIR/<side>_r<k>``
+in each tree (working directory and ``PYTHONPATH`` set to the tree), base then head, ``--rounds``
+times, and compares every numeric leaf of the JSON files each run wrote whose key names a time
+(``ms`` or ``per_s``). With ``--kernel`` the command is this file's own kernel timer (``fibjax.attention``
+with the Pallas kernel, static and learned offsets, forward and forward + backward, bf16, batch 1,
+8 heads of 64; the same call in both trees). Prints, per measurement, the median over rounds of
+each side, head / base, and the spread of each side over rounds (differences smaller than that
+are noise), and writes ``ab.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+
+HEAD = pathlib.Path(__file__).resolve().parents[1]
+
+
+def kernel_worker(ns: list[int], out: pathlib.Path, reps: int) -> None:
+  """Times the kernel through the public API of whichever ``fibjax`` is on the path."""
+  import jax  # noqa: PLC0415  (the worker imports the tree it runs in)
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  import fibjax  # noqa: PLC0415
+  from benchmarks.timing import time_fn  # noqa: PLC0415
+
+  w, r, heads, d = 64, 4096, 8, 64
+  static = jnp.asarray(fibjax.offset_set("fib", 1.0, w, r), jnp.int32)
+  learned = jnp.asarray(fibjax.learned_terms("fib", 1.0, w, r), jnp.float32) * jnp.float32(1.001)
+  res = {}
+  for n in ns:
+    keys = jax.random.split(jax.random.key(n), 4)
+    sets = [tuple(jax.random.normal(k, (3, 1, n, heads, d), jnp.bfloat16)) for k in keys]
+    for name, offsets in (("static", static), ("learned", learned)):
+      def f(q, k, v, offsets=offsets):
+        return fibjax.attention(q, k, v, window=w, offsets=offsets, reach=r, implementation="pallas")
+
+      def loss(q, k, v, f=f):
+        return jnp.sum(f(q, k, v).astype(jnp.float32) * jnp.cos(q.astype(jnp.float32)))
+
+      res[f"{name}_n{n}_fwd_ms"] = time_fn(jax.jit(f), sets, reps=reps)
+      res[f"{name}_n{n}_fwd_bwd_ms"] = time_fn(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), sets, reps=reps)
+      print(name, n, res[f"{name}_n{n}_fwd_ms"], res[f"{name}_n{n}_fwd_bwd_ms"], flush=True)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "kernel.json").write_text(json.dumps(res, indent=2) + "\n")
+
+
+def _is_measurement(key) -> bool:
+  return "ms" in str(key).split("_") or str(key).endswith("per_s")
+
+
+def _label(i: int, item) -> str:
+  """A list item's name: its identifying fields (strings and integers that are not measurements)."""
+  if not isinstance(item, dict):
+    return str(i)
+  names = [f"{k}={v}" for k, v in item.items()
+           if isinstance(v, (str, int)) and not isinstance(v, bool) and not _is_measurement(k)]
+  return ",".join(names) or str(i)
+
+
+def leaves(tree, prefix: str = "") -> dict[str, float]:
+  """Numeric leaves of a JSON tree whose key names a time (``ms`` or ``per_s``), by path; list
+  items are named by their identifying fields, so reordered rows still match."""
+  items = tree.items() if isinstance(tree, dict) else ((_label(i, x), x) for i, x in enumerate(tree))
+  out = {}
+  for key, value in items:
+    path = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, (dict, list)):
+      out.update(leaves(value, path))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and _is_measurement(key):
+      out[path] = float(value)
+  return out
+
+
+def collect(folder: pathlib.Path) -> dict[str, float]:
+  out = {}
+  for path in sorted(folder.rglob("*.json")):
+    out.update({f"{path.stem}:{k}": v for k, v in leaves(json.loads(path.read_text())).items()})
+  return out
+
+
+def compare(runs: dict[str, list[dict[str, float]]]) -> list[dict]:
+  rows = []
+  for key in sorted(set.intersection(*(set(r) for side in runs.values() for r in side))):
+    row = {"measurement": key}
+    for side, side_runs in runs.items():
+      values = [r[key] for r in side_runs]
+      row[side] = statistics.median(values)
+      row[f"{side}_spread"] = (max(values) - min(values)) / row[side] if row[side] else 0.0
+    row["head_over_base"] = row["head"] / row["base"] if row["base"] else None
+    rows.append(row)
+  return rows
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main() -> None:
+  argv = sys.argv[1:]
+  command = argv[argv.index("--") + 1:] if "--" in argv else []
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("base_tree", type=pathlib.Path, nargs="?")
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("ab_results"))
+  parser.add_argument("--kernel", action="store_true", help="time the attention kernel (same call in both trees)")
+  parser.add_argument("--n", type=int, nargs="+", default=[16384, 65536])
+  parser.add_argument("--reps", type=int, default=20)
+  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+  if args.worker:
+    return kernel_worker(args.n, args.out, args.reps)
+  if args.base_tree is None or not (args.base_tree / "fibjax").is_dir():
+    _fail(f"BASE_TREE must be a checkout of the base revision (holding fibjax/), got {args.base_tree}")
+  if bool(command) == args.kernel:
+    _fail("give either --kernel or a command after --")
+  if args.kernel:
+    command = [str(pathlib.Path(__file__).resolve()), "--worker", "--n", *map(str, args.n), "--reps", str(args.reps)]
+  trees = {"base": args.base_tree.resolve(), "head": HEAD}
+  runs: dict[str, list[dict[str, float]]] = {"base": [], "head": []}
+  for k in range(args.rounds):
+    for side, tree in trees.items():
+      out = (args.out / f"{side}_r{k}").resolve()
+      env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
+      print(f"[ab] {side} round {k}: python {' '.join(command)}", flush=True)
+      subprocess.run([sys.executable, *command, "--out", str(out)], cwd=tree, env=env, check=True)
+      runs[side].append(collect(out))
+  rows = compare(runs)
+  args.out.mkdir(parents=True, exist_ok=True)
+  (args.out / "ab.json").write_text(json.dumps({"command": command, "base_tree": str(trees["base"]),
+                                                "rounds": args.rounds, "rows": rows}, indent=2) + "\n")
+  print("| measurement | base | head | head / base | spread base / head |\n|---|---|---|---|---|")
+  for row in rows:
+    print(f"| {row['measurement']} | {row['base']:.4g} | {row['head']:.4g} | {row['head_over_base']:.3f} | "
+          f"{row['base_spread']:.1%} / {row['head_spread']:.1%} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,39 @@
+"""``benchmarks.ab``: base and head alternate, and their JSON times are matched by identity."""
+
+import json
+import subprocess
+import sys
+
+from benchmarks import ab
+
+_WRITE = ("import json, os, pathlib, sys; out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); "
+          "out.mkdir(parents=True); rows = [{'variant': 'x', 'n': 8, 'step_ms': 2.0 if os.path.isfile('HEAD_MARK') "
+          "else 1.0, 'loss': 3.0}]; (out / 'bench.json').write_text(json.dumps({'rows': rows[::-1]}))")
+
+
+def test_leaves_name_rows_by_identity_and_keep_only_times():
+  tree = {"rows": [{"variant": "dense", "n": 4, "step_ms": 1.5, "tokens_per_s": 9.0, "loss": 2.0, "remat": False}],
+          "copy_ms": 0.25, "params": 7}
+  assert ab.leaves(tree) == {"rows/variant=dense,n=4/step_ms": 1.5, "rows/variant=dense,n=4/tokens_per_s": 9.0,
+                             "copy_ms": 0.25}
+
+
+def test_ab_runs_both_trees_alternately_and_reports_head_over_base(tmp_path, monkeypatch):
+  base = tmp_path / "base"
+  (base / "fibjax").mkdir(parents=True)
+  monkeypatch.setattr(ab, "HEAD", tmp_path / "head")
+  (tmp_path / "head").mkdir()
+  (tmp_path / "head" / "HEAD_MARK").write_text("")
+  out = tmp_path / "ab"
+  monkeypatch.setattr(sys, "argv", ["ab", str(base), "--rounds", "2", "--out", str(out), "--", "-c", _WRITE])
+  ab.main()
+  (row,) = json.loads((out / "ab.json").read_text())["rows"]
+  assert row["measurement"] == "bench:rows/variant=x,n=8/step_ms"
+  assert (row["base"], row["head"], row["head_over_base"]) == (1.0, 2.0, 2.0)
+  assert sorted(p.name for p in out.iterdir()) == ["ab.json", "base_r0", "base_r1", "head_r0", "head_r1"]
+
+
+def test_ab_refuses_a_base_that_is_not_a_checkout(tmp_path):
+  res = subprocess.run([sys.executable, "-m", "benchmarks.ab", str(tmp_path), "--kernel"], capture_output=True,
+                       text=True)
+  assert res.returncode == 2 and res.stderr.strip().startswith("error: BASE_TREE must be a checkout")
