@@ -157,11 +157,12 @@ def main() -> None:
   parser.add_argument("--num-warps", type=int, default=4)
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--no-flex", action="store_true")
-  parser.add_argument("--rewrite", type=pathlib.Path, help="only re-render the markdown of this results JSON")
+  parser.add_argument("--rewrite", type=pathlib.Path, nargs="+",
+                      help="only re-render results JSON files (several: runs of other shapes, merged into one)")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
   if args.rewrite:
-    return write(json.loads(args.rewrite.read_text()), args.out)
+    return write(merge([json.loads(path.read_text()) for path in args.rewrite]), args.out)
   flex = {} if args.no_flex else flex_peer(args.n, args.shapes)  # before JAX takes the GPU
   device = jax.devices()[0].device_kind
   bw = copy_bandwidth()
@@ -176,6 +177,22 @@ def main() -> None:
       results["runs"].setdefault(shape, {})[str(n)] = measure(n, shape, args, bw)
       write(results, args.out, echo=False)
   write(results, args.out)
+
+
+def merge(parts: list[dict]) -> dict:
+  """Several runs of this benchmark on one kind of device (shapes split over processes or GPUs)
+  as one result; every comparison stays inside the run that measured its shape."""
+  out = json.loads(json.dumps(parts[0]))
+  for other in parts[1:]:
+    if (other["device"], other["jax"]) != (out["device"], out["jax"]):
+      raise SystemExit(f"error: cannot merge runs on {other['device']} / jax {other['jax']} into "
+                       f"{out['device']} / jax {out['jax']}")
+    out["runs"].update(other["runs"])
+    out["config"]["shapes"].update(other["config"]["shapes"])
+    out.setdefault("flex", {}).setdefault("sizes", {}).update(other.get("flex", {}).get("sizes", {}))
+    out["command"] += " ; " + other["command"]
+    out["copy_bandwidth_Bps"] = min(out["copy_bandwidth_Bps"], other["copy_bandwidth_Bps"])
+  return out
 
 
 def _ratio(a, b):

@@ -21,11 +21,13 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # and 4 warps (2 stages) are fastest for the forward and the static backward, at long sequences
 # and at the training shape (N = 1024, batch 32; tune_attention_*_n1024_b32.json); the learned backward (two
 # query sets and four neighbour tiles per term) spills at 64 rows and runs 3x faster at 32.
-# Offset terms on tensor cores (term_mma): 10% faster forward + backward at N = 1024 and 8% at 8192
-# on the H100 (same run, session 8; the file above keeps every run); the TPU lowering keeps row-wise terms.
+# Offset terms as row-wise products into accumulators of their own (term_mma off) and, in the
+# backward, unbranched at long sequences: on an H200 at N = 65536 (tune_attention_NVIDIA_H200_*.json)
+# the static backward is fastest so, the learned forward + backward 2x faster than on tensor cores;
+# the forward is fastest behind a branch per term.
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
-DEFAULT_TERM_MMA = {"gpu": True, "tpu": False}
+DEFAULT_TERM_MMA = {"gpu": False, "tpu": False}
 DEAD_TERMS_BRANCH_BELOW = 4
 
 
@@ -125,7 +127,8 @@ def gathered_offset_attention(
       (default ``DEFAULT_TERM_MMA[backend]``).
     skip_dead_terms: branch around each offset term that reaches no row of a tile (saves work
       when offsets are long against ``N``); without it every term runs, masked, with no branch
-      between terms (default: branch when ``N < DEAD_TERMS_BRANCH_BELOW * reach``).
+      between terms (default: the forward branches; the backward branches when
+      ``N < DEAD_TERMS_BRANCH_BELOW * reach``).
     options: lowering knobs (GPU: ``num_warps``, ``num_stages``); ``options_bwd``: the same
       for the backward kernels (default: ``options``).
   """
@@ -149,11 +152,12 @@ def gathered_offset_attention(
       scale=float(d**-0.5 if scale is None else scale), block=block,
       precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, term_mma=DEFAULT_TERM_MMA[backend] if term_mma is None else term_mma,
       group=group, segments=segment_ids is not None,
-      skip_dead_terms=(n < DEAD_TERMS_BRANCH_BELOW * (reach or n)) if skip_dead_terms is None else skip_dead_terms,
+      skip_dead_terms=True if skip_dead_terms is None else skip_dead_terms,
   )
   if st.learned:
     offsets = offsets.astype(jnp.float32)
-  st_bwd = dataclasses.replace(st, block=block_bwd)
+  st_bwd = dataclasses.replace(st, block=block_bwd, skip_dead_terms=(
+      n < DEAD_TERMS_BRANCH_BELOW * (reach or n)) if skip_dead_terms is None else skip_dead_terms)
   static = lambda opts: tuple(sorted(dict(opts, interpret=interpret).items()))  # noqa: E731
   return _attention(q, k, v, segment_ids, offsets, st, st_bwd, backend, static(options),
                     static(options if options_bwd is None else options_bwd),
