@@ -192,15 +192,27 @@ def _window_tile_mask(rows, seg_rows, io, seg_ref, j0, st: Static):
       seg_rows, _segment_rows(io, seg_ref, j0, st.block))
 
 
-def _live(io, offs_ref, kk: int, st: Static):
-  """The term reaches some row of this query tile (its last row sees it)."""
-  return term_valid(io.tile_start() + st.block - 1, offs_ref[kk], st.window, st.learned)
+def _term_accumulator(window_acc, st: Static):
+  """Where the offset terms accumulate: tensor-core terms produce the window accumulator's layout
+  and add into it; row-wise terms produce the row layout and keep an accumulator of their own
+  (no layout conversion per term), joined with the window's once (``_join``)."""
+  return window_acc if st.term_mma else jnp.zeros_like(window_acc)
+
+
+def _join(window_acc, term_acc, st: Static):
+  return term_acc if st.term_mma else window_acc + term_acc
+
+
+def _live(offs_ref, kk: int, i0, st: Static):
+  """The term reaches some row of query tile ``i0`` (its last row sees it)."""
+  return term_valid(i0 + st.block - 1, offs_ref[kk], st.window, st.learned)
 
 
 def forward(io, offs_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, st: Static):
-  """One query tile: an online softmax over the window's banded tiles (tensor cores), then every
-  offset term's scores at once, one softmax step over them, and their values into an accumulator
-  of their own (row-wise products), added to the window's at the end."""
+  """One query tile: an online softmax over the window's banded tiles (tensor cores), then the
+  offset terms: on tensor cores, one online step per term into the window's accumulator; row-wise,
+  every term's scores first, one softmax step over them, and their values into an accumulator of
+  their own, added to the window's at the end."""
   b = st.block
   f32 = jnp.float32
   i0 = io.tile_start()
@@ -216,6 +228,21 @@ def forward(io, offs_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, st: S
     s = jnp.where(_window_tile_mask(rows, seg_q, io, seg_ref, j0, st), dot_nt(q, k_t, st.precision) * st.scale,
                   MASK_VALUE)
     m, l, acc = online_update(m, l, acc, s, lambda p, v_t=v_t: dot_nn(p.astype(v_t.dtype), v_t, st.precision))
+  if st.term_mma:
+    for kk in range(st.num_offsets):
+      def term(state, kk=kk):
+        parts = _term_parts(offs_ref, kk, i0, st)
+        ks, vs = ([io.read(ref, p.start, b) for p in parts] for ref in (k_ref, v_ref))
+        valid = _term_rows_valid(io, seg_ref, seg_q, parts, rows, offs_ref[kk], st)
+        s = sum(p.weight * _rowdot(q, k, st) for p, k in zip(parts, ks))
+        s = jnp.where(valid, s * st.scale, MASK_VALUE)[:, None]
+        return online_update(
+            *state, s, lambda pr, parts=parts, vs=vs: sum(_scale_rows(pr[:, 0] * p.weight, v, st) for p, v in zip(parts, vs)))
+
+      m, l, acc = _when(_live(offs_ref, kk, i0, st), term, (m, l, acc), st)
+    io.write(o_ref, i0, b, (acc / l[:, None]).astype(o_ref.dtype))
+    io.write_vec(lse_ref, i0, b, m + jnp.log(l))
+    return
   parts = [_term_parts(offs_ref, kk, i0, st) for kk in range(st.num_offsets)]
 
   def score(kk, masked):
@@ -224,7 +251,7 @@ def forward(io, offs_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, st: S
     return jnp.where(valid, s * st.scale, masked)
 
   masked = jnp.full((b,), MASK_VALUE, f32)
-  scores = [_when(_live(io, offs_ref, kk, st), functools.partial(score, kk), masked, st)
+  scores = [_when(_live(offs_ref, kk, i0, st), functools.partial(score, kk), masked, st)
             for kk in range(st.num_offsets)]
   m_new = functools.reduce(jnp.maximum, scores, m)
   corr = jnp.exp(m - m_new)
@@ -236,7 +263,7 @@ def forward(io, offs_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, st: S
 
   acc_t = jnp.zeros_like(acc)
   for kk in range(st.num_offsets):
-    acc_t = _when(_live(io, offs_ref, kk, st), functools.partial(value, kk), acc_t, st)
+    acc_t = _when(_live(offs_ref, kk, i0, st), functools.partial(value, kk), acc_t, st)
   io.write(o_ref, i0, b, ((acc * corr[:, None] + acc_t) / l[:, None]).astype(o_ref.dtype))
   io.write_vec(lse_ref, i0, b, m_new + jnp.log(l))
 
@@ -246,7 +273,7 @@ def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_r
   """dQ for one query tile, and (learned) this tile's share of dL/d(distance) per term. Also
   writes ``delta = rowsum(o * do)`` (float32), which ``backward_dkdv`` reads: computed here from
   tiles this kernel loads anyway, instead of in a separate pass over ``o`` and ``do``. The offset
-  terms add into an accumulator of their own, joined with the window's at the end."""
+  terms accumulate as ``_term_accumulator`` says."""
   b = st.block
   i0 = io.tile_start()
   rows = i0 + jnp.arange(b)
@@ -267,10 +294,10 @@ def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_r
   def term(kk, state):
     dq_t, dd = state
     parts = _term_parts(offs_ref, kk, i0, st)
-    ks = [io.read(k_ref, part.start, b) for part in parts]
+    ks, vs = ([io.read(ref, part.start, b) for part in parts] for ref in (k_ref, v_ref))
     valid = _term_rows_valid(io, seg_ref, seg_q, parts, rows, offs_ref[kk], st)
     qk = [_rowdot(q, k, st) for k in ks]
-    dov = [_rowdot(do, io.read(v_ref, part.start, b), st) for part in parts]
+    dov = [_rowdot(do, v, st) for v in vs]
     p = jnp.where(valid, jnp.exp(sum(part.weight * x for part, x in zip(parts, qk)) * st.scale - lse), 0.0)
     ds = p * (sum(part.weight * x for part, x in zip(parts, dov)) - delta)
     dq_t += sum(_scale_rows(ds * (part.weight * st.scale), k, st) for part, k in zip(parts, ks))
@@ -279,11 +306,11 @@ def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_r
       dd = jnp.where(jnp.arange(io.terms_width) == kk, dd_k, dd)
     return dq_t, dd
 
-  state = (jnp.zeros_like(dq), jnp.zeros((io.terms_width,), jnp.float32))
+  state = (_term_accumulator(dq, st), jnp.zeros((io.terms_width,), jnp.float32))
   for kk in range(st.num_offsets):
-    state = _when(_live(io, offs_ref, kk, st), functools.partial(term, kk), state, st)
+    state = _when(_live(offs_ref, kk, i0, st), functools.partial(term, kk), state, st)
   dq_t, dd = state
-  io.write(dq_ref, i0, b, (dq + dq_t).astype(dq_ref.dtype))
+  io.write(dq_ref, i0, b, _join(dq, dq_t, st).astype(dq_ref.dtype))
   if st.learned:
     io.write_terms(dd_ref, dd)
 
@@ -291,8 +318,8 @@ def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_r
 def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dk_ref, dv_ref, *,
                   st: Static):
   """dK and dV for one key tile ``[j0, j0 + block)`` of one key/value head; every query (of every
-  query head in the group) that read it is visited and its contribution summed (offset terms into
-  accumulators of their own, joined with the window's at the end)."""
+  query head in the group) that read it is visited and its contribution summed (offset terms
+  accumulate as ``_term_accumulator`` says)."""
   b = st.block
   f32 = jnp.float32
   j0 = io.tile_start()
@@ -348,11 +375,11 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     dk_t, dv_t = accumulate(dk_t, dv_t, lo, [own._replace(weight=1.0 - t), prev._replace(weight=t)], 1.0 - t, d)
     return accumulate(dk_t, dv_t, lo + 1, [nxt._replace(weight=1.0 - t), own._replace(weight=t)], t, d)
 
-  state = (jnp.zeros_like(dk), jnp.zeros_like(dv))
+  state = (_term_accumulator(dk, st), _term_accumulator(dv, st))
   for kk in range(st.num_offsets):
     d = offs_ref[kk]
     first = d.astype(jnp.int32) if not st.learned else split_distance(d)[0]
     live = term_valid(jnp.asarray(st.n - 1), d, st.window, st.learned) & (j0 + first < st.n)  # a query reads the tile
     state = _when(live, functools.partial(term, kk), state, st)
-  io.write(dk_ref, j0, b, (dk + state[0]).astype(dk_ref.dtype))
-  io.write(dv_ref, j0, b, (dv + state[1]).astype(dv_ref.dtype))
+  io.write(dk_ref, j0, b, _join(dk, state[0], st).astype(dk_ref.dtype))
+  io.write(dv_ref, j0, b, _join(dv, state[1], st).astype(dv_ref.dtype))

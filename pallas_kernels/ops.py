@@ -21,14 +21,23 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # and 4 warps (2 stages) are fastest for the forward and the static backward, at long sequences
 # and at the training shape (N = 1024, batch 32; tune_attention_*_n1024_b32.json); the learned backward (two
 # query sets and four neighbour tiles per term) spills at 64 rows and runs 3x faster at 32.
-# Offset terms as row-wise products into accumulators of their own (term_mma off) and, in the
-# backward, unbranched at long sequences: on an H200 at N = 65536 (tune_attention_NVIDIA_H200_*.json)
-# the static backward is fastest so, the learned forward + backward 2x faster than on tensor cores;
-# the forward is fastest behind a branch per term.
+# Offset terms (benchmarks/results/NOTES.md, H200): row-wise (term_mma off, accumulators of their
+# own, the backward unbranched at long sequences) is faster at head_dim <= 64 without groups
+# (static and learned) and with groups for learned distances; on tensor cores (the window's
+# accumulators, branches everywhere) is faster at head_dim 128 and for static offsets with groups,
+# where row-wise accumulators of their own double the live registers.
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
-DEFAULT_TERM_MMA = {"gpu": False, "tpu": False}
+ROWWISE_MAX_HEAD_DIM = 64
 DEAD_TERMS_BRANCH_BELOW = 4
+
+
+def default_term_mma(backend: str, head_dim: int, group: int, learned: bool) -> bool:
+  """Offset terms on tensor cores, where that measured faster on the GPU (the TPU lowering keeps
+  row-wise terms)."""
+  if backend != "gpu":
+    return False
+  return not (head_dim <= ROWWISE_MAX_HEAD_DIM and (group == 1 or learned))
 
 
 def _lowering(backend: str):
@@ -122,13 +131,13 @@ def gathered_offset_attention(
     block: rows per forward tile (default 64 on GPU, 128 on TPU).
     block_bwd: rows per backward tile (GPU default 64, 32 for learned offsets).
     term_mma: compute the offset terms' row-wise products on tensor cores, as diagonals of tile
-      matmuls (``pallas_kernels.tile_math.rowdot_mma``); probabilities and score gradients are
-      then rounded to the input dtype before meeting values and keys, as in the window tiles
-      (default ``DEFAULT_TERM_MMA[backend]``).
+      matmuls (``pallas_kernels.tile_math.rowdot_mma``), adding into the window's accumulators;
+      probabilities and score gradients are then rounded to the input dtype before meeting
+      values and keys, as in the window tiles (default ``default_term_mma``).
     skip_dead_terms: branch around each offset term that reaches no row of a tile (saves work
       when offsets are long against ``N``); without it every term runs, masked, with no branch
-      between terms (default: the forward branches; the backward branches when
-      ``N < DEAD_TERMS_BRANCH_BELOW * reach``).
+      between terms (default: branch, except a row-wise backward at ``N >=
+      DEAD_TERMS_BRANCH_BELOW * reach``).
     options: lowering knobs (GPU: ``num_warps``, ``num_stages``); ``options_bwd``: the same
       for the backward kernels (default: ``options``).
   """
@@ -150,14 +159,14 @@ def gathered_offset_attention(
   st = bodies.Static(
       n=n, window=window, num_offsets=int(offsets.shape[0]), learned=learned,
       scale=float(d**-0.5 if scale is None else scale), block=block,
-      precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, term_mma=DEFAULT_TERM_MMA[backend] if term_mma is None else term_mma,
+      precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, term_mma=default_term_mma(backend, d, group, learned) if term_mma is None else term_mma,
       group=group, segments=segment_ids is not None,
       skip_dead_terms=True if skip_dead_terms is None else skip_dead_terms,
   )
   if st.learned:
     offsets = offsets.astype(jnp.float32)
   st_bwd = dataclasses.replace(st, block=block_bwd, skip_dead_terms=(
-      n < DEAD_TERMS_BRANCH_BELOW * (reach or n)) if skip_dead_terms is None else skip_dead_terms)
+      st.term_mma or n < DEAD_TERMS_BRANCH_BELOW * (reach or n)) if skip_dead_terms is None else skip_dead_terms)
   static = lambda opts: tuple(sorted(dict(opts, interpret=interpret).items()))  # noqa: E731
   return _attention(q, k, v, segment_ids, offsets, st, st_bwd, backend, static(options),
                     static(options if options_bwd is None else options_bwd),

@@ -18,6 +18,7 @@ import pytest
 
 import fibjax
 from pallas_kernels import gathered_offset_attention, tile_math, triton_gpu
+from pallas_kernels.ops import default_term_mma
 from tests.compiled import assert_pallas_matches_xla
 
 CASES = {  # b, n, h, d, window, offsets, reach, dtype, block
@@ -86,10 +87,16 @@ def test_gpu_kernel_interpret_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "bfloat16", "learned_fractional"])
-def test_gpu_kernel_rowwise_terms_match_reference(case):
-  """The GPU default computes offset terms on tensor cores (``term_mma``); the row-wise form
-  (the TPU default) must hold as well."""
-  _compare(case, "gpu", _seed(case, "rowwise"), interpret=True, term_mma=False)
+@pytest.mark.parametrize("term_mma", [False, True])
+def test_gpu_kernel_both_term_forms_match_reference(case, term_mma):
+  """Offset terms row-wise (own accumulators) and on tensor cores (the window's accumulators)."""
+  _compare(case, "gpu", _seed(case, "term_mma", term_mma), interpret=True, term_mma=term_mma)
+
+
+def test_default_term_form_follows_the_measurements():
+  assert not default_term_mma("gpu", 64, 1, learned=False) and not default_term_mma("gpu", 32, 4, learned=True)
+  assert default_term_mma("gpu", 128, 1, learned=False) and default_term_mma("gpu", 128, 2, learned=True)
+  assert default_term_mma("gpu", 64, 4, learned=False) and not default_term_mma("tpu", 128, 4, learned=False)
 
 
 @pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "n_is_4R", "learned_fractional"])
