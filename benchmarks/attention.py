@@ -117,14 +117,20 @@ def flex_peer(ns: list[int], shapes: list[str]) -> dict:
   except subprocess.TimeoutExpired as e:  # keep the shapes measured before the limit
     stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
     error = f"stopped after {FLEX_TIMEOUT_S} s"
-  lines = [line for line in stdout.splitlines() if line.startswith("{")]
-  if not lines:
-    return {"error": error or "no output"}
-  out = json.loads(lines[-1])
-  by_dims = out.pop("sizes")
-  out["sizes"] = {s: by_dims.get(d, {}) for s, d in zip(shapes, dims)}
+  out = flex_by_shape(stdout, shapes)
   if error:
     out["partial"] = error
+  return out if out.get("sizes") else {"error": error or "no output"}
+
+
+def flex_by_shape(stdout: str, shapes: list[str]) -> dict:
+  """``benchmarks.flex_peer``'s last JSON line, its sizes keyed by this benchmark's shape names."""
+  lines = [line for line in stdout.splitlines() if line.startswith("{")]
+  if not lines:
+    return {}
+  out = json.loads(lines[-1])
+  by_dims = out.pop("sizes")
+  out["sizes"] = {s: by_dims[d] for s in shapes if (d := ",".join(map(str, SHAPES[s]))) in by_dims}
   return out
 
 
@@ -159,10 +165,16 @@ def main() -> None:
   parser.add_argument("--no-flex", action="store_true")
   parser.add_argument("--rewrite", type=pathlib.Path, nargs="+",
                       help="only re-render results JSON files (several: runs of other shapes, merged into one)")
+  parser.add_argument("--flex-log", type=pathlib.Path,
+                      help="with --rewrite: FlexAttention times from a separate run of benchmarks.flex_peer")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
   if args.rewrite:
-    return write(merge([json.loads(path.read_text()) for path in args.rewrite]), args.out)
+    results = merge([json.loads(path.read_text()) for path in args.rewrite])
+    if args.flex_log:
+      results["flex"] = flex_by_shape(args.flex_log.read_text(), list(results["runs"]))
+      results["flex"]["source"] = str(args.flex_log.name)
+    return write(results, args.out)
   flex = {} if args.no_flex else flex_peer(args.n, args.shapes)  # before JAX takes the GPU
   device = jax.devices()[0].device_kind
   bw = copy_bandwidth()
@@ -264,7 +276,9 @@ def write(results: dict, out: pathlib.Path, echo: bool = True) -> None:
     lines.append(f"FlexAttention peer not measured: {flex['error'][:300]}")
   elif flex:
     lines.append(f"FlexAttention: torch {flex.get('torch')}, compiled block mask, own process"
-                 + (f" ({flex['partial']})." if "partial" in flex else "."))
+                 + (f" ({flex['partial']})." if "partial" in flex else ".")
+                 + (f" Measured by `benchmarks.flex_peer` in a run of its own ({flex['source']})." if "source" in flex
+                    else ""))
   lines += [""] + _targets(results)
   for shape, sizes in results["runs"].items():
     for n in sizes:
