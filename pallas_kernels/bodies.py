@@ -23,11 +23,13 @@ group's query heads in consecutive programs of the same tile (``RowIOBase.member
 run together and share each key/value row through the cache. Segment ids (packed documents)
 add one condition to every mask: the key row's id equals the query row's.
 
-One departure from SPEC section 3, measured: with ``Static.term_mma`` (the GPU default) the
-row-wise products are computed as the diagonal of a ``block x block`` tensor-core tile (same
-loads, same values; ``block`` times the FLOPs), because on an H100 that was 10% faster forward
-+ backward than the row-wise form (``benchmarks/results/NOTES.md``, t14). The row-wise form
-stays for the TPU lowering and ``term_mma=False``.
+Offset terms come in two forms (``Static.term_mma``; ``pallas_kernels.ops.default_term_mma``
+picks the one measured faster per shape, ``benchmarks/results/NOTES.md``). Row-wise (SPEC
+section 3): products in the row layout, into accumulators of their own joined with the window's
+once; the forward scores every term, takes one softmax step over them, then adds their values.
+On tensor cores: each row-wise product is the diagonal of a ``block x block`` tile matmul (same
+loads and values, ``block`` times the FLOPs), in the window accumulator's layout, so each term
+adds into the window's accumulators (one online-softmax step per term in the forward).
 """
 
 from __future__ import annotations
