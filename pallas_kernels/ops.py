@@ -21,23 +21,27 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # and 4 warps (2 stages) are fastest for the forward and the static backward, at long sequences
 # and at the training shape (N = 1024, batch 32; tune_attention_*_n1024_b32.json); the learned backward (two
 # query sets and four neighbour tiles per term) spills at 64 rows and runs 3x faster at 32.
-# Offset terms (benchmarks/results/NOTES.md, H200): row-wise (term_mma off, accumulators of their
-# own, the backward unbranched at long sequences) is faster at head_dim <= 64 without groups
-# (static and learned) and with groups for learned distances; on tensor cores (the window's
-# accumulators, branches everywhere) is faster at head_dim 128 and for static offsets with groups,
-# where row-wise accumulators of their own double the live registers.
+# Offset terms (benchmarks/results/NOTES.md, H200, N = 16384 and 65536): row-wise (term_mma off,
+# accumulators of their own, the backward unbranched at long sequences) is faster at head_dim <= 64
+# without groups (static and learned) and with groups for learned distances; on tensor cores (the
+# window's accumulators, branches everywhere) is faster at head_dim 128 and for static offsets with
+# groups, where row-wise terms spill registers (benchmarks.kernel_registers). Shorter sequences keep
+# tensor cores, the form measured faster at the training shape on an H100 (t14), until row-wise is
+# measured there.
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
 ROWWISE_MAX_HEAD_DIM = 64
+ROWWISE_MIN_SEQ = 16384
 DEAD_TERMS_BRANCH_BELOW = 4
 
 
-def default_term_mma(backend: str, head_dim: int, group: int, learned: bool) -> bool:
-  """Offset terms on tensor cores, where that measured faster on the GPU (the TPU lowering keeps
-  row-wise terms)."""
+def default_term_mma(backend: str, seq_len: int, head_dim: int, group: int, learned: bool) -> bool:
+  """Offset terms on tensor cores, except where row-wise measured faster on the GPU (the TPU
+  lowering keeps row-wise terms)."""
   if backend != "gpu":
     return False
-  return not (head_dim <= ROWWISE_MAX_HEAD_DIM and (group == 1 or learned))
+  rowwise = seq_len >= ROWWISE_MIN_SEQ and head_dim <= ROWWISE_MAX_HEAD_DIM and (group == 1 or learned)
+  return not rowwise
 
 
 def _lowering(backend: str):
@@ -159,7 +163,7 @@ def gathered_offset_attention(
   st = bodies.Static(
       n=n, window=window, num_offsets=int(offsets.shape[0]), learned=learned,
       scale=float(d**-0.5 if scale is None else scale), block=block,
-      precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, term_mma=default_term_mma(backend, d, group, learned) if term_mma is None else term_mma,
+      precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, term_mma=default_term_mma(backend, n, d, group, learned) if term_mma is None else term_mma,
       group=group, segments=segment_ids is not None,
       skip_dead_terms=True if skip_dead_terms is None else skip_dead_terms,
   )

@@ -115,13 +115,14 @@ def test_reference_gradients_with_groups_and_segments_match_finite_differences()
     assert float(grads[3]) != 0.0
 
 
-KERNEL_CASES = {  # backend, h_q, h_kv, head_dim, dtype, learned, block, branch around dead terms
+KERNEL_CASES = {  # backend, h_q, h_kv, head_dim, dtype, learned, block, terms on tensor cores (else row-wise)
     "gpu_mha_bf16_d64": ("gpu", 2, 2, 64, jnp.bfloat16, False, 16, True),
+    "gpu_mha_bf16_d64_rowwise": ("gpu", 2, 2, 64, jnp.bfloat16, False, 16, False),
     "gpu_gqa2_f32_d32_learned": ("gpu", 4, 2, 32, jnp.float32, True, 16, True),
-    "gpu_gqa2_f32_d32_learned_unbranched": ("gpu", 4, 2, 32, jnp.float32, True, 16, False),
+    "gpu_gqa2_f32_d32_learned_rowwise": ("gpu", 4, 2, 32, jnp.float32, True, 16, False),
     "gpu_mqa4_f16_d128": ("gpu", 4, 1, 128, jnp.float16, False, 16, True),
-    "gpu_mqa4_f32_d64_unbranched": ("gpu", 4, 1, 64, jnp.float32, False, 16, False),
-    "tpu_gqa2_f32_d32_learned": ("tpu", 4, 2, 32, jnp.float32, True, 16, True),
+    "gpu_mqa4_f32_d64_rowwise": ("gpu", 4, 1, 64, jnp.float32, False, 16, False),
+    "tpu_gqa2_f32_d32_learned": ("tpu", 4, 2, 32, jnp.float32, True, 16, False),
 }
 
 
@@ -129,9 +130,9 @@ KERNEL_CASES = {  # backend, h_q, h_kv, head_dim, dtype, learned, block, branch 
 def test_kernel_gqa_segments_against_oracle(case):
   """Forward against the float64 oracle; q, k, v (and alpha) gradients against the float64
   reference (itself checked against the oracle and finite differences above). N = 40 is ragged
-  (not a multiple of the block). Offset terms run behind a branch that skips the tiles they cannot
-  reach, or unconditionally (masked)."""
-  backend, h_q, h_kv, d, dtype, learned, block, branch = KERNEL_CASES[case]
+  (not a multiple of the block). Offset terms on tensor cores behind a branch that skips the tiles
+  they cannot reach, or row-wise and unconditionally (masked), as each form runs at long lengths."""
+  backend, h_q, h_kv, d, dtype, learned, block, mma = KERNEL_CASES[case]
   seed = sum(map(ord, case))
   msg = f"case={case} seed={seed}"
   q, k, v = _qkv(seed, 2, N, h_q, h_kv, d, dtype)
@@ -146,7 +147,7 @@ def test_kernel_gqa_segments_against_oracle(case):
 
   def pallas(*args, **kw):
     return gathered_offset_attention(*args, backend=backend, block=block, block_bwd=block, interpret=True,
-                                     skip_dead_terms=branch, **kw)
+                                     term_mma=mma, skip_dead_terms=mma, **kw)
 
   def xla64(q, k, v, **kw):
     return fibjax.attention(*(x.astype(jnp.float64) for x in (q, k, v)), implementation="xla", **kw)

@@ -94,9 +94,11 @@ def test_gpu_kernel_both_term_forms_match_reference(case, term_mma):
 
 
 def test_default_term_form_follows_the_measurements():
-  assert not default_term_mma("gpu", 64, 1, learned=False) and not default_term_mma("gpu", 32, 4, learned=True)
-  assert default_term_mma("gpu", 128, 1, learned=False) and default_term_mma("gpu", 128, 2, learned=True)
-  assert default_term_mma("gpu", 64, 4, learned=False) and not default_term_mma("tpu", 128, 4, learned=False)
+  long = 65536
+  assert not default_term_mma("gpu", long, 64, 1, learned=False) and not default_term_mma("gpu", long, 32, 4, learned=True)
+  assert default_term_mma("gpu", long, 128, 1, learned=False) and default_term_mma("gpu", long, 128, 2, learned=True)
+  assert default_term_mma("gpu", long, 64, 4, learned=False) and not default_term_mma("tpu", long, 128, 4, learned=False)
+  assert default_term_mma("gpu", 1024, 64, 1, learned=False)  # the training shape keeps tensor cores until measured
 
 
 @pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "n_is_4R", "learned_fractional"])

@@ -1,0 +1,130 @@
+"""Registers and spills of the GPU attention kernels, on any machine (no GPU needed).
+
+    pip install --target /tmp/triton triton          # a Triton build with its ptxas; not a dependency
+    python -m benchmarks.kernel_registers --triton /tmp/triton [--head-dims 64 128] [--kv-heads 8 2]
+
+Lowers the forward, dQ and dK/dV kernels through Pallas' Triton rules for a CUDA target (as the
+GPU does; N = 65536, 8 query heads, W = 64, R = 4096, K = 8, bf16) for each head_dim, key/value head
+count, static or learned offsets and form of offset terms (row-wise or tensor cores), captures each
+Triton module, compiles it for sm_90a with the separately installed Triton (4 warps, 2 stages, the
+kernels' defaults) and reads ``ptxas -v``: registers per thread, stack frame and spill bytes.
+The installed Triton is not the compiler inside jaxlib, so the counts show which kernels are
+short of registers, not the exact figures of the GPU build. Writes ``kernel_registers.json`` under
+``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+N, H, W, R = 65536, 8, 64, 4096
+OFFSETS = [89, 144, 233, 377, 610, 987, 1597, 2584]
+KERNELS = ("fwd", "dq", "dkdv")
+
+_COMPILE = r"""
+import pathlib, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+ptxas = next(p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists())
+for path in sys.argv[1:]:
+  kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+  ptx = pathlib.Path(path).with_suffix(".ptx")
+  ptx.write_text(kernel.asm["ptx"])
+  res = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", "/dev/null"], capture_output=True, text=True)
+  print(path, "|", " ".join(res.stderr.split()), flush=True)
+"""
+
+
+def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool) -> list[str]:
+  """The three kernels' Triton modules (text), from lowering ``jax.grad`` of the kernel for CUDA."""
+  from jax._src.pallas.triton import pallas_call_registration  # noqa: PLC0415  (the lowering's entry point)
+
+  from pallas_kernels import gathered_offset_attention  # noqa: PLC0415
+
+  modules = []
+  lowering = pallas_call_registration.lowering
+  lower = lowering.lower_jaxpr_to_triton_module
+
+  def capture(*args, **kwargs):
+    result = lower(*args, **kwargs)
+    modules.append(result.module.operation.get_asm())
+    return result
+
+  offsets = (jnp.asarray(OFFSETS, jnp.float32) * 1.001) if learned else jnp.asarray(OFFSETS, jnp.int32)
+  q = jax.ShapeDtypeStruct((1, N, H, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, N, kv_heads, head_dim), jnp.bfloat16)
+
+  def loss(q, k, v):
+    out = gathered_offset_attention(q, k, v, window=W, offsets=offsets, reach=R, backend="gpu", term_mma=term_mma)
+    return jnp.sum(out.astype(jnp.float32))
+
+  default_backend = jax.default_backend
+  lowering.lower_jaxpr_to_triton_module, jax.default_backend = capture, lambda: "gpu"
+  try:
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+  finally:
+    lowering.lower_jaxpr_to_triton_module, jax.default_backend = lower, default_backend
+  return modules
+
+
+def parse(report: str) -> dict:
+  def number(pattern):
+    m = re.search(pattern, report)
+    return int(m.group(1)) if m else None
+
+  return {"registers": number(r"Used (\d+) registers"), "stack_bytes": number(r"(\d+) bytes stack frame"),
+          "spill_store_bytes": number(r"(\d+) bytes spill stores"), "spill_load_bytes": number(r"(\d+) bytes spill loads")}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--triton", type=pathlib.Path, required=True, help="folder a Triton package is installed in")
+  parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+  parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
+  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+  args = parser.parse_args()
+  if not (args.triton / "triton").is_dir():
+    print(f"error: no triton package in {args.triton}; install one with pip install --target {args.triton} triton",
+          file=sys.stderr)
+    sys.exit(2)
+  configs = list(itertools.product(args.head_dims, args.kv_heads, (False, True), (False, True)))
+  with tempfile.TemporaryDirectory() as tmp:
+    paths = {}
+    for d, h_kv, learned, mma in configs:
+      for kernel, text in zip(KERNELS, triton_modules(d, h_kv, learned, mma)):
+        path = pathlib.Path(tmp) / f"d{d}_kv{h_kv}_{'learned' if learned else 'static'}_{'mma' if mma else 'row'}_{kernel}.ttir"
+        path.write_text(text)
+        paths[str(path)] = dict(head_dim=d, kv_heads=h_kv, learned=learned, term_mma=mma, kernel=kernel)
+    env = dict(os.environ, PYTHONPATH=str(args.triton.resolve()), TRITON_DEFAULT_FP_FUSION="1")
+    res = subprocess.run([sys.executable, "-c", _COMPILE, *paths], capture_output=True, text=True, env=env)
+    if res.returncode:
+      print(f"error: the Triton compile failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+      sys.exit(1)
+    rows = []
+    for line in res.stdout.splitlines():
+      path, _, report = line.partition(" | ")
+      rows.append(dict(paths[path], **parse(report)))
+  args.out.mkdir(parents=True, exist_ok=True)
+  (args.out / "kernel_registers.json").write_text(json.dumps({"jax": jax.__version__, "rows": rows}, indent=2) + "\n")
+  print("| head_dim | kv heads | offsets | terms | kernel | registers | stack B | spill stores / loads B |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['head_dim']} | {r['kv_heads']} | {'learned' if r['learned'] else 'static'} | "
+          f"{'tensor cores' if r['term_mma'] else 'row-wise'} | {r['kernel']} | {r['registers']} | {r['stack_bytes']} | "
+          f"{r['spill_store_bytes']} / {r['spill_load_bytes']} |")
+
+
+if __name__ == "__main__":
+  main()
