@@ -9,8 +9,8 @@ count, static or learned offsets and form of offset terms (row-wise or tensor co
 Triton module, compiles it for sm_90a with the separately installed Triton (4 warps, 2 stages, the
 kernels' defaults) and reads ``ptxas -v``: registers per thread, stack frame and spill bytes.
 The installed Triton is not the compiler inside jaxlib, so the counts show which kernels are
-short of registers, not the exact figures of the GPU build. Writes ``kernel_registers.json`` under
-``--out``.
+short of registers, not the exact figures of the GPU build. Writes ``kernel_registers.json`` (with
+``--loop-group``: ``kernel_registers_loop_group.json``) under ``--out``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ for path in sys.argv[1:]:
 """
 
 
-def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool) -> list[str]:
+def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool, loop_group: bool = False) -> list[str]:
   """The three kernels' Triton modules (text), from lowering ``jax.grad`` of the kernel for CUDA."""
   from jax._src.pallas.triton import pallas_call_registration  # noqa: PLC0415  (the lowering's entry point)
 
@@ -67,7 +67,8 @@ def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool) 
   kv = jax.ShapeDtypeStruct((1, N, kv_heads, head_dim), jnp.bfloat16)
 
   def loss(q, k, v):
-    out = gathered_offset_attention(q, k, v, window=W, offsets=offsets, reach=R, backend="gpu", term_mma=term_mma)
+    out = gathered_offset_attention(q, k, v, window=W, offsets=offsets, reach=R, backend="gpu", term_mma=term_mma,
+                                    loop_group=loop_group)
     return jnp.sum(out.astype(jnp.float32))
 
   default_backend = jax.default_backend
@@ -93,6 +94,7 @@ def main() -> None:
   parser.add_argument("--triton", type=pathlib.Path, required=True, help="folder a Triton package is installed in")
   parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
   parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
+  parser.add_argument("--loop-group", action="store_true", help="dK/dV loops over the group's query heads")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
   if not (args.triton / "triton").is_dir():
@@ -103,10 +105,11 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     paths = {}
     for d, h_kv, learned, mma in configs:
-      for kernel, text in zip(KERNELS, triton_modules(d, h_kv, learned, mma)):
+      for kernel, text in zip(KERNELS, triton_modules(d, h_kv, learned, mma, args.loop_group)):
         path = pathlib.Path(tmp) / f"d{d}_kv{h_kv}_{'learned' if learned else 'static'}_{'mma' if mma else 'row'}_{kernel}.ttir"
         path.write_text(text)
-        paths[str(path)] = dict(head_dim=d, kv_heads=h_kv, learned=learned, term_mma=mma, kernel=kernel)
+        paths[str(path)] = dict(head_dim=d, kv_heads=h_kv, learned=learned, term_mma=mma, kernel=kernel,
+                                loop_group=args.loop_group)
     env = dict(os.environ, PYTHONPATH=str(args.triton.resolve()), TRITON_DEFAULT_FP_FUSION="1")
     res = subprocess.run([sys.executable, "-c", _COMPILE, *paths], capture_output=True, text=True, env=env)
     if res.returncode:
@@ -117,7 +120,7 @@ def main() -> None:
       path, _, report = line.partition(" | ")
       rows.append(dict(paths[path], **parse(report)))
   args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "kernel_registers.json").write_text(json.dumps({"jax": jax.__version__, "rows": rows}, indent=2) + "\n")
+  (args.out / f"kernel_registers{'_loop_group' if args.loop_group else ''}.json").write_text(json.dumps({"jax": jax.__version__, "rows": rows}, indent=2) + "\n")
   print("| head_dim | kv heads | offsets | terms | kernel | registers | stack B | spill stores / loads B |")
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:

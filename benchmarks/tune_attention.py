@@ -1,7 +1,8 @@
 """Launch-parameter sweep of the GPU attention kernel with static offsets: forward tiles, then
 backward tiles (with the default forward), at one training shape.
 
-    python -m benchmarks.tune_attention [--n 1024] [--batch 32] [--heads 8] [--reach N] [--learned]
+    python -m benchmarks.tune_attention [--n 1024] [--batch 32] [--heads 8] [--kv-heads 2] [--head-dim 128]
+        [--reach N] [--learned] [--term-mma 0 1] [--skip-dead-terms 0 1] [--loop-group 0 1]
 
 Forward configurations (offset terms on tensor cores or not, behind a branch per tile or not,
 rows per tile, warps, pipeline stages) are timed alone, backward ones as forward + backward (median ms, random bf16 data
@@ -47,31 +48,42 @@ def main() -> None:
                       help="offset terms as row-wise products (0) and/or tensor-core diagonals (1)")
   parser.add_argument("--skip-dead-terms", type=int, nargs="+", default=[0, 1], choices=[0, 1],
                       help="offset terms unconditional (0) and/or behind a branch per tile (1)")
+  parser.add_argument("--loop-group", type=int, nargs="+", default=[0], choices=[0, 1],
+                      help="backward: the group's query heads unrolled (0) and/or looped (1) in dK/dV")
+  parser.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads; fewer: grouped-query)")
+  parser.add_argument("--head-dim", type=int, default=D)
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
+  kv_heads = args.kv_heads or args.heads
   n, reach = args.n, args.reach or args.n
   if args.learned:  # fractional distances just off the integer grid, so every term blends two rows
     offsets = jnp.asarray(fibjax.learned_terms("fib", args.alpha, W, reach), jnp.float32) * jnp.float32(1.001)
   else:
     offsets = jnp.asarray(fibjax.offset_set("fib", args.alpha, W, reach), jnp.int32)
   keys = jax.random.split(jax.random.key(0), 4)
-  sets = [tuple(jax.random.normal(kk, (3, args.batch, n, args.heads, D), jnp.bfloat16)) for kk in keys]
+  sets = []
+  for kq, kkv in (jax.random.split(kk) for kk in keys):
+    sets.append((jax.random.normal(kq, (args.batch, n, args.heads, args.head_dim), jnp.bfloat16),
+                 *jax.random.normal(kkv, (2, args.batch, n, kv_heads, args.head_dim), jnp.bfloat16)))
 
   def attn(**opts):
     return lambda q, k, v: fibjax.attention(q, k, v, window=W, offsets=offsets, reach=reach,
                                             implementation="pallas", **opts)
 
   rows = []
-  grid = list(itertools.product(args.term_mma, args.skip_dead_terms, args.blocks, args.warps, args.stages))
-  for part, (mma, skip, block, warps, stages) in itertools.chain((("fwd", c) for c in grid), (("bwd", c) for c in grid)):
+  grid = list(itertools.product(args.term_mma, args.skip_dead_terms, [0], args.blocks, args.warps, args.stages))
+  bwd_grid = list(itertools.product(args.term_mma, args.skip_dead_terms, args.loop_group, args.blocks, args.warps,
+                                    args.stages))
+  for part, (mma, skip, loop, block, warps, stages) in itertools.chain((("fwd", c) for c in grid),
+                                                                       (("bwd", c) for c in bwd_grid)):
     if part == "fwd":
       row = {"part": part, "term_mma": mma, "skip_dead_terms": skip, "block": block, "num_warps": warps,
              "num_stages": stages, "fwd_ms": _timed(jax.jit(attn(block=block, num_warps=warps, num_stages=stages,
                                                                  term_mma=bool(mma), skip_dead_terms=bool(skip))), sets)}
     else:
       f = attn(block_bwd=block, options_bwd=dict(num_warps=warps, num_stages=stages), term_mma=bool(mma),
-               skip_dead_terms=bool(skip))
-      row = {"part": part, "term_mma": mma, "skip_dead_terms": skip, "block_bwd": block, "num_warps": warps, "num_stages": stages,
+               skip_dead_terms=bool(skip), loop_group=bool(loop))
+      row = {"part": part, "term_mma": mma, "skip_dead_terms": skip, "loop_group": loop, "block_bwd": block, "num_warps": warps, "num_stages": stages,
              "fwd_bwd_ms": _timed(fwd_bwd(f), sets)}
     rows.append(row)
     print(json.dumps(row), flush=True)
@@ -79,9 +91,11 @@ def main() -> None:
   print(json.dumps(rows[-1]), flush=True)
   args.out.mkdir(parents=True, exist_ok=True)
   tag = jax.devices()[0].device_kind.replace(" ", "_")
-  config = dict(n=n, batch=args.batch, learned=args.learned, heads=args.heads, head_dim=D, window=W, reach=reach, alpha=args.alpha,
+  config = dict(n=n, batch=args.batch, learned=args.learned, kv_heads=kv_heads, heads=args.heads,
+                head_dim=args.head_dim, window=W, reach=reach, alpha=args.alpha,
                 num_offsets=int(offsets.shape[0]))
-  path = args.out / f"tune_attention_{tag}_n{n}_b{args.batch}{'_learned' if args.learned else ''}.json"
+  shape = "" if (kv_heads, args.head_dim) == (args.heads, D) else f"_kv{kv_heads}_d{args.head_dim}"
+  path = args.out / f"tune_attention_{tag}_n{n}_b{args.batch}{shape}{'_learned' if args.learned else ''}.json"
   path.write_text(json.dumps({"device": tag, "jax": jax.__version__, "config": config, "rows": rows}, indent=2) + "\n")
   for part, key in (("fwd", "fwd_ms"), ("bwd", "fwd_bwd_ms")):
     ok = [r for r in rows if r["part"] == part and isinstance(r[key], float)]

@@ -94,6 +94,7 @@ class Static:
   group: int = 1  # query heads per key/value head (grouped-query attention)
   segments: bool = False  # segment ids are an input: keys of another segment are masked
   skip_dead_terms: bool = True  # branch around offset terms that reach no row of a tile (``_when``)
+  loop_group: bool = False  # dK/dV: loop over the group's query heads instead of unrolling them
 
   @property
   def window_tiles(self) -> int:
@@ -336,17 +337,30 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     return (io.read(q_ref, i0, b, member), io.read(do_ref, i0, b, member), io.read_vec(lse_ref, i0, b, member),
             io.read_vec(delta_ref, i0, b, member))
 
+  def over_group(member_step, carry):
+    """``member_step(g, carry)`` for each query head ``g`` of the group: unrolled, or with
+    ``st.loop_group`` a loop, which keeps one head's rows live at a time."""
+    if st.loop_group and st.group > 1:
+      return jax.lax.fori_loop(0, st.group, member_step, carry)
+    for g in range(st.group):
+      carry = member_step(g, carry)
+    return carry
+
   for t in range(st.window_tiles):
     i0 = j0 + t * b
     rows = i0 + jnp.arange(b)
     mask = window_mask(rows, cols, st.window, st.n) & (rows < st.n)[:, None]
     mask = mask & _same_segment(_segment_rows(io, seg_ref, i0, b), seg_k)
-    for g in range(st.group):
+
+    def window_member(g, acc, i0=i0, mask=mask):
+      dk, dv = acc
       q, do, lse, delta = query_rows(i0, g)
       p = jnp.where(mask, jnp.exp(dot_nt(q, k_t, st.precision) * st.scale - lse[:, None]), 0.0)
-      dv += dot_tn(p.astype(do.dtype), do, st.precision)
+      dv = dv + dot_tn(p.astype(do.dtype), do, st.precision)
       ds = p * (dot_nt(do, v_t, st.precision) - delta[:, None])
-      dk += dot_tn(ds.astype(q.dtype), q, st.precision) * st.scale
+      return dk + dot_tn(ds.astype(q.dtype), q, st.precision) * st.scale, dv
+
+    dk, dv = over_group(window_member, (dk, dv))
 
   def accumulate(dk, dv, shift, tiles: list[Tile], weight, offset):
     """Queries ``i = j + shift`` (of every query head of the group) whose term reads ``tiles`` (as
@@ -354,12 +368,15 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     rows = cols + shift
     valid = term_valid(rows, offset, st.window, st.learned) & (rows < st.n)
     valid = valid & _in_segment(_segment_rows(io, seg_ref, j0 + shift, b), [(x.weight, x.seg) for x in tiles])
-    for g in range(st.group):
+
+    def term_member(g, acc):
+      dk, dv = acc
       q, do, lse, delta = query_rows(j0 + shift, g)
       p = jnp.where(valid, jnp.exp(sum(x.weight * _rowdot(q, x.k, st) for x in tiles) * st.scale - lse), 0.0)
       ds = p * (sum(x.weight * _rowdot(do, x.v, st) for x in tiles) - delta)
-      dk, dv = dk + _scale_rows(weight * ds * st.scale, q, st), dv + _scale_rows(weight * p, do, st)
-    return dk, dv
+      return dk + _scale_rows(weight * ds * st.scale, q, st), dv + _scale_rows(weight * p, do, st)
+
+    return over_group(term_member, (dk, dv))
 
   def neighbour(start):
     return Tile(0.0, io.read(k_ref, start, b), io.read(v_ref, start, b), _segment_rows(io, seg_ref, start, b))

@@ -116,6 +116,7 @@ def gathered_offset_attention(
     options_bwd: dict | None = None,
     term_mma: bool | None = None,
     skip_dead_terms: bool | None = None,
+    loop_group: bool = False,
     segment_ids: jax.Array | None = None,
     batch_axes: Sequence[str] | None = None,
     **options,
@@ -142,6 +143,8 @@ def gathered_offset_attention(
       when offsets are long against ``N``); without it every term runs, masked, with no branch
       between terms (default: branch, except a row-wise backward at ``N >=
       DEAD_TERMS_BRANCH_BELOW * reach``).
+    loop_group: the dK/dV kernel loops over a group's query heads instead of unrolling them
+      (fewer live registers; grouped-query attention only).
     options: lowering knobs (GPU: ``num_warps``, ``num_stages``); ``options_bwd``: the same
       for the backward kernels (default: ``options``).
   """
@@ -165,7 +168,7 @@ def gathered_offset_attention(
       scale=float(d**-0.5 if scale is None else scale), block=block,
       precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, term_mma=default_term_mma(backend, n, d, group, learned) if term_mma is None else term_mma,
       group=group, segments=segment_ids is not None,
-      skip_dead_terms=True if skip_dead_terms is None else skip_dead_terms,
+      skip_dead_terms=True if skip_dead_terms is None else skip_dead_terms, loop_group=loop_group,
   )
   if st.learned:
     offsets = offsets.astype(jnp.float32)

@@ -123,7 +123,11 @@ KERNEL_CASES = {  # backend, h_q, h_kv, head_dim, dtype, learned, block, terms o
     "gpu_mqa4_f16_d128": ("gpu", 4, 1, 128, jnp.float16, False, 16, True),
     "gpu_mqa4_f32_d64_rowwise": ("gpu", 4, 1, 64, jnp.float32, False, 16, False),
     "tpu_gqa2_f32_d32_learned": ("tpu", 4, 2, 32, jnp.float32, True, 16, False),
+    "gpu_mqa4_bf16_d64_group_loop": ("gpu", 4, 1, 64, jnp.bfloat16, False, 16, True),
+    "gpu_gqa2_f32_d32_learned_rowwise_group_loop": ("gpu", 4, 2, 32, jnp.float32, True, 16, False),
+    "tpu_mqa4_f32_d32_group_loop": ("tpu", 4, 1, 32, jnp.float32, False, 16, False),
 }
+LOOP_GROUP = {case for case in KERNEL_CASES if case.endswith("group_loop")}  # dK/dV loops over the group
 
 
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
@@ -147,7 +151,7 @@ def test_kernel_gqa_segments_against_oracle(case):
 
   def pallas(*args, **kw):
     return gathered_offset_attention(*args, backend=backend, block=block, block_bwd=block, interpret=True,
-                                     term_mma=mma, skip_dead_terms=mma, **kw)
+                                     term_mma=mma, skip_dead_terms=mma, loop_group=case in LOOP_GROUP, **kw)
 
   def xla64(q, k, v, **kw):
     return fibjax.attention(*(x.astype(jnp.float64) for x in (q, k, v)), implementation="xla", **kw)
