@@ -25,9 +25,9 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # accumulators of their own, the backward unbranched at long sequences) is faster at head_dim <= 64
 # without groups (static and learned) and with groups for learned distances; on tensor cores (the
 # window's accumulators, branches everywhere) is faster at head_dim 128 and for static offsets with
-# groups, where row-wise terms spill registers (benchmarks.kernel_registers). Shorter sequences keep
-# tensor cores, the form measured faster at the training shape on an H100 (t14), until row-wise is
-# measured there.
+# groups, where row-wise terms spill registers (benchmarks.kernel_registers). Shorter sequences use
+# tensor cores, the form measured faster at the training shape (N = 1024, H100, t14); row-wise was
+# not measured there.
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
 ROWWISE_MAX_HEAD_DIM = 64
@@ -42,6 +42,12 @@ def default_term_mma(backend: str, seq_len: int, head_dim: int, group: int, lear
     return False
   rowwise = seq_len >= ROWWISE_MIN_SEQ and head_dim <= ROWWISE_MAX_HEAD_DIM and (group == 1 or learned)
   return not rowwise
+
+
+def default_skip_dead_terms_bwd(backend: str, term_mma: bool, seq_len: int, reach: int | None) -> bool:
+  """The backward branches around dead offset terms, except row-wise GPU terms at sequences long
+  against the reach (where almost every term is live and unbranched terms measured faster)."""
+  return backend != "gpu" or term_mma or seq_len < DEAD_TERMS_BRANCH_BELOW * (reach or seq_len)
 
 
 def _lowering(backend: str):
@@ -141,7 +147,7 @@ def gathered_offset_attention(
       values and keys, as in the window tiles (default ``default_term_mma``).
     skip_dead_terms: branch around each offset term that reaches no row of a tile (saves work
       when offsets are long against ``N``); without it every term runs, masked, with no branch
-      between terms (default: branch, except a row-wise backward at ``N >=
+      between terms (default: branch, except a row-wise GPU backward at ``N >=
       DEAD_TERMS_BRANCH_BELOW * reach``).
     loop_group: the dK/dV kernel loops over a group's query heads instead of unrolling them
       (fewer live registers; grouped-query attention only).
@@ -172,8 +178,8 @@ def gathered_offset_attention(
   )
   if st.learned:
     offsets = offsets.astype(jnp.float32)
-  st_bwd = dataclasses.replace(st, block=block_bwd, skip_dead_terms=(
-      st.term_mma or n < DEAD_TERMS_BRANCH_BELOW * (reach or n)) if skip_dead_terms is None else skip_dead_terms)
+  st_bwd = dataclasses.replace(st, block=block_bwd, skip_dead_terms=default_skip_dead_terms_bwd(
+      backend, st.term_mma, n, reach) if skip_dead_terms is None else skip_dead_terms)
   static = lambda opts: tuple(sorted(dict(opts, interpret=interpret).items()))  # noqa: E731
   return _attention(q, k, v, segment_ids, offsets, st, st_bwd, backend, static(options),
                     static(options if options_bwd is None else options_bwd),

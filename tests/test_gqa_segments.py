@@ -115,28 +115,34 @@ def test_reference_gradients_with_groups_and_segments_match_finite_differences()
     assert float(grads[3]) != 0.0
 
 
-KERNEL_CASES = {  # backend, h_q, h_kv, head_dim, dtype, learned, block, terms on tensor cores (else row-wise)
-    "gpu_mha_bf16_d64": ("gpu", 2, 2, 64, jnp.bfloat16, False, 16, True),
-    "gpu_mha_bf16_d64_rowwise": ("gpu", 2, 2, 64, jnp.bfloat16, False, 16, False),
-    "gpu_gqa2_f32_d32_learned": ("gpu", 4, 2, 32, jnp.float32, True, 16, True),
-    "gpu_gqa2_f32_d32_learned_rowwise": ("gpu", 4, 2, 32, jnp.float32, True, 16, False),
-    "gpu_mqa4_f16_d128": ("gpu", 4, 1, 128, jnp.float16, False, 16, True),
-    "gpu_mqa4_f32_d64_rowwise": ("gpu", 4, 1, 64, jnp.float32, False, 16, False),
-    "tpu_gqa2_f32_d32_learned": ("tpu", 4, 2, 32, jnp.float32, True, 16, False),
-    "gpu_mqa4_bf16_d64_group_loop": ("gpu", 4, 1, 64, jnp.bfloat16, False, 16, True),
-    "gpu_gqa2_f32_d32_learned_rowwise_group_loop": ("gpu", 4, 2, 32, jnp.float32, True, 16, False),
-    "tpu_mqa4_f32_d32_group_loop": ("tpu", 4, 1, 32, jnp.float32, False, 16, False),
+# backend, h_q, h_kv, head_dim, dtype, learned, block, kernel options: each form of offset terms
+# (tensor cores or row-wise) behind the dead-term branch and unbranched, and the dK/dV group loop
+KERNEL_CASES = {
+    "gpu_mha_bf16_d64_mma": ("gpu", 2, 2, 64, jnp.bfloat16, False, 16, dict(term_mma=True, skip_dead_terms=True)),
+    "gpu_mqa4_f32_d64_mma_unbranched": ("gpu", 4, 1, 64, jnp.float32, False, 16,
+                                        dict(term_mma=True, skip_dead_terms=False)),
+    "gpu_mqa4_f16_d128_mma": ("gpu", 4, 1, 128, jnp.float16, False, 16, dict(term_mma=True, skip_dead_terms=True)),
+    "gpu_gqa2_f32_d32_learned_mma_loop": ("gpu", 4, 2, 32, jnp.float32, True, 16,
+                                          dict(term_mma=True, skip_dead_terms=True, loop_group=True)),
+    "gpu_mha_bf16_d64_rowwise": ("gpu", 2, 2, 64, jnp.bfloat16, False, 16, dict(term_mma=False, skip_dead_terms=True)),
+    "gpu_gqa2_f32_d32_learned_rowwise": ("gpu", 4, 2, 32, jnp.float32, True, 16,
+                                         dict(term_mma=False, skip_dead_terms=True)),
+    "gpu_gqa2_f32_d32_learned_rowwise_unbranched": ("gpu", 4, 2, 32, jnp.float32, True, 16,
+                                                    dict(term_mma=False, skip_dead_terms=False)),
+    "gpu_mqa4_bf16_d64_rowwise_loop": ("gpu", 4, 1, 64, jnp.bfloat16, False, 16,
+                                       dict(term_mma=False, skip_dead_terms=True, loop_group=True)),
+    "tpu_gqa2_f32_d32_learned": ("tpu", 4, 2, 32, jnp.float32, True, 16, dict(skip_dead_terms=True)),
+    "tpu_mqa4_f32_d32_learned_unbranched_loop": ("tpu", 4, 1, 32, jnp.float32, True, 16,
+                                                 dict(skip_dead_terms=False, loop_group=True)),
 }
-LOOP_GROUP = {case for case in KERNEL_CASES if case.endswith("group_loop")}  # dK/dV loops over the group
 
 
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
 def test_kernel_gqa_segments_against_oracle(case):
   """Forward against the float64 oracle; q, k, v (and alpha) gradients against the float64
   reference (itself checked against the oracle and finite differences above). N = 40 is ragged
-  (not a multiple of the block). Offset terms on tensor cores behind a branch that skips the tiles
-  they cannot reach, or row-wise and unconditionally (masked), as each form runs at long lengths."""
-  backend, h_q, h_kv, d, dtype, learned, block, mma = KERNEL_CASES[case]
+  (not a multiple of the block)."""
+  backend, h_q, h_kv, d, dtype, learned, block, options = KERNEL_CASES[case]
   seed = sum(map(ord, case))
   msg = f"case={case} seed={seed}"
   q, k, v = _qkv(seed, 2, N, h_q, h_kv, d, dtype)
@@ -151,7 +157,7 @@ def test_kernel_gqa_segments_against_oracle(case):
 
   def pallas(*args, **kw):
     return gathered_offset_attention(*args, backend=backend, block=block, block_bwd=block, interpret=True,
-                                     term_mma=mma, skip_dead_terms=mma, loop_group=case in LOOP_GROUP, **kw)
+                                     **options, **kw)
 
   def xla64(q, k, v, **kw):
     return fibjax.attention(*(x.astype(jnp.float64) for x in (q, k, v)), implementation="xla", **kw)
@@ -240,8 +246,12 @@ def test_compiled_gpu_kernel_gqa_segments(h_kv, head_dim, learned):
   assert_pallas_matches_xla(attend, q, k, v, w, seed)
 
 
-@pytest.mark.parametrize("h_kv, learned, segments", [(4, False, False), (2, True, True), (1, False, True)])
-def test_gpu_kernels_lower_to_triton_on_any_machine(monkeypatch, h_kv, learned, segments):
+@pytest.mark.parametrize("h_kv, learned, segments, options", [
+    (4, False, False, {}), (2, True, True, {}), (1, False, True, {}),
+    (2, False, True, dict(term_mma=False, skip_dead_terms=False, loop_group=True)),
+    (1, True, True, dict(term_mma=True, skip_dead_terms=False, loop_group=True)),
+    (4, True, False, dict(term_mma=False, skip_dead_terms=True))])
+def test_gpu_kernels_lower_to_triton_on_any_machine(monkeypatch, h_kv, learned, segments, options):
   """Forward and backward lower through Pallas' Triton rules for a CUDA target on any machine (no GPU
   needed): an op, index or block the Triton lowering does not support fails here, not on a GPU."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -250,7 +260,8 @@ def test_gpu_kernels_lower_to_triton_on_any_machine(monkeypatch, h_kv, learned, 
   offsets = jnp.asarray([64.5, 89.0, 144.2], jnp.float32) if learned else jnp.asarray([64, 89, 144], jnp.int32)
 
   def loss(q, k, v, seg):
-    out = gathered_offset_attention(q, k, v, window=64, offsets=offsets, reach=200, segment_ids=seg, backend="gpu")
+    out = gathered_offset_attention(q, k, v, window=64, offsets=offsets, reach=200, segment_ids=seg, backend="gpu",
+                                    **options)
     return jnp.sum(out.astype(jnp.float32))
 
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",)).as_text()

@@ -18,7 +18,7 @@ import pytest
 
 import fibjax
 from pallas_kernels import gathered_offset_attention, tile_math, triton_gpu
-from pallas_kernels.ops import default_term_mma
+from pallas_kernels.ops import default_skip_dead_terms_bwd, default_term_mma
 from tests.compiled import assert_pallas_matches_xla
 
 CASES = {  # b, n, h, d, window, offsets, reach, dtype, block
@@ -98,13 +98,17 @@ def test_default_term_form_follows_the_measurements():
   assert not default_term_mma("gpu", long, 64, 1, learned=False) and not default_term_mma("gpu", long, 32, 4, learned=True)
   assert default_term_mma("gpu", long, 128, 1, learned=False) and default_term_mma("gpu", long, 128, 2, learned=True)
   assert default_term_mma("gpu", long, 64, 4, learned=False) and not default_term_mma("tpu", long, 128, 4, learned=False)
-  assert default_term_mma("gpu", 1024, 64, 1, learned=False)  # the training shape keeps tensor cores until measured
+  assert default_term_mma("gpu", 1024, 64, 1, learned=False)  # training shapes: tensor cores
+  # the backward runs row-wise GPU terms unbranched only when nearly every term is live
+  assert not default_skip_dead_terms_bwd("gpu", False, 65536, 4096)
+  assert default_skip_dead_terms_bwd("gpu", False, 8192, 4096) and default_skip_dead_terms_bwd("gpu", True, 65536, 4096)
+  assert default_skip_dead_terms_bwd("tpu", False, 65536, 4096)
 
 
 @pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "n_is_4R", "learned_fractional"])
 def test_gpu_kernel_unbranched_terms_match_reference(case):
-  """Offset terms run unconditionally (masked) instead of behind a branch per tile (the default at
-  long sequences against the reach)."""
+  """Offset terms run unconditionally (masked) instead of behind a branch per tile (the row-wise
+  GPU backward's default at long sequences against the reach)."""
   _compare(case, "gpu", _seed(case, "unbranched"), interpret=True, skip_dead_terms=False)
 
 
