@@ -9,7 +9,7 @@ in each tree (working directory and ``PYTHONPATH`` set to the tree), base then h
 times, and compares every numeric leaf of the JSON files each run wrote whose key names a time
 (``ms`` or ``per_s``). With ``--kernel`` the command is this file's own kernel timer (``fibjax.attention``
 with the Pallas kernel, static and learned offsets, forward and forward + backward, bf16, batch 1,
-8 heads of 64; the same call in both trees). Prints, per measurement, the median over rounds of
+8 heads of 64; the same call and this checkout's timer in both trees). Prints, per measurement, the median over rounds of
 each side, head / base, and the spread of each side over rounds (differences smaller than that
 are noise), and writes ``ab.json`` under ``--out``.
 """
@@ -17,6 +17,7 @@ are noise), and writes ``ab.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -33,7 +34,8 @@ def kernel_worker(ns: list[int], out: pathlib.Path, reps: int) -> None:
   import jax.numpy as jnp  # noqa: PLC0415
 
   import fibjax  # noqa: PLC0415
-  from benchmarks.timing import time_fn  # noqa: PLC0415
+
+  time_fn = _head_module("timing").time_fn  # one timer for both trees
 
   w, r, heads, d = 64, 4096, 8, 64
   static = jnp.asarray(fibjax.offset_set("fib", 1.0, w, r), jnp.int32)
@@ -69,6 +71,14 @@ def _label(i: int, item) -> str:
   return ",".join(names) or str(i)
 
 
+def _head_module(name: str):
+  """``benchmarks.<name>`` of this checkout, whichever tree is on the path."""
+  spec = importlib.util.spec_from_file_location(f"head_{name}", HEAD / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def leaves(tree, prefix: str = "") -> dict[str, float]:
   """Numeric leaves of a JSON tree whose key names a time (``ms`` or ``per_s``), by path; list
   items are named by their identifying fields, so reordered rows still match."""
@@ -90,17 +100,20 @@ def collect(folder: pathlib.Path) -> dict[str, float]:
   return out
 
 
-def compare(runs: dict[str, list[dict[str, float]]]) -> list[dict]:
+def compare(runs: dict[str, list[dict[str, float]]]) -> tuple[list[dict], list[str]]:
+  """Rows for the measurements every run has, and the names of those only some runs have."""
+  keys = [set(r) for side in runs.values() for r in side]
+  common = set.intersection(*keys)
   rows = []
-  for key in sorted(set.intersection(*(set(r) for side in runs.values() for r in side))):
+  for key in sorted(common):
     row = {"measurement": key}
     for side, side_runs in runs.items():
       values = [r[key] for r in side_runs]
       row[side] = statistics.median(values)
       row[f"{side}_spread"] = (max(values) - min(values)) / row[side] if row[side] else 0.0
-    row["head_over_base"] = row["head"] / row["base"] if row["base"] else None
+    row["head_over_base"] = row["head"] / row["base"] if row["base"] else float("nan")
     rows.append(row)
-  return rows
+  return rows, sorted(set.union(*keys) - common)
 
 
 def _fail(message: str) -> None:
@@ -126,6 +139,11 @@ def main() -> None:
     _fail(f"BASE_TREE must be a checkout of the base revision (holding fibjax/), got {args.base_tree}")
   if bool(command) == args.kernel:
     _fail("give either --kernel or a command after --")
+  if args.rounds < 1:
+    _fail(f"--rounds must be at least 1, got {args.rounds}")
+  stale = [p for p in args.out.glob("*_r*") if p.is_dir() and any(p.iterdir())] if args.out.is_dir() else []
+  if stale:
+    _fail(f"{args.out} already holds runs ({stale[0].name}); give an empty or new --out")
   if args.kernel:
     command = [str(pathlib.Path(__file__).resolve()), "--worker", "--n", *map(str, args.n), "--reps", str(args.reps)]
   trees = {"base": args.base_tree.resolve(), "head": HEAD}
@@ -137,10 +155,16 @@ def main() -> None:
       print(f"[ab] {side} round {k}: python {' '.join(command)}", flush=True)
       subprocess.run([sys.executable, *command, "--out", str(out)], cwd=tree, env=env, check=True)
       runs[side].append(collect(out))
-  rows = compare(runs)
+  rows, unmatched = compare(runs)
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / "ab.json").write_text(json.dumps({"command": command, "base_tree": str(trees["base"]),
-                                                "rounds": args.rounds, "rows": rows}, indent=2) + "\n")
+                                                "rounds": args.rounds, "rows": rows, "unmatched": unmatched},
+                                               indent=2) + "\n")
+  for key in unmatched:
+    print(f"[ab] not in every run (left out): {key}", file=sys.stderr)
+  if not rows:
+    print("error: base and head share no measurement (see the lines above)", file=sys.stderr)
+    sys.exit(1)
   print("| measurement | base | head | head / base | spread base / head |\n|---|---|---|---|---|")
   for row in rows:
     print(f"| {row['measurement']} | {row['base']:.4g} | {row['head']:.4g} | {row['head_over_base']:.3f} | "

@@ -53,13 +53,14 @@ def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool, 
 
   from pallas_kernels import gathered_offset_attention  # noqa: PLC0415
 
-  modules = []
+  modules = {}
   lowering = pallas_call_registration.lowering
   lower = lowering.lower_jaxpr_to_triton_module
 
   def capture(*args, **kwargs):
     result = lower(*args, **kwargs)
-    modules.append(result.module.operation.get_asm())
+    text = result.module.operation.get_asm()
+    modules[re.search(r"module @fib_attention_(\w+)", text).group(1)] = text
     return result
 
   offsets = (jnp.asarray(OFFSETS, jnp.float32) * 1.001) if learned else jnp.asarray(OFFSETS, jnp.int32)
@@ -77,7 +78,9 @@ def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool, 
     jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
   finally:
     lowering.lower_jaxpr_to_triton_module, jax.default_backend = lower, default_backend
-  return modules
+  if sorted(modules) != sorted(KERNELS):
+    raise RuntimeError(f"expected the kernels {KERNELS}, lowered {sorted(modules)}")
+  return [modules[k] for k in KERNELS]
 
 
 def parse(report: str) -> dict:
@@ -89,6 +92,11 @@ def parse(report: str) -> dict:
           "spill_store_bytes": number(r"(\d+) bytes spill stores"), "spill_load_bytes": number(r"(\d+) bytes spill loads")}
 
 
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--triton", type=pathlib.Path, required=True, help="folder a Triton package is installed in")
@@ -98,9 +106,10 @@ def main() -> None:
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
   if not (args.triton / "triton").is_dir():
-    print(f"error: no triton package in {args.triton}; install one with pip install --target {args.triton} triton",
-          file=sys.stderr)
-    sys.exit(2)
+    _fail(f"no triton package in {args.triton}; install one with pip install --target {args.triton} triton")
+  bad = [d for d in args.head_dims if d < 16 or d & (d - 1)] + [h for h in args.kv_heads if h < 1 or H % h]
+  if bad:
+    _fail(f"head dims must be powers of 2 >= 16 and kv heads must divide {H}, got {bad}")
   configs = list(itertools.product(args.head_dims, args.kv_heads, (False, True), (False, True)))
   with tempfile.TemporaryDirectory() as tmp:
     paths = {}

@@ -1,15 +1,16 @@
-"""Launch-parameter sweep of the GPU attention kernel with static offsets: forward tiles, then
-backward tiles (with the default forward), at one training shape.
+"""Launch-parameter sweep of the GPU attention kernel at one shape: forward configurations, then
+backward ones.
 
     python -m benchmarks.tune_attention [--n 1024] [--batch 32] [--heads 8] [--kv-heads 2] [--head-dim 128]
         [--reach N] [--learned] [--term-mma 0 1] [--skip-dead-terms 0 1] [--loop-group 0 1]
 
-Forward configurations (offset terms on tensor cores or not, behind a branch per tile or not,
-rows per tile, warps, pipeline stages) are timed alone, backward ones as forward + backward (median ms, random bf16 data
-rotated over input sets, synchronised, after warm-up: ``benchmarks.timing.time_fn``). Prints
-the rows and writes ``tune_attention_<device>_n<N>_b<B>.json``; the kernel defaults
-(``pallas_kernels.ops``) come from these sweeps.
-"""
+Offsets are static, or fractional (``--learned``). Forward configurations (offset terms on tensor
+cores or row-wise, behind a branch per tile or not, rows per tile, warps, pipeline stages) are timed
+alone; backward ones (the same, plus the dK/dV group loop) as forward + backward, where the forward
+has the default tiles and the row's term form and branch. Median ms, random bf16 data rotated over
+input sets, synchronised, after warm-up (``benchmarks.timing.time_fn``). Prints the rows and writes
+``tune_attention_<device>_n<N>_b<B>[_kv<H_kv>_d<D>][_learned].json``; the kernel defaults
+(``pallas_kernels.ops``) come from these sweeps."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import itertools
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +57,10 @@ def main() -> None:
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
   kv_heads = args.kv_heads or args.heads
+  if kv_heads < 1 or args.heads % kv_heads or args.head_dim < 16 or args.head_dim & (args.head_dim - 1):
+    print(f"error: --kv-heads must divide --heads ({args.heads}) and --head-dim be a power of 2 >= 16, got "
+          f"{kv_heads} and {args.head_dim}", file=sys.stderr)
+    sys.exit(2)
   n, reach = args.n, args.reach or args.n
   if args.learned:  # fractional distances just off the integer grid, so every term blends two rows
     offsets = jnp.asarray(fibjax.learned_terms("fib", args.alpha, W, reach), jnp.float32) * jnp.float32(1.001)

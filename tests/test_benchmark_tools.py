@@ -1,11 +1,14 @@
 """Benchmark tools that run without a GPU: ``benchmarks.ab`` (base and head alternate, their JSON
-times matched by identity) and ``benchmarks.kernel_registers`` (the kernels' Triton modules)."""
+times matched by identity), ``benchmarks.kernel_registers`` (the kernels' Triton modules) and the
+merge of ``benchmarks.attention`` runs."""
 
 import json
 import subprocess
 import sys
 
-from benchmarks import ab, kernel_registers
+import pytest
+
+from benchmarks import ab, attention, kernel_registers
 
 _WRITE = ("import json, os, pathlib, sys; out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); "
           "out.mkdir(parents=True); rows = [{'variant': 'x', 'n': 8, 'step_ms': 2.0 if os.path.isfile('HEAD_MARK') "
@@ -34,10 +37,19 @@ def test_ab_runs_both_trees_alternately_and_reports_head_over_base(tmp_path, mon
   assert sorted(p.name for p in out.iterdir()) == ["ab.json", "base_r0", "base_r1", "head_r0", "head_r1"]
 
 
-def test_ab_refuses_a_base_that_is_not_a_checkout(tmp_path):
-  res = subprocess.run([sys.executable, "-m", "benchmarks.ab", str(tmp_path), "--kernel"], capture_output=True,
-                       text=True)
+def test_ab_refuses_bad_input_before_running_anything(tmp_path):
+  def ab_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "benchmarks.ab", *argv], capture_output=True, text=True)
+
+  res = ab_cli(str(tmp_path), "--kernel")
   assert res.returncode == 2 and res.stderr.strip().startswith("error: BASE_TREE must be a checkout")
+  (tmp_path / "fibjax").mkdir()
+  res = ab_cli(str(tmp_path), "--kernel", "--rounds", "0")
+  assert res.returncode == 2 and "--rounds must be at least 1" in res.stderr
+  (tmp_path / "out" / "base_r0").mkdir(parents=True)
+  (tmp_path / "out" / "base_r0" / "old.json").write_text("{}")
+  res = ab_cli(str(tmp_path), "--kernel", "--out", str(tmp_path / "out"))
+  assert res.returncode == 2 and "already holds runs" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def test_kernel_registers_captures_the_three_triton_modules():
@@ -55,3 +67,21 @@ def test_kernel_registers_reads_ptxas_and_refuses_a_missing_triton(tmp_path):
   res = subprocess.run([sys.executable, "-m", "benchmarks.kernel_registers", "--triton", str(tmp_path)],
                        capture_output=True, text=True)
   assert res.returncode == 2 and res.stderr.startswith("error: no triton package in")
+
+
+def _attention_run(shape: str, n: str, ms: float, block: int = 64) -> dict:
+  return {"device": "GPU", "jax": "0.11.2", "copy_bandwidth_Bps": 3e12, "command": f"run {shape}",
+          "config": {"W": 64, "block": block, "shapes": {shape: [8, 2, 64]}},
+          "runs": {shape: {n: {"fwd_ms": {"fib static": ms}}}},
+          "flex": {"sizes": {shape: {n: {"fwd_ms": 4 * ms}}}}}
+
+
+def test_attention_merge_keeps_each_run_and_refuses_overlaps_or_other_configs():
+  merged = attention.merge([_attention_run("mha_d64", "16384", 1.0), _attention_run("mha_d64", "65536", 2.0),
+                            _attention_run("gqa_d64", "16384", 3.0)])
+  assert {s: sorted(r) for s, r in merged["runs"].items()} == {"mha_d64": ["16384", "65536"], "gqa_d64": ["16384"]}
+  assert merged["flex"]["sizes"]["mha_d64"]["65536"]["fwd_ms"] == 8.0
+  for other in (_attention_run("mha_d64", "16384", 5.0), _attention_run("gqa_d64", "65536", 5.0, block=32)):
+    with pytest.raises(SystemExit) as e:
+      attention.merge([_attention_run("mha_d64", "16384", 1.0), other])
+    assert e.value.code == 2
