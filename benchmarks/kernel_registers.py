@@ -9,8 +9,8 @@ count, static or learned offsets and form of offset terms (row-wise or tensor co
 Triton module, compiles it for sm_90a with the separately installed Triton (4 warps, 2 stages, the
 kernels' defaults) and reads ``ptxas -v``: registers per thread, stack frame and spill bytes.
 The installed Triton is not the compiler inside jaxlib, so the counts show which kernels are
-short of registers, not the exact figures of the GPU build. Writes ``kernel_registers.json`` (with
-``--loop-group``: ``kernel_registers_loop_group.json``) under ``--out``.
+short of registers, not the exact figures of the GPU build. Writes ``kernel_registers[_loop_group][_block_bwd<B>].json``
+under ``--out``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ for path in sys.argv[1:]:
 """
 
 
-def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool, loop_group: bool = False) -> list[str]:
+def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool, loop_group: bool = False,
+                   block_bwd: int | None = None) -> list[str]:
   """The three kernels' Triton modules (text), from lowering ``jax.grad`` of the kernel for CUDA."""
   from jax._src.pallas.triton import pallas_call_registration  # noqa: PLC0415  (the lowering's entry point)
 
@@ -69,7 +70,7 @@ def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool, 
 
   def loss(q, k, v):
     out = gathered_offset_attention(q, k, v, window=W, offsets=offsets, reach=R, backend="gpu", term_mma=term_mma,
-                                    loop_group=loop_group)
+                                    loop_group=loop_group, block_bwd=block_bwd)
     return jnp.sum(out.astype(jnp.float32))
 
   default_backend = jax.default_backend
@@ -103,22 +104,24 @@ def main() -> None:
   parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
   parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
   parser.add_argument("--loop-group", action="store_true", help="dK/dV loops over the group's query heads")
+  parser.add_argument("--block-bwd", type=int, help="rows per backward tile (default: the kernels' default)")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
   if not (args.triton / "triton").is_dir():
     _fail(f"no triton package in {args.triton}; install one with pip install --target {args.triton} triton")
-  bad = [d for d in args.head_dims if d < 16 or d & (d - 1)] + [h for h in args.kv_heads if h < 1 or H % h]
+  powers = args.head_dims + ([args.block_bwd] if args.block_bwd is not None else [])
+  bad = [x for x in powers if x < 16 or x & (x - 1)] + [h for h in args.kv_heads if h < 1 or H % h]
   if bad:
-    _fail(f"head dims must be powers of 2 >= 16 and kv heads must divide {H}, got {bad}")
+    _fail(f"head dims and --block-bwd must be powers of 2 >= 16 and kv heads must divide {H}, got {bad}")
   configs = list(itertools.product(args.head_dims, args.kv_heads, (False, True), (False, True)))
   with tempfile.TemporaryDirectory() as tmp:
     paths = {}
     for d, h_kv, learned, mma in configs:
-      for kernel, text in zip(KERNELS, triton_modules(d, h_kv, learned, mma, args.loop_group)):
+      for kernel, text in zip(KERNELS, triton_modules(d, h_kv, learned, mma, args.loop_group, args.block_bwd)):
         path = pathlib.Path(tmp) / f"d{d}_kv{h_kv}_{'learned' if learned else 'static'}_{'mma' if mma else 'row'}_{kernel}.ttir"
         path.write_text(text)
         paths[str(path)] = dict(head_dim=d, kv_heads=h_kv, learned=learned, term_mma=mma, kernel=kernel,
-                                loop_group=args.loop_group)
+                                loop_group=args.loop_group, block_bwd=args.block_bwd)
     env = dict(os.environ, PYTHONPATH=str(args.triton.resolve()), TRITON_DEFAULT_FP_FUSION="1")
     res = subprocess.run([sys.executable, "-c", _COMPILE, *paths], capture_output=True, text=True, env=env)
     if res.returncode:
@@ -129,7 +132,8 @@ def main() -> None:
       path, _, report = line.partition(" | ")
       rows.append(dict(paths[path], **parse(report)))
   args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / f"kernel_registers{'_loop_group' if args.loop_group else ''}.json").write_text(json.dumps({"jax": jax.__version__, "rows": rows}, indent=2) + "\n")
+  tag = ("_loop_group" if args.loop_group else "") + (f"_block_bwd{args.block_bwd}" if args.block_bwd else "")
+  (args.out / f"kernel_registers{tag}.json").write_text(json.dumps({"jax": jax.__version__, "rows": rows}, indent=2) + "\n")
   print("| head_dim | kv heads | offsets | terms | kernel | registers | stack B | spill stores / loads B |")
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:
