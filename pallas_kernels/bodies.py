@@ -165,10 +165,18 @@ def _term_parts(offs_ref, kk: int, i0, st: Static) -> list[Part]:
   return [Part(i0 - lo, 1.0 - t, -1.0), Part(i0 - lo - 1, t, 1.0)]
 
 
-def _term_rows_valid(io, seg_ref, seg_q, parts, rows, offset, st: Static):
-  """``[B]``: the term exists for each query row and every range it reads is in the row's segment."""
+def _read_parts(io, k_ref, v_ref, seg_ref, parts, st: Static):
+  """Each part's key rows, value rows and segment ids (``None`` without segments), part by part."""
+  rows = [(io.read(k_ref, p.start, st.block), io.read(v_ref, p.start, st.block),
+           _segment_rows(io, seg_ref, p.start, st.block)) for p in parts]
+  return tuple(list(x) for x in zip(*rows))
+
+
+def _term_rows_valid(seg_q, parts, segs, rows, offset, st: Static):
+  """``[B]``: the term exists for each query row and every range it reads (segment ids ``segs``)
+  is in the row's segment."""
   valid = term_valid(rows, offset, st.window, st.learned)
-  return valid & _in_segment(seg_q, [(p.weight, _segment_rows(io, seg_ref, p.start, st.block)) for p in parts])
+  return valid & _in_segment(seg_q, [(p.weight, seg) for p, seg in zip(parts, segs)])
 
 
 def _when(live, term, state, st: Static):
@@ -235,8 +243,8 @@ def forward(io, offs_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, st: S
     for kk in range(st.num_offsets):
       def term(state, kk=kk):
         parts = _term_parts(offs_ref, kk, i0, st)
-        ks, vs = ([io.read(ref, p.start, b) for p in parts] for ref in (k_ref, v_ref))
-        valid = _term_rows_valid(io, seg_ref, seg_q, parts, rows, offs_ref[kk], st)
+        ks, vs, segs = _read_parts(io, k_ref, v_ref, seg_ref, parts, st)
+        valid = _term_rows_valid(seg_q, parts, segs, rows, offs_ref[kk], st)
         s = sum(p.weight * _rowdot(q, k, st) for p, k in zip(parts, ks))
         s = jnp.where(valid, s * st.scale, MASK_VALUE)[:, None]
         return online_update(
@@ -249,7 +257,8 @@ def forward(io, offs_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, st: S
   parts = [_term_parts(offs_ref, kk, i0, st) for kk in range(st.num_offsets)]
 
   def score(kk, masked):
-    valid = _term_rows_valid(io, seg_ref, seg_q, parts[kk], rows, offs_ref[kk], st)
+    segs = [_segment_rows(io, seg_ref, p.start, b) for p in parts[kk]]
+    valid = _term_rows_valid(seg_q, parts[kk], segs, rows, offs_ref[kk], st)
     s = sum(p.weight * _rowdot(q, io.read(k_ref, p.start, b), st) for p in parts[kk])
     return jnp.where(valid, s * st.scale, masked)
 
@@ -297,8 +306,8 @@ def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_r
   def term(kk, state):
     dq_t, dd = state
     parts = _term_parts(offs_ref, kk, i0, st)
-    ks, vs = ([io.read(ref, part.start, b) for part in parts] for ref in (k_ref, v_ref))
-    valid = _term_rows_valid(io, seg_ref, seg_q, parts, rows, offs_ref[kk], st)
+    ks, vs, segs = _read_parts(io, k_ref, v_ref, seg_ref, parts, st)
+    valid = _term_rows_valid(seg_q, parts, segs, rows, offs_ref[kk], st)
     qk = [_rowdot(q, k, st) for k in ks]
     dov = [_rowdot(do, v, st) for v in vs]
     p = jnp.where(valid, jnp.exp(sum(part.weight * x for part, x in zip(parts, qk)) * st.scale - lse), 0.0)
