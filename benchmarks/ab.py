@@ -2,6 +2,7 @@
 
     python -m benchmarks.ab BASE_TREE [--rounds 2] [--out DIR] -- -m benchmarks.decode --contexts 65536 --batches 1
     python -m benchmarks.ab BASE_TREE --kernel [--n 16384 65536]
+    python -m benchmarks.ab BASE_TREE --jaxprs
 
 ``BASE_TREE`` is a checkout of the base revision (``git worktree add DIR REV``, or ``git archive
 REV | tar -x -C DIR``). With a command after ``--``, it runs ``python COMMAND --out DIR/<side>_r<k>``
@@ -11,13 +12,15 @@ times, and compares every numeric leaf of the JSON files each run wrote whose ke
 with the Pallas kernel, static and learned offsets, forward and forward + backward, bf16, batch 1,
 8 heads of 64; the same call and this checkout's timer in both trees). Prints, per measurement, the median over rounds of
 each side, head / base, and the spread of each side over rounds (differences smaller than that
-are noise), and writes ``ab.json`` under ``--out``.
+are noise), and writes ``ab.json`` under ``--out``. With ``--jaxprs`` (no GPU needed) it compares
+the attention kernels' ``pallas_call`` bodies of both trees at training and long shapes instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import pathlib
@@ -79,6 +82,51 @@ def _head_module(name: str):
   return module
 
 
+def jaxpr_worker(out: pathlib.Path) -> None:
+  """Hashes of the kernels' ``pallas_call`` bodies (forward, dQ, dK/dV; lowered for a CUDA target on
+  any machine, default options) at training and long shapes, through whichever ``pallas_kernels``
+  is on the path. Equal hashes: the two trees run the same kernel computation."""
+  import hashlib  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from pallas_kernels import gathered_offset_attention  # noqa: PLC0415
+
+  res = {}
+  jax.default_backend = lambda: "gpu"  # lowering only: nothing runs
+  for n, d, kv_heads, learned in itertools.product((1024, 8192, 65536), (64, 128), (8, 2), (False, True)):
+    offsets = jnp.asarray([89, 144, 233, 377, 610, 987, 1597, 2584], jnp.int32)
+    offsets = offsets.astype(jnp.float32) * 1.001 if learned else offsets
+    q, kv = (jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16) for h in (8, kv_heads))
+
+    def loss(q, k, v, offsets=offsets):
+      out = gathered_offset_attention(q, k, v, window=64, offsets=offsets, reach=4096, backend="gpu")
+      return jnp.sum(out.astype(jnp.float32))
+
+    name = f"n{n}_d{d}_kv{kv_heads}_{'learned' if learned else 'static'}"
+    try:
+      jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv)
+    except Exception as e:  # noqa: BLE001  (a shape the tree does not support is reported)
+      res[name] = f"error: {str(e).splitlines()[0][:120]}"
+      continue
+    bodies = []
+
+    def walk(j):
+      for eqn in j.eqns:
+        if eqn.primitive.name == "pallas_call":
+          bodies.append(hashlib.sha1(str(eqn.params["jaxpr"]).encode()).hexdigest()[:12])
+        for v in eqn.params.values():
+          inner = getattr(v, "jaxpr", v)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+
+    walk(jaxpr.jaxpr)
+    res[name] = bodies
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "jaxprs.json").write_text(json.dumps(res, indent=2) + "\n")
+
+
 def leaves(tree, prefix: str = "") -> dict[str, float]:
   """Numeric leaves of a JSON tree whose key names a time (``ms`` or ``per_s``), by path; list
   items are named by their identifying fields, so reordered rows still match."""
@@ -116,6 +164,16 @@ def compare(runs: dict[str, list[dict[str, float]]]) -> tuple[list[dict], list[s
   return rows, sorted(set.union(*keys) - common)
 
 
+def compare_jaxprs(base: dict, head: dict) -> None:
+  print("| shape | forward | dQ | dK/dV |\n|---|---|---|---|")
+  for name in head:
+    a, b = base.get(name), head[name]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) == 3:
+      print(f"| {name} | " + " | ".join("same" if x == y else "differs" for x, y in zip(a, b)) + " |")
+    else:
+      print(f"| {name} | base: {a if isinstance(a, str) else 'ok'}; head: {b if isinstance(b, str) else 'ok'} | | |")
+
+
 def _fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
@@ -131,14 +189,19 @@ def main() -> None:
   parser.add_argument("--kernel", action="store_true", help="time the attention kernel (same call in both trees)")
   parser.add_argument("--n", type=int, nargs="+", default=[16384, 65536])
   parser.add_argument("--reps", type=int, default=20)
+  parser.add_argument("--jaxprs", action="store_true",
+                      help="compare the kernels' pallas_call bodies (no GPU needed) instead of timing")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--worker-jaxprs", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
   if args.worker:
     return kernel_worker(args.n, args.out, args.reps)
+  if args.worker_jaxprs:
+    return jaxpr_worker(args.out)
   if args.base_tree is None or not (args.base_tree / "fibjax").is_dir():
     _fail(f"BASE_TREE must be a checkout of the base revision (holding fibjax/), got {args.base_tree}")
-  if bool(command) == args.kernel:
-    _fail("give either --kernel or a command after --")
+  if bool(command) + args.kernel + args.jaxprs != 1:
+    _fail("give one of --kernel, --jaxprs or a command after --")
   if args.rounds < 1:
     _fail(f"--rounds must be at least 1, got {args.rounds}")
   stale = [p for p in args.out.glob("*_r*") if p.is_dir() and any(p.iterdir())] if args.out.is_dir() else []
@@ -146,6 +209,8 @@ def main() -> None:
     _fail(f"{args.out} already holds runs ({stale[0].name}); give an empty or new --out")
   if args.kernel:
     command = [str(pathlib.Path(__file__).resolve()), "--worker", "--n", *map(str, args.n), "--reps", str(args.reps)]
+  if args.jaxprs:
+    command, args.rounds = [str(pathlib.Path(__file__).resolve()), "--worker-jaxprs"], 1
   trees = {"base": args.base_tree.resolve(), "head": HEAD}
   runs: dict[str, list[dict[str, float]]] = {"base": [], "head": []}
   for k in range(args.rounds):
@@ -155,6 +220,8 @@ def main() -> None:
       print(f"[ab] {side} round {k}: python {' '.join(command)}", flush=True)
       subprocess.run([sys.executable, *command, "--out", str(out)], cwd=tree, env=env, check=True)
       runs[side].append(collect(out))
+  if args.jaxprs:
+    return compare_jaxprs(*(json.loads((args.out / f"{side}_r0" / "jaxprs.json").read_text()) for side in trees))
   rows, unmatched = compare(runs)
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / "ab.json").write_text(json.dumps({"command": command, "base_tree": str(trees["base"]),

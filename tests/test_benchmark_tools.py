@@ -85,3 +85,11 @@ def test_attention_merge_keeps_each_run_and_refuses_overlaps_or_other_configs():
     with pytest.raises(SystemExit) as e:
       attention.merge([_attention_run("mha_d64", "16384", 1.0), other])
     assert e.value.code == 2
+
+
+def test_ab_jaxprs_table_marks_each_kernel(capsys):
+  ab.compare_jaxprs({"n1024_static": ["a", "b", "c"], "n1024_gqa": "error: no groups"},
+                    {"n1024_static": ["a", "x", "c"], "n1024_gqa": ["d", "e", "f"]})
+  out = capsys.readouterr().out
+  assert "| n1024_static | same | differs | same |" in out
+  assert "| n1024_gqa | base: error: no groups; head: ok | | |" in out
