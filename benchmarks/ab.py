@@ -174,11 +174,6 @@ def compare_jaxprs(base: dict, head: dict) -> None:
       print(f"| {name} | base: {a if isinstance(a, str) else 'ok'}; head: {b if isinstance(b, str) else 'ok'} | | |")
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main() -> None:
   argv = sys.argv[1:]
   command = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -198,15 +193,17 @@ def main() -> None:
     return kernel_worker(args.n, args.out, args.reps)
   if args.worker_jaxprs:
     return jaxpr_worker(args.out)
+  from benchmarks.cli import fail  # noqa: PLC0415  (here, not above: the workers run in trees that lack it)
+
   if args.base_tree is None or not (args.base_tree / "fibjax").is_dir():
-    _fail(f"BASE_TREE must be a checkout of the base revision (holding fibjax/), got {args.base_tree}")
+    fail(f"BASE_TREE must be a checkout of the base revision (holding fibjax/), got {args.base_tree}")
   if bool(command) + args.kernel + args.jaxprs != 1:
-    _fail("give one of --kernel, --jaxprs or a command after --")
+    fail("give one of --kernel, --jaxprs or a command after --")
   if args.rounds < 1:
-    _fail(f"--rounds must be at least 1, got {args.rounds}")
+    fail(f"--rounds must be at least 1, got {args.rounds}")
   stale = [p for p in args.out.glob("*_r*") if p.is_dir() and any(p.iterdir())] if args.out.is_dir() else []
   if stale:
-    _fail(f"{args.out} already holds runs ({stale[0].name}); give an empty or new --out")
+    fail(f"{args.out} already holds runs ({stale[0].name}); give an empty or new --out")
   if args.kernel:
     command = [str(pathlib.Path(__file__).resolve()), "--worker", "--n", *map(str, args.n), "--reps", str(args.reps)]
   if args.jaxprs:

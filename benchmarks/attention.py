@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 import fibjax
+from benchmarks.cli import fail
 from benchmarks.timing import copy_bandwidth, time_fn
 
 B, H, D, W, R, ALPHA = 1, 8, 64, 64, 4096, 1.0
@@ -170,16 +171,16 @@ def main() -> None:
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
   if args.flex_log and not args.rewrite:
-    _fail("--flex-log only goes with --rewrite")
+    fail("--flex-log only goes with --rewrite")
   if args.rewrite:
     for path in args.rewrite + ([args.flex_log] if args.flex_log else []):
       if not path.is_file():
-        _fail(f"no such file: {path}")
+        fail(f"no such file: {path}")
     results = merge([json.loads(path.read_text()) for path in args.rewrite])
     if args.flex_log:
       results["flex"] = flex_by_shape(args.flex_log.read_text(), list(results["runs"]))
       if not results["flex"].get("sizes"):
-        _fail(f"{args.flex_log} holds no benchmarks.flex_peer result for these shapes")
+        fail(f"{args.flex_log} holds no benchmarks.flex_peer result for these shapes")
       results["flex"]["source"] = str(args.flex_log.name)
     return write(results, args.out)
   flex = {} if args.no_flex else flex_peer(args.n, args.shapes)  # before JAX takes the GPU
@@ -198,11 +199,6 @@ def main() -> None:
   write(results, args.out)
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def merge(parts: list[dict]) -> dict:
   """Several runs of this benchmark on one kind of device (shapes split over processes or GPUs)
   as one result; every comparison stays inside the run that measured its shape."""
@@ -210,12 +206,12 @@ def merge(parts: list[dict]) -> dict:
   same = lambda r: (r["device"], r["jax"], {k: v for k, v in r["config"].items() if k != "shapes"})  # noqa: E731
   for other in parts[1:]:
     if same(other) != same(out):
-      _fail(f"cannot merge a run on {other['device']} / jax {other['jax']} with config {other['config']} into "
+      fail(f"cannot merge a run on {other['device']} / jax {other['jax']} with config {other['config']} into "
             f"{out['device']} / jax {out['jax']} with config {out['config']}")
     for shape, sizes in other["runs"].items():
       taken = set(sizes) & set(out["runs"].get(shape, {}))
       if taken:
-        _fail(f"two runs measured {shape} at N = {sorted(taken)}; merge runs of different shapes or lengths")
+        fail(f"two runs measured {shape} at N = {sorted(taken)}; merge runs of different shapes or lengths")
       out["runs"].setdefault(shape, {}).update(sizes)
       out["config"]["shapes"][shape] = other["config"]["shapes"][shape]
     for shape, sizes in other.get("flex", {}).get("sizes", {}).items():

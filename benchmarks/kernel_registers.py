@@ -28,6 +28,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from benchmarks.cli import fail
+
 N, H, W, R = 65536, 8, 64, 4096
 OFFSETS = [89, 144, 233, 377, 610, 987, 1597, 2584]
 KERNELS = ("fwd", "dq", "dkdv")
@@ -93,11 +95,6 @@ def parse(report: str) -> dict:
           "spill_store_bytes": number(r"(\d+) bytes spill stores"), "spill_load_bytes": number(r"(\d+) bytes spill loads")}
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--triton", type=pathlib.Path, required=True, help="folder a Triton package is installed in")
@@ -108,11 +105,11 @@ def main() -> None:
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
   if not (args.triton / "triton").is_dir():
-    _fail(f"no triton package in {args.triton}; install one with pip install --target {args.triton} triton")
+    fail(f"no triton package in {args.triton}; install one with pip install --target {args.triton} triton")
   powers = args.head_dims + ([args.block_bwd] if args.block_bwd is not None else [])
   bad = [x for x in powers if x < 16 or x & (x - 1)] + [h for h in args.kv_heads if h < 1 or H % h]
   if bad:
-    _fail(f"head dims and --block-bwd must be powers of 2 >= 16 and kv heads must divide {H}, got {bad}")
+    fail(f"head dims and --block-bwd must be powers of 2 >= 16 and kv heads must divide {H}, got {bad}")
   configs = list(itertools.product(args.head_dims, args.kv_heads, (False, True), (False, True)))
   with tempfile.TemporaryDirectory() as tmp:
     paths = {}

@@ -18,13 +18,13 @@ import argparse
 import itertools
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 
 import fibjax
 from benchmarks.attention import D, W, fwd_bwd
+from benchmarks.cli import fail
 from benchmarks.timing import time_fn
 
 
@@ -58,9 +58,8 @@ def main() -> None:
   args = parser.parse_args()
   kv_heads = args.kv_heads or args.heads
   if kv_heads < 1 or args.heads % kv_heads or args.head_dim < 16 or args.head_dim & (args.head_dim - 1):
-    print(f"error: --kv-heads must divide --heads ({args.heads}) and --head-dim be a power of 2 >= 16, got "
-          f"{kv_heads} and {args.head_dim}", file=sys.stderr)
-    sys.exit(2)
+    fail(f"--kv-heads must divide --heads ({args.heads}) and --head-dim be a power of 2 >= 16, got "
+         f"{kv_heads} and {args.head_dim}")
   n, reach = args.n, args.reach or args.n
   if args.learned:  # fractional distances just off the integer grid, so every term blends two rows
     offsets = jnp.asarray(fibjax.learned_terms("fib", args.alpha, W, reach), jnp.float32) * jnp.float32(1.001)
