@@ -12,7 +12,8 @@ times, and compares every numeric leaf of the JSON files each run wrote whose ke
 with the Pallas kernel, static and learned offsets, forward and forward + backward, bf16, batch 1,
 8 heads of 64; the same call and this checkout's timer in both trees). Prints, per measurement, the median over rounds of
 each side, head / base, and the spread of each side over rounds (differences smaller than that
-are noise), and writes ``ab.json`` under ``--out``. With ``--jaxprs`` (no GPU needed) it compares
+are noise), and writes ``ab.json`` under ``--out`` after every round. ``--resume`` continues a run in
+the same ``--out`` with the same command: finished runs are kept, not repeated. With ``--jaxprs`` (no GPU needed) it compares
 the attention kernels' ``pallas_call`` bodies of both trees at training and long shapes instead.
 """
 
@@ -141,6 +142,14 @@ def leaves(tree, prefix: str = "") -> dict[str, float]:
   return out
 
 
+DONE = ".done"  # written into a run's folder once its command has exited cleanly
+
+
+def _portable(arg: str) -> str:
+  """A command argument with this checkout's path made relative (the plan of a run survives a move)."""
+  return arg.replace(str(HEAD) + os.sep, "")
+
+
 def collect(folder: pathlib.Path) -> dict[str, float]:
   out = {}
   for path in sorted(folder.rglob("*.json")):
@@ -181,6 +190,8 @@ def main() -> None:
   parser.add_argument("base_tree", type=pathlib.Path, nargs="?")
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("ab_results"))
+  parser.add_argument("--resume", action="store_true",
+                      help="keep the finished runs in --out (same command) and run only the missing ones")
   parser.add_argument("--kernel", action="store_true", help="time the attention kernel (same call in both trees)")
   parser.add_argument("--n", type=int, nargs="+", default=[16384, 65536])
   parser.add_argument("--reps", type=int, default=20)
@@ -201,29 +212,43 @@ def main() -> None:
     fail("give one of --kernel, --jaxprs or a command after --")
   if args.rounds < 1:
     fail(f"--rounds must be at least 1, got {args.rounds}")
-  stale = [p for p in args.out.glob("*_r*") if p.is_dir() and any(p.iterdir())] if args.out.is_dir() else []
-  if stale:
-    fail(f"{args.out} already holds runs ({stale[0].name}); give an empty or new --out")
   if args.kernel:
     command = [str(pathlib.Path(__file__).resolve()), "--worker", "--n", *map(str, args.n), "--reps", str(args.reps)]
   if args.jaxprs:
     command, args.rounds = [str(pathlib.Path(__file__).resolve()), "--worker-jaxprs"], 1
   trees = {"base": args.base_tree.resolve(), "head": HEAD}
+  plan = {"command": [_portable(c) for c in command], "base_tree": _portable(str(trees["base"]))}
+  started = [p for p in args.out.glob("*_r*") if p.is_dir() and any(p.iterdir())] if args.out.is_dir() else []
+  if started and not args.resume:
+    fail(f"{args.out} already holds runs ({started[0].name}); give an empty or new --out, or --resume to continue them")
+  manifest = args.out / "plan.json"
+  if args.resume and started:
+    if not manifest.is_file() or json.loads(manifest.read_text()) != plan:
+      fail(f"--resume: {args.out} holds runs of another command or base ({manifest} differs or is missing); "
+           f"give a new --out")
+    unfinished = [p.name for p in started if not (p / DONE).is_file()]
+    if unfinished:
+      fail(f"--resume: {args.out / unfinished[0]} is an unfinished run; move it away to run it again")
+  args.out.mkdir(parents=True, exist_ok=True)
+  manifest.write_text(json.dumps(plan, indent=2) + "\n")
   runs: dict[str, list[dict[str, float]]] = {"base": [], "head": []}
   for k in range(args.rounds):
     for side, tree in trees.items():
       out = (args.out / f"{side}_r{k}").resolve()
-      env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
-      print(f"[ab] {side} round {k}: python {' '.join(command)}", flush=True)
-      subprocess.run([sys.executable, *command, "--out", str(out)], cwd=tree, env=env, check=True)
+      if (out / DONE).is_file():
+        print(f"[ab] {side} round {k}: kept from {out}", flush=True)
+      else:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
+        print(f"[ab] {side} round {k}: python {' '.join(command)}", flush=True)
+        subprocess.run([sys.executable, *command, "--out", str(out)], cwd=tree, env=env, check=True)
+        (out / DONE).write_text("")
       runs[side].append(collect(out))
+    if not args.jaxprs:
+      rows, unmatched = compare(runs)
+      (args.out / "ab.json").write_text(json.dumps({**plan, "rounds": k + 1, "rows": rows, "unmatched": unmatched},
+                                                   indent=2) + "\n")
   if args.jaxprs:
     return compare_jaxprs(*(json.loads((args.out / f"{side}_r0" / "jaxprs.json").read_text()) for side in trees))
-  rows, unmatched = compare(runs)
-  args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "ab.json").write_text(json.dumps({"command": command, "base_tree": str(trees["base"]),
-                                                "rounds": args.rounds, "rows": rows, "unmatched": unmatched},
-                                               indent=2) + "\n")
   for key in unmatched:
     print(f"[ab] not in every run (left out): {key}", file=sys.stderr)
   if not rows:

@@ -27,7 +27,9 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # window's accumulators, branches everywhere) is faster at head_dim 128 and for static offsets with
 # groups, where row-wise terms spill registers (benchmarks.kernel_registers). Shorter sequences use
 # tensor cores, the form measured faster at the training shape (N = 1024, H100, t14); row-wise was
-# not measured there.
+# not measured there. With groups, the GPU dK/dV kernel loops over the group's query heads: unrolled, it
+# spills (benchmarks.kernel_registers) and ran 1.3x slower fwd+bwd at N = 65536 (H200,
+# tune_attention_*_kv2_d64.json and _kv2_d128.json).
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
 ROWWISE_MAX_HEAD_DIM = 64
@@ -42,6 +44,11 @@ def default_term_mma(backend: str, seq_len: int, head_dim: int, group: int, lear
     return False
   rowwise = seq_len >= ROWWISE_MIN_SEQ and head_dim <= ROWWISE_MAX_HEAD_DIM and (group == 1 or learned)
   return not rowwise
+
+
+def default_loop_group(backend: str, group: int) -> bool:
+  """The GPU dK/dV kernel loops over a group's query heads; the TPU lowering unrolls them."""
+  return backend == "gpu" and group > 1
 
 
 def default_skip_dead_terms_bwd(backend: str, term_mma: bool, seq_len: int, reach: int | None) -> bool:
@@ -122,7 +129,7 @@ def gathered_offset_attention(
     options_bwd: dict | None = None,
     term_mma: bool | None = None,
     skip_dead_terms: bool | None = None,
-    loop_group: bool = False,
+    loop_group: bool | None = None,
     segment_ids: jax.Array | None = None,
     batch_axes: Sequence[str] | None = None,
     **options,
@@ -150,7 +157,7 @@ def gathered_offset_attention(
       between terms (default: branch, except a row-wise GPU backward at ``N >=
       DEAD_TERMS_BRANCH_BELOW * reach``).
     loop_group: the dK/dV kernel loops over a group's query heads instead of unrolling them
-      (fewer live registers; grouped-query attention only).
+      (fewer live registers; grouped-query attention only; default ``default_loop_group``).
     options: lowering knobs (GPU: ``num_warps``, ``num_stages``); ``options_bwd``: the same
       for the backward kernels (default: ``options``).
   """
@@ -174,7 +181,7 @@ def gathered_offset_attention(
       scale=float(d**-0.5 if scale is None else scale), block=block,
       precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, term_mma=default_term_mma(backend, n, d, group, learned) if term_mma is None else term_mma,
       group=group, segments=segment_ids is not None,
-      skip_dead_terms=True if skip_dead_terms is None else skip_dead_terms, loop_group=loop_group,
+      skip_dead_terms=True if skip_dead_terms is None else skip_dead_terms, loop_group=default_loop_group(backend, group) if loop_group is None else loop_group,
   )
   if st.learned:
     offsets = offsets.astype(jnp.float32)

@@ -34,7 +34,38 @@ def test_ab_runs_both_trees_alternately_and_reports_head_over_base(tmp_path, mon
   (row,) = json.loads((out / "ab.json").read_text())["rows"]
   assert row["measurement"] == "bench:rows/variant=x,n=8/step_ms"
   assert (row["base"], row["head"], row["head_over_base"]) == (1.0, 2.0, 2.0)
-  assert sorted(p.name for p in out.iterdir()) == ["ab.json", "base_r0", "base_r1", "head_r0", "head_r1"]
+  assert sorted(p.name for p in out.iterdir()) == ["ab.json", "base_r0", "base_r1", "head_r0", "head_r1", "plan.json"]
+
+
+def test_ab_resume_keeps_finished_runs_and_refuses_other_commands(tmp_path, monkeypatch):
+  """A run cut off after its first round continues with --resume: the first round is kept, not
+  repeated; another command, or a run that never finished, is refused in one line."""
+  base = tmp_path / "base"
+  (base / "fibjax").mkdir(parents=True)
+  monkeypatch.setattr(ab, "HEAD", tmp_path / "head")
+  (tmp_path / "head").mkdir()
+  out = tmp_path / "ab"
+
+  def run(*argv, command=_WRITE):
+    monkeypatch.setattr(sys, "argv", ["ab", str(base), "--out", str(out), *argv, "--", "-c", command])
+    ab.main()
+
+  run("--rounds", "1")
+  first = (out / "base_r0" / "bench.json").stat().st_mtime_ns
+  assert json.loads((out / "ab.json").read_text())["rounds"] == 1
+  with pytest.raises(SystemExit) as e:
+    run("--rounds", "2")  # without --resume: refused, nothing run
+  assert e.value.code == 2 and not (out / "base_r1").exists()
+  run("--rounds", "2", "--resume")
+  assert (out / "base_r0" / "bench.json").stat().st_mtime_ns == first
+  assert json.loads((out / "ab.json").read_text())["rounds"] == 2 and (out / "head_r1" / ".done").is_file()
+  with pytest.raises(SystemExit) as e:
+    run("--rounds", "3", "--resume", command=_WRITE + "  # another command")
+  assert e.value.code == 2 and not (out / "base_r2").exists()
+  (out / "head_r1" / ".done").unlink()  # as if it had been killed mid-run
+  with pytest.raises(SystemExit) as e:
+    run("--rounds", "3", "--resume")
+  assert e.value.code == 2 and not (out / "base_r2").exists()
 
 
 def test_ab_refuses_bad_input_before_running_anything(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 
 import fibjax
 from pallas_kernels import gathered_offset_attention, tile_math, triton_gpu
-from pallas_kernels.ops import default_skip_dead_terms_bwd, default_term_mma
+from pallas_kernels.ops import default_loop_group, default_skip_dead_terms_bwd, default_term_mma, gathered_offset_attention
 from tests.compiled import assert_pallas_matches_xla
 
 CASES = {  # b, n, h, d, window, offsets, reach, dtype, block
@@ -103,6 +103,22 @@ def test_default_term_form_follows_the_measurements():
   assert not default_skip_dead_terms_bwd("gpu", False, 65536, 4096)
   assert default_skip_dead_terms_bwd("gpu", False, 8192, 4096) and default_skip_dead_terms_bwd("gpu", True, 65536, 4096)
   assert default_skip_dead_terms_bwd("tpu", False, 65536, 4096)
+
+
+def test_gpu_groups_loop_in_dkdv_by_default():
+  """With groups the GPU dK/dV kernel loops over the group (measured faster); the default reaches
+  the kernel: the backward's jaxpr is the looped one's and not the unrolled one's."""
+  assert default_loop_group("gpu", 4) and not default_loop_group("gpu", 1) and not default_loop_group("tpu", 4)
+  q, kv = jnp.zeros((1, 64, 4, 16), jnp.float32), jnp.zeros((1, 64, 2, 16), jnp.float32)
+
+  def backward(**opts):
+    loss = lambda q, k, v: jnp.sum(gathered_offset_attention(  # noqa: E731
+        q, k, v, window=8, offsets=jnp.asarray([9, 13], jnp.int32), interpret=True, backend="gpu", block=16,
+        block_bwd=16, **opts))
+    return str(jax.make_jaxpr(jax.grad(loss, argnums=(1, 2)))(q, kv, kv))
+
+  default = backward()
+  assert default == backward(loop_group=True) and default != backward(loop_group=False)
 
 
 @pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "n_is_4R", "learned_fractional"])
