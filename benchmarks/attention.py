@@ -135,6 +135,32 @@ def flex_by_shape(stdout: str, shapes: list[str]) -> dict:
   return out
 
 
+def flex_from_files(paths: list[pathlib.Path], shapes: list[str]) -> dict:
+  """FlexAttention times for ``shapes`` from several runs: ``benchmarks.flex_peer`` logs, or this
+  benchmark's results JSON (its ``flex``); runs of another torch, window or offsets, or two runs
+  of one shape and length, are refused."""
+  out: dict = {"sizes": {}, "source": ", ".join(p.name for p in paths)}
+  for path in paths:
+    text = path.read_text()
+    try:
+      flex = json.loads(text)["flex"]
+      flex = dict(flex, sizes={s: v for s, v in flex.get("sizes", {}).items() if s in shapes})
+    except (ValueError, KeyError, TypeError):
+      flex = flex_by_shape(text, shapes)
+    if not flex.get("sizes"):
+      fail(f"{path} holds no benchmarks.flex_peer result for these shapes ({', '.join(shapes)})")
+    setup = {k: flex.get(k) for k in ("torch", "window", "offsets")}
+    if out.setdefault("setup", setup) != setup:
+      fail(f"{path}: FlexAttention run with {setup}, the others with {out['setup']}; give runs of one setup")
+    for shape, sizes in flex["sizes"].items():
+      taken = set(sizes) & set(out["sizes"].get(shape, {}))
+      if taken:
+        fail(f"{path}: {shape} at N = {sorted(taken)} is already in an earlier --flex-log file; give each once")
+      out["sizes"].setdefault(shape, {}).update({n: dict(v, source=path.name) for n, v in sizes.items()})
+  out.update(out.pop("setup"))
+  return out
+
+
 def measure(n: int, shape: str, args, bandwidth: float) -> dict:
   _, kv_heads, head_dim = SHAPES[shape]
   fs, num_offsets = variants(args.block, args.num_warps, with_xla=shape == "mha_d64" and n <= XLA_MAX_N)
@@ -166,22 +192,20 @@ def main() -> None:
   parser.add_argument("--no-flex", action="store_true")
   parser.add_argument("--rewrite", type=pathlib.Path, nargs="+",
                       help="only re-render results JSON files (several: runs of other shapes, merged into one)")
-  parser.add_argument("--flex-log", type=pathlib.Path,
-                      help="with --rewrite: FlexAttention times from a separate run of benchmarks.flex_peer")
+  parser.add_argument("--flex-log", type=pathlib.Path, nargs="+",
+                      help="with --rewrite: FlexAttention times from separate runs (benchmarks.flex_peer logs, or "
+                           "results JSON of this benchmark), each shape and length from one of them")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
   if args.flex_log and not args.rewrite:
     fail("--flex-log only goes with --rewrite")
   if args.rewrite:
-    for path in args.rewrite + ([args.flex_log] if args.flex_log else []):
+    for path in args.rewrite + (args.flex_log or []):
       if not path.is_file():
         fail(f"no such file: {path}")
     results = merge([json.loads(path.read_text()) for path in args.rewrite])
     if args.flex_log:
-      results["flex"] = flex_by_shape(args.flex_log.read_text(), list(results["runs"]))
-      if not results["flex"].get("sizes"):
-        fail(f"{args.flex_log} holds no benchmarks.flex_peer result for these shapes")
-      results["flex"]["source"] = str(args.flex_log.name)
+      results["flex"] = flex_from_files(args.flex_log, list(results["runs"]))
     return write(results, args.out)
   flex = {} if args.no_flex else flex_peer(args.n, args.shapes)  # before JAX takes the GPU
   device = jax.devices()[0].device_kind

@@ -124,3 +124,29 @@ def test_ab_jaxprs_table_marks_each_kernel(capsys):
   out = capsys.readouterr().out
   assert "| n1024_static | same | differs | same |" in out
   assert "| n1024_gqa | base: error: no groups; head: ok | | |" in out
+
+
+def test_flex_from_files_joins_runs_and_refuses_overlaps_or_other_setups(tmp_path):
+  """FlexAttention times for a merged table come from several of its own runs (flex_peer logs, or a
+  results JSON's ``flex``); each shape and length from exactly one, all of one torch and mask."""
+  setup = {"torch": "2.11", "window": 64, "offsets": [89, 144]}
+  log = tmp_path / "flex.log"
+  log.write_text("warning: noise\n" + json.dumps({**setup, "sizes": {"8,8,64": {"4096": {"fwd_ms": 1.0}}}}) + "\n")
+  results = tmp_path / "attention.json"
+  results.write_text(json.dumps({"flex": {**setup, "sizes": {"mha_d64": {"16384": {"fwd_ms": 2.0}},
+                                                              "gqa_d128": {"16384": {"fwd_ms": 3.0}}}}}))
+  flex = attention.flex_from_files([log, results], ["mha_d64", "gqa_d64"])
+  assert flex["sizes"] == {"mha_d64": {"4096": {"fwd_ms": 1.0, "source": "flex.log"},
+                                       "16384": {"fwd_ms": 2.0, "source": "attention.json"}}}
+  assert flex["torch"] == "2.11" and flex["source"] == "flex.log, attention.json"
+  with pytest.raises(SystemExit) as e:
+    attention.flex_from_files([log, log], ["mha_d64"])  # the same shape and length twice
+  assert e.value.code == 2
+  other = tmp_path / "other.log"
+  other.write_text(json.dumps({**setup, "torch": "2.12", "sizes": {"8,8,64": {"65536": {"fwd_ms": 1.0}}}}))
+  with pytest.raises(SystemExit) as e:
+    attention.flex_from_files([log, other], ["mha_d64"])
+  assert e.value.code == 2
+  with pytest.raises(SystemExit) as e:
+    attention.flex_from_files([log], ["mha_d128"])  # nothing for the table's shapes
+  assert e.value.code == 2
