@@ -26,10 +26,10 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # without groups (static and learned) and with groups for learned distances; on tensor cores (the
 # window's accumulators, branches everywhere) is faster at head_dim 128 and for static offsets with
 # groups, where row-wise terms spill registers (benchmarks.kernel_registers). Shorter sequences use
-# tensor cores, the form measured faster at the training shape (N = 1024, H100, t14); row-wise was
-# not measured there. With groups, the GPU dK/dV kernel loops over the group's query heads: unrolled, it
-# spills (benchmarks.kernel_registers) and ran 1.2-1.9x slower fwd+bwd at N = 1024 (batch 32), 16384
-# and 65536, d64 and d128 (H200, tune_attention_*_kv2_*.json). At d128, 32-row backward tiles end the
+# tensor cores, the form measured faster at the training shape (N = 1024, batch 32: 1.19x faster
+# fwd+bwd than row-wise on an H200, tune_attention_NVIDIA_H200_n1024_b32.json). With groups, the GPU dK/dV kernel loops over the group's query heads: unrolled, it
+# spills (benchmarks.kernel_registers) and ran 1.2-1.9x slower fwd+bwd at N = 1024 (batch 32)
+# and N = 65536, d64 and d128 (H200, tune_attention_*_kv2_*.json). At d128, 32-row backward tiles end the
 # tensor-core dK/dV spills but ran 1.2-1.4x slower than 64-row ones.
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
