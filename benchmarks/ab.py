@@ -13,18 +13,21 @@ with the Pallas kernel, static and learned offsets, forward and forward + backwa
 8 heads of 64; the same call and this checkout's timer in both trees). Prints, per measurement, the median over rounds of
 each side, head / base, and the spread of each side over rounds (differences smaller than that
 are noise), and writes ``ab.json`` under ``--out`` after every round. ``--resume`` continues a run in
-the same ``--out`` with the same command: finished runs are kept, not repeated. With ``--jaxprs`` (no GPU needed) it compares
+the same ``--out`` with the same command and code: finished runs are kept, not repeated, and a run
+cut off midway is kept aside (``<side>_r<k>.partial``) and run again. With ``--jaxprs`` (no GPU needed) it compares
 the attention kernels' ``pallas_call`` bodies of both trees at training and long shapes instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import itertools
 import json
 import os
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
@@ -143,6 +146,51 @@ def leaves(tree, prefix: str = "") -> dict[str, float]:
 
 
 DONE = ".done"  # written into a run's folder once its command has exited cleanly
+RUN_DIR = re.compile(r"(base|head)_r(\d+)")
+CODE = ("fibjax", "pallas_kernels", "configs", "train", "benchmarks")
+
+
+def tree_digest(tree: pathlib.Path) -> str:
+  """A hash of a tree's Python code (and ``pyproject.toml``): a resumed A/B must time the same code."""
+  h = hashlib.sha1()
+  files = [p for top in CODE for p in (tree / top).rglob("*.py")] + [tree / "pyproject.toml"]
+  for path in sorted(p for p in files if p.is_file() and "__pycache__" not in p.parts):
+    h.update(str(path.relative_to(tree)).encode() + b"\0" + path.read_bytes() + b"\0")
+  return h.hexdigest()[:16]
+
+
+def _prepare_out(args, plan: dict, fail) -> int:
+  """Checks ``--out`` against ``--resume`` and writes the plan; returns the rounds already finished
+  there. A resumed run must have the same plan (command, base and both trees' code); a run folder
+  left unfinished (cut off mid-run) is kept aside as ``<name>.partial[-i]`` and run again."""
+  started = sorted(p for p in args.out.iterdir() if RUN_DIR.fullmatch(p.name) and any(p.iterdir())) \
+      if args.out.is_dir() else []
+  if started and not args.resume:
+    fail(f"{args.out} already holds runs ({started[0].name}); give an empty or new --out, or --resume to continue them")
+  manifest = args.out / "plan.json"
+  finished = 0
+  if started:
+    try:
+      same = json.loads(manifest.read_text()) == plan
+    except (OSError, ValueError):
+      same = False
+    if not same:
+      fail(f"--resume: {args.out} holds runs of another command, base or code ({manifest} differs, is missing or "
+           f"unreadable); give a new --out")
+    done = {p.name for p in started if (p / DONE).is_file()}
+    while {f"base_r{finished}", f"head_r{finished}"} <= done:
+      finished += 1
+    if args.rounds < finished:
+      fail(f"--resume: {args.out} already holds {finished} finished rounds; give --rounds {finished} or more")
+    for p in started:
+      if p.name not in done:
+        names = (p.name + ".partial" + (f"-{i}" if i else "") for i in itertools.count())
+        aside = next(q for q in map(p.with_name, names) if not q.exists())
+        p.rename(aside)
+        print(f"[ab] unfinished {p.name} kept aside as {aside.name}; it runs again", file=sys.stderr)
+  args.out.mkdir(parents=True, exist_ok=True)
+  manifest.write_text(json.dumps(plan, indent=2) + "\n")
+  return finished
 
 
 def _portable(arg: str) -> str:
@@ -217,22 +265,12 @@ def main() -> None:
   if args.jaxprs:
     command, args.rounds = [str(pathlib.Path(__file__).resolve()), "--worker-jaxprs"], 1
   trees = {"base": args.base_tree.resolve(), "head": HEAD}
-  plan = {"command": [_portable(c) for c in command], "base_tree": _portable(str(trees["base"]))}
-  started = [p for p in args.out.glob("*_r*") if p.is_dir() and any(p.iterdir())] if args.out.is_dir() else []
-  if started and not args.resume:
-    fail(f"{args.out} already holds runs ({started[0].name}); give an empty or new --out, or --resume to continue them")
-  manifest = args.out / "plan.json"
-  if args.resume and started:
-    if not manifest.is_file() or json.loads(manifest.read_text()) != plan:
-      fail(f"--resume: {args.out} holds runs of another command or base ({manifest} differs or is missing); "
-           f"give a new --out")
-    unfinished = [p.name for p in started if not (p / DONE).is_file()]
-    if unfinished:
-      fail(f"--resume: {args.out / unfinished[0]} is an unfinished run; move it away to run it again")
-  args.out.mkdir(parents=True, exist_ok=True)
-  manifest.write_text(json.dumps(plan, indent=2) + "\n")
+  plan = {"command": [_portable(c) for c in command], "base_tree": _portable(str(trees["base"])),
+          "code": {side: tree_digest(tree) for side, tree in trees.items()}}
+  finished = _prepare_out(args, plan, fail)
   runs: dict[str, list[dict[str, float]]] = {"base": [], "head": []}
   for k in range(args.rounds):
+    ran = False
     for side, tree in trees.items():
       out = (args.out / f"{side}_r{k}").resolve()
       if (out / DONE).is_file():
@@ -240,10 +278,15 @@ def main() -> None:
       else:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
         print(f"[ab] {side} round {k}: python {' '.join(command)}", flush=True)
-        subprocess.run([sys.executable, *command, "--out", str(out)], cwd=tree, env=env, check=True)
+        code = subprocess.run([sys.executable, *command, "--out", str(out)], cwd=tree, env=env).returncode
+        if code or not (out.is_dir() and any(out.rglob("*.json"))):
+          print(f"error: {side} round {k} {f'exited with {code}' if code else f'wrote no JSON under {out}'}; "
+                f"{args.out / 'ab.json'} holds the rounds before it; --resume runs the rest", file=sys.stderr)
+          sys.exit(1)
         (out / DONE).write_text("")
+        ran = True
       runs[side].append(collect(out))
-    if not args.jaxprs:
+    if not args.jaxprs and (ran or k + 1 >= max(finished, args.rounds)):
       rows, unmatched = compare(runs)
       (args.out / "ab.json").write_text(json.dumps({**plan, "rounds": k + 1, "rows": rows, "unmatched": unmatched},
                                                    indent=2) + "\n")

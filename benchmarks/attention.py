@@ -125,39 +125,56 @@ def flex_peer(ns: list[int], shapes: list[str]) -> dict:
 
 
 def flex_by_shape(stdout: str, shapes: list[str]) -> dict:
-  """``benchmarks.flex_peer``'s last JSON line, its sizes keyed by this benchmark's shape names."""
-  lines = [line for line in stdout.splitlines() if line.startswith("{")]
-  if not lines:
-    return {}
-  out = json.loads(lines[-1])
-  by_dims = out.pop("sizes", {})
-  out["sizes"] = {s: by_dims[d] for s in shapes if (d := ",".join(map(str, SHAPES[s]))) in by_dims}
-  return out
+  """``benchmarks.flex_peer``'s last complete JSON line (it prints its cumulative results after every
+  measurement), its sizes keyed by this benchmark's shape names; ``{}`` if it printed none."""
+  for line in reversed(stdout.splitlines()):
+    try:
+      out = json.loads(line) if line.startswith("{") else None
+    except ValueError:
+      continue  # a line cut off mid-write
+    if isinstance(out, dict) and isinstance(out.get("sizes"), dict):
+      by_dims = out.pop("sizes")
+      out["sizes"] = {s: by_dims[d] for s in shapes if (d := ",".join(map(str, SHAPES[s]))) in by_dims}
+      return out
+  return {}
 
 
-def flex_from_files(paths: list[pathlib.Path], shapes: list[str]) -> dict:
+def flex_from_files(paths: list[pathlib.Path], shapes: list[str], window: int, offsets: list[int]) -> dict:
   """FlexAttention times for ``shapes`` from several runs: ``benchmarks.flex_peer`` logs, or this
-  benchmark's results JSON (its ``flex``); runs of another torch, window or offsets, or two runs
-  of one shape and length, are refused."""
+  benchmark's results JSON (its ``flex``). Refused: runs of another torch than each other, another
+  window or offsets than the kernel's (``window``, ``offsets``), and two runs of one shape and length."""
   out: dict = {"sizes": {}, "source": ", ".join(p.name for p in paths)}
   for path in paths:
     text = path.read_text()
     try:
-      flex = json.loads(text)["flex"]
-      flex = dict(flex, sizes={s: v for s, v in flex.get("sizes", {}).items() if s in shapes})
-    except (ValueError, KeyError, TypeError):
-      flex = flex_by_shape(text, shapes)
+      whole = json.loads(text)
+    except ValueError:
+      flex = flex_by_shape(text, shapes)  # a flex_peer log: JSON lines among warnings
+    else:
+      flex = whole.get("flex") if isinstance(whole, dict) else None
+      if not (isinstance(flex, dict) and isinstance(flex.get("sizes"), dict)):
+        flex = flex_by_shape(text, shapes) if isinstance(whole, dict) and "sizes" in whole else None
+      else:
+        flex = dict(flex, sizes={s: v for s, v in flex["sizes"].items() if s in shapes})
+      if flex is None:
+        fail(f"{path} is JSON without FlexAttention results (neither a flex_peer line nor a results file's flex)")
     if not flex.get("sizes"):
       fail(f"{path} holds no benchmarks.flex_peer result for these shapes ({', '.join(shapes)})")
-    setup = {k: flex.get(k) for k in ("torch", "window", "offsets")}
-    if out.setdefault("setup", setup) != setup:
-      fail(f"{path}: FlexAttention run with {setup}, the others with {out['setup']}; give runs of one setup")
+    if (flex.get("window"), flex.get("offsets")) != (window, offsets):
+      fail(f"{path}: FlexAttention ran window {flex.get('window')} and offsets {flex.get('offsets')}, the kernel "
+           f"window {window} and offsets {offsets}; give runs of the same mask")
+    if out.setdefault("torch", flex.get("torch")) != flex.get("torch"):
+      fail(f"{path}: FlexAttention run with torch {flex.get('torch')}, the others with {out['torch']}; "
+           f"give runs of one torch")
     for shape, sizes in flex["sizes"].items():
       taken = set(sizes) & set(out["sizes"].get(shape, {}))
       if taken:
         fail(f"{path}: {shape} at N = {sorted(taken)} is already in an earlier --flex-log file; give each once")
-      out["sizes"].setdefault(shape, {}).update({n: dict(v, source=path.name) for n, v in sizes.items()})
-  out.update(out.pop("setup"))
+      out["sizes"].setdefault(shape, {}).update(
+          {n: dict(v, source=v.get("source", path.name)) for n, v in sizes.items()})
+    if "partial" in flex:
+      out.setdefault("partial", {})[path.name] = flex["partial"]
+  out.update(window=window, offsets=offsets)
   return out
 
 
@@ -205,7 +222,9 @@ def main() -> None:
         fail(f"no such file: {path}")
     results = merge([json.loads(path.read_text()) for path in args.rewrite])
     if args.flex_log:
-      results["flex"] = flex_from_files(args.flex_log, list(results["runs"]))
+      cfg = results["config"]
+      results["flex"] = flex_from_files(args.flex_log, list(results["runs"]), cfg["W"],
+                                        [int(o) for o in fibjax.offset_set("fib", cfg["alpha"], cfg["W"], cfg["R"])])
     return write(results, args.out)
   flex = {} if args.no_flex else flex_peer(args.n, args.shapes)  # before JAX takes the GPU
   device = jax.devices()[0].device_kind
@@ -313,10 +332,12 @@ def write(results: dict, out: pathlib.Path, echo: bool = True) -> None:
   if "error" in flex:
     lines.append(f"FlexAttention peer not measured: {flex['error'][:300]}")
   elif flex:
+    partial = flex.get("partial")
+    if isinstance(partial, dict):  # joined from several runs: which of them stopped early
+      partial = "; ".join(f"{name}: {why}" for name, why in partial.items())
     lines.append(f"FlexAttention: torch {flex.get('torch')}, compiled block mask, own process"
-                 + (f" ({flex['partial']})." if "partial" in flex else ".")
-                 + (f" Measured by `benchmarks.flex_peer` in a run of its own ({flex['source']})." if "source" in flex
-                    else ""))
+                 + (f" ({partial})." if partial else ".")
+                 + (f" From separate runs: {flex['source']}." if "source" in flex else ""))
   lines += [""] + _targets(results)
   for shape, sizes in results["runs"].items():
     for n in sizes:

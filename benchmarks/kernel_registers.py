@@ -7,7 +7,8 @@ Lowers the forward, dQ and dK/dV kernels through Pallas' Triton rules for a CUDA
 GPU does; N = 65536, 8 query heads, W = 64, R = 4096, K = 8, bf16) for each head_dim, key/value head
 count, static or learned offsets and form of offset terms (row-wise or tensor cores), captures each
 Triton module, compiles it for sm_90a with the separately installed Triton (4 warps, 2 stages, the
-kernels' defaults) and reads ``ptxas -v``: registers per thread, stack frame and spill bytes.
+kernels' defaults) and reads ``ptxas -v``: registers per thread, stack frame and spill bytes. The
+dK/dV kernel's group is unrolled unless ``--loop-group`` (the kernels loop over it by default).
 The installed Triton is not the compiler inside jaxlib, so the counts show which kernels are
 short of registers, not the exact figures of the GPU build. Writes ``kernel_registers[_loop_group][_block_bwd<B>].json``
 under ``--out``.
@@ -100,7 +101,7 @@ def main() -> None:
   parser.add_argument("--triton", type=pathlib.Path, required=True, help="folder a Triton package is installed in")
   parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
   parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
-  parser.add_argument("--loop-group", action="store_true", help="dK/dV loops over the group's query heads")
+  parser.add_argument("--loop-group", action="store_true", help="dK/dV loops over the group's query heads (the GPU default with groups; without it: unrolled)")
   parser.add_argument("--block-bwd", type=int, help="rows per backward tile (default: the kernels' default)")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()

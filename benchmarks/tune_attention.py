@@ -50,7 +50,7 @@ def main() -> None:
                       help="offset terms as row-wise products (0) and/or tensor-core diagonals (1)")
   parser.add_argument("--skip-dead-terms", type=int, nargs="+", default=[0, 1], choices=[0, 1],
                       help="offset terms unconditional (0) and/or behind a branch per tile (1)")
-  parser.add_argument("--loop-group", type=int, nargs="+", default=[0], choices=[0, 1],
+  parser.add_argument("--loop-group", type=int, nargs="+", default=[0, 1], choices=[0, 1],
                       help="backward: the group's query heads unrolled (0) and/or looped (1) in dK/dV")
   parser.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads; fewer: grouped-query)")
   parser.add_argument("--head-dim", type=int, default=D)

@@ -17,9 +17,9 @@ from pallas_kernels import bodies
 from pallas_kernels.batch_shards import per_batch_shard
 from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offsets
 
-# Tuned on an H100 (benchmarks/tune_attention.py, results in benchmarks/results/): 64-row tiles
-# and 4 warps (2 stages) are fastest for the forward and the static backward, at long sequences
-# and at the training shape (N = 1024, batch 32; tune_attention_*_n1024_b32.json); the learned backward (two
+# Tuned on an H100 (benchmarks/tune_attention.py, results in benchmarks/results/): 64-row tiles and
+# 4 warps (2 stages) are fastest for the forward and the static backward, at long sequences and at the
+# training shape (N = 1024, batch 32; tune_attention_*_n1024_b32.json); the learned backward (two
 # query sets and four neighbour tiles per term) spills at 64 rows and runs 3x faster at 32.
 # Offset terms (benchmarks/results/NOTES.md, H200, N = 16384 and 65536): row-wise (term_mma off,
 # accumulators of their own, the backward unbranched at long sequences) is faster at head_dim <= 64
@@ -27,10 +27,11 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # window's accumulators, branches everywhere) is faster at head_dim 128 and for static offsets with
 # groups, where row-wise terms spill registers (benchmarks.kernel_registers). Shorter sequences use
 # tensor cores, the form measured faster at the training shape (N = 1024, batch 32: 1.19x faster
-# fwd+bwd than row-wise on an H200, tune_attention_NVIDIA_H200_n1024_b32.json). With groups, the GPU dK/dV kernel loops over the group's query heads: unrolled, it
-# spills (benchmarks.kernel_registers) and ran 1.2-1.9x slower fwd+bwd at N = 1024 (batch 32)
-# and N = 65536, d64 and d128 (H200, tune_attention_*_kv2_*.json). At d128, 32-row backward tiles end the
-# tensor-core dK/dV spills but ran 1.2-1.4x slower than 64-row ones.
+# fwd+bwd than row-wise on an H200, tune_attention_NVIDIA_H200_n1024_b32.json).
+# With groups, the GPU dK/dV kernel loops over the group's query heads: unrolled, it spills
+# (benchmarks.kernel_registers) and ran 1.2-1.9x slower fwd+bwd on an H200 (d64 at N = 1024 with
+# batch 32 and at N = 65536; d128 at N = 65536; tune_attention_*_kv2_*.json). At d128, 32-row
+# backward tiles end the tensor-core dK/dV spills but ran 1.2-1.4x slower than 64-row ones.
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
 ROWWISE_MAX_HEAD_DIM = 64
@@ -48,7 +49,8 @@ def default_term_mma(backend: str, seq_len: int, head_dim: int, group: int, lear
 
 
 def default_loop_group(backend: str, group: int) -> bool:
-  """The GPU dK/dV kernel loops over a group's query heads; the TPU lowering unrolls them."""
+  """The GPU dK/dV kernel loops over a group's query heads (measured faster); on TPU the default
+  stays unrolled (both forms run there; neither is timed)."""
   return backend == "gpu" and group > 1
 
 
@@ -180,9 +182,11 @@ def gathered_offset_attention(
   st = bodies.Static(
       n=n, window=window, num_offsets=int(offsets.shape[0]), learned=learned,
       scale=float(d**-0.5 if scale is None else scale), block=block,
-      precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, term_mma=default_term_mma(backend, n, d, group, learned) if term_mma is None else term_mma,
+      precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+      term_mma=default_term_mma(backend, n, d, group, learned) if term_mma is None else term_mma,
       group=group, segments=segment_ids is not None,
-      skip_dead_terms=True if skip_dead_terms is None else skip_dead_terms, loop_group=default_loop_group(backend, group) if loop_group is None else loop_group,
+      skip_dead_terms=True if skip_dead_terms is None else skip_dead_terms,
+      loop_group=default_loop_group(backend, group) if loop_group is None else loop_group,
   )
   if st.learned:
     offsets = offsets.astype(jnp.float32)

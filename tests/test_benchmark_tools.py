@@ -37,9 +37,11 @@ def test_ab_runs_both_trees_alternately_and_reports_head_over_base(tmp_path, mon
   assert sorted(p.name for p in out.iterdir()) == ["ab.json", "base_r0", "base_r1", "head_r0", "head_r1", "plan.json"]
 
 
-def test_ab_resume_keeps_finished_runs_and_refuses_other_commands(tmp_path, monkeypatch):
-  """A run cut off after its first round continues with --resume: the first round is kept, not
-  repeated; another command, or a run that never finished, is refused in one line."""
+def test_ab_resume_keeps_finished_runs_and_refuses_other_commands(tmp_path, monkeypatch, capsys):
+  """A run cut off after its first round continues with --resume: finished runs are kept, not
+  repeated; a run cut off midway is kept aside and run again; another command, other code, or
+  fewer rounds than are finished are refused in one line; a failing or silent command stops with
+  ab.json holding the rounds before it."""
   base = tmp_path / "base"
   (base / "fibjax").mkdir(parents=True)
   monkeypatch.setattr(ab, "HEAD", tmp_path / "head")
@@ -50,22 +52,44 @@ def test_ab_resume_keeps_finished_runs_and_refuses_other_commands(tmp_path, monk
     monkeypatch.setattr(sys, "argv", ["ab", str(base), "--out", str(out), *argv, "--", "-c", command])
     ab.main()
 
+  def refused(*argv, command=_WRITE, code=2):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+      run(*argv, command=command)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == code and err[-1].startswith("error: ")
+    return err[-1]
+
   run("--rounds", "1")
   first = (out / "base_r0" / "bench.json").stat().st_mtime_ns
   assert json.loads((out / "ab.json").read_text())["rounds"] == 1
-  with pytest.raises(SystemExit) as e:
-    run("--rounds", "2")  # without --resume: refused, nothing run
-  assert e.value.code == 2 and not (out / "base_r1").exists()
+  assert "--resume to continue" in refused("--rounds", "2") and not (out / "base_r1").exists()
   run("--rounds", "2", "--resume")
   assert (out / "base_r0" / "bench.json").stat().st_mtime_ns == first
   assert json.loads((out / "ab.json").read_text())["rounds"] == 2 and (out / "head_r1" / ".done").is_file()
-  with pytest.raises(SystemExit) as e:
-    run("--rounds", "3", "--resume", command=_WRITE + "  # another command")
-  assert e.value.code == 2 and not (out / "base_r2").exists()
-  (out / "head_r1" / ".done").unlink()  # as if it had been killed mid-run
-  with pytest.raises(SystemExit) as e:
-    run("--rounds", "3", "--resume")
-  assert e.value.code == 2 and not (out / "base_r2").exists()
+  assert "another command" in refused("--rounds", "3", "--resume", command=_WRITE + "  # another command")
+  assert "give --rounds 2 or more" in refused("--rounds", "1", "--resume")
+  (out / "head_r1" / ".done").unlink()  # as if cut off mid-run: kept aside, run again
+  run("--rounds", "2", "--resume")
+  assert (out / "head_r1.partial" / "bench.json").is_file() and (out / "head_r1" / ".done").is_file()
+  (tmp_path / "head" / "fibjax").mkdir()
+  (tmp_path / "head" / "fibjax" / "new.py").write_text("x = 1\n")  # the head's code changed
+  assert "another command, base or code" in refused("--rounds", "3", "--resume")
+
+
+def test_ab_stops_in_one_line_on_a_failing_or_silent_command(tmp_path, monkeypatch, capsys):
+  base = tmp_path / "base"
+  (base / "fibjax").mkdir(parents=True)
+  monkeypatch.setattr(ab, "HEAD", tmp_path / "head")
+  (tmp_path / "head").mkdir()
+  for command, message in (("print(1)", "wrote no JSON"), ("raise SystemExit(3)", "exited with 3")):
+    out = tmp_path / message.replace(" ", "_")
+    monkeypatch.setattr(sys, "argv", ["ab", str(base), "--out", str(out), "--", "-c", command])
+    with pytest.raises(SystemExit) as e:
+      ab.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err[-1].startswith("error: base round 0 ") and message in err[-1]
+    assert not (out / "ab.json").exists()
 
 
 def test_ab_refuses_bad_input_before_running_anything(tmp_path):
@@ -126,27 +150,46 @@ def test_ab_jaxprs_table_marks_each_kernel(capsys):
   assert "| n1024_gqa | base: error: no groups; head: ok | | |" in out
 
 
-def test_flex_from_files_joins_runs_and_refuses_overlaps_or_other_setups(tmp_path):
+def test_flex_from_files_joins_runs_and_refuses_overlaps_or_other_setups(tmp_path, capsys):
   """FlexAttention times for a merged table come from several of its own runs (flex_peer logs, or a
-  results JSON's ``flex``); each shape and length from exactly one, all of one torch and mask."""
+  results JSON's ``flex``); each shape and length from exactly one, all of one torch and of the
+  kernel's mask."""
   setup = {"torch": "2.11", "window": 64, "offsets": [89, 144]}
   log = tmp_path / "flex.log"
-  log.write_text("warning: noise\n" + json.dumps({**setup, "sizes": {"8,8,64": {"4096": {"fwd_ms": 1.0}}}}) + "\n")
+  log.write_text("warning: noise\n" + json.dumps({**setup, "sizes": {"8,8,64": {"4096": {"fwd_ms": 1.0}}}}) + "\n"
+                 + '{"torch": "2.11", "sizes": {"8,8,64": {"409')  # a last line cut off mid-write
   results = tmp_path / "attention.json"
   results.write_text(json.dumps({"flex": {**setup, "sizes": {"mha_d64": {"16384": {"fwd_ms": 2.0}},
                                                               "gqa_d128": {"16384": {"fwd_ms": 3.0}}}}}))
-  flex = attention.flex_from_files([log, results], ["mha_d64", "gqa_d64"])
+  join = lambda paths, shapes, window=64, offsets=(89, 144): attention.flex_from_files(  # noqa: E731
+      paths, shapes, window, list(offsets))
+  flex = join([log, results], ["mha_d64", "gqa_d64"])
   assert flex["sizes"] == {"mha_d64": {"4096": {"fwd_ms": 1.0, "source": "flex.log"},
                                        "16384": {"fwd_ms": 2.0, "source": "attention.json"}}}
   assert flex["torch"] == "2.11" and flex["source"] == "flex.log, attention.json"
-  with pytest.raises(SystemExit) as e:
-    attention.flex_from_files([log, log], ["mha_d64"])  # the same shape and length twice
-  assert e.value.code == 2
-  other = tmp_path / "other.log"
-  other.write_text(json.dumps({**setup, "torch": "2.12", "sizes": {"8,8,64": {"65536": {"fwd_ms": 1.0}}}}))
-  with pytest.raises(SystemExit) as e:
-    attention.flex_from_files([log, other], ["mha_d64"])
-  assert e.value.code == 2
-  with pytest.raises(SystemExit) as e:
-    attention.flex_from_files([log], ["mha_d128"])  # nothing for the table's shapes
-  assert e.value.code == 2
+  other_torch = tmp_path / "other.log"
+  other_torch.write_text(json.dumps({**setup, "torch": "2.12", "sizes": {"8,8,64": {"65536": {"fwd_ms": 1.0}}}}))
+  not_flex = tmp_path / "tune.json"
+  not_flex.write_text(json.dumps({"rows": []}))
+  for call, message in ((lambda: join([log, log], ["mha_d64"]), "already in an earlier"),
+                        (lambda: join([log, other_torch], ["mha_d64"]), "torch 2.12"),
+                        (lambda: join([log], ["mha_d64"], window=32), "give runs of the same mask"),
+                        (lambda: join([log], ["mha_d64"], offsets=(89, 145)), "give runs of the same mask"),
+                        (lambda: join([not_flex], ["mha_d64"]), "JSON without FlexAttention results"),
+                        (lambda: join([log], ["mha_d128"]), "no benchmarks.flex_peer result")):
+    with pytest.raises(SystemExit) as e:
+      call()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], (message, err)
+
+
+def test_attention_rewrite_cli_refuses_bad_files_in_one_line(tmp_path):
+  def cli(*argv):
+    return subprocess.run([sys.executable, "-m", "benchmarks.attention", *argv], capture_output=True, text=True)
+
+  res = cli("--flex-log", str(tmp_path / "a.log"))
+  assert res.returncode == 2 and res.stderr.strip() == "error: --flex-log only goes with --rewrite"
+  run = tmp_path / "run.json"
+  run.write_text("{}")
+  res = cli("--rewrite", str(run), "--flex-log", str(run), str(tmp_path / "missing.log"))
+  assert res.returncode == 2 and res.stderr.strip().splitlines() == [f"error: no such file: {tmp_path / 'missing.log'}"]

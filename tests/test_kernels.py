@@ -18,7 +18,7 @@ import pytest
 
 import fibjax
 from pallas_kernels import gathered_offset_attention, tile_math, triton_gpu
-from pallas_kernels.ops import default_loop_group, default_skip_dead_terms_bwd, default_term_mma, gathered_offset_attention
+from pallas_kernels.ops import default_loop_group, default_skip_dead_terms_bwd, default_term_mma
 from tests.compiled import assert_pallas_matches_xla
 
 CASES = {  # b, n, h, d, window, offsets, reach, dtype, block
