@@ -223,3 +223,7 @@ def test_prepared_corpus_matches_in_memory_tokens_and_trains(tmp_path):
   assert data.read_manifest(tmp_path / "bpe")["dtype"] == "uint16" and (tmp_path / "bpe" / "tokenizer.json").exists()
   line = _error_line(_run(tmp_path / "run-bpe", QUICK, "steps=2", extra=["--data", str(tmp_path / "bpe")]))
   assert "tokenizer=bpe bpe_vocab_size=300 model.vocab_size=300" in line
+  hint = bpe.stdout.strip().splitlines()[-1].split("train with python -m train ")[1].split()  # the command it prints
+  assert hint[:2] == ["--data", str(tmp_path / "bpe")] and hint[2] == "--set"
+  res = _run(tmp_path / "run-bpe", QUICK, "steps=2", *hint[3:], extra=hint[:2])
+  assert res.returncode == 0, res.stderr[-3000:]

@@ -133,6 +133,14 @@ def is_prepared(path: pathlib.Path) -> bool:
   return path.is_dir() and (path / MANIFEST).is_file()
 
 
+def prepared_overrides(manifest: dict) -> list[str]:
+  """The ``--set`` overrides a run needs to train from a prepared folder: its tokenizer and vocabulary."""
+  v = manifest["vocab_size"]
+  if manifest["tokenizer"] == "byte":
+    return ["tokenizer=byte", f"model.vocab_size={v}"]
+  return ["tokenizer=bpe", f"bpe_vocab_size={v}", f"model.vocab_size={v}"]
+
+
 def read_manifest(path: pathlib.Path) -> dict:
   """A prepared folder's manifest; raises ``ValueError`` if it is not one this version reads."""
   try:

@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
   t, h = manifest["train"], manifest["heldout"]
   print(f"prepared {args.out} in {time.perf_counter() - start:.1f} s: {t['tokens']:,} training tokens "
         f"({t['documents']:,} documents), {h['tokens']:,} held-out ({h['documents']:,}); "
-        f"train with python -m train --data {args.out}")
+        f"train with python -m train --data {args.out}"
+        + (f" --set {' '.join(data.prepared_overrides(manifest))}" if manifest["tokenizer"] != "byte" else ""))
   return 0
 
 

@@ -142,11 +142,9 @@ def load_data(cfg: TrainConfig, workdir: pathlib.Path, data_hash: str | None) ->
 def check_prepared(cfg: TrainConfig, path: pathlib.Path, manifest: dict) -> None:
   """A prepared folder's tokenizer must be the run's."""
   if (manifest["tokenizer"], manifest["vocab_size"]) != (cfg.tokenizer, cfg.model.vocab_size):
-    v = manifest["vocab_size"]
-    fix = "tokenizer=byte model.vocab_size=256" if manifest["tokenizer"] == "byte" else \
-        f"tokenizer=bpe bpe_vocab_size={v} model.vocab_size={v}"
-    raise ValueError(f"{path} was prepared with the {manifest['tokenizer']} tokenizer (vocabulary {v}) but the run "
-                     f"uses {cfg.tokenizer} (model.vocab_size {cfg.model.vocab_size}): add --set {fix}")
+    raise ValueError(f"{path} was prepared with the {manifest['tokenizer']} tokenizer (vocabulary "
+                     f"{manifest['vocab_size']}) but the run uses {cfg.tokenizer} (model.vocab_size "
+                     f"{cfg.model.vocab_size}): add --set {' '.join(data.prepared_overrides(manifest))}")
 
 
 def check_windows(cfg: TrainConfig, run_data: RunData) -> None:
