@@ -128,7 +128,10 @@ def _coerce(value: str, annotation: Any, field: str) -> Any:
     kind = next(a for a in args if a is not type(None))
     origin, args = typing.get_origin(kind), typing.get_args(kind)
   if origin is tuple:
-    return tuple(int(x) for x in value.split(",") if x)
+    try:
+      return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError as e:
+      raise ValueError(f"{field}={value!r}: expected comma-separated integers, e.g. {field}=1,2,4") from e
   if kind is bool:
     if value.lower() not in ("true", "false", "1", "0"):
       raise ValueError(f"{field} takes true/false, got {value!r}")

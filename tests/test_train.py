@@ -159,10 +159,12 @@ def test_nonfinite_step_stops_before_its_checkpoint(tmp_path):
   saved, the message names the last finite checkpoint, and no NaN is saved or logged."""
   first = _run(tmp_path / "nan", "steps=4", "checkpoint_every=2", "log_every=1")
   assert first.returncode == 0, first.stderr[-3000:]
-  res = _run(tmp_path / "nan", "steps=20", "lr=1e30", "checkpoint_every=1", "log_every=1")
+  res = _run(tmp_path / "nan", "steps=20", "lr=1e30", "checkpoint_every=1", "log_every=1",
+             extra=["--allow-change", "lr"])
   assert res.returncode == 2, res.stderr[-3000:]
   error = res.stderr.strip().splitlines()[-1]
   assert "is not finite" in error and f"last finite checkpoint, step 4 in {tmp_path / 'nan' / 'checkpoints'}" in error
+  assert "--set lr=1e+29 --allow-change lr" in error  # the advice is a command that resumes
   saved = sorted(int(p.name) for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit())
   assert saved[-1] == 4
   _losses(tmp_path / "nan")  # strict JSON, each step once

@@ -3,6 +3,15 @@
     python -m train                                   # tiny, fib-linear, embedded corpus, ./runs/tiny-fib-linear
     python -m train --config small --variant dense --workdir runs/d0 --set seed=1 steps=2000 model.window=32
     python -m train --workdir runs/d0                 # resume a run with its saved config
+    python -m train --workdir runs/d0 --set steps=4000  # resume it, training on to step 4000
+
+A workdir holding a checkpoint resumes only with the config that trained it: ``--config``,
+``--variant``, ``--data`` and ``--set`` are compared with the saved run, and a differing field
+that shapes training (seed, lr, batch_size, the model, ...) is refused in one line before anything
+is written. Only ``train.checkpoint.RESUMABLE_FIELDS`` (steps, logging, evaluation and checkpoint
+intervals, the final evaluation, mesh and grad_accum, kernel choices, the path of the same data)
+may change; a recipe named again keeps the run's values of those unless ``--set`` gives them, and
+each change is appended to ``WORKDIR/config_history.jsonl`` with the step the run resumed from.
 """
 
 from __future__ import annotations
@@ -12,7 +21,6 @@ import dataclasses
 import os
 import pathlib
 import sys
-import traceback
 
 import jax
 
@@ -29,6 +37,7 @@ def _maybe_init_distributed() -> None:
 def parse(argv: list[str]):
   import configs  # noqa: PLC0415
   from configs.base import TrainConfig, apply_overrides  # noqa: PLC0415
+  from train.checkpoint import keep_run_settings  # noqa: PLC0415
 
   parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +46,12 @@ def parse(argv: list[str]):
   parser.add_argument("--workdir", type=pathlib.Path, default=None)
   parser.add_argument("--data", default=None, help="a .txt/.jsonl file or folder (default: the embedded corpus)")
   parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. steps=100 model.window=32")
+  parser.add_argument("--allow-change", nargs="+", default=[], metavar="FIELD",
+                      help="training fields a resume may change on purpose (e.g. lr after a divergence); recorded "
+                           "in WORKDIR/config_history.jsonl")
   args = parser.parse_args(argv)
+  # Without --config, a workdir's saved config is the base the other flags change; with it (or
+  # with no workdir yet), the recipe is, and check_workdir compares the result with any saved run.
   saved = args.workdir / "config.json" if args.workdir else None
   resume = saved is not None and saved.exists() and args.config is None
   cfg = TrainConfig.load(saved) if resume else configs.get_config(args.config or "tiny", args.variant)
@@ -47,41 +61,17 @@ def parse(argv: list[str]):
     cfg = dataclasses.replace(cfg, data_path=str(pathlib.Path(args.data).resolve()))
   elif resume and cfg.data_path is not None and not pathlib.Path(cfg.data_path).exists():
     raise ValueError(f"this run's training data {cfg.data_path} is gone (moved or deleted): give it again with "
-                     "--data PATH (a copy with the same content is accepted)")
+                     "--data PATH (a copy with the same file names and content is accepted)")
   cfg = apply_overrides(cfg, args.set).validate()
   workdir = args.workdir or pathlib.Path("runs") / f"{args.config or 'tiny'}-{cfg.model.variant}"
-  return cfg, workdir
-
-
-def quiet_libraries() -> None:
-  """The trainer reports a failed save or restore itself, in one line. Orbax would also log its
-  traceback through absl, asyncio would log the failed operation's sibling tasks, and those
-  siblings surface once more as unraisable errors: their coroutines, garbage-collected with an
-  error, and TensorStore's callbacks for them, finishing after Orbax closed their event loop
-  ("Event loop is closed"). Those are silenced; any other unraisable error is still printed."""
-  import logging  # noqa: PLC0415
-
-  from absl import logging as absl_logging  # noqa: PLC0415
-
-  absl_logging.set_verbosity(absl_logging.FATAL)
-  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-  default_hook = sys.unraisablehook
-
-  def hook(unraisable) -> None:
-    if not (from_orbax(unraisable) or str(unraisable.exc_value) == "Event loop is closed"):
-      default_hook(unraisable)
-
-  sys.unraisablehook = hook
-
-
-def from_orbax(unraisable) -> bool:
-  """Whether an unraisable error was raised in Orbax's code."""
-  frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-  return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+  if not resume:
+    cfg = keep_run_settings(cfg, workdir, {item.split("=", 1)[0] for item in args.set} | set(args.allow_change))
+  return cfg, workdir, args.allow_change
 
 
 def main(argv: list[str] | None = None) -> int:
   from train import xla_flags  # noqa: PLC0415
+  from train.quiet import quiet_libraries  # noqa: PLC0415
 
   xla_flags.apply_defaults()
   _maybe_init_distributed()
@@ -90,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
   from train.trainer import Interrupted, TrainingStopped, train  # noqa: PLC0415
 
   try:
-    cfg, workdir = parse(sys.argv[1:] if argv is None else argv)
-    summary = train(cfg, workdir)
+    cfg, workdir, allow = parse(sys.argv[1:] if argv is None else argv)
+    summary = train(cfg, workdir, allow)
   except (ValueError, OSError, CheckpointError, TrainingStopped) as e:
     print(f"error: {e}", file=sys.stderr)
     return INTERRUPTED if isinstance(e, Interrupted) else 2

@@ -5,9 +5,11 @@
 
 Every length scores the same targets: the held-out stream is cut into chunks of ``lcm(lengths) x T``
 targets and each length tiles every chunk with consecutive windows, so a longer window differs
-only in how much context each target has (a paired comparison). Parameters alone are restored;
-neither the optimizer state nor the training corpus is needed. Each evaluation is written to
-``RUN/evals/<what was evaluated>.json`` and never overwrites another.
+only in how much context each target has (a paired comparison). Parameters alone are restored,
+from the newest checkpoint that restores intact (a damaged newer one is skipped with a warning and
+left in place); neither the optimizer state nor the training corpus is needed. Each evaluation is
+written to ``RUN/evals/<what was evaluated>.json`` and never overwrites another: the same
+evaluation asked again is read back from its file ("reused PATH"), not recomputed.
 """
 
 from __future__ import annotations
@@ -136,6 +138,14 @@ def read_or_write(path: pathlib.Path, compute: Callable[[], dict]) -> tuple[path
   return path, record
 
 
+def evaluation_path(workdir: pathlib.Path, step: int, tokens: np.ndarray, multiples: tuple[int, ...],
+                    max_targets: int, data_path: str | None = None) -> pathlib.Path:
+  """Where ``evaluate_into`` writes (or finds) this evaluation."""
+  data_path = data_path and str(pathlib.Path(data_path).absolute())
+  name = evaluation_name(step, data_tag(data_path, tokens), multiples, max_targets)
+  return pathlib.Path(workdir) / EVALS_DIR / f"{name}.json"
+
+
 def evaluate_into(workdir: pathlib.Path, step: int, cfg: TrainConfig, mesh, graphdef, params, tokens: np.ndarray,
                   multiples: tuple[int, ...], max_targets: int, data_path: str | None = None
                   ) -> tuple[pathlib.Path, dict]:
@@ -144,7 +154,7 @@ def evaluate_into(workdir: pathlib.Path, step: int, cfg: TrainConfig, mesh, grap
   under that name is read, not redone. Returns ``(path, record)``."""
   data_path = data_path and str(pathlib.Path(data_path).absolute())
   tag = data_tag(data_path, tokens)
-  path = workdir / EVALS_DIR / f"{evaluation_name(step, tag, multiples, max_targets)}.json"
+  path = evaluation_path(workdir, step, tokens, multiples, max_targets, data_path)
 
   def compute() -> dict:
     with jax.set_mesh(mesh):
@@ -157,7 +167,7 @@ def evaluate_into(workdir: pathlib.Path, step: int, cfg: TrainConfig, mesh, grap
 
 def run_evaluation(workdir: pathlib.Path, multiples: tuple[int, ...] = (1, 2, 4), data_path: str | None = None,
                    max_targets: int | None = None, run: Run | None = None) -> tuple[pathlib.Path, dict]:
-  """Evaluates ``workdir``'s latest checkpoint (``evaluate_into``)."""
+  """Evaluates ``workdir``'s newest intact checkpoint (``load_run``, ``evaluate_into``)."""
   run = run or load_run(workdir)
   tokens = run.heldout() if data_path is None else tokens_of(data_path, run.tokenizer)
   return evaluate_into(run.workdir, run.step, run.cfg, run.mesh, run.graphdef, run.params, tokens, multiples,
@@ -179,14 +189,21 @@ def main(argv: list[str] | None = None) -> int:
       raise ValueError(f"--lengths are multiples of T and must be >= 1, got {args.lengths}")
     if args.data is not None and not pathlib.Path(args.data).exists():
       raise ValueError(f"--data {args.data!r} does not exist: give a .txt/.jsonl file or a folder of them")
-    path, record = run_evaluation(args.workdir, tuple(args.lengths), args.data, args.tokens)
-  except ValueError as e:
+    run = load_run(args.workdir)
+    tokens = run.heldout() if args.data is None else tokens_of(args.data, run.tokenizer)
+    max_targets = args.tokens or run.cfg.final_eval_tokens
+    multiples = tuple(args.lengths)
+    reused = evaluation_path(run.workdir, run.step, tokens, multiples, max_targets, args.data).exists()
+    path, record = evaluate_into(run.workdir, run.step, run.cfg, run.mesh, run.graphdef, run.params, tokens,
+                                 multiples, max_targets, args.data)
+  except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   for m in record["multiples"]:
     r = record[f"{m}x"]
     print(f"{m}x T={r['length']}: loss {r['loss']:.4f} ppl {r['ppl']:.3f} ({100 * r['ppl_rise_vs_1x']:+.1f}%)")
-  print(f"{record['targets']:,} identical targets per length; wrote {path}")
+  done = f"reused {path} (written earlier; nothing recomputed)" if reused else f"wrote {path}"
+  print(f"{record['targets']:,} identical targets per length; {done}")
   return 0
 
 

@@ -20,6 +20,16 @@ CELL_FILE = "cell.json"
 EVAL_MULTIPLES = (1, 2, 4)
 
 
+def check_budgets(budgets: tuple[str, ...] | list[str] | None) -> None:
+  """Raises ``ValueError`` naming any of ``budgets`` that ``train.budget`` does not know (checked
+  before training, not after it)."""
+  from train.budget import BUDGETS  # noqa: PLC0415  (imports jax: after argument parsing)
+
+  unknown = [b for b in budgets or () if b not in BUDGETS]
+  if unknown:
+    raise ValueError(f"unknown --budgets {unknown}; choose from {list(BUDGETS)} (or leave --budgets out for all)")
+
+
 def run_cell(workdir: pathlib.Path, config: str, variant: str, seed: int, overrides: list[str],
              budgets: tuple[str, ...] | None = None) -> dict:
   """Runs every stage of one cell (see the module doc); returns the ``cell.json`` record."""
@@ -31,6 +41,7 @@ def run_cell(workdir: pathlib.Path, config: str, variant: str, seed: int, overri
 
   workdir = workdir.absolute()
   cfg = apply_overrides(configs.get_config(config, variant), [*overrides, f"seed={seed}"]).validate()
+  check_budgets(budgets)
   if not (workdir / "eval.json").exists():
     train(cfg, workdir)
   run = load_run(workdir)
@@ -74,15 +85,18 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--budgets", nargs="*", default=None, help="sparsity budgets (default: all of train.budget)")
   args = parser.parse_args(argv)
   from train import xla_flags  # noqa: PLC0415
-  from train.trainer import TrainingStopped  # noqa: PLC0415
+  from train.checkpoint import CheckpointError  # noqa: PLC0415
+  from train.quiet import quiet_libraries  # noqa: PLC0415
+  from train.trainer import Interrupted, TrainingStopped  # noqa: PLC0415
 
   xla_flags.apply_defaults()
+  quiet_libraries()  # failed saves and restores are reported in one line, as in python -m train
   try:
     record = run_cell(args.workdir, args.config, args.variant, args.seed, list(args.set),
                       tuple(args.budgets) if args.budgets else None)
-  except (ValueError, TrainingStopped) as e:
+  except (ValueError, OSError, CheckpointError, TrainingStopped) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return 130 if isinstance(e, Interrupted) else 2
   print(f"cell {args.workdir} done: trained in {record['train_s']:.0f} s, probes in {record['probe_s']:.0f} s")
   return 0
 

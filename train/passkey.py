@@ -101,10 +101,15 @@ def run_passkey(workdir: pathlib.Path, multiples=(1, 2, 4), depths=DEPTHS, trial
                 run: Run | None = None) -> tuple[pathlib.Path, dict]:
   """Runs (or reads, if already written under the same name) the passkey probe of ``workdir``."""
   run = run or load_run(workdir)
+  path = passkey_path(run, multiples, depths, trials, seed)
+  return read_or_write(path, lambda: passkey(run, tuple(multiples), tuple(depths), trials, seed))
+
+
+def passkey_path(run: Run, multiples=(1, 2, 4), depths=DEPTHS, trials: int = 8, seed: int = 0) -> pathlib.Path:
+  """Where ``run_passkey`` writes (or finds) this probe."""
   name = (f"step{run.step}_x{'-'.join(map(str, multiples))}_d{'-'.join(f'{d:g}' for d in depths)}"
           f"_n{trials}_s{seed}.json")
-  path = run.workdir / "passkey" / name
-  return read_or_write(path, lambda: passkey(run, tuple(multiples), tuple(depths), trials, seed))
+  return run.workdir / "passkey" / name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,14 +124,18 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.trials < 1 or min(args.lengths) < 1 or not all(0 <= d <= 1 for d in args.depths):
       raise ValueError("--trials and --lengths must be >= 1 and --depths within [0, 1]")
-    path, record = run_passkey(args.workdir, tuple(args.lengths), tuple(args.depths), args.trials, args.seed)
-  except ValueError as e:
+    if args.seed < 0:
+      raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    run = load_run(args.workdir)
+    reused = passkey_path(run, tuple(args.lengths), tuple(args.depths), args.trials, args.seed).exists()
+    path, record = run_passkey(args.workdir, tuple(args.lengths), tuple(args.depths), args.trials, args.seed, run=run)
+  except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   for c in record["cells"]:
     print(f"length {c['length']:>6} depth {c['depth']:.2f}: accuracy {c['accuracy']:.2f} "
           f"(tokens {c['token_accuracy']:.2f}; reachable {c['reachable']:.2f})")
-  print(f"wrote {path}")
+  print(f"reused {path} (written earlier; nothing recomputed)" if reused else f"wrote {path}")
   return 0
 
 

@@ -3,12 +3,16 @@
 A run directory holds ``config.json``, ``checkpoints/`` (Orbax), the held-out split as tokens
 (``heldout_tokens.npy``) and, for a BPE run, ``tokenizer.json``: nothing here reads the training
 corpus or the optimizer state.
+
+Reading is all it does: a damaged checkpoint is skipped (with a warning) for the newest one that
+restores, never moved or deleted (training, which writes, moves it aside: ``train.checkpoint``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -20,7 +24,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from configs.base import TrainConfig
 from fibjax.model import LM
 from train import data
+from train.checkpoint import REQUIRED_FILES, CheckpointError, all_finite, short
 from train.mesh import make_mesh
+from train.quiet import quiet_libraries
 
 HELDOUT_FILE = "heldout_tokens.npy"  # the run's held-out split, tokenized at training time
 BUDGET_FILE = "data_budget.json"  # training tokens and how many times they repeat the corpus
@@ -79,6 +85,85 @@ def restore_params(checkpoints: pathlib.Path, step: int, target: Any) -> Any:
     return ckptr.restore(checkpoints / str(step) / "state", args=args)["params"]
 
 
+class ConfigMismatch(ValueError):
+  """A checkpoint holds parameters of another model than the run's ``config.json`` describes."""
+
+
+def _flat(tree: Any) -> dict[str, tuple[int, ...]]:
+  """``{"blocks.0.attn.out.kernel.value": shape}`` for every leaf of a parameter tree (the names
+  Orbax stores them under)."""
+  def name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+  return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def config_mismatch(saved: Any, target: Any) -> str | None:
+  """What differs between the checkpoint's parameter metadata ``saved`` and ``target`` (names and
+  shapes), in a few words; ``None`` when they match."""
+  have, want = _flat(saved), _flat(target)
+  diffs = [f"{k}: checkpoint {have[k]} vs config {want[k]}" for k in want if k in have and have[k] != want[k]]
+  diffs += [f"{k}: not in the checkpoint" for k in want if k not in have]
+  diffs += [f"{k}: in the checkpoint, not in the config" for k in have if k not in want]
+  if not diffs:
+    return None
+  return diffs[0] + (f"; {len(diffs) - 1} more differ" if len(diffs) > 1 else "")
+
+
+def restore_params_checked(checkpoints: pathlib.Path, step: int, target: Any) -> Any:
+  """``restore_params`` after checking that the step's parameter files are there and describe
+  ``target``'s parameters, and that every restored value is finite.
+
+  Raises:
+    ConfigMismatch: the checkpoint is intact but holds another model than ``target``.
+    CheckpointError: the checkpoint is damaged (the message says how, in one line).
+  """
+  step_dir = checkpoints / str(step)
+  missing = [name for name in REQUIRED_FILES if name.startswith("state/") and not (step_dir / name).exists()]
+  if missing:
+    raise CheckpointError(f"{', '.join(missing)} missing")
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      saved = ckptr.metadata(step_dir / "state").item_metadata.tree["params"]
+  except Exception as e:  # noqa: BLE001  (a damaged file surfaces as any of Orbax's/TensorStore's errors)
+    raise CheckpointError(f"its metadata cannot be read: {short(e)}") from e
+  diff = config_mismatch(saved, target)
+  if diff:
+    raise ConfigMismatch(f"checkpoint step {step} in {checkpoints} does not match the run's config.json ({diff}): "
+                         "the config was changed after training; put back the config.json the run was trained with")
+  try:
+    params = restore_params(checkpoints, step, target)
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"cannot be read: {short(e)}") from e
+  if not bool(all_finite(params)):
+    raise CheckpointError("it holds NaN or Inf values")
+  return params
+
+
+def restore_newest_params(checkpoints: pathlib.Path, steps: list[int], target: Any) -> tuple[int, Any]:
+  """``(step, params)`` of the newest of ``steps`` whose parameters restore intact. Each damaged
+  newer step is reported in one warning line and left where it is (nothing is moved or deleted).
+
+  Raises:
+    ValueError: no step restores (naming each step and what is wrong with it), or a checkpoint
+      does not match the run's config.json (``ConfigMismatch``).
+  """
+  damaged: list[tuple[int, str]] = []
+  for step in sorted(steps, reverse=True):
+    try:
+      params = restore_params_checked(checkpoints, step, target)
+    except CheckpointError as e:
+      damaged.append((step, str(e)))
+      continue
+    for bad, why in damaged:
+      print(f"warning: checkpoint step {bad} in {checkpoints} is damaged ({why}); skipped it for step {step}, "
+            "the newest intact one (left in place: training this run moves it aside)", file=sys.stderr, flush=True)
+    return step, params
+  detail = "; ".join(f"step {s}: {why}" for s, why in damaged)
+  raise ValueError(f"no intact checkpoint in {checkpoints} ({detail}); nothing there can be restored: "
+                   "train the run again in a new --workdir")
+
+
 def saved_steps(checkpoints: pathlib.Path) -> list[int]:
   """Finished steps under ``checkpoints``, oldest first (Orbax writes a step under a temporary name
   and renames it when complete, so a bare integer folder is a finished save)."""
@@ -88,11 +173,15 @@ def saved_steps(checkpoints: pathlib.Path) -> list[int]:
 
 
 def load_run(workdir: pathlib.Path, mesh: Mesh | None = None, step: int | None = None) -> Run:
-  """Restores the parameters of ``step`` (default: the latest) of ``workdir`` onto ``mesh``.
+  """Restores the parameters of ``step`` (default: the newest checkpoint that restores intact,
+  see ``restore_newest_params``) of ``workdir`` onto ``mesh``. Reads only: nothing in ``workdir``
+  is moved, changed or deleted.
 
   Raises:
-    ValueError: ``workdir`` is not a run, holds no checkpoint, or lacks the step asked for.
+    ValueError: ``workdir`` is not a run, holds no checkpoint (or no intact one), lacks the step
+      asked for, or its checkpoints do not match its config.json; one line saying so.
   """
+  quiet_libraries()
   workdir = pathlib.Path(workdir).absolute()
   if not workdir.is_dir():
     raise ValueError(f"workdir {workdir} does not exist: train one first with python -m train --workdir ...")
@@ -101,15 +190,20 @@ def load_run(workdir: pathlib.Path, mesh: Mesh | None = None, step: int | None =
   cfg = TrainConfig.load(workdir / "config.json")
   checkpoints = workdir / "checkpoints"
   steps = saved_steps(checkpoints)
-  step = (steps[-1] if steps else None) if step is None else step
-  if step is None:
+  if not steps:
     raise ValueError(f"{workdir} holds no checkpoint yet: train it first (python -m train --workdir {workdir})")
-  if not (checkpoints / str(step)).is_dir():
+  if step is not None and step not in steps:
     raise ValueError(f"{workdir} has no checkpoint of step {step}; it has {steps}")
   if mesh is None:
     fits = cfg.mesh_data * cfg.mesh_fsdp == jax.device_count()
     mesh = make_mesh(cfg.mesh_data if fits else -1, cfg.mesh_fsdp if jax.device_count() % cfg.mesh_fsdp == 0 else 1)
   graphdef, target = abstract_params(cfg, mesh)
-  params = restore_params(checkpoints, step, target)
+  if step is None:
+    step, params = restore_newest_params(checkpoints, steps, target)
+  else:
+    try:
+      params = restore_params_checked(checkpoints, step, target)
+    except CheckpointError as e:
+      raise ValueError(f"checkpoint step {step} in {checkpoints} is damaged ({e}); the run has steps {steps}") from e
   return Run(workdir, cfg, mesh, graphdef, params, int(step), tokenizer_of(workdir, cfg))
 

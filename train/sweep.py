@@ -78,17 +78,22 @@ def check_root(root: pathlib.Path, recipe: dict) -> None:
   path.write_text(json.dumps(recipe, indent=2) + "\n")
 
 
-def validate(config: str, variants: list[str], seeds: list[int], overrides: list[str]) -> None:
-  """Checks the recipe before anything runs (builds every cell's config)."""
+def validate(config: str, variants: list[str], seeds: list[int], overrides: list[str],
+             budgets: list[str] | None = None) -> None:
+  """Checks the recipe before anything runs: builds every cell's config, checks the budget names."""
   import configs  # noqa: PLC0415
   from configs.base import apply_overrides  # noqa: PLC0415
+  from train.experiment import check_budgets  # noqa: PLC0415
 
   if not variants or not seeds:
     raise ValueError("give at least one variant and one seed")
+  if len(set(variants)) != len(variants):
+    raise ValueError(f"--variants must be distinct, got {variants}")
   for v in variants:
     apply_overrides(configs.get_config(config, v), [*overrides, f"seed={seeds[0]}"]).validate()
   if len(set(seeds)) != len(seeds) or min(seeds) < 0:
     raise ValueError(f"--seeds must be distinct and >= 0, got {seeds}")
+  check_budgets(budgets)
 
 
 def command(cell: Cell, recipe: dict, budgets: list[str] | None) -> list[str]:
@@ -124,7 +129,7 @@ def status_line(cells: list[Cell], running: int, left: int, failed: int, elapsed
 def run_sweep(root: pathlib.Path, config: str, variants: list[str], seeds: list[int], overrides: list[str],
               per_gpu: int, budgets: list[str] | None = None, latency: bool = True, poll_s: float = 5.0) -> int:
   """Runs every unfinished cell; returns the number of cells that failed."""
-  validate(config, variants, seeds, overrides)
+  validate(config, variants, seeds, overrides, budgets)
   recipe = {"config": config, "overrides": list(overrides)}
   check_root(root, recipe)
   cells = [Cell(v, s, root / f"{v}-s{s}") for s in seeds for v in variants]

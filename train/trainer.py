@@ -18,7 +18,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -193,13 +193,17 @@ def nonfinite(step: int, metrics: dict[str, float], last_saved: int | None, fold
   values = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
   kept = (f"the last finite checkpoint, step {last_saved} in {folder}, is kept: resume from it"
           if last_saved is not None else "no checkpoint was saved before it: start again")
+  how = (f"e.g. --set lr={cfg.lr / 10:g} --allow-change lr" if last_saved is not None else
+         f"e.g. --set lr={cfg.lr / 10:g}")
   return NonFiniteLoss(f"step {step} is not finite ({values}); stopped before saving it, {kept} with a lower lr "
-                       f"(now {cfg.lr}) or more warmup_steps (now {cfg.warmup_steps}), e.g. --set lr={cfg.lr / 10:g}")
+                       f"(now {cfg.lr}) or more warmup_steps (now {cfg.warmup_steps}), {how}")
 
 
-def check_start(cfg: TrainConfig, workdir: pathlib.Path, devices: int) -> tuple[TrainConfig, RunData, dict, bool]:
-  """Every check a start makes before it writes anything: ``(cfg, data, budget, resuming)`` with
-  the data path made absolute.
+def check_start(cfg: TrainConfig, workdir: pathlib.Path, devices: int, allow_changes: Sequence[str] = ()
+                ) -> tuple[TrainConfig, RunData, dict, dict | None]:
+  """Every check a start makes before it writes anything: ``(cfg, data, budget, changes)`` with
+  the data path made absolute; ``changes`` is ``None`` for a new run, else the config changes the
+  resume makes (``checkpoint.check_workdir``).
 
   Raises:
     ValueError: a bad config, an incompatible workdir, or unusable data.
@@ -208,14 +212,14 @@ def check_start(cfg: TrainConfig, workdir: pathlib.Path, devices: int) -> tuple[
   if cfg.data_path is not None:
     cfg = dataclasses.replace(cfg, data_path=str(pathlib.Path(cfg.data_path).resolve()))
   data_hash = data.fingerprint(cfg.data_path)
-  resuming = checkpoint.check_workdir(workdir, cfg, data_hash)
+  changes = checkpoint.check_workdir(workdir, cfg, data_hash, allow_changes)
   micro = cfg.batch_size // cfg.grad_accum
   if micro % devices:
     raise ValueError(f"batch_size / grad_accum = {micro} must be divisible by the {devices} devices")
   run_data = load_data(cfg, workdir, data_hash)
   check_windows(cfg, run_data)
   budget = data.data_budget(cfg.batch_size * cfg.model.seq_len, cfg.steps, cfg.model.seq_len, len(run_data.train))
-  return cfg, run_data, budget, resuming
+  return cfg, run_data, budget, changes
 
 
 def restore_run(cfg: TrainConfig, workdir: pathlib.Path, target: Any) -> tuple[int, Any, dict] | None:
@@ -227,8 +231,10 @@ def restore_run(cfg: TrainConfig, workdir: pathlib.Path, target: Any) -> tuple[i
     mngr.close()
 
 
-def train(cfg: TrainConfig, workdir: pathlib.Path) -> dict:
-  """Trains (or resumes) ``cfg`` in ``workdir``; returns the closing summary.
+def train(cfg: TrainConfig, workdir: pathlib.Path, allow_changes: Sequence[str] = ()) -> dict:
+  """Trains (or resumes) ``cfg`` in ``workdir``; returns the closing summary. A resume may change
+  the fields of ``checkpoint.RESUMABLE_FIELDS`` and the training fields named in ``allow_changes``;
+  each change is appended to ``workdir/config_history.jsonl``.
 
   Raises:
     ValueError: a bad config, data or workdir (before anything is written).
@@ -238,7 +244,8 @@ def train(cfg: TrainConfig, workdir: pathlib.Path) -> dict:
   """
   workdir = pathlib.Path(os.path.abspath(workdir))
   mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
-  cfg, run_data, budget, resuming = check_start(cfg, workdir, mesh.devices.size)
+  cfg, run_data, budget, changes = check_start(cfg, workdir, mesh.devices.size, allow_changes)
+  resuming = changes is not None
   micro = cfg.batch_size // cfg.grad_accum
   tx = make_optimizer(cfg)
   folder = workdir / "checkpoints"
@@ -246,6 +253,8 @@ def train(cfg: TrainConfig, workdir: pathlib.Path) -> dict:
     graphdef, state = init_state(cfg, mesh, tx)
     num_params = count_params(nnx.merge(graphdef, state["params"]))
     found = restore_run(cfg, workdir, state) if resuming else None
+    if found is not None:
+      checkpoint.record_changes(workdir, found[0], changes)
     write_run_files(cfg, workdir, run_data, budget, resuming)
     if jax.process_index() == 0:
       print(f"data: {budget['training_tokens']:,} training tokens = {budget['repeats']:.2f} x the "
