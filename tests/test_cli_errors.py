@@ -1,6 +1,7 @@
 """The read-only tools (evaluate, generate, passkey) and the sweep as a user meets them when things
 go wrong: damaged checkpoints are skipped, never moved; bad arguments are one ``error:`` line."""
 
+import json
 import pathlib
 import shutil
 import subprocess
@@ -153,3 +154,22 @@ def test_bad_tuple_override_names_the_field_and_the_form():
                                        r"final_eval_multiples=1,2,4"):
     apply_overrides(_cfg(), ["final_eval_multiples=1,x"])
   assert apply_overrides(_cfg(), ["final_eval_multiples=1, 2,"]).final_eval_multiples == (1, 2)
+
+
+def test_latency_refuses_a_root_mixing_recipes(tmp_path):
+  """train.latency times one run per variant; runs of two recipes under one root are refused in one
+  line rather than compared."""
+  import configs  # noqa: PLC0415
+  from train import latency  # noqa: PLC0415
+
+  for name, config, variant in (("a", "tiny", "dense"), ("b", "small", "fib-linear")):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text(json.dumps(configs.get_config(config, variant).to_dict()))
+    (tmp_path / name / "eval.json").write_text("{}")
+  with pytest.raises(ValueError, match=r"more than one recipe \(a and b differ in batch_size, "):
+    latency.first_run_per_variant(tmp_path)
+  res = subprocess.run([sys.executable, "-m", "train.latency", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert "give one sweep's root" in _error_line(res)
+  (tmp_path / "b" / "config.json").write_text(json.dumps(configs.get_config("tiny", "fib-linear").to_dict()))
+  assert list(latency.first_run_per_variant(tmp_path)) == ["dense", "fib-linear"]  # one recipe: accepted

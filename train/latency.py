@@ -71,13 +71,27 @@ def measure(run: Run, repeats: int, decode_tokens: int) -> dict[str, float]:
 
 
 def first_run_per_variant(root: pathlib.Path) -> dict[str, pathlib.Path]:
-  """``variant -> workdir`` of the lowest seed that holds a finished run (``eval.json``)."""
+  """``variant -> workdir`` of the lowest seed that holds a finished run (``eval.json``).
+
+  Raises:
+    ValueError: the finished runs under ``root`` are not one recipe (they differ in more than
+      variant and seed), so their latencies would not compare like with like.
+  """
   found: dict[str, tuple[int, pathlib.Path]] = {}
+  recipes: dict[str, tuple[pathlib.Path, dict]] = {}
   for cfg_path in sorted(root.glob("*/config.json")):
     if not (cfg_path.parent / "eval.json").exists():
       continue
     cfg = json.loads(cfg_path.read_text())
     variant, seed = cfg["model"]["variant"], cfg["seed"]
+    recipe = {**{k: v for k, v in cfg.items() if k not in ("seed", "model")},
+              **{f"model.{k}": v for k, v in cfg["model"].items() if k != "variant"}}
+    recipes.setdefault(json.dumps(recipe, sort_keys=True), (cfg_path.parent, recipe))
+    if len(recipes) > 1:
+      (a, ra), (b, rb) = list(recipes.values())[:2]
+      differ = sorted(k for k in ra.keys() | rb.keys() if ra.get(k) != rb.get(k))
+      raise ValueError(f"{root} holds runs of more than one recipe ({a.name} and {b.name} differ in "
+                       f"{', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}): give one sweep's root")
     if variant not in found or seed < found[variant][0]:
       found[variant] = (seed, cfg_path.parent)
   return {v: p for v, (_, p) in sorted(found.items())}
