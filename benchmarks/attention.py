@@ -139,6 +139,15 @@ def flex_by_shape(stdout: str, shapes: list[str]) -> dict:
   return {}
 
 
+def add_sizes(into: dict, shape: str, sizes: dict, refusal: str) -> None:
+  """Adds one shape's ``{N: result}`` to ``into[shape]``; a length already there is refused with
+  ``refusal`` (its ``{}`` filled with the lengths)."""
+  taken = sorted(set(sizes) & set(into.get(shape, {})))
+  if taken:
+    fail(refusal.format(taken))
+  into.setdefault(shape, {}).update(sizes)
+
+
 def flex_from_files(paths: list[pathlib.Path], shapes: list[str], window: int, offsets: list[int]) -> dict:
   """FlexAttention times for ``shapes`` from several runs: ``benchmarks.flex_peer`` logs, or this
   benchmark's results JSON (its ``flex``). Refused: runs of another torch than each other, another
@@ -167,11 +176,8 @@ def flex_from_files(paths: list[pathlib.Path], shapes: list[str], window: int, o
       fail(f"{path}: FlexAttention run with torch {flex.get('torch')}, the others with {out['torch']}; "
            f"give runs of one torch")
     for shape, sizes in flex["sizes"].items():
-      taken = set(sizes) & set(out["sizes"].get(shape, {}))
-      if taken:
-        fail(f"{path}: {shape} at N = {sorted(taken)} is already in an earlier --flex-log file; give each once")
-      out["sizes"].setdefault(shape, {}).update(
-          {n: dict(v, source=v.get("source", path.name)) for n, v in sizes.items()})
+      add_sizes(out["sizes"], shape, {n: dict(v, source=v.get("source", path.name)) for n, v in sizes.items()},
+                f"{path}: {shape} at N = {{}} is already in an earlier --flex-log file; give each once")
     if "partial" in flex:
       out.setdefault("partial", {})[path.name] = flex["partial"]
   out.update(window=window, offsets=offsets)
@@ -252,10 +258,8 @@ def merge(parts: list[dict]) -> dict:
       fail(f"cannot merge a run on {other['device']} / jax {other['jax']} with config {other['config']} into "
             f"{out['device']} / jax {out['jax']} with config {out['config']}")
     for shape, sizes in other["runs"].items():
-      taken = set(sizes) & set(out["runs"].get(shape, {}))
-      if taken:
-        fail(f"two runs measured {shape} at N = {sorted(taken)}; merge runs of different shapes or lengths")
-      out["runs"].setdefault(shape, {}).update(sizes)
+      add_sizes(out["runs"], shape, sizes,
+                f"two runs measured {shape} at N = {{}}; merge runs of different shapes or lengths")
       out["config"]["shapes"][shape] = other["config"]["shapes"][shape]
     for shape, sizes in other.get("flex", {}).get("sizes", {}).items():
       out.setdefault("flex", {}).setdefault("sizes", {}).setdefault(shape, {}).update(sizes)
