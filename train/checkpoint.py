@@ -146,13 +146,17 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def check_files(step_dir: pathlib.Path, names: Sequence[str]) -> None:
+  """Raises ``CheckpointError`` naming the ``names`` (paths inside ``step_dir``) that are missing."""
+  missing = [name for name in names if not (step_dir / name).exists()]
+  if missing:
+    raise CheckpointError(f"{', '.join(missing)} missing")
+
+
 def restore_checked(mngr: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
   """``restore`` after checking that the step's files are there, and that every restored value is
   finite. Raises ``CheckpointError`` saying what is wrong in one line."""
-  step_dir = pathlib.Path(mngr.directory) / str(step)
-  missing = [name for name in REQUIRED_FILES if not (step_dir / name).exists()]
-  if missing:
-    raise CheckpointError(f"{', '.join(missing)} missing")
+  check_files(pathlib.Path(mngr.directory) / str(step), REQUIRED_FILES)
   try:
     state, data_state = restore(mngr, step, target)
   except Exception as e:  # noqa: BLE001  (a damaged file surfaces as any of Orbax's/TensorStore's errors)
@@ -230,11 +234,12 @@ def keep_run_settings(cfg: TrainConfig, workdir: pathlib.Path, explicit: set[str
                              **{n: getattr(saved, n) for n in keep if not n.startswith("model.")})
 
 
-def newest_step(workdir: pathlib.Path) -> int | None:
-  """The largest step number among ``workdir/checkpoints``'s folders, ``None`` if none."""
-  folder = workdir / "checkpoints"
-  steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
-  return max(steps, default=None)
+def saved_steps(checkpoints: pathlib.Path) -> list[int]:
+  """Finished steps under ``checkpoints``, oldest first (Orbax writes a step under a temporary name
+  and renames it when complete, so a bare integer folder is a finished save)."""
+  if not checkpoints.is_dir():
+    return []
+  return sorted(int(p.name) for p in checkpoints.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 FIXED_FIELDS = ("model", "tokenizer", "bpe_vocab_size")  # never changeable on resume: they shape the parameters
@@ -301,7 +306,7 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
     raise ValueError(f"{workdir} holds a checkpoint of an incompatible run ({detail}). Resume it with its own "
                      f"config (python -m train --workdir {workdir} alone, --set steps=N to change its length"
                      f"{on_purpose}), or use a new --workdir.")
-  last = newest_step(workdir)
+  last = max(saved_steps(workdir / "checkpoints"), default=None)
   if last is not None and cfg.steps < last:
     raise ValueError(f"{workdir} holds a checkpoint at step {last}, past the requested steps={cfg.steps}: give "
                      f"--set steps=N with N >= {last}, or use a new --workdir.")

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from configs.base import TrainConfig
 from fibjax.model import LM
 from train import data
-from train.checkpoint import REQUIRED_FILES, CheckpointError, all_finite, short
+from train.checkpoint import REQUIRED_FILES, CheckpointError, all_finite, check_files, saved_steps, short
 from train.mesh import make_mesh
 from train.quiet import quiet_libraries
 
@@ -119,9 +119,7 @@ def restore_params_checked(checkpoints: pathlib.Path, step: int, target: Any) ->
     CheckpointError: the checkpoint is damaged (the message says how, in one line).
   """
   step_dir = checkpoints / str(step)
-  missing = [name for name in REQUIRED_FILES if name.startswith("state/") and not (step_dir / name).exists()]
-  if missing:
-    raise CheckpointError(f"{', '.join(missing)} missing")
+  check_files(step_dir, [name for name in REQUIRED_FILES if name.startswith("state/")])  # parameters only
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       saved = ckptr.metadata(step_dir / "state").item_metadata.tree["params"]
@@ -162,14 +160,6 @@ def restore_newest_params(checkpoints: pathlib.Path, steps: list[int], target: A
   detail = "; ".join(f"step {s}: {why}" for s, why in damaged)
   raise ValueError(f"no intact checkpoint in {checkpoints} ({detail}); nothing there can be restored: "
                    "train the run again in a new --workdir")
-
-
-def saved_steps(checkpoints: pathlib.Path) -> list[int]:
-  """Finished steps under ``checkpoints``, oldest first (Orbax writes a step under a temporary name
-  and renames it when complete, so a bare integer folder is a finished save)."""
-  if not checkpoints.is_dir():
-    return []
-  return sorted(int(p.name) for p in checkpoints.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def load_run(workdir: pathlib.Path, mesh: Mesh | None = None, step: int | None = None) -> Run:
