@@ -23,11 +23,13 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # query sets and four neighbour tiles per term) spills at 64 rows and runs 3x faster at 32.
 # Offset terms (benchmarks/results/NOTES.md, H200, N = 16384 and 65536): row-wise (term_mma off,
 # accumulators of their own, the backward unbranched at long sequences) is faster at head_dim <= 64
-# without groups (static and learned) and with groups for learned distances; on tensor cores (the
-# window's accumulators, branches everywhere) is faster at head_dim 128 and for static offsets with
-# groups, where row-wise terms spill registers (benchmarks.kernel_registers). Shorter sequences use
-# tensor cores, the form measured faster at the training shape (N = 1024, batch 32: 1.19x faster
-# fwd+bwd than row-wise on an H200, tune_attention_NVIDIA_H200_n1024_b32.json).
+# for static offsets without groups (forward and backward) and for the learned backward; on tensor
+# cores (the window's accumulators, branches everywhere) is faster at head_dim 128, for static
+# offsets with groups, where row-wise terms spill registers (benchmarks.kernel_registers), and for
+# the learned forward (N = 65536: 0.602 vs 0.643 ms without groups, 0.608 vs 0.699 ms with 2 key/value
+# heads; tune_attention_NVIDIA_H200_n65536_b1[_kv2_d64]_learned.json). Shorter sequences use tensor
+# cores, the form measured faster at the training shape (N = 1024, batch 32: 1.19x faster fwd+bwd than
+# row-wise on an H200, tune_attention_NVIDIA_H200_n1024_b32.json).
 # With groups, the GPU dK/dV kernel loops over the group's query heads: unrolled, it spills
 # (benchmarks.kernel_registers) and ran 1.2-1.9x slower fwd+bwd on an H200 (d64 at N = 1024 with
 # batch 32 and at N = 65536; d128 at N = 65536; tune_attention_*_kv2_*.json). At d128, 32-row
@@ -39,13 +41,16 @@ ROWWISE_MIN_SEQ = 16384
 DEAD_TERMS_BRANCH_BELOW = 4
 
 
-def default_term_mma(backend: str, seq_len: int, head_dim: int, group: int, learned: bool) -> bool:
+def default_term_mma(backend: str, seq_len: int, head_dim: int, group: int, learned: bool, backward: bool) -> bool:
   """Offset terms on tensor cores, except where row-wise measured faster on the GPU (the TPU
-  lowering keeps row-wise terms)."""
+  lowering keeps row-wise terms). The forward and the backward pass each get their own form."""
   if backend != "gpu":
     return False
-  rowwise = seq_len >= ROWWISE_MIN_SEQ and head_dim <= ROWWISE_MAX_HEAD_DIM and (group == 1 or learned)
-  return not rowwise
+  if seq_len < ROWWISE_MIN_SEQ or head_dim > ROWWISE_MAX_HEAD_DIM:
+    return True
+  if not learned:
+    return group > 1
+  return not backward
 
 
 def default_loop_group(backend: str, group: int) -> bool:
@@ -131,6 +136,7 @@ def gathered_offset_attention(
     block_bwd: int | None = None,
     options_bwd: dict | None = None,
     term_mma: bool | None = None,
+    term_mma_bwd: bool | None = None,
     skip_dead_terms: bool | None = None,
     loop_group: bool | None = None,
     segment_ids: jax.Array | None = None,
@@ -154,7 +160,9 @@ def gathered_offset_attention(
     term_mma: compute the offset terms' row-wise products on tensor cores, as diagonals of tile
       matmuls (``pallas_kernels.tile_math.rowdot_mma``), adding into the window's accumulators;
       probabilities and score gradients are then rounded to the input dtype before meeting
-      values and keys, as in the window tiles (default ``default_term_mma``).
+      values and keys, as in the window tiles (default ``default_term_mma``, per pass).
+    term_mma_bwd: the same for the backward kernels (default: ``term_mma`` if given, else the
+      backward's ``default_term_mma``).
     skip_dead_terms: branch around each offset term that reaches no row of a tile (saves work
       when offsets are long against ``N``); without it every term runs, masked, with no branch
       between terms (default: branch, except a row-wise GPU backward at ``N >=
@@ -183,15 +191,17 @@ def gathered_offset_attention(
       n=n, window=window, num_offsets=int(offsets.shape[0]), learned=learned,
       scale=float(d**-0.5 if scale is None else scale), block=block,
       precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
-      term_mma=default_term_mma(backend, n, d, group, learned) if term_mma is None else term_mma,
+      term_mma=default_term_mma(backend, n, d, group, learned, backward=False) if term_mma is None else term_mma,
       group=group, segments=segment_ids is not None,
       skip_dead_terms=True if skip_dead_terms is None else skip_dead_terms,
       loop_group=default_loop_group(backend, group) if loop_group is None else loop_group,
   )
   if st.learned:
     offsets = offsets.astype(jnp.float32)
-  st_bwd = dataclasses.replace(st, block=block_bwd, skip_dead_terms=default_skip_dead_terms_bwd(
-      backend, st.term_mma, n, reach) if skip_dead_terms is None else skip_dead_terms)
+  if term_mma_bwd is None:
+    term_mma_bwd = default_term_mma(backend, n, d, group, learned, backward=True) if term_mma is None else term_mma
+  st_bwd = dataclasses.replace(st, block=block_bwd, term_mma=term_mma_bwd, skip_dead_terms=default_skip_dead_terms_bwd(
+      backend, term_mma_bwd, n, reach) if skip_dead_terms is None else skip_dead_terms)
   static = lambda opts: tuple(sorted(dict(opts, interpret=interpret).items()))  # noqa: E731
   return _attention(q, k, v, segment_ids, offsets, st, st_bwd, backend, static(options),
                     static(options if options_bwd is None else options_bwd),

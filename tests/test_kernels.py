@@ -95,10 +95,17 @@ def test_gpu_kernel_both_term_forms_match_reference(case, term_mma):
 
 def test_default_term_form_follows_the_measurements():
   long = 65536
-  assert not default_term_mma("gpu", long, 64, 1, learned=False) and not default_term_mma("gpu", long, 32, 4, learned=True)
-  assert default_term_mma("gpu", long, 128, 1, learned=False) and default_term_mma("gpu", long, 128, 2, learned=True)
-  assert default_term_mma("gpu", long, 64, 4, learned=False) and not default_term_mma("tpu", long, 128, 4, learned=False)
-  assert default_term_mma("gpu", 1024, 64, 1, learned=False)  # training shapes: tensor cores
+  for backward in (False, True):
+    assert not default_term_mma("gpu", long, 64, 1, learned=False, backward=backward)
+    assert default_term_mma("gpu", long, 128, 1, learned=False, backward=backward)
+    assert default_term_mma("gpu", long, 128, 2, learned=True, backward=backward)
+    assert default_term_mma("gpu", long, 64, 4, learned=False, backward=backward)
+    assert not default_term_mma("tpu", long, 128, 4, learned=False, backward=backward)
+    assert default_term_mma("gpu", 1024, 64, 1, learned=backward, backward=backward)  # training shapes: tensor cores
+  # learned distances (with or without groups): the forward on tensor cores, the backward row-wise
+  for group in (1, 4):
+    assert default_term_mma("gpu", long, 64, group, learned=True, backward=False)
+    assert not default_term_mma("gpu", long, 32, group, learned=True, backward=True)
   # the backward runs row-wise GPU terms unbranched only when nearly every term is live
   assert not default_skip_dead_terms_bwd("gpu", False, 65536, 4096)
   assert default_skip_dead_terms_bwd("gpu", False, 8192, 4096) and default_skip_dead_terms_bwd("gpu", True, 65536, 4096)
@@ -119,6 +126,31 @@ def test_gpu_groups_loop_in_dkdv_by_default():
 
   default = backward()
   assert default == backward(loop_group=True) and default != backward(loop_group=False)
+
+
+def test_learned_default_term_forms_reach_the_kernels():
+  """Learned distances at long sequences: the default forward is the tensor-core one and the
+  default backward the row-wise one (each pass's jaxpr equals that explicit form's)."""
+  n = 16384
+  q = jnp.zeros((1, n, 1, 16), jnp.float32)
+  offs = jnp.asarray([17.5, 40.25], jnp.float32)
+
+  def traced(part, **opts):
+    attn = lambda q, k, v: gathered_offset_attention(  # noqa: E731
+        q, k, v, window=8, offsets=offs, interpret=True, backend="gpu", block=16, block_bwd=16, **opts)
+    f = attn if part == "fwd" else jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2))
+    return str(jax.make_jaxpr(f)(q, q, q))
+
+  assert traced("fwd") == traced("fwd", term_mma=True) != traced("fwd", term_mma=False)
+  default_bwd = traced("bwd")
+  assert default_bwd == traced("bwd", term_mma=True, term_mma_bwd=False)
+  assert default_bwd != traced("bwd", term_mma=True)
+
+
+def test_gpu_kernel_mixed_term_forms_match_reference():
+  """The forward on tensor cores and the backward row-wise (the learned default at long sequences)."""
+  case = "learned_fractional"
+  _compare(case, "gpu", _seed(case, "mixed_terms"), interpret=True, term_mma=True, term_mma_bwd=False)
 
 
 @pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "n_is_4R", "learned_fractional"])
