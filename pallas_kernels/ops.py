@@ -27,7 +27,7 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # cores (the window's accumulators, branches everywhere) is faster at head_dim 128, for static
 # offsets with groups, where row-wise terms spill registers (benchmarks.kernel_registers), and for
 # the learned forward (N = 65536: 0.602 vs 0.643 ms without groups, 0.608 vs 0.699 ms with 2 key/value
-# heads; tune_attention_NVIDIA_H200_n65536_b1[_kv2_d64]_learned.json). Shorter sequences use tensor
+# heads; tune_attention_NVIDIA_H200_n65536_b1[_kv2_d64]_learned_term_forms.json). Shorter sequences use tensor
 # cores, the form measured faster at the training shape (N = 1024, batch 32: 1.19x faster fwd+bwd than
 # row-wise on an H200, tune_attention_NVIDIA_H200_n1024_b32.json).
 # With groups, the GPU dK/dV kernel loops over the group's query heads: unrolled, it spills
