@@ -12,7 +12,8 @@ of its own before JAX takes the GPU). Measures copy bandwidth in the same run an
 kernel's time against the memory floor of SPEC section 4 (bytes of Q and O once plus K and V
 once per offset and once for the window, over copy bandwidth), and the ratios of SPEC section 4
 and issue 17 (vs FlexAttention, vs cuDNN window-only and dense, learned vs static, GQA vs MHA).
-Writes ``attention_<device>.md`` and ``.json`` under ``--out`` after every measured shape.
+Writes ``attention_<device>.md`` and ``.json`` under ``--out`` after every measured shape (refuses
+to overwrite them unless ``--force``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 import fibjax
-from benchmarks.cli import fail
+from benchmarks.cli import add_force, claim, device_kind, fail
 from benchmarks.timing import copy_bandwidth, time_fn
 
 B, H, D, W, R, ALPHA = 1, 8, 64, 64, 4096, 1.0
@@ -184,6 +185,12 @@ def flex_from_files(paths: list[pathlib.Path], shapes: list[str], window: int, o
   return out
 
 
+def outputs(out: pathlib.Path, device: str) -> list[pathlib.Path]:
+  """The results files ``write`` writes for ``device``: JSON, then Markdown."""
+  tag = device.replace(" ", "_")
+  return [out / f"attention_{tag}.json", out / f"attention_{tag}.md"]
+
+
 def measure(n: int, shape: str, args, bandwidth: float) -> dict:
   _, kv_heads, head_dim = SHAPES[shape]
   fs, num_offsets = variants(args.block, args.num_warps, with_xla=shape == "mha_d64" and n <= XLA_MAX_N)
@@ -219,6 +226,7 @@ def main() -> None:
                       help="with --rewrite: FlexAttention times from separate runs (benchmarks.flex_peer logs, or "
                            "results JSON of this benchmark), each shape and length from one of them")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+  add_force(parser)
   args = parser.parse_args()
   if args.flex_log and not args.rewrite:
     fail("--flex-log only goes with --rewrite")
@@ -231,9 +239,12 @@ def main() -> None:
       cfg = results["config"]
       results["flex"] = flex_from_files(args.flex_log, list(results["runs"]), cfg["W"],
                                         [int(o) for o in fibjax.offset_set("fib", cfg["alpha"], cfg["W"], cfg["R"])])
+    claim(outputs(args.out, results["device"]), args.force)
     return write(results, args.out)
-  flex = {} if args.no_flex else flex_peer(args.n, args.shapes)  # before JAX takes the GPU
-  device = jax.devices()[0].device_kind
+  # FlexAttention runs before JAX takes the GPU, so then another process names the device
+  device = jax.devices()[0].device_kind if args.no_flex else device_kind()
+  claim(outputs(args.out, device), args.force)
+  flex = {} if args.no_flex else flex_peer(args.n, args.shapes)
   bw = copy_bandwidth()
   print(f"{device}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
   results = {"device": device, "jax": jax.__version__, "copy_bandwidth_Bps": bw, "date": time.strftime("%Y-%m-%d"),
@@ -327,8 +338,8 @@ def _targets(results: dict) -> list[str]:
 
 def write(results: dict, out: pathlib.Path, echo: bool = True) -> None:
   out.mkdir(parents=True, exist_ok=True)
-  tag = results["device"].replace(" ", "_")
-  (out / f"attention_{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
+  json_path, md_path = outputs(out, results["device"])
+  json_path.write_text(json.dumps(results, indent=2) + "\n")
   lines = [f"# Attention benchmark on {results['device']} ({results['date']}, jax {results['jax']})", "",
            f"Config: {results['config']}. Copy bandwidth {results['copy_bandwidth_Bps'] / 1e12:.2f} TB/s "
            f"(read + write). Times: median ms. Command: `{results['command']}`.", ""]
@@ -346,7 +357,7 @@ def write(results: dict, out: pathlib.Path, echo: bool = True) -> None:
   for shape, sizes in results["runs"].items():
     for n in sizes:
       lines += _size_table(results, shape, n)
-  (out / f"attention_{tag}.md").write_text("\n".join(lines) + "\n")
+  md_path.write_text("\n".join(lines) + "\n")
   if echo:
     print("\n".join(lines))
 

@@ -9,7 +9,7 @@ decode loop (``fibjax.generate.compiled_steps``, greedy, 32 tokens per compiled 
 position L: median ms per token over synchronised calls after warm-up. ``--impls`` picks the decode
 path (``ModelConfig.decode_impl``): ``pallas`` (fused kernels; dense keeps XLA attention over its
 cache and uses the same fused projections) and/or ``xla`` (separate XLA ops), both variants alike.
-Writes ``decode_<device>.json`` and ``.md``.
+Writes ``decode_<device>.json`` and ``.md`` (refuses to overwrite them unless ``--force``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import fibjax
+from benchmarks.cli import add_force, claim
 from benchmarks.timing import describe_kernels, hlo_instructions, kernel_times, time_fn
 from fibjax.generate import compiled_steps
 
@@ -132,6 +133,7 @@ def main() -> None:
   parser.add_argument("--profile", action="store_true", help="only print GPU kernel time per token by kernel")
   parser.add_argument("--memory-budget-gib", type=float, default=40.0, help="skip caches larger than this")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+  add_force(parser)
   args = parser.parse_args()
   if args.hlo_stats:
     for impl in args.impls:
@@ -145,6 +147,7 @@ def main() -> None:
     return
   device = jax.devices()[0].device_kind
   path = args.out / f"decode_{device.replace(' ', '_')}"
+  claim([path.with_suffix(".json"), path.with_suffix(".md")], args.force)
   args.out.mkdir(parents=True, exist_ok=True)
   rows = []
   for impl in args.impls:

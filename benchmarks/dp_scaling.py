@@ -4,8 +4,8 @@
     python -m benchmarks.dp_scaling --collectives [--config small] [--set ...]
 
 Runs ``python -m train`` twice (``CUDA_VISIBLE_DEVICES`` = first GPU, then all), compares the
-loss curves step by step and the throughput. Writes ``dp_scaling_<n>gpu_<config>[_<overrides>].json``
-and ``.md``.
+loss curves step by step and the throughput. Writes ``dp_scaling_<n>gpu_<config>[_<overrides>][_control].json``
+and ``.md`` (refuses to overwrite them unless ``--force``).
 ``--control`` adds a 1-GPU run with ``grad_accum=2`` (same batch, gradients summed in another order)
 to show how far reduction order alone moves the curve; ``--gpus 0 --control`` runs only that pair.
 ``--collectives`` only compiles the train step on every visible device and prints its collective
@@ -23,6 +23,8 @@ import re
 import subprocess
 import sys
 import tempfile
+
+from benchmarks.cli import add_force, claim
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -95,12 +97,16 @@ def main() -> None:
   parser.add_argument("--control", action="store_true",
                       help="also run 1 GPU with grad_accum=2: the drift that summing gradients in another order causes")
   parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+  add_force(parser)
   args = parser.parse_args()
   if args.collectives:
     print(json.dumps(collectives(args), indent=1))
     return
   gpus = args.gpus.split(",")
   n = len(gpus)
+  name = "_".join([f"dp_scaling_{n}gpu_{args.config}", *(re.sub(r"\W+", "-", s) for s in args.set)]
+                  + (["control"] if args.control else []))
+  claim([args.out / f"{name}.json", args.out / f"{name}.md"], args.force)
   with tempfile.TemporaryDirectory() as tmp:
     runs = {"1 GPU": run(gpus[0], pathlib.Path(tmp) / "one", args)}
     if n > 1:
@@ -125,8 +131,6 @@ def main() -> None:
          "| step | " + " | ".join(f"loss {name}" for name in loss) + " |", "|---" * (len(loss) + 1) + "|"]
   md += [f"| {s} | " + " | ".join(f"{curve[s]:.4f}" for curve in loss.values()) + " |" for s in sorted(l1)]
   args.out.mkdir(parents=True, exist_ok=True)
-  name = "_".join([f"dp_scaling_{n}gpu_{args.config}", *(re.sub(r"\W+", "-", s) for s in args.set)]
-                  + (["control"] if args.control else []))
   (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
   (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
   print("\n".join(md[:6]))

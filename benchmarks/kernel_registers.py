@@ -11,7 +11,7 @@ kernels' defaults) and reads ``ptxas -v``: registers per thread, stack frame and
 dK/dV kernel's group is unrolled unless ``--loop-group`` (the kernels loop over it by default).
 The installed Triton is not the compiler inside jaxlib, so the counts show which kernels are
 short of registers, not the exact figures of the GPU build. Writes ``kernel_registers[_loop_group][_block_bwd<B>].json``
-under ``--out``.
+under ``--out`` (refuses to overwrite it unless ``--force``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks.cli import fail
+from benchmarks.cli import add_force, claim, fail
 
 N, H, W, R = 65536, 8, 64, 4096
 OFFSETS = [89, 144, 233, 377, 610, 987, 1597, 2584]
@@ -104,6 +104,7 @@ def main() -> None:
   parser.add_argument("--loop-group", action="store_true", help="dK/dV loops over the group's query heads (the GPU default with groups; without it: unrolled)")
   parser.add_argument("--block-bwd", type=int, help="rows per backward tile (default: the kernels' default)")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+  add_force(parser)
   args = parser.parse_args()
   if not (args.triton / "triton").is_dir():
     fail(f"no triton package in {args.triton}; install one with pip install --target {args.triton} triton")
@@ -111,6 +112,9 @@ def main() -> None:
   bad = [x for x in powers if x < 16 or x & (x - 1)] + [h for h in args.kv_heads if h < 1 or H % h]
   if bad:
     fail(f"head dims and --block-bwd must be powers of 2 >= 16 and kv heads must divide {H}, got {bad}")
+  tag = ("_loop_group" if args.loop_group else "") + (f"_block_bwd{args.block_bwd}" if args.block_bwd else "")
+  results = args.out / f"kernel_registers{tag}.json"
+  claim([results], args.force)
   configs = list(itertools.product(args.head_dims, args.kv_heads, (False, True), (False, True)))
   with tempfile.TemporaryDirectory() as tmp:
     paths = {}
@@ -130,8 +134,7 @@ def main() -> None:
       path, _, report = line.partition(" | ")
       rows.append(dict(paths[path], **parse(report)))
   args.out.mkdir(parents=True, exist_ok=True)
-  tag = ("_loop_group" if args.loop_group else "") + (f"_block_bwd{args.block_bwd}" if args.block_bwd else "")
-  (args.out / f"kernel_registers{tag}.json").write_text(json.dumps({"jax": jax.__version__, "rows": rows}, indent=2) + "\n")
+  results.write_text(json.dumps({"jax": jax.__version__, "rows": rows}, indent=2) + "\n")
   print("| head_dim | kv heads | offsets | terms | kernel | registers | stack B | spill stores / loads B |")
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:

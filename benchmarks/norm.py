@@ -4,9 +4,9 @@ forward and forward+backward, and the backward's launch options; GB/s against th
 measured in the same run. Each call normalises ``--layers`` independent inputs (as a model's
 blocks do), so that the time is the kernels', not the dispatch's.
 
-    python -m benchmarks.norm [--rows 32768] [--out DIR]
+    python -m benchmarks.norm [--rows 32768] [--out DIR] [--force]
 
-Writes ``norm_<device>.json``.
+Writes ``norm_<device>.json`` (refuses to overwrite it unless ``--force``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
+from benchmarks.cli import add_force, claim
 from benchmarks.timing import copy_bandwidth, time_fn
 from pallas_kernels import norm_gpu
 
@@ -28,7 +29,11 @@ def main() -> None:
   parser.add_argument("--d", type=int, default=512)
   parser.add_argument("--layers", type=int, default=16)
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+  add_force(parser)
   args = parser.parse_args()
+  device = jax.devices()[0].device_kind
+  path = args.out / f"norm_{device.replace(' ', '_')}.json"
+  claim([path], args.force)
   shape, bf = (args.rows, args.d), jnp.bfloat16
   def arrays(seed):  # separate arrays, not slices of one: a slice fed to a custom call is copied first
     return [jax.random.normal(jax.random.key(seed * 1000 + i), shape, jnp.float32).astype(bf) for i in range(args.layers)]
@@ -62,13 +67,12 @@ def main() -> None:
     rows.append({"impl": name, "fwd_us_per_layer": 1e3 * fwd_ms, "fwd_bwd_us_per_layer": 1e3 * both_ms,
                  "fwd_GBps": 2 * nbytes / args.layers / fwd_ms / 1e6})
     print(json.dumps(rows[-1]), flush=True)
-  device = jax.devices()[0].device_kind
   args.out.mkdir(parents=True, exist_ok=True)
   result = {"device": device, "shape": shape, "layers": args.layers, "copy_GBps": copy / 1e9, "rows": rows,
             "note": "per layer: fwd reads x and writes y (67 MB at the default shape); the backward reads x, dy and "
                     "the residual gradient and writes dx (134 MB); XLA's backward includes the same residual add",
             "command": "python -m benchmarks.norm"}
-  (args.out / f"norm_{device.replace(' ', '_')}.json").write_text(json.dumps(result, indent=2) + "\n")
+  path.write_text(json.dumps(result, indent=2) + "\n")
   print(json.dumps({"copy_GBps": copy / 1e9}))
 
 

@@ -4,10 +4,10 @@ Each command runs as its own process, timed, with its peak memory: anonymous (``
 ``/proc/PID/status``, sampled every 20 ms: what the process allocates) and resident (``ru_maxrss``,
 which also counts the pages of memory-mapped files it has touched: page cache, reclaimable).
 
-    python -m benchmarks.prepare_scale [--gb 1.0] [--dir /tmp/fibjax-prepare-scale] [--keep]
+    python -m benchmarks.prepare_scale [--gb 1.0] [--dir /tmp/fibjax-prepare-scale] [--keep] [--force]
 
-Writes ``benchmarks/results/prepare_scale.json``. The corpus, the prepared folder and the runs are
-deleted afterwards unless ``--keep``.
+Writes ``benchmarks/results/prepare_scale.json`` (refuses to overwrite it unless ``--force``). The
+corpus, the prepared folder and the runs are deleted afterwards unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import subprocess
 import sys
 import time
 
+from benchmarks.cli import add_force, claim, fail
 from train import data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "prepare_scale.json"
 TRAIN_SET = ["steps=1", "log_every=1", "progress=false", "final_eval_multiples=1", "final_eval_tokens=2048"]
+OWN = ".fibjax-prepare-scale"  # marks a --dir this benchmark made, so a rerun may delete it
 MEASURE = """
 import json, resource, subprocess, sys, time
 start = time.time()
@@ -82,9 +84,15 @@ def main() -> None:
   parser.add_argument("--gb", type=float, default=1.0)
   parser.add_argument("--dir", type=pathlib.Path, default=pathlib.Path("/tmp/fibjax-prepare-scale"))
   parser.add_argument("--keep", action="store_true")
+  add_force(parser)
   args = parser.parse_args()
+  claim([RESULTS], args.force)
+  if args.dir.exists() and (not args.dir.is_dir() or any(args.dir.iterdir())) and not (args.dir / OWN).exists():
+    fail(f"--dir {args.dir} holds files this benchmark did not make (it deletes its folder); give a new or "
+         f"empty folder")
   shutil.rmtree(args.dir, ignore_errors=True)
   args.dir.mkdir(parents=True)
+  (args.dir / OWN).touch()
   try:
     corpus = build_corpus(args.dir / "corpus.jsonl", args.gb)
     print(f"corpus: {corpus}", flush=True)

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.cli import add_force, claim, fail
+from benchmarks.cli import add_force, claim, device_kind, fail
 
 IMPLEMENTATIONS = {  # name: (benchmarks.attention variant, pass)
     "fib static fwd": ("fib static", "fwd"),
@@ -197,18 +197,6 @@ def render(results: dict) -> str:
   return "\n".join(out) + "\n"
 
 
-def _gpu_name() -> str:
-  """GPU 0's name as JAX spells it (``nvidia-smi``; this process leaves the GPU to the profiled ones)."""
-  try:
-    res = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"], capture_output=True,
-                         text=True, timeout=60)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    fail(f"nvidia-smi did not run ({e}); this profile needs an NVIDIA GPU")
-  if res.returncode or not res.stdout.strip():
-    fail(f"nvidia-smi found no GPU: {res.stderr.strip()[:200]}")
-  return res.stdout.strip().splitlines()[0]
-
-
 def main() -> None:
   if len(sys.argv) == 5 and sys.argv[1] == "--child":
     return child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
@@ -226,7 +214,7 @@ def main() -> None:
   ncu = shutil.which(args.ncu)
   if ncu is None:
     fail(f"Nsight Compute not found ({args.ncu!r}); install it or pass --ncu PATH")
-  device = _gpu_name()
+  device = device_kind()
   stem = args.out / f"profile_attention_{device.replace(' ', '_')}_n{args.n}_{'_'.join(args.shapes)}"
   claim([stem.with_suffix(".json"), stem.with_suffix(".md")], args.force)
   results = {"device": device, "jax": None, "n": args.n, "date": time.strftime("%Y-%m-%d"),

@@ -4,7 +4,8 @@ and T = 8192, with the real jit-sharded train step of ``train/`` on random token
     python -m benchmarks.train_throughput [--tokens-per-step 32768] [--out DIR]
 
 Uses the trainer's default XLA flags (``train/xla_flags.py``). MFU counts ``6 * params + attention`` FLOPs per token (``train/metrics.py``) against the
-device's dense bf16 peak. Writes ``train_throughput_<device>.json`` and ``.md``.
+device's dense bf16 peak. Writes ``train_throughput_<device>.json`` and ``.md`` (refuses to overwrite
+them unless ``--force``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flax import nnx
 
 import configs
 from fibjax.model import count_params
+from benchmarks.cli import add_force, claim
 from benchmarks.timing import copies, describe_kernels, kernel_times
 from train.metrics import flops_per_token, peak_flops_per_device
 from train.step import make_optimizer
@@ -129,20 +131,22 @@ def main() -> None:
   parser.add_argument("--profile", action="store_true",
                       help="print GPU kernel time per step by kernel and kind (jax.profiler trace), write nothing")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+  add_force(parser)
   args = parser.parse_args()
   if args.profile:
     for t in args.seq_lens:
       for variant in args.variants:
         print(json.dumps(profile(variant, t, args.tokens_per_step, 5), indent=1), flush=True)
     return
+  device = jax.devices()[0].device_kind
+  tag = device.replace(" ", "_")
+  claim([args.out / f"train_throughput_{tag}.json", args.out / f"train_throughput_{tag}.md"], args.force)
   rows = []
   for t in args.seq_lens:
     for variant in args.variants:
       rows.append(measure(variant, t, args.tokens_per_step, args.steps))
       print(json.dumps(rows[-1]), flush=True)
-  device = jax.devices()[0].device_kind
   args.out.mkdir(parents=True, exist_ok=True)
-  tag = device.replace(" ", "_")
   (args.out / f"train_throughput_{tag}.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
   lines = [f"# Training throughput, paper recipe, {device} ({time.strftime('%Y-%m-%d')}, jax {jax.__version__})", "",
            f"bf16 compute, fp32 master weights, {args.tokens_per_step} tokens per step, median of {args.steps} steps. "

@@ -7,10 +7,10 @@ backward ones.
 Offsets are static, or fractional (``--learned``). Forward configurations (offset terms on tensor
 cores or row-wise, behind a branch per tile or not, rows per tile, warps, pipeline stages) are timed
 alone; backward ones (the same, plus the dK/dV group loop) as forward + backward, where the forward
-has the default tiles and the row's term form and branch. Median ms, random bf16 data rotated over
+has the default tiles and term form and the row's branch. Median ms, random bf16 data rotated over
 input sets, synchronised, after warm-up (``benchmarks.timing.time_fn``). Prints the rows and writes
-``tune_attention_<device>_n<N>_b<B>[_kv<H_kv>_d<D>][_learned].json``; the kernel defaults
-(``pallas_kernels.ops``) come from these sweeps."""
+``tune_attention_<device>_n<N>_b<B>[_kv<H_kv>_d<D>][_learned].json`` (refuses to overwrite it unless
+``--force``); the kernel defaults (``pallas_kernels.ops``) come from these sweeps."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 import fibjax
 from benchmarks.attention import D, W, fwd_bwd
-from benchmarks.cli import fail
+from benchmarks.cli import add_force, claim, fail
 from benchmarks.timing import time_fn
 
 
@@ -55,12 +55,17 @@ def main() -> None:
   parser.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads; fewer: grouped-query)")
   parser.add_argument("--head-dim", type=int, default=D)
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+  add_force(parser)
   args = parser.parse_args()
   kv_heads = args.kv_heads or args.heads
   if kv_heads < 1 or args.heads % kv_heads or args.head_dim < 16 or args.head_dim & (args.head_dim - 1):
     fail(f"--kv-heads must divide --heads ({args.heads}) and --head-dim be a power of 2 >= 16, got "
          f"{kv_heads} and {args.head_dim}")
   n, reach = args.n, args.reach or args.n
+  tag = jax.devices()[0].device_kind.replace(" ", "_")
+  shape = "" if (kv_heads, args.head_dim) == (args.heads, D) else f"_kv{kv_heads}_d{args.head_dim}"
+  path = args.out / f"tune_attention_{tag}_n{n}_b{args.batch}{shape}{'_learned' if args.learned else ''}.json"
+  claim([path], args.force)
   if args.learned:  # fractional distances just off the integer grid, so every term blends two rows
     offsets = jnp.asarray(fibjax.learned_terms("fib", args.alpha, W, reach), jnp.float32) * jnp.float32(1.001)
   else:
@@ -86,7 +91,7 @@ def main() -> None:
              "num_stages": stages, "fwd_ms": _timed(jax.jit(attn(block=block, num_warps=warps, num_stages=stages,
                                                                  term_mma=bool(mma), skip_dead_terms=bool(skip))), sets)}
     else:
-      f = attn(block_bwd=block, options_bwd=dict(num_warps=warps, num_stages=stages), term_mma=bool(mma),
+      f = attn(block_bwd=block, options_bwd=dict(num_warps=warps, num_stages=stages), term_mma_bwd=bool(mma),
                skip_dead_terms=bool(skip), loop_group=bool(loop))
       row = {"part": part, "term_mma": mma, "skip_dead_terms": skip, "loop_group": loop, "block_bwd": block, "num_warps": warps, "num_stages": stages,
              "fwd_bwd_ms": _timed(fwd_bwd(f), sets)}
@@ -95,12 +100,9 @@ def main() -> None:
   rows.append({"part": "default", "fwd_ms": _timed(jax.jit(attn()), sets), "fwd_bwd_ms": _timed(fwd_bwd(attn()), sets)})
   print(json.dumps(rows[-1]), flush=True)
   args.out.mkdir(parents=True, exist_ok=True)
-  tag = jax.devices()[0].device_kind.replace(" ", "_")
   config = dict(n=n, batch=args.batch, learned=args.learned, kv_heads=kv_heads, heads=args.heads,
                 head_dim=args.head_dim, window=W, reach=reach, alpha=args.alpha,
                 num_offsets=int(offsets.shape[0]))
-  shape = "" if (kv_heads, args.head_dim) == (args.heads, D) else f"_kv{kv_heads}_d{args.head_dim}"
-  path = args.out / f"tune_attention_{tag}_n{n}_b{args.batch}{shape}{'_learned' if args.learned else ''}.json"
   path.write_text(json.dumps({"device": tag, "jax": jax.__version__, "config": config, "rows": rows}, indent=2) + "\n")
   for part, key in (("fwd", "fwd_ms"), ("bwd", "fwd_bwd_ms")):
     ok = [r for r in rows if r["part"] == part and isinstance(r[key], float)]

@@ -1,12 +1,12 @@
 """Sweep of the three fused decode kernels (``pallas_kernels/decode_block.py``) against XLA doing the
 same math, at the paper recipe's shapes (bf16, d_model 512, 8 heads of 64, mlp 1664, R = 4096).
 
-    python -m benchmarks.tune_decode [--batches 1 32] [--out DIR]
+    python -m benchmarks.tune_decode [--batches 1 32] [--out DIR] [--force]
 
 Kernel time comes from a profiler trace (``benchmarks.timing.kernel_times``: execution only,
 launch gaps excluded); the XLA peer's time is the sum of all its kernels, with their count.
 The weight-read floor is the bytes of the weights at the copy bandwidth measured in the same run.
-Writes ``tune_decode_<device>.json``.
+Writes ``tune_decode_<device>.json`` (refuses to overwrite it unless ``--force``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import fibjax
+from benchmarks.cli import add_force, claim
 from benchmarks.timing import copy_bandwidth, kernel_times
 from fibjax import decode as dec
 from fibjax.layers import rope, rope_angles
@@ -131,7 +132,11 @@ def main() -> None:
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
   parser.add_argument("--parts", nargs="+", default=["projections", "attention"], choices=["projections", "attention"])
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+  add_force(parser)
   args = parser.parse_args()
+  device = jax.devices()[0].device_kind
+  path = args.out / f"tune_decode_{device.replace(' ', '_')}.json"
+  claim([path], args.force)
   bandwidth = copy_bandwidth()
   rows = []
   for b in args.batches:
@@ -157,9 +162,8 @@ def main() -> None:
     for row in attention_rows(b) if "attention" in args.parts else ():
       rows.append(row)
       print(json.dumps(row), flush=True)
-  device = jax.devices()[0].device_kind
   args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / f"tune_decode_{device.replace(' ', '_')}.json").write_text(
+  path.write_text(
       json.dumps({"device": device, "copy_bandwidth": bandwidth, "rows": rows}, indent=2) + "\n")
   for b in args.batches:
     for name in dict.fromkeys(r["shape"] for r in rows if r["batch"] == b):
