@@ -4,9 +4,9 @@ Each command runs as its own process, timed, with its peak memory: anonymous (``
 ``/proc/PID/status``, sampled every 20 ms: what the process allocates) and resident (``ru_maxrss``,
 which also counts the pages of memory-mapped files it has touched: page cache, reclaimable).
 
-    python -m benchmarks.prepare_scale [--gb 1.0] [--dir /tmp/fibjax-prepare-scale] [--keep] [--force]
+    python -m benchmarks.prepare_scale [--gb 1.0] [--dir /tmp/fibjax-prepare-scale] [--keep] [--out DIR] [--force]
 
-Writes ``benchmarks/results/prepare_scale.json`` (refuses to overwrite it unless ``--force``). The
+Writes ``prepare_scale.json`` under ``--out`` (default ``benchmarks/results``; refuses to overwrite it unless ``--force``). The
 corpus, the prepared folder and the runs are deleted afterwards unless ``--keep``.
 """
 
@@ -26,7 +26,6 @@ from benchmarks.cli import add_force, claim, fail
 from train import data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "prepare_scale.json"
 TRAIN_SET = ["steps=1", "log_every=1", "progress=false", "final_eval_multiples=1", "final_eval_tokens=2048"]
 OWN = ".fibjax-prepare-scale"  # marks a --dir this benchmark made, so a rerun may delete it
 MEASURE = """
@@ -84,9 +83,11 @@ def main() -> None:
   parser.add_argument("--gb", type=float, default=1.0)
   parser.add_argument("--dir", type=pathlib.Path, default=pathlib.Path("/tmp/fibjax-prepare-scale"))
   parser.add_argument("--keep", action="store_true")
+  parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
   add_force(parser)
   args = parser.parse_args()
-  claim([RESULTS], args.force)
+  results = args.out / "prepare_scale.json"
+  claim([results], args.force)
   if args.dir.exists() and (not args.dir.is_dir() or any(args.dir.iterdir())) and not (args.dir / OWN).exists():
     fail(f"--dir {args.dir} holds files this benchmark did not make (it deletes its folder); give a new or "
          f"empty folder")
@@ -117,8 +118,9 @@ def main() -> None:
       "prepare": prep, "train_start_prepared": prepared, "train_start_embedded": embedded,
       "train_set": TRAIN_SET,
   }
-  RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"wrote {RESULTS}")
+  args.out.mkdir(parents=True, exist_ok=True)
+  results.write_text(json.dumps(result, indent=2) + "\n")
+  print(f"wrote {results}")
 
 
 if __name__ == "__main__":

@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import io
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+from benchmarks.ab import tree_digest
 from benchmarks.cli import add_force, claim, device_kind, fail
 
 IMPLEMENTATIONS = {  # name: (benchmarks.attention variant, pass)
@@ -92,10 +95,11 @@ def parse_ncu_csv(text: str) -> list[dict]:
 
 
 def summarise(kernels: list[dict]) -> list[dict]:
-  """The report's columns for each kernel (missing counters are ``None``)."""
+  """The report's columns for each kernel (missing counters are ``None``), and Nsight's rule
+  findings for it (``rules``)."""
   out = []
   for k in kernels:
-    row = {"kernel": k["kernel"]}
+    row = {"kernel": k["kernel"], "rules": k["rules"]}
     for col, metric in COLUMNS.items():
       v = k["metrics"].get(metric)
       row[col] = None if v is None else v * SCALE.get(col, 1.0)
@@ -160,7 +164,7 @@ def profile(shape: str, n: int, impl: str, ncu: str, timeout: int) -> dict:
     stdout, stderr = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
     os.killpg(proc.pid, signal.SIGKILL)  # ncu and the profiled process with it
-    proc.communicate()
+    proc.communicate(timeout=60)
     return {"error": f"stopped after {timeout} s"}
   res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
   kernels = parse_ncu_csv(res.stdout)
@@ -168,13 +172,14 @@ def profile(shape: str, n: int, impl: str, ncu: str, timeout: int) -> dict:
     tail = (res.stderr.strip() or res.stdout.strip()).splitlines()[-3:]
     return {"error": f"exit {res.returncode}, {len(kernels)} kernels: " + " | ".join(tail)[:400]}
   about = next((json.loads(line) for line in res.stdout.splitlines() if line.startswith('{"device"')), {})
-  return {**about, "kernels": summarise(kernels), "rules": {k["kernel"]: k["rules"] for k in kernels if k["rules"]}}
+  return {**about, "kernels": summarise(kernels)}
 
 
 def render(results: dict) -> str:
   n = results["n"]
   out = [f"# Attention kernels under Nsight Compute, {results['device']}, N = {n}", "",
-         f"{results['date']}, jax {results['jax']}, `{results['command']}` (`ncu --clock-control none`, one "
+         f"{results['date']}, jax {results['jax']}, code {results.get('code')} (`benchmarks.ab.tree_digest`), "
+         f"`{results['command']}` (`ncu --clock-control none`, one "
          "call after warm-up; bf16, batch 1, 8 query heads, W = 64, R = 4096). MB = 1e6 bytes; % = of peak.", ""]
   cols = list(COLUMNS)
   for shape, impls in results["shapes"].items():
@@ -214,11 +219,15 @@ def main() -> None:
   ncu = shutil.which(args.ncu)
   if ncu is None:
     fail(f"Nsight Compute not found ({args.ncu!r}); install it or pass --ncu PATH")
+  if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
+    fail("the profiled processes need NVIDIA's cuda-python (cuda.bindings) for cudaProfilerStart; "
+         "pip install cuda-python")
   device = device_kind()
   stem = args.out / f"profile_attention_{device.replace(' ', '_')}_n{args.n}_{'_'.join(args.shapes)}"
   claim([stem.with_suffix(".json"), stem.with_suffix(".md")], args.force)
   results = {"device": device, "jax": None, "n": args.n, "date": time.strftime("%Y-%m-%d"),
-             "command": "python -m benchmarks.profile_attention " + " ".join(sys.argv[1:]), "shapes": {},
+             "command": shlex.join(["python", "-m", "benchmarks.profile_attention", *sys.argv[1:]]),
+             "code": tree_digest(pathlib.Path(__file__).resolve().parents[1]), "shapes": {},
              "bytes": {s: tensor_bytes(args.n, s) for s in args.shapes}}
   args.out.mkdir(parents=True, exist_ok=True)
   for shape in args.shapes:

@@ -93,7 +93,8 @@ def main() -> None:
     else:
       f = attn(block_bwd=block, options_bwd=dict(num_warps=warps, num_stages=stages), term_mma_bwd=bool(mma),
                skip_dead_terms=bool(skip), loop_group=bool(loop))
-      row = {"part": part, "term_mma": mma, "skip_dead_terms": skip, "loop_group": loop, "block_bwd": block, "num_warps": warps, "num_stages": stages,
+      row = {"part": part, "term_mma_bwd": mma, "skip_dead_terms": skip, "loop_group": loop, "block_bwd": block,
+             "num_warps": warps, "num_stages": stages,
              "fwd_bwd_ms": _timed(fwd_bwd(f), sets)}
     rows.append(row)
     print(json.dumps(row), flush=True)

@@ -3,6 +3,7 @@ refuses in one line (exit 2) before any measurement. CPU only: the refusals come
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -17,8 +18,11 @@ COMMITTED = ROOT / "benchmarks" / "results" / "attention_NVIDIA_H200_33f78e0.jso
 
 
 def _cli(module: str, *argv: str) -> subprocess.CompletedProcess:
+  """The benchmark on the CPU backend (so the device, and with it the file names, is "cpu" on a GPU
+  machine too)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *argv], cwd=ROOT, capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=300, env=env)
 
 
 def _refused(res: subprocess.CompletedProcess, path: pathlib.Path) -> bool:
@@ -91,21 +95,23 @@ def test_kernel_registers_refuses_its_summary_before_lowering(tmp_path):
   assert (out / "kernel_registers_loop_group.json").read_text() == "kept"
 
 
-def test_prepare_scale_refuses_its_committed_results_and_leaves_dir_alone(tmp_path):
-  results = ROOT / "benchmarks" / "results" / "prepare_scale.json"
-  assert results.is_file()
-  before = results.read_bytes()
-  (tmp_path / "kept.txt").write_text("kept")
-  res = _cli("prepare_scale", "--dir", str(tmp_path), "--gb", "0.001")
-  assert _refused(res, results), res.stderr
-  assert results.read_bytes() == before and (tmp_path / "kept.txt").read_text() == "kept"
+def test_prepare_scale_refuses_existing_results_and_leaves_dir_alone(tmp_path):
+  out, work = tmp_path / "out", tmp_path / "work"
+  out.mkdir()
+  work.mkdir()
+  (out / "prepare_scale.json").write_text("kept")
+  (work / "kept.txt").write_text("kept")
+  res = _cli("prepare_scale", "--dir", str(work), "--gb", "0.001", "--out", str(out))
+  assert _refused(res, out / "prepare_scale.json"), res.stderr
+  assert (out / "prepare_scale.json").read_text() == "kept" and (work / "kept.txt").read_text() == "kept"
 
 
 def test_prepare_scale_refuses_a_dir_it_did_not_make(tmp_path):
-  """It deletes its --dir at the start and end: a folder of other files is refused, untouched (with
-  --force, so the results file is not what stops it)."""
-  (tmp_path / "kept.txt").write_text("kept")
-  res = _cli("prepare_scale", "--dir", str(tmp_path), "--gb", "0.001", "--force")
+  """It deletes its --dir at the start and end: a folder of other files is refused, untouched."""
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "kept.txt").write_text("kept")
+  res = _cli("prepare_scale", "--dir", str(work), "--gb", "0.001", "--out", str(tmp_path / "out"))
   err = res.stderr.strip().splitlines()
   assert res.returncode == 2 and len(err) == 1 and "holds files this benchmark did not make" in err[0], res.stderr
-  assert (tmp_path / "kept.txt").read_text() == "kept"
+  assert (work / "kept.txt").read_text() == "kept" and not (tmp_path / "out").exists()

@@ -51,6 +51,7 @@ def test_summary_scales_units_and_leaves_missing_counters_empty():
   assert abs(rows[0]["us"] - 363.232) < 1e-9 and abs(rows[0]["DRAM read MB"] - 201.4) < 1e-9
   assert rows[0]["DRAM %"] == 15.1 and rows[0]["L2 MB"] is None
   assert rows[1]["registers"] == 24.0
+  assert rows[0]["rules"] == ["TheoreticalOccupancy: limited by registers"] and rows[1]["rules"] == []
 
 
 def test_report_lists_main_kernels_and_errors():
