@@ -32,6 +32,8 @@ import statistics
 import subprocess
 import sys
 
+from fibjax.cli import ArgumentParser
+
 HEAD = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -234,7 +236,7 @@ def compare_jaxprs(base: dict, head: dict) -> None:
 def main() -> None:
   argv = sys.argv[1:]
   command = argv[argv.index("--") + 1:] if "--" in argv else []
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = ArgumentParser(description=__doc__)
   parser.add_argument("base_tree", type=pathlib.Path, nargs="?")
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("ab_results"))

@@ -18,7 +18,6 @@ to overwrite them unless ``--force``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import subprocess
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 import fibjax
+from fibjax.cli import ArgumentParser
 from benchmarks.cli import add_force, claim, device_kind, fail
 from benchmarks.timing import copy_bandwidth, time_fn
 
@@ -185,6 +185,39 @@ def flex_from_files(paths: list[pathlib.Path], shapes: list[str], window: int, o
   return out
 
 
+RESULTS_KEYS = ("device", "jax", "copy_bandwidth_Bps", "date", "command", "config", "runs")  # what ``main`` writes
+
+
+def read_results(path: pathlib.Path) -> dict:
+  """A results JSON this benchmark wrote (for ``--rewrite``); anything else is refused in one line."""
+  try:
+    results = json.loads(path.read_text())
+  except (UnicodeDecodeError, ValueError) as e:
+    fail(f"{path} is not a benchmarks.attention results file (not JSON: {e}); give a JSON file this benchmark wrote")
+  problem = results_problem(results)
+  if problem:
+    fail(f"{path} is not a benchmarks.attention results file ({problem}); give a JSON file this benchmark wrote")
+  return results
+
+
+def results_problem(results: object) -> str | None:
+  """What keeps parsed JSON from being this benchmark's results, or ``None``."""
+  if not isinstance(results, dict):
+    return f"a JSON {type(results).__name__}, not an object"
+  missing = [k for k in RESULTS_KEYS if k not in results]
+  if missing:
+    return f"no {', '.join(missing)}"
+  if not (isinstance(results["config"], dict) and isinstance(results["runs"], dict)):
+    return "its config and runs are not objects"
+  return None
+
+
+def check_out(out: pathlib.Path) -> None:
+  """Refuses an ``--out`` that names a file: results go into a folder."""
+  if out.exists() and not out.is_dir():
+    fail(f"--out {out} is a file; give a folder")
+
+
 def outputs(out: pathlib.Path, device: str) -> list[pathlib.Path]:
   """The results files ``write`` writes for ``device``: JSON, then Markdown."""
   tag = device.replace(" ", "_")
@@ -213,7 +246,7 @@ def measure(n: int, shape: str, args, bandwidth: float) -> dict:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = ArgumentParser(description=__doc__)
   parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536])
   parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
   parser.add_argument("--block", type=int, default=64)
@@ -230,11 +263,12 @@ def main() -> None:
   args = parser.parse_args()
   if args.flex_log and not args.rewrite:
     fail("--flex-log only goes with --rewrite")
+  check_out(args.out)
   if args.rewrite:
     for path in args.rewrite + (args.flex_log or []):
       if not path.is_file():
         fail(f"no such file: {path}")
-    results = merge([json.loads(path.read_text()) for path in args.rewrite])
+    results = merge([read_results(path) for path in args.rewrite])
     if args.flex_log:
       cfg = results["config"]
       results["flex"] = flex_from_files(args.flex_log, list(results["runs"]), cfg["W"],

@@ -14,7 +14,6 @@ Writes ``decode_<device>.json`` and ``.md`` (refuses to overwrite them unless ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import pathlib
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fibjax.cli import ArgumentParser
 import fibjax
 from benchmarks.cli import add_force, claim
 from benchmarks.timing import describe_kernels, hlo_instructions, kernel_times, time_fn
@@ -125,7 +125,7 @@ def _table(rows: list[dict], impl: str, batches, contexts) -> list[str]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = ArgumentParser(description=__doc__)
   parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
   parser.add_argument("--impls", nargs="+", default=["pallas", "xla"], choices=["pallas", "xla"])

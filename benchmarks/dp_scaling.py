@@ -15,7 +15,6 @@ whole batch on every device).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -24,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 
+from fibjax.cli import ArgumentParser
 from benchmarks.cli import add_force, claim
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def reproduce(args) -> str:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = ArgumentParser(description=__doc__)
   parser.add_argument("--config", default="small")
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--gpus", default="0,1")

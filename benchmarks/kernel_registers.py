@@ -29,6 +29,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from fibjax.cli import ArgumentParser
 from benchmarks.cli import add_force, claim, fail
 
 N, H, W, R = 65536, 8, 64, 4096
@@ -97,7 +98,7 @@ def parse(report: str) -> dict:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--triton", type=pathlib.Path, required=True, help="folder a Triton package is installed in")
   parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
   parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])

@@ -11,20 +11,20 @@ Writes ``norm_<device>.json`` (refuses to overwrite it unless ``--force``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
 
+from fibjax.cli import ArgumentParser
 from benchmarks.cli import add_force, claim
 from benchmarks.timing import copy_bandwidth, time_fn
 from pallas_kernels import norm_gpu
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = ArgumentParser(description=__doc__)
   parser.add_argument("--rows", type=int, default=32 * 1024)
   parser.add_argument("--d", type=int, default=512)
   parser.add_argument("--layers", type=int, default=16)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 
+from fibjax.cli import ArgumentParser
 from benchmarks.cli import add_force, claim, fail
 from train import data
 
@@ -79,7 +80,7 @@ def train_start(data_arg: list[str], workdir: pathlib.Path) -> dict:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--gb", type=float, default=1.0)
   parser.add_argument("--dir", type=pathlib.Path, default=pathlib.Path("/tmp/fibjax-prepare-scale"))
   parser.add_argument("--keep", action="store_true")

@@ -19,7 +19,6 @@ and ``.md`` under ``--out`` (refuses to overwrite them unless ``--force``).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import io
@@ -33,6 +32,7 @@ import subprocess
 import sys
 import time
 
+from fibjax.cli import ArgumentParser
 from benchmarks.ab import tree_digest
 from benchmarks.cli import add_force, claim, device_kind, fail
 
@@ -207,7 +207,7 @@ def main() -> None:
     return child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
   from benchmarks.attention import SHAPES  # noqa: PLC0415
 
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = ArgumentParser(description=__doc__)
   parser.add_argument("--n", type=int, default=65536)
   parser.add_argument("--shapes", nargs="+", default=["mha_d64", "gqa_d64"], choices=list(SHAPES))
   parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS))

@@ -10,7 +10,6 @@ them unless ``--force``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import configs
+from fibjax.cli import ArgumentParser
 from fibjax.model import count_params
 from benchmarks.cli import add_force, claim
 from benchmarks.timing import copies, describe_kernels, kernel_times
@@ -123,7 +123,7 @@ def main() -> None:
   from train import xla_flags  # noqa: PLC0415  (the trainer's defaults, before the backend starts)
 
   xla_flags.apply_defaults()
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = ArgumentParser(description=__doc__)
   parser.add_argument("--tokens-per-step", type=int, default=32768)
   parser.add_argument("--steps", type=int, default=15)
   parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 8192])

@@ -14,7 +14,6 @@ input sets, synchronised, after warm-up (``benchmarks.timing.time_fn``). Prints 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import pathlib
@@ -22,6 +21,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
+from fibjax.cli import ArgumentParser
 import fibjax
 from benchmarks.attention import D, W, fwd_bwd
 from benchmarks.cli import add_force, claim, fail
@@ -36,7 +36,7 @@ def _timed(fn, sets) -> float | str:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = ArgumentParser(description=__doc__)
   parser.add_argument("--n", type=int, default=1024)
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--heads", type=int, default=8)

@@ -11,7 +11,6 @@ Writes ``tune_decode_<device>.json`` (refuses to overwrite it unless ``--force``
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import pathlib
@@ -19,6 +18,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
+from fibjax.cli import ArgumentParser
 import fibjax
 from benchmarks.cli import add_force, claim
 from benchmarks.timing import copy_bandwidth, kernel_times
@@ -128,7 +128,7 @@ def attention_rows(b: int) -> list[dict]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = ArgumentParser(description=__doc__)
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
   parser.add_argument("--parts", nargs="+", default=["projections", "attention"], choices=["projections", "attention"])
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")

@@ -1,23 +1,48 @@
 """``python -m fibjax``: print each variant's layer alphas, offsets and parameter count for a recipe."""
 
-import argparse
+import sys
 
+from fibjax.cli import ArgumentParser
 from fibjax.model import VARIANTS, ModelConfig, abstract_param_count, layer_patterns
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
+def check_args(seq_len: int, window: int) -> None:
+  """Raises ``ValueError`` naming the bad flag and what it accepts: the sparse variants need
+  ``1 <= --window < --seq-len`` (their offsets lie between the window and the reach, T)."""
+  if seq_len < 2:
+    raise ValueError(f"--seq-len must be an int >= 2, got {seq_len}")
+  if not 1 <= window < seq_len:
+    raise ValueError(f"--window must be >= 1 and below --seq-len ({seq_len}), got {window}; "
+                     f"give a smaller --window or a larger --seq-len")
+
+
+def report(seq_len: int, window: int) -> list[str]:
+  """The lines to print: every variant's parameter count and its first layers' alphas and offsets."""
+  lines = []
+  for variant in VARIANTS:
+    cfg = ModelConfig(variant=variant, seq_len=seq_len, window=window)
+    pats = layer_patterns(cfg)
+    lines.append(f"{variant:13s} params={abstract_param_count(cfg):,}")
+    if variant != "dense":
+      lines += [f"    layer {layer}: alpha={p.alpha_0:.3f} offsets={p.offsets or p.terms}"
+                for layer, p in enumerate(pats[:3])]
+  return lines
+
+
+def main() -> int:
+  parser = ArgumentParser(description=__doc__)
   parser.add_argument("--seq-len", type=int, default=ModelConfig.seq_len)
   parser.add_argument("--window", type=int, default=ModelConfig.window)
   args = parser.parse_args()
-  for variant in VARIANTS:
-    cfg = ModelConfig(variant=variant, seq_len=args.seq_len, window=args.window)
-    pats = layer_patterns(cfg)
-    print(f"{variant:13s} params={abstract_param_count(cfg):,}")
-    if variant != "dense":
-      for layer, p in enumerate(pats[:3]):
-        print(f"    layer {layer}: alpha={p.alpha_0:.3f} offsets={p.offsets or p.terms}")
+  try:  # every line is built before any is printed, so a failure prints only its error
+    check_args(args.seq_len, args.window)
+    lines = report(args.seq_len, args.window)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print("\n".join(lines))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -90,6 +90,7 @@ class ModelConfig:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+    check_alpha(self.rope_base, "rope_base")  # RoPE's base: a finite number > 0, as a scale is
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")

@@ -24,6 +24,8 @@ import sys
 
 import jax
 
+from fibjax.cli import ArgumentParser
+
 INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)
 
 
@@ -39,8 +41,8 @@ def parse(argv: list[str]):
   from configs.base import TrainConfig, apply_overrides  # noqa: PLC0415
   from train.checkpoint import keep_run_settings  # noqa: PLC0415
 
-  parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="python -m train", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default=None, help=f"recipe: {sorted(configs.CONFIGS)} (default tiny)")
   parser.add_argument("--variant", default=None, help="dense, fib-{fixed,learned,linear,coprime}, pow2-...")
   parser.add_argument("--workdir", type=pathlib.Path, default=None)

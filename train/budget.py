@@ -95,12 +95,17 @@ def run_budget(workdir: pathlib.Path, multiples=(1, 2, 4), max_targets: int | No
   max_targets = max_targets or run.cfg.final_eval_tokens
   which = "" if tuple(budgets) == tuple(BUDGETS) else "_" + "-".join(budgets)
   path = run.workdir / "budget" / f"step{run.step}_x{'-'.join(map(str, multiples))}_t{max_targets}{which}.json"
+  if path.parent.exists() and not path.parent.is_dir():  # checked before the sweep computes, not after
+    raise ValueError(f"{path.parent} is a file, not a folder: move it away so that the budget results can be "
+                     "written there")
   return read_or_write(path, lambda: budget_sweep(run, tuple(multiples), max_targets, tuple(budgets)))
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m train.budget", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  from fibjax.cli import ArgumentParser  # noqa: PLC0415  (this module imports nothing heavy at load)
+
+  parser = ArgumentParser(prog="python -m train.budget", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
   parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4], help="multiples of T")
   parser.add_argument("--tokens", type=int, default=None, help="target tokens per length (default: the config's)")
@@ -112,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     path, record = run_budget(args.workdir, tuple(args.lengths), args.tokens, budgets=tuple(args.budgets))
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"error: cannot write the budget results under {args.workdir / 'budget'} "
+          f"({e.strerror or type(e).__name__}: {e.filename}); free space or fix the folder, then run again",
+          file=sys.stderr)
     return 2
   for name, r in record["budgets"].items():
     ppl = "  ".join(f"{k} {v['ppl']:.3f}" for k, v in r.items() if k.endswith("x"))

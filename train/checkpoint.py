@@ -3,18 +3,23 @@
 Saves fail loudly and at once (a probe write before each save, background errors checked every
 step); restoring checks each checkpoint and falls back from damaged ones to the newest intact one.
 A workdir holding a checkpoint resumes only with the config that trained it: the fields in
-``RESUMABLE_FIELDS`` may change, each change recorded in ``workdir/config_history.jsonl``.
+``RESUMABLE_FIELDS`` may change, each change recorded in ``workdir/config_history.jsonl``; one
+without a checkpoint but with a run's outputs or another config is refused, and one process at a
+time trains in a workdir (an exclusive ``flock`` on ``workdir/.lock``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import pathlib
 import shutil
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +31,8 @@ DATA_SOURCE_FILE = "data_source.json"  # the training data's absolute path and c
 DAMAGED_DIR = "damaged_checkpoints"  # where damaged steps are moved, out of the manager's way
 REQUIRED_FILES = ("state/_METADATA", "data/metadata")  # what every complete step holds
 CONFIG_HISTORY_FILE = "config_history.jsonl"  # one line per resume that changed config.json
+LOCK_FILE = ".lock"  # flock'ed by the process training in the workdir, for the whole run
+OUTPUT_NAMES = ("metrics.jsonl", "eval.json", "evals")  # what a run writes as it trains and evaluates
 
 # The fields a run holding a checkpoint may resume with changed, and why each leaves the math of
 # the steps already taken as it was. Every other field (seed, batch_size, the optimizer and its
@@ -267,7 +274,8 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
   none), or ``None`` when ``workdir`` holds no run to resume; raises if the config differs from the
   run's in a field that shapes its training.
 
-  A workdir without a checkpoint takes any config (nothing was trained). One with a checkpoint
+  A workdir without a checkpoint takes a new run unless it holds another run's outputs or config
+  (``check_fresh``: a new run would overwrite them). One with a checkpoint
   resumes only with the run's config, but for the fields in ``RESUMABLE_FIELDS`` and those named in
   ``allow`` (``check_allowed``: a training field changed on purpose, e.g. a lower lr after a
   divergence). The data is compared by content hash (``data_hash``, see
@@ -285,8 +293,10 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
     if has_ckpt:
       raise ValueError(f"{workdir} holds checkpoints but no config.json; cannot tell what model they are. "
                        "Use a new --workdir.")
+    check_fresh(workdir, cfg)
     return None
   if not has_ckpt:
+    check_fresh(workdir, cfg)
     return None
   saved = TrainConfig.load(saved_path)
   changes = config_diff(saved, cfg)
@@ -311,6 +321,87 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
     raise ValueError(f"{workdir} holds a checkpoint at step {last}, past the requested steps={cfg.steps}: give "
                      f"--set steps=N with N >= {last}, or use a new --workdir.")
   return changes
+
+
+def check_fresh(workdir: pathlib.Path, cfg: TrainConfig) -> None:
+  """Raises ``ValueError`` unless ``workdir`` (holding no checkpoint) may take a new run of ``cfg``:
+  a config.json there must be ``cfg`` (outside ``RESUMABLE_FIELDS``): then its outputs are this
+  run's, stopped before its first checkpoint, and it starts again; without one, the folder must
+  hold no training outputs (``OUTPUT_NAMES``), which a new run would overwrite. Unrelated files are
+  allowed."""
+  if (workdir / "config.json").exists():
+    check_fresh_config(workdir, cfg)
+    return
+  outputs = [name for name in OUTPUT_NAMES if (workdir / name).exists()]
+  if outputs:
+    raise ValueError(f"{workdir} holds {', '.join(outputs)} of a run but no config.json or checkpoint; pick a new "
+                     f"--workdir (or remove {workdir})")
+
+
+def check_fresh_config(workdir: pathlib.Path, cfg: TrainConfig) -> None:
+  """Raises ``ValueError`` unless ``workdir/config.json`` is a fibjax config equal to ``cfg`` but
+  for ``RESUMABLE_FIELDS``, naming each differing field."""
+  try:
+    saved = TrainConfig.load(workdir / "config.json")
+  except ValueError as e:
+    raise ValueError(f"{workdir} holds a config.json that is not a fibjax config ({short(e.__cause__ or e)}); pick a "
+                     f"new --workdir (or remove {workdir})") from e
+  diffs = [name for name in config_diff(saved, cfg) if name not in RESUMABLE_FIELDS]
+  if diffs:
+    detail = ", ".join(f"{d}: saved {_get(saved, d)!r} vs requested {_get(cfg, d)!r}" for d in diffs)
+    raise ValueError(f"{workdir} holds the config.json of another run ({detail}) but no checkpoint; pick a new "
+                     f"--workdir (or remove {workdir})")
+
+
+def check_unlocked(workdir: pathlib.Path) -> None:
+  """Raises ``ValueError`` if another process holds ``workdir``'s training lock. Reads only: an
+  absent lock file means nobody trains there."""
+  try:
+    fd = os.open(workdir / LOCK_FILE, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    _flock(fd, workdir)
+  finally:
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: pathlib.Path) -> Iterator[bool]:
+  """Within the block, this process holds the exclusive lock on ``workdir/LOCK_FILE`` (creating
+  the folder and the file if needed; the file stays, the lock ends with the block or the process).
+  Yields whether this call created ``workdir``.
+
+  Raises:
+    ValueError: another process holds it, or the folder cannot be written.
+  """
+  try:
+    created = _make_folder(workdir)
+    fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise ValueError(f"cannot write the run's files into {workdir} ({short(e)}); give a writable --workdir") from e
+  try:
+    _flock(fd, workdir)
+    yield created
+  finally:
+    os.close(fd)
+
+
+def _make_folder(folder: pathlib.Path) -> bool:
+  """Creates ``folder`` (and its parents) if needed; whether it was created here."""
+  try:
+    folder.mkdir(parents=True)
+  except FileExistsError:
+    return False
+  return True
+
+
+def _flock(fd: int, workdir: pathlib.Path) -> None:
+  """Takes the exclusive lock on ``fd`` without waiting; raises ``ValueError`` if it is held."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError as e:
+    raise ValueError(f"another process is training in {workdir}; wait for it or pick another --workdir") from e
 
 
 def record_changes(workdir: pathlib.Path, step: int, changes: dict[str, tuple[Any, Any]]) -> None:

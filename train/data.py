@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
 import mmap
 import pathlib
+import zlib
 from typing import Iterator, Protocol
 
 import grain
@@ -20,19 +22,44 @@ HELDOUT_TAIL = 8  # a document split inside itself holds out its last 1/HELDOUT_
 
 
 def iter_jsonl(path: pathlib.Path) -> Iterator[dict]:
-  """Documents ``{"id", "text"}`` of a ``.jsonl``/``.jsonl.gz`` file, one line at a time."""
+  """Documents ``{"id", "text"}`` of a ``.jsonl``/``.jsonl.gz`` file, one line at a time. A file
+  that is not gzip data (``.gz``) or not UTF-8 text raises ``ValueError`` naming it."""
   opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rt", encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
+  try:
+    with opener(path, "rt", encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be an object with a 'text' field") from e
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+          raise ValueError(f"{path}:{n}: each line must be a JSON object with a string 'text' field")
+        yield {"id": str(record.get("id", f"{path.name}:{n}")), "text": record["text"]}
+  except UnicodeDecodeError as e:
+    raise not_utf8(path, opener) from e
+  except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # only gzip.open raises these
+    raise ValueError(f"{path}: not gzip data, or cut short ({e}); re-save it with gzip or drop the .gz suffix") from e
+
+
+def not_utf8(path: pathlib.Path, opener) -> ValueError:
+  """The error for a file that does not decode as UTF-8, naming its first bad byte and where it is
+  (in the decompressed text of a ``.gz`` file)."""
+  decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+  with opener(path, "rb") as f:
+    while True:
+      block = f.read(1 << 20)
       try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be an object with a 'text' field") from e
-      if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise ValueError(f"{path}:{n}: each line must be a JSON object with a string 'text' field")
-      yield {"id": str(record.get("id", f"{path.name}:{n}")), "text": record["text"]}
+        decoder.decode(block, final=not block)
+      except UnicodeDecodeError as e:  # e.object: the bytes the decoder still held, then this block
+        bad, where = e.object[e.start], offset - (len(e.object) - len(block)) + e.start
+        break
+      if not block:
+        return ValueError(f"{path}: not UTF-8 text; re-save it as UTF-8")
+      offset += len(block)
+  after = " after decompression" if path.suffix == ".gz" else ""
+  return ValueError(f"{path}: not UTF-8 text (byte 0x{bad:02x} at offset {where}{after}); re-save it as UTF-8")
 
 
 def _read_jsonl(path: pathlib.Path) -> list[dict]:
@@ -52,12 +79,21 @@ def data_files(path: pathlib.Path) -> list[pathlib.Path]:
 
 
 def read_text(path: pathlib.Path) -> str:
-  """A ``.txt`` file's text: UTF-8, else Latin-1."""
+  """A ``.txt`` file's text: UTF-8, else Latin-1. A file with NUL bytes is refused (``looks_binary``)."""
   raw = path.read_bytes()
+  if b"\0" in raw:
+    raise looks_binary(path)
   try:
     return raw.decode("utf-8")
   except UnicodeDecodeError:
     return raw.decode("latin-1")
+
+
+def looks_binary(path: pathlib.Path) -> ValueError:
+  """The error for a ``.txt`` file holding NUL bytes, which text never does (and which would read as
+  document separators)."""
+  return ValueError(f"{path} holds NUL bytes, so it looks binary, not text; remove it from the data or "
+                    "give a text file")
 
 
 def load_documents(path: str | None = None) -> list[dict]:

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fibjax.cli import ArgumentParser
 from configs.base import TrainConfig
 from train import data
 from train.mesh import MESH_AXES
@@ -175,8 +176,8 @@ def run_evaluation(workdir: pathlib.Path, multiples: tuple[int, ...] = (1, 2, 4)
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="python -m train.evaluate", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
   parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4], help="multiples of T (default 1 2 4)")
   parser.add_argument("--data", default=None, help="held-out .txt/.jsonl file or folder (default: the run's own split)")

@@ -15,9 +15,49 @@ import json
 import pathlib
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  from configs.base import TrainConfig
 
 CELL_FILE = "cell.json"
 EVAL_MULTIPLES = (1, 2, 4)
+CELL_KEYS = {"seed": "--seed", "model.variant": "--variant"}  # set by each cell's own flags, never by --set
+# Fields a finished cell's results depend on although a resume may change them: a finished cell
+# asked for with another value of one of these is refused, not relabelled.
+RESULT_FIELDS = ("steps", "eval_every", "eval_batches", "final_eval_multiples", "final_eval_tokens",
+                 "position_buckets", "data_path")
+
+
+def check_overrides(overrides: list[str], flags: dict[str, str] = CELL_KEYS) -> None:
+  """Raises ``ValueError`` when ``overrides`` (``--set``) names a key that ``flags`` gives a cell
+  (``{key: the flag that sets it}``): ``--set`` would silently replace or lose it."""
+  for item in overrides:
+    key = item.split("=", 1)[0].strip()
+    if key in flags:
+      raise ValueError(f"--set {item}: a cell's {key} is given by {flags[key]}, not --set; drop it from --set")
+
+
+def check_existing_run(workdir: pathlib.Path, cfg: TrainConfig) -> None:
+  """Raises ``ValueError`` when ``workdir`` holds a run (``config.json``, ``eval.json``) of another
+  config than ``cfg``, naming each differing field; nothing in ``workdir`` is touched. An unfinished
+  run may differ in ``RESUMABLE_FIELDS`` (training checks and records those); a finished one, whose
+  training is skipped, only in those that leave its results as they are."""
+  from configs.base import TrainConfig  # noqa: PLC0415
+  from train.checkpoint import RESUMABLE_FIELDS, config_diff  # noqa: PLC0415
+
+  saved_path, finished = workdir / "config.json", (workdir / "eval.json").exists()
+  if not saved_path.exists():
+    if finished:
+      raise ValueError(f"{workdir} holds eval.json but no config.json, so its run cannot be compared with this "
+                       "cell's config: use a new --workdir")
+    return
+  tolerated = set(RESUMABLE_FIELDS) - (set(RESULT_FIELDS) if finished else set())
+  diff = {k: v for k, v in config_diff(TrainConfig.load(saved_path), cfg).items() if k not in tolerated}
+  if diff:
+    detail = ", ".join(f"{k}: saved {old!r} vs requested {new!r}" for k, (old, new) in diff.items())
+    raise ValueError(f"{workdir} holds a{' finished' if finished else 'n unfinished'} run of another config "
+                     f"({detail}): give that run's --variant, --seed and --set, or use a new --workdir")
 
 
 def check_budgets(budgets: tuple[str, ...] | list[str] | None) -> None:
@@ -40,8 +80,10 @@ def run_cell(workdir: pathlib.Path, config: str, variant: str, seed: int, overri
   from train.trainer import train  # noqa: PLC0415
 
   workdir = workdir.absolute()
+  check_overrides(overrides)
   cfg = apply_overrides(configs.get_config(config, variant), [*overrides, f"seed={seed}"]).validate()
   check_budgets(budgets)
+  check_existing_run(workdir, cfg)
   if not (workdir / "eval.json").exists():
     train(cfg, workdir)
   run = load_run(workdir)
@@ -51,7 +93,23 @@ def run_cell(workdir: pathlib.Path, config: str, variant: str, seed: int, overri
     names = budgets or tuple(budget.BUDGETS)
     files["budget"] = budget.run_budget(workdir, EVAL_MULTIPLES, run=run, budgets=names)[0]
   record = cell_record(workdir, cfg.model.variant, seed, config, overrides, run.step, files, time.time())
-  (workdir / CELL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+  return write_record(workdir / CELL_FILE, record)
+
+
+def write_record(path: pathlib.Path, record: dict) -> dict:
+  """Writes ``record`` to ``path`` (``cell.json``) and returns it; an existing record that says the
+  same but for its cost (a finished cell run again) is kept as it is and returned instead."""
+  cost = ("train_s", "probe_s")
+  if path.exists():
+    try:
+      saved = json.loads(path.read_text())
+    except ValueError:
+      saved = None
+    same = isinstance(saved, dict) and set(cost) <= saved.keys() and all(
+        saved.get(k) == v for k, v in record.items() if k not in cost) and saved.keys() == record.keys()
+    if same:
+      return saved
+  path.write_text(json.dumps(record, indent=2) + "\n")
   return record
 
 
@@ -75,8 +133,10 @@ def cell_record(workdir: pathlib.Path, variant: str, seed: int, config: str, ove
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m train.experiment", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  from fibjax.cli import ArgumentParser  # noqa: PLC0415  (this module imports nothing heavy at load)
+
+  parser = ArgumentParser(prog="python -m train.experiment", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
   parser.add_argument("--config", required=True)
   parser.add_argument("--variant", required=True)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fibjax.cli import ArgumentParser
 from fibjax.generate import stream
 
 SEEDS = 2**32  # jax.random.key keeps 32 bits of the seed: larger ones would repeat smaller ones' samples
@@ -38,7 +39,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__)
+  parser = ArgumentParser(prog="python -m train.generate", description=__doc__)
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
   parser.add_argument("--prompt", required=True)
   parser.add_argument("--max-new-tokens", type=int, default=200)

@@ -26,11 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fibjax.cli import ArgumentParser
 from fibjax.generate import compiled_steps
 from train.mesh import make_mesh
 from configs.base import TrainConfig
 from fibjax.model import LM
 from train.restore import Run, load_run, tokenizer_of
+from train.sweep import check_one_recipe, read_run_config
 
 
 def median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -74,26 +76,18 @@ def first_run_per_variant(root: pathlib.Path) -> dict[str, pathlib.Path]:
   """``variant -> workdir`` of the lowest seed that holds a finished run (``eval.json``).
 
   Raises:
-    ValueError: the finished runs under ``root`` are not one recipe (they differ in more than
-      variant and seed), so their latencies would not compare like with like.
+    ValueError: a finished run's ``config.json`` is not a fibjax config, or the finished runs under
+      ``root`` are not one recipe (``train.sweep.check_one_recipe``), so their latencies would not
+      compare like with like.
   """
+  configs = {p.parent.name: read_run_config(p, root) for p in sorted(root.glob("*/config.json"))
+             if (p.parent / "eval.json").exists()}
+  check_one_recipe(root, configs)
   found: dict[str, tuple[int, pathlib.Path]] = {}
-  recipes: dict[str, tuple[pathlib.Path, dict]] = {}
-  for cfg_path in sorted(root.glob("*/config.json")):
-    if not (cfg_path.parent / "eval.json").exists():
-      continue
-    cfg = json.loads(cfg_path.read_text())
+  for name, cfg in configs.items():
     variant, seed = cfg["model"]["variant"], cfg["seed"]
-    recipe = {**{k: v for k, v in cfg.items() if k not in ("seed", "model")},
-              **{f"model.{k}": v for k, v in cfg["model"].items() if k != "variant"}}
-    recipes.setdefault(json.dumps(recipe, sort_keys=True), (cfg_path.parent, recipe))
-    if len(recipes) > 1:
-      (a, ra), (b, rb) = list(recipes.values())[:2]
-      differ = sorted(k for k in ra.keys() | rb.keys() if ra.get(k) != rb.get(k))
-      raise ValueError(f"{root} holds runs of more than one recipe ({a.name} and {b.name} differ in "
-                       f"{', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}): give one sweep's root")
     if variant not in found or seed < found[variant][0]:
-      found[variant] = (seed, cfg_path.parent)
+      found[variant] = (seed, root / name)
   return {v: p for v, (_, p) in sorted(found.items())}
 
 
@@ -139,8 +133,8 @@ def run_latency(root: pathlib.Path, repeats: int = 20, decode_tokens: int = 64,
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m train.latency", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="python -m train.latency", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("root", type=pathlib.Path)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--decode-tokens", type=int, default=64)

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fibjax.cli import ArgumentParser
 from train import data, reach
 from train.evaluate import read_or_write
 from train.restore import Run, load_run
@@ -113,8 +114,8 @@ def passkey_path(run: Run, multiples=(1, 2, 4), depths=DEPTHS, trials: int = 8, 
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m train.passkey", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="python -m train.passkey", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
   parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4], help="multiples of T")
   parser.add_argument("--depths", type=float, nargs="+", default=list(DEPTHS), help="key depth, 0..1 of the filler")

@@ -28,10 +28,13 @@ from typing import Iterator
 
 import numpy as np
 
+from fibjax.cli import ArgumentParser
 from train import data
 
 BLOCK_CHARS = 1 << 20  # a .txt file is encoded this many characters (up to the next line end) at a time
 COPY_TOKENS = 1 << 24  # tokens moved at a time when the last document is split
+# A BPE's vocabulary: more than the 256 bytes (training's bound), at most what uint16 token files hold
+BPE_VOCAB_SIZES = range(257, (1 << 16) + 1)
 
 
 @dataclasses.dataclass
@@ -71,16 +74,23 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def text_encoding(path: pathlib.Path) -> str:
   """``utf-8`` if the whole file decodes as UTF-8 (checked in blocks), else ``latin-1``, as
-  ``train.data.read_text`` reads it."""
-  decoder = codecs.getincrementaldecoder("utf-8")()
+  ``train.data.read_text`` reads it; a file with NUL bytes is refused, as there."""
+  decoder, utf8 = codecs.getincrementaldecoder("utf-8")(), True
+  with path.open("rb") as f:
+    while block := f.read(BLOCK_CHARS):
+      if b"\0" in block:
+        raise data.looks_binary(path)
+      utf8 = utf8 and decodes(decoder, block)
+  return "utf-8" if utf8 and decodes(decoder, b"", final=True) else "latin-1"
+
+
+def decodes(decoder: codecs.IncrementalDecoder, block: bytes, final: bool = False) -> bool:
+  """Whether ``block`` continues the decoder's text as valid UTF-8."""
   try:
-    with path.open("rb") as f:
-      while block := f.read(BLOCK_CHARS):
-        decoder.decode(block)
-      decoder.decode(b"", final=True)
+    decoder.decode(block, final=final)
   except UnicodeDecodeError:
-    return "latin-1"
-  return "utf-8"
+    return False
+  return True
 
 
 def text_blocks(path: pathlib.Path) -> Iterator[str]:
@@ -152,6 +162,9 @@ def prepare(source: pathlib.Path, out: pathlib.Path, tokenizer: str = "byte", bp
     raise ValueError(f"--out {out} already exists: give a new folder (nothing there is overwritten)")
   if tokenizer not in ("byte", "bpe"):
     raise ValueError(f"--tokenizer must be byte or bpe, got {tokenizer!r}")
+  if bpe_vocab_size not in BPE_VOCAB_SIZES:
+    raise ValueError(f"--bpe-vocab-size must be in {BPE_VOCAB_SIZES.start}..{BPE_VOCAB_SIZES.stop - 1} (the 256 "
+                     f"bytes plus merges, in uint16 token files), got {bpe_vocab_size}")
   data.data_files(source)  # a missing path or a wrong kind of file fails before any work
   partial = out.with_name(out.name + ".partial")
   shutil.rmtree(partial, ignore_errors=True)
@@ -191,8 +204,8 @@ def write_tokens(source: pathlib.Path, folder: pathlib.Path, tokenizer: str, bpe
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="python -m train.prepare", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--data", required=True, type=pathlib.Path, help="a .txt/.jsonl/.jsonl.gz file or a folder")
   parser.add_argument("--out", required=True, type=pathlib.Path, help="the prepared folder to create")
   parser.add_argument("--tokenizer", default="byte", help="byte (default) or bpe")

@@ -16,7 +16,9 @@ import pathlib
 import sys
 from typing import Any, Callable
 
+from fibjax.cli import ArgumentParser
 from train import stats
+from train.sweep import SWEEP_FILE, read_sweep_file
 
 MULTIPLES = (1, 2, 4)
 PAPER = {  # the paper's numbers (arXiv 2606.28560, abstract), compared against ours
@@ -42,20 +44,42 @@ RULE = ("Each comparison pairs runs of the same seed (same initial data order): 
 # ----------------------------------------------------------------------------- reading the runs
 
 
-def read_json(path: pathlib.Path) -> Any:
-  return json.loads(path.read_text())
+def read_json(path: pathlib.Path, fix: str = "run the sweep again to rewrite it") -> Any:
+  """``path``'s JSON; raises ``ValueError`` naming the file (missing, unreadable or not JSON) and ``fix``."""
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError as e:
+    raise ValueError(f"{path} is missing: {fix}") from e
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} cannot be read as JSON ({type(e).__name__}: {e}): {fix}") from e
+
+
+def load_cell(cell_path: pathlib.Path) -> dict:
+  """One finished cell (``ROOT/<cell>/cell.json``) with the files it names read; raises
+  ``ValueError`` naming the cell and the file when one is missing or not what ``train.experiment``
+  writes. Removing ``cell.json`` and running the sweep again rewrites it, each missing stage run again."""
+  from train.sweep import read_run_config  # noqa: PLC0415  (imports jax)
+
+  d = cell_path.parent
+  fix = f"remove {cell_path} and run the sweep again (it reruns the cell's missing stages and rewrites cell.json)"
+  cell = read_json(cell_path, fix)
+  try:
+    files = {k: read_json(d / v, f"{cell_path} names it; {fix}") for k, v in cell["files"].items()}
+    record = {"name": d.name, "variant": cell["variant"], "seed": cell["seed"], "train_s": cell["train_s"]}
+  except (KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f"{cell_path} is not a cell record of train.experiment (no {e} in it): {fix}") from e
+  return {**record, "config": read_run_config(d / "config.json", d.parent),
+          "budget_data": read_json(d / "data_budget.json", fix), "params": read_json(d / "eval.json", fix)["params"],
+          **files}
 
 
 def load_cells(root: pathlib.Path) -> list[dict]:
-  """Every finished cell of ``root`` (a folder holding ``cell.json``), with its files read."""
-  cells = []
-  for cell_path in sorted(root.glob("*/cell.json")):
-    d = cell_path.parent
-    cell = read_json(cell_path)
-    files = {k: read_json(d / v) for k, v in cell["files"].items()}
-    cells.append({"name": d.name, "variant": cell["variant"], "seed": cell["seed"], "train_s": cell["train_s"],
-                  "config": read_json(d / "config.json"), "budget_data": read_json(d / "data_budget.json"),
-                  "params": read_json(d / "eval.json")["params"], **files})
+  """Every finished cell of ``root`` (a folder holding ``cell.json``), with its files read; raises
+  ``ValueError`` when they are not of one recipe (``train.sweep.check_one_recipe``)."""
+  from train.sweep import check_one_recipe  # noqa: PLC0415
+
+  cells = [load_cell(p) for p in sorted(root.glob("*/cell.json"))]
+  check_one_recipe(root, {c["name"]: c["config"] for c in cells})
   return cells
 
 
@@ -356,7 +380,7 @@ def build(root: pathlib.Path) -> tuple[str, list[dict]]:
     raise ValueError(f"{root} holds no finished cell (ROOT/<variant>-s<seed>/cell.json): run python -m train.sweep")
   runs = by_variant(cells)
   latency = latest_latency(root)
-  sweep = read_json(root / "sweep.json") if (root / "sweep.json").exists() else {}
+  sweep = read_sweep_file(root / SWEEP_FILE) if (root / SWEEP_FILE).exists() else {}
   plot_all(runs, latency, root / "plots")
   c0 = cells[0]
   model = c0["config"]["model"]
@@ -482,27 +506,47 @@ def summary(results: dict[str, list[dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="python -m train.report", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("roots", nargs="+", type=pathlib.Path)
   parser.add_argument("--summary", type=pathlib.Path, default=None, help="also write the verdicts of all roots here")
   args = parser.parse_args(argv)
   results = {}
   try:
+    check_summary(args.summary)
     for root in args.roots:
       if not root.is_dir():
         raise ValueError(f"{root} is not a folder: give a sweep root (python -m train.sweep --root ...)")
       text, verdicts = build(root)
-      (root / "report.md").write_text(text)
+      write(root / "report.md", text)
       results[str(root)] = verdicts
       print(f"wrote {root / 'report.md'}")
+    if args.summary:
+      write(args.summary, summary(results))
+      print(f"wrote {args.summary}")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  if args.summary:
-    args.summary.write_text(summary(results))
-    print(f"wrote {args.summary}")
   return 0
+
+
+def check_summary(path: pathlib.Path | None) -> None:
+  """Raises ``ValueError`` when ``--summary`` cannot be written as a file (checked before any report is)."""
+  if path is None:
+    return
+  if path.is_dir():
+    raise ValueError(f"--summary {path} is a folder: give a file path, e.g. {path / 'SUMMARY.md'}")
+  if not path.parent.is_dir():
+    raise ValueError(f"--summary {path}: its folder {path.parent} does not exist; create it or give another path")
+
+
+def write(path: pathlib.Path, text: str) -> None:
+  """Writes ``text`` to ``path``; raises ``ValueError`` naming the file when it cannot be written."""
+  try:
+    path.write_text(text)
+  except OSError as e:
+    raise ValueError(f"cannot write {path} ({e.strerror or type(e).__name__}); free space or fix the folder's "
+                     "permissions") from e
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from train.experiment import CELL_FILE
+from train.experiment import CELL_FILE, check_overrides
 
 SWEEP_FILE = "sweep.json"
 COST_FILE = "sweep_cost.jsonl"
@@ -61,21 +61,87 @@ def local_gpus() -> list[str]:
   return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
+def override_map(overrides: list[str]) -> dict[str, str]:
+  """``{key: value}`` of ``KEY=VALUE`` overrides, the last of a repeated key winning (as
+  ``apply_overrides`` applies them): the same overrides in any order give the same map."""
+  return dict(item.split("=", 1) if "=" in item else (item, None) for item in overrides)
+
+
+def same_recipe(saved: dict, recipe: dict) -> bool:
+  """Whether a saved ``sweep.json`` holds ``recipe``: the same config and the same overrides."""
+  overrides = saved.get("overrides")
+  return (saved.get("config") == recipe["config"] and isinstance(overrides, list)
+          and override_map([str(o) for o in overrides]) == override_map(recipe["overrides"]))
+
+
+def read_sweep_file(path: pathlib.Path) -> dict:
+  """The recipe saved in ``path`` (``ROOT/sweep.json``); raises ``ValueError`` naming the file if it
+  cannot be read or is not a JSON object."""
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): it holds the sweep's recipe, "
+                     '{"config": NAME, "overrides": [KEY=VALUE, ...]}; restore it, or use a new --root') from e
+  if not isinstance(saved, dict):
+    raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not the sweep's recipe "
+                     '{"config": NAME, "overrides": [KEY=VALUE, ...]}: restore it, or use a new --root')
+  return saved
+
+
 def check_root(root: pathlib.Path, recipe: dict) -> None:
   """Creates ``ROOT/sweep.json`` or checks that it holds ``recipe``; raises ``ValueError`` if not."""
   path = root / SWEEP_FILE
   if root.exists() and not root.is_dir():
     raise ValueError(f"--root {root} is a file, not a folder: give a folder for the sweep's runs")
   if path.exists():
-    saved = json.loads(path.read_text())
-    if {k: saved.get(k) for k in recipe} != recipe:
+    saved = read_sweep_file(path)
+    if not same_recipe(saved, recipe):
       raise ValueError(f"{root} holds a sweep of another recipe ({saved.get('config')} with {saved.get('overrides')}); "
                        f"use a new --root for {recipe['config']} with {recipe['overrides']}")
     return
   if root.is_dir() and any(root.iterdir()):
     raise ValueError(f"{root} is not empty and holds no {SWEEP_FILE}: use a new --root")
-  root.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(recipe, indent=2) + "\n")
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recipe, indent=2) + "\n")
+  except OSError as e:
+    raise ValueError(f"cannot create the sweep root {root} ({e.strerror or type(e).__name__}: {e.filename}): "
+                     "give a --root whose parent folders can be created") from e
+
+
+def read_run_config(path: pathlib.Path, root: pathlib.Path) -> dict:
+  """A run's ``config.json`` under a sweep ``root``, read through ``TrainConfig.load`` (as a dict);
+  raises ``ValueError`` naming the file when it is not a fibjax config."""
+  from configs.base import TrainConfig  # noqa: PLC0415  (imports jax)
+
+  try:
+    return TrainConfig.load(path).to_dict()
+  except (OSError, ValueError) as e:
+    cause = e.__cause__ or e
+    raise ValueError(f"{path} is not a fibjax config ({type(cause).__name__}: {cause}): move its folder out of "
+                     f"{root}, or give one sweep's root") from e
+
+
+def recipe_of(cfg: dict) -> dict:
+  """What the runs of one sweep share: every field of a config dict but the seed and the variant,
+  model fields as ``model.NAME``."""
+  return {**{k: v for k, v in cfg.items() if k not in ("seed", "model")},
+          **{f"model.{k}": v for k, v in cfg["model"].items() if k != "variant"}}
+
+
+def check_one_recipe(root: pathlib.Path, configs: dict[str, dict]) -> None:
+  """Raises ``ValueError`` when the runs' ``configs`` (``{run name: config dict}``) under ``root``
+  are not one recipe (they differ in more than variant and seed), so comparing them would not
+  compare like with like; names two runs and the first fields they differ in."""
+  recipes: dict[str, tuple[str, dict]] = {}
+  for name, cfg in configs.items():
+    recipe = recipe_of(cfg)
+    recipes.setdefault(json.dumps(recipe, sort_keys=True), (name, recipe))
+    if len(recipes) > 1:
+      (a, ra), (b, rb) = list(recipes.values())[:2]
+      differ = sorted(k for k in ra.keys() | rb.keys() if ra.get(k) != rb.get(k))
+      raise ValueError(f"{root} holds runs of more than one recipe ({a} and {b} differ in "
+                       f"{', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}): give one sweep's root")
 
 
 def validate(config: str, variants: list[str], seeds: list[int], overrides: list[str],
@@ -89,6 +155,7 @@ def validate(config: str, variants: list[str], seeds: list[int], overrides: list
     raise ValueError("give at least one variant and one seed")
   if len(set(variants)) != len(variants):
     raise ValueError(f"--variants must be distinct, got {variants}")
+  check_overrides(overrides, {"seed": "--seeds", "model.variant": "--variants"})
   for v in variants:
     apply_overrides(configs.get_config(config, v), [*overrides, f"seed={seeds[0]}"]).validate()
   if len(set(seeds)) != len(seeds) or min(seeds) < 0:
@@ -109,9 +176,12 @@ def progress(cell: Cell) -> float:
   metrics, config = cell.workdir / "metrics.jsonl", cell.workdir / "config.json"
   if not metrics.exists() or not config.exists():
     return 0.0
-  steps = json.loads(config.read_text())["steps"]
-  lines = metrics.read_text().splitlines()
-  last = json.loads(lines[-1]).get("step", 0) if lines else 0
+  try:
+    steps = json.loads(config.read_text())["steps"]
+    lines = metrics.read_text().splitlines()
+    last = json.loads(lines[-1]).get("step", 0) if lines else 0
+  except (OSError, ValueError, KeyError, AttributeError):  # a file being written: no progress to count yet
+    return 0.0
   return min(1.0, last / max(steps, 1)) * 0.9  # the probes after training take the rest
 
 
@@ -185,8 +255,10 @@ def run_sweep(root: pathlib.Path, config: str, variants: list[str], seeds: list[
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  from fibjax.cli import ArgumentParser  # noqa: PLC0415  (this module imports nothing heavy at load)
+
+  parser = ArgumentParser(prog="python -m train.sweep", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--root", required=True, type=pathlib.Path)
   parser.add_argument("--config", default="small")
   parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
@@ -203,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
                        args.budgets, latency=not args.no_latency)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"error: cannot write under --root {args.root} ({e.strerror or type(e).__name__}: {e.filename}); free space "
+          "or fix the folder's permissions, then run the same command again", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print(f"\n[sweep] interrupted: finished cells and the others' checkpoints are kept under {args.root}; "

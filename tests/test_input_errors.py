@@ -1,0 +1,134 @@
+"""Bad input as a user gives it: each command line refuses in one ``error:`` line (exit code 2)
+that names the problem and the fix, before any work and without writing anything; a bad model
+field is one ``ValueError`` naming it. CPU only."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from fibjax.model import ModelConfig
+from train import data, prepare
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DECODE_RESULTS = ROOT / "benchmarks" / "results" / "decode_NVIDIA_H200.json"  # another benchmark's results
+
+
+def _cli(module: str, *argv: str) -> str:
+  """Runs ``python -m module argv`` on the CPU backend; asserts the one-line refusal and returns it."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  res = subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=env)
+  err = res.stderr.strip().splitlines()
+  assert res.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), (res.returncode, res.stderr[-2000:])
+  assert res.stdout == "", res.stdout[-2000:]
+  return err[0]
+
+
+@pytest.fixture
+def text_file(tmp_path) -> pathlib.Path:
+  path = tmp_path / "a.txt"
+  path.write_text("hello world, a little text to tokenize\n" * 4)
+  return path
+
+
+@pytest.mark.parametrize("size", ["-5", "100", "256", "65537"])
+def test_prepare_refuses_a_bpe_vocabulary_out_of_range(tmp_path, text_file, size):
+  out = tmp_path / "out"
+  line = _cli("train.prepare", "--data", str(text_file), "--out", str(out), "--tokenizer", "bpe",
+              "--bpe-vocab-size", size)
+  assert "--bpe-vocab-size" in line and "257..65536" in line and size in line
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # neither out nor out.partial
+
+
+@pytest.mark.parametrize("argv, flag", [(["--seq-len", "64"], "--window"), (["--seq-len", "0"], "--seq-len"),
+                                        (["--window", "100000"], "--window")])
+def test_fibjax_refuses_bad_arguments_before_printing(argv, flag):
+  assert flag in _cli("fibjax", *argv)
+
+
+def test_attention_rewrite_refuses_what_is_not_its_results(tmp_path):
+  not_json, a_list = tmp_path / "notes.json", tmp_path / "list.json"
+  not_json.write_text("not json at all\n")
+  a_list.write_text("[1, 2]\n")
+  for path in (not_json, a_list, DECODE_RESULTS):
+    line = _cli("benchmarks.attention", "--rewrite", str(path), "--out", str(tmp_path / "out"))
+    assert f"{path} is not a benchmarks.attention results file" in line
+  assert not (tmp_path / "out").exists()
+
+
+def test_attention_refuses_an_out_that_is_a_file(tmp_path):
+  committed = ROOT / "benchmarks" / "results" / "attention_NVIDIA_H200_33f78e0.json"
+  out = tmp_path / "out"
+  out.write_text("keep me\n")
+  line = _cli("benchmarks.attention", "--rewrite", str(committed), "--out", str(out))
+  assert f"--out {out} is a file; give a folder" in line
+  assert out.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("base", [0, -1.0, float("inf"), float("nan")])
+def test_model_config_refuses_a_bad_rope_base(base):
+  with pytest.raises(ValueError, match="rope_base") as e:
+    ModelConfig(rope_base=base).validate()
+  assert "> 0" in str(e.value)
+  ModelConfig(rope_base=500_000.0).validate()
+
+
+def _bad_files(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, str]]:
+  """Data files each reader refuses, with a piece of the message that names the fix."""
+  not_gzip = folder / "not_gzip.jsonl.gz"
+  not_gzip.write_bytes(b"no")
+  latin = folder / "latin.jsonl"
+  latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xff"}\n')
+  latin_gz = folder / "latin_gz.jsonl.gz"
+  latin_gz.write_bytes(gzip.compress(latin.read_bytes()))
+  cut = folder / "cut.jsonl.gz"
+  whole = gzip.compress(json.dumps({"text": "some text " * 50}).encode() + b"\n")
+  cut.write_bytes(whole[: len(whole) // 2])
+  binary = folder / "binary.txt"
+  binary.write_bytes(b"hello\0world\n")
+  return {
+      "not gzip": (not_gzip, "re-save it with gzip or drop the .gz suffix"),
+      "not utf-8": (latin, "not UTF-8 text (byte 0xff at offset 28); re-save it as UTF-8"),
+      "not utf-8 gz": (latin_gz, "not UTF-8 text (byte 0xff at offset 28 after decompression)"),
+      "cut gzip": (cut, "re-save it with gzip"),
+      "binary": (binary, "looks binary"),
+  }
+
+
+def test_load_documents_names_the_file_it_cannot_read(tmp_path):
+  for path, fix in _bad_files(tmp_path).values():
+    with pytest.raises(ValueError) as e:
+      data.load_documents(str(path))
+    assert str(e.value).startswith(str(path)) and fix in str(e.value), str(e.value)
+
+
+def test_prepare_names_the_file_it_cannot_read(tmp_path):
+  for name, (path, fix) in _bad_files(tmp_path).items():
+    with pytest.raises(ValueError) as e:
+      prepare.prepare(path, tmp_path / f"out {name}")
+    assert str(e.value).startswith(str(path)) and fix in str(e.value), str(e.value)
+    assert not (tmp_path / f"out {name}").exists() and not (tmp_path / f"out {name}.partial").exists()
+
+
+@pytest.mark.parametrize("module", ["train.prepare", "train"])
+def test_clis_refuse_a_file_they_cannot_read_in_one_line(tmp_path, module):
+  binary, not_gzip = _bad_files(tmp_path)["binary"][0], _bad_files(tmp_path)["not gzip"][0]
+  out = ["--out", str(tmp_path / "out")] if module == "train.prepare" else [
+      "--config", "tiny", "--workdir", str(tmp_path / "out"), "--set", "steps=1"]
+  assert "looks binary" in _cli(module, "--data", str(binary), *out)
+  assert "not gzip data" in _cli(module, "--data", str(not_gzip), *out)
+  assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_a_bad_rope_base(tmp_path):
+  line = _cli("train", "--config", "tiny", "--workdir", str(tmp_path / "run"), "--set", "steps=1",
+              "model.rope_base=0")
+  assert "rope_base" in line
+  assert not (tmp_path / "run").exists()
