@@ -57,9 +57,13 @@ class TrainConfig:
     if self.tokenizer not in ("byte", "bpe"):
       raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {self.tokenizer!r}")
     if self.tokenizer == "byte" and self.model.vocab_size != 256:
-      raise ValueError(f"model.vocab_size must be 256 with the byte tokenizer, got {self.model.vocab_size}")
+      raise ValueError(f"model.vocab_size must be 256 with the byte tokenizer, got {self.model.vocab_size}: set "
+                       "model.vocab_size=256")
     if self.tokenizer == "bpe" and self.model.vocab_size != self.bpe_vocab_size:
-      raise ValueError(f"model.vocab_size ({self.model.vocab_size}) must equal bpe_vocab_size ({self.bpe_vocab_size})")
+      # a prepared corpus fixes the vocabulary: train.prepare prints both overrides (data.prepared_overrides)
+      raise ValueError(f"model.vocab_size ({self.model.vocab_size}) must equal bpe_vocab_size ({self.bpe_vocab_size}) "
+                       f"with the BPE tokenizer: add model.vocab_size={self.bpe_vocab_size} (for a corpus from "
+                       "python -m train.prepare, the bpe_vocab_size=V model.vocab_size=V it printed)")
     if self.batch_size % self.grad_accum:
       raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
     if self.data_path is not None and not pathlib.Path(self.data_path).exists():

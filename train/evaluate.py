@@ -98,6 +98,30 @@ def score(cfg: TrainConfig, mesh, graphdef, params, tokens: np.ndarray, multiple
                        cfg.batch_size // cfg.grad_accum, mesh, cfg.position_buckets, cfg.pack_documents)
 
 
+def sorted_lengths(multiples: tuple[int, ...]) -> tuple[int, ...]:
+  """``multiples`` ascending without repeats: the first is the shortest, which the rise is measured against."""
+  return tuple(sorted(set(multiples)))
+
+
+def check_fits(tokens: np.ndarray, seq_len: int, multiples: tuple[int, ...], source: str) -> None:
+  """Raises ``ValueError`` naming ``--lengths`` when one chunk of ``lcm(multiples) x T`` targets
+  (``nested_windows``) needs more tokens than ``source`` holds."""
+  lcm = math.lcm(*multiples)
+  needed = lcm * seq_len + 1
+  if needed > len(tokens):
+    most = (len(tokens) - 1) // seq_len
+    raise ValueError(f"--lengths {' '.join(map(str, multiples))} need {needed:,} consecutive tokens (their lcm {lcm} "
+                     f"x T={seq_len}, plus one) but {source} holds {len(tokens):,}: lower --lengths so their lcm is "
+                     f"at most {most}, or give --data with more text")
+
+
+def check_run_folder(workdir: pathlib.Path) -> None:
+  """Raises ``ValueError`` when ``--workdir`` names a file (``load_run`` would call it missing)."""
+  if workdir.is_file():
+    raise ValueError(f"--workdir {workdir} is a file, not a run folder: give the folder that holds the run's "
+                     "config.json and checkpoints/")
+
+
 def data_tag(path: str | None, tokens: np.ndarray) -> str:
   """``heldout`` for the run's own split, else ``<file stem>-<sha1 of its tokens, 8 hex digits>``."""
   if path is None:
@@ -154,6 +178,7 @@ def evaluate_into(workdir: pathlib.Path, step: int, cfg: TrainConfig, mesh, grap
   record to ``workdir/evals/<step, text, lengths, tokens>.json``; an evaluation already written
   under that name is read, not redone. Returns ``(path, record)``."""
   data_path = data_path and str(pathlib.Path(data_path).absolute())
+  multiples = sorted_lengths(multiples)
   tag = data_tag(data_path, tokens)
   path = evaluation_path(workdir, step, tokens, multiples, max_targets, data_path)
 
@@ -179,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = ArgumentParser(prog="python -m train.evaluate", description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
-  parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4], help="multiples of T (default 1 2 4)")
+  parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4],
+                      help="multiples of T, evaluated in ascending order (default 1 2 4)")
   parser.add_argument("--data", default=None, help="held-out .txt/.jsonl file or folder (default: the run's own split)")
   parser.add_argument("--tokens", type=int, default=None, help="target tokens per length (default: the config's)")
   args = parser.parse_args(argv)
@@ -190,10 +216,13 @@ def main(argv: list[str] | None = None) -> int:
       raise ValueError(f"--lengths are multiples of T and must be >= 1, got {args.lengths}")
     if args.data is not None and not pathlib.Path(args.data).exists():
       raise ValueError(f"--data {args.data!r} does not exist: give a .txt/.jsonl file or a folder of them")
+    check_run_folder(args.workdir)
     run = load_run(args.workdir)
     tokens = run.heldout() if args.data is None else tokens_of(args.data, run.tokenizer)
     max_targets = args.tokens or run.cfg.final_eval_tokens
-    multiples = tuple(args.lengths)
+    multiples = sorted_lengths(args.lengths)
+    check_fits(tokens, run.cfg.model.seq_len, multiples,
+               "the run's held-out split" if args.data is None else f"--data {args.data}")
     reused = evaluation_path(run.workdir, run.step, tokens, multiples, max_targets, args.data).exists()
     path, record = evaluate_into(run.workdir, run.step, run.cfg, run.mesh, run.graphdef, run.params, tokens,
                                  multiples, max_targets, args.data)

@@ -91,6 +91,13 @@ def first_run_per_variant(root: pathlib.Path) -> dict[str, pathlib.Path]:
   return {v: p for v, (_, p) in sorted(found.items())}
 
 
+def no_runs_message(root: pathlib.Path) -> str:
+  """Why ``root`` has no run to time: it is a run folder itself, or its folders hold no finished run."""
+  if (root / "config.json").exists() and (root / "eval.json").exists():
+    return f"{root} is a run folder; give the sweep root that holds run folders (here {root.absolute().parent})"
+  return f"{root} holds no finished run (a folder with config.json and eval.json)"
+
+
 def free_name(path: pathlib.Path) -> pathlib.Path:
   """``path``, or ``stem-2.json``, ``stem-3.json``... whichever does not exist yet."""
   n = 2
@@ -115,7 +122,7 @@ def run_latency(root: pathlib.Path, repeats: int = 20, decode_tokens: int = 64,
   variant, so an interrupted measurement keeps the variants it finished."""
   runs = first_run_per_variant(root)
   if not runs:
-    raise ValueError(f"{root} holds no finished run (a folder with config.json and eval.json)")
+    raise ValueError(no_runs_message(root))
   record: dict[str, Any] = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                             "jax": jax.__version__, "repeats": repeats, "decode_tokens": decode_tokens,
                             "weights": "initialised" if initialised else "trained", "variants": {}}

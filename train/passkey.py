@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fibjax.cli import ArgumentParser
 from train import data, reach
-from train.evaluate import read_or_write
+from train.evaluate import check_run_folder, read_or_write
 from train.restore import Run, load_run
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -35,13 +35,23 @@ QUESTION = " What is the pass key? The pass key is "
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
+def key_parts(tokenizer: data.Tokenizer, key: str) -> tuple[np.ndarray, ...]:
+  """``(head, answer, tail, question)`` tokens: the needle is ``head answer tail``."""
+  return tuple(tokenizer.encode(x) for x in (NEEDLE[0], key, NEEDLE[1], QUESTION))
+
+
+def fixed_tokens(tokenizer: data.Tokenizer, key: str) -> int:
+  """Tokens of a sample of ``key`` other than the filler: needle, question and the answer read after it."""
+  head, answer, tail, question = key_parts(tokenizer, key)
+  return len(head) + len(answer) + len(tail) + len(question) + len(answer)
+
+
 def sample(tokenizer: data.Tokenizer, length: int, depth: float, key: str) -> tuple[np.ndarray, int, int]:
   """``(tokens [length + 1], key_start, answer_len)``: the sample's tokens, where the key's first
   token sits in the needle, and how many trailing tokens are the key (teacher-forced)."""
-  head, answer, tail = (tokenizer.encode(x) for x in (NEEDLE[0], key, NEEDLE[1]))
+  head, answer, tail, question = key_parts(tokenizer, key)
   needle = np.concatenate([head, answer, tail])
-  question = tokenizer.encode(QUESTION)
-  fill = length - len(needle) - len(question) - len(answer)
+  fill = length - fixed_tokens(tokenizer, key)
   if fill < 1:
     raise ValueError(f"length {length} is too short for a passkey sample (needs > {length - fill} tokens)")
   unit = tokenizer.encode(FILLER)
@@ -63,11 +73,24 @@ def greedy_tail(graphdef: nnx.GraphDef, n: int):
   return fn
 
 
+def draw_keys(seed: int, trials: int) -> list[str]:
+  """The ``trials`` 5-digit keys of ``seed``: every length and depth asks for the same ones."""
+  return [f"{k:05d}" for k in np.random.default_rng(seed).integers(0, 100_000, trials)]
+
+
+def check_lengths(run: Run, multiples: tuple[int, ...], keys: list[str]) -> None:
+  """Raises ``ValueError`` naming ``--lengths`` when the shortest sample cannot hold a passkey."""
+  t = run.cfg.model.seq_len
+  need = max(fixed_tokens(run.tokenizer, k) for k in keys) + 1  # at least one filler token
+  if min(multiples) * t < need:
+    raise ValueError(f"--lengths {min(multiples)} gives {min(multiples) * t}-token samples (T={t}) but a passkey "
+                     f"sample needs at least {need}: give --lengths of {-(-need // t)} or more")
+
+
 def passkey(run: Run, multiples: tuple[int, ...] = (1, 2, 4), depths: tuple[float, ...] = DEPTHS,
             trials: int = 8, seed: int = 0) -> dict[str, Any]:
   """Accuracy per (length, depth) over ``trials`` keys drawn from ``seed``; see the module doc."""
-  rng = np.random.default_rng(seed)
-  keys = [f"{k:05d}" for k in rng.integers(0, 100_000, trials)]
+  keys = draw_keys(seed, trials)
   hops = reach.hop_sets(nnx.merge(run.graphdef, run.params))
   t = run.cfg.model.seq_len
   ok_by_distance = reach.reachable(hops, max(multiples) * t)
@@ -113,6 +136,19 @@ def passkey_path(run: Run, multiples=(1, 2, 4), depths=DEPTHS, trials: int = 8, 
   return run.workdir / "passkey" / name
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+  """Raises ``ValueError`` naming the first argument out of its range, and the range."""
+  if args.trials < 1:
+    raise ValueError(f"--trials must be >= 1, got {args.trials}")
+  if min(args.lengths) < 1:
+    raise ValueError(f"--lengths are multiples of T and must be >= 1, got {' '.join(map(str, args.lengths))}")
+  if not all(0 <= d <= 1 for d in args.depths):
+    raise ValueError(f"--depths must be within [0, 1] (0: key at the start of the filler, 1: at its end), "
+                     f"got {' '.join(f'{d:g}' for d in args.depths)}")
+  if args.seed < 0:
+    raise ValueError(f"--seed must be >= 0, got {args.seed}")
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = ArgumentParser(prog="python -m train.passkey", description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,11 +159,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=0, help="seed of the keys")
   args = parser.parse_args(argv)
   try:
-    if args.trials < 1 or min(args.lengths) < 1 or not all(0 <= d <= 1 for d in args.depths):
-      raise ValueError("--trials and --lengths must be >= 1 and --depths within [0, 1]")
-    if args.seed < 0:
-      raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    check_arguments(args)
+    check_run_folder(args.workdir)
     run = load_run(args.workdir)
+    check_lengths(run, tuple(args.lengths), draw_keys(args.seed, args.trials))
     reused = passkey_path(run, tuple(args.lengths), tuple(args.depths), args.trials, args.seed).exists()
     path, record = run_passkey(args.workdir, tuple(args.lengths), tuple(args.depths), args.trials, args.seed, run=run)
   except (ValueError, OSError) as e:

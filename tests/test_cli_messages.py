@@ -1,0 +1,78 @@
+"""The read-only tools' messages on bad input name the argument the user gave and how to fix it:
+one ``error:`` line (exit 2), nothing in the run changed."""
+
+import json
+import pathlib
+import shutil
+
+import pytest
+
+from tests.test_cli_errors import base_run  # noqa: F401  (the tiny trained run, a fixture)
+from tests.test_reliability import _error_line
+from tests.test_sweep_report_errors import _one_error, _snapshot
+from tests.test_train import _run
+from train import evaluate, latency, passkey
+
+
+def test_evaluate_lengths_beyond_the_text_name_lengths(base_run, capsys):
+  before = _snapshot(base_run)
+  line = _one_error(evaluate.main(["--workdir", str(base_run), "--lengths", "100000", "--tokens", "64"]),
+                    capsys.readouterr().err)
+  assert "--lengths 100000 need 6,400,001 consecutive tokens" in line and "lower --lengths" in line, line
+  assert "seq_len" not in line, line
+  assert _snapshot(base_run) == before
+
+
+def test_evaluate_sorts_and_deduplicates_lengths(base_run, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(base_run, workdir)
+  assert evaluate.main(["--workdir", str(workdir), "--lengths", "2", "1", "2", "--tokens", "128"]) == 0
+  out = capsys.readouterr().out
+  assert out.index("1x T=64") < out.index("2x T=128"), out
+  path = workdir / "evals" / "step8_heldout_x1-2_t128.json"
+  record = json.loads(path.read_text())
+  assert record["multiples"] == [1, 2]
+  assert record["1x"]["ppl_rise_vs_1x"] == 0.0  # the shortest length is the baseline
+  assert record["2x"]["ppl_rise_vs_1x"] == pytest.approx(record["2x"]["ppl"] / record["1x"]["ppl"] - 1)
+
+
+@pytest.mark.parametrize("tool", [evaluate, passkey])
+def test_workdir_naming_a_file_says_it_is_a_file(base_run, capsys, tool):
+  config = base_run / "config.json"
+  line = _one_error(tool.main(["--workdir", str(config)]), capsys.readouterr().err)
+  assert f"--workdir {config} is a file, not a run folder" in line and "does not exist" not in line, line
+
+
+def test_bpe_without_its_vocab_size_says_what_to_add(tmp_path):
+  line = _error_line(_run(tmp_path / "run", "tokenizer=bpe", timeout=120))
+  assert "must equal bpe_vocab_size (4096)" in line and "add model.vocab_size=4096" in line, line
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lengths", "0"], "--lengths are multiples of T and must be >= 1, got 0"),
+    (["--depths", "1.5"], "--depths must be within [0, 1]"),
+    (["--trials", "0"], "--trials must be >= 1, got 0"),
+])
+def test_passkey_names_the_argument_out_of_range(tmp_path, capsys, args, message):
+  line = _one_error(passkey.main(["--workdir", str(tmp_path), *args]), capsys.readouterr().err)
+  assert line.startswith(f"error: {message}"), line
+
+
+def test_passkey_length_too_short_names_lengths_and_its_minimum(base_run, capsys):
+  before = _snapshot(base_run)
+  line = _one_error(passkey.main(["--workdir", str(base_run), "--lengths", "1", "--depths", "0.5", "--trials", "1"]),
+                    capsys.readouterr().err)
+  assert "--lengths 1 gives 64-token samples (T=64)" in line and "give --lengths of 2 or more" in line, line
+  assert _snapshot(base_run) == before
+
+
+def test_latency_given_a_run_folder_asks_for_the_sweep_root(tmp_path, capsys):
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text("{}")
+  (run / "eval.json").write_text("{}")
+  before = _snapshot(tmp_path)
+  line = _one_error(latency.main([str(run)]), capsys.readouterr().err)
+  assert f"{run} is a run folder; give the sweep root that holds run folders" in line, line
+  assert _snapshot(tmp_path) == before
