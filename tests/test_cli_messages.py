@@ -36,6 +36,16 @@ def test_evaluate_sorts_and_deduplicates_lengths(base_run, tmp_path, capsys):
   assert record["2x"]["ppl_rise_vs_1x"] == pytest.approx(record["2x"]["ppl"] / record["1x"]["ppl"] - 1)
 
 
+def test_rise_is_named_by_its_baseline(base_run, tmp_path):
+  """Without 1x T the rise is against the shortest length, and its field says which."""
+  workdir = tmp_path / "run"
+  shutil.copytree(base_run, workdir)
+  assert evaluate.main(["--workdir", str(workdir), "--lengths", "2", "4", "--tokens", "256"]) == 0
+  record = json.loads((workdir / "evals" / "step8_heldout_x2-4_t256.json").read_text())
+  assert "ppl_rise_vs_1x" not in record["2x"] and record["2x"]["ppl_rise_vs_2x"] == 0.0
+  assert record["4x"]["ppl_rise_vs_2x"] == pytest.approx(record["4x"]["ppl"] / record["2x"]["ppl"] - 1)
+
+
 @pytest.mark.parametrize("tool", [evaluate, passkey])
 def test_workdir_naming_a_file_says_it_is_a_file(base_run, capsys, tool):
   config = base_run / "config.json"

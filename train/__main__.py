@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
   _maybe_init_distributed()
   quiet_libraries()
   from train.checkpoint import CheckpointError  # noqa: PLC0415
+  from train.evaluate import rise_key  # noqa: PLC0415
   from train.trainer import Interrupted, TrainingStopped, train  # noqa: PLC0415
 
   try:
@@ -93,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
   if jax.process_index() == 0:
     r = summary["result"]
     print(f"\ntrained {cfg.model.variant} ({r['params']:,} params) for {r['step']} steps in {summary['workdir']}")
+    rise = rise_key(r["multiples"])
     for key in (k for k in r if k.endswith("x") and isinstance(r[k], dict)):
-      print(f"  held-out {key} (length {r[key]['length']}): ppl {r[key]['ppl']:.3f} ({100 * r[key]['ppl_rise_vs_1x']:+.1f}%)")
+      print(f"  held-out {key} (length {r[key]['length']}): ppl {r[key]['ppl']:.3f} ({100 * r[key][rise]:+.1f}%)")
     print(f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics']}\n"
           f"  tensorboard: {summary['tensorboard']}\n  evaluation: {summary['eval']}")
   return 0

@@ -86,8 +86,14 @@ def score_lengths(graphdef, params, tokens: np.ndarray, seq_len: int, multiples:
     }
   base = out[f"{multiples[0]}x"]["ppl"]
   for m in multiples:
-    out[f"{m}x"]["ppl_rise_vs_1x"] = out[f"{m}x"]["ppl"] / base - 1
+    out[f"{m}x"][rise_key(multiples)] = out[f"{m}x"]["ppl"] / base - 1
   return out
+
+
+def rise_key(multiples) -> str:
+  """The result field of the perplexity rise against the shortest length, named by it
+  (``ppl_rise_vs_1x`` when 1x T is evaluated)."""
+  return f"ppl_rise_vs_{min(multiples)}x"
 
 
 def score(cfg: TrainConfig, mesh, graphdef, params, tokens: np.ndarray, multiples: tuple[int, ...],
@@ -231,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   for m in record["multiples"]:
     r = record[f"{m}x"]
-    print(f"{m}x T={r['length']}: loss {r['loss']:.4f} ppl {r['ppl']:.3f} ({100 * r['ppl_rise_vs_1x']:+.1f}%)")
+    rise = r[rise_key(record["multiples"])]
+    print(f"{m}x T={r['length']}: loss {r['loss']:.4f} ppl {r['ppl']:.3f} ({100 * rise:+.1f}%)")
   done = f"reused {path} (written earlier; nothing recomputed)" if reused else f"wrote {path}"
   print(f"{record['targets']:,} identical targets per length; {done}")
   return 0
