@@ -11,7 +11,7 @@ from tests.test_cli_errors import base_run  # noqa: F401  (the tiny trained run,
 from tests.test_reliability import _error_line
 from tests.test_sweep_report_errors import _one_error, _snapshot
 from tests.test_train import _run
-from train import evaluate, latency, passkey
+from train import evaluate, generate, latency, passkey
 
 
 def test_evaluate_lengths_beyond_the_text_name_lengths(base_run, capsys):
@@ -46,10 +46,10 @@ def test_rise_is_named_by_its_baseline(base_run, tmp_path):
   assert record["4x"]["ppl_rise_vs_2x"] == pytest.approx(record["4x"]["ppl"] / record["2x"]["ppl"] - 1)
 
 
-@pytest.mark.parametrize("tool", [evaluate, passkey])
-def test_workdir_naming_a_file_says_it_is_a_file(base_run, capsys, tool):
+@pytest.mark.parametrize("tool, extra", [(evaluate, []), (passkey, []), (generate, ["--prompt", "The"])])
+def test_workdir_naming_a_file_says_it_is_a_file(base_run, capsys, tool, extra):
   config = base_run / "config.json"
-  line = _one_error(tool.main(["--workdir", str(config)]), capsys.readouterr().err)
+  line = _one_error(tool.main(["--workdir", str(config), *extra]), capsys.readouterr().err)
   assert f"--workdir {config} is a file, not a run folder" in line and "does not exist" not in line, line
 
 

@@ -30,7 +30,7 @@ from fibjax.cli import ArgumentParser
 from configs.base import TrainConfig
 from train import data
 from train.mesh import MESH_AXES
-from train.restore import Run, load_run
+from train.restore import Run, check_run_folder, load_run
 from train.step import make_eval_step
 
 EVALS_DIR = "evals"
@@ -119,13 +119,6 @@ def check_fits(tokens: np.ndarray, seq_len: int, multiples: tuple[int, ...], sou
     raise ValueError(f"--lengths {' '.join(map(str, multiples))} need {needed:,} consecutive tokens (their lcm {lcm} "
                      f"x T={seq_len}, plus one) but {source} holds {len(tokens):,}: lower --lengths so their lcm is "
                      f"at most {most}, or give --data with more text")
-
-
-def check_run_folder(workdir: pathlib.Path) -> None:
-  """Raises ``ValueError`` when ``--workdir`` names a file (``load_run`` would call it missing)."""
-  if workdir.is_file():
-    raise ValueError(f"--workdir {workdir} is a file, not a run folder: give the folder that holds the run's "
-                     "config.json and checkpoints/")
 
 
 def data_tag(path: str | None, tokens: np.ndarray) -> str:

@@ -26,8 +26,6 @@ def check_arguments(args: argparse.Namespace) -> None:
   """Raises ``ValueError`` naming a bad argument and its accepted range, before anything is loaded."""
   if not args.prompt:
     raise ValueError("the prompt is empty: give some text to continue, e.g. --prompt 'Fellow-Citizens'")
-  if not args.workdir.is_dir():
-    raise ValueError(f"workdir {args.workdir} does not exist: train one first with python -m train --workdir ...")
   if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
     raise ValueError(f"--max-new-tokens must be within [1, 2**30] (positions are 32-bit), got {args.max_new_tokens}")
   if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -36,6 +34,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     raise ValueError(f"--top-k must be >= 0 (0: sample from the whole vocabulary), got {args.top_k}")
   if not 0 <= args.seed < SEEDS:
     raise ValueError(f"--seed must be within [0, 2**32), got {args.seed}")
+  from train.restore import check_run_folder  # noqa: PLC0415  (heavy: after the other checks)
+
+  check_run_folder(args.workdir)
 
 
 def main(argv: list[str] | None = None) -> int:

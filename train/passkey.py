@@ -26,8 +26,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fibjax.cli import ArgumentParser
 from train import data, reach
-from train.evaluate import check_run_folder, read_or_write
-from train.restore import Run, load_run
+from train.evaluate import read_or_write
+from train.restore import Run, check_run_folder, load_run
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = (" The pass key is ", ". Remember it. ")  # the key goes between the two

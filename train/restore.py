@@ -162,6 +162,15 @@ def restore_newest_params(checkpoints: pathlib.Path, steps: list[int], target: A
                    "train the run again in a new --workdir")
 
 
+def check_run_folder(workdir: pathlib.Path) -> None:
+  """Raises ``ValueError`` (one line) unless ``--workdir`` names an existing folder."""
+  if workdir.is_file():
+    raise ValueError(f"--workdir {workdir} is a file, not a run folder: give the folder that holds the run's "
+                     "config.json and checkpoints/")
+  if not workdir.is_dir():
+    raise ValueError(f"workdir {workdir} does not exist: train one first with python -m train --workdir ...")
+
+
 def load_run(workdir: pathlib.Path, mesh: Mesh | None = None, step: int | None = None) -> Run:
   """Restores the parameters of ``step`` (default: the newest checkpoint that restores intact,
   see ``restore_newest_params``) of ``workdir`` onto ``mesh``. Reads only: nothing in ``workdir``
@@ -173,8 +182,7 @@ def load_run(workdir: pathlib.Path, mesh: Mesh | None = None, step: int | None =
   """
   quiet_libraries()
   workdir = pathlib.Path(workdir).absolute()
-  if not workdir.is_dir():
-    raise ValueError(f"workdir {workdir} does not exist: train one first with python -m train --workdir ...")
+  check_run_folder(workdir)
   if not (workdir / "config.json").exists():
     raise ValueError(f"{workdir} has no config.json: not a fibjax run directory (train one with python -m train)")
   cfg = TrainConfig.load(workdir / "config.json")
