@@ -310,7 +310,7 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
   if not same_data:
     diffs.append("data")
   if diffs:
-    detail = ", ".join(f"{d}: saved {_get(saved, d)!r} vs requested {_get(cfg, d)!r}" for d in diffs)
+    detail = describe_diffs(saved, cfg, diffs)
     changeable = [d for d in diffs if d != "data" and d.split(".")[0] not in FIXED_FIELDS]
     on_purpose = f", --allow-change {' '.join(changeable)} to change them on purpose" if changeable == diffs else ""
     raise ValueError(f"{workdir} holds a checkpoint of an incompatible run ({detail}). Resume it with its own "
@@ -348,8 +348,7 @@ def check_fresh_config(workdir: pathlib.Path, cfg: TrainConfig) -> None:
                      f"new --workdir (or remove {workdir})") from e
   diffs = [name for name in config_diff(saved, cfg) if name not in RESUMABLE_FIELDS]
   if diffs:
-    detail = ", ".join(f"{d}: saved {_get(saved, d)!r} vs requested {_get(cfg, d)!r}" for d in diffs)
-    raise ValueError(f"{workdir} holds the config.json of another run ({detail}) but no checkpoint; pick a new "
+    raise ValueError(f"{workdir} holds the config.json of another run ({describe_diffs(saved, cfg, diffs)}) but no checkpoint; pick a new "
                      f"--workdir (or remove {workdir})")
 
 
@@ -419,6 +418,12 @@ def record_changes(workdir: pathlib.Path, step: int, changes: dict[str, tuple[An
   except OSError as e:
     raise CheckpointError(f"cannot record the config change in {path} ({short(e)}); free space or fix the folder's "
                           "permissions, then resume") from e
+
+
+def describe_diffs(saved: TrainConfig, cfg: TrainConfig, names: Sequence[str]) -> str:
+  """``"field: saved X vs requested Y, ..."`` for the differing ``names`` (``config_diff``'s keys, or
+  ``data``), as every refusal of a differing config words it."""
+  return ", ".join(f"{d}: saved {_get(saved, d)!r} vs requested {_get(cfg, d)!r}" for d in names)
 
 
 def _get(cfg: TrainConfig, dotted: str):

@@ -44,7 +44,7 @@ def check_existing_run(workdir: pathlib.Path, cfg: TrainConfig) -> None:
   run may differ in ``RESUMABLE_FIELDS`` (training checks and records those); a finished one, whose
   training is skipped, only in those that leave its results as they are."""
   from configs.base import TrainConfig  # noqa: PLC0415
-  from train.checkpoint import RESUMABLE_FIELDS, config_diff  # noqa: PLC0415
+  from train.checkpoint import RESUMABLE_FIELDS, config_diff, describe_diffs  # noqa: PLC0415
 
   saved_path, finished = workdir / "config.json", (workdir / "eval.json").exists()
   if not saved_path.exists():
@@ -53,11 +53,11 @@ def check_existing_run(workdir: pathlib.Path, cfg: TrainConfig) -> None:
                        "cell's config: use a new --workdir")
     return
   tolerated = set(RESUMABLE_FIELDS) - (set(RESULT_FIELDS) if finished else set())
-  diff = {k: v for k, v in config_diff(TrainConfig.load(saved_path), cfg).items() if k not in tolerated}
+  saved = TrainConfig.load(saved_path)
+  diff = [k for k in config_diff(saved, cfg) if k not in tolerated]
   if diff:
-    detail = ", ".join(f"{k}: saved {old!r} vs requested {new!r}" for k, (old, new) in diff.items())
     raise ValueError(f"{workdir} holds a{' finished' if finished else 'n unfinished'} run of another config "
-                     f"({detail}): give that run's --variant, --seed and --set, or use a new --workdir")
+                     f"({describe_diffs(saved, cfg, diff)}): give that run's --variant, --seed and --set, or use a new --workdir")
 
 
 def check_budgets(budgets: tuple[str, ...] | list[str] | None) -> None:
