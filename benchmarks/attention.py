@@ -68,12 +68,12 @@ def fwd_bwd(f):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def variants(block: int, num_warps: int, with_xla: bool):
+def variants(block: int | None, num_warps: int | None, with_xla: bool):
   static = jnp.asarray(static_offsets(), jnp.int32)
   terms = jnp.asarray(fibjax.learned_terms("fib", ALPHA, W, R), jnp.float32)
   # alpha slightly off an integer grid so every term really blends two rows
   learned = terms * jnp.float32(ALPHA + 1e-3)
-  opts = dict(block=block, num_warps=num_warps)
+  opts = {k: x for k, x in dict(block=block, num_warps=num_warps).items() if x is not None}  # None: kernel defaults
   fs = {
       "fib static": lambda q, k, v: fibjax.attention(q, k, v, window=W, offsets=static, reach=R, implementation="pallas", **opts),
       "fib learned": lambda q, k, v: fibjax.attention(q, k, v, window=W, offsets=learned, reach=R, implementation="pallas", **opts),
@@ -86,7 +86,7 @@ def variants(block: int, num_warps: int, with_xla: bool):
   return fs, int(static.shape[0])
 
 
-def check(n: int, kv_heads: int, head_dim: int, block: int, num_warps: int) -> dict:
+def check(n: int, kv_heads: int, head_dim: int, block: int | None, num_warps: int | None) -> dict:
   """Kernel vs the XLA path computed in float32 from the same bf16 inputs (fresh random data)."""
   q, k, v = make_inputs(n, 1, kv_heads, head_dim, seed=1234 + n)[0]
   fs, _ = variants(block, num_warps, with_xla=False)
@@ -249,8 +249,8 @@ def main() -> None:
   parser = ArgumentParser(description=__doc__)
   parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536])
   parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-  parser.add_argument("--block", type=int, default=64)
-  parser.add_argument("--num-warps", type=int, default=4)
+  parser.add_argument("--block", type=int, help="rows per kernel tile (default: the kernel's per-pass defaults)")
+  parser.add_argument("--num-warps", type=int, help="warps per kernel program (default: the kernel's per-pass defaults)")
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--no-flex", action="store_true")
   parser.add_argument("--rewrite", type=pathlib.Path, nargs="+",

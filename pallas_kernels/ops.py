@@ -34,11 +34,16 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # (benchmarks.kernel_registers) and ran 1.2-1.9x slower fwd+bwd on an H200 (d64 at N = 1024 with
 # batch 32 and at N = 65536; d128 at N = 65536; tune_attention_*_kv2_*.json). At d128, 32-row
 # backward tiles end the tensor-core dK/dV spills but ran 1.2-1.4x slower than 64-row ones.
+# The learned backward at head_dim 128 (32-row tiles) runs row-wise on 8 warps: 1.11x faster fwd+bwd
+# than tensor cores on 4 warps without groups (N = 16384 and 65536) and 1.25x with 2 key/value heads
+# (N = 65536); 8 warps made every other backward measured slower (tune_attention_NVIDIA_H200_*.json).
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
 ROWWISE_MAX_HEAD_DIM = 64
 ROWWISE_MIN_SEQ = 16384
 DEAD_TERMS_BRANCH_BELOW = 4
+DEFAULT_WARPS = 4
+WIDE_LEARNED_BWD_WARPS = 8
 
 
 def default_term_mma(backend: str, seq_len: int, head_dim: int, group: int, learned: bool, backward: bool) -> bool:
@@ -46,11 +51,17 @@ def default_term_mma(backend: str, seq_len: int, head_dim: int, group: int, lear
   lowering keeps row-wise terms). The forward and the backward pass each get their own form."""
   if backend != "gpu":
     return False
-  if seq_len < ROWWISE_MIN_SEQ or head_dim > ROWWISE_MAX_HEAD_DIM:
+  if seq_len < ROWWISE_MIN_SEQ:
     return True
-  if not learned:
-    return group > 1
-  return not backward
+  if learned:
+    return not backward
+  return head_dim > ROWWISE_MAX_HEAD_DIM or group > 1
+
+
+def default_num_warps_bwd(seq_len: int, head_dim: int, learned: bool) -> int:
+  """Warps per GPU backward program: more for the row-wise learned backward at head_dim above 64."""
+  wide = learned and seq_len >= ROWWISE_MIN_SEQ and head_dim > ROWWISE_MAX_HEAD_DIM
+  return WIDE_LEARNED_BWD_WARPS if wide else DEFAULT_WARPS
 
 
 def default_loop_group(backend: str, group: int) -> bool:
@@ -59,10 +70,12 @@ def default_loop_group(backend: str, group: int) -> bool:
   return backend == "gpu" and group > 1
 
 
-def default_skip_dead_terms_bwd(backend: str, term_mma: bool, seq_len: int, reach: int | None) -> bool:
-  """The backward branches around dead offset terms, except row-wise GPU terms at sequences long
-  against the reach (where almost every term is live and unbranched terms measured faster)."""
-  return backend != "gpu" or term_mma or seq_len < DEAD_TERMS_BRANCH_BELOW * (reach or seq_len)
+def default_skip_dead_terms_bwd(backend: str, term_mma: bool, seq_len: int, head_dim: int, reach: int | None) -> bool:
+  """The backward branches around dead offset terms, except row-wise GPU terms at head_dim <= 64 and
+  sequences long against the reach (where almost every term is live and unbranched terms measured
+  faster; at head_dim 128 only the branched form is measured)."""
+  return (backend != "gpu" or term_mma or head_dim > ROWWISE_MAX_HEAD_DIM
+          or seq_len < DEAD_TERMS_BRANCH_BELOW * (reach or seq_len))
 
 
 def _lowering(backend: str):
@@ -170,7 +183,8 @@ def gathered_offset_attention(
     loop_group: the dK/dV kernel loops over a group's query heads instead of unrolling them
       (fewer live registers; grouped-query attention only; default ``default_loop_group``).
     options: lowering knobs (GPU: ``num_warps``, ``num_stages``); ``options_bwd``: the same
-      for the backward kernels (default: ``options``).
+      for the backward kernels (default: ``options``; GPU ``num_warps`` default
+      ``default_num_warps_bwd``).
   """
   backend = backend or ("tpu" if jax.default_backend() == "tpu" else "gpu")
   if not interpret and jax.default_backend() != backend:
@@ -201,8 +215,10 @@ def gathered_offset_attention(
   if term_mma_bwd is None:
     term_mma_bwd = default_term_mma(backend, n, d, group, learned, backward=True) if term_mma is None else term_mma
   st_bwd = dataclasses.replace(st, block=block_bwd, term_mma=term_mma_bwd, skip_dead_terms=default_skip_dead_terms_bwd(
-      backend, term_mma_bwd, n, reach) if skip_dead_terms is None else skip_dead_terms)
+      backend, term_mma_bwd, n, d, reach) if skip_dead_terms is None else skip_dead_terms)
+  options_bwd = dict(options if options_bwd is None else options_bwd)
+  if backend == "gpu" and "num_warps" not in options_bwd:
+    options_bwd["num_warps"] = default_num_warps_bwd(n, d, learned)
   static = lambda opts: tuple(sorted(dict(opts, interpret=interpret).items()))  # noqa: E731
-  return _attention(q, k, v, segment_ids, offsets, st, st_bwd, backend, static(options),
-                    static(options if options_bwd is None else options_bwd),
+  return _attention(q, k, v, segment_ids, offsets, st, st_bwd, backend, static(options), static(options_bwd),
                     None if batch_axes is None else tuple(batch_axes))

@@ -8,6 +8,7 @@ element a kernel fails to write fails the test; ``test_unwritten_rows_are_caught
 
 import ast
 import functools
+import itertools
 import pathlib
 import zlib
 
@@ -18,7 +19,8 @@ import pytest
 
 import fibjax
 from pallas_kernels import gathered_offset_attention, tile_math, triton_gpu
-from pallas_kernels.ops import default_loop_group, default_skip_dead_terms_bwd, default_term_mma
+from pallas_kernels.ops import (default_loop_group, default_num_warps_bwd, default_skip_dead_terms_bwd,
+                                 default_term_mma)
 from tests.compiled import assert_pallas_matches_xla
 
 CASES = {  # b, n, h, d, window, offsets, reach, dtype, block
@@ -98,18 +100,24 @@ def test_default_term_form_follows_the_measurements():
   for backward in (False, True):
     assert not default_term_mma("gpu", long, 64, 1, learned=False, backward=backward)
     assert default_term_mma("gpu", long, 128, 1, learned=False, backward=backward)
-    assert default_term_mma("gpu", long, 128, 2, learned=True, backward=backward)
+    assert default_term_mma("gpu", long, 128, 2, learned=True, backward=backward) == (not backward)
     assert default_term_mma("gpu", long, 64, 4, learned=False, backward=backward)
     assert not default_term_mma("tpu", long, 128, 4, learned=False, backward=backward)
     assert default_term_mma("gpu", 1024, 64, 1, learned=backward, backward=backward)  # training shapes: tensor cores
-  # learned distances (with or without groups): the forward on tensor cores, the backward row-wise
-  for group in (1, 4):
-    assert default_term_mma("gpu", long, 64, group, learned=True, backward=False)
-    assert not default_term_mma("gpu", long, 64, group, learned=True, backward=True)
-  # the backward runs row-wise GPU terms unbranched only when nearly every term is live
-  assert not default_skip_dead_terms_bwd("gpu", False, 65536, 4096)
-  assert default_skip_dead_terms_bwd("gpu", False, 8192, 4096) and default_skip_dead_terms_bwd("gpu", True, 65536, 4096)
-  assert default_skip_dead_terms_bwd("tpu", False, 65536, 4096)
+  # learned distances (with or without groups, any head_dim): the forward on tensor cores, the
+  # backward row-wise, on 8 warps at head_dim 128
+  for group, head_dim in itertools.product((1, 4), (64, 128)):
+    assert default_term_mma("gpu", long, head_dim, group, learned=True, backward=False)
+    assert not default_term_mma("gpu", long, head_dim, group, learned=True, backward=True)
+  assert default_num_warps_bwd(long, 128, learned=True) == 8
+  assert default_num_warps_bwd(long, 64, learned=True) == default_num_warps_bwd(long, 128, learned=False) == 4
+  assert default_num_warps_bwd(1024, 128, learned=True) == 4
+  # the backward runs row-wise GPU terms unbranched only at head_dim <= 64 when nearly every term is live
+  assert not default_skip_dead_terms_bwd("gpu", False, 65536, 64, 4096)
+  assert default_skip_dead_terms_bwd("gpu", False, 65536, 128, 4096)
+  assert default_skip_dead_terms_bwd("gpu", False, 8192, 64, 4096)
+  assert default_skip_dead_terms_bwd("gpu", True, 65536, 64, 4096)
+  assert default_skip_dead_terms_bwd("tpu", False, 65536, 64, 4096)
 
 
 def test_gpu_groups_loop_in_dkdv_by_default():
@@ -145,6 +153,24 @@ def test_learned_default_term_forms_reach_the_kernels():
   default_bwd = traced("bwd")
   assert default_bwd == traced("bwd", term_mma=True, term_mma_bwd=False)
   assert default_bwd != traced("bwd", term_mma=True)
+
+
+def test_learned_wide_head_backward_defaults_reach_the_kernels():
+  """Learned distances at head_dim 128 and long sequences: the backward runs row-wise, branched,
+  on 8 warps, unless the caller names its warps."""
+  n = 16384
+  q = jnp.zeros((1, n, 1, 128), jnp.float32)
+  offs = jnp.asarray([17.5, 40.25], jnp.float32)
+
+  def traced(**opts):
+    loss = lambda q, k, v: jnp.sum(gathered_offset_attention(  # noqa: E731
+        q, k, v, window=8, offsets=offs, interpret=True, backend="gpu", block=16, block_bwd=16, **opts))
+    return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q))
+
+  default_bwd = traced()
+  assert default_bwd == traced(term_mma_bwd=False, skip_dead_terms=True, options_bwd=dict(num_warps=8))
+  assert default_bwd != traced(term_mma_bwd=False, options_bwd=dict(num_warps=4))
+  assert traced(num_warps=4) == traced(term_mma_bwd=False, options_bwd=dict(num_warps=4))
 
 
 @pytest.mark.parametrize("case", ["learned_fractional", "learned_bfloat16"])
@@ -221,11 +247,14 @@ def test_dispatch():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("n, learned", [(4096, False), (4096, True), (16384, False), (20000, True)])
-def test_compiled_gpu_kernel_large_n(n, learned):
-  seed = _seed(n, learned)
+@pytest.mark.parametrize("n, learned, head_dim", [(4096, False, 64), (4096, True, 64), (16384, False, 64),
+                                                  (20000, True, 64), (16384, True, 128)])
+def test_compiled_gpu_kernel_large_n(n, learned, head_dim):
+  """Compiled kernels at lengths where the per-pass defaults switch forms (row-wise terms, 8-warp
+  learned backward at head_dim 128) against the XLA path."""
+  seed = _seed(n, learned, head_dim)
   rng = np.random.default_rng(seed)
-  q, k, v, w = (jnp.asarray(rng.standard_normal((1, n, 8, 64)), jnp.bfloat16) for _ in range(4))
+  q, k, v, w = (jnp.asarray(rng.standard_normal((1, n, 8, head_dim)), jnp.bfloat16) for _ in range(4))
   offsets = jnp.asarray(fibjax.offset_set("fib", 1.0, 64, 4096), jnp.int32)
   if learned:
     offsets = jnp.asarray(fibjax.learned_terms("fib", 1.0, 64, 4096), jnp.float32) * 1.137
