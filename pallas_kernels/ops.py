@@ -36,7 +36,8 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # backward tiles end the tensor-core dK/dV spills but ran 1.2-1.4x slower than 64-row ones.
 # The learned backward at head_dim 128 (32-row tiles) runs row-wise on 8 warps: 1.11x faster fwd+bwd
 # than tensor cores on 4 warps without groups (N = 16384 and 65536) and 1.25x with 2 key/value heads
-# (N = 65536); 8 warps made every other backward measured slower (tune_attention_NVIDIA_H200_*.json).
+# (N = 65536); 8 warps made every other backward measured slower (tune_attention_NVIDIA_H200_*_d128_learned*.json,
+# *_warps.json).
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
 ROWWISE_MAX_HEAD_DIM = 64
