@@ -10,7 +10,7 @@ compiles the call and runs it three times, then profiles exactly one more call b
 learned offsets, forward and forward + backward, and cuDNN's window-only attention (the same
 inputs as ``benchmarks.attention``: bf16, batch 1, 8 query heads, W = 64, R = 4096). Every kernel
 of the profiled call is reported: duration, DRAM bytes read and written, bytes between L2 and
-the SMs, L2 hit rate, throughput of DRAM, L2, L1 and the SMs as a percentage of peak, achieved
+the SMs, local-memory bytes loaded and stored (register spills), L2 hit rate, throughput of DRAM, L2, L1 and the SMs as a percentage of peak, achieved
 occupancy, registers per thread, and the warp cycles per issued instruction. Also the bytes that
 Q, K, V and O occupy (the least a kernel must move from DRAM) and the SPEC's memory-floor bytes
 (K and V once per offset and once for the window). Writes ``profile_attention_<device>_n<N>_<shapes>.json``
@@ -46,6 +46,7 @@ IMPLEMENTATIONS = {  # name: (benchmarks.attention variant, pass)
 }
 SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "LaunchStats", "WarpStateStats")
 METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_bytes.sum", "l1tex__t_bytes.sum",
+           "l1tex__t_bytes_pipe_lsu_mem_local_op_ld.sum", "l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum",
            "gpu__time_duration.sum")
 # column of the report: (section's metric name as ncu prints it in --page details, or a raw metric)
 COLUMNS = {
@@ -54,6 +55,8 @@ COLUMNS = {
     "DRAM write MB": "dram__bytes_write.sum",
     "L2 MB": "lts__t_bytes.sum",
     "L1 MB": "l1tex__t_bytes.sum",
+    "local ld MB": "l1tex__t_bytes_pipe_lsu_mem_local_op_ld.sum",
+    "local st MB": "l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum",
     "DRAM %": "DRAM Throughput",
     "L2 %": "L2 Cache Throughput",
     "L1 %": "L1/TEX Cache Throughput",
@@ -63,7 +66,8 @@ COLUMNS = {
     "registers": "Registers Per Thread",
     "cycles/issue": "Warp Cycles Per Issued Instruction",
 }
-SCALE = {"us": 1e-3, "DRAM read MB": 1e-6, "DRAM write MB": 1e-6, "L2 MB": 1e-6, "L1 MB": 1e-6}
+SCALE = {"us": 1e-3, "DRAM read MB": 1e-6, "DRAM write MB": 1e-6, "L2 MB": 1e-6, "L1 MB": 1e-6, "local ld MB": 1e-6,
+         "local st MB": 1e-6}
 
 
 def _number(text: str) -> float | None:
