@@ -8,9 +8,26 @@ import sys
 from typing import NoReturn
 
 
+def _module_prog(module: str) -> str | None:
+  """``python -m <module>``; for ``__main__``, the module the interpreter ran (``None`` for a
+  script or ``-c``)."""
+  if module == "__main__":
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is None:
+      return None
+    module = spec.name
+  return f"python -m {module.removesuffix('.__main__')}"
+
+
 class ArgumentParser(argparse.ArgumentParser):
   """``argparse.ArgumentParser`` whose usage errors are one line (argparse prints the usage block
-  first); ``--help`` is unchanged."""
+  first); ``--help`` names the command as it is run (``usage: python -m train ...``), from the
+  module that builds the parser."""
+
+  def __init__(self, *args, **kwargs):
+    if not args and "prog" not in kwargs:
+      kwargs["prog"] = _module_prog(sys._getframe(1).f_globals.get("__name__", "__main__"))
+    super().__init__(*args, **kwargs)
 
   def error(self, message: str) -> NoReturn:
     print(f"error: {message} (--help lists the arguments)", file=sys.stderr)

@@ -36,8 +36,8 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # backward tiles end the tensor-core dK/dV spills but ran 1.2-1.4x slower than 64-row ones.
 # The learned backward at head_dim 128 (32-row tiles) runs row-wise on 8 warps: 1.11x faster fwd+bwd
 # than tensor cores on 4 warps without groups (N = 16384 and 65536) and 1.25x with 2 key/value heads
-# (N = 65536); 8 warps made every other backward measured slower (tune_attention_NVIDIA_H200_*_d128_learned*.json,
-# *_warps.json).
+# (N = 65536); 8 warps made every other backward measured slower, tensor-core learned ones included
+# (tune_attention_NVIDIA_H200_*_d128_learned*.json, *_warps.json).
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
 ROWWISE_MAX_HEAD_DIM = 64
@@ -59,9 +59,9 @@ def default_term_mma(backend: str, seq_len: int, head_dim: int, group: int, lear
   return head_dim > ROWWISE_MAX_HEAD_DIM or group > 1
 
 
-def default_num_warps_bwd(seq_len: int, head_dim: int, learned: bool) -> int:
+def default_num_warps_bwd(term_mma: bool, head_dim: int, learned: bool) -> int:
   """Warps per GPU backward program: more for the row-wise learned backward at head_dim above 64."""
-  wide = learned and seq_len >= ROWWISE_MIN_SEQ and head_dim > ROWWISE_MAX_HEAD_DIM
+  wide = learned and not term_mma and head_dim > ROWWISE_MAX_HEAD_DIM
   return WIDE_LEARNED_BWD_WARPS if wide else DEFAULT_WARPS
 
 
@@ -219,7 +219,7 @@ def gathered_offset_attention(
       backend, term_mma_bwd, n, d, reach) if skip_dead_terms is None else skip_dead_terms)
   options_bwd = dict(options if options_bwd is None else options_bwd)
   if backend == "gpu" and "num_warps" not in options_bwd:
-    options_bwd["num_warps"] = default_num_warps_bwd(n, d, learned)
+    options_bwd["num_warps"] = default_num_warps_bwd(term_mma_bwd, d, learned)
   static = lambda opts: tuple(sorted(dict(opts, interpret=interpret).items()))  # noqa: E731
   return _attention(q, k, v, segment_ids, offsets, st, st_bwd, backend, static(options), static(options_bwd),
                     None if batch_axes is None else tuple(batch_axes))

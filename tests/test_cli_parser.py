@@ -43,3 +43,14 @@ def test_command_line_argument_error_is_one_line(argv):
   res = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
   lines = res.stderr.strip().splitlines()
   assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+
+
+def test_help_names_the_command_as_it_is_run():
+  """``usage: python -m <module>``, run as a module or built in-process by that module."""
+  res = subprocess.run([sys.executable, "-m", "benchmarks.norm", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert res.returncode == 0 and res.stdout.startswith("usage: python -m benchmarks.norm "), res.stdout[:200]
+  res = subprocess.run([sys.executable, "-m", "fibjax", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert res.stdout.startswith("usage: python -m fibjax "), res.stdout[:200]
+  assert ArgumentParser().prog == f"python -m {__name__}"
+  assert ArgumentParser(prog="tool").prog == "tool"

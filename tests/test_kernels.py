@@ -109,9 +109,9 @@ def test_default_term_form_follows_the_measurements():
   for group, head_dim in itertools.product((1, 4), (64, 128)):
     assert default_term_mma("gpu", long, head_dim, group, learned=True, backward=False)
     assert not default_term_mma("gpu", long, head_dim, group, learned=True, backward=True)
-  assert default_num_warps_bwd(long, 128, learned=True) == 8
-  assert default_num_warps_bwd(long, 64, learned=True) == default_num_warps_bwd(long, 128, learned=False) == 4
-  assert default_num_warps_bwd(1024, 128, learned=True) == 4
+  assert default_num_warps_bwd(False, 128, learned=True) == 8
+  assert default_num_warps_bwd(False, 64, learned=True) == default_num_warps_bwd(False, 128, learned=False) == 4
+  assert default_num_warps_bwd(True, 128, learned=True) == 4  # tensor-core terms: 8 warps measured slower
   # the backward runs row-wise GPU terms unbranched only at head_dim <= 64 when nearly every term is live
   assert not default_skip_dead_terms_bwd("gpu", False, 65536, 64, 4096)
   assert default_skip_dead_terms_bwd("gpu", False, 65536, 128, 4096)
@@ -171,6 +171,7 @@ def test_learned_wide_head_backward_defaults_reach_the_kernels():
   assert default_bwd == traced(term_mma_bwd=False, skip_dead_terms=True, options_bwd=dict(num_warps=8))
   assert default_bwd != traced(term_mma_bwd=False, options_bwd=dict(num_warps=4))
   assert traced(num_warps=4) == traced(term_mma_bwd=False, options_bwd=dict(num_warps=4))
+  assert traced(term_mma_bwd=True) == traced(term_mma_bwd=True, options_bwd=dict(num_warps=4))
 
 
 @pytest.mark.parametrize("case", ["learned_fractional", "learned_bfloat16"])

@@ -41,7 +41,7 @@ def parse(argv: list[str]):
   from configs.base import TrainConfig, apply_overrides  # noqa: PLC0415
   from train.checkpoint import keep_run_settings  # noqa: PLC0415
 
-  parser = ArgumentParser(prog="python -m train", description=__doc__,
+  parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default=None, help=f"recipe: {sorted(configs.CONFIGS)} (default tiny)")
   parser.add_argument("--variant", default=None, help="dense, fib-{fixed,learned,linear,coprime}, pow2-...")

@@ -104,7 +104,7 @@ def run_budget(workdir: pathlib.Path, multiples=(1, 2, 4), max_targets: int | No
 def main(argv: list[str] | None = None) -> int:
   from fibjax.cli import ArgumentParser  # noqa: PLC0415  (this module imports nothing heavy at load)
 
-  parser = ArgumentParser(prog="python -m train.budget", description=__doc__,
+  parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
   parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4], help="multiples of T")

@@ -200,7 +200,7 @@ def run_evaluation(workdir: pathlib.Path, multiples: tuple[int, ...] = (1, 2, 4)
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = ArgumentParser(prog="python -m train.evaluate", description=__doc__,
+  parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
   parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4],

@@ -135,7 +135,7 @@ def cell_record(workdir: pathlib.Path, variant: str, seed: int, config: str, ove
 def main(argv: list[str] | None = None) -> int:
   from fibjax.cli import ArgumentParser  # noqa: PLC0415  (this module imports nothing heavy at load)
 
-  parser = ArgumentParser(prog="python -m train.experiment", description=__doc__,
+  parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
   parser.add_argument("--config", required=True)

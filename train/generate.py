@@ -40,7 +40,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = ArgumentParser(prog="python -m train.generate", description=__doc__)
+  parser = ArgumentParser(description=__doc__)
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
   parser.add_argument("--prompt", required=True)
   parser.add_argument("--max-new-tokens", type=int, default=200)

@@ -140,7 +140,7 @@ def run_latency(root: pathlib.Path, repeats: int = 20, decode_tokens: int = 64,
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = ArgumentParser(prog="python -m train.latency", description=__doc__,
+  parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("root", type=pathlib.Path)
   parser.add_argument("--repeats", type=int, default=20)

@@ -150,7 +150,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = ArgumentParser(prog="python -m train.passkey", description=__doc__,
+  parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
   parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4], help="multiples of T")

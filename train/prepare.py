@@ -204,7 +204,7 @@ def write_tokens(source: pathlib.Path, folder: pathlib.Path, tokenizer: str, bpe
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = ArgumentParser(prog="python -m train.prepare", description=__doc__,
+  parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--data", required=True, type=pathlib.Path, help="a .txt/.jsonl/.jsonl.gz file or a folder")
   parser.add_argument("--out", required=True, type=pathlib.Path, help="the prepared folder to create")

@@ -506,7 +506,7 @@ def summary(results: dict[str, list[dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = ArgumentParser(prog="python -m train.report", description=__doc__,
+  parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("roots", nargs="+", type=pathlib.Path)
   parser.add_argument("--summary", type=pathlib.Path, default=None, help="also write the verdicts of all roots here")

@@ -257,7 +257,7 @@ def run_sweep(root: pathlib.Path, config: str, variants: list[str], seeds: list[
 def main(argv: list[str] | None = None) -> int:
   from fibjax.cli import ArgumentParser  # noqa: PLC0415  (this module imports nothing heavy at load)
 
-  parser = ArgumentParser(prog="python -m train.sweep", description=__doc__,
+  parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--root", required=True, type=pathlib.Path)
   parser.add_argument("--config", default="small")
