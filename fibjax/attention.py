@@ -15,7 +15,6 @@ Implementation = Literal["auto", "xla", "pallas", "cudnn"]
 # One vocabulary for every op: "xla" is the pure jnp computation XLA compiles (the float
 # reference), "pallas" the gathered-offset kernels (sparse only), "cudnn" cuDNN's fused
 # attention through ``jax.nn.dot_product_attention`` (dense only). Interpret mode is a flag.
-IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas", "cudnn")
 _VALID = {"sparse": ("auto", "xla", "pallas"), "dense": ("auto", "xla", "cudnn")}
 
 

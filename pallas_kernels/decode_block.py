@@ -34,7 +34,9 @@ from pallas_kernels.decode_attention import sparse_attention
 from pallas_kernels.decode_projections import Rope, project
 
 ATOMIC_ROWS = 16  # up to this many rows a sparse block adds into its residual stream atomically
-DENSE_MAX_ROWS = ATOMIC_ROWS  # dense blocks beat XLA on the fused path up to this many rows
+# dense blocks beat XLA on the fused path up to this many rows (batch 1: 0.545 vs 0.593 ms/token at 1K,
+# 1.450 vs 1.531 at 64K; batch 32 slower; benchmarks/results/NOTES.md, decode)
+DENSE_MAX_ROWS = ATOMIC_ROWS
 
 
 @dataclasses.dataclass(frozen=True)

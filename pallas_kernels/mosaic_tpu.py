@@ -5,8 +5,8 @@ scoped VMEM buffer (``pltpu.sync_copy``), so a shifted tile at any row offset is
 copy, not a gather. Offsets are scalar-prefetched into SMEM as int32 (fractional distances are
 bit-cast), so only their count is static. Every row-indexed array is padded front and back so
 all DMAs stay in bounds (the TPU interpreter checks this with ``out_of_bounds_reads="raise"``);
-rows outside ``[0, n)`` are zeroed after the copy. Tested here under the TPU interpreter with
-race detection; no TPU was available to compile it with Mosaic or to tune it.
+rows outside ``[0, n)`` are zeroed after the copy. Validated under the TPU interpreter with
+race detection only: not compiled by Mosaic or tuned on TPU hardware.
 """
 
 from __future__ import annotations

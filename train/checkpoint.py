@@ -19,7 +19,7 @@ import pathlib
 import shutil
 import sys
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -160,19 +160,44 @@ def check_files(step_dir: pathlib.Path, names: Sequence[str]) -> None:
     raise CheckpointError(f"{', '.join(missing)} missing")
 
 
+def read_intact(read: Callable[[], Any], values: Callable[[Any], Any] = lambda x: x) -> Any:
+  """``read()``, with any error while reading raised as ``CheckpointError`` (one line), and a
+  ``CheckpointError`` when ``values(result)`` holds a NaN or Inf."""
+  try:
+    result = read()
+  except Exception as e:  # noqa: BLE001  (a damaged file surfaces as any of Orbax's/TensorStore's errors)
+    raise CheckpointError(f"cannot be read: {short(e)}") from e
+  if not bool(all_finite(values(result))):
+    raise CheckpointError("it holds NaN or Inf values")
+  return result
+
+
 def restore_checked(mngr: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
   """``restore`` after checking that the step's files are there, and that every restored value is
   finite. Raises ``CheckpointError`` saying what is wrong in one line."""
   check_files(pathlib.Path(mngr.directory) / str(step), REQUIRED_FILES)
-  try:
-    state, data_state = restore(mngr, step, target)
-  except Exception as e:  # noqa: BLE001  (a damaged file surfaces as any of Orbax's/TensorStore's errors)
-    raise CheckpointError(f"cannot be read: {short(e)}") from e
+  state, data_state = read_intact(lambda: restore(mngr, step, target), lambda restored: restored[0])
   if not isinstance(data_state, dict):
     raise CheckpointError(f"its data-iterator state is {type(data_state).__name__}, not a JSON object")
-  if not bool(all_finite(state)):
-    raise CheckpointError("it holds NaN or Inf values")
   return state, data_state
+
+
+def newest_intact(steps: Iterable[int], read: Callable[[int], Any]) -> tuple[int | None, Any, list[tuple[int, str]]]:
+  """``(step, read(step), damaged)`` for the newest of ``steps`` that ``read`` restores without a
+  ``CheckpointError``; ``damaged`` lists each newer step and what is wrong with it. ``(None,
+  None, damaged)`` when no step reads."""
+  damaged: list[tuple[int, str]] = []
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, read(step), damaged
+    except CheckpointError as e:
+      damaged.append((step, str(e)))
+  return None, None, damaged
+
+
+def damage_report(damaged: list[tuple[int, str]]) -> str:
+  """``step 300: cannot be read: ...; step 200: ...`` for ``newest_intact``'s damaged steps."""
+  return "; ".join(f"step {s}: {why}" for s, why in damaged)
 
 
 def restore_newest_intact(mngr: ocp.CheckpointManager, target: Any) -> tuple[int, Any, dict] | None:
@@ -184,27 +209,22 @@ def restore_newest_intact(mngr: ocp.CheckpointManager, target: Any) -> tuple[int
     CheckpointError: checkpoints exist but none is intact (nothing is moved).
   """
   folder = pathlib.Path(mngr.directory)
-  damaged: list[tuple[int, str]] = []
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      state, data_state = restore_checked(mngr, step, target)
-    except CheckpointError as e:
-      damaged.append((step, str(e)))
-      continue
-    for bad, why in damaged:
-      moved = folder.parent / DAMAGED_DIR / str(bad)
-      if jax.process_index() == 0:
-        moved.parent.mkdir(exist_ok=True)
-        shutil.move(folder / str(bad), moved)
-      print(f"warning: checkpoint step {bad} in {folder} is damaged ({why}); moved it to {moved}", file=sys.stderr)
+  step, restored, damaged = newest_intact(mngr.all_steps(), lambda s: restore_checked(mngr, s, target))
+  if step is None:
     if damaged:
-      mngr.reload()
-      print(f"resuming from step {step}, the newest intact checkpoint", file=sys.stderr, flush=True)
-    return step, state, data_state
+      raise CheckpointError(f"no intact checkpoint in {folder} ({damage_report(damaged)}); start over in a new "
+                            "--workdir")
+    return None
+  for bad, why in damaged:
+    moved = folder.parent / DAMAGED_DIR / str(bad)
+    if jax.process_index() == 0:
+      moved.parent.mkdir(exist_ok=True)
+      shutil.move(folder / str(bad), moved)
+    print(f"warning: checkpoint step {bad} in {folder} is damaged ({why}); moved it to {moved}", file=sys.stderr)
   if damaged:
-    detail = "; ".join(f"step {s}: {why}" for s, why in damaged)
-    raise CheckpointError(f"no intact checkpoint in {folder} ({detail}); start over in a new --workdir")
-  return None
+    mngr.reload()
+    print(f"resuming from step {step}, the newest intact checkpoint", file=sys.stderr, flush=True)
+  return step, *restored
 
 
 def holds_checkpoint(workdir: pathlib.Path) -> bool:

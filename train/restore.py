@@ -24,7 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from configs.base import TrainConfig
 from fibjax.model import LM
 from train import data
-from train.checkpoint import REQUIRED_FILES, CheckpointError, all_finite, check_files, saved_steps, short
+from train.checkpoint import (REQUIRED_FILES, CheckpointError, check_files, damage_report, newest_intact,
+                              read_intact, saved_steps, short)
 from train.mesh import make_mesh
 from train.quiet import quiet_libraries
 
@@ -129,13 +130,7 @@ def restore_params_checked(checkpoints: pathlib.Path, step: int, target: Any) ->
   if diff:
     raise ConfigMismatch(f"checkpoint step {step} in {checkpoints} does not match the run's config.json ({diff}): "
                          "the config was changed after training; put back the config.json the run was trained with")
-  try:
-    params = restore_params(checkpoints, step, target)
-  except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"cannot be read: {short(e)}") from e
-  if not bool(all_finite(params)):
-    raise CheckpointError("it holds NaN or Inf values")
-  return params
+  return read_intact(lambda: restore_params(checkpoints, step, target))
 
 
 def restore_newest_params(checkpoints: pathlib.Path, steps: list[int], target: Any) -> tuple[int, Any]:
@@ -146,20 +141,14 @@ def restore_newest_params(checkpoints: pathlib.Path, steps: list[int], target: A
     ValueError: no step restores (naming each step and what is wrong with it), or a checkpoint
       does not match the run's config.json (``ConfigMismatch``).
   """
-  damaged: list[tuple[int, str]] = []
-  for step in sorted(steps, reverse=True):
-    try:
-      params = restore_params_checked(checkpoints, step, target)
-    except CheckpointError as e:
-      damaged.append((step, str(e)))
-      continue
-    for bad, why in damaged:
-      print(f"warning: checkpoint step {bad} in {checkpoints} is damaged ({why}); skipped it for step {step}, "
-            "the newest intact one (left in place: training this run moves it aside)", file=sys.stderr, flush=True)
-    return step, params
-  detail = "; ".join(f"step {s}: {why}" for s, why in damaged)
-  raise ValueError(f"no intact checkpoint in {checkpoints} ({detail}); nothing there can be restored: "
-                   "train the run again in a new --workdir")
+  step, params, damaged = newest_intact(steps, lambda s: restore_params_checked(checkpoints, s, target))
+  if step is None:
+    raise ValueError(f"no intact checkpoint in {checkpoints} ({damage_report(damaged)}); nothing there can be "
+                     "restored: train the run again in a new --workdir")
+  for bad, why in damaged:
+    print(f"warning: checkpoint step {bad} in {checkpoints} is damaged ({why}); skipped it for step {step}, "
+          "the newest intact one (left in place: training this run moves it aside)", file=sys.stderr, flush=True)
+  return step, params
 
 
 def check_run_folder(workdir: pathlib.Path) -> None:

@@ -32,6 +32,7 @@ from train.experiment import CELL_FILE, check_overrides
 SWEEP_FILE = "sweep.json"
 COST_FILE = "sweep_cost.jsonl"
 DEFAULT_PER_GPU = 7  # H200, `small` recipe: 7 cells on one GPU gave 3.8x the throughput of one at a time
+# (benchmarks/results/NOTES.md, "Experiments")
 DEFAULT_VARIANTS = ("dense", "fib-fixed", "fib-learned", "fib-linear", "fib-coprime", "pow2-fixed", "pow2-linear")
 
 
