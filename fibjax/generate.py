@@ -8,11 +8,14 @@ position is a traced scalar, so decoding never recompiles.
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+if TYPE_CHECKING:
+  from fibjax.model import LM
 
 
 def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
@@ -59,7 +62,7 @@ def compiled_steps(graphdef: nnx.GraphDef, temperature: float, top_k: int):
   return prefill, steps
 
 
-def stream(model, prompt_BxP: jax.Array, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+def stream(model: LM, prompt_BxP: jax.Array, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
            seed: int = 0, chunk: int = 8) -> Iterator[jax.Array]:
   """Yields ``[B]`` int32 tokens one at a time after ``prompt_BxP`` (int32, ``P >= 1``), decoded
   ``chunk`` per compiled call (the last chunk is computed whole and cut, so one compilation
@@ -71,6 +74,8 @@ def stream(model, prompt_BxP: jax.Array, max_new_tokens: int, *, temperature: fl
   prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
   if prompt_BxP.ndim != 2 or prompt_BxP.shape[1] < 1:
     raise ValueError(f"prompt must be [batch, length >= 1] tokens, got shape {prompt_BxP.shape}")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if temperature < 0 or top_k < 0 or chunk < 1:
     raise ValueError(f"temperature and top_k must be >= 0 and chunk >= 1, got {temperature}, {top_k}, {chunk}")
   graphdef, state = nnx.split(model)
@@ -89,7 +94,8 @@ def stream(model, prompt_BxP: jax.Array, max_new_tokens: int, *, temperature: fl
     token, pos, done = tokens[-1], pos + chunk, done + chunk
 
 
-def generate(model, prompt_BxP: jax.Array, max_new_tokens: int, **kwargs) -> jax.Array:
-  """``[B, P + max_new_tokens]``: the prompt followed by the generated tokens (see ``stream``)."""
+def generate(model: LM, prompt_BxP: jax.Array, max_new_tokens: int, **kwargs: Any) -> jax.Array:
+  """``[B, P + max_new_tokens]`` int32: the prompt followed by the generated tokens; ``kwargs`` are
+  ``stream``'s (``temperature``, ``top_k``, ``seed``, ``chunk``)."""
   new = list(stream(model, prompt_BxP, max_new_tokens, **kwargs))
   return jnp.concatenate([jnp.asarray(prompt_BxP, jnp.int32)] + [t[:, None] for t in new], axis=1)

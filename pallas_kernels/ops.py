@@ -161,8 +161,9 @@ def gathered_offset_attention(
   ``[B, N, H_q, D]`` (same pattern and masking as ``fibjax.reference.sparse_attention_reference``).
 
   Args:
-    q, k, v: ``H_q`` a multiple of ``H_kv``; query head ``h`` reads key/value head
-      ``h // (H_q // H_kv)``; no key/value row is repeated in memory.
+    q, k, v: floating point (bfloat16, float16 or float32; the output has q's dtype); ``H_q`` a
+      multiple of ``H_kv``; query head ``h`` reads key/value head ``h // (H_q // H_kv)``; no
+      key/value row is repeated in memory.
     offsets: ``[K]`` int32 (static) or float32 (fractional, differentiable) runtime array.
     segment_ids: optional ``[B, N]`` int32: keys of another segment are masked.
     batch_axes: under a mesh, the axes the batch is split over; each device runs the kernels on

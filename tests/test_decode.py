@@ -102,3 +102,5 @@ def test_bad_generation_inputs():
     fibjax.generate(model, jnp.zeros((1, 0), jnp.int32), 4)
   with pytest.raises(ValueError, match="temperature"):
     fibjax.generate(model, jnp.ones((1, 2), jnp.int32), 4, temperature=-1.0)
+  with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+    fibjax.generate(model, jnp.ones((1, 2), jnp.int32), 0)
