@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import re
 import pathlib
-import statistics
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,19 @@ def kernels_per_token(variant: str, impl: str, batch: int = 1, context: int = 10
   return {"variant": variant, "impl": impl, "kernels_per_token": sum(counts.values()), "by_opcode": counts}
 
 
+def _chunk_runner(steps_fn: Callable, state: Any, cache: list, token: jax.Array, pos: jax.Array, key: jax.Array,
+                  chunk: int) -> Callable[[], jax.Array]:
+  """A call that decodes ``chunk`` tokens from the same position, carrying the updated cache
+  into the next call (the steps donate it), and returns the tokens."""
+  box = {"cache": cache}
+
+  def run():
+    tokens, box["cache"] = steps_fn(state, token, pos, box["cache"], key, chunk)
+    return tokens
+
+  return run
+
+
 def measure(variant: str, impl: str, context: int, batch: int, memory_budget: float, chunk: int = 32,
             reps: int = 7) -> dict:
   model = _model(variant, impl)
@@ -75,31 +88,19 @@ def measure(variant: str, impl: str, context: int, batch: int, memory_budget: fl
   cache = [{name: jax.random.normal(keys[2 * i + j], c[name].shape, c[name].dtype) for j, name in enumerate(("k", "v"))}
            for i, c in enumerate(cache)]
   cache_bytes = sum(x.nbytes for c in cache for x in c.values())
-  for _ in range(2):
-    tokens, cache = steps_fn(state, token, pos, cache, key, chunk)
-  jax.block_until_ready(tokens)
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    tokens, cache = steps_fn(state, token, pos, cache, key, chunk)
-    jax.block_until_ready(tokens)
-    times.append((time.perf_counter() - start) / chunk)
-  return {**base, "ms_per_token": 1e3 * statistics.median(times), "cache_bytes": cache_bytes}
+  ms = time_fn(_chunk_runner(steps_fn, state, cache, token, pos, key, chunk), [()], reps=reps, inner=1,
+               warmup=2) / chunk
+  return {**base, "ms_per_token": ms, "cache_bytes": cache_bytes}
 
 
 def profile(variant: str, impl: str, context: int, batch: int, chunk: int = 32, top: int = 12) -> dict:
   """Kernel time per decoded token (profiler trace), against the wall time per token."""
   state, steps_fn, cache, (token, pos, key) = _decode_loop(_model(variant, impl), batch, context, chunk)
-  box = {"cache": cache}
-
-  def run():
-    tokens, box["cache"] = steps_fn(state, token, pos, box["cache"], key, chunk)
-    return tokens
-
+  text = steps_fn.lower(state, token, pos, cache, key, chunk).compile().as_text()
+  run = _chunk_runner(steps_fn, state, cache, token, pos, key, chunk)
   wall = time_fn(run, [()], reps=10, inner=1) / chunk
   by_name = {k: v / chunk for k, v in kernel_times(run, 5).items()}
   ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
-  text = steps_fn.lower(state, token, pos, box["cache"], key, chunk).compile().as_text()
   return {"variant": variant, "impl": impl, "context": context, "batch": batch, "wall_us_per_token": 1e3 * wall,
           "kernel_us_per_token": 1e3 * sum(by_name.values()), "kernels": len(by_name),
           "top_us": [(name[:90], round(1e3 * ms, 2)) for name, ms in ranked],
