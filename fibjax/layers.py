@@ -128,8 +128,8 @@ class Attention(nnx.Module):
       implementation: str = "auto",
       interpret: bool = False,
       batch_axes: tuple[str, ...] = BATCH_AXES,
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
+      dtype: jnp.dtype = jnp.float32,
+      param_dtype: jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
     self.num_heads, self.head_dim, self.batch_axes = num_heads, head_dim, tuple(batch_axes)
@@ -193,7 +193,7 @@ class Attention(nnx.Module):
     ``segment_ids_BxN``: int32 document ids, attention never crosses them (default: one document)."""
     return self._project_out(self._attend(*self.project_qkv(x_BxNxD, positions_BxN), segment_ids_BxN))
 
-  def init_cache(self, batch: int, max_len: int, dtype) -> dict[str, jax.Array]:
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict[str, jax.Array]:
     """Empty KV cache of ``H_kv`` heads: ``R + 1`` ring slots for sparse patterns, ``max_len``
     for dense."""
     length = dec.cache_length(self.pattern.kind, self.pattern.reach, max_len)
@@ -237,11 +237,13 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
 
-  def __init__(self, d_model: int, mlp_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, mlp_dim: int, *, dtype: jnp.dtype = jnp.float32,
+               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     self.gate_up = _dense(d_model, 2 * mlp_dim, dtype, param_dtype, rngs, ("fsdp", None))
     self.down = _dense(mlp_dim, d_model, dtype, param_dtype, rngs, ("fsdp", None))
 
   def __call__(self, x_BxNxD: jax.Array) -> jax.Array:
+    """``[B, N, d_model]`` -> ``[B, N, d_model]`` in the compute dtype."""
     gate, up = jnp.split(self.gate_up(x_BxNxD), 2, axis=-1)
     return self.down(jax.nn.silu(gate) * up)
 
@@ -276,8 +278,8 @@ class Block(nnx.Module):
       norm_impl: str = "auto",
       interpret: bool = False,
       batch_axes: tuple[str, ...] = BATCH_AXES,
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
+      dtype: jnp.dtype = jnp.float32,
+      param_dtype: jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
     norm = lambda: nnx.RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
@@ -316,6 +318,8 @@ class Block(nnx.Module):
     return self._residual(x_BxNxD, lambda h: (self.attn(h, positions_BxN, segment_ids_BxN), None))[0]
 
   def prefill(self, x_BxPxD: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """The prompt ``[B, P, d_model]`` through the block, writing its keys and values into this
+    layer's ``cache`` (``Attention.init_cache``); returns ``([B, P, d_model], cache)``."""
     return self._residual(x_BxPxD, lambda h: self.attn.prefill(h, cache))
 
   def decode(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:

@@ -187,7 +187,7 @@ class LM(nnx.Module):
         x_BxNxD = block(x_BxNxD, positions_BxN, segment_ids_BxN)
     return self._logits(x_BxNxD)
 
-  def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict]:
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> list[dict]:
     """Per-layer KV caches (``fibjax.decode``) of ``num_kv_heads`` heads; sparse layers hold
     ``R + 1`` positions whatever ``max_len`` is, dense layers ``max_len``. ``dtype`` defaults to
     the compute dtype."""

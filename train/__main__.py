@@ -21,10 +21,14 @@ import dataclasses
 import os
 import pathlib
 import sys
+from typing import TYPE_CHECKING
 
 import jax
 
 from fibjax.cli import ArgumentParser
+
+if TYPE_CHECKING:
+  from configs.base import TrainConfig
 
 INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)
 
@@ -36,7 +40,10 @@ def _maybe_init_distributed() -> None:
     jax.distributed.initialize()
 
 
-def parse(argv: list[str]):
+def parse(argv: list[str]) -> tuple[TrainConfig, pathlib.Path, list[str]]:
+  """``(config, workdir, fields a resume may change)`` from the command line: the recipe (or the
+  workdir's saved config when resuming without ``--config``) with ``--variant``, ``--data`` and
+  ``--set`` applied and validated."""
   import configs  # noqa: PLC0415
   from configs.base import TrainConfig, apply_overrides  # noqa: PLC0415
   from train.checkpoint import keep_run_settings  # noqa: PLC0415

@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fibjax.cli import ArgumentParser
 from configs.base import TrainConfig
@@ -36,7 +37,7 @@ from train.step import make_eval_step
 EVALS_DIR = "evals"
 
 
-def heldout_loss(eval_fn, params, windows: np.ndarray, rows: int, mesh) -> np.ndarray:
+def heldout_loss(eval_fn: Callable, params: Any, windows: np.ndarray, rows: int, mesh: Mesh) -> np.ndarray:
   """Mean NLL per position ``[L]`` over ``windows [n, L+1]``, ``rows`` windows per call."""
   total = np.zeros(windows.shape[1] - 1)
   ndev = mesh.devices.size
@@ -67,7 +68,7 @@ def nested_windows(tokens: np.ndarray, seq_len: int, multiples: tuple[int, ...],
   return out
 
 
-def score_lengths(graphdef, params, tokens: np.ndarray, seq_len: int, multiples: tuple[int, ...],
+def score_lengths(graphdef: nnx.GraphDef, params: Any, tokens: np.ndarray, seq_len: int, multiples: tuple[int, ...],
                   max_targets: int, rows: int, mesh, buckets: int, pack_documents: bool = False) -> dict[str, Any]:
   """Loss and perplexity at each multiple of T on identical targets, loss by context position
   (``buckets`` equal spans of the window) and the rise against the shortest length.
@@ -90,13 +91,13 @@ def score_lengths(graphdef, params, tokens: np.ndarray, seq_len: int, multiples:
   return out
 
 
-def rise_key(multiples) -> str:
+def rise_key(multiples: tuple[int, ...]) -> str:
   """The result field of the perplexity rise against the shortest length, named by it
   (``ppl_rise_vs_1x`` when 1x T is evaluated)."""
   return f"ppl_rise_vs_{min(multiples)}x"
 
 
-def score(cfg: TrainConfig, mesh, graphdef, params, tokens: np.ndarray, multiples: tuple[int, ...],
+def score(cfg: TrainConfig, mesh: Mesh, graphdef: nnx.GraphDef, params: Any, tokens: np.ndarray, multiples: tuple[int, ...],
           max_targets: int) -> dict[str, Any]:
   """``score_lengths`` with the run's T, batch rows, position buckets and packing from ``cfg``;
   ``graphdef`` and ``params`` are the run's model or a variant of it (``train.budget``)."""
@@ -170,8 +171,8 @@ def evaluation_path(workdir: pathlib.Path, step: int, tokens: np.ndarray, multip
   return pathlib.Path(workdir) / EVALS_DIR / f"{name}.json"
 
 
-def evaluate_into(workdir: pathlib.Path, step: int, cfg: TrainConfig, mesh, graphdef, params, tokens: np.ndarray,
-                  multiples: tuple[int, ...], max_targets: int, data_path: str | None = None
+def evaluate_into(workdir: pathlib.Path, step: int, cfg: TrainConfig, mesh: Mesh, graphdef: nnx.GraphDef, params: Any,
+                  tokens: np.ndarray, multiples: tuple[int, ...], max_targets: int, data_path: str | None = None
                   ) -> tuple[pathlib.Path, dict]:
   """Scores ``tokens`` (the run's held-out split, or the text at ``data_path``) and writes the
   record to ``workdir/evals/<step, text, lengths, tokens>.json``; an evaluation already written
