@@ -31,7 +31,7 @@ from fibjax.cli import ArgumentParser
 from configs.base import TrainConfig
 from train import data
 from train.mesh import MESH_AXES
-from train.restore import Run, check_run_folder, load_run
+from train.restore import Run, load_run
 from train.step import make_eval_step
 
 EVALS_DIR = "evals"
@@ -216,7 +216,6 @@ def main(argv: list[str] | None = None) -> int:
       raise ValueError(f"--lengths are multiples of T and must be >= 1, got {args.lengths}")
     if args.data is not None and not pathlib.Path(args.data).exists():
       raise ValueError(f"--data {args.data!r} does not exist: give a .txt/.jsonl file or a folder of them")
-    check_run_folder(args.workdir)
     run = load_run(args.workdir)
     tokens = run.heldout() if args.data is None else tokens_of(args.data, run.tokenizer)
     max_targets = args.tokens or run.cfg.final_eval_tokens

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fibjax.cli import ArgumentParser
 from train import data, reach
 from train.evaluate import read_or_write
-from train.restore import Run, check_run_folder, load_run
+from train.restore import Run, load_run
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = (" The pass key is ", ". Remember it. ")  # the key goes between the two
@@ -160,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     check_arguments(args)
-    check_run_folder(args.workdir)
     run = load_run(args.workdir)
     check_lengths(run, tuple(args.lengths), draw_keys(args.seed, args.trials))
     reused = passkey_path(run, tuple(args.lengths), tuple(args.depths), args.trials, args.seed).exists()

@@ -170,8 +170,8 @@ def load_run(workdir: pathlib.Path, mesh: Mesh | None = None, step: int | None =
       asked for, or its checkpoints do not match its config.json; one line saying so.
   """
   quiet_libraries()
+  check_run_folder(pathlib.Path(workdir))  # the path as the caller gave it, in the message
   workdir = pathlib.Path(workdir).absolute()
-  check_run_folder(workdir)
   if not (workdir / "config.json").exists():
     raise ValueError(f"{workdir} has no config.json: not a fibjax run directory (train one with python -m train)")
   cfg = TrainConfig.load(workdir / "config.json")
