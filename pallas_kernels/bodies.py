@@ -30,6 +30,10 @@ once; the forward scores every term, takes one softmax step over them, then adds
 On tensor cores: each row-wise product is the diagonal of a ``block x block`` tile matmul (same
 loads and values, ``block`` times the FLOPs), in the window accumulator's layout, so each term
 adds into the window's accumulators (one online-softmax step per term in the forward).
+Either form runs its terms unrolled, each behind a branch that skips it where it reaches no row of
+the tile, or as one loop body with dead rows masked (``Static.loop_terms``, ``_over_terms``), which
+lets the compiler pipeline the next term's loads; the looped forward takes one online-softmax step
+per term in both forms.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ class Static:
   segments: bool = False  # segment ids are an input: keys of another segment are masked
   skip_dead_terms: bool = True  # branch around offset terms that reach no row of a tile (``_when``)
   loop_group: bool = False  # dK/dV: loop over the group's query heads instead of unrolling them
+  loop_terms: bool = False  # offset terms as one loop body (dead rows masked, no branch) (``_over_terms``)
 
   @property
   def window_tiles(self) -> int:
@@ -189,6 +194,17 @@ def _when(live, term, state, st: Static):
   return jax.lax.cond(live, term, lambda s: s, state)
 
 
+def _over_terms(term, state, live, st: Static):
+  """``term(kk, state)`` for every offset term ``kk``. With ``st.loop_terms``, a ``fori_loop``: one
+  loop body whose dead rows are masked, so the compiler can pipeline the next term's loads behind
+  this term's arithmetic (``num_stages``); else unrolled, each term behind ``_when(live(kk))``."""
+  if st.loop_terms:
+    return jax.lax.fori_loop(0, st.num_offsets, term, state)
+  for kk in range(st.num_offsets):
+    state = _when(live(kk), functools.partial(term, kk), state, st)
+  return state
+
+
 def _scale_rows(weight_rows, x, st: Static):
   return scale_rows(weight_rows, x, st.precision, st.term_mma)
 
@@ -221,9 +237,10 @@ def _live(offs_ref, kk: int, i0, st: Static):
 
 def forward(io, offs_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, st: Static):
   """One query tile: an online softmax over the window's banded tiles (tensor cores), then the
-  offset terms: on tensor cores, one online step per term into the window's accumulator; row-wise,
-  every term's scores first, one softmax step over them, and their values into an accumulator of
-  their own, added to the window's at the end."""
+  offset terms: on tensor cores or looped, one online step per term (into the window's accumulator
+  on tensor cores; row-wise, into an accumulator of its own, joined with the window's rescaled one at
+  the end); row-wise and unrolled, every term's scores first, one softmax step over them, and their
+  values into an accumulator of their own, added to the window's at the end."""
   b = st.block
   f32 = jnp.float32
   i0 = io.tile_start()
@@ -239,20 +256,21 @@ def forward(io, offs_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, st: S
     s = jnp.where(_window_tile_mask(rows, seg_q, io, seg_ref, j0, st), dot_nt(q, k_t, st.precision) * st.scale,
                   MASK_VALUE)
     m, l, acc = online_update(m, l, acc, s, lambda p, v_t=v_t: dot_nn(p.astype(v_t.dtype), v_t, st.precision))
-  if st.term_mma:
-    for kk in range(st.num_offsets):
-      def term(state, kk=kk):
-        parts = _term_parts(offs_ref, kk, i0, st)
-        ks, vs, segs = _read_parts(io, k_ref, v_ref, seg_ref, parts, st)
-        valid = _term_rows_valid(seg_q, parts, segs, rows, offs_ref[kk], st)
-        s = sum(p.weight * _rowdot(q, k, st) for p, k in zip(parts, ks))
-        s = jnp.where(valid, s * st.scale, MASK_VALUE)[:, None]
-        return online_update(
-            *state, s, lambda pr, parts=parts, vs=vs: sum(_scale_rows(pr[:, 0] * p.weight, v, st) for p, v in zip(parts, vs)))
+  if st.term_mma or st.loop_terms:
+    def term(kk, state):
+      parts = _term_parts(offs_ref, kk, i0, st)
+      ks, vs, segs = _read_parts(io, k_ref, v_ref, seg_ref, parts, st)
+      valid = _term_rows_valid(seg_q, parts, segs, rows, offs_ref[kk], st)
+      s = sum(p.weight * _rowdot(q, k, st) for p, k in zip(parts, ks))
+      s = jnp.where(valid, s * st.scale, MASK_VALUE)[:, None]
+      return online_update(
+          *state, s, lambda pr: sum(_scale_rows(pr[:, 0] * p.weight, v, st) for p, v in zip(parts, vs)))
 
-      m, l, acc = _when(_live(offs_ref, kk, i0, st), term, (m, l, acc), st)
+    live = functools.partial(_live, offs_ref, i0=i0, st=st)
+    m_t, l, acc_t = _over_terms(term, (m, l, _term_accumulator(acc, st)), live, st)
+    acc = _join(acc * jnp.exp(m - m_t)[:, None], acc_t, st)  # the window's rows at the final max
     io.write(o_ref, i0, b, (acc / l[:, None]).astype(o_ref.dtype))
-    io.write_vec(lse_ref, i0, b, m + jnp.log(l))
+    io.write_vec(lse_ref, i0, b, m_t + jnp.log(l))
     return
   parts = [_term_parts(offs_ref, kk, i0, st) for kk in range(st.num_offsets)]
 
@@ -318,10 +336,8 @@ def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_r
       dd = jnp.where(jnp.arange(io.terms_width) == kk, dd_k, dd)
     return dq_t, dd
 
-  state = (_term_accumulator(dq, st), jnp.zeros((io.terms_width,), jnp.float32))
-  for kk in range(st.num_offsets):
-    state = _when(_live(offs_ref, kk, i0, st), functools.partial(term, kk), state, st)
-  dq_t, dd = state
+  live = functools.partial(_live, offs_ref, i0=i0, st=st)
+  dq_t, dd = _over_terms(term, (_term_accumulator(dq, st), jnp.zeros((io.terms_width,), jnp.float32)), live, st)
   io.write(dq_ref, i0, b, _join(dq, dq_t, st).astype(dq_ref.dtype))
   if st.learned:
     io.write_terms(dd_ref, dd)
@@ -403,11 +419,11 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     dk_t, dv_t = accumulate(dk_t, dv_t, lo, [own._replace(weight=1.0 - t), prev._replace(weight=t)], 1.0 - t, d)
     return accumulate(dk_t, dv_t, lo + 1, [nxt._replace(weight=1.0 - t), own._replace(weight=t)], t, d)
 
-  state = (_term_accumulator(dk, st), _term_accumulator(dv, st))
-  for kk in range(st.num_offsets):
+  def live(kk):  # a query reads the tile through term kk
     d = offs_ref[kk]
     first = d.astype(jnp.int32) if not st.learned else split_distance(d)[0]
-    live = term_valid(jnp.asarray(st.n - 1), d, st.window, st.learned) & (j0 + first < st.n)  # a query reads the tile
-    state = _when(live, functools.partial(term, kk), state, st)
-  io.write(dk_ref, j0, b, _join(dk, state[0], st).astype(dk_ref.dtype))
-  io.write(dv_ref, j0, b, _join(dv, state[1], st).astype(dv_ref.dtype))
+    return term_valid(jnp.asarray(st.n - 1), d, st.window, st.learned) & (j0 + first < st.n)
+
+  dk_t, dv_t = _over_terms(term, (_term_accumulator(dk, st), _term_accumulator(dv, st)), live, st)
+  io.write(dk_ref, j0, b, _join(dk, dk_t, st).astype(dk_ref.dtype))
+  io.write(dv_ref, j0, b, _join(dv, dv_t, st).astype(dv_ref.dtype))

@@ -21,13 +21,15 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # 4 warps (2 stages) are fastest for the forward and the static backward, at long sequences and at the
 # training shape (N = 1024, batch 32; tune_attention_*_n1024_b32.json); the learned backward (two
 # query sets and four neighbour tiles per term) spills at 64 rows and runs 3x faster at 32.
-# Offset terms (benchmarks/results/NOTES.md, H200, N = 16384 and 65536): row-wise (term_mma off,
-# accumulators of their own, the backward unbranched at long sequences) is faster at head_dim <= 64
-# for static offsets without groups (forward and backward) and for the learned backward; on tensor
-# cores (the window's accumulators, branches everywhere) is faster at head_dim 128, for static
-# offsets with groups, where row-wise terms spill registers (benchmarks.kernel_registers), and for
-# the learned forward (N = 65536: 0.602 vs 0.643 ms without groups, 0.608 vs 0.699 ms with 2 key/value
-# heads; tune_attention_NVIDIA_H200_n65536_b1[_kv2_d64]_learned_term_forms.json). Shorter sequences use tensor
+# Offset terms (benchmarks/results/NOTES.md, H200, N = 16384 and 65536): the forward runs them on
+# tensor cores, and at head_dim <= 64 as one loop body (``bodies._over_terms``): 1.19-1.23x faster
+# than the unrolled, branched terms at N = 65536 (static MHA and GQA, learned) and 1.10x at 16384;
+# slower at head_dim 128 (0.80 vs 0.71 ms) and at the training shape (N = 1024, batch 32: 0.185 vs
+# 0.158 ms) (tune_attention_NVIDIA_H200_*_loop_terms*.json; head_dim 128 in *_loop_terms_gpu1.log). In the backward, row-wise terms
+# (accumulators of their own, unbranched at long sequences) are faster at head_dim <= 64 for static
+# offsets without groups and for learned offsets; tensor cores (the window's accumulators, branches
+# everywhere) at head_dim 128 and for static offsets with groups, where row-wise terms spill registers
+# (benchmarks.kernel_registers); the looped backward measured no faster. Shorter sequences use tensor
 # cores, the form measured faster at the training shape (N = 1024, batch 32: 1.19x faster fwd+bwd than
 # row-wise on an H200, tune_attention_NVIDIA_H200_n1024_b32.json).
 # With groups, the GPU dK/dV kernel loops over the group's query heads: unrolled, it spills
@@ -52,11 +54,17 @@ def default_term_mma(backend: str, seq_len: int, head_dim: int, group: int, lear
   lowering keeps row-wise terms). The forward and the backward pass each get their own form."""
   if backend != "gpu":
     return False
-  if seq_len < ROWWISE_MIN_SEQ:
+  if not backward or seq_len < ROWWISE_MIN_SEQ:
     return True
   if learned:
-    return not backward
+    return False
   return head_dim > ROWWISE_MAX_HEAD_DIM or group > 1
+
+
+def default_loop_terms(backend: str, seq_len: int, head_dim: int, backward: bool) -> bool:
+  """Offset terms as one loop body in the GPU forward at long sequences and head_dim <= 64 (measured
+  faster there; slower at head_dim 128, at short sequences and in the backward)."""
+  return backend == "gpu" and not backward and seq_len >= ROWWISE_MIN_SEQ and head_dim <= ROWWISE_MAX_HEAD_DIM
 
 
 def default_num_warps_bwd(term_mma: bool, head_dim: int, learned: bool) -> int:
@@ -153,6 +161,8 @@ def gathered_offset_attention(
     term_mma_bwd: bool | None = None,
     skip_dead_terms: bool | None = None,
     loop_group: bool | None = None,
+    loop_terms: bool | None = None,
+    loop_terms_bwd: bool | None = None,
     segment_ids: jax.Array | None = None,
     batch_axes: Sequence[str] | None = None,
     **options,
@@ -184,6 +194,10 @@ def gathered_offset_attention(
       DEAD_TERMS_BRANCH_BELOW * reach``).
     loop_group: the dK/dV kernel loops over a group's query heads instead of unrolling them
       (fewer live registers; grouped-query attention only; default ``default_loop_group``).
+    loop_terms: the offset terms run as one loop body, dead rows masked and no branch, so the
+      compiler can pipeline a term's loads behind the previous term's arithmetic (``num_stages``)
+      instead of unrolled with a branch each (default ``default_loop_terms``, per pass);
+      ``loop_terms_bwd``: the same for the backward kernels (default: ``loop_terms`` if given).
     options: lowering knobs (GPU: ``num_warps``, ``num_stages``); ``options_bwd``: the same
       for the backward kernels (default: ``options``; GPU ``num_warps`` default
       ``default_num_warps_bwd``).
@@ -211,12 +225,16 @@ def gathered_offset_attention(
       group=group, segments=segment_ids is not None,
       skip_dead_terms=True if skip_dead_terms is None else skip_dead_terms,
       loop_group=default_loop_group(backend, group) if loop_group is None else loop_group,
+      loop_terms=default_loop_terms(backend, n, d, backward=False) if loop_terms is None else loop_terms,
   )
   if st.learned:
     offsets = offsets.astype(jnp.float32)
   if term_mma_bwd is None:
     term_mma_bwd = default_term_mma(backend, n, d, group, learned, backward=True) if term_mma is None else term_mma
-  st_bwd = dataclasses.replace(st, block=block_bwd, term_mma=term_mma_bwd, skip_dead_terms=default_skip_dead_terms_bwd(
+  st_bwd = dataclasses.replace(st, block=block_bwd, term_mma=term_mma_bwd,
+                               loop_terms=loop_terms_bwd if loop_terms_bwd is not None else default_loop_terms(
+                                   backend, n, d, backward=True) if loop_terms is None else loop_terms,
+                               skip_dead_terms=default_skip_dead_terms_bwd(
       backend, term_mma_bwd, n, d, reach) if skip_dead_terms is None else skip_dead_terms)
   options_bwd = dict(options if options_bwd is None else options_bwd)
   if backend == "gpu" and "num_warps" not in options_bwd:

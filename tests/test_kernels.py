@@ -19,8 +19,8 @@ import pytest
 
 import fibjax
 from pallas_kernels import gathered_offset_attention, tile_math, triton_gpu
-from pallas_kernels.ops import (default_loop_group, default_num_warps_bwd, default_skip_dead_terms_bwd,
-                                 default_term_mma)
+from pallas_kernels.ops import (default_loop_group, default_loop_terms, default_num_warps_bwd,
+                                 default_skip_dead_terms_bwd, default_term_mma)
 from tests.compiled import assert_pallas_matches_xla
 
 CASES = {  # b, n, h, d, window, offsets, reach, dtype, block
@@ -98,7 +98,7 @@ def test_gpu_kernel_both_term_forms_match_reference(case, term_mma):
 def test_default_term_form_follows_the_measurements():
   long = 65536
   for backward in (False, True):
-    assert not default_term_mma("gpu", long, 64, 1, learned=False, backward=backward)
+    assert default_term_mma("gpu", long, 64, 1, learned=False, backward=backward) == (not backward)
     assert default_term_mma("gpu", long, 128, 1, learned=False, backward=backward)
     assert default_term_mma("gpu", long, 128, 2, learned=True, backward=backward) == (not backward)
     assert default_term_mma("gpu", long, 64, 4, learned=False, backward=backward)
@@ -118,6 +118,31 @@ def test_default_term_form_follows_the_measurements():
   assert default_skip_dead_terms_bwd("gpu", False, 8192, 64, 4096)
   assert default_skip_dead_terms_bwd("gpu", True, 65536, 64, 4096)
   assert default_skip_dead_terms_bwd("tpu", False, 65536, 64, 4096)
+
+
+def test_looped_forward_terms_follow_the_measurements():
+  """The GPU forward loops over its offset terms at long sequences and head_dim <= 64 only, the
+  backward never by default; the defaults reach the kernels (equal jaxprs to the explicit forms)."""
+  assert default_loop_terms("gpu", 16384, 64, backward=False)
+  assert not default_loop_terms("gpu", 16384, 128, backward=False)
+  assert not default_loop_terms("gpu", 1024, 64, backward=False)
+  assert not default_loop_terms("gpu", 65536, 64, backward=True)
+  assert not default_loop_terms("tpu", 65536, 64, backward=False)
+
+  def traced(n, d, part, **opts):
+    q = jnp.zeros((1, n, 1, d), jnp.float32)
+    attn = lambda q, k, v: gathered_offset_attention(  # noqa: E731
+        q, k, v, window=8, offsets=jnp.asarray([9, 40], jnp.int32), interpret=True, backend="gpu", block=16,
+        block_bwd=16, **opts)
+    f = attn if part == "fwd" else jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2))
+    return str(jax.make_jaxpr(f)(q, q, q))
+
+  assert traced(16384, 16, "fwd") == traced(16384, 16, "fwd", term_mma=True, loop_terms=True)
+  assert traced(16384, 16, "fwd") != traced(16384, 16, "fwd", term_mma=True, loop_terms=False)
+  assert traced(16384, 128, "fwd") == traced(16384, 128, "fwd", loop_terms=False)
+  assert traced(1024, 16, "fwd") == traced(1024, 16, "fwd", loop_terms=False)
+  assert traced(16384, 16, "bwd") == traced(16384, 16, "bwd", loop_terms_bwd=False)
+  assert traced(16384, 16, "bwd") != traced(16384, 16, "bwd", loop_terms_bwd=True)
 
 
 def test_gpu_groups_loop_in_dkdv_by_default():
@@ -188,6 +213,14 @@ def test_gpu_kernel_unbranched_terms_match_reference(case):
   _compare(case, "gpu", _seed(case, "unbranched"), interpret=True, skip_dead_terms=False)
 
 
+@pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "n_is_4R", "learned_fractional", "bfloat16"])
+@pytest.mark.parametrize("term_mma", [False, True])
+def test_gpu_kernel_looped_terms_match_reference(case, term_mma):
+  """Offset terms as one loop body (dead rows masked, one online-softmax step per term), in both
+  term forms, forward and backward."""
+  _compare(case, "gpu", _seed(case, "loop_terms", term_mma), interpret=True, term_mma=term_mma, loop_terms=True)
+
+
 def test_tensor_core_row_products_equal_row_products():
   rng = np.random.default_rng(_seed("rowdot"))
   a, b = (jnp.asarray(rng.standard_normal((16, 8)), jnp.float32) for _ in range(2))
@@ -204,6 +237,11 @@ def test_tensor_core_row_products_equal_row_products():
 @pytest.mark.parametrize("case", TPU_CASES)
 def test_tpu_kernel_interpreter_matches_reference(case):
   _compare(case, "tpu", _seed(case, "tpu"), interpret=True)
+
+
+@pytest.mark.parametrize("case", ["n_is_4R", "learned_fractional"])
+def test_tpu_kernel_looped_terms_match_reference(case):
+  _compare(case, "tpu", _seed(case, "tpu", "loop_terms"), interpret=True, loop_terms=True)
 
 
 def test_unwritten_rows_are_caught(monkeypatch):
