@@ -10,7 +10,8 @@ in each tree (working directory and ``PYTHONPATH`` set to the tree), base then h
 times, and compares every numeric leaf of the JSON files each run wrote whose key names a time
 (``ms`` or ``per_s``). With ``--kernel`` the command is this file's own kernel timer (``fibjax.attention``
 with the Pallas kernel, static and learned offsets, forward and forward + backward, bf16, batch 1,
-8 heads of 64; the same call and this checkout's timer in both trees). Prints, per measurement, the median over rounds of
+8 heads of 64; the same call, loss and timer in both trees: this checkout's ``benchmarks.attention`` and
+``benchmarks.timing``). Prints, per measurement, the median over rounds of
 each side, head / base, and the spread of each side over rounds (differences smaller than that
 are noise), and writes ``ab.json`` under ``--out`` after every round. ``--resume`` continues a run in
 the same ``--out`` with the same command and code: finished runs are kept, not repeated, and a run
@@ -31,6 +32,8 @@ import re
 import statistics
 import subprocess
 import sys
+import types
+from typing import Callable, NoReturn
 
 from fibjax.cli import ArgumentParser
 
@@ -38,40 +41,34 @@ HEAD = pathlib.Path(__file__).resolve().parents[1]
 
 
 def kernel_worker(ns: list[int], out: pathlib.Path, reps: int) -> None:
-  """Times the kernel through the public API of whichever ``fibjax`` is on the path."""
+  """Times the kernel through the public API of whichever ``fibjax`` is on the path, with this
+  checkout's ``benchmarks.attention`` calls (``variants``: static and learned offsets, the kernel's
+  default options) and loss (``fwd_bwd``) in both trees, on random bf16 ``q, k, v [B, n, H, D]``."""
   import jax  # noqa: PLC0415  (the worker imports the tree it runs in)
   import jax.numpy as jnp  # noqa: PLC0415
 
-  import fibjax  # noqa: PLC0415
-
+  attention = _head_module("attention")  # one benchmark for both trees (their own fibjax)
   time_fn = _head_module("timing").time_fn  # one timer for both trees
 
-  w, r, heads, d = 64, 4096, 8, 64
-  static = jnp.asarray(fibjax.offset_set("fib", 1.0, w, r), jnp.int32)
-  learned = jnp.asarray(fibjax.learned_terms("fib", 1.0, w, r), jnp.float32) * jnp.float32(1.001)
+  fs, _ = attention.variants(None, None, with_xla=False)
   res = {}
   for n in ns:
     keys = jax.random.split(jax.random.key(n), 4)
-    sets = [tuple(jax.random.normal(k, (3, 1, n, heads, d), jnp.bfloat16)) for k in keys]
-    for name, offsets in (("static", static), ("learned", learned)):
-      def f(q, k, v, offsets=offsets):
-        return fibjax.attention(q, k, v, window=w, offsets=offsets, reach=r, implementation="pallas")
-
-      def loss(q, k, v, f=f):
-        return jnp.sum(f(q, k, v).astype(jnp.float32) * jnp.cos(q.astype(jnp.float32)))
-
+    sets = [tuple(jax.random.normal(k, (3, attention.B, n, attention.H, attention.D), jnp.bfloat16)) for k in keys]
+    for name in ("static", "learned"):
+      f = fs[f"fib {name}"]
       res[f"{name}_n{n}_fwd_ms"] = time_fn(jax.jit(f), sets, reps=reps)
-      res[f"{name}_n{n}_fwd_bwd_ms"] = time_fn(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), sets, reps=reps)
+      res[f"{name}_n{n}_fwd_bwd_ms"] = time_fn(attention.fwd_bwd(f), sets, reps=reps)
       print(name, n, res[f"{name}_n{n}_fwd_ms"], res[f"{name}_n{n}_fwd_bwd_ms"], flush=True)
   out.mkdir(parents=True, exist_ok=True)
   (out / "kernel.json").write_text(json.dumps(res, indent=2) + "\n")
 
 
-def _is_measurement(key) -> bool:
+def _is_measurement(key: object) -> bool:
   return "ms" in str(key).split("_") or str(key).endswith("per_s")
 
 
-def _label(i: int, item) -> str:
+def _label(i: int, item: object) -> str:
   """A list item's name: its identifying fields (strings and integers that are not measurements)."""
   if not isinstance(item, dict):
     return str(i)
@@ -80,7 +77,7 @@ def _label(i: int, item) -> str:
   return ",".join(names) or str(i)
 
 
-def _head_module(name: str):
+def _head_module(name: str) -> types.ModuleType:
   """``benchmarks.<name>`` of this checkout, whichever tree is on the path."""
   spec = importlib.util.spec_from_file_location(f"head_{name}", HEAD / "benchmarks" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
@@ -90,8 +87,9 @@ def _head_module(name: str):
 
 def jaxpr_worker(out: pathlib.Path) -> None:
   """Hashes of the kernels' ``pallas_call`` bodies (forward, dQ, dK/dV; lowered for a CUDA target on
-  any machine, default options) at training and long shapes, through whichever ``pallas_kernels``
-  is on the path. Equal hashes: the two trees run the same kernel computation."""
+  any machine, default options) at training and long shapes (bf16 ``q [1, n, 8, d]``, ``k, v
+  [1, n, kv_heads, d]``; ``benchmarks.attention``'s window, reach and offsets), through whichever
+  ``pallas_kernels`` is on the path. Equal hashes: the two trees run the same kernel computation."""
   import hashlib  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
@@ -99,15 +97,16 @@ def jaxpr_worker(out: pathlib.Path) -> None:
 
   from pallas_kernels import gathered_offset_attention  # noqa: PLC0415
 
+  attention = _head_module("attention")  # the benchmark's window, reach and static offsets
+  static = jnp.asarray(attention.static_offsets(), jnp.int32)
   res = {}
   jax.default_backend = lambda: "gpu"  # lowering only: nothing runs
   for n, d, kv_heads, learned in itertools.product((1024, 8192, 65536), (64, 128), (8, 2), (False, True)):
-    offsets = jnp.asarray([89, 144, 233, 377, 610, 987, 1597, 2584], jnp.int32)
-    offsets = offsets.astype(jnp.float32) * 1.001 if learned else offsets
+    offsets = static.astype(jnp.float32) * 1.001 if learned else static
     q, kv = (jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16) for h in (8, kv_heads))
 
-    def loss(q, k, v, offsets=offsets):
-      out = gathered_offset_attention(q, k, v, window=64, offsets=offsets, reach=4096, backend="gpu")
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array, offsets: jax.Array = offsets) -> jax.Array:
+      out = gathered_offset_attention(q, k, v, window=attention.W, offsets=offsets, reach=attention.R, backend="gpu")
       return jnp.sum(out.astype(jnp.float32))
 
     name = f"n{n}_d{d}_kv{kv_heads}_{'learned' if learned else 'static'}"
@@ -118,7 +117,7 @@ def jaxpr_worker(out: pathlib.Path) -> None:
       continue
     bodies = []
 
-    def walk(j):
+    def walk(j: jax.extend.core.Jaxpr) -> None:
       for eqn in j.eqns:
         if eqn.primitive.name == "pallas_call":
           bodies.append(hashlib.sha1(str(eqn.params["jaxpr"]).encode()).hexdigest()[:12])
@@ -133,7 +132,7 @@ def jaxpr_worker(out: pathlib.Path) -> None:
   (out / "jaxprs.json").write_text(json.dumps(res, indent=2) + "\n")
 
 
-def leaves(tree, prefix: str = "") -> dict[str, float]:
+def leaves(tree: dict | list, prefix: str = "") -> dict[str, float]:
   """Numeric leaves of a JSON tree whose key names a time (``ms`` or ``per_s``), by path; list
   items are named by their identifying fields, so reordered rows still match."""
   items = tree.items() if isinstance(tree, dict) else ((_label(i, x), x) for i, x in enumerate(tree))
@@ -161,7 +160,7 @@ def tree_digest(tree: pathlib.Path) -> str:
   return h.hexdigest()[:16]
 
 
-def _prepare_out(args, plan: dict, fail) -> int:
+def _prepare_out(args: argparse.Namespace, plan: dict, fail: Callable[[str], NoReturn]) -> int:
   """Checks ``--out`` against ``--resume`` and writes the plan; returns the rounds already finished
   there. A resumed run must have the same plan (command, base and both trees' code); a run folder
   left unfinished (cut off mid-run) is kept aside as ``<name>.partial[-i]`` and run again."""
@@ -201,6 +200,7 @@ def _portable(arg: str) -> str:
 
 
 def collect(folder: pathlib.Path) -> dict[str, float]:
+  """``leaves`` of every JSON file under ``folder``, each named ``<file stem>:<path>``."""
   out = {}
   for path in sorted(folder.rglob("*.json")):
     out.update({f"{path.stem}:{k}": v for k, v in leaves(json.loads(path.read_text())).items()})

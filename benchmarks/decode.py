@@ -39,9 +39,11 @@ def _model(variant: str, impl: str) -> fibjax.LM:
   return fibjax.LM(cfg, rngs=nnx.Rngs(0))
 
 
-def _decode_loop(model: fibjax.LM, batch: int, context: int, chunk: int):
+def _decode_loop(model: fibjax.LM, batch: int, context: int,
+                 chunk: int) -> tuple[nnx.State, Callable, list[dict], tuple[jax.Array, jax.Array, jax.Array]]:
   """``(state, steps_fn, cache, args)``: the compiled greedy decode loop of ``model``, an empty
-  cache for ``context + chunk`` positions, and ``args = (token, pos, key)`` decoding from ``context``."""
+  cache for ``context + chunk`` positions, and ``args = (token_B, pos, key)`` decoding from ``context``
+  (``token_B`` int32 ones, ``pos`` an int32 scalar, ``key`` a PRNG key)."""
   graphdef, state = nnx.split(model)
   _, steps_fn = compiled_steps(graphdef, 0.0, 0)
   args = (jnp.ones((batch,), jnp.int32), jnp.int32(context), jax.random.key(0))
@@ -63,11 +65,12 @@ def kernels_per_token(variant: str, impl: str, batch: int = 1, context: int = 10
 
 def _chunk_runner(steps_fn: Callable, state: Any, cache: list, token: jax.Array, pos: jax.Array, key: jax.Array,
                   chunk: int) -> Callable[[], jax.Array]:
-  """A call that decodes ``chunk`` tokens from the same position, carrying the updated cache
-  into the next call (the steps donate it), and returns the tokens."""
+  """A call that decodes ``chunk`` tokens from the same position (``token`` ``[B]`` int32, ``pos`` an
+  int32 scalar), carrying the updated cache into the next call (the steps donate it), and returns
+  the tokens, ``tokens_CxB`` int32 (``C = chunk``)."""
   box = {"cache": cache}
 
-  def run():
+  def run() -> jax.Array:
     tokens, box["cache"] = steps_fn(state, token, pos, box["cache"], key, chunk)
     return tokens
 
@@ -76,6 +79,9 @@ def _chunk_runner(steps_fn: Callable, state: Any, cache: list, token: jax.Array,
 
 def measure(variant: str, impl: str, context: int, batch: int, memory_budget: float, chunk: int = 32,
             reps: int = 7) -> dict:
+  """Median ms per decoded token (``batch`` sequences from position ``context``, random bf16 keys and
+  values in the cache) and the cache's bytes; an error row instead when the cache would take more than
+  ``memory_budget`` bytes."""
   model = _model(variant, impl)
   base = {"variant": variant, "impl": impl, "context": context, "batch": batch}
   need = sum(x.size * x.dtype.itemsize for c in jax.eval_shape(lambda: model.init_cache(batch, context + 1))
@@ -107,7 +113,7 @@ def profile(variant: str, impl: str, context: int, batch: int, chunk: int = 32, 
           "hlo": describe_kernels(text, [name for name, _ in ranked])}
 
 
-def _table(rows: list[dict], impl: str, batches, contexts) -> list[str]:
+def _table(rows: list[dict], impl: str, batches: list[int], contexts: list[int]) -> list[str]:
   lines = ["| batch | context | fib-linear ms/token | dense ms/token | dense / fib | fib cache MB | dense cache MB |",
            "|---|---|---|---|---|---|---|"]
   for batch in batches:

@@ -15,6 +15,7 @@ whole batch on every device).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -29,7 +30,9 @@ from benchmarks.cli import add_force, claim
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run(devices: str, workdir: pathlib.Path, args, *extra: str) -> list[dict]:
+def run(devices: str, workdir: pathlib.Path, args: argparse.Namespace, *extra: str) -> list[dict]:
+  """Trains ``args.config`` in ``workdir`` on the GPUs ``devices`` (``CUDA_VISIBLE_DEVICES``), with
+  ``args.set`` and then ``extra`` overrides; returns its ``metrics.jsonl`` records."""
   env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices)
   cmd = [sys.executable, "-m", "train", "--config", args.config, "--workdir", str(workdir), "--set",
          f"steps={args.steps}", "log_every=10", f"eval_every={args.steps}", f"checkpoint_every={args.steps}",
@@ -42,7 +45,7 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s8": 1, "u8": 1, "pred": 1}
 
 
-def collectives(args) -> dict:
+def collectives(args: argparse.Namespace) -> dict:
   """Collective operations (count, result bytes) in the compiled train step on every device."""
   import jax  # noqa: PLC0415  (the runs above must not start a backend in this process)
   import numpy as np  # noqa: PLC0415
@@ -81,7 +84,8 @@ def gpu_names() -> str:
     return "unknown"
 
 
-def reproduce(args) -> str:
+def reproduce(args: argparse.Namespace) -> str:
+  """The command line that repeats this comparison."""
   cmd = f"python -m benchmarks.dp_scaling --config {args.config} --steps {args.steps}"
   cmd += f" --gpus {args.gpus}" if args.gpus != "0,1" else ""
   return cmd + (f" --set {' '.join(args.set)}" if args.set else "") + (" --control" if args.control else "")

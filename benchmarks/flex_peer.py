@@ -13,15 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch._dynamo
 import triton.testing
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+if TYPE_CHECKING:
+  from torch.nn.attention.flex_attention import BlockMask
 
-def _mask_mod(window: int, offsets: list[int]):
-  def mask_mod(b, h, q, kv):
+
+def _mask_mod(window: int, offsets: list[int]) -> Callable[..., torch.Tensor]:
+  """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``: ``q_idx`` sees ``kv_idx``
+  inside the causal window or at one of ``offsets``."""
+
+  def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     d = q - kv
     hit = (d >= 0) & (d < window)
     for o in offsets:
@@ -38,9 +45,11 @@ def _allow_recompiles(limit: int = 64) -> None:
       setattr(torch._dynamo.config, name, limit)  # noqa: SLF001
 
 
-def time_shape(flex, mask, n: int, heads: int, kv_heads: int, head_dim: int) -> dict:
-  """Median ms of forward and forward+backward at one shape."""
-  def rand(h):
+def time_shape(flex: Callable[..., torch.Tensor], mask: BlockMask, n: int, heads: int, kv_heads: int,
+               head_dim: int) -> dict:
+  """Median ms of forward and forward+backward at one shape: ``q [1, heads, n, head_dim]``, ``k, v
+  [1, kv_heads, n, head_dim]``, bf16, random."""
+  def rand(h: int) -> torch.Tensor:
     return torch.randn(1, h, n, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
   q, k, v = rand(heads), rand(kv_heads), rand(kv_heads)
@@ -49,7 +58,7 @@ def time_shape(flex, mask, n: int, heads: int, kv_heads: int, head_dim: int) -> 
                                 return_mode="median")
   g = torch.randn_like(q)
 
-  def fwd_bwd():
+  def fwd_bwd() -> None:
     out = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
     torch.autograd.grad(out, (q, k, v), g)
 

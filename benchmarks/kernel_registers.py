@@ -25,15 +25,17 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from fibjax.cli import ArgumentParser
+from benchmarks.attention import H, R, W, static_offsets
 from benchmarks.cli import add_force, claim, fail
 
-N, H, W, R = 65536, 8, 64, 4096
-OFFSETS = [89, 144, 233, 377, 610, 987, 1597, 2584]
+N = 65536
+OFFSETS = static_offsets()  # benchmarks.attention's static offsets (K = 8 at W = 64, R = 4096)
 KERNELS = ("fwd", "dq", "dkdv")
 
 _COMPILE = r"""
@@ -53,7 +55,8 @@ for path in sys.argv[1:]:
 
 def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool, loop_group: bool = False,
                    block_bwd: int | None = None) -> list[str]:
-  """The three kernels' Triton modules (text), from lowering ``jax.grad`` of the kernel for CUDA."""
+  """The three kernels' Triton modules (text), from lowering ``jax.grad`` of the kernel for CUDA at
+  ``q [1, N, H, head_dim]``, ``k, v [1, N, kv_heads, head_dim]``, bf16 (shapes only: nothing runs)."""
   from jax._src.pallas.triton import pallas_call_registration  # noqa: PLC0415  (the lowering's entry point)
 
   from pallas_kernels import gathered_offset_attention  # noqa: PLC0415
@@ -62,7 +65,7 @@ def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool, 
   lowering = pallas_call_registration.lowering
   lower = lowering.lower_jaxpr_to_triton_module
 
-  def capture(*args, **kwargs):
+  def capture(*args: Any, **kwargs: Any) -> Any:
     result = lower(*args, **kwargs)
     text = result.module.operation.get_asm()
     modules[re.search(r"module @fib_attention_(\w+)", text).group(1)] = text
@@ -72,7 +75,7 @@ def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool, 
   q = jax.ShapeDtypeStruct((1, N, H, head_dim), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, N, kv_heads, head_dim), jnp.bfloat16)
 
-  def loss(q, k, v):
+  def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     out = gathered_offset_attention(q, k, v, window=W, offsets=offsets, reach=R, backend="gpu", term_mma=term_mma,
                                     loop_group=loop_group, block_bwd=block_bwd)
     return jnp.sum(out.astype(jnp.float32))
@@ -89,7 +92,10 @@ def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool, 
 
 
 def parse(report: str) -> dict:
-  def number(pattern):
+  """Registers per thread, stack frame and spill bytes from one kernel's ``ptxas -v`` report (``None``
+  where the report does not say)."""
+
+  def number(pattern: str) -> int | None:
     m = re.search(pattern, report)
     return int(m.group(1)) if m else None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,9 @@ def main() -> None:
   path = args.out / f"norm_{device.replace(' ', '_')}.json"
   claim([path], args.force)
   shape, bf = (args.rows, args.d), jnp.bfloat16
-  def arrays(seed):  # separate arrays, not slices of one: a slice fed to a custom call is copied first
+  def arrays(seed: int) -> list[jax.Array]:
+    """``--layers`` random bf16 ``[rows, d]`` arrays (separate arrays, not slices of one: a slice fed
+    to a custom call is copied first)."""
     return [jax.random.normal(jax.random.key(seed * 1000 + i), shape, jnp.float32).astype(bf) for i in range(args.layers)]
 
   sets = [tuple(arrays(i * 4 + j) for j in range(3)) for i in range(2)]
@@ -43,8 +46,11 @@ def main() -> None:
   xla = lambda x, s: (x, norm_gpu.norm_reference(x, s, 1e-6, bf))  # noqa: E731
   pallas = lambda x, s: norm_gpu.norm_residual(x, s, 1e-6, jnp.dtype(bf), False)  # noqa: E731
 
-  def fwd_bwd(f):
-    def run(xs, dys, dress):
+  def fwd_bwd(f: Callable) -> Callable:
+    """Jitted ``(xs, dys, dress) -> [(dx, dscale)]``: the VJP of ``f(x, scale) -> (residual, y)`` per
+    layer, each array bf16 ``[rows, d]`` (``dscale`` f32 ``[d]``)."""
+
+    def run(xs: list[jax.Array], dys: list[jax.Array], dress: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
       outs = []
       for x, dy, dres in zip(xs, dys, dress):
         _, vjp = jax.vjp(f, x, scale)
@@ -52,7 +58,8 @@ def main() -> None:
       return outs
     return jax.jit(run)
 
-  def fwd(f):
+  def fwd(f: Callable) -> Callable:
+    """Jitted ``(xs, dys, dress) -> [y]``: ``f``'s normalised output per layer (``dys``, ``dress`` unused)."""
     return jax.jit(lambda xs, dys, dress: [f(x, scale)[1] for x in xs])
 
   nbytes = args.layers * args.rows * args.d * 2

@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 
 from fibjax.cli import ArgumentParser
 from benchmarks.ab import tree_digest
@@ -140,13 +141,13 @@ def child(shape: str, n: int, impl: str) -> None:
   stop()
 
 
-def _profiler_calls():
+def _profiler_calls() -> tuple[Callable[[], None], Callable[[], None]]:
   """``cudaProfilerStart`` / ``cudaProfilerStop`` of the CUDA runtime (the primary context, which
   JAX uses)."""
   from cuda.bindings import runtime  # noqa: PLC0415
 
-  def call(fn):
-    def run():
+  def call(fn: Callable[[], tuple]) -> Callable[[], None]:
+    def run() -> None:
       (err,) = fn()
       if err != runtime.cudaError_t.cudaSuccess:
         raise RuntimeError(f"{fn.__name__} failed: {err}")
@@ -156,6 +157,8 @@ def _profiler_calls():
 
 
 def profile(shape: str, n: int, impl: str, ncu: str, timeout: int) -> dict:
+  """One implementation at one shape and length profiled under ``ncu`` in a process of its own:
+  ``{device, jax, kernels}`` (``summarise``'s rows), or ``{error}``."""
   cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--csv", "--page", "details",
          "--print-units", "base", *[x for s in SECTIONS for x in ("--section", s)], "--metrics", ",".join(METRICS),
          sys.executable, "-m", "benchmarks.profile_attention", "--child", shape, str(n), impl]

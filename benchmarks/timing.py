@@ -8,7 +8,7 @@ import re
 import statistics
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 
@@ -57,7 +57,7 @@ def kernel_times(run: Callable[[], Any], calls: int, device: str = "/device:GPU:
   return by_name
 
 
-def describe_kernels(compiled_text: str, names, body_chars: int = 0) -> dict[str, str]:
+def describe_kernels(compiled_text: str, names: Iterable[str], body_chars: int = 0) -> dict[str, str]:
   """For profiler kernel names that are XLA fusions, the fusion's HLO instruction (truncated):
   what it computes, for reading a profile; with ``body_chars``, also that much of the fused
   computation it calls."""

@@ -15,12 +15,15 @@ import json
 import pathlib
 import statistics
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 import configs
+from configs.base import TrainConfig
 from fibjax.cli import ArgumentParser
 from fibjax.model import count_params
 from benchmarks.cli import add_force, claim
@@ -30,7 +33,11 @@ from train.step import make_optimizer
 from train.trainer import compile_train_step, init_state, make_mesh
 
 
-def _setup(variant: str, seq_len: int, tokens_per_step: int):
+def _setup(variant: str, seq_len: int, tokens_per_step: int) -> tuple[
+    TrainConfig, Mesh, nnx.GraphDef, dict[str, Any], Callable, list[jax.Array]]:
+  """``(cfg, mesh, graphdef, state, step, batches)``: the ``paper`` recipe of ``variant`` at ``seq_len``
+  with ``tokens_per_step // seq_len`` rows per step, its compiled train step, and 4 batches of
+  random int32 tokens ``[1, B, seq_len + 1]`` (one micro-batch each)."""
   cfg = configs.get_config("paper", variant)
   cfg = dataclasses.replace(cfg, batch_size=max(1, tokens_per_step // seq_len),
                             model=dataclasses.replace(cfg.model, seq_len=seq_len))
@@ -43,7 +50,8 @@ def _setup(variant: str, seq_len: int, tokens_per_step: int):
   return cfg, mesh, graphdef, state, step, batches
 
 
-def _run(step, state, batches, steps: int):
+def _run(step: Callable, state: dict[str, Any], batches: list[jax.Array],
+         steps: int) -> tuple[dict[str, Any], dict[str, jax.Array], list[float], list[float]]:
   """``steps`` steps after 3 warm-up steps: (state, metrics, synced, pipelined) seconds per step.
 
   ``synced``: each step dispatched and waited for alone. ``pipelined``: as ``train/trainer.py``
@@ -101,7 +109,7 @@ def profile(variant: str, seq_len: int, tokens_per_step: int, steps: int, top: i
   cfg, mesh, graphdef, state, step, batches = _setup(variant, seq_len, tokens_per_step)
   box = {"state": state, "i": 0}
 
-  def run():
+  def run() -> dict[str, jax.Array]:
     box["state"], m = step(box["state"], batches[box["i"] % 4])
     box["i"] += 1
     return m

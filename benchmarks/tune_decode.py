@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import pathlib
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,43 +36,50 @@ HBM_BYTES = 128 << 20  # weight copies cycled through: > 2x the L2, so weights c
 
 
 def _copies(nbytes: int) -> int:
+  """Copies of an ``nbytes`` weight to cycle through: one per layer, or as many as fill ``HBM_BYTES``."""
   return max(LAYERS, -(-HBM_BYTES // nbytes))
 
 
-def _cycling(f, arg_sets):
+def _cycling(f: Callable, arg_sets: Sequence[tuple]) -> Callable[[], Any]:
   """``run()`` calling ``f`` on the next of ``arg_sets`` each time."""
   box = {"i": 0}
 
-  def run():
+  def run() -> Any:
     box["i"] += 1
     return f(*arg_sets[box["i"] % len(arg_sets)])
 
   return run
 
 
-def _rms(x, scale):
+def _rms(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """RMSNorm of ``x [B, D]`` (float32 statistics) times ``scale [D]``, in bf16."""
   x = x.astype(jnp.float32)
   return (x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale).astype(BF)
 
 
-def _residuals(b: int):
+def _residuals(b: int) -> tuple[jax.Array, jax.Array]:
+  """Two random float32 residual streams ``[b, D]``."""
   return tuple(jax.random.normal(jax.random.key(9 + i), (b, D), jnp.float32) for i in range(2))
 
 
-def shapes(b: int):
-  """name -> (kernel(x, w, aux, **config), XLA peer(x, w, aux), [args per layer]): the projection kernels."""
+def shapes(b: int) -> dict[str, tuple[Callable, Callable, list[tuple]]]:
+  """name -> (kernel(x, w, aux, **config), XLA peer(x, w, aux), [args per layer]): the projection kernels.
+  ``x [b, D]`` float32 (the residual stream), ``w`` bf16 ``[D, 3 D]`` (qkv) or ``[D, 2 M]`` (mlp gate and
+  up), ``aux`` ``None`` (qkv) or the bf16 down projection ``[M, D]`` (mlp)."""
   rnd = lambda *s: jax.random.normal(jax.random.key(len(s) * 1000 + s[-1]), s, BF)  # noqa: E731
   copies = lambda *s: [jax.random.normal(jax.random.key(i), s, BF) for i in range(_copies(2 * s[0] * s[1]))]  # noqa: E731
   scale = jnp.ones((D,), jnp.float32)
   pos = jnp.int32(5000)
   angle = rope_angles(pos, HD, 10_000.0)
 
-  def xla_qkv(x, w, _):
+  def xla_qkv(x: jax.Array, w: jax.Array, _: None) -> tuple[jax.Array, jax.Array]:
+    """``(qkv [b, 1, 3, H, HD] bf16 with q and k rotated, x)``."""
     qkv = jnp.dot(_rms(x, scale), w).reshape(b, 1, 3, H, HD)
     p = jnp.full((b, 1), pos)
     return jnp.stack([rope(qkv[:, :, 0], p, 1e4), rope(qkv[:, :, 1], p, 1e4), qkv[:, :, 2]], 2), x
 
-  def xla_mlp(x, w, down):
+  def xla_mlp(x: jax.Array, w: jax.Array, down: jax.Array) -> jax.Array:
+    """``x + down(swiglu(rms(x) @ w))``, float32 ``[b, D]``."""
     g, u = jnp.split(jnp.dot(_rms(x, scale), w), 2, -1)
     return x + jnp.dot(jax.nn.silu(g) * u, down)
 
@@ -88,7 +96,9 @@ def shapes(b: int):
 
 def attention_rows(b: int) -> list[dict]:
   """The sparse attention kernel with the out projection fused in, against XLA doing the same
-  (cache write, gather attention, out projection, residual add)."""
+  (cache write, gather attention, out projection, residual add). Inputs: ``qkv [b, 3, H, HD]`` bf16
+  (the new token's q, k, v), per-layer bf16 caches ``k, v [b, R + 1, H, HD]``, two float32 residual
+  streams ``[b, D]``, ``wo [H * HD, D]`` bf16."""
   key = iter(jax.random.split(jax.random.key(1), 2 * LAYERS + 1))
   caches = [{n: jax.random.normal(next(key), (b, R + 1, H, HD), BF) for n in ("k", "v")} for _ in range(LAYERS)]
   qkv = jax.random.normal(next(key), (b, 3, H, HD), BF)
@@ -98,11 +108,13 @@ def attention_rows(b: int) -> list[dict]:
   pos = jnp.int32(10_000)
   rows = []
 
-  def timed(fn):  # per-layer caches and residuals donated and threaded through, as in the decode loop
+  def timed(fn: Callable) -> dict[str, float]:
+    """Kernel ms per call of ``fn(qkv, cache, residuals, wo) -> (residuals, cache)`` by kernel name;
+    per-layer caches and residuals donated and threaded through, as in the decode loop."""
     f = jax.jit(fn, donate_argnums=(1, 2))
     box = {"i": 0, "res": _residuals(b)}
 
-    def run():
+    def run() -> tuple[jax.Array, jax.Array]:
       i = box["i"] = box["i"] + 1
       box["res"], caches[i % LAYERS] = f(qkv, caches[i % LAYERS], box["res"], wos[i % len(wos)])
       return box["res"]
@@ -116,7 +128,8 @@ def attention_rows(b: int) -> list[dict]:
                  "kernel_ms": sum(t.values()), "kernels": sorted(t)})
     print(json.dumps(rows[-1]), flush=True)
 
-  def xla(q, c, r, wo):
+  def xla(q: jax.Array, c: dict[str, jax.Array], r: tuple[jax.Array, jax.Array],
+          wo: jax.Array) -> tuple[tuple[jax.Array, jax.Array], dict[str, jax.Array]]:
     c = dec.write_token(c, q[:, 1], q[:, 2], pos)
     o = dec.attend_sparse(q[:, 0], c, pos, window=64, offsets=offsets, reach=R, scale=0.125).astype(BF)
     out = jnp.dot(o.reshape(b, H * HD), wo).astype(jnp.float32)

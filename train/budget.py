@@ -17,7 +17,7 @@ import dataclasses
 import math
 import pathlib
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 from flax import nnx
@@ -85,7 +85,7 @@ def budget_sweep(run: Run, multiples: tuple[int, ...], max_targets: int,
   return out
 
 
-def run_budget(workdir: pathlib.Path, multiples=(1, 2, 4), max_targets: int | None = None,
+def run_budget(workdir: pathlib.Path, multiples: Sequence[int] = (1, 2, 4), max_targets: int | None = None,
                run: Run | None = None, budgets: tuple[str, ...] = tuple(BUDGETS)) -> tuple[pathlib.Path, dict]:
   """Runs (or reads, if already written under the same name) the budget sweep of ``workdir``."""
   unknown = sorted(set(budgets) - set(BUDGETS))

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from fibjax.cli import ArgumentParser
 from fibjax.generate import compiled_steps
@@ -36,6 +37,7 @@ from train.sweep import check_one_recipe, read_run_config
 
 
 def median_ms(fn: Callable[[], Any], repeats: int) -> float:
+  """Median milliseconds of ``repeats`` synchronised calls of ``fn()``, after one warm-up call."""
   jax.block_until_ready(fn())  # compile and warm up
   times = []
   for _ in range(repeats):
@@ -62,7 +64,8 @@ def measure(run: Run, repeats: int, decode_tokens: int) -> dict[str, float]:
   token, cache = prefill(state, prompt, model.init_cache(1, t + decode_tokens * (repeats + 2)), key)
   pos = t
 
-  def decode():
+  def decode() -> jax.Array:
+    """Decodes ``decode_tokens`` more tokens after the last; returns them, ``tokens_nx1`` (int32)."""
     nonlocal token, cache, pos
     tokens, cache = steps(state, token, jnp.int32(pos), cache, key, decode_tokens)
     token, pos = tokens[-1], pos + decode_tokens
@@ -108,7 +111,7 @@ def free_name(path: pathlib.Path) -> pathlib.Path:
   return out
 
 
-def initialised_run(workdir: pathlib.Path, mesh) -> Run:
+def initialised_run(workdir: pathlib.Path, mesh: Mesh) -> Run:
   """The run's model with freshly initialised parameters (its checkpoint is not read)."""
   cfg = TrainConfig.load(workdir / "config.json")
   with jax.set_mesh(mesh):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def key_parts(tokenizer: data.Tokenizer, key: str) -> tuple[np.ndarray, ...]:
-  """``(head, answer, tail, question)`` tokens: the needle is ``head answer tail``."""
+  """``(head, answer, tail, question)`` tokens (1-D int32): the needle is ``head answer tail``."""
   return tuple(tokenizer.encode(x) for x in (NEEDLE[0], key, NEEDLE[1], QUESTION))
 
 
@@ -47,8 +47,8 @@ def fixed_tokens(tokenizer: data.Tokenizer, key: str) -> int:
 
 
 def sample(tokenizer: data.Tokenizer, length: int, depth: float, key: str) -> tuple[np.ndarray, int, int]:
-  """``(tokens [length + 1], key_start, answer_len)``: the sample's tokens, where the key's first
-  token sits in the needle, and how many trailing tokens are the key (teacher-forced)."""
+  """``(tokens_L1, key_start, answer_len)``: the sample's int32 tokens (``L1 = length + 1``), where the
+  key's first token sits in the needle, and how many trailing tokens are the key (teacher-forced)."""
   head, answer, tail, question = key_parts(tokenizer, key)
   needle = np.concatenate([head, answer, tail])
   fill = length - fixed_tokens(tokenizer, key)
@@ -62,11 +62,12 @@ def sample(tokenizer: data.Tokenizer, length: int, depth: float, key: str) -> tu
   return tokens, 1 + cut + len(head), len(answer)
 
 
-def greedy_tail(graphdef: nnx.GraphDef, n: int):
-  """``fn(params, tokens_BxL1) -> [B, n]`` greedy predictions of the last ``n`` targets."""
+def greedy_tail(graphdef: nnx.GraphDef, n: int) -> Callable[[Any, jax.Array], jax.Array]:
+  """``fn(params, tokens_BxL1) -> preds_Bxn``: greedy predictions (int32) of the last ``n`` targets of
+  ``tokens_BxL1`` (int32, ``L1 = L + 1``: the model reads ``tokens_BxL1[:, :-1]``)."""
 
   @jax.jit
-  def fn(params, tokens_BxL1):
+  def fn(params: Any, tokens_BxL1: jax.Array) -> jax.Array:
     logits = nnx.merge(graphdef, params)(tokens_BxL1[:, :-1])
     return jnp.argmax(logits[:, -n:], axis=-1)
 
@@ -121,15 +122,16 @@ def passkey(run: Run, multiples: tuple[int, ...] = (1, 2, 4), depths: tuple[floa
           "cells": cells, "reachable_fraction": coverage}
 
 
-def run_passkey(workdir: pathlib.Path, multiples=(1, 2, 4), depths=DEPTHS, trials: int = 8, seed: int = 0,
-                run: Run | None = None) -> tuple[pathlib.Path, dict]:
+def run_passkey(workdir: pathlib.Path, multiples: Sequence[int] = (1, 2, 4), depths: Sequence[float] = DEPTHS,
+                trials: int = 8, seed: int = 0, run: Run | None = None) -> tuple[pathlib.Path, dict]:
   """Runs (or reads, if already written under the same name) the passkey probe of ``workdir``."""
   run = run or load_run(workdir)
   path = passkey_path(run, multiples, depths, trials, seed)
   return read_or_write(path, lambda: passkey(run, tuple(multiples), tuple(depths), trials, seed))
 
 
-def passkey_path(run: Run, multiples=(1, 2, 4), depths=DEPTHS, trials: int = 8, seed: int = 0) -> pathlib.Path:
+def passkey_path(run: Run, multiples: Sequence[int] = (1, 2, 4), depths: Sequence[float] = DEPTHS,
+                 trials: int = 8, seed: int = 0) -> pathlib.Path:
   """Where ``run_passkey`` writes (or finds) this probe."""
   name = (f"step{run.step}_x{'-'.join(map(str, multiples))}_d{'-'.join(f'{d:g}' for d in depths)}"
           f"_n{trials}_s{seed}.json")

@@ -14,11 +14,15 @@ import json
 import math
 import pathlib
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from fibjax.cli import ArgumentParser
 from train import stats
 from train.sweep import SWEEP_FILE, read_sweep_file
+
+if TYPE_CHECKING:  # matplotlib is imported only when plotting
+  from matplotlib.axes import Axes
+  from matplotlib.figure import Figure
 
 MULTIPLES = (1, 2, 4)
 PAPER = {  # the paper's numbers (arXiv 2606.28560, abstract), compared against ours
@@ -329,7 +333,7 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> None:
     save(fig, out / "latency.png")
 
 
-def plain_log_ticks(ax) -> None:
+def plain_log_ticks(ax: Axes) -> None:
   """Decimal tick labels on a log axis (matplotlib would print ``4 x 10^0``)."""
   from matplotlib.ticker import FormatStrFormatter  # noqa: PLC0415
 
@@ -337,7 +341,8 @@ def plain_log_ticks(ax) -> None:
   ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
 
 
-def save(fig, path: pathlib.Path) -> None:
+def save(fig: Figure, path: pathlib.Path) -> None:
+  """Writes ``fig`` to ``path`` (PNG, 110 dpi) and closes it."""
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   import matplotlib.pyplot as plt  # noqa: PLC0415
