@@ -3,6 +3,7 @@ backward ones.
 
     python -m benchmarks.tune_attention [--n 1024] [--batch 32] [--heads 8] [--kv-heads 2] [--head-dim 128]
         [--reach N] [--learned] [--term-mma 0 1] [--skip-dead-terms 0 1] [--loop-group 0 1] [--loop-terms 0 1]
+        [--saved-terms 0 1]
 
 Offsets are static, or fractional (``--learned``). Forward configurations (offset terms on tensor
 cores or row-wise, behind a branch per tile, unbranched, or as one loop body; rows per tile, warps,
@@ -55,6 +56,8 @@ def main() -> None:
                       help="backward: the group's query heads unrolled (0) and/or looped (1) in dK/dV")
   parser.add_argument("--loop-terms", type=int, nargs="+", default=[0], choices=[0, 1],
                       help="offset terms unrolled (0) and/or as one loop body (1; --skip-dead-terms is then moot)")
+  parser.add_argument("--saved-terms", type=int, nargs="+", default=[0], choices=[0, 1],
+                      help="backward: dK/dV recomputes the offset terms' probabilities (0) and/or reads those dQ saved (1)")
   parser.add_argument("--parts", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"],
                       help="sweep forward configurations and/or backward ones")
   parser.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads; fewer: grouped-query)")
@@ -87,11 +90,12 @@ def main() -> None:
 
   rows = []
   forms = [(lt, skip) for lt in args.loop_terms for skip in (args.skip_dead_terms[:1] if lt else args.skip_dead_terms)]
-  grid = list(itertools.product(args.term_mma, forms, [0], args.blocks, args.warps, args.stages))
-  bwd_grid = list(itertools.product(args.term_mma, forms, args.loop_group, args.blocks, args.warps, args.stages))
+  grid = list(itertools.product(args.term_mma, forms, [(0, 0)], args.blocks, args.warps, args.stages))
+  bwd_grid = list(itertools.product(args.term_mma, forms, itertools.product(args.loop_group, args.saved_terms),
+                                    args.blocks, args.warps, args.stages))
   grid, bwd_grid = (g if part in args.parts else [] for part, g in (("fwd", grid), ("bwd", bwd_grid)))
-  for part, (mma, (lt, skip), loop, block, warps, stages) in itertools.chain((("fwd", c) for c in grid),
-                                                                             (("bwd", c) for c in bwd_grid)):
+  cells = itertools.chain((("fwd", c) for c in grid), (("bwd", c) for c in bwd_grid))
+  for part, (mma, (lt, skip), (loop, saved), block, warps, stages) in cells:
     if part == "fwd":
       row = {"part": part, "term_mma": mma, "skip_dead_terms": skip, "loop_terms": lt, "block": block,
              "num_warps": warps, "num_stages": stages,
@@ -99,9 +103,9 @@ def main() -> None:
                                            skip_dead_terms=bool(skip), loop_terms=bool(lt))), sets)}
     else:
       f = attn(block_bwd=block, options_bwd=dict(num_warps=warps, num_stages=stages), term_mma_bwd=bool(mma),
-               skip_dead_terms=bool(skip), loop_group=bool(loop), loop_terms_bwd=bool(lt))
+               skip_dead_terms=bool(skip), loop_group=bool(loop), loop_terms_bwd=bool(lt), saved_terms=bool(saved))
       row = {"part": part, "term_mma_bwd": mma, "skip_dead_terms": skip, "loop_terms_bwd": lt, "loop_group": loop,
-             "block_bwd": block, "num_warps": warps, "num_stages": stages,
+             "saved_terms": saved, "block_bwd": block, "num_warps": warps, "num_stages": stages,
              "fwd_bwd_ms": _timed(fwd_bwd(f), sets)}
     rows.append(row)
     print(json.dumps(row), flush=True)

@@ -4,8 +4,8 @@ Each body handles one tile of ``block`` rows for one batch row and one head (the
 bodies: one query head; the dK/dV body: one key/value head and the ``group`` query heads that
 read it). It reaches memory only through ``io`` (``read(ref, start, size, member)`` -> ``[size,
 D]`` rows with rows outside ``[0, n)`` zeroed, ``member`` picking one query head of a group ref;
-``read_vec`` for ``[size]`` rows (float32 statistics, int32 segment ids); ``write``/``write_vec``
-store rows below ``n``; ``write_terms`` stores the per-term d-distance partial sums), so the
+``read_vec`` for ``[size]`` rows (float32 statistics, int32 segment ids; ``term`` picks one offset
+term's row of a ``[K', rows]`` ref); ``write``/``write_vec`` store rows below ``n``; ``write_terms`` stores the per-term d-distance partial sums), so the
 lowering modules differ only in how a row range moves between memory and registers and how a
 program finds its heads.
 
@@ -15,7 +15,10 @@ row-wise dot products; one online softmax runs over both; the backward pass reco
 probabilities from the saved log-sum-exp and needs no atomics: dQ is query-tile-major and
 dK/dV key-tile-major (the queries reading key tile ``[j0, j0 + block)`` through offset ``o``
 are the contiguous tile ``[j0 + o, j0 + o + block)``). Learned (fractional) distances read two
-shifted tiles per term and blend their scores and values row by row.
+shifted tiles per term and blend their scores and values row by row. With ``Static.saved_terms``
+the dQ pass writes each term's probability and score gradient per query row, and dK/dV reads
+those instead of recomputing them (for a fractional distance that saves loading two neighbouring
+key/value tiles per term).
 
 Grouped-query attention: the dK/dV body loads each key/value tile once and loops over the
 group's query heads, summing their contributions in registers. The forward and dQ grids put a
@@ -100,6 +103,7 @@ class Static:
   skip_dead_terms: bool = True  # branch around offset terms that reach no row of a tile (``_when``)
   loop_group: bool = False  # dK/dV: loop over the group's query heads instead of unrolling them
   loop_terms: bool = False  # offset terms as one loop body (dead rows masked, no branch) (``_over_terms``)
+  saved_terms: bool = False  # dQ writes each term's probabilities and score gradients; dK/dV reads them
 
   @property
   def window_tiles(self) -> int:
@@ -184,24 +188,25 @@ def _term_rows_valid(seg_q, parts, segs, rows, offset, st: Static):
   return valid & _in_segment(seg_q, [(p.weight, seg) for p, seg in zip(parts, segs)])
 
 
-def _when(live, term, state, st: Static):
+def _when(live, term, state, st: Static, dead=None):
   """``term(state)``; with ``st.skip_dead_terms``, only where the offset term reaches some row of the
-  tile (else ``state`` untouched): at short sequences most (tile, offset) pairs read nothing. Without
-  it every term runs unconditionally (dead rows are masked), so the compiler can overlap the terms'
-  loads with each other's arithmetic."""
+  tile (else ``dead(state)``, by default ``state`` untouched): at short sequences most (tile, offset)
+  pairs read nothing. Without it every term runs unconditionally (dead rows are masked), so the
+  compiler can overlap the terms' loads with each other's arithmetic."""
   if not st.skip_dead_terms:
     return term(state)
-  return jax.lax.cond(live, term, lambda s: s, state)
+  return jax.lax.cond(live, term, dead or (lambda s: s), state)
 
 
-def _over_terms(term, state, live, st: Static):
+def _over_terms(term, state, live, st: Static, dead=None):
   """``term(kk, state)`` for every offset term ``kk``. With ``st.loop_terms``, a ``fori_loop``: one
   loop body whose dead rows are masked, so the compiler can pipeline the next term's loads behind
-  this term's arithmetic (``num_stages``); else unrolled, each term behind ``_when(live(kk))``."""
+  this term's arithmetic (``num_stages``); else unrolled, each term behind ``_when(live(kk))``, with
+  ``dead(kk, state)`` where it is skipped."""
   if st.loop_terms:
     return jax.lax.fori_loop(0, st.num_offsets, term, state)
   for kk in range(st.num_offsets):
-    state = _when(live(kk), functools.partial(term, kk), state, st)
+    state = _when(live(kk), functools.partial(term, kk), state, st, dead and functools.partial(dead, kk))
   return state
 
 
@@ -298,12 +303,14 @@ def forward(io, offs_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, st: S
   io.write_vec(lse_ref, i0, b, m_new + jnp.log(l))
 
 
-def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_ref, dq_ref, dd_ref, delta_ref, *,
-                st: Static):
+def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_ref, dq_ref, dd_ref, delta_ref,
+                *saved_refs, st: Static):
   """dQ for one query tile, and (learned) this tile's share of dL/d(distance) per term. Also
   writes ``delta = rowsum(o * do)`` (float32), which ``backward_dkdv`` reads: computed here from
   tiles this kernel loads anyway, instead of in a separate pass over ``o`` and ``do``. The offset
-  terms accumulate as ``_term_accumulator`` says."""
+  terms accumulate as ``_term_accumulator`` says. With ``st.saved_terms`` it also writes, per term
+  and query row, the probability ``p`` and score gradient ``ds`` (``saved_refs``: two ``[K', rows]``
+  float32; 0 where the term is masked), which ``backward_dkdv`` then reads instead of recomputing."""
   b = st.block
   i0 = io.tile_start()
   rows = i0 + jnp.arange(b)
@@ -330,24 +337,35 @@ def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_r
     dov = [_rowdot(do, v, st) for v in vs]
     p = jnp.where(valid, jnp.exp(sum(part.weight * x for part, x in zip(parts, qk)) * st.scale - lse), 0.0)
     ds = p * (sum(part.weight * x for part, x in zip(parts, dov)) - delta)
+    for ref, x in zip(saved_refs, (p, ds)):
+      io.write_vec(ref, i0, b, x, term=kk)
     dq_t += sum(_scale_rows(ds * (part.weight * st.scale), k, st) for part, k in zip(parts, ks))
     if st.learned:  # dL/dd = sum over rows of dL/ds * ds/dd + dL/dv_blend . dv_blend/dd
       dd_k = jnp.sum(sum(part.d_weight * (ds * st.scale * a + p * c) for part, a, c in zip(parts, qk, dov)))
       dd = jnp.where(jnp.arange(io.terms_width) == kk, dd_k, dd)
     return dq_t, dd
 
+  def dead(kk, state):  # the saved rows of a skipped term are 0
+    for ref in saved_refs:
+      io.write_vec(ref, i0, b, jnp.zeros((b,), jnp.float32), term=kk)
+    return state
+
   live = functools.partial(_live, offs_ref, i0=i0, st=st)
-  dq_t, dd = _over_terms(term, (_term_accumulator(dq, st), jnp.zeros((io.terms_width,), jnp.float32)), live, st)
+  dq_t, dd = _over_terms(term, (_term_accumulator(dq, st), jnp.zeros((io.terms_width,), jnp.float32)), live, st,
+                         dead)
   io.write(dq_ref, i0, b, _join(dq, dq_t, st).astype(dq_ref.dtype))
   if st.learned:
     io.write_terms(dd_ref, dd)
 
 
-def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dk_ref, dv_ref, *,
-                  st: Static):
+def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Static):
   """dK and dV for one key tile ``[j0, j0 + block)`` of one key/value head; every query (of every
   query head in the group) that read it is visited and its contribution summed (offset terms
-  accumulate as ``_term_accumulator`` says)."""
+  accumulate as ``_term_accumulator`` says). ``refs``: with ``st.saved_terms``, the probabilities
+  and score gradients ``backward_dq`` saved (``[K', rows]`` per query head; the offset terms then
+  read them instead of recomputing them); then the segment ids ref (or ``None``), ``dk_ref``,
+  ``dv_ref``."""
+  *saved_refs, seg_ref, dk_ref, dv_ref = refs
   b = st.block
   f32 = jnp.float32
   j0 = io.tile_start()
@@ -408,7 +426,33 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 
   own = Tile(1.0, k_t, v_t, seg_k)
 
+  def saved_term(kk, state):
+    """Queries ``i = j + shift`` give key ``j`` their saved ``p`` and ``ds`` times the weight of
+    ``j`` in their term: one shift of weight 1 (static), or two (fractional distance ``lo + t``:
+    query ``j + lo`` gives ``k[j]`` weight ``1 - t``, query ``j + lo + 1`` weight ``t``)."""
+    d = offs_ref[kk]
+    if st.learned:
+      lo, t = split_distance(d)
+      shifts = [(lo, 1.0 - t), (lo + 1, t)]
+    else:
+      shifts = [(d, 1.0)]
+
+    def member_step(g, acc):
+      dk, dv = acc
+      member = g if st.group > 1 else None
+      for shift, weight in shifts:
+        i0 = j0 + shift
+        q, do = io.read(q_ref, i0, b, member), io.read(do_ref, i0, b, member)
+        p, ds = (io.read_vec(ref, i0, b, member, term=kk) for ref in saved_refs)
+        dk = dk + _scale_rows(weight * ds * st.scale, q, st)
+        dv = dv + _scale_rows(weight * p, do, st)
+      return dk, dv
+
+    return over_group(member_step, state)
+
   def term(kk, state):
+    if st.saved_terms:
+      return saved_term(kk, state)
     dk_t, dv_t = state
     d = offs_ref[kk]
     if not st.learned:

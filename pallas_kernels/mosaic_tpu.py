@@ -64,24 +64,26 @@ class RowIO(bodies.RowIOBase):
   def _rows(self, slab: Slab, start, size, member=None):
     return slab.ref.at[pl.program_id(1), pl.ds(start, size), self._head(slab, member), :]
 
-  def _vec(self, slab: Slab, start, size, member=None):
+  def _vec(self, slab: Slab, start, size, member=None, term=None):
+    """``[size]`` rows of a ``[B, rows]`` (no head), ``[B, H, rows]`` or (``term``) ``[B, H, K', rows]`` array."""
     if slab.head is None:
       return slab.ref.at[pl.program_id(1), pl.ds(start, size)]
-    return slab.ref.at[pl.program_id(1), self._head(slab, member), pl.ds(start, size)]
+    lead = () if term is None else (term,)
+    return slab.ref.at[(pl.program_id(1), self._head(slab, member), *lead, pl.ds(start, size))]
 
   def read(self, slab, start, size, member=None):
     src = self._rows(slab, start + self.pad, size, member)
     return self._zero_outside(self._copy_in(src, (size, slab.ref.shape[-1]), slab.ref.dtype), start, size)
 
-  def read_vec(self, slab, start, size, member=None):
-    src = self._vec(slab, start + self.pad, size, member)
+  def read_vec(self, slab, start, size, member=None, term=None):
+    src = self._vec(slab, start + self.pad, size, member, term)
     return self._zero_outside(self._copy_in(src, (size,), slab.ref.dtype), start, size)
 
   def write(self, slab, start, size, value):
     self._copy_out(value, self._rows(slab, start, size))
 
-  def write_vec(self, slab, start, size, value):
-    self._copy_out(value, self._vec(slab, start, size))
+  def write_vec(self, slab, start, size, value, term=None):
+    self._copy_out(value, self._vec(slab, start, size, term=term))
 
   def write_terms(self, slab, value):
     self._copy_out(value, slab.ref.at[pl.program_id(1), slab.head, self.tile_index(), :])
@@ -153,7 +155,8 @@ def forward(q, k, v, seg, offsets, *, st: bodies.Static, interpret: bool):
 @functools.partial(jax.jit, static_argnames=("st", "interpret"))
 def backward(q, k, v, seg, offsets, do, lse, out, *, st: bodies.Static, interpret: bool):
   """``(dq, dk, dv, dd)``; the dQ kernel also writes ``delta = rowsum(out * do)`` for dK/dV, whose
-  programs each own one key tile of one key/value head and sum over the group's query heads."""
+  programs each own one key tile of one key/value head and sum over the group's query heads (and,
+  with ``st.saved_terms``, each term's probabilities and score gradients)."""
   bsz, n, h, d = q.shape
   h_kv = k.shape[2]
   front, back = _pads(st)
@@ -162,12 +165,15 @@ def backward(q, k, v, seg, offsets, do, lse, out, *, st: bodies.Static, interpre
   lse = bodies.pad_rows(lse, front, back, 2)
   width = max(offsets.shape[0], 1)
   inputs, sides = _with_segments(mats + [lse, bodies.pad_rows(out, front, back, 1)], "qkkqqq", seg, front, back)
-  dq, dd, delta = _call(bodies.backward_dq, st, offsets, inputs, sides + "qqq",
-                        [jax.ShapeDtypeStruct((bsz, rows, h, d), q.dtype),
-                         jax.ShapeDtypeStruct((bsz, h, tiles, width), jnp.float32),
-                         jax.ShapeDtypeStruct((bsz, h, rows), jnp.float32)], st.group, interpret, "fib_attention_dq")
+  saved_shape = [jax.ShapeDtypeStruct((bsz, h, width, rows), jnp.float32)] * (2 * st.saved_terms)
+  dq, dd, delta, *saved = _call(bodies.backward_dq, st, offsets, inputs, sides + "qqq" + "q" * len(saved_shape),
+                                [jax.ShapeDtypeStruct((bsz, rows, h, d), q.dtype),
+                                 jax.ShapeDtypeStruct((bsz, h, tiles, width), jnp.float32),
+                                 jax.ShapeDtypeStruct((bsz, h, rows), jnp.float32)] + saved_shape,
+                                st.group, interpret, "fib_attention_dq")
   delta = bodies.pad_rows(delta[:, :, :n], front, back, 2)
-  inputs, sides = _with_segments(mats + [lse, delta], "qkkqqq", seg, front, back)
+  saved = [bodies.pad_rows(x[..., :n], front, back, 3) for x in saved]
+  inputs, sides = _with_segments(mats + [lse, delta] + saved, "qkkqqq" + "q" * len(saved), seg, front, back)
   kv = jax.ShapeDtypeStruct((bsz, rows, h_kv, d), k.dtype)
   dk, dv = _call(bodies.backward_dkdv, st, offsets, inputs, sides + "kk", [kv, kv], 1, interpret, "fib_attention_dkdv")
   return dq[:, :n], dk[:, :n], dv[:, :n], dd[..., : offsets.shape[0]]

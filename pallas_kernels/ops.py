@@ -40,6 +40,11 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # than tensor cores on 4 warps without groups (N = 16384 and 65536) and 1.25x with 2 key/value heads
 # (N = 65536); 8 warps made every other backward measured slower, tensor-core learned ones included
 # (tune_attention_NVIDIA_H200_*_d128_learned*.json, *_warps.json).
+# The learned backward at long sequences has dK/dV read the probabilities and score gradients dQ
+# saved per term (``bodies.Static.saved_terms``) instead of recomputing them from two neighbouring
+# key/value tiles per term: fwd+bwd at N = 65536 1.20x faster (MHA d64, 2.279 -> 1.893 ms), 1.24x
+# (GQA 8q/2kv d64) and 1.33x (MHA d128, 6.447 -> 4.831 ms); static offsets gained 1.04x (MHA d64),
+# within run-to-run spread, and keep recomputing (tune_attention_NVIDIA_H200_*_saved_terms.json).
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
 ROWWISE_MAX_HEAD_DIM = 64
@@ -65,6 +70,12 @@ def default_loop_terms(backend: str, seq_len: int, head_dim: int, backward: bool
   """Offset terms as one loop body in the GPU forward at long sequences and head_dim <= 64 (measured
   faster there; slower at head_dim 128, at short sequences and in the backward)."""
   return backend == "gpu" and not backward and seq_len >= ROWWISE_MIN_SEQ and head_dim <= ROWWISE_MAX_HEAD_DIM
+
+
+def default_saved_terms(backend: str, seq_len: int, learned: bool) -> bool:
+  """The GPU backward of fractional distances at long sequences saves the offset terms'
+  probabilities and score gradients in dQ for dK/dV (measured faster there)."""
+  return backend == "gpu" and learned and seq_len >= ROWWISE_MIN_SEQ
 
 
 def default_num_warps_bwd(term_mma: bool, head_dim: int, learned: bool) -> int:
@@ -163,6 +174,7 @@ def gathered_offset_attention(
     loop_group: bool | None = None,
     loop_terms: bool | None = None,
     loop_terms_bwd: bool | None = None,
+    saved_terms: bool | None = None,
     segment_ids: jax.Array | None = None,
     batch_axes: Sequence[str] | None = None,
     **options,
@@ -198,6 +210,9 @@ def gathered_offset_attention(
       compiler can pipeline a term's loads behind the previous term's arithmetic (``num_stages``)
       instead of unrolled with a branch each (default ``default_loop_terms``, per pass);
       ``loop_terms_bwd``: the same for the backward kernels (default: ``loop_terms`` if given).
+    saved_terms: the dQ kernel writes each offset term's probabilities and score gradients
+      (``[B, H_q, K', N]`` float32 each) and the dK/dV kernel reads them instead of recomputing
+      them from neighbouring key/value tiles (default ``default_saved_terms``).
     options: lowering knobs (GPU: ``num_warps``, ``num_stages``); ``options_bwd``: the same
       for the backward kernels (default: ``options``; GPU ``num_warps`` default
       ``default_num_warps_bwd``).
@@ -232,6 +247,7 @@ def gathered_offset_attention(
   if term_mma_bwd is None:
     term_mma_bwd = default_term_mma(backend, n, d, group, learned, backward=True) if term_mma is None else term_mma
   st_bwd = dataclasses.replace(st, block=block_bwd, term_mma=term_mma_bwd,
+                               saved_terms=default_saved_terms(backend, n, learned) if saved_terms is None else saved_terms,
                                loop_terms=loop_terms_bwd if loop_terms_bwd is not None else default_loop_terms(
                                    backend, n, d, backward=True) if loop_terms is None else loop_terms,
                                skip_dead_terms=default_skip_dead_terms_bwd(

@@ -27,7 +27,8 @@ from pallas_kernels import bodies
 @dataclasses.dataclass(frozen=True)
 class RowIO(bodies.RowIOBase):
   """Rows of a program's slab: ``[rows, D]`` (``[rows, G, D]`` for a group's query heads, picked
-  by ``member``) and ``[rows]`` (``[G, rows]``) vectors."""
+  by ``member``) and ``[rows]`` (``[G, rows]``) vectors, or one offset term's (``term``) row of
+  ``[K', rows]`` (``[G, K', rows]``)."""
 
   def _mask(self, start, size):
     rows = start + jnp.arange(size)
@@ -39,9 +40,13 @@ class RowIO(bodies.RowIOBase):
     view = ref.at[rows, :] if member is None else ref.at[rows, jnp.int32(member), :]
     return plgpu.load(view, mask=mask, other=0.0)
 
-  def read_vec(self, ref, start, size, member=None):
-    rows = pl.ds(start + self.pad, size)
-    view = ref.at[rows] if member is None else ref.at[jnp.int32(member), rows]
+  @staticmethod
+  def _vec_view(ref, rows, member, term):
+    lead = tuple(jnp.int32(x) for x in (member, term) if x is not None)
+    return ref.at[(*lead, rows)]
+
+  def read_vec(self, ref, start, size, member=None, term=None):
+    view = self._vec_view(ref, pl.ds(start + self.pad, size), member, term)
     zero = 0.0 if jnp.issubdtype(ref.dtype, jnp.floating) else 0  # int32 segment ids
     return plgpu.load(view, mask=self._mask(start, size), other=zero)
 
@@ -49,8 +54,8 @@ class RowIO(bodies.RowIOBase):
     mask = jnp.broadcast_to(self._mask(start, size)[:, None], value.shape)
     plgpu.store(ref.at[pl.ds(start, size), :], value, mask=mask)
 
-  def write_vec(self, ref, start, size, value):
-    plgpu.store(ref.at[pl.ds(start, size)], value, mask=self._mask(start, size))
+  def write_vec(self, ref, start, size, value, term=None):
+    plgpu.store(self._vec_view(ref, pl.ds(start, size), None, term), value, mask=self._mask(start, size))
 
   def write_terms(self, ref, value):
     ref[...] = value
@@ -81,10 +86,13 @@ class _Specs:
       return pl.BlockSpec((None, rows, self.group, d), lambda i, b, h: (b, 0, h, 0))
     return pl.BlockSpec((None, rows, None, d), lambda i, b, h: (b, 0, self._q_head(i, h), 0))
 
-  def q_vec(self, rows: int):
+  def q_vec(self, rows: int, terms: int | None = None):
+    """``[B, H_q, rows]`` vectors, or ``[B, H_q, terms, rows]`` with ``terms``."""
+    lead = () if terms is None else (terms,)
+    zeros = (0,) * len(lead)
     if self.whole_group and self.group > 1:
-      return pl.BlockSpec((None, self.group, rows), lambda i, b, h: (b, h, 0))
-    return pl.BlockSpec((None, None, rows), lambda i, b, h: (b, self._q_head(i, h), 0))
+      return pl.BlockSpec((None, self.group, *lead, rows), lambda i, b, h: (b, h, *zeros, 0))
+    return pl.BlockSpec((None, None, *lead, rows), lambda i, b, h: (b, self._q_head(i, h), *zeros, 0))
 
   def q_terms(self, width: int):
     return pl.BlockSpec((None, None, None, width), lambda i, b, h: (b, self._q_head(i, h), self._tile(i), 0))
@@ -147,7 +155,8 @@ def backward(q, k, v, seg, offsets, do, lse, out, *, st: bodies.Static, interpre
              num_stages: int = 2):
   """``(dq, dk, dv, dd)``; ``dd [B, H_q, tiles, K']`` holds per-tile partial d(loss)/d(distance).
   The dQ kernel also writes ``delta = rowsum(out * do)`` for the dK/dV kernel, whose programs
-  each own one key tile of one key/value head and sum over the group's query heads."""
+  each own one key tile of one key/value head and sum over the group's query heads (and, with
+  ``st.saved_terms``, each term's probabilities and score gradients, ``[B, H_q, K', N]`` float32)."""
   bsz, n, h, d = q.shape
   h_kv = k.shape[2]
   pad = _pad_for(st, interpret)
@@ -157,28 +166,32 @@ def backward(q, k, v, seg, offsets, do, lse, out, *, st: bodies.Static, interpre
   lse = bodies.pad_rows(lse, pad, 0, 2)
   specs = _Specs(st.group, whole_group=False)
   seg_in, seg_spec = _segment_inputs(seg, specs, rows, pad)
-  dq, dd, delta = pl.pallas_call(
+  saved_shape = [jax.ShapeDtypeStruct((bsz, h, width, n), jnp.float32)] * (2 * st.saved_terms)
+  dq, dd, delta, *saved = pl.pallas_call(
       bodies.call(bodies.backward_dq, RowIO(n, st.block, pad, width, members=specs.members), st, 6),
       grid=(tiles * st.group, bsz, h_kv),
       in_specs=[specs.offsets(width), specs.q_rows(rows, d)] + [specs.kv_rows(rows, d)] * 2
       + [specs.q_rows(rows, d), specs.q_vec(rows), specs.q_rows(rows, d)] + seg_spec,
-      out_specs=[specs.q_rows(n, d), specs.q_terms(width), specs.q_vec(n)],
+      out_specs=[specs.q_rows(n, d), specs.q_terms(width), specs.q_vec(n)] + [specs.q_vec(n, width)] * len(saved_shape),
       out_shape=[jax.ShapeDtypeStruct((bsz, n, h, d), q.dtype), jax.ShapeDtypeStruct((bsz, h, tiles, width), jnp.float32),
-                 jax.ShapeDtypeStruct((bsz, h, n), jnp.float32)],
+                 jax.ShapeDtypeStruct((bsz, h, n), jnp.float32)] + saved_shape,
       compiler_params=_params(num_warps, num_stages),
       interpret=interpret,
       name="fib_attention_dq",
   )(offs, q, k, v, do, lse, out, *seg_in)
   group_specs = _Specs(st.group, whole_group=True)
   dk, dv = pl.pallas_call(
-      bodies.call(bodies.backward_dkdv, RowIO(n, st.block, pad, width, members=group_specs.members), st, 6),
+      bodies.call(bodies.backward_dkdv, RowIO(n, st.block, pad, width, members=group_specs.members), st,
+                  6 + len(saved)),
       grid=(tiles, bsz, h_kv),
       in_specs=[group_specs.offsets(width), group_specs.q_rows(rows, d)] + [group_specs.kv_rows(rows, d)] * 2
-      + [group_specs.q_rows(rows, d)] + [group_specs.q_vec(rows)] * 2 + seg_spec,
+      + [group_specs.q_rows(rows, d)] + [group_specs.q_vec(rows)] * 2 + [group_specs.q_vec(rows, width)] * len(saved)
+      + seg_spec,
       out_specs=[group_specs.kv_rows(n, d)] * 2,
       out_shape=[jax.ShapeDtypeStruct((bsz, n, h_kv, d), k.dtype), jax.ShapeDtypeStruct((bsz, n, h_kv, d), v.dtype)],
       compiler_params=_params(num_warps, num_stages),
       interpret=interpret,
       name="fib_attention_dkdv",
-  )(offs, q, k, v, do, lse, bodies.pad_rows(delta, pad, 0, 2), *seg_in)
+  )(offs, q, k, v, do, lse, bodies.pad_rows(delta, pad, 0, 2), *(bodies.pad_rows(x, pad, 0, 3) for x in saved),
+    *seg_in)
   return dq, dk, dv, dd[..., : offsets.shape[0]]

@@ -116,8 +116,8 @@ def test_reference_gradients_with_groups_and_segments_match_finite_differences()
 
 
 # backend, h_q, h_kv, head_dim, dtype, learned, block, kernel options: each form of offset terms
-# (tensor cores or row-wise) behind the dead-term branch and unbranched, and the dK/dV group loop (the GPU
-# default with groups) and unrolled
+# (tensor cores or row-wise) behind the dead-term branch, unbranched and looped, dK/dV from recomputed or
+# saved term probabilities, and the dK/dV group loop (the GPU default with groups) and unrolled
 KERNEL_CASES = {
     "gpu_mha_bf16_d64_mma": ("gpu", 2, 2, 64, jnp.bfloat16, False, 16, dict(term_mma=True, skip_dead_terms=True)),
     "gpu_mqa4_f32_d64_mma_unbranched": ("gpu", 4, 1, 64, jnp.float32, False, 16,
@@ -133,6 +133,12 @@ KERNEL_CASES = {
                                                     dict(term_mma=False, skip_dead_terms=False)),
     "gpu_mqa4_bf16_d64_rowwise_loop": ("gpu", 4, 1, 64, jnp.bfloat16, False, 16,
                                        dict(term_mma=False, skip_dead_terms=True, loop_group=True)),
+    "gpu_gqa2_f32_d32_learned_saved_looped": ("gpu", 4, 2, 32, jnp.float32, True, 16,
+                                              dict(term_mma=False, saved_terms=True, loop_terms=True)),
+    "gpu_mqa4_bf16_d64_saved_mma_unrolled": ("gpu", 4, 1, 64, jnp.bfloat16, False, 16,
+                                             dict(term_mma=True, saved_terms=True, loop_group=False)),
+    "tpu_gqa2_f32_d32_learned_saved_looped": ("tpu", 4, 2, 32, jnp.float32, True, 16,
+                                              dict(saved_terms=True, loop_terms=True)),
     "tpu_gqa2_f32_d32_learned": ("tpu", 4, 2, 32, jnp.float32, True, 16, dict(skip_dead_terms=True)),
     "tpu_mqa4_f32_d32_learned_unbranched_loop": ("tpu", 4, 1, 32, jnp.float32, True, 16,
                                                  dict(skip_dead_terms=False, loop_group=True)),
@@ -253,7 +259,9 @@ def test_compiled_gpu_kernel_gqa_segments(h_kv, head_dim, learned):
     (2, False, True, dict(term_mma=False, skip_dead_terms=False, loop_group=True)),
     (1, True, True, dict(term_mma=True, skip_dead_terms=False, loop_group=True)),
     (4, True, False, dict(term_mma=False, skip_dead_terms=True, loop_group=False)),
-    (1, True, False, dict(term_mma=True, term_mma_bwd=False)), (2, True, True, dict(term_mma=True, term_mma_bwd=False))])
+    (1, True, False, dict(term_mma=True, term_mma_bwd=False)), (2, True, True, dict(term_mma=True, term_mma_bwd=False)),
+    (2, True, True, dict(term_mma=False, saved_terms=True, loop_terms=True)),
+    (4, False, True, dict(term_mma=True, saved_terms=True)), (1, True, False, dict(saved_terms=True))])
 def test_gpu_kernels_lower_to_triton_on_any_machine(monkeypatch, h_kv, learned, segments, options):
   """Forward and backward lower through Pallas' Triton rules for a CUDA target on any machine (no GPU
   needed): an op, index or block the Triton lowering does not support fails here, not on a GPU."""

@@ -19,7 +19,7 @@ import pytest
 
 import fibjax
 from pallas_kernels import gathered_offset_attention, tile_math, triton_gpu
-from pallas_kernels.ops import (default_loop_group, default_loop_terms, default_num_warps_bwd,
+from pallas_kernels.ops import (default_loop_group, default_loop_terms, default_num_warps_bwd, default_saved_terms,
                                  default_skip_dead_terms_bwd, default_term_mma)
 from tests.compiled import assert_pallas_matches_xla
 
@@ -145,6 +145,25 @@ def test_looped_forward_terms_follow_the_measurements():
   assert traced(16384, 16, "bwd") != traced(16384, 16, "bwd", loop_terms_bwd=True)
 
 
+def test_learned_backward_saves_term_probabilities_at_long_sequences():
+  """The GPU backward of fractional distances at long sequences has dK/dV read what dQ saved, and
+  the default reaches the kernels."""
+  assert default_saved_terms("gpu", 16384, learned=True)
+  assert not default_saved_terms("gpu", 16384, learned=False)
+  assert not default_saved_terms("gpu", 1024, learned=True)
+  assert not default_saved_terms("tpu", 65536, learned=True)
+  q = jnp.zeros((1, 16384, 1, 16), jnp.float32)
+
+  def traced(offs, **opts):
+    loss = lambda q, k, v: jnp.sum(gathered_offset_attention(  # noqa: E731
+        q, k, v, window=8, offsets=offs, interpret=True, backend="gpu", block=16, block_bwd=16, **opts))
+    return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q))
+
+  learned, static = jnp.asarray([17.5, 40.25], jnp.float32), jnp.asarray([17, 40], jnp.int32)
+  assert traced(learned) == traced(learned, saved_terms=True) != traced(learned, saved_terms=False)
+  assert traced(static) == traced(static, saved_terms=False) != traced(static, saved_terms=True)
+
+
 def test_gpu_groups_loop_in_dkdv_by_default():
   """With groups the GPU dK/dV kernel loops over the group (measured faster); the default reaches
   the kernel: the backward's jaxpr is the looped one's and not the unrolled one's."""
@@ -221,6 +240,13 @@ def test_gpu_kernel_looped_terms_match_reference(case, term_mma):
   _compare(case, "gpu", _seed(case, "loop_terms", term_mma), interpret=True, term_mma=term_mma, loop_terms=True)
 
 
+@pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "n_is_4R", "learned_fractional", "learned_bfloat16"])
+@pytest.mark.parametrize("term_mma", [False, True])
+def test_gpu_kernel_saved_terms_match_reference(case, term_mma):
+  """dK/dV from the probabilities and score gradients dQ saved per term, in both term forms."""
+  _compare(case, "gpu", _seed(case, "saved_terms", term_mma), interpret=True, term_mma=term_mma, saved_terms=True)
+
+
 def test_tensor_core_row_products_equal_row_products():
   rng = np.random.default_rng(_seed("rowdot"))
   a, b = (jnp.asarray(rng.standard_normal((16, 8)), jnp.float32) for _ in range(2))
@@ -242,6 +268,11 @@ def test_tpu_kernel_interpreter_matches_reference(case):
 @pytest.mark.parametrize("case", ["n_is_4R", "learned_fractional"])
 def test_tpu_kernel_looped_terms_match_reference(case):
   _compare(case, "tpu", _seed(case, "tpu", "loop_terms"), interpret=True, loop_terms=True)
+
+
+@pytest.mark.parametrize("case", ["n_is_4R", "learned_fractional"])
+def test_tpu_kernel_saved_terms_match_reference(case):
+  _compare(case, "tpu", _seed(case, "tpu", "saved_terms"), interpret=True, saved_terms=True)
 
 
 def test_unwritten_rows_are_caught(monkeypatch):
