@@ -40,11 +40,12 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # than tensor cores on 4 warps without groups (N = 16384 and 65536) and 1.25x with 2 key/value heads
 # (N = 65536); 8 warps made every other backward measured slower, tensor-core learned ones included
 # (tune_attention_NVIDIA_H200_*_d128_learned*.json, *_warps.json).
-# The learned backward at long sequences has dK/dV read the probabilities and score gradients dQ
-# saved per term (``bodies.Static.saved_terms``) instead of recomputing them from two neighbouring
-# key/value tiles per term: fwd+bwd at N = 65536 1.20x faster (MHA d64, 2.279 -> 1.893 ms), 1.24x
-# (GQA 8q/2kv d64) and 1.33x (MHA d128, 6.447 -> 4.831 ms); static offsets gained 1.04x (MHA d64),
-# within run-to-run spread, and keep recomputing (tune_attention_NVIDIA_H200_*_saved_terms.json).
+# The learned backward has dK/dV read the probabilities and score gradients dQ saved per term
+# (``bodies.Static.saved_terms``) instead of recomputing them from two neighbouring key/value tiles
+# per term: fwd+bwd at N = 65536 1.20x faster (MHA d64, 2.279 -> 1.893 ms), 1.24x (GQA 8q/2kv d64)
+# and 1.33x (MHA d128, 6.447 -> 4.831 ms); at the training shape (N = 1024, batch 32, tensor cores)
+# 1.28x (1.363 -> 1.066 ms). Static offsets gained 1.04x (MHA d64, N = 65536), within run-to-run
+# spread, and keep recomputing (tune_attention_NVIDIA_H200_*_saved_terms.json[l]).
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
 ROWWISE_MAX_HEAD_DIM = 64
@@ -72,10 +73,10 @@ def default_loop_terms(backend: str, seq_len: int, head_dim: int, backward: bool
   return backend == "gpu" and not backward and seq_len >= ROWWISE_MIN_SEQ and head_dim <= ROWWISE_MAX_HEAD_DIM
 
 
-def default_saved_terms(backend: str, seq_len: int, learned: bool) -> bool:
-  """The GPU backward of fractional distances at long sequences saves the offset terms'
-  probabilities and score gradients in dQ for dK/dV (measured faster there)."""
-  return backend == "gpu" and learned and seq_len >= ROWWISE_MIN_SEQ
+def default_saved_terms(backend: str, learned: bool) -> bool:
+  """The GPU backward of fractional distances saves the offset terms' probabilities and score
+  gradients in dQ for dK/dV (measured faster, at long sequences and at the training shape)."""
+  return backend == "gpu" and learned
 
 
 def default_num_warps_bwd(term_mma: bool, head_dim: int, learned: bool) -> int:
@@ -247,7 +248,7 @@ def gathered_offset_attention(
   if term_mma_bwd is None:
     term_mma_bwd = default_term_mma(backend, n, d, group, learned, backward=True) if term_mma is None else term_mma
   st_bwd = dataclasses.replace(st, block=block_bwd, term_mma=term_mma_bwd,
-                               saved_terms=default_saved_terms(backend, n, learned) if saved_terms is None else saved_terms,
+                               saved_terms=default_saved_terms(backend, learned) if saved_terms is None else saved_terms,
                                loop_terms=loop_terms_bwd if loop_terms_bwd is not None else default_loop_terms(
                                    backend, n, d, backward=True) if loop_terms is None else loop_terms,
                                skip_dead_terms=default_skip_dead_terms_bwd(
