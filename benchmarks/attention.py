@@ -370,6 +370,27 @@ def _targets(results: dict) -> list[str]:
   return lines + [""]
 
 
+def _summary(results: dict) -> list[str]:
+  """Median ms of the kernels and their peers, fwd / fwd+bwd, one row per shape and length (the
+  README's table)."""
+  def label(shape: str) -> str:
+    h_q, h_kv, d = results["config"]["shapes"][shape]
+    return f"MHA d{d}" if h_q == h_kv else f"GQA {h_q}q/{h_kv}kv d{d}"
+
+  names = ("fib static", "fib learned", "cuDNN window only", "cuDNN dense causal", FLEX)
+  lines = ["## Summary (median ms, fwd / fwd+bwd)", "",
+           "| shape, N | fibjax static | fibjax learned | cuDNN window only | cuDNN dense causal | FlexAttention "
+           "| Flex / fibjax |", "|---|---|---|---|---|---|---|"]
+  for shape, sizes in results["runs"].items():
+    for n in sorted(sizes, key=int):
+      f, fb = _with_flex(results, shape, n)
+      cells = [f"{f[x]:.3f} / {fb[x]:.3f}" if f.get(x) and fb.get(x) else "n/a" for x in names]
+      flex = (f"{f[FLEX] / f['fib static']:.1f}x / {fb[FLEX] / fb['fib static']:.1f}x"
+              if f.get(FLEX) and fb.get(FLEX) else "n/a")
+      lines.append(f"| {label(shape)}, {n} | {' | '.join(cells)} | {flex} |")
+  return lines + [""]
+
+
 def write(results: dict, out: pathlib.Path, echo: bool = True) -> None:
   out.mkdir(parents=True, exist_ok=True)
   json_path, md_path = outputs(out, results["device"])
@@ -387,7 +408,7 @@ def write(results: dict, out: pathlib.Path, echo: bool = True) -> None:
     lines.append(f"FlexAttention: torch {flex.get('torch')}, compiled block mask, own process"
                  + (f" ({partial})." if partial else ".")
                  + (f" From separate runs: {flex['source']}." if "source" in flex else ""))
-  lines += [""] + _targets(results)
+  lines += [""] + _targets(results) + _summary(results)
   for shape, sizes in results["runs"].items():
     for n in sizes:
       lines += _size_table(results, shape, n)

@@ -142,6 +142,23 @@ def test_attention_merge_keeps_each_run_and_refuses_overlaps_or_other_configs():
     assert e.value.code == 2
 
 
+def test_attention_summary_rows_carry_each_runs_times_in_length_order():
+  def run(shape, heads, n, ms):
+    times = {"fib static": ms, "fib learned": 2 * ms, "cuDNN window only": ms / 2}
+    return {"device": "GPU", "jax": "0.11.2", "copy_bandwidth_Bps": 3e12, "command": "run",
+            "config": {"shapes": {shape: heads}}, "runs": {shape: {n: {"fwd_ms": times,
+                                                                       "fwd_bwd_ms": {k: 3 * v for k, v in times.items()}}}},
+            "flex": {"sizes": {shape: {n: {"fwd_ms": 4 * ms, "fwd_bwd_ms": 6 * ms}}}}}
+
+  merged = attention.merge([run("mha_d64", [8, 8, 64], "65536", 2.0), run("mha_d64", [8, 8, 64], "4096", 1.0),
+                            run("gqa_d128", [8, 2, 128], "16384", 0.5)])
+  rows = [line for line in attention._summary(merged) if line.startswith("| M") or line.startswith("| G")]
+  assert rows == [
+      "| MHA d64, 4096 | 1.000 / 3.000 | 2.000 / 6.000 | 0.500 / 1.500 | n/a | 4.000 / 6.000 | 4.0x / 2.0x |",
+      "| MHA d64, 65536 | 2.000 / 6.000 | 4.000 / 12.000 | 1.000 / 3.000 | n/a | 8.000 / 12.000 | 4.0x / 2.0x |",
+      "| GQA 8q/2kv d128, 16384 | 0.500 / 1.500 | 1.000 / 3.000 | 0.250 / 0.750 | n/a | 2.000 / 3.000 | 4.0x / 2.0x |"]
+
+
 def test_ab_jaxprs_table_marks_each_kernel(capsys):
   ab.compare_jaxprs({"n1024_static": ["a", "b", "c"], "n1024_gqa": "error: no groups"},
                     {"n1024_static": ["a", "x", "c"], "n1024_gqa": ["d", "e", "f"]})
