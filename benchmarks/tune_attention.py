@@ -57,7 +57,8 @@ def main() -> None:
   parser.add_argument("--loop-terms", type=int, nargs="+", default=[0], choices=[0, 1],
                       help="offset terms unrolled (0) and/or as one loop body (1; --skip-dead-terms is then moot)")
   parser.add_argument("--saved-terms", type=int, nargs="+", default=[0], choices=[0, 1],
-                      help="backward: dK/dV recomputes the offset terms' probabilities (0) and/or reads those dQ saved (1)")
+                      help="backward: dK/dV recomputes the offset terms' probabilities (0) and/or reads the "
+                      "ones dQ saved (1)")
   parser.add_argument("--parts", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"],
                       help="sweep forward configurations and/or backward ones")
   parser.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads; fewer: grouped-query)")

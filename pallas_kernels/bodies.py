@@ -5,9 +5,9 @@ bodies: one query head; the dK/dV body: one key/value head and the ``group`` que
 read it). It reaches memory only through ``io`` (``read(ref, start, size, member)`` -> ``[size,
 D]`` rows with rows outside ``[0, n)`` zeroed, ``member`` picking one query head of a group ref;
 ``read_vec`` for ``[size]`` rows (float32 statistics, int32 segment ids; ``term`` picks one offset
-term's row of a ``[K', rows]`` ref); ``write``/``write_vec`` store rows below ``n``; ``write_terms`` stores the per-term d-distance partial sums), so the
-lowering modules differ only in how a row range moves between memory and registers and how a
-program finds its heads.
+term's row of a ``[K', rows]`` ref); ``write``/``write_vec`` store rows below ``n``; ``write_terms``
+stores the per-term d-distance partial sums), so the lowering modules differ only in how a row
+range moves between memory and registers and how a program finds its heads.
 
 Design (SPEC section 3): the window is ``1 + ceil((W - 1) / block)`` banded matrix tiles; an
 offset ``o`` is one contiguous shifted load of rows ``[i0 - o, i0 - o + block)`` scored with

@@ -25,8 +25,8 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # tensor cores, and at head_dim <= 64 as one loop body (``bodies._over_terms``): 1.19-1.23x faster
 # than the unrolled, branched terms at N = 65536 (static MHA and GQA, learned) and 1.10x at 16384;
 # slower at head_dim 128 (0.80 vs 0.71 ms) and at the training shape (N = 1024, batch 32: 0.185 vs
-# 0.158 ms) (tune_attention_NVIDIA_H200_*_loop_terms*.json; head_dim 128 in *_loop_terms_gpu1.log). In the backward, row-wise terms
-# (accumulators of their own, unbranched at long sequences) are faster at head_dim <= 64 for static
+# 0.158 ms) (tune_attention_NVIDIA_H200_*_loop_terms*.json; head_dim 128 in *_loop_terms_gpu1.log).
+# In the backward, row-wise terms (accumulators of their own, unbranched at long sequences) are faster at head_dim <= 64 for static
 # offsets without groups and for learned offsets; tensor cores (the window's accumulators, branches
 # everywhere) at head_dim 128 and for static offsets with groups, where row-wise terms spill registers
 # (benchmarks.kernel_registers); the looped backward measured no faster. Shorter sequences use tensor
@@ -247,12 +247,13 @@ def gathered_offset_attention(
     offsets = offsets.astype(jnp.float32)
   if term_mma_bwd is None:
     term_mma_bwd = default_term_mma(backend, n, d, group, learned, backward=True) if term_mma is None else term_mma
-  st_bwd = dataclasses.replace(st, block=block_bwd, term_mma=term_mma_bwd,
-                               saved_terms=default_saved_terms(backend, learned) if saved_terms is None else saved_terms,
-                               loop_terms=loop_terms_bwd if loop_terms_bwd is not None else default_loop_terms(
-                                   backend, n, d, backward=True) if loop_terms is None else loop_terms,
-                               skip_dead_terms=default_skip_dead_terms_bwd(
-      backend, term_mma_bwd, n, d, reach) if skip_dead_terms is None else skip_dead_terms)
+  if loop_terms_bwd is None:
+    loop_terms_bwd = default_loop_terms(backend, n, d, backward=True) if loop_terms is None else loop_terms
+  if skip_dead_terms is None:
+    skip_dead_terms = default_skip_dead_terms_bwd(backend, term_mma_bwd, n, d, reach)
+  st_bwd = dataclasses.replace(
+      st, block=block_bwd, term_mma=term_mma_bwd, loop_terms=loop_terms_bwd, skip_dead_terms=skip_dead_terms,
+      saved_terms=default_saved_terms(backend, learned) if saved_terms is None else saved_terms)
   options_bwd = dict(options if options_bwd is None else options_bwd)
   if backend == "gpu" and "num_warps" not in options_bwd:
     options_bwd["num_warps"] = default_num_warps_bwd(term_mma_bwd, d, learned)
