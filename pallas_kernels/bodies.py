@@ -375,8 +375,11 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
   dk = jnp.zeros((b, k_t.shape[1]), f32)
   dv = jnp.zeros((b, v_t.shape[1]), f32)
 
+  def member_of(g):  # group refs hold a single, squeezed head without GQA
+    return g if st.group > 1 else None
+
   def query_rows(i0, g):
-    member = g if st.group > 1 else None  # group refs hold a single, squeezed head without GQA
+    member = member_of(g)
     return (io.read(q_ref, i0, b, member), io.read(do_ref, i0, b, member), io.read_vec(lse_ref, i0, b, member),
             io.read_vec(delta_ref, i0, b, member))
 
@@ -439,7 +442,7 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 
     def member_step(g, acc):
       dk, dv = acc
-      member = g if st.group > 1 else None
+      member = member_of(g)
       for shift, weight in shifts:
         i0 = j0 + shift
         q, do = io.read(q_ref, i0, b, member), io.read(do_ref, i0, b, member)
