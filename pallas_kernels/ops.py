@@ -255,8 +255,9 @@ def gathered_offset_attention(
       st, block=block_bwd, term_mma=term_mma_bwd, loop_terms=loop_terms_bwd, skip_dead_terms=skip_dead_terms,
       saved_terms=default_saved_terms(backend, learned) if saved_terms is None else saved_terms)
   options_bwd = dict(options if options_bwd is None else options_bwd)
-  if backend == "gpu" and "num_warps" not in options_bwd:
-    options_bwd["num_warps"] = default_num_warps_bwd(term_mma_bwd, d, learned)
+  if backend == "gpu":
+    options.setdefault("num_warps", DEFAULT_WARPS)
+    options_bwd.setdefault("num_warps", default_num_warps_bwd(term_mma_bwd, d, learned))
   static = lambda opts: tuple(sorted(dict(opts, interpret=interpret).items()))  # noqa: E731
   return _attention(q, k, v, segment_ids, offsets, st, st_bwd, backend, static(options), static(options_bwd),
                     None if batch_axes is None else tuple(batch_axes))

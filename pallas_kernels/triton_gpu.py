@@ -127,7 +127,7 @@ def _segment_inputs(seg, specs: _Specs, rows: int, pad: int):
 
 
 @functools.partial(jax.jit, static_argnames=("st", "interpret", "num_warps", "num_stages"))
-def forward(q, k, v, seg, offsets, *, st: bodies.Static, interpret: bool, num_warps: int = 4, num_stages: int = 2):
+def forward(q, k, v, seg, offsets, *, st: bodies.Static, interpret: bool, num_warps: int, num_stages: int = 2):
   """``(out [B, N, H_q, D], lse [B, H_q, N] float32)`` from ``q [B, N, H_q, D]``, ``k, v [B, N,
   H_kv, D]`` and segment ids ``seg [B, N]`` int32 (or ``None``)."""
   bsz, n, h, d = q.shape
@@ -151,7 +151,7 @@ def forward(q, k, v, seg, offsets, *, st: bodies.Static, interpret: bool, num_wa
 
 
 @functools.partial(jax.jit, static_argnames=("st", "interpret", "num_warps", "num_stages"))
-def backward(q, k, v, seg, offsets, do, lse, out, *, st: bodies.Static, interpret: bool, num_warps: int = 4,
+def backward(q, k, v, seg, offsets, do, lse, out, *, st: bodies.Static, interpret: bool, num_warps: int,
              num_stages: int = 2):
   """``(dq, dk, dv, dd)``; ``dd [B, H_q, tiles, K']`` holds per-tile partial d(loss)/d(distance).
   The dQ kernel also writes ``delta = rowsum(out * do)`` for the dK/dV kernel, whose programs
