@@ -1,17 +1,21 @@
 """Registers and spills of the GPU attention kernels, on any machine (no GPU needed).
 
     pip install --target /tmp/triton triton          # a Triton build with its ptxas; not a dependency
-    python -m benchmarks.kernel_registers --triton /tmp/triton [--head-dims 64 128] [--kv-heads 8 2]
+    python -m benchmarks.kernel_registers --triton /tmp/triton [--head-dims 64 128] [--kv-heads 8 2] [--defaults]
 
 Lowers the forward, dQ and dK/dV kernels through Pallas' Triton rules for a CUDA target (as the
 GPU does; N = 65536, 8 query heads, W = 64, R = 4096, K = 8, bf16) for each head_dim, key/value head
 count, static or learned offsets and form of offset terms (row-wise or tensor cores), captures each
-Triton module, compiles it for sm_90a with the separately installed Triton (4 warps, 2 stages, the
-kernels' defaults) and reads ``ptxas -v``: registers per thread, stack frame and spill bytes. The
-dK/dV kernel's group is unrolled unless ``--loop-group`` (the kernels loop over it by default).
+Triton module, compiles it for sm_90a with the separately installed Triton (4 warps, 2 stages) and
+reads ``ptxas -v``: registers per thread, stack frame and spill bytes. The dK/dV kernel's group is
+unrolled unless ``--loop-group`` (the kernels loop over it by default). With ``--defaults`` each
+shape is lowered once with every kernel option at its default for that shape (per pass: term form,
+looped terms, saved term probabilities, group loop, tile rows) and each kernel compiled on its
+pass's default warps (``pallas_kernels.ops``): the kernels the GPU runs by default.
 The installed Triton is not the compiler inside jaxlib, so the counts show which kernels are
-short of registers, not the exact figures of the GPU build. Writes ``kernel_registers[_loop_group][_block_bwd<B>].json``
-under ``--out`` (refuses to overwrite it unless ``--force``).
+short of registers, not the exact figures of the GPU build. Writes
+``kernel_registers[_defaults][_loop_group][_block_bwd<B>].json`` under ``--out`` (refuses to overwrite
+it unless ``--force``).
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ptxas = next(p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists())
-for path in sys.argv[1:]:
-  kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+for arg in sys.argv[1:]:
+  path, warps = arg.rsplit("=", 1)
+  kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": int(warps), "num_stages": 2})
   ptx = pathlib.Path(path).with_suffix(".ptx")
   ptx.write_text(kernel.asm["ptx"])
   res = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", "/dev/null"], capture_output=True, text=True)
@@ -53,10 +58,11 @@ for path in sys.argv[1:]:
 """
 
 
-def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool, loop_group: bool = False,
-                   block_bwd: int | None = None) -> list[str]:
+def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool | None, loop_group: bool | None = False,
+                   block_bwd: int | None = None, **options: Any) -> list[str]:
   """The three kernels' Triton modules (text), from lowering ``jax.grad`` of the kernel for CUDA at
-  ``q [1, N, H, head_dim]``, ``k, v [1, N, kv_heads, head_dim]``, bf16 (shapes only: nothing runs)."""
+  ``q [1, N, H, head_dim]``, ``k, v [1, N, kv_heads, head_dim]``, bf16 (shapes only: nothing runs);
+  ``None`` options take the kernels' defaults; ``options``: more ``gathered_offset_attention`` options."""
   from jax._src.pallas.triton import pallas_call_registration  # noqa: PLC0415  (the lowering's entry point)
 
   from pallas_kernels import gathered_offset_attention  # noqa: PLC0415
@@ -77,7 +83,7 @@ def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool, 
 
   def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     out = gathered_offset_attention(q, k, v, window=W, offsets=offsets, reach=R, backend="gpu", term_mma=term_mma,
-                                    loop_group=loop_group, block_bwd=block_bwd)
+                                    loop_group=loop_group, block_bwd=block_bwd, **options)
     return jnp.sum(out.astype(jnp.float32))
 
   default_backend = jax.default_backend
@@ -89,6 +95,15 @@ def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool, 
   if sorted(modules) != sorted(KERNELS):
     raise RuntimeError(f"expected the kernels {KERNELS}, lowered {sorted(modules)}")
   return [modules[k] for k in KERNELS]
+
+
+def default_warps(head_dim: int, kv_heads: int, learned: bool) -> dict[str, int]:
+  """Warps per kernel at the kernels' defaults for this shape (the forward's and the backward's)."""
+  from pallas_kernels import ops  # noqa: PLC0415
+
+  term_mma_bwd = ops.default_term_mma("gpu", N, head_dim, H // kv_heads, learned, backward=True)
+  bwd = ops.default_num_warps_bwd(term_mma_bwd, head_dim, learned)
+  return {"fwd": ops.DEFAULT_WARPS, "dq": bwd, "dkdv": bwd}
 
 
 def parse(report: str) -> dict:
@@ -110,6 +125,8 @@ def main() -> None:
   parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
   parser.add_argument("--loop-group", action="store_true", help="dK/dV loops over the group's query heads (the GPU default with groups; without it: unrolled)")
   parser.add_argument("--block-bwd", type=int, help="rows per backward tile (default: the kernels' default)")
+  parser.add_argument("--defaults", action="store_true",
+                      help="every kernel option at its default per shape, each kernel on its pass's default warps")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   add_force(parser)
   args = parser.parse_args()
@@ -119,20 +136,30 @@ def main() -> None:
   bad = [x for x in powers if x < 16 or x & (x - 1)] + [h for h in args.kv_heads if h < 1 or H % h]
   if bad:
     fail(f"head dims and --block-bwd must be powers of 2 >= 16 and kv heads must divide {H}, got {bad}")
-  tag = ("_loop_group" if args.loop_group else "") + (f"_block_bwd{args.block_bwd}" if args.block_bwd else "")
+  if args.defaults and (args.loop_group or args.block_bwd):
+    fail("--defaults takes every option at its default; leave out --loop-group and --block-bwd")
+  tag = (("_defaults" if args.defaults else "") + ("_loop_group" if args.loop_group else "")
+         + (f"_block_bwd{args.block_bwd}" if args.block_bwd else ""))
   results = args.out / f"kernel_registers{tag}.json"
   claim([results], args.force)
-  configs = list(itertools.product(args.head_dims, args.kv_heads, (False, True), (False, True)))
+  forms = (None,) if args.defaults else (False, True)
+  configs = list(itertools.product(args.head_dims, args.kv_heads, (False, True), forms))
   with tempfile.TemporaryDirectory() as tmp:
-    paths = {}
+    paths, warps = {}, {}
     for d, h_kv, learned, mma in configs:
-      for kernel, text in zip(KERNELS, triton_modules(d, h_kv, learned, mma, args.loop_group, args.block_bwd)):
-        path = pathlib.Path(tmp) / f"d{d}_kv{h_kv}_{'learned' if learned else 'static'}_{'mma' if mma else 'row'}_{kernel}.ttir"
+      loop_group = None if args.defaults else args.loop_group
+      kernel_warps = default_warps(d, h_kv, learned) if args.defaults else dict.fromkeys(KERNELS, 4)
+      form = {None: "default", True: "mma", False: "row"}[mma]
+      for kernel, text in zip(KERNELS, triton_modules(d, h_kv, learned, mma, loop_group, args.block_bwd)):
+        path = pathlib.Path(tmp) / f"d{d}_kv{h_kv}_{'learned' if learned else 'static'}_{form}_{kernel}.ttir"
         path.write_text(text)
-        paths[str(path)] = dict(head_dim=d, kv_heads=h_kv, learned=learned, term_mma=mma, kernel=kernel,
-                                loop_group=args.loop_group, block_bwd=args.block_bwd)
+        paths[str(path)] = dict(head_dim=d, kv_heads=h_kv, learned=learned, term_mma=form if mma is None else mma,
+                                kernel=kernel, loop_group=loop_group, block_bwd=args.block_bwd,
+                                num_warps=kernel_warps[kernel])
+        warps[str(path)] = kernel_warps[kernel]
     env = dict(os.environ, PYTHONPATH=str(args.triton.resolve()), TRITON_DEFAULT_FP_FUSION="1")
-    res = subprocess.run([sys.executable, "-c", _COMPILE, *paths], capture_output=True, text=True, env=env)
+    res = subprocess.run([sys.executable, "-c", _COMPILE, *(f"{p}={w}" for p, w in warps.items())],
+                         capture_output=True, text=True, env=env)
     if res.returncode:
       print(f"error: the Triton compile failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
       sys.exit(1)
@@ -142,12 +169,12 @@ def main() -> None:
       rows.append(dict(paths[path], **parse(report)))
   args.out.mkdir(parents=True, exist_ok=True)
   results.write_text(json.dumps({"jax": jax.__version__, "rows": rows}, indent=2) + "\n")
-  print("| head_dim | kv heads | offsets | terms | kernel | registers | stack B | spill stores / loads B |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| head_dim | kv heads | offsets | terms | kernel | warps | registers | stack B | spill stores / loads B |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['head_dim']} | {r['kv_heads']} | {'learned' if r['learned'] else 'static'} | "
-          f"{'tensor cores' if r['term_mma'] else 'row-wise'} | {r['kernel']} | {r['registers']} | {r['stack_bytes']} | "
-          f"{r['spill_store_bytes']} / {r['spill_load_bytes']} |")
+    terms = {"default": "defaults", True: "tensor cores", False: "row-wise"}[r["term_mma"]]
+    print(f"| {r['head_dim']} | {r['kv_heads']} | {'learned' if r['learned'] else 'static'} | {terms} | {r['kernel']} | "
+          f"{r['num_warps']} | {r['registers']} | {r['stack_bytes']} | {r['spill_store_bytes']} / {r['spill_load_bytes']} |")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ def test_kernel_registers_refuses_its_summary_before_lowering(tmp_path):
   res = _cli("kernel_registers", "--triton", str(tmp_path / "triton"), "--loop-group", "--out", str(out))
   assert _refused(res, out / "kernel_registers_loop_group.json"), res.stderr
   assert (out / "kernel_registers_loop_group.json").read_text() == "kept"
+  res = _cli("kernel_registers", "--triton", str(tmp_path / "triton"), "--defaults", "--loop-group", "--out", str(out))
+  assert res.returncode == 2 and "--defaults takes every option at its default" in res.stderr, res.stderr
 
 
 def test_prepare_scale_refuses_existing_results_and_leaves_dir_alone(tmp_path):

@@ -114,6 +114,18 @@ def test_kernel_registers_captures_the_three_triton_modules():
   assert all("tt.func" in m for m in modules) and "scf.for" in modules[2]  # the group loop
 
 
+def test_kernel_registers_defaults_lower_the_default_kernels_on_their_warps():
+  """With every option at its default, the learned d64 forward loops over its terms and its dK/dV
+  reads the saved term probabilities (no neighbour tiles: fewer loads than the recomputing form);
+  the learned d128 backward compiles on 8 warps, everything else on 4."""
+  fwd, _, dkdv = kernel_registers.triton_modules(64, 8, learned=True, term_mma=None, loop_group=None)
+  _, _, recomputing = kernel_registers.triton_modules(64, 8, learned=True, term_mma=None, loop_group=None,
+                                                     saved_terms=False)
+  assert "scf.for" in fwd and dkdv.count("tt.load") < recomputing.count("tt.load")
+  assert kernel_registers.default_warps(128, 8, learned=True) == {"fwd": 4, "dq": 8, "dkdv": 8}
+  assert kernel_registers.default_warps(128, 2, learned=False) == {"fwd": 4, "dq": 4, "dkdv": 4}
+
+
 def test_kernel_registers_reads_ptxas_and_refuses_a_missing_triton(tmp_path):
   report = ("ptxas info : Function properties for k 40 bytes stack frame, 68 bytes spill stores, 192 bytes spill "
             "loads ptxas info : Used 255 registers, used 1 barriers")
