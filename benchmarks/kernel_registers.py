@@ -10,8 +10,8 @@ Triton module, compiles it for sm_90a with the separately installed Triton (4 wa
 reads ``ptxas -v``: registers per thread, stack frame and spill bytes. The dK/dV kernel's group is
 unrolled unless ``--loop-group`` (the kernels loop over it by default). With ``--defaults`` each
 shape is lowered once with every kernel option at its default for that shape (per pass: term form,
-looped terms, saved term probabilities, group loop, tile rows) and each kernel compiled on its
-pass's default warps (``pallas_kernels.ops``): the kernels the GPU runs by default.
+looped terms, saved term probabilities, group loop, tile rows) and each kernel compiled on the warps
+the lowering gives it: the kernels the GPU runs by default.
 The installed Triton is not the compiler inside jaxlib, so the counts show which kernels are
 short of registers, not the exact figures of the GPU build. Writes
 ``kernel_registers[_defaults][_loop_group][_block_bwd<B>].json`` under ``--out`` (refuses to overwrite
@@ -58,11 +58,13 @@ for arg in sys.argv[1:]:
 """
 
 
-def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool | None, loop_group: bool | None = False,
-                   block_bwd: int | None = None, **options: Any) -> list[str]:
-  """The three kernels' Triton modules (text), from lowering ``jax.grad`` of the kernel for CUDA at
-  ``q [1, N, H, head_dim]``, ``k, v [1, N, kv_heads, head_dim]``, bf16 (shapes only: nothing runs);
-  ``None`` options take the kernels' defaults; ``options``: more ``gathered_offset_attention`` options."""
+def lowered_kernels(head_dim: int, kv_heads: int, learned: bool, term_mma: bool | None,
+                    loop_group: bool | None = False, block_bwd: int | None = None,
+                    **options: Any) -> list[tuple[str, int]]:
+  """The three kernels' Triton modules (text) and the warps the lowering gives each, from lowering
+  ``jax.grad`` of the kernel for CUDA at ``q [1, N, H, head_dim]``, ``k, v [1, N, kv_heads,
+  head_dim]``, bf16 (shapes only: nothing runs); ``None`` options take the kernels' defaults;
+  ``options``: more ``gathered_offset_attention`` options."""
   from jax._src.pallas.triton import pallas_call_registration  # noqa: PLC0415  (the lowering's entry point)
 
   from pallas_kernels import gathered_offset_attention  # noqa: PLC0415
@@ -89,21 +91,18 @@ def triton_modules(head_dim: int, kv_heads: int, learned: bool, term_mma: bool |
   default_backend = jax.default_backend
   lowering.lower_jaxpr_to_triton_module, jax.default_backend = capture, lambda: "gpu"
   try:
-    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
   finally:
     lowering.lower_jaxpr_to_triton_module, jax.default_backend = lower, default_backend
-  if sorted(modules) != sorted(KERNELS):
-    raise RuntimeError(f"expected the kernels {KERNELS}, lowered {sorted(modules)}")
-  return [modules[k] for k in KERNELS]
+  warps = dict(re.findall(r'name = "fib_attention_(\w+)", num_stages = \d+ : i32, num_warps = (\d+)', text))
+  if sorted(modules) != sorted(KERNELS) or sorted(warps) != sorted(KERNELS):
+    raise RuntimeError(f"expected the kernels {KERNELS}, lowered {sorted(modules)} with warps {warps}")
+  return [(modules[k], int(warps[k])) for k in KERNELS]
 
 
-def default_warps(head_dim: int, kv_heads: int, learned: bool) -> dict[str, int]:
-  """Warps per kernel at the kernels' defaults for this shape (the forward's and the backward's)."""
-  from pallas_kernels import ops  # noqa: PLC0415
-
-  term_mma_bwd = ops.default_term_mma("gpu", N, head_dim, H // kv_heads, learned, backward=True)
-  bwd = ops.default_num_warps_bwd(term_mma_bwd, head_dim, learned)
-  return {"fwd": ops.DEFAULT_WARPS, "dq": bwd, "dkdv": bwd}
+def triton_modules(*args: Any, **kwargs: Any) -> list[str]:
+  """The three kernels' Triton modules (text) from ``lowered_kernels(*args, **kwargs)``."""
+  return [text for text, _ in lowered_kernels(*args, **kwargs)]
 
 
 def parse(report: str) -> dict:
@@ -148,15 +147,16 @@ def main() -> None:
     paths, warps = {}, {}
     for d, h_kv, learned, mma in configs:
       loop_group = None if args.defaults else args.loop_group
-      kernel_warps = default_warps(d, h_kv, learned) if args.defaults else dict.fromkeys(KERNELS, 4)
       form = {None: "default", True: "mma", False: "row"}[mma]
-      for kernel, text in zip(KERNELS, triton_modules(d, h_kv, learned, mma, loop_group, args.block_bwd)):
+      for kernel, (text, lowered_warps) in zip(KERNELS, lowered_kernels(d, h_kv, learned, mma, loop_group,
+                                                                         args.block_bwd)):
+        num_warps = lowered_warps if args.defaults else 4
         path = pathlib.Path(tmp) / f"d{d}_kv{h_kv}_{'learned' if learned else 'static'}_{form}_{kernel}.ttir"
         path.write_text(text)
         paths[str(path)] = dict(head_dim=d, kv_heads=h_kv, learned=learned, term_mma=form if mma is None else mma,
                                 kernel=kernel, loop_group=loop_group, block_bwd=args.block_bwd,
-                                num_warps=kernel_warps[kernel])
-        warps[str(path)] = kernel_warps[kernel]
+                                num_warps=num_warps)
+        warps[str(path)] = num_warps
     env = dict(os.environ, PYTHONPATH=str(args.triton.resolve()), TRITON_DEFAULT_FP_FUSION="1")
     res = subprocess.run([sys.executable, "-c", _COMPILE, *(f"{p}={w}" for p, w in warps.items())],
                          capture_output=True, text=True, env=env)

@@ -5,7 +5,8 @@ bodies: one query head; the dK/dV body: one key/value head and the ``group`` que
 read it). It reaches memory only through ``io`` (``read(ref, start, size, member)`` -> ``[size,
 D]`` rows with rows outside ``[0, n)`` zeroed, ``member`` picking one query head of a group ref;
 ``read_vec`` for ``[size]`` rows (float32 statistics, int32 segment ids; ``term`` picks one offset
-term's row of a ``[K', rows]`` ref); ``write``/``write_vec`` store rows below ``n``; ``write_terms``
+term's row of a ``[K', rows]`` ref); ``write``/``write_vec`` store rows below ``n`` (``write_vec``
+also takes ``term``); ``write_terms``
 stores the per-term d-distance partial sums), so the lowering modules differ only in how a row
 range moves between memory and registers and how a program finds its heads.
 
@@ -273,7 +274,9 @@ def forward(io, offs_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, st: S
 
     live = functools.partial(_live, offs_ref, i0=i0, st=st)
     m_t, l, acc_t = _over_terms(term, (m, l, _term_accumulator(acc, st)), live, st)
-    acc = _join(acc * jnp.exp(m - m_t)[:, None], acc_t, st)  # the window's rows at the final max
+    if not st.term_mma:  # row-wise terms kept their own accumulator: the window's, rescaled to the final max
+      acc_t = acc * jnp.exp(m - m_t)[:, None] + acc_t
+    acc = acc_t
     io.write(o_ref, i0, b, (acc / l[:, None]).astype(o_ref.dtype))
     io.write_vec(lse_ref, i0, b, m_t + jnp.log(l))
     return
@@ -408,63 +411,58 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 
     dk, dv = over_group(window_member, (dk, dv))
 
-  def accumulate(dk, dv, shift, tiles: list[Tile], weight, offset):
-    """Queries ``i = j + shift`` (of every query head of the group) whose term reads ``tiles`` (as
-    ``_term_parts`` would for that query tile) and gives key ``j`` the weight ``weight``."""
+  def recomputed(shift, tiles: list[Tile], offset):
+    """``probs(member, i0, q, do) -> (p, ds)`` of queries ``i0 + r = j0 + shift + r`` whose term
+    reads ``tiles`` (as ``_term_parts`` would for that query tile), recomputed from them."""
     rows = cols + shift
     valid = term_valid(rows, offset, st.window, st.learned) & (rows < st.n)
     valid = valid & _in_segment(_segment_rows(io, seg_ref, j0 + shift, b), [(x.weight, x.seg) for x in tiles])
 
-    def term_member(g, acc):
-      dk, dv = acc
-      q, do, lse, delta = query_rows(j0 + shift, g)
+    def probs(member, i0, q, do):
+      lse, delta = io.read_vec(lse_ref, i0, b, member), io.read_vec(delta_ref, i0, b, member)
       p = jnp.where(valid, jnp.exp(sum(x.weight * _rowdot(q, x.k, st) for x in tiles) * st.scale - lse), 0.0)
-      ds = p * (sum(x.weight * _rowdot(do, x.v, st) for x in tiles) - delta)
-      return dk + _scale_rows(weight * ds * st.scale, q, st), dv + _scale_rows(weight * p, do, st)
+      return p, p * (sum(x.weight * _rowdot(do, x.v, st) for x in tiles) - delta)
 
-    return over_group(term_member, (dk, dv))
+    return probs
+
+  def saved(kk):
+    """``probs`` of term ``kk`` as ``backward_dq`` saved them."""
+    return lambda member, i0, q, do: tuple(io.read_vec(ref, i0, b, member, term=kk) for ref in saved_refs)
+
+  def accumulate(state, shifts):
+    """For each ``(shift, weight, probs)``: queries ``i = j + shift`` (of every query head of the
+    group) give key ``j`` ``weight`` times their term's score gradient (dK) and probability (dV)."""
+    def member_step(g, acc):
+      dk, dv = acc
+      member = member_of(g)
+      for shift, weight, probs in shifts:
+        i0 = j0 + shift
+        q, do = io.read(q_ref, i0, b, member), io.read(do_ref, i0, b, member)
+        p, ds = probs(member, i0, q, do)
+        dk, dv = dk + _scale_rows(weight * ds * st.scale, q, st), dv + _scale_rows(weight * p, do, st)
+      return dk, dv
+
+    return over_group(member_step, state)
 
   def neighbour(start):
     return Tile(0.0, io.read(k_ref, start, b), io.read(v_ref, start, b), _segment_rows(io, seg_ref, start, b))
 
   own = Tile(1.0, k_t, v_t, seg_k)
 
-  def saved_term(kk, state):
-    """Queries ``i = j + shift`` give key ``j`` their saved ``p`` and ``ds`` times the weight of
-    ``j`` in their term: one shift of weight 1 (static), or two (fractional distance ``lo + t``:
-    query ``j + lo`` gives ``k[j]`` weight ``1 - t``, query ``j + lo + 1`` weight ``t``)."""
-    d = offs_ref[kk]
-    if st.learned:
-      lo, t = split_distance(d)
-      shifts = [(lo, 1.0 - t), (lo + 1, t)]
-    else:
-      shifts = [(d, 1.0)]
-
-    def member_step(g, acc):
-      dk, dv = acc
-      member = member_of(g)
-      for shift, weight in shifts:
-        i0 = j0 + shift
-        q, do = io.read(q_ref, i0, b, member), io.read(do_ref, i0, b, member)
-        p, ds = (io.read_vec(ref, i0, b, member, term=kk) for ref in saved_refs)
-        dk = dk + _scale_rows(weight * ds * st.scale, q, st)
-        dv = dv + _scale_rows(weight * p, do, st)
-      return dk, dv
-
-    return over_group(member_step, state)
-
   def term(kk, state):
-    if st.saved_terms:
-      return saved_term(kk, state)
-    dk_t, dv_t = state
+    """Key ``j`` of term ``kk``: read by query ``j + d`` (static), or with weight ``1 - t`` by query
+    ``j + lo`` and ``t`` by query ``j + lo + 1`` (fractional distance ``lo + t``)."""
     d = offs_ref[kk]
     if not st.learned:
-      return accumulate(dk_t, dv_t, d, [own], 1.0, d)
+      return accumulate(state, [(d, 1.0, saved(kk) if st.saved_terms else recomputed(d, [own], d))])
     lo, t = split_distance(d)
+    if st.saved_terms:
+      return accumulate(state, [(lo, 1.0 - t, saved(kk)), (lo + 1, t, saved(kk))])
     prev, nxt = neighbour(j0 - 1), neighbour(j0 + 1)
     # query j + lo reads k[j] (weight 1 - t) and k[j - 1]; query j + lo + 1 reads k[j + 1] and k[j] (weight t)
-    dk_t, dv_t = accumulate(dk_t, dv_t, lo, [own._replace(weight=1.0 - t), prev._replace(weight=t)], 1.0 - t, d)
-    return accumulate(dk_t, dv_t, lo + 1, [nxt._replace(weight=1.0 - t), own._replace(weight=t)], t, d)
+    first = [own._replace(weight=1.0 - t), prev._replace(weight=t)]
+    second = [nxt._replace(weight=1.0 - t), own._replace(weight=t)]
+    return accumulate(state, [(lo, 1.0 - t, recomputed(lo, first, d)), (lo + 1, t, recomputed(lo + 1, second, d))])
 
   def live(kk):  # a query reads the tile through term kk
     d = offs_ref[kk]

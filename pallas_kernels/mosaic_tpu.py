@@ -155,8 +155,9 @@ def forward(q, k, v, seg, offsets, *, st: bodies.Static, interpret: bool):
 @functools.partial(jax.jit, static_argnames=("st", "interpret"))
 def backward(q, k, v, seg, offsets, do, lse, out, *, st: bodies.Static, interpret: bool):
   """``(dq, dk, dv, dd)``; the dQ kernel also writes ``delta = rowsum(out * do)`` for dK/dV, whose
-  programs each own one key tile of one key/value head and sum over the group's query heads (and,
-  with ``st.saved_terms``, each term's probabilities and score gradients)."""
+  programs each own one key tile of one key/value head and sum over the group's query heads. With
+  ``st.saved_terms`` the dQ kernel also writes each term's probabilities and score gradients, which
+  the dK/dV kernel reads instead of recomputing them."""
   bsz, n, h, d = q.shape
   h_kv = k.shape[2]
   front, back = _pads(st)

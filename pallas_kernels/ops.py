@@ -21,17 +21,15 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # 4 warps (2 stages) are fastest for the forward and the static backward, at long sequences and at the
 # training shape (N = 1024, batch 32; tune_attention_*_n1024_b32.json); the learned backward (two
 # query sets and four neighbour tiles per term) spills at 64 rows and runs 3x faster at 32.
-# Offset terms (benchmarks/results/NOTES.md, H200, N = 16384 and 65536): the forward runs them on
-# tensor cores, and at head_dim <= 64 as one loop body (``bodies._over_terms``): 1.19-1.23x faster
-# than the unrolled, branched terms at N = 65536 (static MHA and GQA, learned) and 1.10x at 16384;
-# slower at head_dim 128 (0.80 vs 0.71 ms) and at the training shape (N = 1024, batch 32: 0.185 vs
-# 0.158 ms) (tune_attention_NVIDIA_H200_*_loop_terms*.json; head_dim 128 in *_loop_terms_gpu1.log).
-# In the backward, row-wise terms (accumulators of their own, unbranched at long sequences) are faster at head_dim <= 64 for static
-# offsets without groups and for learned offsets; tensor cores (the window's accumulators, branches
-# everywhere) at head_dim 128 and for static offsets with groups, where row-wise terms spill registers
-# (benchmarks.kernel_registers); the looped backward measured no faster. Shorter sequences use tensor
-# cores, the form measured faster at the training shape (N = 1024, batch 32: 1.19x faster fwd+bwd than
-# row-wise on an H200, tune_attention_NVIDIA_H200_n1024_b32.json).
+# Offset terms (benchmarks/results/NOTES.md h1-h7, H200, N = 16384 and 65536): the forward runs them
+# on tensor cores, and at head_dim <= 64 and long sequences as one loop body (``bodies._over_terms``),
+# which measured faster there and slower at head_dim 128, at the training shape and in the backward
+# (h7). In the backward, row-wise terms (accumulators of their own, unbranched at long sequences) are
+# faster at head_dim <= 64 for static offsets without groups and for learned offsets; tensor cores
+# (the window's accumulators, branches everywhere) at head_dim 128 and for static offsets with
+# groups, where row-wise terms spill registers (benchmarks.kernel_registers). Shorter sequences use
+# tensor cores, the form measured faster at the training shape (N = 1024, batch 32: 1.19x faster
+# fwd+bwd than row-wise on an H200, tune_attention_NVIDIA_H200_n1024_b32.json).
 # With groups, the GPU dK/dV kernel loops over the group's query heads: unrolled, it spills
 # (benchmarks.kernel_registers) and ran 1.2-1.9x slower fwd+bwd on an H200 (d64 at N = 1024 with
 # batch 32 and at N = 65536; d128 at N = 65536; tune_attention_*_kv2_*.json). At d128, 32-row
@@ -40,12 +38,11 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # than tensor cores on 4 warps without groups (N = 16384 and 65536) and 1.25x with 2 key/value heads
 # (N = 65536); 8 warps made every other backward measured slower, tensor-core learned ones included
 # (tune_attention_NVIDIA_H200_*_d128_learned*.json, *_warps.json).
-# The learned backward has dK/dV read the probabilities and score gradients dQ saved per term
+# The learned backward's dK/dV reads the probabilities and score gradients dQ saved per term
 # (``bodies.Static.saved_terms``) instead of recomputing them from two neighbouring key/value tiles
-# per term: fwd+bwd at N = 65536 1.20x faster (MHA d64, 2.279 -> 1.893 ms), 1.24x (GQA 8q/2kv d64)
-# and 1.33x (MHA d128, 6.447 -> 4.831 ms); at the training shape (N = 1024, batch 32, tensor cores)
-# 1.28x (1.363 -> 1.066 ms). Static offsets gained 1.04x (MHA d64, N = 65536), within run-to-run
-# spread, and keep recomputing (tune_attention_NVIDIA_H200_*_saved_terms.json[l]).
+# per term: 1.20-1.33x faster fwd+bwd at N = 65536 and 1.28x at the training shape; static offsets
+# gained no more than the run-to-run spread and keep recomputing (NOTES h7,
+# tune_attention_NVIDIA_H200_*_saved_terms.json[l]).
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
 ROWWISE_MAX_HEAD_DIM = 64
@@ -75,7 +72,8 @@ def default_loop_terms(backend: str, seq_len: int, head_dim: int, backward: bool
 
 def default_saved_terms(backend: str, learned: bool) -> bool:
   """The GPU backward of fractional distances saves the offset terms' probabilities and score
-  gradients in dQ for dK/dV (measured faster, at long sequences and at the training shape)."""
+  gradients in dQ for dK/dV (measured faster at long sequences and at the training shape, on the
+  default 32-row tiles; with 64-row tensor-core tiles it measured 0.98x)."""
   return backend == "gpu" and learned
 
 

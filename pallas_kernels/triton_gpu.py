@@ -155,8 +155,9 @@ def backward(q, k, v, seg, offsets, do, lse, out, *, st: bodies.Static, interpre
              num_stages: int = 2):
   """``(dq, dk, dv, dd)``; ``dd [B, H_q, tiles, K']`` holds per-tile partial d(loss)/d(distance).
   The dQ kernel also writes ``delta = rowsum(out * do)`` for the dK/dV kernel, whose programs
-  each own one key tile of one key/value head and sum over the group's query heads (and, with
-  ``st.saved_terms``, each term's probabilities and score gradients, ``[B, H_q, K', N]`` float32)."""
+  each own one key tile of one key/value head and sum over the group's query heads. With
+  ``st.saved_terms`` the dQ kernel also writes each term's probabilities and score gradients
+  (``[B, H_q, K', N]`` float32 each), which the dK/dV kernel reads instead of recomputing them."""
   bsz, n, h, d = q.shape
   h_kv = k.shape[2]
   pad = _pad_for(st, interpret)

@@ -117,13 +117,13 @@ def test_kernel_registers_captures_the_three_triton_modules():
 def test_kernel_registers_defaults_lower_the_default_kernels_on_their_warps():
   """With every option at its default, the learned d64 forward loops over its terms and its dK/dV
   reads the saved term probabilities (no neighbour tiles: fewer loads than the recomputing form);
-  the learned d128 backward compiles on 8 warps, everything else on 4."""
-  fwd, _, dkdv = kernel_registers.triton_modules(64, 8, learned=True, term_mma=None, loop_group=None)
-  _, _, recomputing = kernel_registers.triton_modules(64, 8, learned=True, term_mma=None, loop_group=None,
-                                                     saved_terms=False)
+  the lowering gives the learned d128 backward 8 warps and the rest 4."""
+  (fwd, _), _, (dkdv, _) = kernel_registers.lowered_kernels(64, 8, learned=True, term_mma=None, loop_group=None)
+  _, _, (recomputing, _) = kernel_registers.lowered_kernels(64, 8, learned=True, term_mma=None, loop_group=None,
+                                                           saved_terms=False)
   assert "scf.for" in fwd and dkdv.count("tt.load") < recomputing.count("tt.load")
-  assert kernel_registers.default_warps(128, 8, learned=True) == {"fwd": 4, "dq": 8, "dkdv": 8}
-  assert kernel_registers.default_warps(128, 2, learned=False) == {"fwd": 4, "dq": 4, "dkdv": 4}
+  warps = lambda *shape: [w for _, w in kernel_registers.lowered_kernels(*shape, term_mma=None, loop_group=None)]  # noqa: E731
+  assert warps(128, 8, True) == [4, 8, 8] and warps(128, 2, False) == [4, 4, 4]
 
 
 def test_kernel_registers_reads_ptxas_and_refuses_a_missing_triton(tmp_path):

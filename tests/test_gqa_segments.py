@@ -261,7 +261,8 @@ def test_compiled_gpu_kernel_gqa_segments(h_kv, head_dim, learned):
     (4, True, False, dict(term_mma=False, skip_dead_terms=True, loop_group=False)),
     (1, True, False, dict(term_mma=True, term_mma_bwd=False)), (2, True, True, dict(term_mma=True, term_mma_bwd=False)),
     (2, True, True, dict(term_mma=False, saved_terms=True, loop_terms=True)),
-    (4, False, True, dict(term_mma=True, saved_terms=True)), (1, True, False, dict(saved_terms=True))])
+    (4, False, True, dict(term_mma=True, saved_terms=True)), (1, True, False, dict(saved_terms=True)),
+    (2, True, True, dict(term_mma=False, loop_terms=True, saved_terms=False))])
 def test_gpu_kernels_lower_to_triton_on_any_machine(monkeypatch, h_kv, learned, segments, options):
   """Forward and backward lower through Pallas' Triton rules for a CUDA target on any machine (no GPU
   needed): an op, index or block the Triton lowering does not support fails here, not on a GPU."""

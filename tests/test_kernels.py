@@ -120,6 +120,17 @@ def test_default_term_form_follows_the_measurements():
   assert default_skip_dead_terms_bwd("tpu", False, 65536, 64, 4096)
 
 
+def _traced(part: str, offsets, n: int = 16384, d: int = 16, h_q: int = 1, h_kv: int = 1, **opts) -> str:
+  """The jaxpr (text) of the GPU kernels in interpret mode: the forward (``part="fwd"``) or
+  ``jax.grad`` of its sum (``"bwd"``; gradients of k and v only with groups), with ``opts``."""
+  q, kv = jnp.zeros((1, n, h_q, d), jnp.float32), jnp.zeros((1, n, h_kv, d), jnp.float32)
+  attn = lambda q, k, v: gathered_offset_attention(  # noqa: E731
+      q, k, v, window=8, offsets=jnp.asarray(offsets), interpret=True, backend="gpu", block=16, block_bwd=16, **opts)
+  argnums = (1, 2) if h_q > h_kv else (0, 1, 2)
+  f = attn if part == "fwd" else jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=argnums)
+  return str(jax.make_jaxpr(f)(q, kv, kv))
+
+
 def test_looped_forward_terms_follow_the_measurements():
   """The GPU forward loops over its offset terms at long sequences and head_dim <= 64 only, the
   backward never by default; the defaults reach the kernels (equal jaxprs to the explicit forms)."""
@@ -129,20 +140,13 @@ def test_looped_forward_terms_follow_the_measurements():
   assert not default_loop_terms("gpu", 65536, 64, backward=True)
   assert not default_loop_terms("tpu", 65536, 64, backward=False)
 
-  def traced(n, d, part, **opts):
-    q = jnp.zeros((1, n, 1, d), jnp.float32)
-    attn = lambda q, k, v: gathered_offset_attention(  # noqa: E731
-        q, k, v, window=8, offsets=jnp.asarray([9, 40], jnp.int32), interpret=True, backend="gpu", block=16,
-        block_bwd=16, **opts)
-    f = attn if part == "fwd" else jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2))
-    return str(jax.make_jaxpr(f)(q, q, q))
-
-  assert traced(16384, 16, "fwd") == traced(16384, 16, "fwd", term_mma=True, loop_terms=True)
-  assert traced(16384, 16, "fwd") != traced(16384, 16, "fwd", term_mma=True, loop_terms=False)
-  assert traced(16384, 128, "fwd") == traced(16384, 128, "fwd", loop_terms=False)
-  assert traced(1024, 16, "fwd") == traced(1024, 16, "fwd", loop_terms=False)
-  assert traced(16384, 16, "bwd") == traced(16384, 16, "bwd", loop_terms_bwd=False)
-  assert traced(16384, 16, "bwd") != traced(16384, 16, "bwd", loop_terms_bwd=True)
+  static = np.asarray([9, 40], np.int32)
+  traced = functools.partial(_traced, offsets=static)
+  assert traced("fwd") == traced("fwd", term_mma=True, loop_terms=True)
+  assert traced("fwd") != traced("fwd", term_mma=True, loop_terms=False)
+  assert traced("fwd", d=128) == traced("fwd", d=128, loop_terms=False)
+  assert traced("fwd", n=1024) == traced("fwd", n=1024, loop_terms=False)
+  assert traced("bwd") == traced("bwd", loop_terms_bwd=False) != traced("bwd", loop_terms_bwd=True)
 
 
 def test_learned_backward_saves_term_probabilities():
@@ -151,30 +155,16 @@ def test_learned_backward_saves_term_probabilities():
   assert default_saved_terms("gpu", learned=True)
   assert not default_saved_terms("gpu", learned=False)
   assert not default_saved_terms("tpu", learned=True)
-  q = jnp.zeros((1, 256, 1, 16), jnp.float32)
-
-  def traced(offs, **opts):
-    loss = lambda q, k, v: jnp.sum(gathered_offset_attention(  # noqa: E731
-        q, k, v, window=8, offsets=offs, interpret=True, backend="gpu", block=16, block_bwd=16, **opts))
-    return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q))
-
-  learned, static = jnp.asarray([17.5, 40.25], jnp.float32), jnp.asarray([17, 40], jnp.int32)
-  assert traced(learned) == traced(learned, saved_terms=True) != traced(learned, saved_terms=False)
-  assert traced(static) == traced(static, saved_terms=False) != traced(static, saved_terms=True)
+  for offsets, default in ((np.asarray([17.5, 40.25], np.float32), True), (np.asarray([17, 40], np.int32), False)):
+    traced = functools.partial(_traced, "bwd", offsets, n=256)
+    assert traced() == traced(saved_terms=default) != traced(saved_terms=not default)
 
 
 def test_gpu_groups_loop_in_dkdv_by_default():
   """With groups the GPU dK/dV kernel loops over the group (measured faster); the default reaches
   the kernel: the backward's jaxpr is the looped one's and not the unrolled one's."""
   assert default_loop_group("gpu", 4) and not default_loop_group("gpu", 1) and not default_loop_group("tpu", 4)
-  q, kv = jnp.zeros((1, 64, 4, 16), jnp.float32), jnp.zeros((1, 64, 2, 16), jnp.float32)
-
-  def backward(**opts):
-    loss = lambda q, k, v: jnp.sum(gathered_offset_attention(  # noqa: E731
-        q, k, v, window=8, offsets=jnp.asarray([9, 13], jnp.int32), interpret=True, backend="gpu", block=16,
-        block_bwd=16, **opts))
-    return str(jax.make_jaxpr(jax.grad(loss, argnums=(1, 2)))(q, kv, kv))
-
+  backward = functools.partial(_traced, "bwd", np.asarray([9, 13], np.int32), n=64, h_q=4, h_kv=2)
   default = backward()
   assert default == backward(loop_group=True) and default != backward(loop_group=False)
 
@@ -182,16 +172,7 @@ def test_gpu_groups_loop_in_dkdv_by_default():
 def test_learned_default_term_forms_reach_the_kernels():
   """Learned distances at long sequences: the default forward is the tensor-core one and the
   default backward the row-wise one (each pass's jaxpr equals that explicit form's)."""
-  n = 16384
-  q = jnp.zeros((1, n, 1, 16), jnp.float32)
-  offs = jnp.asarray([17.5, 40.25], jnp.float32)
-
-  def traced(part, **opts):
-    attn = lambda q, k, v: gathered_offset_attention(  # noqa: E731
-        q, k, v, window=8, offsets=offs, interpret=True, backend="gpu", block=16, block_bwd=16, **opts)
-    f = attn if part == "fwd" else jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2))
-    return str(jax.make_jaxpr(f)(q, q, q))
-
+  traced = functools.partial(_traced, offsets=np.asarray([17.5, 40.25], np.float32))
   assert traced("fwd") == traced("fwd", term_mma=True) != traced("fwd", term_mma=False)
   default_bwd = traced("bwd")
   assert default_bwd == traced("bwd", term_mma=True, term_mma_bwd=False)
@@ -201,15 +182,7 @@ def test_learned_default_term_forms_reach_the_kernels():
 def test_learned_wide_head_backward_defaults_reach_the_kernels():
   """Learned distances at head_dim 128 and long sequences: the backward runs row-wise, branched,
   on 8 warps, unless the caller names its warps."""
-  n = 16384
-  q = jnp.zeros((1, n, 1, 128), jnp.float32)
-  offs = jnp.asarray([17.5, 40.25], jnp.float32)
-
-  def traced(**opts):
-    loss = lambda q, k, v: jnp.sum(gathered_offset_attention(  # noqa: E731
-        q, k, v, window=8, offsets=offs, interpret=True, backend="gpu", block=16, block_bwd=16, **opts))
-    return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q))
-
+  traced = functools.partial(_traced, "bwd", np.asarray([17.5, 40.25], np.float32), d=128)
   default_bwd = traced()
   assert default_bwd == traced(term_mma_bwd=False, skip_dead_terms=True, options_bwd=dict(num_warps=8))
   assert default_bwd != traced(term_mma_bwd=False, options_bwd=dict(num_warps=4))
@@ -235,8 +208,10 @@ def test_gpu_kernel_unbranched_terms_match_reference(case):
 @pytest.mark.parametrize("term_mma", [False, True])
 def test_gpu_kernel_looped_terms_match_reference(case, term_mma):
   """Offset terms as one loop body (dead rows masked, one online-softmax step per term), in both
-  term forms, forward and backward."""
-  _compare(case, "gpu", _seed(case, "loop_terms", term_mma), interpret=True, term_mma=term_mma, loop_terms=True)
+  term forms, forward and backward, dK/dV recomputing the terms' probabilities (the saved ones are
+  looped in ``test_gqa_segments``)."""
+  _compare(case, "gpu", _seed(case, "loop_terms", term_mma), interpret=True, term_mma=term_mma, loop_terms=True,
+           saved_terms=False)
 
 
 @pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "n_is_4R", "learned_fractional", "learned_bfloat16"])
