@@ -144,7 +144,7 @@ def main() -> None:
   forms = (None,) if args.defaults else (False, True)
   configs = list(itertools.product(args.head_dims, args.kv_heads, (False, True), forms))
   with tempfile.TemporaryDirectory() as tmp:
-    paths, warps = {}, {}
+    paths = {}
     for d, h_kv, learned, mma in configs:
       loop_group = None if args.defaults else args.loop_group
       form = {None: "default", True: "mma", False: "row"}[mma]
@@ -156,9 +156,8 @@ def main() -> None:
         paths[str(path)] = dict(head_dim=d, kv_heads=h_kv, learned=learned, term_mma=form if mma is None else mma,
                                 kernel=kernel, loop_group=loop_group, block_bwd=args.block_bwd,
                                 num_warps=num_warps)
-        warps[str(path)] = num_warps
     env = dict(os.environ, PYTHONPATH=str(args.triton.resolve()), TRITON_DEFAULT_FP_FUSION="1")
-    res = subprocess.run([sys.executable, "-c", _COMPILE, *(f"{p}={w}" for p, w in warps.items())],
+    res = subprocess.run([sys.executable, "-c", _COMPILE, *(f"{p}={row['num_warps']}" for p, row in paths.items())],
                          capture_output=True, text=True, env=env)
     if res.returncode:
       print(f"error: the Triton compile failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)

@@ -6,9 +6,9 @@ read it). It reaches memory only through ``io`` (``read(ref, start, size, member
 D]`` rows with rows outside ``[0, n)`` zeroed, ``member`` picking one query head of a group ref;
 ``read_vec`` for ``[size]`` rows (float32 statistics, int32 segment ids; ``term`` picks one offset
 term's row of a ``[K', rows]`` ref); ``write``/``write_vec`` store rows below ``n`` (``write_vec``
-also takes ``term``); ``write_terms``
-stores the per-term d-distance partial sums), so the lowering modules differ only in how a row
-range moves between memory and registers and how a program finds its heads.
+also takes ``term``); ``write_terms`` stores the per-term d-distance partial sums), so the lowering
+modules differ only in how a row range moves between memory and registers and how a program finds
+its heads.
 
 Design (SPEC section 3): the window is ``1 + ceil((W - 1) / block)`` banded matrix tiles; an
 offset ``o`` is one contiguous shifted load of rows ``[i0 - o, i0 - o + block)`` scored with
@@ -457,7 +457,8 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
       return accumulate(state, [(d, 1.0, saved(kk) if st.saved_terms else recomputed(d, [own], d))])
     lo, t = split_distance(d)
     if st.saved_terms:
-      return accumulate(state, [(lo, 1.0 - t, saved(kk)), (lo + 1, t, saved(kk))])
+      probs = saved(kk)
+      return accumulate(state, [(lo, 1.0 - t, probs), (lo + 1, t, probs)])
     prev, nxt = neighbour(j0 - 1), neighbour(j0 + 1)
     # query j + lo reads k[j] (weight 1 - t) and k[j - 1]; query j + lo + 1 reads k[j + 1] and k[j] (weight t)
     first = [own._replace(weight=1.0 - t), prev._replace(weight=t)]

@@ -34,15 +34,13 @@ from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offse
 # (benchmarks.kernel_registers) and ran 1.2-1.9x slower fwd+bwd on an H200 (d64 at N = 1024 with
 # batch 32 and at N = 65536; d128 at N = 65536; tune_attention_*_kv2_*.json). At d128, 32-row
 # backward tiles end the tensor-core dK/dV spills but ran 1.2-1.4x slower than 64-row ones.
-# The learned backward at head_dim 128 (32-row tiles) runs row-wise on 8 warps: 1.11x faster fwd+bwd
-# than tensor cores on 4 warps without groups (N = 16384 and 65536) and 1.25x with 2 key/value heads
-# (N = 65536); 8 warps made every other backward measured slower, tensor-core learned ones included
-# (tune_attention_NVIDIA_H200_*_d128_learned*.json, *_warps.json).
+# The learned backward at head_dim 128 (32-row tiles) runs row-wise on 8 warps, measured faster than
+# tensor cores on 4 warps with and without groups; 8 warps made every other backward measured slower
+# (NOTES h6; tune_attention_NVIDIA_H200_*_d128_learned*.json, *_warps.json).
 # The learned backward's dK/dV reads the probabilities and score gradients dQ saved per term
 # (``bodies.Static.saved_terms``) instead of recomputing them from two neighbouring key/value tiles
-# per term: 1.20-1.33x faster fwd+bwd at N = 65536 and 1.28x at the training shape; static offsets
-# gained no more than the run-to-run spread and keep recomputing (NOTES h7,
-# tune_attention_NVIDIA_H200_*_saved_terms.json[l]).
+# per term, measured faster at long sequences and at the training shape; static offsets gained no
+# more than the run-to-run spread and keep recomputing (NOTES h7, tune_attention_NVIDIA_H200_*_saved_terms.json[l]).
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128}
 DEFAULT_BLOCK_BWD = {("gpu", False): 64, ("gpu", True): 32, ("tpu", False): 128, ("tpu", True): 128}
 ROWWISE_MAX_HEAD_DIM = 64
@@ -72,8 +70,8 @@ def default_loop_terms(backend: str, seq_len: int, head_dim: int, backward: bool
 
 def default_saved_terms(backend: str, learned: bool) -> bool:
   """The GPU backward of fractional distances saves the offset terms' probabilities and score
-  gradients in dQ for dK/dV (measured faster at long sequences and at the training shape, on the
-  default 32-row tiles; with 64-row tensor-core tiles it measured 0.98x)."""
+  gradients in dQ for dK/dV (measured faster on the default 32-row tiles, at long sequences and at
+  the training shape; not with 64-row tensor-core tiles)."""
   return backend == "gpu" and learned
 
 
