@@ -53,8 +53,8 @@ def collectives(args: argparse.Namespace) -> dict:
   import configs  # noqa: PLC0415
   from benchmarks.timing import hlo_instructions  # noqa: PLC0415
   from configs.base import apply_overrides  # noqa: PLC0415
-  from train.step import make_optimizer  # noqa: PLC0415
-  from train.trainer import compile_train_step, global_batch, init_state, make_mesh  # noqa: PLC0415
+  from train.run.step import make_optimizer  # noqa: PLC0415
+  from train.run.trainer import compile_train_step, global_batch, init_state, make_mesh  # noqa: PLC0415
 
   cfg = apply_overrides(configs.get_config(args.config), list(args.set)).validate()
   mesh, tx = make_mesh(), make_optimizer(cfg)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from fibjax.cli import ArgumentParser
 from benchmarks.cli import add_force, claim
 from benchmarks.timing import copy_bandwidth, time_fn
-from pallas_kernels import norm_gpu
+from pallas_kernels.norm import rmsnorm as norm_gpu
 
 
 def main() -> None:

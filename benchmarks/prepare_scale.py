@@ -24,7 +24,7 @@ import time
 
 from fibjax.cli import ArgumentParser
 from benchmarks.cli import add_force, claim, fail
-from train import data
+from train.data import text as data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_SET = ["steps=1", "log_every=1", "progress=false", "final_eval_multiples=1", "final_eval_tokens=2048"]
@@ -98,7 +98,7 @@ def main() -> None:
   try:
     corpus = build_corpus(args.dir / "corpus.jsonl", args.gb)
     print(f"corpus: {corpus}", flush=True)
-    prep = measure([sys.executable, "-m", "train.prepare", "--data", str(args.dir / "corpus.jsonl"),
+    prep = measure([sys.executable, "-m", "train.data.prepare", "--data", str(args.dir / "corpus.jsonl"),
                     "--out", str(args.dir / "prepared")])
     del prep["start"], prep["rc"]
     manifest = data.read_manifest(args.dir / "prepared")

@@ -28,9 +28,9 @@ from fibjax.cli import ArgumentParser
 from fibjax.model import count_params
 from benchmarks.cli import add_force, claim
 from benchmarks.timing import copies, describe_kernels, kernel_times
-from train.metrics import flops_per_token, peak_flops_per_device
-from train.step import make_optimizer
-from train.trainer import compile_train_step, init_state, make_mesh
+from train.run.metrics import flops_per_token, peak_flops_per_device
+from train.run.step import make_optimizer
+from train.run.trainer import compile_train_step, init_state, make_mesh
 
 
 def _setup(variant: str, seq_len: int, tokens_per_step: int) -> tuple[
@@ -128,7 +128,7 @@ def profile(variant: str, seq_len: int, tokens_per_step: int, steps: int, top: i
 
 
 def main() -> None:
-  from train import xla_flags  # noqa: PLC0415  (the trainer's defaults, before the backend starts)
+  from train.run import xla_flags  # noqa: PLC0415  (the trainer's defaults, before the backend starts)
 
   xla_flags.apply_defaults()
   parser = ArgumentParser(description=__doc__)

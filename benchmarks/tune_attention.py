@@ -12,7 +12,7 @@ alone; backward ones (the same, plus the dK/dV group loop) as forward + backward
 has the default tiles and term form and the row's branch. Median ms, random bf16 data rotated over
 input sets, synchronised, after warm-up (``benchmarks.timing.time_fn``). Prints the rows and writes
 ``tune_attention_<device>_n<N>_b<B>[_kv<H_kv>_d<D>][_learned].json`` (refuses to overwrite it unless
-``--force``); the kernel defaults (``pallas_kernels.ops``) come from these sweeps."""
+``--force``); the kernel defaults (``pallas_kernels.attention.ops``) come from these sweeps."""
 
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ from benchmarks.timing import copy_bandwidth, kernel_times
 from fibjax import decode as dec
 from fibjax.layers import rope, rope_angles
 from fibjax.reference import normalize_offsets
-from pallas_kernels.decode_attention import sparse_attention
-from pallas_kernels.decode_projections import Rope, project
+from pallas_kernels.decode.attention import sparse_attention
+from pallas_kernels.decode.projections import Rope, project
 
 D, H, HD, M, R = 512, 8, 64, 1664, 4096
 BF = jnp.bfloat16

@@ -60,7 +60,7 @@ class TrainConfig:
       raise ValueError(f"model.vocab_size must be 256 with the byte tokenizer, got {self.model.vocab_size}: set "
                        "model.vocab_size=256")
     if self.tokenizer == "bpe" and self.model.vocab_size != self.bpe_vocab_size:
-      # a prepared corpus fixes the vocabulary: train.prepare prints both overrides (data.prepared_overrides)
+      # a prepared corpus fixes the vocabulary: train.data.prepare prints both overrides (data.prepared_overrides)
       raise ValueError(f"model.vocab_size ({self.model.vocab_size}) must equal bpe_vocab_size ({self.bpe_vocab_size}) "
                        f"with the BPE tokenizer: add model.vocab_size={self.bpe_vocab_size} (for a corpus from "
                        "python -m train.prepare, the bpe_vocab_size=V model.vocab_size=V it printed)")

@@ -25,7 +25,7 @@ from fibjax.attention import attention, dense_attention, valid_implementations
 from pallas_kernels.pattern import normalize_offsets
 
 if TYPE_CHECKING:
-  from pallas_kernels.decode_block import DenseAttend, SparsePattern
+  from pallas_kernels.decode.block import DenseAttend, SparsePattern
 
 PatternKind = Literal["dense", "static", "learned"]
 
@@ -217,10 +217,10 @@ class Attention(nnx.Module):
     return self._project_out(o[:, None].astype(q.dtype)), cache
 
   def fused_decode_attention(self, pos: jax.Array) -> SparsePattern | DenseAttend:
-    """This layer's attention for ``pallas_kernels.decode_block.block_step`` at position ``pos``:
+    """This layer's attention for ``pallas_kernels.decode.block.block_step`` at position ``pos``:
     the sparse pattern for the ring-buffer kernel, or for a dense layer the XLA attention over its
     cache, ``(qkv_Bx3xHxD, cache) -> (o_BxHxD, cache)``."""
-    from pallas_kernels.decode_block import SparsePattern  # noqa: PLC0415  (GPU kernels: imported on use)
+    from pallas_kernels.decode.block import SparsePattern  # noqa: PLC0415  (GPU kernels: imported on use)
 
     scale = self.head_dim**-0.5
     if self.pattern.kind == "dense":
@@ -300,7 +300,7 @@ class Block(nnx.Module):
     b, n, d = x_BxNxD.shape
     if _resolve(self.norm_impl, n > 1, self.interpret) == "xla":
       return x_BxNxD, norm(x_BxNxD)
-    from pallas_kernels.norm_gpu import norm_residual  # noqa: PLC0415  (GPU kernels: imported on use)
+    from pallas_kernels.norm.rmsnorm import norm_residual  # noqa: PLC0415  (GPU kernels: imported on use)
 
     x_RxD, y_RxD = norm_residual(x_BxNxD.reshape(b * n, d), norm.scale[...], norm.epsilon,
                                  jnp.dtype(norm.dtype or x_BxNxD.dtype), self.interpret, self.batch_axes)
@@ -325,10 +325,10 @@ class Block(nnx.Module):
   def decode(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """One token per row at position ``pos``: the XLA path (norms, projections and
     ``fibjax.decode`` attention as separate ops) or the fused Pallas block step (``decode_impl``;
-    ``pallas_kernels.decode_block``, which returns the residual stream in float32)."""
+    ``pallas_kernels.decode.block``, which returns the residual stream in float32)."""
     if _resolve(self.decode_impl, self._fusable(x_Bx1xD.shape[0]), self.interpret) == "xla":
       return self._residual(x_Bx1xD, lambda h: self.attn.decode(h, pos, cache))
-    from pallas_kernels import decode_block  # noqa: PLC0415  (GPU kernels: imported on use)
+    from pallas_kernels.decode import block as decode_block  # noqa: PLC0415  (GPU kernels: imported on use)
 
     a = self.attn
     weights = decode_block.BlockWeights(
@@ -341,7 +341,7 @@ class Block(nnx.Module):
     return y_BxD[:, None], cache
 
   def _fusable(self, rows: int) -> bool:
-    from pallas_kernels.decode_block import fusable  # noqa: PLC0415  (GPU kernels: imported on use)
+    from pallas_kernels.decode.block import fusable  # noqa: PLC0415  (GPU kernels: imported on use)
 
     a = self.attn
     return fusable(rows=rows, d_model=self.attn_norm.num_features, num_heads=a.num_heads, head_dim=a.head_dim,

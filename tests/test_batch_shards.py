@@ -11,8 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import fibjax
 from pallas_kernels import gathered_offset_attention
 from pallas_kernels.batch_shards import per_batch_shard
-from pallas_kernels.norm_gpu import norm_residual
-from train.trainer import make_mesh
+from pallas_kernels.norm.rmsnorm import norm_residual
+from train.run.trainer import make_mesh
 
 
 def test_kernel_sees_only_its_shard_under_a_mesh():

@@ -14,13 +14,15 @@ import pytest
 from configs.base import TrainConfig, apply_overrides
 from tests.test_reliability import BASE, _error_line
 from tests.test_train import ROOT, _cfg, _run
-from train import data, experiment, generate
-from train.restore import Run, abstract_params, restore_params
+from train.data import text as data
+from train.study import experiment
+from train.probe import generate
+from train.run.restore import Run, abstract_params, restore_params
 
 TOOLS = {  # the cheapest call of each read-only tool on the tiny run (T = 64; a passkey sample needs > 81)
-    "train.evaluate": ["--lengths", "1"],
-    "train.generate": ["--prompt", "The", "--max-new-tokens", "4", "--temperature", "0"],
-    "train.passkey": ["--lengths", "2", "--depths", "0.5", "--trials", "1"],
+    "train.probe.evaluate": ["--lengths", "1"],
+    "train.probe.generate": ["--prompt", "The", "--max-new-tokens", "4", "--temperature", "0"],
+    "train.probe.passkey": ["--lengths", "2", "--depths", "0.5", "--trials", "1"],
 }
 
 
@@ -74,7 +76,7 @@ def test_read_only_tools_skip_a_damaged_checkpoint_and_move_nothing(damaged_run)
     assert "skipped it for step 4" in lines[0], lines[0]
   assert (damaged_run / "evals" / "step4_heldout_x1_t512.json").exists()
   assert list((damaged_run / "passkey").glob("step4_*.json"))
-  again = _tool("train.evaluate", damaged_run, *TOOLS["train.evaluate"])
+  again = _tool("train.probe.evaluate", damaged_run, *TOOLS["train.probe.evaluate"])
   assert again.returncode == 0 and again.stdout.rstrip().endswith("(written earlier; nothing recomputed)")
   assert f"reused {damaged_run / 'evals' / 'step4_heldout_x1_t512.json'}" in again.stdout
   assert _snapshot(damaged_run) == before and not (damaged_run / "damaged_checkpoints").exists()
@@ -98,13 +100,13 @@ def test_checkpoint_of_another_config_is_one_error_line(base_run, tmp_path):
   cfg = TrainConfig.load(workdir / "config.json")
   (workdir / "config.json").unlink()
   apply_overrides(cfg, ["model.mlp_dim=128"]).save(workdir / "config.json")
-  line = _error_line(_tool("train.evaluate", workdir, "--lengths", "1"))
+  line = _error_line(_tool("train.probe.evaluate", workdir, "--lengths", "1"))
   assert "checkpoint step 8" in line and "does not match the run's config.json" in line, line
   assert "mlp" in line and "checkpoint (64, 32) vs config (128, 32)" in line, line
 
 
 def test_generate_top_k_beyond_the_vocabulary_is_one_error_line(base_run):
-  line = _error_line(_tool("train.generate", base_run, "--prompt", "The", "--top-k", "100000"))
+  line = _error_line(_tool("train.probe.generate", base_run, "--prompt", "The", "--top-k", "100000"))
   assert "--top-k must be <= the vocabulary size 256" in line, line
 
 
@@ -130,7 +132,7 @@ def test_generate_reports_an_error_raised_while_streaming_in_one_line(base_run, 
   run = Run(base_run, cfg, mesh, graphdef, restore_params(base_run / "checkpoints", 8, target), 8,
             data.ByteTokenizer())
   real_stream = generate.stream
-  monkeypatch.setattr("train.restore.load_run", lambda workdir: run)
+  monkeypatch.setattr("train.run.restore.load_run", lambda workdir: run)
   monkeypatch.setattr(generate, "stream", lambda *a, **kw: real_stream(*a, **{**kw, "temperature": -1.0}))
   assert generate.main(["--workdir", str(base_run), "--prompt", "The", "--max-new-tokens", "4"]) == 2
   out, err = capsys.readouterr()
@@ -139,7 +141,7 @@ def test_generate_reports_an_error_raised_while_streaming_in_one_line(base_run, 
 
 
 def test_unknown_budget_is_refused_before_any_cell_trains(tmp_path):
-  cmd = [sys.executable, "-m", "train.sweep", "--root", str(tmp_path / "root"), "--config", "tiny", "--variants",
+  cmd = [sys.executable, "-m", "train.study.sweep", "--root", str(tmp_path / "root"), "--config", "tiny", "--variants",
          "fib-linear", "--seeds", "0", "--budgets", "full", "bogus", "--set", *BASE]
   line = _error_line(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120))
   assert "unknown --budgets ['bogus']" in line and "far-0.5" in line, line
@@ -157,10 +159,10 @@ def test_bad_tuple_override_names_the_field_and_the_form():
 
 
 def test_latency_refuses_a_root_mixing_recipes(tmp_path):
-  """train.latency times one run per variant; runs of two recipes under one root are refused in one
+  """train.study.latency times one run per variant; runs of two recipes under one root are refused in one
   line rather than compared."""
   import configs  # noqa: PLC0415
-  from train import latency  # noqa: PLC0415
+  from train.study import latency  # noqa: PLC0415
 
   for name, config, variant in (("a", "tiny", "dense"), ("b", "small", "fib-linear")):
     (tmp_path / name).mkdir()
@@ -168,7 +170,7 @@ def test_latency_refuses_a_root_mixing_recipes(tmp_path):
     (tmp_path / name / "eval.json").write_text("{}")
   with pytest.raises(ValueError, match=r"more than one recipe \(a and b differ in batch_size, "):
     latency.first_run_per_variant(tmp_path)
-  res = subprocess.run([sys.executable, "-m", "train.latency", str(tmp_path)], cwd=ROOT, capture_output=True,
+  res = subprocess.run([sys.executable, "-m", "train.study.latency", str(tmp_path)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
   assert "give one sweep's root" in _error_line(res)
   (tmp_path / "b" / "config.json").write_text(json.dumps(configs.get_config("tiny", "fib-linear").to_dict()))

@@ -11,7 +11,8 @@ from tests.test_cli_errors import base_run  # noqa: F401  (the tiny trained run,
 from tests.test_reliability import _error_line
 from tests.test_sweep_report_errors import _one_error, _snapshot
 from tests.test_train import _run
-from train import evaluate, generate, latency, passkey
+from train.probe import evaluate, generate, passkey
+from train.study import latency
 
 
 def test_evaluate_lengths_beyond_the_text_name_lengths(base_run, capsys):

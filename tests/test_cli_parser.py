@@ -37,7 +37,7 @@ def test_every_command_line_uses_the_one_line_parser():
   assert plain == ["benchmarks/flex_peer.py"]
 
 
-@pytest.mark.parametrize("argv", [["train.evaluate", "--lengths", "x"], ["train", "--no-such-flag"],
+@pytest.mark.parametrize("argv", [["train.probe.evaluate", "--lengths", "x"], ["train", "--no-such-flag"],
                                   ["benchmarks.attention", "--n", "x"], ["fibjax", "--seq-len", "x"]])
 def test_command_line_argument_error_is_one_line(argv):
   res = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -11,8 +11,8 @@ import fibjax
 from fibjax import decode as dec
 from fibjax.layers import rope_angles
 from fibjax.reference import normalize_offsets
-from pallas_kernels.decode_attention import sparse_attention
-from pallas_kernels.decode_projections import Rope, project
+from pallas_kernels.decode.attention import sparse_attention
+from pallas_kernels.decode.projections import Rope, project
 from pallas_kernels.named_operands import alias_indices
 
 

@@ -13,7 +13,10 @@ import pytest
 
 import configs
 from configs.base import apply_overrides
-from train import data, evaluate, passkey, reach, report, stats
+from train.data import text as data
+from train.probe import passkey, reach
+from train.run import evaluation
+from train.study import report, stats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.head_dim=16", "model.mlp_dim=64",
@@ -32,10 +35,10 @@ def _module(*args, timeout=600, cwd=ROOT):
 def sweep_root(tmp_path_factory):
   here = tmp_path_factory.mktemp("sweep")
   root = here / "root"
-  res = _module("train.sweep", "--root", "root", *SWEEP, cwd=here)  # a relative root, as users type it
+  res = _module("train.study.sweep", "--root", "root", *SWEEP, cwd=here)  # a relative root, as users type it
   assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
   assert "[sweep] done 4 / running 0 / left 0" in res.stdout
-  rep = _module("train.report", str(root))
+  rep = _module("train.study.report", str(root))
   assert rep.returncode == 0, rep.stderr[-3000:]
   return root
 
@@ -73,9 +76,9 @@ def test_report_numbers_are_the_run_files_numbers(sweep_root):
 
 def test_second_sweep_skips_finished_cells_and_refuses_another_recipe(sweep_root):
   before = {p: p.stat().st_mtime_ns for p in sweep_root.rglob("*") if p.is_file() and "logs" not in p.parts}
-  again = _module("train.sweep", "--root", str(sweep_root), *SWEEP, "--no-latency")
+  again = _module("train.study.sweep", "--root", str(sweep_root), *SWEEP, "--no-latency")
   assert again.returncode == 0 and "4 already done" in again.stdout
-  other = _module("train.sweep", "--root", str(sweep_root), *SWEEP[:-len(TINY)], *TINY[:-1], "checkpoint_every=1")
+  other = _module("train.study.sweep", "--root", str(sweep_root), *SWEEP[:-len(TINY)], *TINY[:-1], "checkpoint_every=1")
   assert other.returncode == 2 and "another recipe" in other.stderr
   after = {p: p.stat().st_mtime_ns for p in sweep_root.rglob("*") if p.is_file() and "logs" not in p.parts}
   changed = {p for p in after if before.get(p) != after[p]} - {sweep_root / "sweep_cost.jsonl"}
@@ -86,26 +89,26 @@ def test_evaluate_cli_names_each_evaluation_and_takes_any_text(sweep_root, tmp_p
   run = sweep_root / "fib-linear-s0"
   text = tmp_path / "speech.txt"
   text.write_text("Fellow-Citizens of the Senate and of the House of Representatives. " * 60)
-  res = _module("train.evaluate", "--workdir", str(run), "--lengths", "1", "2", "--data", str(text),
+  res = _module("train.probe.evaluate", "--workdir", str(run), "--lengths", "1", "2", "--data", str(text),
                 "--tokens", "256", timeout=300)
   assert res.returncode == 0, res.stderr[-2000:]
   written = [p for p in (run / "evals").iterdir() if "speech" in p.name]
   assert len(written) == 1 and re.fullmatch(r"step4_speech-[0-9a-f]{8}_x1-2_t256\.json", written[0].name)
   record = json.loads(written[0].read_text())
   assert record["multiples"] == [1, 2] and record["targets"] == 256
-  missing = _module("train.evaluate", "--workdir", str(run), "--data", str(tmp_path / "nope.txt"), timeout=120)
+  missing = _module("train.probe.evaluate", "--workdir", str(run), "--data", str(tmp_path / "nope.txt"), timeout=120)
   assert missing.returncode == 2 and "does not exist" in missing.stderr and len(missing.stderr.splitlines()) == 1
-  no_run = _module("train.evaluate", "--workdir", str(tmp_path / "no_run"), timeout=120)
+  no_run = _module("train.probe.evaluate", "--workdir", str(tmp_path / "no_run"), timeout=120)
   assert no_run.returncode == 2 and "does not exist" in no_run.stderr
 
 
 def test_bad_sweep_inputs_are_refused_before_anything_is_written(tmp_path):
-  res = _module("train.sweep", "--root", str(tmp_path / "r"), "--config", "tiny", "--variants", "fib-sparse",
+  res = _module("train.study.sweep", "--root", str(tmp_path / "r"), "--config", "tiny", "--variants", "fib-sparse",
                 timeout=120)
   assert res.returncode == 2 and "variant" in res.stderr and not (tmp_path / "r").exists()
   (tmp_path / "busy").mkdir()
   (tmp_path / "busy" / "notes.txt").write_text("mine")
-  res = _module("train.sweep", "--root", str(tmp_path / "busy"), "--config", "tiny", "--variants", "dense",
+  res = _module("train.study.sweep", "--root", str(tmp_path / "busy"), "--config", "tiny", "--variants", "dense",
                 timeout=120)
   assert res.returncode == 2 and "not empty" in res.stderr
   assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
@@ -113,7 +116,7 @@ def test_bad_sweep_inputs_are_refused_before_anything_is_written(tmp_path):
 
 def test_nested_windows_score_identical_targets_at_every_length():
   tokens = np.arange(5000, dtype=np.int32)
-  windows = evaluate.nested_windows(tokens, 16, (1, 2, 4), 300)
+  windows = evaluation.nested_windows(tokens, 16, (1, 2, 4), 300)
   targets = {m: w[:, 1:].reshape(-1) for m, w in windows.items()}
   np.testing.assert_array_equal(targets[1], targets[2])
   np.testing.assert_array_equal(targets[1], targets[4])
@@ -121,14 +124,14 @@ def test_nested_windows_score_identical_targets_at_every_length():
   for m, w in windows.items():  # each window is a contiguous run of the stream
     assert w.shape[1] == 16 * m + 1 and (np.diff(w, axis=1) == 1).all()
   with pytest.raises(ValueError, match="lengths"):
-    evaluate.nested_windows(tokens, 16, (), 300)
+    evaluation.nested_windows(tokens, 16, (), 300)
 
 
 def test_evaluation_files_are_never_overwritten(tmp_path):
   path = tmp_path / "e.json"
-  evaluate.write_new(path, {"a": 1})
+  evaluation.write_new(path, {"a": 1})
   with pytest.raises(ValueError, match="not overwritten"):
-    evaluate.write_new(path, {"a": 2})
+    evaluation.write_new(path, {"a": 2})
   assert json.loads(path.read_text()) == {"a": 1}
 
 

@@ -9,7 +9,7 @@ from tests.test_train import ROOT, _run
 
 
 def _generate(*args):
-  return subprocess.run([sys.executable, "-m", "train.generate", *args], cwd=ROOT, capture_output=True, text=True,
+  return subprocess.run([sys.executable, "-m", "train.probe.generate", *args], cwd=ROOT, capture_output=True, text=True,
                         timeout=300)
 
 

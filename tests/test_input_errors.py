@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from fibjax.model import ModelConfig
-from train import data, prepare
+from train.data import text as data, prepare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DECODE_RESULTS = ROOT / "benchmarks" / "results" / "decode_NVIDIA_H200.json"  # another benchmark's results
@@ -41,7 +41,7 @@ def text_file(tmp_path) -> pathlib.Path:
 @pytest.mark.parametrize("size", ["-5", "100", "256", "65537"])
 def test_prepare_refuses_a_bpe_vocabulary_out_of_range(tmp_path, text_file, size):
   out = tmp_path / "out"
-  line = _cli("train.prepare", "--data", str(text_file), "--out", str(out), "--tokenizer", "bpe",
+  line = _cli("train.data.prepare", "--data", str(text_file), "--out", str(out), "--tokenizer", "bpe",
               "--bpe-vocab-size", size)
   assert "--bpe-vocab-size" in line and "257..65536" in line and size in line
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # neither out nor out.partial
@@ -117,10 +117,10 @@ def test_prepare_names_the_file_it_cannot_read(tmp_path):
     assert not (tmp_path / f"out {name}").exists() and not (tmp_path / f"out {name}.partial").exists()
 
 
-@pytest.mark.parametrize("module", ["train.prepare", "train"])
+@pytest.mark.parametrize("module", ["train.data.prepare", "train"])
 def test_clis_refuse_a_file_they_cannot_read_in_one_line(tmp_path, module):
   binary, not_gzip = _bad_files(tmp_path)["binary"][0], _bad_files(tmp_path)["not gzip"][0]
-  out = ["--out", str(tmp_path / "out")] if module == "train.prepare" else [
+  out = ["--out", str(tmp_path / "out")] if module == "train.data.prepare" else [
       "--config", "tiny", "--workdir", str(tmp_path / "out"), "--set", "steps=1"]
   assert "looks binary" in _cli(module, "--data", str(binary), *out)
   assert "not gzip data" in _cli(module, "--data", str(not_gzip), *out)

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 import fibjax
-from pallas_kernels import gathered_offset_attention, tile_math, triton_gpu
-from pallas_kernels.ops import (default_loop_group, default_loop_terms, default_num_warps_bwd, default_saved_terms,
+from pallas_kernels import gathered_offset_attention
+from pallas_kernels import tile_math
+from pallas_kernels.attention import triton_gpu
+from pallas_kernels.attention.ops import (default_loop_group, default_loop_terms, default_num_warps_bwd, default_saved_terms,
                                  default_skip_dead_terms_bwd, default_term_mma)
 from tests.compiled import assert_pallas_matches_xla
 

@@ -1,5 +1,9 @@
 """Imports run one way, ``train -> configs -> fibjax -> pallas_kernels``, and never in a circle.
 
+Inside a package the folders are layers too: in ``train``, ``data <- run <- probe <- study <-``
+the command modules at its root; in ``pallas_kernels``, the shared modules at its root are
+imported by the kernel families (``attention``, ``decode``, ``norm``), which never import each other.
+
 Every module of those packages is read with ``ast`` (imports inside functions included); each
 import of a module of the project is an edge. An edge to a package further up (or to
 ``benchmarks``/``tests``, which may import anything but nothing may import) fails, and so does
@@ -64,13 +68,38 @@ def import_graph() -> dict[str, set[str]]:
           for name, path in modules.items()}
 
 
-def _rank(module: str) -> int:
+# Folders of a package from the bottom up; "" is the package's own root modules.
+SUBLAYERS: dict[str, tuple[str, ...]] = {"train": ("data", "run", "probe", "study", ""),
+                                         "pallas_kernels": ("", "family")}
+FAMILIES: tuple[str, ...] = ("attention", "decode", "norm")  # pallas_kernels' kernel families
+
+
+def _folder(module: str) -> str:
+  """The folder of ``module`` inside its package ("" for the package's root modules)."""
+  parts = module.split(".")
+  return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in SUBLAYERS.get(parts[0], ()) + FAMILIES) else ""
+
+
+def _rank(module: str) -> tuple[int, int]:
   top = _top(module)
-  return LAYERS.index(top) if top in LAYERS else len(LAYERS)
+  layer = LAYERS.index(top) if top in LAYERS else len(LAYERS)
+  folder = _folder(module)
+  folder = "family" if top == "pallas_kernels" and folder in FAMILIES else folder
+  order = SUBLAYERS.get(top, ("",))
+  if module == top:  # the package's __init__: its public API, above its own folders
+    return layer, len(order)
+  return layer, order.index(folder) if folder in order else 0
+
+
+def _across_families(a: str, b: str) -> bool:
+  """``a`` and ``b`` lie in two different kernel families of ``pallas_kernels``."""
+  fa, fb = _folder(a), _folder(b)
+  return _top(a) == _top(b) == "pallas_kernels" and fa in FAMILIES and fb in FAMILIES and fa != fb
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
-  return sorted((a, b) for a, targets in graph.items() for b in targets if _rank(b) > _rank(a))
+  return sorted((a, b) for a, targets in graph.items() for b in targets
+                if _rank(b) > _rank(a) or _across_families(a, b))
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -112,7 +141,7 @@ def test_every_layered_module_is_read():
   modules = project_modules()
   for layer in LAYERS:
     assert layer in modules and f"{layer}.__init__" not in modules
-  assert "fibjax.layers" in modules and "train.trainer" in modules
+  assert "fibjax.layers" in modules and "train.run.trainer" in modules
 
 
 def test_no_upward_import():
@@ -124,20 +153,31 @@ def test_no_import_cycle():
 
 
 def test_the_checks_catch_what_they_are_for():
-  graph = {"fibjax.layers": {"pallas_kernels.decode_block", "fibjax.decode"},
-           "pallas_kernels.decode_block": {"fibjax.layers"}, "fibjax.decode": {"benchmarks.timing"},
-           "train.trainer": {"train.evaluate", "configs"}, "train.evaluate": {"train.step"},
-           "train.step": {"train.trainer"}}
+  graph = {"fibjax.layers": {"pallas_kernels.decode.block", "fibjax.decode"},
+           "pallas_kernels.decode.block": {"fibjax.layers"}, "fibjax.decode": {"benchmarks.timing"},
+           "train.run.trainer": {"train.probe.evaluate", "configs"}, "train.probe.evaluate": {"train.run.step"},
+           "train.run.step": {"train.run.trainer"}}
   assert upward_imports(graph) == [("fibjax.decode", "benchmarks.timing"),
-                                   ("pallas_kernels.decode_block", "fibjax.layers")]
-  assert sorted(cycles(graph)) == [["fibjax.layers", "pallas_kernels.decode_block"],
-                                   ["train.evaluate", "train.step", "train.trainer"]]
+                                   ("pallas_kernels.decode.block", "fibjax.layers"),
+                                   ("train.run.trainer", "train.probe.evaluate")]
+  assert sorted(cycles(graph)) == [["fibjax.layers", "pallas_kernels.decode.block"],
+                                   ["train.probe.evaluate", "train.run.step", "train.run.trainer"]]
+
+
+def test_folders_inside_a_package_are_layers():
+  graph = {"train.data.text": {"train.run.step"}, "train.study.sweep": {"train.probe.evaluate", "train.data.text"},
+           "train.evaluate": {"train.probe.evaluate"}, "train.run.trainer": {"train.evaluate"},
+           "pallas_kernels.decode.block": {"pallas_kernels.attention.ops", "pallas_kernels.tile_math"},
+           "pallas_kernels.tile_math": {"pallas_kernels.norm.rmsnorm"}}
+  assert upward_imports(graph) == [("pallas_kernels.decode.block", "pallas_kernels.attention.ops"),
+                                   ("pallas_kernels.tile_math", "pallas_kernels.norm.rmsnorm"),
+                                   ("train.data.text", "train.run.step"), ("train.run.trainer", "train.evaluate")]
 
 
 def test_imports_inside_functions_and_relative_imports_count(tmp_path):
   source = tmp_path / "m.py"
   source.write_text("from . import sibling\n\ndef f():\n  from .. import ops\n  from ..ops import name\n"
-                    "  import train.trainer\n")
-  known = {"pallas_kernels.ops", "pallas_kernels.sub.sibling", "train.trainer"}
+                    "  import train.run.trainer\n")
+  known = {"pallas_kernels.ops", "pallas_kernels.sub.sibling", "train.run.trainer"}
   assert imports_of("pallas_kernels.sub.m", source, known) == {"pallas_kernels.sub.sibling", "pallas_kernels.ops",
-                                                                "train.trainer"}
+                                                                "train.run.trainer"}

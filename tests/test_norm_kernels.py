@@ -1,4 +1,4 @@
-"""The one-pass RMSNorm kernels (``pallas_kernels.norm_gpu``) against flax's RMSNorm math: interpret
+"""The one-pass RMSNorm kernels (``pallas_kernels.norm.rmsnorm``) against flax's RMSNorm math: interpret
 mode on CPU, compiled on GPU."""
 
 
@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import fibjax
-from pallas_kernels.norm_gpu import norm_reference, norm_residual
+from pallas_kernels.norm.rmsnorm import norm_reference, norm_residual
 
 
 def _loss(f, x, scale, cot_res, cot_y):

@@ -11,9 +11,9 @@ from flax import nnx
 import configs
 import fibjax
 from configs.base import TrainConfig, apply_overrides
-from train import trainer
-from train.data import SEPARATOR
-from train.step import document_layout, make_eval_step, token_nll
+from train.run import trainer
+from train.data.text import SEPARATOR
+from train.run.step import document_layout, make_eval_step, token_nll
 
 SMALL = dict(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64, seq_len=32, window=4)
 # where documents start in a 41-token window: a document begun before the window (0..2), a

@@ -18,8 +18,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import relaxed_atomics
-from pallas_kernels.decode_attention import sparse_attention
-from pallas_kernels.decode_projections import project
+from pallas_kernels.decode.attention import sparse_attention
+from pallas_kernels.decode.projections import project
 
 
 def _atomic_orderings(fn, *args) -> list[str]:
@@ -97,8 +97,8 @@ def _mlp_kernel_orderings():
 
 
 def test_importing_the_kernels_installs_nothing():
-  code = ("import fibjax, pallas_kernels.decode_block, pallas_kernels.decode_projections, "
-          "pallas_kernels.decode_attention; from pallas_kernels import relaxed_atomics; "
+  code = ("import fibjax, pallas_kernels.decode.block, pallas_kernels.decode.projections, "
+          "pallas_kernels.decode.attention; from pallas_kernels import relaxed_atomics; "
           "assert not relaxed_atomics.installed(), 'installed on import'")
   root = pathlib.Path(__file__).resolve().parents[1]
   done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from tests.test_train import FAST, ROOT, _cfg, _losses, _run
-from train import checkpoint, data, prepare
-from train.restore import abstract_params, restore_params
+from train.run import checkpoint
+from train.data import text as data, prepare
+from train.run.restore import abstract_params, restore_params
 
 QUICK = "final_eval_multiples=1"  # one evaluation length at the end of each run: less to compile
 BASE = ["steps=8", "checkpoint_every=4", "log_every=1", "eval_every=100", QUICK]
@@ -166,7 +167,7 @@ def test_single_text_file_trains_from_any_folder_and_corpus_can_move(tmp_path):
   shutil.move(tmp_path / "corpus", tmp_path / "moved")
   line = _error_line(_run(workdir, QUICK, "steps=3"))
   assert "is gone" in line and "--data" in line
-  gen = subprocess.run([sys.executable, "-m", "train.generate", "--workdir", str(workdir), "--prompt", "The",
+  gen = subprocess.run([sys.executable, "-m", "train.probe.generate", "--workdir", str(workdir), "--prompt", "The",
                         "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert gen.returncode == 0, gen.stderr[-3000:]
   moved = _run(workdir, QUICK, "steps=3", extra=["--data", str(tmp_path / "moved" / "book.txt")])
@@ -192,7 +193,7 @@ def test_failed_starts_leave_the_workdir_as_it_was(base_run, tmp_path):
 
 
 def test_prepared_corpus_matches_in_memory_tokens_and_trains(tmp_path):
-  """``train.prepare`` streams a corpus into token files equal to the in-memory pipeline's (a
+  """``train.data.prepare`` streams a corpus into token files equal to the in-memory pipeline's (a
   .jsonl of documents; one .txt split inside itself); training memory-maps them."""
   docs = [{"id": d["id"], "text": d["text"][:40_000]} for d in data.load_documents()[:8]]
   (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
@@ -208,7 +209,7 @@ def test_prepared_corpus_matches_in_memory_tokens_and_trains(tmp_path):
   with pytest.raises(ValueError, match="is empty"):
     prepare.prepare(tmp_path / "empty.txt", tmp_path / "prep-empty")
   assert not (tmp_path / "prep-empty").exists() and not (tmp_path / "prep-empty.partial").exists()
-  cli = [sys.executable, "-m", "train.prepare", "--data", str(tmp_path / "docs.jsonl"), "--out"]
+  cli = [sys.executable, "-m", "train.data.prepare", "--data", str(tmp_path / "docs.jsonl"), "--out"]
   again = subprocess.run([*cli, str(tmp_path / "prep-docs.jsonl")], cwd=ROOT, capture_output=True, text=True)
   assert "already exists" in _error_line(again)
   prepared = tmp_path / "prep-docs.jsonl"

@@ -1,6 +1,6 @@
 """Resuming a run checks the requested config against the saved one: a field that shapes the
 training (seed, lr, the recipe's model, ...) is refused in one line with the workdir untouched;
-the fields of ``train.checkpoint.RESUMABLE_FIELDS`` may change, each change recorded in
+the fields of ``train.run.checkpoint.RESUMABLE_FIELDS`` may change, each change recorded in
 ``config_history.jsonl``. In-process runs of ``python -m train``'s ``main`` (seed 0, 2 steps)."""
 
 import dataclasses
@@ -12,7 +12,7 @@ import pytest
 
 from configs.base import TrainConfig
 from tests.test_train import FAST, _losses
-from train import checkpoint
+from train.run import checkpoint
 from train.__main__ import main
 
 QUICK = "final_eval_multiples=1"  # one final evaluation length: less to compile

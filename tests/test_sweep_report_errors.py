@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from tests.test_experiments import TINY, _module
-from train import budget, experiment, latency, report, sweep
+from train.probe import budget
+from train.study import experiment, latency, report, sweep
 
 CELL = ["--config", "tiny", "--variant", "fib-linear", "--seed", "0", "--budgets", "full", "--set", *TINY]
 
@@ -29,7 +30,7 @@ def _one_error(code: int, err: str) -> str:
 def cell(tmp_path_factory) -> pathlib.Path:
   """A finished fib-linear seed-0 cell (4 steps, budget ``full`` only); tests copy it."""
   workdir = tmp_path_factory.mktemp("cell") / "fib-linear-s0"
-  res = _module("train.experiment", "--workdir", str(workdir), *CELL, "progress=false", timeout=300)
+  res = _module("train.study.experiment", "--workdir", str(workdir), *CELL, "progress=false", timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   return workdir
 
@@ -44,7 +45,7 @@ def root(cell, tmp_path) -> pathlib.Path:
 def test_a_finished_cell_of_another_config_is_refused_and_left_as_it_is(root):
   workdir = root / "fib-linear-s0"
   before = _snapshot(workdir)
-  res = _module("train.experiment", "--workdir", str(workdir), *CELL[:2], "--variant", "dense", "--seed", "3",
+  res = _module("train.study.experiment", "--workdir", str(workdir), *CELL[:2], "--variant", "dense", "--seed", "3",
                 "--set", *TINY, timeout=300)
   line = _one_error(res.returncode, res.stderr)
   assert "holds a finished run of another config" in line and "model.variant: saved 'fib-linear'" in line, line

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 import configs
-from train import checkpoint, data
+from train.run import checkpoint
+from train.data import text as data
 from configs.base import TrainConfig, apply_overrides
-from train.step import make_optimizer
-from train.restore import abstract_params, restore_params
-from train.trainer import compile_train_step, global_batch, init_state, make_mesh
+from train.run.step import make_optimizer
+from train.run.restore import abstract_params, restore_params
+from train.run.trainer import compile_train_step, global_batch, init_state, make_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.head_dim=16", "model.mlp_dim=64",

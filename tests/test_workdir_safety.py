@@ -15,7 +15,8 @@ import pytest
 from configs.base import TrainConfig, apply_overrides
 from tests.test_resume_config import BASE, _files, _refused
 from tests.test_train import FAST
-from train import checkpoint, evaluate
+from train.run import checkpoint
+from train.probe import evaluate
 from train.__main__ import main
 
 

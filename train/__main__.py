@@ -8,7 +8,7 @@
 A workdir holding a checkpoint resumes only with the config that trained it: ``--config``,
 ``--variant``, ``--data`` and ``--set`` are compared with the saved run, and a differing field
 that shapes training (seed, lr, batch_size, the model, ...) is refused in one line before anything
-is written. Only ``train.checkpoint.RESUMABLE_FIELDS`` (steps, logging, evaluation and checkpoint
+is written. Only ``train.run.checkpoint.RESUMABLE_FIELDS`` (steps, logging, evaluation and checkpoint
 intervals, the final evaluation, mesh and grad_accum, kernel choices, the path of the same data)
 may change; a recipe named again keeps the run's values of those unless ``--set`` gives them, and
 each change is appended to ``WORKDIR/config_history.jsonl`` with the step the run resumed from.
@@ -46,7 +46,7 @@ def parse(argv: list[str]) -> tuple[TrainConfig, pathlib.Path, list[str]]:
   ``--set`` applied and validated."""
   import configs  # noqa: PLC0415
   from configs.base import TrainConfig, apply_overrides  # noqa: PLC0415
-  from train.checkpoint import keep_run_settings  # noqa: PLC0415
+  from train.run.checkpoint import keep_run_settings  # noqa: PLC0415
 
   parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,15 +79,15 @@ def parse(argv: list[str]) -> tuple[TrainConfig, pathlib.Path, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  from train import xla_flags  # noqa: PLC0415
-  from train.quiet import quiet_libraries  # noqa: PLC0415
+  from train.run import xla_flags  # noqa: PLC0415
+  from train.run.quiet import quiet_libraries  # noqa: PLC0415
 
   xla_flags.apply_defaults()
   _maybe_init_distributed()
   quiet_libraries()
-  from train.checkpoint import CheckpointError  # noqa: PLC0415
-  from train.evaluate import rise_key  # noqa: PLC0415
-  from train.trainer import Interrupted, TrainingStopped, train  # noqa: PLC0415
+  from train.run.checkpoint import CheckpointError  # noqa: PLC0415
+  from train.run.evaluation import rise_key  # noqa: PLC0415
+  from train.run.trainer import Interrupted, TrainingStopped, train  # noqa: PLC0415
 
   try:
     cfg, workdir, allow = parse(sys.argv[1:] if argv is None else argv)

@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import relaxed_atomics
-from pallas_kernels.decode_projections import pow2_at_least
+from pallas_kernels.decode.projections import pow2_at_least
 from pallas_kernels.named_operands import alias_indices
 from pallas_kernels.tile_math import MASK_VALUE, split_distance
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import bodies
+from pallas_kernels.attention import bodies
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import bodies
+from pallas_kernels.attention import bodies
 from pallas_kernels.batch_shards import per_batch_shard
 from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offsets
 
@@ -97,11 +97,11 @@ def default_skip_dead_terms_bwd(backend: str, term_mma: bool, seq_len: int, head
 
 def _lowering(backend: str):
   if backend == "gpu":
-    from pallas_kernels import triton_gpu  # noqa: PLC0415
+    from pallas_kernels.attention import triton_gpu  # noqa: PLC0415
 
     return triton_gpu
   if backend == "tpu":
-    from pallas_kernels import mosaic_tpu  # noqa: PLC0415
+    from pallas_kernels.attention import mosaic_tpu  # noqa: PLC0415
 
     return mosaic_tpu
   raise ValueError(f"backend must be 'gpu' or 'tpu', got {backend!r}")

@@ -54,7 +54,7 @@ RESUMABLE_FIELDS: dict[str, str] = {
     "mesh_fsdp": "the device layout, as mesh_data",
     "grad_accum": "how the same global batch is split into micro-batches (the same mean gradient; the periodic "
                   "held-out measurement reads eval_batches x batch_size / grad_accum windows)",
-    "data_path": "where the data is: its content must be the same (sha256, see train.data.fingerprint)",
+    "data_path": "where the data is: its content must be the same (sha256, see train.data.text.fingerprint)",
     "model.attention_impl": "which kernel computes the same attention",
     "model.decode_impl": "which kernel decodes (generation only)",
     "model.norm_impl": "which kernel computes the same RMSNorm",
@@ -299,7 +299,7 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
   resumes only with the run's config, but for the fields in ``RESUMABLE_FIELDS`` and those named in
   ``allow`` (``check_allowed``: a training field changed on purpose, e.g. a lower lr after a
   divergence). The data is compared by content hash (``data_hash``, see
-  ``train.data.fingerprint``) when the run recorded one, so a moved corpus may be given again.
+  ``train.data.text.fingerprint``) when the run recorded one, so a moved corpus may be given again.
   Raises:
     ValueError: naming each differing field (saved vs requested) and the command that resumes the
       run as it was; nothing in the workdir is touched.

@@ -27,7 +27,7 @@ group's query heads in consecutive programs of the same tile (``RowIOBase.member
 run together and share each key/value row through the cache. Segment ids (packed documents)
 add one condition to every mask: the key row's id equals the query row's.
 
-Offset terms come in two forms (``Static.term_mma``; ``pallas_kernels.ops.default_term_mma``
+Offset terms come in two forms (``Static.term_mma``; ``pallas_kernels.attention.ops.default_term_mma``
 picks the one measured faster per shape, ``benchmarks/results/NOTES.md``). Row-wise (SPEC
 section 3): products in the row layout, into accumulators of their own joined with the window's
 once; the forward scores every term, takes one softmax step over them, then adds their values.

@@ -5,7 +5,7 @@ A run directory holds ``config.json``, ``checkpoints/`` (Orbax), the held-out sp
 corpus or the optimizer state.
 
 Reading is all it does: a damaged checkpoint is skipped (with a warning) for the newest one that
-restores, never moved or deleted (training, which writes, moves it aside: ``train.checkpoint``).
+restores, never moved or deleted (training, which writes, moves it aside: ``train.run.checkpoint``).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs.base import TrainConfig
 from fibjax.model import LM
-from train import data
-from train.checkpoint import (REQUIRED_FILES, CheckpointError, check_files, damage_report, newest_intact,
+from train.data import text as data
+from train.run.checkpoint import (REQUIRED_FILES, CheckpointError, check_files, damage_report, newest_intact,
                               read_intact, saved_steps, short)
-from train.mesh import make_mesh
-from train.quiet import quiet_libraries
+from train.run.mesh import make_mesh
+from train.run.quiet import quiet_libraries
 
 HELDOUT_FILE = "heldout_tokens.npy"  # the run's held-out split, tokenized at training time
 BUDGET_FILE = "data_budget.json"  # training tokens and how many times they repeat the corpus

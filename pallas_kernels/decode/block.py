@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.decode_attention import sparse_attention
-from pallas_kernels.decode_projections import Rope, project
+from pallas_kernels.decode.attention import sparse_attention
+from pallas_kernels.decode.projections import Rope, project
 
 ATOMIC_ROWS = 16  # up to this many rows a sparse block adds into its residual stream atomically
 # dense blocks beat XLA on the fused path up to this many rows (batch 1: 0.545 vs 0.593 ms/token at 1K,

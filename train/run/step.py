@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 
 from configs.base import TrainConfig
-from train.data import SEPARATOR
+from train.data.text import SEPARATOR
 
 
 def document_layout(tokens_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -27,13 +27,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fibjax.model import LM, count_params
-from train import checkpoint, data
-from train.mesh import make_mesh
-from train.restore import BUDGET_FILE, HELDOUT_FILE
+from train.run import checkpoint
+from train.data import text as data
+from train.run.mesh import make_mesh
+from train.run.restore import BUDGET_FILE, HELDOUT_FILE
 from configs.base import TrainConfig
-from train.evaluate import evaluate_into, heldout_loss
-from train.metrics import Writer, flops_per_token, peak_flops_per_device, progress_bar
-from train.step import make_eval_step, make_optimizer, make_train_step
+from train.run.evaluation import evaluate_into, heldout_loss
+from train.run.metrics import Writer, flops_per_token, peak_flops_per_device, progress_bar
+from train.run.step import make_eval_step, make_optimizer, make_train_step
 
 BATCH_SPEC = P(None, ("data", "fsdp"), None)  # [accum, batch, T+1]: batch split over every device
 HELDOUT_KEEP = 1 << 24  # held-out tokens a run keeps for evaluation (a prepared corpus may hold far more)
@@ -104,7 +105,7 @@ def shardings_of(tree: Any) -> Any:
 
 def compile_train_step(graphdef, tx, state, mesh, pack_documents: bool = False):
   """The jit train step with explicit in/out shardings and the state buffer donated
-  (``pack_documents``: ``train.step.token_nll``)."""
+  (``pack_documents``: ``train.run.step.token_nll``)."""
   state_sh = shardings_of(state)
   return jax.jit(
       make_train_step(graphdef, tx, pack_documents),

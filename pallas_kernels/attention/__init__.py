@@ -1,0 +1,1 @@
+"""Gathered-offset attention: forward and backward, GPU (Triton) and TPU (Mosaic)."""

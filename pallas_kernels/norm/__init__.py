@@ -1,0 +1,1 @@
+"""RMSNorm kernels of the residual stream (GPU)."""

@@ -1,0 +1,1 @@
+"""Text, tokenizers, the Grain pipeline of training windows, and prepared corpora."""

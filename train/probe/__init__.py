@@ -1,0 +1,1 @@
+"""Probing one trained run: evaluation, passkey, sparsity budget, reach, generation."""

@@ -1,0 +1,134 @@
+"""Sparsity budget against length: the trained weights run with a cheaper pattern.
+
+    python -m train.budget --workdir RUN [--lengths 1 2 4] [--tokens N]
+
+Each budget rewrites every sparse layer's pattern (the weights stay): ``far-F`` keeps the nearest
+fraction ``F`` of the offsets (the farthest dropped), ``thin-2`` keeps every other offset,
+``window-F`` narrows the window to ``F x W`` (offsets kept), ``window-only`` drops every offset.
+Each is scored with ``train.run.evaluation.score`` on the same targets as the full pattern, so
+perplexity against keys per query is compared on identical tokens at each length.
+Writes ``RUN/budget/<what was run>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import pathlib
+import sys
+from typing import Any, Callable, Sequence
+
+import jax
+from flax import nnx
+
+from fibjax.layers import LayerPattern
+from train.run.evaluation import read_or_write, score
+from train.run.restore import Run, load_run
+
+
+def _keep_near(fraction: float) -> Callable[[tuple], tuple]:
+  return lambda xs: tuple(xs[: math.ceil(fraction * len(xs))])
+
+
+BUDGETS: dict[str, tuple[Callable[[tuple], tuple], float]] = {  # name: (offsets or terms kept, window scale)
+    "full": (lambda xs: tuple(xs), 1.0),
+    "far-0.75": (_keep_near(0.75), 1.0),
+    "far-0.5": (_keep_near(0.5), 1.0),
+    "far-0.25": (_keep_near(0.25), 1.0),
+    "thin-2": (lambda xs: tuple(xs[::2]), 1.0),
+    "window-only": (lambda xs: (), 1.0),
+    "window-0.5": (lambda xs: tuple(xs), 0.5),
+    "window-0.25": (lambda xs: tuple(xs), 0.25),
+}
+
+
+def cheaper(p: LayerPattern, budget: str) -> LayerPattern:
+  """``p`` under ``budget`` (dense patterns are returned unchanged)."""
+  if p.kind == "dense":
+    return p
+  keep, scale = BUDGETS[budget]
+  window = max(1, int(p.window * scale))
+  if p.kind == "learned":
+    return dataclasses.replace(p, window=window, terms=keep(p.terms))
+  return dataclasses.replace(p, window=window, offsets=keep(p.offsets))
+
+
+def with_budget(run: Run, budget: str) -> tuple[nnx.GraphDef, Any, float]:
+  """``(graphdef, params, keys per query)`` of the run's model under ``budget``; keys per query is
+  the mean over layers of ``W + K`` (window plus offsets or learned terms)."""
+  model = nnx.merge(run.graphdef, run.params)
+  keys = []
+  for block in model.blocks:
+    block.attn.pattern = cheaper(block.attn.pattern, budget)
+    p = block.attn.pattern
+    keys.append(p.window + len(p.terms if p.kind == "learned" else p.offsets))
+  graphdef, params = nnx.split(model, nnx.Param)
+  return graphdef, params, sum(keys) / len(keys)
+
+
+def budget_sweep(run: Run, multiples: tuple[int, ...], max_targets: int,
+                 budgets: tuple[str, ...] = tuple(BUDGETS)) -> dict[str, Any]:
+  """Perplexity at each length for each budget (see the module doc)."""
+  if run.cfg.model.variant == "dense":
+    raise ValueError("the sparsity budget applies to sparse variants; this run is dense")
+  cfg = run.cfg
+  out: dict[str, Any] = {"step": run.step, "variant": cfg.model.variant, "seed": cfg.seed, "budgets": {}}
+  with jax.set_mesh(run.mesh):
+    for name in budgets:
+      graphdef, params, keys = with_budget(run, name)
+      scores = score(cfg, run.mesh, graphdef, params, run.heldout(), multiples, max_targets)
+      out["budgets"][name] = {"keys_per_query": keys,
+                              **{f"{m}x": {"ppl": scores[f"{m}x"]["ppl"], "loss": scores[f"{m}x"]["loss"]}
+                                 for m in multiples}}
+      out["targets"] = scores["targets"]
+  return out
+
+
+def run_budget(workdir: pathlib.Path, multiples: Sequence[int] = (1, 2, 4), max_targets: int | None = None,
+               run: Run | None = None, budgets: tuple[str, ...] = tuple(BUDGETS)) -> tuple[pathlib.Path, dict]:
+  """Runs (or reads, if already written under the same name) the budget sweep of ``workdir``."""
+  unknown = sorted(set(budgets) - set(BUDGETS))
+  if unknown:
+    raise ValueError(f"unknown budgets {unknown}; choose from {list(BUDGETS)}")
+  run = run or load_run(workdir)
+  max_targets = max_targets or run.cfg.final_eval_tokens
+  which = "" if tuple(budgets) == tuple(BUDGETS) else "_" + "-".join(budgets)
+  path = run.workdir / "budget" / f"step{run.step}_x{'-'.join(map(str, multiples))}_t{max_targets}{which}.json"
+  if path.parent.exists() and not path.parent.is_dir():  # checked before the sweep computes, not after
+    raise ValueError(f"{path.parent} is a file, not a folder: move it away so that the budget results can be "
+                     "written there")
+  return read_or_write(path, lambda: budget_sweep(run, tuple(multiples), max_targets, tuple(budgets)))
+
+
+def main(argv: list[str] | None = None) -> int:
+  from fibjax.cli import ArgumentParser  # noqa: PLC0415  (this module imports nothing heavy at load)
+
+  parser = ArgumentParser(description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True, type=pathlib.Path)
+  parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4], help="multiples of T")
+  parser.add_argument("--tokens", type=int, default=None, help="target tokens per length (default: the config's)")
+  parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), help=f"any of {list(BUDGETS)}")
+  args = parser.parse_args(argv)
+  try:
+    if min(args.lengths) < 1 or (args.tokens is not None and args.tokens < 1):
+      raise ValueError("--lengths and --tokens must be >= 1")
+    path, record = run_budget(args.workdir, tuple(args.lengths), args.tokens, budgets=tuple(args.budgets))
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"error: cannot write the budget results under {args.workdir / 'budget'} "
+          f"({e.strerror or type(e).__name__}: {e.filename}); free space or fix the folder, then run again",
+          file=sys.stderr)
+    return 2
+  for name, r in record["budgets"].items():
+    ppl = "  ".join(f"{k} {v['ppl']:.3f}" for k, v in r.items() if k.endswith("x"))
+    print(f"{name:>12}: {r['keys_per_query']:6.1f} keys/query  {ppl}")
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

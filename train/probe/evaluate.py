@@ -1,0 +1,83 @@
+"""Held-out evaluation at multiples of the training length T, on identical target tokens.
+
+    python -m train.evaluate --workdir RUN                        # 1x, 2x, 4x T on the run's held-out split
+    python -m train.evaluate --workdir RUN --lengths 1 2 4 8 --data my_text.txt --tokens 262144
+
+Every length scores the same targets: the held-out stream is cut into chunks of ``lcm(lengths) x T``
+targets and each length tiles every chunk with consecutive windows, so a longer window differs
+only in how much context each target has (a paired comparison). Parameters alone are restored,
+from the newest checkpoint that restores intact (a damaged newer one is skipped with a warning and
+left in place); neither the optimizer state nor the training corpus is needed. Each evaluation is
+written to ``RUN/evals/<what was evaluated>.json`` and never overwrites another: the same
+evaluation asked again is read back from its file ("reused PATH"), not recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+
+from fibjax.cli import ArgumentParser
+from train.data import text as data
+from train.run.evaluation import check_fits, evaluate_into, evaluation_path, rise_key, sorted_lengths
+from train.run.restore import Run, load_run
+
+
+def tokens_of(path: str, tokenizer: data.Tokenizer) -> np.ndarray:
+  """Every document under ``path`` as one evaluation stream (the user's text is all held out)."""
+  if not pathlib.Path(path).exists():
+    raise ValueError(f"--data {path!r} does not exist: give a .txt/.jsonl file or a folder of them")
+  return data.tokenize(data.load_documents(path), tokenizer)
+
+
+def run_evaluation(workdir: pathlib.Path, multiples: tuple[int, ...] = (1, 2, 4), data_path: str | None = None,
+                   max_targets: int | None = None, run: Run | None = None) -> tuple[pathlib.Path, dict]:
+  """Evaluates ``workdir``'s newest intact checkpoint (``load_run``, ``evaluate_into``)."""
+  run = run or load_run(workdir)
+  tokens = run.heldout() if data_path is None else tokens_of(data_path, run.tokenizer)
+  return evaluate_into(run.workdir, run.step, run.cfg, run.mesh, run.graphdef, run.params, tokens, multiples,
+                       max_targets or run.cfg.final_eval_tokens, data_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = ArgumentParser(description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True, type=pathlib.Path)
+  parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4],
+                      help="multiples of T, evaluated in ascending order (default 1 2 4)")
+  parser.add_argument("--data", default=None, help="held-out .txt/.jsonl file or folder (default: the run's own split)")
+  parser.add_argument("--tokens", type=int, default=None, help="target tokens per length (default: the config's)")
+  args = parser.parse_args(argv)
+  try:
+    if args.tokens is not None and args.tokens < 1:
+      raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    if min(args.lengths) < 1:
+      raise ValueError(f"--lengths are multiples of T and must be >= 1, got {args.lengths}")
+    if args.data is not None and not pathlib.Path(args.data).exists():
+      raise ValueError(f"--data {args.data!r} does not exist: give a .txt/.jsonl file or a folder of them")
+    run = load_run(args.workdir)
+    tokens = run.heldout() if args.data is None else tokens_of(args.data, run.tokenizer)
+    max_targets = args.tokens or run.cfg.final_eval_tokens
+    multiples = sorted_lengths(args.lengths)
+    check_fits(tokens, run.cfg.model.seq_len, multiples,
+               "the run's held-out split" if args.data is None else f"--data {args.data}")
+    reused = evaluation_path(run.workdir, run.step, tokens, multiples, max_targets, args.data).exists()
+    path, record = evaluate_into(run.workdir, run.step, run.cfg, run.mesh, run.graphdef, run.params, tokens,
+                                 multiples, max_targets, args.data)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for m in record["multiples"]:
+    r = record[f"{m}x"]
+    rise = r[rise_key(record["multiples"])]
+    print(f"{m}x T={r['length']}: loss {r['loss']:.4f} ppl {r['ppl']:.3f} ({100 * rise:+.1f}%)")
+  done = f"reused {path} (written earlier; nothing recomputed)" if reused else f"wrote {path}"
+  print(f"{record['targets']:,} identical targets per length; {done}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,165 @@
+"""One cell of a sweep, start to finish in one process: train, evaluate, passkey, sparsity budget.
+
+    python -m train.experiment --workdir ROOT/fib-linear-s0 --config small --variant fib-linear --seed 0 \
+        [--set KEY=VALUE ...] [--budgets full far-0.5 ...]
+
+Every stage writes its own file and is skipped when that file exists, so an interrupted cell
+resumes where it stopped (training itself resumes from its last checkpoint). The last stage
+writes ``WORKDIR/cell.json``, which marks the cell finished for ``train.study.sweep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  from configs.base import TrainConfig
+
+CELL_FILE = "cell.json"
+EVAL_MULTIPLES = (1, 2, 4)
+CELL_KEYS = {"seed": "--seed", "model.variant": "--variant"}  # set by each cell's own flags, never by --set
+# Fields a finished cell's results depend on although a resume may change them: a finished cell
+# asked for with another value of one of these is refused, not relabelled.
+RESULT_FIELDS = ("steps", "eval_every", "eval_batches", "final_eval_multiples", "final_eval_tokens",
+                 "position_buckets", "data_path")
+
+
+def check_overrides(overrides: list[str], flags: dict[str, str] = CELL_KEYS) -> None:
+  """Raises ``ValueError`` when ``overrides`` (``--set``) names a key that ``flags`` gives a cell
+  (``{key: the flag that sets it}``): ``--set`` would silently replace or lose it."""
+  for item in overrides:
+    key = item.split("=", 1)[0].strip()
+    if key in flags:
+      raise ValueError(f"--set {item}: a cell's {key} is given by {flags[key]}, not --set; drop it from --set")
+
+
+def check_existing_run(workdir: pathlib.Path, cfg: TrainConfig) -> None:
+  """Raises ``ValueError`` when ``workdir`` holds a run (``config.json``, ``eval.json``) of another
+  config than ``cfg``, naming each differing field; nothing in ``workdir`` is touched. An unfinished
+  run may differ in ``RESUMABLE_FIELDS`` (training checks and records those); a finished one, whose
+  training is skipped, only in those that leave its results as they are."""
+  from configs.base import TrainConfig  # noqa: PLC0415
+  from train.run.checkpoint import RESUMABLE_FIELDS, config_diff, describe_diffs  # noqa: PLC0415
+
+  saved_path, finished = workdir / "config.json", (workdir / "eval.json").exists()
+  if not saved_path.exists():
+    if finished:
+      raise ValueError(f"{workdir} holds eval.json but no config.json, so its run cannot be compared with this "
+                       "cell's config: use a new --workdir")
+    return
+  tolerated = set(RESUMABLE_FIELDS) - (set(RESULT_FIELDS) if finished else set())
+  saved = TrainConfig.load(saved_path)
+  diff = [k for k in config_diff(saved, cfg) if k not in tolerated]
+  if diff:
+    raise ValueError(f"{workdir} holds a{' finished' if finished else 'n unfinished'} run of another config "
+                     f"({describe_diffs(saved, cfg, diff)}): give that run's --variant, --seed and --set, or use a new --workdir")
+
+
+def check_budgets(budgets: tuple[str, ...] | list[str] | None) -> None:
+  """Raises ``ValueError`` naming any of ``budgets`` that ``train.probe.budget`` does not know (checked
+  before training, not after it)."""
+  from train.probe.budget import BUDGETS  # noqa: PLC0415  (imports jax: after argument parsing)
+
+  unknown = [b for b in budgets or () if b not in BUDGETS]
+  if unknown:
+    raise ValueError(f"unknown --budgets {unknown}; choose from {list(BUDGETS)} (or leave --budgets out for all)")
+
+
+def run_cell(workdir: pathlib.Path, config: str, variant: str, seed: int, overrides: list[str],
+             budgets: tuple[str, ...] | None = None) -> dict:
+  """Runs every stage of one cell (see the module doc); returns the ``cell.json`` record."""
+  import configs  # noqa: PLC0415  (after argument parsing: importing jax is slow)
+  from configs.base import apply_overrides  # noqa: PLC0415
+  from train.probe import budget, evaluate, passkey  # noqa: PLC0415
+  from train.run.restore import load_run  # noqa: PLC0415
+  from train.run.trainer import train  # noqa: PLC0415
+
+  workdir = workdir.absolute()
+  check_overrides(overrides)
+  cfg = apply_overrides(configs.get_config(config, variant), [*overrides, f"seed={seed}"]).validate()
+  check_budgets(budgets)
+  check_existing_run(workdir, cfg)
+  if not (workdir / "eval.json").exists():
+    train(cfg, workdir)
+  run = load_run(workdir)
+  files = {"eval": evaluate.run_evaluation(workdir, EVAL_MULTIPLES, run=run)[0],
+           "passkey": passkey.run_passkey(workdir, EVAL_MULTIPLES, run=run)[0]}
+  if cfg.model.variant != "dense":
+    names = budgets or tuple(budget.BUDGETS)
+    files["budget"] = budget.run_budget(workdir, EVAL_MULTIPLES, run=run, budgets=names)[0]
+  record = cell_record(workdir, cfg.model.variant, seed, config, overrides, run.step, files, time.time())
+  return write_record(workdir / CELL_FILE, record)
+
+
+def write_record(path: pathlib.Path, record: dict) -> dict:
+  """Writes ``record`` to ``path`` (``cell.json``) and returns it; an existing record that says the
+  same but for its cost (a finished cell run again) is kept as it is and returned instead."""
+  cost = ("train_s", "probe_s")
+  if path.exists():
+    try:
+      saved = json.loads(path.read_text())
+    except ValueError:
+      saved = None
+    same = isinstance(saved, dict) and set(cost) <= saved.keys() and all(
+        saved.get(k) == v for k, v in record.items() if k not in cost) and saved.keys() == record.keys()
+    if same:
+      return saved
+  path.write_text(json.dumps(record, indent=2) + "\n")
+  return record
+
+
+def cell_record(workdir: pathlib.Path, variant: str, seed: int, config: str, overrides: list[str], step: int,
+                files: dict[str, pathlib.Path], end: float) -> dict:
+  """What ``cell.json`` holds: the cell, its stage files (relative to ``workdir``) and its cost:
+  ``train_s`` from the first to the last record of ``metrics.jsonl`` (the training loop, resumed
+  stretches summed), ``probe_s`` from the end of training (``eval.json`` written) to ``end``."""
+  train_s, last, prev = 0.0, None, None
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    rec = json.loads(line)
+    if rec.get("event") in ("start", "resume") and prev is not None:
+      train_s += prev - last
+      last = None
+    last = rec["time"] if last is None else last
+    prev = rec["time"]
+  train_s += (prev - last) if prev is not None else 0.0
+  return {"variant": variant, "seed": seed, "config": config, "overrides": overrides, "step": step,
+          "train_s": train_s, "probe_s": end - (workdir / "eval.json").stat().st_mtime,
+          "files": {k: str(pathlib.Path(v).absolute().relative_to(workdir)) for k, v in files.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+  from fibjax.cli import ArgumentParser  # noqa: PLC0415  (this module imports nothing heavy at load)
+
+  parser = ArgumentParser(description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True, type=pathlib.Path)
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--variant", required=True)
+  parser.add_argument("--seed", type=int, required=True)
+  parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--budgets", nargs="*", default=None, help="sparsity budgets (default: all of train.probe.budget)")
+  args = parser.parse_args(argv)
+  from train.run import xla_flags  # noqa: PLC0415
+  from train.run.checkpoint import CheckpointError  # noqa: PLC0415
+  from train.run.quiet import quiet_libraries  # noqa: PLC0415
+  from train.run.trainer import Interrupted, TrainingStopped  # noqa: PLC0415
+
+  xla_flags.apply_defaults()
+  quiet_libraries()  # failed saves and restores are reported in one line, as in python -m train
+  try:
+    record = run_cell(args.workdir, args.config, args.variant, args.seed, list(args.set),
+                      tuple(args.budgets) if args.budgets else None)
+  except (ValueError, OSError, CheckpointError, TrainingStopped) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 130 if isinstance(e, Interrupted) else 2
+  print(f"cell {args.workdir} done: trained in {record['train_s']:.0f} s, probes in {record['probe_s']:.0f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,558 @@
+"""``python -m train.report ROOT [ROOT ...]``: a sweep's report, plots and verdicts on the paper's claims.
+
+Reads only the files the runs wrote (``cell.json`` and the evaluation, passkey and budget files it
+names, ``data_budget.json``, ``eval.json``, ``latency*.json``, ``sweep_cost.jsonl``) and writes
+``ROOT/report.md`` and ``ROOT/plots/*.png``; no number is typed in except the paper's own. With
+several roots, ``--summary FILE`` also writes one table of every claim's verdict at every scale.
+The report is rebuilt from the files each time (it holds nothing else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+from typing import TYPE_CHECKING, Any, Callable
+
+from fibjax.cli import ArgumentParser
+from train.study import stats
+from train.study.sweep import SWEEP_FILE, read_sweep_file
+
+if TYPE_CHECKING:  # matplotlib is imported only when plotting
+  from matplotlib.axes import Axes
+  from matplotlib.figure import Figure
+
+MULTIPLES = (1, 2, 4)
+PAPER = {  # the paper's numbers (arXiv 2606.28560, abstract), compared against ours
+    "dense_rise_4x": 2.01, "sparse_gap_1x": 0.26, "learned_latency": 5.0,
+}
+HOLD_MAX = 0.10  # a sparse variant "holds" at 4T when its rise's 95% upper bound is below +10%
+COLLAPSE_MIN = 0.50  # dense "collapses" at 4T when its rise's 95% lower bound is above +50%
+LEVEL_MAX = 0.02  # two variants are "level" when the 95% interval of their loss gap lies in +-0.02 nats
+INERT_MAX = 0.01  # learned alpha is "inert" when its 95% interval is not more than 0.01 nats better
+LATENCY_MIN = 2.5  # "~5x latency" agrees when the measured ratio is at least half of 5x
+RULE = ("Each comparison pairs runs of the same seed (same initial data order): per seed, the difference of "
+        "held-out loss (log perplexity, nats) on identical target tokens; a 95% Student-t interval over seeds. "
+        "Direction claims: **agree** when the interval excludes 0 on the paper's side, **disagree** when it "
+        "excludes 0 on the other side, **inconclusive** when it contains 0. "
+        f"\"Level\": agree when the interval lies within +-{LEVEL_MAX} nats, disagree when it excludes 0. "
+        f"\"Inert\" learned alpha: agree when the interval's lower bound is above -{INERT_MAX} nats, disagree when "
+        f"its upper bound is below 0. \"Holds at 4T\": the rise's upper bound below +{100 * HOLD_MAX:.0f}%; "
+        f"\"collapses\": its lower bound above +{100 * COLLAPSE_MIN:.0f}%. Latency (one measurement per variant): "
+        f"agree when learned/static is at least {LATENCY_MIN}x. A claim with several parts agrees when every part "
+        "agrees and disagrees when any part disagrees.")
+
+
+# ----------------------------------------------------------------------------- reading the runs
+
+
+def read_json(path: pathlib.Path, fix: str = "run the sweep again to rewrite it") -> Any:
+  """``path``'s JSON; raises ``ValueError`` naming the file (missing, unreadable or not JSON) and ``fix``."""
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError as e:
+    raise ValueError(f"{path} is missing: {fix}") from e
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} cannot be read as JSON ({type(e).__name__}: {e}): {fix}") from e
+
+
+def load_cell(cell_path: pathlib.Path) -> dict:
+  """One finished cell (``ROOT/<cell>/cell.json``) with the files it names read; raises
+  ``ValueError`` naming the cell and the file when one is missing or not what ``train.study.experiment``
+  writes. Removing ``cell.json`` and running the sweep again rewrites it, each missing stage run again."""
+  from train.study.sweep import read_run_config  # noqa: PLC0415  (imports jax)
+
+  d = cell_path.parent
+  fix = f"remove {cell_path} and run the sweep again (it reruns the cell's missing stages and rewrites cell.json)"
+  cell = read_json(cell_path, fix)
+  try:
+    files = {k: read_json(d / v, f"{cell_path} names it; {fix}") for k, v in cell["files"].items()}
+    record = {"name": d.name, "variant": cell["variant"], "seed": cell["seed"], "train_s": cell["train_s"]}
+  except (KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f"{cell_path} is not a cell record of train.study.experiment (no {e} in it): {fix}") from e
+  return {**record, "config": read_run_config(d / "config.json", d.parent),
+          "budget_data": read_json(d / "data_budget.json", fix), "params": read_json(d / "eval.json", fix)["params"],
+          **files}
+
+
+def load_cells(root: pathlib.Path) -> list[dict]:
+  """Every finished cell of ``root`` (a folder holding ``cell.json``), with its files read; raises
+  ``ValueError`` when they are not of one recipe (``train.study.sweep.check_one_recipe``)."""
+  from train.study.sweep import check_one_recipe  # noqa: PLC0415
+
+  cells = [load_cell(p) for p in sorted(root.glob("*/cell.json"))]
+  check_one_recipe(root, {c["name"]: c["config"] for c in cells})
+  return cells
+
+
+def by_variant(cells: list[dict]) -> dict[str, dict[int, dict]]:
+  out: dict[str, dict[int, dict]] = {}
+  for c in cells:
+    out.setdefault(c["variant"], {})[c["seed"]] = c
+  return out
+
+
+def loss(cell: dict, m: int = 1) -> float:
+  return cell["eval"][f"{m}x"]["loss"]
+
+
+def ppl(cell: dict, m: int = 1) -> float:
+  return cell["eval"][f"{m}x"]["ppl"]
+
+
+def latest_latency(root: pathlib.Path) -> dict | None:
+  files = sorted(root.glob("latency*.json"), key=lambda p: p.stat().st_mtime)
+  return read_json(files[-1]) if files else None
+
+
+# ----------------------------------------------------------------------------- comparisons and verdicts
+
+
+def paired(runs: dict, a: str, b: str, value: Callable[[dict], float] = loss) -> dict | None:
+  """``value(a) - value(b)`` over the seeds both variants have: n, mean and 95% interval."""
+  if a not in runs or b not in runs:
+    return None
+  seeds = sorted(set(runs[a]) & set(runs[b]))
+  if not seeds:
+    return None
+  diffs = [value(runs[a][s]) - value(runs[b][s]) for s in seeds]
+  m, lo, hi = stats.interval95(diffs)
+  return {"n": len(seeds), "mean": m, "lo": lo, "hi": hi}
+
+
+def fmt_nats(d: dict | None) -> str:
+  if d is None:
+    return "n/a (runs missing)"
+  return (f"{d['mean']:+.4f} nats [{d['lo']:+.4f}, {d['hi']:+.4f}] (ppl {100 * math.expm1(d['mean']):+.2f}%, "
+          f"n={d['n']})")
+
+
+def lower_is(d: dict | None) -> str:
+  """Verdict for "a has lower loss than b" from ``paired(a, b)``."""
+  if d is None:
+    return "inconclusive"
+  return "agree" if d["hi"] < 0 else "disagree" if d["lo"] > 0 else "inconclusive"
+
+
+def level(d: dict | None) -> str:
+  if d is None:
+    return "inconclusive"
+  if -LEVEL_MAX <= d["lo"] and d["hi"] <= LEVEL_MAX:
+    return "agree"
+  return "disagree" if d["lo"] > 0 or d["hi"] < 0 else "inconclusive"
+
+
+def combine(verdicts: list[str]) -> str:
+  if "disagree" in verdicts:
+    return "disagree"
+  return "agree" if verdicts and all(v == "agree" for v in verdicts) else "inconclusive"
+
+
+def rise_interval(runs: dict, variant: str, m: int = 4) -> dict | None:
+  """Per-seed perplexity rise at ``m`` x T against 1x (identical targets), with its interval."""
+  if variant not in runs:
+    return None
+  rises = [ppl(c, m) / ppl(c, 1) - 1 for c in runs[variant].values()]
+  mean, lo, hi = stats.interval95(rises)
+  return {"n": len(rises), "mean": mean, "lo": lo, "hi": hi}
+
+
+def fmt_pct(d: dict | None) -> str:
+  if d is None:
+    return "n/a"
+  return f"{100 * d['mean']:+.1f}% [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] (n={d['n']})"
+
+
+def claims(runs: dict, latency: dict | None) -> list[dict]:
+  """The six claims of SPEC section 2, each with the paper's statement, ours and a verdict."""
+  out = []
+  lin_fix, lin_learn = paired(runs, "fib-linear", "fib-fixed"), paired(runs, "fib-linear", "fib-learned")
+  out.append({"claim": "1. static linear stagger beats fixed and learned alpha",
+              "paper": "fib-linear lower perplexity than fib-fixed and fib-learned",
+              "ours": f"linear - fixed {fmt_nats(lin_fix)}; linear - learned {fmt_nats(lin_learn)}",
+              "verdict": combine([lower_is(lin_fix), lower_is(lin_learn)])})
+
+  p_lin_fix, p_fib_fix = paired(runs, "pow2-linear", "pow2-fixed"), paired(runs, "pow2-linear", "fib-fixed")
+  p_learn = paired(runs, "pow2-linear", "fib-learned")
+  out.append({"claim": "2. the gain is base-agnostic",
+              "paper": "pow2-linear beats pow2-fixed, lands above fib-fixed, level with fib-learned",
+              "ours": (f"pow2-linear - pow2-fixed {fmt_nats(p_lin_fix)}; - fib-fixed {fmt_nats(p_fib_fix)}; "
+                       f"- fib-learned {fmt_nats(p_learn)}"),
+              "verdict": combine([lower_is(p_lin_fix), lower_is(p_fib_fix), level(p_learn)])})
+
+  learn_fix = paired(runs, "fib-learned", "fib-fixed")
+  quality = "inconclusive"
+  if learn_fix is not None:
+    quality = "agree" if learn_fix["lo"] > -INERT_MAX else "disagree" if learn_fix["hi"] < 0 else "inconclusive"
+  lat_text, lat_verdict = "latency not measured", "inconclusive"
+  if latency and {"fib-learned", "fib-fixed"} <= set(latency["variants"]):
+    lv, fv = latency["variants"]["fib-learned"], latency["variants"]["fib-fixed"]
+    ratios = {k: lv[k] / fv[k] for k in ("forward_1x_ms", "forward_4x_ms", "decode_ms_per_token")}
+    lat_text = ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + f" ({latency['device']})"
+    lat_verdict = "agree" if max(ratios.values()) >= LATENCY_MIN else "disagree"
+  out.append({"claim": "3. learned alpha is inert and costs ~5x inference latency",
+              "paper": f"no better than static; ~{PAPER['learned_latency']:.0f}x latency",
+              "ours": f"learned - fixed {fmt_nats(learn_fix)}; learned/fixed latency: {lat_text}",
+              "verdict": combine([quality, lat_verdict])})
+
+  sparse = [v for v in runs if v != "dense"]
+  rises = {v: rise_interval(runs, v) for v in runs}
+  holds = ["agree" if rises[v]["hi"] < HOLD_MAX else "disagree" if rises[v]["lo"] >= HOLD_MAX else "inconclusive"
+           for v in sparse]
+  dense = rises.get("dense")
+  collapse = "inconclusive" if dense is None else ("agree" if dense["lo"] > COLLAPSE_MIN else
+                                                   "disagree" if dense["hi"] <= COLLAPSE_MIN else "inconclusive")
+  out.append({"claim": "4. sparse variants hold perplexity at 4T; dense collapses",
+              "paper": f"little or no rise for sparse; dense +{100 * PAPER['dense_rise_4x']:.0f}%",
+              "ours": "; ".join(f"{v} {fmt_pct(rises[v])}" for v in sorted(runs)),
+              "verdict": combine(holds + [collapse])})
+
+  gap, best = None, None
+  if "dense" in runs and sparse:
+    best = min(sparse, key=lambda v: stats.mean([ppl(c) for c in runs[v].values()]))
+    seeds = sorted(set(runs[best]) & set(runs["dense"]))
+    if seeds:
+      g = [ppl(runs[best][s]) / ppl(runs["dense"][s]) - 1 for s in seeds]
+      m, lo, hi = stats.interval95(g)
+      gap = {"n": len(g), "mean": m, "lo": lo, "hi": hi}
+  band = (PAPER["sparse_gap_1x"] / 2, PAPER["sparse_gap_1x"] * 1.5)
+  gap_verdict = "inconclusive"
+  if gap is not None:
+    gap_verdict = ("agree" if band[0] <= gap["mean"] <= band[1] else
+                   "disagree" if gap["hi"] < band[0] or gap["lo"] > band[1] else "inconclusive")
+  out.append({"claim": "5. at T the best sparse model is ~26% worse than dense",
+              "paper": f"+{100 * PAPER['sparse_gap_1x']:.0f}% perplexity",
+              "ours": f"best sparse ({best}) vs dense: {fmt_pct(gap)}; agree when the mean lies in "
+                      f"[{100 * band[0]:.0f}%, {100 * band[1]:.0f}%]",
+              "verdict": gap_verdict})
+
+  out.append(position_claim(runs))
+  return out
+
+
+def position_claim(runs: dict) -> dict:
+  """Claim 6: the stagger gain (fib-fixed minus fib-linear loss) by context position at 1x T."""
+  base = {"claim": "6. the stagger gain is spread evenly across positions",
+          "paper": "gain not concentrated at far positions"}
+  overall = paired(runs, "fib-fixed", "fib-linear")
+  if overall is None:
+    return {**base, "ours": "n/a (runs missing)", "verdict": "inconclusive"}
+
+  def half_gap(cell_fixed: dict, cell_linear: dict) -> float:
+    g = [a - b for a, b in zip(cell_fixed["eval"]["1x"]["bucket_loss"], cell_linear["eval"]["1x"]["bucket_loss"])]
+    h = len(g) // 2
+    return stats.mean(g[h:]) - stats.mean(g[:h])
+
+  seeds = sorted(set(runs["fib-fixed"]) & set(runs["fib-linear"]))
+  m, lo, hi = stats.interval95([half_gap(runs["fib-fixed"][s], runs["fib-linear"][s]) for s in seeds])
+  spread = {"n": len(seeds), "mean": m, "lo": lo, "hi": hi}
+  if overall["lo"] <= 0:
+    verdict = "inconclusive"  # no significant gain to distribute
+  else:
+    verdict = "agree" if lo <= 0 <= hi else "disagree"
+  return {**base, "verdict": verdict,
+          "ours": (f"overall gain (fixed - linear) {fmt_nats(overall)}; far-half minus near-half gain "
+                   f"{fmt_nats(spread)}; even when that interval contains 0 (given a significant overall gain)")}
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> None:
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  out.mkdir(exist_ok=True)
+  variants = sorted(runs)
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for v in variants:
+    ys = [[ppl(c, m) for c in runs[v].values()] for m in MULTIPLES]
+    ax.errorbar(MULTIPLES, [stats.mean(y) for y in ys], yerr=[stats.std(y) for y in ys], marker="o", label=v,
+                capsize=3)
+  ax.set(xlabel="evaluation length (x T)", ylabel="held-out perplexity", xticks=MULTIPLES, yscale="log",
+         title="Perplexity against length (mean +- std over seeds)")
+  plain_log_ticks(ax)
+  ax.legend(fontsize=7)
+  save(fig, out / "ppl_by_length.png")
+
+  fig, axes = plt.subplots(1, len(MULTIPLES), figsize=(4 * len(MULTIPLES), 3.5), sharey=True)
+  for ax, m in zip(axes, MULTIPLES):
+    for v in variants:
+      cells = list(runs[v].values())
+      edges = cells[0]["eval"][f"{m}x"]["bucket_edges"]
+      mids = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+      ys = [stats.mean([c["eval"][f"{m}x"]["bucket_loss"][i] for c in cells]) for i in range(len(mids))]
+      ax.plot(mids, ys, marker=".", label=v)
+    ax.set(xlabel="context position", title=f"{m}x T", ylabel="loss (nats)" if m == MULTIPLES[0] else None)
+  axes[0].legend(fontsize=6)
+  save(fig, out / "loss_by_position.png")
+
+  pk = [v for v in variants if all("passkey" in c for c in runs[v].values())]
+  if pk:
+    fig, axes = plt.subplots(1, len(pk), figsize=(2.6 * len(pk), 3), squeeze=False)
+    for ax, v in zip(axes[0], pk):
+      grid, lengths, depths = passkey_grid(list(runs[v].values()))
+      ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+      ax.set(xticks=range(len(depths)), xticklabels=[f"{d:g}" for d in depths], yticks=range(len(lengths)),
+             yticklabels=lengths, xlabel="depth", title=v)
+      for i in range(len(lengths)):
+        for j in range(len(depths)):
+          ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=6, color="w")
+    axes[0][0].set_ylabel("context length")
+    save(fig, out / "passkey.png")
+
+  bud = [v for v in variants if v != "dense" and all("budget" in c for c in runs[v].values())]
+  if bud:
+    fig, axes = plt.subplots(1, len(bud), figsize=(3 * len(bud), 3), squeeze=False, sharey=True)
+    for ax, v in zip(axes[0], bud):
+      cells = list(runs[v].values())
+      budgets = cells[0]["budget"]["budgets"]
+      for m in MULTIPLES:
+        pts = sorted((b["keys_per_query"], stats.mean([c["budget"]["budgets"][n][f"{m}x"]["ppl"] for c in cells]))
+                     for n, b in budgets.items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m}x T")
+      ax.set(xlabel="keys per query", title=v, yscale="log")
+      plain_log_ticks(ax)
+    axes[0][0].set_ylabel("perplexity")
+    axes[0][0].legend(fontsize=7)
+    save(fig, out / "budget.png")
+
+  if latency:
+    lv = latency["variants"]
+    keys = ("forward_1x_ms", "forward_4x_ms", "decode_ms_per_token")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, k in zip(axes, keys):
+      ax.bar(list(lv), [lv[v][k] for v in lv])
+      ax.set(title=k, ylabel="ms")
+      ax.tick_params(axis="x", rotation=60, labelsize=7)
+    save(fig, out / "latency.png")
+
+
+def plain_log_ticks(ax: Axes) -> None:
+  """Decimal tick labels on a log axis (matplotlib would print ``4 x 10^0``)."""
+  from matplotlib.ticker import FormatStrFormatter  # noqa: PLC0415
+
+  ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+  ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+
+
+def save(fig: Figure, path: pathlib.Path) -> None:
+  """Writes ``fig`` to ``path`` (PNG, 110 dpi) and closes it."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  plt.close(fig)
+
+
+def passkey_grid(cells: list[dict]) -> tuple[list[list[float]], list[int], list[float]]:
+  """Accuracy ``[length][depth]`` averaged over the cells' seeds."""
+  first = cells[0]["passkey"]["cells"]
+  lengths = sorted({c["length"] for c in first})
+  depths = sorted({c["depth"] for c in first})
+  acc: dict[tuple[int, float], list[float]] = {}
+  for cell in cells:
+    for c in cell["passkey"]["cells"]:
+      acc.setdefault((c["length"], c["depth"]), []).append(c["accuracy"])
+  return [[stats.mean(acc[(n, d)]) for d in depths] for n in lengths], lengths, depths
+
+
+# ----------------------------------------------------------------------------- the markdown
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+  return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def kv_heads(model: dict) -> str:
+  kv = model.get("num_kv_heads")
+  return "" if kv in (None, model["num_heads"]) else f" ({kv} key/value heads)"
+
+
+def mean_std(xs: list[float], fmt: str = "{:.3f}") -> str:
+  return f"{fmt.format(stats.mean(xs))} +- {fmt.format(stats.std(xs))}"
+
+
+def build(root: pathlib.Path) -> tuple[str, list[dict]]:
+  """``(markdown, claims)`` for one sweep root; writes its plots under ``root/plots``."""
+  cells = load_cells(root)
+  if not cells:
+    raise ValueError(f"{root} holds no finished cell (ROOT/<variant>-s<seed>/cell.json): run python -m train.sweep")
+  runs = by_variant(cells)
+  latency = latest_latency(root)
+  sweep = read_sweep_file(root / SWEEP_FILE) if (root / SWEEP_FILE).exists() else {}
+  plot_all(runs, latency, root / "plots")
+  c0 = cells[0]
+  model = c0["config"]["model"]
+  lines = [f"# Sweep report: `{root.name}`", "",
+           f"Recipe `{sweep.get('config', '?')}` with overrides `{' '.join(sweep.get('overrides', [])) or 'none'}`; "
+           f"{len(cells)} finished runs ({len(runs)} variants). Built by `python -m train.report {root}` from the runs' "
+           "files.", "", "## Scale", ""]
+  budgets = {(c["budget_data"]["training_tokens"], c["budget_data"]["repeats"]) for c in cells}
+  lines += table(["field", "value"], [
+      ["model", f"d_model {model['d_model']}, {model['num_layers']} layers, {model['num_heads']} heads x "
+                f"{model['head_dim']}{kv_heads(model)}, T = {model['seq_len']}, W = {model['window']}, {model['dtype']}"],
+      ["parameters", ", ".join(sorted({f"{c['params']:,}" for c in cells}))],
+      ["steps x batch", f"{c0['config']['steps']} x {c0['config']['batch_size']}"],
+      ["training tokens per run", ", ".join(f"{t:,}" for t, _ in sorted(budgets))],
+      ["passes over the training data", ", ".join(f"{r:.3g}" for _, r in sorted(budgets))],
+      ["distinct training tokens in the corpus", f"{c0['budget_data']['corpus_train_tokens']:,}"],
+      ["held-out targets per length", f"{c0['eval']['targets']:,} (identical at every length)"],
+      ["seeds", ", ".join(str(s) for s in sorted({c['seed'] for c in cells}))],
+  ])
+  lines += ["", "## Perplexity by length (held-out, mean +- std over seeds)", ""]
+  rows = []
+  for v in sorted(runs):
+    cs = list(runs[v].values())
+    rise = rise_interval(runs, v)
+    rows.append([v, str(len(cs))] + [mean_std([ppl(c, m) for c in cs]) for m in MULTIPLES] + [fmt_pct(rise)])
+  lines += table(["variant", "n"] + [f"ppl {m}x T" for m in MULTIPLES] + ["rise 4x vs 1x [95% CI]"], rows)
+  lines += ["", "![perplexity by length](plots/ppl_by_length.png)", "",
+            "## Loss by context position", "",
+            "Mean held-out loss in equal spans of the window, at each length (same targets at every length).", "",
+            "![loss by position](plots/loss_by_position.png)", ""]
+  lines += passkey_section(runs) + budget_section(runs) + latency_section(latency) + cost_section(root, cells)
+  verdicts = claims(runs, latency)
+  lines += ["## The paper's claims", "", RULE, ""]
+  lines += table(["claim", "paper", "ours (this scale)", "verdict"],
+                 [[c["claim"], c["paper"], c["ours"], f"**{c['verdict']}**"] for c in verdicts])
+  lines += ["", f"Scale of these verdicts: {model['d_model']}-wide, {model['num_layers']}-layer models, "
+            f"{c0['budget_data']['training_tokens']:,} training tokens each; the paper's models are ~60M parameters "
+            "trained on 426M tokens.", ""]
+  return "\n".join(lines), verdicts
+
+
+def passkey_section(runs: dict) -> list[str]:
+  lines = ["## Passkey retrieval", "",
+           "Accuracy by context length, over key depths and seeds: the whole key right (greedy, teacher-forced), "
+           "each digit right (chance is about 0.1); "
+           "`reachable`: fraction of trials whose key-to-question distance the pattern can bridge in principle "
+           "(window plus offsets, through the layers).", ""]
+  rows = []
+  for v in sorted(runs):
+    cells = [c for c in runs[v].values() if "passkey" in c]
+    if not cells:
+      continue
+    by_len: dict[int, list[tuple[float, float, float]]] = {}
+    for c in cells:
+      for x in c["passkey"]["cells"]:
+        by_len.setdefault(x["length"], []).append((x["accuracy"], x["token_accuracy"], x["reachable"]))
+    rows.append([v] + [" / ".join(f"{stats.mean([t[i] for t in by_len[n]]):.2f}" for i in range(3))
+                       for n in sorted(by_len)])
+    header = ["variant"] + [f"length {n}: key / digit accuracy / reachable" for n in sorted(by_len)]
+  if rows:
+    lines += table(header, rows) + ["", "![passkey](plots/passkey.png)", ""]
+  return lines
+
+
+def budget_section(runs: dict) -> list[str]:
+  lines = ["## Sparsity budget against length", "",
+           "The trained weights evaluated with cheaper patterns (`train.probe.budget`); perplexity relative to the "
+           "full pattern at the same length, mean over seeds.", ""]
+  rows, header = [], None
+  for v in sorted(runs):
+    cells = [c for c in runs[v].values() if "budget" in c]
+    if not cells:
+      continue
+    budgets = cells[0]["budget"]["budgets"]
+    header = ["variant", "budget", "keys/query"] + [f"{m}x T" for m in MULTIPLES]
+    for name, b in budgets.items():
+      rel = [stats.mean([c["budget"]["budgets"][name][f"{m}x"]["ppl"] / c["budget"]["budgets"]["full"][f"{m}x"]["ppl"]
+                         - 1 for c in cells]) for m in MULTIPLES]
+      rows.append([v, name, f"{b['keys_per_query']:.1f}"] + [f"{100 * r:+.2f}%" for r in rel])
+  if rows:
+    lines += table(header, rows) + ["", "![budget](plots/budget.png)", ""]
+  return lines
+
+
+def latency_section(latency: dict | None) -> list[str]:
+  if not latency:
+    return ["## Latency", "", "Not measured for this root (`python -m train.latency ROOT`).", ""]
+  rows = [[v, f"{x['forward_1x_ms']:.3f}", f"{x['forward_4x_ms']:.3f}", f"{x['decode_ms_per_token']:.4f}"]
+          for v, x in latency["variants"].items()]
+  return (["## Latency", "", f"Batch 1, median of {latency['repeats']} after warm-up, {latency['device']} "
+           f"(jax {latency['jax']}), {latency.get('weights', 'trained')} weights, measured alone by "
+           "`python -m train.latency`.", ""]
+          + table(["variant", "forward T (ms)", "forward 4T (ms)", "decode (ms/token)"], rows)
+          + ["", "![latency](plots/latency.png)", ""])
+
+
+def cost_section(root: pathlib.Path, cells: list[dict]) -> list[str]:
+  path = root / "sweep_cost.jsonl"
+  if not path.exists():
+    return []
+  calls = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+  wall = sum(c["wall_s"] for c in calls)
+  tokens = sum(c["budget_data"]["training_tokens"] for c in cells)
+  rows = [[str(i + 1), f"{c['wall_s']:.0f}", str(c["cells_run"]), str(c["failed"]), str(c["gpus"]), str(c["per_gpu"])]
+          for i, c in enumerate(calls)]
+  return (["## The sweep's own cost", "",
+           f"{len(cells)} runs, {tokens:,} training tokens in {wall:.0f} s of sweep wall time over {len(calls)} "
+           f"invocation(s): {tokens / max(wall, 1e-9):,.0f} training tokens/s in total (wall time includes "
+           f"evaluation and probes). Mean training time per run: {stats.mean([c['train_s'] for c in cells]):.0f} s.",
+           ""] + table(["invocation", "wall s", "cells finished", "failed", "GPUs", "cells per GPU"], rows) + [""])
+
+
+def summary(results: dict[str, list[dict]]) -> str:
+  roots = list(results)
+  rows = []
+  for i, c in enumerate(results[roots[0]]):
+    vs = [results[r][i]["verdict"] for r in roots]
+    note = "scales agree" if len(set(vs)) == 1 else "**scales differ**"
+    rows.append([c["claim"]] + vs + [note])
+  return "\n".join(["# Verdicts across scales", "", "Built by `python -m train.report " + " ".join(roots) +
+                    " --summary ...` from each root's runs; details in each root's report.md.", ""]
+                   + table(["claim"] + roots + ["across scales"], rows)) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = ArgumentParser(description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("roots", nargs="+", type=pathlib.Path)
+  parser.add_argument("--summary", type=pathlib.Path, default=None, help="also write the verdicts of all roots here")
+  args = parser.parse_args(argv)
+  results = {}
+  try:
+    check_summary(args.summary)
+    for root in args.roots:
+      if not root.is_dir():
+        raise ValueError(f"{root} is not a folder: give a sweep root (python -m train.sweep --root ...)")
+      text, verdicts = build(root)
+      write(root / "report.md", text)
+      results[str(root)] = verdicts
+      print(f"wrote {root / 'report.md'}")
+    if args.summary:
+      write(args.summary, summary(results))
+      print(f"wrote {args.summary}")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def check_summary(path: pathlib.Path | None) -> None:
+  """Raises ``ValueError`` when ``--summary`` cannot be written as a file (checked before any report is)."""
+  if path is None:
+    return
+  if path.is_dir():
+    raise ValueError(f"--summary {path} is a folder: give a file path, e.g. {path / 'SUMMARY.md'}")
+  if not path.parent.is_dir():
+    raise ValueError(f"--summary {path}: its folder {path.parent} does not exist; create it or give another path")
+
+
+def write(path: pathlib.Path, text: str) -> None:
+  """Writes ``text`` to ``path``; raises ``ValueError`` naming the file when it cannot be written."""
+  try:
+    path.write_text(text)
+  except OSError as e:
+    raise ValueError(f"cannot write {path} ({e.strerror or type(e).__name__}); free space or fix the folder's "
+                     "permissions") from e
+
+
+if __name__ == "__main__":
+  sys.exit(main())
