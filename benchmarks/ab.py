@@ -16,7 +16,8 @@ each side, head / base, and the spread of each side over rounds (differences sma
 are noise), and writes ``ab.json`` under ``--out`` after every round. ``--resume`` continues a run in
 the same ``--out`` with the same command and code: finished runs are kept, not repeated, and a run
 cut off midway is kept aside (``<side>_r<k>.partial``) and run again. With ``--jaxprs`` (no GPU needed) it compares
-the attention kernels' ``pallas_call`` bodies of both trees at training and long shapes instead.
+the attention kernels' ``pallas_call`` bodies and launch parameters (warps, stages) of both trees at
+training and long shapes instead.
 """
 
 from __future__ import annotations
@@ -86,10 +87,11 @@ def _head_module(name: str) -> types.ModuleType:
 
 
 def jaxpr_worker(out: pathlib.Path) -> None:
-  """Hashes of the kernels' ``pallas_call`` bodies (forward, dQ, dK/dV; lowered for a CUDA target on
-  any machine, default options) at training and long shapes (bf16 ``q [1, n, 8, d]``, ``k, v
-  [1, n, kv_heads, d]``; ``benchmarks.attention``'s window, reach and offsets), through whichever
-  ``pallas_kernels`` is on the path. Equal hashes: the two trees run the same kernel computation."""
+  """Hashes of the kernels' ``pallas_call`` bodies with their launch parameters (forward, dQ,
+  dK/dV; lowered for a CUDA target on any machine, default configuration) at training and long
+  shapes (bf16 ``q [1, n, 8, d]``, ``k, v [1, n, kv_heads, d]``; ``benchmarks.attention``'s window,
+  reach and offsets), through whichever ``pallas_kernels`` is on the path. Equal hashes: the two
+  trees run the same kernel computation on the same warps and pipeline stages."""
   import hashlib  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
@@ -120,7 +122,8 @@ def jaxpr_worker(out: pathlib.Path) -> None:
     def walk(j: jax.extend.core.Jaxpr) -> None:
       for eqn in j.eqns:
         if eqn.primitive.name == "pallas_call":
-          bodies.append(hashlib.sha1(str(eqn.params["jaxpr"]).encode()).hexdigest()[:12])
+          kernel = f"{eqn.params['jaxpr']}\n{eqn.params['compiler_params']}"
+          bodies.append(hashlib.sha1(kernel.encode()).hexdigest()[:12])
         for v in eqn.params.values():
           inner = getattr(v, "jaxpr", v)
           if hasattr(inner, "eqns"):

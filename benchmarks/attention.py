@@ -18,6 +18,7 @@ to overwrite them unless ``--force``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -68,15 +69,35 @@ def fwd_bwd(f):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
+def kernel_configs(q: jax.Array, k: jax.Array, offsets: jax.Array, block: int | None,
+                   num_warps: int | None) -> dict:
+  """``config``/``config_bwd`` of a kernel call: its own choice for these arguments with ``block``
+  (the forward's tile rows) and ``num_warps`` (both passes') replaced; ``{}`` where both are
+  ``None`` (the kernels' defaults, in any tree ``benchmarks.ab`` runs this in)."""
+  if block is None and num_warps is None:
+    return {}
+  from pallas_kernels.attention.config import choose  # noqa: PLC0415
+  from pallas_kernels.attention.ops import attention_problem  # noqa: PLC0415
+
+  config, config_bwd = choose(attention_problem(q, k, offsets, window=W, reach=R))
+  warps = {} if num_warps is None else dict(num_warps=num_warps)
+  return dict(config=dataclasses.replace(config, **warps, **({} if block is None else dict(block=block))),
+              config_bwd=dataclasses.replace(config_bwd, **warps))
+
+
 def variants(block: int | None, num_warps: int | None, with_xla: bool):
   static = jnp.asarray(static_offsets(), jnp.int32)
   terms = jnp.asarray(fibjax.learned_terms("fib", ALPHA, W, R), jnp.float32)
   # alpha slightly off an integer grid so every term really blends two rows
   learned = terms * jnp.float32(ALPHA + 1e-3)
-  opts = {k: x for k, x in dict(block=block, num_warps=num_warps).items() if x is not None}  # None: kernel defaults
+
+  def fib(offsets):
+    return lambda q, k, v: fibjax.attention(q, k, v, window=W, offsets=offsets, reach=R, implementation="pallas",
+                                            **kernel_configs(q, k, offsets, block, num_warps))
+
   fs = {
-      "fib static": lambda q, k, v: fibjax.attention(q, k, v, window=W, offsets=static, reach=R, implementation="pallas", **opts),
-      "fib learned": lambda q, k, v: fibjax.attention(q, k, v, window=W, offsets=learned, reach=R, implementation="pallas", **opts),
+      "fib static": fib(static),
+      "fib learned": fib(learned),
       "cuDNN dense causal": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
       "cuDNN window only": lambda q, k, v: jax.nn.dot_product_attention(
           q, k, v, is_causal=True, local_window_size=(W - 1, 0), implementation="cudnn"),
@@ -249,8 +270,9 @@ def main() -> None:
   parser = ArgumentParser(description=__doc__)
   parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536])
   parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-  parser.add_argument("--block", type=int, help="rows per kernel tile (default: the kernel's per-pass defaults)")
-  parser.add_argument("--num-warps", type=int, help="warps per kernel program (default: the kernel's per-pass defaults)")
+  parser.add_argument("--block", type=int, help="rows per forward tile (default: the kernel's configuration)")
+  parser.add_argument("--num-warps", type=int, help="warps per kernel program, both passes (default: the kernel's "
+                      "configuration)")
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--no-flex", action="store_true")
   parser.add_argument("--rewrite", type=pathlib.Path, nargs="+",

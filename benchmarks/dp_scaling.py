@@ -26,6 +26,7 @@ import tempfile
 
 from fibjax.cli import ArgumentParser
 from benchmarks.cli import add_force, claim
+from train.run import rundir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def run(devices: str, workdir: pathlib.Path, args: argparse.Namespace, *extra: s
          f"steps={args.steps}", "log_every=10", f"eval_every={args.steps}", f"checkpoint_every={args.steps}",
          "progress=false", "final_eval_multiples=1", "final_eval_tokens=65536", *args.set, *extra]
   subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-  return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [json.loads(x) for x in (workdir / rundir.METRICS).read_text().splitlines()]
 
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")

@@ -6,12 +6,13 @@
 Lowers the forward, dQ and dK/dV kernels through Pallas' Triton rules for a CUDA target (as the
 GPU does; N = 65536, 8 query heads, W = 64, R = 4096, K = 8, bf16) for each head_dim, key/value head
 count, static or learned offsets and form of offset terms (row-wise or tensor cores), captures each
-Triton module, compiles it for sm_90a with the separately installed Triton (4 warps, 2 stages) and
-reads ``ptxas -v``: registers per thread, stack frame and spill bytes. The dK/dV kernel's group is
-unrolled unless ``--loop-group`` (the kernels loop over it by default). With ``--defaults`` each
-shape is lowered once with every kernel option at its default for that shape (per pass: term form,
-looped terms, saved term probabilities, group loop, tile rows) and each kernel compiled on the warps
-the lowering gives it: the kernels the GPU runs by default.
+Triton module, compiles it for sm_90a with the separately installed Triton (on the warps its
+configuration gives it, 2 stages) and reads ``ptxas -v``: registers per thread, stack frame and
+spill bytes. Each form is its shape's default configuration with the term form replaced, on 4
+warps (``form_configs``); the dK/dV kernel's group is unrolled unless ``--loop-group`` (the kernels
+loop over it by default). With ``--defaults`` each shape is lowered once in its default
+configuration (per pass: term form and flow, saved term probabilities, group loop, tile rows,
+warps): the kernels the GPU runs by default.
 The installed Triton is not the compiler inside jaxlib, so the counts show which kernels are
 short of registers, not the exact figures of the GPU build. Writes
 ``kernel_registers[_defaults][_loop_group][_block_bwd<B>].json`` under ``--out`` (refuses to overwrite
@@ -21,6 +22,7 @@ it unless ``--force``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -37,6 +39,9 @@ import jax.numpy as jnp
 from fibjax.cli import ArgumentParser
 from benchmarks.attention import H, R, W, static_offsets
 from benchmarks.cli import add_force, claim, fail
+from pallas_kernels.attention.config import (UNBRANCHED_BACKWARD_MAX_HEAD_DIM, BackwardConfig, ForwardConfig,
+                                             default_backward, default_forward)
+from pallas_kernels.attention.ops import attention_problem
 
 N = 65536
 OFFSETS = static_offsets()  # benchmarks.attention's static offsets (K = 8 at W = 64, R = 4096)
@@ -58,13 +63,28 @@ for arg in sys.argv[1:]:
 """
 
 
-def lowered_kernels(head_dim: int, kv_heads: int, learned: bool, term_mma: bool | None,
-                    loop_group: bool | None = False, block_bwd: int | None = None,
-                    **options: Any) -> list[tuple[str, int]]:
+def _shapes(head_dim: int, kv_heads: int,
+            learned: bool) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct, jax.Array]:
+  """``q [1, N, H, head_dim]``, ``k, v [1, N, kv_heads, head_dim]`` (bf16) and the offsets."""
+  offsets = (jnp.asarray(OFFSETS, jnp.float32) * 1.001) if learned else jnp.asarray(OFFSETS, jnp.int32)
+  q = jax.ShapeDtypeStruct((1, N, H, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, N, kv_heads, head_dim), jnp.bfloat16)
+  return q, kv, offsets
+
+
+def default_configs(head_dim: int, kv_heads: int, learned: bool) -> tuple[ForwardConfig, BackwardConfig]:
+  """The heuristic's configuration of each pass at this shape on a GPU."""
+  q, kv, offsets = _shapes(head_dim, kv_heads, learned)
+  problem = attention_problem(q, kv, offsets, window=W, reach=R, backend="gpu")
+  return default_forward(problem), default_backward(problem)
+
+
+def lowered_kernels(head_dim: int, kv_heads: int, learned: bool, config: ForwardConfig | None = None,
+                    config_bwd: BackwardConfig | None = None) -> list[tuple[str, int]]:
   """The three kernels' Triton modules (text) and the warps the lowering gives each, from lowering
   ``jax.grad`` of the kernel for CUDA at ``q [1, N, H, head_dim]``, ``k, v [1, N, kv_heads,
-  head_dim]``, bf16 (shapes only: nothing runs); ``None`` options take the kernels' defaults;
-  ``options``: more ``gathered_offset_attention`` options."""
+  head_dim]``, bf16 (shapes only: nothing runs), each pass in ``config``/``config_bwd`` (``None``:
+  the kernels' default)."""
   from jax._src.pallas.triton import pallas_call_registration  # noqa: PLC0415  (the lowering's entry point)
 
   from pallas_kernels import gathered_offset_attention  # noqa: PLC0415
@@ -79,13 +99,11 @@ def lowered_kernels(head_dim: int, kv_heads: int, learned: bool, term_mma: bool 
     modules[re.search(r"module @fib_attention_(\w+)", text).group(1)] = text
     return result
 
-  offsets = (jnp.asarray(OFFSETS, jnp.float32) * 1.001) if learned else jnp.asarray(OFFSETS, jnp.int32)
-  q = jax.ShapeDtypeStruct((1, N, H, head_dim), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((1, N, kv_heads, head_dim), jnp.bfloat16)
+  q, kv, offsets = _shapes(head_dim, kv_heads, learned)
 
   def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    out = gathered_offset_attention(q, k, v, window=W, offsets=offsets, reach=R, backend="gpu", term_mma=term_mma,
-                                    loop_group=loop_group, block_bwd=block_bwd, **options)
+    out = gathered_offset_attention(q, k, v, window=W, offsets=offsets, reach=R, backend="gpu", config=config,
+                                    config_bwd=config_bwd)
     return jnp.sum(out.astype(jnp.float32))
 
   default_backend = jax.default_backend
@@ -98,6 +116,19 @@ def lowered_kernels(head_dim: int, kv_heads: int, learned: bool, term_mma: bool 
   if sorted(modules) != sorted(KERNELS) or sorted(warps) != sorted(KERNELS):
     raise RuntimeError(f"expected the kernels {KERNELS}, lowered {sorted(modules)} with warps {warps}")
   return [(modules[k], int(warps[k])) for k in KERNELS]
+
+
+def form_configs(head_dim: int, kv_heads: int, learned: bool, term_mma: bool, loop_group: bool,
+                 block_bwd: int | None = None) -> tuple[ForwardConfig, BackwardConfig]:
+  """Each pass's default configuration at this shape with the offset terms in one form, 4 warps, the
+  dK/dV group looped or unrolled, and ``block_bwd`` backward rows (``None``: the default). In the
+  backward, row-wise terms run unbranched up to ``UNBRANCHED_BACKWARD_MAX_HEAD_DIM`` and tensor-core
+  ones branched, as the heuristic runs each form at this N (16 reaches)."""
+  fwd, bwd = default_configs(head_dim, kv_heads, learned)
+  unbranched = not term_mma and head_dim <= UNBRANCHED_BACKWARD_MAX_HEAD_DIM
+  return (dataclasses.replace(fwd, term_mma=term_mma, num_warps=4),
+          dataclasses.replace(bwd, term_mma=term_mma, term_flow="unbranched" if unbranched else "branched",
+                              loop_group=loop_group, num_warps=4, block=block_bwd or bwd.block))
 
 
 def triton_modules(*args: Any, **kwargs: Any) -> list[str]:
@@ -125,7 +156,7 @@ def main() -> None:
   parser.add_argument("--loop-group", action="store_true", help="dK/dV loops over the group's query heads (the GPU default with groups; without it: unrolled)")
   parser.add_argument("--block-bwd", type=int, help="rows per backward tile (default: the kernels' default)")
   parser.add_argument("--defaults", action="store_true",
-                      help="every kernel option at its default per shape, each kernel on its pass's default warps")
+                      help="each shape in its default configuration, each kernel on its pass's default warps")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   add_force(parser)
   args = parser.parse_args()
@@ -142,15 +173,13 @@ def main() -> None:
   results = args.out / f"kernel_registers{tag}.json"
   claim([results], args.force)
   forms = (None,) if args.defaults else (False, True)
-  configs = list(itertools.product(args.head_dims, args.kv_heads, (False, True), forms))
   with tempfile.TemporaryDirectory() as tmp:
     paths = {}
-    for d, h_kv, learned, mma in configs:
+    for d, h_kv, learned, mma in itertools.product(args.head_dims, args.kv_heads, (False, True), forms):
       loop_group = None if args.defaults else args.loop_group
+      configs = () if mma is None else form_configs(d, h_kv, learned, mma, args.loop_group, args.block_bwd)
       form = {None: "default", True: "mma", False: "row"}[mma]
-      for kernel, (text, lowered_warps) in zip(KERNELS, lowered_kernels(d, h_kv, learned, mma, loop_group,
-                                                                         args.block_bwd)):
-        num_warps = lowered_warps if args.defaults else 4
+      for kernel, (text, num_warps) in zip(KERNELS, lowered_kernels(d, h_kv, learned, *configs)):
         path = pathlib.Path(tmp) / f"d{d}_kv{h_kv}_{'learned' if learned else 'static'}_{form}_{kernel}.ttir"
         path.write_text(text)
         paths[str(path)] = dict(head_dim=d, kv_heads=h_kv, learned=learned, term_mma=form if mma is None else mma,

@@ -25,6 +25,7 @@ import time
 from fibjax.cli import ArgumentParser
 from benchmarks.cli import add_force, claim, fail
 from train.data import text as data
+from train.run import rundir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_SET = ["steps=1", "log_every=1", "progress=false", "final_eval_multiples=1", "final_eval_tokens=2048"]
@@ -72,7 +73,7 @@ def train_start(data_arg: list[str], workdir: pathlib.Path) -> dict:
   """One training step: the time to the run's start record (data opened, state built and checked)
   and to its first step's record, besides the whole command's wall time and peak memory."""
   result = measure([sys.executable, "-m", "train", "--workdir", str(workdir), *data_arg, "--set", *TRAIN_SET])
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  records = [json.loads(line) for line in (workdir / rundir.METRICS).read_text().splitlines()]
   result["to_start_record_s"] = records[0]["time"] - result["start"]
   result["to_first_step_s"] = next(r["time"] for r in records if r["step"] == 1) - result["start"]
   del result["start"], result["rc"]

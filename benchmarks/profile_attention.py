@@ -7,8 +7,9 @@ Each (shape, implementation) runs in a process of its own under ``ncu --clock-co
 --profile-from-start off`` (the clocks left alone, as in the timed benchmarks): the process
 compiles the call and runs it three times, then profiles exactly one more call between
 ``cudaProfilerStart`` and ``cudaProfilerStop``. Implementations: the kernel with static and with
-learned offsets, forward and forward + backward, and cuDNN's window-only attention (the same
-inputs as ``benchmarks.attention``: bf16, batch 1, 8 query heads, W = 64, R = 4096). Every kernel
+learned offsets (each pass in its default configuration), forward and forward + backward, and
+cuDNN's window-only attention (the same inputs as ``benchmarks.attention``: bf16, batch 1, 8 query
+heads, W = 64, R = 4096). Every kernel
 of the profiled call is reported: duration, DRAM bytes read and written, bytes between L2 and
 the SMs, local-memory bytes loaded and stored (register spills), L2 hit rate, throughput of DRAM, L2, L1 and the SMs as a percentage of peak, achieved
 occupancy, registers per thread, and the warp cycles per issued instruction. Also the bytes that
@@ -128,7 +129,7 @@ def child(shape: str, n: int, impl: str) -> None:
   from benchmarks.attention import SHAPES, fwd_bwd, make_inputs, variants  # noqa: PLC0415
 
   variant, part = IMPLEMENTATIONS[impl]
-  fs, _ = variants(64, 4, with_xla=False)
+  fs, _ = variants(None, None, with_xla=False)
   f = jax.jit(fs[variant]) if part == "fwd" else fwd_bwd(fs[variant])
   _, kv_heads, d = SHAPES[shape]
   q, k, v = make_inputs(n, 1, kv_heads, d)[0]

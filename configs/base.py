@@ -10,6 +10,7 @@ import types
 import typing
 from typing import Any
 
+from configs.tasks import TaskSpec
 from fibjax.model import ModelConfig
 
 
@@ -48,12 +49,31 @@ class TrainConfig:
   # the tail of a document begun before it, count from 0 at the window's start); training,
   # periodic and final evaluation alike. False: one causal sequence per window, positions 0..T-1.
   pack_documents: bool = False
+  # deterministic: XLA's deterministic GPU algorithms (train.run.xla_flags.DETERMINISTIC), so a
+  # rerun of the same seed on the same GPU type repeats the loss curve bit for bit.
+  deterministic: bool = False
+  # Synthetic long-range tasks (configs.tasks, train.data.tasks): task None trains on text alone;
+  # "mqar", "passkey" or "vartrack" makes each training row a task sequence with probability
+  # task_mix (1.0: the task alone), else a text window; only a task row's answer tokens count in
+  # its loss. Held-out evaluation stays on text. The task_* settings are TaskSpec's fields.
+  task: str | None = None
+  task_mix: float = 1.0
+  task_distance: str = "uniform"  # "uniform", "uniform:LO:HI" or "grid:D1,D2,..." (tokens)
+  task_pairs: int | None = None  # mqar: pairs in the context (None: as many as always fit)
+  task_queries: int = 4  # mqar: pairs asked for
+  task_hops: int = 2  # vartrack: variable-to-variable assignments of a chain after its first
+  task_chains: int | None = None  # vartrack: chains, one queried (None: as many as always fit)
+  task_keys: int = 4096  # the key vocabulary (mqar keys, vartrack names): 1000..343000 words
 
   def validate(self) -> "TrainConfig":
     """Raises ``ValueError`` naming the bad field, its value and what it accepts; returns self."""
     self._validate_numbers()
     self.model.validate()
     _check(self, "pack_documents", isinstance(self.pack_documents, bool), "a bool (true/false)")
+    _check(self, "deterministic", isinstance(self.deterministic, bool), "a bool (true/false)")
+    if self.model.eval_window is not None:
+      raise ValueError(f"model.eval_window={self.model.eval_window} is an evaluation of a dense run (python -m "
+                       "train.evaluate --sink-window), not something to train with: drop it")
     if self.tokenizer not in ("byte", "bpe"):
       raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {self.tokenizer!r}")
     if self.tokenizer == "byte" and self.model.vocab_size != 256:
@@ -66,10 +86,29 @@ class TrainConfig:
                        "python -m train.prepare, the bpe_vocab_size=V model.vocab_size=V it printed)")
     if self.batch_size % self.grad_accum:
       raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+    self._validate_task()
     if self.data_path is not None and not pathlib.Path(self.data_path).exists():
       raise ValueError(f"data_path {self.data_path!r} does not exist: give a .txt/.jsonl file or folder, or drop it "
                        "to train on the embedded corpus")
     return self
+
+  def task_spec(self) -> TaskSpec | None:
+    """The run's task (``None``: text alone), not yet validated."""
+    if self.task is None:
+      return None
+    return TaskSpec(self.task, self.model.seq_len, self.task_distance, self.task_pairs, self.task_queries,
+                    self.task_hops, self.task_chains, self.task_keys)
+
+  def _validate_task(self) -> None:
+    """``task_mix`` in (0, 1] with a task, and the task's settings (``TaskSpec.validate``)."""
+    if self.task is None:
+      if self.task_mix != 1.0:
+        raise ValueError(f"task_mix={self.task_mix} mixes a task into the text, but no task is set: add "
+                         "task=mqar, task=passkey or task=vartrack")
+      return
+    _check(self, "task_mix", isinstance(self.task_mix, (int, float)) and 0 < self.task_mix <= 1,
+           "in (0, 1]: the fraction of rows that are task sequences (task=none for text alone)")
+    self.task_spec().validate()
 
   def _validate_numbers(self) -> None:
     """The training fields' ranges, and the model's sequence length against what evaluation needs."""
@@ -166,3 +205,10 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
       raise ValueError(f"unknown config field {key!r}; known: {sorted(train_fields)} and model.<field>")
   model = dataclasses.replace(cfg.model, **model_changes)
   return dataclasses.replace(cfg, model=model, **train_changes)
+
+
+def resolve_random_offsets(cfg: TrainConfig) -> TrainConfig:
+  """For a ``*-random`` variant: ``model.offset_seed = cfg.seed`` and ``model.random_offsets`` the
+  offsets drawn from it, so the saved ``config.json`` holds them exactly (``ModelConfig.with_random_offsets``;
+  idempotent: a resumed run's saved config comes back equal). Other variants: ``cfg`` unchanged."""
+  return dataclasses.replace(cfg, model=cfg.model.with_random_offsets(cfg.seed))

@@ -3,7 +3,7 @@
 import sys
 
 from fibjax.cli import ArgumentParser
-from fibjax.model import VARIANTS, ModelConfig, abstract_param_count, layer_patterns
+from fibjax.model import RANDOM, VARIANTS, ModelConfig, abstract_param_count, layer_patterns
 
 
 def check_args(seq_len: int, window: int) -> None:
@@ -23,7 +23,12 @@ def report(seq_len: int, window: int) -> list[str]:
     cfg = ModelConfig(variant=variant, seq_len=seq_len, window=window)
     pats = layer_patterns(cfg)
     lines.append(f"{variant:13s} params={abstract_param_count(cfg):,}")
-    if variant != "dense":
+    if variant == "window":
+      lines.append(f"    every layer: the window of {window} keys, no offsets")
+    elif cfg.schedule == RANDOM:
+      lines += [f"    layer {layer}: {len(p.offsets)} offsets (as linear), seed {cfg.offset_seed}: {p.offsets}"
+                for layer, p in enumerate(pats[:3])]
+    elif variant != "dense":
       lines += [f"    layer {layer}: alpha={p.alpha_0:.3f} offsets={p.offsets or p.terms}"
                 for layer, p in enumerate(pats[:3])]
   return lines

@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fibjax.reference import dense_attention_reference, dense_mask, sparse_attention_reference
+from fibjax.implementation import Implementation, check_implementation, resolve_dense, resolve_sparse
+from fibjax.reference import (dense_attention_reference, dense_mask, sink_window_attention_reference,
+                              sparse_attention_reference)
 from pallas_kernels.pattern import check_qkv, check_segment_ids
-
-Implementation = Literal["auto", "xla", "pallas", "cudnn"]
-# One vocabulary for every op: "xla" is the pure jnp computation XLA compiles (the float
-# reference), "pallas" the gathered-offset kernels (sparse only), "cudnn" cuDNN's fused
-# attention through ``jax.nn.dot_product_attention`` (dense only). Interpret mode is a flag.
-_VALID = {"sparse": ("auto", "xla", "pallas"), "dense": ("auto", "xla", "cudnn")}
-
-
-def valid_implementations(kind: Literal["sparse", "dense"]) -> tuple[str, ...]:
-  """The implementations of the sparse (gathered-offset) or the dense attention op."""
-  if kind not in _VALID:
-    raise ValueError(f"kind must be one of {tuple(_VALID)}, got {kind!r}")
-  return _VALID[kind]
-
-
-def _check_implementation(kind: str, implementation: str) -> None:
-  if implementation not in _VALID[kind]:
-    raise ValueError(f"implementation={implementation!r} does not exist for {kind} attention; "
-                     f"valid: {_VALID[kind]}")
-
 
 def _as_offsets(offsets: Sequence[int] | Sequence[float] | jax.Array | np.ndarray | None) -> jax.Array:
   if offsets is None:
@@ -47,14 +29,6 @@ def _as_offsets(offsets: Sequence[int] | Sequence[float] | jax.Array | np.ndarra
     return jnp.asarray(arr, jnp.int32)
   # float64 only where x64 is on (Python floats arrive as float64)
   return jnp.asarray(arr, jax.dtypes.canonicalize_dtype(jnp.promote_types(jnp.float32, arr.dtype)))
-
-
-def resolve_implementation(implementation: str, interpret: bool) -> str:
-  """Sparse op: ``auto`` -> ``pallas`` on GPU/TPU (or when ``interpret``), ``xla`` on CPU."""
-  _check_implementation("sparse", implementation)
-  if implementation == "auto":
-    return "pallas" if interpret or jax.default_backend() in ("gpu", "tpu") else "xla"
-  return implementation
 
 
 def attention(
@@ -94,8 +68,8 @@ def attention(
     scale: score scale, default ``head_dim ** -0.5``.
     segment_ids: optional ``[batch, seq]`` int32 document ids; a query attends only to keys
       with its own id (a fractional term only when both rows it blends are in the segment).
-    implementation: one of ``valid_implementations("sparse")``: ``"auto"`` (Pallas on
-      GPU/TPU or with ``interpret``, XLA on CPU), ``"pallas"`` or ``"xla"`` (pure jnp).
+    implementation: ``"pallas"``, ``"xla"`` (pure jnp) or ``"auto"``
+      (``fibjax.implementation.resolve_sparse`` says which it picks).
     interpret: run the Pallas kernel in interpret mode (CPU tests).
     batch_axes: under a mesh, the axes that split the batch: the Pallas kernels run once per
       device on its own rows (default: every axis of the mesh). The XLA path partitions itself.
@@ -115,7 +89,7 @@ def attention(
   if reach is not None and (isinstance(reach, bool) or not isinstance(reach, (int, np.integer)) or reach <= window):
     raise ValueError(f"reach must be an int > window, got reach={reach!r}, window={window}")
   pattern = dict(window=int(window), offsets=offs, reach=reach, scale=scale, segment_ids=segment_ids)
-  if resolve_implementation(implementation, interpret) == "xla":
+  if resolve_sparse(implementation, interpret) == "xla":
     if kernel_options:
       raise ValueError(f"kernel options {sorted(kernel_options)} apply to implementation='pallas' only")
     return sparse_attention_reference(q, k, v, **pattern)
@@ -133,22 +107,38 @@ def dense_attention(
     segment_ids: jax.Array | None = None,
     implementation: Implementation = "auto",
     interpret: bool = False,
+    window: int | None = None,
+    sinks: int = 0,
 ) -> jax.Array:
   """Full causal attention, ``q [B, N, H_q, D]``, ``k, v [B, N, H_kv, D]`` -> ``[B, N, H_q, D]``
   in ``q.dtype`` (grouped-query as in ``attention``); with ``segment_ids [B, N]`` int32, only
   within a segment.
 
-  ``implementation``: one of ``valid_implementations("dense")``: ``"xla"`` (jnp, float32
-  softmax), ``"cudnn"`` (``jax.nn.dot_product_attention``'s cuDNN kernel), or ``"auto"`` (cuDNN on
-  a GPU for bfloat16/float16 without ``interpret``, XLA elsewhere). ``interpret`` (a flag kept
-  for one call signature across ops) selects XLA under ``auto``; there is no dense Pallas kernel.
+  ``implementation``: ``"xla"`` (jnp, float32 softmax), ``"cudnn"``
+  (``jax.nn.dot_product_attention``'s cuDNN kernel) or ``"auto"``
+  (``fibjax.implementation.resolve_dense`` says which it picks); there is no dense Pallas kernel.
+  ``interpret`` is a flag kept for one call signature across ops.
+
+  ``window``: the sink window (StreamingLLM, for evaluation beyond the training length): query
+  ``i`` sees only keys ``j`` with ``i - j < window`` or ``j < sinks`` (``sinks`` counted from each
+  document's start with ``segment_ids``); ``fibjax.reference.sink_window_attention_reference``,
+  blockwise (no ``N x N`` array), on ``"xla"``/``"auto"`` only. ``None``: full causal.
   """
   check_qkv(q, k, v)
   check_segment_ids(segment_ids, q)
-  _check_implementation("dense", implementation)
-  if implementation == "auto":
-    use_cudnn = not interpret and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-    implementation = "cudnn" if use_cudnn else "xla"
+  check_implementation("dense", implementation)
+  if isinstance(sinks, bool) or not isinstance(sinks, (int, np.integer)) or sinks < 0:
+    raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
+  if window is not None:
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+      raise ValueError(f"window must be an int >= 1 or None (full causal), got {window!r}")
+    if implementation == "cudnn":
+      raise ValueError("a sink window (window=...) has no cudnn implementation; use implementation='auto' or 'xla'")
+    return sink_window_attention_reference(q, k, v, window=int(window), sinks=int(sinks), scale=scale,
+                                           segment_ids=segment_ids)
+  if sinks:
+    raise ValueError(f"sinks={sinks} needs a window (without one every earlier key is seen)")
+  implementation = resolve_dense(implementation, q.dtype, interpret)
   if implementation == "xla":
     return dense_attention_reference(q, k, v, scale=scale, segment_ids=segment_ids)
   if interpret:

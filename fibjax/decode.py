@@ -84,8 +84,12 @@ def attend_sparse(q_BxHxD, cache: dict, pos: jax.Array, *, window: int, offsets:
   return _softmax_attend(q_BxHxD, rows("k"), rows("v"), ok, scale)
 
 
-def attend_dense(q_BxHxD, cache: dict, pos: jax.Array, *, scale: float):
+def attend_dense(q_BxHxD, cache: dict, pos: jax.Array, *, scale: float, window: int | None = None, sinks: int = 0):
   """The new query over every cached position ``<= pos`` (``[B, H, D]`` float32; the cache may
-  hold fewer heads, as in ``attend_sparse``)."""
-  valid = jnp.arange(cache["k"].shape[1]) <= pos
+  hold fewer heads, as in ``attend_sparse``); with ``window``, only positions ``j`` with
+  ``pos - j < window`` or ``j < sinks`` (the sink window of ``fibjax.reference``)."""
+  j = jnp.arange(cache["k"].shape[1])
+  valid = j <= pos
+  if window is not None:
+    valid &= (pos - j < window) | (j < sinks)
   return _softmax_attend(q_BxHxD, cache["k"], cache["v"], valid, scale)

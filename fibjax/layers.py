@@ -4,8 +4,8 @@ Parameters carry sharding annotations over the mesh axis ``"fsdp"`` (their large
 dimension); the trainer resolves them against its mesh, whose axes ``BATCH_AXES`` split the
 batch. Activations are ``x_BxNxD``.
 
-Each op picks its implementation by name: ``"auto"`` (the Pallas kernels where they apply and
-are faster, XLA elsewhere), ``"xla"``, ``"pallas"``, or for dense attention ``"cudnn"``;
+Each op picks its implementation by name (``"auto"``, ``"xla"``, ``"pallas"``, for dense attention
+``"cudnn"``): the names, their validator and what ``"auto"`` picks are ``fibjax.implementation``'s;
 ``interpret=True`` runs the Pallas kernels in interpret mode (CPU tests).
 """
 
@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from fibjax import decode as dec
-from fibjax.attention import attention, dense_attention, valid_implementations
+from fibjax.attention import attention, dense_attention
+from fibjax.implementation import check_implementation, resolve_decode, resolve_norm
 from pallas_kernels.pattern import normalize_offsets
 
 if TYPE_CHECKING:
@@ -30,14 +31,15 @@ if TYPE_CHECKING:
 PatternKind = Literal["dense", "static", "learned"]
 
 BATCH_AXES: tuple[str, ...] = ("data", "fsdp")  # the mesh axes that split the batch (data parallel, FSDP)
-KERNEL_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas")  # decode_impl, norm_impl
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerPattern:
   """Which keys one layer's queries see (all heads share it).
 
-  ``dense``: every earlier key. ``static``: the window ``0..W-1`` plus the integer ``offsets``.
+  ``dense``: every earlier key, or with ``sink_window`` set only keys ``j`` with ``i - j <
+  sink_window`` or ``j < sinks`` (StreamingLLM's sink window, for evaluation beyond T).
+  ``static``: the window ``0..W-1`` plus the integer ``offsets`` (possibly none).
   ``learned``: the window plus distances ``alpha * s_k`` for the base ``terms`` ``s_k``, with
   ``alpha`` a trainable positive scalar initialised at ``alpha_0``. ``reach``: no term at or
   beyond it is read (also bounds what a decode cache must keep).
@@ -49,6 +51,8 @@ class LayerPattern:
   offsets: tuple[int, ...] = ()
   terms: tuple[int, ...] = ()
   alpha_0: float = 1.0
+  sink_window: int | None = None
+  sinks: int = 0
 
 
 def rope_angles(positions: jax.Array, head_dim: int, base: float) -> jax.Array:
@@ -112,9 +116,9 @@ class Attention(nnx.Module):
   ``num_kv_heads``: key/value heads ``H_kv`` (default ``num_heads``; fewer is grouped-query
   attention, query head ``h`` reading kv head ``h // (H / H_kv)``): the projection's columns are
   ``H`` query heads, then ``H_kv`` key and ``H_kv`` value heads, and the decode cache holds
-  ``H_kv`` heads. ``implementation``: one of ``attention_impls(pattern.kind)``; ``interpret``: the
-  Pallas kernel in interpret mode; ``batch_axes``: the mesh axes the Pallas kernel splits the
-  batch over."""
+  ``H_kv`` heads. ``implementation``: a name the pattern's attention op takes
+  (``fibjax.implementation``); ``interpret``: the Pallas kernel in interpret mode; ``batch_axes``:
+  the mesh axes the Pallas kernel splits the batch over."""
 
   def __init__(
       self,
@@ -135,8 +139,8 @@ class Attention(nnx.Module):
     self.num_heads, self.head_dim, self.batch_axes = num_heads, head_dim, tuple(batch_axes)
     self.num_kv_heads = check_kv_heads(num_heads, num_kv_heads)
     self.pattern, self.rope_base, self.interpret = pattern, rope_base, interpret
-    self.implementation = check_impl("implementation", implementation, attention_impls(pattern.kind),
-                                     f" for a {pattern.kind} layer")
+    self.implementation = check_implementation("dense" if pattern.kind == "dense" else "sparse", implementation,
+                                               where=f" for a {pattern.kind} layer")
     qkv_heads = num_heads + 2 * self.num_kv_heads
     self.qkv = _dense(d_model, qkv_heads * head_dim, dtype, param_dtype, rngs, ("fsdp", None))
     self.out = _dense(num_heads * head_dim, d_model, dtype, param_dtype, rngs, ("fsdp", None))
@@ -179,9 +183,12 @@ class Attention(nnx.Module):
     segment when ``segment_ids_BxN`` is given)."""
     impl = dict(segment_ids=segment_ids_BxN, implementation=self.implementation, interpret=self.interpret)
     if self.pattern.kind == "dense":
-      return dense_attention(q, k, v, **impl)
+      return dense_attention(q, k, v, window=self.pattern.sink_window, sinks=self.pattern.sinks, **impl)
     return attention(q, k, v, window=self.pattern.window, offsets=self.offsets(), reach=self.pattern.reach,
                      batch_axes=self.batch_axes, **impl)
+
+  def _sink_window(self) -> dict:
+    return dict(window=self.pattern.sink_window, sinks=self.pattern.sinks)
 
   def _project_out(self, o_BxNxHxD: jax.Array) -> jax.Array:
     b, n = o_BxNxHxD.shape[:2]
@@ -210,7 +217,7 @@ class Attention(nnx.Module):
     q, k, v = self.project_qkv(x_Bx1xD, jnp.full((b, 1), pos, jnp.int32))
     cache = dec.write_token(cache, k[:, 0], v[:, 0], pos)
     if self.pattern.kind == "dense":
-      o = dec.attend_dense(q[:, 0], cache, pos, scale=self.head_dim**-0.5)
+      o = dec.attend_dense(q[:, 0], cache, pos, scale=self.head_dim**-0.5, **self._sink_window())
     else:
       o = dec.attend_sparse(q[:, 0], cache, pos, window=self.pattern.window, offsets=self.offsets(),
                             reach=self.pattern.reach, scale=self.head_dim**-0.5)
@@ -226,7 +233,8 @@ class Attention(nnx.Module):
     if self.pattern.kind == "dense":
       def attend(qkv_Bx3xHxD: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
         cache = dec.write_token(cache, qkv_Bx3xHxD[:, 1], qkv_Bx3xHxD[:, 2], pos)
-        return dec.attend_dense(qkv_Bx3xHxD[:, 0], cache, pos, scale=scale).astype(qkv_Bx3xHxD.dtype), cache
+        o = dec.attend_dense(qkv_Bx3xHxD[:, 0], cache, pos, scale=scale, **self._sink_window())
+        return o.astype(qkv_Bx3xHxD.dtype), cache
 
       return attend
     raw = np.asarray(self.pattern.offsets, np.int32) if self.pattern.kind == "static" else self.offsets()
@@ -257,9 +265,9 @@ def _compute_weight(linear: nnx.Linear) -> jax.Array:
 class Block(nnx.Module):
   """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
-  ``num_kv_heads``, ``implementation``: the attention's (``Attention``, ``attention_impls``);
-  ``decode_impl``, ``norm_impl``: one of ``KERNEL_IMPLS`` for incremental decoding and the
-  RMSNorms (the fused decode kernels have no grouped-query attention: ``check_decode_impl``);
+  ``num_kv_heads``, ``implementation``: the attention's (``Attention``); ``decode_impl``,
+  ``norm_impl``: the implementations of incremental decoding and the RMSNorms
+  (``fibjax.implementation``; the fused decode kernels have no grouped-query attention);
   ``interpret``: every Pallas kernel in interpret mode; ``batch_axes``: the mesh axes the Pallas
   norms split the batch over."""
 
@@ -290,15 +298,15 @@ class Block(nnx.Module):
         param_dtype=param_dtype, rngs=rngs,
     )
     self.mlp = MLP(d_model, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.decode_impl = check_decode_impl(decode_impl, num_heads, num_kv_heads)
-    self.norm_impl = check_impl("norm_impl", norm_impl, KERNEL_IMPLS)
+    self.decode_impl = check_implementation("decode", decode_impl, "decode_impl", grouped=self.attn.grouped)
+    self.norm_impl = check_implementation("norm", norm_impl, "norm_impl")
     self.interpret, self.batch_axes = interpret, tuple(batch_axes)
 
   def _norm(self, norm: nnx.RMSNorm, x_BxNxD: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(x, norm(x))``. Sequences (``norm_impl``) take the one-pass Pallas norm, whose backward
     also adds the gradient of the returned ``x`` (the residual stream's)."""
     b, n, d = x_BxNxD.shape
-    if _resolve(self.norm_impl, n > 1, self.interpret) == "xla":
+    if resolve_norm(self.norm_impl, n > 1, self.interpret) == "xla":
       return x_BxNxD, norm(x_BxNxD)
     from pallas_kernels.norm.rmsnorm import norm_residual  # noqa: PLC0415  (GPU kernels: imported on use)
 
@@ -326,7 +334,7 @@ class Block(nnx.Module):
     """One token per row at position ``pos``: the XLA path (norms, projections and
     ``fibjax.decode`` attention as separate ops) or the fused Pallas block step (``decode_impl``;
     ``pallas_kernels.decode.block``, which returns the residual stream in float32)."""
-    if _resolve(self.decode_impl, self._fusable(x_Bx1xD.shape[0]), self.interpret) == "xla":
+    if resolve_decode(self.decode_impl, self._fusable(x_Bx1xD.shape[0]), self.interpret) == "xla":
       return self._residual(x_Bx1xD, lambda h: self.attn.decode(h, pos, cache))
     from pallas_kernels.decode import block as decode_block  # noqa: PLC0415  (GPU kernels: imported on use)
 
@@ -348,18 +356,6 @@ class Block(nnx.Module):
                    mlp_dim=self.mlp.down.in_features, dense=a.pattern.kind == "dense", num_kv_heads=a.num_kv_heads)
 
 
-def attention_impls(kind: PatternKind) -> tuple[str, ...]:
-  """The implementations of attention a layer of pattern ``kind`` has."""
-  return valid_implementations("dense" if kind == "dense" else "sparse")
-
-
-def check_impl(name: str, impl: str, valid: tuple[str, ...], where: str = "") -> str:
-  """``impl`` if it is one of ``valid``, else ``ValueError`` naming the field and the valid values."""
-  if impl not in valid:
-    raise ValueError(f"{name} must be one of {valid}{where}, got {impl!r}")
-  return impl
-
-
 def check_kv_heads(num_heads: int, num_kv_heads: int | None) -> int:
   """``H_kv`` (``num_heads`` when ``None``) if it is an int >= 1 dividing ``num_heads``, else
   ``ValueError`` naming ``num_kv_heads``."""
@@ -369,22 +365,3 @@ def check_kv_heads(num_heads: int, num_kv_heads: int | None) -> int:
       or num_heads % num_kv_heads:
     raise ValueError(f"num_kv_heads must be an int >= 1 dividing num_heads ({num_heads}), got {num_kv_heads!r}")
   return num_kv_heads
-
-
-def check_decode_impl(decode_impl: str, num_heads: int, num_kv_heads: int | None) -> str:
-  """``decode_impl`` if valid for these heads, else ``ValueError`` naming it: one of
-  ``KERNEL_IMPLS``, and not ``pallas`` for grouped-query attention (the fused decode kernels
-  read one kv head per query head; ``auto`` takes the XLA path there)."""
-  check_impl("decode_impl", decode_impl, KERNEL_IMPLS)
-  if decode_impl == "pallas" and check_kv_heads(num_heads, num_kv_heads) != num_heads:
-    raise ValueError(f"decode_impl='pallas' has no grouped-query attention (num_kv_heads={num_kv_heads} != "
-                     f"num_heads={num_heads}); use decode_impl='auto' or 'xla'")
-  return decode_impl
-
-
-def _resolve(impl: str, kernels_apply: bool, interpret: bool) -> str:
-  """``auto`` -> ``pallas`` where the kernels apply, on a GPU or in interpret mode, else ``xla``;
-  others unchanged."""
-  if impl != "auto":
-    return impl
-  return "pallas" if kernels_apply and (interpret or jax.default_backend() == "gpu") else "xla"

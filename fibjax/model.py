@@ -8,15 +8,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fibjax.layers import (BATCH_AXES, KERNEL_IMPLS, Block, LayerPattern, attention_impls, check_decode_impl,
-                           check_impl, check_kv_heads)
-from fibjax.offsets import BASES, check_alpha, check_window_reach, layer_offsets, learned_terms, offset_set
+from fibjax.implementation import check_implementation
+from fibjax.layers import BATCH_AXES, Block, LayerPattern, check_kv_heads
+from fibjax.offsets import (BASES, check_alpha, check_offset_rows, check_window_reach, layer_offsets, learned_terms,
+                            offset_set, random_offsets)
 from fibjax.schedules import SCHEDULES, layer_alphas
 
-VARIANTS: tuple[str, ...] = ("dense",) + tuple(f"{b}-{s}" for b in BASES for s in SCHEDULES)
+RANDOM = "random"  # the control schedule: as many offsets per layer as ``linear``, at random distances
+RANDOM_VARIANTS: tuple[str, ...] = tuple(f"{b}-{RANDOM}" for b in BASES)
+VARIANTS: tuple[str, ...] = (("dense", "window") + tuple(f"{b}-{s}" for b in BASES for s in SCHEDULES)
+                             + RANDOM_VARIANTS)
 SWEEP_VARIANTS: tuple[str, ...] = (
     "dense", "fib-fixed", "fib-learned", "fib-linear", "fib-coprime", "pow2-fixed", "pow2-linear",
 )
+CONTROL_VARIANTS: tuple[str, ...] = ("window", "fib-random")  # SPEC section 2's controls (pow2-random also exists)
 ONE_HOT_MAX_VOCAB = 1024  # embed by one-hot matmul up to this vocabulary size (``LM._embed``)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -25,7 +30,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 class ModelConfig:
   """Everything that fixes the model. Defaults are the paper recipe (SPEC section 1).
 
-  variant: ``dense`` or ``{fib,pow2}-{fixed,learned,linear,coprime}``.
+  variant: ``dense``, ``window`` (the local window alone, no offsets: the control every schedule
+  must beat), ``{fib,pow2}-{fixed,learned,linear,coprime}``, or ``{fib,pow2}-random`` (per layer as
+  many offsets as ``linear`` gives that layer, at distances drawn uniformly without replacement
+  from ``[W, R)``: ``fibjax.offsets.random_offsets``).
   seq_len: training length T. reach: R (``None``: T); fixed at build time, never the eval length.
   window: dense local window W. alpha_0: ``fixed``/``learned`` (initial) alpha.
   alpha_min, alpha_max: the ``linear``/``coprime`` range.
@@ -35,14 +43,20 @@ class ModelConfig:
   num_kv_heads`` times smaller.
   mlp_dim: SwiGLU hidden width; 1664 (3.25 x 512) puts the paper recipe at ~57.8M parameters.
   dtype: compute dtype; param_dtype: master weights.
-  attention_impl: ``auto`` (Pallas on GPU/TPU for sparse variants, cuDNN on GPU for dense in
-  16-bit dtypes, XLA elsewhere), ``xla``, and ``pallas`` (sparse variants) or ``cudnn`` (dense).
-  decode_impl: incremental decoding, ``auto`` (fused Pallas kernels on GPU where they are faster,
-  XLA ops elsewhere, always XLA for grouped-query attention), ``xla`` or ``pallas`` (not with
-  grouped-query attention). norm_impl: the blocks' RMSNorm over sequences,
-  ``auto`` (one-pass Pallas kernels on GPU, XLA otherwise), ``xla`` or ``pallas``.
+  attention_impl: ``auto``, ``xla``, and ``pallas`` (sparse variants) or ``cudnn`` (dense).
+  decode_impl: incremental decoding, ``auto``, ``xla`` or ``pallas`` (not with grouped-query
+  attention). norm_impl: the blocks' RMSNorm over sequences, ``auto``, ``xla`` or ``pallas``.
+  What ``auto`` picks for each: ``fibjax.implementation``.
   interpret: run every Pallas kernel in interpret mode (CPU tests); ``auto`` then picks them.
   remat: recompute each block in the backward pass (saves activation memory).
+  random_offsets: ``*-random`` only: the per-layer offsets (``num_layers`` rows of sorted unique
+  ints in ``[W, R)``); ``None``: drawn from ``offset_seed``. ``with_random_offsets`` fills them so
+  a run's ``config.json`` records the exact offsets. Lists (from JSON) become tuples.
+  offset_seed: the seed ``*-random`` offsets are drawn from (an int >= 0; runs set it to their seed).
+  eval_window, eval_sinks: dense only, for evaluating a dense model beyond T (StreamingLLM): with
+  ``eval_window`` set, query ``i`` sees key ``j <= i`` iff ``i - j < eval_window`` or
+  ``j < eval_sinks`` (the first tokens of its document); ``None`` (default): full causal. They
+  change no parameter: a trained model is rebuilt with them by ``dataclasses.replace``.
   """
 
   variant: str = "fib-linear"
@@ -67,18 +81,47 @@ class ModelConfig:
   norm_impl: str = "auto"
   interpret: bool = False
   remat: bool = False
+  random_offsets: tuple[tuple[int, ...], ...] | None = None
+  offset_seed: int = 0
+  eval_window: int | None = None
+  eval_sinks: int = 0
+
+  def __post_init__(self):
+    if isinstance(self.random_offsets, (list, tuple)):  # JSON gives lists: tuples keep the config hashable and equal
+      rows = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in self.random_offsets)
+      object.__setattr__(self, "random_offsets", rows)
 
   @property
   def resolved_reach(self) -> int:
     return self.seq_len if self.reach is None else self.reach
 
   @property
-  def base(self) -> str:
-    return self.variant.split("-")[0]
+  def base(self) -> str | None:
+    """The offsets' base sequence, ``fib`` or ``pow2``; ``None`` for ``dense`` and ``window``."""
+    return self.variant.split("-")[0] if "-" in self.variant else None
 
   @property
-  def schedule(self) -> str:
-    return self.variant.split("-")[1]
+  def schedule(self) -> str | None:
+    """``fixed``, ``learned``, ``linear``, ``coprime`` or ``random``; ``None`` for ``dense`` and ``window``."""
+    return self.variant.split("-")[1] if "-" in self.variant else None
+
+  def with_random_offsets(self, seed: int) -> "ModelConfig":
+    """For a ``*-random`` variant: this config with ``offset_seed = seed`` and ``random_offsets``
+    filled (drawn from ``seed``; offsets already saved for ``seed`` are kept, so it is idempotent
+    and a resumed run's config compares equal). Other variants: unchanged.
+
+    Raises:
+      ValueError: offsets saved for another seed.
+    """
+    if self.schedule != RANDOM:
+      return self
+    if self.random_offsets is not None:
+      if self.offset_seed != seed:
+        raise ValueError(f"random_offsets were drawn from offset_seed={self.offset_seed}, not seed={seed}: drop "
+                         "model.random_offsets (null) to draw them from this seed")
+      return self.validate()
+    drawn = tuple(p.offsets for p in layer_patterns(dataclasses.replace(self, offset_seed=seed)))
+    return dataclasses.replace(self, offset_seed=seed, random_offsets=drawn)
 
   def validate(self) -> "ModelConfig":
     """Raises ``ValueError`` naming the bad field and its allowed values; returns self."""
@@ -94,11 +137,12 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
-    pattern = "dense" if self.variant == "dense" else "static"
-    check_impl("attention_impl", self.attention_impl, attention_impls(pattern), f" for variant {self.variant!r}")
-    check_kv_heads(self.num_heads, self.num_kv_heads)
-    check_decode_impl(self.decode_impl, self.num_heads, self.num_kv_heads)
-    check_impl("norm_impl", self.norm_impl, KERNEL_IMPLS)
+    check_implementation("dense" if self.variant == "dense" else "sparse", self.attention_impl, "attention_impl",
+                         f" for variant {self.variant!r}")
+    self._validate_controls()
+    grouped = check_kv_heads(self.num_heads, self.num_kv_heads) != self.num_heads
+    check_implementation("decode", self.decode_impl, "decode_impl", grouped=grouped)
+    check_implementation("norm", self.norm_impl, "norm_impl")
     for name in ("interpret", "remat"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -110,15 +154,42 @@ class ModelConfig:
         check_alpha(getattr(self, name), name)
       if self.alpha_max < self.alpha_min:
         raise ValueError(f"alpha_max must be >= alpha_min, got {self.alpha_min} > {self.alpha_max}")
+    if self.random_offsets is not None:
+      check_offset_rows(self.random_offsets, self.num_layers, self.window, self.resolved_reach)
     return self
+
+  def _validate_controls(self) -> None:
+    """The control fields: ``offset_seed``, ``random_offsets`` (``*-random`` only) and the sink
+    window (dense only)."""
+    if isinstance(self.offset_seed, bool) or not isinstance(self.offset_seed, int) or self.offset_seed < 0:
+      raise ValueError(f"offset_seed must be an int >= 0, got {self.offset_seed!r}")
+    if self.random_offsets is not None and self.schedule != RANDOM:
+      raise ValueError(f"random_offsets applies to the {RANDOM_VARIANTS} variants only, not {self.variant!r}: "
+                       "drop model.random_offsets (null)")
+    if self.eval_window is not None:
+      if isinstance(self.eval_window, bool) or not isinstance(self.eval_window, int) or self.eval_window < 1:
+        raise ValueError(f"eval_window must be an int >= 1 or None (full causal), got {self.eval_window!r}")
+      if self.variant != "dense":
+        raise ValueError(f"eval_window (the sink window) applies to the dense variant only, not {self.variant!r}: "
+                         "drop model.eval_window")
+      if self.attention_impl == "cudnn":
+        raise ValueError("eval_window has no cudnn implementation: set model.attention_impl=auto (or xla)")
+    if isinstance(self.eval_sinks, bool) or not isinstance(self.eval_sinks, int) or self.eval_sinks < 0:
+      raise ValueError(f"eval_sinks must be an int >= 0, got {self.eval_sinks!r}")
+    if self.eval_sinks and self.eval_window is None:
+      raise ValueError(f"eval_sinks={self.eval_sinks} needs model.eval_window (without it every key is seen)")
 
 
 def layer_patterns(cfg: ModelConfig) -> tuple[LayerPattern, ...]:
-  """One ``LayerPattern`` per layer for ``cfg.variant`` (SPEC sections 1 and 2)."""
+  """One ``LayerPattern`` per layer for ``cfg.variant`` (SPEC sections 1 and 2). ``window``: the
+  static window with no offsets; ``*-random``: ``cfg.random_offsets``, else the draw from
+  ``cfg.offset_seed`` (each pattern's ``alpha_0`` the linear alpha whose offset count it copies)."""
   cfg.validate()
   if cfg.variant == "dense":
-    return (LayerPattern("dense"),) * cfg.num_layers
+    return (LayerPattern("dense", sink_window=cfg.eval_window, sinks=cfg.eval_sinks),) * cfg.num_layers
   w, r, base = cfg.window, cfg.resolved_reach, cfg.base
+  if cfg.variant == "window":
+    return (LayerPattern("static", w, r),) * cfg.num_layers
   if cfg.schedule == "learned":
     if base == "pow2":  # reach-matched: no term starts beyond the Fibonacci set's largest offset
       fib = offset_set("fib", cfg.alpha_0, w, r)
@@ -126,11 +197,16 @@ def layer_patterns(cfg: ModelConfig) -> tuple[LayerPattern, ...]:
     else:
       terms = learned_terms("fib", cfg.alpha_0, w, r)
     return (LayerPattern("learned", w, r, terms=terms, alpha_0=cfg.alpha_0),) * cfg.num_layers
+  random = cfg.schedule == RANDOM
   alphas = layer_alphas(
-      cfg.schedule, cfg.num_layers, base=base, window=w, reach=r,
+      "linear" if random else cfg.schedule, cfg.num_layers, base=base, window=w, reach=r,
       alpha_0=cfg.alpha_0, alpha_min=cfg.alpha_min, alpha_max=cfg.alpha_max,
   )
-  return tuple(LayerPattern("static", w, r, offsets=layer_offsets(base, a, w, r), alpha_0=a) for a in alphas)
+  if random:
+    rows = cfg.random_offsets if cfg.random_offsets is not None else random_offsets(base, alphas, w, r, cfg.offset_seed)
+  else:
+    rows = tuple(layer_offsets(base, a, w, r) for a in alphas)
+  return tuple(LayerPattern("static", w, r, offsets=o, alpha_0=a) for o, a in zip(rows, alphas))
 
 
 class LM(nnx.Module):

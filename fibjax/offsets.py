@@ -12,7 +12,7 @@ are dropped; distances at or beyond ``R`` are never attended to.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -119,3 +119,45 @@ def layer_offsets(base: Base, alpha: float, window: int, reach: int) -> tuple[in
   if check_base(base) == "fib":
     return offset_set("fib", alpha, window, reach)
   return reach_matched_pow2(alpha, window, reach)
+
+
+def random_offsets(base: Base, alphas: Sequence[float], window: int, reach: int, seed: int
+                   ) -> tuple[tuple[int, ...], ...]:
+  """The ``random`` control: per layer as many offsets as ``layer_offsets(base, alpha_l, W, R)``
+  holds, at distances drawn uniformly without replacement from ``[W, R)``.
+
+  One ``numpy.random.default_rng(seed)`` draws the layers in order, so the result is a pure
+  function of the arguments for a given NumPy; runs store it (``ModelConfig.random_offsets``)
+  because NumPy does not promise the same stream across versions.
+
+  Args:
+    base: ``"fib"`` or ``"pow2"``; with ``alphas`` it fixes only each layer's count.
+    alphas: ``[L]`` per-layer scales, usually the ``linear`` schedule's.
+    window, reach: ``W >= 1`` and ``R > W``.
+    seed: an int >= 0.
+  Returns:
+    ``L`` tuples of sorted, unique ints in ``[W, R)``.
+  """
+  window, reach = check_window_reach(window, reach)
+  seed = _check_int("seed", seed, 0)
+  rng = np.random.default_rng(seed)
+  out = []
+  for alpha in alphas:
+    count = len(layer_offsets(base, alpha, window, reach))
+    out.append(tuple(sorted(int(o) for o in rng.choice(np.arange(window, reach), size=count, replace=False))))
+  return tuple(out)
+
+
+def check_offset_rows(rows: object, num_layers: int, window: int, reach: int, name: str = "random_offsets"
+                      ) -> tuple[tuple[int, ...], ...]:
+  """Validates saved per-layer offsets: ``num_layers`` rows, each strictly increasing ints in
+  ``[W, R)``; returns them as tuples. Raises ``ValueError`` naming ``name`` and the fix."""
+  fix = f"drop {name} (null) to draw them again from the seed"
+  if not isinstance(rows, tuple) or len(rows) != num_layers:
+    raise ValueError(f"{name} must hold one row of offsets per layer ({num_layers} rows), got {rows!r}; {fix}")
+  for layer, row in enumerate(rows):
+    ok = isinstance(row, tuple) and all(isinstance(o, (int, np.integer)) and not isinstance(o, bool) for o in row)
+    if not ok or any(not window <= o < reach for o in row) or any(a >= b for a, b in zip(row[:-1], row[1:])):
+      raise ValueError(f"{name}[{layer}] must be sorted unique ints in [window, reach) = [{window}, {reach}), "
+                       f"got {row!r}; {fix}")
+  return tuple(tuple(int(o) for o in row) for row in rows)

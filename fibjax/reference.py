@@ -1,4 +1,5 @@
-"""Pure-jnp reference of gathered-offset attention, and of dense causal attention.
+"""Pure-jnp reference of gathered-offset attention, of dense causal attention, and of dense
+attention under a sink window (StreamingLLM).
 
 Layout everywhere: ``q: [B, N, H_q, D]``, ``k, v: [B, N, H_kv, D]`` (batch, sequence, heads,
 head dim; ``H_q`` a multiple of ``H_kv``: query head ``h`` reads key/value head
@@ -15,6 +16,10 @@ only keys of its own segment; a fractional term is masked unless every row it re
 nonzero weight is in the query's segment (the segment start plays the role of position 0).
 Masked scores are a large negative number, never -inf, and every query sees itself, so no row
 is empty and nothing is NaN.
+
+Sink window (``sink_window_attention_reference``): query ``i`` sees key ``j <= i`` iff ``i - j < W``
+or ``j < S`` (the first ``S`` "sink" tokens), in its own segment with ``segment_ids``, where the
+sinks are the first ``S`` positions of the query's document (its contiguous run of one id).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.pattern import MASK_VALUE, check_qkv, normalize_offsets
 
-__all__ = ["MASK_VALUE", "dense_attention_reference", "normalize_offsets", "sparse_attention_reference"]
+__all__ = ["MASK_VALUE", "dense_attention_reference", "normalize_offsets", "sink_window_attention_reference",
+           "sparse_attention_reference"]
 
 
 def _window_chunks(x_BxNx_: jax.Array, window: int) -> jax.Array:
@@ -172,3 +178,85 @@ def dense_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale
   s = jnp.where(dense_mask(n, segment_ids)[:, :, None], s, MASK_VALUE)
   p = jax.nn.softmax(s, axis=-1)
   return jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(acc)).reshape(b, n, h_q, d).astype(q.dtype)
+
+
+def _run_starts(seg_BxN: jax.Array) -> jax.Array:
+  """``[B, N]`` int32: the first position of each position's run of equal ids (its document)."""
+  n = seg_BxN.shape[1]
+  new = jnp.concatenate([jnp.ones_like(seg_BxN[:, :1], bool), seg_BxN[:, 1:] != seg_BxN[:, :-1]], axis=1)
+  return jax.lax.cummax(jnp.where(new, jnp.arange(n, dtype=jnp.int32), 0), axis=1)
+
+
+def _pad_rows(x_BxNx_: jax.Array, front: int, back: int, value=0) -> jax.Array:
+  return jnp.pad(x_BxNx_, ((0, 0), (front, back)) + ((0, 0),) * (x_BxNx_.ndim - 2), constant_values=value)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "sinks", "scale", "block"))
+def sink_window_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int, sinks: int = 0,
+                                    scale: float | None = None, segment_ids: jax.Array | None = None,
+                                    block: int = 512) -> jax.Array:
+  """Dense attention under a sink window: query ``i`` sees key ``j <= i`` iff ``i - j < window``
+  or ``j < sinks`` (with ``segment_ids``: only its own segment, sinks counted from its document's
+  start). A key in both the window and the sinks counts once.
+
+  Runs one block of ``C`` queries at a time (``lax.map``), each over its band of ``window + C - 1``
+  keys plus ``sinks`` gathered rows per query, never an ``N x N`` array: per step
+  ``B * H_q * C * (window + C - 1 + sinks)`` float32 scores (``C = min(block, N, max(window,
+  64))``; at ``B = 8, H_q = 8, C = 512, window = 2048``: 0.34 GB, at any ``N``) and work
+  ``N * (window + C + sinks)``, against ``N^2 / 2`` for full causal attention.
+
+  Args:
+    q: ``[B, N, H_q, D]``; k, v: ``[B, N, H_kv, D]`` (``H_q`` a multiple of ``H_kv``); any float dtype.
+    window: ``>= 1`` keys back including the query itself (``>= N``: full causal attention).
+    sinks: ``>= 0`` first positions every later query also sees.
+    scale: score scale, default ``D ** -0.5``.
+    segment_ids: optional ``[B, N]`` int32; documents are contiguous runs of one id.
+    block: the most queries per step.
+  Returns:
+    ``[B, N, H_q, D]`` in ``q.dtype``; scores and softmax in float32.
+  """
+  group = check_qkv(q, k, v)
+  b, n, h_q, d = q.shape
+  h = h_q // group
+  scale = d**-0.5 if scale is None else scale
+  acc = jnp.promote_types(jnp.float32, q.dtype)
+  window = min(window, n)  # a window of N already holds every earlier key
+  c = max(1, min(block, n, max(window, 64)))
+  steps, band = -(-n // c), window - 1 + c
+  tail = steps * c - n
+  # key row r of step s's band is position s * C - (window - 1) + r
+  q_pad = _pad_rows(q.reshape(b, n, h, group, d), 0, tail)
+  k_pad, v_pad = (_pad_rows(x, window - 1, tail) for x in (k, v))
+  seg = jnp.zeros((1, n), jnp.int32) if segment_ids is None else segment_ids
+  seg_q, seg_k = _pad_rows(seg, 0, tail, -1), _pad_rows(seg, window - 1, tail, -1)  # padded queries see themselves
+  starts = _pad_rows(_run_starts(seg), 0, tail)
+
+  def step(s):
+    i0 = s * c
+    rows = lambda x, length: jax.lax.dynamic_slice_in_dim(x, i0, length, axis=1)  # noqa: E731
+    q_BxCxHxGxD, k_BxLxHxD, v_BxLxHxD = rows(q_pad, c), rows(k_pad, band), rows(v_pad, band)
+    qi, kj = i0 + jnp.arange(c), i0 - (window - 1) + jnp.arange(band)
+    dist_CxL = qi[:, None] - kj[None, :]
+    mask = (dist_CxL >= 0) & (dist_CxL < window) & (kj >= 0)[None, :]
+    mask = mask[None] & (rows(seg_q, c)[:, :, None] == rows(seg_k, band)[:, None, :])  # [B or 1, C, L]
+    s_band = jnp.einsum("bqhgd,bkhd->bqhgk", q_BxCxHxGxD, k_BxLxHxD, preferred_element_type=acc) * scale
+    scores, values = [jnp.where(mask[:, :, None, None, :], s_band, MASK_VALUE)], [v_BxLxHxD]
+    if sinks:
+      sink_BxCxS = rows(starts, c)[:, :, None] + jnp.arange(sinks)  # the query's document's first positions
+      sink_BxCxS = jnp.broadcast_to(jnp.clip(sink_BxCxS, 0, n - 1), (b, c, sinks))
+      gather = jax.vmap(lambda x, idx: jnp.take(x, idx, axis=0))  # per batch row: [C, S, H, D]
+      k_sink, v_sink = gather(k, sink_BxCxS), gather(v, sink_BxCxS)
+      # sinks inside the window are already in the band; those before it are in the query's document
+      seen = qi[None, :, None] - sink_BxCxS >= window
+      s_sink = jnp.einsum("bqhgd,bqshd->bqhgs", q_BxCxHxGxD, k_sink, preferred_element_type=acc) * scale
+      scores.append(jnp.where(seen[:, :, None, None, :], s_sink, MASK_VALUE))
+      values.append(v_sink)
+    p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    o = jnp.einsum("bqhgk,bkhd->bqhgd", p[..., :band], values[0].astype(acc))
+    if sinks:
+      o += jnp.einsum("bqhgs,bqshd->bqhgd", p[..., band:], values[1].astype(acc))
+    return o
+
+  o_SxBxCxHxGxD = jax.lax.map(step, jnp.arange(steps))
+  o = jnp.moveaxis(o_SxBxCxHxGxD, 0, 1).reshape(b, steps * c, h_q, d)[:, :n]
+  return o.astype(q.dtype)

@@ -12,6 +12,7 @@ import fibjax
 from pallas_kernels import gathered_offset_attention
 from pallas_kernels.batch_shards import per_batch_shard
 from pallas_kernels.norm.rmsnorm import norm_residual
+from tests.kernel_configs import kernel_configs
 from train.run.trainer import make_mesh
 
 
@@ -83,8 +84,11 @@ def test_attention_per_shard_matches_single_device(backend, seed):
   terms = jnp.asarray(fibjax.learned_terms("fib", 1.0, 4, 36), jnp.float32)
 
   def loss(q, k, v, w, alpha):  # learned offsets: their gradient sums every shard's partials
-    out = gathered_offset_attention(q, k, v, window=4, offsets=terms * alpha, reach=36, interpret=True, block=16,
-                                    block_bwd=8 if backend == "gpu" else 16, backend=backend)
+    offsets = terms * alpha
+    configs = kernel_configs(q, k, offsets, window=4, reach=36, backend=backend, fwd=dict(block=16),
+                             bwd=dict(block=8 if backend == "gpu" else 16))
+    out = gathered_offset_attention(q, k, v, window=4, offsets=offsets, reach=36, interpret=True, backend=backend,
+                                    **configs)
     return jnp.sum(out * w)
 
   (single, g1), (split, g8) = _sharded_and_single(loss, (q, k, v, w, jnp.float32(1.3)), (0, 1, 2, 4))

@@ -2,6 +2,7 @@
 times matched by identity), ``benchmarks.kernel_registers`` (the kernels' Triton modules) and the
 merge of ``benchmarks.attention`` runs."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -108,21 +109,23 @@ def test_ab_refuses_bad_input_before_running_anything(tmp_path):
 
 
 def test_kernel_registers_captures_the_three_triton_modules():
-  modules = kernel_registers.triton_modules(64, 2, learned=False, term_mma=True, loop_group=True)
+  configs = kernel_registers.form_configs(64, 2, learned=False, term_mma=True, loop_group=True)
+  modules = kernel_registers.triton_modules(64, 2, False, *configs)
   assert [m.split("{")[0].strip() for m in modules] == [
       "module @fib_attention_fwd", "module @fib_attention_dq", "module @fib_attention_dkdv"]
   assert all("tt.func" in m for m in modules) and "scf.for" in modules[2]  # the group loop
 
 
 def test_kernel_registers_defaults_lower_the_default_kernels_on_their_warps():
-  """With every option at its default, the learned d64 forward loops over its terms and its dK/dV
+  """In the default configuration, the learned d64 forward loops over its terms and its dK/dV
   reads the saved term probabilities (no neighbour tiles: fewer loads than the recomputing form);
   the lowering gives the learned d128 backward 8 warps and the rest 4."""
-  (fwd, _), _, (dkdv, _) = kernel_registers.lowered_kernels(64, 8, learned=True, term_mma=None, loop_group=None)
-  _, _, (recomputing, _) = kernel_registers.lowered_kernels(64, 8, learned=True, term_mma=None, loop_group=None,
-                                                           saved_terms=False)
+  (fwd, _), _, (dkdv, _) = kernel_registers.lowered_kernels(64, 8, learned=True)
+  config, config_bwd = kernel_registers.default_configs(64, 8, learned=True)
+  _, _, (recomputing, _) = kernel_registers.lowered_kernels(64, 8, True, config,
+                                                           dataclasses.replace(config_bwd, saved_terms=False))
   assert "scf.for" in fwd and dkdv.count("tt.load") < recomputing.count("tt.load")
-  warps = lambda *shape: [w for _, w in kernel_registers.lowered_kernels(*shape, term_mma=None, loop_group=None)]  # noqa: E731
+  warps = lambda *shape: [w for _, w in kernel_registers.lowered_kernels(*shape)]  # noqa: E731
   assert warps(128, 8, True) == [4, 8, 8] and warps(128, 2, False) == [4, 4, 4]
 
 

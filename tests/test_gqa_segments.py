@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 import fibjax
-from fibjax.attention import valid_implementations
+from fibjax.implementation import (resolve_decode, resolve_dense, resolve_norm, resolve_sparse,
+                                   valid_implementations)
 from pallas_kernels import gathered_offset_attention
 from tests.compiled import assert_pallas_matches_xla
+from tests.kernel_configs import kernel_configs
 from tests.oracle import interpolated_terms, masked_attention, pattern_mask
 
 N, WINDOW, OFFSETS, REACH = 40, 4, (5, 8, 13, 21), 30
@@ -115,33 +117,34 @@ def test_reference_gradients_with_groups_and_segments_match_finite_differences()
     assert float(grads[3]) != 0.0
 
 
-# backend, h_q, h_kv, head_dim, dtype, learned, block, kernel options: each form of offset terms
-# (tensor cores or row-wise) behind the dead-term branch, unbranched and looped, dK/dV from recomputed or
-# saved term probabilities, and the dK/dV group loop (the GPU default with groups) and unrolled
+# backend, h_q, h_kv, head_dim, dtype, learned, block, config fields (``tests.kernel_configs``): each
+# form of offset terms (tensor cores or row-wise) behind the dead-term branch, unbranched and looped,
+# dK/dV from recomputed or saved term probabilities, and the dK/dV group loop (the GPU default with
+# groups) and unrolled
 KERNEL_CASES = {
-    "gpu_mha_bf16_d64_mma": ("gpu", 2, 2, 64, jnp.bfloat16, False, 16, dict(term_mma=True, skip_dead_terms=True)),
+    "gpu_mha_bf16_d64_mma": ("gpu", 2, 2, 64, jnp.bfloat16, False, 16, dict(term_mma=True, term_flow="branched")),
     "gpu_mqa4_f32_d64_mma_unbranched": ("gpu", 4, 1, 64, jnp.float32, False, 16,
-                                        dict(term_mma=True, skip_dead_terms=False)),
+                                        dict(term_mma=True, term_flow="unbranched")),
     "gpu_mqa4_f16_d128_mma_unrolled": ("gpu", 4, 1, 128, jnp.float16, False, 16,
-                                       dict(term_mma=True, skip_dead_terms=True, loop_group=False)),
+                                       dict(term_mma=True, term_flow="branched", loop_group=False)),
     "gpu_gqa2_f32_d32_learned_mma_loop": ("gpu", 4, 2, 32, jnp.float32, True, 16,
-                                          dict(term_mma=True, skip_dead_terms=True, loop_group=True)),
-    "gpu_mha_bf16_d64_rowwise": ("gpu", 2, 2, 64, jnp.bfloat16, False, 16, dict(term_mma=False, skip_dead_terms=True)),
+                                          dict(term_mma=True, term_flow="branched", loop_group=True)),
+    "gpu_mha_bf16_d64_rowwise": ("gpu", 2, 2, 64, jnp.bfloat16, False, 16, dict(term_mma=False, term_flow="branched")),
     "gpu_gqa2_f32_d32_learned_rowwise_unrolled": ("gpu", 4, 2, 32, jnp.float32, True, 16,
-                                                  dict(term_mma=False, skip_dead_terms=True, loop_group=False)),
+                                                  dict(term_mma=False, term_flow="branched", loop_group=False)),
     "gpu_gqa2_f32_d32_learned_rowwise_unbranched": ("gpu", 4, 2, 32, jnp.float32, True, 16,
-                                                    dict(term_mma=False, skip_dead_terms=False)),
+                                                    dict(term_mma=False, term_flow="unbranched")),
     "gpu_mqa4_bf16_d64_rowwise_loop": ("gpu", 4, 1, 64, jnp.bfloat16, False, 16,
-                                       dict(term_mma=False, skip_dead_terms=True, loop_group=True)),
+                                       dict(term_mma=False, term_flow="branched", loop_group=True)),
     "gpu_gqa2_f32_d32_learned_saved_looped": ("gpu", 4, 2, 32, jnp.float32, True, 16,
-                                              dict(term_mma=False, saved_terms=True, loop_terms=True)),
+                                              dict(term_mma=False, saved_terms=True, term_flow="looped")),
     "gpu_mqa4_bf16_d64_saved_mma_unrolled": ("gpu", 4, 1, 64, jnp.bfloat16, False, 16,
                                              dict(term_mma=True, saved_terms=True, loop_group=False)),
     "tpu_gqa2_f32_d32_learned_saved_looped": ("tpu", 4, 2, 32, jnp.float32, True, 16,
-                                              dict(saved_terms=True, loop_terms=True)),
-    "tpu_gqa2_f32_d32_learned": ("tpu", 4, 2, 32, jnp.float32, True, 16, dict(skip_dead_terms=True)),
+                                              dict(saved_terms=True, term_flow="looped")),
+    "tpu_gqa2_f32_d32_learned": ("tpu", 4, 2, 32, jnp.float32, True, 16, dict(term_flow="branched")),
     "tpu_mqa4_f32_d32_learned_unbranched_loop": ("tpu", 4, 1, 32, jnp.float32, True, 16,
-                                                 dict(skip_dead_terms=False, loop_group=True)),
+                                                 dict(term_flow="unbranched", loop_group=True)),
 }
 
 
@@ -163,9 +166,9 @@ def test_kernel_gqa_segments_against_oracle(case):
     out = kernel(q, k, v, window=WINDOW, offsets=offsets, reach=REACH, segment_ids=seg)
     return jnp.sum(out.astype(jnp.float32) * w), out
 
-  def pallas(*args, **kw):
-    return gathered_offset_attention(*args, backend=backend, block=block, block_bwd=block, interpret=True,
-                                     **options, **kw)
+  def pallas(q, k, v, **kw):
+    configs = kernel_configs(q, k, kw["offsets"], window=WINDOW, reach=REACH, backend=backend, block=block, **options)
+    return gathered_offset_attention(q, k, v, backend=backend, interpret=True, **configs, **kw)
 
   def xla64(q, k, v, **kw):
     return fibjax.attention(*(x.astype(jnp.float64) for x in (q, k, v)), implementation="xla", **kw)
@@ -194,8 +197,9 @@ def test_one_token_documents_see_only_themselves():
   seg = jnp.arange(19, dtype=jnp.int32)[None]
   want = np.repeat(np.asarray(v), 2, axis=2)
   kw = dict(window=3, offsets=(3, 5, 8), segment_ids=seg)
+  configs = kernel_configs(q, k, jnp.asarray(kw["offsets"], jnp.int32), window=3, fwd=dict(block=8))
   outs = [fibjax.attention(q, k, v, implementation="xla", **kw),
-          fibjax.attention(q, k, v, interpret=True, block=8, **kw)]
+          fibjax.attention(q, k, v, interpret=True, **configs, **kw)]
   for out in outs:
     np.testing.assert_allclose(np.asarray(out), want, atol=1e-6)
 
@@ -226,13 +230,26 @@ def test_bad_group_and_segment_shapes_name_the_argument(call):
 def test_one_implementation_vocabulary():
   assert valid_implementations("sparse") == ("auto", "xla", "pallas")
   assert valid_implementations("dense") == ("auto", "xla", "cudnn")
+  assert valid_implementations("decode") == valid_implementations("norm") == ("auto", "xla", "pallas")
   q = jnp.zeros((1, 8, 1, 4))
-  with pytest.raises(ValueError, match=r"valid: \('auto', 'xla', 'pallas'\)"):
+  with pytest.raises(ValueError, match=r"implementation must be one of \('auto', 'xla', 'pallas'\), got 'cudnn'"):
     fibjax.attention(q, q, q, window=2, implementation="cudnn")
-  with pytest.raises(ValueError, match=r"valid: \('auto', 'xla', 'cudnn'\)"):
+  with pytest.raises(ValueError, match=r"implementation must be one of \('auto', 'xla', 'cudnn'\), got 'pallas'"):
     fibjax.dense_attention(q, q, q, implementation="pallas")
   with pytest.raises(ValueError, match="kind"):
     valid_implementations("banded")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the rules on a CPU")
+def test_auto_picks_xla_on_a_cpu_and_the_kernels_in_interpret_mode_where_they_apply():
+  assert resolve_sparse("auto", interpret=False) == "xla" and resolve_sparse("auto", interpret=True) == "pallas"
+  assert resolve_dense("auto", jnp.bfloat16, interpret=False) == "xla"
+  assert resolve_decode("auto", fusable=True, interpret=True) == "pallas"
+  assert resolve_decode("auto", fusable=False, interpret=True) == "xla"
+  assert resolve_norm("auto", sequence=True, interpret=True) == "pallas"
+  assert resolve_norm("auto", sequence=False, interpret=True) == "xla"
+  assert resolve_norm("auto", sequence=True, interpret=False) == "xla"
+  assert resolve_sparse("pallas", interpret=False) == "pallas" and resolve_dense("cudnn", jnp.float32, False) == "cudnn"
 
 
 @pytest.mark.gpu
@@ -256,13 +273,14 @@ def test_compiled_gpu_kernel_gqa_segments(h_kv, head_dim, learned):
 
 @pytest.mark.parametrize("h_kv, learned, segments, options", [
     (4, False, False, {}), (2, True, True, {}), (1, False, True, {}),
-    (2, False, True, dict(term_mma=False, skip_dead_terms=False, loop_group=True)),
-    (1, True, True, dict(term_mma=True, skip_dead_terms=False, loop_group=True)),
-    (4, True, False, dict(term_mma=False, skip_dead_terms=True, loop_group=False)),
-    (1, True, False, dict(term_mma=True, term_mma_bwd=False)), (2, True, True, dict(term_mma=True, term_mma_bwd=False)),
-    (2, True, True, dict(term_mma=False, saved_terms=True, loop_terms=True)),
+    (2, False, True, dict(term_mma=False, term_flow="unbranched", loop_group=True)),
+    (1, True, True, dict(term_mma=True, term_flow="unbranched", loop_group=True)),
+    (4, True, False, dict(term_mma=False, term_flow="branched", loop_group=False)),
+    (1, True, False, dict(fwd=dict(term_mma=True), bwd=dict(term_mma=False))),
+    (2, True, True, dict(fwd=dict(term_mma=True), bwd=dict(term_mma=False))),
+    (2, True, True, dict(term_mma=False, saved_terms=True, term_flow="looped")),
     (4, False, True, dict(term_mma=True, saved_terms=True)), (1, True, False, dict(saved_terms=True)),
-    (2, True, True, dict(term_mma=False, loop_terms=True, saved_terms=False))])
+    (2, True, True, dict(term_mma=False, term_flow="looped", saved_terms=False))])
 def test_gpu_kernels_lower_to_triton_on_any_machine(monkeypatch, h_kv, learned, segments, options):
   """Forward and backward lower through Pallas' Triton rules for a CUDA target on any machine (no GPU
   needed): an op, index or block the Triton lowering does not support fails here, not on a GPU."""
@@ -272,8 +290,9 @@ def test_gpu_kernels_lower_to_triton_on_any_machine(monkeypatch, h_kv, learned, 
   offsets = jnp.asarray([64.5, 89.0, 144.2], jnp.float32) if learned else jnp.asarray([64, 89, 144], jnp.int32)
 
   def loss(q, k, v, seg):
+    configs = kernel_configs(q, k, offsets, window=64, reach=200, **options)
     out = gathered_offset_attention(q, k, v, window=64, offsets=offsets, reach=200, segment_ids=seg, backend="gpu",
-                                    **options)
+                                    **configs)
     return jnp.sum(out.astype(jnp.float32))
 
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",)).as_text()

@@ -7,6 +7,7 @@ element a kernel fails to write fails the test; ``test_unwritten_rows_are_caught
 """
 
 import ast
+import dataclasses
 import functools
 import itertools
 import pathlib
@@ -21,9 +22,9 @@ import fibjax
 from pallas_kernels import gathered_offset_attention
 from pallas_kernels import tile_math
 from pallas_kernels.attention import triton_gpu
-from pallas_kernels.attention.ops import (default_loop_group, default_loop_terms, default_num_warps_bwd, default_saved_terms,
-                                 default_skip_dead_terms_bwd, default_term_mma)
+from pallas_kernels.attention.config import BackwardConfig, ForwardConfig, Problem, default_backward, default_forward
 from tests.compiled import assert_pallas_matches_xla
+from tests.kernel_configs import kernel_configs
 
 CASES = {  # b, n, h, d, window, offsets, reach, dtype, block
     "ragged_repeats_inside_window": (2, 37, 2, 8, 4, (5, 7, 9, 9, 2, 30), 40, jnp.float32, 16),
@@ -53,7 +54,9 @@ def _inputs(case, seed):
   return (q, k, v, w), dict(window=window, offsets=offsets, reach=reach), block
 
 
-def _compare(case, backend, seed, **interp):
+def _compare(case, backend, seed, fwd=None, bwd=None, **both):
+  """The interpreted kernels (the heuristic's configuration with the case's tile rows and the fields
+  ``kernel_configs`` takes replaced) against the float32 reference: output and gradients."""
   (q, k, v, w), pattern, block = _inputs(case, seed)
   learned = jnp.issubdtype(pattern["offsets"].dtype, jnp.floating)
   msg = f"case={case} backend={backend} seed={seed}"
@@ -64,7 +67,9 @@ def _compare(case, backend, seed, **interp):
       offs = pattern["offsets"] * alpha if learned else pattern["offsets"]
       kw = dict(pattern, offsets=offs)
       if impl == "pallas":
-        out = gathered_offset_attention(q, k, v, backend=backend, block=block, block_bwd=max(8, block // 2), **kw, **interp)
+        blocks = dict(fwd=dict(block=block, **(fwd or {})), bwd=dict(block=max(8, block // 2), **(bwd or {})))
+        configs = kernel_configs(q, k, offs, window=kw["window"], reach=kw["reach"], backend=backend, **blocks, **both)
+        out = gathered_offset_attention(q, k, v, backend=backend, interpret=True, **kw, **configs)
       else:  # reference in float32 from the same inputs
         out = fibjax.attention(*(x.astype(jnp.float32) for x in (q, k, v)), implementation="xla", **kw)
       return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32)), out
@@ -87,123 +92,150 @@ def _compare(case, backend, seed, **interp):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_gpu_kernel_interpret_matches_reference(case):
-  _compare(case, "gpu", _seed(case, "gpu"), interpret=True)
+  _compare(case, "gpu", _seed(case, "gpu"))
 
 
 @pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "bfloat16", "learned_fractional"])
 @pytest.mark.parametrize("term_mma", [False, True])
 def test_gpu_kernel_both_term_forms_match_reference(case, term_mma):
   """Offset terms row-wise (own accumulators) and on tensor cores (the window's accumulators)."""
-  _compare(case, "gpu", _seed(case, "term_mma", term_mma), interpret=True, term_mma=term_mma)
+  _compare(case, "gpu", _seed(case, "term_mma", term_mma), term_mma=term_mma)
+
+
+def _problem(n: int, head_dim: int, group: int = 1, learned: bool = False, backend: str = "gpu",
+             reach: int | None = 4096) -> Problem:
+  return Problem(backend=backend, n=n, heads=8, group=group, head_dim=head_dim, dtype="bfloat16", window=64,
+                 num_offsets=8, reach=reach, learned=learned, segments=False, scale=head_dim**-0.5)
+
+
+def _term_mma(**facts) -> tuple[bool, bool]:
+  """The heuristic's term form (tensor cores?) of the forward and of the backward."""
+  problem = _problem(**facts)
+  return default_forward(problem).term_mma, default_backward(problem).term_mma
 
 
 def test_default_term_form_follows_the_measurements():
   long = 65536
-  for backward in (False, True):
-    assert default_term_mma("gpu", long, 64, 1, learned=False, backward=backward) == (not backward)
-    assert default_term_mma("gpu", long, 128, 1, learned=False, backward=backward)
-    assert default_term_mma("gpu", long, 128, 2, learned=True, backward=backward) == (not backward)
-    assert default_term_mma("gpu", long, 64, 4, learned=False, backward=backward)
-    assert not default_term_mma("tpu", long, 128, 4, learned=False, backward=backward)
-    assert default_term_mma("gpu", 1024, 64, 1, learned=backward, backward=backward)  # training shapes: tensor cores
+  assert _term_mma(n=long, head_dim=64) == (True, False)
+  assert _term_mma(n=long, head_dim=128) == (True, True)
+  assert _term_mma(n=long, head_dim=64, group=4) == (True, True)
+  assert _term_mma(n=long, head_dim=128, group=4, backend="tpu") == (False, False)
+  for learned in (False, True):  # training shapes: tensor cores
+    assert _term_mma(n=1024, head_dim=64, learned=learned) == (True, True)
   # learned distances (with or without groups, any head_dim): the forward on tensor cores, the
   # backward row-wise, on 8 warps at head_dim 128
   for group, head_dim in itertools.product((1, 4), (64, 128)):
-    assert default_term_mma("gpu", long, head_dim, group, learned=True, backward=False)
-    assert not default_term_mma("gpu", long, head_dim, group, learned=True, backward=True)
-  assert default_num_warps_bwd(False, 128, learned=True) == 8
-  assert default_num_warps_bwd(False, 64, learned=True) == default_num_warps_bwd(False, 128, learned=False) == 4
-  assert default_num_warps_bwd(True, 128, learned=True) == 4  # tensor-core terms: 8 warps measured slower
+    assert _term_mma(n=long, head_dim=head_dim, group=group, learned=True) == (True, False)
+  warps = lambda *facts, **kw: default_backward(_problem(*facts, **kw)).num_warps  # noqa: E731
+  assert warps(long, 128, learned=True) == 8
+  assert warps(long, 64, learned=True) == warps(long, 128) == 4
+  assert warps(1024, 128, learned=True) == 4  # tensor-core terms: 8 warps measured slower
+  assert all(default_forward(_problem(long, d, learned=True)).num_warps == 4 for d in (64, 128))
   # the backward runs row-wise GPU terms unbranched only at head_dim <= 64 when nearly every term is live
-  assert not default_skip_dead_terms_bwd("gpu", False, 65536, 64, 4096)
-  assert default_skip_dead_terms_bwd("gpu", False, 65536, 128, 4096)
-  assert default_skip_dead_terms_bwd("gpu", False, 8192, 64, 4096)
-  assert default_skip_dead_terms_bwd("gpu", True, 65536, 64, 4096)
-  assert default_skip_dead_terms_bwd("tpu", False, 65536, 64, 4096)
+  flow = lambda *facts, **kw: default_backward(_problem(*facts, **kw)).term_flow  # noqa: E731
+  assert flow(65536, 64) == flow(65536, 64, learned=True) == "unbranched"
+  assert flow(65536, 128, learned=True) == "branched"  # row-wise
+  assert flow(16384, 64, reach=8192) == "branched"  # row-wise, N < 4 R
+  assert flow(65536, 64, group=4) == "branched"  # tensor cores
+  assert flow(65536, 64, backend="tpu") == "branched"
 
 
-def _traced(part: str, offsets, n: int = 16384, d: int = 16, h_q: int = 1, h_kv: int = 1, **opts) -> str:
+def _traced(part: str, offsets, n: int = 16384, d: int = 16, h_q: int = 1, h_kv: int = 1, **configs) -> str:
   """The jaxpr (text) of the GPU kernels in interpret mode: the forward (``part="fwd"``) or
-  ``jax.grad`` of its sum (``"bwd"``; gradients of k and v only with groups), with ``opts``."""
+  ``jax.grad`` of its sum (``"bwd"``; gradients of k and v only with groups), with ``configs``
+  (``config``, ``config_bwd``; absent: the kernels' choice)."""
   q, kv = jnp.zeros((1, n, h_q, d), jnp.float32), jnp.zeros((1, n, h_kv, d), jnp.float32)
   attn = lambda q, k, v: gathered_offset_attention(  # noqa: E731
-      q, k, v, window=8, offsets=jnp.asarray(offsets), interpret=True, backend="gpu", block=16, block_bwd=16, **opts)
+      q, k, v, window=8, offsets=jnp.asarray(offsets), interpret=True, backend="gpu", **configs)
   argnums = (1, 2) if h_q > h_kv else (0, 1, 2)
   f = attn if part == "fwd" else jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=argnums)
   return str(jax.make_jaxpr(f)(q, kv, kv))
 
 
+# the GPU's usual tiles and launch, for configurations written out in full below
+FWD = functools.partial(ForwardConfig, block=64, num_warps=4, num_stages=2)
+BWD = functools.partial(BackwardConfig, num_warps=4, num_stages=2)
+
+
 def test_looped_forward_terms_follow_the_measurements():
   """The GPU forward loops over its offset terms at long sequences and head_dim <= 64 only, the
   backward never by default; the defaults reach the kernels (equal jaxprs to the explicit forms)."""
-  assert default_loop_terms("gpu", 16384, 64, backward=False)
-  assert not default_loop_terms("gpu", 16384, 128, backward=False)
-  assert not default_loop_terms("gpu", 1024, 64, backward=False)
-  assert not default_loop_terms("gpu", 65536, 64, backward=True)
-  assert not default_loop_terms("tpu", 65536, 64, backward=False)
+  flow = lambda n, d, backend="gpu": default_forward(_problem(n, d, backend=backend)).term_flow  # noqa: E731
+  assert flow(16384, 64) == "looped"
+  assert flow(16384, 128) == flow(1024, 64) == flow(65536, 64, "tpu") == "branched"
+  assert all(default_backward(_problem(65536, d, learned=learned)).term_flow != "looped"
+             for d, learned in itertools.product((64, 128), (False, True)))
 
   static = np.asarray([9, 40], np.int32)
   traced = functools.partial(_traced, offsets=static)
-  assert traced("fwd") == traced("fwd", term_mma=True, loop_terms=True)
-  assert traced("fwd") != traced("fwd", term_mma=True, loop_terms=False)
-  assert traced("fwd", d=128) == traced("fwd", d=128, loop_terms=False)
-  assert traced("fwd", n=1024) == traced("fwd", n=1024, loop_terms=False)
-  assert traced("bwd") == traced("bwd", loop_terms_bwd=False) != traced("bwd", loop_terms_bwd=True)
+  looped = FWD(term_mma=True, term_flow="looped")
+  branched = dataclasses.replace(looped, term_flow="branched")
+  assert traced("fwd") == traced("fwd", config=looped) != traced("fwd", config=branched)
+  assert traced("fwd", d=128) == traced("fwd", d=128, config=branched)
+  assert traced("fwd", n=1024) == traced("fwd", n=1024, config=branched)
+  rowwise = BWD(block=64, term_mma=False, term_flow="branched", loop_group=False, saved_terms=False)
+  assert traced("bwd") == traced("bwd", config_bwd=rowwise)
+  assert traced("bwd") != traced("bwd", config_bwd=dataclasses.replace(rowwise, term_flow="looped"))
 
 
 def test_learned_backward_saves_term_probabilities():
   """The GPU backward of fractional distances has dK/dV read what dQ saved, and the default reaches
   the kernels."""
-  assert default_saved_terms("gpu", learned=True)
-  assert not default_saved_terms("gpu", learned=False)
-  assert not default_saved_terms("tpu", learned=True)
+  assert default_backward(_problem(1024, 64, learned=True)).saved_terms
+  assert not default_backward(_problem(1024, 64)).saved_terms
+  assert not default_backward(_problem(1024, 64, learned=True, backend="tpu")).saved_terms
   for offsets, default in ((np.asarray([17.5, 40.25], np.float32), True), (np.asarray([17, 40], np.int32), False)):
     traced = functools.partial(_traced, "bwd", offsets, n=256)
-    assert traced() == traced(saved_terms=default) != traced(saved_terms=not default)
+    tensor_cores = BWD(block=32 if default else 64, term_mma=True, term_flow="branched", loop_group=False,
+                       saved_terms=default)
+    assert traced() == traced(config_bwd=tensor_cores)
+    assert traced() != traced(config_bwd=dataclasses.replace(tensor_cores, saved_terms=not default))
 
 
 def test_gpu_groups_loop_in_dkdv_by_default():
   """With groups the GPU dK/dV kernel loops over the group (measured faster); the default reaches
   the kernel: the backward's jaxpr is the looped one's and not the unrolled one's."""
-  assert default_loop_group("gpu", 4) and not default_loop_group("gpu", 1) and not default_loop_group("tpu", 4)
+  assert default_backward(_problem(1024, 64, group=4)).loop_group
+  assert not default_backward(_problem(1024, 64)).loop_group
+  assert not default_backward(_problem(1024, 64, group=4, backend="tpu")).loop_group
   backward = functools.partial(_traced, "bwd", np.asarray([9, 13], np.int32), n=64, h_q=4, h_kv=2)
-  default = backward()
-  assert default == backward(loop_group=True) and default != backward(loop_group=False)
+  looped = BWD(block=64, term_mma=True, term_flow="branched", loop_group=True, saved_terms=False)
+  assert backward() == backward(config_bwd=looped) != backward(config_bwd=dataclasses.replace(looped, loop_group=False))
 
 
 def test_learned_default_term_forms_reach_the_kernels():
   """Learned distances at long sequences: the default forward is the tensor-core one and the
   default backward the row-wise one (each pass's jaxpr equals that explicit form's)."""
   traced = functools.partial(_traced, offsets=np.asarray([17.5, 40.25], np.float32))
-  assert traced("fwd") == traced("fwd", term_mma=True) != traced("fwd", term_mma=False)
-  default_bwd = traced("bwd")
-  assert default_bwd == traced("bwd", term_mma=True, term_mma_bwd=False)
-  assert default_bwd != traced("bwd", term_mma=True)
+  tensor_cores = FWD(term_mma=True, term_flow="looped")
+  assert traced("fwd") == traced("fwd", config=tensor_cores)
+  assert traced("fwd") != traced("fwd", config=dataclasses.replace(tensor_cores, term_mma=False))
+  rowwise = BWD(block=32, term_mma=False, term_flow="branched", loop_group=False, saved_terms=True)
+  assert traced("bwd") == traced("bwd", config_bwd=rowwise)
+  assert traced("bwd") != traced("bwd", config_bwd=dataclasses.replace(rowwise, term_mma=True))
 
 
 def test_learned_wide_head_backward_defaults_reach_the_kernels():
   """Learned distances at head_dim 128 and long sequences: the backward runs row-wise, branched,
-  on 8 warps, unless the caller names its warps."""
+  on 8 warps."""
   traced = functools.partial(_traced, "bwd", np.asarray([17.5, 40.25], np.float32), d=128)
-  default_bwd = traced()
-  assert default_bwd == traced(term_mma_bwd=False, skip_dead_terms=True, options_bwd=dict(num_warps=8))
-  assert default_bwd != traced(term_mma_bwd=False, options_bwd=dict(num_warps=4))
-  assert traced(num_warps=4) == traced(term_mma_bwd=False, options_bwd=dict(num_warps=4))
-  assert traced(term_mma_bwd=True) == traced(term_mma_bwd=True, options_bwd=dict(num_warps=4))
+  wide = BWD(block=32, term_mma=False, term_flow="branched", loop_group=False, saved_terms=True, num_warps=8)
+  assert traced() == traced(config_bwd=wide)
+  assert traced() != traced(config_bwd=dataclasses.replace(wide, num_warps=4))
 
 
 @pytest.mark.parametrize("case", ["learned_fractional", "learned_bfloat16"])
 def test_gpu_kernel_mixed_term_forms_match_reference(case):
   """The forward on tensor cores and the backward row-wise (the learned default at long sequences;
   in bfloat16 the two round probabilities at different places)."""
-  _compare(case, "gpu", _seed(case, "mixed_terms"), interpret=True, term_mma=True, term_mma_bwd=False)
+  _compare(case, "gpu", _seed(case, "mixed_terms"), fwd=dict(term_mma=True), bwd=dict(term_mma=False))
 
 
 @pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "n_is_4R", "learned_fractional"])
 def test_gpu_kernel_unbranched_terms_match_reference(case):
   """Offset terms run unconditionally (masked) instead of behind a branch per tile (the row-wise
   GPU backward's default at long sequences against the reach)."""
-  _compare(case, "gpu", _seed(case, "unbranched"), interpret=True, skip_dead_terms=False)
+  _compare(case, "gpu", _seed(case, "unbranched"), term_flow="unbranched")
 
 
 @pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "n_is_4R", "learned_fractional", "bfloat16"])
@@ -212,8 +244,7 @@ def test_gpu_kernel_looped_terms_match_reference(case, term_mma):
   """Offset terms as one loop body (dead rows masked, one online-softmax step per term), in both
   term forms, forward and backward, dK/dV recomputing the terms' probabilities (the saved ones are
   looped in ``test_gqa_segments``)."""
-  _compare(case, "gpu", _seed(case, "loop_terms", term_mma), interpret=True, term_mma=term_mma, loop_terms=True,
-           saved_terms=False)
+  _compare(case, "gpu", _seed(case, "loop_terms", term_mma), term_mma=term_mma, term_flow="looped", saved_terms=False)
 
 
 @pytest.mark.parametrize("case", ["ragged_repeats_inside_window", "n_is_4R", "learned_fractional", "learned_bfloat16"])
@@ -221,9 +252,10 @@ def test_gpu_kernel_looped_terms_match_reference(case, term_mma):
 @pytest.mark.parametrize("saved", [False, True])
 def test_gpu_kernel_recomputed_and_saved_terms_match_reference(case, term_mma, saved):
   """dK/dV from term probabilities and score gradients it recomputes or that dQ saved, in both
-  term forms."""
-  _compare(case, "gpu", _seed(case, "saved_terms", term_mma, saved), interpret=True, term_mma=term_mma,
-           saved_terms=saved)
+  term forms; row-wise terms unbranched where N >= 4 R (``n_is_4R``), as the heuristic runs them."""
+  flow = "unbranched" if not term_mma and case == "n_is_4R" else "branched"
+  _compare(case, "gpu", _seed(case, "saved_terms", term_mma, saved), term_mma=term_mma, saved_terms=saved,
+           bwd=dict(term_flow=flow))
 
 
 def test_tensor_core_row_products_equal_row_products():
@@ -241,17 +273,17 @@ def test_tensor_core_row_products_equal_row_products():
 
 @pytest.mark.parametrize("case", TPU_CASES)
 def test_tpu_kernel_interpreter_matches_reference(case):
-  _compare(case, "tpu", _seed(case, "tpu"), interpret=True)
+  _compare(case, "tpu", _seed(case, "tpu"))
 
 
 @pytest.mark.parametrize("case", ["n_is_4R", "learned_fractional"])
 def test_tpu_kernel_looped_terms_match_reference(case):
-  _compare(case, "tpu", _seed(case, "tpu", "loop_terms"), interpret=True, loop_terms=True)
+  _compare(case, "tpu", _seed(case, "tpu", "loop_terms"), term_flow="looped")
 
 
 @pytest.mark.parametrize("case", ["n_is_4R", "learned_fractional"])
 def test_tpu_kernel_saved_terms_match_reference(case):
-  _compare(case, "tpu", _seed(case, "tpu", "saved_terms"), interpret=True, saved_terms=True)
+  _compare(case, "tpu", _seed(case, "tpu", "saved_terms"), saved_terms=True)
 
 
 def test_unwritten_rows_are_caught(monkeypatch):
@@ -266,15 +298,17 @@ def test_unwritten_rows_are_caught(monkeypatch):
       object.__setattr__(self, "n", self.n + 1)
 
   monkeypatch.setattr(triton_gpu.RowIO, "write", lazy_write)
-  q = jnp.ones((1, 29, 1, 8), jnp.float32)
-  out = gathered_offset_attention(q, q, q, window=3, offsets=jnp.asarray([5], jnp.int32), block=8, interpret=True)
+  q, offsets = jnp.ones((1, 29, 1, 8), jnp.float32), jnp.asarray([5], jnp.int32)
+  configs = kernel_configs(q, q, offsets, window=3, fwd=dict(block=8))
+  out = gathered_offset_attention(q, q, q, window=3, offsets=offsets, interpret=True, **configs)
   assert np.isnan(np.asarray(out)[0, -1]).all() and np.isfinite(np.asarray(out)[0, :-1]).all()
 
 
 def test_one_compilation_serves_every_layer():
   """Offsets are a runtime array: new values with the same count reuse the compiled kernel."""
   q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 32, 1, 8)), jnp.float32)
-  f = jax.jit(lambda q, o: gathered_offset_attention(q, q, q, window=4, offsets=o, block=8, interpret=True))
+  f = jax.jit(lambda q, o: gathered_offset_attention(q, q, q, window=4, offsets=o, interpret=True,
+                                                     **kernel_configs(q, q, o, window=4, fwd=dict(block=8))))
   f(q, jnp.asarray([5, 8, 13], jnp.int32))
   before = f._cache_size()
   out = f(q, jnp.asarray([6, 10, 17], jnp.int32))
@@ -291,7 +325,7 @@ def test_dispatch():
     out = fibjax.attention(q, q, q, window=2, offsets=(3,), implementation="auto")  # the reference on CPU
     assert np.isfinite(np.asarray(out)).all()
   with pytest.raises(ValueError, match="implementation='pallas' only"):
-    fibjax.attention(q, q, q, window=2, implementation="xla", block=8)  # kernel-only option
+    fibjax.attention(q, q, q, window=2, implementation="xla", config=FWD(term_mma=True, term_flow="branched"))
 
 
 @pytest.mark.gpu

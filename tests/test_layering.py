@@ -1,7 +1,8 @@
 """Imports run one way, ``train -> configs -> fibjax -> pallas_kernels``, and never in a circle.
 
-Inside a package the folders are layers too: in ``train``, ``data <- run <- probe <- study <-``
-the command modules at its root; in ``pallas_kernels``, the shared modules at its root are
+Inside a package the folders are layers too: in ``train``, ``cli`` (the frame every command runs
+in, imported by commands in every folder) ``<- data <- run <- probe <- study <-`` the command
+modules at its root; in ``pallas_kernels``, the shared modules at its root are
 imported by the kernel families (``attention``, ``decode``, ``norm``), which never import each other.
 
 Every module of those packages is read with ``ast`` (imports inside functions included); each
@@ -69,7 +70,7 @@ def import_graph() -> dict[str, set[str]]:
 
 
 # Folders of a package from the bottom up; "" is the package's own root modules.
-SUBLAYERS: dict[str, tuple[str, ...]] = {"train": ("data", "run", "probe", "study", ""),
+SUBLAYERS: dict[str, tuple[str, ...]] = {"train": ("cli", "data", "run", "probe", "study", ""),
                                          "pallas_kernels": ("", "family")}
 FAMILIES: tuple[str, ...] = ("attention", "decode", "norm")  # pallas_kernels' kernel families
 
@@ -167,11 +168,13 @@ def test_the_checks_catch_what_they_are_for():
 def test_folders_inside_a_package_are_layers():
   graph = {"train.data.text": {"train.run.step"}, "train.study.sweep": {"train.probe.evaluate", "train.data.text"},
            "train.evaluate": {"train.probe.evaluate"}, "train.run.trainer": {"train.evaluate"},
+           "train.data.prepare": {"train.cli"}, "train.cli": {"train.run.step"},
            "pallas_kernels.decode.block": {"pallas_kernels.attention.ops", "pallas_kernels.tile_math"},
            "pallas_kernels.tile_math": {"pallas_kernels.norm.rmsnorm"}}
   assert upward_imports(graph) == [("pallas_kernels.decode.block", "pallas_kernels.attention.ops"),
                                    ("pallas_kernels.tile_math", "pallas_kernels.norm.rmsnorm"),
-                                   ("train.data.text", "train.run.step"), ("train.run.trainer", "train.evaluate")]
+                                   ("train.cli", "train.run.step"), ("train.data.text", "train.run.step"),
+                                   ("train.run.trainer", "train.evaluate")]
 
 
 def test_imports_inside_functions_and_relative_imports_count(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.test_train import FAST, ROOT, _cfg, _losses, _run
-from train.run import checkpoint
+from train.run import checkpoint, rundir
 from train.data import text as data, prepare
 from train.run.restore import abstract_params, restore_params
 
@@ -87,7 +87,7 @@ def test_damaged_latest_checkpoint_falls_back_to_newest_intact(base_run, tmp_pat
   warning = [line for line in res.stderr.splitlines() if line.startswith("warning: checkpoint step 8")]
   assert len(warning) == 1 and what in warning[0] and "damaged" in warning[0], res.stderr[-3000:]
   assert "resuming from step 4, the newest intact checkpoint" in res.stderr
-  assert _steps(workdir) == [4, 8, 10] and (workdir / checkpoint.DAMAGED_DIR / "8").is_dir()
+  assert _steps(workdir) == [4, 8, 10] and (workdir / rundir.DAMAGED_CHECKPOINTS / "8").is_dir()
   assert sorted(_losses(workdir)) == list(range(1, 11))  # steps 5-8 ran twice, recorded once
 
 
@@ -160,7 +160,7 @@ def test_single_text_file_trains_from_any_folder_and_corpus_can_move(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   first = subprocess.run(cmd, cwd=tmp_path / "corpus", capture_output=True, text=True, timeout=300, env=env)
   assert first.returncode == 0, first.stderr[-3000:]
-  source = json.loads((workdir / checkpoint.DATA_SOURCE_FILE).read_text())
+  source = json.loads((workdir / rundir.DATA_SOURCE).read_text())
   assert source["path"] == str(tmp_path / "corpus" / "book.txt")
   heldout = np.load(workdir / "heldout_tokens.npy")
   assert len(heldout) == 1 + len(text.encode()) // data.HELDOUT_TAIL  # separator + the last eighth (ASCII text)
@@ -216,7 +216,7 @@ def test_prepared_corpus_matches_in_memory_tokens_and_trains(tmp_path):
   res = _run(tmp_path / "run", QUICK, "steps=2", extra=["--data", str(prepared)])
   assert res.returncode == 0, res.stderr[-3000:]
   np.testing.assert_array_equal(np.load(tmp_path / "run" / "heldout_tokens.npy"), data.open_prepared(prepared)[1])
-  source = json.loads((tmp_path / "run" / checkpoint.DATA_SOURCE_FILE).read_text())
+  source = json.loads((tmp_path / "run" / rundir.DATA_SOURCE).read_text())
   assert source["sha256"] == data.read_manifest(prepared)["tokens_sha256"]
   bpe = subprocess.run([*cli, str(tmp_path / "bpe"), "--tokenizer", "bpe", "--bpe-vocab-size", "300"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)

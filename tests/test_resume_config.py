@@ -1,6 +1,6 @@
 """Resuming a run checks the requested config against the saved one: a field that shapes the
 training (seed, lr, the recipe's model, ...) is refused in one line with the workdir untouched;
-the fields of ``train.run.checkpoint.RESUMABLE_FIELDS`` may change, each change recorded in
+the fields of ``train.run.workdir.RESUMABLE_FIELDS`` may change, each change recorded in
 ``config_history.jsonl``. In-process runs of ``python -m train``'s ``main`` (seed 0, 2 steps)."""
 
 import dataclasses
@@ -12,7 +12,8 @@ import pytest
 
 from configs.base import TrainConfig
 from tests.test_train import FAST, _losses
-from train.run import checkpoint
+from train.run import rundir
+from train.run.workdir import RESUMABLE_FIELDS
 from train.__main__ import main
 
 QUICK = "final_eval_multiples=1"  # one final evaluation length: less to compile
@@ -49,17 +50,17 @@ def _refused(capsys, argv: list[str]) -> str:
 
 
 def _history(workdir: pathlib.Path) -> list[dict]:
-  path = workdir / checkpoint.CONFIG_HISTORY_FILE
+  path = workdir / rundir.CONFIG_HISTORY
   return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_resumable_fields_are_config_fields():
   names = {f.name for f in dataclasses.fields(TrainConfig)} | {f"model.{f.name}" for f in
                                                                dataclasses.fields(TrainConfig().model)}
-  assert set(checkpoint.RESUMABLE_FIELDS) <= names
+  assert set(RESUMABLE_FIELDS) <= names
   for shaping in ("seed", "lr", "warmup_steps", "batch_size", "model.seq_len", "model.dtype", "model.param_dtype",
                   "tokenizer", "pack_documents", "model.variant"):
-    assert shaping not in checkpoint.RESUMABLE_FIELDS
+    assert shaping not in RESUMABLE_FIELDS
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -89,7 +90,7 @@ def test_other_recipe_is_refused_and_the_same_recipe_resumes(base_run, tmp_path,
   # steps=300, eval_every=100 ... are not requested), so config.json is unchanged
   assert main(["--workdir", str(workdir), "--config", "tiny", "--set", *FAST]) == 0
   assert (workdir / "config.json").read_bytes() == before["config.json"][0]
-  assert not (workdir / checkpoint.CONFIG_HISTORY_FILE).exists()
+  assert not (workdir / rundir.CONFIG_HISTORY).exists()
 
 
 def test_more_steps_resume_and_are_recorded_then_a_plain_resume_records_nothing(base_run, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from configs.base import TrainConfig, apply_overrides
 from tests.test_resume_config import BASE, _files, _refused
 from tests.test_train import FAST
-from train.run import checkpoint
+from train.run import rundir
 from train.probe import evaluate
 from train.__main__ import main
 
@@ -28,7 +28,7 @@ def base_run(tmp_path_factory) -> pathlib.Path:
   workdir = tmp_path_factory.mktemp("safety") / "run"
   workdir.mkdir()
   (workdir / "notes.txt").write_text("mine\n")
-  (workdir / checkpoint.LOCK_FILE).touch()
+  (workdir / rundir.LOCK).touch()
   assert main(["--workdir", str(workdir), "--set", *BASE]) == 0
   assert (workdir / "notes.txt").read_text() == "mine\n" and (workdir / "checkpoints" / "2").is_dir()
   return workdir
@@ -44,7 +44,7 @@ def _stale(base_run: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
 @contextlib.contextmanager
 def _held_lock(workdir: pathlib.Path) -> Iterator[None]:
   """Holds the workdir's training lock as another trainer would."""
-  with (workdir / checkpoint.LOCK_FILE).open("a") as f:
+  with (workdir / rundir.LOCK).open("a") as f:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     yield
 

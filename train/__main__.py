@@ -5,13 +5,9 @@
     python -m train --workdir runs/d0                 # resume a run with its saved config
     python -m train --workdir runs/d0 --set steps=4000  # resume it, training on to step 4000
 
-A workdir holding a checkpoint resumes only with the config that trained it: ``--config``,
-``--variant``, ``--data`` and ``--set`` are compared with the saved run, and a differing field
-that shapes training (seed, lr, batch_size, the model, ...) is refused in one line before anything
-is written. Only ``train.run.checkpoint.RESUMABLE_FIELDS`` (steps, logging, evaluation and checkpoint
-intervals, the final evaluation, mesh and grad_accum, kernel choices, the path of the same data)
-may change; a recipe named again keeps the run's values of those unless ``--set`` gives them, and
-each change is appended to ``WORKDIR/config_history.jsonl`` with the step the run resumed from.
+A workdir holding a checkpoint resumes only with the config that trained it; what a resume may
+change, what ``--allow-change`` and a recipe named again do, and which workdirs a new run may take:
+``train/run/workdir.py`` (its docstring). The run's files: ``train/run/rundir.py``.
 """
 
 from __future__ import annotations
@@ -26,11 +22,11 @@ from typing import TYPE_CHECKING
 import jax
 
 from fibjax.cli import ArgumentParser
+from train.cli import run_command
+from train.run import rundir
 
 if TYPE_CHECKING:
   from configs.base import TrainConfig
-
-INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)
 
 
 def _maybe_init_distributed() -> None:
@@ -40,13 +36,9 @@ def _maybe_init_distributed() -> None:
     jax.distributed.initialize()
 
 
-def parse(argv: list[str]) -> tuple[TrainConfig, pathlib.Path, list[str]]:
-  """``(config, workdir, fields a resume may change)`` from the command line: the recipe (or the
-  workdir's saved config when resuming without ``--config``) with ``--variant``, ``--data`` and
-  ``--set`` applied and validated."""
+def arguments() -> ArgumentParser:
+  """The command line's parser."""
   import configs  # noqa: PLC0415
-  from configs.base import TrainConfig, apply_overrides  # noqa: PLC0415
-  from train.run.checkpoint import keep_run_settings  # noqa: PLC0415
 
   parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,11 +49,21 @@ def parse(argv: list[str]) -> tuple[TrainConfig, pathlib.Path, list[str]]:
   parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. steps=100 model.window=32")
   parser.add_argument("--allow-change", nargs="+", default=[], metavar="FIELD",
                       help="training fields a resume may change on purpose (e.g. lr after a divergence); recorded "
-                           "in WORKDIR/config_history.jsonl")
-  args = parser.parse_args(argv)
+                           f"in WORKDIR/{rundir.CONFIG_HISTORY}")
+  return parser
+
+
+def parse(args: argparse.Namespace) -> tuple[TrainConfig, pathlib.Path, list[str]]:
+  """``(config, workdir, fields a resume may change)`` from the command line's ``args``: the recipe
+  (or the workdir's saved config when resuming without ``--config``) with ``--variant``, ``--data``
+  and ``--set`` applied and validated."""
+  import configs  # noqa: PLC0415
+  from configs.base import TrainConfig, apply_overrides  # noqa: PLC0415
+  from train.run.workdir import keep_run_settings  # noqa: PLC0415
+
   # Without --config, a workdir's saved config is the base the other flags change; with it (or
   # with no workdir yet), the recipe is, and check_workdir compares the result with any saved run.
-  saved = args.workdir / "config.json" if args.workdir else None
+  saved = args.workdir / rundir.CONFIG if args.workdir else None
   resume = saved is not None and saved.exists() and args.config is None
   cfg = TrainConfig.load(saved) if resume else configs.get_config(args.config or "tiny", args.variant)
   if args.variant is not None:
@@ -85,19 +87,19 @@ def main(argv: list[str] | None = None) -> int:
   xla_flags.apply_defaults()
   _maybe_init_distributed()
   quiet_libraries()
-  from train.run.checkpoint import CheckpointError  # noqa: PLC0415
-  from train.run.evaluation import rise_key  # noqa: PLC0415
-  from train.run.trainer import Interrupted, TrainingStopped, train  # noqa: PLC0415
+  return run_command(train_and_report, arguments(), argv,
+                     interrupted=lambda args: "the checkpoints saved before it are kept")
 
-  try:
-    cfg, workdir, allow = parse(sys.argv[1:] if argv is None else argv)
-    summary = train(cfg, workdir, allow)
-  except (ValueError, OSError, CheckpointError, TrainingStopped) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return INTERRUPTED if isinstance(e, Interrupted) else 2
-  except KeyboardInterrupt:
-    print("error: interrupted (Ctrl-C); the checkpoints saved before it are kept", file=sys.stderr)
-    return INTERRUPTED
+
+def train_and_report(args: argparse.Namespace) -> int:
+  """Trains the run ``args`` describe and prints where its results are."""
+  from train.run import xla_flags  # noqa: PLC0415
+  from train.run.evaluation import rise_key  # noqa: PLC0415
+  from train.run.trainer import train  # noqa: PLC0415
+
+  cfg, workdir, allow = parse(args)
+  xla_flags.apply_defaults(cfg.deterministic)  # before the first computation starts the backend
+  summary = train(cfg, workdir, allow)
   if jax.process_index() == 0:
     r = summary["result"]
     print(f"\ntrained {cfg.model.variant} ({r['params']:,} params) for {r['step']} steps in {summary['workdir']}")

@@ -16,10 +16,10 @@ row-wise dot products; one online softmax runs over both; the backward pass reco
 probabilities from the saved log-sum-exp and needs no atomics: dQ is query-tile-major and
 dK/dV key-tile-major (the queries reading key tile ``[j0, j0 + block)`` through offset ``o``
 are the contiguous tile ``[j0 + o, j0 + o + block)``). Learned (fractional) distances read two
-shifted tiles per term and blend their scores and values row by row. With ``Static.saved_terms``
-the dQ pass writes each term's probability and score gradient per query row, and dK/dV reads
-those instead of recomputing them (for a fractional distance that saves loading two neighbouring
-key/value tiles per term).
+shifted tiles per term and blend their scores and values row by row. With
+``BackwardConfig.saved_terms`` the dQ pass writes each term's probability and score gradient per
+query row, and dK/dV reads those instead of recomputing them (for a fractional distance that saves
+loading two neighbouring key/value tiles per term).
 
 Grouped-query attention: the dK/dV body loads each key/value tile once and loops over the
 group's query heads, summing their contributions in registers. The forward and dQ grids put a
@@ -27,17 +27,18 @@ group's query heads in consecutive programs of the same tile (``RowIOBase.member
 run together and share each key/value row through the cache. Segment ids (packed documents)
 add one condition to every mask: the key row's id equals the query row's.
 
-Offset terms come in two forms (``Static.term_mma``; ``pallas_kernels.attention.ops.default_term_mma``
-picks the one measured faster per shape, ``benchmarks/results/NOTES.md``). Row-wise (SPEC
-section 3): products in the row layout, into accumulators of their own joined with the window's
-once; the forward scores every term, takes one softmax step over them, then adds their values.
-On tensor cores: each row-wise product is the diagonal of a ``block x block`` tile matmul (same
-loads and values, ``block`` times the FLOPs), in the window accumulator's layout, so each term
-adds into the window's accumulators (one online-softmax step per term in the forward).
-Either form runs its terms unrolled, each behind a branch that skips it where it reaches no row of
-the tile, or as one loop body with dead rows masked (``Static.loop_terms``, ``_over_terms``), which
-lets the compiler pipeline the next term's loads; the looped forward takes one online-softmax step
-per term in both forms.
+Each body reads the call's facts from a ``Problem`` and how to run from its pass's config
+(``pallas_kernels.attention.config``). Offset terms come in two forms (``PassConfig.term_mma``;
+the heuristic picks the one measured faster per shape and pass, ``benchmarks/results/NOTES.md``).
+Row-wise (SPEC section 3): products in the row layout, into accumulators of their own joined with
+the window's once; the forward scores every term, takes one softmax step over them, then adds
+their values. On tensor cores: each row-wise product is the diagonal of a ``block x block`` tile
+matmul (same loads and values, ``block`` times the FLOPs), in the window accumulator's layout, so
+each term adds into the window's accumulators (one online-softmax step per term in the forward).
+Either form runs its terms as ``PassConfig.term_flow`` says (``_over_terms``): unrolled, each
+behind a branch that skips it where it reaches no row of the tile; unrolled and unbranched, dead
+rows masked; or as one loop body, dead rows masked, which lets the compiler pipeline the next
+term's loads (the looped forward takes one online-softmax step per term in both forms).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.attention.config import BackwardConfig, ForwardConfig, PassConfig, Problem
 from pallas_kernels.pattern import MASK_VALUE
 from pallas_kernels.tile_math import (
     dot_nn, dot_nt, dot_tn, online_update, rowdot, rowdot_mma, scale_rows, split_distance, term_valid,
@@ -87,30 +89,6 @@ class RowIOBase:
     return self.tile_index() * self.block
 
 
-@dataclasses.dataclass(frozen=True)
-class Static:
-  """Compile-time facts of one kernel instance (hashable; offsets' values are NOT here)."""
-
-  n: int  # sequence length
-  window: int
-  num_offsets: int  # K: only the count is static
-  learned: bool  # offsets are fractional distances
-  scale: float
-  block: int
-  precision: jax.lax.Precision | None = None
-  term_mma: bool = False  # offset terms' row-wise products as diagonals of tile matmuls (tile_math)
-  group: int = 1  # query heads per key/value head (grouped-query attention)
-  segments: bool = False  # segment ids are an input: keys of another segment are masked
-  skip_dead_terms: bool = True  # branch around offset terms that reach no row of a tile (``_when``)
-  loop_group: bool = False  # dK/dV: loop over the group's query heads instead of unrolling them
-  loop_terms: bool = False  # offset terms as one loop body (dead rows masked, no branch) (``_over_terms``)
-  saved_terms: bool = False  # dQ writes each term's probabilities and score gradients; dK/dV reads them
-
-  @property
-  def window_tiles(self) -> int:
-    return 1 + -(-(self.window - 1) // self.block)
-
-
 class Part(NamedTuple):
   """One shifted key/value row range of an offset term: its first row, its weight in the blend,
   and d(weight)/d(distance)."""
@@ -129,14 +107,14 @@ class Tile(NamedTuple):
   seg: jax.Array | None
 
 
-def call(body, io, st: Static, num_inputs: int):
+def call(body, io, problem: Problem, cfg: PassConfig, num_inputs: int):
   """The ``pallas_call`` kernel ``(offs, *inputs, [segment ids], *outputs)`` running ``body``, which
   takes the segment ids ref (``None`` without segments) right after its ``num_inputs`` inputs."""
 
   def kernel(offs_ref, *refs):
-    cut = num_inputs + st.segments
-    seg = (refs[num_inputs],) if st.segments else (None,)
-    body(io, offs_ref, *refs[:num_inputs], *seg, *refs[cut:], st=st)
+    cut = num_inputs + problem.segments
+    seg = (refs[num_inputs],) if problem.segments else (None,)
+    body(io, offs_ref, *refs[:num_inputs], *seg, *refs[cut:], problem=problem, cfg=cfg)
 
   return kernel
 
@@ -163,91 +141,91 @@ def _in_segment(seg_rows, weighted_segs):
   return ok
 
 
-def _term_parts(offs_ref, kk: int, i0, st: Static) -> list[Part]:
+def _term_parts(offs_ref, kk: int, i0, problem: Problem) -> list[Part]:
   """Term ``kk`` of query tile ``i0`` as weighted row ranges.
 
   A static offset is one range of weight 1. A fractional distance ``d = lo + t`` is two shifted
   ranges, rows ``i - lo`` (weight ``1 - t``) and ``i - lo - 1`` (weight ``t``): scores and values
   blend per row, so no blended tile is ever materialised (fewer live registers)."""
-  if not st.learned:
+  if not problem.learned:
     return [Part(i0 - offs_ref[kk], 1.0, 0.0)]
   lo, t = split_distance(offs_ref[kk])
   return [Part(i0 - lo, 1.0 - t, -1.0), Part(i0 - lo - 1, t, 1.0)]
 
 
-def _read_parts(io, k_ref, v_ref, seg_ref, parts, st: Static):
-  """Each part's key rows, value rows and segment ids (``None`` without segments), part by part."""
-  rows = [(io.read(k_ref, p.start, st.block), io.read(v_ref, p.start, st.block),
-           _segment_rows(io, seg_ref, p.start, st.block)) for p in parts]
+def _read_parts(io, k_ref, v_ref, seg_ref, parts, b: int):
+  """Each part's ``b`` key rows, value rows and segment ids (``None`` without segments), part by part."""
+  rows = [(io.read(k_ref, p.start, b), io.read(v_ref, p.start, b), _segment_rows(io, seg_ref, p.start, b))
+          for p in parts]
   return tuple(list(x) for x in zip(*rows))
 
 
-def _term_rows_valid(seg_q, parts, segs, rows, offset, st: Static):
+def _term_rows_valid(seg_q, parts, segs, rows, offset, problem: Problem):
   """``[B]``: the term exists for each query row and every range it reads (segment ids ``segs``)
   is in the row's segment."""
-  valid = term_valid(rows, offset, st.window, st.learned)
+  valid = term_valid(rows, offset, problem.window, problem.learned)
   return valid & _in_segment(seg_q, [(p.weight, seg) for p, seg in zip(parts, segs)])
 
 
-def _when(live, term, state, st: Static, dead=None):
-  """``term(state)``; with ``st.skip_dead_terms``, only where the offset term reaches some row of the
+def _when(live, term, state, cfg: PassConfig, dead=None):
+  """``term(state)``; with ``"branched"`` terms, only where the offset term reaches some row of the
   tile (else ``dead(state)``, by default ``state`` untouched): at short sequences most (tile, offset)
-  pairs read nothing. Without it every term runs unconditionally (dead rows are masked), so the
+  pairs read nothing. Else every term runs unconditionally (dead rows are masked), so the
   compiler can overlap the terms' loads with each other's arithmetic."""
-  if not st.skip_dead_terms:
+  if cfg.term_flow != "branched":
     return term(state)
   return jax.lax.cond(live, term, dead or (lambda s: s), state)
 
 
-def _over_terms(term, state, live, st: Static, dead=None):
-  """``term(kk, state)`` for every offset term ``kk``. With ``st.loop_terms``, a ``fori_loop``: one
+def _over_terms(term, state, live, num_offsets: int, cfg: PassConfig, dead=None):
+  """``term(kk, state)`` for each of the ``num_offsets`` terms ``kk``. ``"looped"``: a ``fori_loop``, one
   loop body whose dead rows are masked, so the compiler can pipeline the next term's loads behind
   this term's arithmetic (``num_stages``); else unrolled, each term behind ``_when(live(kk))``, with
   ``dead(kk, state)`` where it is skipped."""
-  if st.loop_terms:
-    return jax.lax.fori_loop(0, st.num_offsets, term, state)
-  for kk in range(st.num_offsets):
-    state = _when(live(kk), functools.partial(term, kk), state, st, dead and functools.partial(dead, kk))
+  if cfg.term_flow == "looped":
+    return jax.lax.fori_loop(0, num_offsets, term, state)
+  for kk in range(num_offsets):
+    state = _when(live(kk), functools.partial(term, kk), state, cfg, dead and functools.partial(dead, kk))
   return state
 
 
-def _scale_rows(weight_rows, x, st: Static):
-  return scale_rows(weight_rows, x, st.precision, st.term_mma)
+def _scale_rows(weight_rows, x, problem: Problem, cfg: PassConfig):
+  return scale_rows(weight_rows, x, problem.precision, cfg.term_mma)
 
 
-def _rowdot(a, b, st: Static):
-  return rowdot_mma(a, b, st.precision) if st.term_mma else rowdot(a, b)
+def _rowdot(a, b, problem: Problem, cfg: PassConfig):
+  return rowdot_mma(a, b, problem.precision) if cfg.term_mma else rowdot(a, b)
 
 
-def _window_tile_mask(rows, seg_rows, io, seg_ref, j0, st: Static):
-  """``[B, B]``: the window tile of keys ``[j0, j0 + block)`` for query ``rows``."""
-  return window_mask(rows, j0 + jnp.arange(st.block), st.window, st.n) & _same_segment(
-      seg_rows, _segment_rows(io, seg_ref, j0, st.block))
+def _window_tile_mask(rows, seg_rows, io, seg_ref, j0, problem: Problem, b: int):
+  """``[b, b]``: the window tile of keys ``[j0, j0 + b)`` for query ``rows``."""
+  return window_mask(rows, j0 + jnp.arange(b), problem.window, problem.n) & _same_segment(
+      seg_rows, _segment_rows(io, seg_ref, j0, b))
 
 
-def _term_accumulator(window_acc, st: Static):
+def _term_accumulator(window_acc, cfg: PassConfig):
   """Where the offset terms accumulate: tensor-core terms produce the window accumulator's layout
   and add into it; row-wise terms produce the row layout and keep an accumulator of their own
   (no layout conversion per term), joined with the window's once (``_join``)."""
-  return window_acc if st.term_mma else jnp.zeros_like(window_acc)
+  return window_acc if cfg.term_mma else jnp.zeros_like(window_acc)
 
 
-def _join(window_acc, term_acc, st: Static):
-  return term_acc if st.term_mma else window_acc + term_acc
+def _join(window_acc, term_acc, cfg: PassConfig):
+  return term_acc if cfg.term_mma else window_acc + term_acc
 
 
-def _live(offs_ref, kk: int, i0, st: Static):
-  """The term reaches some row of query tile ``i0`` (its last row sees it)."""
-  return term_valid(i0 + st.block - 1, offs_ref[kk], st.window, st.learned)
+def _live(offs_ref, kk: int, i0, problem: Problem, b: int):
+  """The term reaches some row of query tile ``[i0, i0 + b)`` (its last row sees it)."""
+  return term_valid(i0 + b - 1, offs_ref[kk], problem.window, problem.learned)
 
 
-def forward(io, offs_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, st: Static):
+def forward(io, offs_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, problem: Problem, cfg: ForwardConfig):
   """One query tile: an online softmax over the window's banded tiles (tensor cores), then the
   offset terms: on tensor cores or looped, one online step per term (into the window's accumulator
   on tensor cores; row-wise, into an accumulator of its own, joined with the window's rescaled one at
   the end); row-wise and unrolled, every term's scores first, one softmax step over them, and their
   values into an accumulator of their own, added to the window's at the end."""
-  b = st.block
+  b, scale, precision = cfg.block, problem.scale, problem.precision
   f32 = jnp.float32
   i0 = io.tile_start()
   rows = i0 + jnp.arange(b)
@@ -256,65 +234,64 @@ def forward(io, offs_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, st: S
   m = jnp.full((b,), MASK_VALUE, f32)
   l = jnp.zeros((b,), f32)
   acc = jnp.zeros((b, q.shape[1]), f32)
-  for t in range(st.window_tiles):  # the diagonal tile first
+  for t in range(cfg.window_tiles(problem.window)):  # the diagonal tile first
     j0 = i0 - t * b
     k_t, v_t = io.read(k_ref, j0, b), io.read(v_ref, j0, b)
-    s = jnp.where(_window_tile_mask(rows, seg_q, io, seg_ref, j0, st), dot_nt(q, k_t, st.precision) * st.scale,
+    s = jnp.where(_window_tile_mask(rows, seg_q, io, seg_ref, j0, problem, b), dot_nt(q, k_t, precision) * scale,
                   MASK_VALUE)
-    m, l, acc = online_update(m, l, acc, s, lambda p, v_t=v_t: dot_nn(p.astype(v_t.dtype), v_t, st.precision))
-  if st.term_mma or st.loop_terms:
+    m, l, acc = online_update(m, l, acc, s, lambda p, v_t=v_t: dot_nn(p.astype(v_t.dtype), v_t, precision))
+  live = functools.partial(_live, offs_ref, i0=i0, problem=problem, b=b)
+  if cfg.term_mma or cfg.term_flow == "looped":
     def term(kk, state):
-      parts = _term_parts(offs_ref, kk, i0, st)
-      ks, vs, segs = _read_parts(io, k_ref, v_ref, seg_ref, parts, st)
-      valid = _term_rows_valid(seg_q, parts, segs, rows, offs_ref[kk], st)
-      s = sum(p.weight * _rowdot(q, k, st) for p, k in zip(parts, ks))
-      s = jnp.where(valid, s * st.scale, MASK_VALUE)[:, None]
+      parts = _term_parts(offs_ref, kk, i0, problem)
+      ks, vs, segs = _read_parts(io, k_ref, v_ref, seg_ref, parts, b)
+      valid = _term_rows_valid(seg_q, parts, segs, rows, offs_ref[kk], problem)
+      s = sum(p.weight * _rowdot(q, k, problem, cfg) for p, k in zip(parts, ks))
+      s = jnp.where(valid, s * scale, MASK_VALUE)[:, None]
       return online_update(
-          *state, s, lambda pr: sum(_scale_rows(pr[:, 0] * p.weight, v, st) for p, v in zip(parts, vs)))
+          *state, s, lambda pr: sum(_scale_rows(pr[:, 0] * p.weight, v, problem, cfg) for p, v in zip(parts, vs)))
 
-    live = functools.partial(_live, offs_ref, i0=i0, st=st)
-    m_t, l, acc_t = _over_terms(term, (m, l, _term_accumulator(acc, st)), live, st)
-    if not st.term_mma:  # row-wise terms kept their own accumulator: the window's, rescaled to the final max
+    m_t, l, acc_t = _over_terms(term, (m, l, _term_accumulator(acc, cfg)), live, problem.num_offsets, cfg)
+    if not cfg.term_mma:  # row-wise terms kept their own accumulator: the window's, rescaled to the final max
       acc_t = acc * jnp.exp(m - m_t)[:, None] + acc_t
     acc = acc_t
     io.write(o_ref, i0, b, (acc / l[:, None]).astype(o_ref.dtype))
     io.write_vec(lse_ref, i0, b, m_t + jnp.log(l))
     return
-  parts = [_term_parts(offs_ref, kk, i0, st) for kk in range(st.num_offsets)]
+  parts = [_term_parts(offs_ref, kk, i0, problem) for kk in range(problem.num_offsets)]
 
   def score(kk, masked):
     segs = [_segment_rows(io, seg_ref, p.start, b) for p in parts[kk]]
-    valid = _term_rows_valid(seg_q, parts[kk], segs, rows, offs_ref[kk], st)
-    s = sum(p.weight * _rowdot(q, io.read(k_ref, p.start, b), st) for p in parts[kk])
-    return jnp.where(valid, s * st.scale, masked)
+    valid = _term_rows_valid(seg_q, parts[kk], segs, rows, offs_ref[kk], problem)
+    s = sum(p.weight * _rowdot(q, io.read(k_ref, p.start, b), problem, cfg) for p in parts[kk])
+    return jnp.where(valid, s * scale, masked)
 
   masked = jnp.full((b,), MASK_VALUE, f32)
-  scores = [_when(_live(offs_ref, kk, i0, st), functools.partial(score, kk), masked, st)
-            for kk in range(st.num_offsets)]
+  scores = [_when(live(kk), functools.partial(score, kk), masked, cfg) for kk in range(problem.num_offsets)]
   m_new = functools.reduce(jnp.maximum, scores, m)
   corr = jnp.exp(m - m_new)
   probs = [jnp.exp(s - m_new) for s in scores]
   l = l * corr + sum(probs, jnp.zeros((b,), f32))
 
   def value(kk, acc_t):
-    return acc_t + sum(_scale_rows(probs[kk] * p.weight, io.read(v_ref, p.start, b), st) for p in parts[kk])
+    return acc_t + sum(_scale_rows(probs[kk] * p.weight, io.read(v_ref, p.start, b), problem, cfg) for p in parts[kk])
 
   acc_t = jnp.zeros_like(acc)
-  for kk in range(st.num_offsets):
-    acc_t = _when(_live(offs_ref, kk, i0, st), functools.partial(value, kk), acc_t, st)
+  for kk in range(problem.num_offsets):
+    acc_t = _when(live(kk), functools.partial(value, kk), acc_t, cfg)
   io.write(o_ref, i0, b, ((acc * corr[:, None] + acc_t) / l[:, None]).astype(o_ref.dtype))
   io.write_vec(lse_ref, i0, b, m_new + jnp.log(l))
 
 
 def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_ref, dq_ref, dd_ref, delta_ref,
-                *saved_refs, st: Static):
+                *saved_refs, problem: Problem, cfg: BackwardConfig):
   """dQ for one query tile, and (learned) this tile's share of dL/d(distance) per term. Also
   writes ``delta = rowsum(o * do)`` (float32), which ``backward_dkdv`` reads: computed here from
   tiles this kernel loads anyway, instead of in a separate pass over ``o`` and ``do``. The offset
-  terms accumulate as ``_term_accumulator`` says. With ``st.saved_terms`` it also writes, per term
+  terms accumulate as ``_term_accumulator`` says. With ``cfg.saved_terms`` it also writes, per term
   and query row, the probability ``p`` and score gradient ``ds`` (``saved_refs``: two ``[K', rows]``
   float32; 0 where the term is masked), which ``backward_dkdv`` then reads instead of recomputing."""
-  b = st.block
+  b, scale, precision = cfg.block, problem.scale, problem.precision
   i0 = io.tile_start()
   rows = i0 + jnp.arange(b)
   q, do = io.read(q_ref, i0, b), io.read(do_ref, i0, b)
@@ -323,28 +300,28 @@ def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_r
   delta = jnp.sum(io.read(o_ref, i0, b).astype(jnp.float32) * do.astype(jnp.float32), axis=1)
   io.write_vec(delta_ref, i0, b, delta)
   dq = jnp.zeros((b, q.shape[1]), jnp.float32)
-  for t in range(st.window_tiles):
+  for t in range(cfg.window_tiles(problem.window)):
     j0 = i0 - t * b
     k_t, v_t = io.read(k_ref, j0, b), io.read(v_ref, j0, b)
-    mask = _window_tile_mask(rows, seg_q, io, seg_ref, j0, st)
-    p = jnp.where(mask, jnp.exp(dot_nt(q, k_t, st.precision) * st.scale - lse[:, None]), 0.0)
-    ds = p * (dot_nt(do, v_t, st.precision) - delta[:, None])
-    dq += dot_nn(ds.astype(k_t.dtype), k_t, st.precision) * st.scale
+    mask = _window_tile_mask(rows, seg_q, io, seg_ref, j0, problem, b)
+    p = jnp.where(mask, jnp.exp(dot_nt(q, k_t, precision) * scale - lse[:, None]), 0.0)
+    ds = p * (dot_nt(do, v_t, precision) - delta[:, None])
+    dq += dot_nn(ds.astype(k_t.dtype), k_t, precision) * scale
 
   def term(kk, state):
     dq_t, dd = state
-    parts = _term_parts(offs_ref, kk, i0, st)
-    ks, vs, segs = _read_parts(io, k_ref, v_ref, seg_ref, parts, st)
-    valid = _term_rows_valid(seg_q, parts, segs, rows, offs_ref[kk], st)
-    qk = [_rowdot(q, k, st) for k in ks]
-    dov = [_rowdot(do, v, st) for v in vs]
-    p = jnp.where(valid, jnp.exp(sum(part.weight * x for part, x in zip(parts, qk)) * st.scale - lse), 0.0)
+    parts = _term_parts(offs_ref, kk, i0, problem)
+    ks, vs, segs = _read_parts(io, k_ref, v_ref, seg_ref, parts, b)
+    valid = _term_rows_valid(seg_q, parts, segs, rows, offs_ref[kk], problem)
+    qk = [_rowdot(q, k, problem, cfg) for k in ks]
+    dov = [_rowdot(do, v, problem, cfg) for v in vs]
+    p = jnp.where(valid, jnp.exp(sum(part.weight * x for part, x in zip(parts, qk)) * scale - lse), 0.0)
     ds = p * (sum(part.weight * x for part, x in zip(parts, dov)) - delta)
     for ref, x in zip(saved_refs, (p, ds)):
       io.write_vec(ref, i0, b, x, term=kk)
-    dq_t += sum(_scale_rows(ds * (part.weight * st.scale), k, st) for part, k in zip(parts, ks))
-    if st.learned:  # dL/dd = sum over rows of dL/ds * ds/dd + dL/dv_blend . dv_blend/dd
-      dd_k = jnp.sum(sum(part.d_weight * (ds * st.scale * a + p * c) for part, a, c in zip(parts, qk, dov)))
+    dq_t += sum(_scale_rows(ds * (part.weight * scale), k, problem, cfg) for part, k in zip(parts, ks))
+    if problem.learned:  # dL/dd = sum over rows of dL/ds * ds/dd + dL/dv_blend . dv_blend/dd
+      dd_k = jnp.sum(sum(part.d_weight * (ds * scale * a + p * c) for part, a, c in zip(parts, qk, dov)))
       dd = jnp.where(jnp.arange(io.terms_width) == kk, dd_k, dd)
     return dq_t, dd
 
@@ -353,23 +330,24 @@ def backward_dq(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, seg_r
       io.write_vec(ref, i0, b, jnp.zeros((b,), jnp.float32), term=kk)
     return state
 
-  live = functools.partial(_live, offs_ref, i0=i0, st=st)
-  dq_t, dd = _over_terms(term, (_term_accumulator(dq, st), jnp.zeros((io.terms_width,), jnp.float32)), live, st,
-                         dead)
-  io.write(dq_ref, i0, b, _join(dq, dq_t, st).astype(dq_ref.dtype))
-  if st.learned:
+  live = functools.partial(_live, offs_ref, i0=i0, problem=problem, b=b)
+  dq_t, dd = _over_terms(term, (_term_accumulator(dq, cfg), jnp.zeros((io.terms_width,), jnp.float32)), live,
+                         problem.num_offsets, cfg, dead)
+  io.write(dq_ref, i0, b, _join(dq, dq_t, cfg).astype(dq_ref.dtype))
+  if problem.learned:
     io.write_terms(dd_ref, dd)
 
 
-def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Static):
+def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, problem: Problem,
+                  cfg: BackwardConfig):
   """dK and dV for one key tile ``[j0, j0 + block)`` of one key/value head; every query (of every
   query head in the group) that read it is visited and its contribution summed (offset terms
-  accumulate as ``_term_accumulator`` says). ``refs``: with ``st.saved_terms``, the probabilities
+  accumulate as ``_term_accumulator`` says). ``refs``: with ``cfg.saved_terms``, the probabilities
   and score gradients ``backward_dq`` saved (``[K', rows]`` per query head; the offset terms then
   read them instead of recomputing them); then the segment ids ref (or ``None``), ``dk_ref``,
   ``dv_ref``."""
   *saved_refs, seg_ref, dk_ref, dv_ref = refs
-  b = st.block
+  b, scale, precision = cfg.block, problem.scale, problem.precision
   f32 = jnp.float32
   j0 = io.tile_start()
   cols = j0 + jnp.arange(b)
@@ -379,7 +357,7 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
   dv = jnp.zeros((b, v_t.shape[1]), f32)
 
   def member_of(g):  # group refs hold a single, squeezed head without GQA
-    return g if st.group > 1 else None
+    return g if problem.group > 1 else None
 
   def query_rows(i0, g):
     member = member_of(g)
@@ -388,26 +366,26 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 
   def over_group(member_step, carry):
     """``member_step(g, carry)`` for each query head ``g`` of the group: unrolled, or with
-    ``st.loop_group`` a loop, which keeps one head's rows live at a time."""
-    if st.loop_group and st.group > 1:
-      return jax.lax.fori_loop(0, st.group, member_step, carry)
-    for g in range(st.group):
+    ``cfg.loop_group`` a loop, which keeps one head's rows live at a time."""
+    if cfg.loop_group and problem.group > 1:
+      return jax.lax.fori_loop(0, problem.group, member_step, carry)
+    for g in range(problem.group):
       carry = member_step(g, carry)
     return carry
 
-  for t in range(st.window_tiles):
+  for t in range(cfg.window_tiles(problem.window)):
     i0 = j0 + t * b
     rows = i0 + jnp.arange(b)
-    mask = window_mask(rows, cols, st.window, st.n) & (rows < st.n)[:, None]
+    mask = window_mask(rows, cols, problem.window, problem.n) & (rows < problem.n)[:, None]
     mask = mask & _same_segment(_segment_rows(io, seg_ref, i0, b), seg_k)
 
     def window_member(g, acc, i0=i0, mask=mask):
       dk, dv = acc
       q, do, lse, delta = query_rows(i0, g)
-      p = jnp.where(mask, jnp.exp(dot_nt(q, k_t, st.precision) * st.scale - lse[:, None]), 0.0)
-      dv = dv + dot_tn(p.astype(do.dtype), do, st.precision)
-      ds = p * (dot_nt(do, v_t, st.precision) - delta[:, None])
-      return dk + dot_tn(ds.astype(q.dtype), q, st.precision) * st.scale, dv
+      p = jnp.where(mask, jnp.exp(dot_nt(q, k_t, precision) * scale - lse[:, None]), 0.0)
+      dv = dv + dot_tn(p.astype(do.dtype), do, precision)
+      ds = p * (dot_nt(do, v_t, precision) - delta[:, None])
+      return dk + dot_tn(ds.astype(q.dtype), q, precision) * scale, dv
 
     dk, dv = over_group(window_member, (dk, dv))
 
@@ -415,13 +393,13 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     """``probs(member, i0, q, do) -> (p, ds)`` of queries ``i0 + r = j0 + shift + r`` whose term
     reads ``tiles`` (as ``_term_parts`` would for that query tile), recomputed from them."""
     rows = cols + shift
-    valid = term_valid(rows, offset, st.window, st.learned) & (rows < st.n)
+    valid = term_valid(rows, offset, problem.window, problem.learned) & (rows < problem.n)
     valid = valid & _in_segment(_segment_rows(io, seg_ref, j0 + shift, b), [(x.weight, x.seg) for x in tiles])
 
     def probs(member, i0, q, do):
       lse, delta = io.read_vec(lse_ref, i0, b, member), io.read_vec(delta_ref, i0, b, member)
-      p = jnp.where(valid, jnp.exp(sum(x.weight * _rowdot(q, x.k, st) for x in tiles) * st.scale - lse), 0.0)
-      return p, p * (sum(x.weight * _rowdot(do, x.v, st) for x in tiles) - delta)
+      p = jnp.where(valid, jnp.exp(sum(x.weight * _rowdot(q, x.k, problem, cfg) for x in tiles) * scale - lse), 0.0)
+      return p, p * (sum(x.weight * _rowdot(do, x.v, problem, cfg) for x in tiles) - delta)
 
     return probs
 
@@ -439,7 +417,7 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
         i0 = j0 + shift
         q, do = io.read(q_ref, i0, b, member), io.read(do_ref, i0, b, member)
         p, ds = probs(member, i0, q, do)
-        dk, dv = dk + _scale_rows(weight * ds * st.scale, q, st), dv + _scale_rows(weight * p, do, st)
+        dk, dv = dk + _scale_rows(weight * ds * scale, q, problem, cfg), dv + _scale_rows(weight * p, do, problem, cfg)
       return dk, dv
 
     return over_group(member_step, state)
@@ -453,10 +431,10 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     """Key ``j`` of term ``kk``: read by query ``j + d`` (static), or with weight ``1 - t`` by query
     ``j + lo`` and ``t`` by query ``j + lo + 1`` (fractional distance ``lo + t``)."""
     d = offs_ref[kk]
-    if not st.learned:
-      return accumulate(state, [(d, 1.0, saved(kk) if st.saved_terms else recomputed(d, [own], d))])
+    if not problem.learned:
+      return accumulate(state, [(d, 1.0, saved(kk) if cfg.saved_terms else recomputed(d, [own], d))])
     lo, t = split_distance(d)
-    if st.saved_terms:
+    if cfg.saved_terms:
       probs = saved(kk)
       return accumulate(state, [(lo, 1.0 - t, probs), (lo + 1, t, probs)])
     prev, nxt = neighbour(j0 - 1), neighbour(j0 + 1)
@@ -467,9 +445,10 @@ def backward_dkdv(io, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 
   def live(kk):  # a query reads the tile through term kk
     d = offs_ref[kk]
-    first = d.astype(jnp.int32) if not st.learned else split_distance(d)[0]
-    return term_valid(jnp.asarray(st.n - 1), d, st.window, st.learned) & (j0 + first < st.n)
+    first = d.astype(jnp.int32) if not problem.learned else split_distance(d)[0]
+    return term_valid(jnp.asarray(problem.n - 1), d, problem.window, problem.learned) & (j0 + first < problem.n)
 
-  dk_t, dv_t = _over_terms(term, (_term_accumulator(dk, st), _term_accumulator(dv, st)), live, st)
-  io.write(dk_ref, j0, b, _join(dk, dk_t, st).astype(dk_ref.dtype))
-  io.write(dv_ref, j0, b, _join(dv, dv_t, st).astype(dv_ref.dtype))
+  dk_t, dv_t = _over_terms(term, (_term_accumulator(dk, cfg), _term_accumulator(dv, cfg)), live, problem.num_offsets,
+                           cfg)
+  io.write(dk_ref, j0, b, _join(dk, dk_t, cfg).astype(dk_ref.dtype))
+  io.write(dv_ref, j0, b, _join(dv, dv_t, cfg).astype(dv_ref.dtype))

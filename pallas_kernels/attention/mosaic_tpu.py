@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.attention import bodies
+from pallas_kernels.attention.config import BackwardConfig, ForwardConfig, PassConfig, Problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,30 +100,31 @@ class _Distances:
     return jax.lax.bitcast_convert_type(self.ref[i], jnp.float32)
 
 
-def _pads(st: bodies.Static) -> tuple[int, int]:
-  margin = (st.window_tiles + 2) * st.block
-  return st.n + margin, st.n + margin
+def _pads(problem: Problem, cfg: PassConfig) -> tuple[int, int]:
+  margin = (cfg.window_tiles(problem.window) + 2) * cfg.block
+  return problem.n + margin, problem.n + margin
 
 
-def _call(body, st: bodies.Static, offsets, inputs, sides: str, out_shape, members: int, interpret: bool, name: str):
+def _call(body, problem: Problem, cfg: PassConfig, offsets, inputs, sides: str, out_shape, members: int,
+          interpret: bool, name: str):
   """One pallas_call over the grid ``(tiles * members, batch, kv heads)``: offsets scalar-prefetched,
   everything else in HBM. ``sides`` names each input then output: ``q`` (indexed by query head:
   ``h * group + i % members``, the group's first head when ``members = 1``), ``k`` (by key/value
   head ``h``) or ``s`` (segment ids, no head)."""
-  offs = jax.lax.bitcast_convert_type(offsets, jnp.int32) if st.learned else offsets.astype(jnp.int32)
+  offs = jax.lax.bitcast_convert_type(offsets, jnp.int32) if problem.learned else offsets.astype(jnp.int32)
   width = max(offs.shape[0], 1)
   offs = jnp.pad(offs, (0, width - offs.shape[0]))
-  front, _ = _pads(st)
-  io = RowIO(st.n, st.block, front, width, members=members)
-  run = bodies.call(body, io, st, len(inputs) - st.segments)
+  front, _ = _pads(problem, cfg)
+  io = RowIO(problem.n, cfg.block, front, width, members=members)
+  run = bodies.call(body, io, problem, cfg, len(inputs) - problem.segments)
 
   def kernel(offs_ref, *refs):
     i, h = pl.program_id(0), pl.program_id(2)
-    heads = {"q": h * st.group + (i % members if members > 1 else 0), "k": h, "s": None}
-    run(_Distances(offs_ref) if st.learned else offs_ref, *(Slab(r, heads[side]) for r, side in zip(refs, sides)))
+    heads = {"q": h * problem.group + (i % members if members > 1 else 0), "k": h, "s": None}
+    run(_Distances(offs_ref) if problem.learned else offs_ref, *(Slab(r, heads[side]) for r, side in zip(refs, sides)))
 
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
-  grid = (pl.cdiv(st.n, st.block) * members, inputs[0].shape[0], inputs[1].shape[2])
+  grid = (pl.cdiv(problem.n, cfg.block) * members, inputs[0].shape[0], inputs[1].shape[2])
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1, grid=grid, in_specs=[any_spec] * len(inputs), out_specs=[any_spec] * len(out_shape),
   )
@@ -139,42 +141,45 @@ def _with_segments(inputs: list, sides: str, seg, front: int, back: int) -> tupl
   return inputs + [bodies.pad_rows(seg, front, back, 1)], sides + "s"
 
 
-@functools.partial(jax.jit, static_argnames=("st", "interpret"))
-def forward(q, k, v, seg, offsets, *, st: bodies.Static, interpret: bool):
-  """``(out [B, N, H_q, D], lse [B, H_q, N] float32)`` (shapes as in ``triton_gpu.forward``)."""
+@functools.partial(jax.jit, static_argnames=("problem", "cfg", "interpret"))
+def forward(q, k, v, seg, offsets, *, problem: Problem, cfg: ForwardConfig, interpret: bool):
+  """``(out [B, N, H_q, D], lse [B, H_q, N] float32)`` (shapes as in ``triton_gpu.forward``; the
+  config's warps and stages are the GPU's and unused here)."""
   bsz, n, h, d = q.shape
-  front, back = _pads(st)
+  front, back = _pads(problem, cfg)
   rows = n + front + back
   inputs, sides = _with_segments([bodies.pad_rows(x, front, back, 1) for x in (q, k, v)], "qkk", seg, front, back)
   out_shape = [jax.ShapeDtypeStruct((bsz, rows, h, d), q.dtype), jax.ShapeDtypeStruct((bsz, h, rows), jnp.float32)]
-  out, lse = _call(bodies.forward, st, offsets, inputs, sides + "qq", out_shape, st.group, interpret,
+  out, lse = _call(bodies.forward, problem, cfg, offsets, inputs, sides + "qq", out_shape, problem.group, interpret,
                    "fib_attention_fwd")
   return out[:, :n], lse[:, :, :n]
 
 
-@functools.partial(jax.jit, static_argnames=("st", "interpret"))
-def backward(q, k, v, seg, offsets, do, lse, out, *, st: bodies.Static, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("problem", "cfg", "interpret"))
+def backward(q, k, v, seg, offsets, do, lse, out, *, problem: Problem, cfg: BackwardConfig, interpret: bool):
   """``(dq, dk, dv, dd)``; the dQ kernel also writes ``delta = rowsum(out * do)`` for dK/dV, whose
   programs each own one key tile of one key/value head and sum over the group's query heads. With
-  ``st.saved_terms`` the dQ kernel also writes each term's probabilities and score gradients, which
+  ``cfg.saved_terms`` the dQ kernel also writes each term's probabilities and score gradients, which
   the dK/dV kernel reads instead of recomputing them."""
   bsz, n, h, d = q.shape
   h_kv = k.shape[2]
-  front, back = _pads(st)
-  rows, tiles = n + front + back, pl.cdiv(n, st.block)
+  front, back = _pads(problem, cfg)
+  rows, tiles = n + front + back, pl.cdiv(n, cfg.block)
   mats = [bodies.pad_rows(x, front, back, 1) for x in (q, k, v, do)]
   lse = bodies.pad_rows(lse, front, back, 2)
   width = max(offsets.shape[0], 1)
   inputs, sides = _with_segments(mats + [lse, bodies.pad_rows(out, front, back, 1)], "qkkqqq", seg, front, back)
-  saved_shape = [jax.ShapeDtypeStruct((bsz, h, width, rows), jnp.float32)] * (2 * st.saved_terms)
-  dq, dd, delta, *saved = _call(bodies.backward_dq, st, offsets, inputs, sides + "qqq" + "q" * len(saved_shape),
-                                [jax.ShapeDtypeStruct((bsz, rows, h, d), q.dtype),
-                                 jax.ShapeDtypeStruct((bsz, h, tiles, width), jnp.float32),
-                                 jax.ShapeDtypeStruct((bsz, h, rows), jnp.float32)] + saved_shape,
-                                st.group, interpret, "fib_attention_dq")
+  saved_shape = [jax.ShapeDtypeStruct((bsz, h, width, rows), jnp.float32)] * (2 * cfg.saved_terms)
+  dq_outs = [jax.ShapeDtypeStruct((bsz, rows, h, d), q.dtype),
+             jax.ShapeDtypeStruct((bsz, h, tiles, width), jnp.float32),
+             jax.ShapeDtypeStruct((bsz, h, rows), jnp.float32)] + saved_shape
+  dq_sides = sides + "qqq" + "q" * len(saved_shape)
+  dq, dd, delta, *saved = _call(bodies.backward_dq, problem, cfg, offsets, inputs, dq_sides, dq_outs, problem.group,
+                                interpret, "fib_attention_dq")
   delta = bodies.pad_rows(delta[:, :, :n], front, back, 2)
   saved = [bodies.pad_rows(x[..., :n], front, back, 3) for x in saved]
   inputs, sides = _with_segments(mats + [lse, delta] + saved, "qkkqqq" + "q" * len(saved), seg, front, back)
   kv = jax.ShapeDtypeStruct((bsz, rows, h_kv, d), k.dtype)
-  dk, dv = _call(bodies.backward_dkdv, st, offsets, inputs, sides + "kk", [kv, kv], 1, interpret, "fib_attention_dkdv")
+  dk, dv = _call(bodies.backward_dkdv, problem, cfg, offsets, inputs, sides + "kk", [kv, kv], 1, interpret,
+                 "fib_attention_dkdv")
   return dq[:, :n], dk[:, :n], dv[:, :n], dd[..., : offsets.shape[0]]

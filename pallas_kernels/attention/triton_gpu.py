@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention import bodies
+from pallas_kernels.attention.config import BackwardConfig, ForwardConfig, PassConfig, Problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +62,8 @@ class RowIO(bodies.RowIOBase):
     ref[...] = value
 
 
-def _params(num_warps: int, num_stages: int):
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+def _params(cfg: PassConfig):
+  return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 class _Specs:
@@ -115,8 +116,8 @@ def _offs(offsets):
   return jnp.pad(offsets, (0, width - offsets.shape[0])), width
 
 
-def _pad_for(st: bodies.Static, interpret: bool) -> int:
-  return st.n + (st.window_tiles + 2) * st.block if interpret else 0
+def _pad_for(problem: Problem, cfg: PassConfig, interpret: bool) -> int:
+  return problem.n + (cfg.window_tiles(problem.window) + 2) * cfg.block if interpret else 0
 
 
 def _segment_inputs(seg, specs: _Specs, rows: int, pad: int):
@@ -126,63 +127,62 @@ def _segment_inputs(seg, specs: _Specs, rows: int, pad: int):
   return [bodies.pad_rows(seg, pad, 0, 1)], [specs.segments(rows)]
 
 
-@functools.partial(jax.jit, static_argnames=("st", "interpret", "num_warps", "num_stages"))
-def forward(q, k, v, seg, offsets, *, st: bodies.Static, interpret: bool, num_warps: int, num_stages: int = 2):
+@functools.partial(jax.jit, static_argnames=("problem", "cfg", "interpret"))
+def forward(q, k, v, seg, offsets, *, problem: Problem, cfg: ForwardConfig, interpret: bool):
   """``(out [B, N, H_q, D], lse [B, H_q, N] float32)`` from ``q [B, N, H_q, D]``, ``k, v [B, N,
   H_kv, D]`` and segment ids ``seg [B, N]`` int32 (or ``None``)."""
   bsz, n, h, d = q.shape
-  pad = _pad_for(st, interpret)
+  pad = _pad_for(problem, cfg, interpret)
   offs, width = _offs(offsets)
-  specs = _Specs(st.group, whole_group=False)
-  io = RowIO(n, st.block, pad, width, members=specs.members)
+  specs = _Specs(problem.group, whole_group=False)
+  io = RowIO(n, cfg.block, pad, width, members=specs.members)
   rows = n + pad
   q, k, v = (bodies.pad_rows(x, pad, 0, 1) for x in (q, k, v))
   seg_in, seg_spec = _segment_inputs(seg, specs, rows, pad)
   return pl.pallas_call(
-      bodies.call(bodies.forward, io, st, 3),
-      grid=(pl.cdiv(n, st.block) * st.group, bsz, h // st.group),
+      bodies.call(bodies.forward, io, problem, cfg, 3),
+      grid=(pl.cdiv(n, cfg.block) * problem.group, bsz, h // problem.group),
       in_specs=[specs.offsets(width), specs.q_rows(rows, d)] + [specs.kv_rows(rows, d)] * 2 + seg_spec,
       out_specs=[specs.q_rows(n, d), specs.q_vec(n)],
       out_shape=[jax.ShapeDtypeStruct((bsz, n, h, d), q.dtype), jax.ShapeDtypeStruct((bsz, h, n), jnp.float32)],
-      compiler_params=_params(num_warps, num_stages),
+      compiler_params=_params(cfg),
       interpret=interpret,
       name="fib_attention_fwd",
   )(offs, q, k, v, *seg_in)
 
 
-@functools.partial(jax.jit, static_argnames=("st", "interpret", "num_warps", "num_stages"))
-def backward(q, k, v, seg, offsets, do, lse, out, *, st: bodies.Static, interpret: bool, num_warps: int,
-             num_stages: int = 2):
+@functools.partial(jax.jit, static_argnames=("problem", "cfg", "interpret"))
+def backward(q, k, v, seg, offsets, do, lse, out, *, problem: Problem, cfg: BackwardConfig, interpret: bool):
   """``(dq, dk, dv, dd)``; ``dd [B, H_q, tiles, K']`` holds per-tile partial d(loss)/d(distance).
   The dQ kernel also writes ``delta = rowsum(out * do)`` for the dK/dV kernel, whose programs
   each own one key tile of one key/value head and sum over the group's query heads. With
-  ``st.saved_terms`` the dQ kernel also writes each term's probabilities and score gradients
+  ``cfg.saved_terms`` the dQ kernel also writes each term's probabilities and score gradients
   (``[B, H_q, K', N]`` float32 each), which the dK/dV kernel reads instead of recomputing them."""
   bsz, n, h, d = q.shape
   h_kv = k.shape[2]
-  pad = _pad_for(st, interpret)
+  pad = _pad_for(problem, cfg, interpret)
   offs, width = _offs(offsets)
-  rows, tiles = n + pad, pl.cdiv(n, st.block)
+  rows, tiles = n + pad, pl.cdiv(n, cfg.block)
   q, k, v, do, out = (bodies.pad_rows(x, pad, 0, 1) for x in (q, k, v, do, out))
   lse = bodies.pad_rows(lse, pad, 0, 2)
-  specs = _Specs(st.group, whole_group=False)
+  specs = _Specs(problem.group, whole_group=False)
   seg_in, seg_spec = _segment_inputs(seg, specs, rows, pad)
-  saved_shape = [jax.ShapeDtypeStruct((bsz, h, width, n), jnp.float32)] * (2 * st.saved_terms)
+  saved_shape = [jax.ShapeDtypeStruct((bsz, h, width, n), jnp.float32)] * (2 * cfg.saved_terms)
   dq, dd, delta, *saved = pl.pallas_call(
-      bodies.call(bodies.backward_dq, RowIO(n, st.block, pad, width, members=specs.members), st, 6),
-      grid=(tiles * st.group, bsz, h_kv),
+      bodies.call(bodies.backward_dq, RowIO(n, cfg.block, pad, width, members=specs.members), problem, cfg, 6),
+      grid=(tiles * problem.group, bsz, h_kv),
       in_specs=[specs.offsets(width), specs.q_rows(rows, d)] + [specs.kv_rows(rows, d)] * 2
       + [specs.q_rows(rows, d), specs.q_vec(rows), specs.q_rows(rows, d)] + seg_spec,
       out_specs=[specs.q_rows(n, d), specs.q_terms(width), specs.q_vec(n)] + [specs.q_vec(n, width)] * len(saved_shape),
       out_shape=[jax.ShapeDtypeStruct((bsz, n, h, d), q.dtype), jax.ShapeDtypeStruct((bsz, h, tiles, width), jnp.float32),
                  jax.ShapeDtypeStruct((bsz, h, n), jnp.float32)] + saved_shape,
-      compiler_params=_params(num_warps, num_stages),
+      compiler_params=_params(cfg),
       interpret=interpret,
       name="fib_attention_dq",
   )(offs, q, k, v, do, lse, out, *seg_in)
-  group_specs = _Specs(st.group, whole_group=True)
+  group_specs = _Specs(problem.group, whole_group=True)
   dk, dv = pl.pallas_call(
-      bodies.call(bodies.backward_dkdv, RowIO(n, st.block, pad, width, members=group_specs.members), st,
+      bodies.call(bodies.backward_dkdv, RowIO(n, cfg.block, pad, width, members=group_specs.members), problem, cfg,
                   6 + len(saved)),
       grid=(tiles, bsz, h_kv),
       in_specs=[group_specs.offsets(width), group_specs.q_rows(rows, d)] + [group_specs.kv_rows(rows, d)] * 2
@@ -190,7 +190,7 @@ def backward(q, k, v, seg, offsets, do, lse, out, *, st: bodies.Static, interpre
       + seg_spec,
       out_specs=[group_specs.kv_rows(n, d)] * 2,
       out_shape=[jax.ShapeDtypeStruct((bsz, n, h_kv, d), k.dtype), jax.ShapeDtypeStruct((bsz, n, h_kv, d), v.dtype)],
-      compiler_params=_params(num_warps, num_stages),
+      compiler_params=_params(cfg),
       interpret=interpret,
       name="fib_attention_dkdv",
   )(offs, q, k, v, do, lse, bodies.pad_rows(delta, pad, 0, 2), *(bodies.pad_rows(x, pad, 0, 3) for x in saved),

@@ -29,6 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from fibjax.cli import ArgumentParser
+from train.cli import run_command
 from train.data import text as data
 
 BLOCK_CHARS = 1 << 20  # a .txt file is encoded this many characters (up to the next line end) at a time
@@ -181,7 +182,7 @@ def prepare(source: pathlib.Path, out: pathlib.Path, tokenizer: str = "byte", bp
 def write_tokens(source: pathlib.Path, folder: pathlib.Path, tokenizer: str, bpe_vocab_size: int) -> dict:
   if tokenizer == "bpe":
     tok = data.BPETokenizer.train(training_text(source), bpe_vocab_size)
-    tok.save(folder / "tokenizer.json")
+    tok.save(folder / data.PREPARED_TOKENIZER)
   else:
     tok = data.ByteTokenizer()
   dtype = token_dtype(tok.vocab_size)
@@ -210,16 +211,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", required=True, type=pathlib.Path, help="the prepared folder to create")
   parser.add_argument("--tokenizer", default="byte", help="byte (default) or bpe")
   parser.add_argument("--bpe-vocab-size", type=int, default=4096)
-  args = parser.parse_args(argv)
+  return run_command(prepare_and_report, parser, argv, interrupted=lambda args: f"{args.out} was not written")
+
+
+def prepare_and_report(args: argparse.Namespace) -> int:
+  """Prepares ``--data`` into ``--out`` and prints what it holds and how to train on it."""
   start = time.perf_counter()
-  try:
-    manifest = prepare(args.data, args.out, args.tokenizer, args.bpe_vocab_size)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print(f"error: interrupted; {args.out} was not written", file=sys.stderr)
-    return 130
+  manifest = prepare(args.data, args.out, args.tokenizer, args.bpe_vocab_size)
   t, h = manifest["train"], manifest["heldout"]
   print(f"prepared {args.out} in {time.perf_counter() - start:.1f} s: {t['tokens']:,} training tokens "
         f"({t['documents']:,} documents), {h['tokens']:,} held-out ({h['documents']:,}); "

@@ -96,10 +96,11 @@ def looks_binary(path: pathlib.Path) -> ValueError:
                     "give a text file")
 
 
-def load_documents(path: str | None = None) -> list[dict]:
+def load_documents(path: str | None = None, purpose: str = "training") -> list[dict]:
   """Documents ``{"id", "text"}``: the embedded corpus (``None``), a ``.txt`` file (one document),
   a ``.jsonl``/``.jsonl.gz`` file (one object with ``"text"`` per line), or a folder of those.
-  Documents without text are dropped; raises ``ValueError`` when none is left."""
+  Documents without text are dropped; raises ``ValueError`` when none is left, naming the text's
+  ``purpose`` (``training``, ``evaluation``)."""
   if path is None:
     return _read_jsonl(CORPUS)
   p = pathlib.Path(path)
@@ -111,13 +112,13 @@ def load_documents(path: str | None = None) -> list[dict]:
       docs += _read_jsonl(f)
   docs = [d for d in docs if d["text"]]
   if not docs:
-    raise no_text(p)
+    raise no_text(p, purpose)
   return docs
 
 
-def no_text(path: pathlib.Path) -> ValueError:
+def no_text(path: pathlib.Path, purpose: str = "training") -> ValueError:
   where = f"{str(path)!r} is empty" if path.is_file() else f"no .txt/.jsonl file under {str(path)!r} holds any text"
-  return ValueError(f"no training text: {where}; give a file or folder with text")
+  return ValueError(f"no {purpose} text: {where}; give a file or folder with text")
 
 
 def fingerprint(path: str | None) -> str | None:
@@ -161,6 +162,7 @@ def split_point(length: int) -> int:
 
 
 MANIFEST = "manifest.json"  # marks a folder written by ``python -m train.prepare``
+PREPARED_TOKENIZER = "tokenizer.json"  # a prepared folder's BPE (a byte folder has none)
 PREPARED_FORMAT = "fibjax-tokens/1"
 
 
@@ -250,8 +252,8 @@ class BPETokenizer:
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<doc>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<doc>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # no bar: it prints blank lines
     tok.train_from_iterator((d["text"] for d in docs), trainer=trainer)
     return cls(tok)
 
@@ -295,15 +297,20 @@ class Windows:
     return np.asarray(self.tokens[start : start + self.length + 1], np.int32)
 
 
-def train_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> grain.IterDataset:
-  """Grain pipeline: windows of T+1, this process's shard, seeded shuffle (fresh order every
-  epoch), endless, batched to ``batch_size / process_count`` rows per process."""
+def window_stream(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> grain.MapDataset:
+  """The windows of T+1 (int32) a process trains on, unbatched: its shard, seeded shuffle (fresh
+  order every epoch), endless. Raises ``ValueError`` unless the processes share ``batch_size`` evenly."""
   count, index = jax.process_count(), jax.process_index()
   if batch_size % count:
     raise ValueError(f"batch_size {batch_size} must be divisible by the process count {count}")
   ds = grain.MapDataset.source(Windows(tokens, seq_len))[index::count]
-  ds = ds.shuffle(seed=seed).repeat(None).batch(batch_size // count, drop_remainder=True)
-  return ds.to_iter_dataset()
+  return ds.shuffle(seed=seed).repeat(None)
+
+
+def train_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> grain.IterDataset:
+  """Grain pipeline: ``window_stream`` batched to ``batch_size / process_count`` rows per process."""
+  ds = window_stream(tokens, seq_len, batch_size, seed)
+  return ds.batch(batch_size // jax.process_count(), drop_remainder=True).to_iter_dataset()
 
 
 def data_budget(tokens_per_step: int, steps: int, seq_len: int, train_tokens: int) -> dict[str, float]:

@@ -4,7 +4,10 @@
 
 Each budget rewrites every sparse layer's pattern (the weights stay): ``far-F`` keeps the nearest
 fraction ``F`` of the offsets (the farthest dropped), ``thin-2`` keeps every other offset,
-``window-F`` narrows the window to ``F x W`` (offsets kept), ``window-only`` drops every offset.
+``window-F`` narrows the window to ``F x W`` (offsets kept), ``window-only`` drops every offset, and
+``stretch-S`` moves every offset (learned: every term) to ``S`` times its distance, the reach to
+``S x R``: relative positions the model never queried in training, which tests the premise that
+sparse models extrapolate because they only query distances seen in training.
 Each is scored with ``train.run.evaluation.score`` on the same targets as the full pattern, so
 perplexity against keys per query is compared on identical tokens at each length.
 Writes ``RUN/budget/<what was run>.json``.
@@ -22,7 +25,10 @@ from typing import Any, Callable, Sequence
 import jax
 from flax import nnx
 
+from fibjax.cli import ArgumentParser
 from fibjax.layers import LayerPattern
+from train.cli import add_lengths, add_workdir, check_multiples, run_command
+from train.run import rundir
 from train.run.evaluation import read_or_write, score
 from train.run.restore import Run, load_run
 
@@ -31,15 +37,22 @@ def _keep_near(fraction: float) -> Callable[[tuple], tuple]:
   return lambda xs: tuple(xs[: math.ceil(fraction * len(xs))])
 
 
-BUDGETS: dict[str, tuple[Callable[[tuple], tuple], float]] = {  # name: (offsets or terms kept, window scale)
-    "full": (lambda xs: tuple(xs), 1.0),
-    "far-0.75": (_keep_near(0.75), 1.0),
-    "far-0.5": (_keep_near(0.5), 1.0),
-    "far-0.25": (_keep_near(0.25), 1.0),
-    "thin-2": (lambda xs: tuple(xs[::2]), 1.0),
-    "window-only": (lambda xs: (), 1.0),
-    "window-0.5": (lambda xs: tuple(xs), 0.5),
-    "window-0.25": (lambda xs: tuple(xs), 0.25),
+def _stretch(factor: int) -> Callable[[tuple], tuple]:
+  return lambda xs: tuple(x * factor for x in xs)
+
+
+# name: (offsets or terms kept, window scale, reach scale)
+BUDGETS: dict[str, tuple[Callable[[tuple], tuple], float, int]] = {
+    "full": (lambda xs: tuple(xs), 1.0, 1),
+    "far-0.75": (_keep_near(0.75), 1.0, 1),
+    "far-0.5": (_keep_near(0.5), 1.0, 1),
+    "far-0.25": (_keep_near(0.25), 1.0, 1),
+    "thin-2": (lambda xs: tuple(xs[::2]), 1.0, 1),
+    "window-only": (lambda xs: (), 1.0, 1),
+    "window-0.5": (lambda xs: tuple(xs), 0.5, 1),
+    "window-0.25": (lambda xs: tuple(xs), 0.25, 1),
+    "stretch-2": (_stretch(2), 1.0, 2),
+    "stretch-4": (_stretch(4), 1.0, 4),
 }
 
 
@@ -47,11 +60,11 @@ def cheaper(p: LayerPattern, budget: str) -> LayerPattern:
   """``p`` under ``budget`` (dense patterns are returned unchanged)."""
   if p.kind == "dense":
     return p
-  keep, scale = BUDGETS[budget]
+  keep, scale, reach_scale = BUDGETS[budget]
   window = max(1, int(p.window * scale))
   if p.kind == "learned":
-    return dataclasses.replace(p, window=window, terms=keep(p.terms))
-  return dataclasses.replace(p, window=window, offsets=keep(p.offsets))
+    return dataclasses.replace(p, window=window, terms=keep(p.terms), reach=p.reach * reach_scale)
+  return dataclasses.replace(p, window=window, offsets=keep(p.offsets), reach=p.reach * reach_scale)
 
 
 def with_budget(run: Run, budget: str) -> tuple[nnx.GraphDef, Any, float]:
@@ -85,16 +98,18 @@ def budget_sweep(run: Run, multiples: tuple[int, ...], max_targets: int,
   return out
 
 
-def run_budget(workdir: pathlib.Path, multiples: Sequence[int] = (1, 2, 4), max_targets: int | None = None,
+def run_budget(workdir: pathlib.Path, multiples: Sequence[int] | None = None, max_targets: int | None = None,
                run: Run | None = None, budgets: tuple[str, ...] = tuple(BUDGETS)) -> tuple[pathlib.Path, dict]:
-  """Runs (or reads, if already written under the same name) the budget sweep of ``workdir``."""
+  """Runs (or reads, if already written under the same name) the budget sweep of ``workdir`` at
+  ``multiples`` of T (default: the run's ``final_eval_multiples``)."""
   unknown = sorted(set(budgets) - set(BUDGETS))
   if unknown:
     raise ValueError(f"unknown budgets {unknown}; choose from {list(BUDGETS)}")
   run = run or load_run(workdir)
+  multiples = tuple(multiples or run.cfg.final_eval_multiples)
   max_targets = max_targets or run.cfg.final_eval_tokens
   which = "" if tuple(budgets) == tuple(BUDGETS) else "_" + "-".join(budgets)
-  path = run.workdir / "budget" / f"step{run.step}_x{'-'.join(map(str, multiples))}_t{max_targets}{which}.json"
+  path = run.workdir / rundir.BUDGET / f"step{run.step}_x{'-'.join(map(str, multiples))}_t{max_targets}{which}.json"
   if path.parent.exists() and not path.parent.is_dir():  # checked before the sweep computes, not after
     raise ValueError(f"{path.parent} is a file, not a folder: move it away so that the budget results can be "
                      "written there")
@@ -102,33 +117,28 @@ def run_budget(workdir: pathlib.Path, multiples: Sequence[int] = (1, 2, 4), max_
 
 
 def main(argv: list[str] | None = None) -> int:
-  from fibjax.cli import ArgumentParser  # noqa: PLC0415  (this module imports nothing heavy at load)
-
   parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True, type=pathlib.Path)
-  parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4], help="multiples of T")
+  add_workdir(parser)
+  add_lengths(parser)
   parser.add_argument("--tokens", type=int, default=None, help="target tokens per length (default: the config's)")
   parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), help=f"any of {list(BUDGETS)}")
-  args = parser.parse_args(argv)
-  try:
-    if min(args.lengths) < 1 or (args.tokens is not None and args.tokens < 1):
-      raise ValueError("--lengths and --tokens must be >= 1")
-    path, record = run_budget(args.workdir, tuple(args.lengths), args.tokens, budgets=tuple(args.budgets))
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"error: cannot write the budget results under {args.workdir / 'budget'} "
-          f"({e.strerror or type(e).__name__}: {e.filename}); free space or fix the folder, then run again",
-          file=sys.stderr)
-    return 2
+  return run_command(sweep_budgets, parser, argv)
+
+
+def sweep_budgets(args: argparse.Namespace) -> int:
+  """Runs (or reads) the budget sweep ``args`` ask for and prints each budget's perplexities."""
+  if args.tokens is not None and args.tokens < 1:
+    raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+  check_multiples(args.lengths)
+  run = load_run(args.workdir)
+  path, record = run_budget(args.workdir, tuple(args.lengths or run.cfg.final_eval_multiples), args.tokens, run=run,
+                            budgets=tuple(args.budgets))
   for name, r in record["budgets"].items():
     ppl = "  ".join(f"{k} {v['ppl']:.3f}" for k, v in r.items() if k.endswith("x"))
     print(f"{name:>12}: {r['keys_per_query']:6.1f} keys/query  {ppl}")
   print(f"wrote {path}")
   return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

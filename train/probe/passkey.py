@@ -25,8 +25,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fibjax.cli import ArgumentParser
+from train.cli import add_lengths, add_workdir, check_multiples, run_command
 from train.data import text as data
 from train.probe import reach
+from train.run import rundir
 from train.run.evaluation import read_or_write
 from train.run.restore import Run, load_run
 
@@ -89,9 +91,11 @@ def check_lengths(run: Run, multiples: tuple[int, ...], keys: list[str]) -> None
                      f"sample needs at least {need}: give --lengths of {-(-need // t)} or more")
 
 
-def passkey(run: Run, multiples: tuple[int, ...] = (1, 2, 4), depths: tuple[float, ...] = DEPTHS,
+def passkey(run: Run, multiples: tuple[int, ...] | None = None, depths: tuple[float, ...] = DEPTHS,
             trials: int = 8, seed: int = 0) -> dict[str, Any]:
-  """Accuracy per (length, depth) over ``trials`` keys drawn from ``seed``; see the module doc."""
+  """Accuracy per (length, depth) over ``trials`` keys drawn from ``seed`` at ``multiples`` of T
+  (default: the run's ``final_eval_multiples``); see the module doc."""
+  multiples = tuple(multiples or run.cfg.final_eval_multiples)
   keys = draw_keys(seed, trials)
   hops = reach.hop_sets(nnx.merge(run.graphdef, run.params))
   t = run.cfg.model.seq_len
@@ -123,28 +127,30 @@ def passkey(run: Run, multiples: tuple[int, ...] = (1, 2, 4), depths: tuple[floa
           "cells": cells, "reachable_fraction": coverage}
 
 
-def run_passkey(workdir: pathlib.Path, multiples: Sequence[int] = (1, 2, 4), depths: Sequence[float] = DEPTHS,
+def run_passkey(workdir: pathlib.Path, multiples: Sequence[int] | None = None, depths: Sequence[float] = DEPTHS,
                 trials: int = 8, seed: int = 0, run: Run | None = None) -> tuple[pathlib.Path, dict]:
-  """Runs (or reads, if already written under the same name) the passkey probe of ``workdir``."""
+  """Runs (or reads, if already written under the same name) the passkey probe of ``workdir`` at
+  ``multiples`` of T (default: the run's ``final_eval_multiples``)."""
   run = run or load_run(workdir)
+  multiples = tuple(multiples or run.cfg.final_eval_multiples)
   path = passkey_path(run, multiples, depths, trials, seed)
-  return read_or_write(path, lambda: passkey(run, tuple(multiples), tuple(depths), trials, seed))
+  return read_or_write(path, lambda: passkey(run, multiples, tuple(depths), trials, seed))
 
 
-def passkey_path(run: Run, multiples: Sequence[int] = (1, 2, 4), depths: Sequence[float] = DEPTHS,
+def passkey_path(run: Run, multiples: Sequence[int] | None = None, depths: Sequence[float] = DEPTHS,
                  trials: int = 8, seed: int = 0) -> pathlib.Path:
   """Where ``run_passkey`` writes (or finds) this probe."""
+  multiples = tuple(multiples or run.cfg.final_eval_multiples)
   name = (f"step{run.step}_x{'-'.join(map(str, multiples))}_d{'-'.join(f'{d:g}' for d in depths)}"
           f"_n{trials}_s{seed}.json")
-  return run.workdir / "passkey" / name
+  return run.workdir / rundir.PASSKEY / name
 
 
 def check_arguments(args: argparse.Namespace) -> None:
   """Raises ``ValueError`` naming the first argument out of its range, and the range."""
   if args.trials < 1:
     raise ValueError(f"--trials must be >= 1, got {args.trials}")
-  if min(args.lengths) < 1:
-    raise ValueError(f"--lengths are multiples of T and must be >= 1, got {' '.join(map(str, args.lengths))}")
+  check_multiples(args.lengths)
   if not all(0 <= d <= 1 for d in args.depths):
     raise ValueError(f"--depths must be within [0, 1] (0: key at the start of the filler, 1: at its end), "
                      f"got {' '.join(f'{d:g}' for d in args.depths)}")
@@ -155,27 +161,27 @@ def check_arguments(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
   parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True, type=pathlib.Path)
-  parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4], help="multiples of T")
+  add_workdir(parser)
+  add_lengths(parser)
   parser.add_argument("--depths", type=float, nargs="+", default=list(DEPTHS), help="key depth, 0..1 of the filler")
   parser.add_argument("--trials", type=int, default=8, help="keys per (length, depth)")
   parser.add_argument("--seed", type=int, default=0, help="seed of the keys")
-  args = parser.parse_args(argv)
-  try:
-    check_arguments(args)
-    run = load_run(args.workdir)
-    check_lengths(run, tuple(args.lengths), draw_keys(args.seed, args.trials))
-    reused = passkey_path(run, tuple(args.lengths), tuple(args.depths), args.trials, args.seed).exists()
-    path, record = run_passkey(args.workdir, tuple(args.lengths), tuple(args.depths), args.trials, args.seed, run=run)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return run_command(probe, parser, argv)
+
+
+def probe(args: argparse.Namespace) -> int:
+  """Runs (or reads) the passkey probe ``args`` ask for and prints each cell's accuracy."""
+  check_arguments(args)
+  run = load_run(args.workdir)
+  lengths = tuple(args.lengths or run.cfg.final_eval_multiples)
+  check_lengths(run, lengths, draw_keys(args.seed, args.trials))
+  reused = passkey_path(run, lengths, tuple(args.depths), args.trials, args.seed).exists()
+  path, record = run_passkey(args.workdir, lengths, tuple(args.depths), args.trials, args.seed, run=run)
   for c in record["cells"]:
     print(f"length {c['length']:>6} depth {c['depth']:.2f}: accuracy {c['accuracy']:.2f} "
           f"(tokens {c['token_accuracy']:.2f}; reachable {c['reachable']:.2f})")
   print(f"reused {path} (written earlier; nothing recomputed)" if reused else f"wrote {path}")
   return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -10,6 +10,7 @@ again is read back from its file. The trainer's final evaluation and ``python -m
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -22,11 +23,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs.base import TrainConfig
+from fibjax.model import LM
 from train.data import text as data
+from train.run import rundir
 from train.run.mesh import MESH_AXES
 from train.run.step import make_eval_step
-
-EVALS_DIR = "evals"
 
 
 def heldout_loss(eval_fn: Callable, params: Any, windows: np.ndarray, rows: int, mesh: Mesh) -> np.ndarray:
@@ -107,8 +108,11 @@ def check_fits(tokens: np.ndarray, seq_len: int, multiples: tuple[int, ...], sou
   (``nested_windows``) needs more tokens than ``source`` holds."""
   lcm = math.lcm(*multiples)
   needed = lcm * seq_len + 1
+  most = (len(tokens) - 1) // seq_len
+  if needed > len(tokens) and most < 1:  # no --lengths fits: the text is shorter than one window
+    raise ValueError(f"{source} holds {len(tokens):,} tokens, fewer than one window of T={seq_len} plus one: give "
+                     f"--data with more text (--lengths {' '.join(map(str, multiples))} need {needed:,} tokens)")
   if needed > len(tokens):
-    most = (len(tokens) - 1) // seq_len
     raise ValueError(f"--lengths {' '.join(map(str, multiples))} need {needed:,} consecutive tokens (their lcm {lcm} "
                      f"x T={seq_len}, plus one) but {source} holds {len(tokens):,}: lower --lengths so their lcm is "
                      f"at most {most}, or give --data with more text")
@@ -130,11 +134,14 @@ def write_new(path: pathlib.Path, record: dict) -> None:
   """Writes ``record`` as JSON to ``path`` through a temporary file; never replaces a file."""
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(record, indent=2) + "\n")
-  if path.exists():
-    tmp.unlink()
-    raise ValueError(f"{path} already exists; it is not overwritten")
-  tmp.rename(path)
+  try:
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    if path.exists():
+      raise ValueError(f"{path} already exists; it is not overwritten")
+    tmp.rename(path)
+  except BaseException:  # an interrupted write too: no temporary file is left behind
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def read_or_write(path: pathlib.Path, compute: Callable[[], dict]) -> tuple[pathlib.Path, dict]:
@@ -149,28 +156,42 @@ def read_or_write(path: pathlib.Path, compute: Callable[[], dict]) -> tuple[path
 
 
 def evaluation_path(workdir: pathlib.Path, step: int, tokens: np.ndarray, multiples: tuple[int, ...],
-                    max_targets: int, data_path: str | None = None) -> pathlib.Path:
+                    max_targets: int, data_path: str | None = None, sinks: int | None = None) -> pathlib.Path:
   """Where ``evaluate_into`` writes (or finds) this evaluation."""
   data_path = data_path and str(pathlib.Path(data_path).absolute())
   name = evaluation_name(step, data_tag(data_path, tokens), multiples, max_targets)
-  return pathlib.Path(workdir) / EVALS_DIR / f"{name}.json"
+  return pathlib.Path(workdir) / rundir.EVALS / f"{name}{'' if sinks is None else f'_sink{sinks}'}.json"
+
+
+def sink_window_graph(cfg: TrainConfig, sinks: int) -> nnx.GraphDef:
+  """The graph of the dense model ``cfg`` attending to a sliding window of T keys plus its first
+  ``sinks`` tokens (StreamingLLM; ``fibjax.model.ModelConfig.eval_window``); the parameters are the
+  run's own. Raises ``ValueError`` for a sparse model."""
+  if cfg.model.variant != "dense":
+    raise ValueError(f"a sink window is an evaluation of a dense run; this one is {cfg.model.variant!r}")
+  model = dataclasses.replace(cfg.model, eval_window=cfg.model.seq_len, eval_sinks=sinks)
+  return nnx.graphdef(nnx.eval_shape(lambda: LM(model, rngs=nnx.Rngs(0))))
 
 
 def evaluate_into(workdir: pathlib.Path, step: int, cfg: TrainConfig, mesh: Mesh, graphdef: nnx.GraphDef, params: Any,
-                  tokens: np.ndarray, multiples: tuple[int, ...], max_targets: int, data_path: str | None = None
-                  ) -> tuple[pathlib.Path, dict]:
+                  tokens: np.ndarray, multiples: tuple[int, ...], max_targets: int, data_path: str | None = None,
+                  sinks: int | None = None) -> tuple[pathlib.Path, dict]:
   """Scores ``tokens`` (the run's held-out split, or the text at ``data_path``) and writes the
-  record to ``workdir/evals/<step, text, lengths, tokens>.json``; an evaluation already written
-  under that name is read, not redone. Returns ``(path, record)``."""
+  record to ``workdir/evals/<step, text, lengths, tokens[, sinks]>.json``; an evaluation already
+  written under that name is read, not redone. ``sinks``: a dense run scored with a sliding window
+  of T keys plus that many sink tokens (``sink_window_graph``) instead of ``graphdef``.
+  Returns ``(path, record)``."""
   data_path = data_path and str(pathlib.Path(data_path).absolute())
   multiples = sorted_lengths(multiples)
   tag = data_tag(data_path, tokens)
-  path = evaluation_path(workdir, step, tokens, multiples, max_targets, data_path)
+  path = evaluation_path(workdir, step, tokens, multiples, max_targets, data_path, sinks)
+  if sinks is not None:
+    graphdef = sink_window_graph(cfg, sinks)
 
   def compute() -> dict:
     with jax.set_mesh(mesh):
       record = score(cfg, mesh, graphdef, params, tokens, multiples, max_targets)
     return {**record, "step": step, "data": data_path, "data_tag": tag, "variant": cfg.model.variant,
-            "seed": cfg.seed}
+            "seed": cfg.seed, "sinks": sinks}
 
   return read_or_write(path, compute)

@@ -11,6 +11,7 @@ import jax
 import tqdm
 
 from fibjax.model import ModelConfig, layer_patterns
+from train.run import rundir
 
 PEAK_BF16_FLOPS = {  # dense bf16 matrix peak per device, by device_kind substring
     "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
@@ -41,13 +42,13 @@ class Writer:
 
   def __init__(self, workdir: pathlib.Path, resume_step: int = 0):
     self.active = jax.process_index() == 0
-    self.path = workdir / "metrics.jsonl"
+    self.path = workdir / rundir.METRICS
     self.tb = None
     if self.active:
       from tensorboardX import SummaryWriter  # noqa: PLC0415
 
       truncate(self.path, resume_step)
-      self.tb = SummaryWriter(str(workdir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+      self.tb = SummaryWriter(str(workdir / rundir.TENSORBOARD), purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, **values) -> None:
     if not self.active:

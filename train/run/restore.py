@@ -6,6 +6,7 @@ corpus or the optimizer state.
 
 Reading is all it does: a damaged checkpoint is skipped (with a warning) for the newest one that
 restores, never moved or deleted (training, which writes, moves it aside: ``train.run.checkpoint``).
+The files are named in ``train.run.rundir``.
 """
 
 from __future__ import annotations
@@ -24,13 +25,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from configs.base import TrainConfig
 from fibjax.model import LM
 from train.data import text as data
+from train.run import rundir
 from train.run.checkpoint import (REQUIRED_FILES, CheckpointError, check_files, damage_report, newest_intact,
-                              read_intact, saved_steps, short)
+                                  read_intact, short)
 from train.run.mesh import make_mesh
 from train.run.quiet import quiet_libraries
-
-HELDOUT_FILE = "heldout_tokens.npy"  # the run's held-out split, tokenized at training time
-BUDGET_FILE = "data_budget.json"  # training tokens and how many times they repeat the corpus
 
 
 @dataclasses.dataclass
@@ -47,7 +46,7 @@ class Run:
 
   def heldout(self) -> np.ndarray:
     """The run's held-out token stream (int32), saved when it was trained."""
-    path = self.workdir / HELDOUT_FILE
+    path = self.workdir / rundir.HELDOUT_TOKENS
     if not path.exists():
       raise ValueError(f"{path} is missing: this run predates saved held-out tokens; evaluate it with "
                        "--data FILE_OR_DIR")
@@ -58,7 +57,7 @@ def tokenizer_of(workdir: pathlib.Path, cfg: TrainConfig) -> data.Tokenizer:
   """The run's tokenizer: bytes, or the BPE saved in ``workdir/tokenizer.json``."""
   if cfg.tokenizer == "byte":
     return data.ByteTokenizer()
-  path = workdir / "tokenizer.json"
+  path = workdir / rundir.TOKENIZER
   if not path.exists():
     raise ValueError(f"{path} is missing: a BPE run keeps its tokenizer there; without it its tokens cannot be read")
   return data.BPETokenizer.load(path)
@@ -172,11 +171,11 @@ def load_run(workdir: pathlib.Path, mesh: Mesh | None = None, step: int | None =
   quiet_libraries()
   check_run_folder(pathlib.Path(workdir))  # the path as the caller gave it, in the message
   workdir = pathlib.Path(workdir).absolute()
-  if not (workdir / "config.json").exists():
+  if not (workdir / rundir.CONFIG).exists():
     raise ValueError(f"{workdir} has no config.json: not a fibjax run directory (train one with python -m train)")
-  cfg = TrainConfig.load(workdir / "config.json")
-  checkpoints = workdir / "checkpoints"
-  steps = saved_steps(checkpoints)
+  cfg = TrainConfig.load(workdir / rundir.CONFIG)
+  checkpoints = rundir.checkpoints(workdir)
+  steps = rundir.saved_steps(workdir)
   if not steps:
     raise ValueError(f"{workdir} holds no checkpoint yet: train it first (python -m train --workdir {workdir})")
   if step is not None and step not in steps:

@@ -40,7 +40,10 @@ def token_nll(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT1: jax.Array,
   else:
     logits_BxTxV = model(inputs_BxT)
   logp = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-  return -jnp.take_along_axis(logp, tokens_BxT1[:, 1:, None], axis=-1)[..., 0]
+  # The target's log-probability through a one-hot product: the same value, and a gradient that is
+  # elementwise where take_along_axis's is a scatter (atomic on GPUs, slow in deterministic mode).
+  onehot_BxTxV = jax.nn.one_hot(tokens_BxT1[:, 1:], logp.shape[-1], dtype=logp.dtype)
+  return -jnp.sum(logp * onehot_BxTxV, axis=-1)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -56,14 +59,23 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   )
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, pack_documents: bool = False
-                    ) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, pack_documents: bool = False,
+                    masked: bool = False) -> Callable:
   """``step(state, batch_AxBxT1) -> (state, metrics)``: A micro-batches accumulated by scan,
   one optimizer update. ``state = {"params", "opt_state", "step"}``; ``pack_documents`` as in
-  ``token_nll``."""
+  ``token_nll``. ``masked`` (a run with a task): the batch is ``(tokens_AxBxT1 int32,
+  mask_AxBxT float32)`` and a micro-batch's loss is the mean over the targets whose mask is 1
+  (``train.data.tasks.mixed_dataset``: a text row's are all, a task row's its answer tokens)."""
 
-  def loss_fn(params, tokens):
+  def text_loss(params, tokens):
     return jnp.mean(token_nll(graphdef, params, tokens, pack_documents))
+
+  def masked_loss(params, batch):
+    tokens_BxT1, mask_BxT = batch
+    nll_BxT = token_nll(graphdef, params, tokens_BxT1, pack_documents)
+    return jnp.sum(nll_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1.0)
+
+  loss_fn = masked_loss if masked else text_loss
 
   def step(state: dict[str, Any], batch_AxBxT1: jax.Array):
     params = state["params"]
@@ -72,12 +84,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, pa
       loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
-    accum = batch_AxBxT1.shape[0]
+    accum = jax.tree.leaves(batch_AxBxT1)[0].shape[0]
     if accum == 1:  # no accumulation: no scan, no zero-filled gradient tree
-      loss, grads = jax.value_and_grad(loss_fn)(params, batch_AxBxT1[0])
+      loss, grads = jax.value_and_grad(loss_fn)(params, jax.tree.map(lambda x: x[0], batch_AxBxT1))
     else:
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-      (loss, grads), _ = jax.lax.scan(micro, zeros, batch_AxBxT1)
+      (loss, grads), _ = jax.lax.scan(micro, zeros, batch_AxBxT1)  # a (tokens, mask) batch: both sliced
       loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any, Iterator, Sequence
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,14 +28,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fibjax.model import LM, count_params
-from train.run import checkpoint
-from train.data import text as data
+from train.run import checkpoint, rundir
+from train.data import tasks, text as data
 from train.run.mesh import make_mesh
-from train.run.restore import BUDGET_FILE, HELDOUT_FILE
-from configs.base import TrainConfig
+from configs.base import TrainConfig, resolve_random_offsets
 from train.run.evaluation import evaluate_into, heldout_loss
 from train.run.metrics import Writer, flops_per_token, peak_flops_per_device, progress_bar
 from train.run.step import make_eval_step, make_optimizer, make_train_step
+from train.run.workdir import check_unlocked, check_workdir, record_changes, workdir_lock
 
 BATCH_SPEC = P(None, ("data", "fsdp"), None)  # [accum, batch, T+1]: batch split over every device
 HELDOUT_KEEP = 1 << 24  # held-out tokens a run keeps for evaluation (a prepared corpus may hold far more)
@@ -103,22 +104,34 @@ def shardings_of(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def compile_train_step(graphdef, tx, state, mesh, pack_documents: bool = False):
+def compile_train_step(graphdef, tx, state, mesh, pack_documents: bool = False, masked: bool = False):
   """The jit train step with explicit in/out shardings and the state buffer donated
-  (``pack_documents``: ``train.run.step.token_nll``)."""
+  (``pack_documents``: ``train.run.step.token_nll``; ``masked``: the batch is ``(tokens, mask)``,
+  ``train.run.step.make_train_step``)."""
   state_sh = shardings_of(state)
+  batch_sh = NamedSharding(mesh, BATCH_SPEC)
   return jax.jit(
-      make_train_step(graphdef, tx, pack_documents),
-      in_shardings=(state_sh, NamedSharding(mesh, BATCH_SPEC)),
+      make_train_step(graphdef, tx, pack_documents, masked),
+      in_shardings=(state_sh, (batch_sh, batch_sh) if masked else batch_sh),
       out_shardings=(state_sh, NamedSharding(mesh, P())),
       donate_argnums=(0,),
   )
 
 
 def global_batch(local_rows: np.ndarray, accum: int, mesh: Mesh) -> jax.Array:
-  """This process's rows ``[b, T+1]`` -> the global ``[accum, B / accum, T+1]`` array."""
+  """This process's rows ``[b, T+1]`` -> the global ``[accum, B / accum, T+1]`` array (so too a
+  task run's loss mask, ``[b, T]`` -> ``[accum, B / accum, T]``)."""
   rows = local_rows.reshape(accum, -1, local_rows.shape[-1])
   return jax.make_array_from_process_local_data(NamedSharding(mesh, BATCH_SPEC), rows)
+
+
+def training_stream(cfg: TrainConfig, run_data: RunData) -> grain.IterDataset:
+  """The Grain pipeline of training rows: text windows ``[b, T+1]`` (``data.train_dataset``), or
+  with a task ``(tokens [b, T+1], loss mask [b, T])`` (``tasks.mixed_dataset``)."""
+  spec = cfg.task_spec()
+  if spec is None:
+    return data.train_dataset(run_data.train, cfg.model.seq_len, cfg.batch_size, cfg.seed)
+  return tasks.mixed_dataset(run_data.train, spec, cfg.task_mix, run_data.tokenizer.encode, cfg.batch_size, cfg.seed)
 
 
 def load_data(cfg: TrainConfig, workdir: pathlib.Path, data_hash: str | None) -> RunData:
@@ -128,13 +141,13 @@ def load_data(cfg: TrainConfig, workdir: pathlib.Path, data_hash: str | None) ->
   if path is not None and data.is_prepared(path):
     train_tokens, heldout_tokens, manifest = data.open_prepared(path)
     check_prepared(cfg, path, manifest)
-    tok = data.BPETokenizer.load(path / "tokenizer.json") if cfg.tokenizer == "bpe" else data.ByteTokenizer()
+    tok = data.BPETokenizer.load(path / data.PREPARED_TOKENIZER) if cfg.tokenizer == "bpe" else data.ByteTokenizer()
     return RunData(train_tokens, heldout_tokens, tok, data_hash)
   train_docs, heldout_docs = data.split_documents(data.load_documents(cfg.data_path))
   if cfg.tokenizer == "byte":
     tok = data.ByteTokenizer()
-  elif (workdir / "tokenizer.json").exists():
-    tok = data.BPETokenizer.load(workdir / "tokenizer.json")
+  elif (workdir / rundir.TOKENIZER).exists():
+    tok = data.BPETokenizer.load(workdir / rundir.TOKENIZER)
   else:
     tok = data.BPETokenizer.train(train_docs, cfg.bpe_vocab_size)
   return RunData(data.tokenize(train_docs, tok), data.tokenize(heldout_docs, tok), tok, data_hash)
@@ -166,15 +179,15 @@ def write_run_files(cfg: TrainConfig, workdir: pathlib.Path, run_data: RunData, 
   if jax.process_index() != 0:
     return
   try:
-    checkpoint.ensure_writable(workdir / "checkpoints")
-    write_atomic(workdir / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
-    if isinstance(run_data.tokenizer, data.BPETokenizer) and not (workdir / "tokenizer.json").exists():
-      run_data.tokenizer.save(workdir / "tokenizer.json")
-    if not (resuming and (workdir / HELDOUT_FILE).exists()):
-      data.save_heldout(np.asarray(run_data.heldout[:HELDOUT_KEEP]), workdir / HELDOUT_FILE)
+    checkpoint.ensure_writable(rundir.checkpoints(workdir))
+    write_atomic(workdir / rundir.CONFIG, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    if isinstance(run_data.tokenizer, data.BPETokenizer) and not (workdir / rundir.TOKENIZER).exists():
+      run_data.tokenizer.save(workdir / rundir.TOKENIZER)
+    if not (resuming and (workdir / rundir.HELDOUT_TOKENS).exists()):
+      data.save_heldout(np.asarray(run_data.heldout[:HELDOUT_KEEP]), workdir / rundir.HELDOUT_TOKENS)
     source = {"path": cfg.data_path, "sha256": run_data.sha256}
-    write_atomic(workdir / checkpoint.DATA_SOURCE_FILE, json.dumps(source, indent=2) + "\n")
-    write_atomic(workdir / BUDGET_FILE, json.dumps(budget, indent=2) + "\n")
+    write_atomic(workdir / rundir.DATA_SOURCE, json.dumps(source, indent=2) + "\n")
+    write_atomic(workdir / rundir.DATA_BUDGET, json.dumps(budget, indent=2) + "\n")
   except (OSError, checkpoint.CheckpointError) as e:
     if created:
       shutil.rmtree(workdir, ignore_errors=True)
@@ -183,10 +196,15 @@ def write_run_files(cfg: TrainConfig, workdir: pathlib.Path, run_data: RunData, 
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:
-  """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
+  """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``; a write
+  that fails or is interrupted leaves ``path`` as it was and no temporary file."""
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  tmp.replace(path)
+  try:
+    tmp.write_text(text)
+    tmp.replace(path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def nonfinite(step: int, metrics: dict[str, float], last_saved: int | None, folder: pathlib.Path,
@@ -204,17 +222,17 @@ def check_start(cfg: TrainConfig, workdir: pathlib.Path, devices: int, allow_cha
                 ) -> tuple[TrainConfig, RunData, dict, dict | None]:
   """Every check a start makes before it writes anything: ``(cfg, data, budget, changes)`` with
   the data path made absolute; ``changes`` is ``None`` for a new run, else the config changes the
-  resume makes (``checkpoint.check_workdir``).
+  resume makes (``train.run.workdir.check_workdir``).
 
   Raises:
     ValueError: a bad config, an incompatible workdir, or unusable data.
   """
-  cfg.validate()
+  cfg = resolve_random_offsets(cfg.validate())  # a *-random run's drawn offsets are saved in its config.json
   if cfg.data_path is not None:
     cfg = dataclasses.replace(cfg, data_path=str(pathlib.Path(cfg.data_path).resolve()))
     check_apart(workdir, pathlib.Path(cfg.data_path))
   data_hash = data.fingerprint(cfg.data_path)
-  changes = checkpoint.check_workdir(workdir, cfg, data_hash, allow_changes)
+  changes = check_workdir(workdir, cfg, data_hash, allow_changes)
   micro = cfg.batch_size // cfg.grad_accum
   if micro % devices:
     raise ValueError(f"batch_size / grad_accum = {micro} must be divisible by the {devices} devices")
@@ -245,10 +263,9 @@ def restore_run(cfg: TrainConfig, workdir: pathlib.Path, target: Any) -> tuple[i
 
 
 def train(cfg: TrainConfig, workdir: pathlib.Path, allow_changes: Sequence[str] = ()) -> dict:
-  """Trains (or resumes) ``cfg`` in ``workdir``; returns the closing summary. A resume may change
-  the fields of ``checkpoint.RESUMABLE_FIELDS`` and the training fields named in ``allow_changes``;
-  each change is appended to ``workdir/config_history.jsonl``. Process 0 holds the workdir's lock
-  (``checkpoint.workdir_lock``) from before its first write to after its last.
+  """Trains (or resumes) ``cfg`` in ``workdir``; returns the closing summary. What a resume may
+  change (``allow_changes``: the ``--allow-change`` fields) and the workdir's lock, which process 0
+  holds from before its first write to after its last: ``train.run.workdir``.
 
   Raises:
     ValueError: a bad config, data or workdir, or another process training in it (before anything
@@ -260,12 +277,12 @@ def train(cfg: TrainConfig, workdir: pathlib.Path, allow_changes: Sequence[str] 
   workdir = pathlib.Path(os.path.abspath(workdir))
   lead = jax.process_index() == 0
   if lead:
-    checkpoint.check_unlocked(workdir)  # first, so a run in progress is named as such
+    check_unlocked(workdir)  # first, so a run in progress is named as such
   mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
   cfg, run_data, budget, _ = check_start(cfg, workdir, mesh.devices.size, allow_changes)
-  with checkpoint.workdir_lock(workdir) if lead else contextlib.nullcontext(False) as created:
+  with workdir_lock(workdir) if lead else contextlib.nullcontext(False) as created:
     # checked again under the lock: what another process wrote since the checks above counts
-    changes = checkpoint.check_workdir(workdir, cfg, run_data.sha256, allow_changes)
+    changes = check_workdir(workdir, cfg, run_data.sha256, allow_changes)
     return train_locked(cfg, workdir, mesh, run_data, budget, changes, created)
 
 
@@ -276,18 +293,21 @@ def train_locked(cfg: TrainConfig, workdir: pathlib.Path, mesh: Mesh, run_data: 
   resuming = changes is not None
   micro = cfg.batch_size // cfg.grad_accum
   tx = make_optimizer(cfg)
-  folder = workdir / "checkpoints"
+  folder = rundir.checkpoints(workdir)
   with jax.set_mesh(mesh):
     graphdef, state = init_state(cfg, mesh, tx)
     num_params = count_params(nnx.merge(graphdef, state["params"]))
     found = restore_run(cfg, workdir, state) if resuming else None
     if found is not None:
-      checkpoint.record_changes(workdir, found[0], changes)
+      record_changes(workdir, found[0], changes)
     write_run_files(cfg, workdir, run_data, budget, resuming, created)
     if jax.process_index() == 0:
       print(f"data: {budget['training_tokens']:,} training tokens = {budget['repeats']:.2f} x the "
             f"{budget['corpus_train_tokens']:,} distinct training tokens of the corpus", flush=True)
-    iterator = iter(data.train_dataset(run_data.train, cfg.model.seq_len, cfg.batch_size, cfg.seed))
+      if cfg.task is not None:
+        print(f"task: {cfg.task}, distances {cfg.task_spec().law}, in {100 * cfg.task_mix:g}% of the rows (the rest "
+              "text); only a task row's answer tokens are scored", flush=True)
+    iterator = iter(training_stream(cfg, run_data))
     start, last_saved, saving = 0, None, None
     if found is not None:
       start, state, data_state = found
@@ -295,7 +315,7 @@ def train_locked(cfg: TrainConfig, workdir: pathlib.Path, mesh: Mesh, run_data: 
       last_saved = start
     mngr = checkpoint.manager(workdir, cfg)
     try:
-      step_fn = compile_train_step(graphdef, tx, state, mesh, cfg.pack_documents)
+      step_fn = compile_train_step(graphdef, tx, state, mesh, cfg.pack_documents, masked=cfg.task is not None)
       eval_fn = jax.jit(make_eval_step(graphdef, cfg.pack_documents))
       heldout_windows = data.eval_windows(run_data.heldout, cfg.model.seq_len,
                                           cfg.eval_batches * micro * cfg.model.seq_len)
@@ -320,7 +340,7 @@ def train_locked(cfg: TrainConfig, workdir: pathlib.Path, mesh: Mesh, run_data: 
           for step in range(start, cfg.steps):
             if stop.is_set():
               raise KeyboardInterrupt
-            batch = global_batch(next(iterator), cfg.grad_accum, mesh)
+            batch = jax.tree.map(lambda rows: global_batch(rows, cfg.grad_accum, mesh), next(iterator))
             state, metrics = step_fn(state, batch)
             if pending is not None:  # read the previous step's metrics while this one runs
               check(*pending)
@@ -350,6 +370,9 @@ def train_locked(cfg: TrainConfig, workdir: pathlib.Path, mesh: Mesh, run_data: 
             bar.update(1)
           if pending is not None:
             check(*pending)
+          if stop.is_set():  # Ctrl-C during the last step: stop before the final evaluation, as at any step
+            step = cfg.steps
+            raise KeyboardInterrupt
       except KeyboardInterrupt:
         kept = f"checkpoint step {last_saved} in {folder} is kept" if last_saved is not None else "no checkpoint saved"
         raise Interrupted(f"interrupted at step {step}; {kept}. Resume with: python -m train --workdir {workdir}") \
@@ -365,7 +388,7 @@ def train_locked(cfg: TrainConfig, workdir: pathlib.Path, mesh: Mesh, run_data: 
                               cfg.final_eval_tokens)
   result = {**result, "params": num_params}
   if jax.process_index() == 0:
-    (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(workdir / rundir.EVAL, json.dumps(result, indent=2) + "\n")
   return {"workdir": str(workdir), "checkpoint": str(folder / str(last_saved)),
-          "metrics": str(workdir / "metrics.jsonl"), "tensorboard": str(workdir / "tb"),
-          "eval": str(workdir / "eval.json"), "result": result}
+          "metrics": str(workdir / rundir.METRICS), "tensorboard": str(workdir / rundir.TENSORBOARD),
+          "eval": str(workdir / rundir.EVAL), "result": result}

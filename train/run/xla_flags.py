@@ -7,11 +7,18 @@ import os
 # Measured on an H100 (benchmarks/results/NOTES.md): the paper recipe's d_model = 512 matmuls run
 # faster through cuBLAS than through XLA's Triton GEMM emitter (step 49.1 -> 43.3 ms, dense, T = 1024).
 DEFAULTS = {"xla_gpu_enable_triton_gemm": "false"}
+# A run with ``deterministic=true``: XLA picks only run-to-run deterministic GPU algorithms (no
+# atomics in scatters and reductions, no timing-dependent autotuning choice), so the same seed on
+# the same GPU type repeats its loss curve bit for bit. Its cost is measured in NOTES.md.
+DETERMINISTIC = {"xla_gpu_deterministic_ops": "true"}
 
 
-def apply_defaults() -> None:
-  """Adds each default flag to ``XLA_FLAGS`` unless that flag is already there."""
+def apply_defaults(deterministic: bool = False) -> None:
+  """Adds each default flag (and with ``deterministic`` the flags of ``DETERMINISTIC``) to
+  ``XLA_FLAGS`` unless that flag is already there. Call it before the first computation: XLA
+  reads the flags when the backend starts."""
   flags = os.environ.get("XLA_FLAGS", "")
-  extra = [f"--{name}={value}" for name, value in DEFAULTS.items() if f"--{name}" not in flags]
+  wanted = {**DEFAULTS, **(DETERMINISTIC if deterministic else {})}
+  extra = [f"--{name}={value}" for name, value in wanted.items() if f"--{name}" not in flags]
   if extra:
     os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()

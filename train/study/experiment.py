@@ -1,11 +1,12 @@
-"""One cell of a sweep, start to finish in one process: train, evaluate, passkey, sparsity budget.
+r"""One cell of a sweep, start to finish in one process: train, then the probes of ``probe_cell``.
 
     python -m train.experiment --workdir ROOT/fib-linear-s0 --config small --variant fib-linear --seed 0 \
         [--set KEY=VALUE ...] [--budgets full far-0.5 ...]
 
 Every stage writes its own file and is skipped when that file exists, so an interrupted cell
-resumes where it stopped (training itself resumes from its last checkpoint). The last stage
-writes ``WORKDIR/cell.json``, which marks the cell finished for ``train.study.sweep``.
+resumes where it stopped (training itself resumes from its last checkpoint). The probes run at the
+config's ``final_eval_multiples``. The last stage writes ``WORKDIR/cell.json``, which marks the
+cell finished for ``train.study.sweep``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from train.cli import add_workdir, run_command, write_whole
+from train.run import rundir
+
 if TYPE_CHECKING:
   from configs.base import TrainConfig
+  from train.run.restore import Run
 
-CELL_FILE = "cell.json"
-EVAL_MULTIPLES = (1, 2, 4)
 CELL_KEYS = {"seed": "--seed", "model.variant": "--variant"}  # set by each cell's own flags, never by --set
 # Fields a finished cell's results depend on although a resume may change them: a finished cell
 # asked for with another value of one of these is refused, not relabelled.
@@ -44,9 +47,9 @@ def check_existing_run(workdir: pathlib.Path, cfg: TrainConfig) -> None:
   run may differ in ``RESUMABLE_FIELDS`` (training checks and records those); a finished one, whose
   training is skipped, only in those that leave its results as they are."""
   from configs.base import TrainConfig  # noqa: PLC0415
-  from train.run.checkpoint import RESUMABLE_FIELDS, config_diff, describe_diffs  # noqa: PLC0415
+  from train.run.workdir import RESUMABLE_FIELDS, config_diff, describe_diffs  # noqa: PLC0415
 
-  saved_path, finished = workdir / "config.json", (workdir / "eval.json").exists()
+  saved_path, finished = workdir / rundir.CONFIG, rundir.is_finished(workdir)
   if not saved_path.exists():
     if finished:
       raise ValueError(f"{workdir} holds eval.json but no config.json, so its run cannot be compared with this "
@@ -74,32 +77,71 @@ def run_cell(workdir: pathlib.Path, config: str, variant: str, seed: int, overri
              budgets: tuple[str, ...] | None = None) -> dict:
   """Runs every stage of one cell (see the module doc); returns the ``cell.json`` record."""
   import configs  # noqa: PLC0415  (after argument parsing: importing jax is slow)
-  from configs.base import apply_overrides  # noqa: PLC0415
-  from train.probe import budget, evaluate, passkey  # noqa: PLC0415
+  from configs.base import apply_overrides, resolve_random_offsets  # noqa: PLC0415
+  from train.run import xla_flags  # noqa: PLC0415
   from train.run.restore import load_run  # noqa: PLC0415
   from train.run.trainer import train  # noqa: PLC0415
 
   workdir = workdir.absolute()
   check_overrides(overrides)
-  cfg = apply_overrides(configs.get_config(config, variant), [*overrides, f"seed={seed}"]).validate()
+  cfg = resolve_random_offsets(apply_overrides(configs.get_config(config, variant), [*overrides, f"seed={seed}"]).validate())
+  xla_flags.apply_defaults(cfg.deterministic)  # before the first computation starts the backend
   check_budgets(budgets)
   check_existing_run(workdir, cfg)
-  if not (workdir / "eval.json").exists():
+  if not rundir.is_finished(workdir):
     train(cfg, workdir)
   run = load_run(workdir)
-  files = {"eval": evaluate.run_evaluation(workdir, EVAL_MULTIPLES, run=run)[0],
-           "passkey": passkey.run_passkey(workdir, EVAL_MULTIPLES, run=run)[0]}
-  if cfg.model.variant != "dense":
-    names = budgets or tuple(budget.BUDGETS)
-    files["budget"] = budget.run_budget(workdir, EVAL_MULTIPLES, run=run, budgets=names)[0]
+  files = probe_cell(run, budgets)
   record = cell_record(workdir, cfg.model.variant, seed, config, overrides, run.step, files, time.time())
-  return write_record(workdir / CELL_FILE, record)
+  return write_record(workdir / rundir.CELL, {**record, "peak_bytes": peak_device_bytes()})
+
+
+def probe_cell(run: Run, budgets: tuple[str, ...] | None = None) -> dict[str, pathlib.Path]:
+  """The probes of a trained cell, each written to a file of its own (read back when it exists);
+  returns ``{probe: file}``:
+
+  - ``eval``: held-out perplexity on the run's own split; a run that trained on text also
+    ``ood:<source>``, on each held-out text of another genre (``train.data.ood``), and ``passkey``;
+  - a run trained on a synthetic task: ``recall``, accuracy by distance (``train.probe.recall``);
+  - ``dense``: each of those perplexities and the recall again as ``...:sink``, with a sliding
+    window of T keys plus ``SINKS`` sink tokens (the fair baseline beyond T);
+  - a pattern with offsets: ``budget``, the sparsity budget (``budgets``, default all).
+  """
+  from train.cli import SINKS  # noqa: PLC0415
+  from train.data.ood import ood_paths  # noqa: PLC0415
+  from train.probe import budget, evaluate, passkey, recall  # noqa: PLC0415
+
+  cfg = run.cfg
+  texts = {"eval": None}
+  if cfg.task is None or cfg.task_mix < 1:
+    texts.update({f"ood:{name}": str(path) for name, path in ood_paths().items()})
+  files = {}
+  for sinks in (None, SINKS) if cfg.model.variant == "dense" else (None,):
+    tag = "" if sinks is None else ":sink"
+    for key, path in texts.items():
+      files[key + tag] = evaluate.run_evaluation(run.workdir, data_path=path, run=run, sinks=sinks)[0]
+    if cfg.task is not None:
+      files["recall" + tag] = recall.run_recall(run.workdir, run=run, sinks=sinks)[0]
+  if cfg.task is None:
+    files["passkey"] = passkey.run_passkey(run.workdir, run=run)[0]
+  if cfg.model.variant not in ("dense", "window"):
+    files["budget"] = budget.run_budget(run.workdir, run=run, budgets=budgets or tuple(budget.BUDGETS))[0]
+  return files
+
+
+def peak_device_bytes() -> int | None:
+  """The most device memory this process has used at once, over its local devices (``None`` where
+  the backend does not say, as on CPU): what a sweep packs its cells by (``train.study.sweep``)."""
+  import jax  # noqa: PLC0415
+
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+  return max((p for p in peaks if p is not None), default=None)
 
 
 def write_record(path: pathlib.Path, record: dict) -> dict:
   """Writes ``record`` to ``path`` (``cell.json``) and returns it; an existing record that says the
   same but for its cost (a finished cell run again) is kept as it is and returned instead."""
-  cost = ("train_s", "probe_s")
+  cost = ("train_s", "probe_s", "peak_bytes")
   if path.exists():
     try:
       saved = json.loads(path.read_text())
@@ -109,7 +151,7 @@ def write_record(path: pathlib.Path, record: dict) -> dict:
         saved.get(k) == v for k, v in record.items() if k not in cost) and saved.keys() == record.keys()
     if same:
       return saved
-  path.write_text(json.dumps(record, indent=2) + "\n")
+  write_whole(path, json.dumps(record, indent=2) + "\n")
   return record
 
 
@@ -119,7 +161,7 @@ def cell_record(workdir: pathlib.Path, variant: str, seed: int, config: str, ove
   ``train_s`` from the first to the last record of ``metrics.jsonl`` (the training loop, resumed
   stretches summed), ``probe_s`` from the end of training (``eval.json`` written) to ``end``."""
   train_s, last, prev = 0.0, None, None
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+  for line in (workdir / rundir.METRICS).read_text().splitlines():
     rec = json.loads(line)
     if rec.get("event") in ("start", "resume") and prev is not None:
       train_s += prev - last
@@ -128,7 +170,7 @@ def cell_record(workdir: pathlib.Path, variant: str, seed: int, config: str, ove
     prev = rec["time"]
   train_s += (prev - last) if prev is not None else 0.0
   return {"variant": variant, "seed": seed, "config": config, "overrides": overrides, "step": step,
-          "train_s": train_s, "probe_s": end - (workdir / "eval.json").stat().st_mtime,
+          "train_s": train_s, "probe_s": end - (workdir / rundir.EVAL).stat().st_mtime,
           "files": {k: str(pathlib.Path(v).absolute().relative_to(workdir)) for k, v in files.items()}}
 
 
@@ -137,29 +179,28 @@ def main(argv: list[str] | None = None) -> int:
 
   parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True, type=pathlib.Path)
+  add_workdir(parser, "the cell's folder, ROOT/<variant>-s<seed> in a sweep")
   parser.add_argument("--config", required=True)
   parser.add_argument("--variant", required=True)
   parser.add_argument("--seed", type=int, required=True)
   parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
   parser.add_argument("--budgets", nargs="*", default=None, help="sparsity budgets (default: all of train.probe.budget)")
-  args = parser.parse_args(argv)
+  return run_command(run_and_report, parser, argv,
+                     interrupted=lambda args: f"the stages finished and the checkpoints are kept in {args.workdir}")
+
+
+def run_and_report(args: argparse.Namespace) -> int:
+  """Runs the cell ``args`` describe and prints its cost."""
   from train.run import xla_flags  # noqa: PLC0415
-  from train.run.checkpoint import CheckpointError  # noqa: PLC0415
   from train.run.quiet import quiet_libraries  # noqa: PLC0415
-  from train.run.trainer import Interrupted, TrainingStopped  # noqa: PLC0415
 
   xla_flags.apply_defaults()
   quiet_libraries()  # failed saves and restores are reported in one line, as in python -m train
-  try:
-    record = run_cell(args.workdir, args.config, args.variant, args.seed, list(args.set),
-                      tuple(args.budgets) if args.budgets else None)
-  except (ValueError, OSError, CheckpointError, TrainingStopped) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 130 if isinstance(e, Interrupted) else 2
-  print(f"cell {args.workdir} done: trained in {record['train_s']:.0f} s, probes in {record['probe_s']:.0f} s")
+  record = run_cell(args.workdir, args.config, args.variant, args.seed, list(args.set),
+                    tuple(args.budgets) if args.budgets else None)
+  peak = f", peak device memory {record['peak_bytes'] / 2**30:.2f} GiB" if record.get("peak_bytes") else ""
+  print(f"cell {args.workdir} done: trained in {record['train_s']:.0f} s, probes in {record['probe_s']:.0f} s{peak}")
   return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -29,10 +29,13 @@ from jax.sharding import Mesh
 
 from fibjax.cli import ArgumentParser
 from fibjax.generate import compiled_steps
+from train.cli import check_writable, run_command, write_whole
 from train.run.mesh import make_mesh
 from configs.base import TrainConfig
 from fibjax.model import LM
+from train.run import rundir
 from train.run.restore import Run, load_run, tokenizer_of
+from train.study import sweeproot
 from train.study.sweep import check_one_recipe, read_run_config
 
 
@@ -83,8 +86,8 @@ def first_run_per_variant(root: pathlib.Path) -> dict[str, pathlib.Path]:
       ``root`` are not one recipe (``train.study.sweep.check_one_recipe``), so their latencies would not
       compare like with like.
   """
-  configs = {p.parent.name: read_run_config(p, root) for p in sorted(root.glob("*/config.json"))
-             if (p.parent / "eval.json").exists()}
+  configs = {p.parent.name: read_run_config(p, root) for p in sorted(root.glob(f"*/{rundir.CONFIG}"))
+             if rundir.is_finished(p.parent)}
   check_one_recipe(root, configs)
   found: dict[str, tuple[int, pathlib.Path]] = {}
   for name, cfg in configs.items():
@@ -96,7 +99,7 @@ def first_run_per_variant(root: pathlib.Path) -> dict[str, pathlib.Path]:
 
 def no_runs_message(root: pathlib.Path) -> str:
   """Why ``root`` has no run to time: it is a run folder itself, or its folders hold no finished run."""
-  if (root / "config.json").exists() and (root / "eval.json").exists():
+  if (root / rundir.CONFIG).exists() and rundir.is_finished(root):
     return f"{root} is a run folder; give the sweep root that holds run folders (here {root.absolute().parent})"
   return f"{root} holds no finished run (a folder with config.json and eval.json)"
 
@@ -113,7 +116,7 @@ def free_name(path: pathlib.Path) -> pathlib.Path:
 
 def initialised_run(workdir: pathlib.Path, mesh: Mesh) -> Run:
   """The run's model with freshly initialised parameters (its checkpoint is not read)."""
-  cfg = TrainConfig.load(workdir / "config.json")
+  cfg = TrainConfig.load(workdir / rundir.CONFIG)
   with jax.set_mesh(mesh):
     graphdef, params = nnx.split(LM(cfg.model, rngs=nnx.Rngs(cfg.seed)), nnx.Param)
   return Run(workdir, cfg, mesh, graphdef, params, 0, tokenizer_of(workdir, cfg))
@@ -126,10 +129,11 @@ def run_latency(root: pathlib.Path, repeats: int = 20, decode_tokens: int = 64,
   runs = first_run_per_variant(root)
   if not runs:
     raise ValueError(no_runs_message(root))
+  check_writable(root, "the sweep root")  # before measuring, not after
   record: dict[str, Any] = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                             "jax": jax.__version__, "repeats": repeats, "decode_tokens": decode_tokens,
                             "weights": "initialised" if initialised else "trained", "variants": {}}
-  path = free_name(root / "latency.json")
+  path = free_name(root / sweeproot.LATENCY)
   mesh = make_mesh(devices=jax.devices()[:1])
   for variant, workdir in runs.items():
     run = initialised_run(workdir, mesh) if initialised else load_run(workdir, mesh=mesh)
@@ -138,7 +142,7 @@ def run_latency(root: pathlib.Path, repeats: int = 20, decode_tokens: int = 64,
                                      **measure(run, repeats, decode_tokens)}
     print(f"{variant:>12}: " + "  ".join(f"{k} {v:.3f}" for k, v in record["variants"][variant].items()
                                          if k.endswith("ms") or k.endswith("token")), flush=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_whole(path, json.dumps(record, indent=2) + "\n")
   return path, record
 
 
@@ -150,19 +154,19 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--decode-tokens", type=int, default=64)
   parser.add_argument("--init", action="store_true",
                       help="time freshly initialised parameters (no checkpoint needed: latency does not depend on them)")
-  args = parser.parse_args(argv)
-  try:
-    if args.repeats < 1 or args.decode_tokens < 1:
-      raise ValueError("--repeats and --decode-tokens must be >= 1")
-    if not args.root.is_dir():
-      raise ValueError(f"{args.root} is not a folder: give a sweep root (python -m train.sweep --root ...)")
-    path, _ = run_latency(args.root, args.repeats, args.decode_tokens, args.init)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return run_command(measure_and_report, parser, argv,
+                     interrupted=lambda args: "the variants measured before it, if any, are kept")
+
+
+def measure_and_report(args: argparse.Namespace) -> int:
+  """Measures the latency of every variant under ``ROOT`` and says where it is written."""
+  if args.repeats < 1 or args.decode_tokens < 1:
+    raise ValueError("--repeats and --decode-tokens must be >= 1")
+  if not args.root.is_dir():
+    raise ValueError(f"{args.root} is not a folder: give a sweep root (python -m train.sweep --root ...)")
+  path, _ = run_latency(args.root, args.repeats, args.decode_tokens, args.init)
   print(f"wrote {path}")
   return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -1,10 +1,12 @@
 """``python -m train.report ROOT [ROOT ...]``: a sweep's report, plots and verdicts on the paper's claims.
 
 Reads only the files the runs wrote (``cell.json`` and the evaluation, passkey and budget files it
-names, ``data_budget.json``, ``eval.json``, ``latency*.json``, ``sweep_cost.jsonl``) and writes
-``ROOT/report.md`` and ``ROOT/plots/*.png``; no number is typed in except the paper's own. With
-several roots, ``--summary FILE`` also writes one table of every claim's verdict at every scale.
-The report is rebuilt from the files each time (it holds nothing else).
+names, ``config.json``, ``data_budget.json``, ``eval.json``, ``latency*.json``, ``sweep_cost.jsonl``)
+and writes ``ROOT/report.md`` and ``ROOT/plots/*.png``; no number is typed in except the paper's own
+(the lengths are the runs' ``final_eval_multiples``). With several roots, ``--summary FILE`` also
+writes one table of every claim's verdict at every scale, to a new file or (``--force``) over a
+summary it wrote before, which its first line marks; it replaces no other file. The report is
+rebuilt from the files each time (it holds nothing else).
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 from fibjax.cli import ArgumentParser
-from train.study import stats
-from train.study.sweep import SWEEP_FILE, read_sweep_file
+from train.cli import check_writable, run_command, write_whole
+from train.run import rundir
+from train.study import stats, sweeproot
+from train.study.sweep import read_sweep_file
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting
   from matplotlib.axes import Axes
   from matplotlib.figure import Figure
 
-MULTIPLES = (1, 2, 4)
+CLAIM_LENGTHS = (1, 4)  # the multiples of T the paper's claims compare: T and 4T
 PAPER = {  # the paper's numbers (arXiv 2606.28560, abstract), compared against ours
     "dense_rise_4x": 2.01, "sparse_gap_1x": 0.26, "learned_latency": 5.0,
 }
@@ -33,6 +37,7 @@ COLLAPSE_MIN = 0.50  # dense "collapses" at 4T when its rise's 95% lower bound i
 LEVEL_MAX = 0.02  # two variants are "level" when the 95% interval of their loss gap lies in +-0.02 nats
 INERT_MAX = 0.01  # learned alpha is "inert" when its 95% interval is not more than 0.01 nats better
 LATENCY_MIN = 2.5  # "~5x latency" agrees when the measured ratio is at least half of 5x
+SUMMARY_MARK = "<!-- written by python -m train.report --summary: it replaces this file only with --force -->"
 RULE = ("Each comparison pairs runs of the same seed (same initial data order): per seed, the difference of "
         "held-out loss (log perplexity, nats) on identical target tokens; a 95% Student-t interval over seeds. "
         "Direction claims: **agree** when the interval excludes 0 on the paper's side, **disagree** when it "
@@ -72,8 +77,8 @@ def load_cell(cell_path: pathlib.Path) -> dict:
     record = {"name": d.name, "variant": cell["variant"], "seed": cell["seed"], "train_s": cell["train_s"]}
   except (KeyError, TypeError, AttributeError) as e:
     raise ValueError(f"{cell_path} is not a cell record of train.study.experiment (no {e} in it): {fix}") from e
-  return {**record, "config": read_run_config(d / "config.json", d.parent),
-          "budget_data": read_json(d / "data_budget.json", fix), "params": read_json(d / "eval.json", fix)["params"],
+  return {**record, "config": read_run_config(d / rundir.CONFIG, d.parent),
+          "budget_data": read_json(d / rundir.DATA_BUDGET, fix), "params": read_json(d / rundir.EVAL, fix)["params"],
           **files}
 
 
@@ -82,9 +87,22 @@ def load_cells(root: pathlib.Path) -> list[dict]:
   ``ValueError`` when they are not of one recipe (``train.study.sweep.check_one_recipe``)."""
   from train.study.sweep import check_one_recipe  # noqa: PLC0415
 
-  cells = [load_cell(p) for p in sorted(root.glob("*/cell.json"))]
+  cells = [load_cell(p) for p in sorted(root.glob(f"*/{rundir.CELL}"))]
   check_one_recipe(root, {c["name"]: c["config"] for c in cells})
   return cells
+
+
+def eval_multiples(root: pathlib.Path, cells: list[dict]) -> tuple[int, ...]:
+  """The lengths (multiples of T) the cells were evaluated at, ascending: their configs'
+  ``final_eval_multiples`` (the same in every cell of one recipe). Raises ``ValueError`` when they
+  lack a length the paper's claims compare (``CLAIM_LENGTHS``)."""
+  multiples = tuple(sorted(set(cells[0]["config"]["final_eval_multiples"])))
+  if not set(CLAIM_LENGTHS) <= set(multiples):
+    raise ValueError(f"{root}: the runs were evaluated at {', '.join(f'{m}x' for m in multiples)} T "
+                     f"(final_eval_multiples), but the paper's claims compare "
+                     f"{' and '.join(f'{m}x' for m in CLAIM_LENGTHS)} T: sweep again into a new --root with "
+                     f"final_eval_multiples including {','.join(map(str, CLAIM_LENGTHS))}")
+  return multiples
 
 
 def by_variant(cells: list[dict]) -> dict[str, dict[int, dict]]:
@@ -103,7 +121,7 @@ def ppl(cell: dict, m: int = 1) -> float:
 
 
 def latest_latency(root: pathlib.Path) -> dict | None:
-  files = sorted(root.glob("latency*.json"), key=lambda p: p.stat().st_mtime)
+  files = sweeproot.latency_files(root)
   return read_json(files[-1]) if files else None
 
 
@@ -150,7 +168,7 @@ def combine(verdicts: list[str]) -> str:
   return "agree" if verdicts and all(v == "agree" for v in verdicts) else "inconclusive"
 
 
-def rise_interval(runs: dict, variant: str, m: int = 4) -> dict | None:
+def rise_interval(runs: dict, variant: str, m: int = CLAIM_LENGTHS[-1]) -> dict | None:
   """Per-seed perplexity rise at ``m`` x T against 1x (identical targets), with its interval."""
   if variant not in runs:
     return None
@@ -222,10 +240,12 @@ def claims(runs: dict, latency: dict | None) -> list[dict]:
   if gap is not None:
     gap_verdict = ("agree" if band[0] <= gap["mean"] <= band[1] else
                    "disagree" if gap["hi"] < band[0] or gap["lo"] > band[1] else "inconclusive")
+  missing = " and ".join(w for w, gone in (("a dense", "dense" not in runs), ("a sparse", not sparse)) if gone)
   out.append({"claim": "5. at T the best sparse model is ~26% worse than dense",
               "paper": f"+{100 * PAPER['sparse_gap_1x']:.0f}% perplexity",
-              "ours": f"best sparse ({best}) vs dense: {fmt_pct(gap)}; agree when the mean lies in "
-                      f"[{100 * band[0]:.0f}%, {100 * band[1]:.0f}%]",
+              "ours": (f"n/a: no finished run of {missing} variant to compare" if missing else
+                       f"best sparse ({best}) vs dense: {fmt_pct(gap)}; agree when the mean lies in "
+                       f"[{100 * band[0]:.0f}%, {100 * band[1]:.0f}%]"),
               "verdict": gap_verdict})
 
   out.append(position_claim(runs))
@@ -260,7 +280,7 @@ def position_claim(runs: dict) -> dict:
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> None:
+def plot_all(runs: dict, latency: dict | None, out: pathlib.Path, multiples: tuple[int, ...]) -> None:
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
@@ -271,24 +291,24 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> None:
 
   fig, ax = plt.subplots(figsize=(6, 4))
   for v in variants:
-    ys = [[ppl(c, m) for c in runs[v].values()] for m in MULTIPLES]
-    ax.errorbar(MULTIPLES, [stats.mean(y) for y in ys], yerr=[stats.std(y) for y in ys], marker="o", label=v,
+    ys = [[ppl(c, m) for c in runs[v].values()] for m in multiples]
+    ax.errorbar(multiples, [stats.mean(y) for y in ys], yerr=[stats.std(y) for y in ys], marker="o", label=v,
                 capsize=3)
-  ax.set(xlabel="evaluation length (x T)", ylabel="held-out perplexity", xticks=MULTIPLES, yscale="log",
+  ax.set(xlabel="evaluation length (x T)", ylabel="held-out perplexity", xticks=multiples,
          title="Perplexity against length (mean +- std over seeds)")
-  plain_log_ticks(ax)
+  perplexity_axis(ax)
   ax.legend(fontsize=7)
   save(fig, out / "ppl_by_length.png")
 
-  fig, axes = plt.subplots(1, len(MULTIPLES), figsize=(4 * len(MULTIPLES), 3.5), sharey=True)
-  for ax, m in zip(axes, MULTIPLES):
+  fig, axes = plt.subplots(1, len(multiples), figsize=(4 * len(multiples), 3.5), sharey=True)
+  for ax, m in zip(axes, multiples):
     for v in variants:
       cells = list(runs[v].values())
       edges = cells[0]["eval"][f"{m}x"]["bucket_edges"]
       mids = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
       ys = [stats.mean([c["eval"][f"{m}x"]["bucket_loss"][i] for c in cells]) for i in range(len(mids))]
       ax.plot(mids, ys, marker=".", label=v)
-    ax.set(xlabel="context position", title=f"{m}x T", ylabel="loss (nats)" if m == MULTIPLES[0] else None)
+    ax.set(xlabel="context position", title=f"{m}x T", ylabel="loss (nats)" if m == multiples[0] else None)
   axes[0].legend(fontsize=6)
   save(fig, out / "loss_by_position.png")
 
@@ -312,12 +332,12 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> None:
     for ax, v in zip(axes[0], bud):
       cells = list(runs[v].values())
       budgets = cells[0]["budget"]["budgets"]
-      for m in MULTIPLES:
+      for m in multiples:
         pts = sorted((b["keys_per_query"], stats.mean([c["budget"]["budgets"][n][f"{m}x"]["ppl"] for c in cells]))
                      for n, b in budgets.items())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m}x T")
-      ax.set(xlabel="keys per query", title=v, yscale="log")
-      plain_log_ticks(ax)
+      ax.set(xlabel="keys per query", title=v)
+    perplexity_axis(axes[0][0])  # the y axis all of them share
     axes[0][0].set_ylabel("perplexity")
     axes[0][0].legend(fontsize=7)
     save(fig, out / "budget.png")
@@ -333,12 +353,23 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path) -> None:
     save(fig, out / "latency.png")
 
 
-def plain_log_ticks(ax: Axes) -> None:
-  """Decimal tick labels on a log axis (matplotlib would print ``4 x 10^0``)."""
-  from matplotlib.ticker import FormatStrFormatter  # noqa: PLC0415
+def perplexity_axis(ax: Axes) -> None:
+  """Evenly spaced, alike tick labels on the y axis of plotted perplexities: a linear axis while
+  they span less than a factor of 10 (a log axis would label its unevenly spaced minor ticks,
+  3.7 3.8 3.9 4.0 ...), else a log axis labelled at each power of ten only, in plain numbers."""
+  from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, NullLocator, StrMethodFormatter  # noqa: PLC0415
 
-  ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
-  ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+  shared = ax.get_shared_y_axes().get_siblings(ax)  # the axes whose plotted values share this y axis
+  lo, hi = min(a.dataLim.y0 for a in shared), max(a.dataLim.y1 for a in shared)
+  if lo > 0 and hi / lo >= 10:
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10))
+    ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+  else:
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
 
 
 def save(fig: Figure, path: pathlib.Path) -> None:
@@ -383,16 +414,19 @@ def build(root: pathlib.Path) -> tuple[str, list[dict]]:
   cells = load_cells(root)
   if not cells:
     raise ValueError(f"{root} holds no finished cell (ROOT/<variant>-s<seed>/cell.json): run python -m train.sweep")
+  multiples = eval_multiples(root, cells)
   runs = by_variant(cells)
   latency = latest_latency(root)
-  sweep = read_sweep_file(root / SWEEP_FILE) if (root / SWEEP_FILE).exists() else {}
-  plot_all(runs, latency, root / "plots")
+  sweep = read_sweep_file(root / sweeproot.SWEEP) if (root / sweeproot.SWEEP).exists() else {}
+  plot_all(runs, latency, root / sweeproot.PLOTS, multiples)
   c0 = cells[0]
   model = c0["config"]["model"]
+  recipe = (f"Recipe `{sweep.get('config')}` with overrides `{' '.join(sweep.get('overrides', [])) or 'none'}`"
+            if sweep else f"No `{sweeproot.SWEEP}` in this root, so the recipe's name is unknown (the runs' configs "
+            "are one recipe: checked)")
   lines = [f"# Sweep report: `{root.name}`", "",
-           f"Recipe `{sweep.get('config', '?')}` with overrides `{' '.join(sweep.get('overrides', [])) or 'none'}`; "
-           f"{len(cells)} finished runs ({len(runs)} variants). Built by `python -m train.report {root}` from the runs' "
-           "files.", "", "## Scale", ""]
+           f"{recipe}; {len(cells)} finished runs ({len(runs)} variants). Built by `python -m train.report {root}` "
+           "from the runs' files.", "", "## Scale", ""]
   budgets = {(c["budget_data"]["training_tokens"], c["budget_data"]["repeats"]) for c in cells}
   lines += table(["field", "value"], [
       ["model", f"d_model {model['d_model']}, {model['num_layers']} layers, {model['num_heads']} heads x "
@@ -410,13 +444,14 @@ def build(root: pathlib.Path) -> tuple[str, list[dict]]:
   for v in sorted(runs):
     cs = list(runs[v].values())
     rise = rise_interval(runs, v)
-    rows.append([v, str(len(cs))] + [mean_std([ppl(c, m) for c in cs]) for m in MULTIPLES] + [fmt_pct(rise)])
-  lines += table(["variant", "n"] + [f"ppl {m}x T" for m in MULTIPLES] + ["rise 4x vs 1x [95% CI]"], rows)
+    rows.append([v, str(len(cs))] + [mean_std([ppl(c, m) for c in cs]) for m in multiples] + [fmt_pct(rise)])
+  lines += table(["variant", "n"] + [f"ppl {m}x T" for m in multiples] + ["rise 4x vs 1x [95% CI]"], rows)
   lines += ["", "![perplexity by length](plots/ppl_by_length.png)", "",
             "## Loss by context position", "",
             "Mean held-out loss in equal spans of the window, at each length (same targets at every length).", "",
             "![loss by position](plots/loss_by_position.png)", ""]
-  lines += passkey_section(runs) + budget_section(runs) + latency_section(latency) + cost_section(root, cells)
+  lines += passkey_section(runs) + budget_section(runs, multiples) + latency_section(latency) + cost_section(root, cells)
+  lines += unfinished_section(root, cells)
   verdicts = claims(runs, latency)
   lines += ["## The paper's claims", "", RULE, ""]
   lines += table(["claim", "paper", "ours (this scale)", "verdict"],
@@ -450,7 +485,7 @@ def passkey_section(runs: dict) -> list[str]:
   return lines
 
 
-def budget_section(runs: dict) -> list[str]:
+def budget_section(runs: dict, multiples: tuple[int, ...]) -> list[str]:
   lines = ["## Sparsity budget against length", "",
            "The trained weights evaluated with cheaper patterns (`train.probe.budget`); perplexity relative to the "
            "full pattern at the same length, mean over seeds.", ""]
@@ -460,10 +495,10 @@ def budget_section(runs: dict) -> list[str]:
     if not cells:
       continue
     budgets = cells[0]["budget"]["budgets"]
-    header = ["variant", "budget", "keys/query"] + [f"{m}x T" for m in MULTIPLES]
+    header = ["variant", "budget", "keys/query"] + [f"{m}x T" for m in multiples]
     for name, b in budgets.items():
       rel = [stats.mean([c["budget"]["budgets"][name][f"{m}x"]["ppl"] / c["budget"]["budgets"]["full"][f"{m}x"]["ppl"]
-                         - 1 for c in cells]) for m in MULTIPLES]
+                         - 1 for c in cells]) for m in multiples]
       rows.append([v, name, f"{b['keys_per_query']:.1f}"] + [f"{100 * r:+.2f}%" for r in rel])
   if rows:
     lines += table(header, rows) + ["", "![budget](plots/budget.png)", ""]
@@ -482,14 +517,42 @@ def latency_section(latency: dict | None) -> list[str]:
           + ["", "![latency](plots/latency.png)", ""])
 
 
-def cost_section(root: pathlib.Path, cells: list[dict]) -> list[str]:
-  path = root / "sweep_cost.jsonl"
+def sweep_calls(root: pathlib.Path) -> list[dict]:
+  """One record per sweep invocation (``sweep_cost.jsonl``), oldest first; none without the file."""
+  path = root / sweeproot.COST
   if not path.exists():
     return []
-  calls = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+  return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def unfinished_section(root: pathlib.Path, cells: list[dict]) -> list[str]:
+  """The cells of ``root`` without ``cell.json`` (a run folder or a log, no record), each with its
+  log: the tables leave them out, so they are named here."""
+  finished = {c["name"] for c in cells}
+  logs = root / sweeproot.LOGS
+  names = sorted(({p.parent.name for p in root.glob(f"*/{rundir.CONFIG}")}
+                  | {p.stem for p in logs.glob("*.log")}) - finished)
+  if not names:
+    return []
+  calls = sweep_calls(root)
+  failed_last = set(calls[-1].get("failed_cells", [])) if calls else set()
+  rows = [[f"`{n}`", "failed in the last sweep" if n in failed_last else "not finished",
+           f"[`{sweeproot.LOGS}/{n}.log`]({sweeproot.LOGS}/{n}.log)" if (logs / f"{n}.log").exists() else "no log"]
+          for n in names]
+  return (["## Unfinished cells", "",
+           f"{len(names)} cell(s) hold no `{rundir.CELL}`, so the tables above leave them out; their logs say why. "
+           "Running the sweep again resumes them.", ""] + table(["cell", "state", "log"], rows) + [""])
+
+
+def cost_section(root: pathlib.Path, cells: list[dict]) -> list[str]:
+  calls = sweep_calls(root)
+  if not calls:
+    return []
   wall = sum(c["wall_s"] for c in calls)
   tokens = sum(c["budget_data"]["training_tokens"] for c in cells)
-  rows = [[str(i + 1), f"{c['wall_s']:.0f}", str(c["cells_run"]), str(c["failed"]), str(c["gpus"]), str(c["per_gpu"])]
+  rows = [[str(i + 1), f"{c['wall_s']:.0f}", str(c["cells_run"]),
+           f"{c['failed']} ({', '.join(c['failed_cells'])})" if c.get("failed_cells") else str(c["failed"]),
+           str(c["gpus"]), str(c["per_gpu"]) if c["gpus"] and c["per_gpu"] else "- (one cell at a time)"]
           for i, c in enumerate(calls)]
   return (["## The sweep's own cost", "",
            f"{len(cells)} runs, {tokens:,} training tokens in {wall:.0f} s of sweep wall time over {len(calls)} "
@@ -505,7 +568,7 @@ def summary(results: dict[str, list[dict]]) -> str:
     vs = [results[r][i]["verdict"] for r in roots]
     note = "scales agree" if len(set(vs)) == 1 else "**scales differ**"
     rows.append([c["claim"]] + vs + [note])
-  return "\n".join(["# Verdicts across scales", "", "Built by `python -m train.report " + " ".join(roots) +
+  return "\n".join([SUMMARY_MARK, "# Verdicts across scales", "", "Built by `python -m train.report " + " ".join(roots) +
                     " --summary ...` from each root's runs; details in each root's report.md.", ""]
                    + table(["claim"] + roots + ["across scales"], rows)) + "\n"
 
@@ -514,45 +577,54 @@ def main(argv: list[str] | None = None) -> int:
   parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("roots", nargs="+", type=pathlib.Path)
-  parser.add_argument("--summary", type=pathlib.Path, default=None, help="also write the verdicts of all roots here")
-  args = parser.parse_args(argv)
+  parser.add_argument("--summary", type=pathlib.Path, default=None,
+                      help="also write the verdicts of all roots to this new file")
+  parser.add_argument("--force", action="store_true", help="replace a --summary file this command wrote earlier")
+  return run_command(report, parser, argv)
+
+
+def report(args: argparse.Namespace) -> int:
+  """Writes each root's report (and the summary) and says where."""
+  check_summary(args.summary, args.force)
+  for root in args.roots:  # every root before any report is built
+    if not root.is_dir():
+      raise ValueError(f"{root} is not a folder: give a sweep root (python -m train.sweep --root ...)")
+    check_writable(root, "the sweep root")
   results = {}
-  try:
-    check_summary(args.summary)
-    for root in args.roots:
-      if not root.is_dir():
-        raise ValueError(f"{root} is not a folder: give a sweep root (python -m train.sweep --root ...)")
-      text, verdicts = build(root)
-      write(root / "report.md", text)
-      results[str(root)] = verdicts
-      print(f"wrote {root / 'report.md'}")
-    if args.summary:
-      write(args.summary, summary(results))
-      print(f"wrote {args.summary}")
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  for root in args.roots:
+    text, verdicts = build(root)
+    write_whole(root / sweeproot.REPORT, text)
+    results[str(root)] = verdicts
+    print(f"wrote {root / sweeproot.REPORT}")
+  if args.summary:
+    write_whole(args.summary, summary(results))
+    print(f"wrote {args.summary}")
   return 0
 
 
-def check_summary(path: pathlib.Path | None) -> None:
-  """Raises ``ValueError`` when ``--summary`` cannot be written as a file (checked before any report is)."""
+def check_summary(path: pathlib.Path | None, force: bool = False) -> None:
+  """Raises ``ValueError`` when ``--summary`` cannot be written as a file, or names a file this
+  command did not write (it never replaces another file) or, without ``force``, one it did (checked
+  before any report is written)."""
   if path is None:
     return
   if path.is_dir():
     raise ValueError(f"--summary {path} is a folder: give a file path, e.g. {path / 'SUMMARY.md'}")
   if not path.parent.is_dir():
     raise ValueError(f"--summary {path}: its folder {path.parent} does not exist; create it or give another path")
-
-
-def write(path: pathlib.Path, text: str) -> None:
-  """Writes ``text`` to ``path``; raises ``ValueError`` naming the file when it cannot be written."""
+  if not path.exists():
+    return
   try:
-    path.write_text(text)
+    with path.open("rb") as f:
+      ours = f.readline().rstrip(b"\r\n") == SUMMARY_MARK.encode()
   except OSError as e:
-    raise ValueError(f"cannot write {path} ({e.strerror or type(e).__name__}); free space or fix the folder's "
-                     "permissions") from e
-
+    raise ValueError(f"--summary {path} cannot be read ({e.strerror or type(e).__name__}): give another path") from e
+  if not ours:
+    raise ValueError(f"--summary {path} exists and was not written by python -m train.report (its first line is not "
+                     f"{SUMMARY_MARK!r}); it is never replaced: give a new file's path")
+  if not force:
+    raise ValueError(f"--summary {path} holds a summary written earlier: add --force to replace it, or give a new "
+                     "file's path")
 
 if __name__ == "__main__":
   sys.exit(main())

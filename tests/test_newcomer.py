@@ -1,0 +1,410 @@
+"""What a new user tripped on (issue 27) and the one frame every command runs in (issue 26): a
+summary that overwrote any file, Ctrl-C, two sweeps on one root, packed cells on an 80 GB GPU,
+an unwritable root, a report that hid failures, wrong advice, and small things. Signals, locks and
+exit codes are a process's behaviour, so those are tested on real processes."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import errno
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from train import cli
+from train.data import prepare
+from train.probe import evaluate
+from train.run.checkpoint import CheckpointError
+from train.run.trainer import Interrupted
+from train.study import packing, report, sweep
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The smallest run every probe accepts: T = 128 holds a passkey sample; 1x and 4x T, which the
+# paper's claims compare, are in the final evaluation. Checkpoints at steps 1 and 2.
+TINY = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.head_dim=16", "model.mlp_dim=64",
+        "model.seq_len=128", "model.window=8", "batch_size=8", "final_eval_tokens=512", "eval_batches=1", "steps=2",
+        "checkpoint_every=1", "progress=false"]
+CELL = ["--config", "tiny", "--variant", "fib-linear", "--seed", "0", "--budgets", "full"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _python(*args: str, timeout: float = 300, cwd: pathlib.Path = ROOT, shell_prefix: str = ""
+            ) -> subprocess.CompletedProcess:
+  """``python -m ARGS`` in a process of its own (after ``shell_prefix``, e.g. a ``ulimit``)."""
+  cmd = [sys.executable, "-m", *args]
+  if shell_prefix:
+    cmd = ["bash", "-c", f"{shell_prefix} && exec {' '.join(map(str, cmd))}"]
+  return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def _start(*args: str) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=ENV)
+
+
+def _one_error(code: int, err: str, status: int = 2) -> str:
+  """The one line a stopped command prints on stderr: no traceback, nothing else."""
+  assert code == status, err[-3000:]
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+  return lines[0]
+
+
+def _files(folder: pathlib.Path) -> set[pathlib.Path]:
+  return {p.relative_to(folder) for p in folder.rglob("*") if p.is_file()}
+
+
+def _processes_naming(text: str) -> list[int]:
+  """Ids of the live processes whose command line holds ``text``."""
+  found = []
+  for cmdline in pathlib.Path("/proc").glob("[0-9]*/cmdline"):
+    try:
+      if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+        found.append(int(cmdline.parent.name))
+    except OSError:
+      continue
+  return found
+
+
+@pytest.fixture(scope="module")
+def cell(tmp_path_factory) -> pathlib.Path:
+  """A finished sweep cell (fib-linear, seed 0, 2 steps, budget ``full``); tests copy it."""
+  workdir = tmp_path_factory.mktemp("newcomer") / "fib-linear-s0"
+  res = _python("train.experiment", "--workdir", str(workdir), *CELL, "--set", *TINY)
+  assert res.returncode == 0, res.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture
+def root(cell, tmp_path) -> pathlib.Path:
+  """A sweep root (no sweep.json) holding a copy of ``cell``."""
+  shutil.copytree(cell, tmp_path / "root" / cell.name)
+  return tmp_path / "root"
+
+
+@pytest.fixture
+def damaged(cell, tmp_path) -> pathlib.Path:
+  """A copy of ``cell`` whose newest checkpoint (2) cannot be read: every probe prints one warning
+  line when it has restored step 1 and then computes, a point to send Ctrl-C at."""
+  workdir = tmp_path / "root" / cell.name
+  shutil.copytree(cell, workdir)
+  for path in (workdir / "checkpoints" / "2" / "state").rglob("*"):
+    if path.is_file() and path.parent.name == "d":
+      path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  return workdir
+
+
+# ----------------------------------------------------------------------------- one frame for every command
+
+
+def test_the_frame_turns_refusals_and_ctrl_c_into_one_line(capsys):
+  parser = argparse.ArgumentParser(prog="tool")
+
+  def raising(error: BaseException):
+    def body(args: argparse.Namespace) -> int:
+      raise error
+    return body
+
+  cases = [(ValueError("bad\n  value"), 2, "error: bad value"),
+           (OSError(errno.EACCES, "Permission denied", "/x/y"), 2, "error: Permission denied: /x/y"),
+           (CheckpointError("saving failed"), 2, "error: saving failed"),
+           (Interrupted("interrupted at step 3; kept"), 130, "error: interrupted at step 3; kept"),
+           (KeyboardInterrupt(), 130, "error: interrupted (Ctrl-C); kept")]
+  for error, status, line in cases:
+    assert cli.run_command(raising(error), parser, [], interrupted=lambda args: "kept") == status
+    assert capsys.readouterr().err == line + "\n"
+  with pytest.raises(RuntimeError):  # a bug keeps its traceback
+    cli.run_command(raising(RuntimeError("bug")), parser, [])
+
+
+def test_every_command_runs_in_the_frame_and_prints_no_error_line_itself():
+  """No module of ``train`` but ``train.cli`` prints ``error: ...``; every ``main`` returns
+  ``run_command(...)``."""
+  printing, mains = [], []
+  for path in sorted((ROOT / "train").rglob("*.py")):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print" and node.args:
+        first = node.args[0]
+        text = first.value if isinstance(first, ast.Constant) else (
+            first.values[0].value if isinstance(first, ast.JoinedStr) and isinstance(first.values[0], ast.Constant)
+            else "")
+        if isinstance(text, str) and text.startswith("error:") and path.name != "cli.py":
+          printing.append(str(path.relative_to(ROOT)))
+      if isinstance(node, ast.FunctionDef) and node.name == "main":
+        calls = {getattr(c.func, "id", None) for c in ast.walk(node) if isinstance(c, ast.Call)}
+        if "run_command" not in calls:
+          mains.append(str(path.relative_to(ROOT)))
+  assert printing == [] and mains == []
+
+
+# ----------------------------------------------------------------------------- 1. the summary overwrote any file
+
+
+def test_summary_never_replaces_a_file_it_did_not_write(root, tmp_path, capsys):
+  config = root / "fib-linear-s0" / "config.json"
+  before = config.read_bytes()
+  line = _one_error(report.main([str(root), "--summary", str(config), "--force"]), capsys.readouterr().err)
+  assert f"--summary {config} exists and was not written by python -m train.report" in line, line
+  assert config.read_bytes() == before and not (root / "report.md").exists()  # refused before any report
+
+  summary = tmp_path / "SUMMARY.md"
+  assert report.main([str(root), "--summary", str(summary)]) == 0
+  assert summary.read_text().splitlines()[0] == report.SUMMARY_MARK
+  line = _one_error(report.main([str(root), "--summary", str(summary)]), capsys.readouterr().err)
+  assert "add --force to replace it" in line, line
+  assert report.main([str(root), "--summary", str(summary), "--force"]) == 0
+
+
+# ----------------------------------------------------------------------------- 2. Ctrl-C
+
+
+def test_ctrl_c_during_the_last_step_stops_before_the_final_evaluation(tmp_path):
+  """Ctrl-C once step 1 is logged lands in step 2, the last, which compiles the held-out loss for
+  seconds: the run stops there, as at any other step, instead of evaluating and exiting 0."""
+  workdir = tmp_path / "run"
+  proc = _start("train", "--workdir", str(workdir), "--set", *TINY, "log_every=1", "eval_every=100",
+                "checkpoint_every=100")
+  metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 240
+  while proc.poll() is None and time.monotonic() < deadline and not (
+      metrics.exists() and any('"step": 1,' in x and '"loss"' in x for x in metrics.read_text().splitlines())):
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  line = _one_error(proc.returncode, err, status=130)
+  assert line.startswith("error: interrupted") and "kept" in line, line  # at step 2, its checkpoint kept
+  assert not (workdir / "eval.json").exists() and not list(workdir.rglob("*.tmp"))
+  assert _python("train", "--workdir", str(workdir)).returncode == 0  # resumed: it evaluates and finishes
+  assert (workdir / "eval.json").exists()
+
+
+PROBES = {  # each computes for many seconds after restoring: Ctrl-C lands in its computation
+    "train.evaluate": ["--lengths", "1", "--tokens", "4000000"],
+    "train.budget": ["--lengths", "1", "--tokens", "4000000", "--budgets", "full"],
+    "train.passkey": ["--lengths", "1", "--depths", "0.5", "--trials", "20000"],
+    "train.latency": ["--repeats", "1000000"],
+}
+
+
+@pytest.mark.parametrize("module", list(PROBES))
+def test_ctrl_c_stops_a_probe_in_one_line_and_writes_nothing(damaged, module):
+  root = damaged.parent
+  before = _files(root)
+  target = [str(root)] if module == "train.latency" else ["--workdir", str(damaged)]
+  proc = _start(module, *target, *PROBES[module])
+  warning = proc.stderr.readline()
+  assert warning.startswith("warning: checkpoint step 2 in "), warning + proc.stderr.read()[-3000:]
+  proc.send_signal(signal.SIGINT)
+  start = time.monotonic()
+  _, err = proc.communicate(timeout=120)
+  assert time.monotonic() - start < 60
+  assert _one_error(proc.returncode, err, status=130).startswith("error: interrupted (Ctrl-C)"), err
+  assert _files(root) == before  # nothing written, not even a temporary file
+
+
+def test_a_second_sweep_is_refused_and_ctrl_c_stops_every_cell(tmp_path):
+  """3: one sweep at a time on a root; 2: a sweep stopped by Ctrl-C (sent to it alone) stops its
+  cells and leaves no process behind."""
+  root = tmp_path / "root"
+  args = ["train.sweep", "--root", str(root), "--config", "tiny", "--variants", "fib-linear", "--seeds", "0",
+          "--no-latency", "--set", *TINY, "steps=100000", "checkpoint_every=100000"]
+  first = _start(*args)
+  config, deadline = root / "fib-linear-s0" / "config.json", time.monotonic() + 240
+  while not config.exists() and first.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.2)  # the cell writes its config.json once it holds its workdir: it is training
+  assert config.exists(), first.communicate(timeout=60)
+  second = _python(*args, timeout=120)
+  assert "another sweep is running on" in _one_error(second.returncode, second.stderr), second.stderr
+  first.send_signal(signal.SIGINT)
+  out, err = first.communicate(timeout=sweep.STOP_GRACE_S + 60)
+  assert _one_error(first.returncode, err, status=130).startswith("error: interrupted (Ctrl-C)"), err
+  assert "[sweep] stopping 1 running cell(s)" in out, out
+  assert _processes_naming(str(root)) == []
+  assert "error: interrupted at step" in (root / "logs" / "fib-linear-s0.log").read_text()  # it stopped itself
+  assert json.loads((root / "sweep_cost.jsonl").read_text().splitlines()[-1])["failed"] == 0
+
+
+# ----------------------------------------------------------------------------- 4. packed cells on an 80 GB GPU
+
+
+H100, H200 = 81559 * 2**20, 143771 * 2**20  # total memory as nvidia-smi reports it
+
+
+@pytest.mark.parametrize("gpu", [H100, H200])
+def test_packing_leaves_every_process_room_for_cuda(gpu):
+  need, _ = packing.footprint(pathlib.Path("/nonexistent"), "small")
+  plan = packing.plan(gpu, need, "default")
+  assert 1 <= plan.per_gpu <= packing.DEFAULT_PER_GPU and plan.warning() is None
+  pool = plan.fraction * gpu
+  assert pool >= need  # each cell's XLA pool holds what the recipe needs
+  assert plan.per_gpu * (pool + packing.RESERVE_BYTES) <= gpu  # and every process keeps its reserve
+
+
+def test_packing_too_many_cells_is_named_with_the_fix():
+  need, _ = packing.footprint(pathlib.Path("/nonexistent"), "small")
+  plan = packing.plan(H100, need, "default", asked=14)
+  assert plan.per_gpu == 14 and 14 * (plan.fraction * H100 + packing.RESERVE_BYTES) <= H100
+  assert f"--per-gpu {plan.fits} fits" in plan.warning(), plan.warning()
+  with pytest.raises(ValueError, match="--per-gpu 60: .* give --per-gpu"):
+    packing.plan(H100, need, "default", asked=60)
+
+
+def test_a_cells_measured_peak_sizes_the_packing(cell, tmp_path):
+  assert "peak_bytes" in json.loads((cell / "cell.json").read_text())  # recorded (None on CPU)
+  for name, peak in (("a-s0", 3 * 2**30), ("b-s0", 5 * 2**30), ("c-s0", None)):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "cell.json").write_text(json.dumps({"peak_bytes": peak}))
+  need, where = packing.footprint(tmp_path, "small")
+  assert need == int(5 * 2**30 * packing.FOOTPRINT_MARGIN) and "measured" in where
+
+
+FAKE_CELL = """import os, pathlib, sys
+workdir, failures = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+workdir.mkdir(parents=True, exist_ok=True)
+tries = len(list(workdir.glob("try*"))) + 1
+(workdir / f"try{tries}").write_text(os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"])
+if tries <= failures:
+  print("INTERNAL: Failed to initialize BlasLt: BlasLt is unavailable")
+  sys.exit(1)
+(workdir / "cell.json").write_text("{}")
+"""
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_transient_cuda_error_is_retried_once_then_named_with_the_fix(tmp_path, monkeypatch, capsys, failures):
+  """Cells as real processes that meet ``BlasLt is unavailable`` ``failures`` times, on one 80 GB GPU."""
+  monkeypatch.setattr(sweep, "local_gpus", lambda: ["0"])
+  monkeypatch.setattr(packing, "gpu_memory", lambda gpus: packing.DEFAULT_GPU_BYTES)
+  monkeypatch.setattr(sweep, "command", lambda c, recipe, budgets: [sys.executable, "-c", FAKE_CELL, str(c.workdir),
+                                                                      str(failures)])
+  root = tmp_path / "root"
+  failed = sweep.run_sweep(root, "tiny", ["dense"], [0], TINY, latency=False, poll_s=0.05)
+  out = capsys.readouterr().out
+  workdir = root / "dense-s0"
+  plan = packing.plan(packing.DEFAULT_GPU_BYTES, packing.RECIPE_FOOTPRINT["tiny"], "default")
+  assert {p.read_text() for p in workdir.glob("try*")} == {f"{plan.fraction:.3f}"}
+  assert "dense-s0 met 'BlasLt is unavailable' (exit 1); starting it once more" in out, out
+  if failures == 1:
+    assert failed == 0 and (workdir / "cell.json").exists()
+  else:
+    assert failed == 1 and len(list(workdir.glob("try*"))) == 2  # once more, not again and again
+    line = next(x for x in out.splitlines() if "failed (exit 1, after a retry)" in x)
+    assert f"fewer cells per GPU leave each more memory, e.g. --per-gpu {plan.per_gpu // 2}" in line, line
+    cost = json.loads((root / "sweep_cost.jsonl").read_text().splitlines()[-1])
+    assert cost["failed_cells"] == ["dense-s0"] and cost["per_gpu"] == plan.per_gpu
+
+
+# ----------------------------------------------------------------------------- 5. an unwritable root
+
+
+@pytest.mark.parametrize("module", ["train.report", "train.latency"])
+def test_an_unwritable_root_is_one_line_before_anything_is_measured(root, module):
+  """``ulimit -f 0``: no file can be written (permission bits would not stop root, who runs the tests)."""
+  res = _python(module, str(root), shell_prefix="ulimit -f 0")
+  line = _one_error(res.returncode, res.stderr)
+  assert f"cannot write into the sweep root {root}" in line, line
+  assert res.stdout == "" and not (root / "report.md").exists() and not (root / "latency.json").exists()
+
+
+# ----------------------------------------------------------------------------- 6. the report hid failures
+
+
+def test_the_report_names_unfinished_cells_and_why_a_claim_has_no_numbers(root, cell):
+  (root / "dense-s0").mkdir()
+  shutil.copy(cell / "config.json", root / "dense-s0" / "config.json")
+  (root / "logs").mkdir()
+  (root / "logs" / "dense-s0.log").write_text("error: something\n")
+  (root / "sweep_cost.jsonl").write_text(json.dumps({"time": 0, "wall_s": 10, "cells_run": 1, "failed": 1,
+                                                     "failed_cells": ["dense-s0"], "gpus": 0, "per_gpu": 7}) + "\n")
+  assert report.main([str(root)]) == 0
+  text = (root / "report.md").read_text()
+  row = next(x for x in text.splitlines() if x.startswith("| `dense-s0`"))
+  assert "failed in the last sweep" in row and "logs/dense-s0.log" in row, row
+  claim5 = next(x for x in text.splitlines() if x.startswith("| 5."))
+  assert "None" not in claim5 and "no finished run of a dense variant" in claim5, claim5
+  assert "`?`" not in text and "No `sweep.json` in this root" in text
+  cost = next(x for x in text.splitlines() if x.startswith("| 1 |"))  # 8: no "cells per GPU 7" on a CPU
+  assert cost.endswith("| 1 (dense-s0) | 0 | - (one cell at a time) |"), cost
+
+
+# ----------------------------------------------------------------------------- 7. wrong advice
+
+
+def test_evaluate_data_errors_give_the_right_advice(cell, tmp_path, capsys):
+  (tmp_path / "short.txt").write_text("too short")
+  (tmp_path / "empty.txt").write_text("")
+  (tmp_path / "text").mkdir()
+  (tmp_path / "text" / "a.txt").write_text("Some text to prepare. " * 50)
+  prepare.prepare(tmp_path / "text", tmp_path / "prepared")
+  expected = {"short.txt": "holds 10 tokens, fewer than one window of T=128 plus one: give --data with more text",
+              "empty.txt": "no evaluation text", "prepared": "is a prepared token folder (python -m train.prepare); "
+                                                           "evaluation reads text"}
+  for name, message in expected.items():
+    code = evaluate.main(["--workdir", str(cell), "--lengths", "1", "--data", str(tmp_path / name)])
+    line = _one_error(code, capsys.readouterr().err)
+    assert message in line and "at most 0" not in line and "training text" not in line, line
+
+
+def test_generate_names_a_prompt_that_is_not_utf8(cell):
+  res = subprocess.run([sys.executable, "-m", "train.generate", "--workdir", str(cell), "--prompt", b"ab\xff"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
+  line = _one_error(res.returncode, res.stderr)
+  assert "--prompt is not UTF-8 text (byte 0xff at character 2)" in line and "codec" not in line, line
+
+
+# ----------------------------------------------------------------------------- 8. small things
+
+
+def test_the_eta_counts_down_between_progress_and_goes_when_nothing_is_left():
+  eta = sweep.Eta(start=0.0, start_share=0.0)
+  assert eta(0.0, 10.0) is None
+  assert eta(0.5, 100.0) == pytest.approx(100.0)
+  assert eta(0.5, 130.0) == pytest.approx(70.0)  # no progress for 30 s: 30 s less left, not more
+  assert eta(0.5, 500.0) == 0.0
+  assert "ETA 70 s" in sweep.status_line([], 1, 0, 0, 130.0, 70.0)
+  assert "ETA" not in sweep.status_line([], 0, 0, 0, 130.0, 0.0)
+
+
+@pytest.mark.parametrize("module", ["train.sweep", "train.experiment"])
+def test_help_keeps_the_example_commands_as_written(module):
+  res = _python(module, "--help", timeout=120)
+  assert res.returncode == 0 and " \\\n" in res.stdout, res.stdout[:1500]  # the continuation line stays
+  assert not re.search(r"\S {3,}--", res.stdout), res.stdout[:1500]
+
+
+def test_prepare_prints_no_blank_lines_before_its_result(tmp_path):
+  (tmp_path / "a.txt").write_text("hello world, " * 2000)
+  res = _python("train.prepare", "--data", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out"), "--tokenizer",
+                "bpe", "--bpe-vocab-size", "300", timeout=120)
+  assert res.returncode == 0 and res.stdout.startswith("prepared "), repr(res.stdout[:300])
+
+
+@pytest.mark.parametrize("values", [[3.62, 3.71, 3.98, 4.41], [1.5, 40.0, 900.0]])
+def test_perplexity_tick_labels_are_evenly_spaced_and_alike(values):
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, ax = plt.subplots()
+  ax.plot(range(len(values)), values)
+  report.perplexity_axis(ax)
+  fig.canvas.draw()
+  lo, hi = ax.get_ylim()
+  shown = [(t, label.get_text()) for t, label in zip(ax.get_yticks(), ax.get_yticklabels()) if lo <= t <= hi]
+  ticks, labels = [t for t, _ in shown], [x for _, x in shown if x]
+  pixels = ax.transData.transform([(0, t) for t in ticks])[:, 1]
+  assert len(ticks) >= 2 and np.allclose(np.diff(pixels), np.diff(pixels)[0], rtol=1e-6), ticks
+  assert len(labels) == len(ticks) and len({len(x.split(".")[-1]) if "." in x else 0 for x in labels}) == 1, labels
+  assert not [t for t in ax.yaxis.get_minorticklabels() if t.get_text()]
+  plt.close(fig)

@@ -1,0 +1,120 @@
+"""The frame every ``python -m train...`` command runs in.
+
+    def main(argv: list[str] | None = None) -> int:
+      parser = ArgumentParser(description=__doc__)
+      add_workdir(parser)
+      add_lengths(parser)
+      return run_command(body, parser, argv)
+
+``run_command`` parses the arguments (a bad one is one line and exit 2, ``fibjax.cli``) and runs
+``body(args)``: a refused input (``ValueError``, ``OSError`` and the project's own errors, such as a
+checkpoint that cannot be saved) is one line, ``error: <what is wrong and what to do>``, with exit
+status 2; Ctrl-C is one line, ``error: interrupted (Ctrl-C)...``, with exit status 130. Neither
+prints a traceback. The files the commands write are written whole or not at all (a temporary
+file renamed into place), so an interrupted command leaves none half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from typing import Callable
+
+USAGE = 2  # exit status of a refused input, as argparse's for a bad argument
+INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)
+
+# The project's own error classes that mean a refused input or a stopped run, by module. A module
+# that is not loaded raised none of them, so none is imported here (some modules import JAX).
+REFUSALS = (("train.run.checkpoint", "CheckpointError"), ("train.run.trainer", "TrainingStopped"))
+STOPPED_BY_USER = (("train.run.trainer", "Interrupted"),)  # a TrainingStopped that Ctrl-C caused
+
+
+def _loaded(classes: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
+  """Those of ``(module, class name)`` whose module is loaded."""
+  return tuple(getattr(sys.modules[module], name) for module, name in classes if module in sys.modules)
+
+
+def one_line(error: BaseException) -> str:
+  """``error``'s message on one line; an ``OSError`` as ``what failed: path`` (not ``[Errno 13] ...``)."""
+  if isinstance(error, OSError) and error.strerror:
+    where = f": {error.filename}" if error.filename is not None else ""
+    return f"{error.strerror}{where}"
+  return " ".join(str(error).split()) or type(error).__name__
+
+
+def run_command(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+                argv: list[str] | None = None, interrupted: Callable[[argparse.Namespace], str] | None = None) -> int:
+  """Parses ``argv`` with ``parser`` and returns ``body(args)``, or the exit status of what stopped
+  it: 2 after one ``error:`` line for a refused input, 130 after one line for Ctrl-C (``interrupted``
+  says what is kept, e.g. the checkpoints). Nothing else is caught: a bug keeps its traceback."""
+  args = parser.parse_args(argv)
+  try:
+    return body(args)
+  except KeyboardInterrupt:
+    detail = interrupted(args) if interrupted else ""
+    print(f"error: interrupted (Ctrl-C){'; ' + detail if detail else ''}", file=sys.stderr, flush=True)
+    return INTERRUPTED
+  except (ValueError, OSError, *_loaded(REFUSALS)) as e:
+    print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+    return INTERRUPTED if isinstance(e, _loaded(STOPPED_BY_USER)) else USAGE
+
+
+def add_workdir(parser: argparse.ArgumentParser, what: str = "the trained run's folder") -> None:
+  """``--workdir DIR`` (required): the trained run a probe reads, unless ``what`` says otherwise."""
+  parser.add_argument("--workdir", required=True, type=pathlib.Path, help=what)
+
+
+def add_lengths(parser: argparse.ArgumentParser, default_from_config: bool = True) -> None:
+  """``--lengths M [M ...]``, multiples of the training length T; by default (``None``) the run's
+  ``final_eval_multiples``, else 1 2 4."""
+  default = "the run's final_eval_multiples" if default_from_config else "1 2 4"
+  parser.add_argument("--lengths", type=int, nargs="+", default=None if default_from_config else [1, 2, 4],
+                      help=f"multiples of T (default: {default})")
+
+
+def check_multiples(lengths: list[int] | None) -> None:
+  """Raises ``ValueError`` unless every ``--lengths`` is a multiple >= 1 (``None``: the default)."""
+  if lengths is not None and min(lengths) < 1:
+    raise ValueError(f"--lengths are multiples of T and must be >= 1, got {' '.join(map(str, lengths))}")
+
+
+def check_writable(folder: pathlib.Path, what: str) -> None:
+  """Raises ``ValueError`` (one line) unless a file can be written in ``folder`` (created if
+  missing): checked before a long measurement, not after it. ``what`` names the folder for the user."""
+  probe = folder / ".write-probe"
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"0")
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(f"cannot write into {what} {folder} ({one_line(e)}); fix the folder's permissions or free "
+                     "space, then run again") from e
+
+
+def write_whole(path: pathlib.Path, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file beside it, renamed into place: an
+  interrupted or failed write leaves ``path`` as it was and no temporary file."""
+  tmp = path.with_name(f".{path.name}.tmp")
+  try:
+    tmp.write_text(text)
+    tmp.replace(path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+SINKS = 4  # attention-sink tokens of a dense run's sliding window (StreamingLLM) when none is given
+
+
+def add_sink_window(parser: argparse.ArgumentParser) -> None:
+  """``--sink-window [SINKS]``: score a dense run with a sliding window of T keys plus the first
+  SINKS tokens (``None`` when absent: its full causal attention)."""
+  parser.add_argument("--sink-window", type=int, nargs="?", const=SINKS, default=None, metavar="SINKS",
+                      help=f"dense runs: a sliding window of T keys plus SINKS sink tokens (default {SINKS})")
+
+
+def check_sink_window(sinks: int | None) -> None:
+  if sinks is not None and sinks < 0:
+    raise ValueError(f"--sink-window takes a number of sink tokens >= 0, got {sinks}")
+

@@ -1,0 +1,39 @@
+"""The files of a sweep root (``--root``), each named once here.
+
+    ROOT/
+      sweep.json            the recipe, {"config": NAME, "overrides": [KEY=VALUE, ...]} (``train.study.sweep``)
+      sweep_cost.jsonl      one JSON line per sweep invocation: its wall time, cells finished and failed, GPUs
+      .lock                 held (``flock``) by the sweep running on the root, so that a second one is refused
+      <variant>-s<seed>/    one run directory per cell (``train.run.rundir``), finished once its cell.json exists
+      logs/<cell>.log       each cell's output, appended at each attempt
+      latency.json          inference latency per variant (``train.study.latency``; a later measurement
+                            is written beside it as latency-2.json, latency-3.json, ...)
+      report.md, plots/     the report and its figures (``train.study.report``), rebuilt from the files above
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+SWEEP = "sweep.json"
+COST = "sweep_cost.jsonl"
+LOGS = "logs"
+LATENCY = "latency.json"
+REPORT = "report.md"
+PLOTS = "plots"
+
+
+def cell_name(variant: str, seed: int) -> str:
+  """The folder of the cell of ``variant`` and ``seed`` under the root."""
+  return f"{variant}-s{seed}"
+
+
+def log_path(root: pathlib.Path, cell: str) -> pathlib.Path:
+  """Where the output of cell folder ``cell`` is logged."""
+  return root / LOGS / f"{cell}.log"
+
+
+def latency_files(root: pathlib.Path) -> list[pathlib.Path]:
+  """The latency measurements under ``root`` (``latency.json``, ``latency-2.json``, ...), oldest first."""
+  stem, suffix = LATENCY.rsplit(".", 1)
+  return sorted(root.glob(f"{stem}*.{suffix}"), key=lambda p: p.stat().st_mtime)
