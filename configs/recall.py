@@ -6,7 +6,7 @@ accuracy by distance reads each pattern's one-hop reach beyond the window. ``rec
 ``small`` model (8 layers, hidden 256) on the same task; its window reaches 8 x 31 = 248 of T.
 Every row is a task sequence (the byte-level key vocabulary holds 4096 six-letter words, values
 are 4 digits, 4 queries per sequence, distances uniform over all the length allows); only answer
-tokens are scored. 1500 steps of 64 x 512 tokens.
+tokens are scored. 3000 steps of 64 x 512 tokens.
 """
 
 import dataclasses
@@ -19,8 +19,8 @@ from fibjax.model import ModelConfig
 def get_config() -> TrainConfig:
   model = ModelConfig(variant="fib-linear", d_model=128, num_layers=2, num_heads=4, head_dim=32, mlp_dim=384,
                       seq_len=512, window=32, dtype="bfloat16")
-  return TrainConfig(model=model, task="mqar", task_mix=1.0, batch_size=64, steps=1500, lr=2e-3, warmup_steps=100,
-                     eval_every=500, checkpoint_every=500, final_eval_tokens=32768)
+  return TrainConfig(model=model, task="mqar", task_mix=1.0, batch_size=64, steps=3000, lr=2e-3, warmup_steps=200,
+                     eval_every=1000, checkpoint_every=1000, final_eval_tokens=32768)
 
 
 def get_config_deep() -> TrainConfig:

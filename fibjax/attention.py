@@ -73,7 +73,8 @@ def attention(
     interpret: run the Pallas kernel in interpret mode (CPU tests).
     batch_axes: under a mesh, the axes that split the batch: the Pallas kernels run once per
       device on its own rows (default: every axis of the mesh). The XLA path partitions itself.
-    **kernel_options: block sizes etc. for the Pallas kernel.
+    **kernel_options: the Pallas kernels' ``config`` and ``config_bwd``
+      (``pallas_kernels.ForwardConfig``, ``BackwardConfig``; default: tuned or heuristic).
   Returns:
     ``[batch, seq, heads, head_dim]`` in ``q.dtype``.
   Raises:

@@ -27,14 +27,14 @@ from train.probe import evaluate
 from train.run.checkpoint import CheckpointError
 from train.run.trainer import Interrupted
 from train.study import packing, report, sweep
+from tests.test_sweep_report_errors import cell, root  # noqa: F401  (fixtures: a finished cell, a root holding it)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The smallest run every probe accepts: T = 128 holds a passkey sample; 1x and 4x T, which the
-# paper's claims compare, are in the final evaluation. Checkpoints at steps 1 and 2.
+# A run as small as a probe accepts (T = 128 holds a passkey sample), checkpoints at steps 1 and 2;
+# the finished cell the report and probe tests copy is ``tests.test_sweep_report_errors``'.
 TINY = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.head_dim=16", "model.mlp_dim=64",
         "model.seq_len=128", "model.window=8", "batch_size=8", "final_eval_tokens=512", "eval_batches=1", "steps=2",
         "checkpoint_every=1", "progress=false"]
-CELL = ["--config", "tiny", "--variant", "fib-linear", "--seed", "0", "--budgets", "full"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
@@ -76,29 +76,13 @@ def _processes_naming(text: str) -> list[int]:
   return found
 
 
-@pytest.fixture(scope="module")
-def cell(tmp_path_factory) -> pathlib.Path:
-  """A finished sweep cell (fib-linear, seed 0, 2 steps, budget ``full``); tests copy it."""
-  workdir = tmp_path_factory.mktemp("newcomer") / "fib-linear-s0"
-  res = _python("train.experiment", "--workdir", str(workdir), *CELL, "--set", *TINY)
-  assert res.returncode == 0, res.stderr[-3000:]
-  return workdir
-
-
 @pytest.fixture
-def root(cell, tmp_path) -> pathlib.Path:
-  """A sweep root (no sweep.json) holding a copy of ``cell``."""
-  shutil.copytree(cell, tmp_path / "root" / cell.name)
-  return tmp_path / "root"
-
-
-@pytest.fixture
-def damaged(cell, tmp_path) -> pathlib.Path:
-  """A copy of ``cell`` whose newest checkpoint (2) cannot be read: every probe prints one warning
-  line when it has restored step 1 and then computes, a point to send Ctrl-C at."""
-  workdir = tmp_path / "root" / cell.name
-  shutil.copytree(cell, workdir)
-  for path in (workdir / "checkpoints" / "2" / "state").rglob("*"):
+def damaged(root) -> pathlib.Path:
+  """The cell of ``root`` with its newest checkpoint unreadable: every probe prints one warning
+  line when it has restored the one before and then computes, a point to send Ctrl-C at."""
+  workdir = root / "fib-linear-s0"
+  newest = max((p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+  for path in (newest / "state").rglob("*"):
     if path.is_file() and path.parent.name == "d":
       path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
   return workdir
@@ -197,13 +181,12 @@ PROBES = {  # each computes for many seconds after restoring: Ctrl-C lands in it
 
 
 @pytest.mark.parametrize("module", list(PROBES))
-def test_ctrl_c_stops_a_probe_in_one_line_and_writes_nothing(damaged, module):
-  root = damaged.parent
+def test_ctrl_c_stops_a_probe_in_one_line_and_writes_nothing(root, damaged, module):
   before = _files(root)
   target = [str(root)] if module == "train.latency" else ["--workdir", str(damaged)]
   proc = _start(module, *target, *PROBES[module])
   warning = proc.stderr.readline()
-  assert warning.startswith("warning: checkpoint step 2 in "), warning + proc.stderr.read()[-3000:]
+  assert warning.startswith("warning: checkpoint step ") and "is damaged" in warning, warning + proc.stderr.read()
   proc.send_signal(signal.SIGINT)
   start = time.monotonic()
   _, err = proc.communicate(timeout=120)
@@ -215,11 +198,11 @@ def test_ctrl_c_stops_a_probe_in_one_line_and_writes_nothing(damaged, module):
 def test_a_second_sweep_is_refused_and_ctrl_c_stops_every_cell(tmp_path):
   """3: one sweep at a time on a root; 2: a sweep stopped by Ctrl-C (sent to it alone) stops its
   cells and leaves no process behind."""
-  root = tmp_path / "root"
-  args = ["train.sweep", "--root", str(root), "--config", "tiny", "--variants", "fib-linear", "--seeds", "0",
+  sweep_root = tmp_path / "sweep_root"
+  args = ["train.sweep", "--root", str(sweep_root), "--config", "tiny", "--variants", "fib-linear", "--seeds", "0",
           "--no-latency", "--set", *TINY, "steps=100000", "checkpoint_every=100000"]
   first = _start(*args)
-  config, deadline = root / "fib-linear-s0" / "config.json", time.monotonic() + 240
+  config, deadline = sweep_root / "fib-linear-s0" / "config.json", time.monotonic() + 240
   while not config.exists() and first.poll() is None and time.monotonic() < deadline:
     time.sleep(0.2)  # the cell writes its config.json once it holds its workdir: it is training
   assert config.exists(), first.communicate(timeout=60)
@@ -229,9 +212,9 @@ def test_a_second_sweep_is_refused_and_ctrl_c_stops_every_cell(tmp_path):
   out, err = first.communicate(timeout=sweep.STOP_GRACE_S + 60)
   assert _one_error(first.returncode, err, status=130).startswith("error: interrupted (Ctrl-C)"), err
   assert "[sweep] stopping 1 running cell(s)" in out, out
-  assert _processes_naming(str(root)) == []
-  assert "error: interrupted at step" in (root / "logs" / "fib-linear-s0.log").read_text()  # it stopped itself
-  assert json.loads((root / "sweep_cost.jsonl").read_text().splitlines()[-1])["failed"] == 0
+  assert _processes_naming(str(sweep_root)) == []
+  assert "error: interrupted at step" in (sweep_root / "logs" / "fib-linear-s0.log").read_text()  # it stopped itself
+  assert json.loads((sweep_root / "sweep_cost.jsonl").read_text().splitlines()[-1])["failed"] == 0
 
 
 # ----------------------------------------------------------------------------- 4. packed cells on an 80 GB GPU
@@ -287,10 +270,10 @@ def test_a_transient_cuda_error_is_retried_once_then_named_with_the_fix(tmp_path
   monkeypatch.setattr(packing, "gpu_memory", lambda gpus: packing.DEFAULT_GPU_BYTES)
   monkeypatch.setattr(sweep, "command", lambda c, recipe, budgets: [sys.executable, "-c", FAKE_CELL, str(c.workdir),
                                                                       str(failures)])
-  root = tmp_path / "root"
-  failed = sweep.run_sweep(root, "tiny", ["dense"], [0], TINY, latency=False, poll_s=0.05)
+  sweep_root = tmp_path / "sweep_root"
+  failed = sweep.run_sweep(sweep_root, "tiny", ["dense"], [0], TINY, latency=False, poll_s=0.05)
   out = capsys.readouterr().out
-  workdir = root / "dense-s0"
+  workdir = sweep_root / "dense-s0"
   plan = packing.plan(packing.DEFAULT_GPU_BYTES, packing.RECIPE_FOOTPRINT["tiny"], "default")
   assert {p.read_text() for p in workdir.glob("try*")} == {f"{plan.fraction:.3f}"}
   assert "dense-s0 met 'BlasLt is unavailable' (exit 1); starting it once more" in out, out
@@ -300,7 +283,7 @@ def test_a_transient_cuda_error_is_retried_once_then_named_with_the_fix(tmp_path
     assert failed == 1 and len(list(workdir.glob("try*"))) == 2  # once more, not again and again
     line = next(x for x in out.splitlines() if "failed (exit 1, after a retry)" in x)
     assert f"fewer cells per GPU leave each more memory, e.g. --per-gpu {plan.per_gpu // 2}" in line, line
-    cost = json.loads((root / "sweep_cost.jsonl").read_text().splitlines()[-1])
+    cost = json.loads((sweep_root / "sweep_cost.jsonl").read_text().splitlines()[-1])
     assert cost["failed_cells"] == ["dense-s0"] and cost["per_gpu"] == plan.per_gpu
 
 

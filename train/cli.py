@@ -10,8 +10,10 @@
 ``body(args)``: a refused input (``ValueError``, ``OSError`` and the project's own errors, such as a
 checkpoint that cannot be saved) is one line, ``error: <what is wrong and what to do>``, with exit
 status 2; Ctrl-C is one line, ``error: interrupted (Ctrl-C)...``, with exit status 130. Neither
-prints a traceback. The files the commands write are written whole or not at all (a temporary
-file renamed into place), so an interrupted command leaves none half-written.
+prints a traceback. The files the commands and the training loop write are written whole or not at
+all (``write_whole``: a temporary file renamed into place), so an interrupted command leaves none
+half-written. Nothing here imports another module of ``train``: every command, in any folder, and
+the training loop may import it.
 """
 
 from __future__ import annotations

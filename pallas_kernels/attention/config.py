@@ -19,7 +19,7 @@ import json
 import pathlib
 import re
 import warnings
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 
@@ -28,10 +28,11 @@ Backend = Literal["gpu", "tpu"]
 # no row of; unrolled with every term run, its dead rows masked; or as one loop body, dead rows
 # masked, which lets the compiler pipeline the next term's loads (``num_stages``).
 TermFlow = Literal["branched", "unbranched", "looped"]
-TERM_FLOWS: tuple[str, ...] = ("branched", "unbranched", "looped")
+TERM_FLOWS: tuple[str, ...] = get_args(TermFlow)
 
 # Rows per tile: 64 for the GPU forward and static backward (H100 sweeps; NOTES "Attention kernel",
-# v1-v3); the learned GPU backward spills at 64 rows and ran 3x faster at 32 (v3); 128 on TPU (not tuned).
+# v1-v3); the learned GPU backward spills at 64 rows and ran 3x faster at 32 (v3); 128 on TPU
+# (not tuned).
 BLOCK: dict[str, int] = {"gpu": 64, "tpu": 128}
 LEARNED_BACKWARD_BLOCK: dict[str, int] = {"gpu": 32, "tpu": 128}
 # GPU launch: 4 warps and 2 stages (h6: 8 warps were 1.16-1.90x slower except below); 8 warps for

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fibjax.model import LM, count_params
+from train.cli import write_whole
 from train.run import checkpoint, rundir
 from train.data import tasks, text as data
 from train.run.mesh import make_mesh
@@ -180,31 +181,19 @@ def write_run_files(cfg: TrainConfig, workdir: pathlib.Path, run_data: RunData, 
     return
   try:
     checkpoint.ensure_writable(rundir.checkpoints(workdir))
-    write_atomic(workdir / rundir.CONFIG, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    write_whole(workdir / rundir.CONFIG, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     if isinstance(run_data.tokenizer, data.BPETokenizer) and not (workdir / rundir.TOKENIZER).exists():
       run_data.tokenizer.save(workdir / rundir.TOKENIZER)
     if not (resuming and (workdir / rundir.HELDOUT_TOKENS).exists()):
       data.save_heldout(np.asarray(run_data.heldout[:HELDOUT_KEEP]), workdir / rundir.HELDOUT_TOKENS)
     source = {"path": cfg.data_path, "sha256": run_data.sha256}
-    write_atomic(workdir / rundir.DATA_SOURCE, json.dumps(source, indent=2) + "\n")
-    write_atomic(workdir / rundir.DATA_BUDGET, json.dumps(budget, indent=2) + "\n")
+    write_whole(workdir / rundir.DATA_SOURCE, json.dumps(source, indent=2) + "\n")
+    write_whole(workdir / rundir.DATA_BUDGET, json.dumps(budget, indent=2) + "\n")
   except (OSError, checkpoint.CheckpointError) as e:
     if created:
       shutil.rmtree(workdir, ignore_errors=True)
     raise ValueError(f"cannot write the run's files into {workdir} ({checkpoint.short(e)}); give a writable "
                      "--workdir") from e
-
-
-def write_atomic(path: pathlib.Path, text: str) -> None:
-  """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``; a write
-  that fails or is interrupted leaves ``path`` as it was and no temporary file."""
-  tmp = path.with_name(path.name + ".tmp")
-  try:
-    tmp.write_text(text)
-    tmp.replace(path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
 
 
 def nonfinite(step: int, metrics: dict[str, float], last_saved: int | None, folder: pathlib.Path,
@@ -388,7 +377,7 @@ def train_locked(cfg: TrainConfig, workdir: pathlib.Path, mesh: Mesh, run_data: 
                               cfg.final_eval_tokens)
   result = {**result, "params": num_params}
   if jax.process_index() == 0:
-    write_atomic(workdir / rundir.EVAL, json.dumps(result, indent=2) + "\n")
+    write_whole(workdir / rundir.EVAL, json.dumps(result, indent=2) + "\n")
   return {"workdir": str(workdir), "checkpoint": str(folder / str(last_saved)),
           "metrics": str(workdir / rundir.METRICS), "tensorboard": str(workdir / rundir.TENSORBOARD),
           "eval": str(workdir / rundir.EVAL), "result": result}

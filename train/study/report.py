@@ -1,12 +1,15 @@
 """``python -m train.report ROOT [ROOT ...]``: a sweep's report, plots and verdicts on the paper's claims.
 
-Reads only the files the runs wrote (``cell.json`` and the evaluation, passkey and budget files it
-names, ``config.json``, ``data_budget.json``, ``eval.json``, ``latency*.json``, ``sweep_cost.jsonl``)
-and writes ``ROOT/report.md`` and ``ROOT/plots/*.png``; no number is typed in except the paper's own
-(the lengths are the runs' ``final_eval_multiples``). With several roots, ``--summary FILE`` also
-writes one table of every claim's verdict at every scale, to a new file or (``--force``) over a
-summary it wrote before, which its first line marks; it replaces no other file. The report is
-rebuilt from the files each time (it holds nothing else).
+Reads only the files the runs wrote (``cell.json`` and the probe files it names: evaluation, other-genre
+text, passkey, recall and budget; ``config.json``, ``data_budget.json``, ``eval.json``, ``latency*.json``,
+``sweep_cost.jsonl``) and writes ``ROOT/report.md`` and ``ROOT/plots/*.png``; no number is typed in
+except the paper's own (the lengths are the runs' ``final_eval_multiples``). The claims are judged on
+held-out loss, or on recall error where the runs trained on a synthetic task alone; the sections
+beyond the claims (recall by distance, other-genre text, controls, validity checks, statistical
+power) come from ``train.study.findings``. With several roots, ``--summary FILE`` also writes one
+table of every claim's verdict at every scale, with each root's validity checks and what no paper
+measured, to a new file or (``--force``) over a summary it wrote before, which its first line marks;
+it replaces no other file. The report is rebuilt from the files each time (it holds nothing else).
 """
 
 from __future__ import annotations
@@ -16,17 +19,18 @@ import json
 import math
 import pathlib
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from fibjax.cli import ArgumentParser
 from train.cli import check_writable, run_command, write_whole
 from train.run import rundir
-from train.study import stats, sweeproot
+from train.study import findings, stats, sweeproot
+from train.study.findings import (INERT_MAX, LEVEL_MAX, LOSS, RATIO, RECALL, Metric, fmt_pct, interval, mean_std,
+                                  paired, ppl, save, table)
 from train.study.sweep import read_sweep_file
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting
   from matplotlib.axes import Axes
-  from matplotlib.figure import Figure
 
 CLAIM_LENGTHS = (1, 4)  # the multiples of T the paper's claims compare: T and 4T
 PAPER = {  # the paper's numbers (arXiv 2606.28560, abstract), compared against ours
@@ -34,9 +38,8 @@ PAPER = {  # the paper's numbers (arXiv 2606.28560, abstract), compared against 
 }
 HOLD_MAX = 0.10  # a sparse variant "holds" at 4T when its rise's 95% upper bound is below +10%
 COLLAPSE_MIN = 0.50  # dense "collapses" at 4T when its rise's 95% lower bound is above +50%
-LEVEL_MAX = 0.02  # two variants are "level" when the 95% interval of their loss gap lies in +-0.02 nats
-INERT_MAX = 0.01  # learned alpha is "inert" when its 95% interval is not more than 0.01 nats better
 LATENCY_MIN = 2.5  # "~5x latency" agrees when the measured ratio is at least half of 5x
+CONTROL_NAMES = ", ".join(f"`{v}`" for v in findings.CONTROLS)
 SUMMARY_MARK = "<!-- written by python -m train.report --summary: it replaces this file only with --force -->"
 RULE = ("Each comparison pairs runs of the same seed (same initial data order): per seed, the difference of "
         "held-out loss (log perplexity, nats) on identical target tokens; a 95% Student-t interval over seeds. "
@@ -46,8 +49,29 @@ RULE = ("Each comparison pairs runs of the same seed (same initial data order): 
         f"\"Inert\" learned alpha: agree when the interval's lower bound is above -{INERT_MAX} nats, disagree when "
         f"its upper bound is below 0. \"Holds at 4T\": the rise's upper bound below +{100 * HOLD_MAX:.0f}%; "
         f"\"collapses\": its lower bound above +{100 * COLLAPSE_MIN:.0f}%. Latency (one measurement per variant): "
-        f"agree when learned/static is at least {LATENCY_MIN}x. A claim with several parts agrees when every part "
-        "agrees and disagrees when any part disagrees.")
+        f"agree when learned/static is at least {LATENCY_MIN}x. The controls ({CONTROL_NAMES}) take no part in "
+        "claims 4 and 5. A claim with several parts agrees when every part agrees and disagrees when any part "
+        "disagrees.")
+TASK_RULE = (  # RULE for runs trained on a synthetic task alone, judged on recall error (findings.RECALL)
+    "These runs trained on a synthetic task alone, so every claim is judged on recall error (1 - recall accuracy, "
+    "the fraction of answers whose every token is the greedy prediction) on the same evaluation sequences (one "
+    "stream per seed, the same for every variant): per seed, the difference of recall error at length T (0.01 is one "
+    "percentage point of accuracy); a 95% Student-t interval over seeds. Direction claims: **agree** when the "
+    "interval excludes 0 on the paper's side, **disagree** when it excludes 0 on the other side, **inconclusive** "
+    f"when it contains 0. \"Level\": agree when the interval lies within +-{RECALL.level} ({100 * RECALL.level:.0f} "
+    "points), disagree when it excludes 0. \"Inert\" learned alpha: agree when the interval's lower bound is above "
+    f"-{RECALL.inert}, disagree when its upper bound is below 0. Claim 4: per seed, the drop of recall accuracy from "
+    f"T to 4T; a sparse variant \"holds\" when the drop's upper bound is below {HOLD_MAX} ({100 * HOLD_MAX:.0f} "
+    f"points), dense \"collapses\" when its drop's lower bound is above {COLLAPSE_MIN}. Claim 5: the best sparse "
+    "variant (lowest mean recall error at T) minus dense: agree when the interval's lower bound is above "
+    f"+{RECALL.level} (dense recalls better by more than {100 * RECALL.level:.0f} points), disagree when its upper "
+    f"bound is below +{RECALL.level}. Claim 6: per seed, the stagger gain (fib-linear minus fib-fixed accuracy) in "
+    "each key-to-query distance bucket at T, then its mean over the far half of the buckets minus its mean over the "
+    "near half (buckets in order of distance, the middle one of an odd count with the far half): spread evenly "
+    "(agree) when that interval contains 0, concentrated (disagree) when it excludes 0, given an overall gain whose "
+    "interval lies above 0 (inconclusive without one). Latency (one measurement per variant): agree when "
+    f"learned/static is at least {LATENCY_MIN}x. The controls ({CONTROL_NAMES}) take no part in claims 4 and 5. A "
+    "claim with several parts agrees when every part agrees and disagrees when any part disagrees.")
 
 
 # ----------------------------------------------------------------------------- reading the runs
@@ -112,39 +136,12 @@ def by_variant(cells: list[dict]) -> dict[str, dict[int, dict]]:
   return out
 
 
-def loss(cell: dict, m: int = 1) -> float:
-  return cell["eval"][f"{m}x"]["loss"]
-
-
-def ppl(cell: dict, m: int = 1) -> float:
-  return cell["eval"][f"{m}x"]["ppl"]
-
-
 def latest_latency(root: pathlib.Path) -> dict | None:
   files = sweeproot.latency_files(root)
   return read_json(files[-1]) if files else None
 
 
 # ----------------------------------------------------------------------------- comparisons and verdicts
-
-
-def paired(runs: dict, a: str, b: str, value: Callable[[dict], float] = loss) -> dict | None:
-  """``value(a) - value(b)`` over the seeds both variants have: n, mean and 95% interval."""
-  if a not in runs or b not in runs:
-    return None
-  seeds = sorted(set(runs[a]) & set(runs[b]))
-  if not seeds:
-    return None
-  diffs = [value(runs[a][s]) - value(runs[b][s]) for s in seeds]
-  m, lo, hi = stats.interval95(diffs)
-  return {"n": len(seeds), "mean": m, "lo": lo, "hi": hi}
-
-
-def fmt_nats(d: dict | None) -> str:
-  if d is None:
-    return "n/a (runs missing)"
-  return (f"{d['mean']:+.4f} nats [{d['lo']:+.4f}, {d['hi']:+.4f}] (ppl {100 * math.expm1(d['mean']):+.2f}%, "
-          f"n={d['n']})")
 
 
 def lower_is(d: dict | None) -> str:
@@ -154,10 +151,11 @@ def lower_is(d: dict | None) -> str:
   return "agree" if d["hi"] < 0 else "disagree" if d["lo"] > 0 else "inconclusive"
 
 
-def level(d: dict | None) -> str:
+def level(d: dict | None, bound: float = LEVEL_MAX) -> str:
+  """Verdict for "a is level with b" from ``paired(a, b)``: its interval within +-``bound``."""
   if d is None:
     return "inconclusive"
-  if -LEVEL_MAX <= d["lo"] and d["hi"] <= LEVEL_MAX:
+  if -bound <= d["lo"] and d["hi"] <= bound:
     return "agree"
   return "disagree" if d["lo"] > 0 or d["hi"] < 0 else "inconclusive"
 
@@ -168,42 +166,44 @@ def combine(verdicts: list[str]) -> str:
   return "agree" if verdicts and all(v == "agree" for v in verdicts) else "inconclusive"
 
 
-def rise_interval(runs: dict, variant: str, m: int = CLAIM_LENGTHS[-1]) -> dict | None:
-  """Per-seed perplexity rise at ``m`` x T against 1x (identical targets), with its interval."""
+def rise_interval(runs: dict, variant: str, m: int = CLAIM_LENGTHS[-1], metric: Metric = LOSS) -> dict | None:
+  """Per-seed change at ``m`` x T against 1x (``metric.change``: the perplexity rise on identical
+  targets, or the drop of recall accuracy), with its interval."""
   if variant not in runs:
     return None
-  rises = [ppl(c, m) / ppl(c, 1) - 1 for c in runs[variant].values()]
-  mean, lo, hi = stats.interval95(rises)
-  return {"n": len(rises), "mean": mean, "lo": lo, "hi": hi}
+  return interval([metric.change(c, m) for c in runs[variant].values()], metric.change_unit,
+                  f"{variant}: {m}x vs 1x T")
 
 
-def fmt_pct(d: dict | None) -> str:
-  if d is None:
-    return "n/a"
-  return f"{100 * d['mean']:+.1f}% [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] (n={d['n']})"
-
-
-def claims(runs: dict, latency: dict | None) -> list[dict]:
-  """The six claims of SPEC section 2, each with the paper's statement, ours and a verdict."""
+def claims(runs: dict, latency: dict | None, metric: Metric = LOSS) -> list[dict]:
+  """The six claims of SPEC section 2, each with the paper's statement, ours, a verdict and the
+  paired comparisons it rests on (``comparisons``), judged on ``metric`` (held-out loss, or recall
+  error for runs trained on a task: ``findings.metric_of``)."""
   out = []
-  lin_fix, lin_learn = paired(runs, "fib-linear", "fib-fixed"), paired(runs, "fib-linear", "fib-learned")
+  fmt = metric.unit.describe
+
+  def vs(a: str, b: str) -> dict | None:
+    return paired(runs, a, b, metric.of, metric.unit)
+
+  lin_fix, lin_learn = vs("fib-linear", "fib-fixed"), vs("fib-linear", "fib-learned")
   out.append({"claim": "1. static linear stagger beats fixed and learned alpha",
               "paper": "fib-linear lower perplexity than fib-fixed and fib-learned",
-              "ours": f"linear - fixed {fmt_nats(lin_fix)}; linear - learned {fmt_nats(lin_learn)}",
-              "verdict": combine([lower_is(lin_fix), lower_is(lin_learn)])})
+              "ours": f"linear - fixed {fmt(lin_fix)}; linear - learned {fmt(lin_learn)}",
+              "verdict": combine([lower_is(lin_fix), lower_is(lin_learn)]), "comparisons": [lin_fix, lin_learn]})
 
-  p_lin_fix, p_fib_fix = paired(runs, "pow2-linear", "pow2-fixed"), paired(runs, "pow2-linear", "fib-fixed")
-  p_learn = paired(runs, "pow2-linear", "fib-learned")
+  p_lin_fix, p_fib_fix = vs("pow2-linear", "pow2-fixed"), vs("pow2-linear", "fib-fixed")
+  p_learn = vs("pow2-linear", "fib-learned")
   out.append({"claim": "2. the gain is base-agnostic",
               "paper": "pow2-linear beats pow2-fixed, lands above fib-fixed, level with fib-learned",
-              "ours": (f"pow2-linear - pow2-fixed {fmt_nats(p_lin_fix)}; - fib-fixed {fmt_nats(p_fib_fix)}; "
-                       f"- fib-learned {fmt_nats(p_learn)}"),
-              "verdict": combine([lower_is(p_lin_fix), lower_is(p_fib_fix), level(p_learn)])})
+              "ours": (f"pow2-linear - pow2-fixed {fmt(p_lin_fix)}; - fib-fixed {fmt(p_fib_fix)}; "
+                       f"- fib-learned {fmt(p_learn)}"),
+              "verdict": combine([lower_is(p_lin_fix), lower_is(p_fib_fix), level(p_learn, metric.level)]),
+              "comparisons": [p_lin_fix, p_fib_fix, p_learn]})
 
-  learn_fix = paired(runs, "fib-learned", "fib-fixed")
+  learn_fix = vs("fib-learned", "fib-fixed")
   quality = "inconclusive"
   if learn_fix is not None:
-    quality = "agree" if learn_fix["lo"] > -INERT_MAX else "disagree" if learn_fix["hi"] < 0 else "inconclusive"
+    quality = "agree" if learn_fix["lo"] > -metric.inert else "disagree" if learn_fix["hi"] < 0 else "inconclusive"
   lat_text, lat_verdict = "latency not measured", "inconclusive"
   if latency and {"fib-learned", "fib-fixed"} <= set(latency["variants"]):
     lv, fv = latency["variants"]["fib-learned"], latency["variants"]["fib-fixed"]
@@ -212,11 +212,11 @@ def claims(runs: dict, latency: dict | None) -> list[dict]:
     lat_verdict = "agree" if max(ratios.values()) >= LATENCY_MIN else "disagree"
   out.append({"claim": "3. learned alpha is inert and costs ~5x inference latency",
               "paper": f"no better than static; ~{PAPER['learned_latency']:.0f}x latency",
-              "ours": f"learned - fixed {fmt_nats(learn_fix)}; learned/fixed latency: {lat_text}",
-              "verdict": combine([quality, lat_verdict])})
+              "ours": f"learned - fixed {fmt(learn_fix)}; learned/fixed latency: {lat_text}",
+              "verdict": combine([quality, lat_verdict]), "comparisons": [learn_fix]})
 
-  sparse = [v for v in runs if v != "dense"]
-  rises = {v: rise_interval(runs, v) for v in runs}
+  sparse = [v for v in runs if v != "dense" and v not in findings.CONTROLS]
+  rises = {v: rise_interval(runs, v, metric=metric) for v in sorted(runs) if v not in findings.CONTROLS}
   holds = ["agree" if rises[v]["hi"] < HOLD_MAX else "disagree" if rises[v]["lo"] >= HOLD_MAX else "inconclusive"
            for v in sparse]
   dense = rises.get("dense")
@@ -224,57 +224,67 @@ def claims(runs: dict, latency: dict | None) -> list[dict]:
                                                    "disagree" if dense["hi"] <= COLLAPSE_MIN else "inconclusive")
   out.append({"claim": "4. sparse variants hold perplexity at 4T; dense collapses",
               "paper": f"little or no rise for sparse; dense +{100 * PAPER['dense_rise_4x']:.0f}%",
-              "ours": "; ".join(f"{v} {fmt_pct(rises[v])}" for v in sorted(runs)),
-              "verdict": combine(holds + [collapse])})
-
-  gap, best = None, None
-  if "dense" in runs and sparse:
-    best = min(sparse, key=lambda v: stats.mean([ppl(c) for c in runs[v].values()]))
-    seeds = sorted(set(runs[best]) & set(runs["dense"]))
-    if seeds:
-      g = [ppl(runs[best][s]) / ppl(runs["dense"][s]) - 1 for s in seeds]
-      m, lo, hi = stats.interval95(g)
-      gap = {"n": len(g), "mean": m, "lo": lo, "hi": hi}
-  band = (PAPER["sparse_gap_1x"] / 2, PAPER["sparse_gap_1x"] * 1.5)
-  gap_verdict = "inconclusive"
-  if gap is not None:
-    gap_verdict = ("agree" if band[0] <= gap["mean"] <= band[1] else
-                   "disagree" if gap["hi"] < band[0] or gap["lo"] > band[1] else "inconclusive")
-  missing = " and ".join(w for w, gone in (("a dense", "dense" not in runs), ("a sparse", not sparse)) if gone)
-  out.append({"claim": "5. at T the best sparse model is ~26% worse than dense",
-              "paper": f"+{100 * PAPER['sparse_gap_1x']:.0f}% perplexity",
-              "ours": (f"n/a: no finished run of {missing} variant to compare" if missing else
-                       f"best sparse ({best}) vs dense: {fmt_pct(gap)}; agree when the mean lies in "
-                       f"[{100 * band[0]:.0f}%, {100 * band[1]:.0f}%]"),
-              "verdict": gap_verdict})
-
-  out.append(position_claim(runs))
+              "ours": f"{metric.change_name} at 4T: " + "; ".join(f"{v} {metric.change_unit.describe(d)}"
+                                                                 for v, d in rises.items()),
+              "verdict": combine(holds + [collapse]), "comparisons": list(rises.values())})
+  out.append(gap_claim(runs, metric, sparse))
+  out.append(position_claim(runs, metric))
   return out
 
 
-def position_claim(runs: dict) -> dict:
-  """Claim 6: the stagger gain (fib-fixed minus fib-linear loss) by context position at 1x T."""
+def gap_claim(runs: dict, metric: Metric, sparse: list[str]) -> dict:
+  """Claim 5: the best of the ``sparse`` variants against dense at T; on held-out text the per-seed
+  perplexity ratio against the paper's band, on recall error the difference against ``metric.level``."""
+  best = findings.best_sparse(runs, metric)
+  verdict = "inconclusive"
+  if metric.task:
+    gap = best and paired(runs, best, "dense", metric.of, metric.unit)
+    if gap is not None:
+      verdict = "agree" if gap["lo"] > metric.level else "disagree" if gap["hi"] < metric.level else "inconclusive"
+    ours = (f"best sparse ({best}) minus dense, {metric.name}: {metric.unit.describe(gap)}; agree when the lower "
+            f"bound is above {metric.unit.num(metric.level)}, disagree when the upper bound is below it")
+  else:
+    gap = best and paired(runs, best, "dense", ppl, RATIO, relative=True)
+    band = (PAPER["sparse_gap_1x"] / 2, PAPER["sparse_gap_1x"] * 1.5)
+    if gap is not None:
+      verdict = ("agree" if band[0] <= gap["mean"] <= band[1] else
+                 "disagree" if gap["hi"] < band[0] or gap["lo"] > band[1] else "inconclusive")
+    ours = (f"best sparse ({best}) vs dense: {fmt_pct(gap)}; agree when the mean lies in "
+            f"[{100 * band[0]:.0f}%, {100 * band[1]:.0f}%]")
+  missing = " and ".join(w for w, gone in (("a dense", "dense" not in runs), ("a sparse", not sparse)) if gone)
+  return {"claim": "5. at T the best sparse model is ~26% worse than dense",
+          "paper": f"+{100 * PAPER['sparse_gap_1x']:.0f}% perplexity",
+          "ours": f"n/a: no finished run of {missing} variant to compare" if missing else ours,
+          "verdict": verdict, "comparisons": [gap]}
+
+
+def position_claim(runs: dict, metric: Metric = LOSS) -> dict:
+  """Claim 6: the stagger gain (fib-fixed minus fib-linear ``metric``) at 1x T over its profile's
+  buckets (``metric.profile``: context positions, or key-to-query distances), far half against near half."""
   base = {"claim": "6. the stagger gain is spread evenly across positions",
-          "paper": "gain not concentrated at far positions"}
-  overall = paired(runs, "fib-fixed", "fib-linear")
+          "paper": "gain not concentrated at far positions", "comparisons": []}
+  overall = paired(runs, "fib-fixed", "fib-linear", metric.of, metric.unit)
   if overall is None:
     return {**base, "ours": "n/a (runs missing)", "verdict": "inconclusive"}
 
   def half_gap(cell_fixed: dict, cell_linear: dict) -> float:
-    g = [a - b for a, b in zip(cell_fixed["eval"]["1x"]["bucket_loss"], cell_linear["eval"]["1x"]["bucket_loss"])]
+    g = [a - b for a, b in zip(metric.profile(cell_fixed), metric.profile(cell_linear))]
     h = len(g) // 2
-    return stats.mean(g[h:]) - stats.mean(g[:h])
+    return stats.mean(g[h:]) - stats.mean(g[:h]) if h else math.nan
 
   seeds = sorted(set(runs["fib-fixed"]) & set(runs["fib-linear"]))
-  m, lo, hi = stats.interval95([half_gap(runs["fib-fixed"][s], runs["fib-linear"][s]) for s in seeds])
-  spread = {"n": len(seeds), "mean": m, "lo": lo, "hi": hi}
-  if overall["lo"] <= 0:
-    verdict = "inconclusive"  # no significant gain to distribute
+  gaps = [half_gap(runs["fib-fixed"][s], runs["fib-linear"][s]) for s in seeds]
+  spread = None if any(map(math.isnan, gaps)) else interval(
+      gaps, metric.unit, f"fib-fixed - fib-linear: far-half minus near-half gain by {metric.profile_name}")
+  if overall["lo"] <= 0 or spread is None:
+    verdict = "inconclusive"  # no significant gain to distribute, or a single bucket
   else:
-    verdict = "agree" if lo <= 0 <= hi else "disagree"
-  return {**base, "verdict": verdict,
-          "ours": (f"overall gain (fixed - linear) {fmt_nats(overall)}; far-half minus near-half gain "
-                   f"{fmt_nats(spread)}; even when that interval contains 0 (given a significant overall gain)")}
+    verdict = "agree" if spread["lo"] <= 0 <= spread["hi"] else "disagree"
+  fmt = metric.unit.describe
+  return {**base, "verdict": verdict, "comparisons": [overall, spread],
+          "ours": (f"overall gain (fib-fixed - fib-linear {metric.name} at T) {fmt(overall)}; far-half minus "
+                   f"near-half gain by {metric.profile_name} {fmt(spread)}; even when that interval contains 0 (given "
+                   "a significant overall gain)")}
 
 
 # ----------------------------------------------------------------------------- plots
@@ -372,15 +382,6 @@ def perplexity_axis(ax: Axes) -> None:
     ax.ticklabel_format(axis="y", style="plain", useOffset=False)
 
 
-def save(fig: Figure, path: pathlib.Path) -> None:
-  """Writes ``fig`` to ``path`` (PNG, 110 dpi) and closes it."""
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  plt.close(fig)
-
-
 def passkey_grid(cells: list[dict]) -> tuple[list[list[float]], list[int], list[float]]:
   """Accuracy ``[length][depth]`` averaged over the cells' seeds."""
   first = cells[0]["passkey"]["cells"]
@@ -396,21 +397,13 @@ def passkey_grid(cells: list[dict]) -> tuple[list[list[float]], list[int], list[
 # ----------------------------------------------------------------------------- the markdown
 
 
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-  return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def kv_heads(model: dict) -> str:
   kv = model.get("num_kv_heads")
   return "" if kv in (None, model["num_heads"]) else f" ({kv} key/value heads)"
 
 
-def mean_std(xs: list[float], fmt: str = "{:.3f}") -> str:
-  return f"{fmt.format(stats.mean(xs))} +- {fmt.format(stats.std(xs))}"
-
-
-def build(root: pathlib.Path) -> tuple[str, list[dict]]:
-  """``(markdown, claims)`` for one sweep root; writes its plots under ``root/plots``."""
+def build(root: pathlib.Path) -> tuple[str, list[dict], findings.Findings]:
+  """``(markdown, claims, findings)`` for one sweep root; writes its plots under ``root/plots``."""
   cells = load_cells(root)
   if not cells:
     raise ValueError(f"{root} holds no finished cell (ROOT/<variant>-s<seed>/cell.json): run python -m train.sweep")
@@ -421,6 +414,8 @@ def build(root: pathlib.Path) -> tuple[str, list[dict]]:
   plot_all(runs, latency, root / sweeproot.PLOTS, multiples)
   c0 = cells[0]
   model = c0["config"]["model"]
+  metric = findings.metric_of(cells)
+  found = findings.sections(runs, model, multiples, metric, root / sweeproot.PLOTS)
   recipe = (f"Recipe `{sweep.get('config')}` with overrides `{' '.join(sweep.get('overrides', [])) or 'none'}`"
             if sweep else f"No `{sweeproot.SWEEP}` in this root, so the recipe's name is unknown (the runs' configs "
             "are one recipe: checked)")
@@ -438,6 +433,8 @@ def build(root: pathlib.Path) -> tuple[str, list[dict]]:
       ["distinct training tokens in the corpus", f"{c0['budget_data']['corpus_train_tokens']:,}"],
       ["held-out targets per length", f"{c0['eval']['targets']:,} (identical at every length)"],
       ["seeds", ", ".join(str(s) for s in sorted({c['seed'] for c in cells}))],
+      ["window's receptive field, L x (W - 1)", findings.receptive_field_text(model)],
+      ["claims judged on", metric.name],
   ])
   lines += ["", "## Perplexity by length (held-out, mean +- std over seeds)", ""]
   rows = []
@@ -451,15 +448,16 @@ def build(root: pathlib.Path) -> tuple[str, list[dict]]:
             "Mean held-out loss in equal spans of the window, at each length (same targets at every length).", "",
             "![loss by position](plots/loss_by_position.png)", ""]
   lines += passkey_section(runs) + budget_section(runs, multiples) + latency_section(latency) + cost_section(root, cells)
-  lines += unfinished_section(root, cells)
-  verdicts = claims(runs, latency)
-  lines += ["## The paper's claims", "", RULE, ""]
+  lines += unfinished_section(root, cells) + found.lines
+  verdicts = claims(runs, latency, metric)
+  lines += ["## The paper's claims", "", TASK_RULE if metric.task else RULE, ""]
   lines += table(["claim", "paper", "ours (this scale)", "verdict"],
                  [[c["claim"], c["paper"], c["ours"], f"**{c['verdict']}**"] for c in verdicts])
   lines += ["", f"Scale of these verdicts: {model['d_model']}-wide, {model['num_layers']}-layer models, "
             f"{c0['budget_data']['training_tokens']:,} training tokens each; the paper's models are ~60M parameters "
             "trained on 426M tokens.", ""]
-  return "\n".join(lines), verdicts
+  lines += findings.power_section(findings.claim_comparisons(verdicts) + found.comparisons)
+  return "\n".join(lines), verdicts, found
 
 
 def passkey_section(runs: dict) -> list[str]:
@@ -561,16 +559,21 @@ def cost_section(root: pathlib.Path, cells: list[dict]) -> list[str]:
            ""] + table(["invocation", "wall s", "cells finished", "failed", "GPUs", "cells per GPU"], rows) + [""])
 
 
-def summary(results: dict[str, list[dict]]) -> str:
+def summary(results: dict[str, list[dict]], facts: dict[str, findings.Findings] | None = None) -> str:
+  """SUMMARY.md: each claim's verdict per root (``results``: ``{root: claims}``), and with ``facts``
+  (``{root: findings}``) each root's validity checks and what no paper measured."""
   roots = list(results)
   rows = []
   for i, c in enumerate(results[roots[0]]):
     vs = [results[r][i]["verdict"] for r in roots]
     note = "scales agree" if len(set(vs)) == 1 else "**scales differ**"
     rows.append([c["claim"]] + vs + [note])
-  return "\n".join([SUMMARY_MARK, "# Verdicts across scales", "", "Built by `python -m train.report " + " ".join(roots) +
-                    " --summary ...` from each root's runs; details in each root's report.md.", ""]
-                   + table(["claim"] + roots + ["across scales"], rows)) + "\n"
+  rows += findings.summary_rows(roots, facts) if facts else []
+  built = (f"Built by `python -m train.report {' '.join(roots)} --summary ...` from each root's runs; details in "
+           "each root's report.md.")
+  return "\n".join([SUMMARY_MARK, "# Verdicts across scales", "", built, ""]
+                   + table(["claim"] + roots + ["across scales"], rows)
+                   + (findings.summary_block(roots, facts) if facts else [])) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -590,14 +593,14 @@ def report(args: argparse.Namespace) -> int:
     if not root.is_dir():
       raise ValueError(f"{root} is not a folder: give a sweep root (python -m train.sweep --root ...)")
     check_writable(root, "the sweep root")
-  results = {}
+  results, facts = {}, {}
   for root in args.roots:
-    text, verdicts = build(root)
+    text, verdicts, facts[str(root)] = build(root)
     write_whole(root / sweeproot.REPORT, text)
     results[str(root)] = verdicts
     print(f"wrote {root / sweeproot.REPORT}")
   if args.summary:
-    write_whole(args.summary, summary(results))
+    write_whole(args.summary, summary(results, facts))
     print(f"wrote {args.summary}")
   return 0
 

@@ -258,8 +258,9 @@ def failure_line(cell: Cell, code: int, log: pathlib.Path, error: str | None, pe
   line = f"[sweep] {cell.name} failed (exit {code}{', after a retry' if retried else ''}); log: {log}"
   if error is None:
     return line
-  fewer = f"--per-gpu {max(1, per_gpu // 2)}" if per_gpu and per_gpu > 1 else "a GPU of its own (--per-gpu 1)"
-  return f"{line}; it met {error!r}: fewer cells per GPU leave each more memory, e.g. {fewer}"
+  if per_gpu and per_gpu > 1:
+    return f"{line}; it met {error!r}: fewer cells per GPU leave each more memory, e.g. --per-gpu {per_gpu // 2}"
+  return f"{line}; it met {error!r} with its GPU to itself (--per-gpu 1): its log says more"
 
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:

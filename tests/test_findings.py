@@ -1,0 +1,399 @@
+"""The report beyond the paper's claims (``train.study.findings``) on synthetic sweep roots: the
+metric switch to recall error for task runs, the validity checks passing and failing, the power
+numbers, each section's numbers, the summary, and the committed roots still building.
+
+The synthetic roots hold hand-chosen numbers plus noise drawn from ``NOISE_SEED``, written in the
+formats ``train.study.experiment.probe_cell`` gives its probe files; no model runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from train.run import rundir
+from train.study import findings, report, stats
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NOISE_SEED = 30  # every synthetic number's noise is drawn from this seed
+SEEDS = tuple(range(5))
+MULTIPLES = (1, 2, 4)
+NOISE = 0.005  # sd of the noise added to each recall accuracy and each loss
+TASK_T, TASK_RF = 512, 62  # recipe `recall`: T = 512, 2 layers x (W - 1 = 31)
+TEXT_T, TEXT_RF = 128, 60  # recipe `tiny`: T = 128, 4 layers x (W - 1 = 15)
+SOURCES = ("django-docs", "foldoc")
+
+# Recall accuracy by variant, a function of a distance bucket's lower edge and the length (x T):
+# linear beats fixed by 10 points at every distance (an even stagger gain), coprime beats linear
+# only in [256, 512), dense collapses beyond T unless it reads through a sliding window.
+RECALL_ACCURACY: dict[str, Callable[[int, int], float]] = {
+    "dense": lambda lo, m: 0.97 if m == 1 else 0.30,
+    "dense:sink": lambda lo, m: 0.97 if lo < TASK_T else 0.0,
+    "fib-fixed": lambda lo, m: 0.70,
+    "fib-learned": lambda lo, m: 0.72,
+    "fib-linear": lambda lo, m: 0.80,
+    "fib-coprime": lambda lo, m: 0.95 if 256 <= lo < 512 else 0.80,
+    "window": lambda lo, m: 0.90 if lo <= TASK_RF else 0.01,
+    "fib-random": lambda lo, m: 0.40,
+}
+LAYERS_REACH = {"dense": 1.0, "fib-linear": 0.6, "fib-coprime": 0.9}  # others: 0.5; window: its own reach
+
+# Held-out loss at T by variant; other-genre text is 1 nat harder, plus OOD_GAP.
+TEXT_LOSS = {"dense": 3.00, "fib-fixed": 3.10, "fib-linear": 3.08, "window": 3.12, "fib-random": 3.11}
+OOD_GAP = {"dense": 0.0, "fib-fixed": 0.01, "fib-linear": 0.0, "window": 0.02, "fib-random": 0.015}
+STRETCH = {"full": 1.0, "stretch-2": 1.05, "stretch-4": 1.20}  # a budget's perplexity against the full pattern
+
+
+def _buckets(length: int) -> list[int]:
+  """The lower edges of the distance buckets [lo, 2 lo) of a probe at ``length`` tokens."""
+  return [2 ** k for k in range(5, int(math.log2(length)))]
+
+
+def recall_probe(variant: str, seed: int) -> dict:
+  """A recall file (``train.probe.recall``'s format) with ``RECALL_ACCURACY[variant]`` plus noise of
+  its bucket and seed, shared by every variant (they answer the same evaluation sequences): two
+  variants differ by exactly the accuracies chosen above."""
+  acc = RECALL_ACCURACY[variant]
+  base = variant.split(":")[0]
+  out: dict = {"multiples": list(MULTIPLES)}
+  for m in MULTIPLES:
+    rows = []
+    for lo in _buckets(m * TASK_T):
+      window_reach = 1.0 if lo <= TASK_RF else 0.0
+      rows.append({"distance": [lo, 2 * lo], "answers": 100,
+                   "accuracy": float(np.clip(acc(lo, m) + np.random.default_rng([NOISE_SEED, seed, m, lo]).normal(
+                       0, NOISE), 0, 1)),
+                   "one_hop": 1.0 if base == "dense" else window_reach if base == "window" else 0.1,
+                   "layers": window_reach if base == "window" else LAYERS_REACH.get(base, 0.5)})
+    out[f"{m}x"] = {"length": m * TASK_T, "answers": 100 * len(rows), "distance_law": "uniform",
+                    "accuracy": stats.mean([r["accuracy"] for r in rows]), "by_distance": rows}
+  return out
+
+
+def eval_probe(losses: dict[int, float]) -> dict:
+  """An evaluation file (``train.probe.evaluate``'s format) with the loss ``losses[m]`` at each length."""
+  out: dict = {"multiples": list(MULTIPLES), "targets": 4096}
+  for m, loss in losses.items():
+    out[f"{m}x"] = {"length": m * TEXT_T, "loss": loss, "ppl": math.exp(loss), "bucket_loss": [loss] * 8,
+                    "bucket_edges": [i * m * TEXT_T // 8 for i in range(9)]}
+  return out
+
+
+def text_probes(variant: str, rng: np.random.Generator) -> dict[str, dict]:
+  """``eval``, ``ood:<source>`` (dense: also ``...:sink``) and, for offsets, ``budget`` of one text cell:
+  dense's loss rises by log(m) beyond T (its sliding window keeps it), the others' fall by 0.01."""
+  base = TEXT_LOSS[variant] + rng.normal(0, NOISE)
+
+  def at(offset: float, sink: bool = False) -> dict[int, float]:
+    rise = (lambda m: 0.0) if variant != "dense" else (lambda m: 0.002 * (m - 1)) if sink else math.log
+    return {m: base + offset + (rise(m) if variant == "dense" else -0.01 * (m > 1)) for m in MULTIPLES}
+
+  probes = {"eval": eval_probe(at(0.0))}
+  for source in SOURCES:
+    probes[f"ood:{source}"] = eval_probe(at(1.0 + OOD_GAP[variant]))
+  if variant == "dense":
+    probes["eval:sink"] = eval_probe(at(0.0, sink=True))
+    probes.update({f"ood:{s}:sink": eval_probe(at(1.0, sink=True)) for s in SOURCES})
+  elif variant != "window":
+    full = at(0.0)
+    probes["budget"] = {"budgets": {name: {"keys_per_query": 20.0, **{f"{m}x": {"ppl": math.exp(full[m]) * r,
+                                                                               "loss": full[m] + math.log(r)}
+                                                                     for m in MULTIPLES}}
+                                    for name, r in STRETCH.items()}}
+  return probes
+
+
+def cells(task: bool) -> list[dict]:
+  """The cells of a synthetic task root (recipe ``recall``) or text root (``tiny``): their probes and
+  a config dict of that recipe."""
+  import configs  # noqa: PLC0415  (imports jax)
+
+  rng = np.random.default_rng(NOISE_SEED)
+  out = []
+  for variant in (v for v in RECALL_ACCURACY if ":" not in v) if task else TEXT_LOSS:
+    for seed in SEEDS:
+      cfg = dataclasses.replace(configs.get_config("recall" if task else "tiny", variant), seed=seed).to_dict()
+      if task:
+        probes = {"eval": eval_probe({m: 5.0 for m in MULTIPLES}), "recall": recall_probe(variant, seed)}
+        if variant == "dense":
+          probes["recall:sink"] = recall_probe("dense:sink", seed)
+      else:
+        probes = text_probes(variant, rng)
+      out.append({"name": f"{variant}-s{seed}", "variant": variant, "seed": seed, "config": cfg, **probes})
+  return out
+
+
+def write_root(root: pathlib.Path, cells: list[dict]) -> pathlib.Path:
+  """Writes ``cells`` as a finished sweep root (``cell.json`` naming each probe's file)."""
+  for cell in cells:
+    d = root / cell["name"]
+    d.mkdir(parents=True)
+    (d / rundir.CONFIG).write_text(json.dumps(cell["config"]))
+    (d / rundir.DATA_BUDGET).write_text(json.dumps({"training_tokens": 1000, "repeats": 1.0,
+                                                     "corpus_train_tokens": 1000}))
+    (d / rundir.EVAL).write_text(json.dumps({"params": 12345}))
+    files = {}
+    for key in cell:
+      if key in ("name", "variant", "seed", "config"):
+        continue
+      files[key] = f"probes/{key.replace(':', '_')}.json"
+      (d / "probes").mkdir(exist_ok=True)
+      (d / files[key]).write_text(json.dumps(cell[key]))
+    (d / rundir.CELL).write_text(json.dumps({"variant": cell["variant"], "seed": cell["seed"], "train_s": 1.0,
+                                             "files": files}))
+  return root
+
+
+@pytest.fixture(scope="module")
+def task_cells() -> list[dict]:
+  return cells(task=True)
+
+
+@pytest.fixture(scope="module")
+def text_cells() -> list[dict]:
+  return cells(task=False)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, task_cells, text_cells) -> dict[str, pathlib.Path]:
+  """Both synthetic roots written and reported by ``python -m train.report ... --summary`` (a subprocess)."""
+  base = tmp_path_factory.mktemp("roots")
+  roots = {"task": write_root(base / "task", task_cells), "text": write_root(base / "text", text_cells)}
+  res = subprocess.run([sys.executable, "-m", "train.report", str(roots["task"]), str(roots["text"]), "--summary",
+                        str(base / "SUMMARY.md")], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  return {**roots, "summary": base / "SUMMARY.md"}
+
+
+def section(text: str, title: str) -> str:
+  """The markdown of section ``## title`` up to the next ``## ``."""
+  start = text.index(f"## {title}\n")
+  end = text.find("\n## ", start + 1)
+  return text[start:end if end > 0 else None]
+
+
+def claim_verdicts(text: str) -> list[str]:
+  """The verdict column of a report's claims table, claims 1 to 6."""
+  return re.findall(r"^\| [1-6]\. .* \| \*\*(\w+)\*\* \|$", text, re.M)
+
+
+def per_seed(cell_list: list[dict], variant: str, value: Callable[[dict], float]) -> list[float]:
+  return [value(c) for c in sorted(cell_list, key=lambda c: c["seed"]) if c["variant"] == variant]
+
+
+# ----------------------------------------------------------------------------- the metric switch
+
+
+@pytest.mark.parametrize("task, mix, expected", [("mqar", 1.0, findings.RECALL), ("mqar", 0.05, findings.LOSS),
+                                                 (None, 1.0, findings.LOSS)])
+def test_a_root_trained_on_a_task_alone_is_judged_on_recall_error(task, mix, expected):
+  cell = {"name": "dense-s0", "config": {"task": task, "task_mix": mix}, "recall": {}}
+  assert findings.metric_of([cell]) is expected
+
+
+def test_a_task_run_without_its_recall_probe_is_named():
+  with pytest.raises(ValueError, match="fib-linear-s1 trained on task mqar but .* no recall probe"):
+    findings.metric_of([{"name": "fib-linear-s1", "config": {"task": "mqar", "task_mix": 1.0}}])
+
+
+def test_claims_on_a_task_root_compare_recall_error(task_cells):
+  runs = report.by_variant(task_cells)
+  verdicts = report.claims(runs, None, findings.RECALL)
+  gain = [a - b for a, b in zip(per_seed(task_cells, "fib-linear", findings.recall_error),
+                                per_seed(task_cells, "fib-fixed", findings.recall_error))]
+  first = verdicts[0]["comparisons"][0]
+  assert first["label"] == "fib-linear - fib-fixed" and first["diffs"] == pytest.approx(gain)
+  assert stats.mean(gain) == pytest.approx(-0.10, abs=0.01)
+  assert f"linear - fixed {findings.fmt_pct(first, ' points')}" in verdicts[0]["ours"]
+  # 1: linear beats fixed and learned; 4: sparse holds, dense drops 67 points; 5: coprime is 13 points
+  # under dense (more than 2); 6: the 10-point gain is even across distances
+  assert [v["verdict"] for v in verdicts] == ["agree", "inconclusive", "disagree", "agree", "agree", "agree"]
+  assert "best sparse (fib-coprime) minus dense, recall error" in verdicts[4]["ours"]
+  assert "by key-to-query distance" in verdicts[5]["ours"]
+  assert report.claims(runs, None, findings.LOSS)[0]["comparisons"][0]["diffs"] == pytest.approx([0.0] * 5)
+
+
+@pytest.mark.parametrize("gap, verdict", [(-0.015, "agree"), (-0.05, "disagree")])
+def test_inert_on_recall_error_allows_two_points(gap, verdict):
+  """Learned alpha 1.5 points better than fixed is inert on recall error (within 2 points); 5 points is not."""
+  recall = lambda acc: {f"{m}x": {"accuracy": acc, "by_distance": []} for m in (1, 4)}  # noqa: E731
+  runs = {"fib-fixed": {s: {"recall": recall(0.5 + 0.001 * s)} for s in SEEDS},
+          "fib-learned": {s: {"recall": recall(0.5 - gap + 0.001 * s)} for s in SEEDS}}
+  slow = {k: 5.0 for k in ("forward_1x_ms", "forward_4x_ms", "decode_ms_per_token")}
+  latency = {"variants": {"fib-learned": slow, "fib-fixed": dict.fromkeys(slow, 1.0)}, "device": "none"}
+  claim = report.claims(runs, latency, findings.RECALL)[2]
+  assert claim["comparisons"][0]["mean"] == pytest.approx(gap) and claim["verdict"] == verdict
+
+
+# ----------------------------------------------------------------------------- validity checks
+
+TASK_MODEL = {"num_layers": 2, "window": 32, "seq_len": TASK_T}
+
+
+def _set_accuracy(cell_list: list[dict], variant: str, accuracy: Callable[[int], float]) -> list[dict]:
+  """A copy of ``cell_list`` with ``variant``'s recall accuracy ``accuracy(lower edge)`` in every bucket."""
+  out = []
+  for c in cell_list:
+    if c["variant"] == variant:
+      rec = json.loads(json.dumps(c["recall"]))
+      for m in MULTIPLES:
+        for b in rec[f"{m}x"]["by_distance"]:
+          b["accuracy"] = accuracy(b["distance"][0])
+        rec[f"{m}x"]["accuracy"] = stats.mean([b["accuracy"] for b in rec[f"{m}x"]["by_distance"]])
+      c = {**c, "recall": rec}
+    out.append(c)
+  return out
+
+
+def test_validity_checks_pass_on_a_study_that_discriminates(task_cells):
+  checks = findings.validity(report.by_variant(task_cells), TASK_MODEL)
+  assert [c["result"] for c in checks] == ["pass", "pass"]
+  assert findings.validity_verdict(checks) == "pass"
+  assert f"exceeds L x (W - 1) = {TASK_RF} tokens" in checks[1]["rule"]
+  # buckets beyond 62 tokens: [64, 128) ... at 1x, 2x and 4x T: 3 + 4 + 5
+  assert "12 buckets" in checks[1]["measured"]
+
+
+@pytest.mark.parametrize("variant, accuracy, failed", [
+    ("dense", lambda lo: 0.85, "dense recalls at T"),
+    ("window", lambda lo: 0.20 if lo == 128 else 0.01, "window stays near chance beyond its receptive field"),
+])
+def test_a_failed_validity_check_says_the_study_does_not_discriminate(task_cells, variant, accuracy, failed):
+  checks = findings.validity(report.by_variant(_set_accuracy(task_cells, variant, accuracy)), TASK_MODEL)
+  assert [c["check"] for c in checks if c["result"] == "fail"] == [failed]
+  assert findings.validity_verdict(checks) == f"fail: {failed}"
+  text = "\n".join(findings.validity_section(checks))
+  assert "**This study does not discriminate between the patterns** (fail: " + failed in text
+
+
+def test_window_at_chance_edge_passes_and_unreachable_buckets_are_not_checked(task_cells):
+  at_edge = _set_accuracy(task_cells, "window", lambda lo: 0.9 if lo <= TASK_RF else findings.NEAR_CHANCE)
+  assert findings.validity(report.by_variant(at_edge), TASK_MODEL)[1]["result"] == "pass"
+  wide = {**TASK_MODEL, "window": 2049}  # the window alone spans every distance probed
+  checks = findings.validity(report.by_variant(task_cells), wide)
+  assert checks[1]["result"] == "not checked" and "no bucket lies beyond" in checks[1]["measured"]
+  no_window = {v: r for v, r in report.by_variant(task_cells).items() if v != "window"}
+  verdict = findings.validity_verdict(findings.validity(no_window, TASK_MODEL))
+  assert verdict == "not established (window stays near chance beyond its receptive field: not checked)"
+  assert findings.validity({"dense": {0: {"eval": {}}}}, TASK_MODEL) == []
+
+
+# ----------------------------------------------------------------------------- statistical power
+
+
+def test_power_rows_state_halfwidth_and_seeds_for_hand_made_differences():
+  points = findings.interval([0.10, 0.12, 0.08, 0.11, 0.09], findings.POINTS, "window - fib-linear at 1x T")
+  nats = findings.interval([0.004, 0.006, 0.005, 0.007, 0.003, 0.005], findings.NATS, "fib-linear - fib-fixed")
+  lines = findings.power_section([("control", [points, None]), ("claim 1", [nats])])
+  rows = [line.split(" | ") for line in lines if line.startswith("| control") or line.startswith("| claim 1")]
+  # sd of the points: sqrt(0.001 / 4) = 0.0158; half-width t(0.975, 4) = 2.776 x sd / sqrt(5) = 0.0196
+  assert rows[0][2:6] == ["5", "+10.0 points", "1.6 points", "2.0 points"]
+  assert rows[0][7].startswith(f"{stats.seeds_needed(0.02, math.sqrt(0.00025))} (2 recall points)")
+  assert stats.seeds_needed(0.02, math.sqrt(0.00025)) == 8  # exact noncentral t (the normal approximation says 5)
+  sd = stats.std(nats["diffs"])  # 0.00141; half-width 2.571 x sd / sqrt(6) = 0.00148
+  assert rows[1][2:6] == ["6", "+0.0050 nats", "0.0014 nats", "0.0015 nats"]
+  assert rows[1][7].startswith(f"{stats.seeds_needed(math.log1p(0.005), sd)} (0.5% perplexity)")
+  assert len(rows) == 2  # a missing comparison (None) has no row
+
+
+def test_power_of_a_single_seed_says_so():
+  row = findings.power_section([("claim 4", [findings.interval([0.1], findings.RATIO, "dense: 4x vs 1x T")])])[-2]
+  assert "| inf% | inf% | n/a (one seed) |" in row
+
+
+# ----------------------------------------------------------------------------- sections of the built reports
+
+
+def test_task_report_sections_hold_the_runs_numbers(built, task_cells):
+  text = (built["task"] / "report.md").read_text()
+  assert f"| window's receptive field, L x (W - 1) | {TASK_RF} of T = {TASK_T} (0.12 T) |" in text
+  assert "| claims judged on | recall error |" in text and report.TASK_RULE in text
+  assert claim_verdicts(text) == ["agree", "inconclusive", "disagree", "agree", "agree", "agree"]
+
+  recall = section(text, "Recall by distance")
+  dense_256 = stats.mean(per_seed(task_cells, "dense", lambda c: findings.bucket_accuracy(c, 1, (256, 512))))
+  assert re.search(rf"^\| dense \| 5 \| [0-9.]+ \| .* \| {dense_256:.3f} \(1.00 / 1.00\) \|$", recall, re.M)
+  assert "| dense + sink window | 5 |" in recall and "### 4x T (2048 tokens)" in recall
+  assert (built["task"] / "plots" / "recall_by_distance.png").stat().st_size > 0
+
+  controls = section(text, "Controls")
+  diff = findings.interval([a - b for a, b in zip(per_seed(task_cells, "window", findings.recall_error),
+                                                  per_seed(task_cells, "fib-linear", findings.recall_error))],
+                           findings.POINTS, "")
+  assert f"| window - fib-linear | {findings.fmt_pct(diff, ' points')} |" in controls
+  assert "| dense + sink window - fib-coprime |" in controls and "| fib-random - dense |" in controls
+
+  assert "| dense recalls at T |" in section(text, "Validity checks") and "Every check passes" in text
+  power = section(text, "Statistical power")
+  assert "| claim 1 | fib-linear - fib-fixed | 5 |" in power and "(2 recall points) |" in power
+  assert "| control | window - fib-linear at 4x T | 5 |" in power
+  assert "## Out-of-distribution text" not in text and "## Extrapolation premise" not in text
+
+
+def test_text_report_sections_hold_the_runs_numbers(built, text_cells):
+  text = (built["text"] / "report.md").read_text()
+  assert f"| window's receptive field, L x (W - 1) | {TEXT_RF} of T = {TEXT_T} (0.47 T) |" in text
+  assert "| claims judged on | held-out loss |" in text and report.RULE in text
+  assert "Not made: no run of this root has a recall probe" in section(text, "Validity checks")
+  assert "## Recall by distance" not in text
+
+  ood = section(text, "Out-of-distribution text")
+  ppl = findings.mean_std(per_seed(text_cells, "fib-linear", lambda c: findings.ppl(c, 2, "ood:foldoc")))
+  foldoc = ood.split("### foldoc")[1]
+  assert ppl in next(line for line in foldoc.splitlines() if line.startswith("| fib-linear | 5 | "))
+  gap = findings.paired(report.by_variant(text_cells), "fib-linear", "fib-fixed",
+                        lambda c: findings.loss(c, 1, "ood:django-docs"))
+  assert gap["mean"] == pytest.approx(3.08 - 3.10 - 0.01, abs=0.01)
+  assert f"| fib-linear - fib-fixed, django-docs | {findings.fmt_nats(gap)} |" in ood
+  sink_row = next(line for line in ood.splitlines() if line.startswith("| dense + sink window - dense, foldoc"))
+  assert sink_row.split(" | ")[1].startswith("+0.0000 nats") and sink_row.split(" | ")[3].startswith("-1.38")
+
+  premise = section(text, "Extrapolation premise")
+  # stretch-2 costs 5% at T; beyond T against the full pattern at T, whose loss falls by 0.01: 1.05 e^-0.01 - 1
+  assert "| fib-linear | stretch-2 | 5 | 5.00% +- 0.00% | 3.96% +- 0.00% | 3.96% +- 0.00% |" in premise
+  assert "| fib-linear | stretch-4 | 5 | 20.00% +- 0.00% |" in premise
+  assert "| dense | - | 5 | 0.00% +- 0.00% | 100.00% +- 0.00% | 300.00% +- 0.00% |" in premise
+  assert "| dense + sink window | - | 5 | 0.00% +- 0.00% | 0.20% +- 0.00% | 0.60% +- 0.00% |" in premise
+  assert "| window - fib-linear |" in section(text, "Controls")
+  assert "| other-genre text | fib-linear - window, foldoc at 4x T | 5 |" in section(text, "Statistical power")
+
+
+def test_summary_states_validity_and_what_no_paper_measured(built):
+  summary = built["summary"].read_text()
+  task, text = str(built["task"]), str(built["text"])
+  assert f"| claim | {task} | {text} | across scales |" in summary
+  assert "| claims judged on | recall error | held-out loss |  |" in summary
+  assert "| validity checks (the study discriminates) | pass | n/a (no recall probe) |  |" in summary
+  block = summary[summary.index("## What no paper measured"):]
+  rows = {tuple(r.split(" | ")[:2]): r for r in block.splitlines() if re.match(r"\| \dx T \|", r)}
+  assert len(rows) == 4 + 5 + 6  # every distance bucket at 1x, 2x and 4x T
+  for (length, distance), row in rows.items():
+    verdict = "coprime beats linear" if distance == "[256, 512)" else "no resolved difference"
+    assert f"| {verdict} | 0.90 / 0.60 |" in row, row
+  # at 4T dense's window reaches 4 of 6 buckets (0.97 each), coprime recalls 0.825 in all: dense with
+  # the window makes 17.8 points more errors
+  assert "- dense + sink window - fib-coprime at 4x T (recall error): +17.8 points [" in block
+  assert "- dense + sink window - fib-linear at 4x T (held-out loss): -" in block
+
+
+# ----------------------------------------------------------------------------- roots written before these files
+
+
+@pytest.mark.parametrize("name", ["small", "paper"])
+def test_committed_roots_still_build_with_the_same_verdicts(tmp_path, name):
+  root = shutil.copytree(REPO / "results" / name, tmp_path / name)
+  text, verdicts, found = report.build(root)
+  assert [v["verdict"] for v in verdicts] == claim_verdicts((REPO / "results" / name / "report.md").read_text())
+  assert found.validity == "n/a (no recall probe)" and found.unmeasured == []
+  assert "## Statistical power" in text and "| claim 1 | fib-linear - fib-fixed | 3 |" in text
+  assert "## Controls" not in text and "## Out-of-distribution text" not in text
