@@ -14,6 +14,7 @@ import pytest
 import configs
 from configs.base import apply_overrides
 from train.data import text as data
+from train.data.ood import ood_paths
 from train.probe import passkey, reach
 from train.run import evaluation
 from train.study import report, stats
@@ -48,7 +49,9 @@ def test_sweep_runs_every_cell_through_every_stage(sweep_root):
     for s in (0, 1):
       cell = json.loads((sweep_root / f"{v}-s{s}" / "cell.json").read_text())
       assert cell["variant"] == v and cell["seed"] == s and cell["step"] == 4
-      assert set(cell["files"]) == ({"eval", "passkey"} if v == "dense" else {"eval", "passkey", "budget"})
+      texts = {"eval"} | {f"ood:{name}" for name in ood_paths()}
+      expected = texts | {f"{k}:sink" for k in texts} if v == "dense" else texts | {"budget"}
+      assert set(cell["files"]) == expected | {"passkey"}
       budget = json.loads((sweep_root / f"{v}-s{s}" / "data_budget.json").read_text())
       assert budget["training_tokens"] == 4 * 8 * 128
   latency = json.loads((sweep_root / "latency.json").read_text())

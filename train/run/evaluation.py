@@ -11,6 +11,7 @@ again is read back from its file. The trainer's final evaluation and ``python -m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -61,12 +62,19 @@ def nested_windows(tokens: np.ndarray, seq_len: int, multiples: tuple[int, ...],
   return out
 
 
+@functools.lru_cache(maxsize=16)
+def compiled_eval_step(graphdef: nnx.GraphDef, pack_documents: bool = False) -> Callable:
+  """``jax.jit(make_eval_step(...))``, one per model graph: the probes of a run score several texts
+  with the same graph, and each would otherwise trace and compile it again."""
+  return jax.jit(make_eval_step(graphdef, pack_documents))
+
+
 def score_lengths(graphdef: nnx.GraphDef, params: Any, tokens: np.ndarray, seq_len: int, multiples: tuple[int, ...],
                   max_targets: int, rows: int, mesh, buckets: int, pack_documents: bool = False) -> dict[str, Any]:
   """Loss and perplexity at each multiple of T on identical targets, loss by context position
   (``buckets`` equal spans of the window) and the rise against the shortest length.
   ``pack_documents``: documents attend only within themselves (``train.run.step.token_nll``)."""
-  eval_fn = jax.jit(make_eval_step(graphdef, pack_documents))
+  eval_fn = compiled_eval_step(graphdef, pack_documents)
   windows = nested_windows(tokens, seq_len, multiples, max_targets)
   out: dict[str, Any] = {"train_length": seq_len, "multiples": list(multiples),
                          "targets": int(windows[multiples[0]].shape[0] * multiples[0] * seq_len)}
