@@ -100,31 +100,33 @@ def probe_cell(run: Run, budgets: tuple[str, ...] | None = None) -> dict[str, pa
   """The probes of a trained cell, each written to a file of its own (read back when it exists);
   returns ``{probe: file}``:
 
-  - ``eval``: held-out perplexity on the run's own split; a run that trained on text also
-    ``ood:<source>``, on each held-out text of another genre (``train.data.ood``), and ``passkey``;
+  - ``eval``: held-out perplexity on the run's own split;
+  - a run that trained on text (no task, or one mixed in): ``ood:<source>``, perplexity on each
+    held-out text of another genre (``train.data.ood``), and for a pattern with offsets ``budget``,
+    the sparsity budget (``budgets``, default all); on text alone also ``passkey``;
   - a run trained on a synthetic task: ``recall``, accuracy by distance (``train.probe.recall``);
-  - ``dense``: each of those perplexities and the recall again as ``...:sink``, with a sliding
-    window of T keys plus ``SINKS`` sink tokens (the fair baseline beyond T);
-  - a pattern with offsets: ``budget``, the sparsity budget (``budgets``, default all).
+  - ``dense``: the perplexities of a text run and the recall again as ``...:sink``, with a sliding
+    window of T keys plus ``SINKS`` sink tokens (the fair baseline beyond T).
+  A run trained on a task alone is probed by its recall: its text perplexities would measure nothing.
   """
   from train.cli import SINKS  # noqa: PLC0415
   from train.data.ood import ood_paths  # noqa: PLC0415
   from train.probe import budget, evaluate, passkey, recall  # noqa: PLC0415
 
   cfg = run.cfg
-  texts = {"eval": None}
-  if cfg.task is None or cfg.task_mix < 1:
-    texts.update({f"ood:{name}": str(path) for name, path in ood_paths().items()})
-  files = {}
+  on_text = cfg.task is None or cfg.task_mix < 1
+  texts = {"eval": None, **({f"ood:{name}": str(path) for name, path in ood_paths().items()} if on_text else {})}
+  files = {"eval": evaluate.run_evaluation(run.workdir, run=run)[0]}
   for sinks in (None, SINKS) if cfg.model.variant == "dense" else (None,):
     tag = "" if sinks is None else ":sink"
     for key, path in texts.items():
-      files[key + tag] = evaluate.run_evaluation(run.workdir, data_path=path, run=run, sinks=sinks)[0]
+      if on_text:
+        files[key + tag] = evaluate.run_evaluation(run.workdir, data_path=path, run=run, sinks=sinks)[0]
     if cfg.task is not None:
       files["recall" + tag] = recall.run_recall(run.workdir, run=run, sinks=sinks)[0]
   if cfg.task is None:
     files["passkey"] = passkey.run_passkey(run.workdir, run=run)[0]
-  if cfg.model.variant not in ("dense", "window"):
+  if on_text and cfg.model.variant not in ("dense", "window"):
     files["budget"] = budget.run_budget(run.workdir, run=run, budgets=budgets or tuple(budget.BUDGETS))[0]
   return files
 
