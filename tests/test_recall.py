@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -141,3 +142,23 @@ def test_deterministic_mode_adds_its_flag_once(monkeypatch):
     apply_overrides(configs.get_config("tiny"), ["deterministic=maybe"])
   with pytest.raises(ValueError, match="eval_window"):
     apply_overrides(configs.get_config("tiny"), ["model.variant=dense", "model.eval_window=128"]).validate()
+
+
+@pytest.mark.parametrize("variant", ["fib-linear", "fib-learned", "dense"])
+def test_the_train_step_holds_no_scatter_on_the_kernel_path(variant):
+  """XLA's deterministic mode makes a scatter slow (sorted, serial adds); on the GPU path (the
+  Pallas kernels, here traced in interpret mode) the train step holds none: the loss picks the
+  target's log-probability by a one-hot product, whose gradient is elementwise."""
+  from train.run.mesh import make_mesh
+  from train.run.step import make_optimizer, make_train_step
+  from train.run.trainer import init_state
+
+  impl = ["model.interpret=true", "model.attention_impl=pallas"] if variant != "dense" else []
+  cfg = apply_overrides(configs.get_config("tiny"), [f"model.variant={variant}", "model.d_model=32",
+                                                     "model.num_layers=1", *impl]).validate()
+  mesh, tx = make_mesh(-1, 1), make_optimizer(cfg)
+  with jax.set_mesh(mesh):
+    graphdef, state = init_state(cfg, mesh, tx)
+    jaxpr = str(jax.make_jaxpr(make_train_step(graphdef, tx))(state, jnp.zeros((1, 8, 129), jnp.int32)))
+  assert "scatter" not in jaxpr
+  assert ("pallas_call" in jaxpr) == (variant != "dense")
