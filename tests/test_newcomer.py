@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ast
 import errno
+import gc
 import json
 import os
 import pathlib
@@ -109,6 +110,28 @@ def test_the_frame_turns_refusals_and_ctrl_c_into_one_line(capsys):
     assert capsys.readouterr().err == line + "\n"
   with pytest.raises(RuntimeError):  # a bug keeps its traceback
     cli.run_command(raising(RuntimeError("bug")), parser, [])
+
+
+def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops_the_command(capsys):
+  """Python drops an exception raised inside a garbage-collection callback (JAX registers one):
+  the frame raises Ctrl-C again until the command stops, and prints no traceback for the drop."""
+  parser = argparse.ArgumentParser(prog="tool")
+
+  def body(args: argparse.Namespace) -> int:
+    def callback(phase: str, info: dict) -> None:
+      gc.callbacks.remove(callback)
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.2)  # the handler raises here, inside the callback, and gc drops it
+
+    gc.callbacks.append(callback)
+    gc.collect()
+    time.sleep(10)  # runs on to the end unless the dropped Ctrl-C is raised again
+    return 0
+
+  start = time.monotonic()
+  assert cli.run_command(body, parser, []) == 130
+  assert time.monotonic() - start < 5
+  assert capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"
 
 
 def test_every_command_runs_in_the_frame_and_prints_no_error_line_itself():

@@ -19,12 +19,17 @@ the training loop may import it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import pathlib
+import signal
 import sys
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 USAGE = 2  # exit status of a refused input, as argparse's for a bad argument
 INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)
+RESEND_S = 1.0  # how often an unanswered Ctrl-C is raised again (insistent_interrupts)
 
 # The project's own error classes that mean a refused input or a stopped run, by module. A module
 # that is not loaded raised none of them, so none is imported here (some modules import JAX).
@@ -51,15 +56,61 @@ def run_command(body: Callable[[argparse.Namespace], int], parser: argparse.Argu
   it: 2 after one ``error:`` line for a refused input, 130 after one line for Ctrl-C (``interrupted``
   says what is kept, e.g. the checkpoints). Nothing else is caught: a bug keeps its traceback."""
   args = parser.parse_args(argv)
-  try:
-    return body(args)
-  except KeyboardInterrupt:
+  status, error, stopped = None, None, False
+  with insistent_interrupts() as pressed:
+    try:
+      status = body(args)
+    except KeyboardInterrupt:
+      stopped = True
+    except (ValueError, OSError, *_loaded(REFUSALS)) as e:
+      error = e
+  stopped = stopped or pressed()
+  if error is not None:  # the trainer's own stop at Ctrl-C (``Interrupted``) says what it kept
+    print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+    return INTERRUPTED if isinstance(error, _loaded(STOPPED_BY_USER)) or stopped else USAGE
+  if stopped:
     detail = interrupted(args) if interrupted else ""
     print(f"error: interrupted (Ctrl-C){'; ' + detail if detail else ''}", file=sys.stderr, flush=True)
     return INTERRUPTED
-  except (ValueError, OSError, *_loaded(REFUSALS)) as e:
-    print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-    return INTERRUPTED if isinstance(e, _loaded(STOPPED_BY_USER)) else USAGE
+  return status
+
+
+@contextlib.contextmanager
+def insistent_interrupts() -> Iterator[Callable[[], bool]]:
+  """Within the block, Ctrl-C raises ``KeyboardInterrupt`` and raises it again once a second until
+  the block ends: Python drops an exception raised inside a garbage-collection callback (JAX
+  registers one), which would let a command run on to the end and exit 0. Yields a function
+  saying whether Ctrl-C was pressed. A handler installed inside the block (the training loop's
+  step-boundary flag, ``train.run.trainer``) takes Ctrl-C over until it restores this one."""
+  pressed, done = threading.Event(), threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield pressed.is_set
+    return
+
+  def resend() -> None:
+    while not done.wait(RESEND_S):
+      os.kill(os.getpid(), signal.SIGINT)
+
+  def handler(signum, frame) -> None:
+    if done.is_set():
+      return
+    if not pressed.is_set():
+      pressed.set()
+      threading.Thread(target=resend, daemon=True).start()
+    raise KeyboardInterrupt
+
+  def unraisable(info) -> None:  # the dropped Ctrl-C is raised again: not worth a traceback
+    if not issubclass(info.exc_type, KeyboardInterrupt):
+      hook(info)
+
+  previous, hook = signal.signal(signal.SIGINT, handler), sys.unraisablehook
+  sys.unraisablehook = unraisable
+  try:
+    yield pressed.is_set
+  finally:
+    done.set()
+    signal.signal(signal.SIGINT, previous)
+    sys.unraisablehook = hook
 
 
 def add_workdir(parser: argparse.ArgumentParser, what: str = "the trained run's folder") -> None:

@@ -523,13 +523,18 @@ def sweep_calls(root: pathlib.Path) -> list[dict]:
   return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def unfinished_cells(root: pathlib.Path, cells: list[dict]) -> list[str]:
+  """The cells of ``root`` with a run folder or a log but no ``cell.json``, sorted."""
+  finished = {c["name"] for c in cells}
+  return sorted(({p.parent.name for p in root.glob(f"*/{rundir.CONFIG}")}
+                 | {p.stem for p in (root / sweeproot.LOGS).glob("*.log")}) - finished)
+
+
 def unfinished_section(root: pathlib.Path, cells: list[dict]) -> list[str]:
   """The cells of ``root`` without ``cell.json`` (a run folder or a log, no record), each with its
   log: the tables leave them out, so they are named here."""
-  finished = {c["name"] for c in cells}
   logs = root / sweeproot.LOGS
-  names = sorted(({p.parent.name for p in root.glob(f"*/{rundir.CONFIG}")}
-                  | {p.stem for p in logs.glob("*.log")}) - finished)
+  names = unfinished_cells(root, cells)
   if not names:
     return []
   calls = sweep_calls(root)
@@ -542,14 +547,33 @@ def unfinished_section(root: pathlib.Path, cells: list[dict]) -> list[str]:
            "Running the sweep again resumes them.", ""] + table(["cell", "state", "log"], rows) + [""])
 
 
+def finished_and_failed(call: dict, root: pathlib.Path, cells: list[dict], last: bool) -> list[str]:
+  """One invocation's "cells finished" and "failed" columns. A cell the last invocation recorded as
+  failed that holds ``cell.json`` now was finished since, outside a sweep: it counts as finished,
+  marked so (an earlier invocation's failed cells were resumed by the later ones, which count them).
+  A record without ``failed_cells`` holds a count only: its cells all finished since when no cell
+  of the root is unfinished."""
+  names, finished = call.get("failed_cells"), {c["name"] for c in cells}
+  if not last:
+    since = 0
+  elif names is None:
+    since = 0 if unfinished_cells(root, cells) else call["failed"]
+  else:
+    since = sum(n in finished for n in names)
+  done = str(call["cells_run"])
+  if since:
+    done = f"{call['cells_run'] + since} ({since} recorded as failed, `{rundir.CELL}` written since)"
+  still = [n for n in names or [] if not (last and n in finished)]
+  return [done, f"{len(still)} ({', '.join(still)})" if still else str(call["failed"] - since)]
+
+
 def cost_section(root: pathlib.Path, cells: list[dict]) -> list[str]:
   calls = sweep_calls(root)
   if not calls:
     return []
   wall = sum(c["wall_s"] for c in calls)
   tokens = sum(c["budget_data"]["training_tokens"] for c in cells)
-  rows = [[str(i + 1), f"{c['wall_s']:.0f}", str(c["cells_run"]),
-           f"{c['failed']} ({', '.join(c['failed_cells'])})" if c.get("failed_cells") else str(c["failed"]),
+  rows = [[str(i + 1), f"{c['wall_s']:.0f}", *finished_and_failed(c, root, cells, i == len(calls) - 1),
            str(c["gpus"]), str(c["per_gpu"]) if c["gpus"] and c["per_gpu"] else "- (one cell at a time)"]
           for i, c in enumerate(calls)]
   return (["## The sweep's own cost", "",

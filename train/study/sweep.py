@@ -1,12 +1,15 @@
 r"""``python -m train.sweep``: variants x seeds of one recipe, each run a normal workdir under one root.
 
-    python -m train.sweep --root results/small                       # 7 variants x seeds 0 1 2, recipe small
+    python -m train.sweep --root runs/small                          # 9 variants (7 + 2 controls) x seeds 0 1 2
+    python -m train.sweep --root results/recall/L2 --config recall --seeds 0 1 2 3 4   # the recall study, 2 layers
     python -m train.sweep --root results/paper --config paper --variants dense fib-linear --seeds 0 1 \
         --set steps=2400 --per-gpu 3
-    python -m train.sweep --root results/small                       # again: skips finished cells, resumes the rest
+    python -m train.sweep --root runs/small                          # again: skips finished cells, resumes the rest
 
 Each cell (``ROOT/<variant>-s<seed>``) runs ``python -m train.experiment`` in a process of its own:
-training, evaluation at 1x/2x/4x T, passkey and sparsity-budget probes. ``--per-gpu`` cells share
+training, then its probes (``train.study.experiment.probe_cell``: perplexity at the config's
+multiples of T on held-out and other-genre text, passkey and sparsity budget for text runs, recall
+by distance for task runs, dense again with a sink window). ``--per-gpu`` cells share
 each local GPU (by default as many as its memory holds at the recipe's footprint, each keeping
 memory for CUDA beside XLA's pool: ``train.study.packing``) and cells spread over every GPU; on a
 machine without GPUs they run one after another. A cell that fails is logged in
