@@ -174,3 +174,21 @@ def test_verdict_rule():
   noisy = {v: {s: {"eval": {"1x": {"loss": 3.0 + (0.1 if (s + (v == "b")) % 2 else 0)}}} for s in range(3)}
            for v in ("a", "b")}
   assert report.lower_is(report.paired(noisy, "a", "b")) == "inconclusive"
+
+
+def test_sweep_list_prints_one_command_per_unfinished_cell(sweep_root, tmp_path):
+  """``--list`` runs nothing: a scheduler gets one ``python -m train.experiment`` command per unfinished
+  cell (none for a finished sweep), the recipe recorded in the root as a sweep records it."""
+  done = _module("train.study.sweep", "--root", str(sweep_root), *SWEEP, "--list", timeout=300)
+  assert done.returncode == 0 and done.stdout.strip() == "", done.stderr
+  fresh = tmp_path / "fresh"
+  listed = _module("train.study.sweep", "--root", str(fresh), *SWEEP, "--list", timeout=300)
+  lines = listed.stdout.strip().splitlines()
+  assert listed.returncode == 0 and len(lines) == 4, listed.stderr
+  for line, (v, s) in zip(lines, [(v, s) for s in (0, 1) for v in ("dense", "fib-linear")]):
+    assert line.startswith("python -m train.experiment --workdir ")
+    assert f"{fresh.absolute()}/{v}-s{s} " in line and f"--variant {v} --seed {s} " in line
+  assert json.loads((fresh / "sweep.json").read_text())["config"] == "tiny"
+  assert not list(fresh.glob("*-s*"))  # nothing ran
+  other = _module("train.study.sweep", "--root", str(fresh), "--config", "small", "--list", timeout=300)
+  assert other.returncode == 2 and "another recipe" in other.stderr

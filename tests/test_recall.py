@@ -5,6 +5,7 @@ stretched-offset budgets; the dense sink-window evaluation; the deterministic mo
 import dataclasses
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -162,3 +163,25 @@ def test_the_train_step_holds_no_scatter_on_the_kernel_path(variant):
     jaxpr = str(jax.make_jaxpr(make_train_step(graphdef, tx))(state, jnp.zeros((1, 8, 129), jnp.int32)))
   assert "scatter" not in jaxpr
   assert ("pallas_call" in jaxpr) == (variant != "dense")
+
+
+def test_a_task_sweep_runs_through_its_probes_and_the_report(tmp_path):
+  """A tiny sweep on mqar (dense and the window control, one seed): each cell is probed by its
+  recall (dense also with the sink window, no text probes), and the report judges it on recall."""
+  root = tmp_path / "root"
+  env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+  sweep = subprocess.run([sys.executable, "-m", "train.sweep", "--root", str(root), "--config", "tiny", "--variants",
+                          "dense", "window", "--seeds", "0", "--no-latency", "--set", *TINY,
+                          "final_eval_multiples=1,4"],
+                         capture_output=True, text=True, timeout=900, env=env)
+  assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
+  dense = json.loads((root / "dense-s0" / "cell.json").read_text())["files"]
+  window = json.loads((root / "window-s0" / "cell.json").read_text())["files"]
+  assert set(dense) == {"eval", "recall", "recall:sink"} and set(window) == {"eval", "recall"}
+  probe = json.loads((root / "dense-s0" / dense["recall:sink"]).read_text())
+  assert probe["sinks"] == 4 and probe["multiples"] == [1, 4]
+  rep = subprocess.run([sys.executable, "-m", "train.report", str(root)], capture_output=True, text=True,
+                       timeout=600, env=env)
+  assert rep.returncode == 0, rep.stderr[-2000:]
+  text = (root / "report.md").read_text()
+  assert "Recall by distance" in text and "Validity checks" in text and "recall error" in text

@@ -110,7 +110,8 @@ def insistent_interrupts() -> Iterator[Callable[[], bool]]:
   finally:
     done.set()
     signal.signal(signal.SIGINT, previous)
-    sys.unraisablehook = hook
+    if sys.unraisablehook is unraisable:  # a hook installed since (train.run.quiet) chains to this one: kept
+      sys.unraisablehook = hook
 
 
 def add_workdir(parser: argparse.ArgumentParser, what: str = "the trained run's folder") -> None:

@@ -5,6 +5,7 @@ r"""``python -m train.sweep``: variants x seeds of one recipe, each run a normal
     python -m train.sweep --root results/paper --config paper --variants dense fib-linear --seeds 0 1 \
         --set steps=2400 --per-gpu 3
     python -m train.sweep --root runs/small                          # again: skips finished cells, resumes the rest
+    python -m train.sweep --root runs/small --list                   # one train.experiment command per unfinished cell
 
 Each cell (``ROOT/<variant>-s<seed>``) runs ``python -m train.experiment`` in a process of its own:
 training, then its probes (``train.study.experiment.probe_cell``: perplexity at the config's
@@ -29,6 +30,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import subprocess
@@ -314,6 +316,20 @@ def run_sweep(root: pathlib.Path, config: str, variants: list[str], seeds: list[
     return run_cells(root, recipe, cells, per_gpu, budgets, latency, poll_s)
 
 
+def list_cells(root: pathlib.Path, config: str, variants: list[str], seeds: list[int], overrides: list[str],
+               budgets: list[str] | None = None) -> list[str]:
+  """One shell command per unfinished cell, ``python -m train.experiment ...`` with the cell's
+  absolute workdir, for a scheduler (a SLURM array, any job runner) that spreads the cells over
+  hosts sharing ``root``. The recipe is checked and recorded in ``ROOT/sweep.json`` as a sweep
+  does, so ``train.report`` reads the cells wherever they ran."""
+  validate(config, variants, seeds, overrides, budgets)
+  recipe = {"config": config, "overrides": list(overrides)}
+  check_root(root, recipe)
+  cells = [Cell(v, s, root.absolute() / sweeproot.cell_name(v, s)) for s in seeds for v in variants]
+  return [shlex.join(["python", "-m", "train.experiment", *command(c, recipe, budgets)[3:]])
+          for c in cells if not c.done]
+
+
 def run_cells(root: pathlib.Path, recipe: dict, cells: list[Cell], per_gpu: int | None, budgets: list[str] | None,
               latency: bool, poll_s: float) -> int:
   """``run_sweep`` once the recipe is checked and the root locked."""
@@ -397,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                            f"{packing.DEFAULT_PER_GPU})")
   parser.add_argument("--budgets", nargs="*", default=None, help="sparsity budgets (default: all)")
   parser.add_argument("--no-latency", action="store_true", help="skip the closing latency measurement")
+  parser.add_argument("--list", action="store_true",
+                      help="run nothing: print one python -m train.experiment command per unfinished cell")
   return run_command(sweep_and_report, parser, argv, interrupted=lambda args: (
       f"finished cells and the others' checkpoints are kept under {args.root}; run the same command again to resume"))
 
@@ -405,6 +423,9 @@ def sweep_and_report(args: argparse.Namespace) -> int:
   """Runs the sweep ``args`` describe; exit status 1 when a cell failed."""
   if args.per_gpu is not None and args.per_gpu < 1:
     raise ValueError(f"--per-gpu must be >= 1, got {args.per_gpu}")
+  if args.list:
+    print("\n".join(list_cells(args.root, args.config, args.variants, args.seeds, list(args.set), args.budgets)))
+    return 0
   failed = run_sweep(args.root, args.config, args.variants, args.seeds, list(args.set), args.per_gpu,
                      args.budgets, latency=not args.no_latency)
   if failed:
