@@ -20,13 +20,14 @@ import sys
 
 from benchmarks.cli import add_force, claim, device_kind, fail
 from fibjax.cli import ArgumentParser
+from train.run import rundir
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 def losses(workdir: pathlib.Path) -> tuple[dict[int, float], list[float]]:
   """``({step: loss}, [tokens/s of each logged step in the run's second half])`` of a run's metrics."""
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  rows = [json.loads(line) for line in (workdir / rundir.METRICS).read_text().splitlines()]
   logged = [r for r in rows if "loss" in r]
   half = logged[len(logged) // 2:]
   return {r["step"]: r["loss"] for r in logged}, [r["tokens_per_s"] for r in half]

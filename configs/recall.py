@@ -6,9 +6,8 @@ accuracy by distance reads each pattern's one-hop reach beyond the window. ``rec
 ``small`` model (8 layers, hidden 256) on the same task; its window reaches 8 x 31 = 248 of T.
 Every row is a task sequence (the byte-level key vocabulary holds 4096 six-letter words, values
 are 4 digits, 8 queries per sequence, distances uniform over all the length allows: 104..408 at
-T); only answer tokens are scored. 3000 steps of 64 x 512 tokens. A CPU pilot of dense at T = 128
-(hidden 64, 2 queries, batch 32) reached 27% recall after 2400 steps at lr 3e-3, still rising:
-the task is learnable but slow, hence 8 queries a sequence (twice the answers per step).
+T); only answer tokens are scored. 3000 steps of 64 x 512 tokens. Why 8 queries and 3000 steps:
+NOTES.md, "Experiments that can tell the patterns apart".
 """
 
 import dataclasses

@@ -91,9 +91,10 @@ def recall(run: Run, spec: TaskSpec, multiples: tuple[int, ...], samples: int = 
   keys plus that many sink tokens (``None``: its full causal attention)."""
   t = run.cfg.model.seq_len
   graphdef = run.graphdef if sinks is None else sink_window_graph(run.cfg, sinks)
-  hops = reach.hop_sets(nnx.merge(run.graphdef, run.params))
-  if sinks is not None:  # a layer of the sliding window hops up to T - 1 back (the sinks aside)
-    hops = [np.arange(t)] * len(hops)
+  if sinks is None:
+    hops = reach.hop_sets(nnx.merge(run.graphdef, run.params))
+  else:  # a layer of the sliding window hops up to T - 1 back (the sinks aside)
+    hops = [np.arange(t)] * run.cfg.model.num_layers
   fn = predict_fn(graphdef)
   rows = max(1, run.cfg.batch_size // run.cfg.grad_accum)
   out: dict[str, Any] = {"step": run.step, "variant": run.cfg.model.variant, "seed": run.cfg.seed,

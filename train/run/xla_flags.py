@@ -10,7 +10,7 @@ DEFAULTS = {"xla_gpu_enable_triton_gemm": "false"}
 # A run with ``deterministic=true``: XLA picks only run-to-run deterministic GPU algorithms (no
 # atomics in scatters and reductions, no timing-dependent autotuning choice), so the same seed on
 # the same GPU type repeats its loss curve bit for bit. On the kernel path the train step holds no
-# scatter (the one op the mode serialises); its cost on a GPU is not yet measured (NOTES.md).
+# scatter (the one op the mode serialises); its cost: python -m benchmarks.determinism (NOTES.md).
 DETERMINISTIC = {"xla_gpu_deterministic_ops": "true"}
 
 

@@ -116,12 +116,11 @@ def probe_cell(run: Run, budgets: tuple[str, ...] | None = None) -> dict[str, pa
   cfg = run.cfg
   on_text = cfg.task is None or cfg.task_mix < 1
   texts = {"eval": None, **({f"ood:{name}": str(path) for name, path in ood_paths().items()} if on_text else {})}
-  files = {"eval": evaluate.run_evaluation(run.workdir, run=run)[0]}
+  files = {}
   for sinks in (None, SINKS) if cfg.model.variant == "dense" else (None,):
     tag = "" if sinks is None else ":sink"
-    for key, path in texts.items():
-      if on_text:
-        files[key + tag] = evaluate.run_evaluation(run.workdir, data_path=path, run=run, sinks=sinks)[0]
+    for key, path in texts.items() if on_text or sinks is None else ():
+      files[key + tag] = evaluate.run_evaluation(run.workdir, data_path=path, run=run, sinks=sinks)[0]
     if cfg.task is not None:
       files["recall" + tag] = recall.run_recall(run.workdir, run=run, sinks=sinks)[0]
   if cfg.task is None:
