@@ -181,6 +181,9 @@ def test_sweep_list_prints_one_command_per_unfinished_cell(sweep_root, tmp_path)
   cell (none for a finished sweep), the recipe recorded in the root as a sweep records it."""
   done = _module("train.study.sweep", "--root", str(sweep_root), *SWEEP, "--list", timeout=300)
   assert done.returncode == 0 and done.stdout.strip() == "", done.stderr
+  reruns = _module("train.study.sweep", "--root", str(sweep_root), *SWEEP, "--list", "--reruns", "1", timeout=300)
+  assert [line.split(" --workdir ")[1].split()[0] for line in reruns.stdout.strip().splitlines()] == [
+      f"{sweep_root.absolute()}/{v}-s0-rerun1" for v in ("dense", "fib-linear")], reruns.stderr
   fresh = tmp_path / "fresh"
   listed = _module("train.study.sweep", "--root", str(fresh), *SWEEP, "--list", timeout=300)
   lines = listed.stdout.strip().splitlines()

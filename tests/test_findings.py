@@ -164,11 +164,27 @@ def text_cells() -> list[dict]:
   return cells(task=False)
 
 
+RERUN_GAP = 0.003  # dense's rerun of seed 0 reads this much more loss at every length; fib-linear's is identical
+
+
+def rerun_cells(cell_list: list[dict]) -> list[dict]:
+  """Same-seed reruns of seed 0 (``<variant>-s0-rerun1``): fib-linear's identical, dense's ``RERUN_GAP`` worse."""
+  out = []
+  for c in cell_list:
+    if c["seed"] == 0 and c["variant"] in ("dense", "fib-linear"):
+      gap = RERUN_GAP if c["variant"] == "dense" else 0.0
+      losses = {m: c["eval"][f"{m}x"]["loss"] + gap for m in MULTIPLES}
+      out.append({**c, "name": f"{c['name']}-rerun1", "eval": eval_probe(losses)})
+  return out
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, task_cells, text_cells) -> dict[str, pathlib.Path]:
-  """Both synthetic roots written and reported by ``python -m train.report ... --summary`` (a subprocess)."""
+  """Both synthetic roots written (the text root with two same-seed reruns) and reported by
+  ``python -m train.report ... --summary`` (a subprocess)."""
   base = tmp_path_factory.mktemp("roots")
-  roots = {"task": write_root(base / "task", task_cells), "text": write_root(base / "text", text_cells)}
+  roots = {"task": write_root(base / "task", task_cells),
+           "text": write_root(base / "text", text_cells + rerun_cells(text_cells))}
   res = subprocess.run([sys.executable, "-m", "train.report", str(roots["task"]), str(roots["text"]), "--summary",
                         str(base / "SUMMARY.md")], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
@@ -366,6 +382,16 @@ def test_text_report_sections_hold_the_runs_numbers(built, text_cells):
   assert "| dense + sink window | - | 5 | 0.00% +- 0.00% | 0.20% +- 0.00% | 0.60% +- 0.00% |" in premise
   assert "| window - fib-linear |" in section(text, "Controls")
   assert "| other-genre text | fib-linear - window, foldoc at 4x T | 5 |" in section(text, "Statistical power")
+
+
+def test_reruns_are_kept_apart_and_their_spread_is_set_beside_the_seeds(built, text_cells):
+  text = (built["text"] / "report.md").read_text()
+  assert f"{len(text_cells)} finished runs ({len(TEXT_LOSS)} variants)" in text  # the reruns are no seeds
+  noise = section(text, "Rerun spread beside seed spread")
+  for variant, rerun in (("dense", f"{RERUN_GAP:.4f} nats"), ("fib-linear", "identical")):
+    sd = {m: float(np.std(per_seed(text_cells, variant, lambda c, m=m: findings.loss(c, m)), ddof=1)) for m in (1, 4)}
+    assert f"| {variant} | 5 | 1 | {sd[1]:.4f} nats | {rerun} | {sd[4]:.4f} nats | {rerun} |" in noise, noise
+  assert "fib-fixed" not in noise and "## Rerun spread" not in (built["task"] / "report.md").read_text()
 
 
 def test_summary_states_validity_and_what_no_paper_measured(built):

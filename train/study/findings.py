@@ -10,7 +10,8 @@ cells wrote (``train.study.experiment.probe_cell``) this module builds:
   they are written and which difference a power statement plans for;
 - the report's sections (``sections``): recall by distance (and its plot), out-of-distribution
   text, the extrapolation premise, the controls and the validity checks; after the claims, the
-  statistical power of every comparison (``power_section``);
+  statistical power of every comparison (``power_section``) and the spread of same-seed reruns beside
+  the spread over seeds (``noise_section``);
 - what ``--summary`` adds per root (``summary_rows``, ``summary_block``).
 
 Nothing here imports ``train.study.report``: the report imports this module.
@@ -22,6 +23,7 @@ import dataclasses
 import functools
 import math
 import pathlib
+import statistics
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from train.study import stats
@@ -538,6 +540,36 @@ def power_section(sources: list[tuple[str, list[dict]]]) -> list[str]:
            "exact noncentral t).", ""]
           + table(["from", "comparison", "n", "mean", "sd", "95% half-width", "80%-power difference",
                    "seeds for 80% power"], rows) + [""])
+
+
+def noise_section(runs: dict, reruns: list[dict], metric: Metric, multiples: Sequence[int]) -> list[str]:
+  """Per variant with same-seed reruns (``reruns``: the cells of ``ROOT/<variant>-s<seed>-rerun<k>``):
+  the metric's spread over reruns of one seed beside its spread over seeds, at T and at the longest
+  length; a comparison is resolvable only where both are small against the difference it measures."""
+  by = {}
+  for c in reruns:
+    by.setdefault(c["variant"], []).append(c)
+  rows = []
+  for v in sorted(by):
+    if c0 := runs.get(v, {}).get(by[v][0]["seed"]):
+      row = [v, str(len(runs[v])), str(len(by[v]))]
+      for m in (multiples[0], multiples[-1]):
+        seeds = [metric.of(c, m) for c in runs[v].values()]
+        gaps = [abs(metric.of(c, m) - metric.of(c0, m)) for c in by[v]]
+        sd = statistics.stdev(seeds) if len(seeds) > 1 else float("nan")
+        row += [metric.unit.num(sd, signed=False),
+                "identical" if max(gaps) == 0 else metric.unit.num(max(gaps), signed=False)]
+      rows.append(row)
+  if not rows:
+    return []
+  lo, hi = multiples[0], multiples[-1]
+  return (["## Rerun spread beside seed spread", "",
+           f"The same cell trained again (same recipe, variant and seed; `train.sweep --reruns`) against the spread "
+           f"over seeds: {metric.name} in {metric.unit.name}. \"identical\" means every rerun read exactly the same "
+           "value (a deterministic run); a rerun gap near the seed sd means run-to-run noise, not the seed, sets "
+           "what a comparison can resolve.", ""]
+          + table(["variant", "seeds", "reruns", f"seed sd at {lo}x", f"largest rerun gap at {lo}x",
+                   f"seed sd at {hi}x", f"largest rerun gap at {hi}x"], rows) + [""])
 
 
 # ----------------------------------------------------------------------------- what no paper measured

@@ -404,7 +404,9 @@ def kv_heads(model: dict) -> str:
 
 def build(root: pathlib.Path) -> tuple[str, list[dict], findings.Findings]:
   """``(markdown, claims, findings)`` for one sweep root; writes its plots under ``root/plots``."""
-  cells = load_cells(root)
+  everything = load_cells(root)
+  cells = [c for c in everything if not sweeproot.rerun_index(c["name"])]
+  reruns = [c for c in everything if sweeproot.rerun_index(c["name"])]
   if not cells:
     raise ValueError(f"{root} holds no finished cell (ROOT/<variant>-s<seed>/cell.json): run python -m train.sweep")
   multiples = eval_multiples(root, cells)
@@ -448,7 +450,7 @@ def build(root: pathlib.Path) -> tuple[str, list[dict], findings.Findings]:
             "Mean held-out loss in equal spans of the window, at each length (same targets at every length).", "",
             "![loss by position](plots/loss_by_position.png)", ""]
   lines += passkey_section(runs) + budget_section(runs, multiples) + latency_section(latency) + cost_section(root, cells)
-  lines += unfinished_section(root, cells) + found.lines
+  lines += unfinished_section(root, everything) + found.lines + findings.noise_section(runs, reruns, metric, multiples)
   verdicts = claims(runs, latency, metric)
   lines += ["## The paper's claims", "", TASK_RULE if metric.task else RULE, ""]
   lines += table(["claim", "paper", "ours (this scale)", "verdict"],

@@ -299,9 +299,17 @@ def stop_cells(procs: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> 
         proc.wait()
 
 
+def sweep_cells(root: pathlib.Path, variants: list[str], seeds: list[int], reruns: int = 0) -> list[Cell]:
+  """Every cell of a sweep in the order it runs: seed by seed, each seed's variants in turn, then
+  ``reruns`` more runs of each variant at the first seed (``ROOT/<variant>-s<seed>-rerun<k>``)."""
+  cells = [Cell(v, s, root / sweeproot.cell_name(v, s)) for s in seeds for v in variants]
+  return cells + [Cell(v, seeds[0], root / sweeproot.cell_name(v, seeds[0], k))
+                  for k in range(1, reruns + 1) for v in variants]
+
+
 def run_sweep(root: pathlib.Path, config: str, variants: list[str], seeds: list[int], overrides: list[str],
               per_gpu: int | None = None, budgets: list[str] | None = None, latency: bool = True,
-              poll_s: float = 5.0) -> int:
+              poll_s: float = 5.0, reruns: int = 0) -> int:
   """Runs every unfinished cell (``per_gpu`` cells on each GPU, default: as many as its memory
   holds, ``train.study.packing``) holding the root's lock, so that a second sweep on the same root
   is refused; returns the number of cells that failed."""
@@ -312,12 +320,11 @@ def run_sweep(root: pathlib.Path, config: str, variants: list[str], seeds: list[
   check_root(root, recipe)
   check_writable(root, "--root")
   with workdir_lock(root, busy=f"another sweep is running on {root}; wait for it to end, or give another --root"):
-    cells = [Cell(v, s, root / sweeproot.cell_name(v, s)) for s in seeds for v in variants]
-    return run_cells(root, recipe, cells, per_gpu, budgets, latency, poll_s)
+    return run_cells(root, recipe, sweep_cells(root, variants, seeds, reruns), per_gpu, budgets, latency, poll_s)
 
 
 def list_cells(root: pathlib.Path, config: str, variants: list[str], seeds: list[int], overrides: list[str],
-               budgets: list[str] | None = None) -> list[str]:
+               budgets: list[str] | None = None, reruns: int = 0) -> list[str]:
   """One shell command per unfinished cell, ``python -m train.experiment ...`` with the cell's
   absolute workdir, for a scheduler (a SLURM array, any job runner) that spreads the cells over
   hosts sharing ``root``. The recipe is checked and recorded in ``ROOT/sweep.json`` as a sweep
@@ -325,7 +332,7 @@ def list_cells(root: pathlib.Path, config: str, variants: list[str], seeds: list
   validate(config, variants, seeds, overrides, budgets)
   recipe = {"config": config, "overrides": list(overrides)}
   check_root(root, recipe)
-  cells = [Cell(v, s, root.absolute() / sweeproot.cell_name(v, s)) for s in seeds for v in variants]
+  cells = sweep_cells(root.absolute(), variants, seeds, reruns)
   return [shlex.join(["python", "-m", "train.experiment", *command(c, recipe, budgets)[3:]])
           for c in cells if not c.done]
 
@@ -413,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
                            f"{packing.DEFAULT_PER_GPU})")
   parser.add_argument("--budgets", nargs="*", default=None, help="sparsity budgets (default: all)")
   parser.add_argument("--no-latency", action="store_true", help="skip the closing latency measurement")
+  parser.add_argument("--reruns", type=int, default=0,
+                      help="train each variant this many more times at the first seed: the report sets the "
+                           "spread of same-seed reruns beside the spread over seeds")
   parser.add_argument("--list", action="store_true",
                       help="run nothing: print one python -m train.experiment command per unfinished cell")
   return run_command(sweep_and_report, parser, argv, interrupted=lambda args: (
@@ -423,11 +433,14 @@ def sweep_and_report(args: argparse.Namespace) -> int:
   """Runs the sweep ``args`` describe; exit status 1 when a cell failed."""
   if args.per_gpu is not None and args.per_gpu < 1:
     raise ValueError(f"--per-gpu must be >= 1, got {args.per_gpu}")
+  if args.reruns < 0:
+    raise ValueError(f"--reruns must be >= 0, got {args.reruns}")
   if args.list:
-    print("\n".join(list_cells(args.root, args.config, args.variants, args.seeds, list(args.set), args.budgets)))
+    print("\n".join(list_cells(args.root, args.config, args.variants, args.seeds, list(args.set), args.budgets,
+                               args.reruns)))
     return 0
   failed = run_sweep(args.root, args.config, args.variants, args.seeds, list(args.set), args.per_gpu,
-                     args.budgets, latency=not args.no_latency)
+                     args.budgets, latency=not args.no_latency, reruns=args.reruns)
   if failed:
     print(f"[sweep] {failed} cell(s) failed; their logs are under {args.root / sweeproot.LOGS}; run again to retry "
           "them", file=sys.stderr)

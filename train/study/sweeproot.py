@@ -5,6 +5,7 @@
       sweep_cost.jsonl      one JSON line per sweep invocation: its wall time, cells finished and failed, GPUs
       .lock                 held (``flock``) by the sweep running on the root, so that a second one is refused
       <variant>-s<seed>/    one run directory per cell (``train.run.rundir``), finished once its cell.json exists
+      <variant>-s<seed>-rerun<k>/  the same cell trained again (``--reruns``): its spread is the noise of a rerun
       logs/<cell>.log       each cell's output, appended at each attempt
       latency.json          inference latency per variant (``train.study.latency``; a later measurement
                             is written beside it as latency-2.json, latency-3.json, ...)
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 SWEEP = "sweep.json"
 COST = "sweep_cost.jsonl"
@@ -23,9 +25,19 @@ REPORT = "report.md"
 PLOTS = "plots"
 
 
-def cell_name(variant: str, seed: int) -> str:
-  """The folder of the cell of ``variant`` and ``seed`` under the root."""
-  return f"{variant}-s{seed}"
+RERUN = re.compile(r"-rerun(\d+)$")
+
+
+def cell_name(variant: str, seed: int, rerun: int = 0) -> str:
+  """The folder of the cell of ``variant`` and ``seed`` under the root (``rerun`` k > 0: its k-th
+  rerun, the same recipe, variant and seed trained again)."""
+  return f"{variant}-s{seed}" + (f"-rerun{rerun}" if rerun else "")
+
+
+def rerun_index(cell: str) -> int:
+  """Which rerun cell folder ``cell`` is (0: the cell itself)."""
+  match = RERUN.search(cell)
+  return int(match.group(1)) if match else 0
 
 
 def log_path(root: pathlib.Path, cell: str) -> pathlib.Path:
