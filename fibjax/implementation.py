@@ -12,6 +12,7 @@ The ops (``kind``): ``sparse`` attention (the gathered-offset pattern), ``dense`
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import jax
@@ -57,12 +58,24 @@ def resolve_sparse(impl: str, interpret: bool) -> str:
   return "pallas" if interpret or jax.default_backend() in ("gpu", "tpu") else "xla"
 
 
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def deterministic_ops() -> bool:
+  """Whether XLA runs only deterministic GPU algorithms (``XLA_FLAGS`` holds ``DETERMINISTIC_FLAG``)."""
+  return DETERMINISTIC_FLAG in os.environ.get("XLA_FLAGS", "").split()
+
+
 def resolve_dense(impl: str, dtype: jnp.dtype, interpret: bool) -> str:
   """Dense attention's implementation: ``"auto"`` is ``"cudnn"`` on a GPU for bfloat16 or float16
-  inputs (``dtype``) without ``interpret``, else ``"xla"`` (cuDNN has no interpret mode)."""
+  inputs (``dtype``) without ``interpret``, else ``"xla"`` (cuDNN has no interpret mode). Under
+  XLA's deterministic ops (``deterministic_ops``) ``"auto"`` is ``"xla"``: jax 0.11.2's train step
+  through cuDNN's fused attention fails to compile there (an ``IndexError`` from XLA's
+  ``raw_hash_map::at``, H100)."""
   if check_implementation("dense", impl) != "auto":
     return impl
-  cudnn = not interpret and jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+  cudnn = (not interpret and jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+           and not deterministic_ops())
   return "cudnn" if cudnn else "xla"
 
 

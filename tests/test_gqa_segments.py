@@ -252,6 +252,15 @@ def test_auto_picks_xla_on_a_cpu_and_the_kernels_in_interpret_mode_where_they_ap
   assert resolve_sparse("pallas", interpret=False) == "pallas" and resolve_dense("cudnn", jnp.float32, False) == "cudnn"
 
 
+def test_auto_leaves_cudnn_for_xla_under_deterministic_ops(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")
+  assert resolve_dense("auto", jnp.bfloat16, interpret=False) == "cudnn"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false --xla_gpu_deterministic_ops=true")
+  assert resolve_dense("auto", jnp.bfloat16, interpret=False) == "xla"
+  assert resolve_dense("cudnn", jnp.bfloat16, interpret=False) == "cudnn"  # asked for by name: kept
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 @pytest.mark.parametrize("h_kv, head_dim, learned", [(2, 64, False), (2, 128, True), (8, 128, False), (1, 32, False)])

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 
+from fibjax.implementation import DETERMINISTIC_FLAG
+
 # Measured on an H100 (benchmarks/results/NOTES.md): the paper recipe's d_model = 512 matmuls run
 # faster through cuBLAS than through XLA's Triton GEMM emitter (step 49.1 -> 43.3 ms, dense, T = 1024).
 DEFAULTS = {"xla_gpu_enable_triton_gemm": "false"}
 # A run with ``deterministic=true``: XLA picks only run-to-run deterministic GPU algorithms (no
 # atomics in scatters and reductions, no timing-dependent autotuning choice), so the same seed on
 # the same GPU type repeats its loss curve bit for bit. On the kernel path the train step holds no
-# scatter (the one op the mode serialises); its cost: python -m benchmarks.determinism (NOTES.md).
-DETERMINISTIC = {"xla_gpu_deterministic_ops": "true"}
+# scatter (the one op the mode serialises), and dense attention leaves cuDNN for XLA's
+# (``fibjax.implementation.resolve_dense``); its cost: python -m benchmarks.determinism (NOTES.md).
+DETERMINISTIC = dict([DETERMINISTIC_FLAG.removeprefix("--").split("=")])
 
 
 def apply_defaults(deterministic: bool = False) -> None:
