@@ -307,6 +307,18 @@ def test_window_at_chance_edge_passes_and_unreachable_buckets_are_not_checked(ta
 # ----------------------------------------------------------------------------- statistical power
 
 
+def test_pow2_schedules_at_two_layers_are_one_pattern(task_cells):
+  """alpha 0.5 and 2 map the powers of 2 in [W, R) = [32, 512) onto the same set: pow2-linear is
+  pow2-fixed at 2 layers, and at 8 layers (alphas between 0.5 and 2) it is not."""
+  import configs  # noqa: PLC0415
+
+  def runs(recipe: str) -> dict:
+    return {v: {0: {"config": configs.get_config(recipe, v).to_dict()}} for v in ("pow2-fixed", "pow2-linear",
+                                                                                  "fib-fixed", "window")}
+  assert findings.same_patterns(runs("recall")) == [("pow2-fixed", "pow2-linear")]
+  assert findings.same_patterns(runs("small")) == []
+
+
 def test_power_rows_state_halfwidth_and_seeds_for_hand_made_differences():
   points = findings.interval([0.10, 0.12, 0.08, 0.11, 0.09], findings.POINTS, "window - fib-linear at 1x T")
   nats = findings.interval([0.004, 0.006, 0.005, 0.007, 0.003, 0.005], findings.NATS, "fib-linear - fib-fixed")
@@ -334,6 +346,8 @@ def test_task_report_sections_hold_the_runs_numbers(built, task_cells):
   text = (built["task"] / "report.md").read_text()
   assert f"| window's receptive field, L x (W - 1) | {TASK_RF} of T = {TASK_T} (0.12 T) |" in text
   assert "| claims judged on | recall error |" in text and report.TASK_RULE in text
+  # at 2 layers the coprime order of the two linear alphas is the linear order itself
+  assert "| variants with the same pattern in every layer (the same model) | fib-coprime = fib-linear |" in text
   assert claim_verdicts(text) == ["agree", "inconclusive", "disagree", "agree", "agree", "agree"]
 
   recall = section(text, "Recall by distance")
@@ -360,6 +374,7 @@ def test_text_report_sections_hold_the_runs_numbers(built, text_cells):
   text = (built["text"] / "report.md").read_text()
   assert f"| window's receptive field, L x (W - 1) | {TEXT_RF} of T = {TEXT_T} (0.47 T) |" in text
   assert "| claims judged on | held-out loss |" in text and report.RULE in text
+  assert "| variants with the same pattern in every layer (the same model) | none |" in text
   assert "Not made: no run of this root has a recall probe" in section(text, "Validity checks")
   assert "## Recall by distance" not in text
 

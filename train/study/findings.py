@@ -222,6 +222,29 @@ def receptive_field_text(model: dict) -> str:
   return f"{rf} of T = {t} ({rf / t:.2f} T)"
 
 
+def same_patterns(runs: dict) -> list[tuple[str, ...]]:
+  """Groups of variants (``runs``: ``{variant: {seed: cell}}``) whose static patterns are the same
+  in every layer at this recipe's depth, window and reach (``fibjax.model.layer_patterns``), e.g.
+  ``pow2-fixed`` and ``pow2-linear`` at 2 layers, where alpha 0.5 and 2 move no power of 2 out of
+  ``[W, R)``: such variants train the same model, so their comparisons measure nothing. Learned
+  and random patterns are left out (trained or drawn per seed)."""
+  from fibjax.model import ModelConfig, layer_patterns  # noqa: PLC0415  (imports jax)
+
+  by_pattern: dict[tuple, list[str]] = {}
+  for v in sorted(runs):
+    model = next(iter(runs[v].values()))["config"]["model"]
+    if v.endswith(("-learned", "-random")):
+      continue
+    keys = tuple((p.kind, p.window, p.reach, p.offsets) for p in layer_patterns(ModelConfig(**model)))
+    by_pattern.setdefault(keys, []).append(v)
+  return [tuple(vs) for vs in by_pattern.values() if len(vs) > 1]
+
+
+def same_patterns_text(runs: dict) -> str:
+  groups = same_patterns(runs)
+  return "; ".join(" = ".join(g) for g in groups) if groups else "none"
+
+
 def with_sink(runs: dict, key: str) -> dict[str, list[dict]]:
   """``{row label: cells}`` of every variant whose cells hold probe ``key``, and beside dense its
   sliding-window evaluation (``key + SINK``, labelled ``dense + sink window``)."""

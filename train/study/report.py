@@ -436,6 +436,7 @@ def build(root: pathlib.Path) -> tuple[str, list[dict], findings.Findings]:
       ["held-out targets per length", f"{c0['eval']['targets']:,} (identical at every length)"],
       ["seeds", ", ".join(str(s) for s in sorted({c['seed'] for c in cells}))],
       ["window's receptive field, L x (W - 1)", findings.receptive_field_text(model)],
+      ["variants with the same pattern in every layer (the same model)", findings.same_patterns_text(runs)],
       ["claims judged on", metric.name],
   ])
   lines += ["", "## Perplexity by length (held-out, mean +- std over seeds)", ""]
