@@ -5,6 +5,10 @@
     python -m train --workdir runs/d0                 # resume a run with its saved config
     python -m train --workdir runs/d0 --set steps=4000  # resume it, training on to step 4000
 
+Several processes (hosts, or processes sharing one machine) train one run when each is started with
+the same command and ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and its own ``JAX_PROCESS_ID``
+(``train.run.mesh``; train/README.md, "Several processes").
+
 A workdir holding a checkpoint resumes only with the config that trained it; what a resume may
 change, what ``--allow-change`` and a recipe named again do, and which workdirs a new run may take:
 ``train/run/workdir.py`` (its docstring). The run's files: ``train/run/rundir.py``.
@@ -14,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import pathlib
 import sys
 from typing import TYPE_CHECKING
@@ -27,13 +30,6 @@ from train.run import rundir
 
 if TYPE_CHECKING:
   from configs.base import TrainConfig
-
-
-def _maybe_init_distributed() -> None:
-  """Multi-host: ``jax.distributed.initialize()`` when the environment describes such a job."""
-  keys = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_NUM_NODES", "MEGASCALE_COORDINATOR_ADDRESS")
-  if any(os.environ.get(k) for k in keys) and int(os.environ.get("SLURM_JOB_NUM_NODES", "2")) > 1:
-    jax.distributed.initialize()
 
 
 def arguments() -> ArgumentParser:
@@ -85,18 +81,20 @@ def main(argv: list[str] | None = None) -> int:
   from train.run.quiet import quiet_libraries  # noqa: PLC0415
 
   xla_flags.apply_defaults()
-  _maybe_init_distributed()
   quiet_libraries()
   return run_command(train_and_report, arguments(), argv,
                      interrupted=lambda args: "the checkpoints saved before it are kept")
 
 
 def train_and_report(args: argparse.Namespace) -> int:
-  """Trains the run ``args`` describe and prints where its results are."""
+  """Trains the run ``args`` describe and prints where its results are (process 0 of a job of
+  several processes, ``train.run.mesh.join_processes``, which every process joins first)."""
   from train.run import xla_flags  # noqa: PLC0415
   from train.run.evaluation import rise_key  # noqa: PLC0415
+  from train.run.mesh import join_processes  # noqa: PLC0415
   from train.run.trainer import train  # noqa: PLC0415
 
+  join_processes()
   cfg, workdir, allow = parse(args)
   xla_flags.apply_defaults(cfg.deterministic)  # before the first computation starts the backend
   summary = train(cfg, workdir, allow)

@@ -33,12 +33,11 @@ import functools
 from typing import Callable, NamedTuple, Sequence
 
 import grain
-import jax
 import numpy as np
 
 from configs.tasks import (ASSIGN, CONSONANTS, FILLER, MAX_KEYS, NEEDLE, NUMBER_DIGITS, PAIR, PRINT, QUESTION,
                            VALUE_DIGITS, VOWELS, KEY_SYLLABLES, Distance, TaskSpec, parse_distance)
-from train.data.text import SEPARATOR, window_stream
+from train.data.text import SEPARATOR, process_batches, window_stream
 
 __all__ = ["Answers", "Distance", "TaskBatch", "TaskGenerator", "TaskSample", "TaskSpec", "accuracy_by_distance",
            "is_task_row", "key_word", "mixed_dataset", "parse_distance", "score", "task_batch"]
@@ -303,18 +302,17 @@ def mixed_dataset(tokens: np.ndarray, spec: TaskSpec, task_mix: float, encode: E
   """The training pipeline with a task: ``train.data.text.train_dataset``'s text windows, each row
   replaced by task sequence ``row`` (``TaskGenerator.sample(seed, row)``) when ``is_task_row``,
   ``row`` counting the global stream's rows. Yields ``(tokens_bxT1 int32, mask_bxT float32)``
-  per process batch of ``b = batch_size / process_count`` rows; a text row's mask is all ones.
-  Every row depends only on its index, so the iterator's state resumes the stream exactly."""
-  count, index = jax.process_count(), jax.process_index()
+  per process batch of ``b = batch_size / process_count`` rows (``process_batches``: the same
+  global batch for any process count); a text row's mask is all ones. Every row depends only on
+  its index, so the iterator's state resumes the stream exactly."""
   gen = TaskGenerator(spec, encode)
   ones_T = np.ones(spec.seq_len, np.float32)
 
-  def row(i: int, window_T1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    global_row = i * count + index
+  def row(global_row: int, window_T1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if is_task_row(seed, global_row, task_mix):
       sample = gen.sample(seed, global_row)
       return sample.tokens_T1, sample.mask_T
     return window_T1, ones_T
 
-  ds = window_stream(tokens, spec.seq_len, batch_size, seed).map_with_index(row)
-  return ds.batch(batch_size // count, drop_remainder=True).to_iter_dataset()
+  stream = window_stream(tokens, spec.seq_len, seed).map_with_index(row)
+  return process_batches(stream, batch_size).to_iter_dataset()

@@ -297,20 +297,29 @@ class Windows:
     return np.asarray(self.tokens[start : start + self.length + 1], np.int32)
 
 
-def window_stream(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> grain.MapDataset:
-  """The windows of T+1 (int32) a process trains on, unbatched: its shard, seeded shuffle (fresh
-  order every epoch), endless. Raises ``ValueError`` unless the processes share ``batch_size`` evenly."""
+def window_stream(tokens: np.ndarray, seq_len: int, seed: int) -> grain.MapDataset:
+  """The global stream of training windows of T+1 (int32), unbatched: every window, seeded
+  shuffle (fresh order every epoch), endless; the same for every process (``process_batches``
+  gives each its rows). Lazy: a window is read only when a process reads its row."""
+  return grain.MapDataset.source(Windows(tokens, seq_len)).shuffle(seed=seed).repeat(None)
+
+
+def process_batches(stream: grain.MapDataset, batch_size: int) -> grain.MapDataset:
+  """This process's batches of the global ``stream``: step ``s``'s global batch is rows ``s*B ..
+  (s+1)*B - 1`` of the stream (``B = batch_size``), and process ``p`` of ``n`` takes its block
+  ``p*b .. (p+1)*b - 1`` (``b = B / n`` rows, the block of the global batch on its devices,
+  ``train.run.mesh.make_mesh``). A step's global batch is thus the same for any process count,
+  and so is the iterator's state (the step count). Raises ``ValueError`` unless ``n`` divides ``B``."""
   count, index = jax.process_count(), jax.process_index()
   if batch_size % count:
     raise ValueError(f"batch_size {batch_size} must be divisible by the process count {count}")
-  ds = grain.MapDataset.source(Windows(tokens, seq_len))[index::count]
-  return ds.shuffle(seed=seed).repeat(None)
+  return stream.batch(batch_size // count, drop_remainder=True)[index::count]
 
 
 def train_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> grain.IterDataset:
-  """Grain pipeline: ``window_stream`` batched to ``batch_size / process_count`` rows per process."""
-  ds = window_stream(tokens, seq_len, batch_size, seed)
-  return ds.batch(batch_size // jax.process_count(), drop_remainder=True).to_iter_dataset()
+  """Grain pipeline: ``window_stream``'s windows in this process's batches of ``batch_size /
+  process_count`` rows (``process_batches``)."""
+  return process_batches(window_stream(tokens, seq_len, seed), batch_size).to_iter_dataset()
 
 
 def data_budget(tokens_per_step: int, steps: int, seq_len: int, train_tokens: int) -> dict[str, float]:

@@ -45,10 +45,11 @@ def short(error: BaseException, limit: int = 200) -> str:
 
 def ensure_writable(folder: pathlib.Path) -> None:
   """Creates ``folder`` if needed and writes (then removes) a probe file there, so that a folder
-  that cannot take a checkpoint fails here, synchronously, not in Orbax's background threads."""
+  that cannot take a checkpoint fails here, synchronously, not in Orbax's background threads. Each
+  process of a job probes with a file of its own (every process writes its shards of a save)."""
   try:
     folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / ".write-probe"
+    probe = folder / f".write-probe-{jax.process_index()}"
     probe.write_bytes(b"0" * 4096)
     probe.unlink()
   except OSError as e:

@@ -1,16 +1,107 @@
-"""The device mesh every train and evaluation program runs over: axes ``("data", "fsdp")``."""
+"""The processes and the device mesh every train and evaluation program runs over: axes ``("data", "fsdp")``.
+
+One job may span several processes (one per host, or several on one machine), each owning a share
+of the devices; they join through ``jax.distributed`` before JAX starts its backend
+(``join_processes``). The job is described by the environment, the same for every process but
+the process id:
+
+- ``JAX_COORDINATOR_ADDRESS=HOST:PORT`` (process 0's host, a free port), ``JAX_NUM_PROCESSES=N``
+  and ``JAX_PROCESS_ID=I`` (0 .. N-1): an explicit job, e.g. N processes on one CPU machine
+  (each with its own ``--xla_force_host_platform_device_count=K`` in ``XLA_FLAGS``) or one process
+  per GPU host started by hand;
+- a cluster JAX detects by itself (SLURM over several nodes, or ``JAX_COORDINATOR_ADDRESS`` alone
+  where the scheduler tells JAX the rest).
+
+On CPU the processes reduce across each other through Gloo over TCP.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from typing import Any, Iterator, Mapping
+
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp")
+JOB_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")  # an explicit job
+CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_NUM_NODES",
+                     "MEGASCALE_COORDINATOR_ADDRESS")  # a job JAX's cluster detection describes
+
+
+def process_settings(environ: Mapping[str, str]) -> dict[str, Any] | None:
+  """``jax.distributed.initialize``'s arguments for the job ``environ`` describes (the module doc):
+  ``coordinator_address``, ``num_processes`` and ``process_id`` of an explicit job, ``{}`` for a
+  job JAX's cluster detection describes, ``None`` for a single process.
+
+  Raises:
+    ValueError: ``JAX_NUM_PROCESSES`` or ``JAX_PROCESS_ID`` given without the other two job
+      variables, or not integers with ``0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES``.
+  """
+  given = {name: environ[name] for name in JOB_VARIABLES if environ.get(name)}
+  if {"JAX_NUM_PROCESSES", "JAX_PROCESS_ID"} & given.keys():
+    missing = [name for name in JOB_VARIABLES if name not in given]
+    if missing:
+      raise ValueError(f"a job of several processes needs {', '.join(JOB_VARIABLES)}; {', '.join(missing)} "
+                       "not set: give every process the same address and count, and its own id")
+    count, index = given["JAX_NUM_PROCESSES"], given["JAX_PROCESS_ID"]
+    if not (count.isdigit() and index.isdigit() and int(index) < int(count)):
+      raise ValueError(f"JAX_NUM_PROCESSES={count} and JAX_PROCESS_ID={index} must be integers with 0 <= "
+                       "JAX_PROCESS_ID < JAX_NUM_PROCESSES")
+    if int(count) == 1:
+      return None
+    return {"coordinator_address": given["JAX_COORDINATOR_ADDRESS"], "num_processes": int(count),
+            "process_id": int(index)}
+  if any(environ.get(name) for name in CLUSTER_VARIABLES) and int(environ.get("SLURM_JOB_NUM_NODES", "2")) > 1:
+    return {}
+  return None
+
+
+def join_processes(environ: Mapping[str, str] = os.environ) -> None:
+  """Joins the job of several processes ``environ`` describes (``process_settings``; nothing for a
+  single process). Call it before the first computation: the backends are built for the whole job."""
+  settings = process_settings(environ)
+  if settings is None:
+    return
+  if "jax_cpu_collectives_implementation" in jax.config.values:  # Gloo (JAX's default) reaches the CPU devices
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # of the other processes
+  jax.distributed.initialize(**settings)
+
+
+class PeerFailed(ValueError):
+  """Another process of the job failed a step that every process takes together (``together``)."""
+
+
+@contextlib.contextmanager
+def together() -> Iterator[None]:
+  """Every process of the job runs the block, then they wait for each other: if the block raised
+  on any process, it raises on every one, the failed processes their own error, the others
+  ``PeerFailed`` naming them, so that no process goes on to wait alone in a collective for the
+  others (with one process: the block as it is). Every process must enter it."""
+  error = None
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001  (any failure of one process must stop them all)
+    error = e
+  if jax.process_count() > 1:
+    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is None and failed.size:
+      raise PeerFailed(f"process {', '.join(map(str, failed))} of the job failed (its output says why); this one "
+                       "stops with it")
+  if error is not None:
+    raise error
 
 
 def make_mesh(data_size: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-  """``("data", "fsdp")`` mesh; ``data_size = -1`` takes every device that fsdp leaves."""
-  devices = list(jax.devices() if devices is None else devices)
+  """``("data", "fsdp")`` mesh; ``data_size = -1`` takes every device that fsdp leaves.
+
+  The devices are in process order along the flattened mesh (``process_ordered``), so the block of
+  batch rows process ``p`` loads (``train.data.text.process_batches``) is the ``p``-th block of
+  the global batch and lies on its own devices."""
+  devices = sorted(jax.devices() if devices is None else devices, key=lambda d: d.process_index)
   n = len(devices)
   if fsdp < 1 or n % fsdp:
     raise ValueError(f"mesh_fsdp={fsdp} must divide the device count {n}: give --set mesh_fsdp=K with K dividing "
@@ -19,4 +110,14 @@ def make_mesh(data_size: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   if data_size * fsdp != n:
     raise ValueError(f"mesh_data x mesh_fsdp = {data_size} x {fsdp} must equal the device count {n}: give --set "
                      f"mesh_data=-1 (every device mesh_fsdp leaves) or sizes whose product is {n}")
-  return jax.make_mesh((data_size, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+  axis_types = (AxisType.Auto, AxisType.Auto)
+  mesh = jax.make_mesh((data_size, fsdp), MESH_AXES, axis_types=axis_types, devices=devices)
+  if not process_ordered(mesh):  # jax.make_mesh orders some platforms' devices by topology
+    mesh = Mesh(np.asarray(devices).reshape(data_size, fsdp), MESH_AXES, axis_types=axis_types)
+  return mesh
+
+
+def process_ordered(mesh: Mesh) -> bool:
+  """Whether the process indices of ``mesh``'s devices, read in row-major order, never decrease."""
+  order = [d.process_index for d in mesh.devices.flat]
+  return order == sorted(order)

@@ -31,7 +31,7 @@ from fibjax.model import LM, count_params
 from train.cli import write_whole
 from train.run import checkpoint, rundir
 from train.data import tasks, text as data
-from train.run.mesh import make_mesh
+from train.run.mesh import make_mesh, together
 from configs.base import TrainConfig, resolve_random_offsets
 from train.run.evaluation import evaluate_into, heldout_loss
 from train.run.metrics import Writer, flops_per_token, peak_flops_per_device, progress_bar
@@ -258,20 +258,24 @@ def train(cfg: TrainConfig, workdir: pathlib.Path, allow_changes: Sequence[str] 
 
   Raises:
     ValueError: a bad config, data or workdir, or another process training in it (before anything
-      is written).
+      is written); in a job of several processes, on each of them when one fails so
+      (``train.run.mesh.together``).
     checkpoint.CheckpointError: a save failed, or no checkpoint of the run is intact.
     TrainingStopped: the step became non-finite (``NonFiniteLoss``) or the user pressed Ctrl-C
       (``Interrupted``); the last finite checkpoint is kept.
   """
   workdir = pathlib.Path(os.path.abspath(workdir))
   lead = jax.process_index() == 0
-  if lead:
-    check_unlocked(workdir)  # first, so a run in progress is named as such
-  mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
-  cfg, run_data, budget, _ = check_start(cfg, workdir, mesh.devices.size, allow_changes)
-  with workdir_lock(workdir) if lead else contextlib.nullcontext(False) as created:
-    # checked again under the lock: what another process wrote since the checks above counts
-    changes = check_workdir(workdir, cfg, run_data.sha256, allow_changes)
+  with together():  # a job of several processes starts on all of them or on none
+    if lead:
+      check_unlocked(workdir)  # first, so a run in progress is named as such
+    mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+    cfg, run_data, budget, _ = check_start(cfg, workdir, mesh.devices.size, allow_changes)
+  with contextlib.ExitStack() as lock:
+    with together():  # and every process has read the workdir before process 0 writes into it
+      created = lock.enter_context(workdir_lock(workdir)) if lead else False
+      # checked again under the lock: what another process wrote since the checks above counts
+      changes = check_workdir(workdir, cfg, run_data.sha256, allow_changes)
     return train_locked(cfg, workdir, mesh, run_data, budget, changes, created)
 
 
