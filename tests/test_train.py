@@ -19,6 +19,7 @@ from configs.base import TrainConfig, apply_overrides
 from train.run.step import make_optimizer
 from train.run.restore import abstract_params, restore_params
 from train.run.trainer import compile_train_step, global_batch, init_state, make_mesh
+from tests.compile_cache import cached_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.head_dim=16", "model.mlp_dim=64",
@@ -31,8 +32,10 @@ def _cfg(*overrides) -> TrainConfig:
 
 
 def _run(workdir, *overrides, extra=(), timeout=300):
+  """``python -m train`` on the tiny recipe, sharing compiled programs with the other runs
+  (``tests.compile_cache``)."""
   cmd = [sys.executable, "-m", "train", "--workdir", str(workdir), *extra, "--set", *FAST, *overrides]
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cached_env())
 
 
 def _records(workdir) -> list[dict]:
