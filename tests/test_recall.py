@@ -101,6 +101,21 @@ def test_the_probe_at_longer_lengths_keeps_the_task_and_spans_the_length():
   assert (longer.name, longer.queries, longer.pairs, longer.keys) == ("mqar", 4, spec.pair_count, spec.keys)
   assert longer.law.lo == spec.law.lo and longer.law.hi == 2048 - (spec.seq_len - spec.law.hi)
   assert recall.bucket_edges(460) == [1, 16, 32, 64, 128, 256, 512]
+  assert recall.distance_edges(longer) == recall.bucket_edges(longer.longest)
+
+
+def test_a_grid_of_distances_is_probed_as_trained_at_every_length():
+  spec = TaskSpec("mqar", 512, distance="grid:100,148,320", queries=4).validate()
+  longer = recall.spec_at(spec, 2048)
+  assert longer.law == spec.law and longer.seq_len == 2048
+  assert recall.distance_edges(longer) == [100, 101, 148, 149, 320, 321]
+  # window 32 in both layers, offsets 100 and 300 in the second: one hop reaches 100; through the
+  # layers 0..62, 100..131 and 300..331 (so 320, not 148)
+  hops = [np.arange(32), np.concatenate([np.arange(32), [100, 300]])]
+  cols = recall.reach_by_bucket(hops, recall.distance_edges(longer))[::2]
+  assert [c["one_hop"] for c in cols] == [1.0, 0.0, 0.0] and [c["layers"] for c in cols] == [1.0, 0.0, 1.0]
+  sample = tasks.TaskGenerator(longer, BYTE.encode).sample(0, 0)
+  assert set(sample.distances.tolist()) <= {100, 148, 320}
 
 
 def test_recall_cli_writes_once_and_refuses_what_does_not_apply(run_dir):

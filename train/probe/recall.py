@@ -42,10 +42,13 @@ DEFAULT_SAMPLES = 256  # sequences per length
 
 
 def spec_at(spec: TaskSpec, length: int) -> TaskSpec:
-  """``spec`` at ``length`` tokens: the same task, key vocabulary and pair/query/chain counts, its
-  distances uniform over every distance the length allows."""
+  """``spec`` at ``length`` tokens: the same task, key vocabulary and pair/query/chain counts; a
+  grid of distances kept as it is (the distances trained, read one by one at every length), any
+  other law made uniform over every distance the length allows."""
   fixed = dataclasses.replace(spec, pairs=spec.pair_count if spec.name == "mqar" else spec.pairs,
                               chains=spec.chain_count if spec.name == "vartrack" else spec.chains)
+  if spec.law.kind == "grid":
+    return dataclasses.replace(fixed, seq_len=length).validate()
   longer = dataclasses.replace(fixed, seq_len=length, distance="uniform")
   return dataclasses.replace(longer, distance=f"uniform:{longer.shortest}:{longer.longest}").validate()
 
@@ -57,6 +60,14 @@ def bucket_edges(longest: int) -> list[int]:
     edges.append(e)
     e *= 2
   return edges
+
+
+def distance_edges(spec: TaskSpec) -> list[int]:
+  """The buckets ``spec``'s accuracy is read in: one ``[d, d + 1)`` per distance of a grid, else
+  ``bucket_edges`` (powers of two)."""
+  if spec.law.kind == "grid":
+    return sorted({e for d in spec.law.values for e in (d, d + 1)})
+  return bucket_edges(spec.longest)
 
 
 def reach_by_bucket(hops: list[np.ndarray | None], edges: Sequence[int]) -> list[dict[str, float]]:
@@ -113,7 +124,7 @@ def recall(run: Run, spec: TaskSpec, multiples: tuple[int, ...], samples: int = 
         correct.append(tasks.score(preds, batch.tokens_BxT1, batch.answers))
         distance.append(batch.answers.distance)
       correct_N, distance_N = np.concatenate(correct), np.concatenate(distance)
-      edges = bucket_edges(at.longest)
+      edges = distance_edges(at)
       rows_by = tasks.accuracy_by_distance(correct_N, distance_N, edges)
       reach_rows = {tuple(e): r for e, r in zip(zip(edges[:-1], edges[1:]), reach_by_bucket(hops, edges))}
       for row in rows_by:

@@ -287,7 +287,8 @@ def recall_buckets(cells: list[dict], key: str, m: int) -> list[dict]:
 
 
 def bucket_text(distance: tuple[int, int]) -> str:
-  return f"[{distance[0]}, {distance[1]})"
+  """A distance bucket ``[lo, hi)`` as text; a bucket of one distance (a grid's) as that distance."""
+  return str(distance[0]) if distance[1] == distance[0] + 1 else f"[{distance[0]}, {distance[1]})"
 
 
 def recall_section(runs: dict) -> list[str]:
