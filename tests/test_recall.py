@@ -133,6 +133,26 @@ def test_recall_cli_writes_once_and_refuses_what_does_not_apply(run_dir):
   assert bad.returncode == 2 and "--lengths" in bad.stderr
 
 
+def test_the_cpu_recall_grid_holds_one_distance_per_set_of_patterns_reaching_it():
+  """``recall128``'s docstring: which patterns reach each grid distance through both layers (and
+  the distances one token either side alike), computed from the models the recipe builds."""
+  from configs.recall import GRID128  # noqa: PLC0415
+  from fibjax.model import LM  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  stated = {27: {"fib-fixed", "fib-linear"}, 52: {"fib-linear"}, 65: {"pow2-fixed"},
+            70: {"fib-linear", "pow2-fixed"}, 92: {"fib-fixed"}, 100: set()}
+  reaches = {}
+  for variant in ("fib-fixed", "fib-linear", "pow2-fixed"):
+    cfg = configs.get_config("recall128", variant)
+    ok = reach.reachable(reach.hop_sets(LM(cfg.model, rngs=nnx.Rngs(0))), 128)
+    reaches[variant] = {d for d in GRID128 if ok[d - 1] and ok[d] and ok[d + 1]}
+    assert all(ok[d - 1] == ok[d] == ok[d + 1] for d in GRID128), variant
+  assert {d: {v for v in reaches if d in reaches[v]} for d in GRID128} == stated
+  spec = configs.get_config("recall128").task_spec()
+  assert spec.law.values == GRID128 and recall.spec_at(spec, 512).law.values == GRID128
+
+
 def test_stretched_budgets_move_offsets_and_reach():
   p = LayerPattern("static", window=8, reach=128, offsets=(8, 13, 21))
   assert budget.cheaper(p, "stretch-2") == dataclasses.replace(p, offsets=(16, 26, 42), reach=256)
