@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import math
 import pathlib
-import statistics
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from train.study import stats
@@ -580,7 +579,7 @@ def noise_section(runs: dict, reruns: list[dict], metric: Metric, multiples: Seq
       for m in (multiples[0], multiples[-1]):
         seeds = [metric.of(c, m) for c in runs[v].values()]
         gaps = [abs(metric.of(c, m) - metric.of(c0, m)) for c in by[v]]
-        sd = statistics.stdev(seeds) if len(seeds) > 1 else float("nan")
+        sd = stats.std(seeds) if len(seeds) > 1 else float("nan")  # no spread to state from one seed
         row += [metric.unit.num(sd, signed=False),
                 "identical" if max(gaps) == 0 else metric.unit.num(max(gaps), signed=False)]
       rows.append(row)
