@@ -450,7 +450,7 @@ def build(root: pathlib.Path) -> tuple[str, list[dict], findings.Findings]:
             "## Loss by context position", "",
             "Mean held-out loss in equal spans of the window, at each length (same targets at every length).", "",
             "![loss by position](plots/loss_by_position.png)", ""]
-  lines += passkey_section(runs) + budget_section(runs, multiples) + latency_section(latency) + cost_section(root, cells)
+  lines += passkey_section(runs) + budget_section(runs, multiples) + latency_section(latency) + cost_section(root, everything)
   lines += unfinished_section(root, everything) + found.lines + findings.noise_section(runs, reruns, metric, multiples)
   verdicts = claims(runs, latency, metric)
   lines += ["## The paper's claims", "", TASK_RULE if metric.task else RULE, ""]
