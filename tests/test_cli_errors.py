@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs.base import TrainConfig, apply_overrides
-from tests.test_reliability import BASE, _error_line
+from tests.test_reliability import BASE, _error_line, _truncate_every_array_file
 from tests.test_train import ROOT, _cfg, _run
 from train.data import text as data
 from train.study import experiment
@@ -43,16 +43,6 @@ def base_run(tmp_path_factory) -> pathlib.Path:
   res = _run(workdir, *BASE)
   assert res.returncode == 0, res.stderr[-3000:]
   return workdir
-
-
-def _truncate_every_array_file(step_dir: pathlib.Path) -> None:
-  """Halves every array data file of a step's state: its parameters cannot be read (truncating
-  only the largest file may leave them intact, when it holds optimizer state alone)."""
-  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
-  assert files
-  for path in files:
-    with path.open("r+b") as f:
-      f.truncate(path.stat().st_size // 2)
 
 
 @pytest.fixture

@@ -63,14 +63,18 @@ def _copy(base_run: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
   return workdir
 
 
-def _truncate_largest_array(step_dir: pathlib.Path) -> None:
-  biggest = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-  with biggest.open("r+b") as f:
-    f.truncate(biggest.stat().st_size // 2)
+def _truncate_every_array_file(step_dir: pathlib.Path) -> None:
+  """Halves every array data file of a step's state: its parameters cannot be read (truncating
+  only the largest file may leave them intact, when it holds optimizer state alone)."""
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert files
+  for path in files:
+    with path.open("r+b") as f:
+      f.truncate(path.stat().st_size // 2)
 
 
 DAMAGE = {
-    "truncated array file": (_truncate_largest_array, "cannot be read"),
+    "truncated array file": (_truncate_every_array_file, "cannot be read"),
     "state/_METADATA deleted": (lambda d: (d / "state" / "_METADATA").unlink(), "state/_METADATA missing"),
     "data item deleted": (lambda d: shutil.rmtree(d / "data"), "data/metadata missing"),
 }
