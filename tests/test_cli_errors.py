@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from configs.base import TrainConfig, apply_overrides
+from tests.compile_cache import cached_env
 from tests.test_reliability import BASE, _error_line, _truncate_every_array_file
-from tests.test_train import ROOT, _cfg, _run
+from tests.test_train import ROOT, _cfg
 from train.data import text as data
 from train.study import experiment
 from train.probe import generate
@@ -27,8 +28,10 @@ TOOLS = {  # the cheapest call of each read-only tool on the tiny run (T = 64; a
 
 
 def _tool(module: str, workdir: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+  """``python -m MODULE --workdir WORKDIR ARGS``, sharing compiled programs with the other runs
+  (``tests.compile_cache``)."""
   return subprocess.run([sys.executable, "-m", module, "--workdir", str(workdir), *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300, env=cached_env())
 
 
 def _snapshot(workdir: pathlib.Path) -> dict:
@@ -36,18 +39,10 @@ def _snapshot(workdir: pathlib.Path) -> dict:
   return {p.relative_to(workdir): (p.stat().st_size, p.stat().st_mtime_ns) for p in (workdir / "checkpoints").rglob("*")}
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory) -> pathlib.Path:
-  """A finished 8-step run with checkpoints 4 and 8; tests copy it."""
-  workdir = tmp_path_factory.mktemp("cli") / "run"
-  res = _run(workdir, *BASE)
-  assert res.returncode == 0, res.stderr[-3000:]
-  return workdir
-
-
 @pytest.fixture
 def damaged_run(base_run, tmp_path) -> pathlib.Path:
-  """A copy of ``base_run`` whose latest checkpoint (8) has truncated array files."""
+  """A copy of ``base_run`` (tests/conftest.py: a finished run of ``BASE``, checkpoints 4 and 8)
+  whose latest checkpoint (8) has truncated array files."""
   workdir = tmp_path / "run"
   shutil.copytree(base_run, workdir)
   _truncate_every_array_file(workdir / "checkpoints" / "8")

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 
-from tests.test_cli_errors import base_run  # noqa: F401  (the tiny trained run, a fixture)
 from tests.test_reliability import _error_line
 from tests.test_sweep_report_errors import _one_error, _snapshot
 from tests.test_train import _run

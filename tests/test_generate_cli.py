@@ -5,20 +5,22 @@ import sys
 
 import pytest
 
-from tests.test_train import ROOT, _run
+from tests.compile_cache import cached_env
+from tests.test_train import ROOT
 
 
 def _generate(*args):
+  """``python -m train.probe.generate ARGS``, sharing compiled programs with the other runs
+  (``tests.compile_cache``)."""
   return subprocess.run([sys.executable, "-m", "train.probe.generate", *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
+                        timeout=300, env=cached_env())
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("gen") / "run"
-  res = _run(workdir, "steps=3", "checkpoint_every=3")
-  assert res.returncode == 0, res.stderr[-3000:]
-  return workdir
+@pytest.fixture
+def run_dir(base_run):
+  """A trained run to generate from (tests/conftest.py's ``base_run``: 8 steps, checkpoints 4 and
+  8); read only."""
+  return base_run
 
 
 def test_generate_streams_a_continuation(run_dir):

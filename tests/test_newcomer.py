@@ -28,7 +28,8 @@ from train.probe import evaluate
 from train.run.checkpoint import CheckpointError
 from train.run.trainer import Interrupted
 from train.study import packing, report, sweep
-from tests.test_sweep_report_errors import cell, root  # noqa: F401  (fixtures: a finished cell, a root holding it)
+from tests.compile_cache import cached_env
+from tests.test_sweep_report_errors import root  # noqa: F401  (a fixture: a root holding tests/conftest.py's cell)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A run as small as a probe accepts (T = 128 holds a passkey sample), checkpoints at steps 1 and 2;
@@ -39,18 +40,18 @@ TINY = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.he
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def _python(*args: str, timeout: float = 300, cwd: pathlib.Path = ROOT, shell_prefix: str = ""
-            ) -> subprocess.CompletedProcess:
+def _python(*args: str, timeout: float = 300, cwd: pathlib.Path = ROOT, shell_prefix: str = "",
+            env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
   """``python -m ARGS`` in a process of its own (after ``shell_prefix``, e.g. a ``ulimit``)."""
   cmd = [sys.executable, "-m", *args]
   if shell_prefix:
     cmd = ["bash", "-c", f"{shell_prefix} && exec {' '.join(map(str, cmd))}"]
-  return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
+  return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def _start(*args: str) -> subprocess.Popen:
+def _start(*args: str, env: dict[str, str] = ENV) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=ENV)
+                          text=True, env=env)
 
 
 def _one_error(code: int, err: str, status: int = 2) -> str:
@@ -180,8 +181,11 @@ def test_ctrl_c_during_the_last_step_stops_before_the_final_evaluation(tmp_path)
   """Ctrl-C once step 1 is logged lands in step 2, the last, which compiles the held-out loss for
   seconds: the run stops there, as at any other step, instead of evaluating and exiting 0."""
   workdir = tmp_path / "run"
+  # a compilation cache of this test's own, empty: the run compiles as long as ever; its resumption
+  # below loads what it compiled (tests.compile_cache)
+  env = cached_env(ENV, folder=tmp_path / "jax-cache")
   proc = _start("train", "--workdir", str(workdir), "--set", *TINY, "log_every=1", "eval_every=100",
-                "checkpoint_every=100")
+                "checkpoint_every=100", env=env)
   metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 240
   while proc.poll() is None and time.monotonic() < deadline and not (
       metrics.exists() and any('"step": 1,' in x and '"loss"' in x for x in metrics.read_text().splitlines())):
@@ -191,7 +195,7 @@ def test_ctrl_c_during_the_last_step_stops_before_the_final_evaluation(tmp_path)
   line = _one_error(proc.returncode, err, status=130)
   assert line.startswith("error: interrupted") and "kept" in line, line  # at step 2, its checkpoint kept
   assert not (workdir / "eval.json").exists() and not list(workdir.rglob("*.tmp"))
-  assert _python("train", "--workdir", str(workdir)).returncode == 0  # resumed: it evaluates and finishes
+  assert _python("train", "--workdir", str(workdir), env=env).returncode == 0  # resumed: it evaluates and finishes
   assert (workdir / "eval.json").exists()
 
 

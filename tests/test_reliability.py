@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.compile_cache import cached_env
 from tests.test_train import FAST, ROOT, _cfg, _losses, _run
 from train.run import checkpoint, rundir
 from train.data import text as data, prepare
@@ -47,17 +48,8 @@ def _assert_finite_params(workdir: pathlib.Path, step: int) -> None:
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory) -> pathlib.Path:
-  """A finished 8-step run with checkpoints 4 and 8; tests copy it."""
-  workdir = tmp_path_factory.mktemp("base") / "run"
-  res = _run(workdir, *BASE)
-  assert res.returncode == 0, res.stderr[-3000:]
-  assert _steps(workdir) == [4, 8]
-  return workdir
-
-
 def _copy(base_run: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+  """A copy of ``base_run`` (tests/conftest.py: a finished run of ``BASE``, checkpoints 4 and 8)."""
   workdir = tmp_path / "run"
   shutil.copytree(base_run, workdir)
   return workdir
@@ -161,7 +153,7 @@ def test_single_text_file_trains_from_any_folder_and_corpus_can_move(tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "train", "--workdir", str(workdir), "--data", "book.txt", "--set", *FAST, "steps=2",
          "checkpoint_every=2", QUICK]
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  env = cached_env({**os.environ, "PYTHONPATH": str(ROOT)})
   first = subprocess.run(cmd, cwd=tmp_path / "corpus", capture_output=True, text=True, timeout=300, env=env)
   assert first.returncode == 0, first.stderr[-3000:]
   source = json.loads((workdir / rundir.DATA_SOURCE).read_text())
@@ -172,7 +164,8 @@ def test_single_text_file_trains_from_any_folder_and_corpus_can_move(tmp_path):
   line = _error_line(_run(workdir, QUICK, "steps=3"))
   assert "is gone" in line and "--data" in line
   gen = subprocess.run([sys.executable, "-m", "train.probe.generate", "--workdir", str(workdir), "--prompt", "The",
-                        "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=cached_env())
   assert gen.returncode == 0, gen.stderr[-3000:]
   moved = _run(workdir, QUICK, "steps=3", extra=["--data", str(tmp_path / "moved" / "book.txt")])
   assert moved.returncode == 0, moved.stderr[-3000:]

@@ -26,18 +26,10 @@ def _one_error(code: int, err: str) -> str:
   return err.strip()
 
 
-@pytest.fixture(scope="module")
-def cell(tmp_path_factory) -> pathlib.Path:
-  """A finished fib-linear seed-0 cell (4 steps, budget ``full`` only); tests copy it."""
-  workdir = tmp_path_factory.mktemp("cell") / "fib-linear-s0"
-  res = _module("train.study.experiment", "--workdir", str(workdir), *CELL, "progress=false", timeout=300)
-  assert res.returncode == 0, res.stderr[-3000:]
-  return workdir
-
-
 @pytest.fixture
 def root(cell, tmp_path) -> pathlib.Path:
-  """A sweep root holding a copy of ``cell``."""
+  """A sweep root holding a copy of ``cell`` (tests/conftest.py: a finished fib-linear seed-0 cell
+  of ``CELL``)."""
   shutil.copytree(cell, tmp_path / "root" / cell.name)
   return tmp_path / "root"
 
