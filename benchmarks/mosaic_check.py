@@ -1,0 +1,75 @@
+"""The Mosaic GPU forward and its load-only kernel on a GPU: compiled, compared with the Triton
+forward (output and log-sum-exp), and timed beside it (median ms, two rotating input sets).
+
+    python -m benchmarks.mosaic_check [--n 16384 65536]
+
+bf16, batch 1, 8 query heads, MHA (8 key/value heads) and GQA (2), head_dim 64 and 128, W = 64,
+the Fibonacci offsets of alpha 1 up to R = 4096; both shared-memory layouts of the offset tiles
+(``MosaicForwardConfig.term_smem``), the default first. Prints one line per shape; a shape that
+fails to compile or run prints its error and the others go on.
+"""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+
+import fibjax
+from benchmarks.timing import time_fn
+from fibjax.cli import ArgumentParser
+from pallas_kernels.attention import mosaic_gpu, triton_gpu
+from pallas_kernels.attention.config import choose
+from pallas_kernels.attention.ops import attention_problem
+
+W, R, H = 64, 4096, 8
+
+
+def inputs(n: int, d: int, h_kv: int) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+  """Two random bf16 ``(q [1, n, H, d], k, v [1, n, h_kv, d])`` sets."""
+  sets = []
+  for s in range(2):
+    kq, kk, kv = jax.random.split(jax.random.key(1000 * s + n + d + h_kv), 3)
+    sets.append((jax.random.normal(kq, (1, n, H, d), jnp.bfloat16),
+                 *(jax.random.normal(key, (1, n, h_kv, d), jnp.bfloat16) for key in (kk, kv))))
+  return sets
+
+
+def check(n: int, d: int, h_kv: int, term_smem: str, offsets: jax.Array) -> str:
+  sets = inputs(n, d, h_kv)
+  problem = attention_problem(sets[0][0], sets[0][1], offsets, window=W, reach=R)
+  cfg = dataclasses.replace(mosaic_gpu.default_config(problem), term_smem=term_smem)
+  tri_cfg = choose(problem)[0]
+  fns = {
+      "mosaic": jax.jit(lambda q, k, v: mosaic_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=cfg,
+                                                           interpret=False)),
+      "loads": jax.jit(lambda q, k, v: mosaic_gpu.pattern_loads(q, k, v, offsets, problem=problem, cfg=cfg,
+                                                                interpret=False)),
+      "triton": jax.jit(lambda q, k, v: triton_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=tri_cfg,
+                                                           interpret=False)),
+  }
+  (out, lse), (ref, ref_lse) = fns["mosaic"](*sets[0]), fns["triton"](*sets[0])
+  err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+  lse_err = float(jnp.max(jnp.abs(lse - ref_lse)))
+  finite = bool(jnp.isfinite(out.astype(jnp.float32)).all() & jnp.isfinite(lse).all())
+  ms = {name: time_fn(f, sets) for name, f in fns.items()}
+  return (f"max|out-triton| {err:.4f} max|lse-triton| {lse_err:.2e} finite {finite} | ms "
+          + " ".join(f"{name} {t:.3f}" for name, t in ms.items()))
+
+
+def main() -> None:
+  parser = ArgumentParser(prog="python -m benchmarks.mosaic_check", description=__doc__)
+  parser.add_argument("--n", type=int, nargs="+", default=[16384, 65536])
+  args = parser.parse_args()
+  offsets = jnp.asarray(fibjax.offset_set("fib", 1.0, W, R), jnp.int32)
+  print(jax.devices()[0].device_kind, "jax", jax.__version__, "offsets", offsets.tolist(), flush=True)
+  for term_smem, n, d, h_kv in itertools.product(("swizzled", "plain"), args.n, (64, 128), (H, 2)):
+    tag = f"n={n} d={d} {'mha' if h_kv == H else 'gqa'} {term_smem}"
+    try:
+      print(f"{tag}: {check(n, d, h_kv, term_smem, offsets)}", flush=True)
+    except Exception as e:  # noqa: BLE001 - report every shape
+      print(f"{tag}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

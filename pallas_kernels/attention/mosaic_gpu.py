@@ -1,0 +1,532 @@
+"""GPU lowering (Pallas -> Mosaic GPU) of the gathered-offset attention forward, static offsets.
+
+One program owns one query tile of ``block`` rows of one query head of one batch row (grid
+``(H_q, tiles, B)``, heads fastest, so a group's query heads run side by side and share each
+key/value tile through L2). It runs on one warpgroup and streams every tile the tile's queries read
+from HBM into shared memory by TMA (``_stream_tiles``), then calls back on each tile as it lands:
+
+- the query tile, once;
+- the window's ``1 + ceil((W - 1) / block)`` banded key/value tiles ``[i0 - t * block, ... +
+  block)``, diagonal first (tile-aligned starts: tiled, swizzled shared memory, scores and
+  probability-times-value on tensor cores with ``wgmma``);
+- per offset ``o``, the shifted key/value rows ``[i0 - o, i0 - o + block)`` (any start, so
+  shared memory tiled by single rows), through a ring of ``stages`` slots, so the next ``stages``
+  terms' loads are in flight while one term is computed. Query row ``r`` reads only row ``r`` of a shifted tile, so a
+  term's scores are ``block`` row-wise dot products on registers, not a tile matmul.
+
+``forward`` runs one online softmax over the window's scores and every term's (each term one
+online step), and ``pattern_loads`` (the load-only floor) streams the same tiles through the same
+code, only summing each landed tile's rows. Offsets arrive as a runtime ``[K]`` int32 array (only
+K is static); a term is masked unless ``o >= W``, and per row unless ``i - o >= 0``
+(``normalize_offsets`` turns repeated and out-of-reach offsets into 0, which is masked). Rows
+before position 0 and past ``N`` load as zeros (TMA fills out-of-bounds rows) and are masked;
+output rows past ``N`` are never stored.
+
+``MosaicForwardConfig``: ``block`` query rows per program and key rows per tile (a multiple of
+64, the warpgroup's ``wgmma`` rows); ``stages`` ring slots of offset tiles; ``term_smem`` how
+shifted tiles sit in shared memory: ``"swizzled"`` (128-byte swizzle, rows tiled by 1, so a
+shifted start needs no alignment; bank-conflict free register loads) or ``"plain"`` (row-major,
+unswizzled; loads with bank conflicts, kept as the simplest layout to compare against).
+
+Interpret mode (``interpret=True``, CPU tests) runs the same code in Pallas' GPU interpreter,
+which simulates shared memory, TMA copies and barriers. Three things differ there, each in one
+place: layout casts are skipped (the interpreter has no CPU rule for them; they only steer the
+GPU lowering), the two tile matmuls run as ``lax.dot_general`` on the loaded tiles (the
+interpreter's ``wgmma`` takes neither transposed nor register operands), and key/value rows are
+padded in front and at the back (the interpreter reads no rows outside an array), with the
+kernel adding the front padding to every start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.attention.config import Problem
+from pallas_kernels.pattern import MASK_VALUE
+
+TermSmem = Literal["swizzled", "plain"]
+TERM_SMEMS: tuple[str, ...] = ("swizzled", "plain")
+WGMMA_ROWS = 64  # rows of one warpgroup's tensor-core tile
+SWIZZLE = 128  # bytes: shared-memory swizzle of every tiled buffer
+LANE_BYTES = 128  # bytes per row of a swizzled tile: 64 bf16/f16 columns
+ROW_ALIGN = 8  # rows: tiled TMA copies need the row count of an array to be a multiple of this
+SMEM_BYTES = 227 * 1024  # shared memory one H100/H200 thread block may hold
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicForwardConfig:
+  """How the Mosaic GPU forward runs (see the module docstring)."""
+
+  block: int = 64
+  stages: int = 3
+  term_smem: TermSmem = "swizzled"
+
+  def __post_init__(self):
+    if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block % WGMMA_ROWS or self.block < 1:
+      raise ValueError(f"MosaicForwardConfig.block must be a positive multiple of {WGMMA_ROWS}, got {self.block!r}")
+    if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
+      raise ValueError(f"MosaicForwardConfig.stages must be an int >= 1, got {self.stages!r}")
+    if self.term_smem not in TERM_SMEMS:
+      raise ValueError(f"MosaicForwardConfig.term_smem must be one of {TERM_SMEMS}, got {self.term_smem!r}")
+
+  def window_tiles(self, window: int) -> int:
+    """Banded tiles covering a window of ``window`` keys (the diagonal tile first)."""
+    return 1 + -(-(window - 1) // self.block)
+
+
+def default_config(problem: Problem) -> MosaicForwardConfig:
+  """64-row tiles; three ring slots at head_dim 64, two above (shared memory per program: the
+  query tile, the window's and the ring's key/value tiles)."""
+  return MosaicForwardConfig(block=WGMMA_ROWS, stages=3 if problem.head_dim <= 64 else 2)
+
+
+def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig) -> int:
+  """Shared memory of one program: the query tile, the window's and the ring's key and value
+  tiles, and the output statistics."""
+  tile = cfg.block * problem.head_dim * jnp.dtype(problem.dtype).itemsize
+  return tile * (1 + 2 * (cfg.window_tiles(problem.window) + _stages(problem, cfg))) + 4 * cfg.block
+
+
+def _check(q: jax.Array, seg, problem: Problem, cfg: MosaicForwardConfig) -> None:
+  """Raises ValueError for what this kernel does not run."""
+  if seg is not None or problem.segments:
+    raise ValueError("the Mosaic GPU forward has no segment ids yet; use the Triton lowering (triton_gpu)")
+  if problem.learned:
+    raise ValueError("the Mosaic GPU forward takes static (int32) offsets only")
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"the Mosaic GPU forward takes bfloat16 or float16 inputs, got {q.dtype}")
+  if (q.shape[-1] * q.dtype.itemsize) % LANE_BYTES:
+    raise ValueError(f"the Mosaic GPU forward needs head_dim a multiple of 64, got {q.shape[-1]}")
+  if not isinstance(cfg, MosaicForwardConfig):
+    raise TypeError(f"cfg must be a MosaicForwardConfig, got {type(cfg).__name__}")
+  if (used := shared_memory_bytes(problem, cfg)) > SMEM_BYTES:
+    raise ValueError(f"{cfg} needs {used} bytes of shared memory per program, more than {SMEM_BYTES}: "
+                     "fewer stages or a smaller window")
+
+
+class _Rows(NamedTuple):
+  """Row geometry: ``n`` rows, ``tiles`` query tiles, arrays of ``rows`` rows holding row ``i`` at
+  ``i + front`` (key/value) or ``i`` (query, output)."""
+
+  n: int
+  tiles: int
+  front: int  # key/value rows before position 0 (interpret mode only)
+  rows: int  # query/output rows (a multiple of ROW_ALIGN)
+  kv_rows: int  # key/value rows, front padding included
+
+
+def _rows(n: int, block: int, interpret: bool) -> _Rows:
+  """On the GPU the arrays keep their ``n`` rows (a multiple of ROW_ALIGN, else padded to whole
+  tiles); TMA zero-fills rows outside them. The interpreter reads no row outside an array, so
+  there key/value rows are padded by ``n`` rounded to tiles in front and every array to whole
+  tiles at the back."""
+  tiles = -(-n // block)
+  if not interpret:
+    rows = n if n % ROW_ALIGN == 0 else tiles * block
+    return _Rows(n, tiles, 0, rows, rows)
+  return _Rows(n, tiles, tiles * block, tiles * block, 2 * tiles * block)
+
+
+def _pad(x_BxNx_: jax.Array, front: int, rows: int) -> jax.Array:
+  """``front`` zero rows before axis 1 and zeros after it up to ``rows`` rows in all."""
+  back = rows - front - x_BxNx_.shape[1]
+  if front == back == 0:
+    return x_BxNx_
+  return jnp.pad(x_BxNx_, [(0, 0), (front, back)] + [(0, 0)] * (x_BxNx_.ndim - 2))
+
+
+def _offsets(offsets_K: jax.Array, problem: Problem) -> jax.Array:
+  """``[max(K, 1)]`` int32: terms that reach no row (``o < W`` or ``o >= N``) set to 0, which is
+  masked and keeps every shifted start within the rows the interpreter holds."""
+  live = (offsets_K >= problem.window) & (offsets_K < problem.n)
+  offsets_K = jnp.where(live, offsets_K, 0).astype(jnp.int32)
+  return offsets_K if offsets_K.shape[0] else jnp.zeros((1,), jnp.int32)
+
+
+def _interpret_params(interpret):
+  """``plgpu.kernel``'s ``interpret`` argument: GPU interpreter parameters, or ``None``."""
+  if interpret is False or interpret is None:
+    return None
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: PLC0415
+
+  return interpret if isinstance(interpret, InterpretGPUParams) else InterpretGPUParams()
+
+
+ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ops:
+  """The operations whose GPU form the interpreter lacks (module docstring): layout casts,
+  register loads with a layout, and the two tile matmuls."""
+
+  interpret: bool
+  term_smem: TermSmem
+
+  def layout(self, x: jax.Array, layout) -> jax.Array:
+    return x if self.interpret else plgpu.layout_cast(x, layout)
+
+  def iota(self, shape: tuple[int, ...], dim: int, layout) -> jax.Array:
+    return self.layout(lax.broadcasted_iota(jnp.int32, shape, dim), layout)
+
+  def full(self, shape: tuple[int, ...], value: float, layout) -> jax.Array:
+    return self.layout(jnp.full(shape, value, jnp.float32), layout)
+
+  def load_tile(self, smem) -> jax.Array:
+    """A tiled, swizzled tile ``[block, D]`` in the ``wgmma`` accumulator layout."""
+    return smem[...]
+
+  def load_term(self, smem) -> jax.Array:
+    """A shifted tile ``[block, D]`` (``term_smem`` layout) in the ``wgmma`` accumulator layout."""
+    if self.interpret:
+      return smem[...]
+    if self.term_smem == "plain":
+      return plgpu.load(smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
+    return plgpu.layout_cast(smem[...], plgpu.Layout.WGMMA)
+
+  def scores(self, q_smem, k_smem, rows: int) -> jax.Array:
+    """``q @ k^T``, ``[block, block]`` float32."""
+    if self.interpret:
+      return lax.dot_general(q_smem[...], k_smem[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+    def qk(acc_ref):
+      plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+      return acc_ref[...]
+
+    return pl.run_scoped(qk, plgpu.ACC((rows, rows), jnp.float32))
+
+  def add_pv(self, acc_BxD: jax.Array, p_BxC: jax.Array, v_smem) -> jax.Array:
+    """``acc + p @ v`` (``p`` in the inputs' dtype, accumulation in float32)."""
+    if self.interpret:
+      return acc_BxD + lax.dot_general(p_BxC, v_smem[...], (((1,), (0,)), ((), ())),
+                                       preferred_element_type=jnp.float32)
+    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p_BxC, v_smem))(plgpu.ACC.init(acc_BxD))
+
+
+class _Buffers(NamedTuple):
+  """A program's shared memory: the query tile (reused for the output tile), the window's key and
+  value tiles, the offset terms' ring, a row vector for the output statistics, and barriers (one
+  per buffer; key and value tiles of a step land on barriers of their own)."""
+
+  q: Any  # [block, D], tiled and swizzled
+  window_k: Any  # [window tiles, block, D], tiled and swizzled
+  window_v: Any
+  term_k: Any  # [stages, block, D], cfg.term_smem layout
+  term_v: Any
+  rows_out: Any  # [block] float32
+  q_bar: Any
+  window_k_bar: Any
+  window_v_bar: Any
+  term_k_bar: Any
+  term_v_bar: Any
+
+
+def _tiled(shape: tuple[int, ...], dtype):
+  elems = LANE_BYTES // jnp.dtype(dtype).itemsize
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(SWIZZLE)))
+
+
+def _term_buffer(shape: tuple[int, ...], dtype, term_smem: TermSmem):
+  if term_smem == "plain":
+    return plgpu.SMEM(shape, dtype)
+  elems = LANE_BYTES // jnp.dtype(dtype).itemsize
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((1, elems)), plgpu.SwizzleTransform(SWIZZLE)))
+
+
+def _with_buffers(body: Callable[[_Buffers], None], d: int, dtype, problem: Problem, cfg: MosaicForwardConfig):
+  """Runs ``body`` with a program's shared memory allocated."""
+  b, w, s = cfg.block, cfg.window_tiles(problem.window), _stages(problem, cfg)
+  smem = (_tiled((b, d), dtype), _tiled((w, b, d), dtype), _tiled((w, b, d), dtype),
+          _term_buffer((s, b, d), dtype, cfg.term_smem), _term_buffer((s, b, d), dtype, cfg.term_smem),
+          plgpu.SMEM((b,), jnp.float32))
+  bars = (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=w), plgpu.Barrier(num_barriers=w),
+          plgpu.Barrier(num_barriers=s), plgpu.Barrier(num_barriers=s))
+  pl.run_scoped(lambda smem, bars: body(_Buffers(*smem, *bars)), smem, bars)
+
+
+def _stages(problem: Problem, cfg: MosaicForwardConfig) -> int:
+  return max(1, min(cfg.stages, problem.num_offsets))
+
+
+class _Program(NamedTuple):
+  """Which rows a program owns: batch row, query head, key/value head, first query row."""
+
+  batch: Any
+  head: Any
+  kv_head: Any
+  i0: Any
+
+
+def _program(problem: Problem, block: int) -> _Program:
+  h = lax.axis_index("head")
+  return _Program(lax.axis_index("batch"), h, lax.div(h, jnp.int32(problem.group)), lax.axis_index("tile") * block)
+
+
+# Called on each landed key/value tile: (step, first key row, key tile, value tile, state) -> state. The step is the
+# window tile's index or the offset term's; the first key row is the tile's logical start (before clamping).
+_OnTile = Callable[[Any, Any, Any, Any, Any], Any]
+
+
+class _Handlers(NamedTuple):
+  """What a kernel does with each landed tile: ``query(q tile, state) -> state``, then ``window``
+  and ``term`` (``_OnTile``)."""
+
+  query: Callable[[Any, Any], Any]
+  window: _OnTile
+  term: _OnTile
+
+
+def _stream_tiles(gmem, buf: _Buffers, prog: _Program, geo: _Rows, problem: Problem, cfg: MosaicForwardConfig,
+                  handlers: _Handlers, state):
+  """Loads the query tile and every key/value tile program ``prog`` reads, calling ``handlers`` on
+  each as it lands, in order; returns the final state.
+
+  Issues the query tile, every window tile and the first ``stages`` offset terms at once; each
+  term, once handled, hands its ring slot to the term ``stages`` later. ``gmem``: ``(offsets [K'],
+  q [B, rows, H_q, D], k, v [B, kv_rows, H_kv, D])``. Window starts before row 0 are clamped to
+  it (every key there is masked); a shifted start may lie anywhere (rows outside the array load as
+  zeros).
+  """
+  offs_ref, q_ref, k_ref, v_ref = gmem
+  b = cfg.block
+  windows, terms, stages = cfg.window_tiles(problem.window), problem.num_offsets, _stages(problem, cfg)
+
+  def kv_rows(ref, start):
+    return ref.at[prog.batch, pl.ds(start + geo.front, b), prog.kv_head]
+
+  def issue(start, k_smem, v_smem, k_bar, v_bar):
+    plgpu.copy_gmem_to_smem(kv_rows(k_ref, start), k_smem, k_bar)
+    plgpu.copy_gmem_to_smem(kv_rows(v_ref, start), v_smem, v_bar)
+
+  def window_start(t: int):
+    return prog.i0 - t * b
+
+  def issue_term(kk, slot):
+    issue(prog.i0 - offs_ref[kk], buf.term_k.at[slot], buf.term_v.at[slot], buf.term_k_bar.at[slot],
+          buf.term_v_bar.at[slot])
+
+  plgpu.copy_gmem_to_smem(q_ref.at[prog.batch, pl.ds(prog.i0, b), prog.head], buf.q, buf.q_bar.at[0])
+  for t in range(windows):
+    issue(jnp.maximum(window_start(t), 0), buf.window_k.at[t], buf.window_v.at[t], buf.window_k_bar.at[t],
+          buf.window_v_bar.at[t])
+  for kk in range(min(stages, terms)):
+    issue_term(kk, kk)
+  plgpu.barrier_wait(buf.q_bar.at[0])
+  state = handlers.query(buf.q, state)
+  for t in range(windows):
+    plgpu.barrier_wait(buf.window_k_bar.at[t])
+    plgpu.barrier_wait(buf.window_v_bar.at[t])
+    state = handlers.window(t, window_start(t), buf.window_k.at[t], buf.window_v.at[t], state)
+  if not terms:
+    return state
+
+  def term(kk, state):
+    slot = lax.rem(kk, jnp.int32(stages))
+    plgpu.barrier_wait(buf.term_k_bar.at[slot])
+    plgpu.barrier_wait(buf.term_v_bar.at[slot])
+    state = handlers.term(kk, prog.i0 - offs_ref[kk], buf.term_k.at[slot], buf.term_v.at[slot], state)
+
+    @pl.when(kk + stages < terms)
+    def _():
+      issue_term(kk + stages, slot)
+
+    return state
+
+  return lax.fori_loop(0, terms, term, state)
+
+
+def _store_rows(buf: _Buffers, rows_B: jax.Array, rows_ref, prog: _Program, block: int) -> None:
+  """Writes a float32 row vector to ``rows_ref [B, H_q, rows]`` at the program's rows."""
+  buf.rows_out[...] = rows_B
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(buf.rows_out, rows_ref.at[prog.batch, prog.head, pl.ds(prog.i0, block)])
+
+
+class _Softmax(NamedTuple):
+  """Online softmax state of a query tile: the query tile in registers ``[block, D]``, row maxima
+  and sums ``[block]`` and the unnormalised output ``[block, D]`` (float32)."""
+
+  q: jax.Array
+  m: jax.Array
+  l: jax.Array
+  acc: jax.Array
+
+
+def _rows_to(x_B: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """A row vector broadcast along the columns of ``shape``."""
+  return lax.broadcast_in_dim(x_B, shape, [0])
+
+
+def _softmax_step(st: _Softmax, m_new: jax.Array, p_sum: jax.Array,
+                  add_values: Callable[[jax.Array], jax.Array]) -> _Softmax:
+  """One online softmax step to row maxima ``m_new``: rescales the state and adds this step's
+  probability sums and values (``add_values(rescaled acc)``)."""
+  corr = jnp.exp(st.m - m_new)
+  return st._replace(m=m_new, l=st.l * corr + p_sum, acc=add_values(st.acc * _rows_to(corr, st.acc.shape)))
+
+
+def _attention_handlers(buf: _Buffers, prog: _Program, problem: Problem, b: int, dtype, ops: _Ops) -> _Handlers:
+  """The forward's work on each landed tile. Window tile at keys ``[j0, j0 + b)``: scores on
+  tensor cores, masked outside the window (``0 <= i - j < W``) and outside ``[0, N)``. Offset
+  term with shifted start ``i0 - o``: row-wise scores, masked unless ``o >= W`` and ``i >= o``.
+  Each is one online softmax step."""
+  q_rows_B = ops.iota((b,), 0, ROW_LAYOUT) + prog.i0
+  q_rows_BxB = ops.iota((b, b), 0, plgpu.Layout.WGMMA) + prog.i0
+  cols_BxB = ops.iota((b, b), 1, plgpu.Layout.WGMMA)
+
+  def query(q_smem, st: _Softmax) -> _Softmax:
+    return st._replace(q=ops.load_tile(q_smem))
+
+  def window(t, j0, k_smem, v_smem, st: _Softmax) -> _Softmax:
+    del t
+    keys_BxB = cols_BxB + j0
+    dist_BxB = q_rows_BxB - keys_BxB
+    mask = (dist_BxB >= 0) & (dist_BxB < problem.window) & (keys_BxB >= 0) & (keys_BxB < problem.n)
+    s_BxB = jnp.where(mask, ops.scores(buf.q, k_smem, b) * problem.scale, MASK_VALUE)
+    m_new = jnp.maximum(st.m, jnp.max(s_BxB, axis=1))
+    p_BxB = jnp.exp(s_BxB - _rows_to(m_new, s_BxB.shape))
+    return _softmax_step(st, m_new, jnp.sum(p_BxB, axis=1), lambda acc: ops.add_pv(acc, p_BxB.astype(dtype), v_smem))
+
+  def term(kk, start, k_smem, v_smem, st: _Softmax) -> _Softmax:
+    del kk
+    k_BxD = ops.load_term(k_smem).astype(jnp.float32)
+    s_B = jnp.sum(st.q.astype(jnp.float32) * k_BxD, axis=1) * problem.scale
+    offset = prog.i0 - start
+    s_B = jnp.where((offset >= problem.window) & (q_rows_B >= offset), s_B, MASK_VALUE)
+    m_new = jnp.maximum(st.m, s_B)
+    p_B = jnp.exp(s_B - m_new)
+    v_BxD = ops.load_term(v_smem).astype(jnp.float32)
+    return _softmax_step(st, m_new, p_B, lambda acc: acc + _rows_to(p_B, acc.shape) * v_BxD)
+
+  return _Handlers(query, window, term)
+
+
+def _forward_kernel(offs_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, problem: Problem, cfg: MosaicForwardConfig,
+                    geo: _Rows, ops: _Ops):
+  """One query tile: the window's banded tiles on tensor cores and each offset term's row-wise
+  scores under one online softmax; writes the output tile and its log-sum-exp."""
+  b, d = cfg.block, q_ref.shape[-1]
+  prog = _program(problem, b)
+
+  def body(buf: _Buffers):
+    handlers = _attention_handlers(buf, prog, problem, b, q_ref.dtype, ops)
+    init = _Softmax(ops.layout(jnp.zeros((b, d), q_ref.dtype), plgpu.Layout.WGMMA),
+                    ops.full((b,), MASK_VALUE, ROW_LAYOUT), ops.full((b,), 0.0, ROW_LAYOUT),
+                    ops.full((b, d), 0.0, plgpu.Layout.WGMMA))
+    st = _stream_tiles((offs_ref, q_ref, k_ref, v_ref), buf, prog, geo, problem, cfg, handlers, init)
+    buf.q[...] = (st.acc / _rows_to(st.l, st.acc.shape)).astype(o_ref.dtype)  # the query tile is no longer read
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(buf.q, o_ref.at[prog.batch, pl.ds(prog.i0, b), prog.head])
+    _store_rows(buf, st.m + jnp.log(st.l), lse_ref, prog, b)
+    plgpu.wait_smem_to_gmem(0)
+
+  _with_buffers(body, d, q_ref.dtype, problem, cfg)
+
+
+def _sum_handlers(ops: _Ops) -> _Handlers:
+  """``pattern_loads``' work on each landed tile: add its row sums to the state ``[block]``."""
+
+  def row_sums(x_BxD):
+    return jnp.sum(x_BxD.astype(jnp.float32), axis=1)
+
+  def query(q_smem, sums_B):
+    return sums_B + row_sums(ops.load_tile(q_smem))
+
+  def window(t, j0, k_smem, v_smem, sums_B):
+    del t, j0
+    return sums_B + row_sums(ops.load_tile(k_smem)) + row_sums(ops.load_tile(v_smem))
+
+  def term(kk, start, k_smem, v_smem, sums_B):
+    del kk, start
+    return sums_B + row_sums(ops.load_term(k_smem)) + row_sums(ops.load_term(v_smem))
+
+  return _Handlers(query, window, term)
+
+
+def _loads_kernel(offs_ref, q_ref, k_ref, v_ref, sums_ref, *, problem: Problem, cfg: MosaicForwardConfig,
+                  geo: _Rows, ops: _Ops):
+  """The forward's loads without its arithmetic: per query row, the sum of that row of the query
+  tile and of every landed key and value tile."""
+  b, d = cfg.block, q_ref.shape[-1]
+  prog = _program(problem, b)
+
+  def body(buf: _Buffers):
+    sums_B = _stream_tiles((offs_ref, q_ref, k_ref, v_ref), buf, prog, geo, problem, cfg, _sum_handlers(ops),
+                           ops.full((b,), 0.0, ROW_LAYOUT))
+    _store_rows(buf, sums_B, sums_ref, prog, b)
+    plgpu.wait_smem_to_gmem(0)
+
+  _with_buffers(body, d, q_ref.dtype, problem, cfg)
+
+
+def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: MosaicForwardConfig | None, interpret,
+            name: str):
+  """Pads the inputs as the geometry says and runs ``kernel(offsets, q, k, v, *outputs)`` on the
+  grid ``(H_q, tiles, B)``; returns the outputs and the geometry."""
+  cfg = cfg or default_config(problem)
+  _check(q, seg, problem, cfg)
+  bsz, n, h, _ = q.shape
+  params = _interpret_params(interpret)
+  geo = _rows(n, cfg.block, params is not None)
+  ops = _Ops(interpret=params is not None, term_smem=cfg.term_smem)
+  q = _pad(q, 0, geo.rows)
+  k, v = (_pad(x, geo.front, geo.kv_rows) for x in (k, v))
+  call = plgpu.kernel(
+      functools.partial(kernel, problem=problem, cfg=cfg, geo=geo, ops=ops),
+      out_type=out_type(geo),
+      grid=(h, geo.tiles, bsz),
+      grid_names=("head", "tile", "batch"),
+      kernel_name=name,
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=params,
+  )
+  return call(_offsets(offsets, problem), q, k, v), geo
+
+
+def _check_grid(q: jax.Array, problem: Problem) -> None:
+  if q.shape[1] != problem.n or q.shape[2] != problem.heads:
+    raise ValueError(f"q {q.shape} does not match the problem (n={problem.n}, heads={problem.heads})")
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "cfg", "interpret"))
+def forward(q, k, v, seg, offsets, *, problem: Problem, cfg: MosaicForwardConfig | None, interpret):
+  """``(out [B, N, H_q, D] in q's dtype, lse [B, H_q, N] float32)`` from ``q [B, N, H_q, D]``,
+  ``k, v [B, N, H_kv, D]`` (bfloat16 or float16, head_dim a multiple of 64) and static offsets
+  ``[K]`` int32 (normalised: ``normalize_offsets``); ``seg`` must be ``None``. ``lse`` is the
+  natural log-sum-exp of each row's scaled, masked scores, as ``triton_gpu.forward`` returns it.
+  ``cfg=None``: ``default_config(problem)``. ``interpret``: ``True`` (or ``InterpretGPUParams``)
+  runs in Pallas' GPU interpreter."""
+  _check_grid(q, problem)
+  bsz, n, h, d = q.shape
+
+  def out_type(geo: _Rows):
+    return (jax.ShapeDtypeStruct((bsz, geo.rows, h, d), q.dtype), jax.ShapeDtypeStruct((bsz, h, geo.rows), jnp.float32))
+
+  (out, lse), _ = _launch(_forward_kernel, out_type, q, k, v, seg, offsets, problem, cfg, interpret,
+                          "fib_attention_fwd_mgpu")
+  return out[:, :n], lse[..., :n]
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "cfg", "interpret"))
+def pattern_loads(q, k, v, offsets, *, problem: Problem, cfg: MosaicForwardConfig | None, interpret):
+  """The load-only floor of ``forward``: the same grid, tile schedule and copies, no attention
+  arithmetic. Returns ``[B, H_q, N]`` float32: for query row ``i`` of head ``h``, the sum of row
+  ``i`` of q, plus for each window tile ``t`` the sums of k and v rows ``max(i0 - t * block, 0) +
+  r`` (``i = i0 + r``), plus for each offset term the sums of k and v rows ``i - o`` (rows outside
+  ``[0, N)`` are zeros; terms with ``o < W`` or ``o >= N`` read rows ``i``)."""
+  _check_grid(q, problem)
+  bsz, n, h, _ = q.shape
+
+  def out_type(geo: _Rows):
+    return jax.ShapeDtypeStruct((bsz, h, geo.rows), jnp.float32)
+
+  sums, _ = _launch(_loads_kernel, out_type, q, k, v, None, offsets, problem, cfg, interpret, "fib_pattern_loads_mgpu")
+  return sums[..., :n]
