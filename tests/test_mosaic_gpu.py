@@ -3,9 +3,14 @@ Pallas' GPU interpreter, against the jnp reference and a float64 log-sum-exp.
 
 The interpreter starts shared memory as NaN, so a tile read before its copy landed, or an output
 row never written, shows as a non-finite value; every check requires finite values.
+
+``test_lowers_for_cuda`` runs the real Mosaic GPU lowering (not the interpreter) on CPU through
+``jax.export`` for the CUDA platform, so a construct the installed jax cannot lower fails here
+rather than first on a GPU.
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -156,3 +161,28 @@ def test_default_config_fits_shared_memory():
   problem = attention_problem(q, k, offsets, window=256)
   with pytest.raises(ValueError, match="shared memory"):
     mosaic_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=cfg, interpret=True)
+
+
+@pytest.mark.parametrize("term_smem", mosaic_gpu.TERM_SMEMS)
+def test_lowers_for_cuda(term_smem):
+  """Both kernels lower to a Mosaic GPU custom call for CUDA: ragged N, GQA, two window tiles, a
+  ring of two slots behind three offset terms."""
+  n, h, h_kv, d = 200, 2, 1, 64
+  q = jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, n, h_kv, d), jnp.bfloat16)
+  offsets = jax.ShapeDtypeStruct((3,), jnp.int32)
+  problem = attention_problem(q, kv, jnp.asarray([40, 100, 150], jnp.int32), window=32)
+  cfg = mosaic_gpu.MosaicForwardConfig(stages=2, term_smem=term_smem)
+  assert cfg.window_tiles(problem.window) == 2 and problem.num_offsets > cfg.stages
+  kernels = {
+      "forward": (lambda q, k, v, o: mosaic_gpu.forward(q, k, v, None, o, problem=problem, cfg=cfg, interpret=False),
+                  [(q.shape, jnp.bfloat16), ((1, h, n), jnp.float32)]),
+      "pattern_loads": (lambda q, k, v, o: mosaic_gpu.pattern_loads(q, k, v, o, problem=problem, cfg=cfg,
+                                                                    interpret=False),
+                        [((1, h, n), jnp.float32)]),
+  }
+  for name, (fn, want) in kernels.items():
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, kv, kv, offsets)
+    assert exported.platforms == ("cuda",), name
+    assert [(a.shape, a.dtype) for a in exported.out_avals] == want, name
+    assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module()), name

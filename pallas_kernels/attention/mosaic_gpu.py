@@ -208,7 +208,17 @@ class _Ops:
     if self.interpret:
       return acc_BxD + lax.dot_general(p_BxC, v_smem[...], (((1,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
-    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p_BxC, v_smem))(plgpu.ACC.init(acc_BxD))
+
+    # ``acc`` goes into a scoped accumulator that ``wgmma`` adds ``p @ v`` to in place. ``pl.run_state`` over
+    # ``ACC.init(acc)`` would make what ``v_smem``'s index closes over into state inputs that it returns as outputs,
+    # and a constant one (a window tile's index) comes back as a literal, which jax 0.11's Mosaic GPU lowering
+    # rejects ("Shaped arrays must be represented by ir.Values").
+    def pv(acc_ref):
+      acc_ref[...] = acc_BxD
+      plgpu.wgmma(acc_ref, p_BxC, v_smem)
+      return acc_ref[...]
+
+    return pl.run_scoped(pv, plgpu.ACC(acc_BxD.shape, jnp.float32))
 
 
 class _Buffers(NamedTuple):
