@@ -418,13 +418,80 @@ def test_summary_states_validity_and_what_no_paper_measured(built):
   block = summary[summary.index("## What no paper measured"):]
   rows = {tuple(r.split(" | ")[:2]): r for r in block.splitlines() if re.match(r"\| \dx T \|", r)}
   assert len(rows) == 4 + 5 + 6  # every distance bucket at 1x, 2x and 4x T
+  # the stored reach (0.90 / 0.60) is not read for static patterns: at 2 layers coprime is linear, and
+  # both reach what recipe `recall`'s config gives
+  import configs  # noqa: PLC0415  (imports jax)
+  from train.probe import reach, recall  # noqa: PLC0415
+
+  hops = reach.config_hop_sets(configs.get_config("recall", "fib-linear").to_dict()["model"])
   for (length, distance), row in rows.items():
     verdict = "coprime beats linear" if distance == "[256, 512)" else "no resolved difference"
-    assert f"| {verdict} | 0.90 / 0.60 |" in row, row
+    lo, hi = map(int, distance.strip("[)").split(", "))
+    layers = recall.reach_by_bucket(hops, [lo, hi])[0]["layers"]
+    assert f"| {verdict} | {layers:.2f} / {layers:.2f} |" in row, row
   # at 4T dense's window reaches 4 of 6 buckets (0.97 each), coprime recalls 0.825 in all: dense with
   # the window makes 17.8 points more errors
   assert "- dense + sink window - fib-coprime at 4x T (recall error): +17.8 points [" in block
   assert "- dense + sink window - fib-linear at 4x T (held-out loss): -" in block
+
+
+# ----------------------------------------------------------------------------- reach from the configs
+
+GRID = (27, 52, 65, 70, 92, 100)  # recipe `recall128`'s distances (T = 128, W = 8, 2 layers)
+
+
+def grid_cell(variant: str, seed: int, accuracy: dict[int, float], stored_layers: dict[int, float],
+              random_offsets: tuple[tuple[int, ...], ...] | None = None) -> dict:
+  """A ``recall128`` cell whose recall probe at 1x T reads ``accuracy`` at each grid distance (0 elsewhere)
+  and stores reach fractions ``stored_layers`` (0 elsewhere); ``random_offsets`` for a ``*-random`` variant."""
+  import configs  # noqa: PLC0415  (imports jax)
+
+  cfg = configs.get_config("recall128", variant)
+  model = dataclasses.replace(cfg.model, offset_seed=seed, random_offsets=random_offsets)
+  rows = [{"distance": [d, d + 1], "answers": 50, "accuracy": accuracy.get(d, 0.0),
+           "one_hop": stored_layers.get(d, 0.0), "layers": stored_layers.get(d, 0.0)} for d in GRID]
+  probe = {"multiples": [1], "1x": {"length": 128, "answers": 300, "distance_law": "grid",
+                                    "accuracy": stats.mean([r["accuracy"] for r in rows]), "by_distance": rows}}
+  return {"name": f"{variant}-s{seed}", "variant": variant, "seed": seed,
+          "config": dataclasses.replace(cfg, seed=seed, model=model).to_dict(), "recall": probe}
+
+
+def test_reach_of_random_offsets_is_read_per_seed_from_the_config():
+  """Seed 0's first layer holds offset 51, answer distance 52 less one: through the window of the
+  second layer it reaches 52..59 (relative 51..58). Seed 1's holds 52, one token too far for 52.
+  Their stored fractions (0, written by a probe reading reach at d) are not read; a learned
+  pattern's are, its offsets being trained parameters."""
+  runs = report.by_variant([
+      grid_cell("fib-random", 0, {52: 0.8}, {}, ((51,), (100,))),
+      grid_cell("fib-random", 1, {52: 0.1}, {}, ((52,), (100,))),
+      grid_cell("fib-learned", 0, {27: 0.6}, {27: 1.0}),
+      grid_cell("dense", 0, dict.fromkeys(GRID, 0.9), dict.fromkeys(GRID, 1.0)),
+  ])
+  random = {b["distance"][0]: b for b in findings.recall_buckets(list(runs["fib-random"].values()), "recall", 1)}
+  assert (random[52]["one_hop"], random[52]["layers"]) == (0.5, 0.5)  # mean over the seeds: 1 and 0
+  assert all(random[d]["layers"] == 0.0 for d in GRID if d != 52)
+  split = findings.reached_or_not(list(runs["fib-random"].values()))
+  assert split["reached"] == [0.8] and sorted(split["unreached"]) == [0.0] * 10 + [0.1] and not split["partly"]
+
+  lines = findings.recall_section(runs)
+  assert "| fib-random | 2 | 0.075 | 0.000 (0.00 / 0.00) | 0.450 (0.50 / 0.50) |" in "\n".join(lines)
+  tab = lines[lines.index("### Recall where the pattern reaches and where it does not"):]
+  body = [line for line in tab if line.startswith("| ") and not line.startswith("| variant")]
+  assert body == ["| fib-learned | 1 | 0.600 (1) | 0.000 (5) | 0 |",  # the stored reach: 27 alone
+                  "| fib-random | 2 | 0.800 (1) | 0.009 (11) | 0 |"]  # 0.1 / 11; dense is left out
+
+
+def test_the_reached_table_splits_wide_buckets_by_their_reach(built, task_cells):
+  """Recipe `recall` (W = 32, 2 layers): the window reaches answer distances up to 63, so [32, 64) at
+  1x T is reached and the 3 buckets beyond are not; fib-learned's stored 0.5 is partly reached."""
+  tab = section((built["task"] / "report.md").read_text(), "Recall by distance").split(
+      "### Recall where the pattern reaches and where it does not")[1]
+  near = per_seed(task_cells, "window", lambda c: findings.bucket_accuracy(c, 1, (32, 64)))
+  far = [findings.bucket_accuracy(c, 1, (lo, 2 * lo)) for c in task_cells if c["variant"] == "window"
+         for lo in (64, 128, 256)]
+  assert f"| window | 5 | {stats.mean(near):.3f} (5) | {stats.mean(far):.3f} (15) | 0 |" in tab
+  assert "| fib-learned | 5 | - (0) | - (0) | 20 |" in tab
+  assert "| dense |" not in tab and "| dense + sink window |" not in tab
 
 
 # ----------------------------------------------------------------------------- roots written before these files

@@ -84,15 +84,28 @@ def test_recall_reads_accuracy_by_distance_beside_the_reach(run_dir, monkeypatch
 
 
 def test_reach_columns_of_hand_built_patterns():
+  """Answer distances [1, 16), [16, 32), [32, 64) are read at relative distances [0, 15), [15, 31), [31, 63)."""
   edges = [1, 16, 32, 64]
   window_only = [np.arange(8), np.arange(8)]
-  assert [r["layers"] for r in recall.reach_by_bucket(window_only, edges)] == [14 / 15, 0.0, 0.0]  # 2 x 7
-  assert [r["one_hop"] for r in recall.reach_by_bucket(window_only, edges)] == [7 / 15, 0.0, 0.0]
+  assert [r["layers"] for r in recall.reach_by_bucket(window_only, edges)] == [1.0, 0.0, 0.0]  # 0..14 = 2 x 7
+  assert [r["one_hop"] for r in recall.reach_by_bucket(window_only, edges)] == [8 / 15, 0.0, 0.0]  # 0..7
   offsets = [np.array([0, 1, 40]), np.array([0, 1])]
   cols = recall.reach_by_bucket(offsets, edges)
-  assert cols[2]["one_hop"] == 1 / 32 and cols[2]["layers"] == 2 / 32  # 40 and 41
+  assert cols[2]["one_hop"] == 1 / 32 and cols[2]["layers"] == 2 / 32  # 40 and 41: answer distances 41 and 42
   assert recall.reach_by_bucket([None], edges)[2] == {"one_hop": 1.0, "layers": 1.0}
   assert reach.reachable(offsets, 64)[[40, 41, 42]].tolist() == [True, True, False]
+
+
+def test_an_answer_distance_is_reached_one_token_short_of_it():
+  """An answer at distance d is predicted d - 1 tokens after its value (``train.data.tasks``): an
+  offset at exactly d - 1 reaches it, one at exactly d (nothing at d - 1) does not."""
+  edges = [40, 41, 42]  # answer distances 40 and 41
+  at_39, at_40 = [reach.with_window(8, [39])], [reach.with_window(8, [40])]
+  assert recall.reach_by_bucket(at_39, edges) == [{"one_hop": 1.0, "layers": 1.0}, {"one_hop": 0.0, "layers": 0.0}]
+  assert recall.reach_by_bucket(at_40, edges) == [{"one_hop": 0.0, "layers": 0.0}, {"one_hop": 1.0, "layers": 1.0}]
+  # through two layers: the window's 0..7 then 40 spans 40..47, answer distances 41..48
+  two = [np.arange(8), reach.with_window(8, [40])]
+  assert [r["layers"] for r in recall.reach_by_bucket(two, [40, 41, 49, 50])] == [0.0, 1.0, 0.0]
 
 
 def test_the_probe_at_longer_lengths_keeps_the_task_and_spans_the_length():
@@ -109,9 +122,9 @@ def test_a_grid_of_distances_is_probed_as_trained_at_every_length():
   longer = recall.spec_at(spec, 2048)
   assert longer.law == spec.law and longer.seq_len == 2048
   assert recall.distance_edges(longer) == [100, 101, 148, 149, 320, 321]
-  # window 32 in both layers, offsets 100 and 300 in the second: one hop reaches 100; through the
-  # layers 0..62, 100..131 and 300..331 (so 320, not 148)
-  hops = [np.arange(32), np.concatenate([np.arange(32), [100, 300]])]
+  # window 32 in both layers, offsets 99 and 300 in the second: one hop reaches 99 (answer distance
+  # 100); through the layers 0..62, 99..130 and 300..331 (so 319: answer distance 320, not 148)
+  hops = [np.arange(32), np.concatenate([np.arange(32), [99, 300]])]
   cols = recall.reach_by_bucket(hops, recall.distance_edges(longer))[::2]
   assert [c["one_hop"] for c in cols] == [1.0, 0.0, 0.0] and [c["layers"] for c in cols] == [1.0, 0.0, 1.0]
   sample = tasks.TaskGenerator(longer, BYTE.encode).sample(0, 0)

@@ -8,27 +8,58 @@ distances are the sum of the ``L`` hop sets.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 from flax import nnx
+
+from fibjax.layers import LayerPattern
+from fibjax.model import ModelConfig, layer_patterns
+
+
+def with_window(window: int, offsets: np.ndarray) -> np.ndarray:
+  """The sorted unique int distances ``0..window-1`` and ``offsets``."""
+  return np.unique(np.concatenate([np.arange(window), np.asarray(offsets, np.int64)]))
+
+
+def pattern_hops(p: LayerPattern) -> np.ndarray | None:
+  """The distances one layer of a fixed pattern can hop (``None``: dense; a dense sliding window of
+  ``sink_window`` keys hops up to ``sink_window - 1``, its sink tokens aside). A learned pattern's
+  distances are trained parameters: ``hop_sets`` reads them from the model."""
+  if p.kind == "dense":
+    return None if p.sink_window is None else np.arange(p.sink_window)
+  if p.kind == "learned":
+    raise ValueError("a learned pattern's offsets are trained parameters: read them with hop_sets(model)")
+  return with_window(p.window, p.offsets)
 
 
 def hop_sets(model: nnx.Module) -> list[np.ndarray | None]:
   """Per layer of a ``fibjax.LM``: the sorted int distances one layer can hop (``None``: dense)."""
   out: list[np.ndarray | None] = []
   for block in model.blocks:
-    attn = block.attn
-    p = attn.pattern
-    if p.kind == "dense":
-      out.append(None)
+    p = block.attn.pattern
+    if p.kind != "learned":
+      out.append(pattern_hops(p))
       continue
-    if p.kind == "learned":
-      d = np.asarray(attn.offsets(), np.float64)
-      d = d[(d >= p.window) & (d < p.reach)]
-      offsets = np.concatenate([np.floor(d), np.ceil(d)]).astype(np.int64)
-    else:
-      offsets = np.asarray(p.offsets, np.int64)
-    out.append(np.unique(np.concatenate([np.arange(p.window), offsets])))
+    d = np.asarray(block.attn.offsets(), np.float64)
+    d = d[(d >= p.window) & (d < p.reach)]
+    out.append(with_window(p.window, np.concatenate([np.floor(d), np.ceil(d)]).astype(np.int64)))
   return out
+
+
+def config_hop_sets(model: dict[str, Any], sink_window: bool = False) -> list[np.ndarray | None] | None:
+  """Per layer of the model a ``config.json``'s ``model`` dict builds (``fibjax.model.layer_patterns``,
+  no parameters made): the distances one layer can hop; ``None`` for a learned pattern (its offsets
+  are trained). ``sink_window``: the dense model evaluated with a sliding window of T keys plus sink
+  tokens (``train.run.evaluation.sink_window_graph``)."""
+  cfg = ModelConfig(**model)
+  if sink_window:
+    cfg = dataclasses.replace(cfg, eval_window=cfg.seq_len)
+  patterns = layer_patterns(cfg)
+  if any(p.kind == "learned" for p in patterns):
+    return None
+  return [pattern_hops(p) for p in patterns]
 
 
 def reachable(hops: list[np.ndarray | None], max_distance: int) -> np.ndarray:

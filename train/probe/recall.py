@@ -8,11 +8,13 @@ At each length ``m x T`` the run's synthetic task (``train.data.tasks``; or ``--
 trained on text) is drawn afresh with the same settings except the length, its distances uniform
 over every distance the length allows, from an evaluation stream no training row uses. An answer
 counts when every one of its tokens is the model's greedy (argmax) prediction under teacher
-forcing. Accuracy is reported per distance bucket beside two fractions of that bucket's distances:
-``one_hop``, those some single layer attends to directly (its window or an offset), and ``layers``,
-those a path through all layers in order can span (``train.probe.reach``); a dense layer reaches
-everything. Each probe is written to ``RUN/recall/<what was probed>.json`` and never overwrites
-another: the same probe asked again is read back.
+forcing. Accuracy is reported per distance bucket beside two fractions of that bucket's distances
+``d``, each read at the relative distance ``d - 1`` the copy spans (the model predicts an answer's
+first token at input position ``answer_start - 1``: ``train.data.tasks``): ``one_hop``, those some
+single layer attends to directly (its window or an offset), and ``layers``, those a path through
+all layers in order can span (``train.probe.reach``); a dense layer reaches everything. Each probe
+is written to ``RUN/recall/<what was probed>.json`` and never overwrites another: the same probe
+asked again is read back.
 """
 
 from __future__ import annotations
@@ -71,9 +73,16 @@ def distance_edges(spec: TaskSpec) -> list[int]:
 
 
 def reach_by_bucket(hops: list[np.ndarray | None], edges: Sequence[int]) -> list[dict[str, float]]:
-  """Per bucket ``[edges[k], edges[k+1])``: the fractions of its distances one layer attends to
-  (``one_hop``) and a path through every layer spans (``layers``)."""
-  top = edges[-1]
+  """Per bucket ``[edges[k], edges[k+1])`` of answer distances: the fractions of its distances one
+  layer attends to (``one_hop``) and a path through every layer spans (``layers``). An answer at
+  distance ``d`` (``train.data.tasks``: ``answer_start - value_start``) is predicted at input
+  position ``answer_start - 1``, ``d - 1`` tokens after the value's first token (and every later
+  answer token ``d - 1`` after its source): the bucket is reached at relative distances
+  ``[lo - 1, hi - 1)``."""
+  if edges[0] < 1:
+    raise ValueError(f"answer distances start at 1, got a bucket edge {edges[0]}")
+  relative = [e - 1 for e in edges]
+  top = relative[-1]
   layers = reach.reachable(hops, top)
   one = np.zeros(top + 1, bool)
   for h in hops:
@@ -82,7 +91,7 @@ def reach_by_bucket(hops: list[np.ndarray | None], edges: Sequence[int]) -> list
       break
     one[h[h <= top]] = True
   return [{"one_hop": float(one[lo:hi].mean()), "layers": float(layers[lo:hi].mean())}
-          for lo, hi in zip(edges[:-1], edges[1:])]
+          for lo, hi in zip(relative[:-1], relative[1:])]
 
 
 def predict_fn(graphdef: nnx.GraphDef):
@@ -102,10 +111,7 @@ def recall(run: Run, spec: TaskSpec, multiples: tuple[int, ...], samples: int = 
   keys plus that many sink tokens (``None``: its full causal attention)."""
   t = run.cfg.model.seq_len
   graphdef = run.graphdef if sinks is None else sink_window_graph(run.cfg, sinks)
-  if sinks is None:
-    hops = reach.hop_sets(nnx.merge(run.graphdef, run.params))
-  else:  # a layer of the sliding window hops up to T - 1 back (the sinks aside)
-    hops = [np.arange(t)] * run.cfg.model.num_layers
+  hops = reach.hop_sets(nnx.merge(graphdef, run.params))  # with sinks: a window of T keys, the sinks aside
   fn = predict_fn(graphdef)
   rows = max(1, run.cfg.batch_size // run.cfg.grad_accum)
   out: dict[str, Any] = {"step": run.step, "variant": run.cfg.model.variant, "seed": run.cfg.seed,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import pathlib
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -270,19 +271,85 @@ def recall_multiples(runs: dict) -> tuple[int, ...]:
   return tuple(sorted(set(cells[0][RECALL.key]["multiples"]))) if cells else ()
 
 
+@functools.lru_cache(maxsize=None)
+def static_reach(model_json: str, sink_window: bool, lo: int, hi: int) -> tuple[float, float] | None:
+  """``(one_hop, layers)`` of the answer distances ``[lo, hi)`` under the static pattern of the model
+  ``model_json`` (a ``config.json``'s ``model``, as JSON; ``sink_window``: dense read through its
+  sliding window of T keys), by ``train.probe.recall.reach_by_bucket``; ``None`` for a learned pattern."""
+  from train.probe import reach, recall  # noqa: PLC0415  (imports jax)
+
+  hops = reach.config_hop_sets(json.loads(model_json), sink_window)
+  if hops is None:
+    return None
+  r = recall.reach_by_bucket(hops, [lo, hi])[0]
+  return r["one_hop"], r["layers"]
+
+
+def pattern_reach(cell: dict, key: str, m: int) -> dict[tuple[int, int], tuple[float, float]]:
+  """Per distance bucket of ``cell``'s recall probe ``key`` at ``m`` x T: ``(one_hop, layers)``, the
+  fractions of its distances the pattern reaches in one hop and through all layers. A static pattern's
+  (dense, window, a schedule, random offsets) come from the cell's ``config.json`` (``static_reach``);
+  a learned pattern's offsets are trained parameters, so its fractions are those the probe stored."""
+  model = json.dumps(cell["config"]["model"], sort_keys=True)
+  out = {}
+  for b in cell[key][f"{m}x"]["by_distance"]:
+    lo, hi = b["distance"]
+    out[(lo, hi)] = static_reach(model, key.endswith(SINK), lo, hi) or (b["one_hop"], b["layers"])
+  return out
+
+
 def recall_buckets(cells: list[dict], key: str, m: int) -> list[dict]:
   """Per key-to-query distance bucket at ``m`` x T, nearest first: ``distance`` ``(lo, hi)``, the mean
-  ``accuracy`` over the cells that have the bucket (``seeds`` of them), and the pattern's reach
-  fractions ``one_hop`` and ``layers`` (the same in every seed)."""
+  ``accuracy`` over the cells that have the bucket (``seeds`` of them), and the mean over those cells
+  of the pattern's reach fractions ``one_hop`` and ``layers`` (``pattern_reach``; random offsets
+  differ per seed)."""
   acc: dict[tuple[int, int], list[float]] = {}
-  reach: dict[tuple[int, int], tuple[float, float]] = {}
+  reach: dict[tuple[int, int], list[tuple[float, float]]] = {}
   for c in cells:
+    fractions = pattern_reach(c, key, m)
     for b in c[key][f"{m}x"]["by_distance"]:
       k = (b["distance"][0], b["distance"][1])
       acc.setdefault(k, []).append(b["accuracy"])
-      reach.setdefault(k, (b["one_hop"], b["layers"]))
-  return [{"distance": k, "accuracy": stats.mean(acc[k]), "seeds": len(acc[k]), "one_hop": reach[k][0],
-           "layers": reach[k][1]} for k in sorted(acc)]
+      reach.setdefault(k, []).append(fractions[k])
+  return [{"distance": k, "accuracy": stats.mean(acc[k]), "seeds": len(acc[k]),
+           "one_hop": stats.mean([r[0] for r in reach[k]]), "layers": stats.mean([r[1] for r in reach[k]])}
+          for k in sorted(acc)]
+
+
+def reached_or_not(cells: list[dict], m: int = 1) -> dict[str, list[float]]:
+  """The recall accuracies at ``m`` x T of every (cell, distance bucket) of ``cells``, split by the
+  pattern's reach through all layers (``pattern_reach``): ``reached`` (all of the bucket),
+  ``unreached`` (none of it) and ``partly``."""
+  out: dict[str, list[float]] = {"reached": [], "unreached": [], "partly": []}
+  for c in cells:
+    fractions = pattern_reach(c, RECALL.key, m)
+    for b in c[RECALL.key][f"{m}x"]["by_distance"]:
+      layers = fractions[(b["distance"][0], b["distance"][1])][1]
+      out["reached" if layers == 1 else "unreached" if layers == 0 else "partly"].append(b["accuracy"])
+  return out
+
+
+def reach_table(runs: dict) -> list[str]:
+  """Per variant but dense, at 1x T: mean recall accuracy over the (seed, bucket) pairs its pattern
+  reaches through all layers and over those it does not, with their counts."""
+  rows = []
+  for v in sorted(runs):
+    cells = [c for c in runs[v].values() if RECALL.key in c]
+    if v == "dense" or not cells:
+      continue
+    split = reached_or_not(cells)
+    rows.append([v, str(len(cells))] + [f"{stats.mean(split[k]):.3f} ({len(split[k])})" if split[k] else "- (0)"
+                                        for k in ("reached", "unreached")] + [str(len(split["partly"]))])
+  if not rows:
+    return []
+  return (["### Recall where the pattern reaches and where it does not", "",
+           "At 1x T, per variant: mean recall accuracy over every (seed, distance bucket) whose distances the "
+           "seed's pattern reaches through all layers (layers = 1) and over those it reaches none of (layers = 0), "
+           "the count of such pairs in brackets (reach as in the table above: per seed for random offsets); buckets "
+           "partly reached are counted apart and left out. Recall that follows the predicted reach is high in the "
+           "first column and near chance in the second.", ""]
+          + table(["variant", "n", "reached: accuracy (buckets)", "not reached: accuracy (buckets)",
+                   "partly reached (buckets)"], rows) + [""])
 
 
 def bucket_text(distance: tuple[int, int]) -> str:
@@ -297,9 +364,14 @@ def recall_section(runs: dict) -> list[str]:
   rows = with_sink(runs, RECALL.key)
   lines = ["## Recall by distance", "",
            "Recall accuracy (an answer counts when every one of its tokens is the greedy prediction) by key-to-query "
-           "distance bucket [lo, hi), mean over seeds; in brackets the fractions of the bucket's distances the pattern "
-           "reaches in one hop (one layer's window or an offset) and through all layers (`train.probe.reach`). "
-           f"`dense{SINK_LABEL}`: dense evaluated with a sliding window of T keys plus sink tokens.", ""]
+           "distance bucket [lo, hi), mean over seeds; in brackets the fractions of the bucket's distances d the "
+           "pattern reaches in one hop (one layer's window or an offset) and through all layers (`train.probe.reach`), "
+           "each read at the relative distance d - 1 the copy spans (`train.probe.recall.reach_by_bucket`). For a "
+           "static pattern (dense, window, a schedule, random offsets) they are computed from each run's "
+           "`config.json`, mean over seeds (random offsets differ per seed); a learned pattern's offsets are trained "
+           "parameters, so its fractions are those its recall probe stored (a record written before the probe read "
+           f"reach at d - 1 states them at d). `dense{SINK_LABEL}`: dense evaluated with a sliding window of T keys "
+           "plus sink tokens.", ""]
   for m in multiples:
     buckets = sorted({b["distance"] for label, cells in rows.items()
                       for b in recall_buckets(cells, row_key(label, RECALL.key), m)})
@@ -314,7 +386,7 @@ def recall_section(runs: dict) -> list[str]:
     length = next(iter(rows.values()))[0][RECALL.key][f"{m}x"]["length"]
     lines += [f"### {m}x T ({length} tokens)", ""]
     lines += table(["variant", "n", "all"] + [f"{bucket_text(d)} (one hop / layers)" for d in buckets], body) + [""]
-  return lines + ["![recall by distance](plots/recall_by_distance.png)", ""]
+  return lines + reach_table(runs) + ["![recall by distance](plots/recall_by_distance.png)", ""]
 
 
 def plot_recall(runs: dict, model: dict, out: pathlib.Path) -> None:
