@@ -1,5 +1,6 @@
 """The Mosaic GPU forward and its load-only floor (``pallas_kernels.attention.mosaic_gpu``) in
-Pallas' GPU interpreter, against the jnp reference and a float64 log-sum-exp.
+Pallas' GPU interpreter, static and learned (fractional) offsets, against the jnp reference and a
+float64 log-sum-exp.
 
 The interpreter starts shared memory as NaN, so a tile read before its copy landed, or an output
 row never written, shows as a non-finite value; every check requires finite values.
@@ -42,13 +43,26 @@ CASES = {  # seed, n, q heads, kv heads, head_dim, window, offsets, reach, dtype
 _TOL = {jnp.dtype(jnp.bfloat16): dict(atol=1e-2, rtol=1e-2), jnp.dtype(jnp.float16): dict(atol=2e-3, rtol=2e-3)}
 
 
+# Learned (fractional) distances: integer-valued ones (40.0, 32.0 = W), a floor below W with the ceiling at W (31.5:
+# masked), one at the last row's reach (255.5: no row sees it), a repeat (counted twice, as the reference does), ones
+# past the reach (masked) and just below it, ragged N and GQA.
+LEARNED_CASES = {
+    "learned_mha": (21, 256, 2, 2, 64, 32, (40.0, 70.25, 31.5, 32.0, 199.75, 255.5, 300.0), None, jnp.bfloat16,
+                    mosaic_gpu.MosaicForwardConfig()),
+    "learned_gqa_ragged_reach": (22, 200, 4, 2, 64, 16, (16.5, 63.999, 100.0, 100.0, 15.9, 170.2, 159.5), 160,
+                                 jnp.bfloat16, mosaic_gpu.MosaicForwardConfig(stages=3)),
+    "learned_plain_ring_of_one": (23, 192, 2, 1, 64, 20, (20.0, 64.5, 130.125), None, jnp.float16,
+                                  mosaic_gpu.MosaicForwardConfig(stages=1, term_smem="plain")),
+}
+
+
 def _inputs(case):
-  seed, n, h, h_kv, d, window, offsets, reach, dtype, cfg = CASES[case]
+  seed, n, h, h_kv, d, window, offsets, reach, dtype, cfg = {**CASES, **LEARNED_CASES}[case]
   kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
   q = jax.random.normal(kq, (1, n, h, d), jnp.float32).astype(dtype)
   k = jax.random.normal(kk, (1, n, h_kv, d), jnp.float32).astype(dtype)
   v = jax.random.normal(kv, (1, n, h_kv, d), jnp.float32).astype(dtype)
-  offsets = jnp.asarray(offsets, jnp.int32)
+  offsets = jnp.asarray(offsets, jnp.float32 if case in LEARNED_CASES else jnp.int32)
   return q, k, v, offsets, dict(window=window, reach=reach), cfg
 
 
@@ -67,23 +81,60 @@ def _lse64(q, k, offsets, window, reach):
   return (top + np.log(np.exp(s - top).sum(-1, keepdims=True)))[..., 0]
 
 
+def _lse64_learned(q, k, offsets, window, reach):
+  """float64 ``[B, H_q, N]`` log-sum-exp of each row's scaled window scores and fractional terms'
+  scores (key ``(1 - t) k[i - lo] + t k[i - lo - 1]``; masked unless ``W <= d < R`` and ``i >= d``)."""
+  q64, k64 = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  k64 = np.repeat(k64, q64.shape[2] // k64.shape[2], axis=2)
+  n, scale = q64.shape[1], 1 / math.sqrt(q64.shape[-1])
+  i = np.arange(n)
+  dist = i[:, None] - i[None, :]
+  s_win = np.einsum("bqhd,bkhd->bhqk", q64, k64) * scale
+  terms = [np.where(((dist >= 0) & (dist < window))[None, None], s_win, -np.inf)]
+  for d in np.asarray(offsets, np.float64):
+    lo, t = np.floor(d), d - np.floor(d)
+    rows = lambda r: k64[:, np.clip(r, 0, n - 1).astype(int)]  # noqa: E731
+    k_d = (1 - t) * rows(i - lo) + t * rows(i - lo - 1)
+    s = np.einsum("bqhd,bqhd->bhq", q64, k_d) * scale
+    live = (d >= window) & (reach is None or d < reach) & (i >= d)
+    terms.append(np.where(live[None, None], s, -np.inf)[..., None])
+  s = np.concatenate(terms, axis=-1)
+  top = s.max(-1, keepdims=True)
+  return (top + np.log(np.exp(s - top).sum(-1, keepdims=True)))[..., 0]
+
+
 def _forward(q, k, v, offsets, pattern, cfg):
   problem = attention_problem(q, k, offsets, **pattern)
   return mosaic_gpu.forward(q, k, v, None, _kernel_offsets(offsets, **pattern), problem=problem, cfg=cfg,
                             interpret=True)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(CASES) + sorted(LEARNED_CASES))
 def test_forward_matches_reference(case):
+  learned = case in LEARNED_CASES
   q, k, v, offsets, pattern, cfg = _inputs(case)
   out, lse = _forward(q, k, v, offsets, pattern, cfg)
-  msg = f"case={case} seed={CASES[case][0]}"
+  msg = f"case={case} seed={(LEARNED_CASES if learned else CASES)[case][0]}"
   assert out.shape == q.shape and out.dtype == q.dtype, msg
   assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == jnp.float32, msg
   assert np.isfinite(np.asarray(out, np.float32)).all() and np.isfinite(np.asarray(lse)).all(), msg
   want = sparse_attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), offsets=offsets, **pattern)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want), err_msg=msg, **_TOL[q.dtype])
-  np.testing.assert_allclose(np.asarray(lse), _lse64(q, k, offsets, **pattern), atol=1e-5, rtol=1e-6, err_msg=msg)
+  oracle = _lse64_learned if learned else _lse64
+  np.testing.assert_allclose(np.asarray(lse), oracle(q, k, offsets, **pattern), atol=2e-5 if learned else 1e-5,
+                             rtol=1e-6, err_msg=msg)
+
+
+def test_learned_terms_move_the_output():
+  """A fractional distance blends its two rows: nudging it changes the output, and the static offset
+  of an integer-valued distance gives the same output (one tile blended with weight 0)."""
+  q, k, v, _, pattern, cfg = _inputs("learned_mha")
+  outs = {d: _forward(q, k, v, jnp.asarray([d], jnp.float32), pattern, cfg)[0] for d in (100.0, 100.5)}
+  static = mosaic_gpu.forward(q, k, v, None, jnp.asarray([100], jnp.int32),
+                              problem=attention_problem(q, k, jnp.asarray([100], jnp.int32), **pattern), cfg=cfg,
+                              interpret=True)[0]
+  np.testing.assert_array_equal(np.asarray(outs[100.0], np.float32), np.asarray(static, np.float32))
+  assert not np.allclose(np.asarray(outs[100.0], np.float32), np.asarray(outs[100.5], np.float32))
 
 
 def test_offsets_are_a_runtime_input():
@@ -109,18 +160,21 @@ def _row_sums(x_BxNxHxD, rows_N):
 
 def _pattern_sums(q, k, v, offsets, window, block):
   """What ``pattern_loads`` returns, from its docstring: per query row, its q row sum plus the
-  key and value row sums of each window tile's row (starts clamped at 0) and each term's row."""
+  key and value row sums of each window tile's row (starts clamped at 0) and each term's rows
+  (``i - lo``, and ``i - lo - 1`` for a fractional distance)."""
   n, group = q.shape[1], q.shape[2] // k.shape[2]
   rows = jnp.arange(n)
   i0 = rows // block * block
   kv_rows = [jnp.maximum(i0 - t * block, 0) + rows - i0 for t in range(1 + -(-(window - 1) // block))]
   live = (offsets >= window) & (offsets < n)
-  kv_rows += [rows - jnp.where(live[kk], offsets[kk], 0) for kk in range(offsets.shape[0])]
+  lo = jnp.floor(jnp.where(live, offsets, 0)).astype(jnp.int32)
+  parts = 2 if jnp.issubdtype(offsets.dtype, jnp.floating) else 1
+  kv_rows += [rows - lo[kk] - p for kk in range(offsets.shape[0]) for p in range(parts)]
   kv = sum(_row_sums(k, r) + _row_sums(v, r) for r in kv_rows)
   return _row_sums(q, rows) + jnp.repeat(kv, group, axis=1)
 
 
-@pytest.mark.parametrize("case", ["gqa_ragged", "masked_terms"])
+@pytest.mark.parametrize("case", ["gqa_ragged", "masked_terms", "learned_gqa_ragged_reach"])
 def test_pattern_loads_sums_every_tile_of_the_pattern(case):
   q, k, v, offsets, pattern, cfg = _inputs(case)
   problem = attention_problem(q, k, offsets, **pattern)
@@ -135,13 +189,16 @@ def test_pattern_loads_sums_every_tile_of_the_pattern(case):
 def test_unsupported_inputs_raise():
   q, k, v, offsets, pattern, cfg = _inputs("mha_d64")
   seg = jnp.zeros(q.shape[:2], jnp.int32)
-  problem = attention_problem(q, k, offsets, segment_ids=seg, **pattern)
   with pytest.raises(ValueError, match="segment ids"):
-    mosaic_gpu.forward(q, k, v, seg, offsets, problem=problem, cfg=cfg, interpret=True)
+    mosaic_gpu.forward(q, k, v, seg, offsets, problem=attention_problem(q, k, offsets, segment_ids=seg, **pattern),
+                       cfg=cfg, interpret=True)
+  problem = attention_problem(q, k, offsets, **pattern)
   q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
   problem = attention_problem(q32, k32, offsets, **pattern)
   with pytest.raises(ValueError, match="bfloat16 or float16"):
     mosaic_gpu.forward(q32, k32, v32, None, offsets, problem=problem, cfg=cfg, interpret=True)
+  with pytest.raises(ValueError, match="do not match the problem"):
+    mosaic_gpu.forward(q, k, v, None, offsets.astype(jnp.float32), problem=problem, cfg=cfg, interpret=True)
   with pytest.raises(ValueError, match="multiple of 64"):
     mosaic_gpu.MosaicForwardConfig(block=32)
   with pytest.raises(ValueError, match="term_smem"):
@@ -149,11 +206,13 @@ def test_unsupported_inputs_raise():
 
 
 def test_default_config_fits_shared_memory():
-  """Three ring slots at head_dim 64, two at 128; a window too wide for shared memory is refused."""
-  for d, stages in ((64, 3), (128, 2)):
+  """Three ring slots at head_dim 64, two at 128 (learned, two tiles a slot: two and one); a window
+  too wide for shared memory is refused."""
+  for d, offset_dtype, stages in ((64, jnp.int32, 3), (128, jnp.int32, 2), (64, jnp.float32, 2),
+                                  (128, jnp.float32, 1)):
     q = jax.ShapeDtypeStruct((1, 16384, 8, d), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 16384, 2, d), jnp.bfloat16)
-    problem = attention_problem(q, k, jnp.zeros((8,), jnp.int32), window=64)
+    problem = attention_problem(q, k, jnp.zeros((8,), offset_dtype), window=64)
     cfg = mosaic_gpu.default_config(problem)
     assert (cfg.block, cfg.stages) == (64, stages)
     assert mosaic_gpu.shared_memory_bytes(problem, cfg) <= 150 * 1024
@@ -164,14 +223,16 @@ def test_default_config_fits_shared_memory():
 
 
 @pytest.mark.parametrize("term_smem", mosaic_gpu.TERM_SMEMS)
-def test_lowers_for_cuda(term_smem):
+@pytest.mark.parametrize("offset_dtype", [jnp.int32, jnp.float32], ids=["static", "learned"])
+def test_lowers_for_cuda(term_smem, offset_dtype):
   """Both kernels lower to a Mosaic GPU custom call for CUDA: ragged N, GQA, two window tiles, a
-  ring of two slots behind three offset terms."""
+  ring of two slots behind three offset terms (static, or learned: two tiles a term)."""
   n, h, h_kv, d = 200, 2, 1, 64
   q = jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, n, h_kv, d), jnp.bfloat16)
-  offsets = jax.ShapeDtypeStruct((3,), jnp.int32)
-  problem = attention_problem(q, kv, jnp.asarray([40, 100, 150], jnp.int32), window=32)
+  offsets = jax.ShapeDtypeStruct((3,), offset_dtype)
+  problem = attention_problem(q, kv, jnp.asarray([40, 100, 150], offset_dtype), window=32)
+  assert problem.learned == (offset_dtype == jnp.float32)
   cfg = mosaic_gpu.MosaicForwardConfig(stages=2, term_smem=term_smem)
   assert cfg.window_tiles(problem.window) == 2 and problem.num_offsets > cfg.stages
   kernels = {

@@ -1,4 +1,4 @@
-"""GPU lowering (Pallas -> Mosaic GPU) of the gathered-offset attention forward, static offsets.
+"""GPU lowering (Pallas -> Mosaic GPU) of the gathered-offset attention forward, static or learned offsets.
 
 One program owns one query tile of ``block`` rows of one query head of one batch row (grid
 ``(H_q, tiles, B)``, heads fastest, so a group's query heads run side by side and share each
@@ -9,16 +9,26 @@ from HBM into shared memory by TMA (``_stream_tiles``), then calls back on each 
 - the window's ``1 + ceil((W - 1) / block)`` banded key/value tiles ``[i0 - t * block, ... +
   block)``, diagonal first (tile-aligned starts: tiled, swizzled shared memory, scores and
   probability-times-value on tensor cores with ``wgmma``);
-- per offset ``o``, the shifted key/value rows ``[i0 - o, i0 - o + block)`` (any start, so
-  shared memory tiled by single rows), through a ring of ``stages`` slots, so the next ``stages``
-  terms' loads are in flight while one term is computed. Query row ``r`` reads only row ``r`` of a shifted tile, so a
-  term's scores are ``block`` row-wise dot products on registers, not a tile matmul.
+- per offset term, its shifted key/value tiles (any start, so shared memory tiled by single
+  rows), through a ring of ``stages`` slots, so the next ``stages`` terms' loads are in flight
+  while one term is computed. Query row ``r`` reads only row ``r`` of a shifted tile, so a term's
+  scores are ``block`` row-wise dot products on registers, not a tile matmul.
+
+Offset terms (``_Term``): a static offset ``o`` reads one shifted tile, rows ``[i0 - o, i0 - o +
+block)``. A learned (fractional) distance ``d = lo + t`` (``lo = floor(d)``) reads two, rows ``i -
+lo`` and ``i - lo - 1``, and blends them into ``k = k_lo + t * (k_hi - k_lo)`` (the same for v) in
+float32, as ``sparse_attention_reference`` does: the term's score is ``q . k`` and its value ``v``.
+A static term is a learned one without the second tile (one code path). A ring slot holds all of
+a term's tiles (``parts``: 1 static, 2 learned; both issued together and handed on together),
+each tile with barriers of its own, so a learned ring of ``stages`` slots holds ``2 * stages`` key
+and as many value tiles.
 
 ``forward`` runs one online softmax over the window's scores and every term's (each term one
 online step), and ``pattern_loads`` (the load-only floor) streams the same tiles through the same
-code, only summing each landed tile's rows. Offsets arrive as a runtime ``[K]`` int32 array (only
-K is static); a term is masked unless ``o >= W``, and per row unless ``i - o >= 0``
-(``normalize_offsets`` turns repeated and out-of-reach offsets into 0, which is masked). Rows
+code, only summing each landed tile's rows. Offsets arrive as a runtime ``[K]`` array (int32
+static offsets or float32 distances; only K is static), handed to the kernel as ``lo`` (int32) and,
+when learned, ``t`` (float32). A term is masked unless ``d >= W`` (``lo >= W``), and per row unless
+``i >= d`` (``normalize_offsets`` turns repeated and out-of-reach offsets into 0, which is masked). Rows
 before position 0 and past ``N`` load as zeros (TMA fills out-of-bounds rows) and are masked;
 output rows past ``N`` are never stored.
 
@@ -83,24 +93,27 @@ class MosaicForwardConfig:
 
 
 def default_config(problem: Problem) -> MosaicForwardConfig:
-  """64-row tiles; three ring slots at head_dim 64, two above (shared memory per program: the
-  query tile, the window's and the ring's key/value tiles)."""
-  return MosaicForwardConfig(block=WGMMA_ROWS, stages=3 if problem.head_dim <= 64 else 2)
+  """64-row tiles; static offsets: three ring slots at head_dim 64, two above; learned (two tiles
+  a slot): two at head_dim 64, one above (shared memory per program: the query tile, the
+  window's and the ring's key/value tiles)."""
+  stages = 3 if problem.head_dim <= 64 else 2
+  return MosaicForwardConfig(block=WGMMA_ROWS, stages=stages - 1 if problem.learned else stages)
 
 
 def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig) -> int:
   """Shared memory of one program: the query tile, the window's and the ring's key and value
   tiles, and the output statistics."""
   tile = cfg.block * problem.head_dim * jnp.dtype(problem.dtype).itemsize
-  return tile * (1 + 2 * (cfg.window_tiles(problem.window) + _stages(problem, cfg))) + 4 * cfg.block
+  ring = _stages(problem, cfg) * _parts(problem)
+  return tile * (1 + 2 * (cfg.window_tiles(problem.window) + ring)) + 4 * cfg.block
 
 
-def _check(q: jax.Array, seg, problem: Problem, cfg: MosaicForwardConfig) -> None:
+def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicForwardConfig) -> None:
   """Raises ValueError for what this kernel does not run."""
   if seg is not None or problem.segments:
     raise ValueError("the Mosaic GPU forward has no segment ids yet; use the Triton lowering (triton_gpu)")
-  if problem.learned:
-    raise ValueError("the Mosaic GPU forward takes static (int32) offsets only")
+  if problem.learned != jnp.issubdtype(offsets.dtype, jnp.floating):
+    raise ValueError(f"offsets of dtype {offsets.dtype} do not match the problem (learned={problem.learned})")
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"the Mosaic GPU forward takes bfloat16 or float16 inputs, got {q.dtype}")
   if (q.shape[-1] * q.dtype.itemsize) % LANE_BYTES:
@@ -143,12 +156,24 @@ def _pad(x_BxNx_: jax.Array, front: int, rows: int) -> jax.Array:
   return jnp.pad(x_BxNx_, [(0, 0), (front, back)] + [(0, 0)] * (x_BxNx_.ndim - 2))
 
 
-def _offsets(offsets_K: jax.Array, problem: Problem) -> jax.Array:
-  """``[max(K, 1)]`` int32: terms that reach no row (``o < W`` or ``o >= N``) set to 0, which is
-  masked and keeps every shifted start within the rows the interpreter holds."""
+def _parts(problem: Problem) -> int:
+  """Shifted tiles per offset term: 1 static, 2 learned (rows ``i - lo`` and ``i - lo - 1``)."""
+  return 2 if problem.learned else 1
+
+
+def _offsets(offsets_K: jax.Array, problem: Problem) -> tuple[jax.Array, ...]:
+  """The kernel's term arrays, each ``[max(K, 1)]``: ``lo`` int32 (the static offset, or the
+  distance's floor) and, learned, the fraction ``t`` float32. Terms that reach no row (``d < W`` or
+  ``d >= N``) are set to 0, which is masked and keeps every shifted start within the rows the
+  interpreter holds."""
+  if not offsets_K.shape[0]:
+    offsets_K = jnp.zeros((1,), offsets_K.dtype)
   live = (offsets_K >= problem.window) & (offsets_K < problem.n)
-  offsets_K = jnp.where(live, offsets_K, 0).astype(jnp.int32)
-  return offsets_K if offsets_K.shape[0] else jnp.zeros((1,), jnp.int32)
+  if not problem.learned:
+    return (jnp.where(live, offsets_K, 0).astype(jnp.int32),)
+  d_K = jnp.where(live, offsets_K.astype(jnp.float32), 0.0)
+  lo_K = jnp.floor(d_K)
+  return lo_K.astype(jnp.int32), d_K - lo_K
 
 
 def _interpret_params(interpret):
@@ -229,7 +254,7 @@ class _Buffers(NamedTuple):
   q: Any  # [block, D], tiled and swizzled
   window_k: Any  # [window tiles, block, D], tiled and swizzled
   window_v: Any
-  term_k: Any  # [stages, block, D], cfg.term_smem layout
+  term_k: Any  # [stages * parts, block, D], cfg.term_smem layout: slot s holds tiles s * parts + p
   term_v: Any
   rows_out: Any  # [block] float32
   q_bar: Any
@@ -253,7 +278,7 @@ def _term_buffer(shape: tuple[int, ...], dtype, term_smem: TermSmem):
 
 def _with_buffers(body: Callable[[_Buffers], None], d: int, dtype, problem: Problem, cfg: MosaicForwardConfig):
   """Runs ``body`` with a program's shared memory allocated."""
-  b, w, s = cfg.block, cfg.window_tiles(problem.window), _stages(problem, cfg)
+  b, w, s = cfg.block, cfg.window_tiles(problem.window), _stages(problem, cfg) * _parts(problem)
   smem = (_tiled((b, d), dtype), _tiled((w, b, d), dtype), _tiled((w, b, d), dtype),
           _term_buffer((s, b, d), dtype, cfg.term_smem), _term_buffer((s, b, d), dtype, cfg.term_smem),
           plgpu.SMEM((b,), jnp.float32))
@@ -280,18 +305,35 @@ def _program(problem: Problem, block: int) -> _Program:
   return _Program(lax.axis_index("batch"), h, lax.div(h, jnp.int32(problem.group)), lax.axis_index("tile") * block)
 
 
-# Called on each landed key/value tile: (step, first key row, key tile, value tile, state) -> state. The step is the
-# window tile's index or the offset term's; the first key row is the tile's logical start (before clamping).
+# Called on each landed window tile: (tile index, first key row, key tile, value tile, state) -> state; the first key
+# row is the tile's logical start (before clamping).
 _OnTile = Callable[[Any, Any, Any, Any, Any], Any]
+
+
+class _TermRefs(NamedTuple):
+  """The kernel's offset term arrays in global memory (``_offsets``)."""
+
+  lo: Any  # [K'] int32: the static offset, or the learned distance's floor
+  frac: Any  # [K'] float32: the learned distance's fraction; None for static offsets
+
+
+class _Term(NamedTuple):
+  """One landed offset term of distance ``lo (+ frac)``: its shifted key and value tiles in shared
+  memory, part ``p`` holding rows ``[i0 - lo - p, ... + block)`` (one part static, two learned)."""
+
+  lo: Any  # int32 scalar
+  frac: Any  # float32 scalar; None for static offsets
+  k: tuple[Any, ...]
+  v: tuple[Any, ...]
 
 
 class _Handlers(NamedTuple):
   """What a kernel does with each landed tile: ``query(q tile, state) -> state``, then ``window``
-  and ``term`` (``_OnTile``)."""
+  (``_OnTile``) and ``term(_Term, state) -> state``."""
 
   query: Callable[[Any, Any], Any]
   window: _OnTile
-  term: _OnTile
+  term: Callable[[_Term, Any], Any]
 
 
 def _stream_tiles(gmem, buf: _Buffers, prog: _Program, geo: _Rows, problem: Problem, cfg: MosaicForwardConfig,
@@ -300,14 +342,15 @@ def _stream_tiles(gmem, buf: _Buffers, prog: _Program, geo: _Rows, problem: Prob
   each as it lands, in order; returns the final state.
 
   Issues the query tile, every window tile and the first ``stages`` offset terms at once; each
-  term, once handled, hands its ring slot to the term ``stages`` later. ``gmem``: ``(offsets [K'],
-  q [B, rows, H_q, D], k, v [B, kv_rows, H_kv, D])``. Window starts before row 0 are clamped to
-  it (every key there is masked); a shifted start may lie anywhere (rows outside the array load as
-  zeros).
+  term, once handled, hands its ring slot (its ``parts`` tiles) to the term ``stages`` later.
+  ``gmem``: ``(_TermRefs, q [B, rows, H_q, D], k, v [B, kv_rows, H_kv, D])``. Window starts before
+  row 0 are clamped to it (every key there is masked); a shifted start may lie anywhere (rows
+  outside the array load as zeros).
   """
-  offs_ref, q_ref, k_ref, v_ref = gmem
+  terms_ref, q_ref, k_ref, v_ref = gmem
   b = cfg.block
   windows, terms, stages = cfg.window_tiles(problem.window), problem.num_offsets, _stages(problem, cfg)
+  parts = _parts(problem)
 
   def kv_rows(ref, start):
     return ref.at[prog.batch, pl.ds(start + geo.front, b), prog.kv_head]
@@ -320,8 +363,11 @@ def _stream_tiles(gmem, buf: _Buffers, prog: _Program, geo: _Rows, problem: Prob
     return prog.i0 - t * b
 
   def issue_term(kk, slot):
-    issue(prog.i0 - offs_ref[kk], buf.term_k.at[slot], buf.term_v.at[slot], buf.term_k_bar.at[slot],
-          buf.term_v_bar.at[slot])
+    lo = terms_ref.lo[kk]
+    for p in range(parts):
+      tile = slot * parts + p
+      issue(prog.i0 - lo - p, buf.term_k.at[tile], buf.term_v.at[tile], buf.term_k_bar.at[tile],
+            buf.term_v_bar.at[tile])
 
   plgpu.copy_gmem_to_smem(q_ref.at[prog.batch, pl.ds(prog.i0, b), prog.head], buf.q, buf.q_bar.at[0])
   for t in range(windows):
@@ -340,9 +386,13 @@ def _stream_tiles(gmem, buf: _Buffers, prog: _Program, geo: _Rows, problem: Prob
 
   def term(kk, state):
     slot = lax.rem(kk, jnp.int32(stages))
-    plgpu.barrier_wait(buf.term_k_bar.at[slot])
-    plgpu.barrier_wait(buf.term_v_bar.at[slot])
-    state = handlers.term(kk, prog.i0 - offs_ref[kk], buf.term_k.at[slot], buf.term_v.at[slot], state)
+    tiles = [slot * parts + p for p in range(parts)]
+    for tile in tiles:
+      plgpu.barrier_wait(buf.term_k_bar.at[tile])
+      plgpu.barrier_wait(buf.term_v_bar.at[tile])
+    frac = None if terms_ref.frac is None else terms_ref.frac[kk]
+    k_tiles, v_tiles = tuple(buf.term_k.at[t] for t in tiles), tuple(buf.term_v.at[t] for t in tiles)
+    state = handlers.term(_Term(terms_ref.lo[kk], frac, k_tiles, v_tiles), state)
 
     @pl.when(kk + stages < terms)
     def _():
@@ -383,11 +433,19 @@ def _softmax_step(st: _Softmax, m_new: jax.Array, p_sum: jax.Array,
   return st._replace(m=m_new, l=st.l * corr + p_sum, acc=add_values(st.acc * _rows_to(corr, st.acc.shape)))
 
 
+def _blend(tiles_BxD: tuple[jax.Array, ...], frac) -> jax.Array:
+  """A term's key (or value) rows in float32: the one tile (static), or ``x_lo + t * (x_hi - x_lo)``."""
+  x_BxD = tiles_BxD[0].astype(jnp.float32)
+  if len(tiles_BxD) == 1:
+    return x_BxD
+  return x_BxD + frac * (tiles_BxD[1].astype(jnp.float32) - x_BxD)
+
+
 def _attention_handlers(buf: _Buffers, prog: _Program, problem: Problem, b: int, dtype, ops: _Ops) -> _Handlers:
   """The forward's work on each landed tile. Window tile at keys ``[j0, j0 + b)``: scores on
   tensor cores, masked outside the window (``0 <= i - j < W``) and outside ``[0, N)``. Offset
-  term with shifted start ``i0 - o``: row-wise scores, masked unless ``o >= W`` and ``i >= o``.
-  Each is one online softmax step."""
+  term of distance ``d`` (``lo + t``): row-wise scores of the blended key, masked unless ``d >= W``
+  and ``i >= d``. Each is one online softmax step."""
   q_rows_B = ops.iota((b,), 0, ROW_LAYOUT) + prog.i0
   q_rows_BxB = ops.iota((b, b), 0, plgpu.Layout.WGMMA) + prog.i0
   cols_BxB = ops.iota((b, b), 1, plgpu.Layout.WGMMA)
@@ -405,22 +463,22 @@ def _attention_handlers(buf: _Buffers, prog: _Program, problem: Problem, b: int,
     p_BxB = jnp.exp(s_BxB - _rows_to(m_new, s_BxB.shape))
     return _softmax_step(st, m_new, jnp.sum(p_BxB, axis=1), lambda acc: ops.add_pv(acc, p_BxB.astype(dtype), v_smem))
 
-  def term(kk, start, k_smem, v_smem, st: _Softmax) -> _Softmax:
-    del kk
-    k_BxD = ops.load_term(k_smem).astype(jnp.float32)
+  def term(term: _Term, st: _Softmax) -> _Softmax:
+    k_BxD = _blend(tuple(ops.load_term(k) for k in term.k), term.frac)
     s_B = jnp.sum(st.q.astype(jnp.float32) * k_BxD, axis=1) * problem.scale
-    offset = prog.i0 - start
-    s_B = jnp.where((offset >= problem.window) & (q_rows_B >= offset), s_B, MASK_VALUE)
+    past_lo_B = q_rows_B - term.lo  # i - lo; i >= d is i - lo >= t
+    exists_B = past_lo_B >= 0 if term.frac is None else past_lo_B.astype(jnp.float32) >= term.frac
+    s_B = jnp.where((term.lo >= problem.window) & exists_B, s_B, MASK_VALUE)
     m_new = jnp.maximum(st.m, s_B)
     p_B = jnp.exp(s_B - m_new)
-    v_BxD = ops.load_term(v_smem).astype(jnp.float32)
+    v_BxD = _blend(tuple(ops.load_term(v) for v in term.v), term.frac)
     return _softmax_step(st, m_new, p_B, lambda acc: acc + _rows_to(p_B, acc.shape) * v_BxD)
 
   return _Handlers(query, window, term)
 
 
-def _forward_kernel(offs_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, problem: Problem, cfg: MosaicForwardConfig,
-                    geo: _Rows, ops: _Ops):
+def _forward_kernel(terms_ref: _TermRefs, q_ref, k_ref, v_ref, o_ref, lse_ref, *, problem: Problem,
+                    cfg: MosaicForwardConfig, geo: _Rows, ops: _Ops):
   """One query tile: the window's banded tiles on tensor cores and each offset term's row-wise
   scores under one online softmax; writes the output tile and its log-sum-exp."""
   b, d = cfg.block, q_ref.shape[-1]
@@ -431,7 +489,7 @@ def _forward_kernel(offs_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, problem: P
     init = _Softmax(ops.layout(jnp.zeros((b, d), q_ref.dtype), plgpu.Layout.WGMMA),
                     ops.full((b,), MASK_VALUE, ROW_LAYOUT), ops.full((b,), 0.0, ROW_LAYOUT),
                     ops.full((b, d), 0.0, plgpu.Layout.WGMMA))
-    st = _stream_tiles((offs_ref, q_ref, k_ref, v_ref), buf, prog, geo, problem, cfg, handlers, init)
+    st = _stream_tiles((terms_ref, q_ref, k_ref, v_ref), buf, prog, geo, problem, cfg, handlers, init)
     buf.q[...] = (st.acc / _rows_to(st.l, st.acc.shape)).astype(o_ref.dtype)  # the query tile is no longer read
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(buf.q, o_ref.at[prog.batch, pl.ds(prog.i0, b), prog.head])
@@ -454,14 +512,15 @@ def _sum_handlers(ops: _Ops) -> _Handlers:
     del t, j0
     return sums_B + row_sums(ops.load_tile(k_smem)) + row_sums(ops.load_tile(v_smem))
 
-  def term(kk, start, k_smem, v_smem, sums_B):
-    del kk, start
-    return sums_B + row_sums(ops.load_term(k_smem)) + row_sums(ops.load_term(v_smem))
+  def term(term: _Term, sums_B):
+    for k_smem, v_smem in zip(term.k, term.v):
+      sums_B = sums_B + row_sums(ops.load_term(k_smem)) + row_sums(ops.load_term(v_smem))
+    return sums_B
 
   return _Handlers(query, window, term)
 
 
-def _loads_kernel(offs_ref, q_ref, k_ref, v_ref, sums_ref, *, problem: Problem, cfg: MosaicForwardConfig,
+def _loads_kernel(terms_ref: _TermRefs, q_ref, k_ref, v_ref, sums_ref, *, problem: Problem, cfg: MosaicForwardConfig,
                   geo: _Rows, ops: _Ops):
   """The forward's loads without its arithmetic: per query row, the sum of that row of the query
   tile and of every landed key and value tile."""
@@ -469,7 +528,7 @@ def _loads_kernel(offs_ref, q_ref, k_ref, v_ref, sums_ref, *, problem: Problem, 
   prog = _program(problem, b)
 
   def body(buf: _Buffers):
-    sums_B = _stream_tiles((offs_ref, q_ref, k_ref, v_ref), buf, prog, geo, problem, cfg, _sum_handlers(ops),
+    sums_B = _stream_tiles((terms_ref, q_ref, k_ref, v_ref), buf, prog, geo, problem, cfg, _sum_handlers(ops),
                            ops.full((b,), 0.0, ROW_LAYOUT))
     _store_rows(buf, sums_B, sums_ref, prog, b)
     plgpu.wait_smem_to_gmem(0)
@@ -479,18 +538,24 @@ def _loads_kernel(offs_ref, q_ref, k_ref, v_ref, sums_ref, *, problem: Problem, 
 
 def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: MosaicForwardConfig | None, interpret,
             name: str):
-  """Pads the inputs as the geometry says and runs ``kernel(offsets, q, k, v, *outputs)`` on the
+  """Pads the inputs as the geometry says and runs ``kernel(_TermRefs, q, k, v, *outputs)`` on the
   grid ``(H_q, tiles, B)``; returns the outputs and the geometry."""
   cfg = cfg or default_config(problem)
-  _check(q, seg, problem, cfg)
+  _check(q, seg, offsets, problem, cfg)
   bsz, n, h, _ = q.shape
   params = _interpret_params(interpret)
   geo = _rows(n, cfg.block, params is not None)
   ops = _Ops(interpret=params is not None, term_smem=cfg.term_smem)
   q = _pad(q, 0, geo.rows)
   k, v = (_pad(x, geo.front, geo.kv_rows) for x in (k, v))
+  terms = _offsets(offsets, problem)
+
+  def body(*refs):
+    term_refs = _TermRefs(*refs[:len(terms)]) if problem.learned else _TermRefs(refs[0], None)
+    kernel(term_refs, *refs[len(terms):], problem=problem, cfg=cfg, geo=geo, ops=ops)
+
   call = plgpu.kernel(
-      functools.partial(kernel, problem=problem, cfg=cfg, geo=geo, ops=ops),
+      body,
       out_type=out_type(geo),
       grid=(h, geo.tiles, bsz),
       grid_names=("head", "tile", "batch"),
@@ -498,7 +563,7 @@ def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: Mosa
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=params,
   )
-  return call(_offsets(offsets, problem), q, k, v), geo
+  return call(*terms, q, k, v), geo
 
 
 def _check_grid(q: jax.Array, problem: Problem) -> None:
@@ -509,9 +574,10 @@ def _check_grid(q: jax.Array, problem: Problem) -> None:
 @functools.partial(jax.jit, static_argnames=("problem", "cfg", "interpret"))
 def forward(q, k, v, seg, offsets, *, problem: Problem, cfg: MosaicForwardConfig | None, interpret):
   """``(out [B, N, H_q, D] in q's dtype, lse [B, H_q, N] float32)`` from ``q [B, N, H_q, D]``,
-  ``k, v [B, N, H_kv, D]`` (bfloat16 or float16, head_dim a multiple of 64) and static offsets
-  ``[K]`` int32 (normalised: ``normalize_offsets``); ``seg`` must be ``None``. ``lse`` is the
-  natural log-sum-exp of each row's scaled, masked scores, as ``triton_gpu.forward`` returns it.
+  ``k, v [B, N, H_kv, D]`` (bfloat16 or float16, head_dim a multiple of 64) and offsets ``[K]``:
+  int32 static offsets, or float32 learned distances with ``problem.learned`` (normalised:
+  ``normalize_offsets``); ``seg`` must be ``None``. ``lse`` is the natural log-sum-exp of each
+  row's scaled, masked scores, as ``triton_gpu.forward`` returns it.
   ``cfg=None``: ``default_config(problem)``. ``interpret``: ``True`` (or ``InterpretGPUParams``)
   runs in Pallas' GPU interpreter."""
   _check_grid(q, problem)
@@ -530,8 +596,9 @@ def pattern_loads(q, k, v, offsets, *, problem: Problem, cfg: MosaicForwardConfi
   """The load-only floor of ``forward``: the same grid, tile schedule and copies, no attention
   arithmetic. Returns ``[B, H_q, N]`` float32: for query row ``i`` of head ``h``, the sum of row
   ``i`` of q, plus for each window tile ``t`` the sums of k and v rows ``max(i0 - t * block, 0) +
-  r`` (``i = i0 + r``), plus for each offset term the sums of k and v rows ``i - o`` (rows outside
-  ``[0, N)`` are zeros; terms with ``o < W`` or ``o >= N`` read rows ``i``)."""
+  r`` (``i = i0 + r``), plus for each offset term the sums of k and v rows ``i - lo`` and, learned,
+  ``i - lo - 1`` (``lo`` the offset or the distance's floor; rows outside ``[0, N)`` are zeros; terms
+  with ``d < W`` or ``d >= N`` have ``lo = 0``)."""
   _check_grid(q, problem)
   bsz, n, h, _ = q.shape
 
