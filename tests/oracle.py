@@ -31,16 +31,12 @@ def _per_head(x, heads: int):
   return np.repeat(x, heads // x.shape[2], axis=2)
 
 
-def masked_attention(q, k, v, mask, extra=None):
-  """float64 softmax attention of ``q [B,N,H,D]``, ``k, v [B,N,H_kv,D]`` under an ``[N, N]`` or
-  ``[B, N, N]`` mask.
-
-  ``extra``: optional list of (key_rows, value_rows [B,N,H_kv,D], valid [N] or [B, N]) columns
-  appended to each query's softmax (used for fractional, interpolated terms).
-  """
+def _masked_scores(q, k, mask, extra):
+  """float64 scaled scores ``[B, H, N, N + len(extra)]`` (masked ones -inf) and the extra columns'
+  value rows, per query head."""
   q = np.asarray(q, np.float64)
   h, d = q.shape[2], q.shape[3]
-  k, v = _per_head(k, h), _per_head(v, h)
+  k = _per_head(k, h)
   mask = np.asarray(mask)
   mask = mask[:, None] if mask.ndim == 3 else mask[None, None]
   s = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
@@ -52,14 +48,32 @@ def masked_attention(q, k, v, mask, extra=None):
     valid = valid[:, None] if valid.ndim == 2 else valid[None, None]
     cols.append(np.where(valid, se, -np.inf)[..., None])
     vals.append(_per_head(vr, h))
-  s = np.concatenate(cols, axis=-1)
+  return np.concatenate(cols, axis=-1), vals
+
+
+def masked_attention(q, k, v, mask, extra=None):
+  """float64 softmax attention of ``q [B,N,H,D]``, ``k, v [B,N,H_kv,D]`` under an ``[N, N]`` or
+  ``[B, N, N]`` mask.
+
+  ``extra``: optional list of (key_rows, value_rows [B,N,H_kv,D], valid [N] or [B, N]) columns
+  appended to each query's softmax (used for fractional, interpolated terms).
+  """
+  s, vals = _masked_scores(q, k, mask, extra)
   p = np.exp(s - s.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
-  n = q.shape[1]
-  out = np.einsum("bhqk,bkhd->bqhd", p[..., :n], v)
+  n = s.shape[2]
+  out = np.einsum("bhqk,bkhd->bqhd", p[..., :n], _per_head(v, s.shape[1]))
   for e, vr in enumerate(vals):
     out += np.einsum("bhq,bqhd->bqhd", p[..., n + e], vr)
   return out
+
+
+def masked_lse(q, k, mask, extra=None):
+  """float64 ``[B, H, N]``: the natural log-sum-exp of each query's scaled scores under ``mask``
+  and the ``extra`` columns (as ``masked_attention`` takes them)."""
+  s, _ = _masked_scores(q, k, mask, extra)
+  top = s.max(-1, keepdims=True)
+  return (top + np.log(np.exp(s - top).sum(-1, keepdims=True)))[..., 0]
 
 
 def interpolated_terms(k, v, distances, window, reach, segment_ids=None):

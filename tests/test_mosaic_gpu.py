@@ -22,7 +22,7 @@ from fibjax.reference import sparse_attention_reference
 from pallas_kernels.attention import mosaic_gpu
 from pallas_kernels.attention.ops import attention_problem
 from pallas_kernels.pattern import normalize_offsets
-from tests.oracle import pattern_mask
+from tests.oracle import interpolated_terms, masked_lse, pattern_mask
 
 pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params", reason="this jax has no Pallas GPU interpreter")
 
@@ -56,72 +56,69 @@ LEARNED_CASES = {
 }
 
 
+# Segment ids (several documents packed in each batch row): boundaries inside a tile and on tile edges, a
+# document shorter than the window, one that spans several tiles; the runs differ between batch rows.
+SEGMENT_CASES = {
+    "segments_static": ("mha_d64", (0, 50, 64, 70, 180)),
+    "segments_gqa_ragged": ("gqa_ragged", (0, 128, 129, 200)),
+    "segments_learned": ("learned_gqa_ragged_reach", (0, 41, 106, 107, 150)),
+}
+
+
 def _inputs(case):
-  seed, n, h, h_kv, d, window, offsets, reach, dtype, cfg = {**CASES, **LEARNED_CASES}[case]
+  base, starts = SEGMENT_CASES.get(case, (case, None))
+  seed, n, h, h_kv, d, window, offsets, reach, dtype, cfg = {**CASES, **LEARNED_CASES}[base]
   kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-  q = jax.random.normal(kq, (1, n, h, d), jnp.float32).astype(dtype)
-  k = jax.random.normal(kk, (1, n, h_kv, d), jnp.float32).astype(dtype)
-  v = jax.random.normal(kv, (1, n, h_kv, d), jnp.float32).astype(dtype)
-  offsets = jnp.asarray(offsets, jnp.float32 if case in LEARNED_CASES else jnp.int32)
-  return q, k, v, offsets, dict(window=window, reach=reach), cfg
+  b = 1 if starts is None else 2
+  q = jax.random.normal(kq, (b, n, h, d), jnp.float32).astype(dtype)
+  k = jax.random.normal(kk, (b, n, h_kv, d), jnp.float32).astype(dtype)
+  v = jax.random.normal(kv, (b, n, h_kv, d), jnp.float32).astype(dtype)
+  offsets = jnp.asarray(offsets, jnp.float32 if base in LEARNED_CASES else jnp.int32)
+  pattern = dict(window=window, reach=reach)
+  if starts is not None:  # batch row 0: documents from these starts; row 1: ids 3, 1, 3, ... (an id may recur)
+    ids = np.cumsum(np.isin(np.arange(n), starts)) - 1
+    pattern["segment_ids"] = jnp.asarray(np.stack([ids, np.where(ids % 2, 1, 3)]), jnp.int32)
+  return q, k, v, offsets, pattern, cfg
 
 
-def _kernel_offsets(offsets, window, reach):
+def _learned(case) -> bool:
+  return SEGMENT_CASES.get(case, (case,))[0] in LEARNED_CASES
+
+
+def _kernel_offsets(offsets, window, reach, segment_ids=None):
   """The offsets as ``gathered_offset_attention`` hands them to a lowering: invalid terms 0."""
+  del segment_ids
   return normalize_offsets(offsets, window, reach)[0]
 
 
-def _lse64(q, k, offsets, window, reach):
-  """float64 ``[B, H_q, N]`` log-sum-exp of each row's scaled scores under the pattern's mask."""
-  q64, k64 = np.asarray(q, np.float64), np.asarray(k, np.float64)
-  k64 = np.repeat(k64, q64.shape[2] // k64.shape[2], axis=2)
-  s = np.einsum("bqhd,bkhd->bhqk", q64, k64) / math.sqrt(q64.shape[-1])
-  s = np.where(pattern_mask(q64.shape[1], window, np.asarray(offsets), reach), s, -np.inf)
-  top = s.max(-1, keepdims=True)
-  return (top + np.log(np.exp(s - top).sum(-1, keepdims=True)))[..., 0]
-
-
-def _lse64_learned(q, k, offsets, window, reach):
-  """float64 ``[B, H_q, N]`` log-sum-exp of each row's scaled window scores and fractional terms'
-  scores (key ``(1 - t) k[i - lo] + t k[i - lo - 1]``; masked unless ``W <= d < R`` and ``i >= d``)."""
-  q64, k64 = np.asarray(q, np.float64), np.asarray(k, np.float64)
-  k64 = np.repeat(k64, q64.shape[2] // k64.shape[2], axis=2)
-  n, scale = q64.shape[1], 1 / math.sqrt(q64.shape[-1])
-  i = np.arange(n)
-  dist = i[:, None] - i[None, :]
-  s_win = np.einsum("bqhd,bkhd->bhqk", q64, k64) * scale
-  terms = [np.where(((dist >= 0) & (dist < window))[None, None], s_win, -np.inf)]
-  for d in np.asarray(offsets, np.float64):
-    lo, t = np.floor(d), d - np.floor(d)
-    rows = lambda r: k64[:, np.clip(r, 0, n - 1).astype(int)]  # noqa: E731
-    k_d = (1 - t) * rows(i - lo) + t * rows(i - lo - 1)
-    s = np.einsum("bqhd,bqhd->bhq", q64, k_d) * scale
-    live = (d >= window) & (reach is None or d < reach) & (i >= d)
-    terms.append(np.where(live[None, None], s, -np.inf)[..., None])
-  s = np.concatenate(terms, axis=-1)
-  top = s.max(-1, keepdims=True)
-  return (top + np.log(np.exp(s - top).sum(-1, keepdims=True)))[..., 0]
+def _lse64(q, k, offsets, window, reach, segment_ids=None):
+  """float64 ``[B, H_q, N]`` log-sum-exp of each row's scaled scores under the pattern's mask:
+  integer offsets as keys of the mask, fractional distances as interpolated columns."""
+  n = q.shape[1]
+  if jnp.issubdtype(offsets.dtype, jnp.integer):
+    return masked_lse(q, k, pattern_mask(n, window, np.asarray(offsets), reach, segment_ids))
+  extra = interpolated_terms(k, k, np.asarray(offsets, np.float64), window, reach or math.inf, segment_ids)
+  return masked_lse(q, k, pattern_mask(n, window, [], None, segment_ids), extra)
 
 
 def _forward(q, k, v, offsets, pattern, cfg):
   problem = attention_problem(q, k, offsets, **pattern)
-  return mosaic_gpu.forward(q, k, v, None, _kernel_offsets(offsets, **pattern), problem=problem, cfg=cfg,
-                            interpret=True)
+  return mosaic_gpu.forward(q, k, v, pattern.get("segment_ids"), _kernel_offsets(offsets, **pattern),
+                            problem=problem, cfg=cfg, interpret=True)
 
 
-@pytest.mark.parametrize("case", sorted(CASES) + sorted(LEARNED_CASES))
+@pytest.mark.parametrize("case", sorted(CASES) + sorted(LEARNED_CASES) + sorted(SEGMENT_CASES))
 def test_forward_matches_reference(case):
-  learned = case in LEARNED_CASES
+  learned = _learned(case)
   q, k, v, offsets, pattern, cfg = _inputs(case)
   out, lse = _forward(q, k, v, offsets, pattern, cfg)
-  msg = f"case={case} seed={(LEARNED_CASES if learned else CASES)[case][0]}"
+  msg = f"case={case} seed={({**CASES, **LEARNED_CASES})[SEGMENT_CASES.get(case, (case,))[0]][0]}"
   assert out.shape == q.shape and out.dtype == q.dtype, msg
   assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == jnp.float32, msg
   assert np.isfinite(np.asarray(out, np.float32)).all() and np.isfinite(np.asarray(lse)).all(), msg
   want = sparse_attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), offsets=offsets, **pattern)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want), err_msg=msg, **_TOL[q.dtype])
-  oracle = _lse64_learned if learned else _lse64
-  np.testing.assert_allclose(np.asarray(lse), oracle(q, k, offsets, **pattern), atol=2e-5 if learned else 1e-5,
+  np.testing.assert_allclose(np.asarray(lse), _lse64(q, k, offsets, **pattern), atol=2e-5 if learned else 1e-5,
                              rtol=1e-6, err_msg=msg)
 
 
@@ -189,10 +186,12 @@ def test_pattern_loads_sums_every_tile_of_the_pattern(case):
 def test_unsupported_inputs_raise():
   q, k, v, offsets, pattern, cfg = _inputs("mha_d64")
   seg = jnp.zeros(q.shape[:2], jnp.int32)
-  with pytest.raises(ValueError, match="segment ids"):
-    mosaic_gpu.forward(q, k, v, seg, offsets, problem=attention_problem(q, k, offsets, segment_ids=seg, **pattern),
-                       cfg=cfg, interpret=True)
   problem = attention_problem(q, k, offsets, **pattern)
+  with pytest.raises(ValueError, match="segment ids given, but the problem has segments=False"):
+    mosaic_gpu.forward(q, k, v, seg, offsets, problem=problem, cfg=cfg, interpret=True)
+  with pytest.raises(ValueError, match="segment ids must be int32"):
+    mosaic_gpu.forward(q, k, v, seg.astype(jnp.float32), offsets, cfg=cfg, interpret=True,
+                       problem=attention_problem(q, k, offsets, segment_ids=seg, **pattern))
   q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
   problem = attention_problem(q32, k32, offsets, **pattern)
   with pytest.raises(ValueError, match="bfloat16 or float16"):
@@ -222,28 +221,32 @@ def test_default_config_fits_shared_memory():
     mosaic_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=cfg, interpret=True)
 
 
-@pytest.mark.parametrize("term_smem", mosaic_gpu.TERM_SMEMS)
+@pytest.mark.parametrize("term_smem, segments", [("swizzled", False), ("plain", False), ("swizzled", True)])
 @pytest.mark.parametrize("offset_dtype", [jnp.int32, jnp.float32], ids=["static", "learned"])
-def test_lowers_for_cuda(term_smem, offset_dtype):
+def test_lowers_for_cuda(term_smem, segments, offset_dtype):
   """Both kernels lower to a Mosaic GPU custom call for CUDA: ragged N, GQA, two window tiles, a
-  ring of two slots behind three offset terms (static, or learned: two tiles a term)."""
+  ring of two slots behind three offset terms (static, or learned: two tiles a term); the forward
+  with segment ids too."""
   n, h, h_kv, d = 200, 2, 1, 64
   q = jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, n, h_kv, d), jnp.bfloat16)
   offsets = jax.ShapeDtypeStruct((3,), offset_dtype)
-  problem = attention_problem(q, kv, jnp.asarray([40, 100, 150], offset_dtype), window=32)
-  assert problem.learned == (offset_dtype == jnp.float32)
+  seg = jax.ShapeDtypeStruct((1, n), jnp.int32) if segments else None
+  problem = attention_problem(q, kv, jnp.asarray([40, 100, 150], offset_dtype), window=32,
+                              segment_ids=jnp.zeros((1, n), jnp.int32) if segments else None)
+  assert problem.learned == (offset_dtype == jnp.float32) and problem.segments == segments
   cfg = mosaic_gpu.MosaicForwardConfig(stages=2, term_smem=term_smem)
   assert cfg.window_tiles(problem.window) == 2 and problem.num_offsets > cfg.stages
   kernels = {
-      "forward": (lambda q, k, v, o: mosaic_gpu.forward(q, k, v, None, o, problem=problem, cfg=cfg, interpret=False),
+      "forward": (lambda q, k, v, o, s: mosaic_gpu.forward(q, k, v, s, o, problem=problem, cfg=cfg, interpret=False),
                   [(q.shape, jnp.bfloat16), ((1, h, n), jnp.float32)]),
-      "pattern_loads": (lambda q, k, v, o: mosaic_gpu.pattern_loads(q, k, v, o, problem=problem, cfg=cfg,
-                                                                    interpret=False),
-                        [((1, h, n), jnp.float32)]),
   }
+  if not segments:
+    kernels["pattern_loads"] = (lambda q, k, v, o, s: mosaic_gpu.pattern_loads(q, k, v, o, problem=problem, cfg=cfg,
+                                                                               interpret=False),
+                                [((1, h, n), jnp.float32)])
   for name, (fn, want) in kernels.items():
-    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, kv, kv, offsets)
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, kv, kv, offsets, seg)
     assert exported.platforms == ("cuda",), name
     assert [(a.shape, a.dtype) for a in exported.out_avals] == want, name
     assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module()), name

@@ -38,6 +38,10 @@ shifted tiles sit in shared memory: ``"swizzled"`` (128-byte swizzle, rows tiled
 shifted start needs no alignment; bank-conflict free register loads) or ``"plain"`` (row-major,
 unswizzled; loads with bank conflicts, kept as the simplest layout to compare against).
 
+Segment ids (``[B, N]`` int32, optional) travel with the tiles: the query tile's and each
+key/value tile's ids land in shared memory by TMA beside them, and a score is masked unless its
+key's id is the query's (for a fractional term, both rows it blends with a nonzero weight).
+
 Interpret mode (``interpret=True``, CPU tests) runs the same code in Pallas' GPU interpreter,
 which simulates shared memory, TMA copies and barriers. Three things differ there, each in one
 place: layout casts are skipped (the interpreter has no CPU rule for them; they only steer the
@@ -105,13 +109,17 @@ def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig) -> int:
   tiles, and the output statistics."""
   tile = cfg.block * problem.head_dim * jnp.dtype(problem.dtype).itemsize
   ring = _stages(problem, cfg) * _parts(problem)
-  return tile * (1 + 2 * (cfg.window_tiles(problem.window) + ring)) + 4 * cfg.block
+  tiles = 1 + cfg.window_tiles(problem.window) + ring  # one segment id row per query, window or term tile
+  return tile * (1 + 2 * (tiles - 1)) + 4 * cfg.block + (4 * cfg.block * tiles if problem.segments else 0)
 
 
 def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicForwardConfig) -> None:
   """Raises ValueError for what this kernel does not run."""
-  if seg is not None or problem.segments:
-    raise ValueError("the Mosaic GPU forward has no segment ids yet; use the Triton lowering (triton_gpu)")
+  if (seg is not None) != problem.segments:
+    raise ValueError(f"segment ids {'given' if seg is not None else 'missing'}, but the problem has "
+                     f"segments={problem.segments}; build the problem with the same segment_ids")
+  if seg is not None and (seg.shape != q.shape[:2] or seg.dtype != jnp.int32):
+    raise ValueError(f"segment ids must be int32 [B, N] = {q.shape[:2]}, got {seg.dtype} {seg.shape}")
   if problem.learned != jnp.issubdtype(offsets.dtype, jnp.floating):
     raise ValueError(f"offsets of dtype {offsets.dtype} do not match the problem (learned={problem.learned})")
   if q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -185,7 +193,8 @@ def _interpret_params(interpret):
   return interpret if isinstance(interpret, InterpretGPUParams) else InterpretGPUParams()
 
 
-ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)
+ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)  # a [block] vector along the rows of a wgmma tile
+COL_LAYOUT = plgpu.Layout.WGMMA.reduce(0)  # a [block] vector along its columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +226,10 @@ class _Ops:
       return plgpu.load(smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
     return plgpu.layout_cast(smem[...], plgpu.Layout.WGMMA)
 
+  def load_vector(self, smem, layout) -> jax.Array:
+    """A plain ``[block]`` vector (segment ids) in ``layout`` (``ROW_LAYOUT`` or ``COL_LAYOUT``)."""
+    return smem[...] if self.interpret else plgpu.load(smem, (), layout=layout, optimized=False)
+
   def scores(self, q_smem, k_smem, rows: int) -> jax.Array:
     """``q @ k^T``, ``[block, block]`` float32."""
     if self.interpret:
@@ -246,10 +259,31 @@ class _Ops:
     return pl.run_scoped(pv, plgpu.ACC(acc_BxD.shape, jnp.float32))
 
 
+class _Tile(NamedTuple):
+  """One key/value tile's shared memory: key rows, value rows and (with segments) their segment
+  ids, each landing on a barrier of its own."""
+
+  k: Any  # [block, D]
+  v: Any
+  seg: Any  # [block] int32; None without segments
+  k_bar: Any
+  v_bar: Any
+  seg_bar: Any
+
+  def wait(self) -> None:
+    for bar in (self.k_bar, self.v_bar, self.seg_bar):
+      if bar is not None:
+        plgpu.barrier_wait(bar)
+
+
+def _at(ref, i):
+  return None if ref is None else ref.at[i]
+
+
 class _Buffers(NamedTuple):
   """A program's shared memory: the query tile (reused for the output tile), the window's key and
-  value tiles, the offset terms' ring, a row vector for the output statistics, and barriers (one
-  per buffer; key and value tiles of a step land on barriers of their own)."""
+  value tiles, the offset terms' ring, a row vector for the output statistics, barriers (one per
+  buffer), and with segments the segment ids of the query rows and of every key/value tile."""
 
   q: Any  # [block, D], tiled and swizzled
   window_k: Any  # [window tiles, block, D], tiled and swizzled
@@ -257,11 +291,25 @@ class _Buffers(NamedTuple):
   term_k: Any  # [stages * parts, block, D], cfg.term_smem layout: slot s holds tiles s * parts + p
   term_v: Any
   rows_out: Any  # [block] float32
+  q_seg: Any  # [block] int32, or None without segments (as every *seg* field)
+  window_seg: Any  # [window tiles, block] int32
+  term_seg: Any  # [stages * parts, block] int32
   q_bar: Any
   window_k_bar: Any
   window_v_bar: Any
   term_k_bar: Any
   term_v_bar: Any
+  q_seg_bar: Any
+  window_seg_bar: Any
+  term_seg_bar: Any
+
+  def window_tile(self, t) -> _Tile:
+    return _Tile(self.window_k.at[t], self.window_v.at[t], _at(self.window_seg, t), self.window_k_bar.at[t],
+                 self.window_v_bar.at[t], _at(self.window_seg_bar, t))
+
+  def term_tile(self, i) -> _Tile:
+    return _Tile(self.term_k.at[i], self.term_v.at[i], _at(self.term_seg, i), self.term_k_bar.at[i],
+                 self.term_v_bar.at[i], _at(self.term_seg_bar, i))
 
 
 def _tiled(shape: tuple[int, ...], dtype):
@@ -284,7 +332,12 @@ def _with_buffers(body: Callable[[_Buffers], None], d: int, dtype, problem: Prob
           plgpu.SMEM((b,), jnp.float32))
   bars = (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=w), plgpu.Barrier(num_barriers=w),
           plgpu.Barrier(num_barriers=s), plgpu.Barrier(num_barriers=s))
-  pl.run_scoped(lambda smem, bars: body(_Buffers(*smem, *bars)), smem, bars)
+  if problem.segments:
+    seg_smem = (plgpu.SMEM((b,), jnp.int32), plgpu.SMEM((w, b), jnp.int32), plgpu.SMEM((s, b), jnp.int32))
+    seg_bars = (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=w), plgpu.Barrier(num_barriers=s))
+  else:
+    seg_smem = seg_bars = (None, None, None)
+  pl.run_scoped(lambda smem, bars: body(_Buffers(*smem, *bars)), smem + seg_smem, bars + seg_bars)
 
 
 def _stages(problem: Problem, cfg: MosaicForwardConfig) -> int:
@@ -305,11 +358,6 @@ def _program(problem: Problem, block: int) -> _Program:
   return _Program(lax.axis_index("batch"), h, lax.div(h, jnp.int32(problem.group)), lax.axis_index("tile") * block)
 
 
-# Called on each landed window tile: (tile index, first key row, key tile, value tile, state) -> state; the first key
-# row is the tile's logical start (before clamping).
-_OnTile = Callable[[Any, Any, Any, Any, Any], Any]
-
-
 class _TermRefs(NamedTuple):
   """The kernel's offset term arrays in global memory (``_offsets``)."""
 
@@ -317,82 +365,92 @@ class _TermRefs(NamedTuple):
   frac: Any  # [K'] float32: the learned distance's fraction; None for static offsets
 
 
+class _Inputs(NamedTuple):
+  """A kernel's inputs in global memory: q ``[B, rows, H_q, D]``, k and v ``[B, kv_rows, H_kv, D]``
+  and the segment ids ``[B, kv_rows]`` int32 (None without segments), padded as ``_Rows`` says."""
+
+  terms: _TermRefs
+  q: Any
+  k: Any
+  v: Any
+  seg: Any
+
+
 class _Term(NamedTuple):
-  """One landed offset term of distance ``lo (+ frac)``: its shifted key and value tiles in shared
+  """One landed offset term of distance ``lo (+ frac)``: its shifted key/value tiles in shared
   memory, part ``p`` holding rows ``[i0 - lo - p, ... + block)`` (one part static, two learned)."""
 
   lo: Any  # int32 scalar
   frac: Any  # float32 scalar; None for static offsets
-  k: tuple[Any, ...]
-  v: tuple[Any, ...]
+  tiles: tuple[_Tile, ...]
 
 
 class _Handlers(NamedTuple):
-  """What a kernel does with each landed tile: ``query(q tile, state) -> state``, then ``window``
-  (``_OnTile``) and ``term(_Term, state) -> state``."""
+  """What a kernel does with each landed tile: ``query(q tile, its segment ids or None, state) ->
+  state``, then ``window(tile index, first key row before clamping, _Tile, state) -> state`` and
+  ``term(_Term, state) -> state``."""
 
-  query: Callable[[Any, Any], Any]
-  window: _OnTile
+  query: Callable[[Any, Any, Any], Any]
+  window: Callable[[int, Any, _Tile, Any], Any]
   term: Callable[[_Term, Any], Any]
 
 
-def _stream_tiles(gmem, buf: _Buffers, prog: _Program, geo: _Rows, problem: Problem, cfg: MosaicForwardConfig,
-                  handlers: _Handlers, state):
-  """Loads the query tile and every key/value tile program ``prog`` reads, calling ``handlers`` on
-  each as it lands, in order; returns the final state.
+def _stream_tiles(gmem: _Inputs, buf: _Buffers, prog: _Program, geo: _Rows, problem: Problem,
+                  cfg: MosaicForwardConfig, handlers: _Handlers, state):
+  """Loads the query tile and every key/value tile program ``prog`` reads (with their segment ids),
+  calling ``handlers`` on each as it lands, in order; returns the final state.
 
   Issues the query tile, every window tile and the first ``stages`` offset terms at once; each
   term, once handled, hands its ring slot (its ``parts`` tiles) to the term ``stages`` later.
-  ``gmem``: ``(_TermRefs, q [B, rows, H_q, D], k, v [B, kv_rows, H_kv, D])``. Window starts before
-  row 0 are clamped to it (every key there is masked); a shifted start may lie anywhere (rows
-  outside the array load as zeros).
+  Window starts before row 0 are clamped to it (every key there is masked); a shifted start may
+  lie anywhere (rows outside the array load as zeros).
   """
-  terms_ref, q_ref, k_ref, v_ref = gmem
   b = cfg.block
   windows, terms, stages = cfg.window_tiles(problem.window), problem.num_offsets, _stages(problem, cfg)
   parts = _parts(problem)
 
-  def kv_rows(ref, start):
-    return ref.at[prog.batch, pl.ds(start + geo.front, b), prog.kv_head]
+  def seg_rows(start):
+    return gmem.seg.at[prog.batch, pl.ds(start + geo.front, b)]
 
-  def issue(start, k_smem, v_smem, k_bar, v_bar):
-    plgpu.copy_gmem_to_smem(kv_rows(k_ref, start), k_smem, k_bar)
-    plgpu.copy_gmem_to_smem(kv_rows(v_ref, start), v_smem, v_bar)
+  def issue(start, tile: _Tile):
+    for ref, smem, bar in ((gmem.k, tile.k, tile.k_bar), (gmem.v, tile.v, tile.v_bar)):
+      plgpu.copy_gmem_to_smem(ref.at[prog.batch, pl.ds(start + geo.front, b), prog.kv_head], smem, bar)
+    if gmem.seg is not None:
+      plgpu.copy_gmem_to_smem(seg_rows(start), tile.seg, tile.seg_bar)
 
   def window_start(t: int):
     return prog.i0 - t * b
 
   def issue_term(kk, slot):
-    lo = terms_ref.lo[kk]
+    lo = gmem.terms.lo[kk]
     for p in range(parts):
-      tile = slot * parts + p
-      issue(prog.i0 - lo - p, buf.term_k.at[tile], buf.term_v.at[tile], buf.term_k_bar.at[tile],
-            buf.term_v_bar.at[tile])
+      issue(prog.i0 - lo - p, buf.term_tile(slot * parts + p))
 
-  plgpu.copy_gmem_to_smem(q_ref.at[prog.batch, pl.ds(prog.i0, b), prog.head], buf.q, buf.q_bar.at[0])
+  plgpu.copy_gmem_to_smem(gmem.q.at[prog.batch, pl.ds(prog.i0, b), prog.head], buf.q, buf.q_bar.at[0])
+  if gmem.seg is not None:
+    plgpu.copy_gmem_to_smem(seg_rows(prog.i0), buf.q_seg, buf.q_seg_bar.at[0])
   for t in range(windows):
-    issue(jnp.maximum(window_start(t), 0), buf.window_k.at[t], buf.window_v.at[t], buf.window_k_bar.at[t],
-          buf.window_v_bar.at[t])
+    issue(jnp.maximum(window_start(t), 0), buf.window_tile(t))
   for kk in range(min(stages, terms)):
     issue_term(kk, kk)
   plgpu.barrier_wait(buf.q_bar.at[0])
-  state = handlers.query(buf.q, state)
+  if gmem.seg is not None:
+    plgpu.barrier_wait(buf.q_seg_bar.at[0])
+  state = handlers.query(buf.q, buf.q_seg, state)
   for t in range(windows):
-    plgpu.barrier_wait(buf.window_k_bar.at[t])
-    plgpu.barrier_wait(buf.window_v_bar.at[t])
-    state = handlers.window(t, window_start(t), buf.window_k.at[t], buf.window_v.at[t], state)
+    tile = buf.window_tile(t)
+    tile.wait()
+    state = handlers.window(t, window_start(t), tile, state)
   if not terms:
     return state
 
   def term(kk, state):
     slot = lax.rem(kk, jnp.int32(stages))
-    tiles = [slot * parts + p for p in range(parts)]
+    tiles = tuple(buf.term_tile(slot * parts + p) for p in range(parts))
     for tile in tiles:
-      plgpu.barrier_wait(buf.term_k_bar.at[tile])
-      plgpu.barrier_wait(buf.term_v_bar.at[tile])
-    frac = None if terms_ref.frac is None else terms_ref.frac[kk]
-    k_tiles, v_tiles = tuple(buf.term_k.at[t] for t in tiles), tuple(buf.term_v.at[t] for t in tiles)
-    state = handlers.term(_Term(terms_ref.lo[kk], frac, k_tiles, v_tiles), state)
+      tile.wait()
+    frac = None if gmem.terms.frac is None else gmem.terms.frac[kk]
+    state = handlers.term(_Term(gmem.terms.lo[kk], frac, tiles), state)
 
     @pl.when(kk + stages < terms)
     def _():
@@ -411,10 +469,12 @@ def _store_rows(buf: _Buffers, rows_B: jax.Array, rows_ref, prog: _Program, bloc
 
 
 class _Softmax(NamedTuple):
-  """Online softmax state of a query tile: the query tile in registers ``[block, D]``, row maxima
-  and sums ``[block]`` and the unnormalised output ``[block, D]`` (float32)."""
+  """Online softmax state of a query tile: the query tile in registers ``[block, D]``, its rows'
+  segment ids ``[block]`` (None without segments), row maxima and sums ``[block]`` and the
+  unnormalised output ``[block, D]`` (float32)."""
 
   q: jax.Array
+  seg: jax.Array | None
   m: jax.Array
   l: jax.Array
   acc: jax.Array
@@ -443,60 +503,69 @@ def _blend(tiles_BxD: tuple[jax.Array, ...], frac) -> jax.Array:
 
 def _attention_handlers(buf: _Buffers, prog: _Program, problem: Problem, b: int, dtype, ops: _Ops) -> _Handlers:
   """The forward's work on each landed tile. Window tile at keys ``[j0, j0 + b)``: scores on
-  tensor cores, masked outside the window (``0 <= i - j < W``) and outside ``[0, N)``. Offset
-  term of distance ``d`` (``lo + t``): row-wise scores of the blended key, masked unless ``d >= W``
-  and ``i >= d``. Each is one online softmax step."""
+  tensor cores, masked outside the window (``0 <= i - j < W``), outside ``[0, N)`` and outside the
+  query's segment. Offset term of distance ``d`` (``lo + t``): row-wise scores of the blended key,
+  masked unless ``d >= W``, ``i >= d`` and every row read with a nonzero weight (``i - lo``, and
+  ``i - lo - 1`` when ``t > 0``) is in the query's segment. Each is one online softmax step."""
   q_rows_B = ops.iota((b,), 0, ROW_LAYOUT) + prog.i0
   q_rows_BxB = ops.iota((b, b), 0, plgpu.Layout.WGMMA) + prog.i0
   cols_BxB = ops.iota((b, b), 1, plgpu.Layout.WGMMA)
 
-  def query(q_smem, st: _Softmax) -> _Softmax:
-    return st._replace(q=ops.load_tile(q_smem))
+  def query(q_smem, seg_smem, st: _Softmax) -> _Softmax:
+    return st._replace(q=ops.load_tile(q_smem), seg=None if seg_smem is None else ops.load_vector(seg_smem, ROW_LAYOUT))
 
-  def window(t, j0, k_smem, v_smem, st: _Softmax) -> _Softmax:
+  def window(t, j0, tile: _Tile, st: _Softmax) -> _Softmax:
     del t
     keys_BxB = cols_BxB + j0
     dist_BxB = q_rows_BxB - keys_BxB
     mask = (dist_BxB >= 0) & (dist_BxB < problem.window) & (keys_BxB >= 0) & (keys_BxB < problem.n)
-    s_BxB = jnp.where(mask, ops.scores(buf.q, k_smem, b) * problem.scale, MASK_VALUE)
+    if st.seg is not None:
+      key_seg_BxB = lax.broadcast_in_dim(ops.load_vector(tile.seg, COL_LAYOUT), (b, b), [1])
+      mask = mask & (_rows_to(st.seg, (b, b)) == key_seg_BxB)
+    s_BxB = jnp.where(mask, ops.scores(buf.q, tile.k, b) * problem.scale, MASK_VALUE)
     m_new = jnp.maximum(st.m, jnp.max(s_BxB, axis=1))
     p_BxB = jnp.exp(s_BxB - _rows_to(m_new, s_BxB.shape))
-    return _softmax_step(st, m_new, jnp.sum(p_BxB, axis=1), lambda acc: ops.add_pv(acc, p_BxB.astype(dtype), v_smem))
+    return _softmax_step(st, m_new, jnp.sum(p_BxB, axis=1), lambda acc: ops.add_pv(acc, p_BxB.astype(dtype), tile.v))
 
   def term(term: _Term, st: _Softmax) -> _Softmax:
-    k_BxD = _blend(tuple(ops.load_term(k) for k in term.k), term.frac)
+    k_BxD = _blend(tuple(ops.load_term(tile.k) for tile in term.tiles), term.frac)
     s_B = jnp.sum(st.q.astype(jnp.float32) * k_BxD, axis=1) * problem.scale
     past_lo_B = q_rows_B - term.lo  # i - lo; i >= d is i - lo >= t
-    exists_B = past_lo_B >= 0 if term.frac is None else past_lo_B.astype(jnp.float32) >= term.frac
-    s_B = jnp.where((term.lo >= problem.window) & exists_B, s_B, MASK_VALUE)
+    live_B = (term.lo >= problem.window) & (past_lo_B >= 0 if term.frac is None
+                                             else past_lo_B.astype(jnp.float32) >= term.frac)
+    if st.seg is not None:
+      for p, tile in enumerate(term.tiles):  # part 1 (row i - lo - 1) has weight t: not read when t = 0
+        same_B = ops.load_vector(tile.seg, ROW_LAYOUT) == st.seg
+        live_B = live_B & (same_B if p == 0 else same_B | (term.frac == 0))
+    s_B = jnp.where(live_B, s_B, MASK_VALUE)
     m_new = jnp.maximum(st.m, s_B)
     p_B = jnp.exp(s_B - m_new)
-    v_BxD = _blend(tuple(ops.load_term(v) for v in term.v), term.frac)
+    v_BxD = _blend(tuple(ops.load_term(tile.v) for tile in term.tiles), term.frac)
     return _softmax_step(st, m_new, p_B, lambda acc: acc + _rows_to(p_B, acc.shape) * v_BxD)
 
   return _Handlers(query, window, term)
 
 
-def _forward_kernel(terms_ref: _TermRefs, q_ref, k_ref, v_ref, o_ref, lse_ref, *, problem: Problem,
-                    cfg: MosaicForwardConfig, geo: _Rows, ops: _Ops):
+def _forward_kernel(gmem: _Inputs, o_ref, lse_ref, *, problem: Problem, cfg: MosaicForwardConfig, geo: _Rows,
+                    ops: _Ops):
   """One query tile: the window's banded tiles on tensor cores and each offset term's row-wise
   scores under one online softmax; writes the output tile and its log-sum-exp."""
-  b, d = cfg.block, q_ref.shape[-1]
+  b, d = cfg.block, gmem.q.shape[-1]
   prog = _program(problem, b)
 
   def body(buf: _Buffers):
-    handlers = _attention_handlers(buf, prog, problem, b, q_ref.dtype, ops)
-    init = _Softmax(ops.layout(jnp.zeros((b, d), q_ref.dtype), plgpu.Layout.WGMMA),
+    handlers = _attention_handlers(buf, prog, problem, b, gmem.q.dtype, ops)
+    init = _Softmax(ops.layout(jnp.zeros((b, d), gmem.q.dtype), plgpu.Layout.WGMMA), None,
                     ops.full((b,), MASK_VALUE, ROW_LAYOUT), ops.full((b,), 0.0, ROW_LAYOUT),
                     ops.full((b, d), 0.0, plgpu.Layout.WGMMA))
-    st = _stream_tiles((terms_ref, q_ref, k_ref, v_ref), buf, prog, geo, problem, cfg, handlers, init)
+    st = _stream_tiles(gmem, buf, prog, geo, problem, cfg, handlers, init)
     buf.q[...] = (st.acc / _rows_to(st.l, st.acc.shape)).astype(o_ref.dtype)  # the query tile is no longer read
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(buf.q, o_ref.at[prog.batch, pl.ds(prog.i0, b), prog.head])
     _store_rows(buf, st.m + jnp.log(st.l), lse_ref, prog, b)
     plgpu.wait_smem_to_gmem(0)
 
-  _with_buffers(body, d, q_ref.dtype, problem, cfg)
+  _with_buffers(body, d, gmem.q.dtype, problem, cfg)
 
 
 def _sum_handlers(ops: _Ops) -> _Handlers:
@@ -505,41 +574,40 @@ def _sum_handlers(ops: _Ops) -> _Handlers:
   def row_sums(x_BxD):
     return jnp.sum(x_BxD.astype(jnp.float32), axis=1)
 
-  def query(q_smem, sums_B):
+  def query(q_smem, seg_smem, sums_B):
+    del seg_smem
     return sums_B + row_sums(ops.load_tile(q_smem))
 
-  def window(t, j0, k_smem, v_smem, sums_B):
+  def window(t, j0, tile: _Tile, sums_B):
     del t, j0
-    return sums_B + row_sums(ops.load_tile(k_smem)) + row_sums(ops.load_tile(v_smem))
+    return sums_B + row_sums(ops.load_tile(tile.k)) + row_sums(ops.load_tile(tile.v))
 
   def term(term: _Term, sums_B):
-    for k_smem, v_smem in zip(term.k, term.v):
-      sums_B = sums_B + row_sums(ops.load_term(k_smem)) + row_sums(ops.load_term(v_smem))
+    for tile in term.tiles:
+      sums_B = sums_B + row_sums(ops.load_term(tile.k)) + row_sums(ops.load_term(tile.v))
     return sums_B
 
   return _Handlers(query, window, term)
 
 
-def _loads_kernel(terms_ref: _TermRefs, q_ref, k_ref, v_ref, sums_ref, *, problem: Problem, cfg: MosaicForwardConfig,
-                  geo: _Rows, ops: _Ops):
+def _loads_kernel(gmem: _Inputs, sums_ref, *, problem: Problem, cfg: MosaicForwardConfig, geo: _Rows, ops: _Ops):
   """The forward's loads without its arithmetic: per query row, the sum of that row of the query
   tile and of every landed key and value tile."""
-  b, d = cfg.block, q_ref.shape[-1]
+  b, d = cfg.block, gmem.q.shape[-1]
   prog = _program(problem, b)
 
   def body(buf: _Buffers):
-    sums_B = _stream_tiles((terms_ref, q_ref, k_ref, v_ref), buf, prog, geo, problem, cfg, _sum_handlers(ops),
-                           ops.full((b,), 0.0, ROW_LAYOUT))
+    sums_B = _stream_tiles(gmem, buf, prog, geo, problem, cfg, _sum_handlers(ops), ops.full((b,), 0.0, ROW_LAYOUT))
     _store_rows(buf, sums_B, sums_ref, prog, b)
     plgpu.wait_smem_to_gmem(0)
 
-  _with_buffers(body, d, q_ref.dtype, problem, cfg)
+  _with_buffers(body, d, gmem.q.dtype, problem, cfg)
 
 
 def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: MosaicForwardConfig | None, interpret,
             name: str):
-  """Pads the inputs as the geometry says and runs ``kernel(_TermRefs, q, k, v, *outputs)`` on the
-  grid ``(H_q, tiles, B)``; returns the outputs and the geometry."""
+  """Pads the inputs as the geometry says and runs ``kernel(_Inputs, *outputs)`` on the grid
+  ``(H_q, tiles, B)``; returns the outputs and the geometry."""
   cfg = cfg or default_config(problem)
   _check(q, seg, offsets, problem, cfg)
   bsz, n, h, _ = q.shape
@@ -548,11 +616,14 @@ def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: Mosa
   ops = _Ops(interpret=params is not None, term_smem=cfg.term_smem)
   q = _pad(q, 0, geo.rows)
   k, v = (_pad(x, geo.front, geo.kv_rows) for x in (k, v))
+  segs = () if seg is None else (_pad(seg, geo.front, geo.kv_rows),)
   terms = _offsets(offsets, problem)
 
   def body(*refs):
-    term_refs = _TermRefs(*refs[:len(terms)]) if problem.learned else _TermRefs(refs[0], None)
-    kernel(term_refs, *refs[len(terms):], problem=problem, cfg=cfg, geo=geo, ops=ops)
+    term_refs = _TermRefs(refs[0], refs[1] if problem.learned else None)
+    q_ref, k_ref, v_ref, *rest = refs[len(terms):]
+    seg_ref = rest.pop(0) if segs else None
+    kernel(_Inputs(term_refs, q_ref, k_ref, v_ref, seg_ref), *rest, problem=problem, cfg=cfg, geo=geo, ops=ops)
 
   call = plgpu.kernel(
       body,
@@ -563,7 +634,7 @@ def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: Mosa
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=params,
   )
-  return call(*terms, q, k, v), geo
+  return call(*terms, q, k, v, *segs), geo
 
 
 def _check_grid(q: jax.Array, problem: Problem) -> None:
@@ -576,8 +647,10 @@ def forward(q, k, v, seg, offsets, *, problem: Problem, cfg: MosaicForwardConfig
   """``(out [B, N, H_q, D] in q's dtype, lse [B, H_q, N] float32)`` from ``q [B, N, H_q, D]``,
   ``k, v [B, N, H_kv, D]`` (bfloat16 or float16, head_dim a multiple of 64) and offsets ``[K]``:
   int32 static offsets, or float32 learned distances with ``problem.learned`` (normalised:
-  ``normalize_offsets``); ``seg`` must be ``None``. ``lse`` is the natural log-sum-exp of each
-  row's scaled, masked scores, as ``triton_gpu.forward`` returns it.
+  ``normalize_offsets``); ``seg``: ``None``, or int32 segment ids ``[B, N]`` with
+  ``problem.segments`` (a query sees only keys of its own id; a fractional term only if both rows
+  it blends with a nonzero weight are of its id). ``lse`` is the natural log-sum-exp of each row's
+  scaled, masked scores, as ``triton_gpu.forward`` returns it.
   ``cfg=None``: ``default_config(problem)``. ``interpret``: ``True`` (or ``InterpretGPUParams``)
   runs in Pallas' GPU interpreter."""
   _check_grid(q, problem)
