@@ -335,7 +335,8 @@ def merge(parts: list[dict]) -> dict:
   return out
 
 
-def _ratio(a, b):
+def ratio(a: float | None, b: float | None) -> str:
+  """``a / b`` as ``"1.23x"``; ``"n/a"`` when either is missing or zero."""
   return f"{a / b:.2f}x" if a and b else "n/a"
 
 
@@ -358,10 +359,10 @@ def _size_table(results: dict, shape: str, n: str) -> list[str]:
            "| implementation | fwd ms | fwd+bwd ms | fwd vs kernel | fwd+bwd vs kernel |", "|---|---|---|---|---|"]
   for name in f:
     a, b = f[name], fb.get(name)
-    lines.append(f"| {name} | {a and f'{a:.3f}'} | {b and f'{b:.3f}'} | {_ratio(a, f['fib static'])} | "
-                 f"{_ratio(b, fb['fib static'])} |")
-  lines += ["", f"Memory floor: fwd {floor['fwd']:.3f} ms (kernel at {_ratio(f['fib static'], floor['fwd'])}), "
-            f"fwd+bwd {floor['fwd_bwd']:.3f} ms (kernel at {_ratio(fb['fib static'], floor['fwd_bwd'])}).", ""]
+    lines.append(f"| {name} | {a and f'{a:.3f}'} | {b and f'{b:.3f}'} | {ratio(a, f['fib static'])} | "
+                 f"{ratio(b, fb['fib static'])} |")
+  lines += ["", f"Memory floor: fwd {floor['fwd']:.3f} ms (kernel at {ratio(f['fib static'], floor['fwd'])}), "
+            f"fwd+bwd {floor['fwd_bwd']:.3f} ms (kernel at {ratio(fb['fib static'], floor['fwd_bwd'])}).", ""]
   flex = results.get("flex", {}).get("sizes", {}).get(shape, {}).get(n, {})
   lines += [f"- {k}: {e}" for k, e in row.get("errors", {}).items()]
   if "error" in flex:
@@ -384,11 +385,11 @@ def _targets(results: dict) -> list[str]:
       gqa = "n/a"
       if shape.startswith("gqa") and n in results["runs"].get(mha, {}):
         base = results["runs"][mha][n]
-        gqa = f"{_ratio(k, base['fwd_ms']['fib static'])} / {_ratio(kb, base['fwd_bwd_ms']['fib static'])}"
-      lines.append(f"| {shape} | {n} | {_ratio(f.get(FLEX), k)} / {_ratio(fb.get(FLEX), kb)} | "
-                   f"{_ratio(f.get('cuDNN dense causal'), k)} / {_ratio(fb.get('cuDNN dense causal'), kb)} | "
-                   f"{_ratio(k, f.get('cuDNN window only'))} / {_ratio(kb, fb.get('cuDNN window only'))} | "
-                   f"{_ratio(f.get('fib learned'), k)} / {_ratio(fb.get('fib learned'), kb)} | {gqa} |")
+        gqa = f"{ratio(k, base['fwd_ms']['fib static'])} / {ratio(kb, base['fwd_bwd_ms']['fib static'])}"
+      lines.append(f"| {shape} | {n} | {ratio(f.get(FLEX), k)} / {ratio(fb.get(FLEX), kb)} | "
+                   f"{ratio(f.get('cuDNN dense causal'), k)} / {ratio(fb.get('cuDNN dense causal'), kb)} | "
+                   f"{ratio(k, f.get('cuDNN window only'))} / {ratio(kb, fb.get('cuDNN window only'))} | "
+                   f"{ratio(f.get('fib learned'), k)} / {ratio(fb.get('fib learned'), kb)} | {gqa} |")
   return lines + [""]
 
 

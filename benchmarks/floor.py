@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from fibjax.cli import ArgumentParser
-from benchmarks.attention import B, H, R, SHAPES, W, _ratio, check_out, floor_ms, make_inputs, static_offsets, variants
+from benchmarks.attention import B, H, R, SHAPES, W, check_out, floor_ms, make_inputs, ratio, static_offsets, variants
 from benchmarks.cli import add_force, claim, fail
 from benchmarks.timing import copy_bandwidth, time_fn
 
@@ -256,7 +256,7 @@ def render(results: dict) -> str:
             "|---|---|" + "---|" * len(RATIOS)]
   for shape, n, row in rows:
     t = _times(row)
-    lines.append(f"| {shape} | {n} | " + " | ".join(_ratio(t.get(a), t.get(b)) for _, a, b in RATIOS) + " |")
+    lines.append(f"| {shape} | {n} | " + " | ".join(ratio(t.get(a), t.get(b)) for _, a, b in RATIOS) + " |")
   failures = [f"- {shape}, N = {n}, {name}: {row['errors'][name]}" for shape, n, row in rows
               for name in IMPLEMENTATIONS if name in row.get("errors", {})]
   if failures:

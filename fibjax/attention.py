@@ -74,7 +74,8 @@ def attention(
     batch_axes: under a mesh, the axes that split the batch: the Pallas kernels run once per
       device on its own rows (default: every axis of the mesh). The XLA path partitions itself.
     **kernel_options: the Pallas kernels' ``config`` and ``config_bwd``
-      (``pallas_kernels.ForwardConfig``, ``BackwardConfig``; default: tuned or heuristic).
+      (``pallas_kernels.ForwardConfig`` or ``MosaicForwardConfig``, ``BackwardConfig``; default:
+      tuned or heuristic).
   Returns:
     ``[batch, seq, heads, head_dim]`` in ``q.dtype``.
   Raises:

@@ -20,7 +20,7 @@ import pytest
 
 from fibjax.reference import sparse_attention_reference
 from pallas_kernels.attention import mosaic_gpu
-from pallas_kernels.attention.ops import attention_problem
+from pallas_kernels.attention.ops import attention_problem, gathered_offset_attention
 from pallas_kernels.pattern import normalize_offsets
 from tests.oracle import interpolated_terms, masked_lse, pattern_mask
 
@@ -250,3 +250,35 @@ def test_lowers_for_cuda(term_smem, segments, offset_dtype):
     assert exported.platforms == ("cuda",), name
     assert [(a.shape, a.dtype) for a in exported.out_avals] == want, name
     assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module()), name
+
+
+@pytest.mark.parametrize("case", ["segments_static", "segments_learned"])
+def test_a_mosaic_config_runs_the_mosaic_forward_under_the_triton_backward(case, monkeypatch):
+  """``gathered_offset_attention(config=MosaicForwardConfig())``: the Mosaic forward's output, and
+  the Triton backward's gradients from its output and log-sum-exp, those of the Triton forward
+  (q, k, v, and the offsets when learned)."""
+  q, k, v, offsets, pattern, cfg = _inputs(case)
+  configs, forward = [], mosaic_gpu.forward
+  monkeypatch.setattr(mosaic_gpu, "forward", lambda *a, cfg, **kw: configs.append(cfg) or forward(*a, cfg=cfg, **kw))
+  do = jax.random.normal(jax.random.key(31), q.shape, jnp.float32).astype(q.dtype)
+
+  def loss(config, q, k, v, offsets):
+    out = gathered_offset_attention(q, k, v, offsets=offsets, config=config, interpret=True, **pattern)
+    return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)), out
+
+  argnums = (1, 2, 3, 4) if _learned(case) else (1, 2, 3)
+  (_, out), grads = jax.value_and_grad(loss, argnums, has_aux=True)(cfg, q, k, v, offsets)
+  (_, want), want_grads = jax.value_and_grad(loss, argnums, has_aux=True)(None, q, k, v, offsets)
+  msg = f"case={case}"
+  assert configs == [cfg], msg  # the Mosaic forward ran once, for the Mosaic config alone
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), err_msg=msg, **_TOL[q.dtype])
+  for name, g, w in zip("qkvo", grads, want_grads):
+    assert np.isfinite(np.asarray(g, np.float32)).all(), f"{msg} d{name}"
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=3e-2, rtol=3e-2,
+                               err_msg=f"{msg} d{name}")
+
+
+def test_a_mosaic_config_is_refused_off_the_gpu_backend():
+  q, k, v, offsets, pattern, cfg = _inputs("mha_d64")
+  with pytest.raises(ValueError, match="not on backend='tpu'"):
+    gathered_offset_attention(q, k, v, offsets=offsets, config=cfg, backend="tpu", interpret=True, **pattern)

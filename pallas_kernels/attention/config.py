@@ -29,6 +29,10 @@ Backend = Literal["gpu", "tpu"]
 # masked, which lets the compiler pipeline the next term's loads (``num_stages``).
 TermFlow = Literal["branched", "unbranched", "looped"]
 TERM_FLOWS: tuple[str, ...] = get_args(TermFlow)
+# The Mosaic GPU forward's shifted (offset-term) tiles in shared memory: ``MosaicForwardConfig``.
+TermSmem = Literal["swizzled", "plain"]
+TERM_SMEMS: tuple[str, ...] = get_args(TermSmem)
+WGMMA_ROWS = 64  # rows of one Hopper warpgroup's tensor-core tile
 
 # Rows per tile: 64 for the GPU forward and static backward (H100 sweeps; NOTES "Attention kernel",
 # v1-v3); the learned GPU backward spills at 64 rows and ran 3x faster at 32 (v3); 128 on TPU
@@ -121,8 +125,12 @@ class PassConfig:
       raise ValueError(f"{type(self).__name__}.term_flow must be one of {TERM_FLOWS}, got {self.term_flow!r}")
 
   def window_tiles(self, window: int) -> int:
-    """Banded tiles covering a window of ``window`` keys (the diagonal tile first)."""
-    return 1 + -(-(window - 1) // self.block)
+    return window_tiles(window, self.block)
+
+
+def window_tiles(window: int, block: int) -> int:
+  """Banded tiles of ``block`` rows covering a window of ``window`` keys (the diagonal tile first)."""
+  return 1 + -(-(window - 1) // block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +147,34 @@ class BackwardConfig(PassConfig):
 
   loop_group: bool
   saved_terms: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicForwardConfig:
+  """How the Mosaic GPU forward (``pallas_kernels.attention.mosaic_gpu``) runs; passed as a
+  forward ``config``, it picks that kernel (the backward stays Triton's).
+
+  block: query rows per program and key rows per tile (a multiple of 64, the warpgroup's ``wgmma``
+  rows). stages: ring slots of offset-term tiles in flight. term_smem: how shifted tiles sit in
+  shared memory: ``"swizzled"`` (128-byte swizzle, rows tiled by 1, so a shifted start needs no
+  alignment; bank-conflict free register loads) or ``"plain"`` (row-major, unswizzled; loads with
+  bank conflicts, kept as the simplest layout to compare against).
+  """
+
+  block: int = WGMMA_ROWS
+  stages: int = 3
+  term_smem: TermSmem = "swizzled"
+
+  def __post_init__(self):
+    if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block % WGMMA_ROWS or self.block < 1:
+      raise ValueError(f"MosaicForwardConfig.block must be a positive multiple of {WGMMA_ROWS}, got {self.block!r}")
+    if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
+      raise ValueError(f"MosaicForwardConfig.stages must be an int >= 1, got {self.stages!r}")
+    if self.term_smem not in TERM_SMEMS:
+      raise ValueError(f"MosaicForwardConfig.term_smem must be one of {TERM_SMEMS}, got {self.term_smem!r}")
+
+  def window_tiles(self, window: int) -> int:
+    return window_tiles(window, self.block)
 
 
 def default_forward(problem: Problem) -> ForwardConfig:

@@ -32,11 +32,8 @@ when learned, ``t`` (float32). A term is masked unless ``d >= W`` (``lo >= W``),
 before position 0 and past ``N`` load as zeros (TMA fills out-of-bounds rows) and are masked;
 output rows past ``N`` are never stored.
 
-``MosaicForwardConfig``: ``block`` query rows per program and key rows per tile (a multiple of
-64, the warpgroup's ``wgmma`` rows); ``stages`` ring slots of offset tiles; ``term_smem`` how
-shifted tiles sit in shared memory: ``"swizzled"`` (128-byte swizzle, rows tiled by 1, so a
-shifted start needs no alignment; bank-conflict free register loads) or ``"plain"`` (row-major,
-unswizzled; loads with bank conflicts, kept as the simplest layout to compare against).
+How it runs is a ``config.MosaicForwardConfig`` (tile rows, ring slots, the shifted tiles'
+shared-memory layout); ``default_config`` sizes the ring to shared memory.
 
 Segment ids (``[B, N]`` int32, optional) travel with the tiles: the query tile's and each
 key/value tile's ids land in shared memory by TMA beside them, and a score is masked unless its
@@ -55,7 +52,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Literal, NamedTuple
+import inspect
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,37 +61,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention.config import Problem
+from pallas_kernels.attention.config import TERM_SMEMS, WGMMA_ROWS, MosaicForwardConfig, Problem, TermSmem
 from pallas_kernels.pattern import MASK_VALUE
 
-TermSmem = Literal["swizzled", "plain"]
-TERM_SMEMS: tuple[str, ...] = ("swizzled", "plain")
-WGMMA_ROWS = 64  # rows of one warpgroup's tensor-core tile
 SWIZZLE = 128  # bytes: shared-memory swizzle of every tiled buffer
 LANE_BYTES = 128  # bytes per row of a swizzled tile: 64 bf16/f16 columns
 ROW_ALIGN = 8  # rows: tiled TMA copies need the row count of an array to be a multiple of this
 SMEM_BYTES = 227 * 1024  # shared memory one H100/H200 thread block may hold
-
-
-@dataclasses.dataclass(frozen=True)
-class MosaicForwardConfig:
-  """How the Mosaic GPU forward runs (see the module docstring)."""
-
-  block: int = 64
-  stages: int = 3
-  term_smem: TermSmem = "swizzled"
-
-  def __post_init__(self):
-    if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block % WGMMA_ROWS or self.block < 1:
-      raise ValueError(f"MosaicForwardConfig.block must be a positive multiple of {WGMMA_ROWS}, got {self.block!r}")
-    if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
-      raise ValueError(f"MosaicForwardConfig.stages must be an int >= 1, got {self.stages!r}")
-    if self.term_smem not in TERM_SMEMS:
-      raise ValueError(f"MosaicForwardConfig.term_smem must be one of {TERM_SMEMS}, got {self.term_smem!r}")
-
-  def window_tiles(self, window: int) -> int:
-    """Banded tiles covering a window of ``window`` keys (the diagonal tile first)."""
-    return 1 + -(-(window - 1) // self.block)
 
 
 def default_config(problem: Problem) -> MosaicForwardConfig:
@@ -193,6 +167,13 @@ def _interpret_params(interpret):
   return interpret if isinstance(interpret, InterpretGPUParams) else InterpretGPUParams()
 
 
+def _load(smem, layout) -> jax.Array:
+  """``plgpu.load`` of a whole shared-memory ref in ``layout`` (jax >= 0.11 takes no index)."""
+  if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
+    return plgpu.load(smem, (), layout=layout, optimized=False)
+  return plgpu.load(smem, layout=layout, optimized=False)
+
+
 ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)  # a [block] vector along the rows of a wgmma tile
 COL_LAYOUT = plgpu.Layout.WGMMA.reduce(0)  # a [block] vector along its columns
 
@@ -223,12 +204,12 @@ class _Ops:
     if self.interpret:
       return smem[...]
     if self.term_smem == "plain":
-      return plgpu.load(smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
+      return _load(smem, plgpu.Layout.WGMMA)
     return plgpu.layout_cast(smem[...], plgpu.Layout.WGMMA)
 
   def load_vector(self, smem, layout) -> jax.Array:
     """A plain ``[block]`` vector (segment ids) in ``layout`` (``ROW_LAYOUT`` or ``COL_LAYOUT``)."""
-    return smem[...] if self.interpret else plgpu.load(smem, (), layout=layout, optimized=False)
+    return smem[...] if self.interpret else _load(smem, layout)
 
   def scores(self, q_smem, k_smem, rows: int) -> jax.Array:
     """``q @ k^T``, ``[block, block]`` float32."""
@@ -236,7 +217,7 @@ class _Ops:
       return lax.dot_general(q_smem[...], k_smem[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
     def qk(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+      plgpu.wgmma(acc_ref, q_smem, k_smem.transpose((1, 0)))
       return acc_ref[...]
 
     return pl.run_scoped(qk, plgpu.ACC((rows, rows), jnp.float32))

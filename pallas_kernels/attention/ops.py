@@ -1,8 +1,10 @@
 """``gathered_offset_attention``: the Pallas kernels behind one differentiable call.
 
 ``jax.custom_vjp`` ties the forward kernel (which saves the log-sum-exp) to the backward
-kernels; the lowering (GPU/Triton or TPU/Mosaic) is picked from the backend, or named. Each pass
-runs as its config says (``pallas_kernels.attention.config``: given, tuned for the device, or the
+kernels; the lowering (GPU/Triton or TPU/Mosaic) is picked from the backend, or named; a
+``MosaicForwardConfig`` runs the forward on the Mosaic GPU kernel instead (its output and
+log-sum-exp are the Triton forward's, which the Triton backward reads). Each pass runs as its config
+says (``pallas_kernels.attention.config``: given, tuned for the device, or the
 heuristic's).
 """
 
@@ -14,7 +16,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention.config import Backend, BackwardConfig, ForwardConfig, Problem, choose
+from pallas_kernels.attention.config import Backend, BackwardConfig, ForwardConfig, MosaicForwardConfig, Problem, choose
 from pallas_kernels.batch_shards import per_batch_shard
 from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offsets
 
@@ -36,9 +38,18 @@ def _batched(*arrays):
   return tuple(x for x in arrays if x is not None)
 
 
-def _forward(q, k, v, seg, offsets, problem: Problem, cfg: ForwardConfig, interpret: bool, batch_axes):
+def _forward_lowering(problem: Problem, cfg: ForwardConfig | MosaicForwardConfig):
+  if isinstance(cfg, MosaicForwardConfig):
+    from pallas_kernels.attention import mosaic_gpu  # noqa: PLC0415
+
+    return mosaic_gpu
+  return _lowering(problem.backend)
+
+
+def _forward(q, k, v, seg, offsets, problem: Problem, cfg: ForwardConfig | MosaicForwardConfig, interpret: bool,
+             batch_axes):
   """``(out, lse)``, each device on its own batch rows under a mesh (split over ``batch_axes``)."""
-  lowering = _lowering(problem.backend)
+  lowering = _forward_lowering(problem, cfg)
 
   def kernel(q, k, v, *rest):
     seg, offsets = rest if problem.segments else (None, *rest)
@@ -48,7 +59,7 @@ def _forward(q, k, v, seg, offsets, problem: Problem, cfg: ForwardConfig, interp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _attention(q, k, v, seg, offsets, problem: Problem, cfg: ForwardConfig, cfg_bwd: BackwardConfig, interpret: bool,
+def _attention(q, k, v, seg, offsets, problem: Problem, cfg: ForwardConfig | MosaicForwardConfig, cfg_bwd: BackwardConfig, interpret: bool,
                batch_axes: tuple[str, ...] | None):
   return _forward(q, k, v, seg, offsets, problem, cfg, interpret, batch_axes)[0]
 
@@ -102,7 +113,7 @@ def gathered_offset_attention(
     reach: int | None = None,
     scale: float | None = None,
     segment_ids: jax.Array | None = None,
-    config: ForwardConfig | None = None,
+    config: ForwardConfig | MosaicForwardConfig | None = None,
     config_bwd: BackwardConfig | None = None,
     backend: Backend | None = None,
     interpret: bool = False,
@@ -121,7 +132,8 @@ def gathered_offset_attention(
     segment_ids: optional ``[B, N]`` int32: keys of another segment are masked.
     config, config_bwd: how the forward and the backward kernels run
       (``pallas_kernels.attention.config``); ``None``: this device's tuned table entry for the
-      call's ``attention_problem``, else the heuristic (``config.choose``).
+      call's ``attention_problem``, else the heuristic (``config.choose``). A ``MosaicForwardConfig``
+      (GPU backend; bfloat16/float16, head_dim a multiple of 64) runs the Mosaic GPU forward.
     backend: ``"gpu"`` or ``"tpu"`` lowering; default the default backend (``"gpu"`` on CPU,
       which needs ``interpret=True``).
     batch_axes: under a mesh, the axes the batch is split over; each device runs the kernels on
@@ -138,9 +150,12 @@ def gathered_offset_attention(
   if config is None or config_bwd is None:
     chosen, chosen_bwd = choose(problem)
     config, config_bwd = config or chosen, config_bwd or chosen_bwd
-  if not (isinstance(config, ForwardConfig) and isinstance(config_bwd, BackwardConfig)):
-    raise TypeError(f"config must be a ForwardConfig and config_bwd a BackwardConfig, got {type(config).__name__} "
-                    f"and {type(config_bwd).__name__}")
+  if not (isinstance(config, (ForwardConfig, MosaicForwardConfig)) and isinstance(config_bwd, BackwardConfig)):
+    raise TypeError(f"config must be a ForwardConfig or MosaicForwardConfig and config_bwd a BackwardConfig, got "
+                    f"{type(config).__name__} and {type(config_bwd).__name__}")
+  if isinstance(config, MosaicForwardConfig) and backend != "gpu":
+    raise ValueError(f"a MosaicForwardConfig runs the Mosaic GPU forward, not on backend={backend!r}; "
+                     "pass a ForwardConfig (or none) there")
   blocks = (problem.head_dim, config.block, config_bwd.block)
   if not interpret and any(x & (x - 1) or x < 16 for x in blocks):
     raise ValueError(f"compiled kernels need head_dim and blocks powers of 2 >= 16, got head_dim, block, "
