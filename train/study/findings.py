@@ -272,13 +272,21 @@ def recall_multiples(runs: dict) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=None)
+def _static_hops(model_json: str, sink_window: bool):
+  """The one-hop distance sets per layer of the model ``model_json`` (``train.probe.reach.config_hop_sets``),
+  once per model; ``None`` for a learned pattern."""
+  from train.probe import reach  # noqa: PLC0415  (imports jax)
+
+  return reach.config_hop_sets(json.loads(model_json), sink_window)
+
+
 def static_reach(model_json: str, sink_window: bool, lo: int, hi: int) -> tuple[float, float] | None:
   """``(one_hop, layers)`` of the answer distances ``[lo, hi)`` under the static pattern of the model
   ``model_json`` (a ``config.json``'s ``model``, as JSON; ``sink_window``: dense read through its
   sliding window of T keys), by ``train.probe.recall.reach_by_bucket``; ``None`` for a learned pattern."""
-  from train.probe import reach, recall  # noqa: PLC0415  (imports jax)
+  from train.probe import recall  # noqa: PLC0415  (imports jax)
 
-  hops = reach.config_hop_sets(json.loads(model_json), sink_window)
+  hops = _static_hops(model_json, sink_window)
   if hops is None:
     return None
   r = recall.reach_by_bucket(hops, [lo, hi])[0]
