@@ -5,8 +5,9 @@ forward (output and log-sum-exp), and timed beside it (median ms, two rotating i
 
 bf16, batch 1, 8 query heads, MHA (8 key/value heads) and GQA (2), head_dim 64 and 128, W = 64,
 the Fibonacci offsets of alpha 1 up to R = 4096; both shared-memory layouts of the offset tiles
-(``MosaicForwardConfig.term_smem``), the default first. Prints one line per shape; a shape that
-fails to compile or run prints its error and the others go on.
+(``MosaicForwardConfig.term_smem``), the default first; then, in the default layout, learned
+(fractional: each offset + 0.37) distances and segment ids (four documents of N / 4 rows). Prints
+one line per case; a case that fails to compile or run prints its error and the others go on.
 """
 
 import dataclasses
@@ -35,19 +36,21 @@ def inputs(n: int, d: int, h_kv: int) -> list[tuple[jax.Array, jax.Array, jax.Ar
   return sets
 
 
-def check(n: int, d: int, h_kv: int, term_smem: str, offsets: jax.Array) -> str:
+def check(n: int, d: int, h_kv: int, term_smem: str, offsets: jax.Array, segments: bool) -> str:
   sets = inputs(n, d, h_kv)
-  problem = attention_problem(sets[0][0], sets[0][1], offsets, window=W, reach=R)
+  seg = (jnp.arange(n, dtype=jnp.int32) // (n // 4))[None] if segments else None
+  problem = attention_problem(sets[0][0], sets[0][1], offsets, window=W, reach=R, segment_ids=seg)
   cfg = dataclasses.replace(mosaic_gpu.default_config(problem), term_smem=term_smem)
   tri_cfg = choose(problem)[0]
   fns = {
-      "mosaic": jax.jit(lambda q, k, v: mosaic_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=cfg,
+      "mosaic": jax.jit(lambda q, k, v: mosaic_gpu.forward(q, k, v, seg, offsets, problem=problem, cfg=cfg,
                                                            interpret=False)),
-      "loads": jax.jit(lambda q, k, v: mosaic_gpu.pattern_loads(q, k, v, offsets, problem=problem, cfg=cfg,
-                                                                interpret=False)),
-      "triton": jax.jit(lambda q, k, v: triton_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=tri_cfg,
+      "triton": jax.jit(lambda q, k, v: triton_gpu.forward(q, k, v, seg, offsets, problem=problem, cfg=tri_cfg,
                                                            interpret=False)),
   }
+  if not segments:
+    fns["loads"] = jax.jit(lambda q, k, v: mosaic_gpu.pattern_loads(q, k, v, offsets, problem=problem, cfg=cfg,
+                                                                    interpret=False))
   (out, lse), (ref, ref_lse) = fns["mosaic"](*sets[0]), fns["triton"](*sets[0])
   err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
   lse_err = float(jnp.max(jnp.abs(lse - ref_lse)))
@@ -61,13 +64,15 @@ def main() -> None:
   parser = ArgumentParser(prog="python -m benchmarks.mosaic_check", description=__doc__)
   parser.add_argument("--n", type=int, nargs="+", default=[16384, 65536])
   args = parser.parse_args()
-  offsets = jnp.asarray(fibjax.offset_set("fib", 1.0, W, R), jnp.int32)
-  print(jax.devices()[0].device_kind, "jax", jax.__version__, "offsets", offsets.tolist(), flush=True)
-  for term_smem, n, d, h_kv in itertools.product(("swizzled", "plain"), args.n, (64, 128), (H, 2)):
-    tag = f"n={n} d={d} {'mha' if h_kv == H else 'gqa'} {term_smem}"
+  static = jnp.asarray(fibjax.offset_set("fib", 1.0, W, R), jnp.int32)
+  print(jax.devices()[0].device_kind, "jax", jax.__version__, "offsets", static.tolist(), flush=True)
+  cases = [(term_smem, "static", static, False) for term_smem in ("swizzled", "plain")]
+  cases += [("swizzled", "learned", static.astype(jnp.float32) + 0.37, False), ("swizzled", "segments", static, True)]
+  for (term_smem, kind, offsets, segments), n, d, h_kv in itertools.product(cases, args.n, (64, 128), (H, 2)):
+    tag = f"n={n} d={d} {'mha' if h_kv == H else 'gqa'} {term_smem} {kind}"
     try:
-      print(f"{tag}: {check(n, d, h_kv, term_smem, offsets)}", flush=True)
-    except Exception as e:  # noqa: BLE001 - report every shape
+      print(f"{tag}: {check(n, d, h_kv, term_smem, offsets, segments)}", flush=True)
+    except Exception as e:  # noqa: BLE001 - report every case
       print(f"{tag}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
 
 
