@@ -1,17 +1,23 @@
 """The Mosaic GPU forward and its load-only kernel on a GPU: compiled, compared with the Triton
 forward (output and log-sum-exp), and timed beside it (median ms, two rotating input sets).
 
-    python -m benchmarks.mosaic_check [--n 16384 65536]
+    python -m benchmarks.mosaic_check [--n 16384 65536] [--sweep]
 
 bf16, batch 1, 8 query heads, MHA (8 key/value heads) and GQA (2), head_dim 64 and 128, W = 64,
 the Fibonacci offsets of alpha 1 up to R = 4096; both shared-memory layouts of the offset tiles
 (``MosaicForwardConfig.term_smem``), the default first; then, in the default layout, learned
 (fractional: each offset + 0.37) distances and segment ids (four documents of N / 4 rows). Prints
 one line per case; a case that fails to compile or run prints its error and the others go on.
+
+``--sweep`` instead times the static forward at every config that fits shared memory (``block``
+64 and 128, ``stages`` 1 to 3, both ``term_smem`` layouts), each checked against the Triton forward
+first (a NaN or an error above 0.05 is a failure, never a time), one line per config and then the
+fastest per shape, which is what the forward's per-shape choice would take.
 """
 
 import dataclasses
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +26,7 @@ import fibjax
 from benchmarks.timing import time_fn
 from fibjax.cli import ArgumentParser
 from pallas_kernels.attention import mosaic_gpu, triton_gpu
-from pallas_kernels.attention.config import choose
+from pallas_kernels.attention.config import MosaicForwardConfig, choose
 from pallas_kernels.attention.ops import attention_problem
 
 W, R, H = 64, 4096, 8
@@ -60,12 +66,48 @@ def check(n: int, d: int, h_kv: int, term_smem: str, offsets: jax.Array, segment
           + " ".join(f"{name} {t:.3f}" for name, t in ms.items()))
 
 
+def sweep(n: int, d: int, h_kv: int, offsets: jax.Array) -> list[str]:
+  """One line per config of the static forward that fits shared memory, then the fastest."""
+  sets = inputs(n, d, h_kv)
+  problem = attention_problem(sets[0][0], sets[0][1], offsets, window=W, reach=R)
+  triton = jax.jit(lambda q, k, v: triton_gpu.forward(q, k, v, None, offsets, problem=problem,
+                                                      cfg=choose(problem)[0], interpret=False))
+  ref = triton(*sets[0])[0].astype(jnp.float32)
+  lines, times = [], {}
+  for block, stages, term_smem in itertools.product((64, 128), (1, 2, 3), ("swizzled", "plain")):
+    cfg = MosaicForwardConfig(block=block, stages=stages, term_smem=term_smem)
+    if mosaic_gpu.shared_memory_bytes(problem, cfg) > mosaic_gpu.SMEM_BYTES:
+      continue
+    fn = jax.jit(lambda q, k, v, cfg=cfg: mosaic_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=cfg,
+                                                             interpret=False)[0])
+    try:
+      err = float(jnp.max(jnp.abs(fn(*sets[0]).astype(jnp.float32) - ref)))
+      if not math.isfinite(err) or err > 0.05:
+        lines.append(f"  {cfg}: FAILED max|out-triton| {err}")
+        continue
+      times[cfg] = time_fn(fn, sets)
+      lines.append(f"  {cfg}: {times[cfg]:.3f} ms (max|out-triton| {err:.4f})")
+    except Exception as e:  # noqa: BLE001 - report every config
+      lines.append(f"  {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
+  if times:
+    best = min(times, key=times.get)
+    lines.append(f"  fastest: {best} {times[best]:.3f} ms; triton {time_fn(triton, sets):.3f} ms")
+  return lines
+
+
 def main() -> None:
   parser = ArgumentParser(prog="python -m benchmarks.mosaic_check", description=__doc__)
   parser.add_argument("--n", type=int, nargs="+", default=[16384, 65536])
+  parser.add_argument("--sweep", action="store_true", help="time every config of the static forward per shape")
   args = parser.parse_args()
   static = jnp.asarray(fibjax.offset_set("fib", 1.0, W, R), jnp.int32)
   print(jax.devices()[0].device_kind, "jax", jax.__version__, "offsets", static.tolist(), flush=True)
+  if args.sweep:
+    for n, d, h_kv in itertools.product(args.n, (64, 128), (H, 2)):
+      print(f"n={n} d={d} {'mha' if h_kv == H else 'gqa'}:", flush=True)
+      for line in sweep(n, d, h_kv, static):
+        print(line, flush=True)
+    return
   cases = [(term_smem, "static", static, False) for term_smem in ("swizzled", "plain")]
   cases += [("swizzled", "learned", static.astype(jnp.float32) + 0.37, False), ("swizzled", "segments", static, True)]
   for (term_smem, kind, offsets, segments), n, d, h_kv in itertools.product(cases, args.n, (64, 128), (H, 2)):

@@ -21,7 +21,7 @@ from train.study import report, stats
 from tests.compile_cache import cached_env
 
 # Its tests share one costly module fixture: under pytest-xdist they run on one worker, which builds it once
-# (``--dist loadgroup``, the project's pytest options).
+# (``--dist loadgroup`` in the README's test command).
 pytestmark = pytest.mark.xdist_group("sweep")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -35,6 +35,8 @@ CASES = {  # seed, n, q heads, kv heads, head_dim, window, offsets, reach, dtype
                      mosaic_gpu.MosaicForwardConfig(stages=2)),
     "wide_window_plain_ring_of_one": (15, 320, 2, 2, 64, 100, (100, 170, 260), None, jnp.float16,
                                       mosaic_gpu.MosaicForwardConfig(stages=1, term_smem="plain")),
+    "gqa_block128_ragged": (16, 330, 2, 1, 64, 32, (40, 129, 200), None, jnp.bfloat16,
+                            mosaic_gpu.MosaicForwardConfig(block=128, stages=2)),
 }
 
 
@@ -221,12 +223,13 @@ def test_default_config_fits_shared_memory():
     mosaic_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=cfg, interpret=True)
 
 
-@pytest.mark.parametrize("term_smem, segments", [("swizzled", False), ("plain", False), ("swizzled", True)])
+@pytest.mark.parametrize("term_smem, segments, block", [("swizzled", False, 64), ("plain", False, 64),
+                                                        ("swizzled", True, 64), ("swizzled", False, 128)])
 @pytest.mark.parametrize("offset_dtype", [jnp.int32, jnp.float32], ids=["static", "learned"])
-def test_lowers_for_cuda(term_smem, segments, offset_dtype):
-  """Both kernels lower to a Mosaic GPU custom call for CUDA: ragged N, GQA, two window tiles, a
-  ring of two slots behind three offset terms (static, or learned: two tiles a term); the forward
-  with segment ids too."""
+def test_lowers_for_cuda(term_smem, segments, block, offset_dtype):
+  """Both kernels lower to a Mosaic GPU custom call for CUDA: ragged N, GQA, two window tiles (of 64
+  or 128 rows), a ring of two slots behind three offset terms (static, or learned: two tiles a
+  term); the forward with segment ids too."""
   n, h, h_kv, d = 200, 2, 1, 64
   q = jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, n, h_kv, d), jnp.bfloat16)
@@ -235,7 +238,7 @@ def test_lowers_for_cuda(term_smem, segments, offset_dtype):
   problem = attention_problem(q, kv, jnp.asarray([40, 100, 150], offset_dtype), window=32,
                               segment_ids=jnp.zeros((1, n), jnp.int32) if segments else None)
   assert problem.learned == (offset_dtype == jnp.float32) and problem.segments == segments
-  cfg = mosaic_gpu.MosaicForwardConfig(stages=2, term_smem=term_smem)
+  cfg = mosaic_gpu.MosaicForwardConfig(block=block, stages=2, term_smem=term_smem)
   assert cfg.window_tiles(problem.window) == 2 and problem.num_offsets > cfg.stages
   kernels = {
       "forward": (lambda q, k, v, o, s: mosaic_gpu.forward(q, k, v, s, o, problem=problem, cfg=cfg, interpret=False),

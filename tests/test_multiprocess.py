@@ -28,7 +28,7 @@ from train.run.mesh import process_settings
 from train.run.workdir import workdir_lock
 
 # Its tests share one costly module fixture: under pytest-xdist they run on one worker, which builds it once
-# (``--dist loadgroup``, the project's pytest options).
+# (``--dist loadgroup`` in the README's test command).
 pytestmark = pytest.mark.xdist_group("multiprocess")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
