@@ -15,6 +15,10 @@ heads of 32, 2 queries a sequence, 1200 steps of 32 x 128 tokens, float32), its 
 (``train.probe.reach``; +-1 token around it reached alike): 27 fib-fixed and fib-linear, 52
 fib-linear only, 65 pow2 only, 70 fib-linear and pow2, 92 fib-fixed only, 100 none. So accuracy at
 each distance reads against each pattern's predicted reach.
+
+``recall128-long``: ``recall128`` at learning rate 1e-3 for 12000 steps (10x the answers), the
+recipe where dense passes the study's validity bar (recall >= 0.90 at T; 1200 steps at 3e-3 leave
+it at 0.56-0.80 over 5 seeds). Why: NOTES.md, the dense pilots of ``recall128``.
 """
 
 import dataclasses
@@ -44,3 +48,7 @@ def get_config_cpu() -> TrainConfig:
   return TrainConfig(model=model, task="mqar", task_mix=1.0, task_queries=2,
                      task_distance="grid:" + ",".join(map(str, GRID128)), batch_size=32, steps=1200, lr=3e-3,
                      warmup_steps=50, eval_every=1200, checkpoint_every=600, final_eval_tokens=8192)
+
+
+def get_config_cpu_long() -> TrainConfig:
+  return dataclasses.replace(get_config_cpu(), lr=1e-3, steps=12000, eval_every=12000, checkpoint_every=3000)

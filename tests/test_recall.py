@@ -164,6 +164,10 @@ def test_the_cpu_recall_grid_holds_one_distance_per_set_of_patterns_reaching_it(
   assert {d: {v for v in reaches if d in reaches[v]} for d in GRID128} == stated
   spec = configs.get_config("recall128").task_spec()
   assert spec.law.values == GRID128 and recall.spec_at(spec, 512).law.values == GRID128
+  short, long = configs.get_config("recall128"), configs.get_config("recall128-long")
+  assert (long.lr, long.steps) == (1e-3, 12000)  # the model, the task and the rest of the recipe are recall128's
+  assert dataclasses.replace(long, lr=short.lr, steps=short.steps, eval_every=short.eval_every,
+                             checkpoint_every=short.checkpoint_every) == short
 
 
 def test_stretched_budgets_move_offsets_and_reach():
