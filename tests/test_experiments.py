@@ -20,10 +20,6 @@ from train.run import evaluation
 from train.study import report, stats
 from tests.compile_cache import cached_env
 
-# Its tests share one costly module fixture: under pytest-xdist they run on one worker, which builds it once
-# (``--dist loadgroup`` in the README's test command).
-pytestmark = pytest.mark.xdist_group("sweep")
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.head_dim=16", "model.mlp_dim=64",
         "model.seq_len=128", "model.window=8", "batch_size=8", "final_eval_tokens=1024", "eval_batches=1",

@@ -27,10 +27,6 @@ import pytest
 from train.run.mesh import process_settings
 from train.run.workdir import workdir_lock
 
-# Its tests share one costly module fixture: under pytest-xdist they run on one worker, which builds it once
-# (``--dist loadgroup`` in the README's test command).
-pytestmark = pytest.mark.xdist_group("multiprocess")
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEVICES = 4  # in every run, over the processes of its job
 SEED = 7

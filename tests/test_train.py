@@ -233,5 +233,5 @@ def test_ci_runs_the_readme_commands():
   ci = (ROOT / ".ci" / "run").read_text().splitlines()
   commands = [line for line in ci if line and not line.startswith(("#", "set ", "cd "))]
   readme_code = {line.strip() for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("    ")}
-  assert commands == ['pip install -e ".[test]"', "python -m pytest -n 2 --dist loadgroup -q tests"]
+  assert commands == ['pip install -e ".[test]"', "python -m pytest -n 2 --dist loadfile -q tests"]
   assert set(commands) <= readme_code
