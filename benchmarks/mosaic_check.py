@@ -81,7 +81,7 @@ def sweep(n: int, d: int, h_kv: int, offsets: jax.Array) -> list[str]:
                                                              interpret=False)[0])
     try:
       out = fn(*sets[0]).astype(jnp.float32)
-      if not bool(jnp.isfinite(out).all()):  # a max over a NaN may drop it (XLA's fast min/max on CPU)
+      if not bool(jnp.isfinite(out).all()):  # a max reduction may drop a NaN (XLA's CPU one does)
         lines.append(f"  {cfg}: FAILED NaN or Inf in the output")
         continue
       err = float(jnp.max(jnp.abs(out - ref)))
