@@ -191,7 +191,7 @@ def test_unsupported_inputs_raise():
   problem = attention_problem(q, k, offsets, **pattern)
   with pytest.raises(ValueError, match="segment ids given, but the problem has segments=False"):
     mosaic_gpu.forward(q, k, v, seg, offsets, problem=problem, cfg=cfg, interpret=True)
-  with pytest.raises(ValueError, match="segment ids must be int32"):
+  with pytest.raises(ValueError, match="segment_ids must be int32"):
     mosaic_gpu.forward(q, k, v, seg.astype(jnp.float32), offsets, cfg=cfg, interpret=True,
                        problem=attention_problem(q, k, offsets, segment_ids=seg, **pattern))
   q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))

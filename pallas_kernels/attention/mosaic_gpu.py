@@ -62,7 +62,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention.config import TERM_SMEMS, WGMMA_ROWS, MosaicForwardConfig, Problem, TermSmem
-from pallas_kernels.pattern import MASK_VALUE
+from pallas_kernels.pattern import MASK_VALUE, check_segment_ids
 
 SWIZZLE = 128  # bytes: shared-memory swizzle of every tiled buffer
 LANE_BYTES = 128  # bytes per row of a swizzled tile: 64 bf16/f16 columns
@@ -92,8 +92,7 @@ def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicF
   if (seg is not None) != problem.segments:
     raise ValueError(f"segment ids {'given' if seg is not None else 'missing'}, but the problem has "
                      f"segments={problem.segments}; build the problem with the same segment_ids")
-  if seg is not None and (seg.shape != q.shape[:2] or seg.dtype != jnp.int32):
-    raise ValueError(f"segment ids must be int32 [B, N] = {q.shape[:2]}, got {seg.dtype} {seg.shape}")
+  check_segment_ids(seg, q)
   if problem.learned != jnp.issubdtype(offsets.dtype, jnp.floating):
     raise ValueError(f"offsets of dtype {offsets.dtype} do not match the problem (learned={problem.learned})")
   if q.dtype not in (jnp.bfloat16, jnp.float16):

@@ -59,8 +59,8 @@ def _forward(q, k, v, seg, offsets, problem: Problem, cfg: ForwardConfig | Mosai
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _attention(q, k, v, seg, offsets, problem: Problem, cfg: ForwardConfig | MosaicForwardConfig, cfg_bwd: BackwardConfig, interpret: bool,
-               batch_axes: tuple[str, ...] | None):
+def _attention(q, k, v, seg, offsets, problem: Problem, cfg: ForwardConfig | MosaicForwardConfig,
+               cfg_bwd: BackwardConfig, interpret: bool, batch_axes: tuple[str, ...] | None):
   return _forward(q, k, v, seg, offsets, problem, cfg, interpret, batch_axes)[0]
 
 
