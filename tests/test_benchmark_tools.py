@@ -1,9 +1,10 @@
 """Benchmark tools that run without a GPU: ``benchmarks.ab`` (base and head alternate, their JSON
 times matched by identity), ``benchmarks.kernel_registers`` (the kernels' Triton modules) and the
-merge of ``benchmarks.attention`` runs."""
+merge of ``benchmarks.attention`` runs, ``benchmarks.task_data`` (the synthetic tasks' host time)."""
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -225,3 +226,14 @@ def test_attention_rewrite_cli_refuses_bad_files_in_one_line(tmp_path):
   run.write_text("{}")
   res = cli("--rewrite", str(run), "--flex-log", str(run), str(tmp_path / "missing.log"))
   assert res.returncode == 2 and res.stderr.strip().splitlines() == [f"error: no such file: {tmp_path / 'missing.log'}"]
+
+
+def test_task_data_times_each_task_recipe_and_refuses_a_text_one():
+  res = subprocess.run([sys.executable, "-m", "benchmarks.task_data", "--configs", "recall128", "--samples", "20",
+                        "--repeats", "1", "--steps", "2"], capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert re.fullmatch(r"recall128: [\d.]+ ms/row, \d+ rows/s, [\d.]+ steps/s of 32 rows per core; "
+                      r"pipeline [\d.]+ ms/step\n", res.stdout), res.stdout
+  res = subprocess.run([sys.executable, "-m", "benchmarks.task_data", "--configs", "tiny"], capture_output=True,
+                       text=True, timeout=300)
+  assert res.returncode == 2 and "--configs tiny: this recipe trains on text alone" in res.stderr, res.stderr

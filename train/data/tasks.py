@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Callable, NamedTuple, Sequence
 
 import grain
@@ -139,18 +140,19 @@ class TaskGenerator:
     that the pairs follow one another as their queries do and never overlap); distractor pairs in
     the gaps between them, spread at random."""
     spec, n_pairs, n_queries = self.spec, self.spec.pair_count, self.spec.queries
-    words = [key_word(k) for k in rng.choice(spec.keys, n_pairs, replace=False)]
-    values = [f"{v:0{VALUE_DIGITS}d}" for v in rng.choice(10 ** VALUE_DIGITS, n_pairs, replace=False)]
-    items = [self.join([PAIR[0], w, PAIR[1], v, PAIR[2]]) for w, v in zip(words, values)]
-    value_at = [len(self.piece(PAIR[0])) + len(self.piece(w)) + len(self.piece(PAIR[1])) for w in words]  # in its item
-    distances = np.sort(self.law.sample(rng, n_queries))[::-1]
-    lengths = np.array([len(x) for x in items[:n_queries]])
-    block_start = len(tokens_T1) - lengths.sum()
-    query_at = block_start + np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    pair_at = query_at - distances
+    keys = rng.choice(spec.keys, n_pairs, replace=False).tolist()
+    values = [f"{v:0{VALUE_DIGITS}d}" for v in rng.choice(10 ** VALUE_DIGITS, n_pairs, replace=False).tolist()]
+    opening, middle, closing = (self.piece(t) for t in PAIR)
+    words = [self.piece(key_word(k)) for k in keys]
+    items = [np.concatenate((opening, w, middle, self.piece(v), closing)) for w, v in zip(words, values)]
+    distances = sorted(self.law.sample(rng, n_queries).tolist(), reverse=True)
+    lengths = [len(x) for x in items[:n_queries]]
+    block_start = len(tokens_T1) - sum(lengths)
+    query_at = [block_start + before for before in itertools.accumulate(lengths[:-1], initial=0)]
+    pair_at = [q - d for q, d in zip(query_at, distances)]
     if pair_at[0] < 1 or pair_at[-1] + lengths[-1] > block_start:
-      raise AssertionError(f"mqar distances {distances.tolist()} do not fit: TaskSpec.validate let them through")
-    gaps = list(zip(np.concatenate([[1], pair_at + lengths]), np.concatenate([pair_at, [block_start]])))
+      raise AssertionError(f"mqar distances {distances} do not fit: TaskSpec.validate let them through")
+    gaps = list(zip([1] + [a + n for a, n in zip(pair_at, lengths)], pair_at + [block_start]))
     distractors = items[n_queries:]
     if distractors:
       longest = max(len(x) for x in distractors)
@@ -158,15 +160,15 @@ class TaskGenerator:
       if len(slots) < len(distractors):
         raise AssertionError(f"{len(distractors)} mqar distractors do not fit: TaskSpec.validate let them through")
       counts = np.bincount(slots[rng.choice(len(slots), len(distractors), replace=False)], minlength=len(gaps))
-      bounds = np.concatenate([[0], np.cumsum(counts)])
+      bounds = [0, *itertools.accumulate(counts.tolist())]
       for (start, end), lo, hi in zip(gaps, bounds[:-1], bounds[1:]):
         self._spread(rng, tokens_T1, start, end, distractors[lo:hi])
     answers = []
     for j in range(n_queries):
       tokens_T1[pair_at[j]:pair_at[j] + lengths[j]] = items[j]
       tokens_T1[query_at[j]:query_at[j] + lengths[j]] = items[j]
-      answers.append((int(query_at[j] + value_at[j]), len(self.piece(values[j]))))
-    return answers, distances.tolist()
+      answers.append((query_at[j] + len(opening) + len(words[j]) + len(middle), len(self.piece(values[j]))))
+    return answers, distances
 
   def _passkey(self, rng: np.random.Generator, tokens_T1: np.ndarray) -> tuple[list[tuple[int, int]], list[int]]:
     """The needle with its key at the drawn distance before the answer, which ends the sequence."""
@@ -236,15 +238,15 @@ class TaskGenerator:
     among the ``len(items) + 1`` gaps around them (every split equally likely)."""
     if not items:
       return
-    lengths = np.array([len(x) for x in items])
-    slack = end - start - lengths.sum()
-    if slack < 0:
-      raise AssertionError(f"{len(items)} items of {lengths.sum()} tokens do not fit in {end - start}")
-    n = len(items)
-    before = np.sort(rng.choice(slack + n, n, replace=False)) - np.arange(n)  # free tokens before each item
-    at = start + before + np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    for a, x in zip(at, items):
-      tokens_T1[a:a + len(x)] = x
+    n, used = len(items), sum(len(x) for x in items)
+    if end - start < used:
+      raise AssertionError(f"{n} items of {used} tokens do not fit in {end - start}")
+    picks = np.sort(rng.choice(end - start - used + n, n, replace=False)).tolist()
+    written = 0
+    for i, (pick, x) in enumerate(zip(picks, items)):  # item i has pick - i free tokens before it
+      at = start + pick - i + written
+      tokens_T1[at:at + len(x)] = x
+      written += len(x)
 
 
 def task_batch(spec: TaskSpec, encode: Encode, seed: int, indices: Sequence[int],
@@ -294,6 +296,8 @@ def accuracy_by_distance(correct_N: np.ndarray, distance_N: np.ndarray, edges: S
 def is_task_row(seed: int, row: int, task_mix: float) -> bool:
   """Whether row ``row`` of the global training stream (step x batch + row in the batch) is a task
   sequence: a draw of its own ``(seed, row)``, true with probability ``task_mix``."""
+  if task_mix >= 1 or task_mix <= 0:  # the draw cannot change the answer (it is in [0, 1))
+    return task_mix >= 1
   return bool(np.random.default_rng([seed, MIX_STREAM, row]).random() < task_mix)
 
 
@@ -307,12 +311,13 @@ def mixed_dataset(tokens: np.ndarray, spec: TaskSpec, task_mix: float, encode: E
   its index, so the iterator's state resumes the stream exactly."""
   gen = TaskGenerator(spec, encode)
   ones_T = np.ones(spec.seq_len, np.float32)
+  windows = window_stream(tokens, spec.seq_len, seed)
 
-  def row(global_row: int, window_T1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def row(global_row: int) -> tuple[np.ndarray, np.ndarray]:
     if is_task_row(seed, global_row, task_mix):
       sample = gen.sample(seed, global_row)
       return sample.tokens_T1, sample.mask_T
-    return window_T1, ones_T
+    return windows[global_row], ones_T  # read only here: the shuffle's index costs as much as a task row
 
-  stream = window_stream(tokens, spec.seq_len, seed).map_with_index(row)
+  stream = grain.MapDataset.range(len(windows)).map(row)
   return process_batches(stream, batch_size).to_iter_dataset()
