@@ -183,6 +183,7 @@ def test_sweep_list_prints_one_command_per_unfinished_cell(sweep_root, tmp_path)
   cell (none for a finished sweep), the recipe recorded in the root as a sweep records it."""
   done = _module("train.study.sweep", "--root", str(sweep_root), *SWEEP, "--list", timeout=300)
   assert done.returncode == 0 and done.stdout.strip() == "", done.stderr
+  assert f"nothing left: every cell under {sweep_root} is finished" in done.stderr, done.stderr
   reruns = _module("train.study.sweep", "--root", str(sweep_root), *SWEEP, "--list", "--reruns", "1", timeout=300)
   assert [line.split(" --workdir ")[1].split()[0] for line in reruns.stdout.strip().splitlines()] == [
       f"{sweep_root.absolute()}/{v}-s0-rerun1" for v in ("dense", "fib-linear")], reruns.stderr
@@ -197,3 +198,5 @@ def test_sweep_list_prints_one_command_per_unfinished_cell(sweep_root, tmp_path)
   assert not list(fresh.glob("*-s*"))  # nothing ran
   other = _module("train.study.sweep", "--root", str(fresh), "--config", "small", "--list", timeout=300)
   assert other.returncode == 2 and "another recipe" in other.stderr
+  assert f"another recipe (--config tiny --set {TINY[0]} " in other.stderr, other.stderr  # the flags that continue it
+  assert other.stderr.endswith("or a new --root for --config small\n"), other.stderr

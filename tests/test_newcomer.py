@@ -137,8 +137,8 @@ def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops_the_command(capsys):
 
 def test_every_command_runs_in_the_frame_and_prints_no_error_line_itself():
   """No module of ``train`` but ``train.cli`` prints ``error: ...``; every ``main`` returns
-  ``run_command(...)``."""
-  printing, mains = [], []
+  ``run_command(...)``, and every command module ends with ``exit_with(main())``."""
+  printing, mains, guards = [], [], []
   for path in sorted((ROOT / "train").rglob("*.py")):
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
@@ -153,7 +153,26 @@ def test_every_command_runs_in_the_frame_and_prints_no_error_line_itself():
         calls = {getattr(c.func, "id", None) for c in ast.walk(node) if isinstance(c, ast.Call)}
         if "run_command" not in calls:
           mains.append(str(path.relative_to(ROOT)))
+      if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'":
+        guards.append((str(path.relative_to(ROOT)), ast.unparse(node.body[0])))
   assert printing == [] and mains == []
+  assert len(guards) > 20 and [g for g in guards if g[1] != "exit_with(main())"] == []
+
+
+def test_an_interrupted_command_leaves_at_once_with_its_output():
+  """``cli.exit_with(130)`` flushes what was printed and ends the process without the interpreter's
+  shutdown, which would wait for a running thread (and can crash where JAX's threads still run);
+  another status exits as usual."""
+  code = ("import threading, time; from train.cli import exit_with; "
+          "threading.Thread(target=time.sleep, args=(120,), daemon={daemon}).start(); "
+          "print('kept', end=''); exit_with({status})")
+  start = time.monotonic()
+  res = subprocess.run([sys.executable, "-c", code.format(daemon=False, status=130)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=100)
+  assert (res.returncode, res.stdout) == (130, "kept") and time.monotonic() - start < 60, res.stderr
+  res = subprocess.run([sys.executable, "-c", code.format(daemon=True, status=2)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=100)
+  assert (res.returncode, res.stdout) == (2, "kept"), res.stderr
 
 
 # ----------------------------------------------------------------------------- 1. the summary overwrote any file

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import sys
 from typing import TYPE_CHECKING
 
 import jax
 
 from fibjax.cli import ArgumentParser
-from train.cli import run_command
+from train.cli import exit_with, run_command
 from train.run import rundir
 
 if TYPE_CHECKING:
@@ -110,4 +109,4 @@ def train_and_report(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_with(main())

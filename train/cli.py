@@ -25,7 +25,7 @@ import pathlib
 import signal
 import sys
 import threading
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NoReturn
 
 USAGE = 2  # exit status of a refused input, as argparse's for a bad argument
 INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)
@@ -73,6 +73,19 @@ def run_command(body: Callable[[argparse.Namespace], int], parser: argparse.Argu
     print(f"error: interrupted (Ctrl-C){'; ' + detail if detail else ''}", file=sys.stderr, flush=True)
     return INTERRUPTED
   return status
+
+
+def exit_with(status: int) -> NoReturn:
+  """Ends the process with ``status``, a command's ``main()``. A command stopped by Ctrl-C leaves
+  at once, its output flushed, without the interpreter's shutdown: work JAX dispatched before the
+  interrupt may still run on its threads while the interpreter tears down, which can crash it (a
+  segmentation fault, exit 139, seen after Ctrl-C in ``train.budget``). By then every ``with``
+  block has closed its files and the trainer has saved what it keeps."""
+  if status == INTERRUPTED:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+  sys.exit(status)
 
 
 @contextlib.contextmanager

@@ -22,14 +22,13 @@ import json
 import os
 import pathlib
 import shutil
-import sys
 import time
 from typing import Iterator
 
 import numpy as np
 
 from fibjax.cli import ArgumentParser
-from train.cli import run_command
+from train.cli import exit_with, run_command
 from train.data import text as data
 
 BLOCK_CHARS = 1 << 20  # a .txt file is encoded this many characters (up to the next line end) at a time
@@ -227,4 +226,4 @@ def prepare_and_report(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_with(main())

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import math
 import pathlib
-import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -27,7 +26,7 @@ from flax import nnx
 
 from fibjax.cli import ArgumentParser
 from fibjax.layers import LayerPattern
-from train.cli import add_lengths, add_workdir, check_multiples, run_command
+from train.cli import add_lengths, add_workdir, check_multiples, exit_with, run_command
 from train.run import rundir
 from train.run.evaluation import read_or_write, score
 from train.run.restore import Run, load_run
@@ -141,4 +140,4 @@ def sweep_budgets(args: argparse.Namespace) -> int:
   return 0
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_with(main())

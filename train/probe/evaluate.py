@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 
 import numpy as np
 
 from fibjax.cli import ArgumentParser
-from train.cli import add_lengths, add_sink_window, add_workdir, check_multiples, check_sink_window, run_command
+from train.cli import add_lengths, add_sink_window, add_workdir, check_multiples, check_sink_window, exit_with, run_command
 from train.data import text as data
 from train.run.evaluation import check_fits, evaluate_into, evaluation_path, rise_key, sorted_lengths
 from train.run.restore import Run, load_run
@@ -88,4 +87,4 @@ def evaluate(args: argparse.Namespace) -> int:
   return 0
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_with(main())

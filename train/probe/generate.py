@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from flax import nnx
 
 from fibjax.cli import ArgumentParser
 from fibjax.generate import stream
-from train.cli import add_workdir, run_command
+from train.cli import add_workdir, exit_with, run_command
 
 SEEDS = 2**32  # jax.random.key keeps 32 bits of the seed: larger ones would repeat smaller ones' samples
 MAX_NEW_TOKENS = 2**30  # positions are int32: this leaves room for any prompt
@@ -99,4 +98,4 @@ def generate(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_with(main())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -25,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fibjax.cli import ArgumentParser
-from train.cli import add_lengths, add_workdir, check_multiples, run_command
+from train.cli import add_lengths, add_workdir, check_multiples, exit_with, run_command
 from train.data import text as data
 from train.probe import reach
 from train.run import rundir
@@ -184,4 +183,4 @@ def probe(args: argparse.Namespace) -> int:
   return 0
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_with(main())

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import time
 from typing import TYPE_CHECKING
 
-from train.cli import add_workdir, run_command, write_whole
+from train.cli import add_workdir, exit_with, run_command, write_whole
 from train.run import rundir
 
 if TYPE_CHECKING:
@@ -204,4 +203,4 @@ def run_and_report(args: argparse.Namespace) -> int:
   return 0
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_with(main())

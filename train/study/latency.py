@@ -17,7 +17,6 @@ import argparse
 import json
 import pathlib
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -29,7 +28,7 @@ from jax.sharding import Mesh
 
 from fibjax.cli import ArgumentParser
 from fibjax.generate import compiled_steps
-from train.cli import check_writable, run_command, write_whole
+from train.cli import check_writable, exit_with, run_command, write_whole
 from train.run.mesh import make_mesh
 from configs.base import TrainConfig
 from fibjax.model import LM
@@ -169,4 +168,4 @@ def measure_and_report(args: argparse.Namespace) -> int:
   return 0
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_with(main())

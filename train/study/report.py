@@ -18,11 +18,10 @@ import argparse
 import json
 import math
 import pathlib
-import sys
 from typing import TYPE_CHECKING, Any
 
 from fibjax.cli import ArgumentParser
-from train.cli import check_writable, run_command, write_whole
+from train.cli import check_writable, exit_with, run_command, write_whole
 from train.run import rundir
 from train.study import findings, stats, sweeproot
 from train.study.findings import (INERT_MAX, LEVEL_MAX, LOSS, RATIO, RECALL, Metric, fmt_pct, interval, mean_std,
@@ -657,4 +656,4 @@ def check_summary(path: pathlib.Path | None, force: bool = False) -> None:
                      "file's path")
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_with(main())

