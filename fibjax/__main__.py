@@ -1,4 +1,5 @@
-"""``python -m fibjax``: print each variant's layer alphas, offsets and parameter count for a recipe."""
+"""``python -m fibjax``: print each variant's layer alphas, offsets and parameter count at the paper's
+model size, for a sequence length and window given by --seq-len and --window."""
 
 import sys
 

@@ -9,12 +9,15 @@ from typing import NoReturn
 
 
 def _module_prog(module: str) -> str | None:
-  """``python -m <module>``; for ``__main__``, the module the interpreter ran (``None`` for a
-  script or ``-c``)."""
-  if module == "__main__":
-    spec = getattr(sys.modules["__main__"], "__spec__", None)
+  """``python -m <module>``; for ``__main__``, or a module whose ``main`` the interpreter's
+  ``__main__`` module runs as its own (a short alias such as ``train.generate`` for
+  ``train.probe.generate``), the module the interpreter ran (``None`` for a script or ``-c``)."""
+  ran = sys.modules.get("__main__")
+  runs_this = module != "__main__" and getattr(ran, "main", None) is getattr(sys.modules.get(module), "main", False)
+  if module == "__main__" or runs_this:
+    spec = getattr(ran, "__spec__", None)
     if spec is None:
-      return None
+      return None if module == "__main__" else f"python -m {module}"
     module = spec.name
   return f"python -m {module.removesuffix('.__main__')}"
 

@@ -160,3 +160,4 @@ def test_latency_refuses_a_root_mixing_recipes(tmp_path):
   assert "give one sweep's root" in _error_line(res)
   (tmp_path / "b" / "config.json").write_text(json.dumps(configs.get_config("tiny", "fib-linear").to_dict()))
   assert list(latency.first_run_per_variant(tmp_path)) == ["dense", "fib-linear"]  # one recipe: accepted
+  assert latency.no_runs_message(tmp_path / "a" / "evals").endswith("after python -m train.sweep has finished its cells")

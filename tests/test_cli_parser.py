@@ -46,11 +46,16 @@ def test_command_line_argument_error_is_one_line(argv):
 
 
 def test_help_names_the_command_as_it_is_run():
-  """``usage: python -m <module>``, run as a module or built in-process by that module."""
+  """``usage: python -m <module>``, run as a module (or as a short alias of it) or built in-process
+  by that module."""
   res = subprocess.run([sys.executable, "-m", "benchmarks.norm", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
   assert res.returncode == 0 and res.stdout.startswith("usage: python -m benchmarks.norm "), res.stdout[:200]
   res = subprocess.run([sys.executable, "-m", "fibjax", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert res.stdout.startswith("usage: python -m fibjax "), res.stdout[:200]
+  # a short alias (train/generate.py runs train.probe.generate's main) names itself, as the README does
+  res = subprocess.run([sys.executable, "-m", "train.generate", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert res.stdout.startswith("usage: python -m train.generate "), res.stdout[:200]
   assert ArgumentParser().prog == f"python -m {__name__}"
   assert ArgumentParser(prog="tool").prog == "tool"

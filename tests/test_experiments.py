@@ -102,7 +102,8 @@ def test_evaluate_cli_names_each_evaluation_and_takes_any_text(sweep_root, tmp_p
   record = json.loads(written[0].read_text())
   assert record["multiples"] == [1, 2] and record["targets"] == 256
   missing = _module("train.probe.evaluate", "--workdir", str(run), "--data", str(tmp_path / "nope.txt"), timeout=120)
-  assert missing.returncode == 2 and "does not exist" in missing.stderr and len(missing.stderr.splitlines()) == 1
+  assert missing.returncode == 2 and "does not exist: give a .txt" in missing.stderr, missing.stderr
+  assert len(missing.stderr.splitlines()) == 1
   no_run = _module("train.probe.evaluate", "--workdir", str(tmp_path / "no_run"), timeout=120)
   assert no_run.returncode == 2 and "does not exist" in no_run.stderr
 

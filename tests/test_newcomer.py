@@ -25,6 +25,7 @@ import pytest
 from train import cli
 from train.data import prepare
 from train.probe import evaluate
+from train.run import checkpoint
 from train.run.checkpoint import CheckpointError
 from train.run.trainer import Interrupted
 from train.study import packing, report, sweep
@@ -111,6 +112,19 @@ def test_the_frame_turns_refusals_and_ctrl_c_into_one_line(capsys):
     assert capsys.readouterr().err == line + "\n"
   with pytest.raises(RuntimeError):  # a bug keeps its traceback
     cli.run_command(raising(RuntimeError("bug")), parser, [])
+
+
+def test_a_library_error_inside_a_message_is_what_failed_and_where():
+  """``checkpoint.short``, the cause a message quotes: an OS error as ``what: path`` (not
+  ``NotADirectoryError: [Errno 20] ...``), found through the errors raised from it."""
+  try:
+    try:
+      raise NotADirectoryError(errno.ENOTDIR, "Not a directory", "/runs/afile/sub")
+    except OSError as e:
+      raise RuntimeError("orbax could not save") from e
+  except RuntimeError as wrapped:
+    assert checkpoint.short(wrapped) == "Not a directory: /runs/afile/sub"
+  assert checkpoint.short(ValueError("x " * 200), limit=10).startswith("ValueError: ...")
 
 
 def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops_the_command(capsys):

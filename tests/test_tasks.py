@@ -331,9 +331,11 @@ TINY = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.he
 
 
 @pytest.mark.parametrize("task", ["task=mqar", "task=vartrack task_mix=0.5"])
-def test_task_run_trains_end_to_end(tmp_path, task):
+def test_task_run_trains_end_to_end(tmp_path, task, capsys):
   cfg = apply_overrides(configs.get_config("tiny"), TINY + task.split()).validate()
   summary = train(cfg, tmp_path / "w")
+  out = capsys.readouterr().out  # the corpus's share is named only where text is trained on
+  assert ("data: " in out) == (cfg.task_mix < 1) and f"task: {cfg.task}, distances " in out, out
   losses = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
   losses = [r["loss"] for r in losses if "loss" in r and "event" not in r]
   assert len(losses) == 3 and all(np.isfinite(losses))

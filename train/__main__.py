@@ -103,6 +103,9 @@ def train_and_report(args: argparse.Namespace) -> int:
     rise = rise_key(r["multiples"])
     for key in (k for k in r if k.endswith("x") and isinstance(r[k], dict)):
       print(f"  held-out {key} (length {r[key]['length']}): ppl {r[key]['ppl']:.3f} ({100 * r[key][rise]:+.1f}%)")
+    if cfg.task is not None and cfg.task_mix >= 1:
+      print(f"  (trained on {cfg.task} alone: held-out text is not what it learned; python -m train.recall "
+            f"--workdir {summary['workdir']} reads its recall by distance)")
     print(f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics']}\n"
           f"  tensorboard: {summary['tensorboard']}\n  evaluation: {summary['eval']}")
   return 0

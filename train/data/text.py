@@ -70,7 +70,8 @@ def data_files(path: pathlib.Path) -> list[pathlib.Path]:
   """The ``.txt``/``.jsonl``/``.jsonl.gz`` files of a data path (a file, or a folder searched
   recursively), sorted; raises ``ValueError`` for a missing path or a file of another kind."""
   if not path.exists():
-    raise ValueError(f"data path {str(path)!r} does not exist")
+    raise ValueError(f"data path {str(path)!r} does not exist: give a .txt, .jsonl or .jsonl.gz file, or a folder of "
+                     "them (relative paths start from the current folder)")
   if path.is_dir():
     return sorted(x for x in path.rglob("*") if x.is_file() and x.name.endswith(TEXT_SUFFIXES))
   if not path.name.endswith(TEXT_SUFFIXES):

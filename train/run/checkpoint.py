@@ -35,9 +35,11 @@ def manager(workdir: pathlib.Path, cfg: TrainConfig) -> ocp.CheckpointManager:
 
 def short(error: BaseException, limit: int = 200) -> str:
   """One line for an error: the innermost error it was raised from (where the library names the
-  file and the cause), its message cut to its end when long."""
+  file and the cause), its message cut to its end when long; an ``OSError`` as ``what: path``."""
   while error.__cause__ is not None:
     error = error.__cause__
+  if isinstance(error, OSError) and error.strerror:  # "Not a directory: PATH", not "[Errno 20] ..."
+    return error.strerror + (f": {error.filename}" if error.filename is not None else "")
   text = " ".join(str(error).split()) or type(error).__name__
   text = text if len(text) <= limit else "..." + text[-limit:]
   return f"{type(error).__name__}: {text}"

@@ -295,8 +295,9 @@ def train_locked(cfg: TrainConfig, workdir: pathlib.Path, mesh: Mesh, run_data: 
       record_changes(workdir, found[0], changes)
     write_run_files(cfg, workdir, run_data, budget, resuming, created)
     if jax.process_index() == 0:
-      print(f"data: {budget['training_tokens']:,} training tokens = {budget['repeats']:.2f} x the "
-            f"{budget['corpus_train_tokens']:,} distinct training tokens of the corpus", flush=True)
+      if cfg.task is None or cfg.task_mix < 1:  # a task alone trains on no text
+        print(f"data: {budget['training_tokens']:,} training tokens = {budget['repeats']:.2f} x the "
+              f"{budget['corpus_train_tokens']:,} distinct training tokens of the corpus", flush=True)
       if cfg.task is not None:
         print(f"task: {cfg.task}, distances {cfg.task_spec().law}, in {100 * cfg.task_mix:g}% of the rows (the rest "
               "text); only a task row's answer tokens are scored", flush=True)

@@ -100,7 +100,8 @@ def no_runs_message(root: pathlib.Path) -> str:
   """Why ``root`` has no run to time: it is a run folder itself, or its folders hold no finished run."""
   if (root / rundir.CONFIG).exists() and rundir.is_finished(root):
     return f"{root} is a run folder; give the sweep root that holds run folders (here {root.absolute().parent})"
-  return f"{root} holds no finished run (a folder with config.json and eval.json)"
+  return (f"{root} holds no finished run (a folder with config.json and eval.json): give a sweep's root, after "
+          "python -m train.sweep has finished its cells")
 
 
 def free_name(path: pathlib.Path) -> pathlib.Path:
