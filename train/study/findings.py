@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # matplotlib is imported only when plotting
   from matplotlib.figure import Figure
 
 LEVEL_MAX = 0.02  # two variants are "level" when the 95% interval of their loss gap lies in +-0.02 nats
+RECALLED_MIN = 0.5  # a reached (seed, distance) pair counts as recalled from this accuracy up
 INERT_MAX = 0.01  # learned alpha is "inert" when its 95% interval is not more than 0.01 nats better
 RECALL_LEVEL = 0.02  # on recall error: "level" and "inert" within 2 percentage points of accuracy
 DENSE_RECALL_MIN = 0.90  # validity: dense recalls at least 90% of the answers at T
@@ -346,8 +347,10 @@ def reach_table(runs: dict) -> list[str]:
     if v == "dense" or not cells:
       continue
     split = reached_or_not(cells)
+    learned = sum(a >= RECALLED_MIN for a in split["reached"])
     rows.append([v, str(len(cells))] + [f"{stats.mean(split[k]):.3f} ({len(split[k])})" if split[k] else "- (0)"
-                                        for k in ("reached", "unreached")] + [str(len(split["partly"]))])
+                                        for k in ("reached", "unreached")]
+                + [f"{learned} of {len(split['reached'])}", str(len(split["partly"]))])
   if not rows:
     return []
   return (["### Recall where the pattern reaches and where it does not", "",
@@ -355,9 +358,11 @@ def reach_table(runs: dict) -> list[str]:
            "seed's pattern reaches through all layers (layers = 1) and over those it reaches none of (layers = 0), "
            "the count of such pairs in brackets (reach as in the table above: per seed for random offsets); buckets "
            "partly reached are counted apart and left out. Recall that follows the predicted reach is high in the "
-           "first column and near chance in the second.", ""]
+           f"first column and near chance in the second. `recalled` counts the reached pairs whose accuracy is at "
+           f"least {RECALLED_MIN}: how much of its reach a model learned to use (the mean alone does not tell a "
+           "model that recalls every reached distance half the time from one that recalls half of them always).", ""]
           + table(["variant", "n", "reached: accuracy (buckets)", "not reached: accuracy (buckets)",
-                   "partly reached (buckets)"], rows) + [""])
+                   "reached: recalled", "partly reached (buckets)"], rows) + [""])
 
 
 def bucket_text(distance: tuple[int, int]) -> str:
