@@ -96,6 +96,7 @@ def insistent_interrupts() -> Iterator[Callable[[], bool]]:
   saying whether Ctrl-C was pressed. A handler installed inside the block (the training loop's
   step-boundary flag, ``train.run.trainer``) takes Ctrl-C over until it restores this one."""
   pressed, done = threading.Event(), threading.Event()
+  resender: list[threading.Thread] = []
   if threading.current_thread() is not threading.main_thread():
     yield pressed.is_set
     return
@@ -109,7 +110,8 @@ def insistent_interrupts() -> Iterator[Callable[[], bool]]:
       return
     if not pressed.is_set():
       pressed.set()
-      threading.Thread(target=resend, daemon=True).start()
+      resender.append(threading.Thread(target=resend, daemon=True))
+      resender[0].start()
     raise KeyboardInterrupt
 
   def unraisable(info) -> None:  # the dropped Ctrl-C is raised again: not worth a traceback
@@ -122,6 +124,8 @@ def insistent_interrupts() -> Iterator[Callable[[], bool]]:
     yield pressed.is_set
   finally:
     done.set()
+    for thread in resender:  # a Ctrl-C it sent as the block ended meets this handler (a no-op), not the previous
+      thread.join()
     signal.signal(signal.SIGINT, previous)
     if sys.unraisablehook is unraisable:  # a hook installed since (train.run.quiet) chains to this one: kept
       sys.unraisablehook = hook
