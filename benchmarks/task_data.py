@@ -24,6 +24,7 @@ from train.data.tasks import TaskGenerator
 from train.data.text import ByteTokenizer
 from train.run import trainer
 
+
 def ms_per_row(name: str, samples: int, repeats: int) -> float:
   """Median over ``repeats`` passes of the milliseconds ``TaskGenerator.sample`` takes per row of
   recipe ``name``."""
@@ -59,12 +60,12 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--steps", type=int, default=100)
   args = parser.parse_args()
-  for name in args.configs:
-    if configs.get_config(name).task_spec() is None:
+  recipes = {name: configs.get_config(name) for name in args.configs}
+  for name, cfg in recipes.items():
+    if cfg.task_spec() is None:
       parser.error(f"--configs {name}: this recipe trains on text alone; name recipes with a task")
-  for name in args.configs:
-    ms = ms_per_row(name, args.samples, args.repeats)
-    batch = configs.get_config(name).batch_size
+  for name, cfg in recipes.items():
+    ms, batch = ms_per_row(name, args.samples, args.repeats), cfg.batch_size
     print(f"{name}: {ms:.3f} ms/row, {1e3 / ms:.0f} rows/s, {1e3 / ms / batch:.1f} steps/s of {batch} rows per core;"
           f" pipeline {ms_per_step(name, args.steps):.1f} ms/step")
 

@@ -110,8 +110,9 @@ def insistent_interrupts() -> Iterator[Callable[[], bool]]:
       return
     if not pressed.is_set():
       pressed.set()
-      resender.append(threading.Thread(target=resend, daemon=True))
-      resender[0].start()
+      thread = threading.Thread(target=resend, daemon=True)
+      resender.append(thread)
+      thread.start()
     raise KeyboardInterrupt
 
   def unraisable(info) -> None:  # the dropped Ctrl-C is raised again: not worth a traceback

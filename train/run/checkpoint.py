@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from configs.base import TrainConfig
+from train.cli import one_line
 from train.run import rundir
 
 REQUIRED_FILES = ("state/_METADATA", "data/metadata")  # what every complete step holds
@@ -39,7 +40,7 @@ def short(error: BaseException, limit: int = 200) -> str:
   while error.__cause__ is not None:
     error = error.__cause__
   if isinstance(error, OSError) and error.strerror:  # "Not a directory: PATH", not "[Errno 20] ..."
-    return error.strerror + (f": {error.filename}" if error.filename is not None else "")
+    return one_line(error)
   text = " ".join(str(error).split()) or type(error).__name__
   text = text if len(text) <= limit else "..." + text[-limit:]
   return f"{type(error).__name__}: {text}"
