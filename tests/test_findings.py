@@ -368,6 +368,9 @@ def test_task_report_sections_hold_the_runs_numbers(built, task_cells):
   assert "| claim 1 | fib-linear - fib-fixed | 5 |" in power and "(2 recall points) |" in power
   assert "| control | window - fib-linear at 4x T | 5 |" in power
   assert "## Out-of-distribution text" not in text and "## Extrapolation premise" not in text
+  # a model that never saw text has no text perplexity worth a table or a plot
+  assert "Not shown: these runs trained on a synthetic task alone" in section(text, "Perplexity by length")
+  assert "## Loss by context position" not in text and not (built["task"] / "plots" / "ppl_by_length.png").exists()
 
 
 def test_text_report_sections_hold_the_runs_numbers(built, text_cells):
@@ -377,6 +380,8 @@ def test_text_report_sections_hold_the_runs_numbers(built, text_cells):
   assert "| variants with the same pattern in every layer (the same model) | none |" in text
   assert "Not made: no run of this root has a recall probe" in section(text, "Validity checks")
   assert "## Recall by distance" not in text
+  assert "| fib-linear | 5 |" in section(text, "Perplexity by length (held-out, mean +- std over seeds)") and "## Loss by context position" in text
+  assert (built["text"] / "plots" / "ppl_by_length.png").stat().st_size > 0
 
   ood = section(text, "Out-of-distribution text")
   ppl = findings.mean_std(per_seed(text_cells, "fib-linear", lambda c: findings.ppl(c, 2, "ood:foldoc")))

@@ -289,7 +289,7 @@ def position_claim(runs: dict, metric: Metric = LOSS) -> dict:
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_all(runs: dict, latency: dict | None, out: pathlib.Path, multiples: tuple[int, ...]) -> None:
+def plot_all(runs: dict, latency: dict | None, out: pathlib.Path, multiples: tuple[int, ...], text: bool = True) -> None:
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
@@ -298,28 +298,29 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path, multiples: tup
   out.mkdir(exist_ok=True)
   variants = sorted(runs)
 
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for v in variants:
-    ys = [[ppl(c, m) for c in runs[v].values()] for m in multiples]
-    ax.errorbar(multiples, [stats.mean(y) for y in ys], yerr=[stats.std(y) for y in ys], marker="o", label=v,
-                capsize=3)
-  ax.set(xlabel="evaluation length (x T)", ylabel="held-out perplexity", xticks=multiples,
-         title="Perplexity against length (mean +- std over seeds)")
-  perplexity_axis(ax)
-  ax.legend(fontsize=7)
-  save(fig, out / "ppl_by_length.png")
-
-  fig, axes = plt.subplots(1, len(multiples), figsize=(4 * len(multiples), 3.5), sharey=True)
-  for ax, m in zip(axes, multiples):
+  if text:  # held-out text curves: runs that trained on text
+    fig, ax = plt.subplots(figsize=(6, 4))
     for v in variants:
-      cells = list(runs[v].values())
-      edges = cells[0]["eval"][f"{m}x"]["bucket_edges"]
-      mids = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-      ys = [stats.mean([c["eval"][f"{m}x"]["bucket_loss"][i] for c in cells]) for i in range(len(mids))]
-      ax.plot(mids, ys, marker=".", label=v)
-    ax.set(xlabel="context position", title=f"{m}x T", ylabel="loss (nats)" if m == multiples[0] else None)
-  axes[0].legend(fontsize=6)
-  save(fig, out / "loss_by_position.png")
+      ys = [[ppl(c, m) for c in runs[v].values()] for m in multiples]
+      ax.errorbar(multiples, [stats.mean(y) for y in ys], yerr=[stats.std(y) for y in ys], marker="o", label=v,
+                  capsize=3)
+    ax.set(xlabel="evaluation length (x T)", ylabel="held-out perplexity", xticks=multiples,
+           title="Perplexity against length (mean +- std over seeds)")
+    perplexity_axis(ax)
+    ax.legend(fontsize=7)
+    save(fig, out / "ppl_by_length.png")
+
+    fig, axes = plt.subplots(1, len(multiples), figsize=(4 * len(multiples), 3.5), sharey=True)
+    for ax, m in zip(axes, multiples):
+      for v in variants:
+        cells = list(runs[v].values())
+        edges = cells[0]["eval"][f"{m}x"]["bucket_edges"]
+        mids = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+        ys = [stats.mean([c["eval"][f"{m}x"]["bucket_loss"][i] for c in cells]) for i in range(len(mids))]
+        ax.plot(mids, ys, marker=".", label=v)
+      ax.set(xlabel="context position", title=f"{m}x T", ylabel="loss (nats)" if m == multiples[0] else None)
+    axes[0].legend(fontsize=6)
+    save(fig, out / "loss_by_position.png")
 
   pk = [v for v in variants if all("passkey" in c for c in runs[v].values())]
   if pk:
@@ -412,10 +413,10 @@ def build(root: pathlib.Path) -> tuple[str, list[dict], findings.Findings]:
   runs = by_variant(cells)
   latency = latest_latency(root)
   sweep = read_sweep_file(root / sweeproot.SWEEP) if (root / sweeproot.SWEEP).exists() else {}
-  plot_all(runs, latency, root / sweeproot.PLOTS, multiples)
   c0 = cells[0]
   model = c0["config"]["model"]
   metric = findings.metric_of(cells)
+  plot_all(runs, latency, root / sweeproot.PLOTS, multiples, text=not metric.task)
   found = findings.sections(runs, model, multiples, metric, root / sweeproot.PLOTS)
   recipe = (f"Recipe `{sweep.get('config')}` with overrides `{' '.join(sweep.get('overrides', [])) or 'none'}`"
             if sweep else f"No `{sweeproot.SWEEP}` in this root, so the recipe's name is unknown (the runs' configs "
@@ -438,17 +439,11 @@ def build(root: pathlib.Path) -> tuple[str, list[dict], findings.Findings]:
       ["variants with the same pattern in every layer (the same model)", findings.same_patterns_text(runs)],
       ["claims judged on", metric.name],
   ])
-  lines += ["", "## Perplexity by length (held-out, mean +- std over seeds)", ""]
-  rows = []
-  for v in sorted(runs):
-    cs = list(runs[v].values())
-    rise = rise_interval(runs, v)
-    rows.append([v, str(len(cs))] + [mean_std([ppl(c, m) for c in cs]) for m in multiples] + [fmt_pct(rise)])
-  lines += table(["variant", "n"] + [f"ppl {m}x T" for m in multiples] + ["rise 4x vs 1x [95% CI]"], rows)
-  lines += ["", "![perplexity by length](plots/ppl_by_length.png)", "",
-            "## Loss by context position", "",
-            "Mean held-out loss in equal spans of the window, at each length (same targets at every length).", "",
-            "![loss by position](plots/loss_by_position.png)", ""]
+  lines += text_sections(runs, multiples) if not metric.task else [
+      "", "## Perplexity by length", "",
+      "Not shown: these runs trained on a synthetic task alone, so perplexity on held-out text says nothing "
+      "about them (their text loss is that of a model that never saw text). Recall by distance, below, is "
+      "their measure.", ""]
   lines += passkey_section(runs) + budget_section(runs, multiples) + latency_section(latency) + cost_section(root, everything)
   lines += unfinished_section(root, everything) + found.lines + findings.noise_section(runs, reruns, metric, multiples)
   verdicts = claims(runs, latency, metric)
@@ -460,6 +455,21 @@ def build(root: pathlib.Path) -> tuple[str, list[dict], findings.Findings]:
             "trained on 426M tokens.", ""]
   lines += findings.power_section(findings.claim_comparisons(verdicts) + found.comparisons)
   return "\n".join(lines), verdicts, found
+
+
+def text_sections(runs: dict, multiples: tuple[int, ...]) -> list[str]:
+  """Held-out text perplexity by length and the loss by context position (runs that trained on text)."""
+  lines = ["", "## Perplexity by length (held-out, mean +- std over seeds)", ""]
+  rows = []
+  for v in sorted(runs):
+    cs = list(runs[v].values())
+    rise = rise_interval(runs, v)
+    rows.append([v, str(len(cs))] + [mean_std([ppl(c, m) for c in cs]) for m in multiples] + [fmt_pct(rise)])
+  lines += table(["variant", "n"] + [f"ppl {m}x T" for m in multiples] + ["rise 4x vs 1x [95% CI]"], rows)
+  return lines + ["", "![perplexity by length](plots/ppl_by_length.png)", "",
+                  "## Loss by context position", "",
+                  "Mean held-out loss in equal spans of the window, at each length (same targets at every length).", "",
+                  "![loss by position](plots/loss_by_position.png)", ""]
 
 
 def passkey_section(runs: dict) -> list[str]:
