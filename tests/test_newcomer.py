@@ -293,6 +293,15 @@ def test_packing_leaves_every_process_room_for_cuda(gpu):
   assert plan.per_gpu * (pool + packing.RESERVE_BYTES) <= gpu  # and every process keeps its reserve
 
 
+def test_every_recipe_has_a_footprint_and_the_recall_study_packs_without_a_warning():
+  import configs  # noqa: PLC0415
+
+  assert set(packing.RECIPE_FOOTPRINT) == set(configs.CONFIGS)  # a new recipe needs its own default
+  need, where = packing.footprint(pathlib.Path("/nonexistent"), "recall128-long")
+  assert "recall128-long recipe's default" in where
+  assert packing.plan(H100, need, where, asked=21).warning() is None  # the 21 cells the study ran per H100
+
+
 def test_packing_too_many_cells_is_named_with_the_fix():
   need, _ = packing.footprint(pathlib.Path("/nonexistent"), "small")
   plan = packing.plan(H100, need, "default", asked=14)

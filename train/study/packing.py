@@ -28,8 +28,11 @@ DEFAULT_PER_GPU = 7  # the most cells per GPU by default: 7 `small` cells on one
 DEFAULT_GPU_BYTES = 80 * 10**9  # an 80 GB card (H100), assumed when nvidia-smi cannot say
 # Device memory a cell of each recipe needs until one has measured it (XLA's peak in use over
 # training and probes): `small` and `paper` packed 11 and 6 to a 141 GB H200 with 11.5 and 21 GB
-# pools (NOTES, "Experiments"); a recipe not named here gets the largest.
-RECIPE_FOOTPRINT = {"tiny": 1 * GIB, "small": 8 * GIB, "paper": 20 * GIB}
+# pools (NOTES, "Experiments"); the 2-layer recall recipes peaked at 0.37 GB (`recall`) and 0.13 GB
+# (`recall128`, `recall128-long`) on an H100; `recall8` and `starved` are `small`'s model. A recipe not
+# named here gets the largest.
+RECIPE_FOOTPRINT = {"tiny": 1 * GIB, "small": 8 * GIB, "paper": 20 * GIB, "recall": 1 * GIB, "recall8": 8 * GIB,
+                    "recall128": 1 * GIB, "recall128-long": 1 * GIB, "starved": 8 * GIB}
 FOOTPRINT_MARGIN = 1.25  # on a measured peak: allocator fragmentation, a probe longer than the one measured
 # What a cell's log says when it failed for want of GPU memory outside its pool, or of a GPU fault
 # that a second start does not meet: such a cell is started once more.
