@@ -37,6 +37,7 @@ CASES = {  # seed, n, q heads, kv heads, head_dim, window, offsets, reach, dtype
                                       mosaic_gpu.MosaicForwardConfig(stages=1, term_smem="plain")),
     "gqa_block128_ragged": (16, 330, 2, 1, 64, 32, (40, 129, 200), None, jnp.bfloat16,
                             mosaic_gpu.MosaicForwardConfig(block=128, stages=2)),
+    "window_only": (17, 200, 2, 1, 64, 32, (), None, jnp.bfloat16, mosaic_gpu.MosaicForwardConfig()),
 }
 
 
@@ -207,9 +208,9 @@ def test_unsupported_inputs_raise():
 
 
 def test_default_config_fits_shared_memory():
-  """Three ring slots at head_dim 64, two at 128 (learned, two tiles a slot: two and one); a window
+  """One ring slot at head_dim 64, two at 128 (learned, two tiles a slot: two and one); a window
   too wide for shared memory is refused."""
-  for d, offset_dtype, stages in ((64, jnp.int32, 3), (128, jnp.int32, 2), (64, jnp.float32, 2),
+  for d, offset_dtype, stages in ((64, jnp.int32, 1), (128, jnp.int32, 2), (64, jnp.float32, 2),
                                   (128, jnp.float32, 1)):
     q = jax.ShapeDtypeStruct((1, 16384, 8, d), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 16384, 2, d), jnp.bfloat16)
@@ -253,6 +254,20 @@ def test_lowers_for_cuda(term_smem, segments, block, offset_dtype):
     assert exported.platforms == ("cuda",), name
     assert [(a.shape, a.dtype) for a in exported.out_avals] == want, name
     assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module()), name
+
+
+def test_window_only_lowers_for_cuda():
+  """No offset terms (the ``window`` control, K = 0) with and without segment ids: a per-row index
+  built for the terms but used by none failed jax 0.11.2's layout inference (0.10.2 lowered it)."""
+  n, h, d = 200, 2, 64
+  q = jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16)
+  offsets = jax.ShapeDtypeStruct((0,), jnp.int32)
+  for seg in (None, jax.ShapeDtypeStruct((1, n), jnp.int32)):
+    problem = attention_problem(q, q, jnp.zeros((0,), jnp.int32), window=32,
+                                segment_ids=None if seg is None else jnp.zeros((1, n), jnp.int32))
+    fn = jax.jit(lambda q, k, v, o, s: mosaic_gpu.forward(q, k, v, s, o, problem=problem, cfg=None, interpret=False))
+    exported = jax.export.export(fn, platforms=["cuda"])(q, q, q, offsets, seg)
+    assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module())
 
 
 @pytest.mark.parametrize("case", ["segments_static", "segments_learned"])

@@ -71,11 +71,12 @@ SMEM_BYTES = 227 * 1024  # shared memory one H100/H200 thread block may hold
 
 
 def default_config(problem: Problem) -> MosaicForwardConfig:
-  """64-row tiles; static offsets: three ring slots at head_dim 64, two above; learned (two tiles
-  a slot): two at head_dim 64, one above (shared memory per program: the query tile, the
-  window's and the ring's key/value tiles)."""
-  stages = 3 if problem.head_dim <= 64 else 2
-  return MosaicForwardConfig(block=WGMMA_ROWS, stages=stages - 1 if problem.learned else stages)
+  """64-row tiles. Static offsets: one ring slot at head_dim 64, two above, the fastest configs of
+  ``python -m benchmarks.mosaic_check --sweep`` at N = 65536 on an H100 (128-row tiles took 2.2-2.4x
+  as long). Learned (two tiles a slot; not swept): two at head_dim 64, one above."""
+  if problem.learned:
+    return MosaicForwardConfig(block=WGMMA_ROWS, stages=2 if problem.head_dim <= 64 else 1)
+  return MosaicForwardConfig(block=WGMMA_ROWS, stages=1 if problem.head_dim <= 64 else 2)
 
 
 def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig) -> int:
@@ -487,7 +488,6 @@ def _attention_handlers(buf: _Buffers, prog: _Program, problem: Problem, b: int,
   query's segment. Offset term of distance ``d`` (``lo + t``): row-wise scores of the blended key,
   masked unless ``d >= W``, ``i >= d`` and every row read with a nonzero weight (``i - lo``, and
   ``i - lo - 1`` when ``t > 0``) is in the query's segment. Each is one online softmax step."""
-  q_rows_B = ops.iota((b,), 0, ROW_LAYOUT) + prog.i0
   q_rows_BxB = ops.iota((b, b), 0, plgpu.Layout.WGMMA) + prog.i0
   cols_BxB = ops.iota((b, b), 1, plgpu.Layout.WGMMA)
 
@@ -510,7 +510,7 @@ def _attention_handlers(buf: _Buffers, prog: _Program, problem: Problem, b: int,
   def term(term: _Term, st: _Softmax) -> _Softmax:
     k_BxD = _blend(tuple(ops.load_term(tile.k) for tile in term.tiles), term.frac)
     s_B = jnp.sum(st.q.astype(jnp.float32) * k_BxD, axis=1) * problem.scale
-    past_lo_B = q_rows_B - term.lo  # i - lo; i >= d is i - lo >= t
+    past_lo_B = ops.iota((b,), 0, ROW_LAYOUT) + (prog.i0 - term.lo)  # i - lo; i >= d is i - lo >= t
     live_B = (term.lo >= problem.window) & (past_lo_B >= 0 if term.frac is None
                                              else past_lo_B.astype(jnp.float32) >= term.frac)
     if st.seg is not None:
