@@ -109,29 +109,25 @@ def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicF
 
 class _Rows(NamedTuple):
   """Row geometry: ``n`` rows, ``tiles`` query tiles, arrays of ``rows`` rows holding row ``i`` at
-  ``i + front`` (key/value), ``i + seg_front`` (segment ids) or ``i`` (query, output)."""
+  ``i + front`` (key/value) or ``i`` (query, output)."""
 
   n: int
   tiles: int
   front: int  # key/value rows before position 0 (interpret mode only)
   rows: int  # query/output rows (a multiple of ROW_ALIGN)
   kv_rows: int  # key/value rows, front padding included
-  seg_front: int  # segment id rows before position 0: no copy of ids starts before the array
 
 
 def _rows(n: int, block: int, interpret: bool) -> _Rows:
   """On the GPU the arrays keep their ``n`` rows (a multiple of ROW_ALIGN, else padded to whole
   tiles); TMA zero-fills rows outside them. The interpreter reads no row outside an array, so
   there key/value rows are padded by ``n`` rounded to tiles in front and every array to whole
-  tiles at the back. Segment ids are padded in front by ``n`` rounded to tiles everywhere: an
-  offset term's tile starts at ``i0 - lo - p >= -n``, and a copy of ids starting before their
-  array faults on the GPU (CUDA_ERROR_ILLEGAL_INSTRUCTION, jax 0.11.2, H100), where key/value
-  copies starting there load zeros."""
+  tiles at the back."""
   tiles = -(-n // block)
   if not interpret:
     rows = n if n % ROW_ALIGN == 0 else tiles * block
-    return _Rows(n, tiles, 0, rows, rows, tiles * block)
-  return _Rows(n, tiles, tiles * block, tiles * block, 2 * tiles * block, tiles * block)
+    return _Rows(n, tiles, 0, rows, rows)
+  return _Rows(n, tiles, tiles * block, tiles * block, 2 * tiles * block)
 
 
 def _pad(x_BxNx_: jax.Array, front: int, rows: int) -> jax.Array:
@@ -352,7 +348,7 @@ class _TermRefs(NamedTuple):
 
 class _Inputs(NamedTuple):
   """A kernel's inputs in global memory: q ``[B, rows, H_q, D]``, k and v ``[B, kv_rows, H_kv, D]``
-  and the segment ids ``[B, seg_front + rows]`` int32 (None without segments), padded as ``_Rows`` says."""
+  and the segment ids ``[B, kv_rows]`` int32 (None without segments), padded as ``_Rows`` says."""
 
   terms: _TermRefs
   q: Any
@@ -395,7 +391,7 @@ def _stream_tiles(gmem: _Inputs, buf: _Buffers, prog: _Program, geo: _Rows, prob
   parts = _parts(problem)
 
   def seg_rows(start):
-    return gmem.seg.at[prog.batch, pl.ds(start + geo.seg_front, b)]
+    return gmem.seg.at[prog.batch, pl.ds(start + geo.front, b)]
 
   def issue(start, tile: _Tile):
     for ref, smem, bar in ((gmem.k, tile.k, tile.k_bar), (gmem.v, tile.v, tile.v_bar)):
@@ -600,7 +596,7 @@ def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: Mosa
   ops = _Ops(interpret=params is not None, term_smem=cfg.term_smem)
   q = _pad(q, 0, geo.rows)
   k, v = (_pad(x, geo.front, geo.kv_rows) for x in (k, v))
-  segs = () if seg is None else (_pad(seg, geo.seg_front, geo.seg_front + geo.rows),)
+  segs = () if seg is None else (_pad(seg, geo.front, geo.kv_rows),)
   terms = _offsets(offsets, problem)
 
   def body(*refs):
