@@ -68,6 +68,9 @@ SWIZZLE = 128  # bytes: shared-memory swizzle of every tiled buffer
 LANE_BYTES = 128  # bytes per row of a swizzled tile: 64 bf16/f16 columns
 ROW_ALIGN = 8  # rows: tiled TMA copies need the row count of an array to be a multiple of this
 SMEM_BYTES = 227 * 1024  # shared memory one H100/H200 thread block may hold
+# Shared memory Mosaic GPU takes beside a program's buffers (barriers, alignment): at block 128 and
+# head_dim 128 (static, one ring slot) its compiler counted 2,616 bytes more than the buffers (H100, jax 0.11.2).
+MOSAIC_EXTRA_BYTES = 4 * 1024
 
 
 def default_config(problem: Problem) -> MosaicForwardConfig:
@@ -81,11 +84,12 @@ def default_config(problem: Problem) -> MosaicForwardConfig:
 
 def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig) -> int:
   """Shared memory of one program: the query tile, the window's and the ring's key and value
-  tiles, and the output statistics."""
+  tiles, the output statistics, and what Mosaic GPU adds (``MOSAIC_EXTRA_BYTES``)."""
   tile = cfg.block * problem.head_dim * jnp.dtype(problem.dtype).itemsize
   ring = _stages(problem, cfg) * _parts(problem)
   tiles = 1 + cfg.window_tiles(problem.window) + ring  # one segment id row per query, window or term tile
-  return tile * (1 + 2 * (tiles - 1)) + 4 * cfg.block + (4 * cfg.block * tiles if problem.segments else 0)
+  buffers = tile * (1 + 2 * (tiles - 1)) + 4 * cfg.block + (4 * cfg.block * tiles if problem.segments else 0)
+  return buffers + MOSAIC_EXTRA_BYTES
 
 
 def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicForwardConfig) -> None:
