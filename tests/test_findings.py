@@ -185,6 +185,8 @@ def built(tmp_path_factory, task_cells, text_cells) -> dict[str, pathlib.Path]:
   base = tmp_path_factory.mktemp("roots")
   roots = {"task": write_root(base / "task", task_cells),
            "text": write_root(base / "text", text_cells + rerun_cells(text_cells))}
+  (roots["task"] / "plots").mkdir()  # a text plot an older report build left: the task report removes it
+  (roots["task"] / "plots" / "ppl_by_length.png").write_bytes(b"stale")
   res = subprocess.run([sys.executable, "-m", "train.report", str(roots["task"]), str(roots["text"]), "--summary",
                         str(base / "SUMMARY.md")], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
@@ -371,6 +373,8 @@ def test_task_report_sections_hold_the_runs_numbers(built, task_cells):
   # a model that never saw text has no text perplexity worth a table or a plot
   assert "Not shown: these runs trained on a synthetic task alone" in section(text, "Perplexity by length")
   assert "## Loss by context position" not in text and not (built["task"] / "plots" / "ppl_by_length.png").exists()
+  assert "Not shown: these runs trained on a synthetic task alone" in section(text, "Sparsity budget against length")
+  assert "Not run for these runs" in section(text, "Passkey retrieval")
 
 
 def test_text_report_sections_hold_the_runs_numbers(built, text_cells):

@@ -26,7 +26,7 @@ from tests.oracle import interpolated_terms, masked_lse, pattern_mask
 
 pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params", reason="this jax has no Pallas GPU interpreter")
 
-CASES = {  # seed, n, q heads, kv heads, head_dim, window, offsets, reach, dtype, config
+CASES = {  # seed, n, q heads, kv heads, head_dim, window, offsets, reach, dtype, config (stages None: the default's)
     "mha_d64": (11, 256, 2, 2, 64, 32, (40, 100, 200), None, jnp.bfloat16, mosaic_gpu.MosaicForwardConfig()),
     "gqa_ragged": (12, 300, 4, 2, 64, 16, (16, 70, 130, 299), None, jnp.bfloat16, mosaic_gpu.MosaicForwardConfig()),
     "gqa_d128_two_window_tiles": (13, 256, 2, 1, 128, 64, (64, 65, 190), None, jnp.bfloat16,
@@ -228,13 +228,14 @@ def test_default_config_fits_shared_memory():
     mosaic_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=cfg, interpret=True)
 
 
-@pytest.mark.parametrize("term_smem, segments, block", [("swizzled", False, 64), ("plain", False, 64),
-                                                        ("swizzled", True, 64), ("swizzled", False, 128)])
+@pytest.mark.parametrize("term_smem, segments, block, stages", [("swizzled", False, 64, 2), ("plain", False, 64, 2),
+                                                                ("swizzled", True, 64, 2), ("swizzled", False, 128, 2),
+                                                                ("swizzled", False, 64, None)])
 @pytest.mark.parametrize("offset_dtype", [jnp.int32, jnp.float32], ids=["static", "learned"])
-def test_lowers_for_cuda(term_smem, segments, block, offset_dtype):
+def test_lowers_for_cuda(term_smem, segments, block, stages, offset_dtype):
   """Both kernels lower to a Mosaic GPU custom call for CUDA: ragged N, GQA, two window tiles (of 64
-  or 128 rows), a ring of two slots behind three offset terms (static, or learned: two tiles a
-  term); the forward with segment ids too."""
+  or 128 rows), a ring of two slots (or the default's: one static, two learned) behind three offset
+  terms (static, or learned: two tiles a term); the forward with segment ids too."""
   n, h, h_kv, d = 200, 2, 1, 64
   q = jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, n, h_kv, d), jnp.bfloat16)
@@ -243,8 +244,10 @@ def test_lowers_for_cuda(term_smem, segments, block, offset_dtype):
   problem = attention_problem(q, kv, jnp.asarray([40, 100, 150], offset_dtype), window=32,
                               segment_ids=jnp.zeros((1, n), jnp.int32) if segments else None)
   assert problem.learned == (offset_dtype == jnp.float32) and problem.segments == segments
-  cfg = mosaic_gpu.MosaicForwardConfig(block=block, stages=2, term_smem=term_smem)
-  assert cfg.window_tiles(problem.window) == 2 and problem.num_offsets > cfg.stages
+  cfg = mosaic_gpu.MosaicForwardConfig(block=block, stages=stages, term_smem=term_smem)
+  resolved = mosaic_gpu.resolve_config(problem, cfg)
+  assert resolved.stages == (stages or (2 if problem.learned else 1))
+  assert cfg.window_tiles(problem.window) == 2 and problem.num_offsets > resolved.stages
   kernels = {
       "forward": (lambda q, k, v, o, s: mosaic_gpu.forward(q, k, v, s, o, problem=problem, cfg=cfg, interpret=False),
                   [(q.shape, jnp.bfloat16), ((1, h, n), jnp.float32)]),

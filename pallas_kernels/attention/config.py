@@ -155,21 +155,23 @@ class MosaicForwardConfig:
   forward ``config``, it picks that kernel (the backward stays Triton's).
 
   block: query rows per program and key rows per tile (a multiple of 64, the warpgroup's ``wgmma``
-  rows). stages: ring slots of offset-term tiles in flight. term_smem: how shifted tiles sit in
+  rows). stages: ring slots of offset-term tiles (``None``: ``mosaic_gpu.default_config``'s
+  measured choice for the problem). term_smem: how shifted tiles sit in
   shared memory: ``"swizzled"`` (128-byte swizzle, rows tiled by 1, so a shifted start needs no
   alignment; bank-conflict free register loads) or ``"plain"`` (row-major, unswizzled; loads with
   bank conflicts, kept as the simplest layout to compare against).
   """
 
   block: int = WGMMA_ROWS
-  stages: int = 3
+  stages: int | None = None
   term_smem: TermSmem = "swizzled"
 
   def __post_init__(self):
     if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block % WGMMA_ROWS or self.block < 1:
       raise ValueError(f"MosaicForwardConfig.block must be a positive multiple of {WGMMA_ROWS}, got {self.block!r}")
-    if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
-      raise ValueError(f"MosaicForwardConfig.stages must be an int >= 1, got {self.stages!r}")
+    if self.stages is not None and (isinstance(self.stages, bool) or not isinstance(self.stages, int)
+                                    or self.stages < 1):
+      raise ValueError(f"MosaicForwardConfig.stages must be None or an int >= 1, got {self.stages!r}")
     if self.term_smem not in TERM_SMEMS:
       raise ValueError(f"MosaicForwardConfig.term_smem must be one of {TERM_SMEMS}, got {self.term_smem!r}")
 

@@ -10,8 +10,8 @@ from HBM into shared memory by TMA (``_stream_tiles``), then calls back on each 
   block)``, diagonal first (tile-aligned starts: tiled, swizzled shared memory, scores and
   probability-times-value on tensor cores with ``wgmma``);
 - per offset term, its shifted key/value tiles (any start, so shared memory tiled by single
-  rows), through a ring of ``stages`` slots, so the next ``stages`` terms' loads are in flight
-  while one term is computed. Query row ``r`` reads only row ``r`` of a shifted tile, so a term's
+  rows), through a ring of ``stages`` slots: while one term is computed, the next ``stages - 1``
+  terms' loads are in flight (the term ``stages`` later is issued into its slot once it is done). Query row ``r`` reads only row ``r`` of a shifted tile, so a term's
   scores are ``block`` row-wise dot products on registers, not a tile matmul.
 
 Offset terms (``_Term``): a static offset ``o`` reads one shifted tile, rows ``[i0 - o, i0 - o +
@@ -33,11 +33,14 @@ before position 0 and past ``N`` load as zeros (TMA fills out-of-bounds rows) an
 output rows past ``N`` are never stored.
 
 How it runs is a ``config.MosaicForwardConfig`` (tile rows, ring slots, the shifted tiles'
-shared-memory layout); ``default_config`` sizes the ring to shared memory.
+shared-memory layout); ``default_config`` holds the measured ring sizes, which a config's
+``stages=None`` takes.
 
 Segment ids (``[B, N]`` int32, optional) travel with the tiles: the query tile's and each
 key/value tile's ids land in shared memory by TMA beside them, and a score is masked unless its
-key's id is the query's (for a fractional term, both rows it blends with a nonzero weight).
+key's id is the query's (for a fractional term, both rows it blends with a nonzero weight). On an
+H100 this path faults (the offset terms' id copies; benchmarks/results/NOTES.md, "Sixth session"):
+it runs in interpret mode, and ``gathered_offset_attention`` refuses it on the GPU.
 
 Interpret mode (``interpret=True``, CPU tests) runs the same code in Pallas' GPU interpreter,
 which simulates shared memory, TMA copies and barriers. Three things differ there, each in one
@@ -82,9 +85,19 @@ def default_config(problem: Problem) -> MosaicForwardConfig:
   return MosaicForwardConfig(block=WGMMA_ROWS, stages=1 if problem.head_dim <= 64 else 2)
 
 
+def resolve_config(problem: Problem, cfg: MosaicForwardConfig | None) -> MosaicForwardConfig:
+  """``cfg`` with ``stages=None`` set to ``default_config``'s; ``default_config`` for ``None``."""
+  if cfg is None:
+    return default_config(problem)
+  if isinstance(cfg, MosaicForwardConfig) and cfg.stages is None:
+    return dataclasses.replace(cfg, stages=default_config(problem).stages)
+  return cfg
+
+
 def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig) -> int:
   """Shared memory of one program: the query tile, the window's and the ring's key and value
   tiles, the output statistics, and what Mosaic GPU adds (``MOSAIC_EXTRA_BYTES``)."""
+  cfg = resolve_config(problem, cfg)
   tile = cfg.block * problem.head_dim * jnp.dtype(problem.dtype).itemsize
   ring = _stages(problem, cfg) * _parts(problem)
   tiles = 1 + cfg.window_tiles(problem.window) + ring  # one segment id row per query, window or term tile
@@ -592,7 +605,7 @@ def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: Mosa
             name: str):
   """Pads the inputs as the geometry says and runs ``kernel(_Inputs, *outputs)`` on the grid
   ``(H_q, tiles, B)``; returns the outputs and the geometry."""
-  cfg = cfg or default_config(problem)
+  cfg = resolve_config(problem, cfg)
   _check(q, seg, offsets, problem, cfg)
   bsz, n, h, _ = q.shape
   params = _interpret_params(interpret)

@@ -298,7 +298,11 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path, multiples: tup
   out.mkdir(exist_ok=True)
   variants = sorted(runs)
 
-  if text:  # held-out text curves: runs that trained on text
+  text_plots = (out / "ppl_by_length.png", out / "loss_by_position.png")
+  if not text:  # held-out text curves: runs that trained on text alone; an older build's are removed
+    for path in text_plots:
+      path.unlink(missing_ok=True)
+  else:
     fig, ax = plt.subplots(figsize=(6, 4))
     for v in variants:
       ys = [[ppl(c, m) for c in runs[v].values()] for m in multiples]
@@ -308,7 +312,7 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path, multiples: tup
            title="Perplexity against length (mean +- std over seeds)")
     perplexity_axis(ax)
     ax.legend(fontsize=7)
-    save(fig, out / "ppl_by_length.png")
+    save(fig, text_plots[0])
 
     fig, axes = plt.subplots(1, len(multiples), figsize=(4 * len(multiples), 3.5), sharey=True)
     for ax, m in zip(axes, multiples):
@@ -320,7 +324,7 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path, multiples: tup
         ax.plot(mids, ys, marker=".", label=v)
       ax.set(xlabel="context position", title=f"{m}x T", ylabel="loss (nats)" if m == multiples[0] else None)
     axes[0].legend(fontsize=6)
-    save(fig, out / "loss_by_position.png")
+    save(fig, text_plots[1])
 
   pk = [v for v in variants if all("passkey" in c for c in runs[v].values())]
   if pk:
@@ -336,7 +340,7 @@ def plot_all(runs: dict, latency: dict | None, out: pathlib.Path, multiples: tup
     axes[0][0].set_ylabel("context length")
     save(fig, out / "passkey.png")
 
-  bud = [v for v in variants if v != "dense" and all("budget" in c for c in runs[v].values())]
+  bud = [v for v in variants if text and v != "dense" and all("budget" in c for c in runs[v].values())]
   if bud:
     fig, axes = plt.subplots(1, len(bud), figsize=(3 * len(bud), 3), squeeze=False, sharey=True)
     for ax, v in zip(axes[0], bud):
@@ -416,7 +420,8 @@ def build(root: pathlib.Path) -> tuple[str, list[dict], findings.Findings]:
   c0 = cells[0]
   model = c0["config"]["model"]
   metric = findings.metric_of(cells)
-  plot_all(runs, latency, root / sweeproot.PLOTS, multiples, text=not metric.task)
+  text = not metric.task  # the runs trained on text: held-out perplexity is theirs to report
+  plot_all(runs, latency, root / sweeproot.PLOTS, multiples, text=text)
   found = findings.sections(runs, model, multiples, metric, root / sweeproot.PLOTS)
   recipe = (f"Recipe `{sweep.get('config')}` with overrides `{' '.join(sweep.get('overrides', [])) or 'none'}`"
             if sweep else f"No `{sweeproot.SWEEP}` in this root, so the recipe's name is unknown (the runs' configs "
@@ -439,12 +444,12 @@ def build(root: pathlib.Path) -> tuple[str, list[dict], findings.Findings]:
       ["variants with the same pattern in every layer (the same model)", findings.same_patterns_text(runs)],
       ["claims judged on", metric.name],
   ])
-  lines += text_sections(runs, multiples) if not metric.task else [
+  lines += text_sections(runs, multiples) if text else [
       "", "## Perplexity by length", "",
       "Not shown: these runs trained on a synthetic task alone, so perplexity on held-out text says nothing "
       "about them (their text loss is that of a model that never saw text). Recall by distance, below, is "
       "their measure.", ""]
-  lines += passkey_section(runs) + budget_section(runs, multiples) + latency_section(latency) + cost_section(root, everything)
+  lines += passkey_section(runs) + budget_section(runs, multiples, text) + latency_section(latency) + cost_section(root, everything)
   lines += unfinished_section(root, everything) + found.lines + findings.noise_section(runs, reruns, metric, multiples)
   verdicts = claims(runs, latency, metric)
   lines += ["## The paper's claims", "", TASK_RULE if metric.task else RULE, ""]
@@ -490,15 +495,19 @@ def passkey_section(runs: dict) -> list[str]:
     rows.append([v] + [" / ".join(f"{stats.mean([t[i] for t in by_len[n]]):.2f}" for i in range(3))
                        for n in sorted(by_len)])
     header = ["variant"] + [f"length {n}: key / digit accuracy / reachable" for n in sorted(by_len)]
-  if rows:
-    lines += table(header, rows) + ["", "![passkey](plots/passkey.png)", ""]
-  return lines
+  if not rows:
+    return lines[:2] + ["Not run for these runs (`python -m train.passkey --workdir RUN`).", ""]
+  return lines + table(header, rows) + ["", "![passkey](plots/passkey.png)", ""]
 
 
-def budget_section(runs: dict, multiples: tuple[int, ...]) -> list[str]:
+def budget_section(runs: dict, multiples: tuple[int, ...], text: bool = True) -> list[str]:
+  """Held-out text perplexity of each trained model under cheaper patterns (runs that trained on
+  text; a model trained on a task alone has no text perplexity worth comparing)."""
   lines = ["## Sparsity budget against length", "",
            "The trained weights evaluated with cheaper patterns (`train.probe.budget`); perplexity relative to the "
            "full pattern at the same length, mean over seeds.", ""]
+  if not text:
+    return lines[:2] + ["Not shown: these runs trained on a synthetic task alone (see Perplexity by length).", ""]
   rows, header = [], None
   for v in sorted(runs):
     cells = [c for c in runs[v].values() if "budget" in c]
@@ -510,9 +519,9 @@ def budget_section(runs: dict, multiples: tuple[int, ...]) -> list[str]:
       rel = [stats.mean([c["budget"]["budgets"][name][f"{m}x"]["ppl"] / c["budget"]["budgets"]["full"][f"{m}x"]["ppl"]
                          - 1 for c in cells]) for m in multiples]
       rows.append([v, name, f"{b['keys_per_query']:.1f}"] + [f"{100 * r:+.2f}%" for r in rel])
-  if rows:
-    lines += table(header, rows) + ["", "![budget](plots/budget.png)", ""]
-  return lines
+  if not rows:
+    return lines[:2] + ["Not measured for these runs (`python -m train.budget --workdir RUN`).", ""]
+  return lines + table(header, rows) + ["", "![budget](plots/budget.png)", ""]
 
 
 def latency_section(latency: dict | None) -> list[str]:
