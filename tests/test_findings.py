@@ -486,12 +486,15 @@ def test_reach_of_random_offsets_is_read_per_seed_from_the_config():
   assert "| fib-random | 2 | 0.075 | 0.000 (0.00 / 0.00) | 0.450 (0.50 / 0.50) |" in "\n".join(lines)
   tab = lines[lines.index("### Recall where the pattern reaches and where it does not"):]
   body = [line for line in tab if line.startswith("| ") and not line.startswith("| variant")]
-  assert body == ["| fib-learned | 1 | 0.600 (1) | 0.000 (5) | 1 of 1 | 0 |",  # the stored reach: 27 alone
-                  "| fib-random | 2 | 0.800 (1) | 0.009 (11) | 1 of 1 | 0 |"]  # 0.1 / 11; dense is left out
+  assert body == [  # fib-learned: the stored reach, 27 alone, in one hop; fib-random: seed 0's offset 51 spans the
+      # copy of 52 in one hop; 0.1 / 11 unreached; dense is left out
+      "| fib-learned | 1 | 0.600 (1) | 0.000 (5) | 1 of 1 | 0.600 (1), 1 of 1 | - (0), 0 of 0 | 0 |",
+      "| fib-random | 2 | 0.800 (1) | 0.009 (11) | 1 of 1 | 0.800 (1), 1 of 1 | - (0), 0 of 0 | 0 |"]
   runs = report.by_variant([grid_cell("fib-fixed", 0, {27: 0.49, 92: 1.0}, {}),  # reaches 27 and 92 alone
                             grid_cell("fib-fixed", 1, {27: 0.5}, {})])
   tab = findings.reach_table(runs)
-  assert "| fib-fixed | 2 | 0.497 (4) | 0.000 (8) | 2 of 4 | 0 |" in tab, tab  # 0.5 counts, 0.49 does not
+  # 0.5 counts, 0.49 does not; fib-fixed reaches 27 and 92 through the two layers, neither in one hop
+  assert "| fib-fixed | 2 | 0.497 (4) | 0.000 (8) | 2 of 4 | - (0), 0 of 0 | 0.497 (4), 2 of 4 | 0 |" in tab, tab
 
 
 def test_the_reached_table_splits_wide_buckets_by_their_reach(built, task_cells):
@@ -503,8 +506,10 @@ def test_the_reached_table_splits_wide_buckets_by_their_reach(built, task_cells)
   far = [findings.bucket_accuracy(c, 1, (lo, 2 * lo)) for c in task_cells if c["variant"] == "window"
          for lo in (64, 128, 256)]
   recalled = sum(a >= findings.RECALLED_MIN for a in near)
-  assert f"| window | 5 | {stats.mean(near):.3f} (5) | {stats.mean(far):.3f} (15) | {recalled} of 5 | 0 |" in tab
-  assert "| fib-learned | 5 | - (0) | - (0) | 0 of 0 | 20 |" in tab
+  # one layer's window spans only the bucket's first distance (32: a copy of 31), so [32, 64) is in neither split
+  assert (f"| window | 5 | {stats.mean(near):.3f} (5) | {stats.mean(far):.3f} (15) | {recalled} of 5 | "
+          "- (0), 0 of 0 | - (0), 0 of 0 | 0 |") in tab
+  assert "| fib-learned | 5 | - (0) | - (0) | 0 of 0 | - (0), 0 of 0 | - (0), 0 of 0 | 20 |" in tab
   assert "| dense |" not in tab and "| dense + sink window |" not in tab
 
 

@@ -328,29 +328,39 @@ def recall_buckets(cells: list[dict], key: str, m: int) -> list[dict]:
 def reached_or_not(cells: list[dict], m: int = 1) -> dict[str, list[float]]:
   """The recall accuracies at ``m`` x T of every (cell, distance bucket) of ``cells``, split by the
   pattern's reach through all layers (``pattern_reach``): ``reached`` (all of the bucket),
-  ``unreached`` (none of it) and ``partly``."""
-  out: dict[str, list[float]] = {"reached": [], "unreached": [], "partly": []}
+  ``unreached`` (none of it) and ``partly``; and the reached ones again by how: ``one_hop`` (every
+  distance in one hop: an offset or the window of one layer) and ``layers_only`` (none in one hop,
+  every one through the layers: a path of several hops)."""
+  out: dict[str, list[float]] = {"reached": [], "unreached": [], "partly": [], "one_hop": [], "layers_only": []}
   for c in cells:
     fractions = pattern_reach(c, RECALL.key, m)
     for b in c[RECALL.key][f"{m}x"]["by_distance"]:
-      layers = fractions[(b["distance"][0], b["distance"][1])][1]
+      one_hop, layers = fractions[(b["distance"][0], b["distance"][1])]
       out["reached" if layers == 1 else "unreached" if layers == 0 else "partly"].append(b["accuracy"])
+      if layers == 1 and one_hop in (0, 1):
+        out["one_hop" if one_hop == 1 else "layers_only"].append(b["accuracy"])
   return out
 
 
 def reach_table(runs: dict) -> list[str]:
   """Per variant but dense, at 1x T: mean recall accuracy over the (seed, bucket) pairs its pattern
-  reaches through all layers and over those it does not, with their counts."""
+  reaches through all layers and over those it does not, with their counts; the reached pairs
+  again split into those reached in one hop and those reached only through several."""
+  def accuracy(values: list[float]) -> str:
+    return f"{stats.mean(values):.3f} ({len(values)})" if values else "- (0)"
+
+  def recalled(values: list[float]) -> str:
+    return f"{sum(a >= RECALLED_MIN for a in values)} of {len(values)}"
+
   rows = []
   for v in sorted(runs):
     cells = [c for c in runs[v].values() if RECALL.key in c]
     if v == "dense" or not cells:
       continue
     split = reached_or_not(cells)
-    learned = sum(a >= RECALLED_MIN for a in split["reached"])
-    rows.append([v, str(len(cells))] + [f"{stats.mean(split[k]):.3f} ({len(split[k])})" if split[k] else "- (0)"
-                                        for k in ("reached", "unreached")]
-                + [f"{learned} of {len(split['reached'])}", str(len(split["partly"]))])
+    rows.append([v, str(len(cells)), accuracy(split["reached"]), accuracy(split["unreached"]),
+                 recalled(split["reached"]), *(f"{accuracy(split[k])}, {recalled(split[k])}"
+                                               for k in ("one_hop", "layers_only")), str(len(split["partly"]))])
   if not rows:
     return []
   return (["### Recall where the pattern reaches and where it does not", "",
@@ -360,9 +370,13 @@ def reach_table(runs: dict) -> list[str]:
            "partly reached are counted apart and left out. Recall that follows the predicted reach is high in the "
            f"first column and near chance in the second. `recalled` counts the reached pairs whose accuracy is at "
            f"least {RECALLED_MIN}: how much of its reach a model learned to use (the mean alone does not tell a "
-           "model that recalls every reached distance half the time from one that recalls half of them always).", ""]
+           "model that recalls every reached distance half the time from one that recalls half of them always). "
+           "The reached pairs again, by how the pattern reaches them: in one hop (an offset, or one layer's "
+           "window, spans the whole copy: one hop = 1) or only through the layers (a path of several hops: one hop "
+           "= 0); pairs reached partly in one hop are in neither.", ""]
           + table(["variant", "n", "reached: accuracy (buckets)", "not reached: accuracy (buckets)",
-                   "reached: recalled", "partly reached (buckets)"], rows) + [""])
+                   "reached: recalled", "in one hop: accuracy (buckets), recalled",
+                   "only through layers: accuracy (buckets), recalled", "partly reached (buckets)"], rows) + [""])
 
 
 def bucket_text(distance: tuple[int, int]) -> str:
