@@ -1,13 +1,16 @@
 """The Mosaic GPU forward and its load-only kernel on a GPU: compiled, compared with the Triton
 forward (output and log-sum-exp), and timed beside it (median ms, two rotating input sets).
 
-    python -m benchmarks.mosaic_check [--n 16384 65536] [--sweep]
+    python -m benchmarks.mosaic_check [--n 16384 65536] [--kinds static learned segments] [--sweep]
 
 bf16, batch 1, 8 query heads, MHA (8 key/value heads) and GQA (2), head_dim 64 and 128, W = 64,
 the Fibonacci offsets of alpha 1 up to R = 4096; both shared-memory layouts of the offset tiles
 (``MosaicForwardConfig.term_smem``), the default first; then, in the default layout, learned
-(fractional: each offset + 0.37) distances and segment ids (four documents of N / 4 rows). Prints
-one line per case; a case that fails to compile or run prints its error and the others go on.
+(fractional: each offset + 0.37) distances and segment ids (four documents of N / 4 rows); ``--kinds``
+runs some of the three. Prints one line per case; a case that fails to compile or run prints its
+error and the others go on. The Mosaic forward finishes before the Triton forward starts, so a
+GPU fault is the Mosaic kernel's when the Triton call never ran; a fault ends the process's CUDA
+context, failing every later case, so a kind that faults (segment ids, on an H100) is best run alone.
 
 ``--sweep`` instead times the static forward at every config that fits shared memory (``block``
 64 and 128, ``stages`` 1 to 3, both ``term_smem`` layouts), each checked against the Triton forward
@@ -65,11 +68,22 @@ def check(n: int, d: int, h_kv: int, term_smem: str, offsets: jax.Array, segment
   if not segments:
     fns["loads"] = jax.jit(lambda q, k, v: mosaic_gpu.pattern_loads(q, k, v, offsets, problem=problem, cfg=cfg,
                                                                     interpret=False))
-  (out, lse), (ref, ref_lse) = fns["mosaic"](*sets[0]), fns["triton"](*sets[0])
+  out, lse = jax.block_until_ready(fns["mosaic"](*sets[0]))  # a GPU fault of the Mosaic kernel surfaces here
+  ref, ref_lse = fns["triton"](*sets[0])
   err, lse_err = error(out, ref), error(lse, ref_lse)  # inf: a NaN or Inf in the Mosaic forward's output
   ms = {name: time_fn(f, sets) for name, f in fns.items()}
   return (f"max|out-triton| {err:.4f} max|lse-triton| {lse_err:.2e} | ms "
           + " ".join(f"{name} {t:.3f}" for name, t in ms.items()))
+
+
+KINDS = ("static", "learned", "segments")
+
+
+def check_cases(static: jax.Array) -> list[tuple[str, str, jax.Array, bool]]:
+  """``(term_smem, kind, offsets, segments)`` of every check, in order: static offsets in both
+  layouts, learned distances, segment ids."""
+  return [("swizzled", "static", static, False), ("plain", "static", static, False),
+          ("swizzled", "learned", static.astype(jnp.float32) + 0.37, False), ("swizzled", "segments", static, True)]
 
 
 def sweep(n: int, d: int, h_kv: int, offsets: jax.Array) -> list[str]:
@@ -104,6 +118,8 @@ def sweep(n: int, d: int, h_kv: int, offsets: jax.Array) -> list[str]:
 def main() -> None:
   parser = ArgumentParser(prog="python -m benchmarks.mosaic_check", description=__doc__)
   parser.add_argument("--n", type=int, nargs="+", default=[16384, 65536])
+  parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                      help="which cases to check (default: all, in this order)")
   parser.add_argument("--sweep", action="store_true", help="time every config of the static forward per shape")
   args = parser.parse_args()
   static = jnp.asarray(fibjax.offset_set("fib", 1.0, W, R), jnp.int32)
@@ -114,8 +130,7 @@ def main() -> None:
       for line in sweep(n, d, h_kv, static):
         print(line, flush=True)
     return
-  cases = [(term_smem, "static", static, False) for term_smem in ("swizzled", "plain")]
-  cases += [("swizzled", "learned", static.astype(jnp.float32) + 0.37, False), ("swizzled", "segments", static, True)]
+  cases = [c for c in check_cases(static) if c[1] in args.kinds]
   for (term_smem, kind, offsets, segments), n, d, h_kv in itertools.product(cases, args.n, (64, 128), (H, 2)):
     tag = f"n={n} d={d} {'mha' if h_kv == H else 'gqa'} {term_smem} {kind}"
     try:

@@ -67,3 +67,24 @@ def test_sweep_leaves_out_configs_that_overflow_shared_memory(monkeypatch):
   fits = [c for c in configs if mosaic_gpu.shared_memory_bytes(problem, c) <= mosaic_gpu.SMEM_BYTES]
   assert 0 < len(fits) < len(configs)
   assert [line.split(":")[0].strip() for line in lines[:-1]] == [str(c) for c in fits]
+
+
+def test_kinds_pick_the_cases_and_a_failing_case_leaves_the_others_running(monkeypatch, capsys):
+  """``--kinds segments`` runs only the segment-id cases (the kind that faults on an H100 runs in a
+  process of its own); a case that raises prints FAILED and the next one still runs."""
+  seen = []
+
+  def check(n, d, h_kv, term_smem, offsets, segments):
+    seen.append((n, d, h_kv, term_smem, segments))
+    if len(seen) == 1:
+      raise RuntimeError("CUDA_ERROR_ILLEGAL_INSTRUCTION")
+    return "ok"
+
+  monkeypatch.setattr(mosaic_check, "check", check)
+  monkeypatch.setattr("sys.argv", ["mosaic_check", "--n", "256", "--kinds", "segments"])
+  mosaic_check.main()
+  assert seen == [(256, d, h, "swizzled", True) for d in (64, 128) for h in (mosaic_check.H, 2)]
+  out = capsys.readouterr().out.splitlines()
+  assert out[1].startswith("n=256 d=64 mha swizzled segments: FAILED RuntimeError") and out[2].endswith(": ok")
+  assert [kind for _, kind, _, _ in mosaic_check.check_cases(jnp.zeros((2,), jnp.int32))] == list(
+      mosaic_check.KINDS[:1]) * 2 + list(mosaic_check.KINDS[1:])
