@@ -460,3 +460,18 @@ def test_perplexity_tick_labels_are_evenly_spaced_and_alike(values):
   assert len(labels) == len(ticks) and len({len(x.split(".")[-1]) if "." in x else 0 for x in labels}) == 1, labels
   assert not [t for t in ax.yaxis.get_minorticklabels() if t.get_text()]
   plt.close(fig)
+
+
+def test_repeated_set_flags_add_up_in_every_command():
+  """``--set steps=10 --set seed=2`` keeps both (argparse's default kept only the last, silently
+  training 300 steps); every command taking recipe overrides builds ``--set`` with ``cli.add_overrides``."""
+  parser = argparse.ArgumentParser()
+  cli.add_overrides(parser, "overrides")
+  assert parser.parse_args(["--set", "steps=10", "--set", "seed=2", "lr=1e-3"]).set == ["steps=10", "seed=2", "lr=1e-3"]
+  assert parser.parse_args([]).set == []  # the default list is never extended in place
+  root = pathlib.Path(__file__).resolve().parents[1]
+  for module in ("train/__main__.py", "train/study/sweep.py", "train/study/experiment.py"):
+    calls = [n for n in ast.walk(ast.parse((root / module).read_text())) if isinstance(n, ast.Call)]
+    assert any(getattr(c.func, "id", None) == "add_overrides" for c in calls), module
+    assert not any(isinstance(a, ast.Constant) and a.value == "--set" for c in calls
+                   if getattr(c.func, "attr", None) == "add_argument" for a in c.args), module

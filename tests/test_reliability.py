@@ -172,6 +172,7 @@ def test_single_text_file_trains_from_any_folder_and_corpus_can_move(tmp_path):
   (tmp_path / "other.txt").write_text(text[::-1])
   line = _error_line(_run(workdir, QUICK, "steps=4", extra=["--data", str(tmp_path / "other.txt")]))
   assert "incompatible" in line and "data" in line
+  assert "a renamed copy is other data" in line and "(book.txt)" in line  # names count, as a renamed copy finds
 
 
 def test_failed_starts_leave_the_workdir_as_it_was(base_run, tmp_path):

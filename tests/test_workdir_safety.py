@@ -35,7 +35,16 @@ def base_run(tmp_path_factory) -> pathlib.Path:
 
 
 def _stale(base_run: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
-  """A copy of the finished run whose checkpoints were deleted: config, metrics and evaluations remain."""
+  """A run stopped before its first checkpoint: a copy of the finished run without its checkpoints
+  and final evaluations (config and metrics remain)."""
+  workdir = _without_checkpoints(base_run, tmp_path)
+  (workdir / rundir.EVAL).unlink()
+  shutil.rmtree(workdir / rundir.EVALS)
+  return workdir
+
+
+def _without_checkpoints(base_run: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+  """A copy of the finished run whose checkpoints were deleted (as a committed study's are)."""
   workdir = pathlib.Path(shutil.copytree(base_run, tmp_path / "stale"))
   shutil.rmtree(workdir / "checkpoints")
   return workdir
@@ -66,6 +75,17 @@ def test_another_config_without_a_checkpoint_is_refused_and_untouched(base_run, 
   assert _files(workdir) == before
 
 
+@pytest.mark.parametrize("argv", [[], ["--set", "steps=3"]])
+def test_a_finished_run_without_its_checkpoints_is_refused_and_untouched(base_run, tmp_path, capsys, argv):
+  """A finished run whose checkpoints are gone (a committed study's cell): training there again, with
+  its own config or a longer one, would overwrite its metrics and evaluations, so it is refused."""
+  workdir = _without_checkpoints(base_run, tmp_path)
+  before = _files(workdir)
+  line = _refused(capsys, ["--workdir", str(workdir), *argv])
+  assert "eval.json, evals of a finished run but no checkpoint" in line and "new --workdir" in line, line
+  assert _files(workdir) == before
+
+
 def test_same_run_without_a_checkpoint_starts_again(base_run, tmp_path):
   """A run stopped before its first checkpoint (config.json and metrics, no checkpoint) is started
   again with its own config, as a sweep retrying a cell does."""
@@ -87,6 +107,17 @@ def test_foreign_files_are_refused_and_untouched(tmp_path, capsys, contents, nam
   before = _files(workdir)
   line = _refused(capsys, ["--workdir", str(workdir), "--config", "tiny", "--set", *BASE])
   assert str(workdir) in line and named in line and "new --workdir" in line, line
+  assert _files(workdir) == before
+
+
+def test_a_source_tree_is_refused_as_a_workdir(tmp_path, capsys):
+  """``--workdir .`` in a clone of the repository would scatter a run's files among the code."""
+  workdir = tmp_path / "clone"
+  (workdir / ".git").mkdir(parents=True)
+  (workdir / "pyproject.toml").write_text("[project]\n")
+  before = _files(workdir)
+  line = _refused(capsys, ["--workdir", str(workdir), "--config", "tiny", "--set", *BASE])
+  assert "source tree (it holds .git)" in line and "runs/NAME" in line, line
   assert _files(workdir) == before
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import jax
 
 from fibjax.cli import ArgumentParser
-from train.cli import exit_with, run_command
+from train.cli import add_overrides, exit_with, run_command
 from train.run import rundir
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def arguments() -> ArgumentParser:
   parser.add_argument("--variant", default=None, help="dense, fib-{fixed,learned,linear,coprime}, pow2-...")
   parser.add_argument("--workdir", type=pathlib.Path, default=None)
   parser.add_argument("--data", default=None, help="a .txt/.jsonl file or folder (default: the embedded corpus)")
-  parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. steps=100 model.window=32")
+  add_overrides(parser, "overrides, e.g. steps=100 model.window=32")
   parser.add_argument("--allow-change", nargs="+", default=[], metavar="FIELD",
                       help="training fields a resume may change on purpose (e.g. lr after a divergence); recorded "
                            f"in WORKDIR/{rundir.CONFIG_HISTORY}")

@@ -137,6 +137,12 @@ def add_workdir(parser: argparse.ArgumentParser, what: str = "the trained run's 
   parser.add_argument("--workdir", required=True, type=pathlib.Path, help=what)
 
 
+def add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
+  """``--set KEY=VALUE ...``, a list; repeated ``--set`` flags add up (``--set a=1 --set b=2`` is
+  ``--set a=1 b=2``), where argparse's default would keep only the last."""
+  parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help=help)
+
+
 def add_lengths(parser: argparse.ArgumentParser, default_from_config: bool = True) -> None:
   """``--lengths M [M ...]``, multiples of the training length T; by default (``None``) the run's
   ``final_eval_multiples``, else 1 2 4."""

@@ -46,6 +46,7 @@ RECALL = "recall"
 CELL = "cell.json"
 
 OUTPUTS = (METRICS, EVAL, EVALS)  # what a run writes as it trains and evaluates (a new run would overwrite them)
+FINISHED = (EVAL, EVALS, CELL)  # what a run writes only once it has trained: its final evaluation, a sweep's record
 
 
 def checkpoints(workdir: pathlib.Path) -> pathlib.Path:

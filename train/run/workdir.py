@@ -8,8 +8,10 @@ and goes one of these ways (``check_workdir``):
   allowed.
 - A ``config.json`` but no checkpoint: the same run (the same config outside
   ``RESUMABLE_FIELDS``), stopped before its first checkpoint, starts again; another run's config is
-  refused.
-- Checkpoints but no ``config.json``: refused (what model they hold cannot be told).
+  refused, and so is a run that finished (``eval.json``, ``evals/`` or a sweep's ``cell.json``:
+  its checkpoints were removed, as a committed study's are), whose results a new run would overwrite.
+- Checkpoints but no ``config.json``: refused (what model they hold cannot be told); so is a folder
+  holding ``.git`` (a source tree, where the run's files would land among the code).
 - A checkpoint and its ``config.json``: the run resumes, with the config that trained it.
   ``--config``, ``--variant``, ``--data`` and ``--set`` are compared with the saved config: only the
   fields of ``RESUMABLE_FIELDS`` may differ (each entry says why it leaves the steps already taken as
@@ -138,6 +140,9 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
   check_allowed(allow)
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"workdir {workdir} is a file, not a folder: give a folder path (new or a run) with --workdir")
+  if (workdir / ".git").exists():
+    raise ValueError(f"workdir {workdir} is a source tree (it holds .git), where a run's files would land among the "
+                     "code: give a folder of its own with --workdir, e.g. runs/NAME")
   saved_path = workdir / rundir.CONFIG
   has_ckpt = rundir.holds_checkpoint(workdir)
   if not saved_path.exists():
@@ -147,6 +152,11 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
     check_fresh(workdir, cfg)
     return None
   if not has_ckpt:
+    finished = [name for name in rundir.FINISHED if (workdir / name).exists()]
+    if finished:
+      raise ValueError(f"{workdir} holds {', '.join(finished)} of a finished run but no checkpoint to resume from; a "
+                       "new run there would overwrite its results: train in a new --workdir (its probes, e.g. "
+                       f"python -m train.evaluate --workdir {workdir}, need a checkpoint too)")
     check_fresh(workdir, cfg)
     return None
   saved = TrainConfig.load(saved_path)
@@ -164,9 +174,12 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
     detail = describe_diffs(saved, cfg, diffs)
     changeable = [d for d in diffs if d != "data" and d.split(".")[0] not in FIXED_FIELDS]
     on_purpose = f", --allow-change {' '.join(changeable)} to change them on purpose" if changeable == diffs else ""
+    names = (" The data is compared by its files' names and bytes: a renamed copy is other data, so give the "
+             f"run's own file names ({pathlib.Path(saved.data_path).name})." if "data" in diffs and saved.data_path
+             else "")
     raise ValueError(f"{workdir} holds a checkpoint of an incompatible run ({detail}). Resume it with its own "
                      f"config (python -m train --workdir {workdir} alone, --set steps=N to change its length"
-                     f"{on_purpose}), or use a new --workdir.")
+                     f"{on_purpose}), or use a new --workdir.{names}")
   last = max(rundir.saved_steps(workdir), default=None)
   if last is not None and cfg.steps < last:
     raise ValueError(f"{workdir} holds a checkpoint at step {last}, past the requested steps={cfg.steps}: give "

@@ -17,7 +17,7 @@ import pathlib
 import time
 from typing import TYPE_CHECKING
 
-from train.cli import add_workdir, exit_with, run_command, write_whole
+from train.cli import add_overrides, add_workdir, exit_with, run_command, write_whole
 from train.run import rundir
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--config", required=True)
   parser.add_argument("--variant", required=True)
   parser.add_argument("--seed", type=int, required=True)
-  parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+  add_overrides(parser, "recipe overrides")
   parser.add_argument("--budgets", nargs="*", default=None, help="sparsity budgets (default: all of train.probe.budget)")
   return run_command(run_and_report, parser, argv,
                      interrupted=lambda args: f"the stages finished and the checkpoints are kept in {args.workdir}")

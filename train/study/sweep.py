@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from train.cli import check_writable, exit_with, run_command
+from train.cli import add_overrides, check_writable, exit_with, run_command
 from train.run import rundir
 from train.study import packing, sweeproot
 from train.study.experiment import check_overrides
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--config", default="small")
   parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-  parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides for every cell")
+  add_overrides(parser, "recipe overrides for every cell")
   parser.add_argument("--per-gpu", type=int, default=None,
                       help="cells sharing one GPU (default: as many as its memory holds, at most "
                            f"{packing.DEFAULT_PER_GPU})")
