@@ -475,3 +475,19 @@ def test_repeated_set_flags_add_up_in_every_command():
     assert any(getattr(c.func, "id", None) == "add_overrides" for c in calls), module
     assert not any(isinstance(a, ast.Constant) and a.value == "--set" for c in calls
                    if getattr(c.func, "attr", None) == "add_argument" for a in c.args), module
+
+
+@pytest.mark.parametrize("argv, resume", [(["--workdir", "runs/x"], "python -m train --workdir runs/x"),
+                                          ([], "python -m train and the same flags")])
+def test_ctrl_c_outside_the_training_loop_says_how_to_resume(monkeypatch, capsys, argv, resume):
+  """Ctrl-C during the final evaluation (outside the loop, whose own stop names its checkpoint) ends
+  with one line that still says how to resume."""
+  import train.__main__ as train_main  # noqa: PLC0415
+
+  def interrupted(args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(train_main, "train_and_report", interrupted)
+  assert train_main.main(argv) == 130
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"error: interrupted (Ctrl-C); the checkpoints saved before it are kept; resume with: {resume}"]

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
   xla_flags.apply_defaults()
   quiet_libraries()
   return run_command(train_and_report, arguments(), argv,
-                     interrupted=lambda args: "the checkpoints saved before it are kept")
+                     interrupted=lambda args: "the checkpoints saved before it are kept; resume with: python -m train "
+                     + (f"--workdir {args.workdir}" if args.workdir else "and the same flags"))
 
 
 def train_and_report(args: argparse.Namespace) -> int:
