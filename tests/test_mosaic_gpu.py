@@ -310,9 +310,9 @@ def test_a_mosaic_config_is_refused_off_the_gpu_backend():
 
 
 def test_segment_ids_with_a_mosaic_config_are_refused_on_the_gpu(monkeypatch):
-  """The Mosaic forward's segment-id path faults on the GPU, so a compiled call refuses it before
-  any kernel runs (interpret mode, above, still runs and tests it)."""
+  """The Mosaic forward's segment-id path has not run on a GPU since its first form faulted there, so
+  a compiled call refuses it before any kernel runs (interpret mode, above, runs and tests it)."""
   q, k, v, offsets, pattern, cfg = _inputs("segments_static")
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  with pytest.raises(ValueError, match="segment ids in the Mosaic GPU forward fault on the GPU"):
+  with pytest.raises(ValueError, match="segment ids in the Mosaic GPU forward have not run on a GPU"):
     gathered_offset_attention(q, k, v, offsets=offsets, config=cfg, **pattern)

@@ -36,11 +36,14 @@ How it runs is a ``config.MosaicForwardConfig`` (tile rows, ring slots, the shif
 shared-memory layout); ``default_config`` holds the measured ring sizes, which a config's
 ``stages=None`` takes.
 
-Segment ids (``[B, N]`` int32, optional) travel with the tiles: the query tile's and each
-key/value tile's ids land in shared memory by TMA beside them, and a score is masked unless its
-key's id is the query's (for a fractional term, both rows it blends with a nonzero weight). On an
-H100 this path faults (the offset terms' id copies; benchmarks/results/NOTES.md, "Sixth session"):
-it runs in interpret mode, and ``gathered_offset_attention`` refuses it on the GPU.
+Segment ids (``[B, N]`` int32, optional): the query tile's and each window tile's ids land in
+shared memory by TMA beside them, and a window score is masked unless its key's id is the
+query's. An offset term's test comes computed before the kernel (``_same_segment``: per term and
+query row, whether the rows it reads, both rows it blends with a nonzero weight for a fractional
+term, are in the query's segment), its ``[K, block]`` rows landing once with the query tile, so
+no term copies ids. (Copying each term tile's ids, an earlier form, faulted on an H100:
+benchmarks/results/NOTES.md, "Sixth session". This form has not run on a GPU yet, so
+``gathered_offset_attention`` still refuses segment ids there; interpret mode runs it.)
 
 Interpret mode (``interpret=True``, CPU tests) runs the same code in Pallas' GPU interpreter,
 which simulates shared memory, TMA copies and barriers. Three things differ there, each in one
@@ -100,8 +103,9 @@ def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig) -> int:
   cfg = resolve_config(problem, cfg)
   tile = cfg.block * problem.head_dim * jnp.dtype(problem.dtype).itemsize
   ring = _stages(problem, cfg) * _parts(problem)
-  tiles = 1 + cfg.window_tiles(problem.window) + ring  # one segment id row per query, window or term tile
-  buffers = tile * (1 + 2 * (tiles - 1)) + 4 * cfg.block + (4 * cfg.block * tiles if problem.segments else 0)
+  tiles = 1 + cfg.window_tiles(problem.window) + ring
+  ids = 1 + cfg.window_tiles(problem.window) + max(problem.num_offsets, 1)  # query and window ids, term flags
+  buffers = tile * (1 + 2 * (tiles - 1)) + 4 * cfg.block + (4 * cfg.block * ids if problem.segments else 0)
   return buffers + MOSAIC_EXTRA_BYTES
 
 
@@ -263,7 +267,7 @@ class _Tile(NamedTuple):
 
   k: Any  # [block, D]
   v: Any
-  seg: Any  # [block] int32; None without segments
+  seg: Any  # [block] int32; None without segments and for offset term tiles (their flags come precomputed)
   k_bar: Any
   v_bar: Any
   seg_bar: Any
@@ -281,7 +285,8 @@ def _at(ref, i):
 class _Buffers(NamedTuple):
   """A program's shared memory: the query tile (reused for the output tile), the window's key and
   value tiles, the offset terms' ring, a row vector for the output statistics, barriers (one per
-  buffer), and with segments the segment ids of the query rows and of every key/value tile."""
+  buffer), and with segments the segment ids of the query rows and of every window tile, and the
+  offset terms' same-segment flags of the query rows."""
 
   q: Any  # [block, D], tiled and swizzled
   window_k: Any  # [window tiles, block, D], tiled and swizzled
@@ -291,7 +296,7 @@ class _Buffers(NamedTuple):
   rows_out: Any  # [block] float32
   q_seg: Any  # [block] int32, or None without segments (as every *seg* field)
   window_seg: Any  # [window tiles, block] int32
-  term_seg: Any  # [stages * parts, block] int32
+  term_same: Any  # [K', block] int32: 1 where term k's rows are in query row r's segment
   q_bar: Any
   window_k_bar: Any
   window_v_bar: Any
@@ -299,15 +304,14 @@ class _Buffers(NamedTuple):
   term_v_bar: Any
   q_seg_bar: Any
   window_seg_bar: Any
-  term_seg_bar: Any
+  term_same_bar: Any
 
   def window_tile(self, t) -> _Tile:
     return _Tile(self.window_k.at[t], self.window_v.at[t], _at(self.window_seg, t), self.window_k_bar.at[t],
                  self.window_v_bar.at[t], _at(self.window_seg_bar, t))
 
   def term_tile(self, i) -> _Tile:
-    return _Tile(self.term_k.at[i], self.term_v.at[i], _at(self.term_seg, i), self.term_k_bar.at[i],
-                 self.term_v_bar.at[i], _at(self.term_seg_bar, i))
+    return _Tile(self.term_k.at[i], self.term_v.at[i], None, self.term_k_bar.at[i], self.term_v_bar.at[i], None)
 
 
 def _tiled(shape: tuple[int, ...], dtype):
@@ -331,8 +335,9 @@ def _with_buffers(body: Callable[[_Buffers], None], d: int, dtype, problem: Prob
   bars = (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=w), plgpu.Barrier(num_barriers=w),
           plgpu.Barrier(num_barriers=s), plgpu.Barrier(num_barriers=s))
   if problem.segments:
-    seg_smem = (plgpu.SMEM((b,), jnp.int32), plgpu.SMEM((w, b), jnp.int32), plgpu.SMEM((s, b), jnp.int32))
-    seg_bars = (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=w), plgpu.Barrier(num_barriers=s))
+    terms = max(problem.num_offsets, 1)
+    seg_smem = (plgpu.SMEM((b,), jnp.int32), plgpu.SMEM((w, b), jnp.int32), plgpu.SMEM((terms, b), jnp.int32))
+    seg_bars = (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=w), plgpu.Barrier(num_barriers=1))
   else:
     seg_smem = seg_bars = (None, None, None)
   pl.run_scoped(lambda smem, bars: body(_Buffers(*smem, *bars)), smem + seg_smem, bars + seg_bars)
@@ -364,20 +369,23 @@ class _TermRefs(NamedTuple):
 
 
 class _Inputs(NamedTuple):
-  """A kernel's inputs in global memory: q ``[B, rows, H_q, D]``, k and v ``[B, kv_rows, H_kv, D]``
-  and the segment ids ``[B, kv_rows]`` int32 (None without segments), padded as ``_Rows`` says."""
+  """A kernel's inputs in global memory: q ``[B, rows, H_q, D]``, k and v ``[B, kv_rows, H_kv, D]``,
+  the segment ids ``[B, kv_rows]`` int32 and the offset terms' same-segment flags ``[B, K', rows]``
+  int32 (``_same_segment``; both None without segments), padded as ``_Rows`` says."""
 
   terms: _TermRefs
   q: Any
   k: Any
   v: Any
   seg: Any
+  same: Any
 
 
 class _Term(NamedTuple):
   """One landed offset term of distance ``lo (+ frac)``: its shifted key/value tiles in shared
   memory, part ``p`` holding rows ``[i0 - lo - p, ... + block)`` (one part static, two learned)."""
 
+  index: Any  # int32 scalar: the term's place in the offsets
   lo: Any  # int32 scalar
   frac: Any  # float32 scalar; None for static offsets
   tiles: tuple[_Tile, ...]
@@ -413,7 +421,7 @@ def _stream_tiles(gmem: _Inputs, buf: _Buffers, prog: _Program, geo: _Rows, prob
   def issue(start, tile: _Tile):
     for ref, smem, bar in ((gmem.k, tile.k, tile.k_bar), (gmem.v, tile.v, tile.v_bar)):
       plgpu.copy_gmem_to_smem(ref.at[prog.batch, pl.ds(start + geo.front, b), prog.kv_head], smem, bar)
-    if gmem.seg is not None:
+    if tile.seg is not None:
       plgpu.copy_gmem_to_smem(seg_rows(start), tile.seg, tile.seg_bar)
 
   def window_start(t: int):
@@ -427,6 +435,7 @@ def _stream_tiles(gmem: _Inputs, buf: _Buffers, prog: _Program, geo: _Rows, prob
   plgpu.copy_gmem_to_smem(gmem.q.at[prog.batch, pl.ds(prog.i0, b), prog.head], buf.q, buf.q_bar.at[0])
   if gmem.seg is not None:
     plgpu.copy_gmem_to_smem(seg_rows(prog.i0), buf.q_seg, buf.q_seg_bar.at[0])
+    plgpu.copy_gmem_to_smem(gmem.same.at[prog.batch, :, pl.ds(prog.i0, b)], buf.term_same, buf.term_same_bar.at[0])
   for t in range(windows):
     issue(jnp.maximum(window_start(t), 0), buf.window_tile(t))
   for kk in range(min(stages, terms)):
@@ -434,6 +443,7 @@ def _stream_tiles(gmem: _Inputs, buf: _Buffers, prog: _Program, geo: _Rows, prob
   plgpu.barrier_wait(buf.q_bar.at[0])
   if gmem.seg is not None:
     plgpu.barrier_wait(buf.q_seg_bar.at[0])
+    plgpu.barrier_wait(buf.term_same_bar.at[0])
   state = handlers.query(buf.q, buf.q_seg, state)
   for t in range(windows):
     tile = buf.window_tile(t)
@@ -448,7 +458,7 @@ def _stream_tiles(gmem: _Inputs, buf: _Buffers, prog: _Program, geo: _Rows, prob
     for tile in tiles:
       tile.wait()
     frac = None if gmem.terms.frac is None else gmem.terms.frac[kk]
-    state = handlers.term(_Term(gmem.terms.lo[kk], frac, tiles), state)
+    state = handlers.term(_Term(kk, gmem.terms.lo[kk], frac, tiles), state)
 
     @pl.when(kk + stages < terms)
     def _():
@@ -531,9 +541,7 @@ def _attention_handlers(buf: _Buffers, prog: _Program, problem: Problem, b: int,
     live_B = (term.lo >= problem.window) & (past_lo_B >= 0 if term.frac is None
                                              else past_lo_B.astype(jnp.float32) >= term.frac)
     if st.seg is not None:
-      for p, tile in enumerate(term.tiles):  # part 1 (row i - lo - 1) has weight t: not read when t = 0
-        same_B = ops.load_vector(tile.seg, ROW_LAYOUT) == st.seg
-        live_B = live_B & (same_B if p == 0 else same_B | (term.frac == 0))
+      live_B = live_B & (ops.load_vector(buf.term_same.at[term.index], ROW_LAYOUT) != 0)
     s_B = jnp.where(live_B, s_B, MASK_VALUE)
     m_new = jnp.maximum(st.m, s_B)
     p_B = jnp.exp(s_B - m_new)
@@ -601,6 +609,25 @@ def _loads_kernel(gmem: _Inputs, sums_ref, *, problem: Problem, cfg: MosaicForwa
   _with_buffers(body, d, gmem.q.dtype, problem, cfg)
 
 
+def _same_segment(seg_BxN: jax.Array, terms: tuple[jax.Array, ...], rows: int) -> jax.Array:
+  """``[B, K', rows]`` int32: 1 where offset term ``k`` of query row ``i`` reads only rows of
+  ``i``'s segment: row ``i - lo`` and, for a fractional distance (``t > 0``), row ``i - lo - 1`` (a
+  row before position 0 is never in it; such terms are masked by their distance anyway); 0 past
+  ``N``."""
+  n = seg_BxN.shape[1]
+  lo_K = terms[0]
+
+  def same_at(shift_K: jax.Array) -> jax.Array:
+    rows_KxN = jnp.arange(n)[None, :] - shift_K[:, None]
+    key_BxKxN = jnp.take(seg_BxN, jnp.clip(rows_KxN, 0, n - 1), axis=1)
+    return (key_BxKxN == seg_BxN[:, None, :]) & (rows_KxN >= 0)[None]
+
+  same = same_at(lo_K)
+  if len(terms) == 2:  # learned: the second row has weight t, not read when t = 0
+    same = same & (same_at(lo_K + 1) | (terms[1] == 0)[None, :, None])
+  return jnp.pad(same.astype(jnp.int32), [(0, 0), (0, 0), (0, rows - n)])
+
+
 def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: MosaicForwardConfig | None, interpret,
             name: str):
   """Pads the inputs as the geometry says and runs ``kernel(_Inputs, *outputs)`` on the grid
@@ -613,14 +640,15 @@ def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: Mosa
   ops = _Ops(interpret=params is not None, term_smem=cfg.term_smem)
   q = _pad(q, 0, geo.rows)
   k, v = (_pad(x, geo.front, geo.kv_rows) for x in (k, v))
-  segs = () if seg is None else (_pad(seg, geo.front, geo.kv_rows),)
   terms = _offsets(offsets, problem)
+  segs = () if seg is None else (_pad(seg, geo.front, geo.kv_rows), _same_segment(seg, terms, geo.rows))
 
   def body(*refs):
     term_refs = _TermRefs(refs[0], refs[1] if problem.learned else None)
     q_ref, k_ref, v_ref, *rest = refs[len(terms):]
-    seg_ref = rest.pop(0) if segs else None
-    kernel(_Inputs(term_refs, q_ref, k_ref, v_ref, seg_ref), *rest, problem=problem, cfg=cfg, geo=geo, ops=ops)
+    seg_ref, same_ref = (rest.pop(0), rest.pop(0)) if segs else (None, None)
+    kernel(_Inputs(term_refs, q_ref, k_ref, v_ref, seg_ref, same_ref), *rest, problem=problem, cfg=cfg, geo=geo,
+           ops=ops)
 
   call = plgpu.kernel(
       body,
