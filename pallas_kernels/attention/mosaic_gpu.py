@@ -11,8 +11,9 @@ from HBM into shared memory by TMA (``_stream_tiles``), then calls back on each 
   probability-times-value on tensor cores with ``wgmma``);
 - per offset term, its shifted key/value tiles (any start, so shared memory tiled by single
   rows), through a ring of ``stages`` slots: while one term is computed, the next ``stages - 1``
-  terms' loads are in flight (the term ``stages`` later is issued into its slot once it is done). Query row ``r`` reads only row ``r`` of a shifted tile, so a term's
-  scores are ``block`` row-wise dot products on registers, not a tile matmul.
+  terms' loads are in flight (the term ``stages`` later is issued into its slot once it is
+  done). Query row ``r`` reads only row ``r`` of a shifted tile, so a term's scores are
+  ``block`` row-wise dot products on registers, not a tile matmul.
 
 Offset terms (``_Term``): a static offset ``o`` reads one shifted tile, rows ``[i0 - o, i0 - o +
 block)``. A learned (fractional) distance ``d = lo + t`` (``lo = floor(d)``) reads two, rows ``i -
