@@ -273,7 +273,9 @@ def test_a_second_sweep_is_refused_and_ctrl_c_stops_every_cell(tmp_path):
   assert _one_error(first.returncode, err, status=130).startswith("error: interrupted (Ctrl-C)"), err
   assert "[sweep] stopping 1 running cell(s)" in out, out
   assert _processes_naming(str(sweep_root)) == []
-  assert "error: interrupted at step" in (sweep_root / "logs" / "fib-linear-s0.log").read_text()  # it stopped itself
+  log = (sweep_root / "logs" / "fib-linear-s0.log").read_text()
+  assert "error: interrupted at step" in log  # it stopped itself, and names the sweep, not train, to resume it
+  assert "Resume with: the same train.sweep (or train.experiment) command" in log and "python -m train --workdir" not in log
   assert json.loads((sweep_root / "sweep_cost.jsonl").read_text().splitlines()[-1])["failed"] == 0
 
 

@@ -136,6 +136,7 @@ def test_ctrl_c_stops_in_one_line_and_keeps_the_checkpoint(tmp_path):
   assert "Traceback" not in stderr, stderr[-3000:]
   lines = [line for line in stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: interrupted at step") and "is kept" in lines[0], stderr
+  assert lines[0].endswith(f"Resume with: python -m train --workdir {workdir}"), lines[0]
   saved = _steps(workdir)
   assert saved and saved[0] >= 4
   _assert_finite_params(workdir, saved[-1])

@@ -251,10 +251,11 @@ def restore_run(cfg: TrainConfig, workdir: pathlib.Path, target: Any) -> tuple[i
     mngr.close()
 
 
-def train(cfg: TrainConfig, workdir: pathlib.Path, allow_changes: Sequence[str] = ()) -> dict:
+def train(cfg: TrainConfig, workdir: pathlib.Path, allow_changes: Sequence[str] = (), resume: str | None = None) -> dict:
   """Trains (or resumes) ``cfg`` in ``workdir``; returns the closing summary. What a resume may
   change (``allow_changes``: the ``--allow-change`` fields) and the workdir's lock, which process 0
-  holds from before its first write to after its last: ``train.run.workdir``.
+  holds from before its first write to after its last: ``train.run.workdir``. ``resume``: how to
+  resume after Ctrl-C, for its message (default ``python -m train --workdir WORKDIR``).
 
   Raises:
     ValueError: a bad config, data or workdir, or another process training in it (before anything
@@ -276,13 +277,14 @@ def train(cfg: TrainConfig, workdir: pathlib.Path, allow_changes: Sequence[str] 
       created = lock.enter_context(workdir_lock(workdir)) if lead else False
       # checked again under the lock: what another process wrote since the checks above counts
       changes = check_workdir(workdir, cfg, run_data.sha256, allow_changes)
-    return train_locked(cfg, workdir, mesh, run_data, budget, changes, created)
+    return train_locked(cfg, workdir, mesh, run_data, budget, changes, created,
+                        resume or f"python -m train --workdir {workdir}")
 
 
 def train_locked(cfg: TrainConfig, workdir: pathlib.Path, mesh: Mesh, run_data: RunData, budget: dict,
-                 changes: dict | None, created: bool) -> dict:
+                 changes: dict | None, created: bool, resume: str) -> dict:
   """``train`` once the start is checked and the lock taken; ``changes`` as ``check_start``'s,
-  ``created`` whether this run made ``workdir``."""
+  ``created`` whether this run made ``workdir``, ``resume`` how to resume after Ctrl-C."""
   resuming = changes is not None
   micro = cfg.batch_size // cfg.grad_accum
   tx = make_optimizer(cfg)
@@ -369,8 +371,7 @@ def train_locked(cfg: TrainConfig, workdir: pathlib.Path, mesh: Mesh, run_data: 
             raise KeyboardInterrupt
       except KeyboardInterrupt:
         kept = f"checkpoint step {last_saved} in {folder} is kept" if last_saved is not None else "no checkpoint saved"
-        raise Interrupted(f"interrupted at step {step}; {kept}. Resume with: python -m train --workdir {workdir}") \
-            from None
+        raise Interrupted(f"interrupted at step {step}; {kept}. Resume with: {resume}") from None
       finally:
         bar.close()
         writer.close()

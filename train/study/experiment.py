@@ -88,7 +88,7 @@ def run_cell(workdir: pathlib.Path, config: str, variant: str, seed: int, overri
   check_budgets(budgets)
   check_existing_run(workdir, cfg)
   if not rundir.is_finished(workdir):
-    train(cfg, workdir)
+    train(cfg, workdir, resume="the same train.sweep (or train.experiment) command, which then runs the cell's probes")
   run = load_run(workdir)
   files = probe_cell(run, budgets)
   record = cell_record(workdir, cfg.model.variant, seed, config, overrides, run.step, files, time.time())
