@@ -145,18 +145,10 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
                      "code: give a folder of its own with --workdir, e.g. runs/NAME")
   saved_path = workdir / rundir.CONFIG
   has_ckpt = rundir.holds_checkpoint(workdir)
-  if not saved_path.exists():
-    if has_ckpt:
-      raise ValueError(f"{workdir} holds checkpoints but no config.json; cannot tell what model they are. "
-                       "Use a new --workdir.")
-    check_fresh(workdir, cfg)
-    return None
+  if has_ckpt and not saved_path.exists():
+    raise ValueError(f"{workdir} holds checkpoints but no config.json; cannot tell what model they are. "
+                     "Use a new --workdir.")
   if not has_ckpt:
-    finished = [name for name in rundir.FINISHED if (workdir / name).exists()]
-    if finished:
-      raise ValueError(f"{workdir} holds {', '.join(finished)} of a finished run but no checkpoint to resume from; a "
-                       "new run there would overwrite its results: train in a new --workdir (its probes, e.g. "
-                       f"python -m train.evaluate --workdir {workdir}, need a checkpoint too)")
     check_fresh(workdir, cfg)
     return None
   saved = TrainConfig.load(saved_path)
@@ -189,9 +181,15 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
 
 def check_fresh(workdir: pathlib.Path, cfg: TrainConfig) -> None:
   """Raises ``ValueError`` unless ``workdir`` (holding no checkpoint) may take a new run of ``cfg``
-  (the module doc): a config.json there must be ``cfg``'s (``check_fresh_config``); without one,
-  the folder must hold none of ``rundir.OUTPUTS``."""
+  (the module doc): a config.json there must be ``cfg``'s (``check_fresh_config``) and no run may
+  have finished there (``rundir.FINISHED``); without one, the folder must hold none of
+  ``rundir.OUTPUTS``."""
   if (workdir / rundir.CONFIG).exists():
+    finished = [name for name in rundir.FINISHED if (workdir / name).exists()]
+    if finished:
+      raise ValueError(f"{workdir} holds {', '.join(finished)} of a finished run but no checkpoint to resume from; a "
+                       "new run there would overwrite its results: train in a new --workdir (its probes, e.g. "
+                       f"python -m train.evaluate --workdir {workdir}, need a checkpoint too)")
     check_fresh_config(workdir, cfg)
     return
   outputs = [name for name in rundir.OUTPUTS if (workdir / name).exists()]
