@@ -106,7 +106,7 @@ def _lse64(q, k, offsets, window, reach, segment_ids=None):
 
 def _done(x):
   """``x`` once computed: no eager operation runs beside the GPU interpreter's callbacks, which run
-  JAX operations of their own (the two deadlocked once; NOTES, "Sixth session")."""
+  JAX operations of their own and can deadlock with one (benchmarks/results/NOTES.md)."""
   return jax.block_until_ready(x)
 
 
@@ -319,9 +319,9 @@ def test_a_mosaic_config_is_refused_off_the_gpu_backend():
 
 
 def test_segment_ids_with_a_mosaic_config_are_refused_on_the_gpu(monkeypatch):
-  """The Mosaic forward's segment-id path has not run on a GPU since its first form faulted there, so
-  a compiled call refuses it before any kernel runs (interpret mode, above, runs and tests it)."""
+  """The Mosaic forward's segment-id path is not yet verified on a GPU, so a compiled call refuses it
+  before any kernel runs (interpret mode, above, runs and tests it)."""
   q, k, v, offsets, pattern, cfg = _inputs("segments_static")
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  with pytest.raises(ValueError, match="segment ids in the Mosaic GPU forward have not run on a GPU"):
+  with pytest.raises(ValueError, match="segment ids in the Mosaic GPU forward are not yet verified on a GPU"):
     gathered_offset_attention(q, k, v, offsets=offsets, config=cfg, **pattern)

@@ -42,9 +42,9 @@ shared memory by TMA beside them, and a window score is masked unless its key's 
 query's. An offset term's test comes computed before the kernel (``_same_segment``: per term and
 query row, whether the rows it reads, both rows it blends with a nonzero weight for a fractional
 term, are in the query's segment), its ``[K, block]`` rows landing once with the query tile, so
-no term copies ids. (Copying each term tile's ids, an earlier form, faulted on an H100:
-benchmarks/results/NOTES.md, "Sixth session". This form has not run on a GPU yet, so
-``gathered_offset_attention`` still refuses segment ids there; interpret mode runs it.)
+no term copies ids (per-term id copies fault on an H100: benchmarks/results/NOTES.md). This path is
+not yet verified on a GPU, so ``gathered_offset_attention`` refuses segment ids there; interpret
+mode runs it.
 
 Interpret mode (``interpret=True``, CPU tests) runs the same code in Pallas' GPU interpreter,
 which simulates shared memory, TMA copies and barriers. Three things differ there, each in one

@@ -158,9 +158,9 @@ def gathered_offset_attention(
     raise ValueError(f"a MosaicForwardConfig runs the Mosaic GPU forward, not on backend={backend!r}; "
                      "pass a ForwardConfig (or none) there")
   if isinstance(config, MosaicForwardConfig) and segment_ids is not None and not interpret:
-    raise ValueError("segment ids in the Mosaic GPU forward have not run on a GPU since their first form faulted "
-                     "there (CUDA_ERROR_ILLEGAL_INSTRUCTION on an H100, jax 0.11.2; benchmarks/results/NOTES.md); "
-                     "pass a ForwardConfig (or none) for packed documents")
+    raise ValueError("segment ids in the Mosaic GPU forward are not yet verified on a GPU (per-term id copies "
+                     "fault there: CUDA_ERROR_ILLEGAL_INSTRUCTION on an H100, benchmarks/results/NOTES.md); pass a "
+                     "ForwardConfig (or none) for packed documents")
   blocks = (problem.head_dim, config.block, config_bwd.block)
   if not interpret and any(x & (x - 1) or x < 16 for x in blocks):
     raise ValueError(f"compiled kernels need head_dim and blocks powers of 2 >= 16, got head_dim, block, "
