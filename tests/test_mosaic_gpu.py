@@ -318,10 +318,22 @@ def test_a_mosaic_config_is_refused_off_the_gpu_backend():
     gathered_offset_attention(q, k, v, offsets=offsets, config=cfg, backend="tpu", interpret=True, **pattern)
 
 
-def test_segment_ids_with_a_mosaic_config_are_refused_on_the_gpu(monkeypatch):
-  """The Mosaic forward's segment-id path is not yet verified on a GPU, so a compiled call refuses it
-  before any kernel runs (interpret mode, above, runs and tests it)."""
-  q, k, v, offsets, pattern, cfg = _inputs("segments_static")
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  with pytest.raises(ValueError, match="segment ids in the Mosaic GPU forward are not yet verified on a GPU"):
-    gathered_offset_attention(q, k, v, offsets=offsets, config=cfg, **pattern)
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("case", sorted(CASES) + sorted(LEARNED_CASES) + sorted(SEGMENT_CASES))
+def test_compiled_forward_matches_reference(case):
+  """The compiled Mosaic GPU forward through ``gathered_offset_attention`` (static, learned and
+  segment-id cases) against the reference, and its log-sum-exp against float64."""
+  q, k, v, offsets, pattern, cfg = _inputs(case)
+  problem = attention_problem(q, k, offsets, **pattern)
+  out, lse = jax.jit(lambda q, k, v, o: mosaic_gpu.forward(q, k, v, pattern.get("segment_ids"), o, problem=problem,
+                                                           cfg=cfg, interpret=False))(
+      q, k, v, _kernel_offsets(offsets, **pattern))
+  msg = f"case={case}"
+  assert np.isfinite(np.asarray(out, np.float32)).all() and np.isfinite(np.asarray(lse)).all(), msg
+  want = sparse_attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), offsets=offsets, **pattern)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want), err_msg=msg, **_TOL[q.dtype])
+  np.testing.assert_allclose(np.asarray(lse), _lse64(q, k, offsets, **pattern), atol=2e-5 if _learned(case) else 1e-5,
+                             rtol=1e-6, err_msg=msg)
+  whole = gathered_offset_attention(q, k, v, offsets=offsets, config=cfg, **pattern)  # the public entry point
+  np.testing.assert_allclose(np.asarray(whole, np.float32), np.asarray(want), err_msg=msg, **_TOL[q.dtype])

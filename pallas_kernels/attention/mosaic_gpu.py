@@ -42,9 +42,7 @@ shared memory by TMA beside them, and a window score is masked unless its key's 
 query's. An offset term's test comes computed before the kernel (``_same_segment``: per term and
 query row, whether the rows it reads, both rows it blends with a nonzero weight for a fractional
 term, are in the query's segment), its ``[K, block]`` rows landing once with the query tile, so
-no term copies ids (per-term id copies fault on an H100: benchmarks/results/NOTES.md). This path is
-not yet verified on a GPU, so ``gathered_offset_attention`` refuses segment ids there; interpret
-mode runs it.
+no term copies ids (per-term id copies fault on an H100: benchmarks/results/NOTES.md).
 
 Interpret mode (``interpret=True``, CPU tests) runs the same code in Pallas' GPU interpreter,
 which simulates shared memory, TMA copies and barriers. Three things differ there, each in one

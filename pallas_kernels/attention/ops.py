@@ -133,8 +133,7 @@ def gathered_offset_attention(
     config, config_bwd: how the forward and the backward kernels run
       (``pallas_kernels.attention.config``); ``None``: this device's tuned table entry for the
       call's ``attention_problem``, else the heuristic (``config.choose``). A ``MosaicForwardConfig``
-      (GPU backend; bfloat16/float16, head_dim a multiple of 64) runs the Mosaic GPU forward
-      (without segment ids, except in interpret mode: on the GPU they are refused until checked there).
+      (GPU backend; bfloat16/float16, head_dim a multiple of 64) runs the Mosaic GPU forward.
     backend: ``"gpu"`` or ``"tpu"`` lowering; default the default backend (``"gpu"`` on CPU,
       which needs ``interpret=True``).
     batch_axes: under a mesh, the axes the batch is split over; each device runs the kernels on
@@ -157,10 +156,6 @@ def gathered_offset_attention(
   if isinstance(config, MosaicForwardConfig) and backend != "gpu":
     raise ValueError(f"a MosaicForwardConfig runs the Mosaic GPU forward, not on backend={backend!r}; "
                      "pass a ForwardConfig (or none) there")
-  if isinstance(config, MosaicForwardConfig) and segment_ids is not None and not interpret:
-    raise ValueError("segment ids in the Mosaic GPU forward are not yet verified on a GPU (per-term id copies "
-                     "fault there: CUDA_ERROR_ILLEGAL_INSTRUCTION on an H100, benchmarks/results/NOTES.md); pass a "
-                     "ForwardConfig (or none) for packed documents")
   blocks = (problem.head_dim, config.block, config_bwd.block)
   if not interpret and any(x & (x - 1) or x < 16 for x in blocks):
     raise ValueError(f"compiled kernels need head_dim and blocks powers of 2 >= 16, got head_dim, block, "
