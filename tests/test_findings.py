@@ -303,7 +303,9 @@ def test_window_at_chance_edge_passes_and_unreachable_buckets_are_not_checked(ta
   no_window = {v: r for v, r in report.by_variant(task_cells).items() if v != "window"}
   verdict = findings.validity_verdict(findings.validity(no_window, TASK_MODEL))
   assert verdict == "not established (window stays near chance beyond its receptive field: not checked)"
-  assert findings.validity({"dense": {0: {"eval": {}}}}, TASK_MODEL) == []
+  assert findings.validity({"dense": {0: {"name": "dense-s0"}}}, TASK_MODEL) == []
+  text_only = findings.validity({"dense": {0: {"eval": {}}}}, {**TASK_MODEL, "window": 2})  # reach 2 of T
+  assert [c["result"] for c in text_only] == ["pass", "not checked"]
 
 
 # ----------------------------------------------------------------------------- statistical power
@@ -382,7 +384,11 @@ def test_text_report_sections_hold_the_runs_numbers(built, text_cells):
   assert f"| window's receptive field, L x (W - 1) | {TEXT_RF} of T = {TEXT_T} (0.47 T) |" in text
   assert "| claims judged on | held-out loss |" in text and report.RULE in text
   assert "| variants with the same pattern in every layer (the same model) | none |" in text
-  assert "Not made: no run of this root has a recall probe" in section(text, "Validity checks")
+  valid = section(text, "Validity checks")
+  assert f"| the window alone cannot span T | L x (W - 1) <= 0.25 T = {TEXT_T / 4:g} | {TEXT_RF} tokens (0.47 T) | **fail** |" in valid
+  gap = findings.paired(report.by_variant(text_cells), "window", "fib-linear")
+  assert gap["lo"] > 0 and f"| {findings.fmt_nats(gap)} | **pass** |" in valid
+  assert "**This study does not discriminate between the patterns** (fail: the window alone cannot span T)" in valid
   assert "## Recall by distance" not in text
   assert "| fib-linear | 5 |" in section(text, "Perplexity by length (held-out, mean +- std over seeds)") and "## Loss by context position" in text
   assert (built["text"] / "plots" / "ppl_by_length.png").stat().st_size > 0
@@ -400,10 +406,13 @@ def test_text_report_sections_hold_the_runs_numbers(built, text_cells):
 
   premise = section(text, "Extrapolation premise")
   # stretch-2 costs 5% at T; beyond T against the full pattern at T, whose loss falls by 0.01: 1.05 e^-0.01 - 1
-  assert "| fib-linear | stretch-2 | 5 | 5.00% +- 0.00% | 3.96% +- 0.00% | 3.96% +- 0.00% |" in premise
-  assert "| fib-linear | stretch-4 | 5 | 20.00% +- 0.00% |" in premise
-  assert "| dense | - | 5 | 0.00% +- 0.00% | 100.00% +- 0.00% | 300.00% +- 0.00% |" in premise
-  assert "| dense + sink window | - | 5 | 0.00% +- 0.00% | 0.20% +- 0.00% | 0.60% +- 0.00% |" in premise
+  model = text_cells[0]["config"]["model"] | {"variant": "fib-linear"}
+  share = f"{findings.trained_share(model, 'stretch-2'):.0%}"
+  assert f"| fib-linear | stretch-2 | 5 | {share} | 5.00% +- 0.00% | 3.96% +- 0.00% | 3.96% +- 0.00% |" in premise
+  assert "| fib-linear | stretch-4 | 5 | 0% | 20.00% +- 0.00% |" in premise
+  assert "| fib-linear | full | 5 | 100% |" in premise
+  assert "| dense | - | 5 | - | 0.00% +- 0.00% | 100.00% +- 0.00% | 300.00% +- 0.00% |" in premise
+  assert "| dense + sink window | - | 5 | - | 0.00% +- 0.00% | 0.20% +- 0.00% | 0.60% +- 0.00% |" in premise
   assert "| window - fib-linear |" in section(text, "Controls")
   assert "| other-genre text | fib-linear - window, foldoc at 4x T | 5 |" in section(text, "Statistical power")
 
@@ -423,7 +432,7 @@ def test_summary_states_validity_and_what_no_paper_measured(built):
   task, text = str(built["task"]), str(built["text"])
   assert f"| claim | {task} | {text} | across scales |" in summary
   assert "| claims judged on | recall error | held-out loss |  |" in summary
-  assert "| validity checks (the study discriminates) | pass | n/a (no recall probe) |  |" in summary
+  assert "| validity checks (the study discriminates) | pass | fail: the window alone cannot span T |  |" in summary
   block = summary[summary.index("## What no paper measured"):]
   rows = {tuple(r.split(" | ")[:2]): r for r in block.splitlines() if re.match(r"\| \dx T \|", r)}
   assert len(rows) == 4 + 5 + 6  # every distance bucket at 1x, 2x and 4x T
@@ -521,8 +530,27 @@ def test_committed_roots_still_build_with_the_same_verdicts(tmp_path, name):
   root = shutil.copytree(REPO / "results" / name, tmp_path / name)
   text, verdicts, found = report.build(root)
   assert [v["verdict"] for v in verdicts] == claim_verdicts((REPO / "results" / name / "report.md").read_text())
-  assert found.validity == "n/a (no recall probe)" and found.unmeasured == []
+  assert found.validity == "fail: the window alone cannot span T" and found.unmeasured == []
   assert "## Statistical power" in text and "| claim 1 | fib-linear - fib-fixed | 3 |" in text
   assert "## Controls" not in text and "## Out-of-distribution text" not in text
   if name == "small":  # the sweep recorded every cell failed; each cell.json was written since
     assert "| 1 | 345 | 21 (21 recorded as failed, `cell.json` written since) | 0 | 2 | 11 |" in text
+
+
+def test_trained_share_counts_stretched_offsets_that_land_on_trained_distances():
+  """Powers of 2 doubled land on the next offset of the same layer (all but the largest), Fibonacci
+  numbers doubled on none; the full pattern is all trained, a learned one unknown (``None``)."""
+  import configs  # noqa: PLC0415  (imports jax)
+  from fibjax.model import ModelConfig, layer_patterns  # noqa: PLC0415
+
+  pow2 = configs.get_config("starved", "pow2-fixed").to_dict()["model"]
+  offsets = layer_patterns(ModelConfig(**pow2))[0].offsets
+  k = len(offsets)
+  assert k >= 3 and all(b == 2 * a for a, b in zip(offsets, offsets[1:])), offsets
+  assert findings.trained_share(pow2, "full") == 1.0
+  assert findings.trained_share(pow2, "stretch-2") == pytest.approx((k - 1) / k)
+  assert findings.trained_share(pow2, "stretch-4") == pytest.approx((k - 2) / k)
+  fib = configs.get_config("starved", "fib-fixed").to_dict()["model"]
+  assert findings.trained_share(fib, "stretch-2") == 0.0
+  assert findings.trained_share(configs.get_config("starved", "fib-learned").to_dict()["model"], "stretch-2") is None
+  assert findings.trained_share(configs.get_config("starved", "window").to_dict()["model"], "stretch-2") is None

@@ -37,6 +37,7 @@ INERT_MAX = 0.01  # learned alpha is "inert" when its 95% interval is not more t
 RECALL_LEVEL = 0.02  # on recall error: "level" and "inert" within 2 percentage points of accuracy
 DENSE_RECALL_MIN = 0.90  # validity: dense recalls at least 90% of the answers at T
 NEAR_CHANCE = 0.05  # validity: `window` recalls at most 5% of the answers beyond its receptive field
+STARVED_SPAN = 0.25  # validity on text: the window alone reaches at most this fraction of T through the layers
 CONTROLS = ("window", "fib-random", "pow2-random")  # patterns every schedule must beat; no part of the claims
 CONTROL_REFERENCES = ("fib-linear", "dense")  # what each control is compared with
 OOD_PAIRS = (("fib-linear", "fib-fixed"), ("fib-linear", "window"))  # compared on each other-genre text
@@ -453,10 +454,34 @@ def plot_recall(runs: dict, model: dict, out: pathlib.Path) -> None:
 
 def validity(runs: dict, model: dict) -> list[dict]:
   """The study's validity checks (``check``, ``rule``, ``measured``, ``result``: pass, fail or not
-  checked); none for a root without a recall probe."""
+  checked): on a task, ``recall_validity``; on text, ``text_validity``; none without either probe."""
+  if recall_multiples(runs):
+    return recall_validity(runs, model)
+  if any("eval" in c for cells in runs.values() for c in cells.values()):
+    return text_validity(runs, model)
+  return []
+
+
+def text_validity(runs: dict, model: dict) -> list[dict]:
+  """A text study can tell schedules apart only where the offsets carry what the window cannot: the
+  window alone spans at most ``STARVED_SPAN`` of T through the layers, and ``window`` is worse than
+  ``fib-linear`` on held-out text at T (paired over seeds, the interval above 0)."""
+  rf, t = receptive_field(model), model["seq_len"]
+  span = {"check": "the window alone cannot span T", "rule": f"L x (W - 1) <= {STARVED_SPAN:g} T = {t * STARVED_SPAN:g}",
+          "measured": f"{rf} tokens ({rf / t:.2f} T)", "result": "pass" if rf <= STARVED_SPAN * t else "fail"}
+  used = {"check": "the offsets carry what the window cannot",
+          "rule": "`window` minus `fib-linear` held-out loss at 1x T, paired over seeds: 95% interval above 0"}
+  gap = paired(runs, "window", "fib-linear")
+  if gap is None:
+    used.update(measured="no window and fib-linear runs of a common seed", result="not checked")
+  else:
+    used.update(measured=fmt_nats(gap), result="pass" if gap["lo"] > 0 else "fail")
+  return [span, used]
+
+
+def recall_validity(runs: dict, model: dict) -> list[dict]:
+  """Dense recalls at T, and ``window`` stays near chance beyond its receptive field."""
   multiples = recall_multiples(runs)
-  if not multiples:
-    return []
   dense = [c for c in runs.get("dense", {}).values() if RECALL.key in c]
   first = {"check": "dense recalls at T",
            "rule": f"dense's recall accuracy at 1x T, mean over seeds, >= {DENSE_RECALL_MIN:.2f}"}
@@ -488,7 +513,7 @@ def validity(runs: dict, model: dict) -> list[dict]:
 def validity_verdict(checks: list[dict]) -> str:
   """One phrase: pass, fail (which checks), not established (which were not checked), or n/a."""
   if not checks:
-    return "n/a (no recall probe)"
+    return "n/a (no recall or held-out text probe)"
   failed, unchecked = ("; ".join(c["check"] for c in checks if c["result"] == r) for r in ("fail", "not checked"))
   return f"fail: {failed}" if failed else f"not established ({unchecked}: not checked)" if unchecked else "pass"
 
@@ -496,10 +521,14 @@ def validity_verdict(checks: list[dict]) -> str:
 def validity_section(checks: list[dict]) -> list[str]:
   lines = ["## Validity checks", ""]
   if not checks:
-    return lines + ["Not made: no run of this root has a recall probe (it trained on text without a task), so "
-                    "whether the study can tell the patterns apart is not checked here.", ""]
-  lines += ["A study discriminates between patterns only when every check passes: dense can retrieve at T, and the "
-            "window alone cannot retrieve beyond its reach, so that a gain there is the offsets' doing.", ""]
+    return lines + ["Not made: no run of this root has a recall or held-out text probe.", ""]
+  if checks[0]["check"] == "dense recalls at T":
+    lines += ["A study discriminates between patterns only when every check passes: dense can retrieve at T, and the "
+              "window alone cannot retrieve beyond its reach, so that a gain there is the offsets' doing.", ""]
+  else:
+    lines += ["A text study discriminates between patterns only when every check passes: the window alone cannot "
+              "span the context through the layers, and removing the offsets costs perplexity, so that the offsets "
+              "carry information a schedule can place well or badly.", ""]
   lines += table(["check", "rule", "measured", "result"],
                  [[c["check"], c["rule"], c["measured"], f"**{c['result']}**"] for c in checks])
   verdict = validity_verdict(checks)
@@ -610,6 +639,22 @@ def stretch_budgets(cells: list[dict]) -> list[str]:
   return [n for n in names if n == "full" or n.startswith("stretch-")]
 
 
+def trained_share(model: dict, budget: str) -> float | None:
+  """The share of the offsets of the static pattern of ``model`` (a ``config.json``'s ``model``) under
+  ``budget`` that land on distances its layer queried in training (inside its window or on one of
+  its offsets), over all layers: for ``stretch-S``, how much of the moved pattern is not new at all
+  (a power of 2 doubled is often another power of 2 of the same layer). ``None`` for a learned
+  pattern (its trained distances are weights) or one without offsets."""
+  from fibjax.model import ModelConfig, layer_patterns  # noqa: PLC0415  (imports jax)
+  from train.probe.budget import cheaper  # noqa: PLC0415
+
+  patterns = layer_patterns(ModelConfig(**model))
+  if any(p.kind != "static" for p in patterns):
+    return None
+  moved = [(d, p) for p in patterns for d in cheaper(p, budget).offsets]
+  return sum(d < p.window or d in p.offsets for d, p in moved) / len(moved) if moved else None
+
+
 def extrapolation_section(runs: dict, multiples: Sequence[int]) -> list[str]:
   rows = []
   for v in sorted(runs):
@@ -619,19 +664,27 @@ def extrapolation_section(runs: dict, multiples: Sequence[int]) -> list[str]:
     for name in stretch_budgets(cells):
       rises = [[c["budget"]["budgets"][name][f"{m}x"]["ppl"] / c["budget"]["budgets"]["full"]["1x"]["ppl"] - 1
                 for c in cells] for m in multiples]
-      rows.append([v, name, str(len(cells))] + [mean_std(r, "{:.2%}") for r in rises])
+      shares = [trained_share(c["config"]["model"], name) for c in cells if "config" in c]
+      known = [x for x in shares if x is not None]
+      share = f"{stats.mean(known):.0%}" if known and len(known) == len(cells) else "-"
+      rows.append([v, name, str(len(cells)), share] + [mean_std(r, "{:.2%}") for r in rises])
   if not rows:
     return []
   for label, cells in with_sink({"dense": runs.get("dense", {})}, "eval").items():
     key = row_key(label, "eval")
-    rows.append([label, "-", str(len(cells))] + [mean_std([ppl(c, m, key) / ppl(c) - 1 for c in cells], "{:.2%}")
-                                                 for m in multiples])
+    rows.append([label, "-", str(len(cells)), "-"] + [mean_std([ppl(c, m, key) / ppl(c) - 1 for c in cells], "{:.2%}")
+                                                      for m in multiples])
   return (["## Extrapolation premise", "",
            "The paper's premise: sparse models extrapolate because they only ever query relative positions seen in "
-           "training. `stretch-S` moves every trained offset to S times its distance (the reach to S x R), distances "
-           "never queried in training. Perplexity rise at each length against the same weights' full pattern at T "
-           "(dense: against itself at T), mean +- std over seeds, held-out text.", ""]
-          + table(["variant", "pattern", "n"] + [f"rise {m}x T" for m in multiples], rows) + [""])
+           "training. `stretch-S` moves every trained offset to S times its distance (the reach to S x R). "
+           "`offsets on trained distances`: the share of the pattern's offsets, over layers and seeds, that land on "
+           "a distance the same layer queried in training (its window or one of its offsets); only the rest are "
+           "new, so a row with a high share does not test the premise (a power of 2 doubled is another of the same "
+           "layer's powers of 2); `-` for learned patterns, whose distances are weights. Perplexity rise at each "
+           "length against the same weights' full pattern at T (dense: against itself at T), mean +- std over "
+           "seeds, held-out text.", ""]
+          + table(["variant", "pattern", "n", "offsets on trained distances"] + [f"rise {m}x T" for m in multiples],
+                  rows) + [""])
 
 
 # ----------------------------------------------------------------------------- statistical power
