@@ -7,7 +7,9 @@ heads, MHA or GQA, head_dim 64 or 128) and length, it times the FORWARD only of:
 local causal window alone (W keys); the fibjax Triton kernel with static offsets (both as
 ``benchmarks.attention`` runs them); the Mosaic GPU forward (``pallas_kernels.attention.mosaic_gpu``)
 and its load-only kernel (``pattern_loads``: the window plus every offset tile, no math); and
-tokamax's Mosaic GPU attention with the same local window. Beside them, the memory floor
+tokamax's Mosaic GPU attention with the same local window; and FlexAttention with a compiled block
+mask of the same pattern (``benchmarks.attention.flex_peer``: torch, in a process of its own that runs
+before this one touches the GPU; ``--no-flex`` leaves it out). Beside them, the memory floor
 (``benchmarks.attention.floor_ms``: Q and O once, K and V once per offset and once for the window,
 over the copy bandwidth measured in the same run). Times are medians after warm-up, synchronised,
 over random data rotated over input sets (``benchmarks.timing.time_fn``).
@@ -37,8 +39,9 @@ import jax
 import jax.numpy as jnp
 
 from fibjax.cli import ArgumentParser
-from benchmarks.attention import B, H, R, SHAPES, W, check_out, floor_ms, make_inputs, ratio, static_offsets, variants
-from benchmarks.cli import add_force, claim, fail
+from benchmarks.attention import (B, H, R, SHAPES, W, check_out, flex_peer, floor_ms, make_inputs, ratio,
+                                  static_offsets, variants)
+from benchmarks.cli import add_force, claim, device_kind, fail
 from benchmarks.timing import copy_bandwidth, time_fn
 
 CUDNN = "cuDNN window only"
@@ -47,6 +50,8 @@ MOSAIC = "Mosaic forward"
 LOADS = "Mosaic load-only floor"
 TOKAMAX = "tokamax Mosaic local window"
 IMPLEMENTATIONS: tuple[str, ...] = (CUDNN, TRITON, MOSAIC, LOADS, TOKAMAX)  # timed in this order
+FLEX = "FlexAttention (own process)"
+COLUMNS: tuple[str, ...] = (*IMPLEMENTATIONS, FLEX)  # the times table; FlexAttention's from its own process
 MEMORY = "memory floor"  # computed from the copy bandwidth, not timed
 UNCHECKED: tuple[str, ...] = (LOADS,)  # its output is not attention: no check, only a time
 CHECKS: tuple[tuple[str, str, str], ...] = (  # (label, one, other): max abs error between the two
@@ -59,6 +64,7 @@ RATIOS: tuple[tuple[str, str, str], ...] = (  # (label, numerator, denominator):
     ("Mosaic fwd / load-only floor", MOSAIC, LOADS),
     ("load-only / memory floor", LOADS, MEMORY),
     ("tokamax local window / cuDNN window-only", TOKAMAX, CUDNN),
+    ("FlexAttention / Mosaic fwd", FLEX, MOSAIC),
 )
 NOT_FINITE = "NaN or Inf in its output on random data"
 CELL_CHARS = 60  # a failure's reason in a table cell; the list under the tables has it whole
@@ -203,6 +209,15 @@ def measure(n: int, shape: str, reps: int, bandwidth: float) -> dict:
   return row
 
 
+def add_flex(row: dict, flex: dict, shape: str, n: int) -> None:
+  """Puts FlexAttention's forward time at ``shape`` and ``n`` (``flex_peer``'s result) into ``row``,
+  or the reason it has none."""
+  ms = flex.get("sizes", {}).get(shape, {}).get(str(n), {}).get("fwd_ms")
+  row["fwd_ms"][FLEX] = ms
+  if ms is None:
+    row.setdefault("errors", {})[FLEX] = flex.get("partial") or flex.get("error") or "not measured"
+
+
 def outputs(out: pathlib.Path, device: str) -> list[pathlib.Path]:
   """The results files ``write`` writes for ``device``: JSON, then Markdown."""
   tag = device.replace(" ", "_")
@@ -223,6 +238,8 @@ def _cell(row: dict, name: str) -> str:
   ms = _times(row).get(name)
   if ms is not None:
     return f"{ms:.3f}"
+  if name not in row.get("errors", {}) and name not in row["fwd_ms"]:
+    return "not run"  # e.g. FlexAttention under --no-flex
   why = row.get("errors", {}).get(name, "not measured")
   return "failed: " + _escape(why if len(why) <= CELL_CHARS else why[:CELL_CHARS - 3] + "...")
 
@@ -240,16 +257,17 @@ def render(results: dict) -> str:
            f"Command: `{results['command']}`", "",
            f"Forward only, bf16, B = {cfg['B']}, H = {cfg['H']} query heads, W = {cfg['W']}, R = {cfg['R']}, "
            f"K = {len(cfg['offsets'])} static offsets {cfg['offsets']}. Times: median ms after warm-up, synchronised, "
-           f"random data rotated over input sets; every number from this one process on one GPU. Copy bandwidth "
+           f"random data rotated over input sets; every number from this one process on one GPU, but FlexAttention's, "
+           f"from a process of its own on the same GPU before this one started on it. Copy bandwidth "
            f"{results['copy_bandwidth_Bps'] / 1e12:.2f} TB/s (read + write); the memory floor is Q and O once plus "
            f"K and V once per offset and once for the window, over it. {results['tokamax']}.", "",
            "## Times (median ms, forward)", "",
-           "| shape | N | " + " | ".join((*IMPLEMENTATIONS, MEMORY)) + " | max abs err "
+           "| shape | N | " + " | ".join((*COLUMNS, MEMORY)) + " | max abs err "
            + " | max abs err ".join(label for label, _, _ in CHECKS) + " |",
-           "|---|---|" + "---|" * (len(IMPLEMENTATIONS) + 1 + len(CHECKS))]
+           "|---|---|" + "---|" * (len(COLUMNS) + 1 + len(CHECKS))]
   rows = [(shape, n, row) for shape, sizes in results["runs"].items() for n, row in sizes.items()]
   for shape, n, row in rows:
-    cells = [_cell(row, name) for name in (*IMPLEMENTATIONS, MEMORY)]
+    cells = [_cell(row, name) for name in (*COLUMNS, MEMORY)]
     cells += [_check_cell(row["check"].get(label)) for label, _, _ in CHECKS]
     lines.append(f"| {shape} | {n} | " + " | ".join(cells) + " |")
   lines += ["", "## Ratios", "", "| shape | N | " + " | ".join(label for label, _, _ in RATIOS) + " |",
@@ -258,7 +276,7 @@ def render(results: dict) -> str:
     t = _times(row)
     lines.append(f"| {shape} | {n} | " + " | ".join(ratio(t.get(a), t.get(b)) for _, a, b in RATIOS) + " |")
   failures = [f"- {shape}, N = {n}, {name}: {row['errors'][name]}" for shape, n, row in rows
-              for name in IMPLEMENTATIONS if name in row.get("errors", {})]
+              for name in COLUMNS if name in row.get("errors", {})]
   if failures:
     lines += ["", "## Failures", ""] + failures
   return "\n".join(lines) + "\n"
@@ -282,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+  parser.add_argument("--no-flex", action="store_true", help="leave FlexAttention (torch) out")
   add_force(parser)
   args = parser.parse_args(argv)
   for n in args.n:
@@ -292,8 +311,10 @@ def main(argv: list[str] | None = None) -> None:
   if args.reps < 1:
     fail(f"--reps takes at least 1, got {args.reps}")
   check_out(args.out)
-  device = jax.devices()[0].device_kind
+  # FlexAttention runs before JAX takes the GPU, so then another process names the device
+  device = jax.devices()[0].device_kind if args.no_flex else device_kind()
   claim(outputs(args.out, device), args.force)
+  flex = None if args.no_flex else flex_peer(args.n, args.shapes)
   bandwidth = copy_bandwidth()
   print(f"{device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
   _, tokamax_note = tokamax_module()
@@ -305,7 +326,10 @@ def main(argv: list[str] | None = None) -> None:
              "runs": {}}
   for shape in args.shapes:
     for n in args.n:
-      results["runs"].setdefault(shape, {})[str(n)] = measure(n, shape, args.reps, bandwidth)
+      row = measure(n, shape, args.reps, bandwidth)
+      if flex is not None:
+        add_flex(row, flex, shape, n)
+      results["runs"].setdefault(shape, {})[str(n)] = row
       write(results, args.out, echo=False)
   write(results, args.out)
 

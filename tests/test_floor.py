@@ -62,6 +62,15 @@ def _results() -> dict:
           "runs": {"gqa_d64": {"16384": ok, "65536": nan}}}
 
 
+def _with_flex(results: dict) -> dict:
+  """FlexAttention's result as ``benchmarks.attention.flex_peer`` returns it: 16384 measured, then stopped."""
+  flex = {"torch": "2.11", "sizes": {"gqa_d64": {"16384": {"fwd_ms": 15.0, "fwd_bwd_ms": 40.0}}},
+          "partial": "stopped after 240 s"}
+  for n, row in results["runs"]["gqa_d64"].items():
+    floor.add_flex(row, flex, "gqa_d64", int(n))
+  return results
+
+
 def _table_row(md: str, section: str, n: str) -> list[str]:
   """The cells of the row for ``n`` in the table under ``## section``."""
   table = md.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
@@ -70,7 +79,7 @@ def _table_row(md: str, section: str, n: str) -> list[str]:
 
 
 def test_table_and_json_from_a_results_dict(tmp_path):
-  results = _results()
+  results = _with_flex(_results())
   floor.write(results, tmp_path, echo=False)
   json_path, md_path = floor.outputs(tmp_path, "NVIDIA H200")
   assert (json_path.name, md_path.name) == ("floor_NVIDIA_H200.json", "floor_NVIDIA_H200.md")
@@ -80,10 +89,11 @@ def test_table_and_json_from_a_results_dict(tmp_path):
   ratios = dict(zip([label for label, _, _ in floor.RATIOS], _table_row(md, "Ratios", "16384")))
   assert ratios == {"Triton fwd / cuDNN window-only": "1.50x", "Mosaic fwd / cuDNN window-only": "1.25x",
                     "Mosaic fwd / load-only floor": "2.50x", "load-only / memory floor": "2.00x",
-                    "tokamax local window / cuDNN window-only": "n/a"}
+                    "tokamax local window / cuDNN window-only": "n/a", "FlexAttention / Mosaic fwd": "6.00x"}
   times = _table_row(md, "Times (median ms, forward)", "16384")
-  columns = [*floor.IMPLEMENTATIONS, floor.MEMORY, *(label for label, _, _ in floor.CHECKS)]
+  columns = [*floor.COLUMNS, floor.MEMORY, *(label for label, _, _ in floor.CHECKS)]
   cells = dict(zip(columns, times))
+  assert cells[floor.FLEX] == "15.000"
   assert cells[floor.CUDNN] == "2.000" and cells[floor.MEMORY] == "0.500" and cells["Triton vs Mosaic"] == "1.50e-03"
   assert cells[floor.TOKAMAX].startswith("failed: tokamax not importable: ModuleNotFoundError")
   assert cells["tokamax vs cuDNN"] == f"n/a ({floor.TOKAMAX} failed)"
@@ -91,15 +101,16 @@ def test_table_and_json_from_a_results_dict(tmp_path):
 
 
 def test_a_nan_is_a_failure_not_a_time(tmp_path):
-  floor.write(_results(), tmp_path, echo=False)
+  floor.write(_with_flex(_results()), tmp_path, echo=False)
   md = floor.outputs(tmp_path, "NVIDIA H200")[1].read_text()
-  columns = [*floor.IMPLEMENTATIONS, floor.MEMORY, *(label for label, _, _ in floor.CHECKS)]
+  columns = [*floor.COLUMNS, floor.MEMORY, *(label for label, _, _ in floor.CHECKS)]
   cells = dict(zip(columns, _table_row(md, "Times (median ms, forward)", "65536")))
   assert cells[floor.MOSAIC] == f"failed: {floor.NOT_FINITE}"
+  assert cells[floor.FLEX] == "failed: stopped after 240 s"
   assert cells["Triton vs Mosaic"] == f"n/a ({floor.MOSAIC} gave NaN or Inf)"
   assert cells["tokamax vs cuDNN"] == "7.80e-03"
   ratios = _table_row(md, "Ratios", "65536")
-  assert ratios == ["1.25x", "n/a", "n/a", "4.00x", "0.75x"]
+  assert ratios == ["1.25x", "n/a", "n/a", "4.00x", "0.75x", "n/a"]
 
 
 def test_a_reason_with_a_pipe_keeps_the_table_whole(tmp_path):
@@ -110,7 +121,7 @@ def test_a_reason_with_a_pipe_keeps_the_table_whole(tmp_path):
   md = floor.outputs(tmp_path, "NVIDIA H200")[1].read_text()
   line = next(line for line in md.splitlines() if line.startswith("| gqa_d64 | 16384 |"))
   cells = line.replace("\\|", "").strip("|").split("|")
-  assert "a\\|b" in line and len(cells) == 2 + len(floor.IMPLEMENTATIONS) + 1 + len(floor.CHECKS)
+  assert "a\\|b" in line and len(cells) == 2 + len(floor.COLUMNS) + 1 + len(floor.CHECKS)
 
 
 def test_reason_is_one_line():
@@ -131,3 +142,10 @@ def test_existing_results_are_refused_before_measuring(tmp_path, name):
   assert res.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), res.stderr[-2000:]
   assert str(out / name) in err[0] and "--force" in err[0]
   assert res.stdout == "" and (out / name).read_text() == "kept" and [p.name for p in out.iterdir()] == [name]
+
+
+def test_a_run_without_flex_says_not_run(tmp_path):
+  floor.write(_results(), tmp_path, echo=False)  # rows without a FlexAttention entry (--no-flex)
+  md = floor.outputs(tmp_path, "NVIDIA H200")[1].read_text()
+  cells = dict(zip([*floor.COLUMNS, floor.MEMORY], _table_row(md, "Times (median ms, forward)", "16384")))
+  assert cells[floor.FLEX] == "not run" and f"{floor.FLEX}:" not in md
