@@ -74,7 +74,10 @@ def _compare(case, backend, seed, fwd=None, bwd=None, **both):
         out = fibjax.attention(*(x.astype(jnp.float32) for x in (q, k, v)), implementation="xla", **kw)
       return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32)), out
 
-    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, jnp.float32(1.0))
+    fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    if backend == "tpu":  # one compiled call, waited for: the TPU interpreter's callbacks run JAX operations of
+      fn = jax.jit(fn)    # their own, which can deadlock beside eager ones (benchmarks/results/NOTES.md)
+    (_, out), grads = jax.block_until_ready(fn(q, k, v, jnp.float32(1.0)))
     return out, grads
 
   out, grads = run("pallas")
