@@ -169,6 +169,21 @@ def test_reachable_distances_are_sums_of_one_hop_per_layer():
   assert reach.reachable([np.array([0, 1]), None], 50).all()
 
 
+def test_a_coprime_and_a_linear_order_reach_the_same_distances():
+  """The layers' alphas in another order (``fib-coprime`` against ``fib-linear``, 8 layers) change which
+  layer holds which offsets, not the distances reached through all layers (sums do not depend on order)."""
+  import configs  # noqa: PLC0415
+  from fibjax.model import layer_patterns  # noqa: PLC0415
+
+  hops = {v: [reach.pattern_hops(p) for p in layer_patterns(configs.get_config("starved", v).model)]
+          for v in ("fib-coprime", "fib-linear")}
+  assert [h.tolist() for h in hops["fib-coprime"]] != [h.tolist() for h in hops["fib-linear"]]  # another order
+  assert sorted(map(tuple, hops["fib-coprime"])) == sorted(map(tuple, hops["fib-linear"]))  # of the same layers
+  longest = 4 * configs.get_config("starved").model.seq_len
+  assert np.array_equal(reach.reachable(hops["fib-coprime"], longest), reach.reachable(hops["fib-linear"], longest))
+  assert not reach.reachable(hops["fib-linear"][:1], longest).all()  # one layer leaves holes: the test can fail
+
+
 def test_verdict_rule():
   runs = {v: {s: {"eval": {"1x": {"loss": loss + 0.001 * s, "ppl": math.exp(loss)}}} for s in range(3)}
           for v, loss in (("fib-linear", 3.0), ("fib-fixed", 3.1))}

@@ -849,4 +849,7 @@ def summary_block(roots: list[str], facts: dict[str, Findings]) -> list[str]:
           "Recall accuracy by key-to-query distance of a coprime against a linear stagger (does a coprime order "
           "recall at distances a linear order leaves as holes?), beside each pattern's reach through all layers; "
           "and dense with a sliding window of T keys plus sink tokens against the best sparse model at the longest "
-          "length.", ""] + lines
+          "length. By reach the first question has one answer: through all layers a pattern reaches the sums of one "
+          "hop per layer, and a sum does not depend on the order of its terms, so a coprime and a linear order of the "
+          "same alphas reach exactly the same distances (`train.probe.reach.reachable`); a recall difference between "
+          "them is what the models learn, not where their offsets reach.", ""] + lines
