@@ -43,6 +43,7 @@ EVALS = "evals"
 PASSKEY = "passkey"
 BUDGET = "budget"
 RECALL = "recall"
+ALPHA = "alpha"
 CELL = "cell.json"
 
 OUTPUTS = (METRICS, EVAL, EVALS)  # what a run writes as it trains and evaluates (a new run would overwrite them)

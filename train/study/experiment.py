@@ -105,12 +105,13 @@ def probe_cell(run: Run, budgets: tuple[str, ...] | None = None) -> dict[str, pa
     the sparsity budget (``budgets``, default all); on text alone also ``passkey``;
   - a run trained on a synthetic task: ``recall``, accuracy by distance (``train.probe.recall``);
   - ``dense``: the perplexities of a text run and the recall again as ``...:sink``, with a sliding
-    window of T keys plus ``SINKS`` sink tokens (the fair baseline beyond T).
+    window of T keys plus ``SINKS`` sink tokens (the fair baseline beyond T);
+  - a learned pattern: ``alpha``, each layer's trained alpha and distances (``train.probe.alpha``).
   A run trained on a task alone is probed by its recall: its text perplexities would measure nothing.
   """
   from train.cli import SINKS  # noqa: PLC0415
   from train.data.ood import ood_paths  # noqa: PLC0415
-  from train.probe import budget, evaluate, passkey, recall  # noqa: PLC0415
+  from train.probe import alpha, budget, evaluate, passkey, recall  # noqa: PLC0415
 
   cfg = run.cfg
   on_text = cfg.task is None or cfg.task_mix < 1
@@ -126,6 +127,8 @@ def probe_cell(run: Run, budgets: tuple[str, ...] | None = None) -> dict[str, pa
     files["passkey"] = passkey.run_passkey(run.workdir, run=run)[0]
   if on_text and cfg.model.variant not in ("dense", "window"):
     files["budget"] = budget.run_budget(run.workdir, run=run, budgets=budgets or tuple(budget.BUDGETS))[0]
+  if cfg.model.schedule == "learned":
+    files["alpha"] = alpha.run_alpha(run)[0]
   return files
 
 

@@ -449,7 +449,8 @@ def build(root: pathlib.Path) -> tuple[str, list[dict], findings.Findings]:
       "Not shown: these runs trained on a synthetic task alone, so perplexity on held-out text says nothing "
       "about them (their text loss is that of a model that never saw text). Recall by distance, below, is "
       "their measure.", ""]
-  lines += passkey_section(runs) + budget_section(runs, multiples, text) + latency_section(latency) + cost_section(root, everything)
+  lines += passkey_section(runs) + budget_section(runs, multiples, text) + alpha_section(runs) + latency_section(latency)
+  lines += cost_section(root, everything)
   lines += unfinished_section(root, everything) + found.lines + findings.noise_section(runs, reruns, metric, multiples)
   verdicts = claims(runs, latency, metric)
   lines += ["## The paper's claims", "", TASK_RULE if metric.task else RULE, ""]
@@ -522,6 +523,26 @@ def budget_section(runs: dict, multiples: tuple[int, ...], text: bool = True) ->
   if not rows:
     return lines[:2] + ["Not measured for these runs (`python -m train.budget --workdir RUN`).", ""]
   return lines + table(header, rows) + ["", "![budget](plots/budget.png)", ""]
+
+
+def alpha_section(runs: dict) -> list[str]:
+  """Each learned variant's trained alpha per layer (``train.probe.alpha``), mean +- std over seeds,
+  beside where it started; nothing for a root without a learned run's alpha record."""
+  rows = []
+  for v in sorted(runs):
+    cells = [c for c in runs[v].values() if "alpha" in c]
+    for layer in range(len(cells[0]["alpha"]["alpha"]) if cells else 0):
+      alphas = [c["alpha"]["alpha"][layer] for c in cells]
+      start = cells[0]["alpha"]["alpha_0"][layer]
+      moved = stats.mean([abs(a / start - 1) for a in alphas])
+      rows.append([v, str(layer), str(len(cells)), f"{start:.3f}", mean_std(alphas), f"{100 * moved:.1f}%"])
+  if not rows:
+    return []
+  return (["## Learned alpha", "",
+           "Each layer's trained alpha (`train.probe.alpha`: its offsets are alpha times the base terms), mean +- "
+           "std over seeds, beside its initial alpha_0; `moved`: the mean over seeds of |alpha / alpha_0 - 1|. A "
+           "learned schedule that barely moves is a static one.", ""]
+          + table(["variant", "layer", "n", "alpha_0", "trained alpha", "moved"], rows) + [""])
 
 
 def latency_section(latency: dict | None) -> list[str]:
