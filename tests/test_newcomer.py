@@ -493,3 +493,19 @@ def test_ctrl_c_outside_the_training_loop_says_how_to_resume(monkeypatch, capsys
   assert train_main.main(argv) == 130
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [f"error: interrupted (Ctrl-C); the checkpoints saved before it are kept; resume with: {resume}"]
+
+
+def test_running_a_finished_run_again_says_nothing_was_trained(base_run, tmp_path):
+  """``python -m train`` on a finished run trains nothing and says so (with how to train on); one
+  resumed from a checkpoint says where it resumed."""
+  from tests.test_reliability import BASE  # noqa: PLC0415
+  from tests.test_train import _run  # noqa: PLC0415
+
+  workdir = tmp_path / "run"
+  shutil.copytree(base_run, workdir)
+  again = _run(workdir, *BASE)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "was already trained to step 8" in again.stdout and "nothing trained now (--set steps=N with N > 8" in again.stdout
+  longer = _run(workdir, *BASE[1:], "steps=10")
+  assert longer.returncode == 0, longer.stderr[-3000:]
+  assert "for 10 steps, resumed at step 8 in" in longer.stdout

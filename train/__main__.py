@@ -100,7 +100,14 @@ def train_and_report(args: argparse.Namespace) -> int:
   summary = train(cfg, workdir, allow)
   if jax.process_index() == 0:
     r = summary["result"]
-    print(f"\ntrained {cfg.model.variant} ({r['params']:,} params) for {r['step']} steps in {summary['workdir']}")
+    start = summary["start_step"]
+    if start >= r["step"]:
+      print(f"\n{cfg.model.variant} ({r['params']:,} params) was already trained to step {r['step']} in "
+            f"{summary['workdir']}: nothing trained now (--set steps=N with N > {r['step']} trains on)")
+    else:
+      resumed = f", resumed at step {start}" if start else ""
+      print(f"\ntrained {cfg.model.variant} ({r['params']:,} params) for {r['step']} steps{resumed} in "
+            f"{summary['workdir']}")
     rise = rise_key(r["multiples"])
     for key in (k for k in r if k.endswith("x") and isinstance(r[k], dict)):
       print(f"  held-out {key} (length {r[key]['length']}): ppl {r[key]['ppl']:.3f} ({100 * r[key][rise]:+.1f}%)")

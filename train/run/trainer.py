@@ -384,6 +384,6 @@ def train_locked(cfg: TrainConfig, workdir: pathlib.Path, mesh: Mesh, run_data: 
   result = {**result, "params": num_params}
   if jax.process_index() == 0:
     write_whole(workdir / rundir.EVAL, json.dumps(result, indent=2) + "\n")
-  return {"workdir": str(workdir), "checkpoint": str(folder / str(last_saved)),
+  return {"workdir": str(workdir), "checkpoint": str(folder / str(last_saved)), "start_step": start,
           "metrics": str(workdir / rundir.METRICS), "tensorboard": str(workdir / rundir.TENSORBOARD),
           "eval": str(workdir / rundir.EVAL), "result": result}
