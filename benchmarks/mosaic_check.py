@@ -4,16 +4,16 @@ forward (output and log-sum-exp), and timed beside it (median ms, two rotating i
     python -m benchmarks.mosaic_check [--n 16384 65536] [--kinds static learned segments] [--sweep]
 
 bf16, batch 1, 8 query heads, MHA (8 key/value heads) and GQA (2), head_dim 64 and 128, W = 64,
-the Fibonacci offsets of alpha 1 up to R = 4096; both shared-memory layouts of the offset tiles
-(``MosaicForwardConfig.term_smem``), the default first; then, in the default layout, learned
-(fractional: each offset + 0.37) distances and segment ids (four documents of N / 4 rows); ``--kinds``
-runs some of the three. Prints one line per case; a case that fails to compile or run prints its
+the Fibonacci offsets of alpha 1 up to R = 4096; the offset terms in each form (``FORMS``: row-wise
+from both shared-memory layouts, ``MosaicForwardConfig.term_smem``, the default first, and on tensor
+cores, ``term_mma``); then learned (fractional: each offset + 0.37) distances, row-wise and on tensor
+cores, and segment ids (four documents of N / 4 rows); ``--kinds`` runs some of the three kinds. Prints one line per case; a case that fails to compile or run prints its
 error and the others go on. The Mosaic forward finishes before the Triton forward starts, so a
 GPU fault is the Mosaic kernel's when the Triton call never ran; a fault ends the process's CUDA
 context, failing every later case, so a kind that faults (segment ids, on an H100) is best run alone.
 
 ``--sweep`` instead times the static forward at every config that fits shared memory (``block``
-64 and 128, ``stages`` 1 to 3, both ``term_smem`` layouts), each checked against the Triton forward
+64 and 128, ``stages`` 1 to 3, every form), each checked against the Triton forward
 first (a NaN or an error above 0.05 is a failure, never a time), one line per config and then the
 fastest per shape, which is what the forward's per-shape choice would take.
 """
@@ -32,6 +32,7 @@ from pallas_kernels.attention.config import MosaicForwardConfig, choose
 from pallas_kernels.attention.ops import attention_problem
 
 W, R, H = 64, 4096, 8
+FORMS = {"swizzled": {"term_smem": "swizzled"}, "plain": {"term_smem": "plain"}, "mma": {"term_mma": True}}
 
 
 def inputs(n: int, d: int, h_kv: int) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
@@ -53,11 +54,11 @@ def error(out: jax.Array, ref: jax.Array) -> float:
   return float(jnp.max(jnp.abs(out - ref.astype(jnp.float32))))
 
 
-def check(n: int, d: int, h_kv: int, term_smem: str, offsets: jax.Array, segments: bool) -> str:
+def check(n: int, d: int, h_kv: int, form: str, offsets: jax.Array, segments: bool) -> str:
   sets = inputs(n, d, h_kv)
   seg = (jnp.arange(n, dtype=jnp.int32) // (n // 4))[None] if segments else None
   problem = attention_problem(sets[0][0], sets[0][1], offsets, window=W, reach=R, segment_ids=seg)
-  cfg = dataclasses.replace(mosaic_gpu.default_config(problem), term_smem=term_smem)
+  cfg = dataclasses.replace(mosaic_gpu.default_config(problem), **FORMS[form])
   tri_cfg = choose(problem)[0]
   fns = {
       "mosaic": jax.jit(lambda q, k, v: mosaic_gpu.forward(q, k, v, seg, offsets, problem=problem, cfg=cfg,
@@ -80,10 +81,12 @@ KINDS = ("static", "learned", "segments")
 
 
 def check_cases(static: jax.Array) -> list[tuple[str, str, jax.Array, bool]]:
-  """``(term_smem, kind, offsets, segments)`` of every check, in order: static offsets in both
-  layouts, learned distances, segment ids."""
-  return [("swizzled", "static", static, False), ("plain", "static", static, False),
-          ("swizzled", "learned", static.astype(jnp.float32) + 0.37, False), ("swizzled", "segments", static, True)]
+  """``(form, kind, offsets, segments)`` of every check, in order: static offsets in every form
+  (``FORMS``), learned distances row-wise and on tensor cores, segment ids."""
+  learned = static.astype(jnp.float32) + 0.37
+  return [("swizzled", "static", static, False), ("plain", "static", static, False), ("mma", "static", static, False),
+          ("swizzled", "learned", learned, False), ("mma", "learned", learned, False),
+          ("swizzled", "segments", static, True)]
 
 
 def sweep(n: int, d: int, h_kv: int, offsets: jax.Array) -> list[str]:
@@ -94,8 +97,8 @@ def sweep(n: int, d: int, h_kv: int, offsets: jax.Array) -> list[str]:
                                                       cfg=choose(problem)[0], interpret=False))
   ref = triton(*sets[0])[0]
   lines, times = [], {}
-  for block, stages, term_smem in itertools.product((64, 128), (1, 2, 3), ("swizzled", "plain")):
-    cfg = MosaicForwardConfig(block=block, stages=stages, term_smem=term_smem)
+  for block, stages, form in itertools.product((64, 128), (1, 2, 3), FORMS):
+    cfg = MosaicForwardConfig(block=block, stages=stages, **FORMS[form])
     if mosaic_gpu.shared_memory_bytes(problem, cfg) > mosaic_gpu.SMEM_BYTES:
       continue
     fn = jax.jit(lambda q, k, v, cfg=cfg: mosaic_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=cfg,
@@ -131,10 +134,10 @@ def main() -> None:
         print(line, flush=True)
     return
   cases = [c for c in check_cases(static) if c[1] in args.kinds]
-  for (term_smem, kind, offsets, segments), n, d, h_kv in itertools.product(cases, args.n, (64, 128), (H, 2)):
-    tag = f"n={n} d={d} {'mha' if h_kv == H else 'gqa'} {term_smem} {kind}"
+  for (form, kind, offsets, segments), n, d, h_kv in itertools.product(cases, args.n, (64, 128), (H, 2)):
+    tag = f"n={n} d={d} {'mha' if h_kv == H else 'gqa'} {form} {kind}"
     try:
-      print(f"{tag}: {check(n, d, h_kv, term_smem, offsets, segments)}", flush=True)
+      print(f"{tag}: {check(n, d, h_kv, form, offsets, segments)}", flush=True)
     except Exception as e:  # noqa: BLE001 - report every case
       print(f"{tag}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
 

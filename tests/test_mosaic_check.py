@@ -22,6 +22,11 @@ def _reference(q, k, v, seg, offsets, *, problem, cfg, interpret):
   return out.astype(q.dtype), jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
 
 
+def _configs() -> list[MosaicForwardConfig]:
+  """Every config the sweep tries, in its order: tile rows, ring slots, then the term forms."""
+  return [MosaicForwardConfig(b, s, **form) for b in (64, 128) for s in (1, 2, 3) for form in mosaic_check.FORMS.values()]
+
+
 def test_sweep_times_every_config_that_fits_and_never_a_wrong_one(monkeypatch):
   def mosaic(q, k, v, seg, offsets, *, problem, cfg, interpret):
     out, lse = _reference(q, k, v, seg, offsets, problem=problem, cfg=cfg, interpret=interpret)
@@ -46,7 +51,8 @@ def test_sweep_times_every_config_that_fits_and_never_a_wrong_one(monkeypatch):
   monkeypatch.setattr(mosaic_check, "H", 2)
   offsets = jnp.asarray([40, 100], jnp.int32)
   lines = mosaic_check.sweep(256, 64, 1, offsets)
-  configs = [MosaicForwardConfig(b, s, t) for b in (64, 128) for s in (1, 2, 3) for t in ("swizzled", "plain")]
+  configs = _configs()
+  assert len(configs) == 2 * 3 * 3 and any(c.term_mma for c in configs)
   assert [line.split(":")[0].strip() for line in lines[:-1]] == [str(c) for c in configs]  # all fit at d = 64
   for cfg, line in zip(configs, lines):
     wrong = (cfg.stages == 3 and cfg.term_smem == "plain") or (cfg.block == 128 and cfg.stages == 1)
@@ -63,7 +69,7 @@ def test_sweep_leaves_out_configs_that_overflow_shared_memory(monkeypatch):
   lines = mosaic_check.sweep(256, 128, 1, offsets)  # head_dim 128, W = 64: the larger rings do not fit
   q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
   problem = attention_problem(q, jax.ShapeDtypeStruct((1, 256, 1, 128), jnp.bfloat16), offsets, window=64, reach=4096)
-  configs = [MosaicForwardConfig(b, s, t) for b in (64, 128) for s in (1, 2, 3) for t in ("swizzled", "plain")]
+  configs = _configs()
   fits = [c for c in configs if mosaic_gpu.shared_memory_bytes(problem, c) <= mosaic_gpu.SMEM_BYTES]
   assert 0 < len(fits) < len(configs)
   assert [line.split(":")[0].strip() for line in lines[:-1]] == [str(c) for c in fits]
@@ -74,8 +80,8 @@ def test_kinds_pick_the_cases_and_a_failing_case_leaves_the_others_running(monke
   process of its own); a case that raises prints FAILED and the next one still runs."""
   seen = []
 
-  def check(n, d, h_kv, term_smem, offsets, segments):
-    seen.append((n, d, h_kv, term_smem, segments))
+  def check(n, d, h_kv, form, offsets, segments):
+    seen.append((n, d, h_kv, form, segments))
     if len(seen) == 1:
       raise RuntimeError("CUDA_ERROR_ILLEGAL_INSTRUCTION")
     return "ok"
@@ -86,5 +92,7 @@ def test_kinds_pick_the_cases_and_a_failing_case_leaves_the_others_running(monke
   assert seen == [(256, d, h, "swizzled", True) for d in (64, 128) for h in (mosaic_check.H, 2)]
   out = capsys.readouterr().out.splitlines()
   assert out[1].startswith("n=256 d=64 mha swizzled segments: FAILED RuntimeError") and out[2].endswith(": ok")
-  assert [kind for _, kind, _, _ in mosaic_check.check_cases(jnp.zeros((2,), jnp.int32))] == list(
-      mosaic_check.KINDS[:1]) * 2 + list(mosaic_check.KINDS[1:])
+  assert [kind for _, kind, _, _ in mosaic_check.check_cases(jnp.zeros((2,), jnp.int32))] == [
+      "static", "static", "static", "learned", "learned", "segments"]
+  assert [form for form, _, _, _ in mosaic_check.check_cases(jnp.zeros((2,), jnp.int32))] == [
+      "swizzled", "plain", "mma", "swizzled", "mma", "swizzled"]

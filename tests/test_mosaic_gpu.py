@@ -38,6 +38,10 @@ CASES = {  # seed, n, q heads, kv heads, head_dim, window, offsets, reach, dtype
     "gqa_block128_ragged": (16, 330, 2, 1, 64, 32, (40, 129, 200), None, jnp.bfloat16,
                             mosaic_gpu.MosaicForwardConfig(block=128, stages=2)),
     "window_only": (17, 200, 2, 1, 64, 32, (), None, jnp.bfloat16, mosaic_gpu.MosaicForwardConfig()),
+    "gqa_ragged_terms_on_tensor_cores": (18, 300, 4, 2, 64, 16, (16, 70, 130, 299), None, jnp.bfloat16,
+                                         mosaic_gpu.MosaicForwardConfig(term_mma=True)),
+    "d128_terms_on_tensor_cores_f16": (19, 256, 2, 1, 128, 64, (64, 65, 190), None, jnp.float16,
+                                       mosaic_gpu.MosaicForwardConfig(stages=2, term_mma=True)),
 }
 
 
@@ -56,6 +60,8 @@ LEARNED_CASES = {
                                  jnp.bfloat16, mosaic_gpu.MosaicForwardConfig(stages=3)),
     "learned_plain_ring_of_one": (23, 192, 2, 1, 64, 20, (20.0, 64.5, 130.125), None, jnp.float16,
                                   mosaic_gpu.MosaicForwardConfig(stages=1, term_smem="plain")),
+    "learned_terms_on_tensor_cores": (24, 200, 4, 2, 64, 16, (16.5, 63.999, 100.0, 100.0, 15.9, 170.2, 159.5), 160,
+                                      jnp.bfloat16, mosaic_gpu.MosaicForwardConfig(stages=2, term_mma=True)),
 }
 
 
@@ -65,6 +71,7 @@ SEGMENT_CASES = {
     "segments_static": ("mha_d64", (0, 50, 64, 70, 180)),
     "segments_gqa_ragged": ("gqa_ragged", (0, 128, 129, 200)),
     "segments_learned": ("learned_gqa_ragged_reach", (0, 41, 106, 107, 150)),
+    "segments_learned_on_tensor_cores": ("learned_terms_on_tensor_cores", (0, 41, 106, 107, 150)),
 }
 
 
@@ -210,7 +217,7 @@ def test_unsupported_inputs_raise():
   with pytest.raises(ValueError, match="multiple of 64"):
     mosaic_gpu.MosaicForwardConfig(block=32)
   with pytest.raises(ValueError, match="term_smem"):
-    mosaic_gpu.MosaicForwardConfig(term_smem="tiled")
+    mosaic_gpu.MosaicForwardConfig(term_smem="banded")
 
 
 def test_default_config_fits_shared_memory():
@@ -234,9 +241,10 @@ def test_default_config_fits_shared_memory():
     mosaic_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=cfg, interpret=True)
 
 
-@pytest.mark.parametrize("term_smem, segments, block, stages", [("swizzled", False, 64, 2), ("plain", False, 64, 2),
+@pytest.mark.parametrize("term_smem, segments, block, stages", [  # term_smem "mma": swizzled, term_mma("swizzled", False, 64, 2), ("plain", False, 64, 2),
                                                                 ("swizzled", True, 64, 2), ("swizzled", False, 128, 2),
-                                                                ("swizzled", False, 64, None)])
+                                                                ("swizzled", False, 64, None), ("mma", False, 64, 2),
+                                                                ("mma", True, 64, 1)])
 @pytest.mark.parametrize("offset_dtype", [jnp.int32, jnp.float32], ids=["static", "learned"])
 def test_lowers_for_cuda(term_smem, segments, block, stages, offset_dtype):
   """Both kernels lower to a Mosaic GPU custom call for CUDA: ragged N, GQA, two window tiles (of 64
@@ -250,7 +258,8 @@ def test_lowers_for_cuda(term_smem, segments, block, stages, offset_dtype):
   problem = attention_problem(q, kv, jnp.asarray([40, 100, 150], offset_dtype), window=32,
                               segment_ids=jnp.zeros((1, n), jnp.int32) if segments else None)
   assert problem.learned == (offset_dtype == jnp.float32) and problem.segments == segments
-  cfg = mosaic_gpu.MosaicForwardConfig(block=block, stages=stages, term_smem=term_smem)
+  cfg = (mosaic_gpu.MosaicForwardConfig(block=block, stages=stages, term_mma=True) if term_smem == "mma" else
+         mosaic_gpu.MosaicForwardConfig(block=block, stages=stages, term_smem=term_smem))
   resolved = mosaic_gpu.resolve_config(problem, cfg)
   assert resolved.stages == (stages or (2 if problem.learned else 1))
   assert cfg.window_tiles(problem.window) == 2 and problem.num_offsets > resolved.stages

@@ -159,12 +159,15 @@ class MosaicForwardConfig:
   measured choice for the problem). term_smem: how shifted tiles sit in
   shared memory: ``"swizzled"`` (128-byte swizzle, rows tiled by 1, so a shifted start needs no
   alignment; bank-conflict free register loads) or ``"plain"`` (row-major, unswizzled; loads with
-  bank conflicts, kept as the simplest layout to compare against).
+  bank conflicts, kept as the simplest layout to compare against). term_mma: an offset term's
+  scores on tensor cores (each of its key tiles stored to a tile in the ``wgmma`` tiling, the
+  diagonal of ``q @ k^T``) instead of row-wise dot products on registers; its values stay row-wise.
   """
 
   block: int = WGMMA_ROWS
   stages: int | None = None
   term_smem: TermSmem = "swizzled"
+  term_mma: bool = False
 
   def __post_init__(self):
     if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block % WGMMA_ROWS or self.block < 1:
@@ -174,6 +177,8 @@ class MosaicForwardConfig:
       raise ValueError(f"MosaicForwardConfig.stages must be None or an int >= 1, got {self.stages!r}")
     if self.term_smem not in TERM_SMEMS:
       raise ValueError(f"MosaicForwardConfig.term_smem must be one of {TERM_SMEMS}, got {self.term_smem!r}")
+    if not isinstance(self.term_mma, bool):
+      raise ValueError(f"MosaicForwardConfig.term_mma must be a bool, got {self.term_mma!r}")
 
   def window_tiles(self, window: int) -> int:
     return window_tiles(window, self.block)

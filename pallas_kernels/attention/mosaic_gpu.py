@@ -9,11 +9,15 @@ from HBM into shared memory by TMA (``_stream_tiles``), then calls back on each 
 - the window's ``1 + ceil((W - 1) / block)`` banded key/value tiles ``[i0 - t * block, ... +
   block)``, diagonal first (tile-aligned starts: tiled, swizzled shared memory, scores and
   probability-times-value on tensor cores with ``wgmma``);
-- per offset term, its shifted key/value tiles (any start, so shared memory tiled by single
-  rows), through a ring of ``stages`` slots: while one term is computed, the next ``stages - 1``
-  terms' loads are in flight (the term ``stages`` later is issued into its slot once it is
-  done). Query row ``r`` reads only row ``r`` of a shifted tile, so a term's scores are
-  ``block`` row-wise dot products on registers, not a tile matmul.
+- per offset term, its shifted key/value tiles (any start), through a ring of ``stages`` slots:
+  while one term is computed, the next ``stages - 1`` terms' loads are in flight (the term
+  ``stages`` later is issued into its slot once it is done). Query row ``r`` reads only row ``r``
+  of a shifted tile (shared memory tiled by single rows, since a shifted start has any alignment),
+  so a term's scores are ``block`` row-wise dot products on registers, or, with ``term_mma``, the
+  diagonal of a tensor-core product ``q @ k^T``: each of the term's key tiles stored from registers
+  into a tile in the window's ``wgmma`` tiling (a learned term blends the two tiles' scores) (jax 0.11's TMA into such a tile needs starts it can prove
+  are multiples of 8), ``block`` times the arithmetic on tensor cores. Which is faster per shape is
+  measured (``benchmarks.mosaic_check --sweep``). A term's values are added row-wise.
 
 Offset terms (``_Term``): a static offset ``o`` reads one shifted tile, rows ``[i0 - o, i0 - o +
 block)``. A learned (fractional) distance ``d = lo + t`` (``lo = floor(d)``) reads two, rows ``i -
@@ -98,13 +102,14 @@ def resolve_config(problem: Problem, cfg: MosaicForwardConfig | None) -> MosaicF
 
 def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig) -> int:
   """Shared memory of one program: the query tile, the window's and the ring's key and value
-  tiles, the output statistics, and what Mosaic GPU adds (``MOSAIC_EXTRA_BYTES``)."""
+  tiles, with ``term_mma`` the tile a term's key rows are stored to, the output statistics, and
+  what Mosaic GPU adds (``MOSAIC_EXTRA_BYTES``)."""
   cfg = resolve_config(problem, cfg)
   tile = cfg.block * problem.head_dim * jnp.dtype(problem.dtype).itemsize
   ring = _stages(problem, cfg) * _parts(problem)
   tiles = 1 + cfg.window_tiles(problem.window) + ring
   ids = 1 + cfg.window_tiles(problem.window) + max(problem.num_offsets, 1)  # query and window ids, term flags
-  buffers = tile * (1 + 2 * (tiles - 1)) + 4 * cfg.block + (4 * cfg.block * ids if problem.segments else 0)
+  buffers = tile * (1 + 2 * (tiles - 1) + cfg.term_mma) + 4 * cfg.block + (4 * cfg.block * ids if problem.segments else 0)
   return buffers + MOSAIC_EXTRA_BYTES
 
 
@@ -304,6 +309,7 @@ class _Buffers(NamedTuple):
   q_seg_bar: Any
   window_seg_bar: Any
   term_same_bar: Any
+  term_mma_k: Any = None  # [block, D], tiled and swizzled: a term's key rows for its tensor-core scores (term_mma)
 
   def window_tile(self, t) -> _Tile:
     return _Tile(self.window_k.at[t], self.window_v.at[t], _at(self.window_seg, t), self.window_k_bar.at[t],
@@ -339,7 +345,8 @@ def _with_buffers(body: Callable[[_Buffers], None], d: int, dtype, problem: Prob
     seg_bars = (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=w), plgpu.Barrier(num_barriers=1))
   else:
     seg_smem = seg_bars = (None, None, None)
-  pl.run_scoped(lambda smem, bars: body(_Buffers(*smem, *bars)), smem + seg_smem, bars + seg_bars)
+  mma = (_tiled((b, d), dtype),) if cfg.term_mma else ()
+  pl.run_scoped(lambda smem, bars, mma: body(_Buffers(*smem, *bars, *mma)), smem + seg_smem, bars + seg_bars, mma)
 
 
 def _stages(problem: Problem, cfg: MosaicForwardConfig) -> int:
@@ -533,9 +540,25 @@ def _attention_handlers(buf: _Buffers, prog: _Program, problem: Problem, b: int,
     p_BxB = jnp.exp(s_BxB - _rows_to(m_new, s_BxB.shape))
     return _softmax_step(st, m_new, jnp.sum(p_BxB, axis=1), lambda acc: ops.add_pv(acc, p_BxB.astype(dtype), tile.v))
 
+  diagonal_BxB = ops.iota((b, b), 0, plgpu.Layout.WGMMA) == cols_BxB
+
+  def diagonal_scores(k_BxD: jax.Array) -> jax.Array:
+    """``[b]`` float32 ``q_r . k_r`` on tensor cores: ``k`` stored to the tiled tile (the previous
+    product has finished reading it), the diagonal of ``q @ k^T``."""
+    buf.term_mma_k[...] = k_BxD
+    plgpu.commit_smem()
+    return jnp.sum(jnp.where(diagonal_BxB, ops.scores(buf.q, buf.term_mma_k, b), 0.0), axis=1)
+
+  def term_scores(term: _Term, st: _Softmax) -> jax.Array:
+    """``[b]`` float32 ``q_r . k_r`` of each query row and its row of the term's (blended) key; on
+    tensor cores each tile's scores are blended, as exact as blending the keys in float32."""
+    keys = tuple(ops.load_term(tile.k) for tile in term.tiles)
+    if buf.term_mma_k is not None:
+      return _blend(tuple(diagonal_scores(k_BxD) for k_BxD in keys), term.frac)
+    return jnp.sum(st.q.astype(jnp.float32) * _blend(keys, term.frac), axis=1)
+
   def term(term: _Term, st: _Softmax) -> _Softmax:
-    k_BxD = _blend(tuple(ops.load_term(tile.k) for tile in term.tiles), term.frac)
-    s_B = jnp.sum(st.q.astype(jnp.float32) * k_BxD, axis=1) * problem.scale
+    s_B = term_scores(term, st) * problem.scale
     past_lo_B = ops.iota((b,), 0, ROW_LAYOUT) + (prog.i0 - term.lo)  # i - lo; i >= d is i - lo >= t
     live_B = (term.lo >= problem.window) & (past_lo_B >= 0 if term.frac is None
                                              else past_lo_B.astype(jnp.float32) >= term.frac)
