@@ -427,13 +427,17 @@ def test_reruns_are_kept_apart_and_their_spread_is_set_beside_the_seeds(built, t
   assert "fib-fixed" not in noise and "## Rerun spread" not in (built["task"] / "report.md").read_text()
 
 
-def test_summary_states_validity_and_what_no_paper_measured(built):
+def test_summary_states_validity_and_what_no_paper_measured(built, task_cells):
   summary = built["summary"].read_text()
   task, text = str(built["task"]), str(built["text"])
   assert f"| claim | {task} | {text} | across scales |" in summary
   assert "| claims judged on | recall error | held-out loss |  |" in summary
   assert "| validity checks (the study discriminates) | pass | fail: the window alone cannot span T |  |" in summary
   block = summary[summary.index("## What no paper measured"):]
+  for variant in ("fib-linear", "window"):
+    split = findings.reached_or_not([c for c in task_cells if c["variant"] == variant])
+    said = [f"{stats.mean(x):.3f} ({len(x)})" if x else "- (0)" for x in (split["reached"], split["unreached"])]
+    assert f"{variant} {said[0]} / {said[1]}" in block, variant
   rows = {tuple(r.split(" | ")[:2]): r for r in block.splitlines() if re.match(r"\| \dx T \|", r)}
   assert len(rows) == 4 + 5 + 6  # every distance bucket at 1x, 2x and 4x T
   # the stored reach (0.90 / 0.60) is not read for static patterns: at 2 layers coprime is linear, and

@@ -784,9 +784,20 @@ def beats(d: dict) -> str:
 
 
 def unmeasured(runs: dict, metric: Metric, controls: list[dict], longest: int) -> list[str]:
-  """What no paper measured, as markdown lines: coprime against linear by distance (a table) and
-  dense with a sliding window against the best sparse variant at ``longest`` x T."""
+  """What no paper measured, as markdown lines: recall where each pattern reaches and where it does
+  not, coprime against linear by distance (a table) and dense with a sliding window against the best
+  sparse variant at ``longest`` x T."""
   lines = []
+  follows = []
+  for v in sorted(runs):
+    cells = [c for c in runs[v].values() if RECALL.key in c]
+    if v != "dense" and cells:
+      split = reached_or_not(cells)
+      follows.append(f"{v} " + " / ".join(f"{stats.mean(x):.3f} ({len(x)})" if x else "- (0)"
+                                          for x in (split["reached"], split["unreached"])))
+  if follows:
+    lines += ["- recall at T where the pattern reaches / where it does not (mean accuracy, (seed, distance) pairs): "
+              + "; ".join(follows) + ".", ""]
   gains = coprime_by_distance(runs)
   if gains:
     lines += table(["length", "distance", "fib-coprime - fib-linear accuracy [95% CI]", "verdict",
@@ -846,10 +857,11 @@ def summary_block(roots: list[str], facts: dict[str, Findings]) -> list[str]:
   if not lines:
     return []
   return ["", "## What no paper measured", "",
-          "Recall accuracy by key-to-query distance of a coprime against a linear stagger (does a coprime order "
+          "Recall where each pattern's offsets reach through all layers against where they do not; recall accuracy "
+          "by key-to-query distance of a coprime against a linear stagger (does a coprime order "
           "recall at distances a linear order leaves as holes?), beside each pattern's reach through all layers; "
           "and dense with a sliding window of T keys plus sink tokens against the best sparse model at the longest "
-          "length. By reach the first question has one answer: through all layers a pattern reaches the sums of one "
+          "length. By reach the coprime question has one answer: through all layers a pattern reaches the sums of one "
           "hop per layer, and a sum does not depend on the order of its terms, so a coprime and a linear order of the "
           "same alphas reach exactly the same distances (`train.probe.reach.reachable`); a recall difference between "
           "them is what the models learn, not where their offsets reach.", ""] + lines
