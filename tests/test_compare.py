@@ -21,8 +21,8 @@ def roots(tmp_path_factory) -> dict[str, pathlib.Path]:
   base = tmp_path_factory.mktemp("compare")
   task = cells(task=True)
   b = [c for c in _set_accuracy(task, "fib-linear", lambda lo: 0.6) if (c["variant"], c["seed"]) != ("fib-linear", 4)]
-  return {"a": write_root(base / "a", _set_accuracy(task, "fib-linear", lambda lo: 0.9)), "b": write_root(base / "b", b),
-          "text": write_root(base / "text", cells(task=False))}
+  return {"a": write_root(base / "a", _set_accuracy(task, "fib-linear", lambda lo: 0.9)),
+          "b": write_root(base / "b", b), "text": write_root(base / "text", cells(task=False))}
 
 
 def _row(text: str, variant: str) -> list[str]:

@@ -14,10 +14,11 @@ from HBM into shared memory by TMA (``_stream_tiles``), then calls back on each 
   ``stages`` later is issued into its slot once it is done). Query row ``r`` reads only row ``r``
   of a shifted tile (shared memory tiled by single rows, since a shifted start has any alignment),
   so a term's scores are ``block`` row-wise dot products on registers, or, with ``term_mma``, the
-  diagonal of a tensor-core product ``q @ k^T``: each of the term's key tiles stored from registers
-  into a tile in the window's ``wgmma`` tiling (a learned term blends the two tiles' scores) (jax 0.11's TMA into such a tile needs starts it can prove
-  are multiples of 8), ``block`` times the arithmetic on tensor cores. Which is faster per shape is
-  measured (``benchmarks.mosaic_check --sweep``). A term's values are added row-wise.
+  diagonal of a tensor-core product ``q @ k^T``, ``block`` times the arithmetic on tensor cores:
+  each of the term's key tiles is stored from registers into a tile in the window's ``wgmma``
+  tiling (jax 0.11 copies by TMA into such a tile only at starts it can prove are multiples of 8),
+  and a learned term blends its two tiles' scores. Which form is faster per shape is measured
+  (``benchmarks.mosaic_check --sweep``). A term's values are added row-wise.
 
 Offset terms (``_Term``): a static offset ``o`` reads one shifted tile, rows ``[i0 - o, i0 - o +
 block)``. A learned (fractional) distance ``d = lo + t`` (``lo = floor(d)``) reads two, rows ``i -
@@ -109,7 +110,8 @@ def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig) -> int:
   ring = _stages(problem, cfg) * _parts(problem)
   tiles = 1 + cfg.window_tiles(problem.window) + ring
   ids = 1 + cfg.window_tiles(problem.window) + max(problem.num_offsets, 1)  # query and window ids, term flags
-  buffers = tile * (1 + 2 * (tiles - 1) + cfg.term_mma) + 4 * cfg.block + (4 * cfg.block * ids if problem.segments else 0)
+  buffers = (tile * (1 + 2 * (tiles - 1) + cfg.term_mma) + 4 * cfg.block
+             + (4 * cfg.block * ids if problem.segments else 0))
   return buffers + MOSAIC_EXTRA_BYTES
 
 

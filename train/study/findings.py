@@ -467,7 +467,8 @@ def text_validity(runs: dict, model: dict) -> list[dict]:
   window alone spans at most ``STARVED_SPAN`` of T through the layers, and ``window`` is worse than
   ``fib-linear`` on held-out text at T (paired over seeds, the interval above 0)."""
   rf, t = receptive_field(model), model["seq_len"]
-  span = {"check": "the window alone cannot span T", "rule": f"L x (W - 1) <= {STARVED_SPAN:g} T = {t * STARVED_SPAN:g}",
+  span = {"check": "the window alone cannot span T",
+          "rule": f"L x (W - 1) <= {STARVED_SPAN:g} T = {t * STARVED_SPAN:g}",
           "measured": f"{rf} tokens ({rf / t:.2f} T)", "result": "pass" if rf <= STARVED_SPAN * t else "fail"}
   used = {"check": "the offsets carry what the window cannot",
           "rule": "`window` minus `fib-linear` held-out loss at 1x T, paired over seeds: 95% interval above 0"}

@@ -449,7 +449,8 @@ def build(root: pathlib.Path) -> tuple[str, list[dict], findings.Findings]:
       "Not shown: these runs trained on a synthetic task alone, so perplexity on held-out text says nothing "
       "about them (their text loss is that of a model that never saw text). Recall by distance, below, is "
       "their measure.", ""]
-  lines += passkey_section(runs) + budget_section(runs, multiples, text) + alpha_section(runs) + latency_section(latency)
+  lines += passkey_section(runs) + budget_section(runs, multiples, text) + alpha_section(runs)
+  lines += latency_section(latency)
   lines += cost_section(root, everything)
   lines += unfinished_section(root, everything) + found.lines + findings.noise_section(runs, reruns, metric, multiples)
   verdicts = claims(runs, latency, metric)
