@@ -141,6 +141,14 @@ def test_evaluation_files_are_never_overwritten(tmp_path):
   assert json.loads(path.read_text()) == {"a": 1}
 
 
+def test_a_file_in_place_of_the_results_folder_is_refused_before_computing(tmp_path):
+  (tmp_path / "budget").write_text("mine\n")
+  computed = []
+  with pytest.raises(ValueError, match="is a file, not a folder: move it away"):
+    evaluation.read_or_write(tmp_path / "budget" / "r.json", lambda: computed.append(1) or {"a": 1})
+  assert computed == [] and (tmp_path / "budget").read_text() == "mine\n"
+
+
 def test_every_variant_of_a_seed_trains_on_the_same_tokens_in_the_same_order():
   tokens = data.tokenize(data.load_documents()[:3], data.ByteTokenizer())
   firsts = []

@@ -33,7 +33,4 @@ def learned_alphas(run: Run) -> dict[str, Any]:
 
 def run_alpha(run: Run) -> tuple[pathlib.Path, dict]:
   """Writes (or reads, if already written) ``learned_alphas(run)``."""
-  path = run.workdir / rundir.ALPHA / f"step{run.step}.json"
-  if path.parent.exists() and not path.parent.is_dir():
-    raise ValueError(f"{path.parent} is a file, not a folder: move it away so that the alphas can be written there")
-  return read_or_write(path, lambda: learned_alphas(run))
+  return read_or_write(run.workdir / rundir.ALPHA / f"step{run.step}.json", lambda: learned_alphas(run))

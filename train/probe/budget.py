@@ -109,9 +109,6 @@ def run_budget(workdir: pathlib.Path, multiples: Sequence[int] | None = None, ma
   max_targets = max_targets or run.cfg.final_eval_tokens
   which = "" if tuple(budgets) == tuple(BUDGETS) else "_" + "-".join(budgets)
   path = run.workdir / rundir.BUDGET / f"step{run.step}_x{'-'.join(map(str, multiples))}_t{max_targets}{which}.json"
-  if path.parent.exists() and not path.parent.is_dir():  # checked before the sweep computes, not after
-    raise ValueError(f"{path.parent} is a file, not a folder: move it away so that the budget results can be "
-                     "written there")
   return read_or_write(path, lambda: budget_sweep(run, tuple(multiples), max_targets, tuple(budgets)))
 
 

@@ -154,9 +154,12 @@ def write_new(path: pathlib.Path, record: dict) -> None:
 
 def read_or_write(path: pathlib.Path, compute: Callable[[], dict]) -> tuple[pathlib.Path, dict]:
   """``(path, record)``: the record already written under ``path`` (same name: same evaluation),
-  else ``compute()`` (run by every process) written there by process 0."""
+  else ``compute()`` (run by every process) written there by process 0. A file where ``path``'s
+  folder should be is refused before anything is computed."""
   if path.exists():
     return path, json.loads(path.read_text())
+  if path.parent.exists() and not path.parent.is_dir():
+    raise ValueError(f"{path.parent} is a file, not a folder: move it away so that the results can be written there")
   record = compute()
   if jax.process_index() == 0:
     write_new(path, record)
