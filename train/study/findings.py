@@ -37,6 +37,7 @@ INERT_MAX = 0.01  # learned alpha is "inert" when its 95% interval is not more t
 RECALL_LEVEL = 0.02  # on recall error: "level" and "inert" within 2 percentage points of accuracy
 DENSE_RECALL_MIN = 0.90  # validity: dense recalls at least 90% of the answers at T
 NEAR_CHANCE = 0.05  # validity: `window` recalls at most 5% of the answers beyond its receptive field
+DENSE_CHECK = "dense recalls at T"  # the first validity check of a task study
 STARVED_SPAN = 0.25  # validity on text: the window alone reaches at most this fraction of T through the layers
 CONTROLS = ("window", "fib-random", "pow2-random")  # patterns every schedule must beat; no part of the claims
 CONTROL_REFERENCES = ("fib-linear", "dense")  # what each control is compared with
@@ -343,6 +344,16 @@ def reached_or_not(cells: list[dict], m: int = 1) -> dict[str, list[float]]:
   return out
 
 
+def reach_splits(runs: dict) -> dict[str, dict[str, list[float]]]:
+  """``reached_or_not`` at 1x T of each variant but dense with a recall probe."""
+  out = {}
+  for v in sorted(runs):
+    cells = [c for c in runs[v].values() if RECALL.key in c]
+    if v != "dense" and cells:
+      out[v] = reached_or_not(cells)
+  return out
+
+
 def reach_table(runs: dict) -> list[str]:
   """Per variant but dense, at 1x T: mean recall accuracy over the (seed, bucket) pairs its pattern
   reaches through all layers and over those it does not, with their counts; the reached pairs
@@ -354,11 +365,8 @@ def reach_table(runs: dict) -> list[str]:
     return f"{sum(a >= RECALLED_MIN for a in values)} of {len(values)}"
 
   rows = []
-  for v in sorted(runs):
+  for v, split in reach_splits(runs).items():
     cells = [c for c in runs[v].values() if RECALL.key in c]
-    if v == "dense" or not cells:
-      continue
-    split = reached_or_not(cells)
     rows.append([v, str(len(cells)), accuracy(split["reached"]), accuracy(split["unreached"]),
                  recalled(split["reached"]), *(f"{accuracy(split[k])}, {recalled(split[k])}"
                                                for k in ("one_hop", "layers_only")), str(len(split["partly"]))])
@@ -484,7 +492,7 @@ def recall_validity(runs: dict, model: dict) -> list[dict]:
   """Dense recalls at T, and ``window`` stays near chance beyond its receptive field."""
   multiples = recall_multiples(runs)
   dense = [c for c in runs.get("dense", {}).values() if RECALL.key in c]
-  first = {"check": "dense recalls at T",
+  first = {"check": DENSE_CHECK,
            "rule": f"dense's recall accuracy at 1x T, mean over seeds, >= {DENSE_RECALL_MIN:.2f}"}
   if dense:
     accs = [c[RECALL.key]["1x"]["accuracy"] for c in dense]
@@ -523,7 +531,7 @@ def validity_section(checks: list[dict]) -> list[str]:
   lines = ["## Validity checks", ""]
   if not checks:
     return lines + ["Not made: no run of this root has a recall or held-out text probe.", ""]
-  if checks[0]["check"] == "dense recalls at T":
+  if checks[0]["check"] == DENSE_CHECK:  # a task study's checks
     lines += ["A study discriminates between patterns only when every check passes: dense can retrieve at T, and the "
               "window alone cannot retrieve beyond its reach, so that a gain there is the offsets' doing.", ""]
   else:
@@ -789,13 +797,9 @@ def unmeasured(runs: dict, metric: Metric, controls: list[dict], longest: int) -
   not, coprime against linear by distance (a table) and dense with a sliding window against the best
   sparse variant at ``longest`` x T."""
   lines = []
-  follows = []
-  for v in sorted(runs):
-    cells = [c for c in runs[v].values() if RECALL.key in c]
-    if v != "dense" and cells:
-      split = reached_or_not(cells)
-      follows.append(f"{v} " + " / ".join(f"{stats.mean(x):.3f} ({len(x)})" if x else "- (0)"
-                                          for x in (split["reached"], split["unreached"])))
+  follows = [f"{v} " + " / ".join(f"{stats.mean(x):.3f} ({len(x)})" if x else "- (0)"
+                                  for x in (split["reached"], split["unreached"]))
+             for v, split in reach_splits(runs).items()]
   if follows:
     lines += ["- recall at T where the pattern reaches / where it does not (mean accuracy, (seed, distance) pairs): "
               + "; ".join(follows) + ".", ""]
