@@ -8,9 +8,10 @@ the Fibonacci offsets of alpha 1 up to R = 4096; the offset terms in each form (
 from both shared-memory layouts, ``MosaicForwardConfig.term_smem``, the default first, and on tensor
 cores, ``term_mma``); then learned (fractional: each offset + 0.37) distances, row-wise and on tensor
 cores, and segment ids (four documents of N / 4 rows); ``--kinds`` runs some of the three kinds.
-Prints one line per case; a case that fails to compile or run prints its error and the others go on. The Mosaic forward finishes before the Triton forward starts, so a
-GPU fault is the Mosaic kernel's when the Triton call never ran; a fault ends the process's CUDA
-context, failing every later case, so a kind that faults (segment ids, on an H100) is best run alone.
+Prints one line per case; a case that fails to compile or run prints its error and the others go on.
+The Mosaic forward finishes before the Triton forward starts, so a GPU fault is the Mosaic kernel's
+when the Triton call never ran; a fault ends the process's CUDA context, failing every later case,
+so a kind that faults (segment ids, on an H100) is best run alone.
 
 ``--sweep`` instead times the static forward at every config that fits shared memory (``block``
 64 and 128, ``stages`` 1 to 3, every form), each checked against the Triton forward

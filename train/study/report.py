@@ -450,8 +450,7 @@ def build(root: pathlib.Path) -> tuple[str, list[dict], findings.Findings]:
       "about them (their text loss is that of a model that never saw text). Recall by distance, below, is "
       "their measure.", ""]
   lines += passkey_section(runs) + budget_section(runs, multiples, text) + alpha_section(runs)
-  lines += latency_section(latency)
-  lines += cost_section(root, everything)
+  lines += latency_section(latency) + cost_section(root, everything)
   lines += unfinished_section(root, everything) + found.lines + findings.noise_section(runs, reruns, metric, multiples)
   verdicts = claims(runs, latency, metric)
   lines += ["## The paper's claims", "", TASK_RULE if metric.task else RULE, ""]
