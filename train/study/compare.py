@@ -21,7 +21,7 @@ from fibjax.cli import ArgumentParser
 from train.cli import exit_with, run_command, write_whole
 from train.study import findings, sweeproot
 from train.study.findings import interval, table
-from train.study.report import by_variant, eval_multiples, load_cells
+from train.study.report import by_variant, eval_multiples, finished_cells
 from train.study.sweep import read_sweep_file
 
 
@@ -34,11 +34,7 @@ def recipe(root: pathlib.Path) -> tuple[str | None, list[str]]:
 
 def finished_runs(root: pathlib.Path) -> tuple[dict, list[dict]]:
   """``({variant: {seed: cell}}, cells)`` of ``root``'s finished cells, reruns left out."""
-  if not root.is_dir():
-    raise ValueError(f"{root} is not a folder: give a sweep root (python -m train.sweep --root ...)")
-  cells = [c for c in load_cells(root) if not sweeproot.rerun_index(c["name"])]
-  if not cells:
-    raise ValueError(f"{root} holds no finished cell (ROOT/<variant>-s<seed>/cell.json): run python -m train.sweep")
+  cells, _ = finished_cells(root)
   return by_variant(cells), cells
 
 

@@ -115,6 +115,22 @@ def load_cells(root: pathlib.Path) -> list[dict]:
   return cells
 
 
+def check_root(root: pathlib.Path) -> None:
+  if not root.is_dir():
+    raise ValueError(f"{root} is not a folder: give a sweep root (python -m train.sweep --root ...)")
+
+
+def finished_cells(root: pathlib.Path) -> tuple[list[dict], list[dict]]:
+  """``(cells, everything)``: ``root``'s finished cells but same-seed reruns, and every finished
+  cell; raises ``ValueError`` when ``root`` is not a folder or holds no finished cell."""
+  check_root(root)
+  everything = load_cells(root)
+  cells = [c for c in everything if not sweeproot.rerun_index(c["name"])]
+  if not cells:
+    raise ValueError(f"{root} holds no finished cell (ROOT/<variant>-s<seed>/cell.json): run python -m train.sweep")
+  return cells, everything
+
+
 def eval_multiples(root: pathlib.Path, cells: list[dict]) -> tuple[int, ...]:
   """The lengths (multiples of T) the cells were evaluated at, ascending: their configs'
   ``final_eval_multiples`` (the same in every cell of one recipe). Raises ``ValueError`` when they
@@ -408,11 +424,8 @@ def kv_heads(model: dict) -> str:
 
 def build(root: pathlib.Path) -> tuple[str, list[dict], findings.Findings]:
   """``(markdown, claims, findings)`` for one sweep root; writes its plots under ``root/plots``."""
-  everything = load_cells(root)
-  cells = [c for c in everything if not sweeproot.rerun_index(c["name"])]
+  cells, everything = finished_cells(root)
   reruns = [c for c in everything if sweeproot.rerun_index(c["name"])]
-  if not cells:
-    raise ValueError(f"{root} holds no finished cell (ROOT/<variant>-s<seed>/cell.json): run python -m train.sweep")
   multiples = eval_multiples(root, cells)
   runs = by_variant(cells)
   latency = latest_latency(root)
@@ -656,8 +669,7 @@ def report(args: argparse.Namespace) -> int:
   """Writes each root's report (and the summary) and says where."""
   check_summary(args.summary, args.force)
   for root in args.roots:  # every root before any report is built
-    if not root.is_dir():
-      raise ValueError(f"{root} is not a folder: give a sweep root (python -m train.sweep --root ...)")
+    check_root(root)
     check_writable(root, "the sweep root")
   results, facts = {}, {}
   for root in args.roots:
