@@ -223,6 +223,9 @@ def test_ctrl_c_during_the_last_step_stops_before_the_final_evaluation(tmp_path)
   while proc.poll() is None and time.monotonic() < deadline and not (
       metrics.exists() and any('"step": 1,' in x and '"loss"' in x for x in metrics.read_text().splitlines())):
     time.sleep(0.01)
+  # step 1's line is written before its loop iteration ends: wait until the run is inside step 2 (its
+  # held-out loss compiles for seconds), or a busy machine lets the signal land before step 2 starts
+  time.sleep(0.5)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=120)
   line = _one_error(proc.returncode, err, status=130)
