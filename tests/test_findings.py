@@ -427,6 +427,19 @@ def test_reruns_are_kept_apart_and_their_spread_is_set_beside_the_seeds(built, t
   assert "fib-fixed" not in noise and "## Rerun spread" not in (built["task"] / "report.md").read_text()
 
 
+def test_summary_puts_each_roots_perplexity_and_recall_at_t_side_by_side(built, task_cells, text_cells):
+  at_t = section(built["summary"].read_text(), "Each root at T")
+  task, text = str(built["task"]), str(built["text"])
+  for variant in ("dense", "fib-linear", "window"):
+    acc = per_seed(task_cells, variant, lambda c: c["recall"]["1x"]["accuracy"])
+    row = f"| {task} | {variant} | {len(acc)} | 3000 | 1 | - | {np.mean(acc):.3f} +- {np.std(acc, ddof=1):.3f} |"
+    assert row in at_t, (row, at_t)
+    ppl = per_seed(text_cells, variant, lambda c: c["eval"]["1x"]["ppl"])
+    steps = text_cells[0]["config"]["steps"]
+    row = f"| {text} | {variant} | {len(ppl)} | {steps} | 0 | {np.mean(ppl):.3f} +- {np.std(ppl, ddof=1):.3f} | - |"
+    assert row in at_t, (row, at_t)
+
+
 def test_summary_states_validity_and_what_no_paper_measured(built, task_cells):
   summary = built["summary"].read_text()
   task, text = str(built["task"]), str(built["text"])

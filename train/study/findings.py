@@ -206,6 +206,11 @@ def mean_std(xs: list[float], fmt: str = "{:.3f}") -> str:
   return f"{fmt.format(stats.mean(xs))} +- {fmt.format(stats.std(xs))}"
 
 
+def seeds_text(xs: list[float]) -> str:
+  """``mean +- sd`` over seeds; the value alone for one seed (no spread to state)."""
+  return mean_std(xs) if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
 def save(fig: Figure, path: pathlib.Path) -> None:
   """Writes ``fig`` to ``path`` (PNG, 110 dpi) and closes it."""
   fig.tight_layout()
@@ -828,6 +833,7 @@ class Findings:
   metric: str
   validity: str
   unmeasured: list[str]
+  at_t: list[list[str]]
 
 
 def sections(runs: dict, model: dict, multiples: Sequence[int], metric: Metric, plots: pathlib.Path) -> Findings:
@@ -839,7 +845,22 @@ def sections(runs: dict, model: dict, multiples: Sequence[int], metric: Metric, 
   lines = (recall_section(runs) + ood_section(runs, ood, multiples) + extrapolation_section(runs, multiples)
            + controls_section(controls, metric, multiples) + validity_section(checks))
   return Findings(lines, [("control", controls), ("other-genre text", ood)], metric.name, validity_verdict(checks),
-                  unmeasured(runs, metric, controls, max(multiples)))
+                  unmeasured(runs, metric, controls, max(multiples)), at_t_rows(runs))
+
+
+def at_t_rows(runs: dict) -> list[list[str]]:
+  """One row per variant: seeds, steps, the share of task rows, held-out text perplexity at T (runs
+  that saw text) and recall accuracy at T (runs trained with a task), each as mean +- sd over seeds."""
+  rows = []
+  for variant, by_seed in runs.items():
+    cells = list(by_seed.values())
+    cfg = cells[0]["config"]
+    task = cfg.get("task")
+    share = cfg.get("task_mix", 1.0) if task else 0.0
+    text = seeds_text([ppl(c) for c in cells]) if share < 1 else "-"
+    recall = seeds_text([1 - recall_error(c) for c in cells if RECALL.key in c]) if task else "-"
+    rows.append([variant, str(len(cells)), str(cfg["steps"]), f"{share:g}", text, recall])
+  return rows
 
 
 def claim_comparisons(verdicts: list[dict]) -> list[tuple[str, list[dict]]]:
@@ -851,6 +872,15 @@ def summary_rows(roots: list[str], facts: dict[str, Findings]) -> list[list[str]
   """The summary table's rows of each root's metric and validity checks, one cell per root."""
   return [["claims judged on"] + [facts[r].metric for r in roots] + [""],
           ["validity checks (the study discriminates)"] + [facts[r].validity for r in roots] + [""]]
+
+
+def at_t_block(roots: list[str], facts: dict[str, Findings]) -> list[str]:
+  """The summary's table of every root's variants at T: perplexity and recall side by side, which is how
+  a sweep over recipes (the share of task rows, the steps) reads."""
+  rows = [[r] + row for r in roots for row in facts[r].at_t]
+  return ["", "## Each root at T", "", "Mean +- sd over seeds; perplexity on held-out text of the training corpus "
+          "(runs that saw text), recall on the run's own task (runs trained with one).", ""] + table(
+      ["root", "variant", "seeds", "steps", "task share of rows", "perplexity at T", "recall at T"], rows)
 
 
 def summary_block(roots: list[str], facts: dict[str, Findings]) -> list[str]:

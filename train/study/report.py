@@ -652,7 +652,7 @@ def summary(results: dict[str, list[dict]], facts: dict[str, findings.Findings] 
            "each root's report.md.")
   return "\n".join([SUMMARY_MARK, "# Verdicts across scales", "", built, ""]
                    + table(["claim"] + roots + ["across scales"], rows)
-                   + (findings.summary_block(roots, facts) if facts else [])) + "\n"
+                   + (findings.at_t_block(roots, facts) + findings.summary_block(roots, facts) if facts else [])) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
