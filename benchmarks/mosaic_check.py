@@ -8,13 +8,17 @@ the Fibonacci offsets of alpha 1 up to R = 4096; the offset terms in each form (
 from both shared-memory layouts, ``MosaicForwardConfig.term_smem``, the default first, and on tensor
 cores, ``term_mma``); then learned (fractional: each offset + 0.37) distances, row-wise and on tensor
 cores, and segment ids (four documents of N / 4 rows); ``--kinds`` runs some of the three kinds.
+Each kind runs on one warpgroup (the default config) and warp-specialised (``ws``:
+``MosaicForwardConfig(block=128, consumers=2)``, two consumer warpgroups and a producer, with the
+most ring slots up to two that fit shared memory: ``ws_config``).
 Prints one line per case; a case that fails to compile or run prints its error and the others go on.
 The Mosaic forward finishes before the Triton forward starts, so a GPU fault is the Mosaic kernel's
 when the Triton call never ran; a fault ends the process's CUDA context, failing every later case,
 so a kind that faults (segment ids, on an H100) is best run alone.
 
 ``--sweep`` instead times the static forward at every config that fits shared memory (``block``
-64 and 128, ``stages`` 1 to 3, every form), each checked against the Triton forward
+64 and 128, ``stages`` 1 to 3, every form, one warpgroup or, at block 128, warp-specialised:
+``consumers`` 1 and 2), each checked against the Triton forward
 first (a NaN or an error above 0.05 is a failure, never a time), one line per config and then the
 fastest per shape, which is what the forward's per-shape choice would take.
 """
@@ -55,11 +59,21 @@ def error(out: jax.Array, ref: jax.Array) -> float:
   return float(jnp.max(jnp.abs(out - ref.astype(jnp.float32))))
 
 
-def check(n: int, d: int, h_kv: int, form: str, offsets: jax.Array, segments: bool) -> str:
+def ws_config(problem, form: str) -> MosaicForwardConfig | None:
+  """The warp-specialised config of a check: 128-row programs over two consumer warpgroups, the
+  most ring slots up to two that fit shared memory; None where none fits (at head_dim 128 only
+  static offsets, row-wise, fit: one slot)."""
+  cfgs = [MosaicForwardConfig(block=128, consumers=2, stages=s, **FORMS[form]) for s in (2, 1)]
+  return next((c for c in cfgs if mosaic_gpu.shared_memory_bytes(problem, c) <= mosaic_gpu.SMEM_BYTES), None)
+
+
+def check(n: int, d: int, h_kv: int, form: str, offsets: jax.Array, segments: bool, ws: bool) -> str:
   sets = inputs(n, d, h_kv)
   seg = (jnp.arange(n, dtype=jnp.int32) // (n // 4))[None] if segments else None
   problem = attention_problem(sets[0][0], sets[0][1], offsets, window=W, reach=R, segment_ids=seg)
-  cfg = dataclasses.replace(mosaic_gpu.default_config(problem), **FORMS[form])
+  cfg = ws_config(problem, form) if ws else dataclasses.replace(mosaic_gpu.default_config(problem), **FORMS[form])
+  if cfg is None:
+    return "skipped: no warp-specialised config fits shared memory"
   tri_cfg = choose(problem)[0]
   fns = {
       "mosaic": jax.jit(lambda q, k, v: mosaic_gpu.forward(q, k, v, seg, offsets, problem=problem, cfg=cfg,
@@ -98,8 +112,10 @@ def sweep(n: int, d: int, h_kv: int, offsets: jax.Array) -> list[str]:
                                                       cfg=choose(problem)[0], interpret=False))
   ref = triton(*sets[0])[0]
   lines, times = [], {}
-  for block, stages, form in itertools.product((64, 128), (1, 2, 3), FORMS):
-    cfg = MosaicForwardConfig(block=block, stages=stages, **FORMS[form])
+  for block, consumers, stages, form in itertools.product((64, 128), (1, 2), (1, 2, 3), FORMS):
+    if block % (64 * consumers):
+      continue
+    cfg = MosaicForwardConfig(block=block, stages=stages, consumers=consumers, **FORMS[form])
     if mosaic_gpu.shared_memory_bytes(problem, cfg) > mosaic_gpu.SMEM_BYTES:
       continue
     fn = jax.jit(lambda q, k, v, cfg=cfg: mosaic_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=cfg,
@@ -135,10 +151,11 @@ def main() -> None:
         print(line, flush=True)
     return
   cases = [c for c in check_cases(static) if c[1] in args.kinds]
-  for (form, kind, offsets, segments), n, d, h_kv in itertools.product(cases, args.n, (64, 128), (H, 2)):
-    tag = f"n={n} d={d} {'mha' if h_kv == H else 'gqa'} {form} {kind}"
+  for (form, kind, offsets, segments), ws, n, d, h_kv in itertools.product(cases, (False, True), args.n, (64, 128),
+                                                                           (H, 2)):
+    tag = f"n={n} d={d} {'mha' if h_kv == H else 'gqa'} {form} {kind}{' ws' if ws else ''}"
     try:
-      print(f"{tag}: {check(n, d, h_kv, form, offsets, segments)}", flush=True)
+      print(f"{tag}: {check(n, d, h_kv, form, offsets, segments, ws)}", flush=True)
     except Exception as e:  # noqa: BLE001 - report every case
       print(f"{tag}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
 

@@ -23,8 +23,10 @@ def _reference(q, k, v, seg, offsets, *, problem, cfg, interpret):
 
 
 def _configs() -> list[MosaicForwardConfig]:
-  """Every config the sweep tries, in its order: tile rows, ring slots, then the term forms."""
-  return [MosaicForwardConfig(b, s, **form) for b in (64, 128) for s in (1, 2, 3) for form in mosaic_check.FORMS.values()]
+  """Every config the sweep tries, in its order: tile rows, consumer warpgroups (two only at 128 rows), ring slots,
+  then the term forms."""
+  return [MosaicForwardConfig(b, s, **form, consumers=c) for b in (64, 128) for c in (1, 2) if b % (64 * c) == 0
+          for s in (1, 2, 3) for form in mosaic_check.FORMS.values()]
 
 
 def test_sweep_times_every_config_that_fits_and_never_a_wrong_one(monkeypatch):
@@ -52,7 +54,7 @@ def test_sweep_times_every_config_that_fits_and_never_a_wrong_one(monkeypatch):
   offsets = jnp.asarray([40, 100], jnp.int32)
   lines = mosaic_check.sweep(256, 64, 1, offsets)
   configs = _configs()
-  assert len(configs) == 2 * 3 * 3 and any(c.term_mma for c in configs)
+  assert len(configs) == 3 * 3 * 3 and any(c.term_mma for c in configs) and any(c.consumers == 2 for c in configs)
   assert [line.split(":")[0].strip() for line in lines[:-1]] == [str(c) for c in configs]  # all fit at d = 64
   for cfg, line in zip(configs, lines):
     wrong = (cfg.stages == 3 and cfg.term_smem == "plain") or (cfg.block == 128 and cfg.stages == 1)
@@ -80,8 +82,8 @@ def test_kinds_pick_the_cases_and_a_failing_case_leaves_the_others_running(monke
   process of its own); a case that raises prints FAILED and the next one still runs."""
   seen = []
 
-  def check(n, d, h_kv, form, offsets, segments):
-    seen.append((n, d, h_kv, form, segments))
+  def check(n, d, h_kv, form, offsets, segments, ws):
+    seen.append((n, d, h_kv, form, segments, ws))
     if len(seen) == 1:
       raise RuntimeError("CUDA_ERROR_ILLEGAL_INSTRUCTION")
     return "ok"
@@ -89,7 +91,8 @@ def test_kinds_pick_the_cases_and_a_failing_case_leaves_the_others_running(monke
   monkeypatch.setattr(mosaic_check, "check", check)
   monkeypatch.setattr("sys.argv", ["mosaic_check", "--n", "256", "--kinds", "segments"])
   mosaic_check.main()
-  assert seen == [(256, d, h, "swizzled", True) for d in (64, 128) for h in (mosaic_check.H, 2)]
+  assert seen == [(256, d, h, "swizzled", True, ws) for ws in (False, True) for d in (64, 128)
+                  for h in (mosaic_check.H, 2)]
   out = capsys.readouterr().out.splitlines()
   assert out[1].startswith("n=256 d=64 mha swizzled segments: FAILED RuntimeError") and out[2].endswith(": ok")
   assert [kind for _, kind, _, _ in mosaic_check.check_cases(jnp.zeros((2,), jnp.int32))] == [

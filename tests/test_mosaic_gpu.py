@@ -5,6 +5,10 @@ float64 log-sum-exp.
 The interpreter starts shared memory as NaN, so a tile read before its copy landed, or an output
 row never written, shows as a non-finite value; every check requires finite values.
 
+The warp-specialised variant (``MosaicForwardConfig(consumers=2)``: two consumer warpgroups and a
+producer) runs as three interpreter threads per program, each lowered anew per grid point (seconds
+each), so its cases (``WS_CASES``) keep to a few programs.
+
 ``test_lowers_for_cuda`` runs the real Mosaic GPU lowering (not the interpreter) on CPU through
 ``jax.export`` for the CUDA platform, so a construct the installed jax cannot lower fails here
 rather than first on a GPU.
@@ -45,6 +49,19 @@ CASES = {  # seed, n, q heads, kv heads, head_dim, window, offsets, reach, dtype
 }
 
 
+# Warp specialisation: 128-row programs, a consumer warpgroup per 64 query rows (window tiles of 64 keys), a producer
+# issuing every copy. Ragged N with GQA and a ring of two behind four terms, on tensor cores (each consumer its own key
+# tile); head_dim 128 in float16 with one ring slot (what fits beside a window of three tiles).
+WS = dict(block=128, consumers=2)
+WS_CASES = {
+    "ws_gqa_ragged_terms_on_tensor_cores": (41, 200, 2, 1, 64, 32, (32, 70, 129, 199), None, jnp.bfloat16,
+                                            mosaic_gpu.MosaicForwardConfig(stages=2, term_mma=True, **WS)),
+    "ws_d128_f16": (42, 256, 1, 1, 128, 64, (64, 65, 190), None, jnp.float16,
+                    mosaic_gpu.MosaicForwardConfig(stages=1, **WS)),
+}
+CASES.update(WS_CASES)
+
+
 # Output tolerance: the output's rounding and the window's probabilities rounded to the input dtype for the
 # tensor-core product (errors measured: at most 0.008 in bfloat16, 0.0011 in float16); the log-sum-exp is float32.
 _TOL = {jnp.dtype(jnp.bfloat16): dict(atol=1e-2, rtol=1e-2), jnp.dtype(jnp.float16): dict(atol=2e-3, rtol=2e-3)}
@@ -62,6 +79,9 @@ LEARNED_CASES = {
                                   mosaic_gpu.MosaicForwardConfig(stages=1, term_smem="plain")),
     "learned_terms_on_tensor_cores": (24, 200, 4, 2, 64, 16, (16.5, 63.999, 100.0, 100.0, 15.9, 170.2, 159.5), 160,
                                       jnp.bfloat16, mosaic_gpu.MosaicForwardConfig(stages=2, term_mma=True)),
+    # warp-specialised: a window of 70 (three tiles a consumer, four in all), ragged N, a reach
+    "ws_learned_ragged": (43, 200, 1, 1, 64, 70, (70.0, 90.5, 71.25, 150.75, 127.5, 199.5, 250.0), 190, jnp.bfloat16,
+                          mosaic_gpu.MosaicForwardConfig(stages=2, **WS)),
 }
 
 
@@ -72,6 +92,7 @@ SEGMENT_CASES = {
     "segments_gqa_ragged": ("gqa_ragged", (0, 128, 129, 200)),
     "segments_learned": ("learned_gqa_ragged_reach", (0, 41, 106, 107, 150)),
     "segments_learned_on_tensor_cores": ("learned_terms_on_tensor_cores", (0, 41, 106, 107, 150)),
+    "ws_segments_learned": ("ws_learned_ragged", (0, 41, 64, 106, 107, 150)),
 }
 
 
@@ -187,13 +208,14 @@ def _pattern_sums(q, k, v, offsets, window, block):
   return _row_sums(q, rows) + jnp.repeat(kv, group, axis=1)
 
 
-@pytest.mark.parametrize("case", ["gqa_ragged", "masked_terms", "learned_gqa_ragged_reach"])
+@pytest.mark.parametrize("case", ["gqa_ragged", "masked_terms", "learned_gqa_ragged_reach", "ws_learned_ragged"])
 def test_pattern_loads_sums_every_tile_of_the_pattern(case):
+  """Each query row's sums, of the tiles its warpgroup reads (``rows`` rows a tile)."""
   q, k, v, offsets, pattern, cfg = _inputs(case)
   problem = attention_problem(q, k, offsets, **pattern)
   offsets = _kernel_offsets(offsets, **pattern)
   got = _done(mosaic_gpu.pattern_loads(q, k, v, offsets, problem=problem, cfg=cfg, interpret=True))
-  want = _pattern_sums(q, k, v, offsets, pattern["window"], cfg.block)
+  want = _pattern_sums(q, k, v, offsets, pattern["window"], cfg.rows)
   assert got.shape == want.shape and got.dtype == jnp.float32
   assert np.isfinite(np.asarray(got)).all()
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-3, rtol=1e-4, err_msg=f"case={case}")
@@ -218,6 +240,10 @@ def test_unsupported_inputs_raise():
     mosaic_gpu.MosaicForwardConfig(block=32)
   with pytest.raises(ValueError, match="term_smem"):
     mosaic_gpu.MosaicForwardConfig(term_smem="banded")
+  with pytest.raises(ValueError, match=r"consumers=2\) needs block a multiple of 128 .*: set block=128"):
+    mosaic_gpu.MosaicForwardConfig(consumers=2)
+  with pytest.raises(ValueError, match=r"consumers must be one of \(1, 2\)"):
+    mosaic_gpu.MosaicForwardConfig(block=192, consumers=3)
 
 
 def test_default_config_fits_shared_memory():
@@ -235,21 +261,25 @@ def test_default_config_fits_shared_memory():
   q = jax.ShapeDtypeStruct((1, 65536, 8, 128), jnp.bfloat16)
   problem = attention_problem(q, q, jnp.zeros((8,), jnp.int32), window=64)
   assert mosaic_gpu.shared_memory_bytes(problem, mosaic_gpu.MosaicForwardConfig(block=128, stages=1)) > 232448
+  # warp-specialised at head_dim 128: one ring slot fits beside the query tile and three window tiles of 64 rows
+  ws = [mosaic_gpu.MosaicForwardConfig(block=128, consumers=2, stages=s) for s in (1, 2)]
+  assert [mosaic_gpu.shared_memory_bytes(problem, cfg) <= mosaic_gpu.SMEM_BYTES for cfg in ws] == [True, False]
   q, k, v, offsets, _, cfg = _inputs("gqa_d128_two_window_tiles")
   problem = attention_problem(q, k, offsets, window=256)
   with pytest.raises(ValueError, match="shared memory"):
     mosaic_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=cfg, interpret=True)
 
 
-@pytest.mark.parametrize("term_smem, segments, block, stages", [  # term_smem "mma": swizzled, term_mma("swizzled", False, 64, 2), ("plain", False, 64, 2),
-                                                                ("swizzled", True, 64, 2), ("swizzled", False, 128, 2),
-                                                                ("swizzled", False, 64, None), ("mma", False, 64, 2),
-                                                                ("mma", True, 64, 1)])
+@pytest.mark.parametrize("term_smem, segments, block, stages, consumers", [  # term_smem "mma": swizzled, term_mma
+    ("swizzled", False, 64, 2, 1), ("plain", False, 64, 2, 1), ("swizzled", True, 64, 2, 1),
+    ("swizzled", False, 128, 2, 1), ("swizzled", False, 64, None, 1), ("mma", False, 64, 2, 1), ("mma", True, 64, 1, 1),
+    ("swizzled", False, 128, 2, 2), ("plain", True, 128, 2, 2), ("mma", True, 128, 1, 2)])
 @pytest.mark.parametrize("offset_dtype", [jnp.int32, jnp.float32], ids=["static", "learned"])
-def test_lowers_for_cuda(term_smem, segments, block, stages, offset_dtype):
-  """Both kernels lower to a Mosaic GPU custom call for CUDA: ragged N, GQA, two window tiles (of 64
-  or 128 rows), a ring of two slots (or the default's: one static, two learned) behind three offset
-  terms (static, or learned: two tiles a term); the forward with segment ids too."""
+def test_lowers_for_cuda(term_smem, segments, block, stages, consumers, offset_dtype):
+  """Both kernels lower to a Mosaic GPU custom call for CUDA: ragged N, GQA, two window tiles a
+  warpgroup (of 64 or 128 rows; three in all with two consumer warpgroups and a producer), a ring of
+  two slots (or the default's: one static, two learned) behind three offset terms (static, or
+  learned: two tiles a term); the forward with segment ids too."""
   n, h, h_kv, d = 200, 2, 1, 64
   q = jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, n, h_kv, d), jnp.bfloat16)
@@ -258,11 +288,11 @@ def test_lowers_for_cuda(term_smem, segments, block, stages, offset_dtype):
   problem = attention_problem(q, kv, jnp.asarray([40, 100, 150], offset_dtype), window=32,
                               segment_ids=jnp.zeros((1, n), jnp.int32) if segments else None)
   assert problem.learned == (offset_dtype == jnp.float32) and problem.segments == segments
-  cfg = (mosaic_gpu.MosaicForwardConfig(block=block, stages=stages, term_mma=True) if term_smem == "mma" else
-         mosaic_gpu.MosaicForwardConfig(block=block, stages=stages, term_smem=term_smem))
+  form = dict(term_mma=True) if term_smem == "mma" else dict(term_smem=term_smem)
+  cfg = mosaic_gpu.MosaicForwardConfig(block=block, stages=stages, consumers=consumers, **form)
   resolved = mosaic_gpu.resolve_config(problem, cfg)
   assert resolved.stages == (stages or (2 if problem.learned else 1))
-  assert cfg.window_tiles(problem.window) == 2 and problem.num_offsets > resolved.stages
+  assert cfg.window_tiles(problem.window) == 1 + consumers and problem.num_offsets > resolved.stages
   kernels = {
       "forward": (lambda q, k, v, o, s: mosaic_gpu.forward(q, k, v, s, o, problem=problem, cfg=cfg, interpret=False),
                   [(q.shape, jnp.bfloat16), ((1, h, n), jnp.float32)]),

@@ -33,6 +33,8 @@ TERM_FLOWS: tuple[str, ...] = get_args(TermFlow)
 TermSmem = Literal["swizzled", "plain"]
 TERM_SMEMS: tuple[str, ...] = get_args(TermSmem)
 WGMMA_ROWS = 64  # rows of one Hopper warpgroup's tensor-core tile
+# ``MosaicForwardConfig.consumers``: one warpgroup, or two consumers beside a producer (warp specialisation).
+MOSAIC_CONSUMERS = (1, 2)
 
 # Rows per tile: 64 for the GPU forward and static backward (H100 sweeps; NOTES "Attention kernel",
 # v1-v3); the learned GPU backward spills at 64 rows and ran 3x faster at 32 (v3); 128 on TPU
@@ -154,20 +156,25 @@ class MosaicForwardConfig:
   """How the Mosaic GPU forward (``pallas_kernels.attention.mosaic_gpu``) runs; passed as a
   forward ``config``, it picks that kernel (the backward stays Triton's).
 
-  block: query rows per program and key rows per tile (a multiple of 64, the warpgroup's ``wgmma``
-  rows). stages: ring slots of offset-term tiles (``None``: ``mosaic_gpu.default_config``'s
-  measured choice for the problem). term_smem: how shifted tiles sit in
+  block: query rows per program (a multiple of 64, the warpgroup's ``wgmma`` rows; with one
+  consumer, also the key rows of a tile). stages: ring slots of offset-term tiles (``None``:
+  ``mosaic_gpu.default_config``'s measured choice for the problem). term_smem: how shifted tiles sit in
   shared memory: ``"swizzled"`` (128-byte swizzle, rows tiled by 1, so a shifted start needs no
   alignment; bank-conflict free register loads) or ``"plain"`` (row-major, unswizzled; loads with
   bank conflicts, kept as the simplest layout to compare against). term_mma: an offset term's
   scores on tensor cores (each of its key tiles stored to a tile in the ``wgmma`` tiling, the
   diagonal of ``q @ k^T``) instead of row-wise dot products on registers; its values stay row-wise.
+  consumers: warpgroups computing a program's query rows, each ``block // consumers`` of them (a
+  multiple of 64) against window tiles of as many key rows. 1: one warpgroup that also issues every
+  copy. 2: warp specialisation, two consumer warpgroups and a producer warpgroup issuing every TMA
+  copy, with register budgets of their own (``mosaic_gpu`` module docstring).
   """
 
   block: int = WGMMA_ROWS
   stages: int | None = None
   term_smem: TermSmem = "swizzled"
   term_mma: bool = False
+  consumers: int = 1
 
   def __post_init__(self):
     if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block % WGMMA_ROWS or self.block < 1:
@@ -179,9 +186,21 @@ class MosaicForwardConfig:
       raise ValueError(f"MosaicForwardConfig.term_smem must be one of {TERM_SMEMS}, got {self.term_smem!r}")
     if not isinstance(self.term_mma, bool):
       raise ValueError(f"MosaicForwardConfig.term_mma must be a bool, got {self.term_mma!r}")
+    if self.consumers not in MOSAIC_CONSUMERS or isinstance(self.consumers, bool):
+      raise ValueError(f"MosaicForwardConfig.consumers must be one of {MOSAIC_CONSUMERS}, got {self.consumers!r}")
+    if self.block % (WGMMA_ROWS * self.consumers):
+      raise ValueError(f"MosaicForwardConfig(consumers={self.consumers}) needs block a multiple of "
+                       f"{WGMMA_ROWS * self.consumers} ({WGMMA_ROWS} rows a consumer), got {self.block}: "
+                       f"set block={WGMMA_ROWS * self.consumers}")
+
+  @property
+  def rows(self) -> int:
+    """Query rows of one consumer warpgroup, and key rows of one window tile."""
+    return self.block // self.consumers
 
   def window_tiles(self, window: int) -> int:
-    return window_tiles(window, self.block)
+    """Window tiles of ``rows`` keys a program reads: each consumer's banded tiles, the union."""
+    return window_tiles(window, self.rows) + self.consumers - 1
 
 
 def default_forward(problem: Problem) -> ForwardConfig:

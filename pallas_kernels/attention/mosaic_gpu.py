@@ -2,26 +2,52 @@
 
 One program owns one query tile of ``block`` rows of one query head of one batch row (grid
 ``(H_q, tiles, B)``, heads fastest, so a group's query heads run side by side and share each
-key/value tile through L2). It runs on one warpgroup and streams every tile the tile's queries read
-from HBM into shared memory by TMA (``_stream_tiles``), then calls back on each tile as it lands:
+key/value tile through L2). Its ``consumers`` warpgroups (``MosaicForwardConfig.consumers``) each own
+``rows = block / consumers`` of its query rows, ``[q0, q0 + rows)``; every tile the program reads
+streams from HBM into shared memory by TMA (``_stream_tiles``), and each consumer calls back on each
+of its tiles as it lands (``_consume_tiles``):
 
-- the query tile, once;
-- the window's ``1 + ceil((W - 1) / block)`` banded key/value tiles ``[i0 - t * block, ... +
-  block)``, diagonal first (tile-aligned starts: tiled, swizzled shared memory, scores and
-  probability-times-value on tensor cores with ``wgmma``);
-- per offset term, its shifted key/value tiles (any start), through a ring of ``stages`` slots:
-  while one term is computed, the next ``stages - 1`` terms' loads are in flight (the term
-  ``stages`` later is issued into its slot once it is done). Query row ``r`` reads only row ``r``
-  of a shifted tile (shared memory tiled by single rows, since a shifted start has any alignment),
-  so a term's scores are ``block`` row-wise dot products on registers, or, with ``term_mma``, the
-  diagonal of a tensor-core product ``q @ k^T``, ``block`` times the arithmetic on tensor cores:
+- its query tile, once;
+- its window's ``1 + ceil((W - 1) / rows)`` banded key/value tiles ``[q0 - t * rows, ... + rows)``,
+  diagonal first (tile-aligned starts: tiled, swizzled shared memory, scores and
+  probability-times-value on tensor cores with ``wgmma``; the consumers' windows overlap, so a
+  program holds ``consumers - 1`` tiles more than one consumer reads);
+- per offset term, its own shifted key/value tiles (any start), through a ring of ``stages``
+  slots per consumer: while one term is computed, the next ``stages - 1`` terms' loads are in
+  flight (the term ``stages`` later is issued into its slot once it is done). Query row ``r``
+  reads only row ``r`` of a shifted tile (shared memory tiled by single rows, since a shifted
+  start has any alignment), so a term's scores are ``rows`` row-wise dot products on registers,
+  or, with ``term_mma``, the diagonal of a tensor-core product ``q @ k^T``, ``rows`` times the
+  arithmetic on tensor cores:
   each of the term's key tiles is stored from registers into a tile in the window's ``wgmma``
   tiling (jax 0.11 copies by TMA into such a tile only at starts it can prove are multiples of 8),
   and a learned term blends its two tiles' scores. Which form is faster per shape is measured
   (``benchmarks.mosaic_check --sweep``). A term's values are added row-wise.
 
-Offset terms (``_Term``): a static offset ``o`` reads one shifted tile, rows ``[i0 - o, i0 - o +
-block)``. A learned (fractional) distance ``d = lo + t`` (``lo = floor(d)``) reads two, rows ``i -
+Two ways to run (``_stream_tiles``):
+
+- ``consumers=1``: one warpgroup (128 threads, the compiler's register allocation) issues every
+  copy that needs no free slot at once (query tile, window tiles, first ``stages`` terms), then
+  consumes; a term, once handled, issues the term ``stages`` later into its slot itself.
+- ``consumers=2`` (warp specialisation, ``block`` 128: 64 query rows a consumer): three
+  warpgroups. Warpgroups 0 and 1 consume (query tile, window scores on ``wgmma``, the term math,
+  online softmax, output rows), each with ``CONSUMER_REGISTERS`` registers a thread
+  (``plgpu.set_max_registers``, raised); warpgroup 2 is the producer, with
+  ``PRODUCER_REGISTERS`` (lowered): it issues every TMA copy, first the same copies as above,
+  then each later term into a consumer's slot once that consumer has arrived on the slot's
+  ``consumed`` barrier (a consumer arrives only where a later term will use the slot). Both
+  consumers wait on the shared window tiles' barriers, each on its own query and term tiles'.
+  Each masks by its own rows ``i`` (window keys outside ``0 <= i - j < W``, ``[0, N)`` or ``i``'s
+  segment; terms as below); its rows past ``N`` are never stored. The budgets, twice
+  ``CONSUMER_REGISTERS`` and once ``PRODUCER_REGISTERS`` for 128 threads each, fit an SM's 65,536
+  registers. At head_dim 128 (W = 64), one ring slot fits shared memory beside three window tiles
+  of 64 rows.
+
+Both run the same copies (``_Producer``), the same per-consumer loop (``_consume_tiles``) and the
+same per-tile work (``_attention_handlers``: term math, masks, online softmax; ``_sum_handlers``).
+
+Offset terms (``_Term``): a static offset ``o`` reads one shifted tile, rows ``[q0 - o, q0 - o +
+rows)``. A learned (fractional) distance ``d = lo + t`` (``lo = floor(d)``) reads two, rows ``i -
 lo`` and ``i - lo - 1``, and blends them into ``k = k_lo + t * (k_hi - k_lo)`` (the same for v) in
 float32, as ``sparse_attention_reference`` does: the term's score is ``q . k`` and its value ``v``.
 A static term is a learned one without the second tile (one code path). A ring slot holds all of
@@ -36,21 +62,22 @@ static offsets or float32 distances; only K is static), handed to the kernel as 
 when learned, ``t`` (float32). A term is masked unless ``d >= W`` (``lo >= W``), and per row unless
 ``i >= d`` (``normalize_offsets`` turns repeated and out-of-reach offsets into 0, which is masked). Rows
 before position 0 and past ``N`` load as zeros (TMA fills out-of-bounds rows) and are masked;
-output rows past ``N`` are never stored.
+output rows past ``N`` are never stored (TMA clips them).
 
-How it runs is a ``config.MosaicForwardConfig`` (tile rows, ring slots, the shifted tiles'
+How it runs is a ``config.MosaicForwardConfig`` (tile rows, warpgroups, ring slots, the shifted tiles'
 shared-memory layout); ``default_config`` holds the measured ring sizes, which a config's
 ``stages=None`` takes.
 
-Segment ids (``[B, N]`` int32, optional): the query tile's and each window tile's ids land in
+Segment ids (``[B, N]`` int32, optional): each query tile's and each window tile's ids land in
 shared memory by TMA beside them, and a window score is masked unless its key's id is the
 query's. An offset term's test comes computed before the kernel (``_same_segment``: per term and
 query row, whether the rows it reads, both rows it blends with a nonzero weight for a fractional
-term, are in the query's segment), its ``[K, block]`` rows landing once with the query tile, so
+term, are in the query's segment), its ``[K, rows]`` rows landing once with the query tile, so
 no term copies ids (per-term id copies fault on an H100: benchmarks/results/NOTES.md).
 
 Interpret mode (``interpret=True``, CPU tests) runs the same code in Pallas' GPU interpreter,
-which simulates shared memory, TMA copies and barriers. Three things differ there, each in one
+which simulates shared memory, TMA copies and barriers (a warp-specialised program's warpgroups
+run as threads of their own; register budgets do nothing there). Three things differ there, each in one
 place: layout casts are skipped (the interpreter has no CPU rule for them; they only steer the
 GPU lowering), the two tile matmuls run as ``lax.dot_general`` on the loaded tiles (the
 interpreter's ``wgmma`` takes neither transposed nor register operands), and key/value rows are
@@ -71,7 +98,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention.config import TERM_SMEMS, WGMMA_ROWS, MosaicForwardConfig, Problem, TermSmem
+from pallas_kernels.attention.config import (TERM_SMEMS, WGMMA_ROWS, MosaicForwardConfig, Problem, TermSmem,
+                                             window_tiles)
 from pallas_kernels.pattern import MASK_VALUE, check_segment_ids
 
 SWIZZLE = 128  # bytes: shared-memory swizzle of every tiled buffer
@@ -81,6 +109,14 @@ SMEM_BYTES = 227 * 1024  # shared memory one H100/H200 thread block may hold
 # Shared memory Mosaic GPU takes beside a program's buffers (barriers, alignment): at block 128 and
 # head_dim 128 (static, one ring slot) its compiler counted 2,616 bytes more than the buffers (H100, jax 0.11.2).
 MOSAIC_EXTRA_BYTES = 4 * 1024
+
+# Register budgets (per thread) of warp specialisation, set on entry to each warpgroup's branch: the
+# two consumers hold the softmax state, a query tile and a term's key and value rows in registers;
+# the producer holds addresses and a loop counter. Of 128 threads each, (2 * 232 + 40) * 128 = 64,512
+# of an SM's 65,536 registers (a budget is a multiple of 8 from 24 to 256).
+CONSUMER_REGISTERS = 232
+PRODUCER_REGISTERS = 40
+WARPGROUPS = "warpgroup"  # the thread axis of a warp-specialised program
 
 
 def default_config(problem: Problem) -> MosaicForwardConfig:
@@ -104,14 +140,14 @@ def resolve_config(problem: Problem, cfg: MosaicForwardConfig | None) -> MosaicF
 def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig) -> int:
   """Shared memory of one program: the query tile, the window's and the ring's key and value
   tiles, with ``term_mma`` the tile a term's key rows are stored to, the output statistics, and
-  what Mosaic GPU adds (``MOSAIC_EXTRA_BYTES``)."""
+  what Mosaic GPU adds (``MOSAIC_EXTRA_BYTES``). Counted in tiles of ``cfg.rows`` rows: the query
+  tile and a ring slot's tiles are ``consumers`` of them, a window tile one."""
   cfg = resolve_config(problem, cfg)
-  tile = cfg.block * problem.head_dim * jnp.dtype(problem.dtype).itemsize
-  ring = _stages(problem, cfg) * _parts(problem)
-  tiles = 1 + cfg.window_tiles(problem.window) + ring
-  ids = 1 + cfg.window_tiles(problem.window) + max(problem.num_offsets, 1)  # query and window ids, term flags
-  buffers = (tile * (1 + 2 * (tiles - 1) + cfg.term_mma) + 4 * cfg.block
-             + (4 * cfg.block * ids if problem.segments else 0))
+  tile = cfg.rows * problem.head_dim * jnp.dtype(problem.dtype).itemsize
+  windows, ring = cfg.window_tiles(problem.window), _stages(problem, cfg) * _parts(problem) * cfg.consumers
+  ids = cfg.rows * (cfg.consumers * (1 + max(problem.num_offsets, 1)) + windows)  # query, term flags, window ids
+  buffers = (tile * (cfg.consumers * (1 + cfg.term_mma) + 2 * (windows + ring)) + 4 * cfg.block
+             + (4 * ids if problem.segments else 0))
   return buffers + MOSAIC_EXTRA_BYTES
 
 
@@ -131,7 +167,7 @@ def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicF
     raise TypeError(f"cfg must be a MosaicForwardConfig, got {type(cfg).__name__}")
   if (used := shared_memory_bytes(problem, cfg)) > SMEM_BYTES:
     raise ValueError(f"{cfg} needs {used} bytes of shared memory per program, more than {SMEM_BYTES}: "
-                     "fewer stages or a smaller window")
+                     f"fewer stages or a smaller window{', or consumers=1' if cfg.consumers > 1 else ''}")
 
 
 class _Rows(NamedTuple):
@@ -201,8 +237,8 @@ def _load(smem, layout) -> jax.Array:
   return plgpu.load(smem, layout=layout, optimized=False)
 
 
-ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)  # a [block] vector along the rows of a wgmma tile
-COL_LAYOUT = plgpu.Layout.WGMMA.reduce(0)  # a [block] vector along its columns
+ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)  # a [rows] vector along the rows of a wgmma tile
+COL_LAYOUT = plgpu.Layout.WGMMA.reduce(0)  # a [rows] vector along its columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,11 +259,11 @@ class _Ops:
     return self.layout(jnp.full(shape, value, jnp.float32), layout)
 
   def load_tile(self, smem) -> jax.Array:
-    """A tiled, swizzled tile ``[block, D]`` in the ``wgmma`` accumulator layout."""
+    """A tiled, swizzled tile ``[rows, D]`` in the ``wgmma`` accumulator layout."""
     return smem[...]
 
   def load_term(self, smem) -> jax.Array:
-    """A shifted tile ``[block, D]`` (``term_smem`` layout) in the ``wgmma`` accumulator layout."""
+    """A shifted tile ``[rows, D]`` (``term_smem`` layout) in the ``wgmma`` accumulator layout."""
     if self.interpret:
       return smem[...]
     if self.term_smem == "plain":
@@ -235,11 +271,11 @@ class _Ops:
     return plgpu.layout_cast(smem[...], plgpu.Layout.WGMMA)
 
   def load_vector(self, smem, layout) -> jax.Array:
-    """A plain ``[block]`` vector (segment ids) in ``layout`` (``ROW_LAYOUT`` or ``COL_LAYOUT``)."""
+    """A plain ``[rows]`` vector (segment ids) in ``layout`` (``ROW_LAYOUT`` or ``COL_LAYOUT``)."""
     return smem[...] if self.interpret else _load(smem, layout)
 
   def scores(self, q_smem, k_smem, rows: int) -> jax.Array:
-    """``q @ k^T``, ``[block, block]`` float32."""
+    """``q @ k^T``, ``[rows, rows]`` float32."""
     if self.interpret:
       return lax.dot_general(q_smem[...], k_smem[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
@@ -271,9 +307,9 @@ class _Tile(NamedTuple):
   """One key/value tile's shared memory: key rows, value rows and (with segments) their segment
   ids, each landing on a barrier of its own."""
 
-  k: Any  # [block, D]
+  k: Any  # [rows, D]
   v: Any
-  seg: Any  # [block] int32; None without segments and for offset term tiles (their flags come precomputed)
+  seg: Any  # [rows] int32; None without segments and for offset term tiles (their flags come precomputed)
   k_bar: Any
   v_bar: Any
   seg_bar: Any
@@ -288,37 +324,62 @@ def _at(ref, i):
   return None if ref is None else ref.at[i]
 
 
-class _Buffers(NamedTuple):
-  """A program's shared memory: the query tile (reused for the output tile), the window's key and
-  value tiles, the offset terms' ring, a row vector for the output statistics, barriers (one per
-  buffer), and with segments the segment ids of the query rows and of every window tile, and the
-  offset terms' same-segment flags of the query rows."""
+class _Own(NamedTuple):
+  """One consumer warpgroup's own shared memory: its query tile (reused for its output tile), a
+  row vector for its output statistics, with segments its query rows' ids and offset terms'
+  same-segment flags, with ``term_mma`` the tile its terms' key rows are stored to; barriers."""
 
-  q: Any  # [block, D], tiled and swizzled
-  window_k: Any  # [window tiles, block, D], tiled and swizzled
-  window_v: Any
-  term_k: Any  # [stages * parts, block, D], cfg.term_smem layout: slot s holds tiles s * parts + p
-  term_v: Any
-  rows_out: Any  # [block] float32
-  q_seg: Any  # [block] int32, or None without segments (as every *seg* field)
-  window_seg: Any  # [window tiles, block] int32
-  term_same: Any  # [K', block] int32: 1 where term k's rows are in query row r's segment
+  q: Any  # [rows, D], tiled and swizzled
   q_bar: Any
+  rows_out: Any  # [rows] float32
+  q_seg: Any  # [rows] int32, or None without segments (as term_same and the barriers)
+  q_seg_bar: Any
+  term_same: Any  # [K', rows] int32: 1 where term k's rows are in query row r's segment
+  term_same_bar: Any
+  term_mma_k: Any  # [rows, D], tiled and swizzled; None without term_mma
+
+
+class _Buffers(NamedTuple):
+  """A program's shared memory: per consumer warpgroup (leading axis ``consumers``) what ``_Own``
+  lists (the first fields, in its order); shared by all, the window's key and value tiles (and
+  their segment ids) and the offset terms' ring; barriers (one per buffer), and with a producer
+  warpgroup, one per ring slot and consumer that the consumer arrives on once done with the slot's
+  tiles."""
+
+  q: Any  # [consumers, rows, D]
+  q_bar: Any
+  rows_out: Any  # [consumers, rows]
+  q_seg: Any  # [consumers, rows], or None without segments (as every *seg* and *same* field)
+  q_seg_bar: Any
+  term_same: Any  # [consumers, K', rows]
+  term_same_bar: Any
+  term_mma_k: Any  # [consumers, rows, D], or None without term_mma
+  window_k: Any  # [window tiles, rows, D], tiled and swizzled
+  window_v: Any
+  window_seg: Any  # [window tiles, rows] int32
   window_k_bar: Any
   window_v_bar: Any
+  window_seg_bar: Any
+  term_k: Any  # [stages * parts * consumers, rows, D], cfg.term_smem layout: _ring_index
+  term_v: Any
   term_k_bar: Any
   term_v_bar: Any
-  q_seg_bar: Any
-  window_seg_bar: Any
-  term_same_bar: Any
-  term_mma_k: Any = None  # [block, D], tiled and swizzled: a term's key rows for its tensor-core scores (term_mma)
+  consumed: Any  # [stages * consumers]: slot s of consumer c at s * consumers + c; None with one warpgroup
 
-  def window_tile(self, t) -> _Tile:
-    return _Tile(self.window_k.at[t], self.window_v.at[t], _at(self.window_seg, t), self.window_k_bar.at[t],
-                 self.window_v_bar.at[t], _at(self.window_seg_bar, t))
+  def own(self, c) -> _Own:
+    return _Own(*(_at(ref, c) for ref in self[:len(_Own._fields)]))
+
+  def window_tile(self, u) -> _Tile:
+    return _Tile(self.window_k.at[u], self.window_v.at[u], _at(self.window_seg, u), self.window_k_bar.at[u],
+                 self.window_v_bar.at[u], _at(self.window_seg_bar, u))
 
   def term_tile(self, i) -> _Tile:
     return _Tile(self.term_k.at[i], self.term_v.at[i], None, self.term_k_bar.at[i], self.term_v_bar.at[i], None)
+
+
+def _ring_index(slot, part: int, consumer, problem: Problem, cfg: MosaicForwardConfig):
+  """The ring tile of part ``part`` of slot ``slot`` for consumer ``consumer``."""
+  return (slot * _parts(problem) + part) * cfg.consumers + consumer
 
 
 def _tiled(shape: tuple[int, ...], dtype):
@@ -334,21 +395,29 @@ def _term_buffer(shape: tuple[int, ...], dtype, term_smem: TermSmem):
 
 
 def _with_buffers(body: Callable[[_Buffers], None], d: int, dtype, problem: Problem, cfg: MosaicForwardConfig):
-  """Runs ``body`` with a program's shared memory allocated."""
-  b, w, s = cfg.block, cfg.window_tiles(problem.window), _stages(problem, cfg) * _parts(problem)
-  smem = (_tiled((b, d), dtype), _tiled((w, b, d), dtype), _tiled((w, b, d), dtype),
-          _term_buffer((s, b, d), dtype, cfg.term_smem), _term_buffer((s, b, d), dtype, cfg.term_smem),
-          plgpu.SMEM((b,), jnp.float32))
-  bars = (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=w), plgpu.Barrier(num_barriers=w),
-          plgpu.Barrier(num_barriers=s), plgpu.Barrier(num_barriers=s))
-  if problem.segments:
-    terms = max(problem.num_offsets, 1)
-    seg_smem = (plgpu.SMEM((b,), jnp.int32), plgpu.SMEM((w, b), jnp.int32), plgpu.SMEM((terms, b), jnp.int32))
-    seg_bars = (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=w), plgpu.Barrier(num_barriers=1))
-  else:
-    seg_smem = seg_bars = (None, None, None)
-  mma = (_tiled((b, d), dtype),) if cfg.term_mma else ()
-  pl.run_scoped(lambda smem, bars, mma: body(_Buffers(*smem, *bars, *mma)), smem + seg_smem, bars + seg_bars, mma)
+  """Runs ``body`` with a program's shared memory allocated (shared by its warpgroups)."""
+  c, r, w = cfg.consumers, cfg.rows, cfg.window_tiles(problem.window)
+  s = _stages(problem, cfg) * _parts(problem) * c
+  segs = problem.segments
+  terms = max(problem.num_offsets, 1)
+  own = (_tiled((c, r, d), dtype), plgpu.Barrier(num_barriers=c), plgpu.SMEM((c, r), jnp.float32),
+         plgpu.SMEM((c, r), jnp.int32) if segs else None, plgpu.Barrier(num_barriers=c) if segs else None,
+         plgpu.SMEM((c, terms, r), jnp.int32) if segs else None, plgpu.Barrier(num_barriers=c) if segs else None,
+         _tiled((c, r, d), dtype) if cfg.term_mma else None)
+  shared = (_tiled((w, r, d), dtype), _tiled((w, r, d), dtype), plgpu.SMEM((w, r), jnp.int32) if segs else None,
+            plgpu.Barrier(num_barriers=w), plgpu.Barrier(num_barriers=w),
+            plgpu.Barrier(num_barriers=w) if segs else None,
+            _term_buffer((s, r, d), dtype, cfg.term_smem), _term_buffer((s, r, d), dtype, cfg.term_smem),
+            plgpu.Barrier(num_barriers=s), plgpu.Barrier(num_barriers=s),
+            plgpu.Barrier(num_barriers=_stages(problem, cfg) * c) if c > 1 else None)
+  fields = own + shared
+  present = [f for f in fields if f is not None]
+
+  def scoped(*refs):
+    it = iter(refs)
+    body(_Buffers(*(None if f is None else next(it) for f in fields)))
+
+  pl.run_scoped(scoped, *present, collective_axes=WARPGROUPS if c > 1 else ())
 
 
 def _stages(problem: Problem, cfg: MosaicForwardConfig) -> int:
@@ -367,6 +436,14 @@ class _Program(NamedTuple):
 def _program(problem: Problem, block: int) -> _Program:
   h = lax.axis_index("head")
   return _Program(lax.axis_index("batch"), h, lax.div(h, jnp.int32(problem.group)), lax.axis_index("tile") * block)
+
+
+class _Warpgroup(NamedTuple):
+  """A consumer warpgroup: consumer ``index`` of its program, owning query rows ``[q0, q0 + rows)``."""
+
+  index: Any  # 0 with one warpgroup (a Python int), else the warpgroup's axis index
+  q0: Any
+  rows: int
 
 
 class _TermRefs(NamedTuple):
@@ -390,8 +467,9 @@ class _Inputs(NamedTuple):
 
 
 class _Term(NamedTuple):
-  """One landed offset term of distance ``lo (+ frac)``: its shifted key/value tiles in shared
-  memory, part ``p`` holding rows ``[i0 - lo - p, ... + block)`` (one part static, two learned)."""
+  """One landed offset term of distance ``lo (+ frac)`` for one consumer warpgroup: its shifted
+  key/value tiles in shared memory, part ``p`` holding rows ``[q0 - lo - p, ... + rows)`` (one part
+  static, two learned)."""
 
   index: Any  # int32 scalar: the term's place in the offsets
   lo: Any  # int32 scalar
@@ -400,94 +478,165 @@ class _Term(NamedTuple):
 
 
 class _Handlers(NamedTuple):
-  """What a kernel does with each landed tile: ``query(q tile, its segment ids or None, state) ->
-  state``, then ``window(tile index, first key row before clamping, _Tile, state) -> state`` and
-  ``term(_Term, state) -> state``."""
+  """What a consumer warpgroup does with each landed tile: ``query(q tile, its segment ids or None,
+  state) -> state``, then ``window(tile index, first key row before clamping, _Tile, state) ->
+  state`` and ``term(_Term, state) -> state``."""
 
   query: Callable[[Any, Any, Any], Any]
   window: Callable[[int, Any, _Tile, Any], Any]
   term: Callable[[_Term, Any], Any]
 
 
-def _stream_tiles(gmem: _Inputs, buf: _Buffers, prog: _Program, geo: _Rows, problem: Problem,
-                  cfg: MosaicForwardConfig, handlers: _Handlers, state):
-  """Loads the query tile and every key/value tile program ``prog`` reads (with their segment ids),
-  calling ``handlers`` on each as it lands, in order; returns the final state.
+def _window_start(prog: _Program, cfg: MosaicForwardConfig, u) -> Any:
+  """First key row (before clamping) of window tile ``u``: the last consumer's diagonal tile first,
+  then ``rows`` rows earlier each."""
+  return prog.i0 + (cfg.consumers - 1 - u) * cfg.rows
 
-  Issues the query tile, every window tile and the first ``stages`` offset terms at once; each
-  term, once handled, hands its ring slot (its ``parts`` tiles) to the term ``stages`` later.
-  Window starts before row 0 are clamped to it (every key there is masked); a shifted start may
-  lie anywhere (rows outside the array load as zeros).
-  """
-  b = cfg.block
-  windows, terms, stages = cfg.window_tiles(problem.window), problem.num_offsets, _stages(problem, cfg)
-  parts = _parts(problem)
 
-  def seg_rows(start):
-    return gmem.seg.at[prog.batch, pl.ds(start + geo.front, b)]
+class _Producer(NamedTuple):
+  """The TMA copies of one program (whichever warpgroup issues them)."""
 
-  def issue(start, tile: _Tile):
-    for ref, smem, bar in ((gmem.k, tile.k, tile.k_bar), (gmem.v, tile.v, tile.v_bar)):
-      plgpu.copy_gmem_to_smem(ref.at[prog.batch, pl.ds(start + geo.front, b), prog.kv_head], smem, bar)
+  gmem: _Inputs
+  buf: _Buffers
+  prog: _Program
+  geo: _Rows
+  problem: Problem
+  cfg: MosaicForwardConfig
+
+  def _issue(self, start, tile: _Tile) -> None:
+    """A key/value tile of ``rows`` rows from key row ``start`` (and its segment ids)."""
+    g, r = self.gmem, self.cfg.rows
+    for ref, smem, bar in ((g.k, tile.k, tile.k_bar), (g.v, tile.v, tile.v_bar)):
+      plgpu.copy_gmem_to_smem(ref.at[self.prog.batch, pl.ds(start + self.geo.front, r), self.prog.kv_head], smem, bar)
     if tile.seg is not None:
-      plgpu.copy_gmem_to_smem(seg_rows(start), tile.seg, tile.seg_bar)
+      plgpu.copy_gmem_to_smem(g.seg.at[self.prog.batch, pl.ds(start + self.geo.front, r)], tile.seg, tile.seg_bar)
 
-  def window_start(t: int):
-    return prog.i0 - t * b
+  def first(self) -> None:
+    """Every copy that needs no free ring slot: each consumer's query tile (and its rows' segment
+    ids and term flags), every window tile (starts before row 0 clamped to it: every key there is
+    masked) and the first ``stages`` terms."""
+    g, buf, prog, cfg, r = self.gmem, self.buf, self.prog, self.cfg, self.cfg.rows
+    for c in range(cfg.consumers):
+      own, q0 = buf.own(c), prog.i0 + c * r
+      plgpu.copy_gmem_to_smem(g.q.at[prog.batch, pl.ds(q0, r), prog.head], own.q, own.q_bar)
+      if g.seg is not None:
+        plgpu.copy_gmem_to_smem(g.seg.at[prog.batch, pl.ds(q0 + self.geo.front, r)], own.q_seg, own.q_seg_bar)
+        plgpu.copy_gmem_to_smem(g.same.at[prog.batch, :, pl.ds(q0, r)], own.term_same, own.term_same_bar)
+    for u in range(cfg.window_tiles(self.problem.window)):
+      self._issue(jnp.maximum(_window_start(prog, cfg, u), 0), buf.window_tile(u))
+    for kk in range(min(_stages(self.problem, cfg), self.problem.num_offsets)):
+      for c in range(cfg.consumers):
+        self.term(kk, kk, c)
 
-  def issue_term(kk, slot):
-    lo = gmem.terms.lo[kk]
-    for p in range(parts):
-      issue(prog.i0 - lo - p, buf.term_tile(slot * parts + p))
+  def term(self, kk, slot, c) -> None:
+    """Term ``kk``'s tiles for consumer ``c`` into ring slot ``slot``: rows ``q0 - lo - p`` on (any
+    start; rows outside the array load as zeros)."""
+    lo = self.gmem.terms.lo[kk]
+    for p in range(_parts(self.problem)):
+      self._issue(self.prog.i0 + c * self.cfg.rows - lo - p,
+                  self.buf.term_tile(_ring_index(slot, p, c, self.problem, self.cfg)))
 
-  plgpu.copy_gmem_to_smem(gmem.q.at[prog.batch, pl.ds(prog.i0, b), prog.head], buf.q, buf.q_bar.at[0])
-  if gmem.seg is not None:
-    plgpu.copy_gmem_to_smem(seg_rows(prog.i0), buf.q_seg, buf.q_seg_bar.at[0])
-    plgpu.copy_gmem_to_smem(gmem.same.at[prog.batch, :, pl.ds(prog.i0, b)], buf.term_same, buf.term_same_bar.at[0])
-  for t in range(windows):
-    issue(jnp.maximum(window_start(t), 0), buf.window_tile(t))
-  for kk in range(min(stages, terms)):
-    issue_term(kk, kk)
-  plgpu.barrier_wait(buf.q_bar.at[0])
-  if gmem.seg is not None:
-    plgpu.barrier_wait(buf.q_seg_bar.at[0])
-    plgpu.barrier_wait(buf.term_same_bar.at[0])
-  state = handlers.query(buf.q, buf.q_seg, state)
-  for t in range(windows):
-    tile = buf.window_tile(t)
+  def rest(self) -> None:
+    """The producer warpgroup's loop: each later term into its slot, each consumer's tiles once that
+    consumer has handed them back."""
+    stages, consumed = _stages(self.problem, self.cfg), self.buf.consumed
+
+    def refill(kk, carry):
+      slot = lax.rem(kk, jnp.int32(stages))
+      for c in range(self.cfg.consumers):
+        plgpu.barrier_wait(consumed.at[slot * self.cfg.consumers + c])
+        self.term(kk + stages, slot, c)
+      return carry
+
+    lax.fori_loop(0, max(self.problem.num_offsets - stages, 0), refill, None)
+
+
+def _consume_tiles(gmem: _Inputs, buf: _Buffers, wg: _Warpgroup, prog: _Program, problem: Problem,
+                   cfg: MosaicForwardConfig, handlers: _Handlers, state, release: Callable[[Any, Any], None]):
+  """A consumer warpgroup's pass over its tiles: waits for each to land and calls ``handlers`` on
+  it, in order (its query tile, its banded window tiles diagonal first, each offset term); once a
+  term is handled, ``release(term, slot)`` hands its ring slot on. Returns the final state."""
+  r, terms, stages, parts = wg.rows, problem.num_offsets, _stages(problem, cfg), _parts(problem)
+  own = buf.own(wg.index)
+  for bar in (own.q_bar, own.q_seg_bar, own.term_same_bar):
+    if bar is not None:
+      plgpu.barrier_wait(bar)
+  state = handlers.query(own.q, own.q_seg, state)
+  for t in range(window_tiles(problem.window, r)):
+    tile = buf.window_tile(cfg.consumers - 1 - wg.index + t)
     tile.wait()
-    state = handlers.window(t, window_start(t), tile, state)
+    state = handlers.window(t, wg.q0 - t * r, tile, state)
   if not terms:
     return state
 
   def term(kk, state):
     slot = lax.rem(kk, jnp.int32(stages))
-    tiles = tuple(buf.term_tile(slot * parts + p) for p in range(parts))
+    tiles = tuple(buf.term_tile(_ring_index(slot, p, wg.index, problem, cfg)) for p in range(parts))
     for tile in tiles:
       tile.wait()
     frac = None if gmem.terms.frac is None else gmem.terms.frac[kk]
     state = handlers.term(_Term(kk, gmem.terms.lo[kk], frac, tiles), state)
-
-    @pl.when(kk + stages < terms)
-    def _():
-      issue_term(kk + stages, slot)
-
+    release(kk, slot)
     return state
 
   return lax.fori_loop(0, terms, term, state)
 
 
-def _store_rows(buf: _Buffers, rows_B: jax.Array, rows_ref, prog: _Program, block: int) -> None:
-  """Writes a float32 row vector to ``rows_ref [B, H_q, rows]`` at the program's rows."""
-  buf.rows_out[...] = rows_B
+def _stream_tiles(gmem: _Inputs, buf: _Buffers, prog: _Program, geo: _Rows, problem: Problem,
+                  cfg: MosaicForwardConfig, consume: Callable[[_Warpgroup, Callable[[Any, Any], None]], None]):
+  """Runs program ``prog``: every tile it reads streamed in by TMA, and ``consume(warpgroup,
+  release)`` on each consumer warpgroup (``_consume_tiles`` with a kernel's handlers).
+
+  One warpgroup (``consumers=1``) issues the query tile, every window tile and the first
+  ``stages`` offset terms at once, then consumes; each term, once handled, hands its ring slot to
+  the term ``stages`` later by issuing it. With a producer (``consumers=2``), warpgroup
+  ``consumers`` issues all of that and then each later term as soon as its consumer arrives on the
+  slot's ``consumed`` barriers (a consumer arrives only where a later term will use the slot), while
+  warpgroups ``0 .. consumers - 1`` consume."""
+  producer = _Producer(gmem, buf, prog, geo, problem, cfg)
+  terms, stages = problem.num_offsets, _stages(problem, cfg)
+  if cfg.consumers == 1:
+    producer.first()
+
+    def issue_next(kk, slot):
+      @pl.when(kk + stages < terms)
+      def _():
+        producer.term(kk + stages, slot, 0)
+
+    consume(_Warpgroup(0, prog.i0, cfg.rows), issue_next)
+    return
+
+  wg = lax.axis_index(WARPGROUPS)
+
+  @pl.when(wg < cfg.consumers)
+  def _():
+    plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+
+    def hand_back(kk, slot):
+      @pl.when(kk + stages < terms)
+      def _():
+        plgpu.barrier_arrive(buf.consumed.at[slot * cfg.consumers + wg])
+
+    consume(_Warpgroup(wg, prog.i0 + wg * cfg.rows, cfg.rows), hand_back)
+
+  @pl.when(wg == cfg.consumers)
+  def _():
+    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+    producer.first()
+    producer.rest()
+
+
+def _store_rows(own: _Own, rows_R: jax.Array, rows_ref, prog: _Program, wg: _Warpgroup) -> None:
+  """Writes a float32 row vector to ``rows_ref [B, H_q, rows]`` at the warpgroup's rows."""
+  own.rows_out[...] = rows_R
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(buf.rows_out, rows_ref.at[prog.batch, prog.head, pl.ds(prog.i0, block)])
+  plgpu.copy_smem_to_gmem(own.rows_out, rows_ref.at[prog.batch, prog.head, pl.ds(wg.q0, wg.rows)])
 
 
 class _Softmax(NamedTuple):
-  """Online softmax state of a query tile: the query tile in registers ``[block, D]``, its rows'
-  segment ids ``[block]`` (None without segments), row maxima and sums ``[block]`` and the
-  unnormalised output ``[block, D]`` (float32)."""
+  """Online softmax state of a query tile: the query tile in registers ``[rows, D]``, its rows'
+  segment ids ``[rows]`` (None without segments), row maxima and sums ``[rows]`` and the
+  unnormalised output ``[rows, D]`` (float32)."""
 
   q: jax.Array
   seg: jax.Array | None
@@ -517,13 +666,15 @@ def _blend(tiles_BxD: tuple[jax.Array, ...], frac) -> jax.Array:
   return x_BxD + frac * (tiles_BxD[1].astype(jnp.float32) - x_BxD)
 
 
-def _attention_handlers(buf: _Buffers, prog: _Program, problem: Problem, b: int, dtype, ops: _Ops) -> _Handlers:
-  """The forward's work on each landed tile. Window tile at keys ``[j0, j0 + b)``: scores on
-  tensor cores, masked outside the window (``0 <= i - j < W``), outside ``[0, N)`` and outside the
-  query's segment. Offset term of distance ``d`` (``lo + t``): row-wise scores of the blended key,
-  masked unless ``d >= W``, ``i >= d`` and every row read with a nonzero weight (``i - lo``, and
-  ``i - lo - 1`` when ``t > 0``) is in the query's segment. Each is one online softmax step."""
-  q_rows_BxB = ops.iota((b, b), 0, plgpu.Layout.WGMMA) + prog.i0
+def _attention_handlers(buf: _Buffers, wg: _Warpgroup, problem: Problem, dtype, ops: _Ops) -> _Handlers:
+  """A consumer warpgroup's forward work on each landed tile, its query rows ``i`` in ``[q0, q0 +
+  rows)``. Window tile at keys ``[j0, j0 + rows)``: scores on tensor cores, masked outside the
+  window (``0 <= i - j < W``), outside ``[0, N)`` and outside the query's segment. Offset term of
+  distance ``d`` (``lo + t``): row-wise scores of the blended key, masked unless ``d >= W``, ``i >=
+  d`` and every row read with a nonzero weight (``i - lo``, and ``i - lo - 1`` when ``t > 0``) is in
+  the query's segment. Each is one online softmax step."""
+  b, own = wg.rows, buf.own(wg.index)
+  q_rows_BxB = ops.iota((b, b), 0, plgpu.Layout.WGMMA) + wg.q0
   cols_BxB = ops.iota((b, b), 1, plgpu.Layout.WGMMA)
 
   def query(q_smem, seg_smem, st: _Softmax) -> _Softmax:
@@ -537,7 +688,7 @@ def _attention_handlers(buf: _Buffers, prog: _Program, problem: Problem, b: int,
     if st.seg is not None:
       key_seg_BxB = lax.broadcast_in_dim(ops.load_vector(tile.seg, COL_LAYOUT), (b, b), [1])
       mask = mask & (_rows_to(st.seg, (b, b)) == key_seg_BxB)
-    s_BxB = jnp.where(mask, ops.scores(buf.q, tile.k, b) * problem.scale, MASK_VALUE)
+    s_BxB = jnp.where(mask, ops.scores(own.q, tile.k, b) * problem.scale, MASK_VALUE)
     m_new = jnp.maximum(st.m, jnp.max(s_BxB, axis=1))
     p_BxB = jnp.exp(s_BxB - _rows_to(m_new, s_BxB.shape))
     return _softmax_step(st, m_new, jnp.sum(p_BxB, axis=1), lambda acc: ops.add_pv(acc, p_BxB.astype(dtype), tile.v))
@@ -547,25 +698,25 @@ def _attention_handlers(buf: _Buffers, prog: _Program, problem: Problem, b: int,
   def diagonal_scores(k_BxD: jax.Array) -> jax.Array:
     """``[b]`` float32 ``q_r . k_r`` on tensor cores: ``k`` stored to the tiled tile (the previous
     product has finished reading it), the diagonal of ``q @ k^T``."""
-    buf.term_mma_k[...] = k_BxD
+    own.term_mma_k[...] = k_BxD
     plgpu.commit_smem()
-    return jnp.sum(jnp.where(diagonal_BxB, ops.scores(buf.q, buf.term_mma_k, b), 0.0), axis=1)
+    return jnp.sum(jnp.where(diagonal_BxB, ops.scores(own.q, own.term_mma_k, b), 0.0), axis=1)
 
   def term_scores(term: _Term, st: _Softmax) -> jax.Array:
     """``[b]`` float32 ``q_r . k_r`` of each query row and its row of the term's (blended) key; on
     tensor cores each tile's scores are blended, as exact as blending the keys in float32."""
     keys = tuple(ops.load_term(tile.k) for tile in term.tiles)
-    if buf.term_mma_k is not None:
+    if own.term_mma_k is not None:
       return _blend(tuple(diagonal_scores(k_BxD) for k_BxD in keys), term.frac)
     return jnp.sum(st.q.astype(jnp.float32) * _blend(keys, term.frac), axis=1)
 
   def term(term: _Term, st: _Softmax) -> _Softmax:
     s_B = term_scores(term, st) * problem.scale
-    past_lo_B = ops.iota((b,), 0, ROW_LAYOUT) + (prog.i0 - term.lo)  # i - lo; i >= d is i - lo >= t
+    past_lo_B = ops.iota((b,), 0, ROW_LAYOUT) + (wg.q0 - term.lo)  # i - lo; i >= d is i - lo >= t
     live_B = (term.lo >= problem.window) & (past_lo_B >= 0 if term.frac is None
                                              else past_lo_B.astype(jnp.float32) >= term.frac)
     if st.seg is not None:
-      live_B = live_B & (ops.load_vector(buf.term_same.at[term.index], ROW_LAYOUT) != 0)
+      live_B = live_B & (ops.load_vector(own.term_same.at[term.index], ROW_LAYOUT) != 0)
     s_B = jnp.where(live_B, s_B, MASK_VALUE)
     m_new = jnp.maximum(st.m, s_B)
     p_B = jnp.exp(s_B - m_new)
@@ -578,27 +729,30 @@ def _attention_handlers(buf: _Buffers, prog: _Program, problem: Problem, b: int,
 def _forward_kernel(gmem: _Inputs, o_ref, lse_ref, *, problem: Problem, cfg: MosaicForwardConfig, geo: _Rows,
                     ops: _Ops):
   """One query tile: the window's banded tiles on tensor cores and each offset term's row-wise
-  scores under one online softmax; writes the output tile and its log-sum-exp."""
-  b, d = cfg.block, gmem.q.shape[-1]
-  prog = _program(problem, b)
+  scores under one online softmax per consumer warpgroup; each writes its rows of the output tile
+  and their log-sum-exp."""
+  d, dtype = gmem.q.shape[-1], gmem.q.dtype
+  prog = _program(problem, cfg.block)
 
-  def body(buf: _Buffers):
-    handlers = _attention_handlers(buf, prog, problem, b, gmem.q.dtype, ops)
-    init = _Softmax(ops.layout(jnp.zeros((b, d), gmem.q.dtype), plgpu.Layout.WGMMA), None,
+  def consume(buf: _Buffers, wg: _Warpgroup, release):
+    b, own = wg.rows, buf.own(wg.index)
+    init = _Softmax(ops.layout(jnp.zeros((b, d), dtype), plgpu.Layout.WGMMA), None,
                     ops.full((b,), MASK_VALUE, ROW_LAYOUT), ops.full((b,), 0.0, ROW_LAYOUT),
                     ops.full((b, d), 0.0, plgpu.Layout.WGMMA))
-    st = _stream_tiles(gmem, buf, prog, geo, problem, cfg, handlers, init)
-    buf.q[...] = (st.acc / _rows_to(st.l, st.acc.shape)).astype(o_ref.dtype)  # the query tile is no longer read
+    st = _consume_tiles(gmem, buf, wg, prog, problem, cfg, _attention_handlers(buf, wg, problem, dtype, ops), init,
+                        release)
+    own.q[...] = (st.acc / _rows_to(st.l, st.acc.shape)).astype(o_ref.dtype)  # the query tile is no longer read
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(buf.q, o_ref.at[prog.batch, pl.ds(prog.i0, b), prog.head])
-    _store_rows(buf, st.m + jnp.log(st.l), lse_ref, prog, b)
+    plgpu.copy_smem_to_gmem(own.q, o_ref.at[prog.batch, pl.ds(wg.q0, b), prog.head])
+    _store_rows(own, st.m + jnp.log(st.l), lse_ref, prog, wg)
     plgpu.wait_smem_to_gmem(0)
 
-  _with_buffers(body, d, gmem.q.dtype, problem, cfg)
+  _with_buffers(lambda buf: _stream_tiles(gmem, buf, prog, geo, problem, cfg, functools.partial(consume, buf)),
+                d, dtype, problem, cfg)
 
 
 def _sum_handlers(ops: _Ops) -> _Handlers:
-  """``pattern_loads``' work on each landed tile: add its row sums to the state ``[block]``."""
+  """``pattern_loads``' work on each landed tile: add its row sums to the state ``[rows]``."""
 
   def row_sums(x_BxD):
     return jnp.sum(x_BxD.astype(jnp.float32), axis=1)
@@ -622,15 +776,16 @@ def _sum_handlers(ops: _Ops) -> _Handlers:
 def _loads_kernel(gmem: _Inputs, sums_ref, *, problem: Problem, cfg: MosaicForwardConfig, geo: _Rows, ops: _Ops):
   """The forward's loads without its arithmetic: per query row, the sum of that row of the query
   tile and of every landed key and value tile."""
-  b, d = cfg.block, gmem.q.shape[-1]
-  prog = _program(problem, b)
+  prog = _program(problem, cfg.block)
 
-  def body(buf: _Buffers):
-    sums_B = _stream_tiles(gmem, buf, prog, geo, problem, cfg, _sum_handlers(ops), ops.full((b,), 0.0, ROW_LAYOUT))
-    _store_rows(buf, sums_B, sums_ref, prog, b)
+  def consume(buf: _Buffers, wg: _Warpgroup, release):
+    init = ops.full((wg.rows,), 0.0, ROW_LAYOUT)
+    sums_B = _consume_tiles(gmem, buf, wg, prog, problem, cfg, _sum_handlers(ops), init, release)
+    _store_rows(buf.own(wg.index), sums_B, sums_ref, prog, wg)
     plgpu.wait_smem_to_gmem(0)
 
-  _with_buffers(body, d, gmem.q.dtype, problem, cfg)
+  _with_buffers(lambda buf: _stream_tiles(gmem, buf, prog, geo, problem, cfg, functools.partial(consume, buf)),
+                gmem.q.shape[-1], gmem.q.dtype, problem, cfg)
 
 
 def _same_segment(seg_BxN: jax.Array, terms: tuple[jax.Array, ...], rows: int) -> jax.Array:
@@ -682,6 +837,7 @@ def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: Mosa
       kernel_name=name,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=params,
+      **(dict(num_threads=cfg.consumers + 1, thread_name=WARPGROUPS) if cfg.consumers > 1 else {}),
   )
   return call(*terms, q, k, v, *segs), geo
 
@@ -717,10 +873,11 @@ def forward(q, k, v, seg, offsets, *, problem: Problem, cfg: MosaicForwardConfig
 def pattern_loads(q, k, v, offsets, *, problem: Problem, cfg: MosaicForwardConfig | None, interpret):
   """The load-only floor of ``forward``: the same grid, tile schedule and copies, no attention
   arithmetic. Returns ``[B, H_q, N]`` float32: for query row ``i`` of head ``h``, the sum of row
-  ``i`` of q, plus for each window tile ``t`` the sums of k and v rows ``max(i0 - t * block, 0) +
-  r`` (``i = i0 + r``), plus for each offset term the sums of k and v rows ``i - lo`` and, learned,
-  ``i - lo - 1`` (``lo`` the offset or the distance's floor; rows outside ``[0, N)`` are zeros; terms
-  with ``d < W`` or ``d >= N`` have ``lo = 0``)."""
+  ``i`` of q, plus for each window tile ``t`` of its warpgroup the sums of k and v rows ``max(q0 - t
+  * rows, 0) + r`` (``i = q0 + r``, ``q0`` a multiple of ``cfg.rows``), plus for each offset term
+  the sums of k and v rows ``i - lo`` and, learned, ``i - lo - 1`` (``lo`` the offset or the
+  distance's floor; rows outside ``[0, N)`` are zeros; terms with ``d < W`` or ``d >= N`` have ``lo
+  = 0``)."""
   _check_grid(q, problem)
   bsz, n, h, _ = q.shape
 
