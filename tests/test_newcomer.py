@@ -512,3 +512,47 @@ def test_running_a_finished_run_again_says_nothing_was_trained(base_run, tmp_pat
   longer = _run(workdir, *BASE[1:], "steps=10")
   assert longer.returncode == 0, longer.stderr[-3000:]
   assert "for 10 steps, resumed at step 8 in" in longer.stdout
+
+
+# ----------------------------------------------------------------------------- the second review
+
+
+def test_a_sweep_never_trains_into_committed_results(tmp_path, capsys):
+  """A root whose finished cells have no checkpoints (committed under ``results/``) takes no sweep,
+  with the default variants (which the committed root did not use) or any other: one line, nothing written."""
+  committed = tmp_path / "small"
+  (committed / "dense-s0").mkdir(parents=True)
+  (committed / "dense-s0" / "cell.json").write_text("{}")
+  (committed / "sweep.json").write_text(json.dumps({"config": "tiny", "overrides": TINY}))
+  before = {p: p.read_bytes() for p in committed.rglob("*") if p.is_file()}
+  for flags in ([], ["--variants", "dense", "--seeds", "0", "1"], ["--list"]):
+    line = _one_error(sweep.main(["--root", str(committed), "--config", "tiny", "--set", *TINY, *flags]),
+                      capsys.readouterr().err)
+    assert f"{committed} holds committed results (dense-s0 is finished but its checkpoints were not kept)" in line
+    assert line.endswith("give a new --root"), line
+  assert {p: p.read_bytes() for p in committed.rglob("*") if p.is_file()} == before
+
+
+def test_a_sweep_run_again_takes_the_roots_variants_and_seeds_and_more_seeds_add_up(tmp_path, capsys):
+  """``sweep.json`` records the variants and seeds asked for: a sweep run again without them
+  continues those cells (not the nine default variants), and ``--seeds`` adds seeds to them."""
+  sweep_root = tmp_path / "r"
+  sweep.check_root(sweep_root, {"config": "tiny", "overrides": TINY, "variants": ["dense", "window"], "seeds": [0]})
+  assert sweep.asked_grid(sweep_root, None, None) == (["dense", "window"], [0])
+  assert sweep.main(["--root", str(sweep_root), "--config", "tiny", "--list", "--set", *TINY]) == 0
+  listed = [line.split(" --workdir ")[1].split()[0] for line in capsys.readouterr().out.splitlines()]
+  assert listed == [str(sweep_root.absolute() / c) for c in ("dense-s0", "window-s0")]
+  sweep.check_root(sweep_root, {"config": "tiny", "overrides": TINY, "variants": ["dense"], "seeds": [1, 0]})
+  assert sweep.asked_grid(sweep_root, None, None) == (["dense", "window"], [0, 1])
+  assert sweep.asked_grid(sweep_root, ["dense"], [2]) == (["dense"], [2])  # flags given: those cells alone
+  assert sweep.asked_grid(tmp_path / "new", None, None) == (list(sweep.DEFAULT_VARIANTS), [0, 1, 2])
+
+
+def test_sweep_list_writes_nothing_so_a_preview_locks_no_recipe(tmp_path, capsys):
+  fresh = tmp_path / "fresh"
+  for steps in ("steps=2", "steps=3"):  # a preview, then another recipe on the same root
+    assert sweep.main(["--root", str(fresh), "--config", "tiny", "--variants", "dense", "--seeds", "0", "--list",
+                       "--set", *TINY, steps]) == 0
+    assert f"--set {' '.join(TINY)} {steps} progress=false" in capsys.readouterr().out
+    assert not fresh.exists()
+
