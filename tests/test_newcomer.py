@@ -258,9 +258,10 @@ def test_ctrl_c_stops_a_probe_in_one_line_and_writes_nothing(root, damaged, modu
   assert _files(root) == before  # nothing written, not even a temporary file
 
 
-def test_a_second_sweep_is_refused_and_ctrl_c_stops_every_cell(tmp_path):
-  """3: one sweep at a time on a root; 2: a sweep stopped by Ctrl-C (sent to it alone) stops its
-  cells and leaves no process behind."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_sweep_is_refused_and_ctrl_c_stops_every_cell(tmp_path, sig):
+  """3: one sweep at a time on a root; 2: a sweep stopped by Ctrl-C or SIGTERM (sent to it alone)
+  stops its cells and leaves no process behind."""
   sweep_root = tmp_path / "sweep_root"
   args = ["train.sweep", "--root", str(sweep_root), "--config", "tiny", "--variants", "fib-linear", "--seeds", "0",
           "--no-latency", "--set", *TINY, "steps=100000", "checkpoint_every=100000"]
@@ -271,7 +272,7 @@ def test_a_second_sweep_is_refused_and_ctrl_c_stops_every_cell(tmp_path):
   assert config.exists(), first.communicate(timeout=60)
   second = _python(*args, timeout=120)
   assert "another sweep is running on" in _one_error(second.returncode, second.stderr), second.stderr
-  first.send_signal(signal.SIGINT)
+  first.send_signal(sig)
   out, err = first.communicate(timeout=sweep.STOP_GRACE_S + 60)
   assert _one_error(first.returncode, err, status=130).startswith("error: interrupted (Ctrl-C)"), err
   assert "[sweep] stopping 1 running cell(s)" in out, out
@@ -556,3 +557,17 @@ def test_sweep_list_writes_nothing_so_a_preview_locks_no_recipe(tmp_path, capsys
     assert f"--set {' '.join(TINY)} {steps} progress=false" in capsys.readouterr().out
     assert not fresh.exists()
 
+
+@pytest.mark.parametrize("sig", cli.AS_CTRL_C)
+def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(capsys, sig):
+  parser = argparse.ArgumentParser(prog="tool")
+
+  def body(args: argparse.Namespace) -> int:
+    os.kill(os.getpid(), sig)
+    time.sleep(10)  # runs on to the end unless the signal stops it
+    return 0
+
+  start = time.monotonic()
+  assert cli.run_command(body, parser, [], interrupted=lambda args: "kept") == 130
+  assert time.monotonic() - start < 5 and capsys.readouterr().err == "error: interrupted (Ctrl-C); kept\n"
+  assert signal.getsignal(sig) is signal.SIG_DFL  # the frame's handler goes with it
