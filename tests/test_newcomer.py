@@ -571,3 +571,23 @@ def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(capsys, sig):
   assert cli.run_command(body, parser, [], interrupted=lambda args: "kept") == 130
   assert time.monotonic() - start < 5 and capsys.readouterr().err == "error: interrupted (Ctrl-C); kept\n"
   assert signal.getsignal(sig) is signal.SIG_DFL  # the frame's handler goes with it
+
+
+@pytest.mark.parametrize("impl, fix", [("attention_impl=cudnn", "use --set model.attention_impl=xla"),
+                                       ("norm_impl=pallas", "or add model.interpret=true"),
+                                       ("decode_impl=pallas", "use --set model.decode_impl=xla")])
+def test_an_implementation_this_backend_lacks_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch,
+                                                                                      impl, fix):
+  """On a CPU: cuDNN, or a Pallas kernel without interpret mode (decoding's would fail only after
+  training, in generation), in ``python -m train`` and in a sweep, before its folder is made."""
+  import train.__main__ as train_main  # noqa: PLC0415
+
+  workdir = tmp_path / "e7"
+  line = _one_error(train_main.main(["--config", "tiny", "--variant", "dense", "--workdir", str(workdir), "--set",
+                                     f"model.{impl}", "steps=2"]), capsys.readouterr().err)
+  assert line.startswith(f"error: model.{impl} needs a GPU") and fix in line, line
+  assert not workdir.exists()
+  monkeypatch.setattr(sweep, "local_gpus", lambda: [])
+  line = _one_error(sweep.main(["--root", str(tmp_path / "r"), "--config", "tiny", "--variants", "dense", "--set",
+                                *TINY, f"model.{impl}"]), capsys.readouterr().err)
+  assert line.startswith(f"error: model.{impl} needs a GPU") and not (tmp_path / "r").exists()

@@ -199,8 +199,9 @@ def check_one_recipe(root: pathlib.Path, configs: dict[str, dict]) -> None:
 
 
 def validate(config: str, variants: list[str], seeds: list[int], overrides: list[str],
-             budgets: list[str] | None = None) -> None:
-  """Checks the recipe before anything runs: builds every cell's config, checks the budget names."""
+             budgets: list[str] | None = None, backend: str | None = None) -> None:
+  """Checks the recipe before anything runs: builds every cell's config (checked against
+  ``backend``, ``"cpu"`` or ``"gpu"``, where the cells run here), checks the budget names."""
   import configs  # noqa: PLC0415
   from configs.base import apply_overrides  # noqa: PLC0415
   from train.study.experiment import check_budgets  # noqa: PLC0415
@@ -211,7 +212,9 @@ def validate(config: str, variants: list[str], seeds: list[int], overrides: list
     raise ValueError(f"--variants must be distinct, got {variants}")
   check_overrides(overrides, {"seed": "--seeds", "model.variant": "--variants"})
   for v in variants:
-    apply_overrides(configs.get_config(config, v), [*overrides, f"seed={seeds[0]}"]).validate()
+    cfg = apply_overrides(configs.get_config(config, v), [*overrides, f"seed={seeds[0]}"]).validate()
+    if backend is not None:
+      cfg.check_backend(backend)
   if len(set(seeds)) != len(seeds) or min(seeds) < 0:
     raise ValueError(f"--seeds must be distinct and >= 0, got {seeds}")
   check_budgets(budgets)
@@ -353,7 +356,7 @@ def run_sweep(root: pathlib.Path, config: str, variants: list[str] | None, seeds
   from train.run.workdir import workdir_lock  # noqa: PLC0415  (imports jax)
 
   variants, seeds = asked_grid(root, variants, seeds)
-  validate(config, variants, seeds, overrides, budgets)
+  validate(config, variants, seeds, overrides, budgets, "gpu" if local_gpus() else "cpu")
   recipe = {"config": config, "overrides": list(overrides), "variants": list(variants), "seeds": list(seeds)}
   check_root(root, recipe)
   check_writable(root, "--root")
