@@ -591,3 +591,15 @@ def test_an_implementation_this_backend_lacks_is_one_line_before_anything_is_wri
   line = _one_error(sweep.main(["--root", str(tmp_path / "r"), "--config", "tiny", "--variants", "dense", "--set",
                                 *TINY, f"model.{impl}"]), capsys.readouterr().err)
   assert line.startswith(f"error: model.{impl} needs a GPU") and not (tmp_path / "r").exists()
+
+
+def test_a_probe_of_a_committed_run_says_its_checkpoints_were_not_kept(tmp_path, capsys):
+  """A finished run without checkpoints (committed under ``results/``) cannot be probed: the line
+  says so and gives the command that trains it again in a new workdir, not a refused resume."""
+  workdir = tmp_path / "dense-s0"
+  workdir.mkdir()
+  for name in ("config.json", "eval.json", "cell.json"):
+    shutil.copy(ROOT / "results" / "small" / "dense-s0" / name, workdir / name)
+  line = _one_error(evaluate.main(["--workdir", str(workdir)]), capsys.readouterr().err)
+  assert "is a finished run whose checkpoints were not kept (committed results)" in line, line
+  assert line.endswith("python -m train --config small --variant dense --workdir runs/dense-s0 --set seed=0"), line
