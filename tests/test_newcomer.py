@@ -603,3 +603,13 @@ def test_a_probe_of_a_committed_run_says_its_checkpoints_were_not_kept(tmp_path,
   line = _one_error(evaluate.main(["--workdir", str(workdir)]), capsys.readouterr().err)
   assert "is a finished run whose checkpoints were not kept (committed results)" in line, line
   assert line.endswith("python -m train --config small --variant dense --workdir runs/dense-s0 --set seed=0"), line
+
+
+def test_a_variant_given_twice_is_refused(tmp_path, capsys):
+  import train.__main__ as train_main  # noqa: PLC0415
+
+  workdir = tmp_path / "run"
+  line = _one_error(train_main.main(["--variant", "fib-linear", "--workdir", str(workdir), "--set",
+                                     "model.variant=dense", "steps=2"]), capsys.readouterr().err)
+  assert line == "error: --variant fib-linear and --set model.variant=dense name two variants: give one of them"
+  assert not workdir.exists()
