@@ -92,6 +92,20 @@ class TrainConfig:
                        "to train on the embedded corpus")
     return self
 
+  def check_backend(self, backend: str) -> "TrainConfig":
+    """Raises ``ValueError`` when a ``model.*_impl`` asks for what ``backend`` (``jax.default_backend()``
+    or ``"cpu"``/``"gpu"``) cannot run: cuDNN off a GPU, a Pallas kernel on a CPU without
+    ``model.interpret``. Checked before a run writes anything; returns self."""
+    for name in ("attention_impl", "decode_impl", "norm_impl"):
+      impl = getattr(self.model, name)
+      if impl == "cudnn" and backend != "gpu":
+        raise ValueError(f"model.{name}=cudnn needs a GPU (the backend here is {backend}); use --set "
+                         f"model.{name}=xla")
+      if impl == "pallas" and backend == "cpu" and not self.model.interpret:
+        raise ValueError(f"model.{name}=pallas needs a GPU (the backend here is cpu); use --set model.{name}=xla, "
+                         "or add model.interpret=true to interpret the Pallas kernels (slow)")
+    return self
+
   def task_spec(self) -> TaskSpec | None:
     """The run's task (``None``: text alone), not yet validated."""
     if self.task is None:

@@ -258,9 +258,10 @@ def test_ctrl_c_stops_a_probe_in_one_line_and_writes_nothing(root, damaged, modu
   assert _files(root) == before  # nothing written, not even a temporary file
 
 
-def test_a_second_sweep_is_refused_and_ctrl_c_stops_every_cell(tmp_path):
-  """3: one sweep at a time on a root; 2: a sweep stopped by Ctrl-C (sent to it alone) stops its
-  cells and leaves no process behind."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_sweep_is_refused_and_ctrl_c_stops_every_cell(tmp_path, sig):
+  """3: one sweep at a time on a root; 2: a sweep stopped by Ctrl-C or SIGTERM (sent to it alone)
+  stops its cells and leaves no process behind."""
   sweep_root = tmp_path / "sweep_root"
   args = ["train.sweep", "--root", str(sweep_root), "--config", "tiny", "--variants", "fib-linear", "--seeds", "0",
           "--no-latency", "--set", *TINY, "steps=100000", "checkpoint_every=100000"]
@@ -271,7 +272,7 @@ def test_a_second_sweep_is_refused_and_ctrl_c_stops_every_cell(tmp_path):
   assert config.exists(), first.communicate(timeout=60)
   second = _python(*args, timeout=120)
   assert "another sweep is running on" in _one_error(second.returncode, second.stderr), second.stderr
-  first.send_signal(signal.SIGINT)
+  first.send_signal(sig)
   out, err = first.communicate(timeout=sweep.STOP_GRACE_S + 60)
   assert _one_error(first.returncode, err, status=130).startswith("error: interrupted (Ctrl-C)"), err
   assert "[sweep] stopping 1 running cell(s)" in out, out
@@ -512,3 +513,103 @@ def test_running_a_finished_run_again_says_nothing_was_trained(base_run, tmp_pat
   longer = _run(workdir, *BASE[1:], "steps=10")
   assert longer.returncode == 0, longer.stderr[-3000:]
   assert "for 10 steps, resumed at step 8 in" in longer.stdout
+
+
+# ----------------------------------------------------------------------------- the second review
+
+
+def test_a_sweep_never_trains_into_committed_results(tmp_path, capsys):
+  """A root whose finished cells have no checkpoints (committed under ``results/``) takes no sweep,
+  with the default variants (which the committed root did not use) or any other: one line, nothing written."""
+  committed = tmp_path / "small"
+  (committed / "dense-s0").mkdir(parents=True)
+  (committed / "dense-s0" / "cell.json").write_text("{}")
+  (committed / "sweep.json").write_text(json.dumps({"config": "tiny", "overrides": TINY}))
+  before = {p: p.read_bytes() for p in committed.rglob("*") if p.is_file()}
+  for flags in ([], ["--variants", "dense", "--seeds", "0", "1"], ["--list"]):
+    line = _one_error(sweep.main(["--root", str(committed), "--config", "tiny", "--set", *TINY, *flags]),
+                      capsys.readouterr().err)
+    assert f"{committed} holds committed results (dense-s0 is finished but its checkpoints were not kept)" in line
+    assert line.endswith("give a new --root"), line
+  assert {p: p.read_bytes() for p in committed.rglob("*") if p.is_file()} == before
+
+
+def test_a_sweep_run_again_takes_the_roots_variants_and_seeds_and_more_seeds_add_up(tmp_path, capsys):
+  """``sweep.json`` records the variants and seeds asked for: a sweep run again without them
+  continues those cells (not the nine default variants), and ``--seeds`` adds seeds to them."""
+  sweep_root = tmp_path / "r"
+  sweep.check_root(sweep_root, {"config": "tiny", "overrides": TINY, "variants": ["dense", "window"], "seeds": [0]})
+  assert sweep.asked_grid(sweep_root, None, None) == (["dense", "window"], [0])
+  assert sweep.main(["--root", str(sweep_root), "--config", "tiny", "--list", "--set", *TINY]) == 0
+  listed = [line.split(" --workdir ")[1].split()[0] for line in capsys.readouterr().out.splitlines()]
+  assert listed == [str(sweep_root.absolute() / c) for c in ("dense-s0", "window-s0")]
+  sweep.check_root(sweep_root, {"config": "tiny", "overrides": TINY, "variants": ["dense"], "seeds": [1, 0]})
+  assert sweep.asked_grid(sweep_root, None, None) == (["dense", "window"], [0, 1])
+  assert sweep.asked_grid(sweep_root, ["dense"], [2]) == (["dense"], [2])  # flags given: those cells alone
+  assert sweep.asked_grid(tmp_path / "new", None, None) == (list(sweep.DEFAULT_VARIANTS), [0, 1, 2])
+
+
+def test_sweep_list_writes_nothing_so_a_preview_locks_no_recipe(tmp_path, capsys):
+  fresh = tmp_path / "fresh"
+  for steps in ("steps=2", "steps=3"):  # a preview, then another recipe on the same root
+    assert sweep.main(["--root", str(fresh), "--config", "tiny", "--variants", "dense", "--seeds", "0", "--list",
+                       "--set", *TINY, steps]) == 0
+    assert f"--set {' '.join(TINY)} {steps} progress=false" in capsys.readouterr().out
+    assert not fresh.exists()
+
+
+@pytest.mark.parametrize("sig", cli.AS_CTRL_C)
+def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(capsys, sig):
+  parser = argparse.ArgumentParser(prog="tool")
+
+  def body(args: argparse.Namespace) -> int:
+    os.kill(os.getpid(), sig)
+    time.sleep(10)  # runs on to the end unless the signal stops it
+    return 0
+
+  start = time.monotonic()
+  assert cli.run_command(body, parser, [], interrupted=lambda args: "kept") == 130
+  assert time.monotonic() - start < 5 and capsys.readouterr().err == "error: interrupted (Ctrl-C); kept\n"
+  assert signal.getsignal(sig) is signal.SIG_DFL  # the frame's handler goes with it
+
+
+@pytest.mark.parametrize("impl, fix", [("attention_impl=cudnn", "use --set model.attention_impl=xla"),
+                                       ("norm_impl=pallas", "or add model.interpret=true"),
+                                       ("decode_impl=pallas", "use --set model.decode_impl=xla")])
+def test_an_implementation_this_backend_lacks_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch,
+                                                                                      impl, fix):
+  """On a CPU: cuDNN, or a Pallas kernel without interpret mode (decoding's would fail only after
+  training, in generation), in ``python -m train`` and in a sweep, before its folder is made."""
+  import train.__main__ as train_main  # noqa: PLC0415
+
+  workdir = tmp_path / "e7"
+  line = _one_error(train_main.main(["--config", "tiny", "--variant", "dense", "--workdir", str(workdir), "--set",
+                                     f"model.{impl}", "steps=2"]), capsys.readouterr().err)
+  assert line.startswith(f"error: model.{impl} needs a GPU") and fix in line, line
+  assert not workdir.exists()
+  monkeypatch.setattr(sweep, "local_gpus", lambda: [])
+  line = _one_error(sweep.main(["--root", str(tmp_path / "r"), "--config", "tiny", "--variants", "dense", "--set",
+                                *TINY, f"model.{impl}"]), capsys.readouterr().err)
+  assert line.startswith(f"error: model.{impl} needs a GPU") and not (tmp_path / "r").exists()
+
+
+def test_a_probe_of_a_committed_run_says_its_checkpoints_were_not_kept(tmp_path, capsys):
+  """A finished run without checkpoints (committed under ``results/``) cannot be probed: the line
+  says so and gives the command that trains it again in a new workdir, not a refused resume."""
+  workdir = tmp_path / "dense-s0"
+  workdir.mkdir()
+  for name in ("config.json", "eval.json", "cell.json"):
+    shutil.copy(ROOT / "results" / "small" / "dense-s0" / name, workdir / name)
+  line = _one_error(evaluate.main(["--workdir", str(workdir)]), capsys.readouterr().err)
+  assert "is a finished run whose checkpoints were not kept (committed results)" in line, line
+  assert line.endswith("python -m train --config small --variant dense --workdir runs/dense-s0 --set seed=0"), line
+
+
+def test_a_variant_given_twice_is_refused(tmp_path, capsys):
+  import train.__main__ as train_main  # noqa: PLC0415
+
+  workdir = tmp_path / "run"
+  line = _one_error(train_main.main(["--variant", "fib-linear", "--workdir", str(workdir), "--set",
+                                     "model.variant=dense", "steps=2"]), capsys.readouterr().err)
+  assert line == "error: --variant fib-linear and --set model.variant=dense name two variants: give one of them"
+  assert not workdir.exists()

@@ -58,6 +58,9 @@ def parse(args: argparse.Namespace) -> tuple[TrainConfig, pathlib.Path, list[str
 
   # Without --config, a workdir's saved config is the base the other flags change; with it (or
   # with no workdir yet), the recipe is, and check_workdir compares the result with any saved run.
+  clash = [item for item in args.set if args.variant is not None and item.split("=", 1)[0].strip() == "model.variant"]
+  if clash:
+    raise ValueError(f"--variant {args.variant} and --set {clash[-1]} name two variants: give one of them")
   saved = args.workdir / rundir.CONFIG if args.workdir else None
   resume = saved is not None and saved.exists() and args.config is None
   cfg = TrainConfig.load(saved) if resume else configs.get_config(args.config or "tiny", args.variant)

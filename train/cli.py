@@ -30,6 +30,9 @@ from typing import Callable, Iterator, NoReturn
 USAGE = 2  # exit status of a refused input, as argparse's for a bad argument
 INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)
 RESEND_S = 1.0  # how often an unanswered Ctrl-C is raised again (insistent_interrupts)
+# Signals a command takes as Ctrl-C (insistent_interrupts): a job runner's or a closed terminal's stop
+# then stops a run at its next step and a sweep's cells with it, instead of leaving them running.
+AS_CTRL_C = (signal.SIGTERM, signal.SIGHUP)
 
 # The project's own error classes that mean a refused input or a stopped run, by module. A module
 # that is not loaded raised none of them, so none is imported here (some modules import JAX).
@@ -90,8 +93,8 @@ def exit_with(status: int) -> NoReturn:
 
 @contextlib.contextmanager
 def insistent_interrupts() -> Iterator[Callable[[], bool]]:
-  """Within the block, Ctrl-C raises ``KeyboardInterrupt`` and raises it again once a second until
-  the block ends: Python drops an exception raised inside a garbage-collection callback (JAX
+  """Within the block, Ctrl-C (or a signal of ``AS_CTRL_C``, sent on as SIGINT) raises
+  ``KeyboardInterrupt`` and raises it again once a second until the block ends: Python drops an exception raised inside a garbage-collection callback (JAX
   registers one), which would let a command run on to the end and exit 0. Yields a function
   saying whether Ctrl-C was pressed. A handler installed inside the block (the training loop's
   step-boundary flag, ``train.run.trainer``) takes Ctrl-C over until it restores this one."""
@@ -119,7 +122,11 @@ def insistent_interrupts() -> Iterator[Callable[[], bool]]:
     if not issubclass(info.exc_type, KeyboardInterrupt):
       hook(info)
 
+  def as_ctrl_c(signum, frame) -> None:  # SIGTERM, SIGHUP: whichever SIGINT handler is current stops the command
+    os.kill(os.getpid(), signal.SIGINT)
+
   previous, hook = signal.signal(signal.SIGINT, handler), sys.unraisablehook
+  others = {sig: signal.signal(sig, as_ctrl_c) for sig in AS_CTRL_C}
   sys.unraisablehook = unraisable
   try:
     yield pressed.is_set
@@ -127,6 +134,8 @@ def insistent_interrupts() -> Iterator[Callable[[], bool]]:
     done.set()
     for thread in resender:  # a Ctrl-C it sent as the block ended meets this handler (a no-op), not the previous
       thread.join()
+    for sig, before in others.items():
+      signal.signal(sig, before)
     signal.signal(signal.SIGINT, previous)
     if sys.unraisablehook is unraisable:  # a hook installed since (train.run.quiet) chains to this one: kept
       sys.unraisablehook = hook

@@ -12,6 +12,7 @@ The files are named in ``train.run.rundir``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import sys
 from typing import Any
@@ -159,6 +160,18 @@ def check_run_folder(workdir: pathlib.Path) -> None:
     raise ValueError(f"workdir {workdir} does not exist: train one first with python -m train --workdir ...")
 
 
+def retrain_command(workdir: pathlib.Path, cfg: TrainConfig) -> str:
+  """The ``python -m train`` command that trains the run in ``workdir`` again in a new workdir: a
+  sweep cell's recipe, variant, seed and overrides (its ``cell.json``), else its variant and seed."""
+  try:
+    cell = json.loads((workdir / rundir.CELL).read_text())
+    recipe, sets = cell["config"], [str(o) for o in cell["overrides"] if not str(o).startswith("progress=")]
+  except (OSError, ValueError, KeyError, TypeError):
+    recipe, sets = "CONFIG", []
+  return (f"python -m train --config {recipe} --variant {cfg.model.variant} --workdir runs/{workdir.name} "
+          f"--set seed={cfg.seed} {' '.join(sets)}").rstrip()
+
+
 def load_run(workdir: pathlib.Path, mesh: Mesh | None = None, step: int | None = None) -> Run:
   """Restores the parameters of ``step`` (default: the newest checkpoint that restores intact,
   see ``restore_newest_params``) of ``workdir`` onto ``mesh``. Reads only: nothing in ``workdir``
@@ -176,6 +189,9 @@ def load_run(workdir: pathlib.Path, mesh: Mesh | None = None, step: int | None =
   cfg = TrainConfig.load(workdir / rundir.CONFIG)
   checkpoints = rundir.checkpoints(workdir)
   steps = rundir.saved_steps(workdir)
+  if not steps and rundir.is_finished(workdir):
+    raise ValueError(f"{workdir} is a finished run whose checkpoints were not kept (committed results), so it "
+                     f"cannot be probed: retrain it in a new workdir, {retrain_command(workdir, cfg)}")
   if not steps:
     raise ValueError(f"{workdir} holds no checkpoint yet: train it first (python -m train --workdir {workdir})")
   if step is not None and step not in steps:

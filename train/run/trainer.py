@@ -216,7 +216,8 @@ def check_start(cfg: TrainConfig, workdir: pathlib.Path, devices: int, allow_cha
   Raises:
     ValueError: a bad config, an incompatible workdir, or unusable data.
   """
-  cfg = resolve_random_offsets(cfg.validate())  # a *-random run's drawn offsets are saved in its config.json
+  # a *-random run's drawn offsets are saved in its config.json
+  cfg = resolve_random_offsets(cfg.validate().check_backend(jax.default_backend()))
   if cfg.data_path is not None:
     cfg = dataclasses.replace(cfg, data_path=str(pathlib.Path(cfg.data_path).resolve()))
     check_apart(workdir, pathlib.Path(cfg.data_path))

@@ -5,6 +5,7 @@ r"""``python -m train.sweep``: variants x seeds of one recipe, each run a normal
     python -m train.sweep --root runs/paper --config paper --variants dense fib-linear --seeds 0 1 \
         --set steps=2400 --per-gpu 3
     python -m train.sweep --root runs/small                          # again: skips finished cells, resumes the rest
+    python -m train.sweep --root runs/small --seeds 3 4              # more seeds of the root's variants
     python -m train.sweep --root runs/small --list                   # one train.experiment command per unfinished cell
 
 Each cell (``ROOT/<variant>-s<seed>``) runs ``python -m train.experiment`` in a process of its own:
@@ -20,7 +21,10 @@ time runs on a root (a lock on ``ROOT/.lock``). Ctrl-C stops every cell at its n
 checkpoints kept) within ``STOP_GRACE_S`` seconds, or kills it then. Every variant with a given
 seed trains on the same tokens in the same order (the data order depends on the seed alone). When
 every cell has finished, ``python -m train.latency ROOT`` measures inference latency with the
-device to itself. ``ROOT/sweep.json`` holds the recipe; a root holding another recipe is refused.
+device to itself. ``ROOT/sweep.json`` holds the recipe and the variants and seeds its sweeps asked
+for: a root holding another recipe is refused, and a sweep run again without ``--variants`` or
+``--seeds`` takes the root's. A root holding committed results (finished cells whose checkpoints
+were not kept, as under ``results/``) is refused: nothing is trained or measured there.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import subprocess
 import sys
 import time
 
-from train.cli import add_overrides, check_writable, exit_with, run_command
+from train.cli import add_overrides, check_writable, exit_with, run_command, write_whole
 from train.run import rundir
 from train.study import packing, sweeproot
 from train.study.experiment import check_overrides
@@ -108,19 +112,46 @@ def recipe_flags(recipe: dict) -> str:
   return " ".join([f"--config {recipe.get('config')}", *(["--set", *map(str, overrides)] if overrides else [])])
 
 
-def check_root(root: pathlib.Path, recipe: dict) -> None:
-  """Creates ``ROOT/sweep.json`` or checks that it holds ``recipe``; raises ``ValueError`` if not."""
+def check_not_committed(root: pathlib.Path) -> None:
+  """Raises ``ValueError`` when ``root`` holds a finished cell without checkpoints: committed results
+  (``results/``, whose checkpoints were left out), which no sweep trains into or measures."""
+  kept = next((c.parent for c in sorted(root.glob(f"*/{rundir.CELL}")) if not rundir.saved_steps(c.parent)), None)
+  if kept is not None:
+    raise ValueError(f"{root} holds committed results ({kept.name} is finished but its checkpoints were not kept): "
+                     "a sweep adds nothing to it; give a new --root")
+
+
+def asked_grid(root: pathlib.Path, variants: list[str] | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
+  """``(variants, seeds)``: those given, else those the root's sweeps asked for (``ROOT/sweep.json``),
+  else ``DEFAULT_VARIANTS`` and seeds 0 1 2. Run again without flags, a sweep continues the root's cells."""
+  path = root / sweeproot.SWEEP
+  saved = read_sweep_file(path) if path.is_file() else {}
+  return variants or saved.get("variants") or list(DEFAULT_VARIANTS), seeds or saved.get("seeds") or [0, 1, 2]
+
+
+def check_root(root: pathlib.Path, recipe: dict, write: bool = True) -> None:
+  """Checks that ``ROOT/sweep.json`` holds ``recipe`` (its config and overrides) and that ``root``
+  holds no committed results; raises ``ValueError`` if not. With ``write``, creates the file, and
+  adds the recipe's ``variants`` and ``seeds`` to those it records (the root's cells so far)."""
   path = root / sweeproot.SWEEP
   if root.exists() and not root.is_dir():
     raise ValueError(f"--root {root} is a file, not a folder: give a folder for the sweep's runs")
+  if root.is_dir():
+    check_not_committed(root)
   if path.exists():
     saved = read_sweep_file(path)
     if not same_recipe(saved, recipe):
       raise ValueError(f"{root} holds a sweep of another recipe ({recipe_flags(saved)}): give those flags to continue "
                        f"it, or a new --root for {recipe_flags(recipe)}")
+    grown = {k: [*saved.get(k, []), *(x for x in recipe[k] if x not in saved.get(k, []))]
+             for k in ("variants", "seeds") if k in recipe}
+    if write and any(saved.get(k) != v for k, v in grown.items()):
+      write_whole(path, json.dumps({**saved, **grown}, indent=2) + "\n")
     return
   if root.is_dir() and any(root.iterdir()):
     raise ValueError(f"{root} is not empty and holds no {sweeproot.SWEEP}: use a new --root")
+  if not write:
+    return
   try:
     root.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(recipe, indent=2) + "\n")
@@ -168,8 +199,9 @@ def check_one_recipe(root: pathlib.Path, configs: dict[str, dict]) -> None:
 
 
 def validate(config: str, variants: list[str], seeds: list[int], overrides: list[str],
-             budgets: list[str] | None = None) -> None:
-  """Checks the recipe before anything runs: builds every cell's config, checks the budget names."""
+             budgets: list[str] | None = None, backend: str | None = None) -> None:
+  """Checks the recipe before anything runs: builds every cell's config (checked against
+  ``backend``, ``"cpu"`` or ``"gpu"``, where the cells run here), checks the budget names."""
   import configs  # noqa: PLC0415
   from configs.base import apply_overrides  # noqa: PLC0415
   from train.study.experiment import check_budgets  # noqa: PLC0415
@@ -180,7 +212,9 @@ def validate(config: str, variants: list[str], seeds: list[int], overrides: list
     raise ValueError(f"--variants must be distinct, got {variants}")
   check_overrides(overrides, {"seed": "--seeds", "model.variant": "--variants"})
   for v in variants:
-    apply_overrides(configs.get_config(config, v), [*overrides, f"seed={seeds[0]}"]).validate()
+    cfg = apply_overrides(configs.get_config(config, v), [*overrides, f"seed={seeds[0]}"]).validate()
+    if backend is not None:
+      cfg.check_backend(backend)
   if len(set(seeds)) != len(seeds) or min(seeds) < 0:
     raise ValueError(f"--seeds must be distinct and >= 0, got {seeds}")
   check_budgets(budgets)
@@ -313,31 +347,33 @@ def sweep_cells(root: pathlib.Path, variants: list[str], seeds: list[int], rerun
                   for k in range(1, reruns + 1) for v in variants]
 
 
-def run_sweep(root: pathlib.Path, config: str, variants: list[str], seeds: list[int], overrides: list[str],
-              per_gpu: int | None = None, budgets: list[str] | None = None, latency: bool = True,
+def run_sweep(root: pathlib.Path, config: str, variants: list[str] | None, seeds: list[int] | None,
+              overrides: list[str], per_gpu: int | None = None, budgets: list[str] | None = None, latency: bool = True,
               poll_s: float = 5.0, reruns: int = 0) -> int:
   """Runs every unfinished cell (``per_gpu`` cells on each GPU, default: as many as its memory
   holds, ``train.study.packing``) holding the root's lock, so that a second sweep on the same root
   is refused; returns the number of cells that failed."""
   from train.run.workdir import workdir_lock  # noqa: PLC0415  (imports jax)
 
-  validate(config, variants, seeds, overrides, budgets)
-  recipe = {"config": config, "overrides": list(overrides)}
+  variants, seeds = asked_grid(root, variants, seeds)
+  validate(config, variants, seeds, overrides, budgets, "gpu" if local_gpus() else "cpu")
+  recipe = {"config": config, "overrides": list(overrides), "variants": list(variants), "seeds": list(seeds)}
   check_root(root, recipe)
   check_writable(root, "--root")
   with workdir_lock(root, busy=f"another sweep is running on {root}; wait for it to end, or give another --root"):
     return run_cells(root, recipe, sweep_cells(root, variants, seeds, reruns), per_gpu, budgets, latency, poll_s)
 
 
-def list_cells(root: pathlib.Path, config: str, variants: list[str], seeds: list[int], overrides: list[str],
-               budgets: list[str] | None = None, reruns: int = 0) -> list[str]:
+def list_cells(root: pathlib.Path, config: str, variants: list[str] | None, seeds: list[int] | None,
+               overrides: list[str], budgets: list[str] | None = None, reruns: int = 0) -> list[str]:
   """One shell command per unfinished cell, ``python -m train.experiment ...`` with the cell's
   absolute workdir, for a scheduler (a SLURM array, any job runner) that spreads the cells over
-  hosts sharing ``root``. The recipe is checked and recorded in ``ROOT/sweep.json`` as a sweep
-  does, so ``train.report`` reads the cells wherever they ran."""
+  hosts sharing ``root``. The recipe is checked against ``ROOT/sweep.json`` as a sweep checks
+  it; nothing is written."""
+  variants, seeds = asked_grid(root, variants, seeds)
   validate(config, variants, seeds, overrides, budgets)
   recipe = {"config": config, "overrides": list(overrides)}
-  check_root(root, recipe)
+  check_root(root, recipe, write=False)
   cells = sweep_cells(root.absolute(), variants, seeds, reruns)
   return [shlex.join(["python", "-m", "train.experiment", *command(c, recipe, budgets)[3:]])
           for c in cells if not c.done]
@@ -418,8 +454,10 @@ def main(argv: list[str] | None = None) -> int:
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--root", required=True, type=pathlib.Path)
   parser.add_argument("--config", default="small")
-  parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
-  parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+  parser.add_argument("--variants", nargs="+", default=None,
+                      help="default: those the root's sweeps asked for (ROOT/sweep.json), on a new root all nine")
+  parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                      help="default: those the root's sweeps asked for (ROOT/sweep.json), on a new root 0 1 2")
   add_overrides(parser, "recipe overrides for every cell")
   parser.add_argument("--per-gpu", type=int, default=None,
                       help="cells sharing one GPU (default: as many as its memory holds, at most "
@@ -430,8 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="train each variant this many more times at the first seed: the report sets the "
                            "spread of same-seed reruns beside the spread over seeds")
   parser.add_argument("--list", action="store_true",
-                      help="train nothing: record the recipe in ROOT/sweep.json (as a sweep does, so the root "
-                           "then takes only this recipe) and print one python -m train.experiment command per "
+                      help="train and write nothing: print one python -m train.experiment command per "
                            "unfinished cell")
   return run_command(sweep_and_report, parser, argv, interrupted=lambda args: (
       f"finished cells and the others' checkpoints are kept under {args.root}; run the same command again to resume"))

@@ -1,7 +1,8 @@
 """The files of a sweep root (``--root``), each named once here.
 
     ROOT/
-      sweep.json            the recipe, {"config": NAME, "overrides": [KEY=VALUE, ...]} (``train.study.sweep``)
+      sweep.json            the recipe, {"config": NAME, "overrides": [KEY=VALUE, ...]}, and the "variants" and
+                            "seeds" its sweeps asked for (``train.study.sweep``)
       sweep_cost.jsonl      one JSON line per sweep invocation: its wall time, cells finished and failed, GPUs
       .lock                 held (``flock``) by the sweep running on the root, so that a second one is refused
       <variant>-s<seed>/    one run directory per cell (``train.run.rundir``), finished once its cell.json exists
