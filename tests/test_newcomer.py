@@ -317,6 +317,20 @@ def test_packing_too_many_cells_is_named_with_the_fix():
     packing.plan(H100, need, "default", asked=60)
 
 
+def test_a_second_sweep_on_a_gpu_packs_into_the_memory_the_first_left():
+  """Another sweep's 21 recall cells hold 74 GB of an 80 GB H100 (what the mixed study saw): a sweep
+  started beside them sizes its cells to the free memory, not the card's."""
+  need, where = packing.footprint(pathlib.Path("/nonexistent"), "recall128-long")
+  free = H100 - 74 * 10**9
+  plan = packing.plan(H100, need, where, free_bytes=free)
+  assert plan.fits == free // (need + packing.RESERVE_BYTES) and plan.per_gpu == plan.fits
+  assert plan.per_gpu * (plan.fraction * H100 + packing.RESERVE_BYTES) <= free  # pools and reserves fit what is free
+  assert "GiB held by other processes" in plan.describe()
+  assert packing.plan(H100, need, where, free_bytes=H100).per_gpu == packing.DEFAULT_PER_GPU
+  with pytest.raises(ValueError, match="free on the GPU; give --per-gpu"):
+    packing.plan(H100, need, where, asked=8, free_bytes=free)
+
+
 def test_a_cells_measured_peak_sizes_the_packing(cell, tmp_path):
   assert "peak_bytes" in json.loads((cell / "cell.json").read_text())  # recorded (None on CPU)
   for name, peak in (("a-s0", 3 * 2**30), ("b-s0", 5 * 2**30), ("c-s0", None)):
@@ -342,7 +356,7 @@ if tries <= failures:
 def test_a_transient_cuda_error_is_retried_once_then_named_with_the_fix(tmp_path, monkeypatch, capsys, failures):
   """Cells as real processes that meet ``BlasLt is unavailable`` ``failures`` times, on one 80 GB GPU."""
   monkeypatch.setattr(sweep, "local_gpus", lambda: ["0"])
-  monkeypatch.setattr(packing, "gpu_memory", lambda gpus: packing.DEFAULT_GPU_BYTES)
+  monkeypatch.setattr(packing, "gpu_memory", lambda gpus, field="memory.total": packing.DEFAULT_GPU_BYTES)
   monkeypatch.setattr(sweep, "command", lambda c, recipe, budgets: [sys.executable, "-c", FAKE_CELL, str(c.workdir),
                                                                       str(failures)])
   sweep_root = tmp_path / "sweep_root"
@@ -530,7 +544,13 @@ def test_a_sweep_never_trains_into_committed_results(tmp_path, capsys):
     line = _one_error(sweep.main(["--root", str(committed), "--config", "tiny", "--set", *TINY, *flags]),
                       capsys.readouterr().err)
     assert f"{committed} holds committed results (dense-s0 is finished but its checkpoints were not kept)" in line
-    assert line.endswith("give a new --root"), line
+    assert line.endswith("give a new --root, or add --extend to train the missing cells beside them"), line
+  assert {p: p.read_bytes() for p in committed.rglob("*") if p.is_file()} == before
+  # asked for, a sweep lists (and would train) the missing cells and leaves the finished one alone
+  assert sweep.main(["--root", str(committed), "--config", "tiny", "--set", *TINY, "--variants", "dense",
+                     "--seeds", "0", "1", "--list", "--extend"]) == 0
+  listed = [line.split(" --workdir ")[1].split()[0] for line in capsys.readouterr().out.splitlines()]
+  assert listed == [str(committed.absolute() / "dense-s1")]
   assert {p: p.read_bytes() for p in committed.rglob("*") if p.is_file()} == before
 
 

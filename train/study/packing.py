@@ -5,7 +5,9 @@ the GPU's memory, taken at its start) a process needs memory of its own: its CUD
 workspaces cuBLAS and cuDNN allocate at their first call. Pools that leave too little of it make a
 cell fail at its first step with ``BlasLt is unavailable`` or a cuBLAS error that "may be due to
 OOM". So every process keeps ``RESERVE_BYTES`` out of the pools, and the cells per GPU are as many
-as the GPU holds at the recipe's footprint plus that reserve (at most ``DEFAULT_PER_GPU``). The
+as the GPU holds at the recipe's footprint plus that reserve (at most ``DEFAULT_PER_GPU``), counting
+only the memory free when the sweep starts: a sweep started beside another one's running cells packs
+into what they left (two started at the same moment both see the whole GPU, so start them apart). The
 footprint is the largest peak a finished cell of the root recorded (``cell.json``'s
 ``peak_bytes``, with a margin), else the recipe's default in ``RECIPE_FOOTPRINT``.
 """
@@ -53,11 +55,15 @@ class Packing:
   need_bytes: int  # what a cell is expected to use
   need_from: str  # where need_bytes comes from
   fits: int  # the cells per GPU that memory allows
+  free_bytes: int  # what was free on the GPU when the sweep started
+
 
   def describe(self) -> str:
     """One line: the cells per GPU, each one's share and what a cell needs."""
     share = self.fraction * self.gpu_bytes / GIB
-    return (f"{self.per_gpu} per GPU of {self.gpu_bytes / GIB:.1f} GiB, {share:.1f} GiB each plus "
+    held = (f" ({(self.gpu_bytes - self.free_bytes) / GIB:.1f} GiB held by other processes)"
+            if self.free_bytes < self.gpu_bytes - GIB else "")
+    return (f"{self.per_gpu} per GPU of {self.gpu_bytes / GIB:.1f} GiB{held}, {share:.1f} GiB each plus "
             f"{RESERVE_BYTES / GIB:.1f} GiB kept for CUDA; a cell needs about {self.need_bytes / GIB:.1f} GiB "
             f"({self.need_from})")
 
@@ -70,26 +76,31 @@ class Packing:
             f"--per-gpu {self.fits} fits")
 
 
-def plan(gpu_bytes: int, need_bytes: int, need_from: str, asked: int | None = None) -> Packing:
-  """The packing of cells needing ``need_bytes`` each on a GPU of ``gpu_bytes``: ``asked`` cells
-  per GPU, or as many as fit (at most ``DEFAULT_PER_GPU``). Raises ``ValueError`` when the
-  processes' reserves alone would fill the GPU."""
-  fits = max(1, gpu_bytes // (need_bytes + RESERVE_BYTES))
+def plan(gpu_bytes: int, need_bytes: int, need_from: str, asked: int | None = None,
+         free_bytes: int | None = None) -> Packing:
+  """The packing of cells needing ``need_bytes`` each on a GPU of ``gpu_bytes``, of which
+  ``free_bytes`` are free (other processes, another sweep, hold the rest; ``None``: all of it):
+  ``asked`` cells per GPU, or as many as the free memory holds (at most ``DEFAULT_PER_GPU``). Raises
+  ``ValueError`` when the processes' reserves alone would fill it."""
+  free = gpu_bytes if free_bytes is None else min(free_bytes, gpu_bytes)
+  fits = max(1, free // (need_bytes + RESERVE_BYTES))
   per_gpu = asked or min(fits, DEFAULT_PER_GPU)
-  pool = gpu_bytes - per_gpu * RESERVE_BYTES
+  pool = free - per_gpu * RESERVE_BYTES
   if pool < per_gpu * GIB // 4:
     raise ValueError(f"--per-gpu {per_gpu}: that many processes' CUDA contexts ({RESERVE_BYTES / GIB:.1f} GiB each) "
-                     f"leave almost nothing of a {gpu_bytes / GIB:.1f} GiB GPU; give --per-gpu {fits} (what fits)")
-  fraction = math.floor(1000 * pool / per_gpu / gpu_bytes) / 1000  # rounded down: the reserves stay whole
-  return Packing(per_gpu, fraction, gpu_bytes, need_bytes, need_from, fits)
+                     f"leave almost nothing of the {free / GIB:.1f} GiB free on the GPU; give --per-gpu {fits} (what "
+                     "fits), or wait for what holds the rest of its memory")
+  fraction = math.floor(1000 * pool / per_gpu / gpu_bytes) / 1000  # of the total; rounded down: the reserves stay whole
+  return Packing(per_gpu, fraction, gpu_bytes, need_bytes, need_from, fits, free)
 
 
-def gpu_memory(gpus: list[str]) -> int | None:
-  """The smallest total memory in bytes of the GPUs ``gpus`` (``nvidia-smi`` indices), or of every
-  GPU when an id is not an index; ``None`` when ``nvidia-smi`` cannot say."""
+def gpu_memory(gpus: list[str], field: str = "memory.total") -> int | None:
+  """The smallest ``field`` (``memory.total``, ``memory.free``) in bytes of the GPUs ``gpus``
+  (``nvidia-smi`` indices), or of every GPU when an id is not an index; ``None`` when ``nvidia-smi``
+  cannot say."""
   if shutil.which("nvidia-smi") is None:
     return None
-  query = ["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"]
+  query = ["nvidia-smi", f"--query-gpu=index,{field}", "--format=csv,noheader,nounits"]
   try:
     out = subprocess.run(query, capture_output=True, text=True, check=True, timeout=60).stdout
     sizes = {index.strip(): int(mib) * 2**20 for index, mib in (line.split(",") for line in out.splitlines() if line)}

@@ -24,7 +24,8 @@ every cell has finished, ``python -m train.latency ROOT`` measures inference lat
 device to itself. ``ROOT/sweep.json`` holds the recipe and the variants and seeds its sweeps asked
 for: a root holding another recipe is refused, and a sweep run again without ``--variants`` or
 ``--seeds`` takes the root's. A root holding committed results (finished cells whose checkpoints
-were not kept, as under ``results/``) is refused: nothing is trained or measured there.
+were not kept, as under ``results/``) is refused unless ``--extend`` asks to train its missing cells
+beside them (a study that spans sessions).
 """
 
 from __future__ import annotations
@@ -114,11 +115,11 @@ def recipe_flags(recipe: dict) -> str:
 
 def check_not_committed(root: pathlib.Path) -> None:
   """Raises ``ValueError`` when ``root`` holds a finished cell without checkpoints: committed results
-  (``results/``, whose checkpoints were left out), which no sweep trains into or measures."""
+  (``results/``, whose checkpoints were left out), which a sweep extends only when asked (``--extend``)."""
   kept = next((c.parent for c in sorted(root.glob(f"*/{rundir.CELL}")) if not rundir.saved_steps(c.parent)), None)
   if kept is not None:
     raise ValueError(f"{root} holds committed results ({kept.name} is finished but its checkpoints were not kept): "
-                     "a sweep adds nothing to it; give a new --root")
+                     "give a new --root, or add --extend to train the missing cells beside them")
 
 
 def asked_grid(root: pathlib.Path, variants: list[str] | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
@@ -129,14 +130,14 @@ def asked_grid(root: pathlib.Path, variants: list[str] | None, seeds: list[int] 
   return variants or saved.get("variants") or list(DEFAULT_VARIANTS), seeds or saved.get("seeds") or [0, 1, 2]
 
 
-def check_root(root: pathlib.Path, recipe: dict, write: bool = True) -> None:
+def check_root(root: pathlib.Path, recipe: dict, write: bool = True, extend: bool = False) -> None:
   """Checks that ``ROOT/sweep.json`` holds ``recipe`` (its config and overrides) and that ``root``
-  holds no committed results; raises ``ValueError`` if not. With ``write``, creates the file, and
-  adds the recipe's ``variants`` and ``seeds`` to those it records (the root's cells so far)."""
+  holds no committed results unless ``extend``; raises ``ValueError`` if not. With ``write``, creates
+  the file, and adds the recipe's ``variants`` and ``seeds`` to those it records (the root's cells so far)."""
   path = root / sweeproot.SWEEP
   if root.exists() and not root.is_dir():
     raise ValueError(f"--root {root} is a file, not a folder: give a folder for the sweep's runs")
-  if root.is_dir():
+  if root.is_dir() and not extend:
     check_not_committed(root)
   if path.exists():
     saved = read_sweep_file(path)
@@ -284,7 +285,7 @@ def gpu_packing(root: pathlib.Path, config: str, gpus: list[str], asked: int | N
   gpu_bytes = packing.gpu_memory(gpus)
   if gpu_bytes is None:
     gpu_bytes, need_from = packing.DEFAULT_GPU_BYTES, f"{need_from}; GPU memory assumed 80 GB: nvidia-smi did not say"
-  return packing.plan(gpu_bytes, need, need_from, asked)
+  return packing.plan(gpu_bytes, need, need_from, asked, free_bytes=packing.gpu_memory(gpus, "memory.free"))
 
 
 def attempt_log(path: pathlib.Path, offset: int) -> str:
@@ -349,7 +350,7 @@ def sweep_cells(root: pathlib.Path, variants: list[str], seeds: list[int], rerun
 
 def run_sweep(root: pathlib.Path, config: str, variants: list[str] | None, seeds: list[int] | None,
               overrides: list[str], per_gpu: int | None = None, budgets: list[str] | None = None, latency: bool = True,
-              poll_s: float = 5.0, reruns: int = 0) -> int:
+              poll_s: float = 5.0, reruns: int = 0, extend: bool = False) -> int:
   """Runs every unfinished cell (``per_gpu`` cells on each GPU, default: as many as its memory
   holds, ``train.study.packing``) holding the root's lock, so that a second sweep on the same root
   is refused; returns the number of cells that failed."""
@@ -358,14 +359,15 @@ def run_sweep(root: pathlib.Path, config: str, variants: list[str] | None, seeds
   variants, seeds = asked_grid(root, variants, seeds)
   validate(config, variants, seeds, overrides, budgets, "gpu" if local_gpus() else "cpu")
   recipe = {"config": config, "overrides": list(overrides), "variants": list(variants), "seeds": list(seeds)}
-  check_root(root, recipe)
+  check_root(root, recipe, extend=extend)
   check_writable(root, "--root")
   with workdir_lock(root, busy=f"another sweep is running on {root}; wait for it to end, or give another --root"):
     return run_cells(root, recipe, sweep_cells(root, variants, seeds, reruns), per_gpu, budgets, latency, poll_s)
 
 
 def list_cells(root: pathlib.Path, config: str, variants: list[str] | None, seeds: list[int] | None,
-               overrides: list[str], budgets: list[str] | None = None, reruns: int = 0) -> list[str]:
+               overrides: list[str], budgets: list[str] | None = None, reruns: int = 0,
+               extend: bool = False) -> list[str]:
   """One shell command per unfinished cell, ``python -m train.experiment ...`` with the cell's
   absolute workdir, for a scheduler (a SLURM array, any job runner) that spreads the cells over
   hosts sharing ``root``. The recipe is checked against ``ROOT/sweep.json`` as a sweep checks
@@ -373,7 +375,7 @@ def list_cells(root: pathlib.Path, config: str, variants: list[str] | None, seed
   variants, seeds = asked_grid(root, variants, seeds)
   validate(config, variants, seeds, overrides, budgets)
   recipe = {"config": config, "overrides": list(overrides)}
-  check_root(root, recipe, write=False)
+  check_root(root, recipe, write=False, extend=extend)
   cells = sweep_cells(root.absolute(), variants, seeds, reruns)
   return [shlex.join(["python", "-m", "train.experiment", *command(c, recipe, budgets)[3:]])
           for c in cells if not c.done]
@@ -467,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--reruns", type=int, default=0,
                       help="train each variant this many more times at the first seed: the report sets the "
                            "spread of same-seed reruns beside the spread over seeds")
+  parser.add_argument("--extend", action="store_true",
+                      help="train the missing cells of a root of committed results (finished cells whose "
+                           "checkpoints were not kept), which is otherwise refused; its finished cells stay as they are")
   parser.add_argument("--list", action="store_true",
                       help="train and write nothing: print one python -m train.experiment command per "
                            "unfinished cell")
@@ -482,7 +487,7 @@ def sweep_and_report(args: argparse.Namespace) -> int:
     raise ValueError(f"--reruns must be >= 0, got {args.reruns}")
   if args.list:
     commands = list_cells(args.root, args.config, args.variants, args.seeds, list(args.set), args.budgets,
-                          args.reruns)
+                          args.reruns, extend=args.extend)
     if commands:
       print("\n".join(commands))
     else:
@@ -490,7 +495,7 @@ def sweep_and_report(args: argparse.Namespace) -> int:
             f"{args.root}", file=sys.stderr)
     return 0
   failed = run_sweep(args.root, args.config, args.variants, args.seeds, list(args.set), args.per_gpu,
-                     args.budgets, latency=not args.no_latency, reruns=args.reruns)
+                     args.budgets, latency=not args.no_latency, reruns=args.reruns, extend=args.extend)
   if failed:
     print(f"[sweep] {failed} cell(s) failed; their logs are under {args.root / sweeproot.LOGS}; run again to retry "
           "them", file=sys.stderr)
