@@ -578,8 +578,18 @@ def test_sweep_list_writes_nothing_so_a_preview_locks_no_recipe(tmp_path, capsys
     assert not fresh.exists()
 
 
+@pytest.fixture
+def default_handlers():
+  """Each signal of ``cli.AS_CTRL_C`` at its default handler for the test (a CI runner under nohup
+  starts with SIGHUP ignored), restored after."""
+  before = {sig: signal.signal(sig, signal.SIG_DFL) for sig in cli.AS_CTRL_C}
+  yield
+  for sig, handler in before.items():
+    signal.signal(sig, handler)
+
+
 @pytest.mark.parametrize("sig", cli.AS_CTRL_C)
-def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(capsys, sig):
+def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(capsys, sig, default_handlers):
   parser = argparse.ArgumentParser(prog="tool")
 
   def body(args: argparse.Namespace) -> int:
@@ -591,6 +601,21 @@ def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(capsys, sig):
   assert cli.run_command(body, parser, [], interrupted=lambda args: "kept") == 130
   assert time.monotonic() - start < 5 and capsys.readouterr().err == "error: interrupted (Ctrl-C); kept\n"
   assert signal.getsignal(sig) is signal.SIG_DFL  # the frame's handler goes with it
+
+
+def test_a_signal_the_command_was_started_to_ignore_stays_ignored(default_handlers):
+  """Under ``nohup`` SIGHUP is ignored: a command keeps ignoring it (a closed terminal does not stop it)."""
+  signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  seen = []
+
+  def body(args: argparse.Namespace) -> int:
+    seen.append((signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)))
+    os.kill(os.getpid(), signal.SIGHUP)
+    return 0
+
+  assert cli.run_command(body, argparse.ArgumentParser(prog="tool"), []) == 0
+  assert seen[0][0] is signal.SIG_IGN and seen[0][1] not in (signal.SIG_IGN, signal.SIG_DFL)
+  assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
 
 
 @pytest.mark.parametrize("impl, fix", [("attention_impl=cudnn", "use --set model.attention_impl=xla"),

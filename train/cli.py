@@ -126,7 +126,8 @@ def insistent_interrupts() -> Iterator[Callable[[], bool]]:
     os.kill(os.getpid(), signal.SIGINT)
 
   previous, hook = signal.signal(signal.SIGINT, handler), sys.unraisablehook
-  others = {sig: signal.signal(sig, as_ctrl_c) for sig in AS_CTRL_C}
+  # a signal the command was started to ignore (SIGHUP under nohup) stays ignored
+  others = {sig: signal.signal(sig, as_ctrl_c) for sig in AS_CTRL_C if signal.getsignal(sig) is not signal.SIG_IGN}
   sys.unraisablehook = unraisable
   try:
     yield pressed.is_set
