@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import textwrap
@@ -87,7 +88,7 @@ class Job:
     """The command, each process's exit status and the end of its output, for a failure message."""
     parts = [f"job {self.name!r} ({len(self.procs)} process(es), seed {SEED}): {' '.join(self.command)}"]
     for i, (proc, log) in enumerate(zip(self.procs, self.logs)):
-      tail = "\n    ".join(log.read_text(errors="replace").splitlines()[-25:])
+      tail = "\n    ".join(log.read_text(errors="replace").splitlines()[-80:])
       parts.append(f"  process {i}: exit status {proc.returncode}\n    {tail}")
     return "\n".join(parts)
 
@@ -98,7 +99,8 @@ def start(name: str, tmp: pathlib.Path, workdir: pathlib.Path, processes: int, s
   its coordinator on a free localhost port and its writes audited."""
   command = [sys.executable, "-m", "train", "--workdir", str(workdir), "--set", *SETTINGS, f"steps={steps}"]
   base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  base |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // processes}",
+  base |= {"PYTHONFAULTHANDLER": "1",  # a process stopped for hanging (``finish``) prints where each thread waits
+           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // processes}",
            "JAX_COMPILATION_CACHE_DIR": str(tmp / "compiled"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   if processes > 1:
     audit = tmp / "audit"
@@ -132,17 +134,26 @@ def finish(jobs: list[Job], status: int = 0, timeout_s: float = STAGE_TIMEOUT_S)
           kill(jobs)
           pytest.fail(f"a process exited with {proc.returncode}, not {status}:\n{job.describe()}", pytrace=False)
   except subprocess.TimeoutExpired:
-    kill(jobs)
+    kill(jobs, signal.SIGABRT)  # the hung processes' stacks reach their logs, which the failure shows
     pytest.fail(f"timed out after {timeout_s} s:\n" + "\n".join(j.describe() for j in jobs), pytrace=False)
   finally:
     kill(jobs)
 
 
-def kill(jobs: list[Job]) -> None:
-  """Kills (and reaps) the processes of ``jobs`` still running."""
-  for proc in (p for job in jobs for p in job.procs if p.poll() is None):
-    proc.kill()
-    proc.wait()
+def kill(jobs: list[Job], first: signal.Signals | None = None) -> None:
+  """Kills (and reaps) the processes of ``jobs`` still running; with ``first`` (``SIGABRT``: Python's
+  fault handler then prints every thread's stack), sends it and waits up to 10 s before killing."""
+  running = [p for job in jobs for p in job.procs if p.poll() is None]
+  for proc in running if first is not None else []:
+    proc.send_signal(first)
+  for proc in running:
+    try:
+      proc.wait(timeout=10 if first is not None else 0)
+    except subprocess.TimeoutExpired:
+      pass
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
 
 
 @pytest.fixture(scope="module")
