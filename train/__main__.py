@@ -91,17 +91,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_and_report(args: argparse.Namespace) -> int:
   """Trains the run ``args`` describe and prints where its results are (process 0 of a job of
-  several processes, ``train.run.mesh.join_processes``, which every process joins first)."""
+  several processes, ``train.run.mesh.joined_processes``, which every process joins first)."""
   from train.run import xla_flags  # noqa: PLC0415
   from train.run.evaluation import rise_key  # noqa: PLC0415
-  from train.run.mesh import join_processes  # noqa: PLC0415
+  from train.run.mesh import joined_processes  # noqa: PLC0415
   from train.run.trainer import train  # noqa: PLC0415
 
-  join_processes()
-  cfg, workdir, allow = parse(args)
-  xla_flags.apply_defaults(cfg.deterministic)  # before the first computation starts the backend
-  summary = train(cfg, workdir, allow)
-  if jax.process_index() == 0:
+  with joined_processes():
+    cfg, workdir, allow = parse(args)
+    xla_flags.apply_defaults(cfg.deterministic)  # before the first computation starts the backend
+    summary = train(cfg, workdir, allow)
+    lead = jax.process_index() == 0
+  if lead:
     r = summary["result"]
     start = summary["start_step"]
     if start >= r["step"]:

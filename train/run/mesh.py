@@ -2,7 +2,7 @@
 
 One job may span several processes (one per host, or several on one machine), each owning a share
 of the devices; they join through ``jax.distributed`` before JAX starts its backend
-(``join_processes``). The job is described by the environment, the same for every process but
+(``joined_processes``). The job is described by the environment, the same for every process but
 the process id:
 
 - ``JAX_COORDINATOR_ADDRESS=HOST:PORT`` (process 0's host, a free port), ``JAX_NUM_PROCESSES=N``
@@ -28,6 +28,7 @@ from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp")
 JOB_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")  # an explicit job
+JOB_WIDE = "_raised_on_every_process"  # the attribute ``together`` sets on an error every process raises
 CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_NUM_NODES",
                      "MEGASCALE_COORDINATOR_ADDRESS")  # a job JAX's cluster detection describes
 
@@ -60,15 +61,28 @@ def process_settings(environ: Mapping[str, str]) -> dict[str, Any] | None:
   return None
 
 
-def join_processes(environ: Mapping[str, str] = os.environ) -> None:
-  """Joins the job of several processes ``environ`` describes (``process_settings``; nothing for a
-  single process). Call it before the first computation: the backends are built for the whole job."""
+@contextlib.contextmanager
+def joined_processes(environ: Mapping[str, str] = os.environ) -> Iterator[None]:
+  """Runs the block in the job of several processes ``environ`` describes (``process_settings``;
+  the block alone for a single process). Enter it before the first computation: the backends are
+  built for the whole job. The processes leave the job together (``jax.distributed.shutdown``, a
+  barrier) when the block ends on every one of them at once: it returned, or raised an error that
+  ``together`` raised on every process. Any other way out (Ctrl-C, a failure of this process alone)
+  leaves at exit without that barrier, where a peer may never arrive."""
   settings = process_settings(environ)
   if settings is None:
+    yield
     return
   if "jax_cpu_collectives_implementation" in jax.config.values:  # Gloo (JAX's default) reaches the CPU devices
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # of the other processes
   jax.distributed.initialize(**settings)
+  try:
+    yield
+  except Exception as e:
+    if getattr(e, JOB_WIDE, False):
+      jax.distributed.shutdown()
+    raise
+  jax.distributed.shutdown()
 
 
 class PeerFailed(ValueError):
@@ -89,8 +103,10 @@ def together() -> Iterator[None]:
   if jax.process_count() > 1:
     failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
     if error is None and failed.size:
-      raise PeerFailed(f"process {', '.join(map(str, failed))} of the job failed (its output says why); this one "
-                       "stops with it")
+      error = PeerFailed(f"process {', '.join(map(str, failed))} of the job failed (its output says why); this one "
+                         "stops with it")
+    if error is not None:
+      setattr(error, JOB_WIDE, True)  # raised on every process at this point: they can leave the job together
   if error is not None:
     raise error
 
