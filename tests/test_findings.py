@@ -428,6 +428,7 @@ def test_reruns_are_kept_apart_and_their_spread_is_set_beside_the_seeds(built, t
 
 
 def test_summary_puts_each_roots_perplexity_and_recall_at_t_side_by_side(built, task_cells, text_cells):
+  assert [findings.seeds_text(xs) for xs in ([], [0.5], [0.5, 0.7])] == ["-", "0.500", "0.600 +- 0.141"]
   at_t = section(built["summary"].read_text(), "Each root at T")
   task, text = str(built["task"]), str(built["text"])
   for variant in ("dense", "fib-linear", "window"):

@@ -207,8 +207,8 @@ def mean_std(xs: list[float], fmt: str = "{:.3f}") -> str:
 
 
 def seeds_text(xs: list[float]) -> str:
-  """``mean +- sd`` over seeds; the value alone for one seed (no spread to state)."""
-  return mean_std(xs) if len(xs) > 1 else f"{xs[0]:.3f}"
+  """``mean +- sd`` over seeds; the value alone for one seed (no spread to state); ``-`` for none."""
+  return mean_std(xs) if len(xs) > 1 else f"{xs[0]:.3f}" if xs else "-"
 
 
 def save(fig: Figure, path: pathlib.Path) -> None:
@@ -858,7 +858,7 @@ def at_t_rows(runs: dict) -> list[list[str]]:
     task = cfg.get("task")
     share = cfg.get("task_mix", 1.0) if task else 0.0
     text = seeds_text([ppl(c) for c in cells]) if share < 1 else "-"
-    recall = seeds_text([1 - recall_error(c) for c in cells if RECALL.key in c]) if task else "-"
+    recall = seeds_text([1 - recall_error(c) for c in cells if RECALL.key in c])  # "-" where no run has a probe
     rows.append([variant, str(len(cells)), str(cfg["steps"]), f"{share:g}", text, recall])
   return rows
 
