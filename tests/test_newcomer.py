@@ -554,6 +554,22 @@ def test_a_sweep_never_trains_into_committed_results(tmp_path, capsys):
   assert {p: p.read_bytes() for p in committed.rglob("*") if p.is_file()} == before
 
 
+def test_a_cell_trained_without_a_checkpoint_is_named_before_a_sweep_starts(tmp_path, capsys):
+  """A cell whose training finished (``eval.json``) but whose checkpoints are gone (a device's time ended in
+  its probes) can be neither probed nor trained again in place: the sweep and its ``--list`` name it, write nothing."""
+  root = tmp_path / "r"
+  (root / "dense-s1").mkdir(parents=True)
+  (root / "dense-s1" / "eval.json").write_text("{}")
+  (root / "sweep.json").write_text(json.dumps({"config": "tiny", "overrides": TINY}))
+  before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+  for flags in ([], ["--list"]):
+    line = _one_error(sweep.main(["--root", str(root), "--config", "tiny", "--set", *TINY, "--variants", "dense",
+                                  "--seeds", "0", "1", "--extend", *flags]), capsys.readouterr().err)
+    assert line == (f"error: dense-s1 under {root} finished training but kept no checkpoint, so their probes cannot "
+                    "run: move those folders out of the root to train them again"), line
+  assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
 def test_a_sweep_run_again_takes_the_roots_variants_and_seeds_and_more_seeds_add_up(tmp_path, capsys):
   """``sweep.json`` records the variants and seeds asked for: a sweep run again without them
   continues those cells (not the nine default variants), and ``--seeds`` adds seeds to them."""

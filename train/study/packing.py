@@ -57,7 +57,6 @@ class Packing:
   fits: int  # the cells per GPU that memory allows
   free_bytes: int  # what was free on the GPU when the sweep started
 
-
   def describe(self) -> str:
     """One line: the cells per GPU, each one's share and what a cell needs."""
     share = self.fraction * self.gpu_bytes / GIB

@@ -342,10 +342,16 @@ def stop_cells(procs: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> 
 
 def sweep_cells(root: pathlib.Path, variants: list[str], seeds: list[int], reruns: int = 0) -> list[Cell]:
   """Every cell of a sweep in the order it runs: seed by seed, each seed's variants in turn, then
-  ``reruns`` more runs of each variant at the first seed (``ROOT/<variant>-s<seed>-rerun<k>``)."""
+  ``reruns`` more runs of each variant at the first seed (``ROOT/<variant>-s<seed>-rerun<k>``).
+  Raises ``ValueError`` naming the unfinished cells no run can finish: trained (``eval.json``) but
+  without a checkpoint, so their probes cannot run and training again would write over their files."""
   cells = [Cell(v, s, root / sweeproot.cell_name(v, s)) for s in seeds for v in variants]
-  return cells + [Cell(v, seeds[0], root / sweeproot.cell_name(v, seeds[0], k))
-                  for k in range(1, reruns + 1) for v in variants]
+  cells += [Cell(v, seeds[0], root / sweeproot.cell_name(v, seeds[0], k)) for k in range(1, reruns + 1) for v in variants]
+  stuck = [c.name for c in cells if not c.done and rundir.is_finished(c.workdir) and not rundir.saved_steps(c.workdir)]
+  if stuck:
+    raise ValueError(f"{', '.join(stuck)} under {root} finished training but kept no checkpoint, so their probes "
+                     "cannot run: move those folders out of the root to train them again")
+  return cells
 
 
 def run_sweep(root: pathlib.Path, config: str, variants: list[str] | None, seeds: list[int] | None,
@@ -359,10 +365,11 @@ def run_sweep(root: pathlib.Path, config: str, variants: list[str] | None, seeds
   variants, seeds = asked_grid(root, variants, seeds)
   validate(config, variants, seeds, overrides, budgets, "gpu" if local_gpus() else "cpu")
   recipe = {"config": config, "overrides": list(overrides), "variants": list(variants), "seeds": list(seeds)}
+  cells = sweep_cells(root, variants, seeds, reruns)
   check_root(root, recipe, extend=extend)
   check_writable(root, "--root")
   with workdir_lock(root, busy=f"another sweep is running on {root}; wait for it to end, or give another --root"):
-    return run_cells(root, recipe, sweep_cells(root, variants, seeds, reruns), per_gpu, budgets, latency, poll_s)
+    return run_cells(root, recipe, cells, per_gpu, budgets, latency, poll_s)
 
 
 def list_cells(root: pathlib.Path, config: str, variants: list[str] | None, seeds: list[int] | None,
