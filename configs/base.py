@@ -129,6 +129,7 @@ class TrainConfig:
     for name in INT_FIELDS:
       _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an int >= 1")
     _check(self, "warmup_steps", self.warmup_steps >= 0, "an int >= 0")
+    _check(self, "seed", isinstance(self.seed, int) and 0 <= self.seed < 2**32, "an int in [0, 2**32)")
     _check(self, "lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0 (e.g. 3e-3)")
     _check(self, "grad_clip", self.grad_clip > 0, "> 0 (math.inf: no clipping)")
     _check(self, "min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")

@@ -145,5 +145,11 @@ def dense_attention(
     return dense_attention_reference(q, k, v, scale=scale, segment_ids=segment_ids)
   if interpret:
     raise ValueError("implementation='cudnn' has no interpret mode; use implementation='xla'")
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"implementation='cudnn' needs a GPU (the default backend is {jax.default_backend()}); use "
+                     "implementation='auto' or 'xla'")
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"implementation='cudnn' takes bfloat16 or float16 inputs, got {q.dtype}; cast them, or use "
+                     "implementation='auto' or 'xla'")
   mask = None if segment_ids is None else dense_mask(q.shape[1], segment_ids)
   return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, is_causal=True, implementation="cudnn")

@@ -147,6 +147,10 @@ class ModelConfig:
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
     if self.variant != "dense":
+      if isinstance(self.window, int) and self.window >= self.resolved_reach:
+        given = f"reach={self.reach}" if self.reach is not None else f"reach (None: seq_len={self.seq_len})"
+        raise ValueError(f"window must be < reach (offsets live in [window, reach)), got window={self.window} and "
+                         f"{given}: lower window or raise reach")
       check_window_reach(self.window, self.resolved_reach)
       if self.resolved_reach > self.seq_len:
         raise ValueError(f"reach must be <= seq_len (R <= T), got reach={self.reach}, seq_len={self.seq_len}")
@@ -237,6 +241,9 @@ class LM(nnx.Module):
     with a one-hot matmul (same values): its gradient is a GEMM, where the gather's is a
     scatter-add of every token into a few hundred rows (slow: NOTES.md, training t7). In a
     bf16 model the table's gradient then arrives rounded to bf16, as every bf16 layer's does."""
+    if not jnp.issubdtype(tokens_BxN.dtype, jnp.integer):
+      raise ValueError(f"tokens must be integer ids in [0, {self.cfg.vocab_size}), got dtype {tokens_BxN.dtype}: "
+                       "pass the tokenizer's ids (e.g. .astype(jnp.int32))")
     dtype = self.embed.dtype or jnp.float32
     if self.cfg.vocab_size <= ONE_HOT_MAX_VOCAB and tokens_BxN.shape[1] > 1:
       table = self.embed.embedding[...].astype(dtype)
@@ -252,6 +259,8 @@ class LM(nnx.Module):
   def __call__(self, tokens_BxN: jax.Array, positions_BxN: jax.Array | None = None,
                segment_ids_BxN: jax.Array | None = None) -> jax.Array:
     """``tokens_BxN`` int32 -> logits ``[B, N, vocab]`` float32; position i sees tokens <= i.
+    A dtype that is not an integer is refused; ids must lie in ``[0, vocab_size)``, which a traced
+    array cannot be checked for (an id outside embeds as a row of zeros or of the table's edge).
 
     ``positions_BxN``: int RoPE positions (default ``0..N-1``). ``segment_ids_BxN``: int32
     document ids of packed documents: position i sees only tokens <= i with its own id."""

@@ -11,9 +11,13 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
-from fibjax.model import ModelConfig
+import fibjax
+from fibjax.model import LM, ModelConfig
 from train.data import text as data, prepare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -78,6 +82,39 @@ def test_model_config_refuses_a_bad_rope_base(base):
     ModelConfig(rope_base=base).validate()
   assert "> 0" in str(e.value)
   ModelConfig(rope_base=500_000.0).validate()
+
+
+@pytest.mark.parametrize("fields, given", [({"seq_len": 64, "window": 128}, "reach (None: seq_len=64)"),
+                                           ({"seq_len": 64, "window": 16, "reach": 16}, "reach=16")])
+def test_model_config_names_the_window_when_it_reaches_past_the_offsets(fields, given):
+  with pytest.raises(ValueError) as e:
+    ModelConfig(variant="fib-linear", **fields).validate()
+  assert str(e.value) == (f"window must be < reach (offsets live in [window, reach)), got window={fields['window']} "
+                          f"and {given}: lower window or raise reach")
+  ModelConfig(variant="dense", seq_len=64, window=128).validate()  # dense has no offsets to place
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN runs here")
+@pytest.mark.parametrize("call", ["dense_attention", "model"])
+def test_cudnn_without_a_gpu_is_a_value_error_naming_the_fix(call):
+  q = jnp.zeros((1, 16, 2, 8), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"implementation='cudnn' needs a GPU \(the default backend is cpu\); use "
+                                       r"implementation='auto' or 'xla'"):
+    if call == "dense_attention":
+      fibjax.dense_attention(q, q, q, implementation="cudnn")
+    else:
+      cfg = ModelConfig(variant="dense", vocab_size=32, d_model=16, num_layers=1, num_heads=2, head_dim=8, mlp_dim=32,
+                        seq_len=16, attention_impl="cudnn")
+      LM(cfg, rngs=nnx.Rngs(0))(jnp.zeros((1, 16), jnp.int32))
+
+
+def test_model_refuses_tokens_that_are_not_integer_ids():
+  cfg = ModelConfig(variant="dense", vocab_size=32, d_model=16, num_layers=1, num_heads=2, head_dim=8, mlp_dim=32,
+                    seq_len=16)
+  model = LM(cfg, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"tokens must be integer ids in \[0, 32\), got dtype float32"):
+    model(jnp.zeros((1, 16), jnp.float32))
+  assert model(jnp.zeros((1, 16), jnp.int32)).shape == (1, 16, 32)
 
 
 def _bad_files(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, str]]:

@@ -583,6 +583,11 @@ def test_a_sweep_run_again_takes_the_roots_variants_and_seeds_and_more_seeds_add
   assert sweep.asked_grid(sweep_root, None, None) == (["dense", "window"], [0, 1])
   assert sweep.asked_grid(sweep_root, ["dense"], [2]) == (["dense"], [2])  # flags given: those cells alone
   assert sweep.asked_grid(tmp_path / "new", None, None) == (list(sweep.DEFAULT_VARIANTS), [0, 1, 2])
+  older = tmp_path / "older"  # a sweep.json recording no variants or seeds: the cells the root holds
+  for cell in ("window-s3", "dense-s1", "window-s3-rerun1", "logs", "plots"):
+    (older / cell).mkdir(parents=True)
+  (older / "sweep.json").write_text(json.dumps({"config": "tiny", "overrides": TINY}))
+  assert sweep.asked_grid(older, None, None) == (["dense", "window"], [1, 3])
 
 
 def test_sweep_list_writes_nothing_so_a_preview_locks_no_recipe(tmp_path, capsys):

@@ -17,6 +17,7 @@ from tests.test_resume_config import BASE, _files, _refused
 from tests.test_train import FAST
 from train.run import rundir
 from train.probe import evaluate
+from train.run.restore import load_run, retrain_command
 from train.__main__ import main
 
 
@@ -166,3 +167,46 @@ def test_workdir_and_data_overlapping_are_refused(tmp_path, capsys, inside):
   line = _refused(capsys, ["--workdir", str(workdir), "--data", str(data_dir), "--set", *BASE])
   assert "keep them apart" in line and "inside" in line and str(data_dir.resolve()) in line, line
   assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("marker, named", [("__init__.py", "source tree (it holds Python files)"),
+                                           ("sweep.json", "sweep root (it holds sweep.json)")])
+def test_a_package_or_a_sweep_root_is_refused_as_a_workdir(tmp_path, capsys, marker, named):
+  """``--workdir configs`` (a package) or ``--workdir results/small`` (a sweep root) would mix a
+  run's files with the code or with the cells."""
+  workdir = tmp_path / "folder"
+  workdir.mkdir()
+  (workdir / marker).write_text("{}\n")
+  before = _files(workdir)
+  line = _refused(capsys, ["--workdir", str(workdir), "--config", "tiny", "--set", *BASE])
+  assert named in line and "runs/NAME" in line, line
+  assert _files(workdir) == before
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_seed_out_of_range_is_refused_before_anything_is_written(tmp_path, capsys, seed):
+  line = _refused(capsys, ["--workdir", str(tmp_path / "w"), "--config", "tiny", "--set", *BASE, f"seed={seed}"])
+  assert line == f"error: seed must be an int in [0, 2**32), got {seed}", line
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_run_without_checkpoints_names_a_retrain_command_that_trains_it_again(base_run, tmp_path, monkeypatch):
+  """A finished run whose checkpoints are gone cannot be probed; the command the refusal names
+  (its config.json copied to a new workdir) trains the same config there; a sweep cell's names
+  the root's recipe and overrides."""
+  workdir = _without_checkpoints(base_run, tmp_path)
+  with pytest.raises(ValueError, match="retrain it in a new workdir, ") as refused:
+    load_run(workdir)
+  command = str(refused.value).split("retrain it in a new workdir, ")[1]
+  assert command == f"mkdir -p runs/stale && cp {workdir / 'config.json'} runs/stale/ && python -m train --workdir runs/stale"
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "runs" / "stale").mkdir(parents=True)
+  shutil.copy(workdir / "config.json", tmp_path / "runs" / "stale")
+  assert main(["--workdir", "runs/stale"]) == 0
+  assert TrainConfig.load(tmp_path / "runs" / "stale" / "config.json") == TrainConfig.load(workdir / "config.json")
+  assert (tmp_path / "runs" / "stale" / "checkpoints" / "2").is_dir()
+  cell = tmp_path / "root" / "fib-linear-s0"
+  shutil.copytree(workdir, cell)
+  (cell.parent / "sweep.json").write_text(json.dumps({"config": "tiny", "overrides": ["steps=2", "progress=false"]}))
+  assert retrain_command(cell, TrainConfig.load(cell / "config.json")) == (
+      "python -m train --config tiny --variant fib-linear --workdir runs/fib-linear-s0 --set seed=0 steps=2")

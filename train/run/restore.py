@@ -161,14 +161,22 @@ def check_run_folder(workdir: pathlib.Path) -> None:
 
 
 def retrain_command(workdir: pathlib.Path, cfg: TrainConfig) -> str:
-  """The ``python -m train`` command that trains the run in ``workdir`` again in a new workdir: a
-  sweep cell's recipe, variant, seed and overrides (its ``cell.json``), else its variant and seed."""
-  try:
-    cell = json.loads((workdir / rundir.CELL).read_text())
-    recipe, sets = cell["config"], [str(o) for o in cell["overrides"] if not str(o).startswith("progress=")]
-  except (OSError, ValueError, KeyError, TypeError):
-    recipe, sets = "CONFIG", []
-  return (f"python -m train --config {recipe} --variant {cfg.model.variant} --workdir runs/{workdir.name} "
+  """The command that trains the run in ``workdir`` again in a new workdir: with the recipe and
+  overrides of its sweep (its ``cell.json``, else the root's ``sweep.json``), its variant and seed;
+  else a copy of its ``config.json`` started as a new run."""
+  recipe = None
+  for path in (workdir / rundir.CELL, workdir.parent / rundir.SWEEP_ROOT):
+    try:
+      record = json.loads(path.read_text())
+      recipe, sets = str(record["config"]), [str(o) for o in record["overrides"] if not str(o).startswith("progress=")]
+      break
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+  new = pathlib.Path("runs") / workdir.name
+  if recipe is None:
+    return f"mkdir -p {new} && cp {workdir / rundir.CONFIG} {new}/ && python -m train --workdir {new}"
+  sets = [o for o in sets if o.split("=", 1)[0] not in ("seed", "model.variant")]
+  return (f"python -m train --config {recipe} --variant {cfg.model.variant} --workdir {new} "
           f"--set seed={cfg.seed} {' '.join(sets)}").rstrip()
 
 

@@ -47,6 +47,7 @@ ALPHA = "alpha"
 CELL = "cell.json"
 
 OUTPUTS = (METRICS, EVAL, EVALS)  # what a run writes as it trains and evaluates (a new run would overwrite them)
+SWEEP_ROOT = "sweep.json"  # marks a sweep root (train.study.sweeproot), whose cells are runs and which is none
 FINISHED = (EVAL, EVALS, CELL)  # what a run writes only once it has trained: its final evaluation, a sweep's record
 
 

@@ -11,7 +11,8 @@ and goes one of these ways (``check_workdir``):
   refused, and so is a run that finished (``eval.json``, ``evals/`` or a sweep's ``cell.json``:
   its checkpoints were removed, as a committed study's are), whose results a new run would overwrite.
 - Checkpoints but no ``config.json``: refused (what model they hold cannot be told); so is a folder
-  holding ``.git`` (a source tree, where the run's files would land among the code).
+  holding ``.git`` or Python files (a source tree, where the run's files would land among the code)
+  and a sweep root (``sweep.json``: the run's files would land among its cells).
 - A checkpoint and its ``config.json``: the run resumes, with the config that trained it.
   ``--config``, ``--variant``, ``--data`` and ``--set`` are compared with the saved config: only the
   fields of ``RESUMABLE_FIELDS`` may differ (each entry says why it leaves the steps already taken as
@@ -140,9 +141,13 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
   check_allowed(allow)
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"workdir {workdir} is a file, not a folder: give a folder path (new or a run) with --workdir")
-  if (workdir / ".git").exists():
-    raise ValueError(f"workdir {workdir} is a source tree (it holds .git), where a run's files would land among the "
+  if (workdir / ".git").exists() or any(workdir.glob("*.py")):
+    held = ".git" if (workdir / ".git").exists() else "Python files"
+    raise ValueError(f"workdir {workdir} is a source tree (it holds {held}), where a run's files would land among the "
                      "code: give a folder of its own with --workdir, e.g. runs/NAME")
+  if (workdir / rundir.SWEEP_ROOT).exists():
+    raise ValueError(f"workdir {workdir} is a sweep root (it holds {rundir.SWEEP_ROOT}), where a run's files would land among "
+                     f"its cells: give a folder of its own with --workdir, e.g. runs/NAME")
   saved_path = workdir / rundir.CONFIG
   has_ckpt = rundir.holds_checkpoint(workdir)
   if has_ckpt and not saved_path.exists():

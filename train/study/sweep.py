@@ -123,11 +123,14 @@ def check_not_committed(root: pathlib.Path) -> None:
 
 
 def asked_grid(root: pathlib.Path, variants: list[str] | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
-  """``(variants, seeds)``: those given, else those the root's sweeps asked for (``ROOT/sweep.json``),
-  else ``DEFAULT_VARIANTS`` and seeds 0 1 2. Run again without flags, a sweep continues the root's cells."""
+  """``(variants, seeds)``: those given, else those the root's sweeps asked for (``ROOT/sweep.json``;
+  a root whose file records none: its cell folders' variants and seeds), else ``DEFAULT_VARIANTS`` and
+  seeds 0 1 2. Run again without flags, a sweep continues the root's cells."""
   path = root / sweeproot.SWEEP
   saved = read_sweep_file(path) if path.is_file() else {}
-  return variants or saved.get("variants") or list(DEFAULT_VARIANTS), seeds or saved.get("seeds") or [0, 1, 2]
+  held_variants, held_seeds = sweeproot.cells_held(root)
+  return (variants or saved.get("variants") or held_variants or list(DEFAULT_VARIANTS),
+          seeds or saved.get("seeds") or held_seeds or [0, 1, 2])
 
 
 def check_root(root: pathlib.Path, recipe: dict, write: bool = True, extend: bool = False) -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import pathlib
 import re
 
-SWEEP = "sweep.json"
+from train.run import rundir
+
+SWEEP = rundir.SWEEP_ROOT
 COST = "sweep_cost.jsonl"
 LOGS = "logs"
 LATENCY = "latency.json"
@@ -27,6 +29,7 @@ PLOTS = "plots"
 
 
 RERUN = re.compile(r"-rerun(\d+)$")
+CELL = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)(-rerun\d+)?$")
 
 
 def cell_name(variant: str, seed: int, rerun: int = 0) -> str:
@@ -39,6 +42,13 @@ def rerun_index(cell: str) -> int:
   """Which rerun cell folder ``cell`` is (0: the cell itself)."""
   match = RERUN.search(cell)
   return int(match.group(1)) if match else 0
+
+
+def cells_held(root: pathlib.Path) -> tuple[list[str], list[int]]:
+  """The variants and seeds of the cell folders under ``root`` (each once, in name order)."""
+  found = [CELL.match(p.name) for p in sorted(root.iterdir()) if p.is_dir()] if root.is_dir() else []
+  variants = list(dict.fromkeys(m["variant"] for m in found if m))
+  return variants, sorted({int(m["seed"]) for m in found if m})
 
 
 def log_path(root: pathlib.Path, cell: str) -> pathlib.Path:
