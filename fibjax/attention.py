@@ -13,6 +13,12 @@ from fibjax.reference import (dense_attention_reference, dense_mask, sink_window
                               sparse_attention_reference)
 from pallas_kernels.pattern import check_qkv, check_segment_ids
 
+def _check_scale(scale: object) -> None:
+  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating))
+                            or not np.isfinite(scale) or scale <= 0):
+    raise ValueError(f"scale must be a finite number > 0 or None (head_dim ** -0.5), got {scale!r}")
+
+
 def _as_offsets(offsets: Sequence[int] | Sequence[float] | jax.Array | np.ndarray | None) -> jax.Array:
   if offsets is None:
     return jnp.zeros((0,), jnp.int32)
@@ -23,8 +29,12 @@ def _as_offsets(offsets: Sequence[int] | Sequence[float] | jax.Array | np.ndarra
     return jnp.zeros((0,), jnp.int32)
   if not (jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)):
     raise ValueError(f"offsets must be integers (static) or floats (fractional distances), got dtype {arr.dtype}")
-  if isinstance(arr, np.ndarray) and np.any(arr < 0):
-    raise ValueError(f"offsets must be distances >= 0 (to keys before the query), got {arr.tolist()}")
+  try:
+    values = np.asarray(arr)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    values = None  # traced (under jit or grad): a negative value is masked, never a key after the query
+  if values is not None and np.any(values < 0):
+    raise ValueError(f"offsets must be distances >= 0 (to keys before the query), got {values.tolist()}")
   if jnp.issubdtype(arr.dtype, jnp.integer):
     return jnp.asarray(arr, jnp.int32)
   # float64 only where x64 is on (Python floats arrive as float64)
@@ -85,6 +95,7 @@ def attention(
   check_segment_ids(segment_ids, q)
   if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
     raise ValueError(f"window must be an int >= 1, got {window!r}")
+  _check_scale(scale)
   offs = _as_offsets(offsets)
   if jnp.issubdtype(offs.dtype, jnp.floating) and reach is None:
     raise ValueError("reach is required with fractional (learned) offsets: terms leaving [window, reach) are masked")
@@ -129,6 +140,7 @@ def dense_attention(
   check_qkv(q, k, v)
   check_segment_ids(segment_ids, q)
   check_implementation("dense", implementation)
+  _check_scale(scale)
   if isinstance(sinks, bool) or not isinstance(sinks, (int, np.integer)) or sinks < 0:
     raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
   if window is not None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 if TYPE_CHECKING:
@@ -71,13 +72,21 @@ def stream(model: LM, prompt_BxP: jax.Array, max_new_tokens: int, *, temperature
   Sparse layers keep ``R + 1`` cached positions however long the generation runs; dense layers
   cache the prompt plus the generated positions.
   """
-  prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
-  if prompt_BxP.ndim != 2 or prompt_BxP.shape[1] < 1:
-    raise ValueError(f"prompt must be [batch, length >= 1] tokens, got shape {prompt_BxP.shape}")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if temperature < 0 or top_k < 0 or chunk < 1:
-    raise ValueError(f"temperature and top_k must be >= 0 and chunk >= 1, got {temperature}, {top_k}, {chunk}")
+  prompt = np.asarray(prompt_BxP)
+  vocab = model.cfg.vocab_size
+  if prompt.ndim != 2 or prompt.shape[1] < 1:
+    raise ValueError(f"prompt must be [batch, length >= 1] tokens, got shape {prompt.shape}")
+  if not np.issubdtype(prompt.dtype, np.integer) or prompt.min() < 0 or prompt.max() >= vocab:
+    raise ValueError(f"prompt must hold integer token ids in [0, {vocab}), got dtype {prompt.dtype} with values "
+                     f"{prompt.min()}..{prompt.max()}")
+  for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("chunk", chunk, 1), ("top_k", top_k, 0)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+      raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+  if top_k > vocab:
+    raise ValueError(f"top_k must be <= the vocabulary ({vocab}), got {top_k}; 0 samples from every token")
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+  prompt_BxP = jnp.asarray(prompt, jnp.int32)
   graphdef, state = nnx.split(model)
   prefill, steps = compiled_steps(graphdef, float(temperature), int(top_k))
   b, p = prompt_BxP.shape

@@ -79,12 +79,21 @@ def resolve_dense(impl: str, dtype: jnp.dtype, interpret: bool) -> str:
   return "cudnn" if cudnn else "xla"
 
 
+def _runnable(name: str, impl: str, interpret: bool) -> str:
+  """``impl``, unless it is ``"pallas"`` (GPU kernels) asked for off a GPU without ``interpret``:
+  then ``ValueError`` naming ``name`` and the fix."""
+  if impl == "pallas" and not interpret and jax.default_backend() != "gpu":
+    raise ValueError(f"{name}='pallas' runs GPU kernels (the default backend is {jax.default_backend()}); use "
+                     f"{name}='auto' or 'xla', or interpret=True to run them on CPU")
+  return impl
+
+
 def resolve_decode(impl: str, fusable: bool, interpret: bool) -> str:
   """Decoding's implementation: ``"auto"`` is ``"pallas"`` (the fused block step) where it is the
   faster path for the block's shapes (``fusable``: ``pallas_kernels.decode.block.fusable``, never
   for grouped-query attention), on a GPU or with ``interpret``, else ``"xla"``."""
   if check_implementation("decode", impl) != "auto":
-    return impl
+    return _runnable("decode_impl", impl, interpret)
   return "pallas" if fusable and (interpret or jax.default_backend() == "gpu") else "xla"
 
 
@@ -93,5 +102,5 @@ def resolve_norm(impl: str, sequence: bool, interpret: bool) -> str:
   ``sequence`` (more than one token per row; a decoded token takes XLA's), on a GPU or with
   ``interpret``, else ``"xla"``."""
   if check_implementation("norm", impl) != "auto":
-    return impl
+    return _runnable("norm_impl", impl, interpret)
   return "pallas" if sequence and (interpret or jax.default_backend() == "gpu") else "xla"

@@ -23,6 +23,7 @@ from flax import nnx
 from fibjax import decode as dec
 from fibjax.attention import attention, dense_attention
 from fibjax.implementation import check_implementation, resolve_decode, resolve_norm
+from fibjax.offsets import check_alpha, check_window_reach
 from pallas_kernels.pattern import normalize_offsets
 
 if TYPE_CHECKING:
@@ -53,6 +54,19 @@ class LayerPattern:
   alpha_0: float = 1.0
   sink_window: int | None = None
   sinks: int = 0
+
+  def __post_init__(self) -> None:
+    if self.kind not in ("dense", "static", "learned"):
+      raise ValueError(f"kind must be 'dense', 'static' or 'learned', got {self.kind!r}")
+    if self.kind == "dense":
+      return
+    check_window_reach(self.window, self.reach)
+    if self.kind == "learned":
+      check_alpha(self.alpha_0, "alpha_0")
+    distances = self.offsets if self.kind == "static" else self.terms
+    if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0 for d in distances):
+      field = "offsets" if self.kind == "static" else "terms"
+      raise ValueError(f"{field} must be ints >= 0 (distances, or base terms, back from the query), got {distances!r}")
 
 
 def rope_angles(positions: jax.Array, head_dim: int, base: float) -> jax.Array:

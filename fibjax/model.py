@@ -241,9 +241,10 @@ class LM(nnx.Module):
     with a one-hot matmul (same values): its gradient is a GEMM, where the gather's is a
     scatter-add of every token into a few hundred rows (slow: NOTES.md, training t7). In a
     bf16 model the table's gradient then arrives rounded to bf16, as every bf16 layer's does."""
-    if not jnp.issubdtype(tokens_BxN.dtype, jnp.integer):
-      raise ValueError(f"tokens must be integer ids in [0, {self.cfg.vocab_size}), got dtype {tokens_BxN.dtype}: "
-                       "pass the tokenizer's ids (e.g. .astype(jnp.int32))")
+    if not jnp.issubdtype(tokens_BxN.dtype, jnp.integer) or tokens_BxN.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length] integer ids in [0, {self.cfg.vocab_size}), got shape "
+                       f"{tokens_BxN.shape} of dtype {tokens_BxN.dtype}: pass the tokenizer's ids (e.g. "
+                       ".astype(jnp.int32), [None] for one sequence)")
     dtype = self.embed.dtype or jnp.float32
     if self.cfg.vocab_size <= ONE_HOT_MAX_VOCAB and tokens_BxN.shape[1] > 1:
       table = self.embed.embedding[...].astype(dtype)

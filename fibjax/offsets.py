@@ -140,6 +140,8 @@ def random_offsets(base: Base, alphas: Sequence[float], window: int, reach: int,
   """
   window, reach = check_window_reach(window, reach)
   seed = _check_int("seed", seed, 0)
+  if not isinstance(alphas, (tuple, list, np.ndarray)):
+    raise ValueError(f"alphas must be a sequence of per-layer alphas, e.g. linear_alphas(L, 0.5, 2.0), got {alphas!r}")
   rng = np.random.default_rng(seed)
   out = []
   for alpha in alphas:

@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 
-from fibjax.offsets import Base, check_alpha, check_window_reach, layer_offsets
+from fibjax.offsets import Base, check_alpha, check_base, check_window_reach, layer_offsets
 
 Schedule = Literal["fixed", "learned", "linear", "coprime"]
 SCHEDULES: tuple[str, ...] = ("fixed", "learned", "linear", "coprime")
 
 
 def linear_alphas(num_layers: int, alpha_min: float, alpha_max: float) -> tuple[float, ...]:
-  """``alpha_l = alpha_min + (alpha_max - alpha_min) * l / (L - 1)``; one layer gets alpha_min."""
+  """``alpha_l = alpha_min + (alpha_max - alpha_min) * l / (L - 1)``; one layer gets alpha_min.
+
+  Raises:
+    ValueError: ``num_layers`` not an int >= 1, an alpha not a finite number > 0, or
+      ``alpha_max < alpha_min``.
+  """
+  num_layers = _check_layers(num_layers)
+  alpha_min, alpha_max = check_alpha(alpha_min, "alpha_min"), check_alpha(alpha_max, "alpha_max")
+  if alpha_max < alpha_min:
+    raise ValueError(f"alpha_max must be >= alpha_min, got alpha_min={alpha_min}, alpha_max={alpha_max}")
   if num_layers == 1:
     return (alpha_min,)
   return tuple(alpha_min + (alpha_max - alpha_min) * l / (num_layers - 1) for l in range(num_layers))
+
+
+def _check_layers(num_layers: object) -> int:
+  if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+    raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+  return int(num_layers)
 
 
 def _pair_cover(p: tuple[int, ...], q: tuple[int, ...], reach: int) -> np.ndarray:
@@ -42,8 +57,7 @@ def two_hop_coverage(alphas: tuple[float, ...], base: Base, window: int, reach: 
   return int(np.logical_or.reduce(covers).sum()), int(sum(c.sum() for c in covers))
 
 
-@functools.lru_cache(maxsize=64)
-def coprime_order(alphas: tuple[float, ...], base: Base, window: int, reach: int) -> tuple[int, ...]:
+def coprime_order(alphas: Sequence[float], base: Base, window: int, reach: int) -> tuple[int, ...]:
   """The ``coprime`` (anti-gridding) reassignment of the ``linear`` alphas to layers.
 
   Rule (deterministic): start from the linear order ``0..L-1``. Repeatedly scan the layer pairs
@@ -59,6 +73,11 @@ def coprime_order(alphas: tuple[float, ...], base: Base, window: int, reach: int
     ``order`` such that layer ``l`` gets ``alphas[order[l]]``.
   """
   window, reach = check_window_reach(window, reach)
+  return _coprime_order(tuple(check_alpha(a) for a in alphas), check_base(base), window, reach)
+
+
+@functools.lru_cache(maxsize=64)
+def _coprime_order(alphas: tuple[float, ...], base: Base, window: int, reach: int) -> tuple[int, ...]:
   n = len(alphas)
   hops = [tuple(range(window)) + layer_offsets(base, a, window, reach) for a in alphas]
   cover = {(a, b): _pair_cover(hops[a], hops[b], reach) for a in range(n) for b in range(n) if a != b}
@@ -97,19 +116,17 @@ def layer_alphas(
   """Per-layer alpha for a schedule (``learned``: the initial values, all ``alpha_0``).
 
   Raises:
-    ValueError: unknown schedule, ``num_layers < 1``, non-positive alphas, or
-      ``alpha_max < alpha_min``.
+    ValueError: unknown schedule or base, ``num_layers < 1``, a window or reach out of range
+      (``W >= 1``, ``R > W``), non-positive alphas, or ``alpha_max < alpha_min``.
   """
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-  if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-    raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+  num_layers = _check_layers(num_layers)
+  check_base(base)
+  check_window_reach(window, reach)
   alpha_0 = check_alpha(alpha_0, "alpha_0")
   if schedule in ("fixed", "learned"):
     return (alpha_0,) * num_layers
-  alpha_min, alpha_max = check_alpha(alpha_min, "alpha_min"), check_alpha(alpha_max, "alpha_max")
-  if alpha_max < alpha_min:
-    raise ValueError(f"alpha_max must be >= alpha_min, got alpha_min={alpha_min}, alpha_max={alpha_max}")
   lin = linear_alphas(num_layers, alpha_min, alpha_max)
   if schedule == "linear":
     return lin

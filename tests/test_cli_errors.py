@@ -122,7 +122,7 @@ def test_generate_reports_an_error_raised_while_streaming_in_one_line(base_run, 
   assert generate.main(["--workdir", str(base_run), "--prompt", "The", "--max-new-tokens", "4"]) == 2
   out, err = capsys.readouterr()
   assert out == "The\n"
-  assert err.splitlines() == [err.strip()] and err.startswith("error: temperature and top_k must be >= 0"), err
+  assert err.splitlines() == [err.strip()] and err.startswith("error: temperature must be >= 0"), err
 
 
 def test_unknown_budget_is_refused_before_any_cell_trains(tmp_path):

@@ -102,5 +102,12 @@ def test_bad_generation_inputs():
     fibjax.generate(model, jnp.zeros((1, 0), jnp.int32), 4)
   with pytest.raises(ValueError, match="temperature"):
     fibjax.generate(model, jnp.ones((1, 2), jnp.int32), 4, temperature=-1.0)
-  with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+  with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 0"):
     fibjax.generate(model, jnp.ones((1, 2), jnp.int32), 0)
+  with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 3.5"):
+    fibjax.generate(model, jnp.ones((1, 2), jnp.int32), 3.5)
+  with pytest.raises(ValueError, match=r"top_k must be <= the vocabulary \(256\), got 1000"):
+    fibjax.generate(model, jnp.ones((1, 2), jnp.int32), 4, top_k=1000)
+  for bad in (jnp.full((1, 2), 256, jnp.int32), jnp.full((1, 2), -1, jnp.int32), jnp.ones((1, 2), jnp.float32)):
+    with pytest.raises(ValueError, match=r"prompt must hold integer token ids in \[0, 256\)"):
+      fibjax.generate(model, bad, 4)

@@ -8,15 +8,18 @@ import gzip
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
 import fibjax
+from fibjax.layers import LayerPattern
 from fibjax.model import LM, ModelConfig
 from train.data import text as data, prepare
 
@@ -112,8 +115,9 @@ def test_model_refuses_tokens_that_are_not_integer_ids():
   cfg = ModelConfig(variant="dense", vocab_size=32, d_model=16, num_layers=1, num_heads=2, head_dim=8, mlp_dim=32,
                     seq_len=16)
   model = LM(cfg, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"tokens must be integer ids in \[0, 32\), got dtype float32"):
-    model(jnp.zeros((1, 16), jnp.float32))
+  for bad in (jnp.zeros((1, 16), jnp.float32), jnp.zeros((16,), jnp.int32)):
+    with pytest.raises(ValueError, match=r"tokens must be \[batch, length\] integer ids in \[0, 32\), got shape"):
+      model(bad)
   assert model(jnp.zeros((1, 16), jnp.int32)).shape == (1, 16, 32)
 
 
@@ -169,3 +173,54 @@ def test_train_refuses_a_bad_rope_base(tmp_path):
               "model.rope_base=0")
   assert "rope_base" in line
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: fibjax.linear_alphas(0, 0.5, 2.0), "num_layers must be an int >= 1, got 0"),
+    (lambda: fibjax.linear_alphas(3, -1.0, 2.0), "alpha_min must be a finite real number > 0, got -1.0"),
+    (lambda: fibjax.linear_alphas(3, 2.0, 1.0), "alpha_max must be >= alpha_min"),
+    (lambda: fibjax.layer_alphas("linear", 3, base="fibo", window=4, reach=64), "base must be one of"),
+    (lambda: fibjax.layer_alphas("fixed", 3, base="fib", window=0, reach=64), "window must be an int >= 1, got 0"),
+    (lambda: fibjax.random_offsets("fib", 1.0, 4, 64, 0), "alphas must be a sequence of per-layer alphas"),
+    (lambda: LayerPattern("bogus", 4, 64), "kind must be 'dense', 'static' or 'learned', got 'bogus'"),
+    (lambda: LayerPattern("static", 4, 64, offsets=(-3,)), "offsets must be ints >= 0"),
+    (lambda: LayerPattern("learned", 4, 64, terms=(5, 8), alpha_0=-1.0), "alpha_0 must be a finite real number > 0"),
+    (lambda: LayerPattern("static", 64, 64), "reach must be > window"),
+])
+def test_schedule_and_pattern_helpers_refuse_bad_arguments(call, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    call()
+
+
+def test_schedule_helpers_take_numpy_ints_and_lists():
+  assert fibjax.layer_alphas("linear", np.int64(3), base="fib", window=4, reach=64) == (0.5, 1.25, 2.0)
+  assert fibjax.coprime_order([0.5, 1.0, 2.0], "fib", 4, 64) == fibjax.coprime_order((0.5, 1.0, 2.0), "fib", 4, 64)
+
+
+@pytest.mark.parametrize("scale", ["a", -1.0, float("nan"), True])
+def test_attention_refuses_a_bad_scale(scale):
+  q = jnp.zeros((1, 16, 2, 8))
+  for call in (lambda: fibjax.attention(q, q, q, window=4, offsets=[8], scale=scale, implementation="xla"),
+               lambda: fibjax.dense_attention(q, q, q, scale=scale, implementation="xla")):
+    with pytest.raises(ValueError, match=r"scale must be a finite number > 0 or None"):
+      call()
+
+
+def test_attention_refuses_negative_offsets_given_as_an_array():
+  q = jnp.zeros((1, 16, 2, 8))
+  with pytest.raises(ValueError, match=re.escape("offsets must be distances >= 0 (to keys before the query), got [-5, 8]")):
+    fibjax.attention(q, q, q, window=4, offsets=jnp.array([-5, 8]), implementation="xla")
+
+
+def test_pallas_kernels_off_a_gpu_or_under_x64_name_the_fix():
+  q = jnp.zeros((1, 16, 2, 8))
+  with jax.enable_x64(True):
+    with pytest.raises(ValueError, match=r"do not run with jax_enable_x64 on: call them outside jax.enable_x64\(True\)"):
+      fibjax.attention(q, q, q, window=4, offsets=[8], implementation="pallas", interpret=True)
+  if jax.default_backend() == "gpu":
+    return
+  cfg = ModelConfig(variant="dense", vocab_size=32, d_model=16, num_layers=1, num_heads=2, head_dim=8, mlp_dim=32,
+                    seq_len=16, norm_impl="pallas")
+  with pytest.raises(ValueError, match=r"norm_impl='pallas' runs GPU kernels \(the default backend is cpu\); use "
+                                       r"norm_impl='auto' or 'xla', or interpret=True"):
+    LM(cfg, rngs=nnx.Rngs(0))(jnp.zeros((1, 16), jnp.int32))

@@ -1,6 +1,6 @@
 import pytest
 
-from fibjax import coprime_order, layer_alphas, linear_alphas, two_hop_coverage
+from fibjax import coprime_order, layer_alphas, linear_alphas, schedules, two_hop_coverage
 
 
 def test_fixed_and_learned_are_constant():
@@ -18,7 +18,7 @@ def test_coprime_is_a_deterministic_permutation_of_linear(base):
   lin = layer_alphas("linear", 16, base=base, window=64, reach=1024)
   cop = layer_alphas("coprime", 16, base=base, window=64, reach=1024)
   assert sorted(cop) == sorted(lin) and cop != lin
-  coprime_order.cache_clear()
+  schedules._coprime_order.cache_clear()
   assert layer_alphas("coprime", 16, base=base, window=64, reach=1024) == cop
 
 

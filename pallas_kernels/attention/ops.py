@@ -143,6 +143,9 @@ def gathered_offset_attention(
   if not interpret and jax.default_backend() != backend:
     raise ValueError(f"the {backend} Pallas kernel needs a {backend.upper()} (default backend is "
                      f"{jax.default_backend()}); pass interpret=True to run it on CPU, or implementation='xla'")
+  if jax.config.jax_enable_x64:
+    raise ValueError("the Pallas kernels index in int32 and do not run with jax_enable_x64 on: call them outside "
+                     "jax.enable_x64(True), or use implementation='xla' (which runs float64)")
   check_qkv(q, k, v)
   check_segment_ids(segment_ids, q)
   problem = attention_problem(q, k, offsets, window=window, reach=reach, scale=scale, segment_ids=segment_ids,
