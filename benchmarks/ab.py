@@ -163,17 +163,17 @@ def tree_digest(tree: pathlib.Path) -> str:
   return h.hexdigest()[:16]
 
 
-def _prepare_out(args: argparse.Namespace, plan: dict, fail: Callable[[str], NoReturn]) -> int:
-  """Checks ``--out`` against ``--resume`` and writes the plan; returns the rounds already finished
-  there. A resumed run must have the same plan (command, base and both trees' code); a run folder
-  left unfinished (cut off mid-run) is kept aside as ``<name>.partial[-i]`` and run again."""
+def _finished(args: argparse.Namespace, plan: dict, fail: Callable[[str], NoReturn]) -> tuple[int, list[pathlib.Path]]:
+  """Checks ``--out`` against ``--resume``, writing nothing: the rounds already finished there, and
+  the run folders left unfinished (cut off mid-run). A resumed run must have the same plan
+  (command, base and both trees' code)."""
   started = sorted(p for p in args.out.iterdir() if RUN_DIR.fullmatch(p.name) and any(p.iterdir())) \
       if args.out.is_dir() else []
   if started and not args.resume:
     fail(f"{args.out} already holds runs ({started[0].name}); give an empty or new --out, or --resume to continue them")
-  manifest = args.out / "plan.json"
   finished = 0
   if started:
+    manifest = args.out / "plan.json"
     try:
       same = json.loads(manifest.read_text()) == plan
     except (OSError, ValueError):
@@ -186,15 +186,17 @@ def _prepare_out(args: argparse.Namespace, plan: dict, fail: Callable[[str], NoR
       finished += 1
     if args.rounds < finished:
       fail(f"--resume: {args.out} already holds {finished} finished rounds; give --rounds {finished} or more")
-    for p in started:
-      if p.name not in done:
-        names = (p.name + ".partial" + (f"-{i}" if i else "") for i in itertools.count())
-        aside = next(q for q in map(p.with_name, names) if not q.exists())
-        p.rename(aside)
-        print(f"[ab] unfinished {p.name} kept aside as {aside.name}; it runs again", file=sys.stderr)
-  args.out.mkdir(parents=True, exist_ok=True)
-  manifest.write_text(json.dumps(plan, indent=2) + "\n")
-  return finished
+  return finished, [p for p in started if not (p / DONE).is_file()]
+
+
+def _prepare_out(args: argparse.Namespace, plan: dict, unfinished: list[pathlib.Path]) -> None:
+  """Keeps each unfinished run folder aside as ``<name>.partial[-i]`` (it runs again) and writes the plan."""
+  for p in unfinished:
+    names = (p.name + ".partial" + (f"-{i}" if i else "") for i in itertools.count())
+    aside = next(q for q in map(p.with_name, names) if not q.exists())
+    p.rename(aside)
+    print(f"[ab] unfinished {p.name} kept aside as {aside.name}; it runs again", file=sys.stderr)
+  (args.out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
 
 
 def _portable(arg: str) -> str:
@@ -236,8 +238,8 @@ def compare_jaxprs(base: dict, head: dict) -> None:
       print(f"| {name} | base: {a if isinstance(a, str) else 'ok'}; head: {b if isinstance(b, str) else 'ok'} | | |")
 
 
-def main() -> None:
-  argv = sys.argv[1:]
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
   command = argv[argv.index("--") + 1:] if "--" in argv else []
   parser = ArgumentParser(description=__doc__)
   parser.add_argument("base_tree", type=pathlib.Path, nargs="?")
@@ -257,7 +259,8 @@ def main() -> None:
     return kernel_worker(args.n, args.out, args.reps)
   if args.worker_jaxprs:
     return jaxpr_worker(args.out)
-  from benchmarks.cli import fail  # noqa: PLC0415  (here, not above: the workers run in trees that lack it)
+  # here, not above: the workers run in trees whose benchmarks.cli may lack these
+  from benchmarks.cli import at_least, fail, out_folder, require_gpu  # noqa: PLC0415
 
   if args.base_tree is None or not (args.base_tree / "fibjax").is_dir():
     fail(f"BASE_TREE must be a checkout of the base revision (holding fibjax/), got {args.base_tree}")
@@ -265,6 +268,10 @@ def main() -> None:
     fail("give one of --kernel, --jaxprs or a command after --")
   if args.rounds < 1:
     fail(f"--rounds must be at least 1, got {args.rounds}")
+  # checked after parsing, not by the parser's types: the workers, in trees without at_least, parse these too
+  for flag, values, what in (("--n", args.n, "sequence lengths"), ("--reps", [args.reps], "")):
+    for value in values:
+      at_least(1, flag, what)(str(value))
   if args.kernel:
     command = [str(pathlib.Path(__file__).resolve()), "--worker", "--n", *map(str, args.n), "--reps", str(args.reps)]
   if args.jaxprs:
@@ -272,7 +279,11 @@ def main() -> None:
   trees = {"base": args.base_tree.resolve(), "head": HEAD}
   plan = {"command": [_portable(c) for c in command], "base_tree": _portable(str(trees["base"])),
           "code": {side: tree_digest(tree) for side, tree in trees.items()}}
-  finished = _prepare_out(args, plan, fail)
+  out_folder(args.out)
+  finished, unfinished = _finished(args, plan, fail)
+  if args.kernel:
+    require_gpu("benchmarks.ab --kernel times GPU kernels")
+  _prepare_out(args, plan, unfinished)
   runs: dict[str, list[dict[str, float]]] = {"base": [], "head": []}
   for k in range(args.rounds):
     ran = False
@@ -285,8 +296,10 @@ def main() -> None:
         print(f"[ab] {side} round {k}: python {' '.join(command)}", flush=True)
         code = subprocess.run([sys.executable, *command, "--out", str(out)], cwd=tree, env=env).returncode
         if code or not (out.is_dir() and any(out.rglob("*.json"))):
+          kept = (f"{args.out / 'ab.json'} holds the {k} rounds before it; --resume runs the rest" if k else
+                  f"no round finished, so {args.out / 'ab.json'} was not written; fix the command and run it again")
           print(f"error: {side} round {k} {f'exited with {code}' if code else f'wrote no JSON under {out}'}; "
-                f"{args.out / 'ab.json'} holds the rounds before it; --resume runs the rest", file=sys.stderr)
+                f"{kept}", file=sys.stderr)
           sys.exit(1)
         (out / DONE).write_text("")
         ran = True

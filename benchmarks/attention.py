@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 import fibjax
 from fibjax.cli import ArgumentParser
-from benchmarks.cli import add_force, claim, device_kind, fail
+from benchmarks.cli import add_force, at_least, claim, device_kind, fail, out_folder, require_gpu
 from benchmarks.timing import copy_bandwidth, time_fn
 
 B, H, D, W, R, ALPHA = 1, 8, 64, 64, 4096, 1.0
@@ -233,12 +233,6 @@ def results_problem(results: object) -> str | None:
   return None
 
 
-def check_out(out: pathlib.Path) -> None:
-  """Refuses an ``--out`` that names a file: results go into a folder."""
-  if out.exists() and not out.is_dir():
-    fail(f"--out {out} is a file; give a folder")
-
-
 def outputs(out: pathlib.Path, device: str) -> list[pathlib.Path]:
   """The results files ``write`` writes for ``device``: JSON, then Markdown."""
   tag = device.replace(" ", "_")
@@ -266,14 +260,16 @@ def measure(n: int, shape: str, args, bandwidth: float) -> dict:
   return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
   parser = ArgumentParser(description=__doc__)
-  parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536])
+  parser.add_argument("--n", type=at_least(1, "--n", "sequence lengths"), nargs="+", default=[4096, 16384, 65536])
   parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-  parser.add_argument("--block", type=int, help="rows per forward tile (default: the kernel's configuration)")
-  parser.add_argument("--num-warps", type=int, help="warps per kernel program, both passes (default: the kernel's "
-                      "configuration)")
-  parser.add_argument("--reps", type=int, default=20)
+  parser.add_argument("--block", type=at_least(1, "--block"),
+                      help="rows per forward tile (default: the kernel's configuration)")
+  parser.add_argument("--num-warps", type=at_least(1, "--num-warps"),
+                      help="warps per kernel program, both passes (default: the kernel's configuration)")
+  parser.add_argument("--reps", type=at_least(1, "--reps"), default=20)
   parser.add_argument("--no-flex", action="store_true")
   parser.add_argument("--rewrite", type=pathlib.Path, nargs="+",
                       help="only re-render results JSON files (several: runs of other shapes, merged into one)")
@@ -282,10 +278,9 @@ def main() -> None:
                            "results JSON of this benchmark), each shape and length from one of them")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   add_force(parser)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if args.flex_log and not args.rewrite:
     fail("--flex-log only goes with --rewrite")
-  check_out(args.out)
   if args.rewrite:
     for path in args.rewrite + (args.flex_log or []):
       if not path.is_file():
@@ -295,16 +290,19 @@ def main() -> None:
       cfg = results["config"]
       results["flex"] = flex_from_files(args.flex_log, list(results["runs"]), cfg["W"],
                                         [int(o) for o in fibjax.offset_set("fib", cfg["alpha"], cfg["W"], cfg["R"])])
+    out_folder(args.out)
     claim(outputs(args.out, results["device"]), args.force)
     return write(results, args.out)
-  # FlexAttention runs before JAX takes the GPU, so then another process names the device
-  device = jax.devices()[0].device_kind if args.no_flex else device_kind()
+  out_folder(args.out)
+  # FlexAttention runs before JAX takes the GPU, so another process names the device
+  device = device_kind()
   claim(outputs(args.out, device), args.force)
+  require_gpu("benchmarks.attention times GPU kernels")
   flex = {} if args.no_flex else flex_peer(args.n, args.shapes)
   bw = copy_bandwidth()
   print(f"{device}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
   results = {"device": device, "jax": jax.__version__, "copy_bandwidth_Bps": bw, "date": time.strftime("%Y-%m-%d"),
-             "command": "python -m benchmarks.attention " + " ".join(sys.argv[1:]),
+             "command": "python -m benchmarks.attention " + " ".join(argv),
              "config": dict(B=B, H=H, W=W, R=R, alpha=ALPHA, dtype="bfloat16", block=args.block,
                             num_warps=args.num_warps, shapes={s: SHAPES[s] for s in args.shapes}),
              "flex": flex, "runs": {}}

@@ -26,7 +26,7 @@ from flax import nnx
 
 from fibjax.cli import ArgumentParser
 import fibjax
-from benchmarks.cli import add_force, claim
+from benchmarks.cli import add_force, at_least, claim, device_kind, out_folder, require_gpu
 from benchmarks.timing import describe_kernels, hlo_instructions, kernel_times, time_fn
 from fibjax.generate import compiled_steps
 
@@ -131,17 +131,24 @@ def _table(rows: list[dict], impl: str, batches: list[int], contexts: list[int])
   return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = ArgumentParser(description=__doc__)
-  parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-  parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+  parser.add_argument("--contexts", type=at_least(1, "--contexts", "context lengths"), nargs="+",
+                      default=[1024, 4096, 16384, 65536])
+  parser.add_argument("--batches", type=at_least(1, "--batches", "batch sizes"), nargs="+", default=[1, 32])
   parser.add_argument("--impls", nargs="+", default=["pallas", "xla"], choices=["pallas", "xla"])
   parser.add_argument("--hlo-stats", action="store_true", help="only count kernels per decoded token")
   parser.add_argument("--profile", action="store_true", help="only print GPU kernel time per token by kernel")
   parser.add_argument("--memory-budget-gib", type=float, default=40.0, help="skip caches larger than this")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   add_force(parser)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  if not (args.hlo_stats or args.profile):  # the modes that write results
+    out_folder(args.out)
+    device = device_kind()
+    path = args.out / f"decode_{device.replace(' ', '_')}"
+    claim([path.with_suffix(".json"), path.with_suffix(".md")], args.force)
+  require_gpu("benchmarks.decode times decoding on GPU kernels")
   if args.hlo_stats:
     for impl in args.impls:
       for variant in ("fib-linear", "dense"):
@@ -152,10 +159,6 @@ def main() -> None:
       for variant in ("fib-linear", "dense"):
         print(json.dumps(profile(variant, impl, args.contexts[0], args.batches[0]), indent=1), flush=True)
     return
-  device = jax.devices()[0].device_kind
-  path = args.out / f"decode_{device.replace(' ', '_')}"
-  claim([path.with_suffix(".json"), path.with_suffix(".md")], args.force)
-  args.out.mkdir(parents=True, exist_ok=True)
   rows = []
   for impl in args.impls:
     for batch in args.batches:

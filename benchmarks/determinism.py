@@ -18,8 +18,10 @@ import statistics
 import subprocess
 import sys
 
-from benchmarks.cli import add_force, claim, device_kind, fail
+import configs
+from benchmarks.cli import add_force, at_least, claim, device_kind, fail, require_gpu
 from fibjax.cli import ArgumentParser
+from fibjax.model import VARIANTS
 from train.run import rundir
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -54,11 +56,11 @@ def train_once(root: pathlib.Path, name: str, args: argparse.Namespace, determin
 def main(argv: list[str] | None = None) -> int:
   parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--root", type=pathlib.Path, required=True, help="a new folder for the runs")
-  parser.add_argument("--config", default="recall")
-  parser.add_argument("--variant", default="fib-linear")
-  parser.add_argument("--steps", type=int, default=200)
-  parser.add_argument("--log-every", type=int, default=5)
-  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--config", default="recall", choices=sorted(configs.CONFIGS))
+  parser.add_argument("--variant", default="fib-linear", choices=VARIANTS)
+  parser.add_argument("--steps", type=at_least(1, "--steps"), default=200)
+  parser.add_argument("--log-every", type=at_least(1, "--log-every"), default=5)
+  parser.add_argument("--repeats", type=at_least(2, "--repeats", why="each mode's reruns are compared"), default=2)
   parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every run")
   add_force(parser)
   args = parser.parse_args(argv)
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
   device = device_kind()  # named from a process of its own: this one never holds the GPU
   out = RESULTS / f"determinism_{device.replace(' ', '_')}.json"
   claim([out], args.force)
+  require_gpu("benchmarks.determinism compares XLA's GPU algorithms")
   command = " ".join(["python -m benchmarks.determinism", *(sys.argv[1:] if argv is None else argv)])
   record = {"config": args.config, "variant": args.variant, "steps": args.steps, "log_every": args.log_every,
             "device": device, "command": command, "modes": {}}

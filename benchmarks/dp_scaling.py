@@ -24,11 +24,13 @@ import subprocess
 import sys
 import tempfile
 
+import configs
 from fibjax.cli import ArgumentParser
-from benchmarks.cli import add_force, claim
+from benchmarks.cli import add_force, at_least, claim, out_folder, require_gpu
 from train.run import rundir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+LOG_EVERY = 10  # steps between the runs' metrics records; the first record's throughput includes compiling
 
 
 def run(devices: str, workdir: pathlib.Path, args: argparse.Namespace, *extra: str) -> list[dict]:
@@ -36,7 +38,7 @@ def run(devices: str, workdir: pathlib.Path, args: argparse.Namespace, *extra: s
   ``args.set`` and then ``extra`` overrides; returns its ``metrics.jsonl`` records."""
   env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices)
   cmd = [sys.executable, "-m", "train", "--config", args.config, "--workdir", str(workdir), "--set",
-         f"steps={args.steps}", "log_every=10", f"eval_every={args.steps}", f"checkpoint_every={args.steps}",
+         f"steps={args.steps}", f"log_every={LOG_EVERY}", f"eval_every={args.steps}", f"checkpoint_every={args.steps}",
          "progress=false", "final_eval_multiples=1", "final_eval_tokens=65536", *args.set, *extra]
   subprocess.run(cmd, cwd=ROOT, env=env, check=True)
   return [json.loads(x) for x in (workdir / rundir.METRICS).read_text().splitlines()]
@@ -51,7 +53,6 @@ def collectives(args: argparse.Namespace) -> dict:
   import jax  # noqa: PLC0415  (the runs above must not start a backend in this process)
   import numpy as np  # noqa: PLC0415
 
-  import configs  # noqa: PLC0415
   from benchmarks.timing import hlo_instructions  # noqa: PLC0415
   from configs.base import apply_overrides  # noqa: PLC0415
   from train.run.step import make_optimizer  # noqa: PLC0415
@@ -92,10 +93,11 @@ def reproduce(args: argparse.Namespace) -> str:
   return cmd + (f" --set {' '.join(args.set)}" if args.set else "") + (" --control" if args.control else "")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = ArgumentParser(description=__doc__)
-  parser.add_argument("--config", default="small")
-  parser.add_argument("--steps", type=int, default=200)
+  parser.add_argument("--config", default="small", choices=sorted(configs.CONFIGS))
+  why = f"two logging intervals of {LOG_EVERY} steps; the first one's throughput includes compiling"
+  parser.add_argument("--steps", type=at_least(2 * LOG_EVERY, "--steps", why=why), default=200)
   parser.add_argument("--gpus", default="0,1")
   parser.add_argument("--set", nargs="*", default=[], help="config overrides for both runs, e.g. model.variant=dense")
   parser.add_argument("--collectives", action="store_true", help="only print the train step's collectives")
@@ -103,7 +105,7 @@ def main() -> None:
                       help="also run 1 GPU with grad_accum=2: the drift that summing gradients in another order causes")
   parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
   add_force(parser)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if args.collectives:
     print(json.dumps(collectives(args), indent=1))
     return
@@ -111,7 +113,9 @@ def main() -> None:
   n = len(gpus)
   name = "_".join([f"dp_scaling_{n}gpu_{args.config}", *(re.sub(r"\W+", "-", s) for s in args.set)]
                   + (["control"] if args.control else []))
+  out_folder(args.out)
   claim([args.out / f"{name}.json", args.out / f"{name}.md"], args.force)
+  require_gpu("benchmarks.dp_scaling compares training on one GPU and on several")
   with tempfile.TemporaryDirectory() as tmp:
     runs = {"1 GPU": run(gpus[0], pathlib.Path(tmp) / "one", args)}
     if n > 1:
@@ -135,7 +139,6 @@ def main() -> None:
   md += [f"GPUs: {gpu_names()}. Reproduce: `{reproduce(args)}`.", "",
          "| step | " + " | ".join(f"loss {name}" for name in loss) + " |", "|---" * (len(loss) + 1) + "|"]
   md += [f"| {s} | " + " | ".join(f"{curve[s]:.4f}" for curve in loss.values()) + " |" for s in sorted(l1)]
-  args.out.mkdir(parents=True, exist_ok=True)
   (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
   (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
   print("\n".join(md[:6]))

@@ -13,15 +13,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import types
 from typing import TYPE_CHECKING, Callable
 
-import torch
-import torch._dynamo
-import triton.testing
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from benchmarks.cli import at_least, fail
 
 if TYPE_CHECKING:
+  import torch
   from torch.nn.attention.flex_attention import BlockMask
+
+
+def _torch() -> types.ModuleType:
+  """``torch``, imported here so that ``--help`` and argument errors need none; a machine without torch
+  (or without a CUDA device for it) is refused in one line (exit 2)."""
+  try:
+    import torch  # noqa: PLC0415
+    import torch._dynamo  # noqa: PLC0415, F401
+    import triton.testing  # noqa: PLC0415, F401
+  except ImportError as e:
+    fail(f"benchmarks.flex_peer times torch's FlexAttention and needs torch with triton ({e}): pip install torch")
+  if not torch.cuda.is_available():
+    fail(f"benchmarks.flex_peer times FlexAttention on a GPU and needs CUDA (torch {torch.__version__} sees none): "
+         "run it on a GPU machine")
+  return torch
 
 
 def _mask_mod(window: int, offsets: list[int]) -> Callable[..., torch.Tensor]:
@@ -40,6 +54,8 @@ def _mask_mod(window: int, offsets: list[int]) -> Callable[..., torch.Tensor]:
 
 def _allow_recompiles(limit: int = 64) -> None:
   """One compiled kernel per (shape, length): keep dynamo from falling back to eager mode."""
+  import torch  # noqa: PLC0415
+
   for name in ("cache_size_limit", "recompile_limit"):
     if hasattr(torch._dynamo.config, name):  # noqa: SLF001  (the documented knob; its name changed across torch versions)
       setattr(torch._dynamo.config, name, limit)  # noqa: SLF001
@@ -49,6 +65,9 @@ def time_shape(flex: Callable[..., torch.Tensor], mask: BlockMask, n: int, heads
                head_dim: int) -> dict:
   """Median ms of forward and forward+backward at one shape: ``q [1, heads, n, head_dim]``, ``k, v
   [1, kv_heads, n, head_dim]``, bf16, random."""
+  import torch  # noqa: PLC0415
+  import triton.testing  # noqa: PLC0415
+
   def rand(h: int) -> torch.Tensor:
     return torch.randn(1, h, n, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
@@ -65,20 +84,48 @@ def time_shape(flex: Callable[..., torch.Tensor], mask: BlockMask, n: int, heads
   return {"fwd_ms": fwd, "fwd_bwd_ms": triton.testing.do_bench(fwd_bwd, warmup=50, rep=300, return_mode="median")}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--n", type=int, nargs="+", required=True)
-  parser.add_argument("--shapes", nargs="+", default=["8,8,64"], help="heads,kv_heads,head_dim")
-  parser.add_argument("--window", type=int, required=True)
-  parser.add_argument("--offsets", required=True, help="comma-separated static offsets")
-  args = parser.parse_args()
-  offsets = [int(o) for o in args.offsets.split(",") if o]
+def _shape(text: str) -> tuple[int, int, int]:
+  """An argparse ``type``: ``heads,kv_heads,head_dim``, three integers of at least 1, ``kv_heads`` dividing
+  ``heads``."""
+  try:
+    heads, kv_heads, head_dim = map(int, text.split(","))
+  except ValueError:
+    fail(f"--shapes takes heads,kv_heads,head_dim (three integers), got {text!r}")
+  if min(heads, kv_heads, head_dim) < 1 or heads % kv_heads:
+    fail(f"--shapes takes heads,kv_heads,head_dim of at least 1 with kv_heads dividing heads, got {text!r}")
+  return heads, kv_heads, head_dim
+
+
+def _offsets(text: str) -> list[int]:
+  """An argparse ``type``: comma-separated offsets, integers of at least 1."""
+  try:
+    offsets = [int(o) for o in text.split(",") if o]
+  except ValueError:
+    fail(f"--offsets takes comma-separated integers, got {text!r}")
+  if not offsets or min(offsets) < 1:
+    fail(f"--offsets takes comma-separated offsets of at least 1, got {text!r}")
+  return offsets
+
+
+def main(argv: list[str] | None = None) -> None:
+  # plain argparse: fibjax.cli's parser imports JAX, which this torch process must not; its errors are one line too
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.flex_peer", description=__doc__)
+  parser.error = lambda message: fail(f"{message} (--help lists the arguments)")
+  parser.add_argument("--n", type=at_least(1, "--n", "sequence lengths"), nargs="+", required=True)
+  parser.add_argument("--shapes", type=_shape, nargs="+", default=[(8, 8, 64)], help="heads,kv_heads,head_dim")
+  parser.add_argument("--window", type=at_least(1, "--window"), required=True)
+  parser.add_argument("--offsets", type=_offsets, required=True, help="comma-separated static offsets")
+  args = parser.parse_args(argv)
+  offsets = args.offsets
+  torch = _torch()
+  from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: PLC0415
+
   _allow_recompiles()
   flex = torch.compile(flex_attention, dynamic=False)
   res = {"torch": torch.__version__, "offsets": offsets, "window": args.window, "sizes": {}}
   masks = {}
-  for shape in args.shapes:  # the first shape at every length before the next shape
-    heads, kv_heads, head_dim = map(int, shape.split(","))
+  for heads, kv_heads, head_dim in args.shapes:  # the first shape at every length before the next shape
+    shape = f"{heads},{kv_heads},{head_dim}"
     for n in args.n:
       if n not in masks:
         masks[n] = create_block_mask(_mask_mod(args.window, offsets), None, None, n, n, device="cuda", _compile=True)

@@ -39,9 +39,9 @@ import jax
 import jax.numpy as jnp
 
 from fibjax.cli import ArgumentParser
-from benchmarks.attention import (B, H, R, SHAPES, W, check_out, flex_peer, floor_ms, make_inputs, ratio,
+from benchmarks.attention import (B, H, R, SHAPES, W, flex_peer, floor_ms, make_inputs, ratio,
                                   static_offsets, variants)
-from benchmarks.cli import add_force, claim, device_kind, fail
+from benchmarks.cli import add_force, at_least, claim, device_kind, fail, out_folder, require_gpu
 from benchmarks.timing import copy_bandwidth, time_fn
 
 CUDNN = "cuDNN window only"
@@ -296,24 +296,20 @@ def write(results: dict, out: pathlib.Path, echo: bool = True) -> None:
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   parser = ArgumentParser(description=__doc__)
-  parser.add_argument("--n", type=int, nargs="+", default=[16384, 65536])
+  parser.add_argument("--n", type=at_least(1, "--n", "sequence lengths"), nargs="+", default=[16384, 65536])
   parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-  parser.add_argument("--reps", type=int, default=20)
+  parser.add_argument("--reps", type=at_least(1, "--reps"), default=20)
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   parser.add_argument("--no-flex", action="store_true", help="leave FlexAttention (torch) out")
   add_force(parser)
   args = parser.parse_args(argv)
-  for n in args.n:
-    if n < 1:
-      fail(f"--n takes sequence lengths of at least 1, got {n}")
   if len(set(args.n)) < len(args.n) or len(set(args.shapes)) < len(args.shapes):
     fail("--n and --shapes take each value once")
-  if args.reps < 1:
-    fail(f"--reps takes at least 1, got {args.reps}")
-  check_out(args.out)
-  # FlexAttention runs before JAX takes the GPU, so then another process names the device
-  device = jax.devices()[0].device_kind if args.no_flex else device_kind()
+  out_folder(args.out)
+  # FlexAttention runs before JAX takes the GPU, so another process names the device
+  device = device_kind()
   claim(outputs(args.out, device), args.force)
+  require_gpu("benchmarks.floor times GPU kernels")
   flex = None if args.no_flex else flex_peer(args.n, args.shapes)
   bandwidth = copy_bandwidth()
   print(f"{device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)

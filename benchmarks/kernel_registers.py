@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from fibjax.cli import ArgumentParser
 from benchmarks.attention import H, R, W, static_offsets
-from benchmarks.cli import add_force, claim, fail
+from benchmarks.cli import add_force, at_least, claim, fail, out_folder
 from pallas_kernels.attention.config import (UNBRANCHED_BACKWARD_MAX_HEAD_DIM, BackwardConfig, ForwardConfig,
                                              default_backward, default_forward)
 from pallas_kernels.attention.ops import attention_problem
@@ -148,28 +148,30 @@ def parse(report: str) -> dict:
           "spill_store_bytes": number(r"(\d+) bytes spill stores"), "spill_load_bytes": number(r"(\d+) bytes spill loads")}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--triton", type=pathlib.Path, required=True, help="folder a Triton package is installed in")
-  parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-  parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
+  parser.add_argument("--head-dims", type=at_least(16, "--head-dims"), nargs="+", default=[64, 128])
+  parser.add_argument("--kv-heads", type=at_least(1, "--kv-heads"), nargs="+", default=[8, 2])
   parser.add_argument("--loop-group", action="store_true", help="dK/dV loops over the group's query heads (the GPU default with groups; without it: unrolled)")
-  parser.add_argument("--block-bwd", type=int, help="rows per backward tile (default: the kernels' default)")
+  parser.add_argument("--block-bwd", type=at_least(16, "--block-bwd"),
+                      help="rows per backward tile (default: the kernels' default)")
   parser.add_argument("--defaults", action="store_true",
                       help="each shape in its default configuration, each kernel on its pass's default warps")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   add_force(parser)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if not (args.triton / "triton").is_dir():
     fail(f"no triton package in {args.triton}; install one with pip install --target {args.triton} triton")
   powers = args.head_dims + ([args.block_bwd] if args.block_bwd is not None else [])
-  bad = [x for x in powers if x < 16 or x & (x - 1)] + [h for h in args.kv_heads if h < 1 or H % h]
+  bad = [x for x in powers if x & (x - 1)] + [h for h in args.kv_heads if H % h]
   if bad:
     fail(f"head dims and --block-bwd must be powers of 2 >= 16 and kv heads must divide {H}, got {bad}")
   if args.defaults and (args.loop_group or args.block_bwd):
     fail("--defaults takes every option at its default; leave out --loop-group and --block-bwd")
   tag = (("_defaults" if args.defaults else "") + ("_loop_group" if args.loop_group else "")
          + (f"_block_bwd{args.block_bwd}" if args.block_bwd else ""))
+  out_folder(args.out)
   results = args.out / f"kernel_registers{tag}.json"
   claim([results], args.force)
   forms = (None,) if args.defaults else (False, True)
@@ -195,7 +197,6 @@ def main() -> None:
     for line in res.stdout.splitlines():
       path, _, report = line.partition(" | ")
       rows.append(dict(paths[path], **parse(report)))
-  args.out.mkdir(parents=True, exist_ok=True)
   results.write_text(json.dumps({"jax": jax.__version__, "rows": rows}, indent=2) + "\n")
   print("| head_dim | kv heads | offsets | terms | kernel | warps | registers | stack B | spill stores / loads B |")
   print("|---|---|---|---|---|---|---|---|---|")

@@ -8,7 +8,7 @@ the Fibonacci offsets of alpha 1 up to R = 4096; the offset terms in each form (
 from both shared-memory layouts, ``MosaicForwardConfig.term_smem``, the default first, and on tensor
 cores, ``term_mma``); then learned (fractional: each offset + 0.37) distances, row-wise and on tensor
 cores, and segment ids (four documents of N / 4 rows); ``--kinds`` runs some of the three kinds.
-Each kind runs on one warpgroup (the default config) and warp-specialised (``ws``:
+Each kind runs on one warpgroup (``one_warpgroup_config``) and warp-specialised (``ws``:
 ``MosaicForwardConfig(block=128, consumers=2)``, two consumer warpgroups and a producer, with the
 most ring slots up to two that fit shared memory: ``ws_config``).
 Prints one line per case; a case that fails to compile or run prints its error and the others go on.
@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 import fibjax
+from benchmarks.cli import at_least, require_gpu
 from benchmarks.timing import time_fn
 from fibjax.cli import ArgumentParser
 from pallas_kernels.attention import mosaic_gpu, triton_gpu
@@ -37,6 +38,7 @@ from pallas_kernels.attention.config import MosaicForwardConfig, choose
 from pallas_kernels.attention.ops import attention_problem
 
 W, R, H = 64, 4096, 8
+GPU_ONLY = "benchmarks.mosaic_check runs Mosaic GPU kernels"  # ``require_gpu``'s refusal on another backend
 FORMS = {"swizzled": {"term_smem": "swizzled"}, "plain": {"term_smem": "plain"}, "mma": {"term_mma": True}}
 
 
@@ -68,10 +70,13 @@ def ws_config(problem, form: str) -> MosaicForwardConfig | None:
 
 
 def check(n: int, d: int, h_kv: int, form: str, offsets: jax.Array, segments: bool, ws: bool) -> str:
+  """One case's line: the Mosaic forward against the Triton forward and both timed; on a machine
+  without a GPU the run stops here, in one line (exit 2), before compiling."""
+  require_gpu(GPU_ONLY)
   sets = inputs(n, d, h_kv)
   seg = (jnp.arange(n, dtype=jnp.int32) // (n // 4))[None] if segments else None
   problem = attention_problem(sets[0][0], sets[0][1], offsets, window=W, reach=R, segment_ids=seg)
-  cfg = ws_config(problem, form) if ws else dataclasses.replace(mosaic_gpu.default_config(problem), **FORMS[form])
+  cfg = ws_config(problem, form) if ws else dataclasses.replace(mosaic_gpu.one_warpgroup_config(problem), **FORMS[form])
   if cfg is None:
     return "skipped: no warp-specialised config fits shared memory"
   tri_cfg = choose(problem)[0]
@@ -135,13 +140,15 @@ def sweep(n: int, d: int, h_kv: int, offsets: jax.Array) -> list[str]:
   return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = ArgumentParser(prog="python -m benchmarks.mosaic_check", description=__doc__)
-  parser.add_argument("--n", type=int, nargs="+", default=[16384, 65536])
+  parser.add_argument("--n", type=at_least(1, "--n", "sequence lengths"), nargs="+", default=[16384, 65536])
   parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                       help="which cases to check (default: all, in this order)")
   parser.add_argument("--sweep", action="store_true", help="time every config of the static forward per shape")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  if args.sweep:
+    require_gpu(GPU_ONLY)
   static = jnp.asarray(fibjax.offset_set("fib", 1.0, W, R), jnp.int32)
   print(jax.devices()[0].device_kind, "jax", jax.__version__, "offsets", static.tolist(), flush=True)
   if args.sweep:

@@ -19,22 +19,24 @@ import jax
 import jax.numpy as jnp
 
 from fibjax.cli import ArgumentParser
-from benchmarks.cli import add_force, claim
+from benchmarks.cli import add_force, at_least, claim, device_kind, out_folder, require_gpu
 from benchmarks.timing import copy_bandwidth, time_fn
 from pallas_kernels.norm import rmsnorm as norm_gpu
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = ArgumentParser(description=__doc__)
-  parser.add_argument("--rows", type=int, default=32 * 1024)
-  parser.add_argument("--d", type=int, default=512)
-  parser.add_argument("--layers", type=int, default=16)
+  parser.add_argument("--rows", type=at_least(1, "--rows"), default=32 * 1024)
+  parser.add_argument("--d", type=at_least(1, "--d"), default=512)
+  parser.add_argument("--layers", type=at_least(1, "--layers"), default=16)
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   add_force(parser)
-  args = parser.parse_args()
-  device = jax.devices()[0].device_kind
+  args = parser.parse_args(argv)
+  out_folder(args.out)
+  device = device_kind()
   path = args.out / f"norm_{device.replace(' ', '_')}.json"
   claim([path], args.force)
+  require_gpu("benchmarks.norm times GPU kernels")
   shape, bf = (args.rows, args.d), jnp.bfloat16
   def arrays(seed: int) -> list[jax.Array]:
     """``--layers`` random bf16 ``[rows, d]`` arrays (separate arrays, not slices of one: a slice fed
@@ -74,7 +76,6 @@ def main() -> None:
     rows.append({"impl": name, "fwd_us_per_layer": 1e3 * fwd_ms, "fwd_bwd_us_per_layer": 1e3 * both_ms,
                  "fwd_GBps": 2 * nbytes / args.layers / fwd_ms / 1e6})
     print(json.dumps(rows[-1]), flush=True)
-  args.out.mkdir(parents=True, exist_ok=True)
   result = {"device": device, "shape": shape, "layers": args.layers, "copy_GBps": copy / 1e9, "rows": rows,
             "note": "per layer: fwd reads x and writes y (67 MB at the default shape); the backward reads x, dy and "
                     "the residual gradient and writes dx (134 MB); XLA's backward includes the same residual add",

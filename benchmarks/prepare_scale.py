@@ -23,7 +23,7 @@ import sys
 import time
 
 from fibjax.cli import ArgumentParser
-from benchmarks.cli import add_force, claim, fail
+from benchmarks.cli import add_force, at_least, claim, fail, out_folder
 from train.data import text as data
 from train.run import rundir
 
@@ -80,19 +80,20 @@ def train_start(data_arg: list[str], workdir: pathlib.Path) -> dict:
   return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--gb", type=float, default=1.0)
+  parser.add_argument("--gb", type=at_least(0.001, "--gb", number=float), default=1.0)
   parser.add_argument("--dir", type=pathlib.Path, default=pathlib.Path("/tmp/fibjax-prepare-scale"))
   parser.add_argument("--keep", action="store_true")
   parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
   add_force(parser)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   results = args.out / "prepare_scale.json"
   claim([results], args.force)
   if args.dir.exists() and (not args.dir.is_dir() or any(args.dir.iterdir())) and not (args.dir / OWN).exists():
     fail(f"--dir {args.dir} holds files this benchmark did not make (it deletes its folder); give a new or "
          f"empty folder")
+  out_folder(args.out)
   shutil.rmtree(args.dir, ignore_errors=True)
   args.dir.mkdir(parents=True)
   (args.dir / OWN).touch()
@@ -120,7 +121,6 @@ def main() -> None:
       "prepare": prep, "train_start_prepared": prepared, "train_start_embedded": embedded,
       "train_set": TRAIN_SET,
   }
-  args.out.mkdir(parents=True, exist_ok=True)
   results.write_text(json.dumps(result, indent=2) + "\n")
   print(f"wrote {results}")
 

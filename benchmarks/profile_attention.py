@@ -36,7 +36,7 @@ from typing import Callable
 
 from fibjax.cli import ArgumentParser
 from benchmarks.ab import tree_digest
-from benchmarks.cli import add_force, claim, device_kind, fail
+from benchmarks.cli import add_force, at_least, claim, device_kind, fail, out_folder, require_gpu
 
 IMPLEMENTATIONS = {  # name: (benchmarks.attention variant, pass)
     "fib static fwd": ("fib static", "fwd"),
@@ -210,34 +210,36 @@ def render(results: dict) -> str:
   return "\n".join(out) + "\n"
 
 
-def main() -> None:
-  if len(sys.argv) == 5 and sys.argv[1] == "--child":
-    return child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  if len(argv) == 4 and argv[0] == "--child":
+    return child(argv[1], int(argv[2]), argv[3])
   from benchmarks.attention import SHAPES  # noqa: PLC0415
 
   parser = ArgumentParser(description=__doc__)
-  parser.add_argument("--n", type=int, default=65536)
+  parser.add_argument("--n", type=at_least(1, "--n", "a sequence length"), default=65536)
   parser.add_argument("--shapes", nargs="+", default=["mha_d64", "gqa_d64"], choices=list(SHAPES))
   parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS))
   parser.add_argument("--ncu", default="ncu", help="the Nsight Compute command")
-  parser.add_argument("--timeout", type=int, default=240, help="seconds per profiled process")
+  parser.add_argument("--timeout", type=at_least(1, "--timeout"), default=240, help="seconds per profiled process")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   add_force(parser)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   ncu = shutil.which(args.ncu)
   if ncu is None:
     fail(f"Nsight Compute not found ({args.ncu!r}); install it or pass --ncu PATH")
   if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
     fail("the profiled processes need NVIDIA's cuda-python (cuda.bindings) for cudaProfilerStart; "
          "pip install cuda-python")
+  out_folder(args.out)
   device = device_kind()
   stem = args.out / f"profile_attention_{device.replace(' ', '_')}_n{args.n}_{'_'.join(args.shapes)}"
   claim([stem.with_suffix(".json"), stem.with_suffix(".md")], args.force)
+  require_gpu("benchmarks.profile_attention profiles GPU kernels")
   results = {"device": device, "jax": None, "n": args.n, "date": time.strftime("%Y-%m-%d"),
-             "command": shlex.join(["python", "-m", "benchmarks.profile_attention", *sys.argv[1:]]),
+             "command": shlex.join(["python", "-m", "benchmarks.profile_attention", *argv]),
              "code": tree_digest(pathlib.Path(__file__).resolve().parents[1]), "shapes": {},
              "bytes": {s: tensor_bytes(args.n, s) for s in args.shapes}}
-  args.out.mkdir(parents=True, exist_ok=True)
   for shape in args.shapes:
     for impl in args.implementations:
       res = profile(shape, args.n, impl, ncu, args.timeout)

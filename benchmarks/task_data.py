@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import configs
+from benchmarks.cli import at_least
 from fibjax.cli import ArgumentParser
 from train.data.tasks import TaskGenerator
 from train.data.text import ByteTokenizer
@@ -52,14 +53,14 @@ def ms_per_step(name: str, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = ArgumentParser(description=__doc__)
   parser.add_argument("--configs", nargs="+", default=["recall", "recall128"],
                       choices=sorted(configs.CONFIGS))
-  parser.add_argument("--samples", type=int, default=2000)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--steps", type=int, default=100)
-  args = parser.parse_args()
+  parser.add_argument("--samples", type=at_least(1, "--samples"), default=2000)
+  parser.add_argument("--repeats", type=at_least(1, "--repeats"), default=5)
+  parser.add_argument("--steps", type=at_least(1, "--steps"), default=100)
+  args = parser.parse_args(argv)
   recipes = {name: configs.get_config(name) for name in args.configs}
   for name, cfg in recipes.items():
     if cfg.task_spec() is None:

@@ -25,9 +25,10 @@ from jax.sharding import Mesh
 import configs
 from configs.base import TrainConfig
 from fibjax.cli import ArgumentParser
-from fibjax.model import count_params
-from benchmarks.cli import add_force, claim
+from fibjax.model import VARIANTS, count_params
+from benchmarks.cli import add_force, at_least, claim, device_kind, out_folder, require_gpu
 from benchmarks.timing import copies, describe_kernels, kernel_times
+from train.run import xla_flags
 from train.run.metrics import flops_per_token, peak_flops_per_device
 from train.run.step import make_optimizer
 from train.run.trainer import compile_train_step, init_state, make_mesh
@@ -127,34 +128,36 @@ def profile(variant: str, seq_len: int, tokens_per_step: int, steps: int, top: i
           "hlo": describe_kernels(text, [name for name, _ in ranked], body_chars=1200), "hlo_copies": copies(text)}
 
 
-def main() -> None:
-  from train.run import xla_flags  # noqa: PLC0415  (the trainer's defaults, before the backend starts)
-
-  xla_flags.apply_defaults()
+def main(argv: list[str] | None = None) -> None:
   parser = ArgumentParser(description=__doc__)
-  parser.add_argument("--tokens-per-step", type=int, default=32768)
-  parser.add_argument("--steps", type=int, default=15)
-  parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 8192])
-  parser.add_argument("--variants", nargs="+", default=["dense", "fib-linear"])
+  parser.add_argument("--tokens-per-step", type=at_least(1, "--tokens-per-step"), default=32768)
+  parser.add_argument("--steps", type=at_least(2, "--steps", why="the first timed step is left out"), default=15)
+  parser.add_argument("--seq-lens", type=at_least(1, "--seq-lens", "sequence lengths"), nargs="+",
+                      default=[1024, 8192])
+  parser.add_argument("--variants", nargs="+", default=["dense", "fib-linear"], choices=VARIANTS,
+                      help="speed vs dense needs dense among them")
   parser.add_argument("--profile", action="store_true",
                       help="print GPU kernel time per step by kernel and kind (jax.profiler trace), write nothing")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   add_force(parser)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  if not args.profile:  # the mode that writes results
+    out_folder(args.out)
+    device = device_kind()
+    tag = device.replace(" ", "_")
+    claim([args.out / f"train_throughput_{tag}.json", args.out / f"train_throughput_{tag}.md"], args.force)
+  require_gpu("benchmarks.train_throughput times training steps on the GPU")
+  xla_flags.apply_defaults()  # the trainer's defaults, before the backend starts
   if args.profile:
     for t in args.seq_lens:
       for variant in args.variants:
         print(json.dumps(profile(variant, t, args.tokens_per_step, 5), indent=1), flush=True)
     return
-  device = jax.devices()[0].device_kind
-  tag = device.replace(" ", "_")
-  claim([args.out / f"train_throughput_{tag}.json", args.out / f"train_throughput_{tag}.md"], args.force)
   rows = []
   for t in args.seq_lens:
     for variant in args.variants:
       rows.append(measure(variant, t, args.tokens_per_step, args.steps))
       print(json.dumps(rows[-1]), flush=True)
-  args.out.mkdir(parents=True, exist_ok=True)
   (args.out / f"train_throughput_{tag}.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
   lines = [f"# Training throughput, paper recipe, {device} ({time.strftime('%Y-%m-%d')}, jax {jax.__version__})", "",
            f"bf16 compute, fp32 master weights, {args.tokens_per_step} tokens per step, median of {args.steps} steps. "
@@ -164,11 +167,11 @@ def main() -> None:
            "| T | variant | batch | step ms | synced step ms | tokens/s | MFU | speed vs dense |",
            "|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    dense = next(x for x in rows if x["seq_len"] == r["seq_len"] and x["variant"] == "dense")
+    dense = next((x for x in rows if x["seq_len"] == r["seq_len"] and x["variant"] == "dense"), None)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+    speed = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense else "n/a (dense not run)"
     lines.append(f"| {r['seq_len']} | {r['variant']} | {r['batch']} | {r['step_ms']:.1f} | {r['synced_step_ms']:.1f} | "
-                 f"{r['tokens_per_s']:,.0f} | "
-                 f"{mfu} | {r['tokens_per_s'] / dense['tokens_per_s']:.2f}x |")
+                 f"{r['tokens_per_s']:,.0f} | {mfu} | {speed} |")
   (args.out / f"train_throughput_{tag}.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from fibjax.cli import ArgumentParser
 import fibjax
 from benchmarks.attention import D, W, fwd_bwd
-from benchmarks.cli import add_force, claim, fail
+from benchmarks.cli import add_force, at_least, claim, device_kind, fail, out_folder, require_gpu
 from benchmarks.timing import time_fn
 from pallas_kernels.attention.config import (TERM_FLOWS, BackwardConfig, ForwardConfig, PassConfig, choose,
                                              table_path, write_entry)
@@ -70,17 +70,17 @@ def winners(rows: list[dict], min_gain: float) -> tuple[dict[str, PassConfig], l
   return best, kept
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = ArgumentParser(description=__doc__)
-  parser.add_argument("--n", type=int, default=1024)
-  parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--heads", type=int, default=8)
-  parser.add_argument("--reach", type=int, help="R (default N)")
+  parser.add_argument("--n", type=at_least(1, "--n", "a sequence length"), default=1024)
+  parser.add_argument("--batch", type=at_least(1, "--batch"), default=32)
+  parser.add_argument("--heads", type=at_least(1, "--heads"), default=8)
+  parser.add_argument("--reach", type=at_least(1, "--reach"), help="R (default N)")
   parser.add_argument("--alpha", type=float, default=1.0)
   parser.add_argument("--learned", action="store_true", help="fractional (learned-alpha) distances")
-  parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
-  parser.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8])
-  parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+  parser.add_argument("--blocks", type=at_least(1, "--blocks"), nargs="+", default=[32, 64, 128])
+  parser.add_argument("--warps", type=at_least(1, "--warps"), nargs="+", default=[2, 4, 8])
+  parser.add_argument("--stages", type=at_least(1, "--stages"), nargs="+", default=[1, 2, 3])
   parser.add_argument("--term-mma", type=int, nargs="+", default=[0, 1], choices=[0, 1],
                       help="offset terms as row-wise products (0) and/or tensor-core diagonals (1)")
   parser.add_argument("--term-flows", nargs="+", default=["branched", "unbranched"], choices=TERM_FLOWS,
@@ -92,8 +92,9 @@ def main() -> None:
                       "ones dQ saved (1)")
   parser.add_argument("--parts", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"],
                       help="sweep forward configurations and/or backward ones")
-  parser.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads; fewer: grouped-query)")
-  parser.add_argument("--head-dim", type=int, default=D)
+  parser.add_argument("--kv-heads", type=at_least(1, "--kv-heads"),
+                      help="key/value heads (default: --heads; fewer: grouped-query)")
+  parser.add_argument("--head-dim", type=at_least(16, "--head-dim"), default=D)
   parser.add_argument("--write-table", action="store_true",
                       help="merge each pass's fastest configuration into this device's tuned table")
   parser.add_argument("--min-gain", type=float, default=0.05,
@@ -101,17 +102,19 @@ def main() -> None:
                       "configuration must be to enter the table")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   add_force(parser)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   kv_heads = args.kv_heads or args.heads
-  if kv_heads < 1 or args.heads % kv_heads or args.head_dim < 16 or args.head_dim & (args.head_dim - 1):
+  if args.heads % kv_heads or args.head_dim & (args.head_dim - 1):
     fail(f"--kv-heads must divide --heads ({args.heads}) and --head-dim be a power of 2 >= 16, got "
          f"{kv_heads} and {args.head_dim}")
   n, reach = args.n, args.reach or args.n
-  device = jax.devices()[0].device_kind
+  out_folder(args.out)
+  device = device_kind()
   tag = device.replace(" ", "_")
   shape = "" if (kv_heads, args.head_dim) == (args.heads, D) else f"_kv{kv_heads}_d{args.head_dim}"
   path = args.out / f"tune_attention_{tag}_n{n}_b{args.batch}{shape}{'_learned' if args.learned else ''}.json"
   claim([path], args.force)
+  require_gpu("benchmarks.tune_attention times GPU kernels")
   if args.learned:  # fractional distances just off the integer grid, so every term blends two rows
     offsets = jnp.asarray(fibjax.learned_terms("fib", args.alpha, W, reach), jnp.float32) * jnp.float32(1.001)
   else:
@@ -147,7 +150,6 @@ def main() -> None:
   rows.append({"part": "default", "config": dataclasses.asdict(default), "config_bwd": dataclasses.asdict(default_bwd),
                "fwd_ms": _timed(jax.jit(attn()), sets), "fwd_bwd_ms": _timed(fwd_bwd(attn()), sets)})
   print(json.dumps(rows[-1]), flush=True)
-  args.out.mkdir(parents=True, exist_ok=True)
   config = dict(n=n, batch=args.batch, learned=args.learned, kv_heads=kv_heads, heads=args.heads,
                 head_dim=args.head_dim, window=W, reach=reach, alpha=args.alpha,
                 num_offsets=int(offsets.shape[0]), problem=problem.key)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from fibjax.cli import ArgumentParser
 import fibjax
-from benchmarks.cli import add_force, claim
+from benchmarks.cli import add_force, at_least, claim, device_kind, out_folder, require_gpu
 from benchmarks.timing import copy_bandwidth, kernel_times
 from fibjax import decode as dec
 from fibjax.layers import rope, rope_angles
@@ -140,16 +140,18 @@ def attention_rows(b: int) -> list[dict]:
   return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = ArgumentParser(description=__doc__)
-  parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+  parser.add_argument("--batches", type=at_least(1, "--batches", "batch sizes"), nargs="+", default=[1, 32])
   parser.add_argument("--parts", nargs="+", default=["projections", "attention"], choices=["projections", "attention"])
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
   add_force(parser)
-  args = parser.parse_args()
-  device = jax.devices()[0].device_kind
+  args = parser.parse_args(argv)
+  out_folder(args.out)
+  device = device_kind()
   path = args.out / f"tune_decode_{device.replace(' ', '_')}.json"
   claim([path], args.force)
+  require_gpu("benchmarks.tune_decode times GPU kernels")
   bandwidth = copy_bandwidth()
   rows = []
   for b in args.batches:
@@ -175,7 +177,6 @@ def main() -> None:
     for row in attention_rows(b) if "attention" in args.parts else ():
       rows.append(row)
       print(json.dumps(row), flush=True)
-  args.out.mkdir(parents=True, exist_ok=True)
   path.write_text(
       json.dumps({"device": device, "copy_bandwidth": bandwidth, "rows": rows}, indent=2) + "\n")
   for b in args.batches:

@@ -247,16 +247,25 @@ def test_unsupported_inputs_raise():
 
 
 def test_default_config_fits_shared_memory():
-  """One ring slot at head_dim 64, two at 128 (learned, two tiles a slot: two and one); a window
-  too wide for shared memory is refused."""
-  for d, offset_dtype, stages in ((64, jnp.int32, 1), (128, jnp.int32, 2), (64, jnp.float32, 2),
-                                  (128, jnp.float32, 1)):
+  """One warpgroup: one ring slot at head_dim 64, two at 128 (learned, two tiles a slot: two and
+  one); the default: warp-specialised (one slot) at head_dim 128 with static offsets, else one
+  warpgroup's; a config without stages takes those of its kind; a window too wide for shared
+  memory is refused."""
+  for d, offset_dtype, stages, default in ((64, jnp.int32, 1, (64, 1, 1)), (128, jnp.int32, 2, (128, 1, 2)),
+                                           (64, jnp.float32, 2, (64, 2, 1)), (128, jnp.float32, 1, (64, 1, 1))):
     q = jax.ShapeDtypeStruct((1, 16384, 8, d), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 16384, 2, d), jnp.bfloat16)
     problem = attention_problem(q, k, jnp.zeros((8,), offset_dtype), window=64)
+    one = mosaic_gpu.one_warpgroup_config(problem)
+    assert (one.block, one.stages, one.consumers) == (64, stages, 1)
+    assert mosaic_gpu.shared_memory_bytes(problem, one) <= 150 * 1024
     cfg = mosaic_gpu.default_config(problem)
-    assert (cfg.block, cfg.stages) == (64, stages)
-    assert mosaic_gpu.shared_memory_bytes(problem, cfg) <= 150 * 1024
+    assert (cfg.block, cfg.stages, cfg.consumers) == default
+    assert mosaic_gpu.shared_memory_bytes(problem, cfg) <= mosaic_gpu.SMEM_BYTES
+    assert mosaic_gpu.resolve_config(problem, mosaic_gpu.MosaicForwardConfig()).stages == stages
+    if not problem.learned:
+      ws = mosaic_gpu.resolve_config(problem, mosaic_gpu.MosaicForwardConfig(block=128, consumers=2))
+      assert ws.stages == (2 if d == 64 else 1)
   # the GPU compiler refused this one (232,504 bytes needed, H100): so does the estimate
   q = jax.ShapeDtypeStruct((1, 65536, 8, 128), jnp.bfloat16)
   problem = attention_problem(q, q, jnp.zeros((8,), jnp.int32), window=64)
@@ -268,6 +277,31 @@ def test_default_config_fits_shared_memory():
   problem = attention_problem(q, k, offsets, window=256)
   with pytest.raises(ValueError, match="shared memory"):
     mosaic_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=cfg, interpret=True)
+
+
+@pytest.mark.parametrize("n", [200, 256, 300])
+def test_row_vector_outputs_span_whole_tiles(n):
+  """A tile's ``[rows]`` store of log-sum-exp past the end of its head's row lands in the next
+  head's first rows on a GPU (not clipped), so the row vector outputs span whole tiles."""
+  for block in (64, 128):
+    geo = mosaic_gpu._rows(n, block, interpret=False)
+    assert geo.whole % block == 0 and geo.whole >= geo.tiles * block >= n
+  q = jax.ShapeDtypeStruct((1, n, 2, 64), jnp.bfloat16)
+  problem = attention_problem(q, q, jnp.asarray([70], jnp.int32), window=32)
+  closed = jax.make_jaxpr(lambda q: mosaic_gpu.forward(q, q, q, None, jnp.asarray([70], jnp.int32), problem=problem,
+                                                      cfg=None, interpret=False))(q)
+
+  def shapes(jaxpr) -> list[tuple[int, ...]]:
+    """The output shapes of every equation, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+      found += [v.aval.shape for v in eqn.outvars]
+      for param in eqn.params.values():
+        found += shapes(param.jaxpr) if hasattr(param, "jaxpr") else []
+    return found
+
+  kernel_lse = (1, 2, -(-n // 64) * 64)  # the kernel's output, before the wrapper cuts it to n rows
+  assert kernel_lse in shapes(closed.jaxpr) and (1, 2, n) in shapes(closed.jaxpr)
 
 
 @pytest.mark.parametrize("term_smem, segments, block, stages, consumers", [  # term_smem "mma": swizzled, term_mma

@@ -119,21 +119,38 @@ PRODUCER_REGISTERS = 40
 WARPGROUPS = "warpgroup"  # the thread axis of a warp-specialised program
 
 
-def default_config(problem: Problem) -> MosaicForwardConfig:
-  """64-row tiles. Static offsets: one ring slot at head_dim 64, two above, the fastest configs of
-  ``python -m benchmarks.mosaic_check --sweep`` at N = 65536 on an H100 (128-row tiles took 2.2-2.4x
-  as long). Learned (two tiles a slot; not swept): two at head_dim 64, one above."""
+def one_warpgroup_config(problem: Problem) -> MosaicForwardConfig:
+  """The fastest one-warpgroup config (64-row tiles) of ``python -m benchmarks.mosaic_check --sweep``
+  at N = 65536 on an H100. Static offsets: one ring slot at head_dim 64, two above (128-row tiles
+  on one warpgroup took 2.2-2.4x as long). Learned (two tiles a slot; not swept): two at head_dim
+  64, one above."""
   if problem.learned:
     return MosaicForwardConfig(block=WGMMA_ROWS, stages=2 if problem.head_dim <= 64 else 1)
   return MosaicForwardConfig(block=WGMMA_ROWS, stages=1 if problem.head_dim <= 64 else 2)
 
 
+def default_config(problem: Problem) -> MosaicForwardConfig:
+  """The fastest config of the same sweep: at head_dim 128 with static offsets, warp
+  specialisation (128-row programs, two consumer warpgroups, one ring slot: 1.2x faster than one
+  warpgroup); elsewhere ``one_warpgroup_config`` (at head_dim 64 warp specialisation took 1.2x as
+  long; at 128 learned terms do not fit shared memory beside two consumers' rings)."""
+  ws = MosaicForwardConfig(block=2 * WGMMA_ROWS, stages=1, consumers=2)
+  if not problem.learned and problem.head_dim > 64 and shared_memory_bytes(problem, ws) <= SMEM_BYTES:
+    return ws
+  return one_warpgroup_config(problem)
+
+
 def resolve_config(problem: Problem, cfg: MosaicForwardConfig | None) -> MosaicForwardConfig:
-  """``cfg`` with ``stages=None`` set to ``default_config``'s; ``default_config`` for ``None``."""
+  """``cfg`` with ``stages=None`` set to the measured ring size of its kind: one warpgroup,
+  ``one_warpgroup_config``'s; warp-specialised, the most slots up to two that fit shared memory
+  (two were fastest at head_dim 64, one fits at 128). ``default_config`` for ``None``."""
   if cfg is None:
     return default_config(problem)
   if isinstance(cfg, MosaicForwardConfig) and cfg.stages is None:
-    return dataclasses.replace(cfg, stages=default_config(problem).stages)
+    if cfg.consumers == 1:
+      return dataclasses.replace(cfg, stages=one_warpgroup_config(problem).stages)
+    two = dataclasses.replace(cfg, stages=2)
+    return two if shared_memory_bytes(problem, two) <= SMEM_BYTES else dataclasses.replace(cfg, stages=1)
   return cfg
 
 
@@ -179,18 +196,21 @@ class _Rows(NamedTuple):
   front: int  # key/value rows before position 0 (interpret mode only)
   rows: int  # query/output rows (a multiple of ROW_ALIGN)
   kv_rows: int  # key/value rows, front padding included
+  whole: int  # rows of whole tiles: the length of a row vector output ([B, H_q, whole]), see ``_rows``
 
 
 def _rows(n: int, block: int, interpret: bool) -> _Rows:
   """On the GPU the arrays keep their ``n`` rows (a multiple of ROW_ALIGN, else padded to whole
   tiles); TMA zero-fills rows outside them. The interpreter reads no row outside an array, so
   there key/value rows are padded by ``n`` rounded to tiles in front and every array to whole
-  tiles at the back."""
+  tiles at the back. Row vector outputs (``[B, H_q, rows]``: log-sum-exp, the load-only sums)
+  always span whole tiles: a store of a tile's ``[rows]`` vector past the end of its head's row is
+  not clipped there but lands in the next head's first rows (H100, jax 0.11.2), so it must not pass it."""
   tiles = -(-n // block)
   if not interpret:
     rows = n if n % ROW_ALIGN == 0 else tiles * block
-    return _Rows(n, tiles, 0, rows, rows)
-  return _Rows(n, tiles, tiles * block, tiles * block, 2 * tiles * block)
+    return _Rows(n, tiles, 0, rows, rows, tiles * block)
+  return _Rows(n, tiles, tiles * block, tiles * block, 2 * tiles * block, tiles * block)
 
 
 def _pad(x_BxNx_: jax.Array, front: int, rows: int) -> jax.Array:
@@ -862,7 +882,8 @@ def forward(q, k, v, seg, offsets, *, problem: Problem, cfg: MosaicForwardConfig
   bsz, n, h, d = q.shape
 
   def out_type(geo: _Rows):
-    return (jax.ShapeDtypeStruct((bsz, geo.rows, h, d), q.dtype), jax.ShapeDtypeStruct((bsz, h, geo.rows), jnp.float32))
+    return (jax.ShapeDtypeStruct((bsz, geo.rows, h, d), q.dtype),
+            jax.ShapeDtypeStruct((bsz, h, geo.whole), jnp.float32))
 
   (out, lse), _ = _launch(_forward_kernel, out_type, q, k, v, seg, offsets, problem, cfg, interpret,
                           "fib_attention_fwd_mgpu")
@@ -882,7 +903,7 @@ def pattern_loads(q, k, v, offsets, *, problem: Problem, cfg: MosaicForwardConfi
   bsz, n, h, _ = q.shape
 
   def out_type(geo: _Rows):
-    return jax.ShapeDtypeStruct((bsz, h, geo.rows), jnp.float32)
+    return jax.ShapeDtypeStruct((bsz, h, geo.whole), jnp.float32)
 
   sums, _ = _launch(_loads_kernel, out_type, q, k, v, None, offsets, problem, cfg, interpret, "fib_pattern_loads_mgpu")
   return sums[..., :n]
