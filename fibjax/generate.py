@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fibjax.offsets import check_int
+
 if TYPE_CHECKING:
   from fibjax.model import LM
 
@@ -80,8 +82,7 @@ def stream(model: LM, prompt_BxP: jax.Array, max_new_tokens: int, *, temperature
     raise ValueError(f"prompt must hold integer token ids in [0, {vocab}), got dtype {prompt.dtype} with values "
                      f"{prompt.min()}..{prompt.max()}")
   for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("chunk", chunk, 1), ("top_k", top_k, 0)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-      raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    check_int(name, value, least)
   if top_k > vocab:
     raise ValueError(f"top_k must be <= the vocabulary ({vocab}), got {top_k}; 0 samples from every token")
   if not temperature >= 0:

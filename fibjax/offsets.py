@@ -20,7 +20,9 @@ Base = Literal["fib", "pow2"]
 BASES: tuple[str, ...] = ("fib", "pow2")
 
 
-def _check_int(name: str, value: object, low: int) -> int:
+def check_int(name: str, value: object, low: int) -> int:
+  """``value`` as an int if it is one (a Python or NumPy int, not a bool) ``>= low``, else
+  ``ValueError`` naming ``name``."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise ValueError(f"{name} must be an int >= {low}, got {value!r} of type {type(value).__name__}")
   if value < low:
@@ -30,8 +32,8 @@ def _check_int(name: str, value: object, low: int) -> int:
 
 def check_window_reach(window: object, reach: object) -> tuple[int, int]:
   """Validates the window ``W >= 1`` and the reach ``R > W``; returns them as ints."""
-  w = _check_int("window", window, 1)
-  r = _check_int("reach", reach, 1)
+  w = check_int("window", window, 1)
+  r = check_int("reach", reach, 1)
   if r <= w:
     raise ValueError(f"reach must be > window (offsets live in [window, reach)), got reach={r}, window={w}")
   return w, r
@@ -139,7 +141,7 @@ def random_offsets(base: Base, alphas: Sequence[float], window: int, reach: int,
     ``L`` tuples of sorted, unique ints in ``[W, R)``.
   """
   window, reach = check_window_reach(window, reach)
-  seed = _check_int("seed", seed, 0)
+  seed = check_int("seed", seed, 0)
   if not isinstance(alphas, (tuple, list, np.ndarray)):
     raise ValueError(f"alphas must be a sequence of per-layer alphas, e.g. linear_alphas(L, 0.5, 2.0), got {alphas!r}")
   rng = np.random.default_rng(seed)

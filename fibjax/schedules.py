@@ -7,7 +7,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from fibjax.offsets import Base, check_alpha, check_base, check_window_reach, layer_offsets
+from fibjax.offsets import Base, check_alpha, check_base, check_int, check_window_reach, layer_offsets
 
 Schedule = Literal["fixed", "learned", "linear", "coprime"]
 SCHEDULES: tuple[str, ...] = ("fixed", "learned", "linear", "coprime")
@@ -20,19 +20,13 @@ def linear_alphas(num_layers: int, alpha_min: float, alpha_max: float) -> tuple[
     ValueError: ``num_layers`` not an int >= 1, an alpha not a finite number > 0, or
       ``alpha_max < alpha_min``.
   """
-  num_layers = _check_layers(num_layers)
+  num_layers = check_int("num_layers", num_layers, 1)
   alpha_min, alpha_max = check_alpha(alpha_min, "alpha_min"), check_alpha(alpha_max, "alpha_max")
   if alpha_max < alpha_min:
     raise ValueError(f"alpha_max must be >= alpha_min, got alpha_min={alpha_min}, alpha_max={alpha_max}")
   if num_layers == 1:
     return (alpha_min,)
   return tuple(alpha_min + (alpha_max - alpha_min) * l / (num_layers - 1) for l in range(num_layers))
-
-
-def _check_layers(num_layers: object) -> int:
-  if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
-    raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
-  return int(num_layers)
 
 
 def _pair_cover(p: tuple[int, ...], q: tuple[int, ...], reach: int) -> np.ndarray:
@@ -121,7 +115,7 @@ def layer_alphas(
   """
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-  num_layers = _check_layers(num_layers)
+  num_layers = check_int("num_layers", num_layers, 1)
   check_base(base)
   check_window_reach(window, reach)
   alpha_0 = check_alpha(alpha_0, "alpha_0")

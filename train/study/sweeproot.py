@@ -29,7 +29,7 @@ PLOTS = "plots"
 
 
 RERUN = re.compile(r"-rerun(\d+)$")
-CELL = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)(-rerun\d+)?$")
+CELL = re.compile(rf"^(?P<variant>.+)-s(?P<seed>\d+)({RERUN.pattern})?$")  # a cell folder's name, rerun or not
 
 
 def cell_name(variant: str, seed: int, rerun: int = 0) -> str:
