@@ -1,7 +1,7 @@
 """The Mosaic GPU forward and its load-only kernel on a GPU: compiled, compared with the Triton
 forward (output and log-sum-exp), and timed beside it (median ms, two rotating input sets).
 
-    python -m benchmarks.mosaic_check [--n 16384 65536] [--kinds static learned segments] [--sweep]
+    python -m benchmarks.mosaic_check [--n 16384 65536] [--kinds static learned segments] [--sweep | --dq]
 
 bf16, batch 1, 8 query heads, MHA (8 key/value heads) and GQA (2), head_dim 64 and 128, W = 64,
 the Fibonacci offsets of alpha 1 up to R = 4096; the offset terms in each form (``FORMS``: row-wise
@@ -21,6 +21,12 @@ so a kind that faults (segment ids, on an H100) is best run alone.
 ``consumers`` 1 and 2), each checked against the Triton forward
 first (a NaN or an error above 0.05 is a failure, never a time), one line per config and then the
 fastest per shape, which is what the forward's per-shape choice would take.
+
+``--dq`` instead checks the Mosaic dQ pass (``mosaic_gpu.backward_dq`` at ``dq_config``'s choice)
+against the Triton dQ kernel (``triton_gpu.backward_dq`` at the heuristic's backward config, which
+also writes ``delta`` and, learned, the terms' saved probabilities) on the Triton forward's output
+and log-sum-exp: dq and, learned, the distances' gradient compared, both timed; static and learned
+(``--kinds``), every shape.
 """
 
 import dataclasses
@@ -140,14 +146,41 @@ def sweep(n: int, d: int, h_kv: int, offsets: jax.Array) -> list[str]:
   return lines
 
 
+def dq_check(n: int, d: int, h_kv: int, offsets: jax.Array) -> str:
+  """One ``--dq`` case's line (see the module doc)."""
+  require_gpu(GPU_ONLY)
+  problem = attention_problem(*inputs(n, d, h_kv)[0][:2], offsets, window=W, reach=R)
+  fwd_cfg, bwd_cfg = choose(problem)
+  sets = []
+  for s, (q, k, v) in enumerate(inputs(n, d, h_kv)):
+    out, lse = triton_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=fwd_cfg, interpret=False)
+    do = jax.random.normal(jax.random.key(s + 7), q.shape, jnp.bfloat16)
+    delta = jnp.einsum("bnhd,bnhd->bhn", out.astype(jnp.float32), do.astype(jnp.float32))
+    sets.append((q, k, v, do, lse, out, delta))
+  fns = {
+      "mosaic": jax.jit(lambda q, k, v, do, lse, out, delta: mosaic_gpu.backward_dq(
+          q, k, v, None, offsets, do, lse, delta, problem=problem, cfg=None, interpret=False)),
+      "triton": jax.jit(lambda q, k, v, do, lse, out, delta: triton_gpu.backward_dq(
+          q, k, v, None, offsets, do, lse, out, problem=problem, cfg=bwd_cfg, interpret=False)[:2]),
+  }
+  (dq, dd), (ref, ref_dd) = (jax.block_until_ready(fns[name](*sets[0])) for name in ("mosaic", "triton"))
+  line = f"{mosaic_gpu.dq_config(problem)} max|dq-triton| {error(dq, ref):.4f}"
+  if problem.learned:
+    got, want = (jnp.sum(x, axis=(0, 1, 2)) for x in (dd, ref_dd))
+    line += f" max|dd-triton|/max|dd| {error(got, want) / float(jnp.max(jnp.abs(want))):.2e}"
+  return line + " | ms " + " ".join(f"{name} {time_fn(f, sets):.3f}" for name, f in fns.items())
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = ArgumentParser(prog="python -m benchmarks.mosaic_check", description=__doc__)
   parser.add_argument("--n", type=at_least(1, "--n", "sequence lengths"), nargs="+", default=[16384, 65536])
   parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                       help="which cases to check (default: all, in this order)")
-  parser.add_argument("--sweep", action="store_true", help="time every config of the static forward per shape")
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--sweep", action="store_true", help="time every config of the static forward per shape")
+  mode.add_argument("--dq", action="store_true", help="check and time the Mosaic dQ pass against Triton's")
   args = parser.parse_args(argv)
-  if args.sweep:
+  if args.sweep or args.dq:
     require_gpu(GPU_ONLY)
   static = jnp.asarray(fibjax.offset_set("fib", 1.0, W, R), jnp.int32)
   print(jax.devices()[0].device_kind, "jax", jax.__version__, "offsets", static.tolist(), flush=True)
@@ -156,6 +189,15 @@ def main(argv: list[str] | None = None) -> None:
       print(f"n={n} d={d} {'mha' if h_kv == H else 'gqa'}:", flush=True)
       for line in sweep(n, d, h_kv, static):
         print(line, flush=True)
+    return
+  if args.dq:
+    kinds = {"static": static, "learned": static.astype(jnp.float32) + 0.37}
+    for kind, n, d, h_kv in itertools.product([k for k in kinds if k in args.kinds], args.n, (64, 128), (H, 2)):
+      tag = f"n={n} d={d} {'mha' if h_kv == H else 'gqa'} {kind} dq"
+      try:
+        print(f"{tag}: {dq_check(n, d, h_kv, kinds[kind])}", flush=True)
+      except Exception as e:  # noqa: BLE001 - report every case
+        print(f"{tag}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
     return
   cases = [c for c in check_cases(static) if c[1] in args.kinds]
   for (form, kind, offsets, segments), ws, n, d, h_kv in itertools.product(cases, (False, True), args.n, (64, 128),

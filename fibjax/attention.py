@@ -33,8 +33,13 @@ def _as_offsets(offsets: Sequence[int] | Sequence[float] | jax.Array | np.ndarra
     values = np.asarray(arr)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     values = None  # traced (under jit or grad): a negative value is masked, never a key after the query
+  if values is not None and not np.all(np.isfinite(values)):
+    raise ValueError(f"offsets must be finite distances, got {values.tolist()}")
   if values is not None and np.any(values < 0):
     raise ValueError(f"offsets must be distances >= 0 (to keys before the query), got {values.tolist()}")
+  if values is not None and np.any(values > np.iinfo(np.int32).max):
+    raise ValueError(f"offsets must fit int32 (at most {np.iinfo(np.int32).max}), got {values.tolist()}: a distance "
+                     "beyond any sequence reaches no key; leave it out")
   if jnp.issubdtype(arr.dtype, jnp.integer):
     return jnp.asarray(arr, jnp.int32)
   # float64 only where x64 is on (Python floats arrive as float64)
@@ -59,7 +64,8 @@ def attention(
   """Causal Fibonacci-offset (gathered-offset) attention.
 
   Query ``i`` attends to keys ``i - j`` for ``j`` in ``0..W-1`` (the dense local window) and
-  ``j`` in ``offsets`` (each counted once; terms outside ``[W, R)`` masked), one softmax over
+  ``j`` in ``offsets`` (an integer offset counted once, a repeated fractional distance once per
+  repeat; terms outside ``[W, R)`` masked), one softmax over
   both, accumulated in float32. Keys before position 0 do not exist; with ``segment_ids``,
   neither do keys of another segment (packed documents: each document attends within itself,
   at the same relative distances; a query always sees itself).
@@ -84,8 +90,8 @@ def attention(
     batch_axes: under a mesh, the axes that split the batch: the Pallas kernels run once per
       device on its own rows (default: every axis of the mesh). The XLA path partitions itself.
     **kernel_options: the Pallas kernels' ``config`` and ``config_bwd``
-      (``pallas_kernels.ForwardConfig`` or ``MosaicForwardConfig``, ``BackwardConfig``; default:
-      tuned or heuristic).
+      (``pallas_kernels.ForwardConfig`` or ``MosaicForwardConfig``; ``BackwardConfig`` or
+      ``MosaicBackwardConfig``; default: tuned or heuristic).
   Returns:
     ``[batch, seq, heads, head_dim]`` in ``q.dtype``.
   Raises:

@@ -52,10 +52,11 @@ def check_implementation(kind: str, impl: str, name: str = "implementation", whe
 
 def resolve_sparse(impl: str, interpret: bool) -> str:
   """Sparse attention's implementation: ``"auto"`` is ``"pallas"`` on a GPU or TPU, or with
-  ``interpret``, else ``"xla"``."""
+  ``interpret``, else (and under x64, where the kernels do not run) ``"xla"``."""
   if check_implementation("sparse", impl) != "auto":
     return impl
-  return "pallas" if interpret or jax.default_backend() in ("gpu", "tpu") else "xla"
+  pallas = interpret or jax.default_backend() in ("gpu", "tpu")
+  return "pallas" if pallas and not jax.config.jax_enable_x64 else "xla"
 
 
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
@@ -85,7 +86,15 @@ def _runnable(name: str, impl: str, interpret: bool) -> str:
   if impl == "pallas" and not interpret and jax.default_backend() != "gpu":
     raise ValueError(f"{name}='pallas' runs GPU kernels (the default backend is {jax.default_backend()}); use "
                      f"{name}='auto' or 'xla', or interpret=True to run them on CPU")
+  if impl == "pallas" and jax.config.jax_enable_x64:
+    raise ValueError(f"{name}='pallas': the Pallas kernels index in int32 and do not run with jax_enable_x64 on; use "
+                     f"{name}='auto' or 'xla'")
   return impl
+
+
+def _pallas_here(interpret: bool) -> bool:
+  """Whether ``"auto"`` may pick a Pallas kernel: on a GPU or with ``interpret``, never under x64."""
+  return (interpret or jax.default_backend() == "gpu") and not jax.config.jax_enable_x64
 
 
 def resolve_decode(impl: str, fusable: bool, interpret: bool) -> str:
@@ -94,7 +103,7 @@ def resolve_decode(impl: str, fusable: bool, interpret: bool) -> str:
   for grouped-query attention), on a GPU or with ``interpret``, else ``"xla"``."""
   if check_implementation("decode", impl) != "auto":
     return _runnable("decode_impl", impl, interpret)
-  return "pallas" if fusable and (interpret or jax.default_backend() == "gpu") else "xla"
+  return "pallas" if fusable and _pallas_here(interpret) else "xla"
 
 
 def resolve_norm(impl: str, sequence: bool, interpret: bool) -> str:
@@ -103,4 +112,4 @@ def resolve_norm(impl: str, sequence: bool, interpret: bool) -> str:
   ``interpret``, else ``"xla"``."""
   if check_implementation("norm", impl) != "auto":
     return _runnable("norm_impl", impl, interpret)
-  return "pallas" if sequence and (interpret or jax.default_backend() == "gpu") else "xla"
+  return "pallas" if sequence and _pallas_here(interpret) else "xla"

@@ -220,14 +220,26 @@ class Attention(nnx.Module):
     length = dec.cache_length(self.pattern.kind, self.pattern.reach, max_len)
     return dec.init_layer_cache(batch, length, self.num_kv_heads, self.head_dim, dtype)
 
+  @staticmethod
+  def _check_cache(cache: dict, batch: int) -> None:
+    if cache["k"].shape[0] != batch:
+      raise ValueError(f"the cache holds {cache['k'].shape[0]} rows but the input {batch}: build it with "
+                       f"init_cache({batch}, max_len)")
+
   def prefill(self, x_BxPxD: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """Full attention over a prompt at positions ``0..P-1``, storing its keys and values."""
+    self._check_cache(cache, x_BxPxD.shape[0])
+    length, p = cache["k"].shape[1], x_BxPxD.shape[1]
+    if self.pattern.kind == "dense" and p > length:
+      raise ValueError(f"a prompt of {p} tokens does not fit a dense layer's cache of {length} positions: build the "
+                       f"cache with init_cache(batch, max_len) for max_len >= the prompt plus the tokens to generate")
     q, k, v = self.project_qkv(x_BxPxD)
     return self._project_out(self._attend(q, k, v)), dec.write_prefill(cache, k, v)
 
   def decode(self, x_Bx1xD: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """One new token at position ``pos`` (a traced int32 scalar: no recompilation per step)."""
     b = x_Bx1xD.shape[0]
+    self._check_cache(cache, b)
     q, k, v = self.project_qkv(x_Bx1xD, jnp.full((b, 1), pos, jnp.int32))
     cache = dec.write_token(cache, k[:, 0], v[:, 0], pos)
     if self.pattern.kind == "dense":

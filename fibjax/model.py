@@ -293,7 +293,10 @@ class LM(nnx.Module):
     return self._through_blocks(self._embed(tokens_BxP), cache, lambda blk, x, c: blk.prefill(x, c))
 
   def decode(self, token_B: jax.Array, pos: jax.Array, cache: list[dict]) -> tuple[jax.Array, list[dict]]:
-    """Logits ``[B, V]`` for one token per row at position ``pos``, and the updated caches."""
+    """Logits ``[B, V]`` for one token per row at position ``pos``, and the updated caches (a dense
+    layer's cache must hold ``pos``: ``max_len > pos``; ``pos`` is traced, so this is not checked)."""
+    if jnp.ndim(token_B) != 1:
+      raise ValueError(f"token_B must be [batch] token ids (one per row), got shape {jnp.shape(token_B)}")
     logits, cache = self._through_blocks(self._embed(token_B[:, None]), cache,
                                          lambda blk, x, c: blk.decode(x, pos, c))
     return logits[:, 0], cache

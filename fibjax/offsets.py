@@ -61,6 +61,8 @@ def base_sequence(base: Base, limit: float) -> tuple[int, ...]:
   ``pow2``: 1, 2, 4, 8, 16, ...
   """
   check_base(base)
+  if not math.isfinite(limit):
+    raise ValueError(f"limit must be a finite number, got {limit!r}")
   out: list[int] = []
   a, b = 1, 2
   while a < limit:

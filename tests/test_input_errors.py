@@ -224,3 +224,37 @@ def test_pallas_kernels_off_a_gpu_or_under_x64_name_the_fix():
   with pytest.raises(ValueError, match=r"norm_impl='pallas' runs GPU kernels \(the default backend is cpu\); use "
                                        r"norm_impl='auto' or 'xla', or interpret=True"):
     LM(cfg, rngs=nnx.Rngs(0))(jnp.zeros((1, 16), jnp.int32))
+
+
+def test_offsets_that_wrap_int32_or_are_not_finite_are_refused():
+  q = jax.random.normal(jax.random.key(0), (1, 64, 2, 16))
+  for offsets, match in (([2**32 + 20], "fit int32"), ([np.nan, 20.5], "finite"), ([np.inf], "finite")):
+    with pytest.raises(ValueError, match=match):
+      fibjax.attention(q, q, q, window=8, offsets=offsets, reach=48)
+
+def test_base_sequence_refuses_an_infinite_limit():
+  with pytest.raises(ValueError, match="finite"):
+    fibjax.base_sequence("fib", float("inf"))
+
+def _dense_lm():
+  cfg = fibjax.ModelConfig(variant="dense", d_model=32, num_layers=2, num_heads=4, head_dim=8, mlp_dim=64, seq_len=64,
+                           window=8)
+  return fibjax.LM(cfg, rngs=nnx.Rngs(0))
+
+def test_a_prompt_longer_than_a_dense_cache_or_of_another_batch_is_refused():
+  m = _dense_lm()
+  with pytest.raises(ValueError, match="does not fit a dense layer's cache of 4"):
+    m.prefill(jnp.zeros((1, 8), jnp.int32), m.init_cache(1, 4))
+  with pytest.raises(ValueError, match="holds 2 rows but the input 1"):
+    m.prefill(jnp.zeros((1, 4), jnp.int32), m.init_cache(2, 8))
+  _, cache = m.prefill(jnp.zeros((1, 4), jnp.int32), m.init_cache(1, 8))
+  with pytest.raises(ValueError, match=r"token_B must be \[batch\]"):
+    m.decode(jnp.int32(1), jnp.int32(4), cache)
+
+def test_auto_picks_xla_under_x64_and_pallas_is_refused_there():
+  from fibjax.implementation import resolve_norm, resolve_sparse
+  with jax.enable_x64(True):
+    assert resolve_sparse("auto", interpret=True) == "xla"
+    assert resolve_norm("auto", sequence=True, interpret=True) == "xla"
+    with pytest.raises(ValueError, match="norm_impl='pallas'.*jax_enable_x64"):
+      resolve_norm("pallas", sequence=True, interpret=True)

@@ -356,11 +356,11 @@ def test_window_only_lowers_for_cuda():
     assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module())
 
 
-@pytest.mark.parametrize("case", ["segments_static", "segments_learned"])
+@pytest.mark.parametrize("case", ["segments_static"])
 def test_a_mosaic_config_runs_the_mosaic_forward_under_the_triton_backward(case, monkeypatch):
   """``gathered_offset_attention(config=MosaicForwardConfig())``: the Mosaic forward's output, and
   the Triton backward's gradients from its output and log-sum-exp, those of the Triton forward
-  (q, k, v, and the offsets when learned)."""
+  (q, k, v). Learned offsets under the Mosaic forward: ``test_mosaic_dq_pass_matches_reference_gradients``."""
   q, k, v, offsets, pattern, cfg = _inputs(case)
   configs, forward = [], mosaic_gpu.forward
   monkeypatch.setattr(mosaic_gpu, "forward", lambda *a, cfg, **kw: configs.append(cfg) or forward(*a, cfg=cfg, **kw))
@@ -410,3 +410,93 @@ def test_compiled_forward_matches_reference(case):
                              rtol=1e-6, err_msg=msg)
   whole = gathered_offset_attention(q, k, v, offsets=offsets, config=cfg, **pattern)  # the public entry point
   np.testing.assert_allclose(np.asarray(whole, np.float32), np.asarray(want), err_msg=msg, **_TOL[q.dtype])
+
+
+# The dQ pass (``mosaic_gpu.backward_dq``, through ``MosaicBackwardConfig``): learned distances with segment ids
+# on one warpgroup (GQA: the lowering test below), and static offsets at ragged N on the warp-specialised program (a consumer per 64 rows).
+DQ_CASES = {  # seed, n, q heads, kv heads, head_dim, window, offsets, segment starts or None, forward config
+    "learned_segments": (51, 128, 1, 1, 64, 16, (16.5, 40.25, 100.0, 16.0, 15.5), (0, 50, 64, 100),
+                             mosaic_gpu.MosaicForwardConfig(stages=2)),
+    "ws_static_ragged": (52, 120, 1, 1, 64, 32, (32, 70, 100), None,
+                         mosaic_gpu.MosaicForwardConfig(stages=2, **WS)),
+}
+
+
+def _dq_inputs(case):
+  seed, n, h, h_kv, d, window, offsets, starts, cfg = DQ_CASES[case]
+  kq, kk, kv, kdo = jax.random.split(jax.random.key(seed), 4)
+  q, k, v, do = (jax.random.normal(key, (1, n, heads, d), jnp.float32).astype(jnp.bfloat16)
+                 for key, heads in ((kq, h), (kk, h_kv), (kv, h_kv), (kdo, h)))
+  learned = isinstance(offsets[0], float)
+  pattern = dict(window=window, reach=None)
+  if starts is not None:
+    pattern["segment_ids"] = jnp.asarray(np.cumsum(np.isin(np.arange(n), starts))[None] - 1, jnp.int32)
+  return q, k, v, do, jnp.asarray(offsets, jnp.float32 if learned else jnp.int32), pattern, cfg
+
+
+@pytest.mark.parametrize("case", sorted(DQ_CASES))
+def test_mosaic_dq_pass_matches_reference_gradients(case):
+  """``config_bwd=MosaicBackwardConfig``: dQ (and, learned, the distances' gradient) from the Mosaic
+  dQ pass, dK/dV from the Triton kernel, all against the float32 reference's gradients on the same
+  bfloat16 inputs; the dQ pass ran (its outputs are finite where the interpreter starts memory as NaN)."""
+  _check_dq_pass(case, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("case", sorted(DQ_CASES))
+def test_compiled_dq_pass_matches_reference_gradients(case):
+  """The same, compiled on the GPU."""
+  _check_dq_pass(case, interpret=False)
+
+
+def _check_dq_pass(case, interpret):
+  q, k, v, do, offsets, pattern, cfg = _dq_inputs(case)
+  problem = attention_problem(q, k, offsets, **pattern)
+  from pallas_kernels.attention.config import MosaicBackwardConfig, default_backward  # noqa: PLC0415
+
+  config_bwd = MosaicBackwardConfig(dkdv=default_backward(problem), dq=cfg)
+  assert mosaic_gpu.dq_config(problem, cfg).consumers == cfg.consumers  # fits shared memory as given
+  argnums = (0, 1, 2, 3) if problem.learned else (0, 1, 2)
+
+  def kernel_loss(q, k, v, offsets):
+    out = gathered_offset_attention(q, k, v, offsets=offsets, config=cfg, config_bwd=config_bwd,
+                                    interpret=interpret, **pattern)
+    return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
+
+  def reference_loss(q, k, v, offsets):
+    out = sparse_attention_reference(q, k, v, offsets=offsets, **pattern)
+    return jnp.sum(out * do.astype(jnp.float32))
+
+  got = _done(jax.jit(jax.grad(kernel_loss, argnums))(q, k, v, offsets))
+  want = jax.grad(reference_loss, argnums)(*(x.astype(jnp.float32) for x in (q, k, v)), offsets)
+  for name, g, w in zip("qkvd", got, want):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    msg = f"case={case} seed={DQ_CASES[case][0]} d{name}"
+    assert g.shape == w.shape and np.isfinite(g).all(), msg
+    np.testing.assert_allclose(g, w, atol=3e-2 * max(1.0, np.abs(w).max()), rtol=3e-2, err_msg=msg)
+
+
+@pytest.mark.parametrize("consumers, segments", [(1, True), (2, False)])
+@pytest.mark.parametrize("offset_dtype", [jnp.int32, jnp.float32], ids=["static", "learned"])
+def test_dq_pass_lowers_for_cuda(consumers, segments, offset_dtype):
+  """The dQ pass lowers to a Mosaic GPU custom call for CUDA (one warpgroup with segment ids, and
+  warp-specialised), static and learned, ragged N with GQA; outputs dq and, learned, ``[B, H_q, 1, K]``."""
+  n, h, h_kv, d = 200, 2, 1, 64
+  q = jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, n, h_kv, d), jnp.bfloat16)
+  rows = jax.ShapeDtypeStruct((1, h, n), jnp.float32)
+  offsets = jax.ShapeDtypeStruct((3,), offset_dtype)
+  seg = jax.ShapeDtypeStruct((1, n), jnp.int32) if segments else None
+  problem = attention_problem(q, kv, jnp.asarray([40, 100, 150], offset_dtype), window=32,
+                              segment_ids=jnp.zeros((1, n), jnp.int32) if segments else None)
+  cfg = mosaic_gpu.MosaicForwardConfig(block=64 * consumers, stages=2, consumers=consumers)
+
+  def fn(q, k, v, o, s, do, lse, delta):
+    dq, dd = mosaic_gpu.backward_dq(q, k, v, s, o, do, lse, delta, problem=problem, cfg=cfg, interpret=False)
+    return (dq,) if dd is None else (dq, dd)
+
+  exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, kv, kv, offsets, seg, q, rows, rows)
+  want = [(q.shape, jnp.bfloat16)] + ([((1, h, 1, 3), jnp.float32)] if problem.learned else [])
+  assert [(a.shape, a.dtype) for a in exported.out_avals] == want
+  assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module())

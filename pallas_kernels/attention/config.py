@@ -154,7 +154,8 @@ class BackwardConfig(PassConfig):
 @dataclasses.dataclass(frozen=True)
 class MosaicForwardConfig:
   """How the Mosaic GPU forward (``pallas_kernels.attention.mosaic_gpu``) runs; passed as a
-  forward ``config``, it picks that kernel (the backward stays Triton's).
+  forward ``config``, it picks that kernel (the backward stays Triton's unless ``config_bwd`` is a
+  ``MosaicBackwardConfig``, whose dQ pass takes this class's fields too).
 
   block: query rows per program (a multiple of 64, the warpgroup's ``wgmma`` rows; with one
   consumer, also the key rows of a tile). stages: ring slots of offset-term tiles (``None``:
@@ -201,6 +202,22 @@ class MosaicForwardConfig:
   def window_tiles(self, window: int) -> int:
     """Window tiles of ``rows`` keys a program reads: each consumer's banded tiles, the union."""
     return window_tiles(window, self.rows) + self.consumers - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBackwardConfig:
+  """A backward with its dQ pass on Mosaic GPU (``mosaic_gpu.backward_dq``, tiled as ``dq`` says;
+  ``None``: ``mosaic_gpu.dq_config``'s choice) and dK/dV on the Triton kernel, run as ``dkdv`` says
+  (its ``saved_terms`` off: the Mosaic dQ pass saves no terms). GPU backend only."""
+
+  dkdv: BackwardConfig
+  dq: MosaicForwardConfig | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.dkdv, BackwardConfig):
+      raise ValueError(f"MosaicBackwardConfig.dkdv must be a BackwardConfig, got {type(self.dkdv).__name__}")
+    if self.dq is not None and not isinstance(self.dq, MosaicForwardConfig):
+      raise ValueError(f"MosaicBackwardConfig.dq must be a MosaicForwardConfig or None, got {type(self.dq).__name__}")
 
 
 def default_forward(problem: Problem) -> ForwardConfig:

@@ -1,4 +1,5 @@
-"""GPU lowering (Pallas -> Mosaic GPU) of the gathered-offset attention forward, static or learned offsets.
+"""GPU lowering (Pallas -> Mosaic GPU) of the gathered-offset attention forward and dQ pass, static or
+learned offsets.
 
 One program owns one query tile of ``block`` rows of one query head of one batch row (grid
 ``(H_q, tiles, B)``, heads fastest, so a group's query heads run side by side and share each
@@ -56,7 +57,10 @@ each tile with barriers of its own, so a learned ring of ``stages`` slots holds 
 and as many value tiles.
 
 ``forward`` runs one online softmax over the window's scores and every term's (each term one
-online step), and ``pattern_loads`` (the load-only floor) streams the same tiles through the same
+online step); ``backward_dq`` streams the same tiles (with each consumer's output-gradient tile and
+its rows' log-sum-exp and ``delta`` beside its query tile) and recomputes the probabilities, for
+dQ and, learned, each term's distance gradient per row (``_dq_handlers``; the key and value
+gradients are the Triton kernel's); and ``pattern_loads`` (the load-only floor) streams the same tiles through the same
 code, only summing each landed tile's rows. Offsets arrive as a runtime ``[K]`` array (int32
 static offsets or float32 distances; only K is static), handed to the kernel as ``lo`` (int32) and,
 when learned, ``t`` (float32). A term is masked unless ``d >= W`` (``lo >= W``), and per row unless
@@ -154,21 +158,39 @@ def resolve_config(problem: Problem, cfg: MosaicForwardConfig | None) -> MosaicF
   return cfg
 
 
-def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig) -> int:
+def dq_config(problem: Problem, cfg: MosaicForwardConfig | None = None) -> MosaicForwardConfig:
+  """The dQ pass's config: ``cfg`` (``None``: ``default_config``'s) with its stages resolved and
+  row-wise terms (the pass computes a term's scores and its output-gradient products on registers);
+  where that, with the pass's own buffers, overflows shared memory, ``one_warpgroup_config``'s
+  (with fewer ring slots, down to one, until it fits). Not yet timed on a GPU."""
+  cfg = dataclasses.replace(resolve_config(problem, cfg), term_mma=False)
+  if shared_memory_bytes(problem, cfg, grad=True) <= SMEM_BYTES:
+    return cfg
+  cfg = dataclasses.replace(one_warpgroup_config(problem), term_smem=cfg.term_smem)
+  while cfg.stages > 1 and shared_memory_bytes(problem, cfg, grad=True) > SMEM_BYTES:
+    cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
+  return cfg
+
+
+def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig, grad: bool = False) -> int:
   """Shared memory of one program: the query tile, the window's and the ring's key and value
   tiles, with ``term_mma`` the tile a term's key rows are stored to, the output statistics, and
-  what Mosaic GPU adds (``MOSAIC_EXTRA_BYTES``). Counted in tiles of ``cfg.rows`` rows: the query
-  tile and a ring slot's tiles are ``consumers`` of them, a window tile one."""
+  what Mosaic GPU adds (``MOSAIC_EXTRA_BYTES``); ``grad``: the dQ pass's too (an output-gradient
+  tile, two row statistics and, learned, a row of distance gradients per term, per consumer).
+  Counted in tiles of ``cfg.rows`` rows: the query tile and a ring slot's tiles are ``consumers``
+  of them, a window tile one."""
   cfg = resolve_config(problem, cfg)
   tile = cfg.rows * problem.head_dim * jnp.dtype(problem.dtype).itemsize
   windows, ring = cfg.window_tiles(problem.window), _stages(problem, cfg) * _parts(problem) * cfg.consumers
   ids = cfg.rows * (cfg.consumers * (1 + max(problem.num_offsets, 1)) + windows)  # query, term flags, window ids
   buffers = (tile * (cfg.consumers * (1 + cfg.term_mma) + 2 * (windows + ring)) + 4 * cfg.block
              + (4 * ids if problem.segments else 0))
+  if grad:
+    buffers += cfg.consumers * (tile + 4 * cfg.rows * (2 + max(problem.num_offsets, 1) * problem.learned))
   return buffers + MOSAIC_EXTRA_BYTES
 
 
-def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicForwardConfig) -> None:
+def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicForwardConfig, grad: bool) -> None:
   """Raises ValueError for what this kernel does not run."""
   if (seg is not None) != problem.segments:
     raise ValueError(f"segment ids {'given' if seg is not None else 'missing'}, but the problem has "
@@ -182,7 +204,7 @@ def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicF
     raise ValueError(f"the Mosaic GPU forward needs head_dim a multiple of 64, got {q.shape[-1]}")
   if not isinstance(cfg, MosaicForwardConfig):
     raise TypeError(f"cfg must be a MosaicForwardConfig, got {type(cfg).__name__}")
-  if (used := shared_memory_bytes(problem, cfg)) > SMEM_BYTES:
+  if (used := shared_memory_bytes(problem, cfg, grad)) > SMEM_BYTES:
     raise ValueError(f"{cfg} needs {used} bytes of shared memory per program, more than {SMEM_BYTES}: "
                      f"fewer stages or a smaller window{', or consumers=1' if cfg.consumers > 1 else ''}")
 
@@ -347,7 +369,9 @@ def _at(ref, i):
 class _Own(NamedTuple):
   """One consumer warpgroup's own shared memory: its query tile (reused for its output tile), a
   row vector for its output statistics, with segments its query rows' ids and offset terms'
-  same-segment flags, with ``term_mma`` the tile its terms' key rows are stored to; barriers."""
+  same-segment flags, with ``term_mma`` the tile its terms' key rows are stored to; in the dQ pass
+  its output-gradient tile, its rows' statistics and (learned) the terms' distance gradients;
+  barriers."""
 
   q: Any  # [rows, D], tiled and swizzled
   q_bar: Any
@@ -357,6 +381,11 @@ class _Own(NamedTuple):
   term_same: Any  # [K', rows] int32: 1 where term k's rows are in query row r's segment
   term_same_bar: Any
   term_mma_k: Any  # [rows, D], tiled and swizzled; None without term_mma
+  do: Any  # [rows, D], tiled and swizzled: the output gradient's rows (the dQ pass; None in the forward, as below)
+  do_bar: Any
+  rows_in: Any  # [2, rows] float32: the rows' log-sum-exp and delta = rowsum(out * do)
+  rows_in_bar: Any
+  dd: Any  # [K', rows] float32: each term's d(loss)/d(distance) per query row (learned offsets only)
 
 
 class _Buffers(NamedTuple):
@@ -374,6 +403,11 @@ class _Buffers(NamedTuple):
   term_same: Any  # [consumers, K', rows]
   term_same_bar: Any
   term_mma_k: Any  # [consumers, rows, D], or None without term_mma
+  do: Any  # [consumers, rows, D], or None outside the dQ pass (as rows_in and dd)
+  do_bar: Any
+  rows_in: Any  # [consumers, 2, rows]
+  rows_in_bar: Any
+  dd: Any  # [consumers, K', rows]; None without learned offsets
   window_k: Any  # [window tiles, rows, D], tiled and swizzled
   window_v: Any
   window_seg: Any  # [window tiles, rows] int32
@@ -414,8 +448,10 @@ def _term_buffer(shape: tuple[int, ...], dtype, term_smem: TermSmem):
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((1, elems)), plgpu.SwizzleTransform(SWIZZLE)))
 
 
-def _with_buffers(body: Callable[[_Buffers], None], d: int, dtype, problem: Problem, cfg: MosaicForwardConfig):
-  """Runs ``body`` with a program's shared memory allocated (shared by its warpgroups)."""
+def _with_buffers(body: Callable[[_Buffers], None], d: int, dtype, problem: Problem, cfg: MosaicForwardConfig,
+                  grad: bool = False):
+  """Runs ``body`` with a program's shared memory allocated (shared by its warpgroups); ``grad``:
+  with the dQ pass's own buffers."""
   c, r, w = cfg.consumers, cfg.rows, cfg.window_tiles(problem.window)
   s = _stages(problem, cfg) * _parts(problem) * c
   segs = problem.segments
@@ -423,7 +459,10 @@ def _with_buffers(body: Callable[[_Buffers], None], d: int, dtype, problem: Prob
   own = (_tiled((c, r, d), dtype), plgpu.Barrier(num_barriers=c), plgpu.SMEM((c, r), jnp.float32),
          plgpu.SMEM((c, r), jnp.int32) if segs else None, plgpu.Barrier(num_barriers=c) if segs else None,
          plgpu.SMEM((c, terms, r), jnp.int32) if segs else None, plgpu.Barrier(num_barriers=c) if segs else None,
-         _tiled((c, r, d), dtype) if cfg.term_mma else None)
+         _tiled((c, r, d), dtype) if cfg.term_mma else None,
+         _tiled((c, r, d), dtype) if grad else None, plgpu.Barrier(num_barriers=c) if grad else None,
+         plgpu.SMEM((c, 2, r), jnp.float32) if grad else None, plgpu.Barrier(num_barriers=c) if grad else None,
+         plgpu.SMEM((c, terms, r), jnp.float32) if grad and problem.learned else None)
   shared = (_tiled((w, r, d), dtype), _tiled((w, r, d), dtype), plgpu.SMEM((w, r), jnp.int32) if segs else None,
             plgpu.Barrier(num_barriers=w), plgpu.Barrier(num_barriers=w),
             plgpu.Barrier(num_barriers=w) if segs else None,
@@ -476,7 +515,9 @@ class _TermRefs(NamedTuple):
 class _Inputs(NamedTuple):
   """A kernel's inputs in global memory: q ``[B, rows, H_q, D]``, k and v ``[B, kv_rows, H_kv, D]``,
   the segment ids ``[B, kv_rows]`` int32 and the offset terms' same-segment flags ``[B, K', rows]``
-  int32 (``_same_segment``; both None without segments), padded as ``_Rows`` says."""
+  int32 (``_same_segment``; both None without segments), padded as ``_Rows`` says; in the dQ pass
+  the output gradient ``[B, rows, H_q, D]`` and the rows' statistics ``[B, H_q, 2, whole]`` float32
+  (log-sum-exp, delta; None in the forward)."""
 
   terms: _TermRefs
   q: Any
@@ -484,6 +525,8 @@ class _Inputs(NamedTuple):
   v: Any
   seg: Any
   same: Any
+  do: Any = None
+  rows_in: Any = None
 
 
 class _Term(NamedTuple):
@@ -498,8 +541,8 @@ class _Term(NamedTuple):
 
 
 class _Handlers(NamedTuple):
-  """What a consumer warpgroup does with each landed tile: ``query(q tile, its segment ids or None,
-  state) -> state``, then ``window(tile index, first key row before clamping, _Tile, state) ->
+  """What a consumer warpgroup does with each landed tile: ``query(_Own, state) -> state`` (its
+  query tile and what else its own buffers hold, landed), then ``window(tile index, first key row before clamping, _Tile, state) ->
   state`` and ``term(_Term, state) -> state``."""
 
   query: Callable[[Any, Any, Any], Any]
@@ -533,7 +576,7 @@ class _Producer(NamedTuple):
 
   def first(self) -> None:
     """Every copy that needs no free ring slot: each consumer's query tile (and its rows' segment
-    ids and term flags), every window tile (starts before row 0 clamped to it: every key there is
+    ids and term flags; in the dQ pass its output-gradient tile and statistics), every window tile (starts before row 0 clamped to it: every key there is
     masked) and the first ``stages`` terms."""
     g, buf, prog, cfg, r = self.gmem, self.buf, self.prog, self.cfg, self.cfg.rows
     for c in range(cfg.consumers):
@@ -542,6 +585,9 @@ class _Producer(NamedTuple):
       if g.seg is not None:
         plgpu.copy_gmem_to_smem(g.seg.at[prog.batch, pl.ds(q0 + self.geo.front, r)], own.q_seg, own.q_seg_bar)
         plgpu.copy_gmem_to_smem(g.same.at[prog.batch, :, pl.ds(q0, r)], own.term_same, own.term_same_bar)
+      if g.do is not None:
+        plgpu.copy_gmem_to_smem(g.do.at[prog.batch, pl.ds(q0, r), prog.head], own.do, own.do_bar)
+        plgpu.copy_gmem_to_smem(g.rows_in.at[prog.batch, prog.head, :, pl.ds(q0, r)], own.rows_in, own.rows_in_bar)
     for u in range(cfg.window_tiles(self.problem.window)):
       self._issue(jnp.maximum(_window_start(prog, cfg, u), 0), buf.window_tile(u))
     for kk in range(min(_stages(self.problem, cfg), self.problem.num_offsets)):
@@ -578,10 +624,10 @@ def _consume_tiles(gmem: _Inputs, buf: _Buffers, wg: _Warpgroup, prog: _Program,
   term is handled, ``release(term, slot)`` hands its ring slot on. Returns the final state."""
   r, terms, stages, parts = wg.rows, problem.num_offsets, _stages(problem, cfg), _parts(problem)
   own = buf.own(wg.index)
-  for bar in (own.q_bar, own.q_seg_bar, own.term_same_bar):
+  for bar in (own.q_bar, own.q_seg_bar, own.term_same_bar, own.do_bar, own.rows_in_bar):
     if bar is not None:
       plgpu.barrier_wait(bar)
-  state = handlers.query(own.q, own.q_seg, state)
+  state = handlers.query(own, state)
   for t in range(window_tiles(problem.window, r)):
     tile = buf.window_tile(cfg.consumers - 1 - wg.index + t)
     tile.wait()
@@ -686,34 +732,63 @@ def _blend(tiles_BxD: tuple[jax.Array, ...], frac) -> jax.Array:
   return x_BxD + frac * (tiles_BxD[1].astype(jnp.float32) - x_BxD)
 
 
-def _attention_handlers(buf: _Buffers, wg: _Warpgroup, problem: Problem, dtype, ops: _Ops) -> _Handlers:
-  """A consumer warpgroup's forward work on each landed tile, its query rows ``i`` in ``[q0, q0 +
-  rows)``. Window tile at keys ``[j0, j0 + rows)``: scores on tensor cores, masked outside the
-  window (``0 <= i - j < W``), outside ``[0, N)`` and outside the query's segment. Offset term of
-  distance ``d`` (``lo + t``): row-wise scores of the blended key, masked unless ``d >= W``, ``i >=
-  d`` and every row read with a nonzero weight (``i - lo``, and ``i - lo - 1`` when ``t > 0``) is in
-  the query's segment. Each is one online softmax step."""
-  b, own = wg.rows, buf.own(wg.index)
-  q_rows_BxB = ops.iota((b, b), 0, plgpu.Layout.WGMMA) + wg.q0
-  cols_BxB = ops.iota((b, b), 1, plgpu.Layout.WGMMA)
+class _TileMath:
+  """A consumer warpgroup's masks and term loads, shared by the forward and the dQ pass: its query
+  rows ``i`` in ``[q0, q0 + rows)``."""
 
-  def query(q_smem, seg_smem, st: _Softmax) -> _Softmax:
-    return st._replace(q=ops.load_tile(q_smem), seg=None if seg_smem is None else ops.load_vector(seg_smem, ROW_LAYOUT))
+  def __init__(self, buf: _Buffers, wg: _Warpgroup, problem: Problem, ops: _Ops):
+    self.buf, self.wg, self.problem, self.ops = buf, wg, problem, ops
+    b = wg.rows
+    self.q_rows_BxB = ops.iota((b, b), 0, plgpu.Layout.WGMMA) + wg.q0
+    self.cols_BxB = ops.iota((b, b), 1, plgpu.Layout.WGMMA)
+
+  def window_mask(self, j0, tile: _Tile, seg_B) -> jax.Array:
+    """``[rows, rows]``: keys ``[j0, j0 + rows)`` inside the window (``0 <= i - j < W``), inside ``[0,
+    N)`` and (``seg_B``: the query rows' segment ids, or None) in the query's segment."""
+    ops, b = self.ops, self.wg.rows
+    keys_BxB = self.cols_BxB + j0
+    dist_BxB = self.q_rows_BxB - keys_BxB
+    mask = (dist_BxB >= 0) & (dist_BxB < self.problem.window) & (keys_BxB >= 0) & (keys_BxB < self.problem.n)
+    if seg_B is not None:
+      key_seg_BxB = lax.broadcast_in_dim(ops.load_vector(tile.seg, COL_LAYOUT), (b, b), [1])
+      mask = mask & (_rows_to(seg_B, (b, b)) == key_seg_BxB)
+    return mask
+
+  def term_live(self, term: _Term, segments: bool) -> jax.Array:
+    """``[rows]``: the query rows a term of distance ``d`` (``lo + t``) reaches: ``d >= W``, ``i >=
+    d`` and (``segments``) every row it reads with a nonzero weight (``i - lo``, and ``i - lo - 1``
+    when ``t > 0``) in the query's segment."""
+    own = self.buf.own(self.wg.index)
+    past_lo_B = self.ops.iota((self.wg.rows,), 0, ROW_LAYOUT) + (self.wg.q0 - term.lo)  # i - lo; i >= d: i - lo >= t
+    live_B = (term.lo >= self.problem.window) & (past_lo_B >= 0 if term.frac is None
+                                                  else past_lo_B.astype(jnp.float32) >= term.frac)
+    if segments:
+      live_B = live_B & (self.ops.load_vector(own.term_same.at[term.index], ROW_LAYOUT) != 0)
+    return live_B
+
+  def term_rows(self, term: _Term, which: str) -> tuple[jax.Array, ...]:
+    """The term's key (``which="k"``) or value rows, one ``[rows, D]`` tile per part."""
+    return tuple(self.ops.load_term(getattr(tile, which)) for tile in term.tiles)
+
+
+def _attention_handlers(buf: _Buffers, wg: _Warpgroup, problem: Problem, dtype, ops: _Ops) -> _Handlers:
+  """A consumer warpgroup's forward work on each landed tile (masks: ``_TileMath``). Window tile at
+  keys ``[j0, j0 + rows)``: scores on tensor cores. Offset term: row-wise scores of the blended
+  key. Each is one online softmax step."""
+  b, own = wg.rows, buf.own(wg.index)
+  math = _TileMath(buf, wg, problem, ops)
+
+  def query(own: _Own, st: _Softmax) -> _Softmax:
+    return st._replace(q=ops.load_tile(own.q), seg=None if own.q_seg is None else ops.load_vector(own.q_seg, ROW_LAYOUT))
 
   def window(t, j0, tile: _Tile, st: _Softmax) -> _Softmax:
     del t
-    keys_BxB = cols_BxB + j0
-    dist_BxB = q_rows_BxB - keys_BxB
-    mask = (dist_BxB >= 0) & (dist_BxB < problem.window) & (keys_BxB >= 0) & (keys_BxB < problem.n)
-    if st.seg is not None:
-      key_seg_BxB = lax.broadcast_in_dim(ops.load_vector(tile.seg, COL_LAYOUT), (b, b), [1])
-      mask = mask & (_rows_to(st.seg, (b, b)) == key_seg_BxB)
-    s_BxB = jnp.where(mask, ops.scores(own.q, tile.k, b) * problem.scale, MASK_VALUE)
+    s_BxB = jnp.where(math.window_mask(j0, tile, st.seg), ops.scores(own.q, tile.k, b) * problem.scale, MASK_VALUE)
     m_new = jnp.maximum(st.m, jnp.max(s_BxB, axis=1))
     p_BxB = jnp.exp(s_BxB - _rows_to(m_new, s_BxB.shape))
     return _softmax_step(st, m_new, jnp.sum(p_BxB, axis=1), lambda acc: ops.add_pv(acc, p_BxB.astype(dtype), tile.v))
 
-  diagonal_BxB = ops.iota((b, b), 0, plgpu.Layout.WGMMA) == cols_BxB
+  diagonal_BxB = ops.iota((b, b), 0, plgpu.Layout.WGMMA) == math.cols_BxB
 
   def diagonal_scores(k_BxD: jax.Array) -> jax.Array:
     """``[b]`` float32 ``q_r . k_r`` on tensor cores: ``k`` stored to the tiled tile (the previous
@@ -725,22 +800,16 @@ def _attention_handlers(buf: _Buffers, wg: _Warpgroup, problem: Problem, dtype, 
   def term_scores(term: _Term, st: _Softmax) -> jax.Array:
     """``[b]`` float32 ``q_r . k_r`` of each query row and its row of the term's (blended) key; on
     tensor cores each tile's scores are blended, as exact as blending the keys in float32."""
-    keys = tuple(ops.load_term(tile.k) for tile in term.tiles)
+    keys = math.term_rows(term, "k")
     if own.term_mma_k is not None:
       return _blend(tuple(diagonal_scores(k_BxD) for k_BxD in keys), term.frac)
     return jnp.sum(st.q.astype(jnp.float32) * _blend(keys, term.frac), axis=1)
 
   def term(term: _Term, st: _Softmax) -> _Softmax:
-    s_B = term_scores(term, st) * problem.scale
-    past_lo_B = ops.iota((b,), 0, ROW_LAYOUT) + (wg.q0 - term.lo)  # i - lo; i >= d is i - lo >= t
-    live_B = (term.lo >= problem.window) & (past_lo_B >= 0 if term.frac is None
-                                             else past_lo_B.astype(jnp.float32) >= term.frac)
-    if st.seg is not None:
-      live_B = live_B & (ops.load_vector(own.term_same.at[term.index], ROW_LAYOUT) != 0)
-    s_B = jnp.where(live_B, s_B, MASK_VALUE)
+    s_B = jnp.where(math.term_live(term, st.seg is not None), term_scores(term, st) * problem.scale, MASK_VALUE)
     m_new = jnp.maximum(st.m, s_B)
     p_B = jnp.exp(s_B - m_new)
-    v_BxD = _blend(tuple(ops.load_term(tile.v) for tile in term.tiles), term.frac)
+    v_BxD = _blend(math.term_rows(term, "v"), term.frac)
     return _softmax_step(st, m_new, p_B, lambda acc: acc + _rows_to(p_B, acc.shape) * v_BxD)
 
   return _Handlers(query, window, term)
@@ -771,15 +840,89 @@ def _forward_kernel(gmem: _Inputs, o_ref, lse_ref, *, problem: Problem, cfg: Mos
                 d, dtype, problem, cfg)
 
 
+class _Grad(NamedTuple):
+  """dQ state of a query tile: its query and output-gradient tiles in registers ``[rows, D]``, its
+  rows' segment ids (None without segments), log-sum-exp and ``delta = rowsum(out * do)``
+  ``[rows]``, and dQ ``[rows, D]`` float32."""
+
+  q: jax.Array
+  do: jax.Array
+  seg: jax.Array | None
+  lse: jax.Array
+  delta: jax.Array
+  dq: jax.Array
+
+
+def _dq_handlers(buf: _Buffers, wg: _Warpgroup, problem: Problem, dtype, ops: _Ops) -> _Handlers:
+  """A consumer warpgroup's dQ work on each landed tile, under the forward's masks (``_TileMath``),
+  its probabilities recomputed as ``p = exp(s - lse)``: ``ds = p * (do . v - delta)``, ``dq +=
+  scale * ds k``. Window tile: ``q @ k^T``, ``do @ v^T`` and ``ds @ k`` on tensor cores. Offset
+  term: row-wise, on the blended key and value; with learned offsets each query row's d(loss)/d(distance)
+  of the term, ``scale * ds * q . (k_hi - k_lo) + p * do . (v_hi - v_lo)`` (rows past ``N`` 0), goes
+  to the warpgroup's ``dd`` row of the term."""
+  b, own, f32 = wg.rows, buf.own(wg.index), jnp.float32
+  math = _TileMath(buf, wg, problem, ops)
+  in_rows_B = ops.iota((b,), 0, ROW_LAYOUT) + wg.q0 < problem.n
+
+  def query(own: _Own, g: _Grad) -> _Grad:
+    return g._replace(q=ops.load_tile(own.q), do=ops.load_tile(own.do),
+                      seg=None if own.q_seg is None else ops.load_vector(own.q_seg, ROW_LAYOUT),
+                      lse=ops.load_vector(own.rows_in.at[0], ROW_LAYOUT),
+                      delta=ops.load_vector(own.rows_in.at[1], ROW_LAYOUT))
+
+  def window(t, j0, tile: _Tile, g: _Grad) -> _Grad:
+    del t
+    s_BxB = ops.scores(own.q, tile.k, b) * problem.scale - _rows_to(g.lse, (b, b))
+    p_BxB = jnp.where(math.window_mask(j0, tile, g.seg), jnp.exp(s_BxB), 0.0)
+    ds_BxB = p_BxB * (ops.scores(own.do, tile.v, b) - _rows_to(g.delta, (b, b)))
+    return g._replace(dq=ops.add_pv(g.dq, (ds_BxB * problem.scale).astype(dtype), tile.k))
+
+  def term(term: _Term, g: _Grad) -> _Grad:
+    keys, values = math.term_rows(term, "k"), math.term_rows(term, "v")
+    k_BxD, v_BxD = _blend(keys, term.frac), _blend(values, term.frac)
+    q_BxD, do_BxD = g.q.astype(f32), g.do.astype(f32)
+    live_B = math.term_live(term, g.seg is not None) & in_rows_B
+    p_B = jnp.where(live_B, jnp.exp(jnp.sum(q_BxD * k_BxD, axis=1) * problem.scale - g.lse), 0.0)
+    ds_B = p_B * (jnp.sum(do_BxD * v_BxD, axis=1) - g.delta)
+    if own.dd is not None:  # the blended rows' derivatives in the distance: x_hi - x_lo
+      k_step, v_step = (x[1].astype(f32) - x[0].astype(f32) for x in (keys, values))
+      own.dd.at[term.index][...] = (ds_B * problem.scale * jnp.sum(q_BxD * k_step, axis=1)
+                                    + p_B * jnp.sum(do_BxD * v_step, axis=1))
+    return g._replace(dq=g.dq + _rows_to(ds_B * problem.scale, g.dq.shape) * k_BxD)
+
+  return _Handlers(query, window, term)
+
+
+def _dq_kernel(gmem: _Inputs, dq_ref, *dd_ref, problem: Problem, cfg: MosaicForwardConfig, geo: _Rows, ops: _Ops):
+  """dQ of one query tile over the forward's tiles (``_dq_handlers``), per consumer warpgroup; with
+  learned offsets also its rows' distance gradients per term (``dd_ref [B, H_q, K', whole]``)."""
+  d, dtype = gmem.q.shape[-1], gmem.q.dtype
+  prog = _program(problem, cfg.block)
+
+  def consume(buf: _Buffers, wg: _Warpgroup, release):
+    b, own = wg.rows, buf.own(wg.index)
+    tile, row = ops.layout(jnp.zeros((b, d), dtype), plgpu.Layout.WGMMA), ops.full((b,), 0.0, ROW_LAYOUT)
+    init = _Grad(tile, tile, None, row, row, ops.full((b, d), 0.0, plgpu.Layout.WGMMA))
+    g = _consume_tiles(gmem, buf, wg, prog, problem, cfg, _dq_handlers(buf, wg, problem, dtype, ops), init, release)
+    own.q[...] = g.dq.astype(dq_ref.dtype)  # the query tile is no longer read
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(own.q, dq_ref.at[prog.batch, pl.ds(wg.q0, b), prog.head])
+    if dd_ref:
+      plgpu.copy_smem_to_gmem(own.dd, dd_ref[0].at[prog.batch, prog.head, :, pl.ds(wg.q0, b)])
+    plgpu.wait_smem_to_gmem(0)
+
+  _with_buffers(lambda buf: _stream_tiles(gmem, buf, prog, geo, problem, cfg, functools.partial(consume, buf)),
+                d, dtype, problem, cfg, grad=True)
+
+
 def _sum_handlers(ops: _Ops) -> _Handlers:
   """``pattern_loads``' work on each landed tile: add its row sums to the state ``[rows]``."""
 
   def row_sums(x_BxD):
     return jnp.sum(x_BxD.astype(jnp.float32), axis=1)
 
-  def query(q_smem, seg_smem, sums_B):
-    del seg_smem
-    return sums_B + row_sums(ops.load_tile(q_smem))
+  def query(own: _Own, sums_B):
+    return sums_B + row_sums(ops.load_tile(own.q))
 
   def window(t, j0, tile: _Tile, sums_B):
     del t, j0
@@ -828,11 +971,12 @@ def _same_segment(seg_BxN: jax.Array, terms: tuple[jax.Array, ...], rows: int) -
 
 
 def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: MosaicForwardConfig | None, interpret,
-            name: str):
+            name: str, grad: tuple[jax.Array, ...] = ()):
   """Pads the inputs as the geometry says and runs ``kernel(_Inputs, *outputs)`` on the grid
-  ``(H_q, tiles, B)``; returns the outputs and the geometry."""
+  ``(H_q, tiles, B)``; returns the outputs and the geometry. ``grad``: the dQ pass's ``(do [B, N,
+  H_q, D], lse [B, H_q, N], delta [B, H_q, N])``."""
   cfg = resolve_config(problem, cfg)
-  _check(q, seg, offsets, problem, cfg)
+  _check(q, seg, offsets, problem, cfg, grad=bool(grad))
   bsz, n, h, _ = q.shape
   params = _interpret_params(interpret)
   geo = _rows(n, cfg.block, params is not None)
@@ -841,13 +985,18 @@ def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: Mosa
   k, v = (_pad(x, geo.front, geo.kv_rows) for x in (k, v))
   terms = _offsets(offsets, problem)
   segs = () if seg is None else (_pad(seg, geo.front, geo.kv_rows), _same_segment(seg, terms, geo.rows))
+  if grad:  # the statistics of whole tiles: a row vector copy past a head's row is not clipped (``_rows``)
+    do, lse, delta = grad
+    rows_in = jnp.stack([lse, delta], axis=2).astype(jnp.float32)
+    grad = (_pad(do, 0, geo.rows), jnp.pad(rows_in, [(0, 0)] * 3 + [(0, geo.whole - n)]))
 
   def body(*refs):
     term_refs = _TermRefs(refs[0], refs[1] if problem.learned else None)
     q_ref, k_ref, v_ref, *rest = refs[len(terms):]
     seg_ref, same_ref = (rest.pop(0), rest.pop(0)) if segs else (None, None)
-    kernel(_Inputs(term_refs, q_ref, k_ref, v_ref, seg_ref, same_ref), *rest, problem=problem, cfg=cfg, geo=geo,
-           ops=ops)
+    do_ref, rows_in_ref = (rest.pop(0), rest.pop(0)) if grad else (None, None)
+    kernel(_Inputs(term_refs, q_ref, k_ref, v_ref, seg_ref, same_ref, do_ref, rows_in_ref), *rest, problem=problem,
+           cfg=cfg, geo=geo, ops=ops)
 
   call = plgpu.kernel(
       body,
@@ -859,7 +1008,7 @@ def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: Mosa
       interpret=params,
       **(dict(num_threads=cfg.consumers + 1, thread_name=WARPGROUPS) if cfg.consumers > 1 else {}),
   )
-  return call(*terms, q, k, v, *segs), geo
+  return call(*terms, q, k, v, *segs, *grad), geo
 
 
 def _check_grid(q: jax.Array, problem: Problem) -> None:
@@ -907,3 +1056,28 @@ def pattern_loads(q, k, v, offsets, *, problem: Problem, cfg: MosaicForwardConfi
 
   sums, _ = _launch(_loads_kernel, out_type, q, k, v, None, offsets, problem, cfg, interpret, "fib_pattern_loads_mgpu")
   return sums[..., :n]
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "cfg", "interpret"))
+def backward_dq(q, k, v, seg, offsets, do, lse, delta, *, problem: Problem, cfg: MosaicForwardConfig | None,
+                interpret):
+  """``(dq [B, N, H_q, D] in q's dtype, dd)``: the gradient of the forward's output (arguments as
+  ``forward``'s) in the query, from the output gradient ``do [B, N, H_q, D]``, the forward's ``lse
+  [B, H_q, N]`` and ``delta = rowsum(out * do)`` ``[B, H_q, N]`` (float32); with learned offsets
+  ``dd [B, H_q, 1, K]`` float32, the distances' gradient summed over each head's rows (else
+  ``None``). Runs as ``dq_config(problem, cfg)`` says. Key and value gradients are
+  ``triton_gpu.backward_dkdv``'s."""
+  _check_grid(q, problem)
+  bsz, n, h, d = q.shape
+  terms = max(problem.num_offsets, 1)
+
+  def out_type(geo: _Rows):
+    dq = jax.ShapeDtypeStruct((bsz, geo.rows, h, d), q.dtype)
+    return (dq, jax.ShapeDtypeStruct((bsz, h, terms, geo.whole), jnp.float32)) if problem.learned else dq
+
+  outs, _ = _launch(_dq_kernel, out_type, q, k, v, seg, offsets, problem, dq_config(problem, cfg), interpret,
+                    "fib_attention_dq_mgpu", grad=(do, lse, delta))
+  if not problem.learned:
+    return outs[:, :n], None
+  dq, dd = outs
+  return dq[:, :n], jnp.sum(dd[..., :n], axis=-1)[:, :, None, :problem.num_offsets]

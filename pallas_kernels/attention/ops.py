@@ -10,13 +10,15 @@ heuristic's).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention.config import Backend, BackwardConfig, ForwardConfig, MosaicForwardConfig, Problem, choose
+from pallas_kernels.attention.config import (Backend, BackwardConfig, ForwardConfig, MosaicBackwardConfig,
+                                             MosaicForwardConfig, Problem, choose)
 from pallas_kernels.batch_shards import per_batch_shard
 from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offsets
 
@@ -69,13 +71,26 @@ def _fwd(q, k, v, seg, offsets, problem, cfg, cfg_bwd, interpret, batch_axes):
   return out, (q, k, v, seg, offsets, out, lse)
 
 
+def _mosaic_backward(q, k, v, seg, offsets, do, lse, out, *, problem: Problem, cfg: MosaicBackwardConfig,
+                     interpret: bool):
+  """``(dq, dk, dv, dd)``: dQ on the Mosaic GPU kernel, dK/dV on the Triton one."""
+  from pallas_kernels.attention import mosaic_gpu, triton_gpu  # noqa: PLC0415
+
+  delta = jnp.einsum("bnhd,bnhd->bhn", out.astype(jnp.float32), do.astype(jnp.float32))
+  dq, dd = mosaic_gpu.backward_dq(q, k, v, seg, offsets, do, lse, delta, problem=problem, cfg=cfg.dq,
+                                  interpret=interpret)
+  dk, dv = triton_gpu.backward_dkdv(q, k, v, seg, offsets, do, lse, delta, (), problem=problem,
+                                    cfg=dataclasses.replace(cfg.dkdv, saved_terms=False), interpret=interpret)
+  return dq, dk, dv, dd
+
+
 def _bwd(problem, cfg, cfg_bwd, interpret, batch_axes, res, do):
   q, k, v, seg, offsets, out, lse = res
-  lowering = _lowering(problem.backend)
+  backward = _mosaic_backward if isinstance(cfg_bwd, MosaicBackwardConfig) else _lowering(problem.backend).backward
 
   def kernel(q, k, v, do, lse, out, *rest):
     seg, offsets = rest if problem.segments else (None, *rest)
-    return lowering.backward(q, k, v, seg, offsets, do, lse, out, problem=problem, cfg=cfg_bwd, interpret=interpret)
+    return backward(q, k, v, seg, offsets, do, lse, out, problem=problem, cfg=cfg_bwd, interpret=interpret)
 
   dq, dk, dv, dd = per_batch_shard(kernel, (q, k, v, do, lse, out) + _batched(seg), (offsets,),
                                    batch_axes=batch_axes)
@@ -114,7 +129,7 @@ def gathered_offset_attention(
     scale: float | None = None,
     segment_ids: jax.Array | None = None,
     config: ForwardConfig | MosaicForwardConfig | None = None,
-    config_bwd: BackwardConfig | None = None,
+    config_bwd: BackwardConfig | MosaicBackwardConfig | None = None,
     backend: Backend | None = None,
     interpret: bool = False,
     batch_axes: Sequence[str] | None = None,
@@ -133,7 +148,8 @@ def gathered_offset_attention(
     config, config_bwd: how the forward and the backward kernels run
       (``pallas_kernels.attention.config``); ``None``: this device's tuned table entry for the
       call's ``attention_problem``, else the heuristic (``config.choose``). A ``MosaicForwardConfig``
-      (GPU backend; bfloat16/float16, head_dim a multiple of 64) runs the Mosaic GPU forward.
+      (GPU backend; bfloat16/float16, head_dim a multiple of 64) runs the Mosaic GPU forward, a
+      ``MosaicBackwardConfig`` the dQ pass on Mosaic GPU (same conditions) beside Triton's dK/dV.
     backend: ``"gpu"`` or ``"tpu"`` lowering; default the default backend (``"gpu"`` on CPU,
       which needs ``interpret=True``).
     batch_axes: under a mesh, the axes the batch is split over; each device runs the kernels on
@@ -153,13 +169,16 @@ def gathered_offset_attention(
   if config is None or config_bwd is None:
     chosen, chosen_bwd = choose(problem)
     config, config_bwd = config or chosen, config_bwd or chosen_bwd
-  if not (isinstance(config, (ForwardConfig, MosaicForwardConfig)) and isinstance(config_bwd, BackwardConfig)):
-    raise TypeError(f"config must be a ForwardConfig or MosaicForwardConfig and config_bwd a BackwardConfig, got "
-                    f"{type(config).__name__} and {type(config_bwd).__name__}")
-  if isinstance(config, MosaicForwardConfig) and backend != "gpu":
-    raise ValueError(f"a MosaicForwardConfig runs the Mosaic GPU forward, not on backend={backend!r}; "
-                     "pass a ForwardConfig (or none) there")
-  blocks = (problem.head_dim, config.block, config_bwd.block)
+  if not (isinstance(config, (ForwardConfig, MosaicForwardConfig))
+          and isinstance(config_bwd, (BackwardConfig, MosaicBackwardConfig))):
+    raise TypeError(f"config must be a ForwardConfig or MosaicForwardConfig and config_bwd a BackwardConfig or "
+                    f"MosaicBackwardConfig, got {type(config).__name__} and {type(config_bwd).__name__}")
+  for given in (config, config_bwd):
+    if isinstance(given, (MosaicForwardConfig, MosaicBackwardConfig)) and backend != "gpu":
+      raise ValueError(f"a {type(given).__name__} runs a Mosaic GPU kernel, not on backend={backend!r}; "
+                       f"pass a {'ForwardConfig' if given is config else 'BackwardConfig'} (or none) there")
+  blocks = (problem.head_dim, config.block,
+            config_bwd.dkdv.block if isinstance(config_bwd, MosaicBackwardConfig) else config_bwd.block)
   if not interpret and any(x & (x - 1) or x < 16 for x in blocks):
     raise ValueError(f"compiled kernels need head_dim and blocks powers of 2 >= 16, got head_dim, block, "
                      f"backward block = {blocks}")

@@ -153,11 +153,19 @@ def forward(q, k, v, seg, offsets, *, problem: Problem, cfg: ForwardConfig, inte
 
 @functools.partial(jax.jit, static_argnames=("problem", "cfg", "interpret"))
 def backward(q, k, v, seg, offsets, do, lse, out, *, problem: Problem, cfg: BackwardConfig, interpret: bool):
-  """``(dq, dk, dv, dd)``; ``dd [B, H_q, tiles, K']`` holds per-tile partial d(loss)/d(distance).
-  The dQ kernel also writes ``delta = rowsum(out * do)`` for the dK/dV kernel, whose programs
-  each own one key tile of one key/value head and sum over the group's query heads. With
-  ``cfg.saved_terms`` the dQ kernel also writes each term's probabilities and score gradients
-  (``[B, H_q, K', N]`` float32 each), which the dK/dV kernel reads instead of recomputing them."""
+  """``(dq, dk, dv, dd)``: ``backward_dq``, then ``backward_dkdv`` on the ``delta`` (and, with
+  ``cfg.saved_terms``, the terms' probabilities and score gradients) it wrote."""
+  dq, dd, delta, saved = backward_dq(q, k, v, seg, offsets, do, lse, out, problem=problem, cfg=cfg,
+                                     interpret=interpret)
+  dk, dv = backward_dkdv(q, k, v, seg, offsets, do, lse, delta, saved, problem=problem, cfg=cfg, interpret=interpret)
+  return dq, dk, dv, dd
+
+
+def backward_dq(q, k, v, seg, offsets, do, lse, out, *, problem: Problem, cfg: BackwardConfig, interpret: bool):
+  """``(dq [B, N, H_q, D], dd [B, H_q, tiles, K], delta [B, H_q, N] float32, saved)``: ``dd`` holds
+  per-tile partial d(loss)/d(distance); ``delta = rowsum(out * do)``, for the dK/dV kernel. With
+  ``cfg.saved_terms``, ``saved`` is each term's probabilities and score gradients (``[B, H_q, K',
+  N]`` float32 each), which the dK/dV kernel reads instead of recomputing them; else ``()``."""
   bsz, n, h, d = q.shape
   h_kv = k.shape[2]
   pad = _pad_for(problem, cfg, interpret)
@@ -180,8 +188,26 @@ def backward(q, k, v, seg, offsets, do, lse, out, *, problem: Problem, cfg: Back
       interpret=interpret,
       name="fib_attention_dq",
   )(offs, q, k, v, do, lse, out, *seg_in)
+  return dq, dd[..., : offsets.shape[0]], delta, tuple(saved)
+
+
+def backward_dkdv(q, k, v, seg, offsets, do, lse, delta, saved, *, problem: Problem, cfg: BackwardConfig,
+                  interpret: bool):
+  """``(dk, dv)``, each ``[B, N, H_kv, D]``: each program owns one key tile of one key/value head
+  and sums over the group's query heads. ``delta [B, H_q, N]`` float32 is ``rowsum(out * do)``;
+  ``saved``: ``backward_dq``'s (empty unless ``cfg.saved_terms``)."""
+  if len(saved) != 2 * cfg.saved_terms:
+    raise ValueError(f"saved_terms={cfg.saved_terms} needs {2 * cfg.saved_terms} saved arrays, got {len(saved)}")
+  bsz, n, h, d = q.shape
+  h_kv = k.shape[2]
+  pad = _pad_for(problem, cfg, interpret)
+  offs, width = _offs(offsets)
+  rows, tiles = n + pad, pl.cdiv(n, cfg.block)
+  q, k, v, do = (bodies.pad_rows(x, pad, 0, 1) for x in (q, k, v, do))
+  lse, delta = (bodies.pad_rows(x, pad, 0, 2) for x in (lse, delta))
   group_specs = _Specs(problem.group, whole_group=True)
-  dk, dv = pl.pallas_call(
+  seg_in, seg_spec = _segment_inputs(seg, group_specs, rows, pad)
+  return tuple(pl.pallas_call(
       bodies.call(bodies.backward_dkdv, RowIO(n, cfg.block, pad, width, members=group_specs.members), problem, cfg,
                   6 + len(saved)),
       grid=(tiles, bsz, h_kv),
@@ -193,6 +219,4 @@ def backward(q, k, v, seg, offsets, do, lse, out, *, problem: Problem, cfg: Back
       compiler_params=_params(cfg),
       interpret=interpret,
       name="fib_attention_dkdv",
-  )(offs, q, k, v, do, lse, bodies.pad_rows(delta, pad, 0, 2), *(bodies.pad_rows(x, pad, 0, 3) for x in saved),
-    *seg_in)
-  return dq, dk, dv, dd[..., : offsets.shape[0]]
+  )(offs, q, k, v, do, lse, delta, *(bodies.pad_rows(x, pad, 0, 3) for x in saved), *seg_in))
