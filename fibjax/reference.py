@@ -11,7 +11,9 @@ Pattern (SPEC section 1): query ``i`` sees key ``j <= i`` iff ``i - j < W`` (the
 when given) and repeats are masked, so each key counts once. Fractional distances ``d``
 (learned alpha) read ``(1 - t) * k[i - floor(d)] + t * k[i - floor(d) - 1]``, ``t = d -
 floor(d)`` (the same for v); such a term is masked when ``d`` leaves ``[W, R)`` or when
-``i < d`` (it would reach before the sequence start). With ``segment_ids [B, N]`` a query sees
+``i < d`` (it would reach before the sequence start; at ``i = d``, integer, the far row
+``i - d - 1``, of weight 0, is a row of zeros, as the kernels read it, which its gradient in
+``d`` sees). With ``segment_ids [B, N]`` a query sees
 only keys of its own segment; a fractional term is masked unless every row it reads with a
 nonzero weight is in the query's segment (the segment start plays the role of position 0).
 Masked scores are a large negative number, never -inf, and every query sees itself, so no row
@@ -72,7 +74,10 @@ def _offset_rows(x_BxNxHxD: jax.Array, offsets: jax.Array) -> tuple[jax.Array, j
   acc = jnp.promote_types(jnp.float32, x_BxNxHxD.dtype)
   t = t.astype(acc)[None, None, :, None, None]
   x_lo = _gather_rows(x_BxNxHxD, pos - lo[None, :]).astype(acc)
-  x_hi = _gather_rows(x_BxNxHxD, pos - lo[None, :] - 1).astype(acc)
+  # the far row of query i = lo (t = 0: weight 0) is row -1, which does not exist: zeros, as the kernels
+  # read it, so the distance's gradient there is the same on every path
+  far_exists = (pos - lo[None, :] - 1 >= 0)[None, :, :, None, None]
+  x_hi = jnp.where(far_exists, _gather_rows(x_BxNxHxD, pos - lo[None, :] - 1).astype(acc), 0)
   return x_lo + t * (x_hi - x_lo), pos >= offsets[None, :]
 
 
