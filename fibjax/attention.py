@@ -11,39 +11,7 @@ import numpy as np
 from fibjax.implementation import Implementation, check_implementation, resolve_dense, resolve_sparse
 from fibjax.reference import (dense_attention_reference, dense_mask, sink_window_attention_reference,
                               sparse_attention_reference)
-from pallas_kernels.pattern import check_qkv, check_segment_ids
-
-def _check_scale(scale: object) -> None:
-  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating))
-                            or not np.isfinite(scale) or scale <= 0):
-    raise ValueError(f"scale must be a finite number > 0 or None (head_dim ** -0.5), got {scale!r}")
-
-
-def _as_offsets(offsets: Sequence[int] | Sequence[float] | jax.Array | np.ndarray | None) -> jax.Array:
-  if offsets is None:
-    return jnp.zeros((0,), jnp.int32)
-  arr = offsets if isinstance(offsets, jax.Array) else np.asarray(offsets)
-  if arr.ndim != 1:
-    raise ValueError(f"offsets must be 1-D [K], got shape {arr.shape}")
-  if arr.size == 0:
-    return jnp.zeros((0,), jnp.int32)
-  if not (jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)):
-    raise ValueError(f"offsets must be integers (static) or floats (fractional distances), got dtype {arr.dtype}")
-  try:
-    values = np.asarray(arr)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    values = None  # traced (under jit or grad): a negative value is masked, never a key after the query
-  if values is not None and not np.all(np.isfinite(values)):
-    raise ValueError(f"offsets must be finite distances, got {values.tolist()}")
-  if values is not None and np.any(values < 0):
-    raise ValueError(f"offsets must be distances >= 0 (to keys before the query), got {values.tolist()}")
-  if values is not None and np.any(values > np.iinfo(np.int32).max):
-    raise ValueError(f"offsets must fit int32 (at most {np.iinfo(np.int32).max}), got {values.tolist()}: a distance "
-                     "beyond any sequence reaches no key; leave it out")
-  if jnp.issubdtype(arr.dtype, jnp.integer):
-    return jnp.asarray(arr, jnp.int32)
-  # float64 only where x64 is on (Python floats arrive as float64)
-  return jnp.asarray(arr, jax.dtypes.canonicalize_dtype(jnp.promote_types(jnp.float32, arr.dtype)))
+from pallas_kernels.pattern import check_pattern, check_qkv, check_scale, check_segment_ids
 
 
 def attention(
@@ -99,15 +67,8 @@ def attention(
   """
   check_qkv(q, k, v)
   check_segment_ids(segment_ids, q)
-  if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-    raise ValueError(f"window must be an int >= 1, got {window!r}")
-  _check_scale(scale)
-  offs = _as_offsets(offsets)
-  if jnp.issubdtype(offs.dtype, jnp.floating) and reach is None:
-    raise ValueError("reach is required with fractional (learned) offsets: terms leaving [window, reach) are masked")
-  if reach is not None and (isinstance(reach, bool) or not isinstance(reach, (int, np.integer)) or reach <= window):
-    raise ValueError(f"reach must be an int > window, got reach={reach!r}, window={window}")
-  pattern = dict(window=int(window), offsets=offs, reach=reach, scale=scale, segment_ids=segment_ids)
+  window, offs = check_pattern(window, offsets, reach, scale)
+  pattern = dict(window=window, offsets=offs, reach=reach, scale=scale, segment_ids=segment_ids)
   if resolve_sparse(implementation, interpret) == "xla":
     if kernel_options:
       raise ValueError(f"kernel options {sorted(kernel_options)} apply to implementation='pallas' only")
@@ -146,7 +107,7 @@ def dense_attention(
   check_qkv(q, k, v)
   check_segment_ids(segment_ids, q)
   check_implementation("dense", implementation)
-  _check_scale(scale)
+  check_scale(scale)
   if isinstance(sinks, bool) or not isinstance(sinks, (int, np.integer)) or sinks < 0:
     raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
   if window is not None:

@@ -11,6 +11,8 @@ query's own segment. Query head ``h`` reads key/value head ``h // (H_q // H_kv)`
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,3 +76,53 @@ def check_segment_ids(segment_ids, q: jax.Array) -> None:
     raise ValueError(f"segment_ids must have shape [batch, seq] = {q.shape[:2]}, got {shape}")
   if dtype != jnp.int32:
     raise ValueError(f"segment_ids must be int32, got {dtype}")
+
+
+def check_scale(scale: object) -> None:
+  """``scale`` is ``None`` or a finite number > 0."""
+  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating))
+                            or not np.isfinite(scale) or scale <= 0):
+    raise ValueError(f"scale must be a finite number > 0 or None (head_dim ** -0.5), got {scale!r}")
+
+
+def as_offsets(offsets: Sequence[int] | Sequence[float] | jax.Array | np.ndarray | None) -> jax.Array:
+  """``offsets`` (a sequence or array, or ``None``: none) as a ``[K]`` int32 (static) or float (fractional)
+  array; concrete values must be finite, >= 0 and fit int32 (traced ones are masked where negative)."""
+  if offsets is None:
+    return jnp.zeros((0,), jnp.int32)
+  arr = offsets if isinstance(offsets, jax.Array) else np.asarray(offsets)
+  if arr.ndim != 1:
+    raise ValueError(f"offsets must be 1-D [K], got shape {arr.shape}")
+  if arr.size == 0:
+    return jnp.zeros((0,), jnp.int32)
+  if not (jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)):
+    raise ValueError(f"offsets must be integers (static) or floats (fractional distances), got dtype {arr.dtype}")
+  try:
+    values = np.asarray(arr)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    values = None  # traced (under jit or grad): a negative value is masked, never a key after the query
+  if values is not None and not np.all(np.isfinite(values)):
+    raise ValueError(f"offsets must be finite distances, got {values.tolist()}")
+  if values is not None and np.any(values < 0):
+    raise ValueError(f"offsets must be distances >= 0 (to keys before the query), got {values.tolist()}")
+  if values is not None and np.any(values > np.iinfo(np.int32).max):
+    raise ValueError(f"offsets must fit int32 (at most {np.iinfo(np.int32).max}), got {values.tolist()}: a distance "
+                     "beyond any sequence reaches no key; leave it out")
+  if jnp.issubdtype(arr.dtype, jnp.integer):
+    return jnp.asarray(arr, jnp.int32)
+  # float64 only where x64 is on (Python floats arrive as float64)
+  return jnp.asarray(arr, jax.dtypes.canonicalize_dtype(jnp.promote_types(jnp.float32, arr.dtype)))
+
+
+def check_pattern(window: object, offsets, reach: object, scale: object) -> tuple[int, jax.Array]:
+  """Checks a call's pattern arguments (``W >= 1``; ``R > W`` or ``None``, required with fractional
+  offsets; ``scale``; ``offsets`` as ``as_offsets`` says); returns ``(W as int, offsets [K])``."""
+  if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+    raise ValueError(f"window must be an int >= 1, got {window!r}")
+  check_scale(scale)
+  offs = as_offsets(offsets)
+  if jnp.issubdtype(offs.dtype, jnp.floating) and reach is None:
+    raise ValueError("reach is required with fractional (learned) offsets: terms leaving [window, reach) are masked")
+  if reach is not None and (isinstance(reach, bool) or not isinstance(reach, (int, np.integer)) or reach <= window):
+    raise ValueError(f"reach must be an int > window, got reach={reach!r}, window={window}")
+  return int(window), offs

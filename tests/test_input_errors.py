@@ -258,3 +258,21 @@ def test_auto_picks_xla_under_x64_and_pallas_is_refused_there():
     assert resolve_norm("auto", sequence=True, interpret=True) == "xla"
     with pytest.raises(ValueError, match="norm_impl='pallas'.*jax_enable_x64"):
       resolve_norm("pallas", sequence=True, interpret=True)
+
+
+def test_the_pallas_entry_point_checks_its_pattern_and_takes_a_sequence_of_offsets():
+  from pallas_kernels import gathered_offset_attention as g  # noqa: PLC0415
+  from pallas_kernels.attention.ops import attention_problem  # noqa: PLC0415
+
+  q = jax.random.normal(jax.random.key(0), (1, 64, 2, 16))
+  offs = fibjax.offset_set("fib", 1.0, 8, 48)
+  assert attention_problem(q, q, offs, window=8, reach=48).num_offsets == len(offs)
+  out = g(q, q, q, window=8, offsets=offs, reach=48, interpret=True)
+  want = fibjax.attention(q, q, q, window=8, offsets=offs, reach=48, implementation="xla")
+  assert float(jnp.max(jnp.abs(out - want))) < 1e-4
+  for kwargs, match in ((dict(window=0), "window must be an int >= 1"), (dict(window=8.5), "window must be an int"),
+                        (dict(scale=-1.0), "scale must be"), (dict(reach=4), "reach must be an int > window"),
+                        (dict(offsets=[-3]), "distances >= 0")):
+    args = dict(window=8, offsets=offs, reach=48, interpret=True) | kwargs
+    with pytest.raises(ValueError, match=match):
+      g(q, q, q, **args)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from pallas_kernels.attention.config import (Backend, BackwardConfig, ForwardConfig, MosaicBackwardConfig,
                                              MosaicForwardConfig, Problem, choose)
 from pallas_kernels.batch_shards import per_batch_shard
-from pallas_kernels.pattern import check_qkv, check_segment_ids, normalize_offsets
+from pallas_kernels.pattern import as_offsets, check_pattern, check_qkv, check_segment_ids, normalize_offsets
 
 
 def _lowering(backend: str):
@@ -112,6 +112,8 @@ def attention_problem(q: jax.Array, k: jax.Array, offsets: jax.Array, *, window:
   ``jax.ShapeDtypeStruct``: only shapes and dtypes are read), for ``choose`` or a config's
   ``dataclasses.replace``."""
   _, n, heads, d = q.shape
+  if not hasattr(offsets, "shape"):  # a sequence, as fibjax.offset_set gives
+    offsets = as_offsets(offsets)
   return Problem(backend=backend or _default_backend(), n=n, heads=heads, group=heads // k.shape[2], head_dim=d,
                  dtype=jnp.dtype(q.dtype).name, window=window, num_offsets=int(offsets.shape[0]), reach=reach,
                  learned=bool(jnp.issubdtype(offsets.dtype, jnp.floating)), segments=segment_ids is not None,
@@ -158,12 +160,14 @@ def gathered_offset_attention(
   backend = backend or _default_backend()
   if not interpret and jax.default_backend() != backend:
     raise ValueError(f"the {backend} Pallas kernel needs a {backend.upper()} (default backend is "
-                     f"{jax.default_backend()}); pass interpret=True to run it on CPU, or implementation='xla'")
+                     f"{jax.default_backend()}); pass interpret=True to run it on CPU, or use "
+                     "fibjax.attention(..., implementation='xla')")
   if jax.config.jax_enable_x64:
     raise ValueError("the Pallas kernels index in int32 and do not run with jax_enable_x64 on: call them outside "
                      "jax.enable_x64(True), or use implementation='xla' (which runs float64)")
   check_qkv(q, k, v)
   check_segment_ids(segment_ids, q)
+  window, offsets = check_pattern(window, offsets, reach, scale)
   problem = attention_problem(q, k, offsets, window=window, reach=reach, scale=scale, segment_ids=segment_ids,
                               backend=backend)
   if config is None or config_bwd is None:
