@@ -119,6 +119,10 @@ class TrainConfig:
       if self.task_mix != 1.0:
         raise ValueError(f"task_mix={self.task_mix} mixes a task into the text, but no task is set: add "
                          "task=mqar, task=passkey or task=vartrack")
+      for f in dataclasses.fields(self):
+        if f.name.startswith("task_") and getattr(self, f.name) != f.default:
+          raise ValueError(f"{f.name}={getattr(self, f.name)} is a task setting, but no task is set (text alone): add "
+                           f"task=mqar, task=passkey or task=vartrack, or set {f.name}={f.default} (its default)")
       return
     _check(self, "task_mix", isinstance(self.task_mix, (int, float)) and 0 < self.task_mix <= 1,
            "in (0, 1]: the fraction of rows that are task sequences (task=none for text alone)")

@@ -150,7 +150,9 @@ class Attention(nnx.Module):
       param_dtype: jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    self.num_heads, self.head_dim, self.batch_axes = num_heads, head_dim, tuple(batch_axes)
+    if isinstance(head_dim, bool) or not isinstance(head_dim, (int, np.integer)) or head_dim < 2 or head_dim % 2:
+      raise ValueError(f"head_dim must be an even int >= 2 (RoPE rotates pairs of dimensions), got {head_dim!r}")
+    self.d_model, self.num_heads, self.head_dim, self.batch_axes = d_model, num_heads, head_dim, tuple(batch_axes)
     self.num_kv_heads = check_kv_heads(num_heads, num_kv_heads)
     self.pattern, self.rope_base, self.interpret = pattern, rope_base, interpret
     self.implementation = check_implementation("dense" if pattern.kind == "dense" else "sparse", implementation,
@@ -182,7 +184,11 @@ class Attention(nnx.Module):
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``q: [B, N, H, D]``, ``k, v: [B, N, H_kv, D]``, q and k rotated at ``positions_BxN``
     (default ``0..N-1``)."""
+    if jnp.ndim(x_BxNxD) != 3 or jnp.shape(x_BxNxD)[-1] != self.d_model:
+      raise ValueError(f"x must be [batch, seq, d_model={self.d_model}], got shape {jnp.shape(x_BxNxD)}")
     b, n, _ = x_BxNxD.shape
+    if positions_BxN is not None and jnp.shape(positions_BxN) != (b, n):
+      raise ValueError(f"positions_BxN must be [batch, seq] = {(b, n)} like x, got shape {jnp.shape(positions_BxN)}")
     if positions_BxN is None:
       positions_BxN = jnp.broadcast_to(jnp.arange(n), (b, n))
     qkv = self.qkv(x_BxNxD)

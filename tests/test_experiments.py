@@ -223,3 +223,42 @@ def test_sweep_list_prints_one_command_per_unfinished_cell(sweep_root, tmp_path)
   assert other.returncode == 2 and "another recipe" in other.stderr
   assert f"another recipe (--config tiny --set {TINY[0]} " in other.stderr, other.stderr  # the flags that continue it
   assert other.stderr.endswith("or a new --root for --config small\n"), other.stderr
+
+
+def test_decode_latency_is_timed_at_one_context_whatever_the_repeats(sweep_root, monkeypatch):
+  """Every timed decode call starts right after the T-token prompt, from a cache of T + decode_tokens
+  positions, for any ``--repeats`` (a dense cache once grew with them, and its time with it)."""
+  import jax  # noqa: PLC0415
+
+  from train.run.mesh import make_mesh  # noqa: PLC0415
+  from train.study import latency  # noqa: PLC0415
+
+  calls = []
+  real = latency.compiled_steps
+
+  def spying(*args, **kwargs):
+    prefill, steps = real(*args, **kwargs)
+
+    def spy(state, token, pos, cache, key, n):
+      calls.append((int(pos), jax.tree.leaves(cache)[0].shape[1], n))
+      return steps(state, token, pos, cache, key, n)
+
+    return prefill, spy
+
+  monkeypatch.setattr(latency, "compiled_steps", spying)
+  mesh = make_mesh(devices=jax.devices()[:1])
+  run = latency.initialised_run(sweep_root / "dense-s0", mesh)
+  for repeats in (1, 3):
+    calls.clear()
+    with jax.set_mesh(mesh):
+      latency.measure(run, repeats, decode_tokens=2)
+    assert calls == [(128, 130, 2)] * (repeats + 1), (repeats, calls)
+
+
+def test_the_report_reads_the_latency_file_written_last_by_its_number(tmp_path):
+  from train.study import sweeproot  # noqa: PLC0415
+
+  for name in ("latency-10.json", "latency-2.json", "latency.json"):  # written in this order, numbered otherwise
+    (tmp_path / name).write_text(json.dumps({"name": name}))
+  assert [p.name for p in sweeproot.latency_files(tmp_path)] == ["latency.json", "latency-2.json", "latency-10.json"]
+  assert report.latest_latency(tmp_path) == {"name": "latency-10.json", "file": "latency-10.json"}

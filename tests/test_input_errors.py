@@ -276,3 +276,34 @@ def test_the_pallas_entry_point_checks_its_pattern_and_takes_a_sequence_of_offse
     args = dict(window=8, offsets=offs, reach=48, interpret=True) | kwargs
     with pytest.raises(ValueError, match=match):
       g(q, q, q, **args)
+
+
+def test_attention_layer_checks_its_input_and_head_dim():
+  pattern = fibjax.LayerPattern("static", 8, 48, offsets=(10, 20))
+  layer = fibjax.Attention(32, 4, 8, pattern, rngs=nnx.Rngs(0))
+  for bad in (jnp.ones((2, 64, 16)), jnp.ones((64, 32))):
+    with pytest.raises(ValueError, match=r"x must be \[batch, seq, d_model=32\]"):
+      layer(bad)
+  with pytest.raises(ValueError, match=r"positions_BxN must be \[batch, seq\] = \(2, 64\)"):
+    layer(jnp.ones((2, 64, 32)), positions_BxN=jnp.zeros((2, 32), jnp.int32))
+  with pytest.raises(ValueError, match="head_dim must be an even int"):
+    fibjax.Attention(32, 4, 7, pattern, rngs=nnx.Rngs(0))
+
+
+def test_task_settings_without_a_task_are_refused():
+  from configs import get_config  # noqa: PLC0415
+  from configs.base import apply_overrides  # noqa: PLC0415
+
+  with pytest.raises(ValueError, match=r"task_distance=grid:10 is a task setting, but no task is set .* add task=mqar"):
+    apply_overrides(get_config("tiny"), ["task_distance=grid:10"]).validate()
+  apply_overrides(get_config("recall128"), ["task_keys=5000"]).validate()  # with a task, its settings stand
+
+
+def test_a_sweep_root_given_as_a_run_names_a_cell(tmp_path):
+  from train.run import restore  # noqa: PLC0415
+
+  (tmp_path / "sweep.json").write_text("{}")
+  (tmp_path / "dense-s0").mkdir()
+  (tmp_path / "dense-s0" / "config.json").write_text("{}")
+  with pytest.raises(ValueError, match=r"is a sweep root, not a run: give one of its cells, e.g. .*dense-s0"):
+    restore.load_run(tmp_path)

@@ -107,6 +107,7 @@ def run_budget(workdir: pathlib.Path, multiples: Sequence[int] | None = None, ma
   run = run or load_run(workdir)
   multiples = tuple(multiples or run.cfg.final_eval_multiples)
   max_targets = max_targets or run.cfg.final_eval_tokens
+  budgets = tuple(b for b in BUDGETS if b in budgets)  # one order, so one name, whatever order they were asked in
   which = "" if tuple(budgets) == tuple(BUDGETS) else "_" + "-".join(budgets)
   path = run.workdir / rundir.BUDGET / f"step{run.step}_x{'-'.join(map(str, multiples))}_t{max_targets}{which}.json"
   return read_or_write(path, lambda: budget_sweep(run, tuple(multiples), max_targets, tuple(budgets)))
@@ -128,12 +129,13 @@ def sweep_budgets(args: argparse.Namespace) -> int:
     raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
   check_multiples(args.lengths)
   run = load_run(args.workdir)
+  before = set((run.workdir / rundir.BUDGET).glob("*.json")) if (run.workdir / rundir.BUDGET).is_dir() else set()
   path, record = run_budget(args.workdir, tuple(args.lengths or run.cfg.final_eval_multiples), args.tokens, run=run,
                             budgets=tuple(args.budgets))
   for name, r in record["budgets"].items():
     ppl = "  ".join(f"{k} {v['ppl']:.3f}" for k, v in r.items() if k.endswith("x"))
     print(f"{name:>12}: {r['keys_per_query']:6.1f} keys/query  {ppl}")
-  print(f"wrote {path}")
+  print(f"reused {path} (written earlier; nothing recomputed)" if path in before else f"wrote {path}")
   return 0
 
 if __name__ == "__main__":

@@ -179,7 +179,8 @@ def sink_window_graph(cfg: TrainConfig, sinks: int) -> nnx.GraphDef:
   ``sinks`` tokens (StreamingLLM; ``fibjax.model.ModelConfig.eval_window``); the parameters are the
   run's own. Raises ``ValueError`` for a sparse model."""
   if cfg.model.variant != "dense":
-    raise ValueError(f"a sink window is an evaluation of a dense run; this one is {cfg.model.variant!r}")
+    raise ValueError(f"a sink window is an evaluation of a dense run; this one is {cfg.model.variant!r}: drop "
+                     "--sink-window, or give a dense run")
   model = dataclasses.replace(cfg.model, eval_window=cfg.model.seq_len, eval_sinks=sinks)
   return nnx.graphdef(nnx.eval_shape(lambda: LM(model, rngs=nnx.Rngs(0))))
 

@@ -38,13 +38,15 @@ from train.study import sweeproot
 from train.study.sweep import check_one_recipe, read_run_config
 
 
-def median_ms(fn: Callable[[], Any], repeats: int) -> float:
-  """Median milliseconds of ``repeats`` synchronised calls of ``fn()``, after one warm-up call."""
-  jax.block_until_ready(fn())  # compile and warm up
+def median_ms(fn: Callable[..., Any], repeats: int, setup: Callable[[], tuple] = tuple) -> float:
+  """Median milliseconds of ``repeats`` synchronised calls of ``fn(*setup())``, after one warm-up
+  call; ``setup`` (untimed) makes each call's arguments."""
+  jax.block_until_ready(fn(*setup()))  # compile and warm up
   times = []
   for _ in range(repeats):
+    args = jax.block_until_ready(setup())
     start = time.perf_counter()
-    jax.block_until_ready(fn())
+    jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return 1e3 * statistics.median(times)
 
@@ -63,17 +65,17 @@ def measure(run: Run, repeats: int, decode_tokens: int) -> dict[str, float]:
   prefill, steps = compiled_steps(graphdef, 0.0, 0)
   prompt = jnp.asarray(rng.integers(1, run.cfg.model.vocab_size, (1, t)), jnp.int32)
   key = jax.random.key(0)
-  token, cache = prefill(state, prompt, model.init_cache(1, t + decode_tokens * (repeats + 2)), key)
-  pos = t
+  token, cache = prefill(state, prompt, model.init_cache(1, t + decode_tokens), key)
 
-  def decode() -> jax.Array:
-    """Decodes ``decode_tokens`` more tokens after the last; returns them, ``tokens_nx1`` (int32)."""
-    nonlocal token, cache, pos
-    tokens, cache = steps(state, token, jnp.int32(pos), cache, key, decode_tokens)
-    token, pos = tokens[-1], pos + decode_tokens
-    return tokens
+  def decode(cache) -> jax.Array:
+    """Decodes ``decode_tokens`` tokens at positions ``T, T + 1, ...`` after the prompt, every call
+    from the same cache (a fresh copy: the step donates it), so every call sees the same context."""
+    return steps(state, token, jnp.int32(t), cache, key, decode_tokens)[0]
 
-  out["decode_ms_per_token"] = median_ms(decode, repeats) / decode_tokens
+  def fresh_cache() -> tuple:
+    return (jax.tree.map(jnp.copy, cache),)
+
+  out["decode_ms_per_token"] = median_ms(decode, repeats, fresh_cache) / decode_tokens
   return out
 
 

@@ -152,8 +152,9 @@ def by_variant(cells: list[dict]) -> dict[str, dict[int, dict]]:
 
 
 def latest_latency(root: pathlib.Path) -> dict | None:
+  """The last latency file ``train.latency`` wrote under ``root`` (its name under ``"file"``), or None."""
   files = sweeproot.latency_files(root)
-  return read_json(files[-1]) if files else None
+  return {**read_json(files[-1]), "file": files[-1].name} if files else None
 
 
 # ----------------------------------------------------------------------------- comparisons and verdicts
@@ -565,7 +566,7 @@ def latency_section(latency: dict | None) -> list[str]:
           for v, x in latency["variants"].items()]
   return (["## Latency", "", f"Batch 1, median of {latency['repeats']} after warm-up, {latency['device']} "
            f"(jax {latency['jax']}), {latency.get('weights', 'trained')} weights, measured alone by "
-           "`python -m train.latency`.", ""]
+           f"`python -m train.latency` (`{latency.get('file', sweeproot.LATENCY)}`, the last one it wrote here).", ""]
           + table(["variant", "forward T (ms)", "forward 4T (ms)", "decode (ms/token)"], rows)
           + ["", "![latency](plots/latency.png)", ""])
 

@@ -57,6 +57,10 @@ def log_path(root: pathlib.Path, cell: str) -> pathlib.Path:
 
 
 def latency_files(root: pathlib.Path) -> list[pathlib.Path]:
-  """The latency measurements under ``root`` (``latency.json``, ``latency-2.json``, ...), oldest first."""
+  """The latency measurements under ``root`` (``latency.json``, ``latency-2.json``, ...), oldest
+  first: in the order of their numbers, which ``train.latency`` gives in the order it writes them
+  (a file's time is no guide: a clone gives every file the same)."""
   stem, suffix = LATENCY.rsplit(".", 1)
-  return sorted(root.glob(f"{stem}*.{suffix}"), key=lambda p: p.stat().st_mtime)
+  numbered = {1 if p.name == LATENCY else int(m.group(1)): p for p in root.glob(f"{stem}*.{suffix}")
+              if p.name == LATENCY or (m := re.fullmatch(rf"{re.escape(stem)}-(\d+)\.{suffix}", p.name))}
+  return [numbered[n] for n in sorted(numbered)]
