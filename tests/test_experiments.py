@@ -262,3 +262,10 @@ def test_the_report_reads_the_latency_file_written_last_by_its_number(tmp_path):
     (tmp_path / name).write_text(json.dumps({"name": name}))
   assert [p.name for p in sweeproot.latency_files(tmp_path)] == ["latency.json", "latency-2.json", "latency-10.json"]
   assert report.latest_latency(tmp_path) == {"name": "latency-10.json", "file": "latency-10.json"}
+
+
+def test_the_latency_section_flags_decode_times_measured_before_one_context():
+  row = {"forward_1x_ms": 1.0, "forward_4x_ms": 2.0, "decode_ms_per_token": 0.1}
+  old = {"repeats": 20, "device": "cpu", "jax": "0", "variants": {"dense": row}}
+  assert "measure again for the dense row" in "\n".join(report.latency_section(old))
+  assert "measure again" not in "\n".join(report.latency_section({**old, "decode_context": "T"}))

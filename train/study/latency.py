@@ -134,6 +134,7 @@ def run_latency(root: pathlib.Path, repeats: int = 20, decode_tokens: int = 64,
   check_writable(root, "the sweep root")  # before measuring, not after
   record: dict[str, Any] = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                             "jax": jax.__version__, "repeats": repeats, "decode_tokens": decode_tokens,
+                            "decode_context": "T",
                             "weights": "initialised" if initialised else "trained", "variants": {}}
   path = free_name(root / sweeproot.LATENCY)
   mesh = make_mesh(devices=jax.devices()[:1])

@@ -566,7 +566,11 @@ def latency_section(latency: dict | None) -> list[str]:
           for v, x in latency["variants"].items()]
   return (["## Latency", "", f"Batch 1, median of {latency['repeats']} after warm-up, {latency['device']} "
            f"(jax {latency['jax']}), {latency.get('weights', 'trained')} weights, measured alone by "
-           f"`python -m train.latency` (`{latency.get('file', sweeproot.LATENCY)}`, the last one it wrote here).", ""]
+           f"`python -m train.latency` (`{latency.get('file', sweeproot.LATENCY)}`, the last one it wrote here)."
+           + ("" if latency.get("decode_context") == "T" else
+              " Its decode times predate `decode_context`: each timed call decoded further into one cache, so a "
+              "dense model's context grew with the repeats and its decode time is overstated (sparse models' ring "
+              "caches cost the same at any position); measure again for the dense row."), ""]
           + table(["variant", "forward T (ms)", "forward 4T (ms)", "decode (ms/token)"], rows)
           + ["", "![latency](plots/latency.png)", ""])
 
