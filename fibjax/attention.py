@@ -68,6 +68,8 @@ def attention(
   check_qkv(q, k, v)
   check_segment_ids(segment_ids, q)
   window, offs = check_pattern(window, offsets, reach, scale)
+  if jnp.issubdtype(offs.dtype, jnp.floating) and reach is None:
+    raise ValueError("reach is required with fractional (learned) offsets: terms leaving [window, reach) are masked")
   pattern = dict(window=window, offsets=offs, reach=reach, scale=scale, segment_ids=segment_ids)
   if resolve_sparse(implementation, interpret) == "xla":
     if kernel_options:

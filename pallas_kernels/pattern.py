@@ -115,14 +115,12 @@ def as_offsets(offsets: Sequence[int] | Sequence[float] | jax.Array | np.ndarray
 
 
 def check_pattern(window: object, offsets, reach: object, scale: object) -> tuple[int, jax.Array]:
-  """Checks a call's pattern arguments (``W >= 1``; ``R > W`` or ``None``, required with fractional
-  offsets; ``scale``; ``offsets`` as ``as_offsets`` says); returns ``(W as int, offsets [K])``."""
+  """Checks a call's pattern arguments (``W >= 1``; ``R > W`` or ``None``: no upper bound; ``scale``;
+  ``offsets`` as ``as_offsets`` says); returns ``(W as int, offsets [K])``."""
   if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
     raise ValueError(f"window must be an int >= 1, got {window!r}")
   check_scale(scale)
   offs = as_offsets(offsets)
-  if jnp.issubdtype(offs.dtype, jnp.floating) and reach is None:
-    raise ValueError("reach is required with fractional (learned) offsets: terms leaving [window, reach) are masked")
   if reach is not None and (isinstance(reach, bool) or not isinstance(reach, (int, np.integer)) or reach <= window):
     raise ValueError(f"reach must be an int > window, got reach={reach!r}, window={window}")
   return int(window), offs

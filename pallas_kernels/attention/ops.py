@@ -3,7 +3,9 @@
 ``jax.custom_vjp`` ties the forward kernel (which saves the log-sum-exp) to the backward
 kernels; the lowering (GPU/Triton or TPU/Mosaic) is picked from the backend, or named; a
 ``MosaicForwardConfig`` runs the forward on the Mosaic GPU kernel instead (its output and
-log-sum-exp are the Triton forward's, which the Triton backward reads). Each pass runs as its config
+log-sum-exp are the Triton forward's, which the Triton backward reads), and a
+``MosaicBackwardConfig`` runs the dQ pass on the Mosaic GPU kernel beside the Triton dK/dV
+kernel. Each pass runs as its config
 says (``pallas_kernels.attention.config``: given, tuned for the device, or the
 heuristic's).
 """
