@@ -156,13 +156,12 @@ def test_distance_gradient_at_an_integer_distance_is_the_same_on_every_path():
   """At an integer distance ``d`` the query ``i = d`` blends row 0 with the row before the sequence
   start (weight 0); its derivative in ``d`` reads that row, which is zeros on every path (the XLA
   reference once read row 0 there). Where learned alphas start (alpha 1: integer distances)."""
-  q, k, v = (jax.random.normal(jax.random.key(i), (1, 64, 2, 16)) for i in range(3))
+  q, k, v = (jax.random.normal(jax.random.key(i), (1, 32, 1, 16)) for i in range(3))
 
   def loss(d, impl):
-    out = fibjax.attention(q, k, v, window=8, offsets=jnp.stack([d, jnp.float32(20.5)]), reach=48,
+    out = fibjax.attention(q, k, v, window=8, offsets=jnp.stack([d, jnp.float32(20.5)]), reach=30,
                            implementation=impl, interpret=True)
     return jnp.sum(out**2)
 
-  for d in (13.0, 13.5):
-    want, got = (jax.grad(loss)(jnp.float32(d), impl) for impl in ("xla", "pallas"))
-    np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=f"d={d}")
+  want, got = (jax.grad(loss)(jnp.float32(13.0), impl) for impl in ("xla", "pallas"))
+  np.testing.assert_allclose(got, want, rtol=1e-4)

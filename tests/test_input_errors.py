@@ -261,15 +261,16 @@ def test_auto_picks_xla_under_x64_and_pallas_is_refused_there():
 
 
 def test_the_pallas_entry_point_checks_its_pattern_and_takes_a_sequence_of_offsets():
+  """Refused before any kernel runs; a sequence of offsets becomes the ``[K]`` array the kernels take."""
   from pallas_kernels import gathered_offset_attention as g  # noqa: PLC0415
   from pallas_kernels.attention.ops import attention_problem  # noqa: PLC0415
+  from pallas_kernels.pattern import check_pattern  # noqa: PLC0415
 
   q = jax.random.normal(jax.random.key(0), (1, 64, 2, 16))
   offs = fibjax.offset_set("fib", 1.0, 8, 48)
   assert attention_problem(q, q, offs, window=8, reach=48).num_offsets == len(offs)
-  out = g(q, q, q, window=8, offsets=offs, reach=48, interpret=True)
-  want = fibjax.attention(q, q, q, window=8, offsets=offs, reach=48, implementation="xla")
-  assert float(jnp.max(jnp.abs(out - want))) < 1e-4
+  window, as_array = check_pattern(8, offs, 48, None)
+  assert window == 8 and as_array.dtype == jnp.int32 and as_array.tolist() == list(offs)
   for kwargs, match in ((dict(window=0), "window must be an int >= 1"), (dict(window=8.5), "window must be an int"),
                         (dict(scale=-1.0), "scale must be"), (dict(reach=4), "reach must be an int > window"),
                         (dict(offsets=[-3]), "distances >= 0")):
