@@ -28,7 +28,7 @@ from fibjax.cli import ArgumentParser
 from fibjax.layers import LayerPattern
 from train.cli import add_lengths, add_workdir, check_multiples, exit_with, run_command
 from train.run import rundir
-from train.run.evaluation import read_or_write, score
+from train.run.evaluation import done_line, read_or_write, score
 from train.run.restore import Run, load_run
 
 
@@ -97,6 +97,17 @@ def budget_sweep(run: Run, multiples: tuple[int, ...], max_targets: int,
   return out
 
 
+def in_order(budgets: Sequence[str]) -> tuple[str, ...]:
+  """``budgets`` in ``BUDGETS`` order: one order, so one file name, whatever order they were asked in."""
+  return tuple(b for b in BUDGETS if b in budgets)
+
+
+def budget_path(run: Run, multiples: tuple[int, ...], max_targets: int, budgets: tuple[str, ...]) -> pathlib.Path:
+  """Where ``run_budget`` writes (or finds) this sweep; ``budgets`` as ``in_order`` gives them."""
+  which = "" if budgets == tuple(BUDGETS) else "_" + "-".join(budgets)
+  return run.workdir / rundir.BUDGET / f"step{run.step}_x{'-'.join(map(str, multiples))}_t{max_targets}{which}.json"
+
+
 def run_budget(workdir: pathlib.Path, multiples: Sequence[int] | None = None, max_targets: int | None = None,
                run: Run | None = None, budgets: tuple[str, ...] = tuple(BUDGETS)) -> tuple[pathlib.Path, dict]:
   """Runs (or reads, if already written under the same name) the budget sweep of ``workdir`` at
@@ -107,10 +118,9 @@ def run_budget(workdir: pathlib.Path, multiples: Sequence[int] | None = None, ma
   run = run or load_run(workdir)
   multiples = tuple(multiples or run.cfg.final_eval_multiples)
   max_targets = max_targets or run.cfg.final_eval_tokens
-  budgets = tuple(b for b in BUDGETS if b in budgets)  # one order, so one name, whatever order they were asked in
-  which = "" if tuple(budgets) == tuple(BUDGETS) else "_" + "-".join(budgets)
-  path = run.workdir / rundir.BUDGET / f"step{run.step}_x{'-'.join(map(str, multiples))}_t{max_targets}{which}.json"
-  return read_or_write(path, lambda: budget_sweep(run, tuple(multiples), max_targets, tuple(budgets)))
+  budgets = in_order(budgets)
+  path = budget_path(run, multiples, max_targets, budgets)
+  return read_or_write(path, lambda: budget_sweep(run, multiples, max_targets, budgets))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,13 +139,13 @@ def sweep_budgets(args: argparse.Namespace) -> int:
     raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
   check_multiples(args.lengths)
   run = load_run(args.workdir)
-  before = set((run.workdir / rundir.BUDGET).glob("*.json")) if (run.workdir / rundir.BUDGET).is_dir() else set()
-  path, record = run_budget(args.workdir, tuple(args.lengths or run.cfg.final_eval_multiples), args.tokens, run=run,
-                            budgets=tuple(args.budgets))
+  multiples = tuple(args.lengths or run.cfg.final_eval_multiples)
+  reused = budget_path(run, multiples, args.tokens or run.cfg.final_eval_tokens, in_order(args.budgets)).exists()
+  path, record = run_budget(args.workdir, multiples, args.tokens, run=run, budgets=tuple(args.budgets))
   for name, r in record["budgets"].items():
     ppl = "  ".join(f"{k} {v['ppl']:.3f}" for k, v in r.items() if k.endswith("x"))
     print(f"{name:>12}: {r['keys_per_query']:6.1f} keys/query  {ppl}")
-  print(f"reused {path} (written earlier; nothing recomputed)" if path in before else f"wrote {path}")
+  print(done_line(path, reused))
   return 0
 
 if __name__ == "__main__":

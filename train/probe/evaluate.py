@@ -23,7 +23,7 @@ import numpy as np
 from fibjax.cli import ArgumentParser
 from train.cli import add_lengths, add_sink_window, add_workdir, check_multiples, check_sink_window, exit_with, run_command
 from train.data import text as data
-from train.run.evaluation import check_fits, evaluate_into, evaluation_path, rise_key, sorted_lengths
+from train.run.evaluation import check_fits, done_line, evaluate_into, evaluation_path, rise_key, sorted_lengths
 from train.run.restore import Run, load_run
 
 
@@ -82,8 +82,7 @@ def evaluate(args: argparse.Namespace) -> int:
     r = record[f"{m}x"]
     rise = r[rise_key(record["multiples"])]
     print(f"{m}x T={r['length']}: loss {r['loss']:.4f} ppl {r['ppl']:.3f} ({100 * rise:+.1f}%)")
-  done = f"reused {path} (written earlier; nothing recomputed)" if reused else f"wrote {path}"
-  print(f"{record['targets']:,} identical targets per length; {done}")
+  print(f"{record['targets']:,} identical targets per length; {done_line(path, reused)}")
   return 0
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from train.cli import add_lengths, add_workdir, check_multiples, exit_with, run_
 from train.data import text as data
 from train.probe import reach
 from train.run import rundir
-from train.run.evaluation import read_or_write
+from train.run.evaluation import done_line, read_or_write
 from train.run.restore import Run, load_run
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -179,7 +179,7 @@ def probe(args: argparse.Namespace) -> int:
   for c in record["cells"]:
     print(f"length {c['length']:>6} depth {c['depth']:.2f}: accuracy {c['accuracy']:.2f} "
           f"(tokens {c['token_accuracy']:.2f}; reachable {c['reachable']:.2f})")
-  print(f"reused {path} (written earlier; nothing recomputed)" if reused else f"wrote {path}")
+  print(done_line(path, reused))
   return 0
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from train.cli import add_lengths, add_sink_window, add_workdir, check_multiples
 from train.data import tasks
 from train.probe import reach
 from train.run import rundir
-from train.run.evaluation import read_or_write, sink_window_graph
+from train.run.evaluation import done_line, read_or_write, sink_window_graph
 from train.run.restore import Run, load_run
 
 EVAL_STREAM = 1 << 30  # added to the run's seed: the probe's sequences are never training rows
@@ -177,7 +177,7 @@ def print_record(path: pathlib.Path, record: dict, reused: bool) -> None:
     r = record[f"{m}x"]
     buckets = "  ".join(f"[{b['distance'][0]},{b['distance'][1]}) {b['accuracy']:.2f}" for b in r["by_distance"])
     print(f"{m}x T={r['length']}: recall {r['accuracy']:.3f} of {r['answers']} answers | {buckets}")
-  print(f"{'reused' if reused else 'wrote'} {path}")
+  print(done_line(path, reused))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,6 +166,11 @@ def read_or_write(path: pathlib.Path, compute: Callable[[], dict]) -> tuple[path
   return path, record
 
 
+def done_line(path: pathlib.Path, reused: bool) -> str:
+  """What a probe says of its file: read back (``read_or_write`` found it) or written now."""
+  return f"reused {path} (written earlier; nothing recomputed)" if reused else f"wrote {path}"
+
+
 def evaluation_path(workdir: pathlib.Path, step: int, tokens: np.ndarray, multiples: tuple[int, ...],
                     max_targets: int, data_path: str | None = None, sinks: int | None = None) -> pathlib.Path:
   """Where ``evaluate_into`` writes (or finds) this evaluation."""

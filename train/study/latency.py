@@ -106,16 +106,6 @@ def no_runs_message(root: pathlib.Path) -> str:
           "python -m train.sweep has finished its cells")
 
 
-def free_name(path: pathlib.Path) -> pathlib.Path:
-  """``path``, or ``stem-2.json``, ``stem-3.json``... whichever does not exist yet."""
-  n = 2
-  out = path
-  while out.exists():
-    out = path.with_name(f"{path.stem}-{n}{path.suffix}")
-    n += 1
-  return out
-
-
 def initialised_run(workdir: pathlib.Path, mesh: Mesh) -> Run:
   """The run's model with freshly initialised parameters (its checkpoint is not read)."""
   cfg = TrainConfig.load(workdir / rundir.CONFIG)
@@ -136,7 +126,7 @@ def run_latency(root: pathlib.Path, repeats: int = 20, decode_tokens: int = 64,
                             "jax": jax.__version__, "repeats": repeats, "decode_tokens": decode_tokens,
                             "decode_context": "T",
                             "weights": "initialised" if initialised else "trained", "variants": {}}
-  path = free_name(root / sweeproot.LATENCY)
+  path = sweeproot.new_latency_path(root)
   mesh = make_mesh(devices=jax.devices()[:1])
   for variant, workdir in runs.items():
     run = initialised_run(workdir, mesh) if initialised else load_run(workdir, mesh=mesh)

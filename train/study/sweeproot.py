@@ -56,11 +56,25 @@ def log_path(root: pathlib.Path, cell: str) -> pathlib.Path:
   return root / LOGS / f"{cell}.log"
 
 
-def latency_files(root: pathlib.Path) -> list[pathlib.Path]:
-  """The latency measurements under ``root`` (``latency.json``, ``latency-2.json``, ...), oldest
-  first: in the order of their numbers, which ``train.latency`` gives in the order it writes them
-  (a file's time is no guide: a clone gives every file the same)."""
+def latency_path(root: pathlib.Path, number: int) -> pathlib.Path:
+  """Latency measurement ``number`` under ``root``: ``latency.json``, then ``latency-2.json``, ..."""
   stem, suffix = LATENCY.rsplit(".", 1)
-  numbered = {1 if p.name == LATENCY else int(m.group(1)): p for p in root.glob(f"{stem}*.{suffix}")
-              if p.name == LATENCY or (m := re.fullmatch(rf"{re.escape(stem)}-(\d+)\.{suffix}", p.name))}
-  return [numbered[n] for n in sorted(numbered)]
+  return root / (LATENCY if number == 1 else f"{stem}-{number}.{suffix}")
+
+
+def new_latency_path(root: pathlib.Path) -> pathlib.Path:
+  """The first latency file name under ``root`` not yet taken (an existing measurement is never overwritten)."""
+  number = 1
+  while latency_path(root, number).exists():
+    number += 1
+  return latency_path(root, number)
+
+
+def latency_files(root: pathlib.Path) -> list[pathlib.Path]:
+  """The latency measurements under ``root``, oldest first: in the order of their numbers
+  (``latency_path``), which ``train.latency`` gives in the order it writes them (a file's time is
+  no guide: a clone gives every file the same)."""
+  stem, suffix = LATENCY.rsplit(".", 1)
+  numbers = [1 if p.name == LATENCY else int(m.group(1)) for p in root.glob(f"{stem}*.{suffix}")
+             if p.name == LATENCY or (m := re.fullmatch(rf"{re.escape(stem)}-(\d+)\.{suffix}", p.name))]
+  return [latency_path(root, n) for n in sorted(numbers)]
