@@ -154,8 +154,8 @@ def test_reference_jits_with_runtime_offsets():
 
 def test_distance_gradient_at_an_integer_distance_is_the_same_on_every_path():
   """At an integer distance ``d`` the query ``i = d`` blends row 0 with the row before the sequence
-  start (weight 0); its derivative in ``d`` reads that row, which is zeros on every path (the XLA
-  reference once read row 0 there). Where learned alphas start (alpha 1: integer distances)."""
+  start (weight 0); its derivative in ``d`` reads that row, which is zeros on every path, so the XLA
+  and Pallas gradients agree. Where learned alphas start (alpha 1: integer distances)."""
   q, k, v = (jax.random.normal(jax.random.key(i), (1, 32, 1, 16)) for i in range(3))
 
   def loss(d, impl):

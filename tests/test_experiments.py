@@ -227,7 +227,7 @@ def test_sweep_list_prints_one_command_per_unfinished_cell(sweep_root, tmp_path)
 
 def test_decode_latency_is_timed_at_one_context_whatever_the_repeats(sweep_root, monkeypatch):
   """Every timed decode call starts right after the T-token prompt, from a cache of T + decode_tokens
-  positions, for any ``--repeats`` (a dense cache once grew with them, and its time with it)."""
+  positions, for any ``--repeats``: a dense model's decode time grows with its context, so the context is fixed."""
   import jax  # noqa: PLC0415
 
   from train.run.mesh import make_mesh  # noqa: PLC0415
