@@ -590,6 +590,17 @@ def test_a_sweep_run_again_takes_the_roots_variants_and_seeds_and_more_seeds_add
   assert sweep.asked_grid(older, None, None) == (["dense", "window"], [1, 3])
 
 
+def test_a_sweep_run_again_without_flags_continues_the_roots_recipe(tmp_path, capsys):
+  """Without ``--config`` and ``--set`` a sweep takes the root's recipe (here ``tiny`` with its overrides),
+  as it takes the root's variants and seeds; on a new root the recipe is ``small``."""
+  sweep.check_root(tmp_path / "r", {"config": "tiny", "overrides": TINY, "variants": ["dense"], "seeds": [3]})
+  assert sweep.main(["--root", str(tmp_path / "r"), "--list"]) == 0
+  (line,) = capsys.readouterr().out.strip().splitlines()
+  assert "--config tiny --variant dense --seed 3 --set " + " ".join(TINY) in line, line
+  assert sweep.asked_recipe(tmp_path / "new", None, []) == ("small", [])
+  assert sweep.asked_recipe(tmp_path / "r", None, ["steps=5"]) == ("tiny", ["steps=5"])
+
+
 def test_sweep_list_writes_nothing_so_a_preview_locks_no_recipe(tmp_path, capsys):
   fresh = tmp_path / "fresh"
   for steps in ("steps=2", "steps=3"):  # a preview, then another recipe on the same root

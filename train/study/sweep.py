@@ -5,7 +5,7 @@ r"""``python -m train.sweep``: variants x seeds of one recipe, each run a normal
     python -m train.sweep --root runs/paper --config paper --variants dense fib-linear --seeds 0 1 \
         --set steps=2400 --per-gpu 3
     python -m train.sweep --root runs/small                          # again: skips finished cells, resumes the rest
-    python -m train.sweep --root runs/small --seeds 3 4              # more seeds of the root's variants
+    python -m train.sweep --root runs/recall --seeds 5 6             # more seeds of the root's recipe and variants
     python -m train.sweep --root runs/small --list                   # one train.experiment command per unfinished cell
 
 Each cell (``ROOT/<variant>-s<seed>``) runs ``python -m train.experiment`` in a process of its own:
@@ -133,6 +133,16 @@ def asked_grid(root: pathlib.Path, variants: list[str] | None, seeds: list[int] 
           seeds or saved.get("seeds") or held_seeds or [0, 1, 2])
 
 
+def asked_recipe(root: pathlib.Path, config: str | None, overrides: list[str]) -> tuple[str, list[str]]:
+  """``(config, overrides)``: those given, else the recipe the root's sweeps ran (``ROOT/sweep.json``),
+  else ``small`` with none. Run again without ``--config`` and ``--set``, a sweep continues the root's recipe."""
+  path = root / sweeproot.SWEEP
+  saved = read_sweep_file(path) if path.is_file() else {}
+  if config is None and not overrides and saved:
+    return str(saved.get("config") or "small"), [str(o) for o in saved.get("overrides") or []]
+  return config or str(saved.get("config") or "small"), overrides
+
+
 def check_root(root: pathlib.Path, recipe: dict, write: bool = True, extend: bool = False) -> None:
   """Checks that ``ROOT/sweep.json`` holds ``recipe`` (its config and overrides) and that ``root``
   holds no committed results unless ``extend``; raises ``ValueError`` if not. With ``write``, creates
@@ -145,8 +155,8 @@ def check_root(root: pathlib.Path, recipe: dict, write: bool = True, extend: boo
   if path.exists():
     saved = read_sweep_file(path)
     if not same_recipe(saved, recipe):
-      raise ValueError(f"{root} holds a sweep of another recipe ({recipe_flags(saved)}): give those flags to continue "
-                       f"it, or a new --root for {recipe_flags(recipe)}")
+      raise ValueError(f"{root} holds a sweep of another recipe ({recipe_flags(saved)}): leave out --config and --set "
+                       f"(or give those flags) to continue it, or a new --root for {recipe_flags(recipe)}")
     grown = {k: [*saved.get(k, []), *(x for x in recipe[k] if x not in saved.get(k, []))]
              for k in ("variants", "seeds") if k in recipe}
     if write and any(saved.get(k) != v for k, v in grown.items()):
@@ -465,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = ArgumentParser(description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--root", required=True, type=pathlib.Path)
-  parser.add_argument("--config", default="small")
+  parser.add_argument("--config", default=None,
+                      help="a recipe of configs (default: the one the root's sweeps ran, on a new root small)")
   parser.add_argument("--variants", nargs="+", default=None,
                       help="default: those the root's sweeps asked for (ROOT/sweep.json), on a new root all nine")
   parser.add_argument("--seeds", nargs="+", type=int, default=None,
@@ -495,6 +506,7 @@ def sweep_and_report(args: argparse.Namespace) -> int:
     raise ValueError(f"--per-gpu must be >= 1, got {args.per_gpu}")
   if args.reruns < 0:
     raise ValueError(f"--reruns must be >= 0, got {args.reruns}")
+  args.config, args.set = asked_recipe(args.root, args.config, list(args.set))
   if args.list:
     commands = list_cells(args.root, args.config, args.variants, args.seeds, list(args.set), args.budgets,
                           args.reruns, extend=args.extend)
