@@ -690,3 +690,15 @@ def test_a_variant_given_twice_is_refused(tmp_path, capsys):
                                      "model.variant=dense", "steps=2"]), capsys.readouterr().err)
   assert line == "error: --variant fib-linear and --set model.variant=dense name two variants: give one of them"
   assert not workdir.exists()
+
+
+def test_the_readme_summary_command_names_the_roots_the_committed_summary_was_built_from():
+  """``train/README.md``'s command for the committed verdicts rebuilds ``results/SUMMARY.md`` from the
+  roots the file says it was built from, in the same order."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  readme = (root / "train" / "README.md").read_text()
+  command = re.search(r"python -m train\.report (results/[^\n]*(?:\\\n[^\n]*)*?)--summary results/SUMMARY\.md", readme)
+  assert command, "train/README.md has no command for results/SUMMARY.md"
+  built = re.search(r"Built by `python -m train\.report (.*?) --summary", (root / "results" / "SUMMARY.md").read_text())
+  assert built, "results/SUMMARY.md names no command"
+  assert command.group(1).replace("\\\n", " ").split() == built.group(1).split()
