@@ -18,6 +18,9 @@ from typing import Literal
 import numpy as np
 
 TASKS = ("mqar", "passkey", "vartrack")
+# The TaskSpec fields each task reads (the others keep their defaults: a value there would change nothing).
+SETTINGS = {"mqar": ("distance", "pairs", "queries", "keys"), "passkey": ("distance",),
+            "vartrack": ("distance", "hops", "chains", "keys")}
 
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
@@ -183,6 +186,12 @@ class TaskSpec:
     """Raises ``ValueError`` in one line naming the bad setting and the fix; returns self."""
     if self.name not in TASKS:
       raise ValueError(f"task={self.name!r} is unknown: choose one of {', '.join(TASKS)} (or task=none for text alone)")
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if f.name not in ("name", "seq_len", *SETTINGS[self.name]) and value != f.default:
+        owners = " and ".join(t for t in TASKS if f.name in SETTINGS[t])
+        raise ValueError(f"task_{f.name}={value} is a setting of {owners}, not of task={self.name}, so it would change "
+                         f"nothing: leave it out (its default is {'none' if f.default is None else f.default})")
     for field, value, least in (("model.seq_len", self.seq_len, 1), ("task_queries", self.queries, 1),
                                 ("task_hops", self.hops, 1)):
       if not isinstance(value, int) or value < least:

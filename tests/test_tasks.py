@@ -239,6 +239,10 @@ def test_bpe_answers_are_the_values_tokens(bpe, spec):
     (TaskSpec("vartrack", 256, chains=4), "task_chains=4 is too many for model.seq_len=256"),
     (TaskSpec("vartrack", 128, hops=5), "model.seq_len=128 is too short for vartrack with task_hops=5"),
     (TaskSpec("vartrack", 128, hops=0), "task_hops must be an int >= 1"),
+    (TaskSpec("mqar", 128, hops=5), "task_hops=5 is a setting of vartrack, not of task=mqar, so it would change"),
+    (TaskSpec("passkey", 128, queries=3), "task_queries=3 is a setting of mqar, not of task=passkey"),
+    (TaskSpec("passkey", 128, keys=2000), "task_keys=2000 is a setting of mqar and vartrack, not of task=passkey"),
+    (TaskSpec("vartrack", 256, pairs=3), "task_pairs=3 is a setting of mqar, not of task=vartrack"),
 ])
 def test_bad_settings_are_refused_in_one_line(spec, message):
   with pytest.raises(ValueError) as e:
@@ -352,6 +356,7 @@ def test_task_run_trains_end_to_end(tmp_path, task, capsys):
     (["task=mqar", "task_distance=uniform:60:9000"], "beyond the 76"),
     (["task=mqar", "task_pairs=500"], "task_pairs=500 is too many"),
     (["task_mix=0.05"], "no task is set"),
+    (["task=mqar", "task_chains=3"], "task_chains=3 is a setting of vartrack, not of task=mqar"),
     (["task=passkey", "task_mix=1.5"], "task_mix must be in (0, 1]"),
     (["task=passkey", "task_mix=0"], "task_mix must be in (0, 1]"),
 ])
