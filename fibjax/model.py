@@ -160,6 +160,10 @@ class ModelConfig:
         raise ValueError(f"alpha_max must be >= alpha_min, got {self.alpha_min} > {self.alpha_max}")
     if self.random_offsets is not None:
       check_offset_rows(self.random_offsets, self.num_layers, self.window, self.resolved_reach)
+    if self.variant not in ("dense", "window") and not any(p.offsets or p.terms for p in _patterns(self)):
+      raise ValueError(f"variant {self.variant!r} has no offset in [window, reach) = [{self.window}, "
+                       f"{self.resolved_reach}) in any layer, so it would train as variant 'window' under another "
+                       "name: lower window, raise reach (or alpha), or use --variant window")
     return self
 
   def _validate_controls(self) -> None:
@@ -188,7 +192,11 @@ def layer_patterns(cfg: ModelConfig) -> tuple[LayerPattern, ...]:
   """One ``LayerPattern`` per layer for ``cfg.variant`` (SPEC sections 1 and 2). ``window``: the
   static window with no offsets; ``*-random``: ``cfg.random_offsets``, else the draw from
   ``cfg.offset_seed`` (each pattern's ``alpha_0`` the linear alpha whose offset count it copies)."""
-  cfg.validate()
+  return _patterns(cfg.validate())
+
+
+def _patterns(cfg: ModelConfig) -> tuple[LayerPattern, ...]:
+  """``layer_patterns`` of a config whose fields are checked."""
   if cfg.variant == "dense":
     return (LayerPattern("dense", sink_window=cfg.eval_window, sinks=cfg.eval_sinks),) * cfg.num_layers
   w, r, base = cfg.window, cfg.resolved_reach, cfg.base

@@ -97,6 +97,16 @@ def test_model_config_names_the_window_when_it_reaches_past_the_offsets(fields, 
   ModelConfig(variant="dense", seq_len=64, window=128).validate()  # dense has no offsets to place
 
 
+@pytest.mark.parametrize("variant", ["fib-fixed", "pow2-fixed"])
+def test_a_sparse_variant_without_an_offset_in_any_layer_is_refused(variant):
+  """At W = 100 and T = 128 fixed alpha leaves no offset in [W, R): the run would be ``window`` renamed."""
+  with pytest.raises(ValueError, match=rf"variant '{variant}' has no offset in \[window, reach\) = \[100, 128\) in any "
+                                       r"layer, so it would train as variant 'window'.*use --variant window"):
+    ModelConfig(variant=variant, seq_len=128, window=100).validate()
+  ModelConfig(variant="window", seq_len=128, window=100).validate()
+  ModelConfig(variant="fib-random", seq_len=128, window=100).validate()  # a random draw in [100, 128) is an offset
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN runs here")
 @pytest.mark.parametrize("call", ["dense_attention", "model"])
 def test_cudnn_without_a_gpu_is_a_value_error_naming_the_fix(call):
