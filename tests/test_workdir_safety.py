@@ -183,6 +183,26 @@ def test_a_package_or_a_sweep_root_is_refused_as_a_workdir(tmp_path, capsys, mar
   assert _files(workdir) == before
 
 
+@pytest.mark.parametrize("where, named", [
+    ("runs/a/checkpoints", "lies inside the run"),  # a folder of another run
+    ("root/logs", "lies inside the sweep root"),  # a sweep root's folder that is not a cell
+    ("root/dense-s0/evals", "lies inside the run"),
+    ("runs", "holds runs or studies (a)"),  # the folder of runs
+    (".", "holds runs or studies (root)"),  # a folder of studies, as results/ is
+])
+def test_a_folder_inside_a_run_or_a_study_or_holding_them_is_refused(base_run, tmp_path, capsys, where, named):
+  """``--workdir runs/a/checkpoints``, ``results/starved/logs`` or ``results`` would mix a run's files with
+  another run's or a study's; a sweep root's cell folder stays a workdir (the sweep trains there)."""
+  shutil.copytree(base_run, tmp_path / "runs" / "a")
+  (tmp_path / "root" / "logs").mkdir(parents=True)
+  (tmp_path / "root" / "sweep.json").write_text("{}\n")
+  shutil.copytree(base_run, tmp_path / "root" / "dense-s0")
+  before = _files(tmp_path)
+  line = _refused(capsys, ["--workdir", str(tmp_path / where), "--config", "tiny", "--set", *BASE])
+  assert named in line and "a folder of its own" in line, line
+  assert _files(tmp_path) == before
+
+
 @pytest.mark.parametrize("seed", ["-1", "4294967296"])
 def test_a_seed_out_of_range_is_refused_before_anything_is_written(tmp_path, capsys, seed):
   line = _refused(capsys, ["--workdir", str(tmp_path / "w"), "--config", "tiny", "--set", *BASE, f"seed={seed}"])

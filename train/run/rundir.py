@@ -26,6 +26,7 @@ Evaluation and generation read ``config.json``, ``checkpoints/``, ``heldout_toke
 from __future__ import annotations
 
 import pathlib
+import re
 
 CONFIG = "config.json"
 CONFIG_HISTORY = "config_history.jsonl"
@@ -47,6 +48,8 @@ ALPHA = "alpha"
 CELL = "cell.json"
 
 OUTPUTS = (METRICS, EVAL, EVALS)  # what a run writes as it trains and evaluates (a new run would overwrite them)
+RERUN_NAME = re.compile(r"-rerun(\d+)$")
+CELL_NAME = re.compile(rf"^(?P<variant>.+)-s(?P<seed>\d+)({RERUN_NAME.pattern})?$")  # a sweep cell folder's name
 SWEEP_ROOT = "sweep.json"  # marks a sweep root (train.study.sweeproot), whose cells are runs and which is none
 FINISHED = (EVAL, EVALS, CELL)  # what a run writes only once it has trained: its final evaluation, a sweep's record
 
@@ -74,3 +77,8 @@ def holds_checkpoint(workdir: pathlib.Path) -> bool:
 def is_finished(workdir: pathlib.Path) -> bool:
   """Whether the run in ``workdir`` finished training (its final evaluation, ``eval.json``, is written)."""
   return (pathlib.Path(workdir) / EVAL).exists()
+
+
+def is_run(folder: pathlib.Path) -> bool:
+  """Whether ``folder`` holds a run: its ``config.json`` beside checkpoints or what it writes (``OUTPUTS``)."""
+  return (folder / CONFIG).is_file() and any((folder / name).exists() for name in (CHECKPOINTS, *OUTPUTS))

@@ -12,7 +12,8 @@ and goes one of these ways (``check_workdir``):
   its checkpoints were removed, as a committed study's are), whose results a new run would overwrite.
 - Checkpoints but no ``config.json``: refused (what model they hold cannot be told); so is a folder
   holding ``.git`` or Python files (a source tree, where the run's files would land among the code)
-  and a sweep root (``sweep.json``: the run's files would land among its cells).
+  and a sweep root (``sweep.json``: the run's files would land among its cells), a folder inside a run or
+  inside a sweep root other than as its cell, and one that holds runs or sweep roots (``check_not_nested``).
 - A checkpoint and its ``config.json``: the run resumes, with the config that trained it.
   ``--config``, ``--variant``, ``--data`` and ``--set`` are compared with the saved config: only the
   fields of ``RESUMABLE_FIELDS`` may differ (each entry says why it leaves the steps already taken as
@@ -148,6 +149,7 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
   if (workdir / rundir.SWEEP_ROOT).exists():
     raise ValueError(f"workdir {workdir} is a sweep root (it holds {rundir.SWEEP_ROOT}), where a run's files would land among "
                      f"its cells: give a folder of its own with --workdir, e.g. runs/NAME")
+  check_not_nested(workdir)
   saved_path = workdir / rundir.CONFIG
   has_ckpt = rundir.holds_checkpoint(workdir)
   if has_ckpt and not saved_path.exists():
@@ -182,6 +184,25 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
     raise ValueError(f"{workdir} holds a checkpoint at step {last}, past the requested steps={cfg.steps}: give "
                      f"--set steps=N with N >= {last}, or use a new --workdir.")
   return changes
+
+
+def check_not_nested(workdir: pathlib.Path) -> None:
+  """Raises ``ValueError`` when ``workdir`` lies inside a run (``rundir.is_run``) or inside a sweep root
+  other than as one of its cells (``ROOT/<variant>-s<seed>``), or itself holds runs or sweep roots: in
+  each the run's files would land among another run's or study's."""
+  here = workdir.absolute()
+  for up in here.parents:
+    if rundir.is_run(up):
+      raise ValueError(f"workdir {workdir} lies inside the run {up}, where its files would mix with that run's: give "
+                       "a folder of its own with --workdir, e.g. runs/NAME")
+    if (up / rundir.SWEEP_ROOT).exists() and not (up == here.parent and rundir.CELL_NAME.match(here.name)):
+      raise ValueError(f"workdir {workdir} lies inside the sweep root {up} but is not one of its cells "
+                       "(<variant>-s<seed>): give a folder of its own with --workdir, e.g. runs/NAME")
+  held = next((c for c in sorted(here.iterdir()) if c.is_dir() and (rundir.is_run(c) or (c / rundir.SWEEP_ROOT).exists())),
+              None) if here.is_dir() else None
+  if held is not None:
+    raise ValueError(f"workdir {workdir} holds runs or studies ({held.name}), where a run's files would land among "
+                     f"them: give a folder of its own with --workdir, e.g. {workdir / 'NAME'}")
 
 
 def check_fresh(workdir: pathlib.Path, cfg: TrainConfig) -> None:

@@ -28,8 +28,8 @@ REPORT = "report.md"
 PLOTS = "plots"
 
 
-RERUN = re.compile(r"-rerun(\d+)$")
-CELL = re.compile(rf"^(?P<variant>.+)-s(?P<seed>\d+)({RERUN.pattern})?$")  # a cell folder's name, rerun or not
+RERUN = rundir.RERUN_NAME
+CELL = rundir.CELL_NAME  # a cell folder's name, rerun or not
 
 
 def cell_name(variant: str, seed: int, rerun: int = 0) -> str:
