@@ -86,3 +86,23 @@ def test_latency_given_a_run_folder_asks_for_the_sweep_root(tmp_path, capsys):
   line = _one_error(latency.main([str(run)]), capsys.readouterr().err)
   assert f"{run} is a run folder; give the sweep root that holds run folders" in line, line
   assert _snapshot(tmp_path) == before
+
+
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
+
+
+def test_latency_of_committed_results_names_init(capsys):
+  """The committed roots keep no checkpoints; latency does not depend on the weights, so ``--init`` is the fix."""
+  line = _one_error(latency.main([str(RESULTS / "small")]), capsys.readouterr().err)
+  assert "keeps no checkpoint for dense-s0" in line and "add --init" in line, line
+
+
+@pytest.mark.parametrize("given, named", [("starved/dense-s0", "is a cell of the sweep root"),
+                                          ("recall", "holds sweep roots (L2, ")])
+def test_report_given_a_cell_or_a_folder_of_roots_names_the_root(given, named, capsys):
+  from train.study import report  # noqa: PLC0415
+
+  before = _snapshot(RESULTS)
+  line = _one_error(report.main([str(RESULTS / given)]), capsys.readouterr().err)
+  assert named in line, line
+  assert _snapshot(RESULTS) == before

@@ -127,6 +127,12 @@ def finished_cells(root: pathlib.Path) -> tuple[list[dict], list[dict]]:
   everything = load_cells(root)
   cells = [c for c in everything if not sweeproot.rerun_index(c["name"])]
   if not cells:
+    if (root.parent / sweeproot.SWEEP).is_file():
+      raise ValueError(f"{root} is a cell of the sweep root {root.parent}: give the root")
+    roots = sorted(c.name for c in root.iterdir() if (c / sweeproot.SWEEP).is_file())
+    if roots:
+      raise ValueError(f"{root} holds sweep roots ({', '.join(roots)}), not cells: give one of them, e.g. "
+                       f"{root / roots[0]}")
     raise ValueError(f"{root} holds no finished cell (ROOT/<variant>-s<seed>/cell.json): run python -m train.sweep")
   return cells, everything
 

