@@ -1,6 +1,7 @@
 """The trainer as a user meets it when things go wrong, in real subprocesses: damaged checkpoints,
 failing saves, Ctrl-C, a single text file, a moved corpus, a prepared corpus, and one-line errors."""
 
+import dataclasses
 import json
 import mmap
 import os
@@ -15,11 +16,13 @@ import jax
 import numpy as np
 import pytest
 
+from configs.base import TrainConfig
 from tests.compile_cache import cached_env
 from tests.test_train import FAST, ROOT, _cfg, _losses, _run
 from train.run import checkpoint, rundir
 from train.data import text as data, prepare
 from train.run.restore import abstract_params, restore_params
+from train.run.workdir import check_workdir
 
 QUICK = "final_eval_multiples=1"  # one evaluation length at the end of each run: less to compile
 BASE = ["steps=8", "checkpoint_every=4", "log_every=1", "eval_every=100", QUICK]
@@ -174,6 +177,10 @@ def test_single_text_file_trains_from_any_folder_and_corpus_can_move(tmp_path):
   line = _error_line(_run(workdir, QUICK, "steps=4", extra=["--data", str(tmp_path / "other.txt")]))
   assert "incompatible" in line and "data" in line
   assert "a renamed copy is other data" in line and "(book.txt)" in line  # names count, as a renamed copy finds
+  saved = TrainConfig.load(workdir / rundir.CONFIG)  # the same name, other bytes: the name is not the fix
+  same_name = dataclasses.replace(saved, data_path=str(tmp_path / "elsewhere" / "book.txt"))
+  with pytest.raises(ValueError, match="book.txt here has other bytes than the file the run trained on"):
+    check_workdir(workdir, same_name, data_hash="0" * 64)
 
 
 def test_failed_starts_leave_the_workdir_as_it_was(base_run, tmp_path):

@@ -173,9 +173,13 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
     detail = describe_diffs(saved, cfg, diffs)
     changeable = [d for d in diffs if d != "data" and d.split(".")[0] not in FIXED_FIELDS]
     on_purpose = f", --allow-change {' '.join(changeable)} to change them on purpose" if changeable == diffs else ""
-    names = (" The data is compared by its files' names and bytes: a renamed copy is other data, so give the "
-             f"run's own file names ({pathlib.Path(saved.data_path).name})." if "data" in diffs and saved.data_path
-             else "")
+    names = ""
+    if "data" in diffs and saved.data_path:
+      name = pathlib.Path(saved.data_path).name
+      names = (f" The data is compared by its files' names and bytes: {name} here has other bytes than the file the "
+               "run trained on, so give that file." if cfg.data_path and pathlib.Path(cfg.data_path).name == name else
+               " The data is compared by its files' names and bytes: a renamed copy is other data, so give the "
+               f"run's own file names ({name}).")
     raise ValueError(f"{workdir} holds a checkpoint of an incompatible run ({detail}). Resume it with its own "
                      f"config (python -m train --workdir {workdir} alone, --set steps=N to change its length"
                      f"{on_purpose}), or use a new --workdir.{names}")
