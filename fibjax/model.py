@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fibjax.implementation import check_implementation
@@ -253,6 +254,13 @@ class LM(nnx.Module):
       raise ValueError(f"tokens must be [batch, length] integer ids in [0, {self.cfg.vocab_size}), got shape "
                        f"{tokens_BxN.shape} of dtype {tokens_BxN.dtype}: pass the tokenizer's ids (e.g. "
                        ".astype(jnp.int32), [None] for one sequence)")
+    try:
+      ids = np.asarray(tokens_BxN)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+      ids = None  # traced (under jit): the ids cannot be read here
+    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+      raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}) (vocab_size), got ids from {ids.min()} to "
+                       f"{ids.max()}: encode the text with the run's tokenizer")
     dtype = self.embed.dtype or jnp.float32
     if self.cfg.vocab_size <= ONE_HOT_MAX_VOCAB and tokens_BxN.shape[1] > 1:
       table = self.embed.embedding[...].astype(dtype)
@@ -268,8 +276,9 @@ class LM(nnx.Module):
   def __call__(self, tokens_BxN: jax.Array, positions_BxN: jax.Array | None = None,
                segment_ids_BxN: jax.Array | None = None) -> jax.Array:
     """``tokens_BxN`` int32 -> logits ``[B, N, vocab]`` float32; position i sees tokens <= i.
-    A dtype that is not an integer is refused; ids must lie in ``[0, vocab_size)``, which a traced
-    array cannot be checked for (an id outside embeds as a row of zeros or of the table's edge).
+    A dtype that is not an integer is refused, and so are ids outside ``[0, vocab_size)`` in a
+    concrete array; a traced one cannot be checked (an id outside embeds as a row of zeros or of the
+    table's edge).
 
     ``positions_BxN``: int RoPE positions (default ``0..N-1``). ``segment_ids_BxN``: int32
     document ids of packed documents: position i sees only tokens <= i with its own id."""

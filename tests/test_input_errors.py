@@ -128,7 +128,11 @@ def test_model_refuses_tokens_that_are_not_integer_ids():
   for bad in (jnp.zeros((1, 16), jnp.float32), jnp.zeros((16,), jnp.int32)):
     with pytest.raises(ValueError, match=r"tokens must be \[batch, length\] integer ids in \[0, 32\), got shape"):
       model(bad)
+  for bad in (jnp.full((1, 16), 32, jnp.int32), np.full((1, 16), -1, np.int32)):  # ids of another tokenizer
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 32\) \(vocab_size\), got ids from"):
+      model(bad)
   assert model(jnp.zeros((1, 16), jnp.int32)).shape == (1, 16, 32)
+  assert nnx.jit(lambda m, t: m(t))(model, jnp.full((1, 16), 31, jnp.int32)).shape == (1, 16, 32)  # traced: unchecked
 
 
 def _bad_files(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, str]]:
