@@ -150,6 +150,12 @@ class Attention(nnx.Module):
       param_dtype: jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
+    for name, value in (("d_model", d_model), ("num_heads", num_heads)):
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not isinstance(pattern, LayerPattern):
+      raise ValueError(f"pattern must be a LayerPattern (e.g. LayerPattern('static', window, reach, offsets=(...)), or "
+                       f"fibjax.model.layer_patterns(config)[i]), got {type(pattern).__name__} {pattern!r}")
     if isinstance(head_dim, bool) or not isinstance(head_dim, (int, np.integer)) or head_dim < 2 or head_dim % 2:
       raise ValueError(f"head_dim must be an even int >= 2 (RoPE rotates pairs of dimensions), got {head_dim!r}")
     self.d_model, self.num_heads, self.head_dim, self.batch_axes = d_model, num_heads, head_dim, tuple(batch_axes)

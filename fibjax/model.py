@@ -250,7 +250,10 @@ class LM(nnx.Module):
     with a one-hot matmul (same values): its gradient is a GEMM, where the gather's is a
     scatter-add of every token into a few hundred rows (slow: NOTES.md, training t7). In a
     bf16 model the table's gradient then arrives rounded to bf16, as every bf16 layer's does."""
-    if not jnp.issubdtype(tokens_BxN.dtype, jnp.integer) or tokens_BxN.ndim != 2:
+    if not hasattr(tokens_BxN, "dtype"):
+      raise ValueError(f"tokens must be an array of [batch, length] integer ids, got {type(tokens_BxN).__name__}: "
+                       "pass jnp.asarray(ids, jnp.int32)")
+    if not jnp.issubdtype(tokens_BxN.dtype, jnp.integer) or tokens_BxN.ndim != 2 or 0 in tokens_BxN.shape:
       raise ValueError(f"tokens must be [batch, length] integer ids in [0, {self.cfg.vocab_size}), got shape "
                        f"{tokens_BxN.shape} of dtype {tokens_BxN.dtype}: pass the tokenizer's ids (e.g. "
                        ".astype(jnp.int32), [None] for one sequence)")

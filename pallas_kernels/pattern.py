@@ -51,8 +51,10 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> int:
   Raises:
     ValueError naming the argument that is wrong.
   """
-  if q.ndim != 4:
-    raise ValueError(f"q must be [batch, seq, heads, head_dim], got shape {q.shape}")
+  if not all(hasattr(x, "ndim") and hasattr(x, "dtype") for x in (q, k, v)):
+    raise ValueError(f"q, k, v must be arrays (jnp.asarray them), got {', '.join(type(x).__name__ for x in (q, k, v))}")
+  if q.ndim != 4 or 0 in q.shape:
+    raise ValueError(f"q must be [batch, seq, heads, head_dim], each at least 1, got shape {q.shape}")
   if k.shape != v.shape:
     raise ValueError(f"k and v must have one shape [batch, seq, kv_heads, head_dim], got k {k.shape}, v {v.shape}")
   b, n, h_q, d = q.shape

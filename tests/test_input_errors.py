@@ -287,7 +287,7 @@ def test_the_pallas_entry_point_checks_its_pattern_and_takes_a_sequence_of_offse
   assert window == 8 and as_array.dtype == jnp.int32 and as_array.tolist() == list(offs)
   for kwargs, match in ((dict(window=0), "window must be an int >= 1"), (dict(window=8.5), "window must be an int"),
                         (dict(scale=-1.0), "scale must be"), (dict(reach=4), "reach must be an int > window"),
-                        (dict(offsets=[-3]), "distances >= 0")):
+                        (dict(offsets=[-3]), "distances >= 0"), (dict(backend="cuda"), "backend must be 'gpu' or 'tpu'")):
     args = dict(window=8, offsets=offs, reach=48, interpret=True) | kwargs
     with pytest.raises(ValueError, match=match):
       g(q, q, q, **args)
@@ -303,6 +303,15 @@ def test_attention_layer_checks_its_input_and_head_dim():
     layer(jnp.ones((2, 64, 32)), positions_BxN=jnp.zeros((2, 32), jnp.int32))
   with pytest.raises(ValueError, match="head_dim must be an even int"):
     fibjax.Attention(32, 4, 7, pattern, rngs=nnx.Rngs(0))
+  for args, match in (((32, 0, 8, pattern), "num_heads must be an int >= 1"), ((0, 4, 8, pattern), "d_model must be"),
+                      ((32, 4, 8, "fib"), "pattern must be a LayerPattern")):
+    with pytest.raises(ValueError, match=match):
+      fibjax.Attention(*args, rngs=nnx.Rngs(0))
+  q = jnp.ones((1, 0, 2, 16))  # no positions, and a list for an array
+  with pytest.raises(ValueError, match=r"q must be \[batch, seq, heads, head_dim\], each at least 1"):
+    fibjax.attention(q, q, q, offsets=[8], window=8, reach=48)
+  with pytest.raises(ValueError, match="q, k, v must be arrays"):
+    fibjax.attention([[1.0]], q, q, offsets=[8], window=8, reach=48)
 
 
 def test_task_settings_without_a_task_are_refused():

@@ -160,6 +160,8 @@ def gathered_offset_attention(
       its own rows (default: every axis of the current mesh).
   """
   backend = backend or _default_backend()
+  if backend not in ("gpu", "tpu"):
+    raise ValueError(f"backend must be 'gpu' or 'tpu' (the Pallas lowering), got {backend!r}")
   if not interpret and jax.default_backend() != backend:
     raise ValueError(f"the {backend} Pallas kernel needs a {backend.upper()} (default backend is "
                      f"{jax.default_backend()}); pass interpret=True to run it on CPU, or use "
