@@ -331,3 +331,22 @@ def test_a_sweep_root_given_as_a_run_names_a_cell(tmp_path):
   (tmp_path / "dense-s0" / "config.json").write_text("{}")
   with pytest.raises(ValueError, match=r"is a sweep root, not a run: give one of its cells, e.g. .*dense-s0"):
     restore.load_run(tmp_path)
+
+
+def test_the_decode_and_norm_kernel_entry_points_check_their_operands():
+  """Refused before a kernel runs: out-of-bounds rows or columns would be read as garbage or NaN."""
+  from pallas_kernels.decode.attention import sparse_attention  # noqa: PLC0415
+  from pallas_kernels.norm.rmsnorm import norm_residual  # noqa: PLC0415
+
+  qkv = jnp.zeros((2, 3, 2, 16), jnp.float32)
+  cache = {"k": jnp.zeros((2, 49, 2, 16)), "v": jnp.zeros((2, 49, 2, 16))}
+  offs = jnp.asarray([8, 13], jnp.int32)
+  for bad_qkv, bad_cache, bad_offs, match in (
+      (qkv[:, :2], cache, offs, r"qkv must be \[batch, 3, heads, head_dim\]"),
+      (qkv, {k: v[:1] for k, v in cache.items()}, offs, r"cache must be \{'k', 'v'\} ring buffers \[batch=2"),
+      (qkv, {k: v[..., :8] for k, v in cache.items()}, offs, "head_dim=16"),
+      (qkv, cache, [8, 13], r"offsets must be a \[K\] array")):
+    with pytest.raises(ValueError, match=match):
+      sparse_attention(bad_qkv, bad_cache, bad_offs, jnp.int32(20), window=8, scale=0.25, interpret=True)
+  with pytest.raises(ValueError, match=r"norm_residual takes rows x \[R, D\] and scale \[D\], got x \(10, 32\)"):
+    norm_residual(jnp.ones((10, 32)), jnp.ones((16,)), 1e-6, jnp.float32, True)

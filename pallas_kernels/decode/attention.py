@@ -140,7 +140,19 @@ def sparse_attention(
       computing the head's attention: more, shorter programs).
   Returns ``([B, H, D]`` in the qkv dtype, or the two updated residuals; the updated cache``)``.
   """
+  if jnp.ndim(qkv_Bx3xHxD) != 4 or jnp.shape(qkv_Bx3xHxD)[1] != 3:
+    raise ValueError(f"qkv must be [batch, 3, heads, head_dim] (q, k, v of one position), got shape "
+                     f"{jnp.shape(qkv_Bx3xHxD)}")
   b, _, h, d = qkv_Bx3xHxD.shape
+  if (not isinstance(cache, dict) or set(cache) != {"k", "v"} or jnp.ndim(cache["k"]) != 4
+      or jnp.shape(cache["k"]) != jnp.shape(cache["v"])
+      or tuple(jnp.shape(cache["k"])[i] for i in (0, 2, 3)) != (b, h, d)):
+    shapes = {k: jnp.shape(v) for k, v in cache.items()} if isinstance(cache, dict) else type(cache).__name__
+    raise ValueError(f"cache must be {{'k', 'v'}} ring buffers [batch={b}, length, heads={h}, head_dim={d}] like qkv, "
+                     f"got {shapes}")
+  if not hasattr(offsets, "dtype") or jnp.ndim(offsets) != 1 or jnp.ndim(pos) != 0:
+    raise ValueError(f"offsets must be a [K] array and pos a scalar, got offsets {type(offsets).__name__} of shape "
+                     f"{jnp.shape(offsets)} and pos of shape {jnp.shape(pos)}")
   length = cache["k"].shape[1]
   learned = bool(np.issubdtype(offsets.dtype, np.floating))
   project_out = out_weight is not None

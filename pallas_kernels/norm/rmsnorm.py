@@ -110,6 +110,9 @@ def norm_residual(x_RxD: jax.Array, scale_D: jax.Array, eps: float, dtype, inter
 
 
 def _forward(x, scale, eps, dtype, interpret, batch_axes):
+  if jnp.ndim(x) != 2 or jnp.shape(scale) != (jnp.shape(x)[-1],):
+    raise ValueError(f"norm_residual takes rows x [R, D] and scale [D], got x {jnp.shape(x)} and scale "
+                     f"{jnp.shape(scale)}")
   kernel = lambda x, scale: _call(_fwd_kernel, [x, scale], [(dtype, False)], FWD_LAUNCH, eps, interpret,  # noqa: E731
                                   "rmsnorm_fwd")
   (y,) = per_batch_shard(kernel, (x,), (scale,), batch_axes=batch_axes)
