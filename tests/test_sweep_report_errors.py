@@ -147,3 +147,26 @@ def test_latency_names_a_foreign_config(tmp_path, capsys):
   line = _one_error(latency.main([str(tmp_path)]), capsys.readouterr().err)
   assert f"{tmp_path / 'x' / 'config.json'} is not a fibjax config" in line, line
   assert _snapshot(tmp_path) == before
+
+
+def test_a_finished_cell_probed_again_keeps_its_record_and_times_only_its_own_probes(tmp_path):
+  """A hand rerun of a finished cell without the sweep's ``progress=false`` says the same cell: its
+  ``cell.json`` is kept; a record written again times the probes from this invocation's start, not
+  from when training ended."""
+  cell = tmp_path / "fib-linear-s0"
+  cell.mkdir()
+  (cell / "metrics.jsonl").write_text('{"event": "start", "time": 100.0}\n{"step": 4, "time": 130.0}\n')
+  (cell / "eval.json").write_text("{}\n")
+  ended = (cell / "eval.json").stat().st_mtime
+  swept = {**experiment.cell_record(cell, "fib-linear", 0, "tiny", [*TINY, "progress=false"], 4, {}, ended + 5),
+           "peak_bytes": None}  # as run_cell writes it
+  assert swept["train_s"] == 30.0 and swept["probe_s"] == pytest.approx(5.0)
+  experiment.write_record(cell / "cell.json", swept)
+  again = {**experiment.cell_record(cell, "fib-linear", 0, "tiny", TINY, 4, {}, ended + 1000, started=ended + 990),
+           "peak_bytes": None}
+  assert again["probe_s"] == pytest.approx(10.0)
+  assert experiment.write_record(cell / "cell.json", again) == swept
+  assert json.loads((cell / "cell.json").read_text()) == swept
+  other = {**experiment.cell_record(cell, "fib-linear", 0, "tiny", [*TINY, "steps=8"], 4, {}, ended + 1000,
+                                    ended + 990), "peak_bytes": None}
+  assert experiment.write_record(cell / "cell.json", other) == other  # another recipe: recorded anew

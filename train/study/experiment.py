@@ -25,6 +25,7 @@ if TYPE_CHECKING:
   from train.run.restore import Run
 
 CELL_KEYS = {"seed": "--seed", "model.variant": "--variant"}  # set by each cell's own flags, never by --set
+DISPLAY_KEYS = ("progress",)  # overrides that change what a cell prints, not what it trains or measures
 # Fields a finished cell's results depend on although a resume may change them: a finished cell
 # asked for with another value of one of these is refused, not relabelled.
 RESULT_FIELDS = ("steps", "eval_every", "eval_batches", "final_eval_multiples", "final_eval_tokens",
@@ -81,6 +82,7 @@ def run_cell(workdir: pathlib.Path, config: str, variant: str, seed: int, overri
   from train.run.restore import load_run  # noqa: PLC0415
   from train.run.trainer import train  # noqa: PLC0415
 
+  started = time.time()
   workdir = workdir.absolute()
   check_overrides(overrides)
   cfg = resolve_random_offsets(apply_overrides(configs.get_config(config, variant), [*overrides, f"seed={seed}"]).validate())
@@ -91,7 +93,7 @@ def run_cell(workdir: pathlib.Path, config: str, variant: str, seed: int, overri
     train(cfg, workdir, resume="the same train.sweep (or train.experiment) command, which then runs the cell's probes")
   run = load_run(workdir)
   files = probe_cell(run, budgets)
-  record = cell_record(workdir, cfg.model.variant, seed, config, overrides, run.step, files, time.time())
+  record = cell_record(workdir, cfg.model.variant, seed, config, overrides, run.step, files, time.time(), started)
   return write_record(workdir / rundir.CELL, {**record, "peak_bytes": peak_device_bytes()})
 
 
@@ -151,18 +153,27 @@ def write_record(path: pathlib.Path, record: dict) -> dict:
     except ValueError:
       saved = None
     same = isinstance(saved, dict) and set(cost) <= saved.keys() and all(
-        saved.get(k) == v for k, v in record.items() if k not in cost) and saved.keys() == record.keys()
+        _recipe(saved.get(k)) == _recipe(v) if k == "overrides" else saved.get(k) == v
+        for k, v in record.items() if k not in cost) and saved.keys() == record.keys()
     if same:
       return saved
   write_whole(path, json.dumps(record, indent=2) + "\n")
   return record
 
 
+def _recipe(overrides) -> list[str] | None:
+  """A record's overrides without those that only change what a run prints (``DISPLAY_KEYS``)."""
+  if not isinstance(overrides, list):
+    return None
+  return sorted(o for o in map(str, overrides) if o.split("=", 1)[0] not in DISPLAY_KEYS)
+
+
 def cell_record(workdir: pathlib.Path, variant: str, seed: int, config: str, overrides: list[str], step: int,
-                files: dict[str, pathlib.Path], end: float) -> dict:
+                files: dict[str, pathlib.Path], end: float, started: float = 0.0) -> dict:
   """What ``cell.json`` holds: the cell, its stage files (relative to ``workdir``) and its cost:
   ``train_s`` from the first to the last record of ``metrics.jsonl`` (the training loop, resumed
-  stretches summed), ``probe_s`` from the end of training (``eval.json`` written) to ``end``."""
+  stretches summed), ``probe_s`` from the end of training (``eval.json`` written), or from
+  ``started`` where this invocation began later (a finished cell probed again), to ``end``."""
   train_s, last, prev = 0.0, None, None
   for line in (workdir / rundir.METRICS).read_text().splitlines():
     rec = json.loads(line)
@@ -173,7 +184,7 @@ def cell_record(workdir: pathlib.Path, variant: str, seed: int, config: str, ove
     prev = rec["time"]
   train_s += (prev - last) if prev is not None else 0.0
   return {"variant": variant, "seed": seed, "config": config, "overrides": overrides, "step": step,
-          "train_s": train_s, "probe_s": end - (workdir / rundir.EVAL).stat().st_mtime,
+          "train_s": train_s, "probe_s": end - max((workdir / rundir.EVAL).stat().st_mtime, started),
           "files": {k: str(pathlib.Path(v).absolute().relative_to(workdir)) for k, v in files.items()}}
 
 
