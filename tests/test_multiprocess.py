@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -25,7 +26,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from train.run.mesh import process_settings
+from train.run.mesh import process_settings, wait_for_coordinator
 from train.run.workdir import workdir_lock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -268,7 +269,21 @@ def test_the_environment_describes_the_job(environ, settings):
     ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"}, "JAX_PROCESS_ID not set"),
     ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "0 <= JAX_PROCESS_ID <"),
     ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "must be integers"),
+    ({"JAX_COORDINATOR_ADDRESS": "localhost", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, "must be HOST:PORT"),
 ])
 def test_an_incomplete_job_description_is_refused(environ, message):
   with pytest.raises(ValueError, match=message):
     process_settings(environ)
+
+
+def test_a_process_waits_for_its_coordinator_and_names_it_when_none_answers():
+  """A process other than 0 joins only once process 0's coordinator listens; none at the address is one
+  error line (joining without one ends the process in XLA's code after five minutes, with a stack trace)."""
+  with socket.socket() as listening:
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    wait_for_coordinator(f"127.0.0.1:{listening.getsockname()[1]}", 5.0)
+    free = listening.getsockname()[1]
+  with pytest.raises(ValueError, match=rf"no coordinator answered at JAX_COORDINATOR_ADDRESS=127.0.0.1:{free} within "
+                                       r"1 s: start process 0 of the job \(JAX_PROCESS_ID=0\)"):
+    wait_for_coordinator(f"127.0.0.1:{free}", 1.0)

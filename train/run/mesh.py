@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import time
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -28,6 +30,7 @@ from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp")
 JOB_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")  # an explicit job
+COORDINATOR_WAIT_S = 300.0  # how long a process other than 0 waits for process 0's coordinator (JAX's own wait)
 JOB_WIDE = "_raised_on_every_process"  # the attribute ``together`` sets on an error every process raises
 CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_NUM_NODES",
                      "MEGASCALE_COORDINATOR_ADDRESS")  # a job JAX's cluster detection describes
@@ -54,8 +57,12 @@ def process_settings(environ: Mapping[str, str]) -> dict[str, Any] | None:
                        "JAX_PROCESS_ID < JAX_NUM_PROCESSES")
     if int(count) == 1:
       return None
-    return {"coordinator_address": given["JAX_COORDINATOR_ADDRESS"], "num_processes": int(count),
-            "process_id": int(index)}
+    address = given["JAX_COORDINATOR_ADDRESS"]
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit() and 0 < int(port) < 65536):
+      raise ValueError(f"JAX_COORDINATOR_ADDRESS={address} must be HOST:PORT (process 0's host and a free port), "
+                       "the same for every process")
+    return {"coordinator_address": address, "num_processes": int(count), "process_id": int(index)}
   if any(environ.get(name) for name in CLUSTER_VARIABLES) and int(environ.get("SLURM_JOB_NUM_NODES", "2")) > 1:
     return {}
   return None
@@ -75,7 +82,13 @@ def joined_processes(environ: Mapping[str, str] = os.environ) -> Iterator[None]:
     return
   if "jax_cpu_collectives_implementation" in jax.config.values:  # Gloo (JAX's default) reaches the CPU devices
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # of the other processes
-  jax.distributed.initialize(**settings)
+  if settings.get("process_id"):
+    wait_for_coordinator(settings["coordinator_address"], COORDINATOR_WAIT_S)
+  try:
+    jax.distributed.initialize(**settings)
+  except (RuntimeError, ValueError) as e:
+    raise ValueError(f"the job's processes could not join ({str(e).strip().splitlines()[0]}): an explicit job needs "
+                     f"{', '.join(JOB_VARIABLES)} in every process (the module doc of train.run.mesh)") from e
   try:
     yield
   except Exception as e:
@@ -83,6 +96,23 @@ def joined_processes(environ: Mapping[str, str] = os.environ) -> Iterator[None]:
       jax.distributed.shutdown()
     raise
   jax.distributed.shutdown()
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Returns once process 0's coordinator accepts connections at ``address`` (``HOST:PORT``); raises
+  ``ValueError`` after ``timeout_s`` without one. (Joining a job whose coordinator never starts ends
+  the process in XLA's own code, with a stack trace and no way to catch it.)"""
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=min(5.0, max(timeout_s, 0.1))):
+        return
+    except OSError:
+      if time.monotonic() >= deadline:
+        raise ValueError(f"no coordinator answered at JAX_COORDINATOR_ADDRESS={address} within {timeout_s:.0f} s: "
+                         "start process 0 of the job (JAX_PROCESS_ID=0) there, or give its host and port") from None
+      time.sleep(0.5)
 
 
 class PeerFailed(ValueError):
