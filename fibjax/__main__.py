@@ -4,7 +4,7 @@ model size, for a sequence length and window given by --seq-len and --window."""
 import sys
 
 from fibjax.cli import ArgumentParser
-from fibjax.model import RANDOM, VARIANTS, ModelConfig, abstract_param_count, layer_patterns
+from fibjax.model import RANDOM, VARIANTS, ModelConfig, NoOffsets, abstract_param_count, layer_patterns
 
 
 def check_args(seq_len: int, window: int) -> None:
@@ -22,7 +22,11 @@ def report(seq_len: int, window: int) -> list[str]:
   lines = []
   for variant in VARIANTS:
     cfg = ModelConfig(variant=variant, seq_len=seq_len, window=window)
-    pats = layer_patterns(cfg)
+    try:
+      pats = layer_patterns(cfg)
+    except NoOffsets:
+      lines.append(f"{variant:13s} no offset in [window, reach) at this window: the window alone (variant window)")
+      continue
     lines.append(f"{variant:13s} params={abstract_param_count(cfg):,}")
     if variant == "window":
       lines.append(f"    every layer: the window of {window} keys, no offsets")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fibjax.model import check_token_ids
 from fibjax.offsets import check_int
 
 if TYPE_CHECKING:
@@ -78,9 +79,7 @@ def stream(model: LM, prompt_BxP: jax.Array, max_new_tokens: int, *, temperature
   vocab = model.cfg.vocab_size
   if prompt.ndim != 2 or prompt.shape[1] < 1:
     raise ValueError(f"prompt must be [batch, length >= 1] tokens, got shape {prompt.shape}")
-  if not np.issubdtype(prompt.dtype, np.integer) or prompt.min() < 0 or prompt.max() >= vocab:
-    raise ValueError(f"prompt must hold integer token ids in [0, {vocab}), got dtype {prompt.dtype} with values "
-                     f"{prompt.min()}..{prompt.max()}")
+  check_token_ids(prompt, vocab, "prompt")
   for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("chunk", chunk, 1), ("top_k", top_k, 0)):
     check_int(name, value, least)
   if top_k > vocab:

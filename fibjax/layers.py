@@ -23,7 +23,7 @@ from flax import nnx
 from fibjax import decode as dec
 from fibjax.attention import attention, dense_attention
 from fibjax.implementation import check_implementation, resolve_decode, resolve_norm
-from fibjax.offsets import check_alpha, check_window_reach
+from fibjax.offsets import check_alpha, check_int, check_window_reach
 from pallas_kernels.pattern import normalize_offsets
 
 if TYPE_CHECKING:
@@ -150,9 +150,8 @@ class Attention(nnx.Module):
       param_dtype: jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    for name, value in (("d_model", d_model), ("num_heads", num_heads)):
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_int("d_model", d_model, 1)
+    check_int("num_heads", num_heads, 1)
     if not isinstance(pattern, LayerPattern):
       raise ValueError(f"pattern must be a LayerPattern (e.g. LayerPattern('static', window, reach, offsets=(...)), or "
                        f"fibjax.model.layer_patterns(config)[i]), got {type(pattern).__name__} {pattern!r}")

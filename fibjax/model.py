@@ -162,9 +162,9 @@ class ModelConfig:
     if self.random_offsets is not None:
       check_offset_rows(self.random_offsets, self.num_layers, self.window, self.resolved_reach)
     if self.variant not in ("dense", "window") and not any(p.offsets or p.terms for p in _patterns(self)):
-      raise ValueError(f"variant {self.variant!r} has no offset in [window, reach) = [{self.window}, "
-                       f"{self.resolved_reach}) in any layer, so it would train as variant 'window' under another "
-                       "name: lower window, raise reach (or alpha), or use --variant window")
+      raise NoOffsets(f"variant {self.variant!r} has no offset in [window, reach) = [{self.window}, "
+                      f"{self.resolved_reach}) in any layer, so it would train as variant 'window' under another "
+                      "name: lower window, raise reach (or alpha), or use variant 'window'")
     return self
 
   def _validate_controls(self) -> None:
@@ -187,6 +187,18 @@ class ModelConfig:
       raise ValueError(f"eval_sinks must be an int >= 0, got {self.eval_sinks!r}")
     if self.eval_sinks and self.eval_window is None:
       raise ValueError(f"eval_sinks={self.eval_sinks} needs model.eval_window (without it every key is seen)")
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, name: str) -> None:
+  """Raises ``ValueError`` naming ``name`` unless ``ids`` are integers in ``[0, vocab_size)``."""
+  if not np.issubdtype(ids.dtype, np.integer) or (ids.size and (ids.min() < 0 or ids.max() >= vocab_size)):
+    values = f" with values {ids.min()}..{ids.max()}" if ids.size else ""
+    raise ValueError(f"{name} must hold integer token ids in [0, {vocab_size}) (vocab_size), got dtype {ids.dtype}"
+                     f"{values}: encode the text with the model's tokenizer")
+
+
+class NoOffsets(ValueError):
+  """A sparse variant whose offsets all fall outside ``[window, reach)``: the window alone."""
 
 
 def layer_patterns(cfg: ModelConfig) -> tuple[LayerPattern, ...]:
@@ -257,13 +269,12 @@ class LM(nnx.Module):
       raise ValueError(f"tokens must be [batch, length] integer ids in [0, {self.cfg.vocab_size}), got shape "
                        f"{tokens_BxN.shape} of dtype {tokens_BxN.dtype}: pass the tokenizer's ids (e.g. "
                        ".astype(jnp.int32), [None] for one sequence)")
-    try:
-      ids = np.asarray(tokens_BxN)
+    try:  # traced (under jit), or a multi-process array whose rows are not all here: the ids cannot be read
+      ids = np.asarray(tokens_BxN) if getattr(tokens_BxN, "is_fully_addressable", True) else None
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-      ids = None  # traced (under jit): the ids cannot be read here
-    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
-      raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}) (vocab_size), got ids from {ids.min()} to "
-                       f"{ids.max()}: encode the text with the run's tokenizer")
+      ids = None
+    if ids is not None:
+      check_token_ids(ids, self.cfg.vocab_size, "tokens")
     dtype = self.embed.dtype or jnp.float32
     if self.cfg.vocab_size <= ONE_HOT_MAX_VOCAB and tokens_BxN.shape[1] > 1:
       table = self.embed.embedding[...].astype(dtype)

@@ -284,6 +284,11 @@ def test_a_process_waits_for_its_coordinator_and_names_it_when_none_answers():
     listening.listen()
     wait_for_coordinator(f"127.0.0.1:{listening.getsockname()[1]}", 5.0)
     free = listening.getsockname()[1]
+  if socket.has_ipv6:
+    with socket.socket(socket.AF_INET6) as listening:  # an IPv6 host in brackets, as gRPC takes it
+      listening.bind(("::1", 0))
+      listening.listen()
+      wait_for_coordinator(f"[::1]:{listening.getsockname()[1]}", 5.0)
   with pytest.raises(ValueError, match=rf"no coordinator answered at JAX_COORDINATOR_ADDRESS=127.0.0.1:{free} within "
                                        r"1 s: start process 0 of the job \(JAX_PROCESS_ID=0\)"):
     wait_for_coordinator(f"127.0.0.1:{free}", 1.0)

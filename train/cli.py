@@ -153,6 +153,12 @@ def add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
   parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help=help)
 
 
+def override_map(overrides: list[str]) -> dict[str, str | None]:
+  """``{key: value}`` of ``KEY=VALUE`` overrides, the last of a repeated key winning (as
+  ``configs.base.apply_overrides`` applies them): the same overrides in any order give the same map."""
+  return dict(item.split("=", 1) if "=" in item else (item, None) for item in overrides)
+
+
 def add_lengths(parser: argparse.ArgumentParser, default_from_config: bool = True) -> None:
   """``--lengths M [M ...]``, multiples of the training length T; by default (``None``) the run's
   ``final_eval_multiples``, else 1 2 4."""

@@ -58,8 +58,7 @@ def process_settings(environ: Mapping[str, str]) -> dict[str, Any] | None:
     if int(count) == 1:
       return None
     address = given["JAX_COORDINATOR_ADDRESS"]
-    host, _, port = address.rpartition(":")
-    if not (host and port.isdigit() and 0 < int(port) < 65536):
+    if not address.rpartition(":")[2].isdigit():
       raise ValueError(f"JAX_COORDINATOR_ADDRESS={address} must be HOST:PORT (process 0's host and a free port), "
                        "the same for every process")
     return {"coordinator_address": address, "num_processes": int(count), "process_id": int(index)}
@@ -87,7 +86,10 @@ def joined_processes(environ: Mapping[str, str] = os.environ) -> Iterator[None]:
   try:
     jax.distributed.initialize(**settings)
   except (RuntimeError, ValueError) as e:
-    raise ValueError(f"the job's processes could not join ({str(e).strip().splitlines()[0]}): an explicit job needs "
+    if settings:  # an explicit job: the variables are ours to check; a cluster's own errors pass as they are
+      raise
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"JAX could not describe the job from the cluster ({first}): for an explicit job set "
                      f"{', '.join(JOB_VARIABLES)} in every process (the module doc of train.run.mesh)") from e
   try:
     yield
@@ -98,15 +100,26 @@ def joined_processes(environ: Mapping[str, str] = os.environ) -> Iterator[None]:
   jax.distributed.shutdown()
 
 
+def split_address(address: str) -> tuple[str, int] | None:
+  """``(host, port)`` of ``HOST:PORT`` (an IPv6 host in brackets, ``[::1]:PORT``), or ``None`` for any
+  other form (a gRPC target such as ``dns:///HOST:PORT``)."""
+  host, _, port = address.rpartition(":")
+  host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+  plain = host and "/" not in host and port.isdigit() and 0 < int(port) < 65536
+  return (host, int(port)) if plain else None
+
+
 def wait_for_coordinator(address: str, timeout_s: float) -> None:
   """Returns once process 0's coordinator accepts connections at ``address`` (``HOST:PORT``); raises
   ``ValueError`` after ``timeout_s`` without one. (Joining a job whose coordinator never starts ends
   the process in XLA's own code, with a stack trace and no way to catch it.)"""
-  host, _, port = address.rpartition(":")
+  host_port = split_address(address)
+  if host_port is None:  # a form only JAX reads (e.g. dns:///HOST:PORT): JAX waits for it itself
+    return
   deadline = time.monotonic() + timeout_s
   while True:
     try:
-      with socket.create_connection((host, int(port)), timeout=min(5.0, max(timeout_s, 0.1))):
+      with socket.create_connection(host_port, timeout=min(5.0, max(timeout_s, 0.1))):
         return
     except OSError:
       if time.monotonic() >= deadline:

@@ -193,7 +193,7 @@ def load_run(workdir: pathlib.Path, mesh: Mesh | None = None, step: int | None =
   check_run_folder(pathlib.Path(workdir))  # the path as the caller gave it, in the message
   workdir = pathlib.Path(workdir).absolute()
   if not (workdir / rundir.CONFIG).exists():
-    if (workdir / rundir.SWEEP_ROOT).exists():
+    if rundir.is_sweep_root(workdir):
       cells = sorted(p.name for p in workdir.iterdir() if (p / rundir.CONFIG).exists())
       raise ValueError(f"{workdir} is a sweep root, not a run: give one of its cells"
                        + (f", e.g. {workdir / cells[0]}" if cells else ""))

@@ -80,5 +80,17 @@ def is_finished(workdir: pathlib.Path) -> bool:
 
 
 def is_run(folder: pathlib.Path) -> bool:
-  """Whether ``folder`` holds a run: its ``config.json`` beside checkpoints or what it writes (``OUTPUTS``)."""
-  return (folder / CONFIG).is_file() and any((folder / name).exists() for name in (CHECKPOINTS, *OUTPUTS))
+  """Whether ``folder`` holds a run: its ``config.json`` beside checkpoints or what it writes (``OUTPUTS``).
+  A folder that cannot be read holds none."""
+  try:
+    return (folder / CONFIG).is_file() and any((folder / name).exists() for name in (CHECKPOINTS, *OUTPUTS))
+  except OSError:
+    return False
+
+
+def is_sweep_root(folder: pathlib.Path) -> bool:
+  """Whether ``folder`` is a sweep root (it holds ``SWEEP_ROOT``). A folder that cannot be read is none."""
+  try:
+    return (folder / SWEEP_ROOT).exists()
+  except OSError:
+    return False

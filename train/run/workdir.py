@@ -146,7 +146,7 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
     held = ".git" if (workdir / ".git").exists() else "Python files"
     raise ValueError(f"workdir {workdir} is a source tree (it holds {held}), where a run's files would land among the "
                      "code: give a folder of its own with --workdir, e.g. runs/NAME")
-  if (workdir / rundir.SWEEP_ROOT).exists():
+  if rundir.is_sweep_root(workdir):
     raise ValueError(f"workdir {workdir} is a sweep root (it holds {rundir.SWEEP_ROOT}), where a run's files would land among "
                      f"its cells: give a folder of its own with --workdir, e.g. runs/NAME")
   check_not_nested(workdir)
@@ -193,16 +193,18 @@ def check_workdir(workdir: pathlib.Path, cfg: TrainConfig, data_hash: str | None
 def check_not_nested(workdir: pathlib.Path) -> None:
   """Raises ``ValueError`` when ``workdir`` lies inside a run (``rundir.is_run``) or inside a sweep root
   other than as one of its cells (``ROOT/<variant>-s<seed>``), or itself holds runs or sweep roots: in
-  each the run's files would land among another run's or study's."""
-  here = workdir.absolute()
-  for up in here.parents:
-    if rundir.is_run(up):
-      raise ValueError(f"workdir {workdir} lies inside the run {up}, where its files would mix with that run's: give "
-                       "a folder of its own with --workdir, e.g. runs/NAME")
-    if (up / rundir.SWEEP_ROOT).exists() and not (up == here.parent and rundir.CELL_NAME.match(here.name)):
-      raise ValueError(f"workdir {workdir} lies inside the sweep root {up} but is not one of its cells "
-                       "(<variant>-s<seed>): give a folder of its own with --workdir, e.g. runs/NAME")
-  held = next((c for c in sorted(here.iterdir()) if c.is_dir() and (rundir.is_run(c) or (c / rundir.SWEEP_ROOT).exists())),
+  each the run's files would land among another run's or study's. Checked on the path as written
+  (``..`` folded) and on the folder it leads to through links."""
+  for here in dict.fromkeys((pathlib.Path(os.path.abspath(workdir)), workdir.resolve())):
+    for up in here.parents:
+      if rundir.is_run(up):
+        raise ValueError(f"workdir {workdir} lies inside the run {up}, where its files would mix with that run's: "
+                         "give a folder of its own with --workdir, e.g. runs/NAME")
+      if rundir.is_sweep_root(up) and not (up == here.parent and rundir.CELL_NAME.match(here.name)):
+        raise ValueError(f"workdir {workdir} lies inside the sweep root {up} but is not one of its cells "
+                         "(<variant>-s<seed>): give a folder of its own with --workdir, e.g. runs/NAME")
+  here = workdir.resolve()
+  held = next((c for c in sorted(here.iterdir()) if c.is_dir() and (rundir.is_run(c) or rundir.is_sweep_root(c))),
               None) if here.is_dir() else None
   if held is not None:
     raise ValueError(f"workdir {workdir} holds runs or studies ({held.name}), where a run's files would land among "

@@ -19,17 +19,10 @@ import pathlib
 
 from fibjax.cli import ArgumentParser
 from train.cli import exit_with, run_command, write_whole
-from train.study import findings, sweeproot
+from train.study import findings
 from train.study.findings import interval, table
 from train.study.report import by_variant, eval_multiples, finished_cells
-from train.study.sweep import read_sweep_file
-
-
-def recipe(root: pathlib.Path) -> tuple[str | None, list[str]]:
-  """``(config, overrides)`` of ``root``'s ``sweep.json`` (``(None, [])`` without one)."""
-  path = root / sweeproot.SWEEP
-  saved = read_sweep_file(path) if path.exists() else {}
-  return saved.get("config"), list(saved.get("overrides", []))
+from train.study.sweep import saved_recipe
 
 
 def finished_runs(root: pathlib.Path) -> tuple[dict, list[dict]]:
@@ -58,7 +51,7 @@ def compare(root_a: pathlib.Path, root_b: pathlib.Path) -> str:
   if not pairs:
     raise ValueError(f"{root_a} and {root_b} share no finished (variant, seed): sweep the same variants and seeds "
                      "into both")
-  (config_a, over_a), (config_b, over_b) = recipe(root_a), recipe(root_b)
+  (config_a, over_a), (config_b, over_b) = saved_recipe(root_a), saved_recipe(root_b)
   only_a = [o for o in over_a if o not in over_b] + ([] if config_a == config_b else [f"config {config_a}"])
   only_b = [o for o in over_b if o not in over_a] + ([] if config_a == config_b else [f"config {config_b}"])
   unit = metric.unit

@@ -17,7 +17,7 @@ import pathlib
 import time
 from typing import TYPE_CHECKING
 
-from train.cli import add_overrides, add_workdir, exit_with, run_command, write_whole
+from train.cli import add_overrides, add_workdir, exit_with, override_map, run_command, write_whole
 from train.run import rundir
 
 if TYPE_CHECKING:
@@ -161,11 +161,12 @@ def write_record(path: pathlib.Path, record: dict) -> dict:
   return record
 
 
-def _recipe(overrides) -> list[str] | None:
-  """A record's overrides without those that only change what a run prints (``DISPLAY_KEYS``)."""
+def _recipe(overrides) -> dict[str, str | None] | None:
+  """A record's overrides as a map (``override_map``) without those that only change what a run
+  prints (``DISPLAY_KEYS``)."""
   if not isinstance(overrides, list):
     return None
-  return sorted(o for o in map(str, overrides) if o.split("=", 1)[0] not in DISPLAY_KEYS)
+  return {k: v for k, v in override_map([str(o) for o in overrides]).items() if k not in DISPLAY_KEYS}
 
 
 def cell_record(workdir: pathlib.Path, variant: str, seed: int, config: str, overrides: list[str], step: int,

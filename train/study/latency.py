@@ -121,11 +121,11 @@ def run_latency(root: pathlib.Path, repeats: int = 20, decode_tokens: int = 64,
   runs = first_run_per_variant(root)
   if not runs:
     raise ValueError(no_runs_message(root))
-  check_writable(root, "the sweep root")  # before measuring, not after
   kept = [w.name for w in runs.values() if not rundir.saved_steps(w)]
   if kept and not initialised:
     raise ValueError(f"{root} keeps no checkpoint for {', '.join(kept)} (committed results): add --init to time freshly "
                      "initialised parameters (latency does not depend on the weights)")
+  check_writable(root, "the sweep root")  # before measuring, not after
   record: dict[str, Any] = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                             "jax": jax.__version__, "repeats": repeats, "decode_tokens": decode_tokens,
                             "decode_context": "T",

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 
-from train.cli import add_overrides, check_writable, exit_with, run_command, write_whole
+from train.cli import add_overrides, check_writable, exit_with, override_map, run_command, write_whole
 from train.run import rundir
 from train.study import packing, sweeproot
 from train.study.experiment import check_overrides
@@ -78,12 +78,6 @@ def local_gpus() -> list[str]:
     return []
   out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
   return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
-
-
-def override_map(overrides: list[str]) -> dict[str, str]:
-  """``{key: value}`` of ``KEY=VALUE`` overrides, the last of a repeated key winning (as
-  ``apply_overrides`` applies them): the same overrides in any order give the same map."""
-  return dict(item.split("=", 1) if "=" in item else (item, None) for item in overrides)
 
 
 def same_recipe(saved: dict, recipe: dict) -> bool:
@@ -133,14 +127,20 @@ def asked_grid(root: pathlib.Path, variants: list[str] | None, seeds: list[int] 
           seeds or saved.get("seeds") or held_seeds or [0, 1, 2])
 
 
-def asked_recipe(root: pathlib.Path, config: str | None, overrides: list[str]) -> tuple[str, list[str]]:
-  """``(config, overrides)``: those given, else the recipe the root's sweeps ran (``ROOT/sweep.json``),
-  else ``small`` with none. Run again without ``--config`` and ``--set``, a sweep continues the root's recipe."""
+def saved_recipe(root: pathlib.Path) -> tuple[str | None, list[str]]:
+  """``(config, overrides)`` of ``root``'s ``sweep.json`` (``(None, [])`` without one)."""
   path = root / sweeproot.SWEEP
   saved = read_sweep_file(path) if path.is_file() else {}
-  if config is None and not overrides and saved:
-    return str(saved.get("config") or "small"), [str(o) for o in saved.get("overrides") or []]
-  return config or str(saved.get("config") or "small"), overrides
+  return saved.get("config"), [str(o) for o in saved.get("overrides") or []]
+
+
+def asked_recipe(root: pathlib.Path, config: str | None, overrides: list[str]) -> tuple[str, list[str]]:
+  """``(config, overrides)``: those given, else the recipe the root's sweeps ran (``saved_recipe``),
+  else ``small`` with none. Run again without ``--config`` and ``--set``, a sweep continues the root's recipe."""
+  saved_config, saved_overrides = saved_recipe(root)
+  if config is None and not overrides and saved_config:
+    return str(saved_config), saved_overrides
+  return config or str(saved_config or "small"), overrides
 
 
 def check_root(root: pathlib.Path, recipe: dict, write: bool = True, extend: bool = False) -> None:
