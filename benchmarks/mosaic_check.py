@@ -1,7 +1,8 @@
 """The Mosaic GPU forward and its load-only kernel on a GPU: compiled, compared with the Triton
 forward (output and log-sum-exp), and timed beside it (median ms, two rotating input sets).
 
-    python -m benchmarks.mosaic_check [--n 16384 65536] [--kinds static learned segments] [--sweep | --dq]
+    python -m benchmarks.mosaic_check [--n 16384 65536] [--kinds static learned segments]
+                                      [--sweep | --dq | --backward]
 
 bf16, batch 1, 8 query heads, MHA (8 key/value heads) and GQA (2), head_dim 64 and 128, W = 64,
 the Fibonacci offsets of alpha 1 up to R = 4096; the offset terms in each form (``FORMS``: row-wise
@@ -27,6 +28,13 @@ against the Triton dQ kernel (``triton_gpu.backward_dq`` at the heuristic's back
 also writes ``delta`` and, learned, the terms' saved probabilities) on the Triton forward's output
 and log-sum-exp: dq and, learned, the distances' gradient compared, both timed; static and learned
 (``--kinds``), every shape.
+
+``--backward`` instead checks and times the whole backward (dq, dk, dv and, learned, the distances'
+gradient, from the Triton forward's output and log-sum-exp) three ways: the Triton kernels at the
+heuristic's backward config (``triton``); the Mosaic dQ pass beside the Triton dK/dV kernel at that
+config, which reads the dQ pass's saved terms where the config saves them (``mosaic-dq``); both
+passes on Mosaic GPU (``mosaic``: ``mosaic_gpu.backward_dkdv`` at ``dq_config(problem, None,
+"dkdv")``). Each is compared with ``triton``; static and learned (``--kinds``), every shape.
 """
 
 import dataclasses
@@ -40,7 +48,7 @@ from benchmarks.cli import at_least, require_gpu
 from benchmarks.timing import time_fn
 from fibjax.cli import ArgumentParser
 from pallas_kernels.attention import mosaic_gpu, triton_gpu
-from pallas_kernels.attention.config import MosaicForwardConfig, choose
+from pallas_kernels.attention.config import MosaicBackwardConfig, MosaicForwardConfig, choose
 from pallas_kernels.attention.ops import attention_problem
 
 W, R, H = 64, 4096, 8
@@ -146,28 +154,66 @@ def sweep(n: int, d: int, h_kv: int, offsets: jax.Array) -> list[str]:
   return lines
 
 
-def dq_check(n: int, d: int, h_kv: int, offsets: jax.Array) -> str:
-  """One ``--dq`` case's line (see the module doc)."""
-  require_gpu(GPU_ONLY)
-  problem = attention_problem(*inputs(n, d, h_kv)[0][:2], offsets, window=W, reach=R)
-  fwd_cfg, bwd_cfg = choose(problem)
+def _gradient_sets(problem, fwd_cfg, n: int, d: int, h_kv: int, offsets: jax.Array) -> list[tuple]:
+  """Two ``(q, k, v, do, lse, out, delta)`` sets: random inputs and output gradient, the Triton
+  forward's output and log-sum-exp, ``delta = rowsum(out * do)``."""
   sets = []
   for s, (q, k, v) in enumerate(inputs(n, d, h_kv)):
     out, lse = triton_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=fwd_cfg, interpret=False)
     do = jax.random.normal(jax.random.key(s + 7), q.shape, jnp.bfloat16)
     delta = jnp.einsum("bnhd,bnhd->bhn", out.astype(jnp.float32), do.astype(jnp.float32))
     sets.append((q, k, v, do, lse, out, delta))
+  return sets
+
+
+def _dd_error(dd, ref_dd) -> str:
+  """The distances' gradient against the reference's, relative to its largest."""
+  got, want = (jnp.sum(x, axis=(0, 1, 2)) for x in (dd, ref_dd))
+  return f" max|dd-triton|/max|dd| {error(got, want) / float(jnp.max(jnp.abs(want))):.2e}"
+
+
+def dq_check(n: int, d: int, h_kv: int, offsets: jax.Array) -> str:
+  """One ``--dq`` case's line (see the module doc)."""
+  require_gpu(GPU_ONLY)
+  problem = attention_problem(*inputs(n, d, h_kv)[0][:2], offsets, window=W, reach=R)
+  fwd_cfg, bwd_cfg = choose(problem)
+  sets = _gradient_sets(problem, fwd_cfg, n, d, h_kv, offsets)
   fns = {
       "mosaic": jax.jit(lambda q, k, v, do, lse, out, delta: mosaic_gpu.backward_dq(
-          q, k, v, None, offsets, do, lse, delta, problem=problem, cfg=None, interpret=False)),
+          q, k, v, None, offsets, do, lse, delta, problem=problem, cfg=None, interpret=False)[:2]),
       "triton": jax.jit(lambda q, k, v, do, lse, out, delta: triton_gpu.backward_dq(
           q, k, v, None, offsets, do, lse, out, problem=problem, cfg=bwd_cfg, interpret=False)[:2]),
   }
   (dq, dd), (ref, ref_dd) = (jax.block_until_ready(fns[name](*sets[0])) for name in ("mosaic", "triton"))
   line = f"{mosaic_gpu.dq_config(problem)} max|dq-triton| {error(dq, ref):.4f}"
   if problem.learned:
-    got, want = (jnp.sum(x, axis=(0, 1, 2)) for x in (dd, ref_dd))
-    line += f" max|dd-triton|/max|dd| {error(got, want) / float(jnp.max(jnp.abs(want))):.2e}"
+    line += _dd_error(dd, ref_dd)
+  return line + " | ms " + " ".join(f"{name} {time_fn(f, sets):.3f}" for name, f in fns.items())
+
+
+def backward_check(n: int, d: int, h_kv: int, offsets: jax.Array) -> str:
+  """One ``--backward`` case's line (see the module doc)."""
+  require_gpu(GPU_ONLY)
+  problem = attention_problem(*inputs(n, d, h_kv)[0][:2], offsets, window=W, reach=R)
+  fwd_cfg, bwd_cfg = choose(problem)
+  sets = _gradient_sets(problem, fwd_cfg, n, d, h_kv, offsets)
+  configs = {"triton": bwd_cfg, "mosaic-dq": MosaicBackwardConfig(dkdv=bwd_cfg),
+             "mosaic": MosaicBackwardConfig(dkdv=MosaicForwardConfig())}
+
+  def run(cfg):
+    lowering = mosaic_gpu if isinstance(cfg, MosaicBackwardConfig) else triton_gpu
+    return jax.jit(lambda q, k, v, do, lse, out, delta: lowering.backward(
+        q, k, v, None, offsets, do, lse, out, problem=problem, cfg=cfg, interpret=False))
+
+  fns = {name: run(cfg) for name, cfg in configs.items()}
+  ref = jax.block_until_ready(fns["triton"](*sets[0]))
+  line = f"dq {mosaic_gpu.dq_config(problem)} dkdv {mosaic_gpu.dq_config(problem, None, 'dkdv')} saved_terms " \
+         f"{bwd_cfg.saved_terms}"
+  for name in ("mosaic-dq", "mosaic"):
+    got = jax.block_until_ready(fns[name](*sets[0]))
+    line += f" | {name} " + " ".join(f"max|d{x}-triton| {error(g, r):.4f}" for x, g, r in zip("qkv", got, ref))
+    if problem.learned:
+      line += _dd_error(got[3], ref[3])
   return line + " | ms " + " ".join(f"{name} {time_fn(f, sets):.3f}" for name, f in fns.items())
 
 
@@ -179,8 +225,10 @@ def main(argv: list[str] | None = None) -> None:
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument("--sweep", action="store_true", help="time every config of the static forward per shape")
   mode.add_argument("--dq", action="store_true", help="check and time the Mosaic dQ pass against Triton's")
+  mode.add_argument("--backward", action="store_true",
+                    help="check and time the whole backward with Mosaic passes against Triton's")
   args = parser.parse_args(argv)
-  if args.sweep or args.dq:
+  if args.sweep or args.dq or args.backward:
     require_gpu(GPU_ONLY)
   static = jnp.asarray(fibjax.offset_set("fib", 1.0, W, R), jnp.int32)
   print(jax.devices()[0].device_kind, "jax", jax.__version__, "offsets", static.tolist(), flush=True)
@@ -190,12 +238,13 @@ def main(argv: list[str] | None = None) -> None:
       for line in sweep(n, d, h_kv, static):
         print(line, flush=True)
     return
-  if args.dq:
+  if args.dq or args.backward:
     kinds = {"static": static, "learned": static.astype(jnp.float32) + 0.37}
+    which, check_fn = ("dq", dq_check) if args.dq else ("backward", backward_check)
     for kind, n, d, h_kv in itertools.product([k for k in kinds if k in args.kinds], args.n, (64, 128), (H, 2)):
-      tag = f"n={n} d={d} {'mha' if h_kv == H else 'gqa'} {kind} dq"
+      tag = f"n={n} d={d} {'mha' if h_kv == H else 'gqa'} {kind} {which}"
       try:
-        print(f"{tag}: {dq_check(n, d, h_kv, kinds[kind])}", flush=True)
+        print(f"{tag}: {check_fn(n, d, h_kv, kinds[kind])}", flush=True)
       except Exception as e:  # noqa: BLE001 - report every case
         print(f"{tag}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
     return

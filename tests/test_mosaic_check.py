@@ -99,3 +99,24 @@ def test_kinds_pick_the_cases_and_a_failing_case_leaves_the_others_running(monke
       "static", "static", "static", "learned", "learned", "segments"]
   assert [form for form, _, _, _ in mosaic_check.check_cases(jnp.zeros((2,), jnp.int32))] == [
       "swizzled", "plain", "mma", "swizzled", "mma", "swizzled"]
+
+
+def test_backward_mode_runs_each_kind_and_shape_and_goes_on_after_a_failure(monkeypatch, capsys):
+  """``--backward --kinds learned``: the whole-backward check for the learned distances (each
+  offset + 0.37) at every shape, one line each; a case that raises prints FAILED and the rest run."""
+  seen = []
+
+  def backward_check(n, d, h_kv, offsets):
+    seen.append((n, d, h_kv, offsets.dtype == jnp.float32))
+    if len(seen) == 1:
+      raise RuntimeError("out of shared memory")
+    return "ok"
+
+  monkeypatch.setattr(mosaic_check, "backward_check", backward_check)
+  monkeypatch.setattr(mosaic_check, "require_gpu", lambda why: None)
+  monkeypatch.setattr("sys.argv", ["mosaic_check", "--n", "256", "--kinds", "learned", "--backward"])
+  mosaic_check.main()
+  assert seen == [(256, d, h, True) for d in (64, 128) for h in (mosaic_check.H, 2)]
+  out = capsys.readouterr().out.splitlines()
+  assert out[1] == "n=256 d=64 mha learned backward: FAILED RuntimeError: out of shared memory"
+  assert [line.split(": ")[-1] for line in out[2:]] == ["ok"] * 3

@@ -14,6 +14,7 @@ each), so its cases (``WS_CASES``) keep to a few programs.
 rather than first on a GPU.
 """
 
+import dataclasses
 import math
 import re
 
@@ -412,18 +413,28 @@ def test_compiled_forward_matches_reference(case):
   np.testing.assert_allclose(np.asarray(whole, np.float32), np.asarray(want), err_msg=msg, **_TOL[q.dtype])
 
 
-# The dQ pass (``mosaic_gpu.backward_dq``, through ``MosaicBackwardConfig``): learned distances with segment ids
-# on one warpgroup (GQA: the lowering test below), and static offsets at ragged N on the warp-specialised program (a consumer per 64 rows).
-DQ_CASES = {  # seed, n, q heads, kv heads, head_dim, window, offsets, segment starts or None, forward config
+# The gradient passes (``MosaicBackwardConfig``). The dQ pass (``mosaic_gpu.backward_dq``) beside the Triton dK/dV kernel
+# (which reads the terms the dQ pass saved where its config asks, as the learned default does): learned distances with
+# segment ids on one warpgroup, static offsets at ragged N on the warp-specialised program (a consumer per 64 rows).
+# Beside the Mosaic dK/dV kernel (``mosaic_gpu.backward_dkdv``, from the terms the dQ pass saved): static offsets at
+# ragged N with GQA (a group's heads summed), a term at the last row's reach; learned distances with segment ids and
+# GQA; warp-specialised learned distances at ragged N with two segments and a window of three tiles a consumer.
+GRAD_CASES = {  # seed, n, q heads, kv heads, head_dim, window, offsets, segment starts or None, config, dK/dV on Mosaic
     "learned_segments": (51, 128, 1, 1, 64, 16, (16.5, 40.25, 100.0, 16.0, 15.5), (0, 50, 64, 100),
-                             mosaic_gpu.MosaicForwardConfig(stages=2)),
-    "ws_static_ragged": (52, 120, 1, 1, 64, 32, (32, 70, 100), None,
-                         mosaic_gpu.MosaicForwardConfig(stages=2, **WS)),
+                         mosaic_gpu.MosaicForwardConfig(stages=2), False),
+    "ws_static_ragged": (52, 120, 1, 1, 64, 32, (32, 70, 100), None, mosaic_gpu.MosaicForwardConfig(stages=2, **WS),
+                         False),
+    "dkdv_gqa_ragged": (53, 120, 2, 1, 64, 32, (32, 70, 100, 119), None, mosaic_gpu.MosaicForwardConfig(stages=2),
+                        True),
+    "dkdv_learned_segments_gqa": (54, 128, 2, 1, 64, 16, (16.5, 40.25, 100.0, 16.0, 15.5), (0, 50, 64, 100),
+                                  mosaic_gpu.MosaicForwardConfig(stages=2), True),
+    "dkdv_ws_learned_ragged": (55, 200, 1, 1, 64, 70, (70.0, 90.5, 71.25, 150.75, 110.5), (0, 120),
+                               mosaic_gpu.MosaicForwardConfig(stages=1, **WS), True),
 }
 
 
-def _dq_inputs(case):
-  seed, n, h, h_kv, d, window, offsets, starts, cfg = DQ_CASES[case]
+def _grad_inputs(case):
+  seed, n, h, h_kv, d, window, offsets, starts, cfg, _ = GRAD_CASES[case]
   kq, kk, kv, kdo = jax.random.split(jax.random.key(seed), 4)
   q, k, v, do = (jax.random.normal(key, (1, n, heads, d), jnp.float32).astype(jnp.bfloat16)
                  for key, heads in ((kq, h), (kk, h_kv), (kv, h_kv), (kdo, h)))
@@ -434,29 +445,32 @@ def _dq_inputs(case):
   return q, k, v, do, jnp.asarray(offsets, jnp.float32 if learned else jnp.int32), pattern, cfg
 
 
-@pytest.mark.parametrize("case", sorted(DQ_CASES))
-def test_mosaic_dq_pass_matches_reference_gradients(case):
+@pytest.mark.parametrize("case", sorted(GRAD_CASES))
+def test_mosaic_gradient_passes_match_reference_gradients(case):
   """``config_bwd=MosaicBackwardConfig``: dQ (and, learned, the distances' gradient) from the Mosaic
-  dQ pass, dK/dV from the Triton kernel, all against the float32 reference's gradients on the same
-  bfloat16 inputs; the dQ pass ran (its outputs are finite where the interpreter starts memory as NaN)."""
-  _check_dq_pass(case, interpret=True)
+  dQ pass, dK/dV from the Triton or the Mosaic kernel, all against the float32 reference's
+  gradients on the same bfloat16 inputs; the Mosaic passes ran (their outputs are finite where the
+  interpreter starts memory as NaN; the dK/dV kernel is in the program exactly when asked for)."""
+  _check_gradient_passes(case, interpret=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("case", sorted(DQ_CASES))
-def test_compiled_dq_pass_matches_reference_gradients(case):
+@pytest.mark.parametrize("case", sorted(GRAD_CASES))
+def test_compiled_gradient_passes_match_reference_gradients(case):
   """The same, compiled on the GPU."""
-  _check_dq_pass(case, interpret=False)
+  _check_gradient_passes(case, interpret=False)
 
 
-def _check_dq_pass(case, interpret):
-  q, k, v, do, offsets, pattern, cfg = _dq_inputs(case)
+def _check_gradient_passes(case, interpret):
+  q, k, v, do, offsets, pattern, cfg = _grad_inputs(case)
+  seed, on_mosaic = GRAD_CASES[case][0], GRAD_CASES[case][-1]
   problem = attention_problem(q, k, offsets, **pattern)
   from pallas_kernels.attention.config import MosaicBackwardConfig, default_backward  # noqa: PLC0415
 
-  config_bwd = MosaicBackwardConfig(dkdv=default_backward(problem), dq=cfg)
-  assert mosaic_gpu.dq_config(problem, cfg).consumers == cfg.consumers  # fits shared memory as given
+  config_bwd = MosaicBackwardConfig(dkdv=cfg if on_mosaic else default_backward(problem), dq=cfg)
+  for pass_ in ("dq", "dkdv"):  # fits shared memory as given (dQ saving its terms)
+    assert mosaic_gpu.dq_config(problem, cfg, pass_, save_terms=True) == dataclasses.replace(cfg, term_mma=False)
   argnums = (0, 1, 2, 3) if problem.learned else (0, 1, 2)
 
   def kernel_loss(q, k, v, offsets):
@@ -468,12 +482,15 @@ def _check_dq_pass(case, interpret):
     out = sparse_attention_reference(q, k, v, offsets=offsets, **pattern)
     return jnp.sum(out * do.astype(jnp.float32))
 
-  got = _done(jax.jit(jax.grad(kernel_loss, argnums))(q, k, v, offsets))
+  grad_fn = jax.jit(jax.grad(kernel_loss, argnums))
+  assert ("fib_attention_dkdv_mgpu" in str(jax.make_jaxpr(grad_fn)(q, k, v, offsets))) == on_mosaic
+  got = _done(grad_fn(q, k, v, offsets))
   want = jax.grad(reference_loss, argnums)(*(x.astype(jnp.float32) for x in (q, k, v)), offsets)
   for name, g, w in zip("qkvd", got, want):
     g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-    msg = f"case={case} seed={DQ_CASES[case][0]} d{name}"
+    msg = f"case={case} seed={seed} d{name}"
     assert g.shape == w.shape and np.isfinite(g).all(), msg
+    assert np.abs(w).max() > 0.1, msg  # every gradient is reached: terms live, rows unmasked
     np.testing.assert_allclose(g, w, atol=3e-2 * max(1.0, np.abs(w).max()), rtol=3e-2, err_msg=msg)
 
 
@@ -493,10 +510,43 @@ def test_dq_pass_lowers_for_cuda(consumers, segments, offset_dtype):
   cfg = mosaic_gpu.MosaicForwardConfig(block=64 * consumers, stages=2, consumers=consumers)
 
   def fn(q, k, v, o, s, do, lse, delta):
-    dq, dd = mosaic_gpu.backward_dq(q, k, v, s, o, do, lse, delta, problem=problem, cfg=cfg, interpret=False)
+    dq, dd, _ = mosaic_gpu.backward_dq(q, k, v, s, o, do, lse, delta, problem=problem, cfg=cfg, interpret=False)
     return (dq,) if dd is None else (dq, dd)
 
   exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, kv, kv, offsets, seg, q, rows, rows)
   want = [(q.shape, jnp.bfloat16)] + ([((1, h, 1, 3), jnp.float32)] if problem.learned else [])
   assert [(a.shape, a.dtype) for a in exported.out_avals] == want
   assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module())
+
+
+@pytest.mark.parametrize("consumers, segments", [(1, True), (2, False)])
+@pytest.mark.parametrize("offset_dtype", [jnp.int32, jnp.float32], ids=["static", "learned"])
+def test_dkdv_pass_lowers_for_cuda(consumers, segments, offset_dtype):
+  """The dK/dV pass, and the dQ pass saving its terms, lower to Mosaic GPU custom calls for CUDA
+  (one warpgroup with segment ids, and warp-specialised), static and learned, ragged N with GQA;
+  dK/dV outputs ``[B, N, H_kv, D]``, the saved terms ``[B, H_q, K, N]``."""
+  n, h, h_kv, d = 200, 2, 1, 64
+  q = jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, n, h_kv, d), jnp.bfloat16)
+  rows = jax.ShapeDtypeStruct((1, h, n), jnp.float32)
+  saved = jax.ShapeDtypeStruct((1, h, 3, n), jnp.float32)
+  offsets = jax.ShapeDtypeStruct((3,), offset_dtype)
+  seg = jax.ShapeDtypeStruct((1, n), jnp.int32) if segments else None
+  problem = attention_problem(q, kv, jnp.asarray([40, 100, 150], offset_dtype), window=32,
+                              segment_ids=jnp.zeros((1, n), jnp.int32) if segments else None)
+  cfg = mosaic_gpu.MosaicForwardConfig(block=64 * consumers, stages=2, consumers=consumers)
+
+  def dkdv(q, k, v, o, s, do, lse, delta, p, ds):
+    return mosaic_gpu.backward_dkdv(q, k, v, s, o, do, lse, delta, (p, ds), problem=problem, cfg=cfg, interpret=False)
+
+  def dq(q, k, v, o, s, do, lse, delta):
+    return mosaic_gpu.backward_dq(q, k, v, s, o, do, lse, delta, problem=problem, cfg=cfg, interpret=False,
+                                  save_terms=True)
+
+  learned = [((1, h, 1, 3), jnp.float32)] if problem.learned else []
+  for fn, args, want in ((dkdv, (q, kv, kv, offsets, seg, q, rows, rows, saved, saved), [(kv.shape, jnp.bfloat16)] * 2),
+                         (dq, (q, kv, kv, offsets, seg, q, rows, rows),
+                          [(q.shape, jnp.bfloat16)] + learned + [(saved.shape, jnp.float32)] * 2)):
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+    assert [(a.shape, a.dtype) for a in exported.out_avals] == want, fn.__name__
+    assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module()), fn.__name__

@@ -207,15 +207,18 @@ class MosaicForwardConfig:
 @dataclasses.dataclass(frozen=True)
 class MosaicBackwardConfig:
   """A backward with its dQ pass on Mosaic GPU (``mosaic_gpu.backward_dq``, tiled as ``dq`` says;
-  ``None``: ``mosaic_gpu.dq_config``'s choice) and dK/dV on the Triton kernel, run as ``dkdv`` says
-  (its ``saved_terms`` off: the Mosaic dQ pass saves no terms). GPU backend only."""
+  ``None``: ``mosaic_gpu.dq_config``'s choice) and dK/dV as ``dkdv`` says: a ``MosaicForwardConfig``
+  runs the Mosaic GPU kernel (``mosaic_gpu.backward_dkdv``, which reads the terms the dQ pass saves),
+  a ``BackwardConfig`` the Triton one (the dQ pass saves the terms where its ``saved_terms`` asks
+  for them). GPU backend only."""
 
-  dkdv: BackwardConfig
+  dkdv: BackwardConfig | MosaicForwardConfig
   dq: MosaicForwardConfig | None = None
 
   def __post_init__(self):
-    if not isinstance(self.dkdv, BackwardConfig):
-      raise ValueError(f"MosaicBackwardConfig.dkdv must be a BackwardConfig, got {type(self.dkdv).__name__}")
+    if not isinstance(self.dkdv, (BackwardConfig, MosaicForwardConfig)):
+      raise ValueError(f"MosaicBackwardConfig.dkdv must be a BackwardConfig or MosaicForwardConfig, got "
+                       f"{type(self.dkdv).__name__}")
     if self.dq is not None and not isinstance(self.dq, MosaicForwardConfig):
       raise ValueError(f"MosaicBackwardConfig.dq must be a MosaicForwardConfig or None, got {type(self.dq).__name__}")
 

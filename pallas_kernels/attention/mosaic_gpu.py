@@ -1,5 +1,5 @@
-"""GPU lowering (Pallas -> Mosaic GPU) of the gathered-offset attention forward and dQ pass, static or
-learned offsets.
+"""GPU lowering (Pallas -> Mosaic GPU) of the gathered-offset attention forward and its two gradient
+passes (dQ; dK and dV), static or learned offsets.
 
 One program owns one query tile of ``block`` rows of one query head of one batch row (grid
 ``(H_q, tiles, B)``, heads fastest, so a group's query heads run side by side and share each
@@ -59,9 +59,20 @@ and as many value tiles.
 ``forward`` runs one online softmax over the window's scores and every term's (each term one
 online step); ``backward_dq`` streams the same tiles (with each consumer's output-gradient tile and
 its rows' log-sum-exp and ``delta`` beside its query tile) and recomputes the probabilities, for
-dQ and, learned, each term's distance gradient per row (``_dq_handlers``; the key and value
-gradients are the Triton kernel's); and ``pattern_loads`` (the load-only floor) streams the same tiles through the same
-code, only summing each landed tile's rows. Offsets arrive as a runtime ``[K]`` array (int32
+dQ and, learned, each term's distance gradient per row, and can save each term's probability and
+score gradient per row (``_dq_handlers``); and ``pattern_loads`` (the load-only floor) streams the
+same tiles through the same code, only summing each landed tile's rows.
+
+``backward_dkdv`` runs the same machinery the other way round (``_Program.key_major``): a program
+owns a key tile (its key and value tiles where a query program has its query and output-gradient
+tiles) of one query head, and streams the query side: its window's query and output-gradient tiles
+ahead of it (``[j0 + t * rows, ...)``, with their rows' log-sum-exp and ``delta``), on tensor cores
+as transposed products, and per term the query and output-gradient rows ``j + lo (+ 1)`` its key
+rows serve, through the same ring. A term needs no recomputation there: the dQ pass saved each
+term's probability and score gradient, which ``_key_weights`` shifts to the key rows (times the
+blend weight of a fractional term's part) before the kernel, so each part adds ``w_k q`` and ``w_v
+do`` row-wise. A group's query heads write their shares apart and are summed outside the kernel,
+so nothing is accumulated atomically. Offsets arrive as a runtime ``[K]`` array (int32
 static offsets or float32 distances; only K is static), handed to the kernel as ``lo`` (int32) and,
 when learned, ``t`` (float32). A term is masked unless ``d >= W`` (``lo >= W``), and per row unless
 ``i >= d`` (``normalize_offsets`` turns repeated and out-of-reach offsets into 0, which is masked). Rows
@@ -102,8 +113,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention.config import (TERM_SMEMS, WGMMA_ROWS, MosaicForwardConfig, Problem, TermSmem,
-                                             window_tiles)
+from pallas_kernels.attention import triton_gpu
+from pallas_kernels.attention.config import (TERM_SMEMS, WGMMA_ROWS, MosaicBackwardConfig, MosaicForwardConfig, Problem,
+                                             TermSmem, window_tiles)
 from pallas_kernels.pattern import MASK_VALUE, check_segment_ids
 
 SWIZZLE = 128  # bytes: shared-memory swizzle of every tiled buffer
@@ -158,39 +170,66 @@ def resolve_config(problem: Problem, cfg: MosaicForwardConfig | None) -> MosaicF
   return cfg
 
 
-def dq_config(problem: Problem, cfg: MosaicForwardConfig | None = None) -> MosaicForwardConfig:
-  """The dQ pass's config: ``cfg`` (``None``: ``default_config``'s) with its stages resolved and
-  row-wise terms (the pass computes a term's scores and its output-gradient products on registers);
-  where that, with the pass's own buffers, overflows shared memory, ``one_warpgroup_config``'s
-  (with fewer ring slots, down to one, until it fits). Not yet timed on a GPU."""
+def dq_config(problem: Problem, cfg: MosaicForwardConfig | None = None, pass_: str = "dq",
+              save_terms: bool = False) -> MosaicForwardConfig:
+  """A gradient pass's config (``pass_``: ``"dq"``, saving each term's rows with ``save_terms``, or
+  ``"dkdv"``): ``cfg`` (``None``: ``default_config``'s) with its stages resolved and row-wise terms
+  (both passes compute a term's products on registers); where that, with the pass's own buffers,
+  overflows shared memory, ``one_warpgroup_config``'s (with fewer ring slots, down to one, until it
+  fits)."""
   cfg = dataclasses.replace(resolve_config(problem, cfg), term_mma=False)
-  if shared_memory_bytes(problem, cfg, grad=True) <= SMEM_BYTES:
+  if shared_memory_bytes(problem, cfg, pass_, save_terms) <= SMEM_BYTES:
     return cfg
   cfg = dataclasses.replace(one_warpgroup_config(problem), term_smem=cfg.term_smem)
-  while cfg.stages > 1 and shared_memory_bytes(problem, cfg, grad=True) > SMEM_BYTES:
+  while cfg.stages > 1 and shared_memory_bytes(problem, cfg, pass_, save_terms) > SMEM_BYTES:
     cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
   return cfg
 
 
-def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig, grad: bool = False) -> int:
-  """Shared memory of one program: the query tile, the window's and the ring's key and value
-  tiles, with ``term_mma`` the tile a term's key rows are stored to, the output statistics, and
-  what Mosaic GPU adds (``MOSAIC_EXTRA_BYTES``); ``grad``: the dQ pass's too (an output-gradient
-  tile, two row statistics and, learned, a row of distance gradients per term, per consumer).
-  Counted in tiles of ``cfg.rows`` rows: the query tile and a ring slot's tiles are ``consumers``
-  of them, a window tile one."""
+PASSES = ("forward", "dq", "dkdv")
+
+
+def _term_rows_out(problem: Problem, save_terms: bool) -> int:
+  """Rows per offset term the dQ pass writes for its query rows: each term's probability and score
+  gradient (``save_terms``) and, learned, its distance gradient."""
+  return 2 * save_terms + problem.learned
+
+
+def _dkdv_weights(problem: Problem) -> int:
+  """Rows of term weights a dK/dV program reads for its key rows: a key and a value weight per part
+  of each term."""
+  return 2 * _parts(problem) * max(problem.num_offsets, 1)
+
+
+def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig, pass_: str = "forward",
+                        save_terms: bool = False) -> int:
+  """Shared memory of one program of ``pass_`` (``PASSES``; ``pattern_loads`` is the forward's):
+  its own tiles (the query tile; in the gradient passes a second: the output gradient's in dQ; in
+  dK/dV the two are the key and value tiles), the window's and the ring's streamed tiles, with
+  ``term_mma`` the tile a term's key rows are stored to, row vectors (the output statistics; dQ's
+  row statistics and, per term, its rows out; dK/dV's term weights and each window tile's
+  statistics), segment ids, and what Mosaic GPU adds (``MOSAIC_EXTRA_BYTES``). Counted in tiles of
+  ``cfg.rows`` rows: an own tile and a ring slot's tiles are ``consumers`` of them, a window tile
+  one."""
+  if pass_ not in PASSES:
+    raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
   cfg = resolve_config(problem, cfg)
-  tile = cfg.rows * problem.head_dim * jnp.dtype(problem.dtype).itemsize
-  windows, ring = cfg.window_tiles(problem.window), _stages(problem, cfg) * _parts(problem) * cfg.consumers
-  ids = cfg.rows * (cfg.consumers * (1 + max(problem.num_offsets, 1)) + windows)  # query, term flags, window ids
-  buffers = (tile * (cfg.consumers * (1 + cfg.term_mma) + 2 * (windows + ring)) + 4 * cfg.block
+  c, r, terms = cfg.consumers, cfg.rows, max(problem.num_offsets, 1)
+  tile = r * problem.head_dim * jnp.dtype(problem.dtype).itemsize
+  windows, ring = cfg.window_tiles(problem.window), _stages(problem, cfg) * _parts(problem) * c
+  flags = 0 if pass_ == "dkdv" else terms  # same-segment flags per term (dK/dV's weights carry its masks)
+  ids = r * (c * (1 + flags) + windows)  # own rows, term flags, window rows
+  buffers = (tile * (c * (1 + cfg.term_mma) + 2 * (windows + ring)) + 4 * cfg.block
              + (4 * ids if problem.segments else 0))
-  if grad:
-    buffers += cfg.consumers * (tile + 4 * cfg.rows * (2 + max(problem.num_offsets, 1) * problem.learned))
+  if pass_ == "dq":
+    buffers += c * (tile + 4 * r * (2 + terms * _term_rows_out(problem, save_terms)))
+  elif pass_ == "dkdv":
+    buffers += c * (tile + 4 * r * _dkdv_weights(problem)) + windows * 4 * 2 * r
   return buffers + MOSAIC_EXTRA_BYTES
 
 
-def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicForwardConfig, grad: bool) -> None:
+def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicForwardConfig, pass_: str,
+           save_terms: bool) -> None:
   """Raises ValueError for what this kernel does not run."""
   if (seg is not None) != problem.segments:
     raise ValueError(f"segment ids {'given' if seg is not None else 'missing'}, but the problem has "
@@ -204,35 +243,38 @@ def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicF
     raise ValueError(f"the Mosaic GPU forward needs head_dim a multiple of 64, got {q.shape[-1]}")
   if not isinstance(cfg, MosaicForwardConfig):
     raise TypeError(f"cfg must be a MosaicForwardConfig, got {type(cfg).__name__}")
-  if (used := shared_memory_bytes(problem, cfg, grad)) > SMEM_BYTES:
+  if (used := shared_memory_bytes(problem, cfg, pass_, save_terms)) > SMEM_BYTES:
     raise ValueError(f"{cfg} needs {used} bytes of shared memory per program, more than {SMEM_BYTES}: "
                      f"fewer stages or a smaller window{', or consumers=1' if cfg.consumers > 1 else ''}")
 
 
 class _Rows(NamedTuple):
-  """Row geometry: ``n`` rows, ``tiles`` query tiles, arrays of ``rows`` rows holding row ``i`` at
-  ``i + front`` (key/value) or ``i`` (query, output)."""
+  """Row geometry: ``n`` rows, ``tiles`` tiles of a program's own rows; its own arrays (query,
+  output; in dK/dV keys, values and their gradients) hold row ``i`` at ``i``, the streamed arrays
+  (keys and values; in dK/dV queries and output gradients) and the segment ids at ``i + front``."""
 
   n: int
   tiles: int
-  front: int  # key/value rows before position 0 (interpret mode only)
-  rows: int  # query/output rows (a multiple of ROW_ALIGN)
-  kv_rows: int  # key/value rows, front padding included
-  whole: int  # rows of whole tiles: the length of a row vector output ([B, H_q, whole]), see ``_rows``
+  front: int  # streamed rows before position 0 (interpret mode only)
+  rows: int  # rows of the own arrays (a multiple of ROW_ALIGN)
+  kv_rows: int  # rows of the streamed arrays, front padding included
+  whole: int  # rows of whole tiles: the length of a row vector ([B, H_q, whole]), see ``_rows``
 
 
-def _rows(n: int, block: int, interpret: bool) -> _Rows:
+def _rows(n: int, block: int, interpret: bool, key_major: bool = False) -> _Rows:
   """On the GPU the arrays keep their ``n`` rows (a multiple of ROW_ALIGN, else padded to whole
   tiles); TMA zero-fills rows outside them. The interpreter reads no row outside an array, so
-  there key/value rows are padded by ``n`` rounded to tiles in front and every array to whole
-  tiles at the back. Row vector outputs (``[B, H_q, rows]``: log-sum-exp, the load-only sums)
-  always span whole tiles: a store of a tile's ``[rows]`` vector past the end of its head's row is
-  not clipped there but lands in the next head's first rows (H100, jax 0.11.2), so it must not pass it."""
+  there every array is padded to whole tiles at the back and the streamed ones by ``n`` rounded
+  to tiles more: in front where a query tile streams the keys behind it, at the back where a key
+  tile (``key_major``, dK/dV) streams the queries ahead of it. Row vectors (``[B, H_q, rows]``:
+  log-sum-exp, the load-only sums, the gradient passes' row statistics and term rows) always span
+  whole tiles: a store of a tile's ``[rows]`` vector past the end of its head's row is not clipped
+  there but lands in the next head's first rows (H100, jax 0.11.2), so it must not pass it."""
   tiles = -(-n // block)
   if not interpret:
     rows = n if n % ROW_ALIGN == 0 else tiles * block
     return _Rows(n, tiles, 0, rows, rows, tiles * block)
-  return _Rows(n, tiles, tiles * block, tiles * block, 2 * tiles * block, tiles * block)
+  return _Rows(n, tiles, 0 if key_major else tiles * block, tiles * block, 2 * tiles * block, tiles * block)
 
 
 def _pad(x_BxNx_: jax.Array, front: int, rows: int) -> jax.Array:
@@ -346,8 +388,9 @@ class _Ops:
 
 
 class _Tile(NamedTuple):
-  """One key/value tile's shared memory: key rows, value rows and (with segments) their segment
-  ids, each landing on a barrier of its own."""
+  """One streamed tile's shared memory: key rows, value rows (in dK/dV query and output-gradient
+  rows), with segments their segment ids, in dK/dV a window tile's query rows' statistics, each
+  landing on a barrier of its own."""
 
   k: Any  # [rows, D]
   v: Any
@@ -355,9 +398,11 @@ class _Tile(NamedTuple):
   k_bar: Any
   v_bar: Any
   seg_bar: Any
+  stats: Any = None  # [2, rows] float32: log-sum-exp and delta of a dK/dV window tile's query rows
+  stats_bar: Any = None
 
   def wait(self) -> None:
-    for bar in (self.k_bar, self.v_bar, self.seg_bar):
+    for bar in (self.k_bar, self.v_bar, self.seg_bar, self.stats_bar):
       if bar is not None:
         plgpu.barrier_wait(bar)
 
@@ -370,8 +415,9 @@ class _Own(NamedTuple):
   """One consumer warpgroup's own shared memory: its query tile (reused for its output tile), a
   row vector for its output statistics, with segments its query rows' ids and offset terms'
   same-segment flags, with ``term_mma`` the tile its terms' key rows are stored to; in the dQ pass
-  its output-gradient tile, its rows' statistics and (learned) the terms' distance gradients;
-  barriers."""
+  its output-gradient tile, its rows' statistics and each term's rows out; barriers. In dK/dV the
+  query and output-gradient tiles hold the program's key and value tiles (reused for their
+  gradients), the ids the key rows' and ``rows_in`` the terms' weights (``_key_weights``)."""
 
   q: Any  # [rows, D], tiled and swizzled
   q_bar: Any
@@ -383,9 +429,9 @@ class _Own(NamedTuple):
   term_mma_k: Any  # [rows, D], tiled and swizzled; None without term_mma
   do: Any  # [rows, D], tiled and swizzled: the output gradient's rows (the dQ pass; None in the forward, as below)
   do_bar: Any
-  rows_in: Any  # [2, rows] float32: the rows' log-sum-exp and delta = rowsum(out * do)
+  rows_in: Any  # [2, rows] float32: the rows' log-sum-exp and delta = rowsum(out * do); dK/dV: the term weights
   rows_in_bar: Any
-  dd: Any  # [K', rows] float32: each term's d(loss)/d(distance) per query row (learned offsets only)
+  terms_out: Any  # [K' * (rows out a term), rows] float32: the dQ pass's per-term rows (``_dq_handlers``)
 
 
 class _Buffers(NamedTuple):
@@ -407,7 +453,7 @@ class _Buffers(NamedTuple):
   do_bar: Any
   rows_in: Any  # [consumers, 2, rows]
   rows_in_bar: Any
-  dd: Any  # [consumers, K', rows]; None without learned offsets
+  terms_out: Any  # [consumers, K' * (rows out a term), rows]; None where the dQ pass writes none
   window_k: Any  # [window tiles, rows, D], tiled and swizzled
   window_v: Any
   window_seg: Any  # [window tiles, rows] int32
@@ -419,13 +465,16 @@ class _Buffers(NamedTuple):
   term_k_bar: Any
   term_v_bar: Any
   consumed: Any  # [stages * consumers]: slot s of consumer c at s * consumers + c; None with one warpgroup
+  window_stats: Any  # [window tiles, 2, rows] float32 (dK/dV only)
+  window_stats_bar: Any
 
   def own(self, c) -> _Own:
     return _Own(*(_at(ref, c) for ref in self[:len(_Own._fields)]))
 
   def window_tile(self, u) -> _Tile:
     return _Tile(self.window_k.at[u], self.window_v.at[u], _at(self.window_seg, u), self.window_k_bar.at[u],
-                 self.window_v_bar.at[u], _at(self.window_seg_bar, u))
+                 self.window_v_bar.at[u], _at(self.window_seg_bar, u), _at(self.window_stats, u),
+                 _at(self.window_stats_bar, u))
 
   def term_tile(self, i) -> _Tile:
     return _Tile(self.term_k.at[i], self.term_v.at[i], None, self.term_k_bar.at[i], self.term_v_bar.at[i], None)
@@ -449,26 +498,31 @@ def _term_buffer(shape: tuple[int, ...], dtype, term_smem: TermSmem):
 
 
 def _with_buffers(body: Callable[[_Buffers], None], d: int, dtype, problem: Problem, cfg: MosaicForwardConfig,
-                  grad: bool = False):
-  """Runs ``body`` with a program's shared memory allocated (shared by its warpgroups); ``grad``:
-  with the dQ pass's own buffers."""
+                  pass_: str = "forward", save_terms: bool = False):
+  """Runs ``body`` with a program's shared memory allocated (shared by its warpgroups) for
+  ``pass_`` (``shared_memory_bytes`` counts the same buffers)."""
   c, r, w = cfg.consumers, cfg.rows, cfg.window_tiles(problem.window)
   s = _stages(problem, cfg) * _parts(problem) * c
-  segs = problem.segments
+  segs, grad, key_major = problem.segments, pass_ != "forward", pass_ == "dkdv"
   terms = max(problem.num_offsets, 1)
+  rows_in = _dkdv_weights(problem) if key_major else 2
+  terms_out = 0 if key_major else terms * _term_rows_out(problem, save_terms)
   own = (_tiled((c, r, d), dtype), plgpu.Barrier(num_barriers=c), plgpu.SMEM((c, r), jnp.float32),
          plgpu.SMEM((c, r), jnp.int32) if segs else None, plgpu.Barrier(num_barriers=c) if segs else None,
-         plgpu.SMEM((c, terms, r), jnp.int32) if segs else None, plgpu.Barrier(num_barriers=c) if segs else None,
+         plgpu.SMEM((c, terms, r), jnp.int32) if segs and not key_major else None,
+         plgpu.Barrier(num_barriers=c) if segs and not key_major else None,
          _tiled((c, r, d), dtype) if cfg.term_mma else None,
          _tiled((c, r, d), dtype) if grad else None, plgpu.Barrier(num_barriers=c) if grad else None,
-         plgpu.SMEM((c, 2, r), jnp.float32) if grad else None, plgpu.Barrier(num_barriers=c) if grad else None,
-         plgpu.SMEM((c, terms, r), jnp.float32) if grad and problem.learned else None)
+         plgpu.SMEM((c, rows_in, r), jnp.float32) if grad else None, plgpu.Barrier(num_barriers=c) if grad else None,
+         plgpu.SMEM((c, terms_out, r), jnp.float32) if grad and terms_out else None)
   shared = (_tiled((w, r, d), dtype), _tiled((w, r, d), dtype), plgpu.SMEM((w, r), jnp.int32) if segs else None,
             plgpu.Barrier(num_barriers=w), plgpu.Barrier(num_barriers=w),
             plgpu.Barrier(num_barriers=w) if segs else None,
             _term_buffer((s, r, d), dtype, cfg.term_smem), _term_buffer((s, r, d), dtype, cfg.term_smem),
             plgpu.Barrier(num_barriers=s), plgpu.Barrier(num_barriers=s),
-            plgpu.Barrier(num_barriers=_stages(problem, cfg) * c) if c > 1 else None)
+            plgpu.Barrier(num_barriers=_stages(problem, cfg) * c) if c > 1 else None,
+            plgpu.SMEM((w, 2, r), jnp.float32) if key_major else None,
+            plgpu.Barrier(num_barriers=w) if key_major else None)
   fields = own + shared
   present = [f for f in fields if f is not None]
 
@@ -484,17 +538,50 @@ def _stages(problem: Problem, cfg: MosaicForwardConfig) -> int:
 
 
 class _Program(NamedTuple):
-  """Which rows a program owns: batch row, query head, key/value head, first query row."""
+  """Which rows a program owns: batch row, query head, key/value head, its first own row (a query
+  row, or with ``key_major`` a key row) and which way it streams: a query tile streams the key
+  tiles behind it (the forward, dQ), a key tile the query tiles ahead of it (dK/dV)."""
 
   batch: Any
   head: Any
   kv_head: Any
   i0: Any
+  key_major: bool = False
+
+  @property
+  def own_head(self) -> Any:
+    """The head of the program's own tiles (its query head, or in dK/dV its key/value head)."""
+    return self.kv_head if self.key_major else self.head
+
+  @property
+  def stream_head(self) -> Any:
+    return self.head if self.key_major else self.kv_head
+
+  def window_buffer(self, cfg: MosaicForwardConfig, consumer, t: int) -> Any:
+    """The window buffer holding consumer ``consumer``'s banded tile ``t`` (``window_start``)."""
+    return consumer + t if self.key_major else cfg.consumers - 1 - consumer + t
+
+  def window_start(self, cfg: MosaicForwardConfig, u: int) -> Any:
+    """First row (before clamping) of window buffer ``u``: behind a query tile, the last
+    consumer's diagonal tile first, then ``rows`` rows earlier each; ahead of a key tile, the first
+    consumer's diagonal tile first, then ``rows`` rows later each."""
+    return self.i0 + (u if self.key_major else cfg.consumers - 1 - u) * cfg.rows
+
+  def tile_start(self, t: int, q0: Any, rows: int) -> Any:
+    """First row (before clamping) of banded tile ``t`` of the consumer whose own rows start at ``q0``."""
+    return q0 + (t if self.key_major else -t) * rows
+
+  def term_start(self, q0: Any, lo: Any, part: int) -> Any:
+    """First row of part ``part`` of an offset term of distance ``lo (+ frac)`` for own rows from
+    ``q0``: the keys at ``i - lo - part`` of query rows ``i``, or the queries at ``j + lo + part``
+    of key rows ``j``."""
+    return q0 + lo + part if self.key_major else q0 - lo - part
 
 
-def _program(problem: Problem, block: int) -> _Program:
+def _program(problem: Problem, block: int, key_major: bool = False) -> _Program:
   h = lax.axis_index("head")
-  return _Program(lax.axis_index("batch"), h, lax.div(h, jnp.int32(problem.group)), lax.axis_index("tile") * block)
+  return _Program(lax.axis_index("batch"), h, lax.div(h, jnp.int32(problem.group)), lax.axis_index("tile") * block,
+                  key_major)
 
 
 class _Warpgroup(NamedTuple):
@@ -517,7 +604,13 @@ class _Inputs(NamedTuple):
   the segment ids ``[B, kv_rows]`` int32 and the offset terms' same-segment flags ``[B, K', rows]``
   int32 (``_same_segment``; both None without segments), padded as ``_Rows`` says; in the dQ pass
   the output gradient ``[B, rows, H_q, D]`` and the rows' statistics ``[B, H_q, 2, whole]`` float32
-  (log-sum-exp, delta; None in the forward)."""
+  (log-sum-exp, delta; None in the forward).
+
+  dK/dV (``key_major``) streams the other side, so its own tiles come from ``q`` and ``do`` and its
+  streamed ones from ``k`` and ``v``: there ``q`` and ``do`` hold the keys and values ``[B, rows,
+  H_kv, D]``, ``k`` and ``v`` the queries and output gradients ``[B, kv_rows, H_q, D]``, ``rows_in``
+  the query rows' statistics (read with each window tile), ``weights`` the terms' weights ``[B, H_q,
+  2 parts K', whole]`` (``_key_weights``), and ``same`` is None."""
 
   terms: _TermRefs
   q: Any
@@ -527,6 +620,7 @@ class _Inputs(NamedTuple):
   same: Any
   do: Any = None
   rows_in: Any = None
+  weights: Any = None
 
 
 class _Term(NamedTuple):
@@ -550,12 +644,6 @@ class _Handlers(NamedTuple):
   term: Callable[[_Term, Any], Any]
 
 
-def _window_start(prog: _Program, cfg: MosaicForwardConfig, u) -> Any:
-  """First key row (before clamping) of window tile ``u``: the last consumer's diagonal tile first,
-  then ``rows`` rows earlier each."""
-  return prog.i0 + (cfg.consumers - 1 - u) * cfg.rows
-
-
 class _Producer(NamedTuple):
   """The TMA copies of one program (whichever warpgroup issues them)."""
 
@@ -567,39 +655,47 @@ class _Producer(NamedTuple):
   cfg: MosaicForwardConfig
 
   def _issue(self, start, tile: _Tile) -> None:
-    """A key/value tile of ``rows`` rows from key row ``start`` (and its segment ids)."""
-    g, r = self.gmem, self.cfg.rows
+    """A streamed tile of ``rows`` rows from row ``start`` (and its segment ids, and a dK/dV window
+    tile's statistics)."""
+    g, r, prog = self.gmem, self.cfg.rows, self.prog
     for ref, smem, bar in ((g.k, tile.k, tile.k_bar), (g.v, tile.v, tile.v_bar)):
-      plgpu.copy_gmem_to_smem(ref.at[self.prog.batch, pl.ds(start + self.geo.front, r), self.prog.kv_head], smem, bar)
+      plgpu.copy_gmem_to_smem(ref.at[prog.batch, pl.ds(start + self.geo.front, r), prog.stream_head], smem, bar)
     if tile.seg is not None:
-      plgpu.copy_gmem_to_smem(g.seg.at[self.prog.batch, pl.ds(start + self.geo.front, r)], tile.seg, tile.seg_bar)
+      plgpu.copy_gmem_to_smem(g.seg.at[prog.batch, pl.ds(start + self.geo.front, r)], tile.seg, tile.seg_bar)
+    if tile.stats is not None:
+      plgpu.copy_gmem_to_smem(g.rows_in.at[prog.batch, prog.head, :, pl.ds(start, r)], tile.stats, tile.stats_bar)
 
   def first(self) -> None:
-    """Every copy that needs no free ring slot: each consumer's query tile (and its rows' segment
-    ids and term flags; in the dQ pass its output-gradient tile and statistics), every window tile (starts before row 0 clamped to it: every key there is
-    masked) and the first ``stages`` terms."""
+    """Every copy that needs no free ring slot: each consumer's own tile (and its rows' segment ids
+    and term flags; in the gradient passes its second tile and row vectors), every window tile
+    (starts clamped to ``[0, whole - rows]``: every row outside is masked) and the first ``stages``
+    terms."""
     g, buf, prog, cfg, r = self.gmem, self.buf, self.prog, self.cfg, self.cfg.rows
     for c in range(cfg.consumers):
       own, q0 = buf.own(c), prog.i0 + c * r
-      plgpu.copy_gmem_to_smem(g.q.at[prog.batch, pl.ds(q0, r), prog.head], own.q, own.q_bar)
+      plgpu.copy_gmem_to_smem(g.q.at[prog.batch, pl.ds(q0, r), prog.own_head], own.q, own.q_bar)
       if g.seg is not None:
         plgpu.copy_gmem_to_smem(g.seg.at[prog.batch, pl.ds(q0 + self.geo.front, r)], own.q_seg, own.q_seg_bar)
+      if g.same is not None:
         plgpu.copy_gmem_to_smem(g.same.at[prog.batch, :, pl.ds(q0, r)], own.term_same, own.term_same_bar)
       if g.do is not None:
-        plgpu.copy_gmem_to_smem(g.do.at[prog.batch, pl.ds(q0, r), prog.head], own.do, own.do_bar)
-        plgpu.copy_gmem_to_smem(g.rows_in.at[prog.batch, prog.head, :, pl.ds(q0, r)], own.rows_in, own.rows_in_bar)
+        plgpu.copy_gmem_to_smem(g.do.at[prog.batch, pl.ds(q0, r), prog.own_head], own.do, own.do_bar)
+      if own.rows_in is not None:
+        source = g.weights if prog.key_major else g.rows_in
+        plgpu.copy_gmem_to_smem(source.at[prog.batch, prog.head, :, pl.ds(q0, r)], own.rows_in, own.rows_in_bar)
     for u in range(cfg.window_tiles(self.problem.window)):
-      self._issue(jnp.maximum(_window_start(prog, cfg, u), 0), buf.window_tile(u))
+      start = jnp.clip(prog.window_start(cfg, u), 0, self.geo.whole - r)
+      self._issue(start, buf.window_tile(u))
     for kk in range(min(_stages(self.problem, cfg), self.problem.num_offsets)):
       for c in range(cfg.consumers):
         self.term(kk, kk, c)
 
   def term(self, kk, slot, c) -> None:
-    """Term ``kk``'s tiles for consumer ``c`` into ring slot ``slot``: rows ``q0 - lo - p`` on (any
-    start; rows outside the array load as zeros)."""
+    """Term ``kk``'s tiles for consumer ``c`` into ring slot ``slot``, from ``_Program.term_start``
+    (any start; rows outside the array load as zeros)."""
     lo = self.gmem.terms.lo[kk]
     for p in range(_parts(self.problem)):
-      self._issue(self.prog.i0 + c * self.cfg.rows - lo - p,
+      self._issue(self.prog.term_start(self.prog.i0 + c * self.cfg.rows, lo, p),
                   self.buf.term_tile(_ring_index(slot, p, c, self.problem, self.cfg)))
 
   def rest(self) -> None:
@@ -629,9 +725,9 @@ def _consume_tiles(gmem: _Inputs, buf: _Buffers, wg: _Warpgroup, prog: _Program,
       plgpu.barrier_wait(bar)
   state = handlers.query(own, state)
   for t in range(window_tiles(problem.window, r)):
-    tile = buf.window_tile(cfg.consumers - 1 - wg.index + t)
+    tile = buf.window_tile(prog.window_buffer(cfg, wg.index, t))
     tile.wait()
-    state = handlers.window(t, wg.q0 - t * r, tile, state)
+    state = handlers.window(t, prog.tile_start(t, wg.q0, r), tile, state)
   if not terms:
     return state
 
@@ -733,22 +829,23 @@ def _blend(tiles_BxD: tuple[jax.Array, ...], frac) -> jax.Array:
 
 
 class _TileMath:
-  """A consumer warpgroup's masks and term loads, shared by the forward and the dQ pass: its query
-  rows ``i`` in ``[q0, q0 + rows)``."""
+  """A consumer warpgroup's masks and term loads, shared by the three passes: its own rows in
+  ``[q0, q0 + rows)`` (query rows ``i``; in dK/dV, ``key_major``, key rows ``j``)."""
 
-  def __init__(self, buf: _Buffers, wg: _Warpgroup, problem: Problem, ops: _Ops):
-    self.buf, self.wg, self.problem, self.ops = buf, wg, problem, ops
+  def __init__(self, buf: _Buffers, wg: _Warpgroup, problem: Problem, ops: _Ops, key_major: bool = False):
+    self.buf, self.wg, self.problem, self.ops, self.key_major = buf, wg, problem, ops, key_major
     b = wg.rows
     self.q_rows_BxB = ops.iota((b, b), 0, plgpu.Layout.WGMMA) + wg.q0
     self.cols_BxB = ops.iota((b, b), 1, plgpu.Layout.WGMMA)
 
   def window_mask(self, j0, tile: _Tile, seg_B) -> jax.Array:
-    """``[rows, rows]``: keys ``[j0, j0 + rows)`` inside the window (``0 <= i - j < W``), inside ``[0,
-    N)`` and (``seg_B``: the query rows' segment ids, or None) in the query's segment."""
+    """``[rows, rows]``: the streamed tile's rows ``[j0, j0 + rows)`` (columns) inside ``[0, N)`` and
+    the window of the own rows (``0 <= i - j < W``, with ``i`` the query of each pair and ``j`` the
+    key) and (``seg_B``: the own rows' segment ids, or None) in their segment."""
     ops, b = self.ops, self.wg.rows
-    keys_BxB = self.cols_BxB + j0
-    dist_BxB = self.q_rows_BxB - keys_BxB
-    mask = (dist_BxB >= 0) & (dist_BxB < self.problem.window) & (keys_BxB >= 0) & (keys_BxB < self.problem.n)
+    cols_BxB = self.cols_BxB + j0
+    dist_BxB = cols_BxB - self.q_rows_BxB if self.key_major else self.q_rows_BxB - cols_BxB
+    mask = (dist_BxB >= 0) & (dist_BxB < self.problem.window) & (cols_BxB >= 0) & (cols_BxB < self.problem.n)
     if seg_B is not None:
       key_seg_BxB = lax.broadcast_in_dim(ops.load_vector(tile.seg, COL_LAYOUT), (b, b), [1])
       mask = mask & (_rows_to(seg_B, (b, b)) == key_seg_BxB)
@@ -853,14 +950,16 @@ class _Grad(NamedTuple):
   dq: jax.Array
 
 
-def _dq_handlers(buf: _Buffers, wg: _Warpgroup, problem: Problem, dtype, ops: _Ops) -> _Handlers:
+def _dq_handlers(buf: _Buffers, wg: _Warpgroup, problem: Problem, dtype, ops: _Ops, save_terms: bool) -> _Handlers:
   """A consumer warpgroup's dQ work on each landed tile, under the forward's masks (``_TileMath``),
   its probabilities recomputed as ``p = exp(s - lse)``: ``ds = p * (do . v - delta)``, ``dq +=
   scale * ds k``. Window tile: ``q @ k^T``, ``do @ v^T`` and ``ds @ k`` on tensor cores. Offset
-  term: row-wise, on the blended key and value; with learned offsets each query row's d(loss)/d(distance)
-  of the term, ``scale * ds * q . (k_hi - k_lo) + p * do . (v_hi - v_lo)`` (rows past ``N`` 0), goes
-  to the warpgroup's ``dd`` row of the term."""
+  term: row-wise, on the blended key and value. Per term and query row (0 where the term is masked
+  and past ``N``) the warpgroup's ``terms_out`` gets, in this order: with ``save_terms`` ``p`` and
+  ``ds`` (what dK/dV reads); learned, d(loss)/d(distance), ``scale * ds * q . (k_hi - k_lo) + p * do
+  . (v_hi - v_lo)``. Row ``j * K' + k`` holds output ``j`` of term ``k``."""
   b, own, f32 = wg.rows, buf.own(wg.index), jnp.float32
+  terms = max(problem.num_offsets, 1)
   math = _TileMath(buf, wg, problem, ops)
   in_rows_B = ops.iota((b,), 0, ROW_LAYOUT) + wg.q0 < problem.n
 
@@ -884,18 +983,21 @@ def _dq_handlers(buf: _Buffers, wg: _Warpgroup, problem: Problem, dtype, ops: _O
     live_B = math.term_live(term, g.seg is not None) & in_rows_B
     p_B = jnp.where(live_B, jnp.exp(jnp.sum(q_BxD * k_BxD, axis=1) * problem.scale - g.lse), 0.0)
     ds_B = p_B * (jnp.sum(do_BxD * v_BxD, axis=1) - g.delta)
-    if own.dd is not None:  # the blended rows' derivatives in the distance: x_hi - x_lo
+    outs = (p_B, ds_B) if save_terms else ()
+    if problem.learned:  # the blended rows' derivatives in the distance: x_hi - x_lo
       k_step, v_step = (x[1].astype(f32) - x[0].astype(f32) for x in (keys, values))
-      own.dd.at[term.index][...] = (ds_B * problem.scale * jnp.sum(q_BxD * k_step, axis=1)
-                                    + p_B * jnp.sum(do_BxD * v_step, axis=1))
+      outs += (ds_B * problem.scale * jnp.sum(q_BxD * k_step, axis=1) + p_B * jnp.sum(do_BxD * v_step, axis=1),)
+    for j, x_B in enumerate(outs):
+      own.terms_out.at[j * terms + term.index][...] = x_B
     return g._replace(dq=g.dq + _rows_to(ds_B * problem.scale, g.dq.shape) * k_BxD)
 
   return _Handlers(query, window, term)
 
 
-def _dq_kernel(gmem: _Inputs, dq_ref, *dd_ref, problem: Problem, cfg: MosaicForwardConfig, geo: _Rows, ops: _Ops):
-  """dQ of one query tile over the forward's tiles (``_dq_handlers``), per consumer warpgroup; with
-  learned offsets also its rows' distance gradients per term (``dd_ref [B, H_q, K', whole]``)."""
+def _dq_kernel(gmem: _Inputs, dq_ref, *terms_ref, problem: Problem, cfg: MosaicForwardConfig, geo: _Rows, ops: _Ops,
+               save_terms: bool):
+  """dQ of one query tile over the forward's tiles (``_dq_handlers``), per consumer warpgroup, and
+  its rows' per-term outputs, where it writes any (``terms_ref [B, H_q, rows out * K', whole]``)."""
   d, dtype = gmem.q.shape[-1], gmem.q.dtype
   prog = _program(problem, cfg.block)
 
@@ -903,16 +1005,85 @@ def _dq_kernel(gmem: _Inputs, dq_ref, *dd_ref, problem: Problem, cfg: MosaicForw
     b, own = wg.rows, buf.own(wg.index)
     tile, row = ops.layout(jnp.zeros((b, d), dtype), plgpu.Layout.WGMMA), ops.full((b,), 0.0, ROW_LAYOUT)
     init = _Grad(tile, tile, None, row, row, ops.full((b, d), 0.0, plgpu.Layout.WGMMA))
-    g = _consume_tiles(gmem, buf, wg, prog, problem, cfg, _dq_handlers(buf, wg, problem, dtype, ops), init, release)
+    handlers = _dq_handlers(buf, wg, problem, dtype, ops, save_terms)
+    g = _consume_tiles(gmem, buf, wg, prog, problem, cfg, handlers, init, release)
     own.q[...] = g.dq.astype(dq_ref.dtype)  # the query tile is no longer read
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(own.q, dq_ref.at[prog.batch, pl.ds(wg.q0, b), prog.head])
-    if dd_ref:
-      plgpu.copy_smem_to_gmem(own.dd, dd_ref[0].at[prog.batch, prog.head, :, pl.ds(wg.q0, b)])
+    if terms_ref:
+      plgpu.copy_smem_to_gmem(own.terms_out, terms_ref[0].at[prog.batch, prog.head, :, pl.ds(wg.q0, b)])
     plgpu.wait_smem_to_gmem(0)
 
   _with_buffers(lambda buf: _stream_tiles(gmem, buf, prog, geo, problem, cfg, functools.partial(consume, buf)),
-                d, dtype, problem, cfg, grad=True)
+                d, dtype, problem, cfg, "dq", save_terms)
+
+
+class _KeyGrad(NamedTuple):
+  """dK/dV state of a key tile: its rows' segment ids ``[rows]`` (None without segments) and the
+  key and value gradients ``[rows, D]`` float32."""
+
+  seg: jax.Array | None
+  dk: jax.Array
+  dv: jax.Array
+
+
+def _dkdv_handlers(buf: _Buffers, wg: _Warpgroup, problem: Problem, dtype, ops: _Ops) -> _Handlers:
+  """A consumer warpgroup's dK/dV work for its key rows ``j`` on each landed tile. Window tile of
+  query rows ``[i0, i0 + rows)`` (its rows' log-sum-exp and delta landed beside it), transposed
+  (key rows by query columns, masked as the forward masks the pair): ``p^T = exp(k @ q^T * scale -
+  lse)``, ``ds^T = p^T * (v @ do^T - delta)``, ``dv += p^T @ do``, ``dk += scale * ds^T @ q``, each
+  on tensor cores. Offset term: part ``p`` holds the query and output-gradient rows ``j + lo + p``,
+  and its weights (``_key_weights``: the saved ``scale * ds`` and ``p`` of those rows, times the
+  part's blend weight, 0 where masked) make it row-wise: ``dk += w_k q``, ``dv += w_v do``."""
+  b, own, f32, parts = wg.rows, buf.own(wg.index), jnp.float32, _parts(problem)
+  math = _TileMath(buf, wg, problem, ops, key_major=True)
+
+  def query(own: _Own, g: _KeyGrad) -> _KeyGrad:
+    return g._replace(seg=None if own.q_seg is None else ops.load_vector(own.q_seg, ROW_LAYOUT))
+
+  def window(t, i0, tile: _Tile, g: _KeyGrad) -> _KeyGrad:
+    del t
+    lse_BxB, delta_BxB = (lax.broadcast_in_dim(ops.load_vector(tile.stats.at[x], COL_LAYOUT), (b, b), [1])
+                          for x in (0, 1))
+    s_BxB = ops.scores(own.q, tile.k, b) * problem.scale - lse_BxB  # own.q: the key tile; tile.k: query rows
+    p_BxB = jnp.where(math.window_mask(i0, tile, g.seg), jnp.exp(s_BxB), 0.0)
+    ds_BxB = p_BxB * (ops.scores(own.do, tile.v, b) - delta_BxB)  # own.do: the value tile; tile.v: do rows
+    return g._replace(dk=ops.add_pv(g.dk, (ds_BxB * problem.scale).astype(dtype), tile.k),
+                      dv=ops.add_pv(g.dv, p_BxB.astype(dtype), tile.v))
+
+  def term(term: _Term, g: _KeyGrad) -> _KeyGrad:
+    dk, dv = g.dk, g.dv
+    for p, tile in enumerate(term.tiles):
+      row = (term.index * parts + p) * 2
+      w_k_B, w_v_B = (ops.load_vector(own.rows_in.at[row + x], ROW_LAYOUT) for x in (0, 1))
+      dk = dk + _rows_to(w_k_B, dk.shape) * ops.load_term(tile.k).astype(f32)
+      dv = dv + _rows_to(w_v_B, dv.shape) * ops.load_term(tile.v).astype(f32)
+    return g._replace(dk=dk, dv=dv)
+
+  return _Handlers(query, window, term)
+
+
+def _dkdv_kernel(gmem: _Inputs, dk_ref, dv_ref, *, problem: Problem, cfg: MosaicForwardConfig, geo: _Rows,
+                 ops: _Ops):
+  """dK and dV of one key tile from one query head's rows (``_dkdv_handlers``), per consumer
+  warpgroup, into ``[B, rows, H_q, D]`` (a group's heads are summed outside)."""
+  d, dtype = gmem.q.shape[-1], gmem.q.dtype
+  prog = _program(problem, cfg.block, key_major=True)
+
+  def consume(buf: _Buffers, wg: _Warpgroup, release):
+    b, own = wg.rows, buf.own(wg.index)
+    zeros = ops.full((b, d), 0.0, plgpu.Layout.WGMMA)
+    g = _consume_tiles(gmem, buf, wg, prog, problem, cfg, _dkdv_handlers(buf, wg, problem, dtype, ops),
+                       _KeyGrad(None, zeros, zeros), release)
+    own.q[...] = g.dk.astype(dk_ref.dtype)  # the key and value tiles are no longer read
+    own.do[...] = g.dv.astype(dv_ref.dtype)
+    plgpu.commit_smem()
+    for smem, ref in ((own.q, dk_ref), (own.do, dv_ref)):
+      plgpu.copy_smem_to_gmem(smem, ref.at[prog.batch, pl.ds(wg.q0, b), prog.head])
+    plgpu.wait_smem_to_gmem(0)
+
+  _with_buffers(lambda buf: _stream_tiles(gmem, buf, prog, geo, problem, cfg, functools.partial(consume, buf)),
+                d, dtype, problem, cfg, "dkdv")
 
 
 def _sum_handlers(ops: _Ops) -> _Handlers:
@@ -970,32 +1141,61 @@ def _same_segment(seg_BxN: jax.Array, terms: tuple[jax.Array, ...], rows: int) -
   return jnp.pad(same.astype(jnp.int32), [(0, 0), (0, 0), (0, rows - n)])
 
 
+def _key_weights(saved: tuple[jax.Array, jax.Array], terms: tuple[jax.Array, ...], problem: Problem,
+                 whole: int) -> jax.Array:
+  """``[B, H_q, 2 parts K', whole]`` float32: for key row ``j``, term ``k`` and part ``p`` (rows
+  ``((k * parts + p) * 2, + 1)``), the weights of query row ``i = j + lo + p`` in dK and dV:
+  ``f * scale * ds_i`` and ``f * p_i``, from the dQ pass's saved ``(p, ds)`` (``[B, H_q, K', N]``;
+  0 where the term is masked), with ``f`` the part's weight in the blended key (1 static; ``1 - t``
+  and ``t`` learned), and 0 where ``i >= N``. Shifted here, so that a dK/dV program reads its key
+  rows' weights as one aligned copy."""
+  p_BxHxKxN, ds_BxHxKxN = saved
+  n = p_BxHxKxN.shape[-1]
+  lo_K, parts = terms[0], _parts(problem)
+  weights = []
+  for part in range(parts):
+    rows_KxJ = jnp.arange(whole)[None, :] + lo_K[:, None] + part
+    inside_KxJ = rows_KxJ < n
+    f_K = jnp.ones_like(lo_K, jnp.float32) if parts == 1 else (1.0 - terms[1] if part == 0 else terms[1])
+    f_KxJ = jnp.where(inside_KxJ, f_K[:, None], 0.0)[None, None]
+    at = jnp.broadcast_to(jnp.clip(rows_KxJ, 0, n - 1)[None, None], p_BxHxKxN.shape[:2] + rows_KxJ.shape)
+    ds_at, p_at = (jnp.take_along_axis(x.astype(jnp.float32), at, axis=3) for x in (ds_BxHxKxN, p_BxHxKxN))
+    weights.append(jnp.stack([f_KxJ * problem.scale * ds_at, f_KxJ * p_at], axis=3))  # [B, H_q, K', 2, whole]
+  bsz, h, kk = p_BxHxKxN.shape[:3]
+  return jnp.stack(weights, axis=3).reshape(bsz, h, kk * parts * 2, whole)
+
+
 def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: MosaicForwardConfig | None, interpret,
-            name: str, grad: tuple[jax.Array, ...] = ()):
+            name: str, pass_: str = "forward", grad: tuple[jax.Array, ...] = (), save_terms: bool = False):
   """Pads the inputs as the geometry says and runs ``kernel(_Inputs, *outputs)`` on the grid
-  ``(H_q, tiles, B)``; returns the outputs and the geometry. ``grad``: the dQ pass's ``(do [B, N,
-  H_q, D], lse [B, H_q, N], delta [B, H_q, N])``."""
+  ``(H_q, tiles, B)``; returns the outputs and the geometry. ``grad``: the gradient passes' ``(do
+  [B, N, H_q, D], lse [B, H_q, N], delta [B, H_q, N])``, and in dK/dV the dQ pass's saved ``(p,
+  ds)`` (``_key_weights``)."""
   cfg = resolve_config(problem, cfg)
-  _check(q, seg, offsets, problem, cfg, grad=bool(grad))
+  _check(q, seg, offsets, problem, cfg, pass_, save_terms)
   bsz, n, h, _ = q.shape
   params = _interpret_params(interpret)
-  geo = _rows(n, cfg.block, params is not None)
+  key_major = pass_ == "dkdv"
+  geo = _rows(n, cfg.block, params is not None, key_major)
   ops = _Ops(interpret=params is not None, term_smem=cfg.term_smem)
-  q = _pad(q, 0, geo.rows)
-  k, v = (_pad(x, geo.front, geo.kv_rows) for x in (k, v))
   terms = _offsets(offsets, problem)
-  segs = () if seg is None else (_pad(seg, geo.front, geo.kv_rows), _same_segment(seg, terms, geo.rows))
+  do, rows_in, weights = None, None, None
   if grad:  # the statistics of whole tiles: a row vector copy past a head's row is not clipped (``_rows``)
-    do, lse, delta = grad
-    rows_in = jnp.stack([lse, delta], axis=2).astype(jnp.float32)
-    grad = (_pad(do, 0, geo.rows), jnp.pad(rows_in, [(0, 0)] * 3 + [(0, geo.whole - n)]))
+    do, lse, delta, *saved = grad
+    rows_in = jnp.pad(jnp.stack([lse, delta], axis=2).astype(jnp.float32), [(0, 0)] * 3 + [(0, geo.whole - n)])
+    weights = _key_weights(tuple(saved), terms, problem, geo.whole) if key_major else None
+  own, streamed = ((k, v), (q, do)) if key_major else ((q, do), (k, v))
+  own = tuple(None if x is None else _pad(x, 0, geo.rows) for x in own)
+  streamed = tuple(_pad(x, geo.front, geo.kv_rows) for x in streamed)
+  same = None if seg is None or key_major else _same_segment(seg, terms, geo.rows)
+  seg = None if seg is None else _pad(seg, geo.front, geo.kv_rows)
+  arrays = _Inputs(_TermRefs(*terms, *(() if problem.learned else (None,))), own[0], *streamed, seg, same, own[1],
+                   rows_in, weights)
 
   def body(*refs):
-    term_refs = _TermRefs(refs[0], refs[1] if problem.learned else None)
-    q_ref, k_ref, v_ref, *rest = refs[len(terms):]
-    seg_ref, same_ref = (rest.pop(0), rest.pop(0)) if segs else (None, None)
-    do_ref, rows_in_ref = (rest.pop(0), rest.pop(0)) if grad else (None, None)
-    kernel(_Inputs(term_refs, q_ref, k_ref, v_ref, seg_ref, same_ref, do_ref, rows_in_ref), *rest, problem=problem,
+    it = iter(refs)
+    term_refs = _TermRefs(*(None if x is None else next(it) for x in arrays.terms))
+    kernel(_Inputs(term_refs, *(None if x is None else next(it) for x in arrays[1:])), *it, problem=problem,
            cfg=cfg, geo=geo, ops=ops)
 
   call = plgpu.kernel(
@@ -1008,7 +1208,7 @@ def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: Mosa
       interpret=params,
       **(dict(num_threads=cfg.consumers + 1, thread_name=WARPGROUPS) if cfg.consumers > 1 else {}),
   )
-  return call(*terms, q, k, v, *segs, *grad), geo
+  return call(*(x for x in (*arrays.terms, *arrays[1:]) if x is not None)), geo
 
 
 def _check_grid(q: jax.Array, problem: Problem) -> None:
@@ -1058,26 +1258,84 @@ def pattern_loads(q, k, v, offsets, *, problem: Problem, cfg: MosaicForwardConfi
   return sums[..., :n]
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "cfg", "interpret"))
+@functools.partial(jax.jit, static_argnames=("problem", "cfg", "interpret", "save_terms"))
 def backward_dq(q, k, v, seg, offsets, do, lse, delta, *, problem: Problem, cfg: MosaicForwardConfig | None,
-                interpret):
-  """``(dq [B, N, H_q, D] in q's dtype, dd)``: the gradient of the forward's output (arguments as
-  ``forward``'s) in the query, from the output gradient ``do [B, N, H_q, D]``, the forward's ``lse
-  [B, H_q, N]`` and ``delta = rowsum(out * do)`` ``[B, H_q, N]`` (float32); with learned offsets
-  ``dd [B, H_q, 1, K]`` float32, the distances' gradient summed over each head's rows (else
-  ``None``). Runs as ``dq_config(problem, cfg)`` says. Key and value gradients are
-  ``triton_gpu.backward_dkdv``'s."""
+                interpret, save_terms: bool = False):
+  """``(dq [B, N, H_q, D] in q's dtype, dd, saved)``: the gradient of the forward's output
+  (arguments as ``forward``'s) in the query, from the output gradient ``do [B, N, H_q, D]``, the
+  forward's ``lse [B, H_q, N]`` and ``delta = rowsum(out * do)`` ``[B, H_q, N]`` (float32); with
+  learned offsets ``dd [B, H_q, 1, K]`` float32, the distances' gradient summed over each head's
+  rows (else ``None``); with ``save_terms`` ``saved = (p, ds)``, each offset term's probability and
+  score gradient per query row (``[B, H_q, K', N]`` float32, ``K' = max(K, 1)``, 0 where the term
+  is masked; the Triton kernel's ``saved_terms`` format, which ``backward_dkdv`` and
+  ``triton_gpu.backward_dkdv`` read), else ``()``. Runs as ``dq_config(problem, cfg)`` says."""
   _check_grid(q, problem)
   bsz, n, h, d = q.shape
   terms = max(problem.num_offsets, 1)
+  rows_out = _term_rows_out(problem, save_terms)
+  cfg = dq_config(problem, cfg, "dq", save_terms)
 
   def out_type(geo: _Rows):
     dq = jax.ShapeDtypeStruct((bsz, geo.rows, h, d), q.dtype)
-    return (dq, jax.ShapeDtypeStruct((bsz, h, terms, geo.whole), jnp.float32)) if problem.learned else dq
+    return (dq, jax.ShapeDtypeStruct((bsz, h, rows_out * terms, geo.whole), jnp.float32)) if rows_out else dq
 
-  outs, _ = _launch(_dq_kernel, out_type, q, k, v, seg, offsets, problem, dq_config(problem, cfg), interpret,
-                    "fib_attention_dq_mgpu", grad=(do, lse, delta))
-  if not problem.learned:
-    return outs[:, :n], None
-  dq, dd = outs
-  return dq[:, :n], jnp.sum(dd[..., :n], axis=-1)[:, :, None, :problem.num_offsets]
+  kernel = functools.partial(_dq_kernel, save_terms=save_terms)
+  outs, _ = _launch(kernel, out_type, q, k, v, seg, offsets, problem, cfg, interpret, "fib_attention_dq_mgpu", "dq",
+                    (do, lse, delta), save_terms)
+  if not rows_out:
+    return outs[:, :n], None, ()
+  dq, rows = outs
+  rows = rows[..., :n].reshape(bsz, h, rows_out, terms, n)
+  saved = (rows[:, :, 0], rows[:, :, 1]) if save_terms else ()
+  dd = jnp.sum(rows[:, :, -1], axis=-1)[:, :, None, :problem.num_offsets] if problem.learned else None
+  return dq[:, :n], dd, saved
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "cfg", "interpret"))
+def backward_dkdv(q, k, v, seg, offsets, do, lse, delta, saved, *, problem: Problem, cfg: MosaicForwardConfig | None,
+                  interpret):
+  """``(dk, dv)``, each ``[B, N, H_kv, D]`` in k's dtype: the gradient of the forward's output
+  (arguments as ``backward_dq``'s) in the keys and values, from ``saved = (p, ds)``, what
+  ``backward_dq(..., save_terms=True)`` returns. A program owns one key tile of one query head
+  (``_dkdv_handlers``): its window's query tiles ahead of it on tensor cores, each offset term's
+  shifted query and output-gradient rows row-wise; with groups each query head's share is stored
+  in k's dtype and the group's shares are summed outside the kernel in float32 (one rounding more
+  than a sum inside it), so nothing is accumulated atomically. Runs as ``dq_config(problem, cfg,
+  "dkdv")`` says."""
+  _check_grid(q, problem)
+  bsz, n, h, d = q.shape
+  h_kv = k.shape[2]
+  terms = max(problem.num_offsets, 1)
+  if len(saved) != 2 or any(x.shape != (bsz, h, terms, n) for x in saved):
+    raise ValueError(f"saved must be the dQ pass's (p, ds), each [B, H_q, K', N] = {(bsz, h, terms, n)}, got "
+                     f"{[getattr(x, 'shape', x) for x in saved]}: run backward_dq(..., save_terms=True)")
+
+  def out_type(geo: _Rows):
+    return (jax.ShapeDtypeStruct((bsz, geo.rows, h, d), k.dtype),) * 2
+
+  (dk, dv), _ = _launch(_dkdv_kernel, out_type, q, k, v, seg, offsets, problem, dq_config(problem, cfg, "dkdv"),
+                        interpret, "fib_attention_dkdv_mgpu", "dkdv", (do, lse, delta, *saved))
+  if problem.group == 1:
+    return dk[:, :n], dv[:, :n]
+  return tuple(x[:, :n].reshape(bsz, n, h_kv, problem.group, d).astype(jnp.float32).sum(3).astype(k.dtype)
+               for x in (dk, dv))
+
+
+def backward(q, k, v, seg, offsets, do, lse, out, *, problem: Problem, cfg: MosaicBackwardConfig, interpret):
+  """``(dq, dk, dv, dd)`` as ``triton_gpu.backward`` returns them (``dd [B, H_q, 1, K]`` or None):
+  ``backward_dq`` on ``cfg.dq``, then dK/dV on ``backward_dkdv`` (``cfg.dkdv`` a
+  ``MosaicForwardConfig``) or on ``triton_gpu.backward_dkdv`` (a ``BackwardConfig``), either reading
+  the terms the dQ pass saved where it takes them."""
+  delta = jnp.einsum("bnhd,bnhd->bhn", out.astype(jnp.float32), do.astype(jnp.float32))
+  on_mosaic = isinstance(cfg.dkdv, MosaicForwardConfig)
+  dq, dd, saved = backward_dq(q, k, v, seg, offsets, do, lse, delta, problem=problem, cfg=cfg.dq, interpret=interpret,
+                              save_terms=on_mosaic or cfg.dkdv.saved_terms)
+  if on_mosaic:
+    dk, dv = backward_dkdv(q, k, v, seg, offsets, do, lse, delta, saved, problem=problem, cfg=cfg.dkdv,
+                           interpret=interpret)
+  else:  # the Triton kernel's per-term arrays span a power of two
+    width = triton_gpu.terms_width(offsets)
+    saved = tuple(jnp.pad(x, [(0, 0), (0, 0), (0, width - x.shape[2]), (0, 0)]) for x in saved)
+    dk, dv = triton_gpu.backward_dkdv(q, k, v, seg, offsets, do, lse, delta, saved, problem=problem, cfg=cfg.dkdv,
+                                      interpret=interpret)
+  return dq, dk, dv, dd

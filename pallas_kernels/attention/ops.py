@@ -4,15 +4,14 @@
 kernels; the lowering (GPU/Triton or TPU/Mosaic) is picked from the backend, or named; a
 ``MosaicForwardConfig`` runs the forward on the Mosaic GPU kernel instead (its output and
 log-sum-exp are the Triton forward's, which the Triton backward reads), and a
-``MosaicBackwardConfig`` runs the dQ pass on the Mosaic GPU kernel beside the Triton dK/dV
-kernel. Each pass runs as its config
+``MosaicBackwardConfig`` runs the dQ pass on the Mosaic GPU kernel, and dK/dV on the Mosaic GPU
+kernel or the Triton one. Each pass runs as its config
 says (``pallas_kernels.attention.config``: given, tuned for the device, or the
 heuristic's).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Sequence
 
@@ -73,22 +72,14 @@ def _fwd(q, k, v, seg, offsets, problem, cfg, cfg_bwd, interpret, batch_axes):
   return out, (q, k, v, seg, offsets, out, lse)
 
 
-def _mosaic_backward(q, k, v, seg, offsets, do, lse, out, *, problem: Problem, cfg: MosaicBackwardConfig,
-                     interpret: bool):
-  """``(dq, dk, dv, dd)``: dQ on the Mosaic GPU kernel, dK/dV on the Triton one."""
-  from pallas_kernels.attention import mosaic_gpu, triton_gpu  # noqa: PLC0415
-
-  delta = jnp.einsum("bnhd,bnhd->bhn", out.astype(jnp.float32), do.astype(jnp.float32))
-  dq, dd = mosaic_gpu.backward_dq(q, k, v, seg, offsets, do, lse, delta, problem=problem, cfg=cfg.dq,
-                                  interpret=interpret)
-  dk, dv = triton_gpu.backward_dkdv(q, k, v, seg, offsets, do, lse, delta, (), problem=problem,
-                                    cfg=dataclasses.replace(cfg.dkdv, saved_terms=False), interpret=interpret)
-  return dq, dk, dv, dd
-
-
 def _bwd(problem, cfg, cfg_bwd, interpret, batch_axes, res, do):
   q, k, v, seg, offsets, out, lse = res
-  backward = _mosaic_backward if isinstance(cfg_bwd, MosaicBackwardConfig) else _lowering(problem.backend).backward
+  if isinstance(cfg_bwd, MosaicBackwardConfig):
+    from pallas_kernels.attention import mosaic_gpu  # noqa: PLC0415
+
+    backward = mosaic_gpu.backward
+  else:
+    backward = _lowering(problem.backend).backward
 
   def kernel(q, k, v, do, lse, out, *rest):
     seg, offsets = rest if problem.segments else (None, *rest)
@@ -153,7 +144,8 @@ def gathered_offset_attention(
       (``pallas_kernels.attention.config``); ``None``: this device's tuned table entry for the
       call's ``attention_problem``, else the heuristic (``config.choose``). A ``MosaicForwardConfig``
       (GPU backend; bfloat16/float16, head_dim a multiple of 64) runs the Mosaic GPU forward, a
-      ``MosaicBackwardConfig`` the dQ pass on Mosaic GPU (same conditions) beside Triton's dK/dV.
+      ``MosaicBackwardConfig`` the dQ pass on Mosaic GPU (same conditions), and dK/dV there too
+      or on the Triton kernel, as its ``dkdv`` says.
     backend: ``"gpu"`` or ``"tpu"`` lowering; default the default backend (``"gpu"`` on CPU,
       which needs ``interpret=True``).
     batch_axes: under a mesh, the axes the batch is split over; each device runs the kernels on

@@ -111,8 +111,14 @@ class _Specs:
     return pl.BlockSpec((width,), lambda i, b, h: (0,))
 
 
+def terms_width(offsets) -> int:
+  """Offset terms the kernels hold (the count rounded up to a power of two): the ``K'`` of their
+  per-term arrays."""
+  return pl.next_power_of_2(max(offsets.shape[0], 1))
+
+
 def _offs(offsets):
-  width = pl.next_power_of_2(max(offsets.shape[0], 1))
+  width = terms_width(offsets)
   return jnp.pad(offsets, (0, width - offsets.shape[0])), width
 
 
