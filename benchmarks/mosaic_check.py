@@ -23,7 +23,7 @@ so a kind that faults (segment ids, on an H100) is best run alone.
 first (a NaN or an error above 0.05 is a failure, never a time), one line per config and then the
 fastest per shape, which is what the forward's per-shape choice would take.
 
-``--dq`` instead checks the Mosaic dQ pass (``mosaic_gpu.backward_dq`` at ``dq_config``'s choice)
+``--dq`` instead checks the Mosaic dQ pass (``mosaic_gpu.backward_dq`` at ``gradient_config``'s choice)
 against the Triton dQ kernel (``triton_gpu.backward_dq`` at the heuristic's backward config, which
 also writes ``delta`` and, learned, the terms' saved probabilities) on the Triton forward's output
 and log-sum-exp: dq and, learned, the distances' gradient compared, both timed; static and learned
@@ -33,7 +33,7 @@ and log-sum-exp: dq and, learned, the distances' gradient compared, both timed; 
 gradient, from the Triton forward's output and log-sum-exp) three ways: the Triton kernels at the
 heuristic's backward config (``triton``); the Mosaic dQ pass beside the Triton dK/dV kernel at that
 config, which reads the dQ pass's saved terms where the config saves them (``mosaic-dq``); both
-passes on Mosaic GPU (``mosaic``: ``mosaic_gpu.backward_dkdv`` at ``dq_config(problem, None,
+passes on Mosaic GPU (``mosaic``: ``mosaic_gpu.backward_dkdv`` at ``gradient_config(problem, None,
 "dkdv")``). Each is compared with ``triton``; static and learned (``--kinds``), every shape.
 """
 
@@ -185,7 +185,7 @@ def dq_check(n: int, d: int, h_kv: int, offsets: jax.Array) -> str:
           q, k, v, None, offsets, do, lse, out, problem=problem, cfg=bwd_cfg, interpret=False)[:2]),
   }
   (dq, dd), (ref, ref_dd) = (jax.block_until_ready(fns[name](*sets[0])) for name in ("mosaic", "triton"))
-  line = f"{mosaic_gpu.dq_config(problem)} max|dq-triton| {error(dq, ref):.4f}"
+  line = f"{mosaic_gpu.gradient_config(problem)} max|dq-triton| {error(dq, ref):.4f}"
   if problem.learned:
     line += _dd_error(dd, ref_dd)
   return line + " | ms " + " ".join(f"{name} {time_fn(f, sets):.3f}" for name, f in fns.items())
@@ -207,7 +207,7 @@ def backward_check(n: int, d: int, h_kv: int, offsets: jax.Array) -> str:
 
   fns = {name: run(cfg) for name, cfg in configs.items()}
   ref = jax.block_until_ready(fns["triton"](*sets[0]))
-  line = f"dq {mosaic_gpu.dq_config(problem)} dkdv {mosaic_gpu.dq_config(problem, None, 'dkdv')} saved_terms " \
+  line = f"dq {mosaic_gpu.gradient_config(problem)} dkdv {mosaic_gpu.gradient_config(problem, None, 'dkdv')} saved_terms " \
          f"{bwd_cfg.saved_terms}"
   for name in ("mosaic-dq", "mosaic"):
     got = jax.block_until_ready(fns[name](*sets[0]))

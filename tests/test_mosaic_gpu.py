@@ -267,6 +267,10 @@ def test_default_config_fits_shared_memory():
     if not problem.learned:
       ws = mosaic_gpu.resolve_config(problem, mosaic_gpu.MosaicForwardConfig(block=128, consumers=2))
       assert ws.stages == (2 if d == 64 else 1)
+    for pass_ in ("dq", "dkdv"):  # the gradient passes (dQ saving its terms): one warpgroup, the forward's slots
+      grad = mosaic_gpu.gradient_config(problem, None, pass_, save_terms=True)
+      assert (grad.block, grad.stages, grad.consumers, grad.term_mma) == (64, stages, 1, False), pass_
+      assert mosaic_gpu.shared_memory_bytes(problem, grad, pass_, save_terms=True) <= mosaic_gpu.SMEM_BYTES
   # the GPU compiler refused this one (232,504 bytes needed, H100): so does the estimate
   q = jax.ShapeDtypeStruct((1, 65536, 8, 128), jnp.bfloat16)
   problem = attention_problem(q, q, jnp.zeros((8,), jnp.int32), window=64)
@@ -470,7 +474,7 @@ def _check_gradient_passes(case, interpret):
 
   config_bwd = MosaicBackwardConfig(dkdv=cfg if on_mosaic else default_backward(problem), dq=cfg)
   for pass_ in ("dq", "dkdv"):  # fits shared memory as given (dQ saving its terms)
-    assert mosaic_gpu.dq_config(problem, cfg, pass_, save_terms=True) == dataclasses.replace(cfg, term_mma=False)
+    assert mosaic_gpu.gradient_config(problem, cfg, pass_, save_terms=True) == dataclasses.replace(cfg, term_mma=False)
   argnums = (0, 1, 2, 3) if problem.learned else (0, 1, 2)
 
   def kernel_loss(q, k, v, offsets):

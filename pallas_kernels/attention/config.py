@@ -153,9 +153,10 @@ class BackwardConfig(PassConfig):
 
 @dataclasses.dataclass(frozen=True)
 class MosaicForwardConfig:
-  """How the Mosaic GPU forward (``pallas_kernels.attention.mosaic_gpu``) runs; passed as a
-  forward ``config``, it picks that kernel (the backward stays Triton's unless ``config_bwd`` is a
-  ``MosaicBackwardConfig``, whose dQ pass takes this class's fields too).
+  """How a Mosaic GPU pass (``pallas_kernels.attention.mosaic_gpu``) runs; passed as a forward
+  ``config``, it picks the Mosaic forward (the backward stays Triton's unless ``config_bwd`` is a
+  ``MosaicBackwardConfig``, whose dQ and dK/dV passes take this class's fields too: for dK/dV,
+  ``block`` and ``rows`` count key rows and the window tiles are the query tiles ahead of them).
 
   block: query rows per program (a multiple of 64, the warpgroup's ``wgmma`` rows; with one
   consumer, also the key rows of a tile). stages: ring slots of offset-term tiles (``None``:
@@ -207,7 +208,7 @@ class MosaicForwardConfig:
 @dataclasses.dataclass(frozen=True)
 class MosaicBackwardConfig:
   """A backward with its dQ pass on Mosaic GPU (``mosaic_gpu.backward_dq``, tiled as ``dq`` says;
-  ``None``: ``mosaic_gpu.dq_config``'s choice) and dK/dV as ``dkdv`` says: a ``MosaicForwardConfig``
+  ``None``: ``mosaic_gpu.gradient_config``'s choice) and dK/dV as ``dkdv`` says: a ``MosaicForwardConfig``
   runs the Mosaic GPU kernel (``mosaic_gpu.backward_dkdv``, which reads the terms the dQ pass saves),
   a ``BackwardConfig`` the Triton one (the dQ pass saves the terms where its ``saved_terms`` asks
   for them). GPU backend only."""

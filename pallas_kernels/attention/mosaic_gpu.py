@@ -170,7 +170,7 @@ def resolve_config(problem: Problem, cfg: MosaicForwardConfig | None) -> MosaicF
   return cfg
 
 
-def dq_config(problem: Problem, cfg: MosaicForwardConfig | None = None, pass_: str = "dq",
+def gradient_config(problem: Problem, cfg: MosaicForwardConfig | None = None, pass_: str = "dq",
               save_terms: bool = False) -> MosaicForwardConfig:
   """A gradient pass's config (``pass_``: ``"dq"``, saving each term's rows with ``save_terms``, or
   ``"dkdv"``): ``cfg`` (``None``: ``default_config``'s) with its stages resolved and row-wise terms
@@ -1268,12 +1268,12 @@ def backward_dq(q, k, v, seg, offsets, do, lse, delta, *, problem: Problem, cfg:
   rows (else ``None``); with ``save_terms`` ``saved = (p, ds)``, each offset term's probability and
   score gradient per query row (``[B, H_q, K', N]`` float32, ``K' = max(K, 1)``, 0 where the term
   is masked; the Triton kernel's ``saved_terms`` format, which ``backward_dkdv`` and
-  ``triton_gpu.backward_dkdv`` read), else ``()``. Runs as ``dq_config(problem, cfg)`` says."""
+  ``triton_gpu.backward_dkdv`` read), else ``()``. Runs as ``gradient_config(problem, cfg)`` says."""
   _check_grid(q, problem)
   bsz, n, h, d = q.shape
   terms = max(problem.num_offsets, 1)
   rows_out = _term_rows_out(problem, save_terms)
-  cfg = dq_config(problem, cfg, "dq", save_terms)
+  cfg = gradient_config(problem, cfg, "dq", save_terms)
 
   def out_type(geo: _Rows):
     dq = jax.ShapeDtypeStruct((bsz, geo.rows, h, d), q.dtype)
@@ -1300,7 +1300,7 @@ def backward_dkdv(q, k, v, seg, offsets, do, lse, delta, saved, *, problem: Prob
   (``_dkdv_handlers``): its window's query tiles ahead of it on tensor cores, each offset term's
   shifted query and output-gradient rows row-wise; with groups each query head's share is stored
   in k's dtype and the group's shares are summed outside the kernel in float32 (one rounding more
-  than a sum inside it), so nothing is accumulated atomically. Runs as ``dq_config(problem, cfg,
+  than a sum inside it), so nothing is accumulated atomically. Runs as ``gradient_config(problem, cfg,
   "dkdv")`` says."""
   _check_grid(q, problem)
   bsz, n, h, d = q.shape
@@ -1313,7 +1313,7 @@ def backward_dkdv(q, k, v, seg, offsets, do, lse, delta, saved, *, problem: Prob
   def out_type(geo: _Rows):
     return (jax.ShapeDtypeStruct((bsz, geo.rows, h, d), k.dtype),) * 2
 
-  (dk, dv), _ = _launch(_dkdv_kernel, out_type, q, k, v, seg, offsets, problem, dq_config(problem, cfg, "dkdv"),
+  (dk, dv), _ = _launch(_dkdv_kernel, out_type, q, k, v, seg, offsets, problem, gradient_config(problem, cfg, "dkdv"),
                         interpret, "fib_attention_dkdv_mgpu", "dkdv", (do, lse, delta, *saved))
   if problem.group == 1:
     return dk[:, :n], dv[:, :n]
