@@ -1147,22 +1147,19 @@ def _key_weights(saved: tuple[jax.Array, jax.Array], terms: tuple[jax.Array, ...
   ``((k * parts + p) * 2, + 1)``), the weights of query row ``i = j + lo + p`` in dK and dV:
   ``f * scale * ds_i`` and ``f * p_i``, from the dQ pass's saved ``(p, ds)`` (``[B, H_q, K', N]``;
   0 where the term is masked), with ``f`` the part's weight in the blended key (1 static; ``1 - t``
-  and ``t`` learned), and 0 where ``i >= N``. Shifted here, so that a dK/dV program reads its key
-  rows' weights as one aligned copy."""
-  p_BxHxKxN, ds_BxHxKxN = saved
-  n = p_BxHxKxN.shape[-1]
-  lo_K, parts = terms[0], _parts(problem)
+  and ``t`` learned), and 0 where ``i >= N``. Shifted here (a slice per term and part), so that a
+  dK/dV program reads its key rows' weights as one aligned copy."""
+  parts = _parts(problem)
+  p_BxHxKxM, ds_BxHxKxM = (jnp.pad(x.astype(jnp.float32) * c, [(0, 0)] * 3 + [(0, whole + 1)])
+                           for x, c in zip(saved, (1.0, problem.scale)))
   weights = []
-  for part in range(parts):
-    rows_KxJ = jnp.arange(whole)[None, :] + lo_K[:, None] + part
-    inside_KxJ = rows_KxJ < n
-    f_K = jnp.ones_like(lo_K, jnp.float32) if parts == 1 else (1.0 - terms[1] if part == 0 else terms[1])
-    f_KxJ = jnp.where(inside_KxJ, f_K[:, None], 0.0)[None, None]
-    at = jnp.broadcast_to(jnp.clip(rows_KxJ, 0, n - 1)[None, None], p_BxHxKxN.shape[:2] + rows_KxJ.shape)
-    ds_at, p_at = (jnp.take_along_axis(x.astype(jnp.float32), at, axis=3) for x in (ds_BxHxKxN, p_BxHxKxN))
-    weights.append(jnp.stack([f_KxJ * problem.scale * ds_at, f_KxJ * p_at], axis=3))  # [B, H_q, K', 2, whole]
-  bsz, h, kk = p_BxHxKxN.shape[:3]
-  return jnp.stack(weights, axis=3).reshape(bsz, h, kk * parts * 2, whole)
+  for k in range(saved[0].shape[2]):
+    for part in range(parts):
+      f = 1.0 if parts == 1 else (1.0 - terms[1][k] if part == 0 else terms[1][k])
+      start = terms[0][k] + part  # < n + 1: past n the padding's zeros
+      weights += [f * lax.dynamic_slice_in_dim(x[:, :, k], start, whole, axis=2)
+                  for x in (ds_BxHxKxM, p_BxHxKxM)]
+  return jnp.stack(weights, axis=2)
 
 
 def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: MosaicForwardConfig | None, interpret,
