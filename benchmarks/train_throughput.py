@@ -1,7 +1,11 @@
 """Training throughput: tokens/s and MFU of the ``paper`` recipe, dense vs fib-linear, at T = 1024
 and T = 8192, with the real jit-sharded train step of ``train/`` on random tokens.
 
-    python -m benchmarks.train_throughput [--tokens-per-step 32768] [--out DIR]
+    python -m benchmarks.train_throughput [--tokens-per-step 32768] [--kernels triton mosaic] [--out DIR]
+
+``--kernels`` runs each sparse variant once per GPU kernel family of its attention (the Pallas
+Triton or Mosaic GPU kernels, ``ModelConfig.attention_kernels``), all in one process; without it,
+the default kernels.
 
 Uses the trainer's default XLA flags (``train/xla_flags.py``). MFU counts ``6 * params + attention`` FLOPs per token (``train/metrics.py``) against the
 device's dense bf16 peak. Writes ``train_throughput_<device>.json`` and ``.md`` (refuses to overwrite
@@ -26,6 +30,7 @@ import configs
 from configs.base import TrainConfig
 from fibjax.cli import ArgumentParser
 from fibjax.model import VARIANTS, count_params
+from pallas_kernels.attention.config import GPU_KERNELS
 from benchmarks.cli import add_force, at_least, claim, device_kind, out_folder, require_gpu
 from benchmarks.timing import copies, describe_kernels, kernel_times
 from train.run import xla_flags
@@ -34,14 +39,17 @@ from train.run.step import make_optimizer
 from train.run.trainer import compile_train_step, init_state, make_mesh
 
 
-def _setup(variant: str, seq_len: int, tokens_per_step: int) -> tuple[
+def _setup(variant: str, seq_len: int, tokens_per_step: int, kernels: str | None = None) -> tuple[
     TrainConfig, Mesh, nnx.GraphDef, dict[str, Any], Callable, list[jax.Array]]:
   """``(cfg, mesh, graphdef, state, step, batches)``: the ``paper`` recipe of ``variant`` at ``seq_len``
-  with ``tokens_per_step // seq_len`` rows per step, its compiled train step, and 4 batches of
-  random int32 tokens ``[1, B, seq_len + 1]`` (one micro-batch each)."""
+  with ``tokens_per_step // seq_len`` rows per step (a sparse variant's attention on the Pallas
+  kernels of family ``kernels``, when given), its compiled train step, and 4 batches of random
+  int32 tokens ``[1, B, seq_len + 1]`` (one micro-batch each)."""
   cfg = configs.get_config("paper", variant)
-  cfg = dataclasses.replace(cfg, batch_size=max(1, tokens_per_step // seq_len),
-                            model=dataclasses.replace(cfg.model, seq_len=seq_len))
+  model = dataclasses.replace(cfg.model, seq_len=seq_len)
+  if kernels is not None:
+    model = dataclasses.replace(model, attention_impl="pallas", attention_kernels=kernels)
+  cfg = dataclasses.replace(cfg, batch_size=max(1, tokens_per_step // seq_len), model=model)
   mesh = make_mesh()
   tx = make_optimizer(cfg)
   with jax.set_mesh(mesh):
@@ -81,8 +89,8 @@ def _run(step: Callable, state: dict[str, Any], batches: list[jax.Array],
   return state, m, synced, pipelined[1:]
 
 
-def measure(variant: str, seq_len: int, tokens_per_step: int, steps: int) -> dict:
-  cfg, mesh, graphdef, state, step, batches = _setup(variant, seq_len, tokens_per_step)
+def measure(variant: str, seq_len: int, tokens_per_step: int, steps: int, kernels: str | None = None) -> dict:
+  cfg, mesh, graphdef, state, step, batches = _setup(variant, seq_len, tokens_per_step, kernels)
   with jax.set_mesh(mesh):
     params = count_params(nnx.merge(graphdef, state["params"]))
     state, m, synced, pipelined = _run(step, state, batches, steps)
@@ -90,7 +98,8 @@ def measure(variant: str, seq_len: int, tokens_per_step: int, steps: int) -> dic
   tps = cfg.batch_size * seq_len / sec
   peak = peak_flops_per_device()
   mfu = tps * flops_per_token(cfg.model, params) / (peak * jax.device_count()) if peak else None
-  return {"variant": variant, "seq_len": seq_len, "batch": cfg.batch_size, "step_ms": 1e3 * sec,
+  return {"variant": variant, "kernels": kernels or "default", "seq_len": seq_len, "batch": cfg.batch_size,
+          "step_ms": 1e3 * sec,
           "synced_step_ms": 1e3 * statistics.median(synced), "tokens_per_s": tps,
           "mfu": mfu, "params": params, "loss": float(m["loss"]), "remat": cfg.model.remat}
 
@@ -136,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
                       default=[1024, 8192])
   parser.add_argument("--variants", nargs="+", default=["dense", "fib-linear"], choices=VARIANTS,
                       help="speed vs dense needs dense among them")
+  parser.add_argument("--kernels", nargs="+", choices=GPU_KERNELS,
+                      help="run each sparse variant on each of these GPU kernel families (default: the default's)")
   parser.add_argument("--profile", action="store_true",
                       help="print GPU kernel time per step by kernel and kind (jax.profiler trace), write nothing")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
@@ -156,21 +167,23 @@ def main(argv: list[str] | None = None) -> None:
   rows = []
   for t in args.seq_lens:
     for variant in args.variants:
-      rows.append(measure(variant, t, args.tokens_per_step, args.steps))
-      print(json.dumps(rows[-1]), flush=True)
+      for kernels in ([None] if variant == "dense" or not args.kernels else args.kernels):
+        rows.append(measure(variant, t, args.tokens_per_step, args.steps, kernels))
+        print(json.dumps(rows[-1]), flush=True)
   (args.out / f"train_throughput_{tag}.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
   lines = [f"# Training throughput, paper recipe, {device} ({time.strftime('%Y-%m-%d')}, jax {jax.__version__})", "",
            f"bf16 compute, fp32 master weights, {args.tokens_per_step} tokens per step, median of {args.steps} steps. "
            "Step ms: steps run as the trainer runs them (the next step dispatched before the last loss is read); "
            "synced: each step waited for alone (adds the host's dispatch time). "
            "Reproduce: `python -m benchmarks.train_throughput`.", "",
-           "| T | variant | batch | step ms | synced step ms | tokens/s | MFU | speed vs dense |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| T | variant | kernels | batch | step ms | synced step ms | tokens/s | MFU | speed vs dense |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     dense = next((x for x in rows if x["seq_len"] == r["seq_len"] and x["variant"] == "dense"), None)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
     speed = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense else "n/a (dense not run)"
-    lines.append(f"| {r['seq_len']} | {r['variant']} | {r['batch']} | {r['step_ms']:.1f} | {r['synced_step_ms']:.1f} | "
+    lines.append(f"| {r['seq_len']} | {r['variant']} | {r['kernels']} | {r['batch']} | {r['step_ms']:.1f} | "
+                 f"{r['synced_step_ms']:.1f} | "
                  f"{r['tokens_per_s']:,.0f} | {mfu} | {speed} |")
   (args.out / f"train_throughput_{tag}.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))

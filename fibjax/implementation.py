@@ -18,6 +18,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.attention.config import GPU_KERNELS
+
 Implementation = Literal["auto", "xla", "pallas", "cudnn"]
 
 IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
@@ -48,6 +50,22 @@ def check_implementation(kind: str, impl: str, name: str = "implementation", whe
     raise ValueError(f"{name}='pallas' has no grouped-query attention{where} (the fused decode kernels read one kv "
                      f"head per query head); use {name}='auto' or 'xla'")
   return impl
+
+
+def check_kernels(kernels: str | None, impl: str, kind: str, name: str = "kernels") -> str | None:
+  """``kernels`` (``None``: the default family, or one of ``GPU_KERNELS``) if a ``kind`` attention layer
+  (a ``LayerPattern.kind``) of implementation ``impl`` can take it: a family names Pallas kernels
+  of sparse attention, so it needs ``impl == "pallas"`` and a sparse layer. Else ``ValueError``
+  naming ``name``."""
+  if kernels is None:
+    return None
+  if kernels not in GPU_KERNELS:
+    raise ValueError(f"{name} must be None (the default) or one of {GPU_KERNELS}, got {kernels!r}")
+  if kind == "dense" or impl != "pallas":
+    raise ValueError(f"{name}={kernels!r} picks the Pallas kernels of sparse attention, not a "
+                     f"{'dense layer' if kind == 'dense' else f'{impl!r} implementation'}: set the attention "
+                     f"implementation to 'pallas' on a sparse variant, or {name}=None")
+  return kernels
 
 
 def resolve_sparse(impl: str, interpret: bool) -> str:

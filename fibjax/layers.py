@@ -22,7 +22,7 @@ from flax import nnx
 
 from fibjax import decode as dec
 from fibjax.attention import attention, dense_attention
-from fibjax.implementation import check_implementation, resolve_decode, resolve_norm
+from fibjax.implementation import check_implementation, check_kernels, resolve_decode, resolve_norm
 from fibjax.offsets import check_alpha, check_int, check_window_reach
 from pallas_kernels.pattern import normalize_offsets
 
@@ -131,8 +131,10 @@ class Attention(nnx.Module):
   attention, query head ``h`` reading kv head ``h // (H / H_kv)``): the projection's columns are
   ``H`` query heads, then ``H_kv`` key and ``H_kv`` value heads, and the decode cache holds
   ``H_kv`` heads. ``implementation``: a name the pattern's attention op takes
-  (``fibjax.implementation``); ``interpret``: the Pallas kernel in interpret mode; ``batch_axes``:
-  the mesh axes the Pallas kernel splits the batch over."""
+  (``fibjax.implementation``); ``kernels``: with ``implementation="pallas"`` on a sparse layer, the
+  GPU kernel family, ``"triton"`` or ``"mosaic"`` (``None``: the default,
+  ``gathered_offset_attention``'s ``backend``); ``interpret``: the Pallas kernel in interpret mode;
+  ``batch_axes``: the mesh axes the Pallas kernel splits the batch over."""
 
   def __init__(
       self,
@@ -144,6 +146,7 @@ class Attention(nnx.Module):
       num_kv_heads: int | None = None,
       rope_base: float = 10_000.0,
       implementation: str = "auto",
+      kernels: str | None = None,
       interpret: bool = False,
       batch_axes: tuple[str, ...] = BATCH_AXES,
       dtype: jnp.dtype = jnp.float32,
@@ -162,6 +165,7 @@ class Attention(nnx.Module):
     self.pattern, self.rope_base, self.interpret = pattern, rope_base, interpret
     self.implementation = check_implementation("dense" if pattern.kind == "dense" else "sparse", implementation,
                                                where=f" for a {pattern.kind} layer")
+    self.kernels = check_kernels(kernels, self.implementation, pattern.kind)
     qkv_heads = num_heads + 2 * self.num_kv_heads
     self.qkv = _dense(d_model, qkv_heads * head_dim, dtype, param_dtype, rngs, ("fsdp", None))
     self.out = _dense(num_heads * head_dim, d_model, dtype, param_dtype, rngs, ("fsdp", None))
@@ -209,8 +213,9 @@ class Attention(nnx.Module):
     impl = dict(segment_ids=segment_ids_BxN, implementation=self.implementation, interpret=self.interpret)
     if self.pattern.kind == "dense":
       return dense_attention(q, k, v, window=self.pattern.sink_window, sinks=self.pattern.sinks, **impl)
+    kernels = {} if self.kernels is None else {"backend": self.kernels}
     return attention(q, k, v, window=self.pattern.window, offsets=self.offsets(), reach=self.pattern.reach,
-                     batch_axes=self.batch_axes, **impl)
+                     batch_axes=self.batch_axes, **impl, **kernels)
 
   def _sink_window(self) -> dict:
     return dict(window=self.pattern.sink_window, sinks=self.pattern.sinks)
@@ -302,7 +307,7 @@ def _compute_weight(linear: nnx.Linear) -> jax.Array:
 class Block(nnx.Module):
   """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
-  ``num_kv_heads``, ``implementation``: the attention's (``Attention``); ``decode_impl``,
+  ``num_kv_heads``, ``implementation``, ``kernels``: the attention's (``Attention``); ``decode_impl``,
   ``norm_impl``: the implementations of incremental decoding and the RMSNorms
   (``fibjax.implementation``; the fused decode kernels have no grouped-query attention);
   ``interpret``: every Pallas kernel in interpret mode; ``batch_axes``: the mesh axes the Pallas
@@ -319,6 +324,7 @@ class Block(nnx.Module):
       num_kv_heads: int | None = None,
       rope_base: float = 10_000.0,
       implementation: str = "auto",
+      kernels: str | None = None,
       decode_impl: str = "auto",
       norm_impl: str = "auto",
       interpret: bool = False,
@@ -331,7 +337,7 @@ class Block(nnx.Module):
     self.attn_norm, self.mlp_norm = norm(), norm()
     self.attn = Attention(
         d_model, num_heads, head_dim, pattern, num_kv_heads=num_kv_heads, rope_base=rope_base,
-        implementation=implementation, interpret=interpret, batch_axes=batch_axes, dtype=dtype,
+        implementation=implementation, kernels=kernels, interpret=interpret, batch_axes=batch_axes, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs,
     )
     self.mlp = MLP(d_model, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

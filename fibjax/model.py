@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fibjax.implementation import check_implementation
+from fibjax.implementation import check_implementation, check_kernels
 from fibjax.layers import BATCH_AXES, Block, LayerPattern, check_kv_heads
 from fibjax.offsets import (BASES, check_alpha, check_offset_rows, check_window_reach, layer_offsets, learned_terms,
                             offset_set, random_offsets)
@@ -45,6 +45,9 @@ class ModelConfig:
   mlp_dim: SwiGLU hidden width; 1664 (3.25 x 512) puts the paper recipe at ~57.8M parameters.
   dtype: compute dtype; param_dtype: master weights.
   attention_impl: ``auto``, ``xla``, and ``pallas`` (sparse variants) or ``cudnn`` (dense).
+  attention_kernels: with ``attention_impl="pallas"``, the GPU kernel family of the sparse
+  attention, ``triton`` or ``mosaic`` (Pallas Mosaic GPU: Hopper or newer, bfloat16/float16,
+  head_dim a multiple of 64); ``None``: the default (``pallas_kernels.gathered_offset_attention``).
   decode_impl: incremental decoding, ``auto``, ``xla`` or ``pallas`` (not with grouped-query
   attention). norm_impl: the blocks' RMSNorm over sequences, ``auto``, ``xla`` or ``pallas``.
   What ``auto`` picks for each: ``fibjax.implementation``.
@@ -78,6 +81,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: str = "auto"
+  attention_kernels: str | None = None
   decode_impl: str = "auto"
   norm_impl: str = "auto"
   interpret: bool = False
@@ -140,6 +144,8 @@ class ModelConfig:
         raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
     check_implementation("dense" if self.variant == "dense" else "sparse", self.attention_impl, "attention_impl",
                          f" for variant {self.variant!r}")
+    check_kernels(self.attention_kernels, self.attention_impl, "dense" if self.variant == "dense" else "sparse",
+                  "attention_kernels")
     self._validate_controls()
     grouped = check_kv_heads(self.num_heads, self.num_kv_heads) != self.num_heads
     check_implementation("decode", self.decode_impl, "decode_impl", grouped=grouped)
@@ -250,7 +256,8 @@ class LM(nnx.Module):
                            embedding_init=embed_init, rngs=rngs)
     self.blocks = nnx.List([
         Block(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, p, num_kv_heads=cfg.num_kv_heads,
-              rope_base=cfg.rope_base, implementation=cfg.attention_impl, decode_impl=cfg.decode_impl,
+              rope_base=cfg.rope_base, implementation=cfg.attention_impl, kernels=cfg.attention_kernels,
+              decode_impl=cfg.decode_impl,
               norm_impl=cfg.norm_impl, interpret=cfg.interpret, batch_axes=batch_axes, dtype=dtype,
               param_dtype=param_dtype, rngs=rngs)
         for p in layer_patterns(cfg)

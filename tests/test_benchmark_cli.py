@@ -6,6 +6,7 @@ the device), with ``--out`` under ``tmp_path``; nothing is measured."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import pathlib
@@ -185,16 +186,42 @@ def test_unknown_variants_and_recipes_are_refused(capsys, tmp_path, module, argv
 
 def test_train_throughput_without_dense_writes_its_table(tmp_path, monkeypatch, capsys):
   """Speed vs dense is "n/a" where dense was not run; both files are written."""
-  row = {"variant": "fib-linear", "seq_len": 64, "batch": 2, "step_ms": 10.0, "synced_step_ms": 11.0,
-         "tokens_per_s": 12800.0, "mfu": None, "params": 1, "loss": 5.0, "remat": False}
+  row = {"variant": "fib-linear", "kernels": "default", "seq_len": 64, "batch": 2, "step_ms": 10.0,
+         "synced_step_ms": 11.0, "tokens_per_s": 12800.0, "mfu": None, "params": 1, "loss": 5.0, "remat": False}
   monkeypatch.setattr(train_throughput, "device_kind", lambda: "Fake GPU")
   monkeypatch.setattr(train_throughput, "require_gpu", lambda what: None)
   monkeypatch.setattr(train_throughput.xla_flags, "apply_defaults", lambda: None)
-  monkeypatch.setattr(train_throughput, "measure", lambda variant, seq_len, tokens, steps: dict(row))
+  monkeypatch.setattr(train_throughput, "measure", lambda variant, seq_len, tokens, steps, kernels: dict(row))
   train_throughput.main(["--variants", "fib-linear", "--seq-lens", "64", "--out", str(tmp_path)])
   assert json.loads((tmp_path / "train_throughput_Fake_GPU.json").read_text())["rows"] == [row]
   md = (tmp_path / "train_throughput_Fake_GPU.md").read_text()
-  assert "| 64 | fib-linear | 2 | 10.0 | 11.0 | 12,800 | n/a | n/a (dense not run) |" in md
+  assert "| 64 | fib-linear | default | 2 | 10.0 | 11.0 | 12,800 | n/a | n/a (dense not run) |" in md
+  capsys.readouterr()
+
+
+def test_train_throughput_runs_each_sparse_variant_on_each_kernel_family(tmp_path, monkeypatch, capsys):
+  """``--kernels triton mosaic``: dense once, each sparse variant once per family, in that order,
+  each asked of the model by ``ModelConfig.attention_kernels`` (the Pallas attention)."""
+  runs = []
+
+  def measure(variant, seq_len, tokens, steps, kernels):
+    runs.append((variant, kernels))
+    cfg = train_throughput.configs.get_config("paper", variant)
+    model = dataclasses.replace(cfg.model, attention_impl="pallas", attention_kernels=kernels) if kernels else cfg.model
+    model.validate()
+    return {"variant": variant, "kernels": kernels or "default", "seq_len": seq_len, "batch": 1, "step_ms": 1.0,
+            "synced_step_ms": 1.0, "tokens_per_s": 100.0 * (1 + len(runs)), "mfu": None}
+
+  monkeypatch.setattr(train_throughput, "device_kind", lambda: "Fake GPU")
+  monkeypatch.setattr(train_throughput, "require_gpu", lambda what: None)
+  monkeypatch.setattr(train_throughput.xla_flags, "apply_defaults", lambda: None)
+  monkeypatch.setattr(train_throughput, "measure", measure)
+  train_throughput.main(["--variants", "dense", "fib-linear", "--seq-lens", "64", "--kernels", "triton", "mosaic",
+                         "--out", str(tmp_path)])
+  assert runs == [("dense", None), ("fib-linear", "triton"), ("fib-linear", "mosaic")]
+  md = (tmp_path / "train_throughput_Fake_GPU.md").read_text()
+  assert "| 64 | fib-linear | triton | 1 | 1.0 | 1.0 | 300 | n/a | 1.50x |" in md
+  assert "| 64 | fib-linear | mosaic | 1 | 1.0 | 1.0 | 400 | n/a | 2.00x |" in md
   capsys.readouterr()
 
 

@@ -287,7 +287,8 @@ def test_the_pallas_entry_point_checks_its_pattern_and_takes_a_sequence_of_offse
   assert window == 8 and as_array.dtype == jnp.int32 and as_array.tolist() == list(offs)
   for kwargs, match in ((dict(window=0), "window must be an int >= 1"), (dict(window=8.5), "window must be an int"),
                         (dict(scale=-1.0), "scale must be"), (dict(reach=4), "reach must be an int > window"),
-                        (dict(offsets=[-3]), "distances >= 0"), (dict(backend="cuda"), "backend must be 'gpu' or 'tpu'")):
+                        (dict(offsets=[-3]), "distances >= 0"),
+                        (dict(backend="cuda"), r"backend must be one of \('gpu', 'tpu', 'triton', 'mosaic'\)")):
     args = dict(window=8, offsets=offs, reach=48, interpret=True) | kwargs
     with pytest.raises(ValueError, match=match):
       g(q, q, q, **args)

@@ -142,6 +142,23 @@ def test_attention_impl_that_a_variant_lacks_raises_with_the_valid_ones(variant,
     fibjax.Attention(32, 2, 16, fibjax.LayerPattern(kind, 4, 32), implementation=impl, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(attention_kernels="cuda"), r"attention_kernels must be None \(the default\) or one of \('triton', 'mosaic'\)"),
+    (dict(attention_kernels="mosaic"), r"attention_kernels='mosaic' picks the Pallas kernels of sparse attention, not a "
+                                       r"'auto' implementation"),
+    (dict(attention_kernels="triton", variant="dense", attention_impl="xla"), "not a dense layer"),
+])
+def test_attention_kernels_need_the_pallas_sparse_attention(kwargs, message):
+  """A GPU kernel family names the sparse attention's Pallas kernels: refused, in one line naming the
+  fix, for an unknown family, another implementation and a dense model (the config and the layer)."""
+  with pytest.raises(ValueError, match=message):
+    fibjax.ModelConfig(**kwargs).validate()
+  fibjax.ModelConfig(attention_impl="pallas", attention_kernels="mosaic").validate()
+  with pytest.raises(ValueError, match="kernels='triton' picks the Pallas kernels"):
+    fibjax.Attention(32, 2, 16, fibjax.LayerPattern("static", 4, 32), implementation="xla", kernels="triton",
+                     rngs=nnx.Rngs(0))
+
+
 @pytest.mark.parametrize("field", ["decode_impl", "norm_impl"])
 def test_kernel_impls_share_one_vocabulary(field):
   for impl in ("auto", "xla", "pallas"):

@@ -554,3 +554,42 @@ def test_dkdv_pass_lowers_for_cuda(consumers, segments, offset_dtype):
     exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
     assert [(a.shape, a.dtype) for a in exported.out_avals] == want, fn.__name__
     assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module()), fn.__name__
+
+
+def test_the_mosaic_family_runs_a_model_on_mosaic_gpu_kernels():
+  """``ModelConfig(attention_kernels="mosaic")`` (``backend="mosaic"`` below it): a learned-alpha
+  model's loss and every gradient (alpha's included) through the Mosaic forward, dQ and dK/dV
+  passes, those of the same model on the Triton kernels (``"triton"``), whose programs hold no
+  Mosaic kernel."""
+  from flax import nnx  # noqa: PLC0415
+
+  import fibjax  # noqa: PLC0415
+
+  tokens = jnp.asarray(np.random.default_rng(61).integers(0, 256, (1, 129)), jnp.int32)
+  base = fibjax.ModelConfig(variant="fib-learned", d_model=128, num_layers=1, num_heads=2, head_dim=64, mlp_dim=128,
+                            seq_len=128, window=16, dtype="bfloat16", attention_impl="pallas", norm_impl="xla",
+                            interpret=True)
+
+  def loss(model, tokens):
+    logits = model(tokens[:, :-1]).astype(jnp.float32)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1))
+
+  results = {}
+  for kernels in ("mosaic", "triton"):
+    model = fibjax.LM(dataclasses.replace(base, attention_kernels=kernels), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, t: loss(nnx.merge(graphdef, p), t)))
+    text = str(jax.make_jaxpr(grad_fn)(params, tokens))
+    ran = {name for name in ("fib_attention_fwd_mgpu", "fib_attention_dq_mgpu", "fib_attention_dkdv_mgpu")
+           if name in text}
+    assert ran == (set() if kernels == "triton" else {"fib_attention_fwd_mgpu", "fib_attention_dq_mgpu",
+                                                      "fib_attention_dkdv_mgpu"}), kernels
+    results[kernels] = _done(grad_fn(params, tokens))
+  (got_loss, got), (want_loss, want) = results["mosaic"], results["triton"]
+  np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-3)
+  leaves = jax.tree_util.tree_leaves_with_path(got)
+  assert any("log_alpha" in jax.tree_util.keystr(path) and abs(float(g)) > 1e-4 for path, g in leaves)
+  for (path, g), w in zip(leaves, jax.tree.leaves(want)):
+    g, w, msg = np.asarray(g, np.float32), np.asarray(w, np.float32), jax.tree_util.keystr(path)
+    assert np.isfinite(g).all(), msg
+    np.testing.assert_allclose(g, w, atol=2e-2 * max(np.abs(w).max(), 1e-3), rtol=5e-2, err_msg=msg)

@@ -24,6 +24,8 @@ from typing import Literal, get_args
 import jax
 
 Backend = Literal["gpu", "tpu"]
+# The GPU kernel families of the attention (``gathered_offset_attention``'s ``backend`` names them too).
+GPU_KERNELS = ("triton", "mosaic")
 # How a kernel runs its offset terms: unrolled, each behind a branch that skips a tile it reaches
 # no row of; unrolled with every term run, its dead rows masked; or as one loop body, dead rows
 # masked, which lets the compiler pipeline the next term's loads (``num_stages``).

@@ -13,12 +13,12 @@ heuristic's).
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention.config import (Backend, BackwardConfig, ForwardConfig, MosaicBackwardConfig,
+from pallas_kernels.attention.config import (GPU_KERNELS, Backend, BackwardConfig, ForwardConfig, MosaicBackwardConfig,
                                              MosaicForwardConfig, Problem, choose)
 from pallas_kernels.batch_shards import per_batch_shard
 from pallas_kernels.pattern import as_offsets, check_pattern, check_qkv, check_segment_ids, normalize_offsets
@@ -94,6 +94,20 @@ def _bwd(problem, cfg, cfg_bwd, interpret, batch_axes, res, do):
 _attention.defvjp(_fwd, _bwd)
 
 
+# The ``backend`` names ``gathered_offset_attention`` takes: a lowering, or a GPU kernel family (``GPU_KERNELS``).
+Lowering = Literal["gpu", "tpu", "triton", "mosaic"]
+LOWERINGS: tuple[str, ...] = get_args(Lowering)
+
+
+def _mosaic_configs(problem: Problem) -> tuple[MosaicForwardConfig, MosaicBackwardConfig]:
+  """The Mosaic GPU kernels' default configs: the forward's measured choice, and both gradient
+  passes from it (each fitted to shared memory by ``mosaic_gpu.gradient_config``)."""
+  from pallas_kernels.attention import mosaic_gpu  # noqa: PLC0415
+
+  cfg = mosaic_gpu.default_config(problem)
+  return cfg, MosaicBackwardConfig(dkdv=cfg, dq=cfg)
+
+
 def _default_backend() -> Backend:
   return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
@@ -125,7 +139,7 @@ def gathered_offset_attention(
     segment_ids: jax.Array | None = None,
     config: ForwardConfig | MosaicForwardConfig | None = None,
     config_bwd: BackwardConfig | MosaicBackwardConfig | None = None,
-    backend: Backend | None = None,
+    backend: Lowering | None = None,
     interpret: bool = False,
     batch_axes: Sequence[str] | None = None,
 ) -> jax.Array:
@@ -146,14 +160,21 @@ def gathered_offset_attention(
       (GPU backend; bfloat16/float16, head_dim a multiple of 64) runs the Mosaic GPU forward, a
       ``MosaicBackwardConfig`` the dQ pass on Mosaic GPU (same conditions), and dK/dV there too
       or on the Triton kernel, as its ``dkdv`` says.
-    backend: ``"gpu"`` or ``"tpu"`` lowering; default the default backend (``"gpu"`` on CPU,
-      which needs ``interpret=True``).
+    backend: the lowering: ``"tpu"``; ``"gpu"``, the GPU's default kernels (the Triton ones:
+      the Mosaic GPU kernels have not yet met issue 28's speed bars); or a GPU kernel family by
+      name, ``"triton"`` or ``"mosaic"`` (Pallas Mosaic GPU, Hopper or newer: bfloat16/float16,
+      head_dim a multiple of 64), which sets what ``config`` and ``config_bwd`` default to
+      (``"mosaic"``: ``mosaic_gpu.default_config``'s forward and both gradient passes on Mosaic
+      GPU). Default: the default backend's (``"gpu"`` on CPU, which needs ``interpret=True``).
     batch_axes: under a mesh, the axes the batch is split over; each device runs the kernels on
       its own rows (default: every axis of the current mesh).
   """
   backend = backend or _default_backend()
-  if backend not in ("gpu", "tpu"):
-    raise ValueError(f"backend must be 'gpu' or 'tpu' (the Pallas lowering), got {backend!r}")
+  if backend not in LOWERINGS:
+    raise ValueError(f"backend must be one of {LOWERINGS} (the Pallas lowering, or a GPU kernel family), "
+                     f"got {backend!r}")
+  family = backend if backend in GPU_KERNELS else None
+  backend = "gpu" if family else backend
   if not interpret and jax.default_backend() != backend:
     raise ValueError(f"the {backend} Pallas kernel needs a {backend.upper()} (default backend is "
                      f"{jax.default_backend()}); pass interpret=True to run it on CPU, or use "
@@ -167,7 +188,7 @@ def gathered_offset_attention(
   problem = attention_problem(q, k, offsets, window=window, reach=reach, scale=scale, segment_ids=segment_ids,
                               backend=backend)
   if config is None or config_bwd is None:
-    chosen, chosen_bwd = choose(problem)
+    chosen, chosen_bwd = _mosaic_configs(problem) if family == "mosaic" else choose(problem)
     config, config_bwd = config or chosen, config_bwd or chosen_bwd
   if not (isinstance(config, (ForwardConfig, MosaicForwardConfig))
           and isinstance(config_bwd, (BackwardConfig, MosaicBackwardConfig))):

@@ -74,6 +74,7 @@ RESUMABLE_FIELDS: dict[str, str] = {
                   "held-out measurement reads eval_batches x batch_size / grad_accum windows)",
     "data_path": "where the data is: its content must be the same (sha256, see train.data.text.fingerprint)",
     "model.attention_impl": "which kernel computes the same attention",
+    "model.attention_kernels": "which GPU kernels (Triton or Mosaic GPU) compute the same attention",
     "model.decode_impl": "which kernel decodes (generation only)",
     "model.norm_impl": "which kernel computes the same RMSNorm",
     "model.interpret": "Pallas kernels in interpret mode: the same function",
