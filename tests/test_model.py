@@ -147,13 +147,16 @@ def test_attention_impl_that_a_variant_lacks_raises_with_the_valid_ones(variant,
     (dict(attention_kernels="mosaic"), r"attention_kernels='mosaic' picks the Pallas kernels of sparse attention, not a "
                                        r"'auto' implementation"),
     (dict(attention_kernels="triton", variant="dense", attention_impl="xla"), "not a dense layer"),
+    (dict(attention_kernels="mosaic", attention_impl="pallas"), r"takes dtype bfloat16 or float16 and head_dim a "
+                                                                r"multiple of 64, got dtype=float32, head_dim=64"),
+    (dict(attention_kernels="mosaic", attention_impl="pallas", dtype="bfloat16", head_dim=32), "head_dim=32"),
 ])
 def test_attention_kernels_need_the_pallas_sparse_attention(kwargs, message):
   """A GPU kernel family names the sparse attention's Pallas kernels: refused, in one line naming the
   fix, for an unknown family, another implementation and a dense model (the config and the layer)."""
   with pytest.raises(ValueError, match=message):
     fibjax.ModelConfig(**kwargs).validate()
-  fibjax.ModelConfig(attention_impl="pallas", attention_kernels="mosaic").validate()
+  fibjax.ModelConfig(attention_impl="pallas", attention_kernels="mosaic", dtype="bfloat16").validate()
   with pytest.raises(ValueError, match="kernels='triton' picks the Pallas kernels"):
     fibjax.Attention(32, 2, 16, fibjax.LayerPattern("static", 4, 32), implementation="xla", kernels="triton",
                      rngs=nnx.Rngs(0))
