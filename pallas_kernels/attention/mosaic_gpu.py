@@ -171,7 +171,7 @@ def resolve_config(problem: Problem, cfg: MosaicForwardConfig | None) -> MosaicF
 
 
 def gradient_config(problem: Problem, cfg: MosaicForwardConfig | None = None, pass_: str = "dq",
-              save_terms: bool = False) -> MosaicForwardConfig:
+                    save_terms: bool = False) -> MosaicForwardConfig:
   """A gradient pass's config (``pass_``: ``"dq"``, saving each term's rows with ``save_terms``, or
   ``"dkdv"``): ``cfg`` (``None``: ``default_config``'s) with its stages resolved and row-wise terms
   (both passes compute a term's products on registers); where that, with the pass's own buffers,
