@@ -432,7 +432,7 @@ GRAD_CASES = {  # seed, n, q heads, kv heads, head_dim, window, offsets, segment
                         True),
     "dkdv_learned_segments_gqa": (54, 128, 2, 1, 64, 16, (16.5, 40.25, 100.0, 16.0, 15.5), (0, 50, 64, 100),
                                   mosaic_gpu.MosaicForwardConfig(stages=2), True),
-    "dkdv_ws_learned_ragged": (55, 200, 1, 1, 64, 70, (70.0, 90.5, 71.25, 150.75, 110.5), (0, 120),
+    "dkdv_ws_learned_ragged": (55, 120, 1, 1, 64, 70, (70.0, 90.5, 71.25, 99.5, 110.5), (0, 100),
                                mosaic_gpu.MosaicForwardConfig(stages=1, **WS), True),
 }
 
