@@ -235,6 +235,8 @@ def test_unsupported_inputs_raise():
   problem = attention_problem(q32, k32, offsets, **pattern)
   with pytest.raises(ValueError, match="bfloat16 or float16"):
     mosaic_gpu.forward(q32, k32, v32, None, offsets, problem=problem, cfg=cfg, interpret=True)
+  with pytest.raises(ValueError, match=r"float32: cast q, k and v, or run the Triton kernels \(backend='triton'"):
+    gathered_offset_attention(q32, k32, v32, offsets=offsets, backend="mosaic", interpret=True, **pattern)
   with pytest.raises(ValueError, match="do not match the problem"):
     mosaic_gpu.forward(q, k, v, None, offsets.astype(jnp.float32), problem=problem, cfg=cfg, interpret=True)
   with pytest.raises(ValueError, match="multiple of 64"):

@@ -238,9 +238,11 @@ def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicF
   if problem.learned != jnp.issubdtype(offsets.dtype, jnp.floating):
     raise ValueError(f"offsets of dtype {offsets.dtype} do not match the problem (learned={problem.learned})")
   if q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"the Mosaic GPU forward takes bfloat16 or float16 inputs, got {q.dtype}")
+    raise ValueError(f"the Mosaic GPU kernels take bfloat16 or float16 inputs, got {q.dtype}: cast q, k and v, or "
+                     "run the Triton kernels (backend='triton', or a ForwardConfig/BackwardConfig)")
   if (q.shape[-1] * q.dtype.itemsize) % LANE_BYTES:
-    raise ValueError(f"the Mosaic GPU forward needs head_dim a multiple of 64, got {q.shape[-1]}")
+    raise ValueError(f"the Mosaic GPU kernels need head_dim a multiple of 64, got {q.shape[-1]}: run the Triton "
+                     "kernels (backend='triton', or a ForwardConfig/BackwardConfig)")
   if not isinstance(cfg, MosaicForwardConfig):
     raise TypeError(f"cfg must be a MosaicForwardConfig, got {type(cfg).__name__}")
   if (used := shared_memory_bytes(problem, cfg, pass_, save_terms)) > SMEM_BYTES:
