@@ -14,6 +14,9 @@ from fibjax.reference import (dense_attention_reference, dense_mask, sink_window
 from pallas_kernels.pattern import check_pattern, check_qkv, check_scale, check_segment_ids
 
 
+KERNEL_OPTIONS = ("config", "config_bwd", "backend")  # what ``attention`` hands to the Pallas kernels
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -59,7 +62,8 @@ def attention(
       device on its own rows (default: every axis of the mesh). The XLA path partitions itself.
     **kernel_options: the Pallas kernels' ``config`` and ``config_bwd``
       (``pallas_kernels.ForwardConfig`` or ``MosaicForwardConfig``; ``BackwardConfig`` or
-      ``MosaicBackwardConfig``; default: tuned or heuristic).
+      ``MosaicBackwardConfig``; default: tuned or heuristic) and ``backend`` (``"triton"`` or
+      ``"mosaic"``, the GPU kernel family: ``pallas_kernels.gathered_offset_attention``).
   Returns:
     ``[batch, seq, heads, head_dim]`` in ``q.dtype``.
   Raises:
@@ -67,6 +71,8 @@ def attention(
   """
   check_qkv(q, k, v)
   check_segment_ids(segment_ids, q)
+  if unknown := sorted(set(kernel_options) - set(KERNEL_OPTIONS)):
+    raise ValueError(f"unknown kernel option(s) {unknown}: the Pallas kernels take {KERNEL_OPTIONS}")
   window, offs = check_pattern(window, offsets, reach, scale)
   if jnp.issubdtype(offs.dtype, jnp.floating) and reach is None:
     raise ValueError("reach is required with fractional (learned) offsets: terms leaving [window, reach) are masked")

@@ -226,6 +226,16 @@ def test_attention_refuses_negative_offsets_given_as_an_array():
     fibjax.attention(q, q, q, window=4, offsets=jnp.array([-5, 8]), implementation="xla")
 
 
+def test_attention_refuses_an_unknown_kernel_option_naming_the_ones_it_takes():
+  """A misspelt kernel option is one line naming the options (not Python's TypeError from deep in
+  the kernels' entry point), on either implementation."""
+  q = jnp.zeros((1, 16, 2, 8))
+  for impl in ("xla", "pallas"):
+    with pytest.raises(ValueError, match=re.escape("unknown kernel option(s) ['confg']: the Pallas kernels take "
+                                                   "('config', 'config_bwd', 'backend')")):
+      fibjax.attention(q, q, q, window=4, offsets=[8], implementation=impl, interpret=True, confg=None)
+
+
 def test_pallas_kernels_off_a_gpu_or_under_x64_name_the_fix():
   q = jnp.zeros((1, 16, 2, 8))
   with jax.enable_x64(True):
