@@ -350,17 +350,30 @@ def test_lowers_for_cuda(term_smem, segments, block, stages, consumers, offset_d
 
 
 def test_window_only_lowers_for_cuda():
-  """No offset terms (the ``window`` control, K = 0) with and without segment ids: a per-row index
-  built for the terms but used by none failed jax 0.11.2's layout inference (0.10.2 lowered it)."""
+  """No offset terms (the ``window`` control, K = 0) with and without segment ids, the forward and
+  both gradient passes: a per-row index built for the terms but used by none failed jax 0.11.2's
+  layout inference (0.10.2 lowered it)."""
   n, h, d = 200, 2, 64
   q = jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16)
+  rows = jax.ShapeDtypeStruct((1, h, n), jnp.float32)
+  saved = jax.ShapeDtypeStruct((1, h, 1, n), jnp.float32)
   offsets = jax.ShapeDtypeStruct((0,), jnp.int32)
   for seg in (None, jax.ShapeDtypeStruct((1, n), jnp.int32)):
     problem = attention_problem(q, q, jnp.zeros((0,), jnp.int32), window=32,
                                 segment_ids=None if seg is None else jnp.zeros((1, n), jnp.int32))
-    fn = jax.jit(lambda q, k, v, o, s: mosaic_gpu.forward(q, k, v, s, o, problem=problem, cfg=None, interpret=False))
-    exported = jax.export.export(fn, platforms=["cuda"])(q, q, q, offsets, seg)
-    assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module())
+    passes = {
+        "forward": (lambda q, k, v, o, s: mosaic_gpu.forward(q, k, v, s, o, problem=problem, cfg=None,
+                                                             interpret=False), (q, q, q, offsets, seg)),
+        "dq": (lambda q, k, v, o, s, do, lse, delta: mosaic_gpu.backward_dq(
+            q, k, v, s, o, do, lse, delta, problem=problem, cfg=None, interpret=False, save_terms=True),
+               (q, q, q, offsets, seg, q, rows, rows)),
+        "dkdv": (lambda q, k, v, o, s, do, lse, delta, p, ds: mosaic_gpu.backward_dkdv(
+            q, k, v, s, o, do, lse, delta, (p, ds), problem=problem, cfg=None, interpret=False),
+                 (q, q, q, offsets, seg, q, rows, rows, saved, saved)),
+    }
+    for name, (fn, args) in passes.items():
+      exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+      assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module()), name
 
 
 @pytest.mark.parametrize("case", ["segments_static"])

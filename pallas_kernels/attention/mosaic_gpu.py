@@ -963,7 +963,6 @@ def _dq_handlers(buf: _Buffers, wg: _Warpgroup, problem: Problem, dtype, ops: _O
   b, own, f32 = wg.rows, buf.own(wg.index), jnp.float32
   terms = max(problem.num_offsets, 1)
   math = _TileMath(buf, wg, problem, ops)
-  in_rows_B = ops.iota((b,), 0, ROW_LAYOUT) + wg.q0 < problem.n
 
   def query(own: _Own, g: _Grad) -> _Grad:
     return g._replace(q=ops.load_tile(own.q), do=ops.load_tile(own.do),
@@ -982,6 +981,7 @@ def _dq_handlers(buf: _Buffers, wg: _Warpgroup, problem: Problem, dtype, ops: _O
     keys, values = math.term_rows(term, "k"), math.term_rows(term, "v")
     k_BxD, v_BxD = _blend(keys, term.frac), _blend(values, term.frac)
     q_BxD, do_BxD = g.q.astype(f32), g.do.astype(f32)
+    in_rows_B = ops.iota((b,), 0, ROW_LAYOUT) + wg.q0 < problem.n  # built here: unused, it fails layout inference
     live_B = math.term_live(term, g.seg is not None) & in_rows_B
     p_B = jnp.where(live_B, jnp.exp(jnp.sum(q_BxD * k_BxD, axis=1) * problem.scale - g.lse), 0.0)
     ds_B = p_B * (jnp.sum(do_BxD * v_BxD, axis=1) - g.delta)
