@@ -1,6 +1,7 @@
 """Attention benchmark: the fibjax Pallas kernel against its peers, one run, one GPU.
 
     python -m benchmarks.attention [--n 4096 16384 65536] [--shapes mha_d64 gqa_d64 mha_d128 gqa_d128]
+        [--kernels triton|mosaic]
 
 Shapes (bf16, batch 1, 8 query heads): ``mha_d64`` (SPEC section 4), ``gqa_d64`` (2 key/value
 heads), ``mha_d128`` and ``gqa_d128`` (head_dim 128). At each shape and length it times forward
@@ -13,7 +14,9 @@ kernel's time against the memory floor of SPEC section 4 (bytes of Q and O once 
 once per offset and once for the window, over copy bandwidth), and the ratios of SPEC section 4
 and issue 17 (vs FlexAttention, vs cuDNN window-only and dense, learned vs static, GQA vs MHA).
 Writes ``attention_<device>.md`` and ``.json`` under ``--out`` after every measured shape (refuses
-to overwrite them unless ``--force``).
+to overwrite them unless ``--force``). ``--kernels`` runs the kernel on a named GPU kernel family
+(``gathered_offset_attention``'s ``backend``: ``mosaic``, the Pallas Mosaic GPU forward and both
+gradient passes, is what issue 28's bars judge) and adds the family to the files' names.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import fibjax
 from fibjax.cli import ArgumentParser
 from benchmarks.cli import add_force, at_least, claim, device_kind, fail, out_folder, require_gpu
 from benchmarks.timing import copy_bandwidth, time_fn
+from pallas_kernels.attention.config import GPU_KERNELS
 
 B, H, D, W, R, ALPHA = 1, 8, 64, 64, 4096, 1.0
 SHAPES = {  # name: (query heads, key/value heads, head_dim)
@@ -70,10 +74,13 @@ def fwd_bwd(f):
 
 
 def kernel_configs(q: jax.Array, k: jax.Array, offsets: jax.Array, block: int | None,
-                   num_warps: int | None) -> dict:
+                   num_warps: int | None, kernels: str | None = None) -> dict:
   """``config``/``config_bwd`` of a kernel call: its own choice for these arguments with ``block``
   (the forward's tile rows) and ``num_warps`` (both passes') replaced; ``{}`` where both are
-  ``None`` (the kernels' defaults, in any tree ``benchmarks.ab`` runs this in)."""
+  ``None`` (the kernels' defaults, in any tree ``benchmarks.ab`` runs this in); with ``kernels``
+  (a GPU kernel family) ``{"backend": kernels}``, that family's defaults."""
+  if kernels is not None:
+    return {"backend": kernels}
   if block is None and num_warps is None:
     return {}
   from pallas_kernels.attention.config import choose  # noqa: PLC0415
@@ -85,7 +92,7 @@ def kernel_configs(q: jax.Array, k: jax.Array, offsets: jax.Array, block: int | 
               config_bwd=dataclasses.replace(config_bwd, **warps))
 
 
-def variants(block: int | None, num_warps: int | None, with_xla: bool):
+def variants(block: int | None, num_warps: int | None, with_xla: bool, kernels: str | None = None):
   static = jnp.asarray(static_offsets(), jnp.int32)
   terms = jnp.asarray(fibjax.learned_terms("fib", ALPHA, W, R), jnp.float32)
   # alpha slightly off an integer grid so every term really blends two rows
@@ -93,7 +100,7 @@ def variants(block: int | None, num_warps: int | None, with_xla: bool):
 
   def fib(offsets):
     return lambda q, k, v: fibjax.attention(q, k, v, window=W, offsets=offsets, reach=R, implementation="pallas",
-                                            **kernel_configs(q, k, offsets, block, num_warps))
+                                            **kernel_configs(q, k, offsets, block, num_warps, kernels))
 
   fs = {
       "fib static": fib(static),
@@ -107,10 +114,11 @@ def variants(block: int | None, num_warps: int | None, with_xla: bool):
   return fs, int(static.shape[0])
 
 
-def check(n: int, kv_heads: int, head_dim: int, block: int | None, num_warps: int | None) -> dict:
+def check(n: int, kv_heads: int, head_dim: int, block: int | None, num_warps: int | None,
+          kernels: str | None = None) -> dict:
   """Kernel vs the XLA path computed in float32 from the same bf16 inputs (fresh random data)."""
   q, k, v = make_inputs(n, 1, kv_heads, head_dim, seed=1234 + n)[0]
-  fs, _ = variants(block, num_warps, with_xla=False)
+  fs, _ = variants(block, num_warps, with_xla=False, kernels=kernels)
   ref = jax.jit(lambda q, k, v: fibjax.attention(*(x.astype(jnp.float32) for x in (q, k, v)), window=W,
                                                  offsets=static_offsets(), reach=R, implementation="xla"))(q, k, v)
   out = jax.jit(fs["fib static"])(q, k, v).astype(jnp.float32)
@@ -233,20 +241,21 @@ def results_problem(results: object) -> str | None:
   return None
 
 
-def outputs(out: pathlib.Path, device: str) -> list[pathlib.Path]:
-  """The results files ``write`` writes for ``device``: JSON, then Markdown."""
-  tag = device.replace(" ", "_")
+def outputs(out: pathlib.Path, device: str, kernels: str | None = None) -> list[pathlib.Path]:
+  """The results files ``write`` writes for ``device`` (and a named kernel family): JSON, then Markdown."""
+  tag = device.replace(" ", "_") + ("" if kernels is None else f"_{kernels}")
   return [out / f"attention_{tag}.json", out / f"attention_{tag}.md"]
 
 
 def measure(n: int, shape: str, args, bandwidth: float) -> dict:
   _, kv_heads, head_dim = SHAPES[shape]
-  fs, num_offsets = variants(args.block, args.num_warps, with_xla=shape == "mha_d64" and n <= XLA_MAX_N)
+  fs, num_offsets = variants(args.block, args.num_warps, with_xla=shape == "mha_d64" and n <= XLA_MAX_N,
+                             kernels=args.kernels)
   sets = make_inputs(n, max(2, min(8, (256 << 20) // (B * n * (H + 2 * kv_heads) * head_dim * 2))), kv_heads, head_dim)
   row = {"num_offsets": num_offsets, "floor_ms": floor_ms(n, num_offsets, bandwidth, kv_heads, head_dim),
          "fwd_ms": {}, "fwd_bwd_ms": {}}
   try:
-    row["check"] = check(n, kv_heads, head_dim, args.block, args.num_warps)
+    row["check"] = check(n, kv_heads, head_dim, args.block, args.num_warps, args.kernels)
   except Exception as e:  # noqa: BLE001  (a kernel that fails to build is reported with the timings)
     row["check"] = {"error": str(e).splitlines()[0][:200]}
   for name, f in fs.items():
@@ -269,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="rows per forward tile (default: the kernel's configuration)")
   parser.add_argument("--num-warps", type=at_least(1, "--num-warps"),
                       help="warps per kernel program, both passes (default: the kernel's configuration)")
+  parser.add_argument("--kernels", choices=GPU_KERNELS,
+                      help="the kernel's GPU kernel family (default: the default kernels)")
   parser.add_argument("--reps", type=at_least(1, "--reps"), default=20)
   parser.add_argument("--no-flex", action="store_true")
   parser.add_argument("--rewrite", type=pathlib.Path, nargs="+",
@@ -281,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.flex_log and not args.rewrite:
     fail("--flex-log only goes with --rewrite")
+  if args.kernels and (args.block or args.num_warps):
+    fail("--block and --num-warps tune the default kernels' configs; --kernels runs a family's own defaults: give one "
+         "or the other")
   if args.rewrite:
     for path in args.rewrite + (args.flex_log or []):
       if not path.is_file():
@@ -291,12 +305,12 @@ def main(argv: list[str] | None = None) -> None:
       results["flex"] = flex_from_files(args.flex_log, list(results["runs"]), cfg["W"],
                                         [int(o) for o in fibjax.offset_set("fib", cfg["alpha"], cfg["W"], cfg["R"])])
     out_folder(args.out)
-    claim(outputs(args.out, results["device"]), args.force)
+    claim(outputs(args.out, results["device"], results["config"].get("kernels")), args.force)
     return write(results, args.out)
   out_folder(args.out)
   # FlexAttention runs before JAX takes the GPU, so another process names the device
   device = device_kind()
-  claim(outputs(args.out, device), args.force)
+  claim(outputs(args.out, device, args.kernels), args.force)
   require_gpu("benchmarks.attention times GPU kernels")
   flex = {} if args.no_flex else flex_peer(args.n, args.shapes)
   bw = copy_bandwidth()
@@ -304,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
   results = {"device": device, "jax": jax.__version__, "copy_bandwidth_Bps": bw, "date": time.strftime("%Y-%m-%d"),
              "command": "python -m benchmarks.attention " + " ".join(argv),
              "config": dict(B=B, H=H, W=W, R=R, alpha=ALPHA, dtype="bfloat16", block=args.block,
-                            num_warps=args.num_warps, shapes={s: SHAPES[s] for s in args.shapes}),
+                            num_warps=args.num_warps, kernels=args.kernels, shapes={s: SHAPES[s] for s in args.shapes}),
              "flex": flex, "runs": {}}
   for shape in args.shapes:
     for n in args.n:
@@ -414,7 +428,7 @@ def _summary(results: dict) -> list[str]:
 
 def write(results: dict, out: pathlib.Path, echo: bool = True) -> None:
   out.mkdir(parents=True, exist_ok=True)
-  json_path, md_path = outputs(out, results["device"])
+  json_path, md_path = outputs(out, results["device"], results["config"].get("kernels"))
   json_path.write_text(json.dumps(results, indent=2) + "\n")
   lines = [f"# Attention benchmark on {results['device']} ({results['date']}, jax {results['jax']})", "",
            f"Config: {results['config']}. Copy bandwidth {results['copy_bandwidth_Bps'] / 1e12:.2f} TB/s "

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import ab, attention, kernel_registers
@@ -226,6 +227,25 @@ def test_attention_rewrite_cli_refuses_bad_files_in_one_line(tmp_path):
   run.write_text("{}")
   res = cli("--rewrite", str(run), "--flex-log", str(run), str(tmp_path / "missing.log"))
   assert res.returncode == 2 and res.stderr.strip().splitlines() == [f"error: no such file: {tmp_path / 'missing.log'}"]
+
+
+def test_attention_kernels_names_the_family_in_the_calls_and_the_files(tmp_path):
+  """``--kernels mosaic``: the kernel's calls name the family (its defaults, not the Triton tuning
+  knobs, which are refused beside it in one line), and its results files carry the name, so a run
+  of one family never claims another's files."""
+  q, offsets = np.zeros((1, 128, 8, 64), np.float32), np.zeros((2,), np.int32)
+  assert attention.kernel_configs(q, q, offsets, None, None, "mosaic") == {"backend": "mosaic"}
+  assert attention.kernel_configs(q, q, offsets, None, None) == {}
+  assert [p.name for p in attention.outputs(tmp_path, "NVIDIA H200", "mosaic")] == [
+      "attention_NVIDIA_H200_mosaic.json", "attention_NVIDIA_H200_mosaic.md"]
+  assert [p.name for p in attention.outputs(tmp_path, "NVIDIA H200")] == ["attention_NVIDIA_H200.json",
+                                                                          "attention_NVIDIA_H200.md"]
+  res = subprocess.run([sys.executable, "-m", "benchmarks.attention", "--kernels", "mosaic", "--block", "64", "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True)
+  assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+      "error: --block and --num-warps tune the default kernels' configs; --kernels runs a family's own defaults: "
+      "give one or the other"]
+  assert not (tmp_path / "out").exists()
 
 
 def test_task_data_times_each_task_recipe_and_refuses_a_text_one():
