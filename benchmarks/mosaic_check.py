@@ -19,7 +19,8 @@ so a kind that faults (segment ids, on an H100) is best run alone.
 
 ``--sweep`` instead times the static forward at every config that fits shared memory (``block``
 64 and 128, ``stages`` 1 to 3, every form, one warpgroup or, at block 128, warp-specialised:
-``consumers`` 1 and 2), each checked against the Triton forward
+``consumers`` 1 and 2; with GQA also consumers split by heads: ``sweep_configs``), each checked
+against the Triton forward
 first (a NaN or an error above 0.05 is a failure, never a time), one line per config and then the
 fastest per shape, which is what the forward's per-shape choice would take.
 
@@ -123,6 +124,19 @@ def check_cases(static: jax.Array) -> list[tuple[str, str, jax.Array, bool]]:
           ("swizzled", "segments", static, True)]
 
 
+def sweep_configs(problem) -> list[MosaicForwardConfig]:
+  """Every config ``--sweep`` tries, in order: tile rows, consumer warpgroups splitting them (two only
+  at 128 rows), ring slots, term forms; then, for grouped heads, consumers split by heads (two and
+  four, where they divide the group) on 64-row programs."""
+  by_rows = [MosaicForwardConfig(block=block, stages=stages, consumers=consumers, **FORMS[form])
+             for block, consumers, stages, form in itertools.product((64, 128), (1, 2), (1, 2, 3), FORMS)
+             if block % (64 * consumers) == 0]
+  by_heads = [MosaicForwardConfig(stages=stages, consumers=consumers, split="heads", **FORMS[form])
+              for consumers, stages, form in itertools.product((2, 4), (1, 2, 3), FORMS)
+              if problem.group % consumers == 0]
+  return by_rows + by_heads
+
+
 def sweep(n: int, d: int, h_kv: int, offsets: jax.Array) -> list[str]:
   """One line per config of the static forward that fits shared memory, then the fastest."""
   sets = inputs(n, d, h_kv)
@@ -131,10 +145,7 @@ def sweep(n: int, d: int, h_kv: int, offsets: jax.Array) -> list[str]:
                                                       cfg=choose(problem)[0], interpret=False))
   ref = triton(*sets[0])[0]
   lines, times = [], {}
-  for block, consumers, stages, form in itertools.product((64, 128), (1, 2), (1, 2, 3), FORMS):
-    if block % (64 * consumers):
-      continue
-    cfg = MosaicForwardConfig(block=block, stages=stages, consumers=consumers, **FORMS[form])
+  for cfg in sweep_configs(problem):
     if mosaic_gpu.shared_memory_bytes(problem, cfg) > mosaic_gpu.SMEM_BYTES:
       continue
     fn = jax.jit(lambda q, k, v, cfg=cfg: mosaic_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=cfg,

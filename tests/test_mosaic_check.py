@@ -22,11 +22,13 @@ def _reference(q, k, v, seg, offsets, *, problem, cfg, interpret):
   return out.astype(q.dtype), jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
 
 
-def _configs() -> list[MosaicForwardConfig]:
+def _configs(group: int) -> list[MosaicForwardConfig]:
   """Every config the sweep tries, in its order: tile rows, consumer warpgroups (two only at 128 rows), ring slots,
-  then the term forms."""
-  return [MosaicForwardConfig(b, s, **form, consumers=c) for b in (64, 128) for c in (1, 2) if b % (64 * c) == 0
-          for s in (1, 2, 3) for form in mosaic_check.FORMS.values()]
+  then the term forms; then consumers split by heads (as many as divide the group), ring slots, term forms."""
+  by_rows = [MosaicForwardConfig(b, s, **form, consumers=c) for b in (64, 128) for c in (1, 2) if b % (64 * c) == 0
+             for s in (1, 2, 3) for form in mosaic_check.FORMS.values()]
+  return by_rows + [MosaicForwardConfig(64, s, **form, consumers=c, split="heads") for c in (2, 4) if group % c == 0
+                    for s in (1, 2, 3) for form in mosaic_check.FORMS.values()]
 
 
 def test_sweep_times_every_config_that_fits_and_never_a_wrong_one(monkeypatch):
@@ -52,9 +54,10 @@ def test_sweep_times_every_config_that_fits_and_never_a_wrong_one(monkeypatch):
   monkeypatch.setattr(mosaic_check, "R", 200)
   monkeypatch.setattr(mosaic_check, "H", 2)
   offsets = jnp.asarray([40, 100], jnp.int32)
-  lines = mosaic_check.sweep(256, 64, 1, offsets)
-  configs = _configs()
-  assert len(configs) == 3 * 3 * 3 and any(c.term_mma for c in configs) and any(c.consumers == 2 for c in configs)
+  lines = mosaic_check.sweep(256, 64, 1, offsets)  # a group of two query heads
+  configs = _configs(2)
+  assert len(configs) == 4 * 3 * 3 and any(c.term_mma for c in configs) and any(c.consumers == 2 for c in configs)
+  assert sum(c.split == "heads" for c in configs) == 9
   assert [line.split(":")[0].strip() for line in lines[:-1]] == [str(c) for c in configs]  # all fit at d = 64
   for cfg, line in zip(configs, lines):
     wrong = (cfg.stages == 3 and cfg.term_smem == "plain") or (cfg.block == 128 and cfg.stages == 1)
@@ -71,7 +74,7 @@ def test_sweep_leaves_out_configs_that_overflow_shared_memory(monkeypatch):
   lines = mosaic_check.sweep(256, 128, 1, offsets)  # head_dim 128, W = 64: the larger rings do not fit
   q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
   problem = attention_problem(q, jax.ShapeDtypeStruct((1, 256, 1, 128), jnp.bfloat16), offsets, window=64, reach=4096)
-  configs = _configs()
+  configs = _configs(2)
   fits = [c for c in configs if mosaic_gpu.shared_memory_bytes(problem, c) <= mosaic_gpu.SMEM_BYTES]
   assert 0 < len(fits) < len(configs)
   assert [line.split(":")[0].strip() for line in lines[:-1]] == [str(c) for c in fits]

@@ -62,6 +62,18 @@ WS_CASES = {
 }
 CASES.update(WS_CASES)
 
+# Split by heads: each consumer warpgroup one query head of the group, all sharing the program's key/value tiles (two
+# consumers of GQA groups of two at ragged N; the interpreter runs at most three warpgroup threads at a time on a
+# 2-core machine, so four consumers are only lowered, in ``test_split_heads_lowers_for_cuda``).
+HEADS = dict(consumers=2, split="heads")
+HEADS_CASES = {
+    "heads_gqa_ragged": (44, 120, 2, 1, 64, 32, (32, 70, 100, 119), None, jnp.bfloat16,
+                         mosaic_gpu.MosaicForwardConfig(stages=2, **HEADS)),
+    "heads_d128_f16_terms_on_tensor_cores": (45, 64, 2, 1, 128, 64, (64, 65, 63), None, jnp.float16,
+                                             mosaic_gpu.MosaicForwardConfig(stages=1, term_mma=True, **HEADS)),
+}
+CASES.update(HEADS_CASES)
+
 
 # Output tolerance: the output's rounding and the window's probabilities rounded to the input dtype for the
 # tensor-core product (errors measured: at most 0.008 in bfloat16, 0.0011 in float16); the log-sum-exp is float32.
@@ -83,6 +95,8 @@ LEARNED_CASES = {
     # warp-specialised: a window of 70 (three tiles a consumer, four in all), ragged N, a reach
     "ws_learned_ragged": (43, 200, 1, 1, 64, 70, (70.0, 90.5, 71.25, 150.75, 127.5, 199.5, 250.0), 190, jnp.bfloat16,
                           mosaic_gpu.MosaicForwardConfig(stages=2, **WS)),
+    "heads_learned_ragged": (46, 120, 2, 1, 64, 16, (16.5, 40.25, 100.0, 16.0, 119.5), None, jnp.bfloat16,
+                             mosaic_gpu.MosaicForwardConfig(stages=2, **HEADS)),
 }
 
 
@@ -94,6 +108,7 @@ SEGMENT_CASES = {
     "segments_learned": ("learned_gqa_ragged_reach", (0, 41, 106, 107, 150)),
     "segments_learned_on_tensor_cores": ("learned_terms_on_tensor_cores", (0, 41, 106, 107, 150)),
     "ws_segments_learned": ("ws_learned_ragged", (0, 41, 64, 106, 107, 150)),
+    "heads_segments_learned": ("heads_learned_ragged", (0, 41, 64, 106)),
 }
 
 
@@ -209,7 +224,8 @@ def _pattern_sums(q, k, v, offsets, window, block):
   return _row_sums(q, rows) + jnp.repeat(kv, group, axis=1)
 
 
-@pytest.mark.parametrize("case", ["gqa_ragged", "masked_terms", "learned_gqa_ragged_reach", "ws_learned_ragged"])
+@pytest.mark.parametrize("case", ["gqa_ragged", "masked_terms", "learned_gqa_ragged_reach", "ws_learned_ragged",
+                                  "heads_learned_ragged"])
 def test_pattern_loads_sums_every_tile_of_the_pattern(case):
   """Each query row's sums, of the tiles its warpgroup reads (``rows`` rows a tile)."""
   q, k, v, offsets, pattern, cfg = _inputs(case)
@@ -245,7 +261,7 @@ def test_unsupported_inputs_raise():
     mosaic_gpu.MosaicForwardConfig(term_smem="banded")
   with pytest.raises(ValueError, match=r"consumers=2\) needs block a multiple of 128 .*: set block=128"):
     mosaic_gpu.MosaicForwardConfig(consumers=2)
-  with pytest.raises(ValueError, match=r"consumers must be one of \(1, 2\)"):
+  with pytest.raises(ValueError, match=r"consumers must be one of \(1, 2, 4\)"):
     mosaic_gpu.MosaicForwardConfig(block=192, consumers=3)
 
 
@@ -437,7 +453,8 @@ def test_compiled_forward_matches_reference(case):
 # segment ids on one warpgroup, static offsets at ragged N on the warp-specialised program (a consumer per 64 rows).
 # Beside the Mosaic dK/dV kernel (``mosaic_gpu.backward_dkdv``, from the terms the dQ pass saved): static offsets at
 # ragged N with GQA (a group's heads summed), a term at the last row's reach; learned distances with segment ids and
-# GQA; warp-specialised learned distances at ragged N with two segments and a window of three tiles a consumer.
+# GQA; warp-specialised learned distances at ragged N with two segments and a window of three tiles a consumer; the
+# forward and dQ split by heads.
 GRAD_CASES = {  # seed, n, q heads, kv heads, head_dim, window, offsets, segment starts or None, config, dK/dV on Mosaic
     "learned_segments": (51, 128, 1, 1, 64, 16, (16.5, 40.25, 100.0, 16.0, 15.5), (0, 50, 64, 100),
                          mosaic_gpu.MosaicForwardConfig(stages=2), False),
@@ -449,6 +466,9 @@ GRAD_CASES = {  # seed, n, q heads, kv heads, head_dim, window, offsets, segment
                                   mosaic_gpu.MosaicForwardConfig(stages=2), True),
     "dkdv_ws_learned_ragged": (55, 120, 1, 1, 64, 70, (70.0, 90.5, 71.25, 99.5, 110.5), (0, 100),
                                mosaic_gpu.MosaicForwardConfig(stages=1, **WS), True),
+    # the forward and dQ split by heads (a GQA group of two), dK/dV on one warpgroup
+    "heads_learned_segments": (56, 128, 2, 1, 64, 16, (16.5, 40.25, 100.0, 16.0, 15.5), (0, 50, 64, 100),
+                               mosaic_gpu.MosaicForwardConfig(stages=2, **HEADS), True),
 }
 
 
@@ -487,9 +507,11 @@ def _check_gradient_passes(case, interpret):
   problem = attention_problem(q, k, offsets, **pattern)
   from pallas_kernels.attention.config import MosaicBackwardConfig, default_backward  # noqa: PLC0415
 
-  config_bwd = MosaicBackwardConfig(dkdv=cfg if on_mosaic else default_backward(problem), dq=cfg)
-  for pass_ in ("dq", "dkdv"):  # fits shared memory as given (dQ saving its terms)
-    assert mosaic_gpu.gradient_config(problem, cfg, pass_, save_terms=True) == dataclasses.replace(cfg, term_mma=False)
+  dkdv = cfg if cfg.split == "rows" else mosaic_gpu.MosaicForwardConfig(stages=cfg.stages)  # dK/dV splits rows
+  config_bwd = MosaicBackwardConfig(dkdv=dkdv if on_mosaic else default_backward(problem), dq=cfg)
+  for pass_, given in (("dq", cfg), ("dkdv", dkdv)):  # fits shared memory as given (dQ saving its terms)
+    assert mosaic_gpu.gradient_config(problem, given, pass_, save_terms=True) == dataclasses.replace(given,
+                                                                                                     term_mma=False)
   argnums = (0, 1, 2, 3) if problem.learned else (0, 1, 2)
 
   def kernel_loss(q, k, v, offsets):
@@ -608,3 +630,57 @@ def test_the_mosaic_family_runs_a_model_on_mosaic_gpu_kernels():
     g, w, msg = np.asarray(g, np.float32), np.asarray(w, np.float32), jax.tree_util.keystr(path)
     assert np.isfinite(g).all(), msg
     np.testing.assert_allclose(g, w, atol=2e-2 * max(np.abs(w).max(), 1e-3), rtol=5e-2, err_msg=msg)
+
+
+@pytest.mark.parametrize("consumers", [2, 4])
+@pytest.mark.parametrize("offset_dtype", [jnp.int32, jnp.float32], ids=["static", "learned"])
+def test_split_heads_lowers_for_cuda(consumers, offset_dtype):
+  """Split by heads (``consumers`` query heads of a group of four a program, sharing its key/value
+  tiles; a producer warpgroup beside them), the forward with segment ids and the dQ pass saving its
+  terms lower for CUDA at ragged N, on ``H_q / consumers`` programs per tile."""
+  n, h, h_kv, d = 200, 4, 1, 64
+  q = jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, n, h_kv, d), jnp.bfloat16)
+  rows = jax.ShapeDtypeStruct((1, h, n), jnp.float32)
+  offsets = jax.ShapeDtypeStruct((3,), offset_dtype)
+  seg = jax.ShapeDtypeStruct((1, n), jnp.int32)
+  problem = attention_problem(q, kv, jnp.asarray([40, 100, 150], offset_dtype), window=32,
+                              segment_ids=jnp.zeros((1, n), jnp.int32))
+  cfg = mosaic_gpu.MosaicForwardConfig(stages=2, consumers=consumers, split="heads")
+  assert mosaic_gpu.resolve_config(problem, cfg).stages == 2 and mosaic_gpu.consumer_registers(consumers) == (
+      232 if consumers == 2 else 112)
+
+  def forward(q, k, v, o, s):
+    return mosaic_gpu.forward(q, k, v, s, o, problem=problem, cfg=cfg, interpret=False)
+
+  def dq(q, k, v, o, s, do, lse, delta):
+    return mosaic_gpu.backward_dq(q, k, v, s, o, do, lse, delta, problem=problem, cfg=cfg, interpret=False,
+                                  save_terms=True)
+
+  learned = [((1, h, 1, 3), jnp.float32)] if problem.learned else []
+  for fn, args, want in ((forward, (q, kv, kv, offsets, seg), [(q.shape, jnp.bfloat16), ((1, h, n), jnp.float32)]),
+                         (dq, (q, kv, kv, offsets, seg, q, rows, rows),
+                          [(q.shape, jnp.bfloat16)] + learned + [((1, h, 3, n), jnp.float32)] * 2)):
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+    assert [(a.shape, a.dtype) for a in exported.out_avals] == want, fn.__name__
+    assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module()), fn.__name__
+
+
+def test_split_heads_is_refused_where_it_cannot_serve():
+  """``split='heads'`` needs consumers dividing the group, and not the dK/dV pass (which streams
+  each query head's own tiles); four consumers only split heads; each refused in one line."""
+  q, k, v, offsets, pattern, _ = _inputs("gqa_ragged")  # 4 query heads, 2 key/value heads: groups of two
+  problem = attention_problem(q, k, offsets, **pattern)
+  four = mosaic_gpu.MosaicForwardConfig(consumers=4, split="heads")
+  with pytest.raises(ValueError, match="the group has 2 query heads; set consumers to a divisor of it"):
+    mosaic_gpu.forward(q, k, v, None, offsets, problem=problem, cfg=four, interpret=True)
+  two = mosaic_gpu.MosaicForwardConfig(**HEADS)
+  rows = jnp.zeros((1, 4, q.shape[1]), jnp.float32)
+  saved = (jnp.zeros((1, 4, offsets.shape[0], q.shape[1]), jnp.float32),) * 2
+  with pytest.raises(ValueError, match="the dK/dV pass streams each query head's own tiles; give it split='rows'"):
+    mosaic_gpu.backward_dkdv(q, k, v, None, offsets, q, rows, rows, saved, problem=problem, cfg=two, interpret=True)
+  for kwargs, message in ((dict(consumers=4), "serves four query heads: set split='heads'"),
+                          (dict(split="heads"), "needs consumers=2 or 4"),
+                          (dict(split="cols"), r"split must be one of \('rows', 'heads'\)")):
+    with pytest.raises(ValueError, match=message):
+      mosaic_gpu.MosaicForwardConfig(**kwargs)

@@ -35,8 +35,11 @@ TERM_FLOWS: tuple[str, ...] = get_args(TermFlow)
 TermSmem = Literal["swizzled", "plain"]
 TERM_SMEMS: tuple[str, ...] = get_args(TermSmem)
 WGMMA_ROWS = 64  # rows of one Hopper warpgroup's tensor-core tile
-# ``MosaicForwardConfig.consumers``: one warpgroup, or two consumers beside a producer (warp specialisation).
-MOSAIC_CONSUMERS = (1, 2)
+# ``MosaicForwardConfig.consumers``: one warpgroup, or consumers beside a producer (warp specialisation): two
+# splitting a program's query rows, or two or four serving a group's query heads (``split``).
+MOSAIC_CONSUMERS = (1, 2, 4)
+MosaicSplit = Literal["rows", "heads"]
+MOSAIC_SPLITS: tuple[str, ...] = get_args(MosaicSplit)
 
 # Rows per tile: 64 for the GPU forward and static backward (H100 sweeps; NOTES "Attention kernel",
 # v1-v3); the learned GPU backward spills at 64 rows and ran 3x faster at 32 (v3); 128 on TPU
@@ -168,10 +171,14 @@ class MosaicForwardConfig:
   bank conflicts, kept as the simplest layout to compare against). term_mma: an offset term's
   scores on tensor cores (each of its key tiles stored to a tile in the ``wgmma`` tiling, the
   diagonal of ``q @ k^T``) instead of row-wise dot products on registers; its values stay row-wise.
-  consumers: warpgroups computing a program's query rows, each ``block // consumers`` of them (a
-  multiple of 64) against window tiles of as many key rows. 1: one warpgroup that also issues every
-  copy. 2: warp specialisation, two consumer warpgroups and a producer warpgroup issuing every TMA
-  copy, with register budgets of their own (``mosaic_gpu`` module docstring).
+  consumers: warpgroups computing a program's query rows. 1: one warpgroup that also issues every
+  copy. More: warp specialisation, consumer warpgroups and a producer warpgroup issuing every TMA
+  copy, with register budgets of their own (``mosaic_gpu`` module docstring), split as ``split``
+  says. split: ``"rows"``: the consumers (two) share one query head, each ``block // consumers``
+  of its rows (a multiple of 64) against window tiles of as many key rows; ``"heads"``: the
+  consumers (two or four, dividing the group) are as many query heads of one group, each all
+  ``block`` rows of its head, and share every key/value tile the program reads (read once for
+  them, where ``"rows"`` programs of a group read each through L2).
   """
 
   block: int = WGMMA_ROWS
@@ -179,6 +186,7 @@ class MosaicForwardConfig:
   term_smem: TermSmem = "swizzled"
   term_mma: bool = False
   consumers: int = 1
+  split: MosaicSplit = "rows"
 
   def __post_init__(self):
     if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block % WGMMA_ROWS or self.block < 1:
@@ -192,19 +200,39 @@ class MosaicForwardConfig:
       raise ValueError(f"MosaicForwardConfig.term_mma must be a bool, got {self.term_mma!r}")
     if self.consumers not in MOSAIC_CONSUMERS or isinstance(self.consumers, bool):
       raise ValueError(f"MosaicForwardConfig.consumers must be one of {MOSAIC_CONSUMERS}, got {self.consumers!r}")
+    if self.split not in MOSAIC_SPLITS:
+      raise ValueError(f"MosaicForwardConfig.split must be one of {MOSAIC_SPLITS}, got {self.split!r}")
+    if self.split == "heads":
+      if self.consumers == 1:
+        raise ValueError("MosaicForwardConfig(split='heads') needs consumers=2 or 4 (query heads a program serves)")
+      return
+    if self.consumers == 4:
+      raise ValueError("MosaicForwardConfig(consumers=4) serves four query heads: set split='heads' (rows split two "
+                       "ways at most)")
     if self.block % (WGMMA_ROWS * self.consumers):
       raise ValueError(f"MosaicForwardConfig(consumers={self.consumers}) needs block a multiple of "
                        f"{WGMMA_ROWS * self.consumers} ({WGMMA_ROWS} rows a consumer), got {self.block}: "
                        f"set block={WGMMA_ROWS * self.consumers}")
 
   @property
+  def lanes(self) -> int:
+    """Distinct row ranges of a program's consumers (each with its own window and term tiles):
+    ``consumers`` split by rows, one split by heads."""
+    return self.consumers if self.split == "rows" else 1
+
+  @property
+  def heads(self) -> int:
+    """Query heads one program serves."""
+    return self.consumers if self.split == "heads" else 1
+
+  @property
   def rows(self) -> int:
     """Query rows of one consumer warpgroup, and key rows of one window tile."""
-    return self.block // self.consumers
+    return self.block // self.lanes
 
   def window_tiles(self, window: int) -> int:
-    """Window tiles of ``rows`` keys a program reads: each consumer's banded tiles, the union."""
-    return window_tiles(window, self.rows) + self.consumers - 1
+    """Window tiles of ``rows`` keys a program reads: each lane's banded tiles, the union."""
+    return window_tiles(window, self.rows) + self.lanes - 1
 
 
 @dataclasses.dataclass(frozen=True)

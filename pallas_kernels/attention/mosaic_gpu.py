@@ -43,8 +43,15 @@ Two ways to run (``_stream_tiles``):
   ``CONSUMER_REGISTERS`` and once ``PRODUCER_REGISTERS`` for 128 threads each, fit an SM's 65,536
   registers. At head_dim 128 (W = 64), one ring slot fits shared memory beside three window tiles
   of 64 rows.
+- ``split="heads"`` (``consumers`` 2 or 4, dividing the group; ``block`` rows each): the consumers
+  are as many query heads of one group, all on the same rows (one lane), so they share every window
+  and term tile of the program: each is copied once for the group, where programs of one head each
+  read it again through L2, and the producer refills a slot once every consumer has handed it back.
+  Each consumer has its own query tile, softmax and output; the grid's head axis counts programs of
+  ``consumers`` heads. With four consumers the budget is ``consumer_registers(4)``, 112 a thread.
+  Not for dK/dV, whose streamed tiles are each query head's own.
 
-Both run the same copies (``_Producer``), the same per-consumer loop (``_consume_tiles``) and the
+All run the same copies (``_Producer``), the same per-consumer loop (``_consume_tiles``) and the
 same per-tile work (``_attention_handlers``: term math, masks, online softmax; ``_sum_handlers``).
 
 Offset terms (``_Term``): a static offset ``o`` reads one shifted tile, rows ``[q0 - o, q0 - o +
@@ -132,6 +139,14 @@ MOSAIC_EXTRA_BYTES = 4 * 1024
 # of an SM's 65,536 registers (a budget is a multiple of 8 from 24 to 256).
 CONSUMER_REGISTERS = 232
 PRODUCER_REGISTERS = 40
+SM_REGISTERS = 65536
+
+
+def consumer_registers(consumers: int) -> int:
+  """Each consumer warpgroup's register budget beside ``PRODUCER_REGISTERS``: what an SM's registers
+  leave, a multiple of 8, at most ``CONSUMER_REGISTERS`` (two consumers: 232; four: 112)."""
+  share = (SM_REGISTERS // 128 - PRODUCER_REGISTERS) // consumers
+  return min(CONSUMER_REGISTERS, share - share % 8)
 WARPGROUPS = "warpgroup"  # the thread axis of a warp-specialised program
 
 
@@ -209,17 +224,17 @@ def shared_memory_bytes(problem: Problem, cfg: MosaicForwardConfig, pass_: str =
   ``term_mma`` the tile a term's key rows are stored to, row vectors (the output statistics; dQ's
   row statistics and, per term, its rows out; dK/dV's term weights and each window tile's
   statistics), segment ids, and what Mosaic GPU adds (``MOSAIC_EXTRA_BYTES``). Counted in tiles of
-  ``cfg.rows`` rows: an own tile and a ring slot's tiles are ``consumers`` of them, a window tile
-  one."""
+  ``cfg.rows`` rows: an own tile is ``consumers`` of them, a ring slot's tiles ``cfg.lanes`` (a
+  program split by heads shares them), a window tile one."""
   if pass_ not in PASSES:
     raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
   cfg = resolve_config(problem, cfg)
   c, r, terms = cfg.consumers, cfg.rows, max(problem.num_offsets, 1)
   tile = r * problem.head_dim * jnp.dtype(problem.dtype).itemsize
-  windows, ring = cfg.window_tiles(problem.window), _stages(problem, cfg) * _parts(problem) * c
+  windows, ring = cfg.window_tiles(problem.window), _stages(problem, cfg) * _parts(problem) * cfg.lanes
   flags = 0 if pass_ == "dkdv" else terms  # same-segment flags per term (dK/dV's weights carry its masks)
   ids = r * (c * (1 + flags) + windows)  # own rows, term flags, window rows
-  buffers = (tile * (c * (1 + cfg.term_mma) + 2 * (windows + ring)) + 4 * cfg.block
+  buffers = (tile * (c * (1 + cfg.term_mma) + 2 * (windows + ring)) + 4 * c * r
              + (4 * ids if problem.segments else 0))
   if pass_ == "dq":
     buffers += c * (tile + 4 * r * (2 + terms * _term_rows_out(problem, save_terms)))
@@ -245,6 +260,11 @@ def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicF
                      "kernels (backend='triton', or a ForwardConfig/BackwardConfig)")
   if not isinstance(cfg, MosaicForwardConfig):
     raise TypeError(f"cfg must be a MosaicForwardConfig, got {type(cfg).__name__}")
+  if cfg.split == "heads" and (pass_ == "dkdv" or problem.group % cfg.consumers):
+    raise ValueError(f"{cfg} serves {cfg.consumers} query heads of a group from shared key/value tiles: "
+                     + ("the dK/dV pass streams each query head's own tiles; give it split='rows'" if pass_ == "dkdv"
+                        else f"the group has {problem.group} query heads; set consumers to a divisor of it, or "
+                        "split='rows'"))
   if (used := shared_memory_bytes(problem, cfg, pass_, save_terms)) > SMEM_BYTES:
     raise ValueError(f"{cfg} needs {used} bytes of shared memory per program, more than {SMEM_BYTES}: "
                      f"fewer stages or a smaller window{', or consumers=1' if cfg.consumers > 1 else ''}")
@@ -482,9 +502,9 @@ class _Buffers(NamedTuple):
     return _Tile(self.term_k.at[i], self.term_v.at[i], None, self.term_k_bar.at[i], self.term_v_bar.at[i], None)
 
 
-def _ring_index(slot, part: int, consumer, problem: Problem, cfg: MosaicForwardConfig):
-  """The ring tile of part ``part`` of slot ``slot`` for consumer ``consumer``."""
-  return (slot * _parts(problem) + part) * cfg.consumers + consumer
+def _ring_index(slot, part: int, lane, problem: Problem, cfg: MosaicForwardConfig):
+  """The ring tile of part ``part`` of slot ``slot`` for lane ``lane`` (``MosaicForwardConfig.lanes``)."""
+  return (slot * _parts(problem) + part) * cfg.lanes + lane
 
 
 def _tiled(shape: tuple[int, ...], dtype):
@@ -504,7 +524,7 @@ def _with_buffers(body: Callable[[_Buffers], None], d: int, dtype, problem: Prob
   """Runs ``body`` with a program's shared memory allocated (shared by its warpgroups) for
   ``pass_`` (``shared_memory_bytes`` counts the same buffers)."""
   c, r, w = cfg.consumers, cfg.rows, cfg.window_tiles(problem.window)
-  s = _stages(problem, cfg) * _parts(problem) * c
+  s = _stages(problem, cfg) * _parts(problem) * cfg.lanes
   segs, grad, key_major = problem.segments, pass_ != "forward", pass_ == "dkdv"
   terms = max(problem.num_offsets, 1)
   rows_in = _dkdv_weights(problem) if key_major else 2
@@ -540,34 +560,43 @@ def _stages(problem: Problem, cfg: MosaicForwardConfig) -> int:
 
 
 class _Program(NamedTuple):
-  """Which rows a program owns: batch row, query head, key/value head, its first own row (a query
-  row, or with ``key_major`` a key row) and which way it streams: a query tile streams the key
-  tiles behind it (the forward, dQ), a key tile the query tiles ahead of it (dK/dV)."""
+  """Which rows a program owns: batch row, its first query head, key/value head, its first own row
+  (a query row, or with ``key_major`` a key row), which way it streams (a query tile streams the
+  key tiles behind it: the forward, dQ; a key tile the query tiles ahead of it: dK/dV) and whether
+  its consumers are query heads (``split_heads``: consumer ``c`` serves query head ``head + c``,
+  all rows) or row ranges (consumer ``c``, lane ``c``, the rows ``i0 + c * rows`` on)."""
 
   batch: Any
   head: Any
   kv_head: Any
   i0: Any
   key_major: bool = False
+  split_heads: bool = False
 
-  @property
-  def own_head(self) -> Any:
-    """The head of the program's own tiles (its query head, or in dK/dV its key/value head)."""
-    return self.kv_head if self.key_major else self.head
+  def lane(self, consumer) -> Any:
+    """The row range (``MosaicForwardConfig.lanes``) consumer ``consumer`` computes."""
+    return 0 if self.split_heads else consumer
+
+  def query_head(self, consumer) -> Any:
+    return self.head + consumer if self.split_heads else self.head
+
+  def own_head(self, consumer) -> Any:
+    """The head of consumer ``consumer``'s own tiles (its query head, or in dK/dV the key/value head)."""
+    return self.kv_head if self.key_major else self.query_head(consumer)
 
   @property
   def stream_head(self) -> Any:
     return self.head if self.key_major else self.kv_head
 
-  def window_buffer(self, cfg: MosaicForwardConfig, consumer, t: int) -> Any:
-    """The window buffer holding consumer ``consumer``'s banded tile ``t`` (``window_start``)."""
-    return consumer + t if self.key_major else cfg.consumers - 1 - consumer + t
+  def window_buffer(self, cfg: MosaicForwardConfig, lane, t: int) -> Any:
+    """The window buffer holding lane ``lane``'s banded tile ``t`` (``window_start``)."""
+    return lane + t if self.key_major else cfg.lanes - 1 - lane + t
 
   def window_start(self, cfg: MosaicForwardConfig, u: int) -> Any:
-    """First row (before clamping) of window buffer ``u``: behind a query tile, the last
-    consumer's diagonal tile first, then ``rows`` rows earlier each; ahead of a key tile, the first
-    consumer's diagonal tile first, then ``rows`` rows later each."""
-    return self.i0 + (u if self.key_major else cfg.consumers - 1 - u) * cfg.rows
+    """First row (before clamping) of window buffer ``u``: behind a query tile, the last lane's
+    diagonal tile first, then ``rows`` rows earlier each; ahead of a key tile, the first lane's
+    diagonal tile first, then ``rows`` rows later each."""
+    return self.i0 + (u if self.key_major else cfg.lanes - 1 - u) * cfg.rows
 
   def tile_start(self, t: int, q0: Any, rows: int) -> Any:
     """First row (before clamping) of banded tile ``t`` of the consumer whose own rows start at ``q0``."""
@@ -580,18 +609,26 @@ class _Program(NamedTuple):
     return q0 + lo + part if self.key_major else q0 - lo - part
 
 
-def _program(problem: Problem, block: int, key_major: bool = False) -> _Program:
-  h = lax.axis_index("head")
-  return _Program(lax.axis_index("batch"), h, lax.div(h, jnp.int32(problem.group)), lax.axis_index("tile") * block,
-                  key_major)
+def _program(problem: Problem, cfg: MosaicForwardConfig, key_major: bool = False) -> _Program:
+  h = lax.axis_index("head") * cfg.heads
+  return _Program(lax.axis_index("batch"), h, lax.div(h, jnp.int32(problem.group)),
+                  lax.axis_index("tile") * cfg.block, key_major, cfg.split == "heads")
 
 
 class _Warpgroup(NamedTuple):
-  """A consumer warpgroup: consumer ``index`` of its program, owning query rows ``[q0, q0 + rows)``."""
+  """A consumer warpgroup: consumer ``index`` of its program, owning rows ``[q0, q0 + rows)`` of
+  query head ``head`` (the rows of lane ``lane``)."""
 
   index: Any  # 0 with one warpgroup (a Python int), else the warpgroup's axis index
   q0: Any
   rows: int
+  head: Any
+  lane: Any
+
+
+def _warpgroup(prog: _Program, cfg: MosaicForwardConfig, index) -> _Warpgroup:
+  lane = prog.lane(index)
+  return _Warpgroup(index, prog.i0 + lane * cfg.rows, cfg.rows, prog.query_head(index), lane)
 
 
 class _TermRefs(NamedTuple):
@@ -674,42 +711,45 @@ class _Producer(NamedTuple):
     terms."""
     g, buf, prog, cfg, r = self.gmem, self.buf, self.prog, self.cfg, self.cfg.rows
     for c in range(cfg.consumers):
-      own, q0 = buf.own(c), prog.i0 + c * r
-      plgpu.copy_gmem_to_smem(g.q.at[prog.batch, pl.ds(q0, r), prog.own_head], own.q, own.q_bar)
+      own, q0 = buf.own(c), prog.i0 + prog.lane(c) * r
+      plgpu.copy_gmem_to_smem(g.q.at[prog.batch, pl.ds(q0, r), prog.own_head(c)], own.q, own.q_bar)
       if g.seg is not None:
         plgpu.copy_gmem_to_smem(g.seg.at[prog.batch, pl.ds(q0 + self.geo.front, r)], own.q_seg, own.q_seg_bar)
       if g.same is not None:
         plgpu.copy_gmem_to_smem(g.same.at[prog.batch, :, pl.ds(q0, r)], own.term_same, own.term_same_bar)
       if g.do is not None:
-        plgpu.copy_gmem_to_smem(g.do.at[prog.batch, pl.ds(q0, r), prog.own_head], own.do, own.do_bar)
+        plgpu.copy_gmem_to_smem(g.do.at[prog.batch, pl.ds(q0, r), prog.own_head(c)], own.do, own.do_bar)
       if own.rows_in is not None:
         source = g.weights if prog.key_major else g.rows_in
-        plgpu.copy_gmem_to_smem(source.at[prog.batch, prog.head, :, pl.ds(q0, r)], own.rows_in, own.rows_in_bar)
+        plgpu.copy_gmem_to_smem(source.at[prog.batch, prog.query_head(c), :, pl.ds(q0, r)], own.rows_in,
+                                own.rows_in_bar)
     for u in range(cfg.window_tiles(self.problem.window)):
       start = jnp.clip(prog.window_start(cfg, u), 0, self.geo.whole - r)
       self._issue(start, buf.window_tile(u))
     for kk in range(min(_stages(self.problem, cfg), self.problem.num_offsets)):
-      for c in range(cfg.consumers):
-        self.term(kk, kk, c)
+      for lane in range(cfg.lanes):
+        self.term(kk, kk, lane)
 
-  def term(self, kk, slot, c) -> None:
-    """Term ``kk``'s tiles for consumer ``c`` into ring slot ``slot``, from ``_Program.term_start``
+  def term(self, kk, slot, lane) -> None:
+    """Term ``kk``'s tiles for lane ``lane`` into ring slot ``slot``, from ``_Program.term_start``
     (any start; rows outside the array load as zeros)."""
     lo = self.gmem.terms.lo[kk]
     for p in range(_parts(self.problem)):
-      self._issue(self.prog.term_start(self.prog.i0 + c * self.cfg.rows, lo, p),
-                  self.buf.term_tile(_ring_index(slot, p, c, self.problem, self.cfg)))
+      self._issue(self.prog.term_start(self.prog.i0 + lane * self.cfg.rows, lo, p),
+                  self.buf.term_tile(_ring_index(slot, p, lane, self.problem, self.cfg)))
 
   def rest(self) -> None:
-    """The producer warpgroup's loop: each later term into its slot, each consumer's tiles once that
-    consumer has handed them back."""
-    stages, consumed = _stages(self.problem, self.cfg), self.buf.consumed
+    """The producer warpgroup's loop: each later term into its slot, each lane's tiles once every
+    consumer of that lane has handed them back."""
+    stages, consumed, cfg = _stages(self.problem, self.cfg), self.buf.consumed, self.cfg
 
     def refill(kk, carry):
       slot = lax.rem(kk, jnp.int32(stages))
-      for c in range(self.cfg.consumers):
-        plgpu.barrier_wait(consumed.at[slot * self.cfg.consumers + c])
-        self.term(kk + stages, slot, c)
+      for lane in range(cfg.lanes):
+        for c in range(cfg.consumers):
+          if self.prog.lane(c) == lane:
+            plgpu.barrier_wait(consumed.at[slot * cfg.consumers + c])
+        self.term(kk + stages, slot, lane)
       return carry
 
     lax.fori_loop(0, max(self.problem.num_offsets - stages, 0), refill, None)
@@ -727,7 +767,7 @@ def _consume_tiles(gmem: _Inputs, buf: _Buffers, wg: _Warpgroup, prog: _Program,
       plgpu.barrier_wait(bar)
   state = handlers.query(own, state)
   for t in range(window_tiles(problem.window, r)):
-    tile = buf.window_tile(prog.window_buffer(cfg, wg.index, t))
+    tile = buf.window_tile(prog.window_buffer(cfg, wg.lane, t))
     tile.wait()
     state = handlers.window(t, prog.tile_start(t, wg.q0, r), tile, state)
   if not terms:
@@ -735,7 +775,7 @@ def _consume_tiles(gmem: _Inputs, buf: _Buffers, wg: _Warpgroup, prog: _Program,
 
   def term(kk, state):
     slot = lax.rem(kk, jnp.int32(stages))
-    tiles = tuple(buf.term_tile(_ring_index(slot, p, wg.index, problem, cfg)) for p in range(parts))
+    tiles = tuple(buf.term_tile(_ring_index(slot, p, wg.lane, problem, cfg)) for p in range(parts))
     for tile in tiles:
       tile.wait()
     frac = None if gmem.terms.frac is None else gmem.terms.frac[kk]
@@ -767,21 +807,21 @@ def _stream_tiles(gmem: _Inputs, buf: _Buffers, prog: _Program, geo: _Rows, prob
       def _():
         producer.term(kk + stages, slot, 0)
 
-    consume(_Warpgroup(0, prog.i0, cfg.rows), issue_next)
+    consume(_warpgroup(prog, cfg, 0), issue_next)
     return
 
   wg = lax.axis_index(WARPGROUPS)
 
   @pl.when(wg < cfg.consumers)
   def _():
-    plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+    plgpu.set_max_registers(consumer_registers(cfg.consumers), action="increase")
 
     def hand_back(kk, slot):
       @pl.when(kk + stages < terms)
       def _():
         plgpu.barrier_arrive(buf.consumed.at[slot * cfg.consumers + wg])
 
-    consume(_Warpgroup(wg, prog.i0 + wg * cfg.rows, cfg.rows), hand_back)
+    consume(_warpgroup(prog, cfg, wg), hand_back)
 
   @pl.when(wg == cfg.consumers)
   def _():
@@ -794,7 +834,7 @@ def _store_rows(own: _Own, rows_R: jax.Array, rows_ref, prog: _Program, wg: _War
   """Writes a float32 row vector to ``rows_ref [B, H_q, rows]`` at the warpgroup's rows."""
   own.rows_out[...] = rows_R
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(own.rows_out, rows_ref.at[prog.batch, prog.head, pl.ds(wg.q0, wg.rows)])
+  plgpu.copy_smem_to_gmem(own.rows_out, rows_ref.at[prog.batch, wg.head, pl.ds(wg.q0, wg.rows)])
 
 
 class _Softmax(NamedTuple):
@@ -920,7 +960,7 @@ def _forward_kernel(gmem: _Inputs, o_ref, lse_ref, *, problem: Problem, cfg: Mos
   scores under one online softmax per consumer warpgroup; each writes its rows of the output tile
   and their log-sum-exp."""
   d, dtype = gmem.q.shape[-1], gmem.q.dtype
-  prog = _program(problem, cfg.block)
+  prog = _program(problem, cfg)
 
   def consume(buf: _Buffers, wg: _Warpgroup, release):
     b, own = wg.rows, buf.own(wg.index)
@@ -931,7 +971,7 @@ def _forward_kernel(gmem: _Inputs, o_ref, lse_ref, *, problem: Problem, cfg: Mos
                         release)
     own.q[...] = (st.acc / _rows_to(st.l, st.acc.shape)).astype(o_ref.dtype)  # the query tile is no longer read
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(own.q, o_ref.at[prog.batch, pl.ds(wg.q0, b), prog.head])
+    plgpu.copy_smem_to_gmem(own.q, o_ref.at[prog.batch, pl.ds(wg.q0, b), wg.head])
     _store_rows(own, st.m + jnp.log(st.l), lse_ref, prog, wg)
     plgpu.wait_smem_to_gmem(0)
 
@@ -1001,7 +1041,7 @@ def _dq_kernel(gmem: _Inputs, dq_ref, *terms_ref, problem: Problem, cfg: MosaicF
   """dQ of one query tile over the forward's tiles (``_dq_handlers``), per consumer warpgroup, and
   its rows' per-term outputs, where it writes any (``terms_ref [B, H_q, rows out * K', whole]``)."""
   d, dtype = gmem.q.shape[-1], gmem.q.dtype
-  prog = _program(problem, cfg.block)
+  prog = _program(problem, cfg)
 
   def consume(buf: _Buffers, wg: _Warpgroup, release):
     b, own = wg.rows, buf.own(wg.index)
@@ -1011,9 +1051,9 @@ def _dq_kernel(gmem: _Inputs, dq_ref, *terms_ref, problem: Problem, cfg: MosaicF
     g = _consume_tiles(gmem, buf, wg, prog, problem, cfg, handlers, init, release)
     own.q[...] = g.dq.astype(dq_ref.dtype)  # the query tile is no longer read
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(own.q, dq_ref.at[prog.batch, pl.ds(wg.q0, b), prog.head])
+    plgpu.copy_smem_to_gmem(own.q, dq_ref.at[prog.batch, pl.ds(wg.q0, b), wg.head])
     if terms_ref:
-      plgpu.copy_smem_to_gmem(own.terms_out, terms_ref[0].at[prog.batch, prog.head, :, pl.ds(wg.q0, b)])
+      plgpu.copy_smem_to_gmem(own.terms_out, terms_ref[0].at[prog.batch, wg.head, :, pl.ds(wg.q0, b)])
     plgpu.wait_smem_to_gmem(0)
 
   _with_buffers(lambda buf: _stream_tiles(gmem, buf, prog, geo, problem, cfg, functools.partial(consume, buf)),
@@ -1070,7 +1110,7 @@ def _dkdv_kernel(gmem: _Inputs, dk_ref, dv_ref, *, problem: Problem, cfg: Mosaic
   """dK and dV of one key tile from one query head's rows (``_dkdv_handlers``), per consumer
   warpgroup, into ``[B, rows, H_q, D]`` (a group's heads are summed outside)."""
   d, dtype = gmem.q.shape[-1], gmem.q.dtype
-  prog = _program(problem, cfg.block, key_major=True)
+  prog = _program(problem, cfg, key_major=True)
 
   def consume(buf: _Buffers, wg: _Warpgroup, release):
     b, own = wg.rows, buf.own(wg.index)
@@ -1081,7 +1121,7 @@ def _dkdv_kernel(gmem: _Inputs, dk_ref, dv_ref, *, problem: Problem, cfg: Mosaic
     own.do[...] = g.dv.astype(dv_ref.dtype)
     plgpu.commit_smem()
     for smem, ref in ((own.q, dk_ref), (own.do, dv_ref)):
-      plgpu.copy_smem_to_gmem(smem, ref.at[prog.batch, pl.ds(wg.q0, b), prog.head])
+      plgpu.copy_smem_to_gmem(smem, ref.at[prog.batch, pl.ds(wg.q0, b), wg.head])
     plgpu.wait_smem_to_gmem(0)
 
   _with_buffers(lambda buf: _stream_tiles(gmem, buf, prog, geo, problem, cfg, functools.partial(consume, buf)),
@@ -1112,7 +1152,7 @@ def _sum_handlers(ops: _Ops) -> _Handlers:
 def _loads_kernel(gmem: _Inputs, sums_ref, *, problem: Problem, cfg: MosaicForwardConfig, geo: _Rows, ops: _Ops):
   """The forward's loads without its arithmetic: per query row, the sum of that row of the query
   tile and of every landed key and value tile."""
-  prog = _program(problem, cfg.block)
+  prog = _program(problem, cfg)
 
   def consume(buf: _Buffers, wg: _Warpgroup, release):
     init = ops.full((wg.rows,), 0.0, ROW_LAYOUT)
@@ -1200,7 +1240,7 @@ def _launch(kernel, out_type, q, k, v, seg, offsets, problem: Problem, cfg: Mosa
   call = plgpu.kernel(
       body,
       out_type=out_type(geo),
-      grid=(h, geo.tiles, bsz),
+      grid=(h // cfg.heads, geo.tiles, bsz),
       grid_names=("head", "tile", "batch"),
       kernel_name=name,
       compiler_params=plgpu.CompilerParams(approx_math=True),
