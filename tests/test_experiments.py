@@ -18,7 +18,7 @@ from train.data.ood import ood_paths
 from train.probe import passkey, reach
 from train.run import evaluation
 from train.study import report, stats
-from tests.compile_cache import cached_env
+from tests.compile_cache import cached_env, host_devices_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.head_dim=16", "model.mlp_dim=64",
@@ -29,9 +29,11 @@ SWEEP = ["--config", "tiny", "--variants", "dense", "fib-linear", "--seeds", "0"
 
 
 def _module(*args, timeout=600, cwd=ROOT):
-  """``python -m ARGS``, sharing compiled programs with the other runs (``tests.compile_cache``)."""
+  """``python -m ARGS``, sharing compiled programs with the other runs, on 2 simulated devices
+  (``tests.compile_cache``: the cells' probes compute their batches on every device)."""
+  env = host_devices_env(cached_env({**os.environ, "PYTHONPATH": str(ROOT)}))
   return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                        env=cached_env({**os.environ, "PYTHONPATH": str(ROOT)}))
+                        env=env)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from train.probe import budget, recall, reach
 from train.run import xla_flags
 from train.run.restore import load_run
 from train.run.trainer import train
-from tests.compile_cache import optimized_env
+from tests.compile_cache import host_devices_env, optimized_env
 
 BYTE = data.ByteTokenizer()
 TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.head_dim=16", "model.mlp_dim=64",
@@ -222,8 +222,9 @@ def test_a_task_sweep_runs_through_its_probes_and_the_report(tmp_path):
   """A tiny sweep on mqar (dense and the window control, one seed): each cell is probed by its
   recall (dense also with the sink window, no text probes), and the report judges it on recall."""
   root = tmp_path / "root"
-  # XLA's usual optimisation: the cells' probes compute over hundreds of sequences (tests.compile_cache)
-  env = optimized_env({**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])})
+  # XLA's usual optimisation: the cells' probes compute over hundreds of sequences, on every device
+  # of the mesh, so on 2 simulated devices (tests.compile_cache)
+  env = host_devices_env(optimized_env({**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}))
   sweep = subprocess.run([sys.executable, "-m", "train.sweep", "--root", str(root), "--config", "tiny", "--variants",
                           "dense", "window", "--seeds", "0", "--no-latency", "--set", *TINY,
                           "final_eval_multiples=1,4"],
