@@ -108,7 +108,6 @@ SEGMENT_CASES = {
     "segments_learned": ("learned_gqa_ragged_reach", (0, 41, 106, 107, 150)),
     "segments_learned_on_tensor_cores": ("learned_terms_on_tensor_cores", (0, 41, 106, 107, 150)),
     "ws_segments_learned": ("ws_learned_ragged", (0, 41, 64, 106, 107, 150)),
-    "heads_segments_learned": ("heads_learned_ragged", (0, 41, 64, 106)),
 }
 
 
