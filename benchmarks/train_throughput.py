@@ -7,13 +7,14 @@ and T = 8192, with the real jit-sharded train step of ``train/`` on random token
 Triton or Mosaic GPU kernels, ``ModelConfig.attention_kernels``), all in one process; without it,
 the default kernels.
 
-Uses the trainer's default XLA flags (``train/xla_flags.py``). MFU counts ``6 * params + attention`` FLOPs per token (``train/metrics.py``) against the
+Uses the trainer's default XLA flags (``train/run/xla_flags.py``). MFU counts ``6 * params + attention`` FLOPs per token (``train/run/metrics.py``) against the
 device's dense bf16 peak. Writes ``train_throughput_<device>.json`` and ``.md`` (refuses to overwrite
 them unless ``--force``).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import pathlib
@@ -138,7 +139,7 @@ def profile(variant: str, seq_len: int, tokens_per_step: int, steps: int, top: i
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = ArgumentParser(description=__doc__)
+  parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--tokens-per-step", type=at_least(1, "--tokens-per-step"), default=32768)
   parser.add_argument("--steps", type=at_least(2, "--steps", why="the first timed step is left out"), default=15)
   parser.add_argument("--seq-lens", type=at_least(1, "--seq-lens", "sequence lengths"), nargs="+",

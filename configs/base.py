@@ -92,19 +92,38 @@ class TrainConfig:
                        "to train on the embedded corpus")
     return self
 
+  def lacking_on(self, backend: str) -> list[str]:
+    """The ``model.*_impl`` fields whose implementation ``backend`` (``jax.default_backend()`` or
+    ``"cpu"``/``"gpu"``) cannot run: cuDNN off a GPU, a Pallas kernel on a CPU without
+    ``model.interpret``."""
+    impls = {name: getattr(self.model, name) for name in ("attention_impl", "decode_impl", "norm_impl")}
+    pallas_lacking = backend == "cpu" and not self.model.interpret
+    return [name for name, impl in impls.items()
+            if (impl == "cudnn" and backend != "gpu") or (impl == "pallas" and pallas_lacking)]
+
   def check_backend(self, backend: str) -> "TrainConfig":
-    """Raises ``ValueError`` when a ``model.*_impl`` asks for what ``backend`` (``jax.default_backend()``
-    or ``"cpu"``/``"gpu"``) cannot run: cuDNN off a GPU, a Pallas kernel on a CPU without
-    ``model.interpret``. Checked before a run writes anything; returns self."""
-    for name in ("attention_impl", "decode_impl", "norm_impl"):
+    """Raises ``ValueError`` naming the first of ``lacking_on(backend)`` and the ``--set`` that
+    replaces it. Checked before a run writes anything; returns self."""
+    for name in self.lacking_on(backend):
       impl = getattr(self.model, name)
-      if impl == "cudnn" and backend != "gpu":
-        raise ValueError(f"model.{name}=cudnn needs a GPU (the backend here is {backend}); use --set "
-                         f"model.{name}=xla")
-      if impl == "pallas" and backend == "cpu" and not self.model.interpret:
-        raise ValueError(f"model.{name}=pallas needs a GPU (the backend here is cpu); use --set model.{name}=xla, "
-                         "or add model.interpret=true to interpret the Pallas kernels (slow)")
+      # a kernel family names Pallas kernels: leaving Pallas drops it too, else validate refuses the fix
+      fix = f"--set model.{name}=xla" + (" model.attention_kernels=null"
+                                         if name == "attention_impl" and self.model.attention_kernels else "")
+      interpret = ", or add model.interpret=true to interpret the Pallas kernels (slow)" if impl == "pallas" else ""
+      raise ValueError(f"model.{name}={impl} needs a GPU (the backend here is {backend}); use {fix}{interpret}")
     return self
+
+  def on_backend(self, backend: str) -> "TrainConfig":
+    """This config with each of ``lacking_on(backend)`` set to ``auto`` (and the kernel family
+    dropped with a Pallas attention): the same model on implementations ``backend`` runs, for
+    reading a trained run elsewhere (a GPU run probed on a CPU). Returns self when none lacks."""
+    lacking = self.lacking_on(backend)
+    if not lacking:
+      return self
+    changes: dict[str, Any] = {name: "auto" for name in lacking}
+    if "attention_impl" in lacking:
+      changes["attention_kernels"] = None
+    return dataclasses.replace(self, model=dataclasses.replace(self.model, **changes))
 
   def task_spec(self) -> TaskSpec | None:
     """The run's task (``None``: text alone), not yet validated."""

@@ -12,8 +12,10 @@ def check_args(seq_len: int, window: int) -> None:
   ``1 <= --window < --seq-len`` (their offsets lie between the window and the reach, T)."""
   if seq_len < 2:
     raise ValueError(f"--seq-len must be an int >= 2, got {seq_len}")
-  if not 1 <= window < seq_len:
-    raise ValueError(f"--window must be >= 1 and below --seq-len ({seq_len}), got {window}; "
+  if window < 1:
+    raise ValueError(f"--window must be an int >= 1, got {window}")
+  if window >= seq_len:
+    raise ValueError(f"--window must be below --seq-len ({seq_len}), got {window}; "
                      f"give a smaller --window or a larger --seq-len")
 
 

@@ -64,7 +64,8 @@ def check_kernels(kernels: str | None, impl: str, kind: str, name: str = "kernel
   if kind == "dense" or impl != "pallas":
     raise ValueError(f"{name}={kernels!r} picks the Pallas kernels of sparse attention, not a "
                      f"{'dense layer' if kind == 'dense' else f'{impl!r} implementation'}: set the attention "
-                     f"implementation to 'pallas' on a sparse variant, or {name}=None")
+                     f"implementation to 'pallas' (model.attention_impl=pallas) on a sparse variant, or {name}=None "
+                     "(model.attention_kernels=null)")
   return kernels
 
 

@@ -146,10 +146,12 @@ class ModelConfig:
                          f" for variant {self.variant!r}")
     check_kernels(self.attention_kernels, self.attention_impl, "dense" if self.variant == "dense" else "sparse",
                   "attention_kernels")
-    if self.attention_kernels == "mosaic" and (self.dtype not in ("bfloat16", "float16") or self.head_dim % 64):
-      raise ValueError(f"attention_kernels='mosaic' (the Mosaic GPU kernels) takes dtype bfloat16 or float16 and "
-                       f"head_dim a multiple of 64, got dtype={self.dtype}, head_dim={self.head_dim}: set model.dtype="
-                       "bfloat16 (and head_dim), or attention_kernels='triton'")
+    if self.attention_kernels == "mosaic":
+      wrong = ([f"model.dtype={self.dtype} (bfloat16 or float16 needed)"] if self.dtype not in ("bfloat16", "float16")
+               else []) + ([f"model.head_dim={self.head_dim} (a multiple of 64 needed)"] if self.head_dim % 64 else [])
+      if wrong:
+        raise ValueError(f"model.attention_kernels=mosaic (the Mosaic GPU kernels) cannot run {' and '.join(wrong)}: "
+                         "change that, or set model.attention_kernels=triton")
     self._validate_controls()
     grouped = check_kv_heads(self.num_heads, self.num_kv_heads) != self.num_heads
     check_implementation("decode", self.decode_impl, "decode_impl", grouped=grouped)

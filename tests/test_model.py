@@ -147,9 +147,11 @@ def test_attention_impl_that_a_variant_lacks_raises_with_the_valid_ones(variant,
     (dict(attention_kernels="mosaic"), r"attention_kernels='mosaic' picks the Pallas kernels of sparse attention, not a "
                                        r"'auto' implementation"),
     (dict(attention_kernels="triton", variant="dense", attention_impl="xla"), "not a dense layer"),
-    (dict(attention_kernels="mosaic", attention_impl="pallas"), r"takes dtype bfloat16 or float16 and head_dim a "
-                                                                r"multiple of 64, got dtype=float32, head_dim=64"),
-    (dict(attention_kernels="mosaic", attention_impl="pallas", dtype="bfloat16", head_dim=32), "head_dim=32"),
+    (dict(attention_kernels="mosaic", attention_impl="pallas"),
+     r"cannot run model.dtype=float32 \(bfloat16 or float16 needed\): change that, or set model.attention_kernels="
+     r"triton$"),
+    (dict(attention_kernels="mosaic", attention_impl="pallas", dtype="bfloat16", head_dim=32),
+     r"cannot run model.head_dim=32 \(a multiple of 64 needed\): change"),
 ])
 def test_attention_kernels_need_the_pallas_sparse_attention(kwargs, message):
   """A GPU kernel family names the sparse attention's Pallas kernels: refused, in one line naming the

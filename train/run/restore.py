@@ -183,7 +183,8 @@ def retrain_command(workdir: pathlib.Path, cfg: TrainConfig) -> str:
 def load_run(workdir: pathlib.Path, mesh: Mesh | None = None, step: int | None = None) -> Run:
   """Restores the parameters of ``step`` (default: the newest checkpoint that restores intact,
   see ``restore_newest_params``) of ``workdir`` onto ``mesh``. Reads only: nothing in ``workdir``
-  is moved, changed or deleted.
+  is moved, changed or deleted. The model runs on implementations this backend has
+  (``TrainConfig.on_backend``): a GPU run's Pallas or cuDNN attention is read on a CPU through XLA.
 
   Raises:
     ValueError: ``workdir`` is not a run, holds no checkpoint (or no intact one), lacks the step
@@ -198,7 +199,8 @@ def load_run(workdir: pathlib.Path, mesh: Mesh | None = None, step: int | None =
       raise ValueError(f"{workdir} is a sweep root, not a run: give one of its cells"
                        + (f", e.g. {workdir / cells[0]}" if cells else ""))
     raise ValueError(f"{workdir} has no config.json: not a fibjax run directory (train one with python -m train)")
-  cfg = TrainConfig.load(workdir / rundir.CONFIG)
+  # a run trained on kernels this backend lacks (a GPU run read on a CPU) is read through ones it has
+  cfg = TrainConfig.load(workdir / rundir.CONFIG).on_backend(jax.default_backend())
   checkpoints = rundir.checkpoints(workdir)
   steps = rundir.saved_steps(workdir)
   if not steps and rundir.is_finished(workdir):

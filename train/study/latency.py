@@ -100,15 +100,16 @@ def first_run_per_variant(root: pathlib.Path) -> dict[str, pathlib.Path]:
 
 def no_runs_message(root: pathlib.Path) -> str:
   """Why ``root`` has no run to time: it is a run folder itself, or its folders hold no finished run."""
-  if (root / rundir.CONFIG).exists() and rundir.is_finished(root):
-    return f"{root} is a run folder; give the sweep root that holds run folders (here {root.absolute().parent})"
+  run = sweeproot.not_a_root(root)
+  if run:
+    return run
   return (f"{root} holds no finished run (a folder with config.json and eval.json): give a sweep's root, after "
           "python -m train.sweep has finished its cells")
 
 
 def initialised_run(workdir: pathlib.Path, mesh: Mesh) -> Run:
   """The run's model with freshly initialised parameters (its checkpoint is not read)."""
-  cfg = TrainConfig.load(workdir / rundir.CONFIG)
+  cfg = TrainConfig.load(workdir / rundir.CONFIG).on_backend(jax.default_backend())  # as load_run reads it
   with jax.set_mesh(mesh):
     graphdef, params = nnx.split(LM(cfg.model, rngs=nnx.Rngs(cfg.seed)), nnx.Param)
   return Run(workdir, cfg, mesh, graphdef, params, 0, tokenizer_of(workdir, cfg))

@@ -127,9 +127,9 @@ def finished_cells(root: pathlib.Path) -> tuple[list[dict], list[dict]]:
   everything = load_cells(root)
   cells = [c for c in everything if not sweeproot.rerun_index(c["name"])]
   if not cells:
-    parent = root.absolute().parent
-    if not rundir.is_sweep_root(root) and rundir.is_sweep_root(parent):
-      raise ValueError(f"{root} is a cell of the sweep root {parent}: give the root")
+    run = sweeproot.not_a_root(root)
+    if run:
+      raise ValueError(run)
     roots = sorted(c.name for c in root.iterdir() if rundir.is_sweep_root(c))
     if roots:
       raise ValueError(f"{root} holds sweep roots ({', '.join(roots)}), not cells: give one of them, e.g. "

@@ -78,3 +78,15 @@ def latency_files(root: pathlib.Path) -> list[pathlib.Path]:
   numbers = [1 if p.name == LATENCY else int(m.group(1)) for p in root.glob(f"{stem}*.{suffix}")
              if p.name == LATENCY or (m := re.fullmatch(rf"{re.escape(stem)}-(\d+)\.{suffix}", p.name))]
   return [latency_path(root, n) for n in sorted(numbers)]
+
+
+def not_a_root(folder: pathlib.Path) -> str | None:
+  """Why ``folder``, given as a sweep root, is a run instead: a cell, named with its root, or a
+  single run of ``python -m train``, which has none. ``None``: neither."""
+  parent = folder.absolute().parent
+  if not rundir.is_sweep_root(folder) and rundir.is_sweep_root(parent):
+    return f"{folder} is a cell of the sweep root {parent}: give the root"
+  if rundir.is_run(folder):
+    return (f"{folder} is a single run, not a sweep root: give the --root of a python -m train.sweep; probe one run "
+            f"with python -m train.evaluate --workdir {folder}")
+  return None
