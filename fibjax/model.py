@@ -14,6 +14,7 @@ from fibjax.layers import BATCH_AXES, Block, LayerPattern, check_kv_heads
 from fibjax.offsets import (BASES, check_alpha, check_offset_rows, check_window_reach, layer_offsets, learned_terms,
                             offset_set, random_offsets)
 from fibjax.schedules import SCHEDULES, layer_alphas
+from pallas_kernels.attention.config import MOSAIC_DTYPES, MOSAIC_HEAD_DIM
 
 RANDOM = "random"  # the control schedule: as many offsets per layer as ``linear``, at random distances
 RANDOM_VARIANTS: tuple[str, ...] = tuple(f"{b}-{RANDOM}" for b in BASES)
@@ -142,13 +143,13 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
-    check_implementation("dense" if self.variant == "dense" else "sparse", self.attention_impl, "attention_impl",
-                         f" for variant {self.variant!r}")
-    check_kernels(self.attention_kernels, self.attention_impl, "dense" if self.variant == "dense" else "sparse",
-                  "attention_kernels")
+    kind = "dense" if self.variant == "dense" else "sparse"
+    check_implementation(kind, self.attention_impl, "attention_impl", f" for variant {self.variant!r}")
+    check_kernels(self.attention_kernels, self.attention_impl, kind, "attention_kernels")
     if self.attention_kernels == "mosaic":
-      wrong = ([f"model.dtype={self.dtype} (bfloat16 or float16 needed)"] if self.dtype not in ("bfloat16", "float16")
-               else []) + ([f"model.head_dim={self.head_dim} (a multiple of 64 needed)"] if self.head_dim % 64 else [])
+      wrong = ([f"model.dtype={self.dtype} (bfloat16 or float16 needed)"] if self.dtype not in MOSAIC_DTYPES
+               else []) + ([f"model.head_dim={self.head_dim} (a multiple of {MOSAIC_HEAD_DIM} needed)"]
+                           if self.head_dim % MOSAIC_HEAD_DIM else [])
       if wrong:
         raise ValueError(f"model.attention_kernels=mosaic (the Mosaic GPU kernels) cannot run {' and '.join(wrong)}: "
                          "change that, or set model.attention_kernels=triton")

@@ -35,6 +35,9 @@ TERM_FLOWS: tuple[str, ...] = get_args(TermFlow)
 TermSmem = Literal["swizzled", "plain"]
 TERM_SMEMS: tuple[str, ...] = get_args(TermSmem)
 WGMMA_ROWS = 64  # rows of one Hopper warpgroup's tensor-core tile
+# What the Mosaic GPU kernels take: 2-byte inputs, head_dim a multiple of 64 (a 128-byte swizzled tile row).
+MOSAIC_DTYPES = ("bfloat16", "float16")
+MOSAIC_HEAD_DIM = 64
 # ``MosaicForwardConfig.consumers``: one warpgroup, or consumers beside a producer (warp specialisation): two
 # splitting a program's query rows, or two or four serving a group's query heads (``split``).
 MOSAIC_CONSUMERS = (1, 2, 4)

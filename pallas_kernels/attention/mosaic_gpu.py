@@ -121,8 +121,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention import triton_gpu
-from pallas_kernels.attention.config import (TERM_SMEMS, WGMMA_ROWS, MosaicBackwardConfig, MosaicForwardConfig, Problem,
-                                             TermSmem, window_tiles)
+from pallas_kernels.attention.config import (MOSAIC_DTYPES, MOSAIC_HEAD_DIM, TERM_SMEMS, WGMMA_ROWS, MosaicBackwardConfig,
+                                             MosaicForwardConfig, Problem, TermSmem, window_tiles)
 from pallas_kernels.pattern import MASK_VALUE, check_segment_ids
 
 SWIZZLE = 128  # bytes: shared-memory swizzle of every tiled buffer
@@ -252,12 +252,12 @@ def _check(q: jax.Array, seg, offsets: jax.Array, problem: Problem, cfg: MosaicF
   check_segment_ids(seg, q)
   if problem.learned != jnp.issubdtype(offsets.dtype, jnp.floating):
     raise ValueError(f"offsets of dtype {offsets.dtype} do not match the problem (learned={problem.learned})")
-  if q.dtype not in (jnp.bfloat16, jnp.float16):
+  if jnp.dtype(q.dtype).name not in MOSAIC_DTYPES:
     raise ValueError(f"the Mosaic GPU kernels take bfloat16 or float16 inputs, got {q.dtype}: cast q, k and v, or "
                      "run the Triton kernels (backend='triton', or a ForwardConfig/BackwardConfig)")
-  if (q.shape[-1] * q.dtype.itemsize) % LANE_BYTES:
-    raise ValueError(f"the Mosaic GPU kernels need head_dim a multiple of 64, got {q.shape[-1]}: run the Triton "
-                     "kernels (backend='triton', or a ForwardConfig/BackwardConfig)")
+  if q.shape[-1] % MOSAIC_HEAD_DIM:
+    raise ValueError(f"the Mosaic GPU kernels need head_dim a multiple of {MOSAIC_HEAD_DIM}, got {q.shape[-1]}: run "
+                     "the Triton kernels (backend='triton', or a ForwardConfig/BackwardConfig)")
   if not isinstance(cfg, MosaicForwardConfig):
     raise TypeError(f"cfg must be a MosaicForwardConfig, got {type(cfg).__name__}")
   if cfg.split == "heads" and (pass_ == "dkdv" or problem.group % cfg.consumers):
