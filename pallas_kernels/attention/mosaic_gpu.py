@@ -121,8 +121,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention import triton_gpu
-from pallas_kernels.attention.config import (MOSAIC_DTYPES, MOSAIC_HEAD_DIM, TERM_SMEMS, WGMMA_ROWS, MosaicBackwardConfig,
-                                             MosaicForwardConfig, Problem, TermSmem, window_tiles)
+from pallas_kernels.attention.config import (MOSAIC_DTYPES, MOSAIC_HEAD_DIM, TERM_SMEMS, WGMMA_ROWS,
+                                             MosaicBackwardConfig, MosaicForwardConfig, Problem, TermSmem,
+                                             window_tiles)
 from pallas_kernels.pattern import MASK_VALUE, check_segment_ids
 
 SWIZZLE = 128  # bytes: shared-memory swizzle of every tiled buffer
